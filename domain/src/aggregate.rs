@@ -1,0 +1,563 @@
+//! The scope aggregate: one per scope, organizations included.
+
+use cqrs_es::event_sink::EventSink;
+use cqrs_es::Aggregate;
+use serde::{Deserialize, Serialize};
+
+use crate::cascade::Effective;
+use crate::commands::{Lineage, ScopeCommand};
+use crate::errors::ScopeError;
+use crate::events::ScopeEvent;
+use crate::ids::{KeyVersion, OrgId, ScopeId};
+use crate::scope::{OwnState, Plan, ScopeKind, ScopeName, Tier};
+
+/// A scope, as rebuilt from its events. `None` until it is created.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Scope {
+    state: Option<ScopeState>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ScopeState {
+    pub id: ScopeId,
+    pub kind: ScopeKind,
+    pub name: ScopeName,
+    pub org_id: OrgId,
+    pub parent_id: Option<ScopeId>,
+    pub path: Vec<ScopeId>,
+    pub own_state: OwnState,
+    pub key_version: KeyVersion,
+    /// Only on organizations.
+    pub plan: Option<Plan>,
+    pub tier: Option<Tier>,
+}
+
+impl Scope {
+    pub fn state(&self) -> Option<&ScopeState> {
+        self.state.as_ref()
+    }
+
+    fn existing(&self) -> Result<&ScopeState, ScopeError> {
+        self.state.as_ref().ok_or(ScopeError::NotFound)
+    }
+
+    /// The checks every lifecycle command shares: the scope exists, neither it nor an
+    /// ancestor is revoked, and the organization may use scope controls.
+    fn controllable(&self, lineage: &Lineage) -> Result<&ScopeState, ScopeError> {
+        let state = self.existing()?;
+        if state.own_state == OwnState::Revoked {
+            return Err(ScopeError::Revoked);
+        }
+        if let Effective::Revoked { by } = lineage.inherited {
+            return Err(ScopeError::AncestorRevoked { cause: by });
+        }
+        if lineage.plan != Plan::Enterprise {
+            return Err(ScopeError::ControlsNeedEnterprise);
+        }
+        Ok(state)
+    }
+
+    fn decide(&self, command: ScopeCommand) -> Result<Vec<ScopeEvent>, ScopeError> {
+        match command {
+            ScopeCommand::CreateOrganization {
+                id,
+                name,
+                plan,
+                tier,
+            } => {
+                if self.state.is_some() {
+                    return Err(ScopeError::AlreadyExists(id.scope_id()));
+                }
+                if tier == Tier::Byok {
+                    return Err(ScopeError::ByokNeedsMasterKey);
+                }
+                if tier != Tier::Default && plan != Plan::Enterprise {
+                    return Err(ScopeError::TierNeedsEnterprise(tier));
+                }
+                Ok(vec![ScopeEvent::OrganizationCreated {
+                    org_id: id,
+                    name,
+                    plan,
+                    tier,
+                    key_version: KeyVersion::FIRST,
+                }])
+            }
+            ScopeCommand::CreateScope {
+                id,
+                kind,
+                name,
+                parent,
+            } => {
+                if self.state.is_some() {
+                    return Err(ScopeError::AlreadyExists(id));
+                }
+                if !kind.allows_parent(parent.kind) {
+                    return Err(ScopeError::InvalidParent {
+                        kind,
+                        parent_kind: parent.kind,
+                    });
+                }
+                match parent.effective {
+                    Effective::Active => {}
+                    Effective::Paused { by } => return Err(ScopeError::ParentPaused { cause: by }),
+                    Effective::Revoked { by } => {
+                        return Err(ScopeError::ParentRevoked { cause: by })
+                    }
+                }
+                let mut path = parent.path;
+                path.push(id);
+                Ok(vec![ScopeEvent::ScopeCreated {
+                    scope_id: id,
+                    kind,
+                    name,
+                    parent_id: parent.id,
+                    org_id: parent.org_id,
+                    path,
+                    key_version: KeyVersion::FIRST,
+                }])
+            }
+            ScopeCommand::PauseScope { lineage } => {
+                let state = self.controllable(&lineage)?;
+                Ok(match state.own_state {
+                    OwnState::Paused => vec![],
+                    _ => vec![ScopeEvent::ScopePaused {}],
+                })
+            }
+            ScopeCommand::ResumeScope { lineage } => {
+                let state = self.controllable(&lineage)?;
+                Ok(match state.own_state {
+                    OwnState::Active => vec![],
+                    _ => vec![ScopeEvent::ScopeResumed {}],
+                })
+            }
+            ScopeCommand::RevokeScope { confirm, lineage } => {
+                let state = self.controllable(&lineage)?;
+                if confirm.trim() != state.id.to_string() {
+                    return Err(ScopeError::ConfirmationMismatch);
+                }
+                Ok(vec![ScopeEvent::ScopeRevoked {}])
+            }
+            ScopeCommand::RotateKey { lineage } => {
+                // Rotation stays allowed while paused: rotating during an investigation is
+                // exactly when a customer wants it.
+                let state = self.controllable(&lineage)?;
+                Ok(vec![ScopeEvent::ScopeKeyRotated {
+                    key_version: state.key_version.next(),
+                }])
+            }
+        }
+    }
+}
+
+impl Aggregate for Scope {
+    const TYPE: &'static str = "scope";
+    type Command = ScopeCommand;
+    type Event = ScopeEvent;
+    type Error = ScopeError;
+    type Services = ();
+
+    async fn handle(
+        &mut self,
+        command: Self::Command,
+        _services: &Self::Services,
+        sink: &EventSink<Self>,
+    ) -> Result<(), Self::Error> {
+        for event in self.decide(command)? {
+            sink.write(event, self).await;
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self, event: Self::Event) {
+        match event {
+            ScopeEvent::OrganizationCreated {
+                org_id,
+                name,
+                plan,
+                tier,
+                key_version,
+            } => {
+                self.state = Some(ScopeState {
+                    id: org_id.scope_id(),
+                    kind: ScopeKind::Organization,
+                    name,
+                    org_id,
+                    parent_id: None,
+                    path: vec![org_id.scope_id()],
+                    own_state: OwnState::Active,
+                    key_version,
+                    plan: Some(plan),
+                    tier: Some(tier),
+                });
+            }
+            ScopeEvent::ScopeCreated {
+                scope_id,
+                kind,
+                name,
+                parent_id,
+                org_id,
+                path,
+                key_version,
+            } => {
+                self.state = Some(ScopeState {
+                    id: scope_id,
+                    kind,
+                    name,
+                    org_id,
+                    parent_id: Some(parent_id),
+                    path,
+                    own_state: OwnState::Active,
+                    key_version,
+                    plan: None,
+                    tier: None,
+                });
+            }
+            ScopeEvent::ScopePaused {} => self.set_own_state(OwnState::Paused),
+            ScopeEvent::ScopeResumed {} => self.set_own_state(OwnState::Active),
+            ScopeEvent::ScopeRevoked {} => self.set_own_state(OwnState::Revoked),
+            ScopeEvent::ScopeKeyRotated { key_version } => {
+                if let Some(state) = self.state.as_mut() {
+                    state.key_version = key_version;
+                }
+            }
+        }
+    }
+}
+
+impl Scope {
+    fn set_own_state(&mut self, own_state: OwnState) {
+        if let Some(state) = self.state.as_mut() {
+            state.own_state = own_state;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use cqrs_es::test::TestFramework;
+
+    use super::*;
+    use crate::commands::ParentContext;
+
+    type ScopeTest = TestFramework<Scope>;
+
+    fn org_id() -> OrgId {
+        OrgId::parse("0190c7a2-8a1e-7c3b-9d4e-2f1a3b5c6d7e").unwrap_or_else(|_| unreachable!())
+    }
+
+    fn team_id() -> ScopeId {
+        ScopeId::parse("0190c7a2-8a1e-7c3b-9d4e-2f1a3b5c6d7f").unwrap_or_else(|_| unreachable!())
+    }
+
+    fn name(n: &str) -> ScopeName {
+        ScopeName::parse(n).unwrap_or_else(|_| unreachable!())
+    }
+
+    fn team_created() -> ScopeEvent {
+        ScopeEvent::ScopeCreated {
+            scope_id: team_id(),
+            kind: ScopeKind::Team,
+            name: name("research"),
+            parent_id: org_id().scope_id(),
+            org_id: org_id(),
+            path: vec![org_id().scope_id(), team_id()],
+            key_version: KeyVersion::FIRST,
+        }
+    }
+
+    fn enterprise() -> Lineage {
+        Lineage {
+            plan: Plan::Enterprise,
+            inherited: Effective::Active,
+        }
+    }
+
+    fn parent(effective: Effective) -> ParentContext {
+        ParentContext {
+            id: org_id().scope_id(),
+            kind: ScopeKind::Organization,
+            org_id: org_id(),
+            path: vec![org_id().scope_id()],
+            effective,
+        }
+    }
+
+    #[test]
+    fn create_organization_records_plan_tier_and_first_key_version() {
+        ScopeTest::with(())
+            .given_no_previous_events()
+            .when(ScopeCommand::CreateOrganization {
+                id: org_id(),
+                name: name("Acme"),
+                plan: Plan::Enterprise,
+                tier: Tier::Managed,
+            })
+            .then_expect_events(vec![ScopeEvent::OrganizationCreated {
+                org_id: org_id(),
+                name: name("Acme"),
+                plan: Plan::Enterprise,
+                tier: Tier::Managed,
+                key_version: KeyVersion::FIRST,
+            }]);
+    }
+
+    #[test]
+    fn create_organization_refused_when_managed_tier_on_standard_plan() {
+        ScopeTest::with(())
+            .given_no_previous_events()
+            .when(ScopeCommand::CreateOrganization {
+                id: org_id(),
+                name: name("Acme"),
+                plan: Plan::Standard,
+                tier: Tier::Managed,
+            })
+            .then_expect_error(ScopeError::TierNeedsEnterprise(Tier::Managed));
+    }
+
+    #[test]
+    fn create_organization_refused_when_tier_is_byok() {
+        ScopeTest::with(())
+            .given_no_previous_events()
+            .when(ScopeCommand::CreateOrganization {
+                id: org_id(),
+                name: name("Acme"),
+                plan: Plan::Enterprise,
+                tier: Tier::Byok,
+            })
+            .then_expect_error(ScopeError::ByokNeedsMasterKey);
+    }
+
+    #[test]
+    fn create_scope_extends_the_parent_path() {
+        ScopeTest::with(())
+            .given_no_previous_events()
+            .when(ScopeCommand::CreateScope {
+                id: team_id(),
+                kind: ScopeKind::Team,
+                name: name("research"),
+                parent: parent(Effective::Active),
+            })
+            .then_expect_events(vec![team_created()]);
+    }
+
+    #[test]
+    fn create_scope_refused_when_it_already_exists() {
+        ScopeTest::with(())
+            .given(vec![team_created()])
+            .when(ScopeCommand::CreateScope {
+                id: team_id(),
+                kind: ScopeKind::Team,
+                name: name("research"),
+                parent: parent(Effective::Active),
+            })
+            .then_expect_error(ScopeError::AlreadyExists(team_id()));
+    }
+
+    #[test]
+    fn create_scope_refused_when_parent_kind_is_not_allowed() {
+        let mut under_thread = parent(Effective::Active);
+        under_thread.kind = ScopeKind::Thread;
+        ScopeTest::with(())
+            .given_no_previous_events()
+            .when(ScopeCommand::CreateScope {
+                id: team_id(),
+                kind: ScopeKind::Agent,
+                name: name("bot"),
+                parent: under_thread,
+            })
+            .then_expect_error(ScopeError::InvalidParent {
+                kind: ScopeKind::Agent,
+                parent_kind: ScopeKind::Thread,
+            });
+    }
+
+    #[test]
+    fn create_scope_refused_when_parent_is_paused_or_revoked() {
+        let by = org_id().scope_id();
+        for (effective, error) in [
+            (
+                Effective::Paused { by },
+                ScopeError::ParentPaused { cause: by },
+            ),
+            (
+                Effective::Revoked { by },
+                ScopeError::ParentRevoked { cause: by },
+            ),
+        ] {
+            ScopeTest::with(())
+                .given_no_previous_events()
+                .when(ScopeCommand::CreateScope {
+                    id: team_id(),
+                    kind: ScopeKind::Team,
+                    name: name("research"),
+                    parent: parent(effective),
+                })
+                .then_expect_error(error);
+        }
+    }
+
+    #[test]
+    fn pause_records_one_event_when_active() {
+        ScopeTest::with(())
+            .given(vec![team_created()])
+            .when(ScopeCommand::PauseScope {
+                lineage: enterprise(),
+            })
+            .then_expect_events(vec![ScopeEvent::ScopePaused {}]);
+    }
+
+    #[test]
+    fn pause_records_nothing_when_already_paused() {
+        ScopeTest::with(())
+            .given(vec![team_created(), ScopeEvent::ScopePaused {}])
+            .when(ScopeCommand::PauseScope {
+                lineage: enterprise(),
+            })
+            .then_expect_events(vec![]);
+    }
+
+    #[test]
+    fn resume_records_nothing_when_already_active() {
+        ScopeTest::with(())
+            .given(vec![team_created()])
+            .when(ScopeCommand::ResumeScope {
+                lineage: enterprise(),
+            })
+            .then_expect_events(vec![]);
+    }
+
+    #[test]
+    fn resume_records_event_when_ancestor_still_paused() {
+        // The team's own state becomes active; its effective state stays paused by the
+        // organization, which the read side reports as the cause.
+        ScopeTest::with(())
+            .given(vec![team_created(), ScopeEvent::ScopePaused {}])
+            .when(ScopeCommand::ResumeScope {
+                lineage: Lineage {
+                    plan: Plan::Enterprise,
+                    inherited: Effective::Paused {
+                        by: org_id().scope_id(),
+                    },
+                },
+            })
+            .then_expect_events(vec![ScopeEvent::ScopeResumed {}]);
+    }
+
+    #[test]
+    fn pause_refused_when_plan_is_standard() {
+        ScopeTest::with(())
+            .given(vec![team_created()])
+            .when(ScopeCommand::PauseScope {
+                lineage: Lineage {
+                    plan: Plan::Standard,
+                    inherited: Effective::Active,
+                },
+            })
+            .then_expect_error(ScopeError::ControlsNeedEnterprise);
+    }
+
+    #[test]
+    fn commands_refused_when_scope_does_not_exist() {
+        ScopeTest::with(())
+            .given_no_previous_events()
+            .when(ScopeCommand::PauseScope {
+                lineage: enterprise(),
+            })
+            .then_expect_error(ScopeError::NotFound);
+    }
+
+    #[test]
+    fn revoke_refused_when_confirmation_does_not_match() {
+        ScopeTest::with(())
+            .given(vec![team_created()])
+            .when(ScopeCommand::RevokeScope {
+                confirm: org_id().to_string(),
+                lineage: enterprise(),
+            })
+            .then_expect_error(ScopeError::ConfirmationMismatch);
+    }
+
+    #[test]
+    fn revoke_records_event_when_confirmed_even_if_paused() {
+        ScopeTest::with(())
+            .given(vec![team_created(), ScopeEvent::ScopePaused {}])
+            .when(ScopeCommand::RevokeScope {
+                confirm: team_id().to_string(),
+                lineage: enterprise(),
+            })
+            .then_expect_events(vec![ScopeEvent::ScopeRevoked {}]);
+    }
+
+    #[test]
+    fn every_command_refused_when_scope_is_revoked() {
+        let commands = [
+            ScopeCommand::PauseScope {
+                lineage: enterprise(),
+            },
+            ScopeCommand::ResumeScope {
+                lineage: enterprise(),
+            },
+            ScopeCommand::RevokeScope {
+                confirm: team_id().to_string(),
+                lineage: enterprise(),
+            },
+            ScopeCommand::RotateKey {
+                lineage: enterprise(),
+            },
+        ];
+        for command in commands {
+            ScopeTest::with(())
+                .given(vec![team_created(), ScopeEvent::ScopeRevoked {}])
+                .when(command)
+                .then_expect_error(ScopeError::Revoked);
+        }
+    }
+
+    #[test]
+    fn every_command_refused_when_an_ancestor_is_revoked() {
+        let by = org_id().scope_id();
+        let revoked_above = || Lineage {
+            plan: Plan::Enterprise,
+            inherited: Effective::Revoked { by },
+        };
+        let commands = [
+            ScopeCommand::PauseScope {
+                lineage: revoked_above(),
+            },
+            ScopeCommand::ResumeScope {
+                lineage: revoked_above(),
+            },
+            ScopeCommand::RevokeScope {
+                confirm: team_id().to_string(),
+                lineage: revoked_above(),
+            },
+            ScopeCommand::RotateKey {
+                lineage: revoked_above(),
+            },
+        ];
+        for command in commands {
+            ScopeTest::with(())
+                .given(vec![team_created()])
+                .when(command)
+                .then_expect_error(ScopeError::AncestorRevoked { cause: by });
+        }
+    }
+
+    #[test]
+    fn rotate_adds_the_next_key_version_even_while_paused() {
+        ScopeTest::with(())
+            .given(vec![
+                team_created(),
+                ScopeEvent::ScopeKeyRotated {
+                    key_version: KeyVersion::new(2),
+                },
+                ScopeEvent::ScopePaused {},
+            ])
+            .when(ScopeCommand::RotateKey {
+                lineage: enterprise(),
+            })
+            .then_expect_events(vec![ScopeEvent::ScopeKeyRotated {
+                key_version: KeyVersion::new(3),
+            }]);
+    }
+}

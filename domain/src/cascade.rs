@@ -1,0 +1,140 @@
+//! The cascade: a scope's effective state follows from its own state and its ancestors'.
+//!
+//! `revoked` if it or any ancestor is revoked; else `paused` if it or any ancestor is
+//! paused; else `active`. The cause is the highest scope (closest to the root) that puts it
+//! there. The cascade is computed when read, from the path, so pausing an organization is
+//! one event whatever the size of its subtree.
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::ScopeId;
+use crate::scope::OwnState;
+
+/// A scope's effective state and, unless active, the scope that causes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "state")]
+pub enum Effective {
+    Active,
+    Paused { by: ScopeId },
+    Revoked { by: ScopeId },
+}
+
+impl Effective {
+    pub fn is_active(&self) -> bool {
+        matches!(self, Effective::Active)
+    }
+
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Effective::Active => "active",
+            Effective::Paused { .. } => "paused",
+            Effective::Revoked { .. } => "revoked",
+        }
+    }
+
+    /// The scope whose own state causes this effective state, if not active.
+    pub fn cause(&self) -> Option<ScopeId> {
+        match self {
+            Effective::Active => None,
+            Effective::Paused { by } | Effective::Revoked { by } => Some(*by),
+        }
+    }
+
+    /// The effective state of a child whose own state is `own`, under a parent whose
+    /// effective state is `self`.
+    pub fn child(self, id: ScopeId, own: OwnState) -> Effective {
+        effective_state_from(self, [(id, own)])
+    }
+}
+
+/// The effective state of the last scope of `path`, given as (id, own state) pairs from the
+/// root to the scope itself.
+pub fn effective_state(path: impl IntoIterator<Item = (ScopeId, OwnState)>) -> Effective {
+    effective_state_from(Effective::Active, path)
+}
+
+fn effective_state_from(
+    start: Effective,
+    path: impl IntoIterator<Item = (ScopeId, OwnState)>,
+) -> Effective {
+    path.into_iter()
+        .fold(start, |acc, (id, own)| match (acc, own) {
+            (Effective::Revoked { .. }, _) => acc,
+            (_, OwnState::Revoked) => Effective::Revoked { by: id },
+            (Effective::Paused { .. }, _) => acc,
+            (Effective::Active, OwnState::Paused) => Effective::Paused { by: id },
+            (Effective::Active, OwnState::Active) => Effective::Active,
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn ids(n: usize) -> Vec<ScopeId> {
+        (0..n).map(|_| ScopeId::generate()).collect()
+    }
+
+    #[test]
+    fn revoked_ancestor_wins_over_paused_ancestor_above_it() {
+        let [org, team, thread] = ids(3)[..] else {
+            unreachable!()
+        };
+        let got = effective_state([
+            (org, OwnState::Paused),
+            (team, OwnState::Revoked),
+            (thread, OwnState::Active),
+        ]);
+        assert_eq!(got, Effective::Revoked { by: team });
+    }
+
+    #[test]
+    fn highest_paused_scope_is_the_cause() {
+        let [org, team, thread] = ids(3)[..] else {
+            unreachable!()
+        };
+        let got = effective_state([
+            (org, OwnState::Paused),
+            (team, OwnState::Paused),
+            (thread, OwnState::Paused),
+        ]);
+        assert_eq!(got, Effective::Paused { by: org });
+    }
+
+    #[test]
+    fn resumed_team_under_paused_org_stays_paused_by_org() {
+        let [org, team] = ids(2)[..] else {
+            unreachable!()
+        };
+        let got = effective_state([(org, OwnState::Paused), (team, OwnState::Active)]);
+        assert_eq!(got, Effective::Paused { by: org });
+    }
+
+    fn own_state() -> impl Strategy<Value = OwnState> {
+        prop_oneof![
+            Just(OwnState::Active),
+            Just(OwnState::Paused),
+            Just(OwnState::Revoked)
+        ]
+    }
+
+    proptest! {
+        /// Against the rule as PRODUCT.md words it.
+        #[test]
+        fn cascade_matches_the_written_rule(states in proptest::collection::vec(own_state(), 1..8)) {
+            let path: Vec<(ScopeId, OwnState)> =
+                states.iter().map(|s| (ScopeId::generate(), *s)).collect();
+            let first = |wanted: OwnState| path.iter().find(|(_, s)| *s == wanted).map(|(id, _)| *id);
+            let expected = match (first(OwnState::Revoked), first(OwnState::Paused)) {
+                (Some(by), _) => Effective::Revoked { by },
+                (None, Some(by)) => Effective::Paused { by },
+                (None, None) => Effective::Active,
+            };
+            prop_assert_eq!(effective_state(path.iter().copied()), expected);
+            // Computing a parent first and then the child gives the same answer.
+            let (last, init) = path.split_last().unwrap_or_else(|| unreachable!());
+            prop_assert_eq!(effective_state(init.iter().copied()).child(last.0, last.1), expected);
+        }
+    }
+}

@@ -1,0 +1,90 @@
+//! Events of the scope aggregate. Past tense, immutable once stored.
+//!
+//! `event_type()` and `event_version()` are string literals that never change once shipped:
+//! a new shape gets a new version and an upcaster, never an edit of a stored event.
+//! Key material never appears here: only key versions.
+
+use cqrs_es::DomainEvent;
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{KeyVersion, OrgId, ScopeId};
+use crate::scope::{Plan, ScopeKind, ScopeName, Tier};
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ScopeEvent {
+    OrganizationCreated {
+        org_id: OrgId,
+        name: ScopeName,
+        plan: Plan,
+        tier: Tier,
+        key_version: KeyVersion,
+    },
+    ScopeCreated {
+        scope_id: ScopeId,
+        kind: ScopeKind,
+        name: ScopeName,
+        parent_id: ScopeId,
+        org_id: OrgId,
+        /// Ids from the root to this scope, inclusive.
+        path: Vec<ScopeId>,
+        key_version: KeyVersion,
+    },
+    ScopePaused {},
+    ScopeResumed {},
+    ScopeRevoked {},
+    ScopeKeyRotated {
+        key_version: KeyVersion,
+    },
+}
+
+impl ScopeEvent {
+    /// Every event type this aggregate has ever stored.
+    pub const TYPES: [&'static str; 6] = [
+        "OrganizationCreated",
+        "ScopeCreated",
+        "ScopePaused",
+        "ScopeResumed",
+        "ScopeRevoked",
+        "ScopeKeyRotated",
+    ];
+
+    pub fn type_name(&self) -> &'static str {
+        match self {
+            ScopeEvent::OrganizationCreated { .. } => "OrganizationCreated",
+            ScopeEvent::ScopeCreated { .. } => "ScopeCreated",
+            ScopeEvent::ScopePaused {} => "ScopePaused",
+            ScopeEvent::ScopeResumed {} => "ScopeResumed",
+            ScopeEvent::ScopeRevoked {} => "ScopeRevoked",
+            ScopeEvent::ScopeKeyRotated { .. } => "ScopeKeyRotated",
+        }
+    }
+
+    /// The audit action name of this event (`scope.pause`, ...).
+    pub fn action(&self) -> &'static str {
+        match self {
+            ScopeEvent::OrganizationCreated { .. } => "org.create",
+            ScopeEvent::ScopeCreated { .. } => "scope.create",
+            ScopeEvent::ScopePaused {} => "scope.pause",
+            ScopeEvent::ScopeResumed {} => "scope.resume",
+            ScopeEvent::ScopeRevoked {} => "scope.revoke",
+            ScopeEvent::ScopeKeyRotated { .. } => "scope.rotate",
+        }
+    }
+}
+
+impl DomainEvent for ScopeEvent {
+    fn event_type(&self) -> String {
+        self.type_name().to_owned()
+    }
+
+    fn event_version(&self) -> String {
+        match self {
+            ScopeEvent::OrganizationCreated { .. }
+            | ScopeEvent::ScopeCreated { .. }
+            | ScopeEvent::ScopePaused {}
+            | ScopeEvent::ScopeResumed {}
+            | ScopeEvent::ScopeRevoked {}
+            | ScopeEvent::ScopeKeyRotated { .. } => "1".to_owned(),
+        }
+    }
+}

@@ -1,0 +1,23 @@
+//! EKM's domain: scopes, their lifecycle commands and events, and the cascade rules.
+//!
+//! Architecture invariant: this crate does no IO. It knows nothing about HTTP, SQL, clocks
+//! or key material; everything a command needs from the outside world (the parent's
+//! effective state, the organization's plan) is looked up first and carried in the command.
+
+pub mod aggregate;
+pub mod cascade;
+pub mod commands;
+pub mod errors;
+pub mod events;
+pub mod ids;
+pub mod metadata;
+pub mod scope;
+
+pub use aggregate::{Scope, ScopeState};
+pub use cascade::{effective_state, Effective};
+pub use commands::{Lineage, ParentContext, ScopeCommand};
+pub use errors::ScopeError;
+pub use events::ScopeEvent;
+pub use ids::{IdError, KeyVersion, OrgId, ScopeId};
+pub use metadata::{Actor, ActorKind, EventMetadata};
+pub use scope::{OwnState, Plan, Reason, ScopeKind, ScopeName, Tier, ValueError};
