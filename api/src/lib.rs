@@ -1,1 +1,85 @@
-//! placeholder
+//! EKM's HTTP API: the application service, the axum router, JSON DTOs and problem+json
+//! errors.
+//!
+//! Architecture invariant: only this crate knows JSON shapes and HTTP. Requests become
+//! domain commands by hand in `routes`/`dto`; read models become responses the same way.
+
+pub mod app;
+pub mod context;
+pub mod dto;
+pub mod error;
+mod routes;
+pub mod state;
+
+use std::time::Duration;
+
+use axum::extract::DefaultBodyLimit;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::trace::TraceLayer;
+
+pub use app::{App, AppError};
+pub use error::{ApiError, Code};
+pub use state::AppState;
+
+/// The whole API, ready to serve.
+pub fn router(state: AppState) -> Router {
+    routes::routes()
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(dto::MAX_BODY_BYTES))
+        .with_state(state)
+        .layer(axum::middleware::from_fn(context::request_id))
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(|request: &axum::http::Request<_>| {
+                    let request_id = request
+                        .extensions()
+                        .get::<context::RequestId>()
+                        .map(|r| r.0.clone())
+                        .unwrap_or_default();
+                    tracing::info_span!(
+                        "request",
+                        method = %request.method(),
+                        path = %request.uri().path(),
+                        request_id = %request_id,
+                    )
+                })
+                .on_response(
+                    |response: &Response, latency: Duration, _span: &tracing::Span| {
+                        tracing::info!(
+                            status = response.status().as_u16(),
+                            latency_ms = latency.as_millis() as u64,
+                            "served"
+                        );
+                    },
+                ),
+        )
+        .layer(CatchPanicLayer::custom(panic_response))
+}
+
+async fn not_found() -> ApiError {
+    ApiError::not_found("no such endpoint; see /v1/openapi.json")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        Code::InvalidRequest,
+        "this endpoint does not accept this method",
+    )
+}
+
+fn panic_response(_panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    // A panic is a bug; the client gets a problem, not a dropped connection. The payload
+    // is not echoed: it could hold anything.
+    tracing::error!("a request handler panicked");
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        Code::Internal,
+        "an internal error occurred; it has been logged",
+    )
+    .into_response()
+}

@@ -57,7 +57,9 @@ impl Scope {
         Ok(state)
     }
 
-    fn decide(&self, command: ScopeCommand) -> Result<Vec<ScopeEvent>, ScopeError> {
+    /// The events `command` produces on this scope, or the rule it breaks. Pure: the same
+    /// state and command always give the same answer. `handle` is this plus the sink.
+    pub fn decide(&self, command: ScopeCommand) -> Result<Vec<ScopeEvent>, ScopeError> {
         match command {
             ScopeCommand::CreateOrganization {
                 id,

@@ -18,6 +18,8 @@ pub use cascade::{effective_state, Effective};
 pub use commands::{Lineage, ParentContext, ScopeCommand};
 pub use errors::ScopeError;
 pub use events::ScopeEvent;
+
 pub use ids::{IdError, KeyVersion, OrgId, ScopeId};
 pub use metadata::{Actor, ActorKind, EventMetadata};
 pub use scope::{OwnState, Plan, Reason, ScopeKind, ScopeName, Tier, ValueError};
+pub mod upcast;

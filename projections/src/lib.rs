@@ -1,1 +1,24 @@
-//! placeholder
+//! Read models and the projection runner.
+//!
+//! The runner tails the event log in global position order and applies each event to the
+//! read models, writing the rows and the projection's checkpoint in one transaction: after a
+//! crash it resumes exactly where the last commit left it, never losing or repeating an
+//! event. Several instances may run it against one PostgreSQL database: the checkpoint row
+//! is locked for the duration of a batch, so each event is applied once.
+//!
+//! Architecture invariant: read models are written only here, and only from events. Any of
+//! them can be dropped and rebuilt from the log.
+
+mod error;
+mod queries;
+mod runner;
+mod scope_tree;
+mod sql;
+
+pub use error::{chain as error_chain, ProjectionError};
+pub use queries::{
+    Cause, KeyVersionRecord, Page, ReadModels, ScopeRecord, ScopeSnapshot, StateChange,
+};
+pub use runner::{Projection, Projector, ProjectorConfig};
+pub use scope_tree::ScopeTree;
+pub use sql::{Param, Statement};

@@ -1,1 +1,17 @@
-//! placeholder
+//! EKM's storage: the database (embedded SQLite or PostgreSQL), its migrations, the event
+//! log with its commit-ordered global position, and bearer tokens.
+//!
+//! Architecture invariant: this is the only crate besides `projections` that writes SQL,
+//! and the only one that knows how a backend assigns positions. Everything above it sees
+//! events as `StoredEvent`s in one global order.
+
+mod db;
+mod error;
+mod event_log;
+pub mod time;
+mod tokens;
+
+pub use db::{Db, DbConfig, PostgresDb, SqliteDb};
+pub use error::StoreError;
+pub use event_log::{ScopeStore, StoredEvent, EVENTS_CHANNEL};
+pub use tokens::{NewToken, Principal, Role, Tokens, OPERATOR_TOKEN_FILE};

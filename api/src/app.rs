@@ -1,0 +1,298 @@
+//! The application service behind the HTTP API: runs commands on the scope aggregate
+//! (looking up what they need first), retries optimistic-concurrency conflicts, and answers
+//! from the read models once they include the command's own events (read-your-writes).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use cqrs_es::{AggregateContext, AggregateError};
+use ekm_domain::{
+    EventMetadata, Lineage, OrgId, ParentContext, Plan, ScopeCommand, ScopeError, ScopeId,
+    ScopeKind, ScopeName, Tier,
+};
+use ekm_projections::{Page, ProjectionError, Projector, ReadModels, ScopeSnapshot};
+use ekm_store::{Db, NewToken, Role, ScopeStore, StoreError, Tokens};
+use rand::Rng;
+
+/// How often a command is retried when another command on the same scope committed first.
+const MAX_ATTEMPTS: u32 = 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error(transparent)]
+    Rule(#[from] ScopeError),
+    #[error("the scope does not exist")]
+    NotFound,
+    #[error("the scope's version is {current}, not the {expected} given in If-Match")]
+    VersionMismatch { expected: i64, current: i64 },
+    #[error("the scope kept changing concurrently; try again")]
+    Contended,
+    #[error("storage failed")]
+    Store(#[from] StoreError),
+    #[error("read model failed")]
+    Projection(#[from] ProjectionError),
+    #[error("event store failed")]
+    EventStore(#[source] AggregateError<ScopeError>),
+}
+
+/// A lifecycle action on an existing scope.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Action {
+    Pause,
+    Resume,
+    Revoke { confirm: String },
+    Rotate,
+}
+
+/// What to do to a scope: a command known in full, or an action whose command needs the
+/// ancestors' state, looked up afresh on every attempt.
+enum Intent {
+    Create(ScopeCommand),
+    Act(Action),
+}
+
+/// What a command did.
+#[derive(Clone, Debug)]
+pub struct Outcome {
+    pub scope: ScopeSnapshot,
+    /// Whether the command recorded an event (pause and resume are idempotent).
+    pub changed: bool,
+    /// The position of the last event it recorded.
+    pub position: Option<i64>,
+}
+
+/// Everything a request handler needs; cheap to clone.
+#[derive(Clone)]
+pub struct App {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: Db,
+    store: ScopeStore,
+    projector: Arc<Projector>,
+    read: ReadModels,
+    tokens: Tokens,
+}
+
+impl App {
+    pub fn new(db: Db, projector: Arc<Projector>) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                store: ScopeStore::new(&db),
+                read: ReadModels::new(db.clone()),
+                tokens: Tokens::new(db.clone()),
+                db,
+                projector,
+            }),
+        }
+    }
+
+    pub fn db(&self) -> &Db {
+        &self.inner.db
+    }
+
+    pub fn tokens(&self) -> &Tokens {
+        &self.inner.tokens
+    }
+
+    pub fn projector(&self) -> &Arc<Projector> {
+        &self.inner.projector
+    }
+
+    /// Brings the read models up to every event committed so far, by any instance.
+    pub async fn refresh(&self) -> Result<(), AppError> {
+        let head = self.inner.db.head_position().await?;
+        self.inner.projector.catch_up_to(head).await?;
+        Ok(())
+    }
+
+    pub async fn scope(&self, id: ScopeId) -> Result<Option<ScopeSnapshot>, AppError> {
+        Ok(self.inner.read.scope(id).await?)
+    }
+
+    pub async fn children(
+        &self,
+        parent: &ScopeSnapshot,
+        after: Option<ScopeId>,
+        limit: u32,
+    ) -> Result<Page<ScopeSnapshot>, AppError> {
+        Ok(self.inner.read.children(parent, after, limit).await?)
+    }
+
+    /// Creates an organization and its first `org_admin` token (returned once).
+    pub async fn create_org(
+        &self,
+        name: ScopeName,
+        plan: Plan,
+        tier: Tier,
+        metadata: &EventMetadata,
+    ) -> Result<(Outcome, NewToken), AppError> {
+        let id = OrgId::generate();
+        // The token first: if the organization then fails to be created, the token points
+        // at nothing and is revoked; the reverse order could leave an organization nobody
+        // can administer.
+        let token = self
+            .inner
+            .tokens
+            .create(Role::OrgAdmin, Some(id), "initial org admin")
+            .await?;
+        let command = ScopeCommand::CreateOrganization {
+            id,
+            name,
+            plan,
+            tier,
+        };
+        match self
+            .run(id.scope_id(), Intent::Create(command), metadata, None)
+            .await
+        {
+            Ok(outcome) => Ok((outcome, token)),
+            Err(error) => {
+                if let Err(revoke_error) = self.inner.tokens.revoke(&token.id).await {
+                    tracing::error!(error = %ekm_projections::error_chain(&revoke_error), token_id = %token.id, "could not revoke the token of an organization that failed to be created");
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// Creates a scope under `parent`.
+    pub async fn create_scope(
+        &self,
+        parent: &ScopeSnapshot,
+        kind: ScopeKind,
+        name: ScopeName,
+        metadata: &EventMetadata,
+    ) -> Result<Outcome, AppError> {
+        let id = ScopeId::generate();
+        let command = ScopeCommand::CreateScope {
+            id,
+            kind,
+            name,
+            parent: ParentContext {
+                id: parent.scope.id,
+                kind: parent.scope.kind,
+                org_id: parent.scope.org_id,
+                path: parent.scope.path.clone(),
+                effective: parent.effective,
+            },
+        };
+        self.run(id, Intent::Create(command), metadata, None).await
+    }
+
+    /// Pauses, resumes, revokes or rotates an existing scope. With `expected_version`
+    /// (If-Match), the command applies only to that version and is never retried.
+    pub async fn act(
+        &self,
+        id: ScopeId,
+        action: Action,
+        metadata: &EventMetadata,
+        expected_version: Option<i64>,
+    ) -> Result<Outcome, AppError> {
+        self.run(id, Intent::Act(action), metadata, expected_version)
+            .await
+    }
+
+    /// The command for `intent`, with what it needs looked up now.
+    async fn command(&self, id: ScopeId, intent: &Intent) -> Result<ScopeCommand, AppError> {
+        let action = match intent {
+            Intent::Create(command) => return Ok(command.clone()),
+            Intent::Act(action) => action.clone(),
+        };
+        let snapshot = self.inner.read.scope(id).await?.ok_or(AppError::NotFound)?;
+        let lineage = Lineage {
+            plan: snapshot.org_plan,
+            inherited: snapshot.inherited,
+        };
+        Ok(match action {
+            Action::Pause => ScopeCommand::PauseScope { lineage },
+            Action::Resume => ScopeCommand::ResumeScope { lineage },
+            Action::Revoke { confirm } => ScopeCommand::RevokeScope { confirm, lineage },
+            Action::Rotate => ScopeCommand::RotateKey { lineage },
+        })
+    }
+
+    /// Loads the aggregate, decides, commits; on a conflict, starts again from fresh state.
+    async fn run(
+        &self,
+        id: ScopeId,
+        intent: Intent,
+        metadata: &EventMetadata,
+        expected_version: Option<i64>,
+    ) -> Result<Outcome, AppError> {
+        let inner = &self.inner;
+        let aggregate_id = id.to_string();
+        for attempt in 0..MAX_ATTEMPTS {
+            // Decisions use the aggregate for the scope itself and the read models for its
+            // ancestors; make sure those include everything committed so far.
+            self.refresh().await?;
+            let command = self.command(id, &intent).await?;
+            let mut context = inner
+                .store
+                .load(&aggregate_id)
+                .await
+                .map_err(AppError::EventStore)?;
+            let current = i64::try_from(context.current_sequence).unwrap_or(i64::MAX);
+            if let Some(expected) = expected_version {
+                if expected != current {
+                    return Err(AppError::VersionMismatch { expected, current });
+                }
+            }
+            let events = context.aggregate().decide(command)?;
+            if events.is_empty() {
+                let scope = inner.read.scope(id).await?.ok_or(AppError::NotFound)?;
+                return Ok(Outcome {
+                    scope,
+                    changed: false,
+                    position: None,
+                });
+            }
+            match inner.store.commit(events, context, metadata.to_map()).await {
+                Ok(committed) => {
+                    let last_sequence = committed
+                        .last()
+                        .and_then(|e| i64::try_from(e.sequence).ok())
+                        .unwrap_or(current);
+                    let position = inner.db.position_of(&aggregate_id, last_sequence).await?;
+                    match position {
+                        Some(position) => inner.projector.catch_up_to(position).await?,
+                        None => self.refresh().await?,
+                    }
+                    let scope = inner.read.scope(id).await?.ok_or(AppError::NotFound)?;
+                    return Ok(Outcome {
+                        scope,
+                        changed: true,
+                        position,
+                    });
+                }
+                Err(AggregateError::AggregateConflict) if expected_version.is_none() => {
+                    // Someone else committed first: back off a little, with jitter, and
+                    // decide again on the new state.
+                    let ceiling = 2u64.saturating_pow(attempt.min(6)).saturating_mul(2);
+                    let pause = rand::rng().random_range(1..=ceiling);
+                    tokio::time::sleep(Duration::from_millis(pause)).await;
+                }
+                Err(AggregateError::AggregateConflict) => {
+                    let fresh = inner.read.scope(id).await?.map(|s| s.scope.version);
+                    return Err(AppError::VersionMismatch {
+                        expected: expected_version.unwrap_or_default(),
+                        current: fresh.unwrap_or(current),
+                    });
+                }
+                Err(AggregateError::UserError(rule)) => return Err(AppError::Rule(rule)),
+                Err(other) => return Err(AppError::EventStore(other)),
+            }
+        }
+        Err(AppError::Contended)
+    }
+}
+
+impl From<AggregateError<ScopeError>> for AppError {
+    fn from(error: AggregateError<ScopeError>) -> Self {
+        match error {
+            AggregateError::UserError(rule) => AppError::Rule(rule),
+            other => AppError::EventStore(other),
+        }
+    }
+}

@@ -1,0 +1,235 @@
+//! The JSON shapes of the API. Only this module knows them: requests are parsed into domain
+//! values and responses are built from read models by hand, so that a change on the wire is
+//! never an accident of a refactoring elsewhere.
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, Request};
+use axum::http::StatusCode;
+use ekm_projections::{Cause, KeyVersionRecord, ScopeSnapshot, StateChange};
+use ekm_store::time::rfc3339;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::error::{ApiError, Code};
+
+/// The largest request body accepted on the control plane.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// A JSON request body. Parse failures are problems with code `invalid_request`.
+pub struct JsonBody<T>(pub T);
+
+/// A JSON request body that may be absent (an empty body reads as `T::default()`).
+pub struct OptionalJsonBody<T>(pub T);
+
+async fn bytes_of(request: Request, state: &impl Sync) -> Result<Bytes, ApiError> {
+    let _ = state;
+    Bytes::from_request(request, &())
+        .await
+        .map_err(|rejection| {
+            if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    Code::InvalidRequest,
+                    format!("the request body is larger than {MAX_BODY_BYTES} bytes"),
+                )
+            } else {
+                ApiError::invalid("the request body could not be read")
+            }
+        })
+}
+
+fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(bytes).map_err(|error| {
+        let mut detail = format!("the body is not valid JSON for this request: {error}");
+        if detail.len() > 300 {
+            detail = detail.chars().take(300).collect();
+        }
+        ApiError::invalid(detail)
+    })
+}
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
+        let bytes = bytes_of(request, state).await?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Err(ApiError::invalid("a JSON body is required"));
+        }
+        parse(&bytes).map(JsonBody)
+    }
+}
+
+impl<S: Send + Sync, T: DeserializeOwned + Default> FromRequest<S> for OptionalJsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
+        let bytes = bytes_of(request, state).await?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(OptionalJsonBody(T::default()));
+        }
+        parse(&bytes).map(OptionalJsonBody)
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateOrgRequest {
+    pub name: String,
+    pub plan: Option<String>,
+    pub tier: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateScopeRequest {
+    pub kind: String,
+    pub name: String,
+    pub parent_id: String,
+}
+
+/// Body of pause (reason required) and of resume and rotate (reason optional).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReasonRequest {
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevokeRequest {
+    pub reason: Option<String>,
+    pub confirm: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct CauseJson {
+    pub scope_id: String,
+    /// The event type that put the cause scope in its state (`ScopePaused`, ...).
+    pub event: Option<String>,
+    pub scope_kind: &'static str,
+    pub scope_name: String,
+    pub position: Option<i64>,
+    pub at: Option<String>,
+    pub actor: Option<String>,
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct KeyVersionJson {
+    pub version: u32,
+    pub created_at: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ScopeJson {
+    pub id: String,
+    pub kind: &'static str,
+    pub name: String,
+    pub parent_id: Option<String>,
+    pub org_id: String,
+    pub path: Vec<String>,
+    pub own_state: &'static str,
+    pub effective_state: &'static str,
+    pub cause: Option<CauseJson>,
+    pub version: i64,
+    pub key_versions: Vec<KeyVersionJson>,
+    pub created_at: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct LifecycleJson {
+    #[serde(flatten)]
+    pub scope: ScopeJson,
+    pub changed: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct OrgJson {
+    pub id: String,
+    pub name: String,
+    pub plan: &'static str,
+    pub tier: &'static str,
+    pub own_state: &'static str,
+    pub effective_state: &'static str,
+    pub cause: Option<CauseJson>,
+    pub version: i64,
+    pub key_versions: Vec<KeyVersionJson>,
+    pub created_at: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct CreatedOrgJson {
+    #[serde(flatten)]
+    pub org: OrgJson,
+    /// The organization's first `org_admin` token, shown this once.
+    pub admin_token: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ListJson<T> {
+    pub items: Vec<T>,
+    pub next_cursor: Option<String>,
+}
+
+fn cause_json(cause: &Cause) -> CauseJson {
+    let change: Option<&StateChange> = cause.change.as_ref();
+    CauseJson {
+        scope_id: cause.scope_id.to_string(),
+        event: change.map(|c| c.event.clone()),
+        scope_kind: cause.kind.as_str(),
+        scope_name: cause.name.clone(),
+        position: change.map(|c| c.position),
+        at: change.map(|c| rfc3339(c.at)),
+        actor: change.map(|c| c.actor.clone()),
+        reason: change.and_then(|c| c.reason.clone()),
+    }
+}
+
+fn key_versions_json(versions: &[KeyVersionRecord]) -> Vec<KeyVersionJson> {
+    versions
+        .iter()
+        .map(|k| KeyVersionJson {
+            version: k.version,
+            created_at: rfc3339(k.created_at),
+        })
+        .collect()
+}
+
+impl From<&ScopeSnapshot> for ScopeJson {
+    fn from(snapshot: &ScopeSnapshot) -> Self {
+        let scope = &snapshot.scope;
+        ScopeJson {
+            id: scope.id.to_string(),
+            kind: scope.kind.as_str(),
+            name: scope.name.clone(),
+            parent_id: scope.parent_id.map(|p| p.to_string()),
+            org_id: scope.org_id.to_string(),
+            path: scope.path.iter().map(ToString::to_string).collect(),
+            own_state: scope.own_state.as_str(),
+            effective_state: snapshot.effective.as_str(),
+            cause: snapshot.cause.as_ref().map(cause_json),
+            version: scope.version,
+            key_versions: key_versions_json(&snapshot.key_versions),
+            created_at: rfc3339(scope.created_at),
+        }
+    }
+}
+
+impl From<&ScopeSnapshot> for OrgJson {
+    fn from(snapshot: &ScopeSnapshot) -> Self {
+        let scope = &snapshot.scope;
+        OrgJson {
+            id: scope.id.to_string(),
+            name: scope.name.clone(),
+            plan: snapshot.org_plan.as_str(),
+            tier: scope.tier.map(|t| t.as_str()).unwrap_or("default"),
+            own_state: scope.own_state.as_str(),
+            effective_state: snapshot.effective.as_str(),
+            cause: snapshot.cause.as_ref().map(cause_json),
+            version: scope.version,
+            key_versions: key_versions_json(&snapshot.key_versions),
+            created_at: rfc3339(scope.created_at),
+        }
+    }
+}

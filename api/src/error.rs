@@ -1,0 +1,222 @@
+//! Every refusal is `application/problem+json` (RFC 9457) with a stable `code`.
+//!
+//! Internal and external messages are kept apart: a client sees the rule it broke, never
+//! SQL, stack traces or key material; operators see the full error chain in the log, once.
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use ekm_domain::{ScopeError, ScopeId};
+use ekm_projections::error_chain;
+use serde_json::{json, Value};
+
+use crate::app::AppError;
+
+/// The stable problem codes. Clients match on these; they never change meaning.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Code {
+    InvalidRequest,
+    Unauthorized,
+    Forbidden,
+    NotFound,
+    Conflict,
+    PlanRequired,
+    ScopePaused,
+    ScopeRevoked,
+    KeyUnavailable,
+    Unavailable,
+    Internal,
+}
+
+impl Code {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Code::InvalidRequest => "invalid_request",
+            Code::Unauthorized => "unauthorized",
+            Code::Forbidden => "forbidden",
+            Code::NotFound => "not_found",
+            Code::Conflict => "conflict",
+            Code::PlanRequired => "plan_required",
+            Code::ScopePaused => "scope_paused",
+            Code::ScopeRevoked => "scope_revoked",
+            Code::KeyUnavailable => "key_unavailable",
+            Code::Unavailable => "unavailable",
+            Code::Internal => "internal",
+        }
+    }
+
+    fn title(self) -> &'static str {
+        match self {
+            Code::InvalidRequest => "The request is not valid",
+            Code::Unauthorized => "A valid bearer token is required",
+            Code::Forbidden => "This token may not do that",
+            Code::NotFound => "Not found",
+            Code::Conflict => "The request conflicts with the current state",
+            Code::PlanRequired => "This needs the enterprise plan",
+            Code::ScopePaused => "The scope is paused",
+            Code::ScopeRevoked => "The scope is revoked",
+            Code::KeyUnavailable => "The key is unavailable",
+            Code::Unavailable => "The service is temporarily unavailable",
+            Code::Internal => "Internal error",
+        }
+    }
+}
+
+/// A problem response.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: Code,
+    detail: String,
+    extensions: Vec<(&'static str, Value)>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: Code, detail: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            detail: detail.into(),
+            extensions: vec![],
+        }
+    }
+
+    pub fn invalid(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, Code::InvalidRequest, detail)
+    }
+
+    pub fn unauthorized() -> Self {
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            Code::Unauthorized,
+            "send `Authorization: Bearer <token>` with a valid, unexpired token",
+        )
+    }
+
+    pub fn forbidden(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, Code::Forbidden, detail)
+    }
+
+    pub fn not_found(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, Code::NotFound, detail)
+    }
+
+    pub fn with(mut self, key: &'static str, value: Value) -> Self {
+        self.extensions.push((key, value));
+        self
+    }
+
+    pub fn code(&self) -> Code {
+        self.code
+    }
+
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    fn body(&self) -> Value {
+        let mut body = json!({
+            "type": format!("urn:ekm:problem:{}", self.code.as_str()),
+            "title": self.code.title(),
+            "status": self.status.as_u16(),
+            "code": self.code.as_str(),
+            "detail": self.detail,
+        });
+        if let Some(object) = body.as_object_mut() {
+            for (key, value) in &self.extensions {
+                object.insert((*key).to_owned(), value.clone());
+            }
+        }
+        body
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = self.body().to_string();
+        let mut response = (self.status, body).into_response();
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
+        response
+    }
+}
+
+fn cause(scope: ScopeId) -> Value {
+    json!({ "scope_id": scope.to_string() })
+}
+
+impl From<ScopeError> for ApiError {
+    fn from(error: ScopeError) -> Self {
+        let detail = error.to_string();
+        let conflict = StatusCode::CONFLICT;
+        match error {
+            ScopeError::AlreadyExists(_) => ApiError::new(conflict, Code::Conflict, detail),
+            ScopeError::NotFound => ApiError::not_found(detail),
+            ScopeError::InvalidParent { .. }
+            | ScopeError::ConfirmationMismatch
+            | ScopeError::ByokNeedsMasterKey => ApiError::invalid(detail),
+            ScopeError::ParentPaused { cause: by } => {
+                ApiError::new(conflict, Code::ScopePaused, detail).with("cause", cause(by))
+            }
+            ScopeError::ParentRevoked { cause: by } | ScopeError::AncestorRevoked { cause: by } => {
+                ApiError::new(conflict, Code::ScopeRevoked, detail).with("cause", cause(by))
+            }
+            ScopeError::Revoked => ApiError::new(conflict, Code::ScopeRevoked, detail),
+            ScopeError::ControlsNeedEnterprise | ScopeError::TierNeedsEnterprise(_) => {
+                ApiError::new(StatusCode::FORBIDDEN, Code::PlanRequired, detail)
+            }
+        }
+    }
+}
+
+impl From<AppError> for ApiError {
+    fn from(error: AppError) -> Self {
+        match error {
+            AppError::Rule(rule) => rule.into(),
+            AppError::NotFound => ApiError::not_found("no such scope"),
+            AppError::VersionMismatch { current, .. } => ApiError::new(
+                StatusCode::PRECONDITION_FAILED,
+                Code::Conflict,
+                error.to_string(),
+            )
+            .with("current_version", json!(current)),
+            AppError::Contended => {
+                ApiError::new(StatusCode::CONFLICT, Code::Conflict, error.to_string())
+            }
+            AppError::Store(ref store) if is_unavailable(store) => {
+                tracing::error!(error = %error_chain(&error), "database unavailable");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    Code::Unavailable,
+                    "the database cannot be reached; nothing was changed unless a later read shows it",
+                )
+            }
+            AppError::Store(_) | AppError::Projection(_) | AppError::EventStore(_) => {
+                internal(&error)
+            }
+        }
+    }
+}
+
+fn is_unavailable(error: &ekm_store::StoreError) -> bool {
+    use ekm_store::StoreError;
+    match error {
+        StoreError::Connect(_) => true,
+        StoreError::Database(sqlx_error) => matches!(
+            sqlx_error,
+            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed
+        ),
+        _ => false,
+    }
+}
+
+/// Logs the whole chain once and answers with a body that reveals nothing.
+pub fn internal(error: &dyn std::error::Error) -> ApiError {
+    tracing::error!(error = %error_chain(error), "internal error");
+    ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        Code::Internal,
+        "an internal error occurred; it has been logged",
+    )
+}

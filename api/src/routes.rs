@@ -1,0 +1,367 @@
+//! The HTTP routes and their handlers.
+
+use std::collections::HashMap;
+
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use ekm_domain::{Plan, Reason, ScopeId, ScopeKind, ScopeName, Tier};
+use ekm_projections::ScopeSnapshot;
+use serde_json::json;
+
+use crate::app::{Action, Outcome};
+use crate::context::Caller;
+use crate::dto::{
+    CreateOrgRequest, CreateScopeRequest, CreatedOrgJson, JsonBody, LifecycleJson, ListJson,
+    OptionalJsonBody, OrgJson, ReasonRequest, RevokeRequest, ScopeJson,
+};
+use crate::error::{ApiError, Code};
+use crate::state::AppState;
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/v1/orgs", post(create_org))
+        .route("/v1/orgs/{org}", get(get_org))
+        .route("/v1/scopes", post(create_scope))
+        .route("/v1/scopes/{id}", get(get_scope))
+        .route("/v1/scopes/{id}/children", get(list_children))
+        .route("/v1/scopes/{id}/pause", post(pause))
+        .route("/v1/scopes/{id}/resume", post(resume))
+        .route("/v1/scopes/{id}/revoke", post(revoke))
+        .route("/v1/scopes/{id}/rotate", post(rotate))
+}
+
+const SCOPE_NOT_FOUND: &str = "no scope with this id is visible to this token";
+const DEFAULT_PAGE: u32 = 50;
+const MAX_PAGE: u32 = 500;
+
+async fn healthz() -> Json<serde_json::Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+async fn readyz(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+    let unavailable = |what: &str| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Code::Unavailable,
+            format!("not ready: {what}"),
+        )
+    };
+    let db = state.app.db();
+    db.ping()
+        .await
+        .map_err(|_| unavailable("the database cannot be reached"))?;
+    let head = db
+        .head_position()
+        .await
+        .map_err(|_| unavailable("the event log cannot be read"))?;
+    Ok(Json(json!({
+        "status": "ready",
+        "backend": db.backend_name(),
+        "head_position": head,
+        "applied_position": state.app.projector().applied(),
+    })))
+}
+
+fn parse_scope_id(text: &str) -> Result<ScopeId, ApiError> {
+    ScopeId::parse(text).map_err(|e| ApiError::invalid(e.to_string()))
+}
+
+fn path_text(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
+    path.map(|Path(text)| text)
+        .map_err(|_| ApiError::invalid("the path is not valid"))
+}
+
+/// The scope `id` if this caller may see it; otherwise the same 404 as for a scope that does
+/// not exist, so that ids of other organizations reveal nothing.
+async fn visible_scope(
+    state: &AppState,
+    caller: &Caller,
+    id: &str,
+) -> Result<ScopeSnapshot, ApiError> {
+    if caller.is_operator() {
+        return Err(ApiError::forbidden(
+            "the operator token manages organizations only; use an organization's token",
+        ));
+    }
+    let id = parse_scope_id(id)?;
+    match state.app.scope(id).await? {
+        Some(snapshot) if Some(snapshot.scope.org_id) == caller.org() => Ok(snapshot),
+        _ => Err(ApiError::not_found(SCOPE_NOT_FOUND)),
+    }
+}
+
+fn parse_field<T: std::str::FromStr<Err = ekm_domain::ValueError>>(
+    value: Option<&str>,
+    default: T,
+) -> Result<T, ApiError> {
+    match value {
+        None => Ok(default),
+        Some(text) => text
+            .parse()
+            .map_err(|e: ekm_domain::ValueError| ApiError::invalid(e.to_string())),
+    }
+}
+
+fn reason(value: Option<&str>, required: bool) -> Result<Option<Reason>, ApiError> {
+    match value {
+        None if required => Err(ApiError::invalid(
+            "reason: required; say why, it is kept in the audit log",
+        )),
+        None => Ok(None),
+        Some(text) => Reason::parse(text)
+            .map(Some)
+            .map_err(|e| ApiError::invalid(e.to_string())),
+    }
+}
+
+fn etag(response: &mut Response, version: i64) {
+    if let Ok(value) = HeaderValue::from_str(&format!("\"{version}\"")) {
+        response.headers_mut().insert(header::ETAG, value);
+    }
+}
+
+async fn create_org(
+    State(state): State<AppState>,
+    caller: Caller,
+    JsonBody(body): JsonBody<CreateOrgRequest>,
+) -> Result<Response, ApiError> {
+    if !caller.is_operator() {
+        return Err(ApiError::forbidden(
+            "only the platform operator token creates organizations",
+        ));
+    }
+    let name = ScopeName::parse(&body.name).map_err(|e| ApiError::invalid(e.to_string()))?;
+    let plan = parse_field(body.plan.as_deref(), Plan::Standard)?;
+    let tier = parse_field(body.tier.as_deref(), Tier::Default)?;
+    let (outcome, token) = state
+        .app
+        .create_org(name, plan, tier, &caller.metadata(None))
+        .await?;
+    let json = CreatedOrgJson {
+        org: OrgJson::from(&outcome.scope),
+        admin_token: token.secret,
+    };
+    let mut response = (StatusCode::CREATED, Json(json)).into_response();
+    if let Ok(location) = HeaderValue::from_str(&format!("/v1/orgs/{}", outcome.scope.scope.id)) {
+        response.headers_mut().insert(header::LOCATION, location);
+    }
+    etag(&mut response, outcome.scope.scope.version);
+    Ok(response)
+}
+
+async fn get_org(
+    State(state): State<AppState>,
+    caller: Caller,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let id = parse_scope_id(&path_text(path)?)?;
+    let not_found = || ApiError::not_found("no organization with this id is visible to this token");
+    let snapshot = state.app.scope(id).await?.ok_or_else(not_found)?;
+    let visible = caller.is_operator() || Some(snapshot.scope.org_id) == caller.org();
+    if !visible || snapshot.scope.kind != ScopeKind::Organization {
+        return Err(not_found());
+    }
+    let mut response = Json(OrgJson::from(&snapshot)).into_response();
+    etag(&mut response, snapshot.scope.version);
+    Ok(response)
+}
+
+async fn create_scope(
+    State(state): State<AppState>,
+    caller: Caller,
+    JsonBody(body): JsonBody<CreateScopeRequest>,
+) -> Result<Response, ApiError> {
+    let kind: ScopeKind = body
+        .kind
+        .parse()
+        .map_err(|e: ekm_domain::ValueError| ApiError::invalid(e.to_string()))?;
+    if kind == ScopeKind::Organization {
+        return Err(ApiError::invalid(
+            "kind: organizations are created with POST /v1/orgs",
+        ));
+    }
+    let name = ScopeName::parse(&body.name).map_err(|e| ApiError::invalid(e.to_string()))?;
+    let parent = visible_scope(&state, &caller, &body.parent_id)
+        .await
+        .map_err(|e| match e.code() {
+            Code::NotFound => {
+                ApiError::not_found("parent_id: no scope with this id is visible to this token")
+            }
+            _ => e,
+        })?;
+    let outcome = state
+        .app
+        .create_scope(&parent, kind, name, &caller.metadata(None))
+        .await?;
+    let mut response = (StatusCode::CREATED, Json(ScopeJson::from(&outcome.scope))).into_response();
+    if let Ok(location) = HeaderValue::from_str(&format!("/v1/scopes/{}", outcome.scope.scope.id)) {
+        response.headers_mut().insert(header::LOCATION, location);
+    }
+    etag(&mut response, outcome.scope.scope.version);
+    Ok(response)
+}
+
+async fn get_scope(
+    State(state): State<AppState>,
+    caller: Caller,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let snapshot = visible_scope(&state, &caller, &path_text(path)?).await?;
+    let mut response = Json(ScopeJson::from(&snapshot)).into_response();
+    etag(&mut response, snapshot.scope.version);
+    Ok(response)
+}
+
+fn encode_cursor(after: ScopeId) -> String {
+    URL_SAFE_NO_PAD.encode(format!("after:{after}"))
+}
+
+fn decode_cursor(cursor: &str) -> Result<ScopeId, ApiError> {
+    let invalid = || ApiError::invalid("cursor: not a cursor returned by this list");
+    let bytes = URL_SAFE_NO_PAD
+        .decode(cursor.as_bytes())
+        .map_err(|_| invalid())?;
+    let text = String::from_utf8(bytes).map_err(|_| invalid())?;
+    let id = text.strip_prefix("after:").ok_or_else(invalid)?;
+    ScopeId::parse(id).map_err(|_| invalid())
+}
+
+fn page_limit(value: Option<&String>) -> Result<u32, ApiError> {
+    match value {
+        None => Ok(DEFAULT_PAGE),
+        Some(text) => match text.parse::<u32>() {
+            Ok(n) if (1..=MAX_PAGE).contains(&n) => Ok(n),
+            _ => Err(ApiError::invalid(format!(
+                "limit: must be a whole number from 1 to {MAX_PAGE}"
+            ))),
+        },
+    }
+}
+
+async fn list_children(
+    State(state): State<AppState>,
+    caller: Caller,
+    path: Result<Path<String>, PathRejection>,
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+) -> Result<Json<ListJson<ScopeJson>>, ApiError> {
+    let Query(query) = query.map_err(|_| ApiError::invalid("the query string is not valid"))?;
+    if let Some(unknown) = query
+        .keys()
+        .find(|k| !["cursor", "limit"].contains(&k.as_str()))
+    {
+        return Err(ApiError::invalid(format!(
+            "unknown query parameter `{}` (expected cursor, limit)",
+            unknown.chars().take(64).collect::<String>()
+        )));
+    }
+    let parent = visible_scope(&state, &caller, &path_text(path)?).await?;
+    let after = query.get("cursor").map(|c| decode_cursor(c)).transpose()?;
+    let limit = page_limit(query.get("limit"))?;
+    let page = state.app.children(&parent, after, limit).await?;
+    Ok(Json(ListJson {
+        items: page.items.iter().map(ScopeJson::from).collect(),
+        next_cursor: page.next_after.map(encode_cursor),
+    }))
+}
+
+/// `If-Match: "N"` (or `N`, or `W/"N"`); `*` or no header means any version.
+fn expected_version(headers: &HeaderMap) -> Result<Option<i64>, ApiError> {
+    let Some(value) = headers.get(header::IF_MATCH) else {
+        return Ok(None);
+    };
+    let invalid = || ApiError::invalid("If-Match: expected the scope's version, as in \"3\"");
+    let text = value.to_str().map_err(|_| invalid())?.trim();
+    if text == "*" {
+        return Ok(None);
+    }
+    let text = text.strip_prefix("W/").unwrap_or(text);
+    let text = text.trim_matches('"');
+    text.parse::<i64>().map(Some).map_err(|_| invalid())
+}
+
+async fn lifecycle(
+    state: AppState,
+    caller: Caller,
+    path: Result<Path<String>, PathRejection>,
+    headers: &HeaderMap,
+    action: Action,
+    reason: Option<Reason>,
+) -> Result<Response, ApiError> {
+    let scope = visible_scope(&state, &caller, &path_text(path)?).await?;
+    let expected = expected_version(headers)?;
+    let outcome: Outcome = state
+        .app
+        .act(scope.scope.id, action, &caller.metadata(reason), expected)
+        .await?;
+    let version = outcome.scope.scope.version;
+    let mut response = Json(LifecycleJson {
+        scope: ScopeJson::from(&outcome.scope),
+        changed: outcome.changed,
+    })
+    .into_response();
+    etag(&mut response, version);
+    Ok(response)
+}
+
+async fn pause(
+    State(state): State<AppState>,
+    caller: Caller,
+    path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    JsonBody(body): JsonBody<ReasonRequest>,
+) -> Result<Response, ApiError> {
+    let reason = reason(body.reason.as_deref(), true)?;
+    lifecycle(state, caller, path, &headers, Action::Pause, reason).await
+}
+
+async fn resume(
+    State(state): State<AppState>,
+    caller: Caller,
+    path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    OptionalJsonBody(body): OptionalJsonBody<ReasonRequest>,
+) -> Result<Response, ApiError> {
+    let reason = reason(body.reason.as_deref(), false)?;
+    lifecycle(state, caller, path, &headers, Action::Resume, reason).await
+}
+
+async fn revoke(
+    State(state): State<AppState>,
+    caller: Caller,
+    path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    JsonBody(body): JsonBody<RevokeRequest>,
+) -> Result<Response, ApiError> {
+    let reason = reason(body.reason.as_deref(), true)?;
+    let confirm = body.confirm.ok_or_else(|| {
+        ApiError::invalid("confirm: required; repeat the scope's id to revoke it for good")
+    })?;
+    lifecycle(
+        state,
+        caller,
+        path,
+        &headers,
+        Action::Revoke { confirm },
+        reason,
+    )
+    .await
+}
+
+async fn rotate(
+    State(state): State<AppState>,
+    caller: Caller,
+    path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    OptionalJsonBody(body): OptionalJsonBody<ReasonRequest>,
+) -> Result<Response, ApiError> {
+    let reason = reason(body.reason.as_deref(), false)?;
+    lifecycle(state, caller, path, &headers, Action::Rotate, reason).await
+}

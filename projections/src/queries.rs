@@ -1,0 +1,350 @@
+//! Reading the scope tree: a scope with its effective state and cause, and a page of
+//! children. The cascade is resolved here, from the rows on the scope's path.
+
+use chrono::{DateTime, Utc};
+use ekm_domain::{effective_state, Effective, OrgId, OwnState, Plan, ScopeId, ScopeKind, Tier};
+use ekm_store::time::from_micros;
+use ekm_store::Db;
+use sqlx::Row;
+
+use crate::error::ProjectionError;
+
+/// The event that last changed a scope's own state.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StateChange {
+    pub event: String,
+    pub position: i64,
+    pub at: DateTime<Utc>,
+    pub actor: String,
+    pub reason: Option<String>,
+}
+
+/// One row of the scope tree.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ScopeRecord {
+    pub id: ScopeId,
+    pub org_id: OrgId,
+    pub parent_id: Option<ScopeId>,
+    pub kind: ScopeKind,
+    pub name: String,
+    /// From the root to this scope, inclusive.
+    pub path: Vec<ScopeId>,
+    pub own_state: OwnState,
+    pub plan: Option<Plan>,
+    pub tier: Option<Tier>,
+    pub key_version: u32,
+    /// The aggregate's version: the sequence number of its latest event.
+    pub version: i64,
+    pub created_at: DateTime<Utc>,
+    pub updated_position: i64,
+    pub state_change: Option<StateChange>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct KeyVersionRecord {
+    pub version: u32,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Why a scope is not active: the highest scope on its path in that state, and the event
+/// that put it there.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Cause {
+    pub scope_id: ScopeId,
+    pub kind: ScopeKind,
+    pub name: String,
+    pub change: Option<StateChange>,
+}
+
+/// A scope as the API shows it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ScopeSnapshot {
+    pub scope: ScopeRecord,
+    pub effective: Effective,
+    /// The effective state of the parent (`Active` for an organization).
+    pub inherited: Effective,
+    pub cause: Option<Cause>,
+    pub org_plan: Plan,
+    pub key_versions: Vec<KeyVersionRecord>,
+}
+
+/// A page of a list and the key to continue after it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub next_after: Option<ScopeId>,
+}
+
+const SCOPE_COLUMNS: &str = "id, org_id, parent_id, kind, name, path, own_state, plan, tier, \
+    key_version, version, created_at, updated_position, state_event, state_position, state_at, \
+    state_actor, state_reason";
+
+fn malformed(id: &str, problem: impl Into<String>) -> ProjectionError {
+    ProjectionError::MalformedRow {
+        id: id.to_owned(),
+        problem: problem.into(),
+    }
+}
+
+macro_rules! decode_scope {
+    ($row:expr) => {{
+        let row = $row;
+        let id: String = row.try_get("id")?;
+        let parse_id = |text: &str| ScopeId::parse(text).map_err(|e| malformed(&id, e.to_string()));
+        let parent_id: Option<String> = row.try_get("parent_id")?;
+        let path: String = row.try_get("path")?;
+        let plan: Option<String> = row.try_get("plan")?;
+        let tier: Option<String> = row.try_get("tier")?;
+        let kind: String = row.try_get("kind")?;
+        let own_state: String = row.try_get("own_state")?;
+        let state_event: Option<String> = row.try_get("state_event")?;
+        let key_version: i64 = row.try_get("key_version")?;
+        let state_change = match state_event {
+            Some(event) => Some(StateChange {
+                event,
+                position: row
+                    .try_get::<Option<i64>, _>("state_position")?
+                    .unwrap_or(0),
+                at: from_micros(row.try_get::<Option<i64>, _>("state_at")?.unwrap_or(0)),
+                actor: row
+                    .try_get::<Option<String>, _>("state_actor")?
+                    .unwrap_or_default(),
+                reason: row.try_get("state_reason")?,
+            }),
+            None => None,
+        };
+        Ok::<_, ProjectionError>(ScopeRecord {
+            id: parse_id(&id)?,
+            org_id: OrgId::parse(&row.try_get::<String, _>("org_id")?)
+                .map_err(|e| malformed(&id, e.to_string()))?,
+            parent_id: parent_id.as_deref().map(parse_id).transpose()?,
+            kind: kind
+                .parse()
+                .map_err(|e: ekm_domain::ValueError| malformed(&id, e.to_string()))?,
+            name: row.try_get("name")?,
+            path: path.split('/').map(parse_id).collect::<Result<_, _>>()?,
+            own_state: own_state
+                .parse()
+                .map_err(|e: ekm_domain::ValueError| malformed(&id, e.to_string()))?,
+            plan: plan
+                .map(|p| p.parse())
+                .transpose()
+                .map_err(|e: ekm_domain::ValueError| malformed(&id, e.to_string()))?,
+            tier: tier
+                .map(|t| t.parse())
+                .transpose()
+                .map_err(|e: ekm_domain::ValueError| malformed(&id, e.to_string()))?,
+            key_version: u32::try_from(key_version).map_err(|e| malformed(&id, e.to_string()))?,
+            version: row.try_get("version")?,
+            created_at: from_micros(row.try_get("created_at")?),
+            updated_position: row.try_get("updated_position")?,
+            state_change,
+        })
+    }};
+}
+
+fn placeholders(count: usize, first: usize) -> String {
+    (first..first + count)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Queries on the read models.
+#[derive(Clone, Debug)]
+pub struct ReadModels {
+    db: Db,
+}
+
+impl ReadModels {
+    pub fn new(db: Db) -> Self {
+        Self { db }
+    }
+
+    async fn records(&self, ids: &[ScopeId]) -> Result<Vec<ScopeRecord>, ProjectionError> {
+        if ids.is_empty() {
+            return Ok(vec![]);
+        }
+        let sql = format!(
+            "SELECT {SCOPE_COLUMNS} FROM scope_view WHERE id IN ({})",
+            placeholders(ids.len(), 1)
+        );
+        ekm_store::with_read_pool!(&self.db, pool => {
+            let mut query = sqlx::query(&sql);
+            for id in ids {
+                query = query.bind(id.to_string());
+            }
+            query.fetch_all(pool).await?.into_iter().map(|row| decode_scope!(row)).collect()
+        })
+    }
+
+    async fn key_versions(
+        &self,
+        ids: &[ScopeId],
+    ) -> Result<Vec<(ScopeId, KeyVersionRecord)>, ProjectionError> {
+        if ids.is_empty() {
+            return Ok(vec![]);
+        }
+        let sql = format!(
+            "SELECT scope_id, version, created_at FROM key_version_view \
+             WHERE scope_id IN ({}) ORDER BY scope_id, version",
+            placeholders(ids.len(), 1)
+        );
+        let rows: Vec<(String, i64, i64)> = ekm_store::with_read_pool!(&self.db, pool => {
+            let mut query = sqlx::query_as(&sql);
+            for id in ids {
+                query = query.bind(id.to_string());
+            }
+            query.fetch_all(pool).await?
+        });
+        rows.into_iter()
+            .map(|(id, version, at)| {
+                Ok((
+                    ScopeId::parse(&id).map_err(|e| malformed(&id, e.to_string()))?,
+                    KeyVersionRecord {
+                        version: u32::try_from(version)
+                            .map_err(|e| malformed(&id, e.to_string()))?,
+                        created_at: from_micros(at),
+                    },
+                ))
+            })
+            .collect()
+    }
+
+    /// A scope with its effective state, or `None` if no such scope exists.
+    pub async fn scope(&self, id: ScopeId) -> Result<Option<ScopeSnapshot>, ProjectionError> {
+        let Some(record) = self.records(&[id]).await?.pop() else {
+            return Ok(None);
+        };
+        let path = record.path.clone();
+        let mut on_path = self.records(&path[..path.len().saturating_sub(1)]).await?;
+        on_path.push(record);
+        // Root first.
+        on_path.sort_by_key(|r| path.iter().position(|p| *p == r.id));
+        let key_versions = self
+            .key_versions(&[id])
+            .await?
+            .into_iter()
+            .map(|(_, k)| k)
+            .collect();
+        snapshot(on_path, key_versions).map(Some)
+    }
+
+    /// The children of `parent`, ordered by id (creation order), after `after`.
+    pub async fn children(
+        &self,
+        parent: &ScopeSnapshot,
+        after: Option<ScopeId>,
+        limit: u32,
+    ) -> Result<Page<ScopeSnapshot>, ProjectionError> {
+        let after = after.map(|a| a.to_string()).unwrap_or_default();
+        let sql = format!(
+            "SELECT {SCOPE_COLUMNS} FROM scope_view WHERE parent_id = $1 AND id > $2 \
+             ORDER BY id LIMIT $3"
+        );
+        let mut records: Vec<ScopeRecord> = ekm_store::with_read_pool!(&self.db, pool => {
+            sqlx::query(&sql)
+                .bind(parent.scope.id.to_string())
+                .bind(after)
+                .bind(i64::from(limit) + 1)
+                .fetch_all(pool)
+                .await?
+                .into_iter()
+                .map(|row| decode_scope!(row))
+                .collect::<Result<_, _>>()?
+        });
+        let more = records.len() > limit as usize;
+        records.truncate(limit as usize);
+        let ids: Vec<ScopeId> = records.iter().map(|r| r.id).collect();
+        let mut key_versions = self.key_versions(&ids).await?;
+        let items = records
+            .into_iter()
+            .map(|record| {
+                let mine = key_versions
+                    .iter()
+                    .filter(|(id, _)| *id == record.id)
+                    .map(|(_, k)| k.clone())
+                    .collect();
+                key_versions.retain(|(id, _)| *id != record.id);
+                child_snapshot(parent, record, mine)
+            })
+            .collect::<Vec<_>>();
+        let next_after = if more {
+            items.last().map(|s| s.scope.id)
+        } else {
+            None
+        };
+        Ok(Page { items, next_after })
+    }
+}
+
+fn cause_of(effective: &Effective, records: &[&ScopeRecord]) -> Option<Cause> {
+    let by = effective.cause()?;
+    let record = records.iter().find(|r| r.id == by)?;
+    Some(Cause {
+        scope_id: record.id,
+        kind: record.kind,
+        name: record.name.clone(),
+        change: record.state_change.clone(),
+    })
+}
+
+/// Builds the snapshot of the last record of `on_path` (root first).
+fn snapshot(
+    on_path: Vec<ScopeRecord>,
+    key_versions: Vec<KeyVersionRecord>,
+) -> Result<ScopeSnapshot, ProjectionError> {
+    let Some(scope) = on_path.last() else {
+        return Err(malformed("", "empty path"));
+    };
+    if on_path.len() != scope.path.len() {
+        // A row on the path is missing: the read model is behind or damaged. Refuse to
+        // guess an effective state.
+        return Err(malformed(
+            &scope.id.to_string(),
+            "an ancestor is missing from the scope tree",
+        ));
+    }
+    let inherited = effective_state(
+        on_path[..on_path.len() - 1]
+            .iter()
+            .map(|r| (r.id, r.own_state)),
+    );
+    let effective = inherited.child(scope.id, scope.own_state);
+    let refs: Vec<&ScopeRecord> = on_path.iter().collect();
+    let cause = cause_of(&effective, &refs);
+    let org_plan = on_path
+        .first()
+        .and_then(|org| org.plan)
+        .unwrap_or(Plan::Standard);
+    let scope = scope.clone();
+    Ok(ScopeSnapshot {
+        scope,
+        effective,
+        inherited,
+        cause,
+        org_plan,
+        key_versions,
+    })
+}
+
+fn child_snapshot(
+    parent: &ScopeSnapshot,
+    record: ScopeRecord,
+    key_versions: Vec<KeyVersionRecord>,
+) -> ScopeSnapshot {
+    let effective = parent.effective.child(record.id, record.own_state);
+    let cause = if effective.cause() == Some(record.id) {
+        cause_of(&effective, &[&record])
+    } else {
+        parent.cause.clone()
+    };
+    ScopeSnapshot {
+        scope: record,
+        effective,
+        inherited: parent.effective,
+        cause,
+        org_plan: parent.org_plan,
+        key_versions,
+    }
+}

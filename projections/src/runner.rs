@@ -1,0 +1,262 @@
+//! The projection runner: tails the event log by global position and applies events to the
+//! read models, with each projection's checkpoint in the same transaction as its rows.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ekm_store::time::now_micros;
+use ekm_store::{Db, StoredEvent, EVENTS_CHANNEL};
+use sqlx::postgres::PgListener;
+use tokio::sync::{watch, Mutex, Notify};
+
+use crate::error::ProjectionError;
+use crate::scope_tree::ScopeTree;
+use crate::sql::{execute_statements, Statement};
+
+/// A read model fed from events. `statements` must depend on the event alone, so that a
+/// rebuild from the log yields exactly the live rows.
+pub trait Projection: Send + Sync {
+    fn name(&self) -> &'static str;
+    /// The tables this projection owns (emptied by a rebuild).
+    fn tables(&self) -> &'static [&'static str];
+    fn statements(&self, event: &StoredEvent) -> Result<Vec<Statement>, ProjectionError>;
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct ProjectorConfig {
+    /// Events applied per transaction.
+    pub batch_size: i64,
+    /// How often to look for events committed by other instances when no notification
+    /// arrives (PostgreSQL's LISTEN/NOTIFY is the fast path; this is the fallback).
+    pub poll_interval: Duration,
+}
+
+impl Default for ProjectorConfig {
+    fn default() -> Self {
+        Self {
+            batch_size: 500,
+            poll_interval: Duration::from_millis(500),
+        }
+    }
+}
+
+pub struct Projector {
+    db: Db,
+    projections: Vec<Box<dyn Projection>>,
+    config: ProjectorConfig,
+    /// One catch-up at a time in this process; other instances are excluded by row locks.
+    running: Mutex<()>,
+    /// The highest position known to be applied to every read model.
+    applied: watch::Sender<i64>,
+    wake: Notify,
+}
+
+impl Projector {
+    pub fn new(db: Db, projections: Vec<Box<dyn Projection>>, config: ProjectorConfig) -> Self {
+        Self {
+            db,
+            projections,
+            config,
+            running: Mutex::new(()),
+            applied: watch::Sender::new(0),
+            wake: Notify::new(),
+        }
+    }
+
+    /// The read models EKM serves.
+    pub fn standard(db: Db, config: ProjectorConfig) -> Self {
+        Self::new(db, vec![Box::new(ScopeTree)], config)
+    }
+
+    /// Creates the checkpoint rows that do not exist yet.
+    pub async fn init(&self) -> Result<(), ProjectionError> {
+        let sql = "INSERT INTO projection_checkpoints (name, position, updated_at) \
+                   VALUES ($1, 0, $2) ON CONFLICT (name) DO NOTHING";
+        for projection in &self.projections {
+            ekm_store::with_write_pool!(&self.db, pool => {
+                sqlx::query(sql).bind(projection.name()).bind(now_micros()).execute(pool).await?;
+            });
+        }
+        Ok(())
+    }
+
+    /// The highest position this process knows to be applied.
+    pub fn applied(&self) -> i64 {
+        *self.applied.borrow()
+    }
+
+    /// Asks the background loop to catch up now (after a local commit).
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Applies every committed event not yet applied. Returns the position reached.
+    pub async fn catch_up(&self) -> Result<i64, ProjectionError> {
+        let _running = self.running.lock().await;
+        while self.step().await? > 0 {}
+        Ok(self.applied())
+    }
+
+    /// Returns once the read models include the event at `position` (read-your-writes).
+    pub async fn catch_up_to(&self, position: i64) -> Result<(), ProjectionError> {
+        if self.applied() >= position {
+            return Ok(());
+        }
+        self.catch_up().await.map(|_| ())
+    }
+
+    /// Applies one batch in one transaction; returns how many events it read.
+    async fn step(&self) -> Result<usize, ProjectionError> {
+        match &self.db {
+            Db::Sqlite(db) => {
+                let mut tx = db.write.begin().await?;
+                // SQLite: this process holds the only writer connection; no row lock needed.
+                let (count, reached) = sqlite_batch(self, &mut tx).await?;
+                tx.commit().await?;
+                self.applied.send_if_modified(|a| raise(a, reached));
+                Ok(count)
+            }
+            Db::Postgres(db) => {
+                let mut tx = db.pool.begin().await?;
+                let (count, reached) = postgres_batch(self, &mut tx).await?;
+                tx.commit().await?;
+                self.applied.send_if_modified(|a| raise(a, reached));
+                Ok(count)
+            }
+        }
+    }
+
+    /// Catches up whenever woken: by a local commit, by a PostgreSQL notification of a commit
+    /// on another instance, or by the poll interval. Ends when `shutdown` turns true.
+    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        let mut listener = self.listen().await;
+        loop {
+            if let Err(error) = self.catch_up().await {
+                tracing::error!(error = %crate::error::chain(&error), "projection catch-up failed; will retry");
+            }
+            tokio::select! {
+                _ = self.wake.notified() => {}
+                _ = tokio::time::sleep(self.config.poll_interval) => {
+                    if listener.is_none() {
+                        listener = self.listen().await;
+                    }
+                }
+                notified = next_notification(&mut listener) => {
+                    if !notified {
+                        listener = None;
+                    }
+                }
+                _ = shutdown.changed() => break,
+            }
+        }
+    }
+
+    async fn listen(&self) -> Option<PgListener> {
+        let Db::Postgres(db) = &self.db else {
+            return None;
+        };
+        let mut listener = match PgListener::connect_with(&db.pool).await {
+            Ok(listener) => listener,
+            Err(error) => {
+                tracing::warn!(error = %error, "LISTEN unavailable; polling for other instances' events");
+                return None;
+            }
+        };
+        match listener.listen(EVENTS_CHANNEL).await {
+            Ok(()) => Some(listener),
+            Err(error) => {
+                tracing::warn!(error = %error, "LISTEN failed; polling for other instances' events");
+                None
+            }
+        }
+    }
+
+    /// Each projection's checkpoint, as stored.
+    pub async fn checkpoints(&self) -> Result<Vec<(String, i64)>, ProjectionError> {
+        let mut out = Vec::new();
+        for projection in &self.projections {
+            let sql = "SELECT position FROM projection_checkpoints WHERE name = $1";
+            let position: Option<i64> = ekm_store::with_read_pool!(&self.db, pool => {
+                sqlx::query_scalar(sql).bind(projection.name()).fetch_optional(pool).await?
+            });
+            out.push((projection.name().to_owned(), position.unwrap_or(0)));
+        }
+        Ok(out)
+    }
+}
+
+fn raise(applied: &mut i64, reached: i64) -> bool {
+    if reached > *applied {
+        *applied = reached;
+        true
+    } else {
+        false
+    }
+}
+
+/// Waits for the next notification; `false` when the listener broke (or there is none,
+/// in which case it never returns).
+async fn next_notification(listener: &mut Option<PgListener>) -> bool {
+    match listener {
+        Some(listener) => listener.recv().await.is_ok(),
+        None => std::future::pending().await,
+    }
+}
+
+/// The body of `step`: reads the checkpoints (locking their rows where several instances
+/// may run), applies the next batch, moves the checkpoints. Written once, compiled per
+/// backend, as concrete functions (generic async code trips rustc's `Send` inference
+/// inside axum handlers).
+macro_rules! batch_fn {
+    ($name:ident, $db:ty, $lock:literal) => {
+        async fn $name(
+            projector: &Projector,
+            tx: &mut sqlx::Transaction<'static, $db>,
+        ) -> Result<(usize, i64), ProjectionError> {
+            let select = if $lock {
+                "SELECT position FROM projection_checkpoints WHERE name = $1 FOR UPDATE"
+            } else {
+                "SELECT position FROM projection_checkpoints WHERE name = $1"
+            };
+            let mut checkpoints = Vec::with_capacity(projector.projections.len());
+            for projection in &projector.projections {
+                let position: Option<i64> = sqlx::query_scalar(select)
+                    .bind(projection.name())
+                    .fetch_optional(&mut **tx)
+                    .await?;
+                checkpoints.push(position.unwrap_or(0));
+            }
+            let from = checkpoints.iter().copied().min().unwrap_or(0);
+            let events = projector
+                .db
+                .events_after(from, projector.config.batch_size)
+                .await?;
+            let Some(last) = events.last().map(|e| e.position) else {
+                return Ok((0, from));
+            };
+            for event in &events {
+                for (projection, checkpoint) in projector.projections.iter().zip(&checkpoints) {
+                    if event.position > *checkpoint {
+                        let conn = &mut **tx;
+                        execute_statements!(conn, projection.statements(event)?);
+                    }
+                }
+            }
+            for projection in &projector.projections {
+                sqlx::query(
+                    "UPDATE projection_checkpoints SET position = $2, updated_at = $3 WHERE name = $1",
+                )
+                .bind(projection.name())
+                .bind(last)
+                .bind(now_micros())
+                .execute(&mut **tx)
+                .await?;
+            }
+            Ok((events.len(), last))
+        }
+    };
+}
+
+// SQLite: this process holds the only writer connection, so no row lock is needed.
+batch_fn!(sqlite_batch, sqlx::Sqlite, false);
+batch_fn!(postgres_batch, sqlx::Postgres, true);

@@ -1,0 +1,71 @@
+//! The command line.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::duration::parse_duration;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ekm",
+    version,
+    about = "Encryption Key Management and BYOK control plane"
+)]
+pub struct Cli {
+    /// Log format on standard error.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        env = "EKM_LOG_FORMAT"
+    )]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the server (migrates the database first).
+    Serve(ServeArgs),
+    /// Apply pending database migrations and exit.
+    Migrate(DbArgs),
+}
+
+/// Where the data lives: SQLite in the data directory, or PostgreSQL.
+#[derive(Debug, Args)]
+pub struct DbArgs {
+    /// Data directory: the SQLite database (unless --database-url is given) and the
+    /// operator token file.
+    #[arg(long, env = "EKM_DATA_DIR", default_value = "ekm-data")]
+    pub data_dir: PathBuf,
+    /// PostgreSQL URL (postgres://user@host/db). Without it, SQLite in the data directory.
+    #[arg(long, env = "EKM_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub db: DbArgs,
+    /// Address to listen on.
+    #[arg(long, env = "EKM_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// How often BYOK master keys are checked (500ms, 1s, 1m, ...).
+    #[arg(long, env = "EKM_KEY_HEALTH_INTERVAL", default_value = "60s", value_parser = parse_duration)]
+    pub key_health_interval: Duration,
+    /// How often the projection runner looks for events committed by other instances when
+    /// no notification arrives.
+    #[arg(long, env = "EKM_PROJECTION_POLL_INTERVAL", default_value = "500ms", value_parser = parse_duration)]
+    pub projection_poll_interval: Duration,
+}

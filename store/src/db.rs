@@ -1,0 +1,196 @@
+//! The database: embedded SQLite (the default) or PostgreSQL, connected and migrated.
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{PgPool, SqlitePool};
+
+use crate::error::StoreError;
+
+/// Where the data lives.
+#[derive(Clone)]
+pub enum DbConfig {
+    /// A SQLite file (created if missing).
+    Sqlite { path: PathBuf },
+    /// A PostgreSQL connection URL.
+    Postgres { url: String },
+}
+
+impl std::fmt::Debug for DbConfig {
+    // The URL may hold a password: never print it.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DbConfig::Sqlite { path } => f.debug_struct("Sqlite").field("path", path).finish(),
+            DbConfig::Postgres { .. } => f.write_str("Postgres { url: <redacted> }"),
+        }
+    }
+}
+
+impl DbConfig {
+    /// The embedded default: `ekm.db` in the data directory.
+    pub fn sqlite_in(data_dir: &Path) -> Self {
+        DbConfig::Sqlite {
+            path: data_dir.join("ekm.db"),
+        }
+    }
+}
+
+/// SQLite with one writer connection (so that commands never meet `database is locked`)
+/// and a small pool of readers (WAL lets them read while the writer writes).
+#[derive(Clone, Debug)]
+pub struct SqliteDb {
+    pub write: SqlitePool,
+    pub read: SqlitePool,
+}
+
+#[derive(Clone, Debug)]
+pub struct PostgresDb {
+    pub pool: PgPool,
+}
+
+/// A connected, migrated database.
+#[derive(Clone, Debug)]
+pub enum Db {
+    Sqlite(SqliteDb),
+    Postgres(PostgresDb),
+}
+
+/// Runs `$body` with `$pool` bound to the backend's pool for writes (and for reads that
+/// must see the latest writes). The body is compiled once per backend, so it may use the
+/// concrete pool type; SQL that differs between backends branches on `Db::is_postgres`.
+#[macro_export]
+macro_rules! with_write_pool {
+    ($db:expr, $pool:ident => $body:expr) => {
+        match $db {
+            $crate::Db::Sqlite(db) => {
+                let $pool = &db.write;
+                $body
+            }
+            $crate::Db::Postgres(db) => {
+                let $pool = &db.pool;
+                $body
+            }
+        }
+    };
+}
+
+/// Like `with_write_pool!`, with SQLite's reader pool.
+#[macro_export]
+macro_rules! with_read_pool {
+    ($db:expr, $pool:ident => $body:expr) => {
+        match $db {
+            $crate::Db::Sqlite(db) => {
+                let $pool = &db.read;
+                $body
+            }
+            $crate::Db::Postgres(db) => {
+                let $pool = &db.pool;
+                $body
+            }
+        }
+    };
+}
+
+impl Db {
+    /// Connects without migrating.
+    pub async fn connect(config: &DbConfig) -> Result<Db, StoreError> {
+        match config {
+            DbConfig::Sqlite { path } => {
+                if let Some(dir) = path.parent() {
+                    std::fs::create_dir_all(dir).map_err(|source| StoreError::DataDir {
+                        path: dir.display().to_string(),
+                        source,
+                    })?;
+                }
+                let options = SqliteConnectOptions::new()
+                    .filename(path)
+                    .create_if_missing(true)
+                    .journal_mode(SqliteJournalMode::Wal)
+                    // FULL: an acknowledged pause or revoke survives a power cut.
+                    .synchronous(SqliteSynchronous::Full)
+                    .busy_timeout(Duration::from_secs(10))
+                    .foreign_keys(true);
+                let write = SqlitePoolOptions::new()
+                    .max_connections(1)
+                    .min_connections(1)
+                    .connect_with(options.clone())
+                    .await
+                    .map_err(StoreError::Connect)?;
+                let read = SqlitePoolOptions::new()
+                    .max_connections(4)
+                    .connect_with(options.read_only(true))
+                    .await
+                    .map_err(StoreError::Connect)?;
+                Ok(Db::Sqlite(SqliteDb { write, read }))
+            }
+            DbConfig::Postgres { url } => {
+                let options = PgConnectOptions::from_str(url).map_err(StoreError::Connect)?;
+                let pool = PgPoolOptions::new()
+                    .max_connections(16)
+                    .acquire_timeout(Duration::from_secs(10))
+                    .connect_with(options)
+                    .await
+                    .map_err(StoreError::Connect)?;
+                Ok(Db::Postgres(PostgresDb { pool }))
+            }
+        }
+    }
+
+    /// Connects and applies pending migrations.
+    pub async fn open(config: &DbConfig) -> Result<Db, StoreError> {
+        let db = Db::connect(config).await?;
+        db.migrate().await?;
+        Ok(db)
+    }
+
+    /// Applies the migrations embedded in the binary (`migrations/<backend>/`). Safe to run
+    /// from several instances at once: sqlx serialises them with a lock.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        match self {
+            Db::Sqlite(db) => {
+                sqlx::migrate!("../migrations/sqlite")
+                    .run(&db.write)
+                    .await?
+            }
+            Db::Postgres(db) => {
+                sqlx::migrate!("../migrations/postgres")
+                    .run(&db.pool)
+                    .await?
+            }
+        }
+        Ok(())
+    }
+
+    pub fn is_postgres(&self) -> bool {
+        matches!(self, Db::Postgres(_))
+    }
+
+    pub fn backend_name(&self) -> &'static str {
+        match self {
+            Db::Sqlite(_) => "sqlite",
+            Db::Postgres(_) => "postgres",
+        }
+    }
+
+    /// A cheap liveness probe of the database.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        with_read_pool!(self, pool => {
+            sqlx::query("SELECT 1").execute(pool).await?;
+        });
+        Ok(())
+    }
+
+    /// Closes every connection; SQLite checkpoints its WAL on the last close.
+    pub async fn close(&self) {
+        match self {
+            Db::Sqlite(db) => {
+                db.read.close().await;
+                db.write.close().await;
+            }
+            Db::Postgres(db) => db.pool.close().await,
+        }
+    }
+}

@@ -1,0 +1,23 @@
+//! Storage errors. Their messages never contain SQL parameters or secrets.
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot connect to the database")]
+    Connect(#[source] sqlx::Error),
+    #[error("database error")]
+    Database(#[from] sqlx::Error),
+    #[error("database migration failed")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("stored event at position {position} cannot be read")]
+    CorruptEvent {
+        position: i64,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("cannot use the data directory {path}")]
+    DataDir {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+}

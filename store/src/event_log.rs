@@ -1,0 +1,234 @@
+//! The event log: appending through cqrs-es's plain event stores, and reading every
+//! aggregate's events in one global, commit-ordered sequence of positions.
+
+use std::collections::HashMap;
+
+use chrono::{DateTime, Utc};
+use cqrs_es::persist::{EventStoreAggregateContext, PersistedEventStore, SerializedEvent};
+use cqrs_es::{AggregateError, EventEnvelope, EventStore};
+use ekm_domain::upcast::upcasters;
+use ekm_domain::{Scope, ScopeError, ScopeEvent};
+use postgres_es::PostgresEventRepository;
+use sqlite_es::SqliteEventRepository;
+use sqlx::Row;
+
+use crate::db::Db;
+use crate::error::StoreError;
+use crate::with_read_pool;
+
+/// The PostgreSQL channel notified when events commit.
+pub const EVENTS_CHANNEL: &str = "ekm_events";
+
+/// The scope aggregate's event store. The plain event store (no snapshots: cqrs-es 0.5.0's
+/// snapshot stores apply new events twice, see ../shared/NOTES.md).
+pub enum ScopeStore {
+    Sqlite(PersistedEventStore<SqliteEventRepository, Scope>),
+    Postgres(PersistedEventStore<PostgresEventRepository, Scope>),
+}
+
+pub type ScopeContext = EventStoreAggregateContext<Scope>;
+type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+type ScopeResult<T> = Result<T, AggregateError<ScopeError>>;
+
+impl ScopeStore {
+    pub fn new(db: &Db) -> Self {
+        match db {
+            Db::Sqlite(db) => ScopeStore::Sqlite(
+                PersistedEventStore::new_event_store(SqliteEventRepository::new(db.write.clone()))
+                    .with_upcasters(upcasters()),
+            ),
+            Db::Postgres(db) => ScopeStore::Postgres(
+                PersistedEventStore::new_event_store(PostgresEventRepository::new(db.pool.clone()))
+                    .with_upcasters(upcasters()),
+            ),
+        }
+    }
+
+    // The futures are boxed as `dyn Future + Send`: cqrs-es's trait methods return
+    // `impl Future + Send`, which rustc cannot always prove `Send` for higher-ranked
+    // lifetimes once they sit inside an axum handler.
+    pub fn load<'a>(&'a self, id: &'a str) -> BoxFuture<'a, ScopeResult<ScopeContext>> {
+        match self {
+            ScopeStore::Sqlite(store) => Box::pin(store.load_aggregate(id)),
+            ScopeStore::Postgres(store) => Box::pin(store.load_aggregate(id)),
+        }
+    }
+
+    /// Appends `events` if nobody else appended to the aggregate since `context` was
+    /// loaded; otherwise `AggregateError::AggregateConflict`.
+    pub fn commit(
+        &self,
+        events: Vec<ScopeEvent>,
+        context: ScopeContext,
+        metadata: HashMap<String, String>,
+    ) -> BoxFuture<'_, ScopeResult<Vec<EventEnvelope<Scope>>>> {
+        match self {
+            ScopeStore::Sqlite(store) => Box::pin(store.commit(events, context, metadata)),
+            ScopeStore::Postgres(store) => Box::pin(store.commit(events, context, metadata)),
+        }
+    }
+}
+
+/// One event as stored, with its global position and the time the database recorded it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoredEvent {
+    pub position: i64,
+    pub recorded_at: DateTime<Utc>,
+    pub aggregate_type: String,
+    pub aggregate_id: String,
+    pub sequence: i64,
+    pub event_type: String,
+    pub event_version: String,
+    pub payload: serde_json::Value,
+    pub metadata: HashMap<String, String>,
+}
+
+impl StoredEvent {
+    /// The stored payload as the current event type, after upcasting older versions.
+    pub fn scope_event(&self) -> Result<ScopeEvent, StoreError> {
+        let serialized = SerializedEvent::new(
+            self.aggregate_id.clone(),
+            usize::try_from(self.sequence).unwrap_or_default(),
+            self.aggregate_type.clone(),
+            self.event_type.clone(),
+            self.event_version.clone(),
+            self.payload.clone(),
+            serde_json::Value::Null,
+        );
+        let upcast = ekm_domain::upcast::upcast(serialized);
+        serde_json::from_value(upcast.payload).map_err(|source| StoreError::CorruptEvent {
+            position: self.position,
+            source,
+        })
+    }
+}
+
+const SELECT_EVENTS: &str = "SELECT position, recorded_at, aggregate_type, aggregate_id, sequence, \
+    event_type, event_version, CAST(payload AS TEXT) AS payload, CAST(metadata AS TEXT) AS metadata \
+    FROM events";
+
+fn parse_json<T: serde::de::DeserializeOwned>(position: i64, text: &str) -> Result<T, StoreError> {
+    serde_json::from_str(text).map_err(|source| StoreError::CorruptEvent { position, source })
+}
+
+macro_rules! decode_event {
+    ($row:expr, $recorded_at:expr) => {{
+        let row = $row;
+        let position: i64 = row.try_get("position")?;
+        let payload: String = row.try_get("payload")?;
+        let metadata: String = row.try_get("metadata")?;
+        Ok::<_, StoreError>(StoredEvent {
+            position,
+            recorded_at: $recorded_at(&row)?,
+            aggregate_type: row.try_get("aggregate_type")?,
+            aggregate_id: row.try_get("aggregate_id")?,
+            sequence: row.try_get("sequence")?,
+            event_type: row.try_get("event_type")?,
+            event_version: row.try_get("event_version")?,
+            payload: parse_json(position, &payload)?,
+            metadata: parse_json(position, &metadata)?,
+        })
+    }};
+}
+
+fn sqlite_recorded_at(row: &sqlx::sqlite::SqliteRow) -> Result<DateTime<Utc>, StoreError> {
+    let text: String = row.try_get("recorded_at")?;
+    Ok(DateTime::parse_from_rfc3339(&text)
+        .map(|t| t.with_timezone(&Utc))
+        .unwrap_or_default())
+}
+
+fn pg_recorded_at(row: &sqlx::postgres::PgRow) -> Result<DateTime<Utc>, StoreError> {
+    Ok(row.try_get("recorded_at")?)
+}
+
+impl Db {
+    /// Up to `limit` events with a position greater than `after`, in position order.
+    ///
+    /// On both backends positions become visible in increasing order (see the migrations),
+    /// so a reader that remembers the last position it saw never skips an event.
+    pub async fn events_after(
+        &self,
+        after: i64,
+        limit: i64,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        let sql = format!("{SELECT_EVENTS} WHERE position > $1 ORDER BY position LIMIT $2");
+        self.read_events(&sql, after, limit).await
+    }
+
+    /// The events of one aggregate, in order.
+    pub async fn events_of(&self, aggregate_id: &str) -> Result<Vec<StoredEvent>, StoreError> {
+        let sql = format!(
+            "{SELECT_EVENTS} WHERE aggregate_type = 'scope' AND aggregate_id = $1 ORDER BY sequence"
+        );
+        match self {
+            Db::Sqlite(db) => {
+                let rows = sqlx::query(&sql)
+                    .bind(aggregate_id)
+                    .fetch_all(&db.write)
+                    .await?;
+                rows.into_iter()
+                    .map(|r| decode_event!(r, sqlite_recorded_at))
+                    .collect()
+            }
+            Db::Postgres(db) => {
+                let rows = sqlx::query(&sql)
+                    .bind(aggregate_id)
+                    .fetch_all(&db.pool)
+                    .await?;
+                rows.into_iter()
+                    .map(|r| decode_event!(r, pg_recorded_at))
+                    .collect()
+            }
+        }
+    }
+
+    async fn read_events(&self, sql: &str, a: i64, b: i64) -> Result<Vec<StoredEvent>, StoreError> {
+        // SQLite's readers see every committed transaction (WAL), and stay usable while the
+        // projection runner holds the single writer connection.
+        match self {
+            Db::Sqlite(db) => {
+                let rows = sqlx::query(sql).bind(a).bind(b).fetch_all(&db.read).await?;
+                rows.into_iter()
+                    .map(|r| decode_event!(r, sqlite_recorded_at))
+                    .collect()
+            }
+            Db::Postgres(db) => {
+                let rows = sqlx::query(sql).bind(a).bind(b).fetch_all(&db.pool).await?;
+                rows.into_iter()
+                    .map(|r| decode_event!(r, pg_recorded_at))
+                    .collect()
+            }
+        }
+    }
+
+    /// The highest position committed so far (0 when the log is empty).
+    pub async fn head_position(&self) -> Result<i64, StoreError> {
+        let sql = "SELECT COALESCE(MAX(position), 0) AS head FROM events";
+        let head: i64 = crate::with_write_pool!(self, pool => {
+            sqlx::query_scalar(sql).fetch_one(pool).await?
+        });
+        Ok(head)
+    }
+
+    /// The position of one committed event.
+    pub async fn position_of(
+        &self,
+        aggregate_id: &str,
+        sequence: i64,
+    ) -> Result<Option<i64>, StoreError> {
+        let sql = "SELECT position FROM events WHERE aggregate_type = 'scope' AND aggregate_id = $1 AND sequence = $2";
+        let position: Option<i64> = crate::with_write_pool!(self, pool => {
+            sqlx::query_scalar(sql).bind(aggregate_id).bind(sequence).fetch_optional(pool).await?
+        });
+        Ok(position)
+    }
+
+    /// How many events are stored.
+    pub async fn event_count(&self) -> Result<i64, StoreError> {
+        let count: i64 = with_read_pool!(self, pool => {
+            sqlx::query_scalar("SELECT COUNT(*) FROM events").fetch_one(pool).await?
+        });
+        Ok(count)
+    }
+}

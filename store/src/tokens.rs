@@ -1,0 +1,233 @@
+//! Bearer tokens: created once and shown once, stored only as SHA-256 hashes.
+//!
+//! Tokens carry 256 random bits, so an unsalted hash is safe to store and to look up by
+//! (the same scheme as GitHub's and AWS's access tokens); comparing hashes through a unique
+//! index leaks nothing useful about the secret.
+
+use std::fmt;
+use std::io::Write;
+use std::path::Path;
+
+use ekm_domain::OrgId;
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+use sqlx::Row;
+
+use crate::db::Db;
+use crate::error::StoreError;
+use crate::time::now_micros;
+use crate::{with_read_pool, with_write_pool};
+
+/// The file in the data directory that receives the operator token on first start.
+pub const OPERATOR_TOKEN_FILE: &str = "operator.token";
+
+/// What a token may do. The full permission model builds on these.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// The platform operator: creates organizations.
+    Operator,
+    /// An organization's administrator.
+    OrgAdmin,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Operator => "operator",
+            Role::OrgAdmin => "org_admin",
+        }
+    }
+
+    fn parse(input: &str) -> Option<Role> {
+        [Role::Operator, Role::OrgAdmin]
+            .into_iter()
+            .find(|r| r.as_str() == input)
+    }
+}
+
+/// The holder of a valid token.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Principal {
+    /// The token's id: the stable principal id recorded in events (never the secret).
+    pub token_id: String,
+    pub role: Role,
+    pub org_id: Option<OrgId>,
+    pub name: String,
+}
+
+/// A freshly created token. The secret exists in memory only until it is shown once.
+pub struct NewToken {
+    pub id: String,
+    pub secret: String,
+}
+
+impl fmt::Debug for NewToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("NewToken")
+            .field("id", &self.id)
+            .field("secret", &"<redacted>")
+            .finish()
+    }
+}
+
+fn hash(secret: &str) -> String {
+    hex::encode(Sha256::digest(secret.as_bytes()))
+}
+
+fn generate_secret() -> String {
+    let mut bytes = [0u8; 32];
+    rand::rng().fill_bytes(&mut bytes);
+    format!("ekm_{}", hex::encode(bytes))
+}
+
+/// The token table.
+#[derive(Clone, Debug)]
+pub struct Tokens {
+    db: Db,
+}
+
+impl Tokens {
+    pub fn new(db: Db) -> Self {
+        Self { db }
+    }
+
+    /// Creates a token and returns its secret, which is not stored anywhere.
+    pub async fn create(
+        &self,
+        role: Role,
+        org_id: Option<OrgId>,
+        name: &str,
+    ) -> Result<NewToken, StoreError> {
+        let token = NewToken {
+            id: format!("tok_{}", uuid::Uuid::now_v7().simple()),
+            secret: generate_secret(),
+        };
+        self.insert(&token, role, org_id, name).await?;
+        Ok(token)
+    }
+
+    async fn insert(
+        &self,
+        token: &NewToken,
+        role: Role,
+        org_id: Option<OrgId>,
+        name: &str,
+    ) -> Result<bool, StoreError> {
+        let sql = "INSERT INTO tokens (id, token_hash, role, org_id, name, created_at) \
+                   VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING";
+        let inserted = with_write_pool!(&self.db, pool => {
+            sqlx::query(sql)
+                .bind(&token.id)
+                .bind(hash(&token.secret))
+                .bind(role.as_str())
+                .bind(org_id.map(|o| o.to_string()))
+                .bind(name)
+                .bind(now_micros())
+                .execute(pool)
+                .await?
+                .rows_affected()
+        });
+        Ok(inserted == 1)
+    }
+
+    /// Revokes a token: it stops working at once.
+    pub async fn revoke(&self, id: &str) -> Result<(), StoreError> {
+        let sql = "UPDATE tokens SET revoked_at = $2 WHERE id = $1 AND revoked_at IS NULL";
+        with_write_pool!(&self.db, pool => {
+            sqlx::query(sql).bind(id).bind(now_micros()).execute(pool).await?;
+        });
+        Ok(())
+    }
+
+    /// The principal holding `secret`, if the token exists, is not revoked and not expired.
+    pub async fn authenticate(&self, secret: &str) -> Result<Option<Principal>, StoreError> {
+        let sql = "SELECT id, role, org_id, name FROM tokens \
+                   WHERE token_hash = $1 AND revoked_at IS NULL \
+                   AND (expires_at IS NULL OR expires_at > $2)";
+        let found = with_read_pool!(&self.db, pool => {
+            sqlx::query(sql)
+                .bind(hash(secret))
+                .bind(now_micros())
+                .fetch_optional(pool)
+                .await?
+                .map(|row| -> Result<_, sqlx::Error> {
+                    Ok((
+                        row.try_get::<String, _>("id")?,
+                        row.try_get::<String, _>("role")?,
+                        row.try_get::<Option<String>, _>("org_id")?,
+                        row.try_get::<String, _>("name")?,
+                    ))
+                })
+                .transpose()?
+        });
+        Ok(found.and_then(|(token_id, role, org_id, name)| {
+            Some(Principal {
+                token_id,
+                role: Role::parse(&role)?,
+                org_id: match org_id {
+                    Some(org) => Some(OrgId::parse(&org).ok()?),
+                    None => None,
+                },
+                name,
+            })
+        }))
+    }
+
+    /// Makes sure an operator token exists. The first instance to start on a database
+    /// creates it and writes it to `DIR/operator.token` with 0600 permissions; later starts
+    /// leave both alone. Returns whether this call created it. The token is never logged.
+    pub async fn ensure_operator_token(&self, data_dir: &Path) -> Result<bool, StoreError> {
+        let exists: i64 = with_read_pool!(&self.db, pool => {
+            sqlx::query_scalar("SELECT COUNT(*) FROM tokens WHERE role = 'operator'")
+                .fetch_one(pool)
+                .await?
+        });
+        if exists > 0 {
+            return Ok(false);
+        }
+        let path = data_dir.join(OPERATOR_TOKEN_FILE);
+        let io_error = |source| StoreError::DataDir {
+            path: path.display().to_string(),
+            source,
+        };
+        // Write the file before the hash, so a crash in between never leaves a token that
+        // nobody holds. An existing file (a new database on an old data directory) is kept.
+        let (secret, wrote_file) = match std::fs::read_to_string(&path) {
+            Ok(existing) if !existing.trim().is_empty() => (existing.trim().to_owned(), false),
+            _ => {
+                let secret = generate_secret();
+                write_private_file(&path, &secret).map_err(io_error)?;
+                (secret, true)
+            }
+        };
+        let token = NewToken {
+            id: format!("tok_{}", uuid::Uuid::now_v7().simple()),
+            secret,
+        };
+        let inserted = self
+            .insert(&token, Role::Operator, None, "platform operator")
+            .await?;
+        if !inserted && wrote_file {
+            // Another instance created the operator token first; ours was never valid.
+            std::fs::remove_file(&path).map_err(io_error)?;
+        }
+        Ok(inserted)
+    }
+}
+
+/// Writes `contents` to a new file readable by its owner only, and syncs it.
+fn write_private_file(path: &Path, contents: &str) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    // A leftover empty file from an interrupted start is replaced.
+    if path.exists() {
+        std::fs::remove_file(path)?;
+    }
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
+    file.write_all(contents.as_bytes())?;
+    file.write_all(b"\n")?;
+    file.sync_all()
+}
