@@ -1,0 +1,159 @@
+//! The global position follows commit order: a reader of "events after position P" never
+//! skips an event that commits late.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use ekm_store::Db;
+use sqlx::Connection;
+
+use crate::harness::{Backend, TestDb};
+use crate::on_both_backends;
+
+const INSERT: &str = "INSERT INTO events \
+    (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
+    VALUES ('test', $1, $2, 'Tested', '1', '{}', '{}')";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_reader_never_skips_a_transaction_that_commits_late() {
+    let test_db = TestDb::new(Backend::Postgres).await;
+    let url = test_db.url.clone().unwrap();
+    let db = Db::open(&test_db.config).await.unwrap();
+
+    // Transaction A inserts and stays open.
+    let mut a = sqlx::PgConnection::connect(&url).await.unwrap();
+    let mut tx_a = a.begin().await.unwrap();
+    sqlx::query(INSERT)
+        .bind("a")
+        .bind(1i64)
+        .execute(&mut *tx_a)
+        .await
+        .unwrap();
+
+    // B inserts and commits on its own connection, concurrently.
+    let b_url = url.clone();
+    let b = tokio::spawn(async move {
+        let mut b = sqlx::PgConnection::connect(&b_url).await.unwrap();
+        sqlx::query(INSERT)
+            .bind("b")
+            .bind(1i64)
+            .execute(&mut b)
+            .await
+            .unwrap();
+    });
+
+    // Wait until B is really blocked behind A (observed in pg_locks, not guessed by a sleep).
+    let mut observer = sqlx::PgConnection::connect(&url).await.unwrap();
+    loop {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+        )
+        .fetch_one(&mut observer)
+        .await
+        .unwrap();
+        if waiting > 0 {
+            break;
+        }
+        assert!(
+            !b.is_finished(),
+            "B committed while A was still open: positions would not follow commit order"
+        );
+        tokio::task::yield_now().await;
+    }
+
+    // A reader now sees neither event, so its checkpoint stays where it was.
+    assert!(db.events_after(0, 100).await.unwrap().is_empty());
+    assert!(!b.is_finished());
+
+    tx_a.commit().await.unwrap();
+    b.await.unwrap();
+    let events = db.events_after(0, 100).await.unwrap();
+    let ids: Vec<&str> = events.iter().map(|e| e.aggregate_id.as_str()).collect();
+    assert_eq!(
+        ids,
+        ["a", "b"],
+        "A took its position first and so committed first"
+    );
+    assert!(events[0].position < events[1].position);
+    assert!(events[0].recorded_at <= events[1].recorded_at);
+    db.close().await;
+}
+
+async fn tailer_sees_every_event_once_under_concurrent_appends(backend: Backend) {
+    let test_db = TestDb::new(backend).await;
+    let db = Arc::new(Db::open(&test_db.config).await.unwrap());
+    let writers = 6;
+    let per_writer = 40i64;
+
+    let mut tasks = vec![];
+    for w in 0..writers {
+        let db = db.clone();
+        tasks.push(tokio::spawn(async move {
+            for seq in 1..=per_writer {
+                let aggregate = format!("w{w}");
+                ekm_store::with_write_pool!(&*db, pool => {
+                    sqlx::query(INSERT).bind(&aggregate).bind(seq).execute(pool).await.unwrap();
+                });
+            }
+        }));
+    }
+
+    // A tailer that remembers only the last position it saw, as the projection runner does.
+    let total = (writers as i64 * per_writer) as usize;
+    let mut seen = BTreeSet::new();
+    let mut order = vec![];
+    let mut checkpoint = 0;
+    while seen.len() < total {
+        let batch = db.events_after(checkpoint, 50).await.unwrap();
+        for event in &batch {
+            assert!(event.position > checkpoint);
+            checkpoint = event.position;
+            assert!(
+                seen.insert((event.aggregate_id.clone(), event.sequence)),
+                "seen twice"
+            );
+            order.push(event.clone());
+        }
+        if batch.is_empty() {
+            tokio::task::yield_now().await;
+        }
+        if tasks.iter().all(|t| t.is_finished()) && batch.is_empty() && seen.len() < total {
+            // Everything committed; one last read must finish the set or something was skipped.
+            let rest = db.events_after(checkpoint, 10_000).await.unwrap();
+            assert!(!rest.is_empty(), "skipped: saw {} of {total}", seen.len());
+        }
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    assert_eq!(db.event_count().await.unwrap() as usize, total);
+    // Per aggregate, the tailer saw the sequences in order.
+    for w in 0..writers {
+        let sequences: Vec<i64> = order
+            .iter()
+            .filter(|e| e.aggregate_id == format!("w{w}"))
+            .map(|e| e.sequence)
+            .collect();
+        assert_eq!(sequences, (1..=per_writer).collect::<Vec<_>>());
+    }
+    db.close().await;
+}
+on_both_backends!(tailer_sees_every_event_once_under_concurrent_appends);
+
+async fn stored_events_cannot_be_changed_or_deleted(backend: Backend) {
+    let test_db = TestDb::new(backend).await;
+    let db = Db::open(&test_db.config).await.unwrap();
+    ekm_store::with_write_pool!(&db, pool => {
+        sqlx::query(INSERT).bind("x").bind(1i64).execute(pool).await.unwrap();
+        let update = sqlx::query("UPDATE events SET payload = '{\"forged\":true}'").execute(pool).await;
+        assert!(update.is_err(), "update must be refused");
+        let delete = sqlx::query("DELETE FROM events").execute(pool).await;
+        assert!(delete.is_err(), "delete must be refused");
+    });
+    assert_eq!(
+        db.events_after(0, 10).await.unwrap()[0].payload,
+        serde_json::json!({})
+    );
+    db.close().await;
+}
+on_both_backends!(stored_events_cannot_be_changed_or_deleted);

@@ -1,0 +1,443 @@
+//! Test helpers: a fresh database per test (SQLite file or PostgreSQL database), an
+//! in-process server on port 0, and a small HTTP client.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, OnceLock};
+
+use ekm_api::{router, App, AppState};
+use ekm_projections::{Projector, ProjectorConfig};
+use ekm_store::{Db, DbConfig, Tokens, OPERATOR_TOKEN_FILE};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+use tokio::sync::watch;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// Runs an async check once per backend, as two tests.
+#[macro_export]
+macro_rules! on_both_backends {
+    ($check:ident) => {
+        mod $check {
+            use super::*;
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                $check($crate::harness::Backend::Sqlite).await;
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                $check($crate::harness::Backend::Postgres).await;
+            }
+        }
+    };
+}
+
+// ---------------------------------------------------------------------------------------
+// PostgreSQL: which server, and a database per test.
+
+static POSTGRES: OnceLock<Result<String, String>> = OnceLock::new();
+
+/// The admin URL of a PostgreSQL server for tests: `EKM_TEST_DATABASE_URL`, else the local
+/// server at 127.0.0.1:5432 (trust auth as `postgres`), else a throwaway cluster started from
+/// the installed binaries. Panics with a clear message when there is none: never skips.
+pub fn postgres_admin_url() -> String {
+    POSTGRES
+        .get_or_init(find_or_start_postgres)
+        .clone()
+        .unwrap_or_else(|why| panic!("no PostgreSQL for the tests: {why}"))
+}
+
+fn can_connect(url: &str) -> bool {
+    Command::new("psql")
+        .args([url, "-Atqc", "SELECT 1"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false)
+}
+
+fn find_or_start_postgres() -> Result<String, String> {
+    if let Ok(url) = std::env::var("EKM_TEST_DATABASE_URL") {
+        return Ok(url);
+    }
+    let local = "postgres://postgres@127.0.0.1:5432/postgres".to_owned();
+    if can_connect(&local) {
+        return Ok(local);
+    }
+    start_throwaway_cluster()
+}
+
+fn postgres_bin(name: &str) -> Option<PathBuf> {
+    let mut candidates: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    if let Ok(entries) = std::fs::read_dir("/usr/lib/postgresql") {
+        let mut versions: Vec<PathBuf> = entries.flatten().map(|e| e.path().join("bin")).collect();
+        versions.sort();
+        candidates.extend(versions.into_iter().rev());
+    }
+    candidates
+        .into_iter()
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+}
+
+/// initdb + pg_ctl in a fixed directory under the temporary directory, on a free port.
+/// The cluster is left running when the tests end and reused by the next run, so at most
+/// one such cluster ever exists. initdb refuses to run as root, so as root the cluster
+/// belongs to the `postgres` user (via runuser).
+fn start_throwaway_cluster() -> Result<String, String> {
+    let initdb = postgres_bin("initdb")
+        .ok_or("no server at 127.0.0.1:5432 and no initdb installed (install PostgreSQL or set EKM_TEST_DATABASE_URL)")?;
+    let pg_ctl = postgres_bin("pg_ctl").ok_or("no pg_ctl installed")?;
+    let dir = std::env::temp_dir().join("ekm-test-pg");
+    let data = dir.join("data");
+    let port_file = dir.join("port");
+    if let Ok(port) = std::fs::read_to_string(&port_file) {
+        let url = format!("postgres://postgres@127.0.0.1:{}/postgres", port.trim());
+        if can_connect(&url) {
+            return Ok(url);
+        }
+    }
+    let as_root = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout == b"0\n")
+        .unwrap_or(false);
+    let run = |program: &Path, args: &[&str]| -> Result<(), String> {
+        let mut command = if as_root {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(program);
+            c
+        } else {
+            Command::new(program)
+        };
+        let output = command.args(args).output().map_err(|e| e.to_string())?;
+        if output.status.success() {
+            Ok(())
+        } else {
+            Err(format!(
+                "{} failed: {}",
+                program.display(),
+                String::from_utf8_lossy(&output.stderr)
+            ))
+        }
+    };
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    if as_root {
+        Command::new("chown")
+            .args(["-R", "postgres"])
+            .arg(&dir)
+            .status()
+            .map_err(|e| e.to_string())?;
+    }
+    let data_str = data.to_string_lossy().to_string();
+    run(
+        &initdb,
+        &[
+            "-D",
+            &data_str,
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "--no-sync",
+        ],
+    )?;
+    let port = free_port();
+    let options = format!(
+        "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=300",
+        dir.display()
+    );
+    let log = format!("{}/log", dir.display());
+    run(
+        &pg_ctl,
+        &["-D", &data_str, "-o", &options, "-w", "-l", &log, "start"],
+    )?;
+    std::fs::write(&port_file, port.to_string()).map_err(|e| e.to_string())?;
+    Ok(format!("postgres://postgres@127.0.0.1:{port}/postgres"))
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A database of its own for one test, dropped at the end.
+pub struct TestDb {
+    pub config: DbConfig,
+    pub url: Option<String>,
+    pub dir: tempfile::TempDir,
+    pg_name: Option<String>,
+}
+
+impl TestDb {
+    pub async fn new(backend: Backend) -> TestDb {
+        let dir = tempfile::tempdir().expect("temp dir");
+        match backend {
+            Backend::Sqlite => TestDb {
+                config: DbConfig::sqlite_in(dir.path()),
+                url: None,
+                dir,
+                pg_name: None,
+            },
+            Backend::Postgres => {
+                let admin = postgres_admin_url();
+                let name = format!("ekm_test_{}", uuid::Uuid::now_v7().simple());
+                let mut conn: sqlx::postgres::PgConnection = sqlx::Connection::connect(&admin)
+                    .await
+                    .expect("connect to PostgreSQL");
+                sqlx::Executor::execute(&mut conn, format!("CREATE DATABASE {name}").as_str())
+                    .await
+                    .expect("create test database");
+                let url = replace_db_name(&admin, &name);
+                TestDb {
+                    config: DbConfig::Postgres { url: url.clone() },
+                    url: Some(url),
+                    dir,
+                    pg_name: Some(name),
+                }
+            }
+        }
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+fn replace_db_name(url: &str, name: &str) -> String {
+    match url.rfind('/') {
+        Some(i) if url[..i].contains("://") && !url[i..].contains('@') => {
+            let (base, rest) = url.split_at(i);
+            let query = rest.find('?').map(|q| &rest[q..]).unwrap_or("");
+            format!("{base}/{name}{query}")
+        }
+        _ => format!("{url}/{name}"),
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        let Some(name) = self.pg_name.take() else {
+            return;
+        };
+        let admin = postgres_admin_url();
+        // A plain thread with its own runtime: Drop cannot await.
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(async {
+                let mut conn: sqlx::postgres::PgConnection = sqlx::Connection::connect(&admin)
+                    .await
+                    .map_err(std::io::Error::other)?;
+                sqlx::Executor::execute(
+                    &mut conn,
+                    format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)").as_str(),
+                )
+                .await
+                .map_err(std::io::Error::other)?;
+                Ok::<_, std::io::Error>(())
+            })
+        })
+        .join();
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// An in-process server.
+
+pub struct TestApp {
+    pub base: String,
+    pub operator_token: String,
+    pub client: reqwest::Client,
+    pub app: App,
+    pub db: Db,
+    shutdown: watch::Sender<bool>,
+    /// Held for its `Drop`: the test database is removed after the server stops.
+    _test_db: TestDb,
+}
+
+impl TestApp {
+    pub async fn spawn(backend: Backend) -> TestApp {
+        Self::spawn_on(TestDb::new(backend).await).await
+    }
+
+    pub async fn spawn_on(test_db: TestDb) -> TestApp {
+        let db = Db::open(&test_db.config).await.expect("open database");
+        Tokens::new(db.clone())
+            .ensure_operator_token(test_db.data_dir())
+            .await
+            .expect("operator token");
+        let operator_token = std::fs::read_to_string(test_db.data_dir().join(OPERATOR_TOKEN_FILE))
+            .expect("operator token file")
+            .trim()
+            .to_owned();
+        let projector = Arc::new(Projector::standard(db.clone(), ProjectorConfig::default()));
+        projector.init().await.expect("projector init");
+        projector.catch_up().await.expect("catch up");
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        tokio::spawn(projector.clone().run(shutdown_rx.clone()));
+        let app = App::new(db.clone(), projector);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address = listener.local_addr().expect("address");
+        let service = router(AppState { app: app.clone() })
+            .into_make_service_with_connect_info::<SocketAddr>();
+        let mut stop = shutdown_rx;
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, service)
+                .with_graceful_shutdown(async move {
+                    let _ = stop.changed().await;
+                })
+                .await;
+        });
+        TestApp {
+            base: format!("http://{address}"),
+            operator_token,
+            client: reqwest::Client::new(),
+            app,
+            db,
+            shutdown,
+            _test_db: test_db,
+        }
+    }
+
+    pub async fn call(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> Response {
+        let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
+        let mut request = self.client.request(method, format!("{}{path}", self.base));
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        Response::from(request.send().await.expect("request sent")).await
+    }
+
+    pub async fn get(&self, path: &str, token: &str) -> Response {
+        self.call("GET", path, Some(token), None).await
+    }
+
+    pub async fn post(&self, path: &str, token: &str, body: Value) -> Response {
+        self.call("POST", path, Some(token), Some(body)).await
+    }
+
+    /// Creates an organization; returns its id and admin token.
+    pub async fn org(&self, plan: &str) -> (String, String) {
+        let response = self
+            .post(
+                "/v1/orgs",
+                &self.operator_token,
+                json!({"name": "Acme", "plan": plan, "tier": "default"}),
+            )
+            .await;
+        assert_eq!(response.status, StatusCode::CREATED, "{}", response.body);
+        (response.str("id"), response.str("admin_token"))
+    }
+
+    /// Creates a scope; returns its id.
+    pub async fn scope(&self, token: &str, kind: &str, name: &str, parent: &str) -> String {
+        let response = self
+            .post(
+                "/v1/scopes",
+                token,
+                json!({"kind": kind, "name": name, "parent_id": parent}),
+            )
+            .await;
+        assert_eq!(response.status, StatusCode::CREATED, "{}", response.body);
+        response.str("id")
+    }
+
+    pub async fn pause(&self, token: &str, id: &str) -> Response {
+        self.post(
+            &format!("/v1/scopes/{id}/pause"),
+            token,
+            json!({"reason": "investigation 4711"}),
+        )
+        .await
+    }
+
+    pub async fn resume(&self, token: &str, id: &str) -> Response {
+        self.post(&format!("/v1/scopes/{id}/resume"), token, json!({}))
+            .await
+    }
+
+    pub async fn revoke(&self, token: &str, id: &str) -> Response {
+        self.post(
+            &format!("/v1/scopes/{id}/revoke"),
+            token,
+            json!({"reason": "offboarding", "confirm": id}),
+        )
+        .await
+    }
+
+    pub async fn stop(self) {
+        let _ = self.shutdown.send(true);
+        self.db.close().await;
+    }
+}
+
+/// A response, read whole.
+#[derive(Debug)]
+pub struct Response {
+    pub status: StatusCode,
+    pub content_type: String,
+    pub body: Value,
+}
+
+impl Response {
+    async fn from(response: reqwest::Response) -> Response {
+        let status = response.status();
+        let headers = response.headers().clone();
+        let content_type = headers
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        let text = response.text().await.expect("body");
+        let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        Response {
+            status,
+            content_type,
+            body,
+        }
+    }
+
+    pub fn str(&self, key: &str) -> String {
+        self.body[key]
+            .as_str()
+            .unwrap_or_else(|| panic!("`{key}` missing in {}", self.body))
+            .to_owned()
+    }
+
+    /// Asserts a problem+json refusal with this status and code.
+    pub fn assert_problem(&self, status: u16, code: &str) {
+        assert_eq!(self.status.as_u16(), status, "{}", self.body);
+        assert_eq!(
+            self.content_type, "application/problem+json",
+            "{}",
+            self.body
+        );
+        assert_eq!(self.body["code"], code, "{}", self.body);
+        assert_eq!(self.body["status"], status);
+        assert!(self.body["type"]
+            .as_str()
+            .is_some_and(|t| t.ends_with(code)));
+        assert!(self.body["title"].is_string() && self.body["detail"].is_string());
+    }
+}

@@ -1,0 +1,18 @@
+//! End-to-end tests of the whole system: one test binary, shared helpers in `harness`.
+//!
+//! Every flow runs on both backends: embedded SQLite and a real PostgreSQL (the one at
+//! 127.0.0.1:5432, `EKM_TEST_DATABASE_URL`, or a throwaway cluster started from the
+//! installed binaries; never skipped).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod harness;
+
+mod bad_input;
+mod cascade_property;
+mod concurrency;
+mod flows;
+mod global_order;
+mod migrations;
+mod process;
+mod tenancy;
