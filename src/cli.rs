@@ -40,6 +40,62 @@ pub enum Command {
     Serve(ServeArgs),
     /// Apply pending database migrations and exit.
     Migrate(DbArgs),
+    /// Read models: rebuild them from the events, or show how far each one is.
+    #[command(subcommand)]
+    Projections(ProjectionsCommand),
+    /// The audit log: export it, or verify its hash chains.
+    #[command(subcommand)]
+    Audit(AuditCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ProjectionsCommand {
+    /// Rebuild every read model from the event log, with progress. SQLite: stop the server
+    /// first. PostgreSQL: may run beside live servers (built aside, then swapped in).
+    Rebuild(JobArgs),
+    /// Each projection's position and lag behind the event log.
+    Status(JobArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCommand {
+    /// Stream an organization's audit log to standard output.
+    Export(ExportArgs),
+    /// Check the hash chains against the stored events; exits 1 if any was tampered with.
+    Verify(VerifyArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct JobArgs {
+    #[command(flatten)]
+    pub db: DbArgs,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    #[command(flatten)]
+    pub db: DbArgs,
+    /// The organization's id.
+    #[arg(long)]
+    pub org: String,
+    /// jsonl or csv.
+    #[arg(long, default_value = "jsonl")]
+    pub format: String,
+}
+
+#[derive(Debug, Args)]
+pub struct VerifyArgs {
+    #[command(flatten)]
+    pub db: DbArgs,
+    /// Only this organization (default: every organization).
+    #[arg(long)]
+    pub org: Option<String>,
+    /// Print the reports as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Where the data lives: SQLite in the data directory, or PostgreSQL.

@@ -3,6 +3,7 @@
 
 mod cli;
 mod duration;
+mod jobs;
 mod serve;
 mod telemetry;
 
@@ -27,12 +28,14 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Serve(args) => serve::serve(args).await,
-            Command::Migrate(args) => serve::migrate(args).await,
+            Command::Serve(args) => serve::serve(args).await.map(|()| ExitCode::SUCCESS),
+            Command::Migrate(args) => serve::migrate(args).await.map(|()| ExitCode::SUCCESS),
+            Command::Projections(command) => jobs::projections(command).await,
+            Command::Audit(command) => jobs::audit(command).await,
         }
     });
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(error) => {
             tracing::error!("{error:#}");
             ExitCode::FAILURE

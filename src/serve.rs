@@ -16,7 +16,7 @@ use crate::cli::{DbArgs, ServeArgs};
 
 /// Creates the data directory (0700) and, for SQLite, takes its lock: one process at a
 /// time may write an embedded database.
-fn prepare_data_dir(args: &DbArgs) -> anyhow::Result<(DbConfig, Option<File>)> {
+pub fn prepare_data_dir(args: &DbArgs) -> anyhow::Result<(DbConfig, Option<File>)> {
     use std::os::unix::fs::DirBuilderExt;
     let dir = &args.data_dir;
     if !dir.exists() {
@@ -47,7 +47,7 @@ fn lock_data_dir(dir: &Path) -> anyhow::Result<File> {
     }
 }
 
-async fn open(config: &DbConfig) -> anyhow::Result<Db> {
+pub async fn open(config: &DbConfig) -> anyhow::Result<Db> {
     let db = Db::open(config)
         .await
         .map_err(|error| anyhow::anyhow!(ekm_projections::error_chain(&error)))?;

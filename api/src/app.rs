@@ -7,10 +7,13 @@ use std::time::Duration;
 
 use cqrs_es::{AggregateContext, AggregateError};
 use ekm_domain::{
-    EventMetadata, Lineage, OrgId, ParentContext, Plan, ScopeCommand, ScopeError, ScopeId,
-    ScopeKind, ScopeName, Tier,
+    EventMetadata, Lineage, Location, OrgId, ParentContext, Plan, ScopeCommand, ScopeError,
+    ScopeId, ScopeKind, ScopeName, Tier,
 };
-use ekm_projections::{Page, ProjectionError, Projector, ReadModels, ScopeSnapshot};
+use ekm_projections::{
+    AsOf, AuditEntry, AuditFilter, BlastRadius, ChainReport, Page, PastScope, ProjectionError,
+    Projector, ReadModels, ScopeSnapshot,
+};
 use ekm_store::{Db, NewToken, Role, ScopeStore, StoreError, Tokens};
 use rand::Rng;
 
@@ -194,23 +197,87 @@ impl App {
             .await
     }
 
-    /// The command for `intent`, with what it needs looked up now.
-    async fn command(&self, id: ScopeId, intent: &Intent) -> Result<ScopeCommand, AppError> {
+    /// What `action` would do, without doing it: the rules are checked exactly as for the
+    /// real command, then the subtree is counted. Returns the scope, whether an event would
+    /// be recorded, and the blast radius.
+    pub async fn dry_run(
+        &self,
+        id: ScopeId,
+        action: Action,
+    ) -> Result<(ScopeSnapshot, bool, BlastRadius), AppError> {
+        self.refresh().await?;
+        let (command, _) = self.command(id, &Intent::Act(action)).await?;
+        let mut context = self
+            .inner
+            .store
+            .load(&id.to_string())
+            .await
+            .map_err(AppError::EventStore)?;
+        let would_change = !context.aggregate().decide(command)?.is_empty();
+        let scope = self.inner.read.scope(id).await?.ok_or(AppError::NotFound)?;
+        let radius = self.inner.read.blast_radius(&scope).await?;
+        Ok((scope, would_change, radius))
+    }
+
+    /// The scope as it was at `as_of`, computed from the events.
+    pub async fn scope_as_of(
+        &self,
+        id: ScopeId,
+        as_of: AsOf,
+    ) -> Result<Option<PastScope>, AppError> {
+        Ok(ekm_projections::scope_as_of(&self.inner.db, id, as_of).await?)
+    }
+
+    /// Audit entries matching `filter`, in position order.
+    pub async fn audit(&self, filter: &AuditFilter) -> Result<Vec<AuditEntry>, AppError> {
+        Ok(ekm_projections::audit_entries(&self.inner.db, filter).await?)
+    }
+
+    /// Checks an organization's hash chain against the events.
+    pub async fn verify(&self, org: OrgId) -> Result<ChainReport, AppError> {
+        self.refresh().await?;
+        Ok(ekm_projections::verify_chain(&self.inner.db, &org.to_string()).await?)
+    }
+
+    /// The command for `intent`, with what it needs looked up now, and where it happens.
+    async fn command(
+        &self,
+        id: ScopeId,
+        intent: &Intent,
+    ) -> Result<(ScopeCommand, Location), AppError> {
         let action = match intent {
-            Intent::Create(command) => return Ok(command.clone()),
+            Intent::Create(command) => {
+                let location = match command {
+                    ScopeCommand::CreateOrganization { id, .. } => Location {
+                        org_id: id.to_string(),
+                        scope_path: id.to_string(),
+                    },
+                    ScopeCommand::CreateScope { id, parent, .. } => Location {
+                        org_id: parent.org_id.to_string(),
+                        scope_path: join_path(parent.path.iter().chain([id])),
+                    },
+                    _ => return Err(AppError::NotFound),
+                };
+                return Ok((command.clone(), location));
+            }
             Intent::Act(action) => action.clone(),
         };
         let snapshot = self.inner.read.scope(id).await?.ok_or(AppError::NotFound)?;
+        let location = Location {
+            org_id: snapshot.scope.org_id.to_string(),
+            scope_path: join_path(snapshot.scope.path.iter()),
+        };
         let lineage = Lineage {
             plan: snapshot.org_plan,
             inherited: snapshot.inherited,
         };
-        Ok(match action {
+        let command = match action {
             Action::Pause => ScopeCommand::PauseScope { lineage },
             Action::Resume => ScopeCommand::ResumeScope { lineage },
             Action::Revoke { confirm } => ScopeCommand::RevokeScope { confirm, lineage },
             Action::Rotate => ScopeCommand::RotateKey { lineage },
-        })
+        };
+        Ok((command, location))
     }
 
     /// Loads the aggregate, decides, commits; on a conflict, starts again from fresh state.
@@ -227,7 +294,11 @@ impl App {
             // Decisions use the aggregate for the scope itself and the read models for its
             // ancestors; make sure those include everything committed so far.
             self.refresh().await?;
-            let command = self.command(id, &intent).await?;
+            let (command, location) = self.command(id, &intent).await?;
+            let metadata = EventMetadata {
+                location: Some(location),
+                ..metadata.clone()
+            };
             let mut context = inner
                 .store
                 .load(&aggregate_id)
@@ -286,6 +357,10 @@ impl App {
         }
         Err(AppError::Contended)
     }
+}
+
+fn join_path<'a>(ids: impl Iterator<Item = &'a ScopeId>) -> String {
+    ids.map(ToString::to_string).collect::<Vec<_>>().join("/")
 }
 
 impl From<AggregateError<ScopeError>> for AppError {

@@ -69,6 +69,7 @@ impl Caller {
             reason,
             source_address: self.source_address.clone(),
             recorded_at: ekm_store::time::rfc3339(Utc::now()),
+            location: None,
         }
     }
 

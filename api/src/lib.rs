@@ -5,6 +5,7 @@
 //! domain commands by hand in `routes`/`dto`; read models become responses the same way.
 
 pub mod app;
+pub mod audit;
 pub mod context;
 pub mod dto;
 pub mod error;

@@ -11,14 +11,15 @@ use axum::{Json, Router};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
 use ekm_domain::{Plan, Reason, ScopeId, ScopeKind, ScopeName, Tier};
-use ekm_projections::ScopeSnapshot;
+use ekm_projections::{AsOf, ScopeSnapshot};
+use ekm_store::time::rfc3339;
 use serde_json::json;
 
 use crate::app::{Action, Outcome};
 use crate::context::Caller;
 use crate::dto::{
     CreateOrgRequest, CreateScopeRequest, CreatedOrgJson, JsonBody, LifecycleJson, ListJson,
-    OptionalJsonBody, OrgJson, ReasonRequest, RevokeRequest, ScopeJson,
+    OptionalJsonBody, OrgJson, PastScopeJson, ReasonRequest, RevokeRequest, ScopeJson,
 };
 use crate::error::{ApiError, Code};
 use crate::state::AppState;
@@ -36,6 +37,10 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/scopes/{id}/resume", post(resume))
         .route("/v1/scopes/{id}/revoke", post(revoke))
         .route("/v1/scopes/{id}/rotate", post(rotate))
+        .route("/v1/scopes/{id}/state", get(state_as_of))
+        .route("/v1/audit", get(crate::audit::list))
+        .route("/v1/audit/export", get(crate::audit::export))
+        .route("/v1/audit/verify", get(crate::audit::verify))
 }
 
 const SCOPE_NOT_FOUND: &str = "no scope with this id is visible to this token";
@@ -72,6 +77,10 @@ async fn readyz(State(state): State<AppState>) -> Result<Json<serde_json::Value>
 
 fn parse_scope_id(text: &str) -> Result<ScopeId, ApiError> {
     ScopeId::parse(text).map_err(|e| ApiError::invalid(e.to_string()))
+}
+
+fn path_text_ref(path: &Result<Path<String>, PathRejection>) -> Option<String> {
+    path.as_ref().ok().map(|Path(text)| text.clone())
 }
 
 fn path_text(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
@@ -234,7 +243,23 @@ fn decode_cursor(cursor: &str) -> Result<ScopeId, ApiError> {
     ScopeId::parse(id).map_err(|_| invalid())
 }
 
-fn page_limit(value: Option<&String>) -> Result<u32, ApiError> {
+pub(crate) fn encode_cursor_position(position: i64) -> String {
+    URL_SAFE_NO_PAD.encode(format!("pos:{position}"))
+}
+
+pub(crate) fn decode_cursor_position(cursor: &str) -> Result<i64, ApiError> {
+    let invalid = || ApiError::invalid("cursor: not a cursor returned by this list");
+    let bytes = URL_SAFE_NO_PAD
+        .decode(cursor.as_bytes())
+        .map_err(|_| invalid())?;
+    let text = String::from_utf8(bytes).map_err(|_| invalid())?;
+    text.strip_prefix("pos:")
+        .and_then(|p| p.parse::<i64>().ok())
+        .filter(|p| *p >= 0)
+        .ok_or_else(invalid)
+}
+
+pub(crate) fn page_limit(value: Option<&String>) -> Result<u32, ApiError> {
     match value {
         None => Ok(DEFAULT_PAGE),
         Some(text) => match text.parse::<u32>() {
@@ -311,13 +336,61 @@ async fn lifecycle(
     Ok(response)
 }
 
+/// `?dry_run=true` on pause and revoke: check the rules and count the blast radius,
+/// record nothing.
+fn is_dry_run(
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+) -> Result<bool, ApiError> {
+    let Query(query) = query.map_err(|_| ApiError::invalid("the query string is not valid"))?;
+    if let Some(unknown) = query.keys().find(|k| k.as_str() != "dry_run") {
+        return Err(ApiError::invalid(format!(
+            "unknown query parameter `{}` (expected dry_run)",
+            unknown.chars().take(64).collect::<String>()
+        )));
+    }
+    match query.get("dry_run").map(String::as_str) {
+        None | Some("false") => Ok(false),
+        Some("true") => Ok(true),
+        Some(_) => Err(ApiError::invalid("dry_run: expected true or false")),
+    }
+}
+
+async fn dry_run(
+    state: AppState,
+    caller: Caller,
+    path: Result<Path<String>, PathRejection>,
+    action: Action,
+) -> Result<Response, ApiError> {
+    let scope = visible_scope(&state, &caller, &path_text(path)?).await?;
+    let name = match action {
+        Action::Revoke { .. } => "revoke",
+        _ => "pause",
+    };
+    let (scope, would_change, radius) = state.app.dry_run(scope.scope.id, action).await?;
+    let count = |map: &std::collections::BTreeMap<&'static str, i64>| json!({ "total": map.values().sum::<i64>(), "by_kind": map });
+    Ok(Json(json!({
+        "dry_run": true,
+        "action": name,
+        "scope": ScopeJson::from(&scope),
+        "would_change": would_change,
+        "scopes_in_subtree": radius.total,
+        "would_become_inactive": count(&radius.would_become_inactive),
+        "already_inactive": count(&radius.already_inactive),
+    }))
+    .into_response())
+}
+
 async fn pause(
     State(state): State<AppState>,
     caller: Caller,
     path: Result<Path<String>, PathRejection>,
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
     headers: HeaderMap,
-    JsonBody(body): JsonBody<ReasonRequest>,
+    OptionalJsonBody(body): OptionalJsonBody<ReasonRequest>,
 ) -> Result<Response, ApiError> {
+    if is_dry_run(query)? {
+        return dry_run(state, caller, path, Action::Pause).await;
+    }
     let reason = reason(body.reason.as_deref(), true)?;
     lifecycle(state, caller, path, &headers, Action::Pause, reason).await
 }
@@ -337,9 +410,14 @@ async fn revoke(
     State(state): State<AppState>,
     caller: Caller,
     path: Result<Path<String>, PathRejection>,
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
     headers: HeaderMap,
-    JsonBody(body): JsonBody<RevokeRequest>,
+    OptionalJsonBody(body): OptionalJsonBody<RevokeRequest>,
 ) -> Result<Response, ApiError> {
+    if is_dry_run(query)? {
+        let confirm = path_text_ref(&path).unwrap_or_default();
+        return dry_run(state, caller, path, Action::Revoke { confirm }).await;
+    }
     let reason = reason(body.reason.as_deref(), true)?;
     let confirm = body.confirm.ok_or_else(|| {
         ApiError::invalid("confirm: required; repeat the scope's id to revoke it for good")
@@ -364,4 +442,54 @@ async fn rotate(
 ) -> Result<Response, ApiError> {
     let reason = reason(body.reason.as_deref(), false)?;
     lifecycle(state, caller, path, &headers, Action::Rotate, reason).await
+}
+
+/// `GET /v1/scopes/{id}/state?at=RFC3339` or `?position=N`: the scope as it was then,
+/// computed from the events.
+async fn state_as_of(
+    State(state): State<AppState>,
+    caller: Caller,
+    path: Result<Path<String>, PathRejection>,
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(query) = query.map_err(|_| ApiError::invalid("the query string is not valid"))?;
+    if let Some(unknown) = query
+        .keys()
+        .find(|k| !["at", "position"].contains(&k.as_str()))
+    {
+        return Err(ApiError::invalid(format!(
+            "unknown query parameter `{}` (expected at or position)",
+            unknown.chars().take(64).collect::<String>()
+        )));
+    }
+    let as_of = match (query.get("at"), query.get("position")) {
+        (Some(at), None) => AsOf::Time(
+            chrono::DateTime::parse_from_rfc3339(at)
+                .map(|t| t.with_timezone(&chrono::Utc))
+                .map_err(|_| {
+                    ApiError::invalid("at: expected an RFC 3339 time such as 2026-11-28T14:02:00Z")
+                })?,
+        ),
+        (None, Some(position)) => AsOf::Position(
+            position
+                .parse::<i64>()
+                .ok()
+                .filter(|p| *p >= 0)
+                .ok_or_else(|| ApiError::invalid("position: expected a whole number"))?,
+        ),
+        _ => return Err(ApiError::invalid("give exactly one of `at` or `position`")),
+    };
+    // Visibility is decided on the scope as it is now: a scope of another organization is
+    // not found, whatever the instant asked for.
+    let current = visible_scope(&state, &caller, &path_text(path)?).await?;
+    let past = state
+        .app
+        .scope_as_of(current.scope.id, as_of)
+        .await?
+        .ok_or_else(|| ApiError::not_found("the scope did not exist yet at that point"))?;
+    let at = match as_of {
+        AsOf::Time(at) => Some(rfc3339(at)),
+        AsOf::Position(_) => None,
+    };
+    Ok(Json(PastScopeJson::new(&past, at)).into_response())
 }

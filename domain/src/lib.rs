@@ -20,6 +20,6 @@ pub use errors::ScopeError;
 pub use events::ScopeEvent;
 
 pub use ids::{IdError, KeyVersion, OrgId, ScopeId};
-pub use metadata::{Actor, ActorKind, EventMetadata};
+pub use metadata::{Actor, ActorKind, EventMetadata, Location};
 pub use scope::{OwnState, Plan, Reason, ScopeKind, ScopeName, Tier, ValueError};
 pub mod upcast;

@@ -16,6 +16,8 @@ pub const REQUEST_ID: &str = "request_id";
 pub const REASON: &str = "reason";
 pub const SOURCE_ADDRESS: &str = "source_address";
 pub const RECORDED_AT: &str = "recorded_at";
+pub const ORG_ID: &str = "org_id";
+pub const SCOPE_PATH: &str = "scope_path";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -75,6 +77,17 @@ pub struct EventMetadata {
     pub source_address: Option<String>,
     /// RFC 3339, UTC, as the application saw it when it accepted the command.
     pub recorded_at: String,
+    /// Where the event happened: its organization and the scope's path (ids root → scope,
+    /// joined by '/'). Set by the application when it commits, so that audit entries and the
+    /// per-organization hash chain follow from each event alone.
+    pub location: Option<Location>,
+}
+
+/// The organization and path of the scope an event belongs to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Location {
+    pub org_id: String,
+    pub scope_path: String,
 }
 
 impl EventMetadata {
@@ -90,6 +103,10 @@ impl EventMetadata {
         }
         if let Some(addr) = &self.source_address {
             map.insert(SOURCE_ADDRESS.to_owned(), addr.clone());
+        }
+        if let Some(location) = &self.location {
+            map.insert(ORG_ID.to_owned(), location.org_id.clone());
+            map.insert(SCOPE_PATH.to_owned(), location.scope_path.clone());
         }
         map
     }
@@ -109,6 +126,10 @@ impl EventMetadata {
             reason: get(REASON).and_then(|r| Reason::parse(&r).ok()),
             source_address: get(SOURCE_ADDRESS),
             recorded_at: get(RECORDED_AT).unwrap_or_default(),
+            location: match (get(ORG_ID), get(SCOPE_PATH)) {
+                (Some(org_id), Some(scope_path)) => Some(Location { org_id, scope_path }),
+                _ => None,
+            },
         }
     }
 }
@@ -128,6 +149,10 @@ mod tests {
             reason: Reason::parse("investigation 4711").ok(),
             source_address: Some("127.0.0.1".into()),
             recorded_at: "2026-11-28T15:00:00.000000Z".into(),
+            location: Some(Location {
+                org_id: "o".into(),
+                scope_path: "o/t".into(),
+            }),
         };
         assert_eq!(EventMetadata::from_map(&metadata.to_map()), metadata);
     }

@@ -9,16 +9,25 @@
 //! Architecture invariant: read models are written only here, and only from events. Any of
 //! them can be dropped and rebuilt from the log.
 
+mod audit;
 mod error;
+mod history;
 mod queries;
+mod rebuild;
 mod runner;
 mod scope_tree;
 mod sql;
 
-pub use error::{chain as error_chain, ProjectionError};
-pub use queries::{
-    Cause, KeyVersionRecord, Page, ReadModels, ScopeRecord, ScopeSnapshot, StateChange,
+pub use audit::{
+    audit_entries, entry_hash, verify_chain, AuditChain, AuditEntry, AuditFilter, AuditLog,
+    ChainFailure, ChainReport, GENESIS_HASH,
 };
-pub use runner::{Projection, Projector, ProjectorConfig};
+pub use error::{chain as error_chain, ProjectionError};
+pub use history::{scope_as_of, AsOf, PastScope};
+pub use queries::{
+    BlastRadius, Cause, KeyVersionRecord, Page, ReadModels, ScopeRecord, ScopeSnapshot, StateChange,
+};
+pub use rebuild::{rebuild, status, ProjectionStatus, RebuildReport};
+pub use runner::{standard_projections, Projection, ProjectionState, Projector, ProjectorConfig};
 pub use scope_tree::ScopeTree;
 pub use sql::{Param, Statement};

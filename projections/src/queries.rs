@@ -278,6 +278,73 @@ impl ReadModels {
     }
 }
 
+/// How many scopes of each kind an action on a subtree would make inactive, and how many
+/// already are.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BlastRadius {
+    pub total: i64,
+    pub would_become_inactive: std::collections::BTreeMap<&'static str, i64>,
+    pub already_inactive: std::collections::BTreeMap<&'static str, i64>,
+}
+
+impl ReadModels {
+    /// Walks `root`'s subtree (itself included) in path order, a page at a time, so memory
+    /// holds only the ids of inactive scopes, whatever the subtree's size.
+    pub async fn blast_radius(&self, root: &ScopeSnapshot) -> Result<BlastRadius, ProjectionError> {
+        let path = root
+            .scope
+            .path
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("/");
+        let upper = format!("{path}0");
+        let mut radius = BlastRadius::default();
+        let mut inactive: std::collections::HashSet<String> = std::collections::HashSet::new();
+        let root_inherited_inactive = !root.inherited.is_active();
+        let mut after = String::new();
+        loop {
+            let sql = "SELECT id, kind, own_state, parent_id, path FROM scope_view \
+                       WHERE org_id = $1 AND path >= $2 AND path < $3 AND path > $4 \
+                       ORDER BY path LIMIT 1000";
+            let rows: Vec<(String, String, String, Option<String>, String)> = ekm_store::with_read_pool!(&self.db, pool => {
+                sqlx::query_as(sql)
+                    .bind(root.scope.org_id.to_string())
+                    .bind(&path)
+                    .bind(&upper)
+                    .bind(&after)
+                    .fetch_all(pool)
+                    .await?
+            });
+            let Some(last) = rows.last().map(|r| r.4.clone()) else {
+                break;
+            };
+            for (id, kind, own_state, parent_id, _) in rows {
+                let kind: ScopeKind = kind
+                    .parse()
+                    .map_err(|e: ekm_domain::ValueError| malformed(&id, e.to_string()))?;
+                let parent_inactive = if id == root.scope.id.to_string() {
+                    root_inherited_inactive
+                } else {
+                    parent_id.is_some_and(|p| inactive.contains(&p))
+                };
+                radius.total += 1;
+                if parent_inactive || own_state != OwnState::Active.as_str() {
+                    *radius.already_inactive.entry(kind.as_str()).or_default() += 1;
+                    inactive.insert(id);
+                } else {
+                    *radius
+                        .would_become_inactive
+                        .entry(kind.as_str())
+                        .or_default() += 1;
+                }
+            }
+            after = last;
+        }
+        Ok(radius)
+    }
+}
+
 fn cause_of(effective: &Effective, records: &[&ScopeRecord]) -> Option<Cause> {
     let by = effective.cause()?;
     let record = records.iter().find(|r| r.id == by)?;

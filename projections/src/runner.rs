@@ -1,6 +1,7 @@
 //! The projection runner: tails the event log by global position and applies events to the
 //! read models, with each projection's checkpoint in the same transaction as its rows.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,17 +10,52 @@ use ekm_store::{Db, StoredEvent, EVENTS_CHANNEL};
 use sqlx::postgres::PgListener;
 use tokio::sync::{watch, Mutex, Notify};
 
+use crate::audit::{AuditChain, AuditLog};
 use crate::error::ProjectionError;
 use crate::scope_tree::ScopeTree;
 use crate::sql::{execute_statements, Statement};
 
-/// A read model fed from events. `statements` must depend on the event alone, so that a
-/// rebuild from the log yields exactly the live rows.
+/// A read model fed from events. `statements` must depend only on the event and the
+/// projection's own state, so that a rebuild from the log yields exactly the live rows.
 pub trait Projection: Send + Sync {
     fn name(&self) -> &'static str;
     /// The tables this projection owns (emptied by a rebuild).
     fn tables(&self) -> &'static [&'static str];
-    fn statements(&self, event: &StoredEvent) -> Result<Vec<Statement>, ProjectionError>;
+    /// Whether `ekm projections rebuild` resets it. Seals (the audit chain) are not rebuilt.
+    fn rebuildable(&self) -> bool {
+        true
+    }
+    /// The state keys `statements` will read for this event; the runner loads them first.
+    fn state_keys(&self, _event: &StoredEvent) -> Vec<String> {
+        vec![]
+    }
+    fn statements(
+        &self,
+        event: &StoredEvent,
+        state: &mut ProjectionState,
+    ) -> Result<Vec<Statement>, ProjectionError>;
+}
+
+/// A projection's key/value state, loaded and saved in the batch's transaction.
+#[derive(Debug, Default)]
+pub struct ProjectionState {
+    values: HashMap<String, String>,
+    changed: HashSet<String>,
+}
+
+impl ProjectionState {
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.values.get(key).map(String::as_str)
+    }
+
+    pub fn set(&mut self, key: &str, value: String) {
+        self.values.insert(key.to_owned(), value);
+        self.changed.insert(key.to_owned());
+    }
+
+    fn is_loaded(&self, key: &str) -> bool {
+        self.values.contains_key(key)
+    }
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -63,9 +99,9 @@ impl Projector {
         }
     }
 
-    /// The read models EKM serves.
+    /// The read models EKM serves, and the audit seals.
     pub fn standard(db: Db, config: ProjectorConfig) -> Self {
-        Self::new(db, vec![Box::new(ScopeTree)], config)
+        Self::new(db, standard_projections(), config)
     }
 
     /// Creates the checkpoint rows that do not exist yet.
@@ -94,6 +130,20 @@ impl Projector {
     pub async fn catch_up(&self) -> Result<i64, ProjectionError> {
         let _running = self.running.lock().await;
         while self.step().await? > 0 {}
+        Ok(self.applied())
+    }
+
+    /// Like `catch_up`, calling `progress(applied, head)` after every batch.
+    pub async fn catch_up_reporting(
+        &self,
+        progress: &mut (dyn FnMut(i64, i64) + Send),
+    ) -> Result<i64, ProjectionError> {
+        let _running = self.running.lock().await;
+        let head = self.db.head_position().await?;
+        progress(self.applied(), head);
+        while self.step().await? > 0 {
+            progress(self.applied(), head.max(self.applied()));
+        }
         Ok(self.applied())
     }
 
@@ -185,6 +235,15 @@ impl Projector {
     }
 }
 
+/// Every projection, in the order they apply each event.
+pub fn standard_projections() -> Vec<Box<dyn Projection>> {
+    vec![
+        Box::new(ScopeTree),
+        Box::new(AuditLog),
+        Box::new(AuditChain),
+    ]
+}
+
 fn raise(applied: &mut i64, reached: i64) -> bool {
     if reached > *applied {
         *applied = reached;
@@ -234,12 +293,49 @@ macro_rules! batch_fn {
             let Some(last) = events.last().map(|e| e.position) else {
                 return Ok((0, from));
             };
+            let mut states: Vec<ProjectionState> = Vec::with_capacity(checkpoints.len());
+            for (projection, checkpoint) in projector.projections.iter().zip(&checkpoints) {
+                let mut state = ProjectionState::default();
+                for event in events.iter().filter(|e| e.position > *checkpoint) {
+                    for key in projection.state_keys(event) {
+                        if state.is_loaded(&key) || state.changed.contains(&key) {
+                            continue;
+                        }
+                        let value: Option<String> = sqlx::query_scalar(
+                            "SELECT value FROM projection_state WHERE projection = $1 AND key = $2",
+                        )
+                        .bind(projection.name())
+                        .bind(&key)
+                        .fetch_optional(&mut **tx)
+                        .await?;
+                        if let Some(value) = value {
+                            state.values.insert(key, value);
+                        }
+                    }
+                }
+                states.push(state);
+            }
             for event in &events {
-                for (projection, checkpoint) in projector.projections.iter().zip(&checkpoints) {
+                for ((projection, checkpoint), state) in
+                    projector.projections.iter().zip(&checkpoints).zip(states.iter_mut())
+                {
                     if event.position > *checkpoint {
                         let conn = &mut **tx;
-                        execute_statements!(conn, projection.statements(event)?);
+                        execute_statements!(conn, projection.statements(event, state)?);
                     }
+                }
+            }
+            for (projection, state) in projector.projections.iter().zip(&states) {
+                for key in &state.changed {
+                    sqlx::query(
+                        "INSERT INTO projection_state (projection, key, value) VALUES ($1, $2, $3) \
+                         ON CONFLICT (projection, key) DO UPDATE SET value = excluded.value",
+                    )
+                    .bind(projection.name())
+                    .bind(key)
+                    .bind(state.get(key).unwrap_or_default())
+                    .execute(&mut **tx)
+                    .await?;
                 }
             }
             for projection in &projector.projections {

@@ -7,7 +7,7 @@ use ekm_store::time::to_micros;
 use ekm_store::StoredEvent;
 
 use crate::error::ProjectionError;
-use crate::runner::Projection;
+use crate::runner::{Projection, ProjectionState};
 use crate::sql::{Param, Statement};
 
 pub struct ScopeTree;
@@ -36,7 +36,11 @@ impl Projection for ScopeTree {
         &["scope_view", "key_version_view"]
     }
 
-    fn statements(&self, stored: &StoredEvent) -> Result<Vec<Statement>, ProjectionError> {
+    fn statements(
+        &self,
+        stored: &StoredEvent,
+        _state: &mut ProjectionState,
+    ) -> Result<Vec<Statement>, ProjectionError> {
         if stored.aggregate_type != "scope" {
             return Ok(vec![]);
         }

@@ -202,6 +202,81 @@ impl Db {
         }
     }
 
+    /// The events at these positions (those that exist), in position order.
+    pub async fn events_at(&self, positions: &[i64]) -> Result<Vec<StoredEvent>, StoreError> {
+        if positions.is_empty() {
+            return Ok(vec![]);
+        }
+        let list = (1..=positions.len())
+            .map(|i| format!("${i}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = format!("{SELECT_EVENTS} WHERE position IN ({list}) ORDER BY position");
+        match self {
+            Db::Sqlite(db) => {
+                let mut query = sqlx::query(&sql);
+                for p in positions {
+                    query = query.bind(*p);
+                }
+                let rows = query.fetch_all(&db.read).await?;
+                rows.into_iter()
+                    .map(|r| decode_event!(r, sqlite_recorded_at))
+                    .collect()
+            }
+            Db::Postgres(db) => {
+                let mut query = sqlx::query(&sql);
+                for p in positions {
+                    query = query.bind(*p);
+                }
+                let rows = query.fetch_all(&db.pool).await?;
+                rows.into_iter()
+                    .map(|r| decode_event!(r, pg_recorded_at))
+                    .collect()
+            }
+        }
+    }
+
+    /// Scope events up to `position` that have no seal in the audit chain.
+    pub async fn unsealed_events_up_to(
+        &self,
+        position: i64,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        let sql = format!(
+            "{SELECT_EVENTS} WHERE aggregate_type = 'scope' AND position <= $1 \
+             AND NOT EXISTS (SELECT 1 FROM audit_chain c WHERE c.position = events.position) \
+             ORDER BY position LIMIT $2"
+        );
+        self.read_events(&sql, position, 100).await
+    }
+
+    /// The highest position recorded at or before `at` (0 if none).
+    ///
+    /// SQLite records milliseconds, so there an instant is compared at millisecond precision.
+    pub async fn position_at(&self, at: DateTime<Utc>) -> Result<i64, StoreError> {
+        let sql = "SELECT COALESCE(MAX(position), 0) FROM events WHERE recorded_at <= $1";
+        let position: i64 = match self {
+            Db::Sqlite(db) => {
+                let text = at.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string();
+                sqlx::query_scalar(sql)
+                    .bind(text)
+                    .fetch_one(&db.read)
+                    .await?
+            }
+            Db::Postgres(db) => sqlx::query_scalar(sql).bind(at).fetch_one(&db.pool).await?,
+        };
+        Ok(position)
+    }
+
+    /// The organizations that have sealed audit entries.
+    pub async fn chained_orgs(&self) -> Result<Vec<String>, StoreError> {
+        let orgs: Vec<String> = with_read_pool!(self, pool => {
+            sqlx::query_scalar("SELECT DISTINCT org_id FROM audit_chain ORDER BY org_id")
+                .fetch_all(pool)
+                .await?
+        });
+        Ok(orgs)
+    }
+
     /// The highest position committed so far (0 when the log is empty).
     pub async fn head_position(&self) -> Result<i64, StoreError> {
         let sql = "SELECT COALESCE(MAX(position), 0) AS head FROM events";

@@ -64,6 +64,7 @@ fn metadata() -> EventMetadata {
         reason: Reason::parse("property test").ok(),
         source_address: None,
         recorded_at: "2026-11-28T00:00:00Z".into(),
+        location: None,
     }
 }
 

@@ -1,0 +1,334 @@
+//! Audit endpoints: list with filters, streamed export (JSON Lines, CSV), chain verification;
+//! and the renderers the `ekm audit export` command shares.
+
+use std::collections::HashMap;
+
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
+use axum::http::{header, HeaderValue};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use chrono::{DateTime, Utc};
+use ekm_domain::{OrgId, ScopeId};
+use ekm_projections::{AuditEntry, AuditFilter, ChainReport};
+use ekm_store::time::rfc3339;
+use serde::Serialize;
+use serde_json::{json, Value};
+
+use crate::context::Caller;
+use crate::error::ApiError;
+use crate::routes::{decode_cursor_position, encode_cursor_position, page_limit};
+use crate::state::AppState;
+
+/// The JSON of one entry, as listed and as exported in JSON Lines.
+pub fn entry_json(entry: &AuditEntry) -> Value {
+    json!({
+        "position": entry.position,
+        "recorded_at": rfc3339(entry.recorded_at),
+        "org_id": entry.org_id,
+        "scope_id": entry.scope_id,
+        "path": entry.scope_path,
+        "action": entry.action,
+        "event_type": entry.event_type,
+        "event_version": entry.event_version,
+        "actor": entry.actor,
+        "actor_kind": entry.actor_kind,
+        "reason": entry.reason,
+        "request_id": entry.request_id,
+        "source_address": entry.source_address,
+        "summary": entry.summary,
+        "details": entry.details,
+    })
+}
+
+pub const CSV_HEADER: &str = "position,recorded_at,org_id,scope_id,path,action,event_type,event_version,actor,actor_kind,reason,request_id,source_address,summary,details\n";
+
+/// One CSV field: quoted when needed, and defused against formula injection (a cell that
+/// starts with = + - @ is prefixed with an apostrophe, as OWASP recommends).
+fn csv_field(value: &str) -> String {
+    let defused = if value.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+        format!("'{value}")
+    } else {
+        value.to_owned()
+    };
+    if defused.contains([',', '"', '\n', '\r']) || defused != value {
+        format!("\"{}\"", defused.replace('"', "\"\""))
+    } else {
+        defused
+    }
+}
+
+/// One CSV line (with its newline) for an entry.
+pub fn entry_csv(entry: &AuditEntry) -> String {
+    let fields = [
+        entry.position.to_string(),
+        rfc3339(entry.recorded_at),
+        entry.org_id.clone(),
+        entry.scope_id.clone(),
+        entry.scope_path.join("/"),
+        entry.action.clone(),
+        entry.event_type.clone(),
+        entry.event_version.clone(),
+        entry.actor.clone(),
+        entry.actor_kind.clone(),
+        entry.reason.clone().unwrap_or_default(),
+        entry.request_id.clone(),
+        entry.source_address.clone().unwrap_or_default(),
+        entry.summary.clone(),
+        entry.details.to_string(),
+    ];
+    let mut line = fields
+        .iter()
+        .map(|f| csv_field(f))
+        .collect::<Vec<_>>()
+        .join(",");
+    line.push('\n');
+    line
+}
+
+/// Export formats.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    JsonLines,
+    Csv,
+}
+
+impl Format {
+    pub fn parse(text: &str) -> Result<Format, String> {
+        match text {
+            "jsonl" => Ok(Format::JsonLines),
+            "csv" => Ok(Format::Csv),
+            other => Err(format!(
+                "format: `{}` is not one of jsonl, csv",
+                other.chars().take(32).collect::<String>()
+            )),
+        }
+    }
+
+    pub fn header(self) -> &'static str {
+        match self {
+            Format::JsonLines => "",
+            Format::Csv => CSV_HEADER,
+        }
+    }
+
+    pub fn render(self, entry: &AuditEntry) -> String {
+        match self {
+            Format::JsonLines => format!("{}\n", entry_json(entry)),
+            Format::Csv => entry_csv(entry),
+        }
+    }
+}
+
+fn parse_time(name: &str, value: &str) -> Result<DateTime<Utc>, ApiError> {
+    DateTime::parse_from_rfc3339(value)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|_| {
+            ApiError::invalid(format!(
+                "{name}: expected an RFC 3339 time such as 2026-11-28T14:02:00Z"
+            ))
+        })
+}
+
+/// The organization an audit request is about: the caller's own (404 for any other).
+async fn audited_org(
+    state: &AppState,
+    caller: &Caller,
+    org: Option<&String>,
+) -> Result<OrgId, ApiError> {
+    if caller.is_operator() {
+        return Err(ApiError::forbidden(
+            "the operator token manages organizations only; use an organization's token",
+        ));
+    }
+    let own = caller
+        .org()
+        .ok_or_else(|| ApiError::forbidden("this token belongs to no organization"))?;
+    match org {
+        None => Ok(own),
+        Some(text) => {
+            let wanted = OrgId::parse(text).map_err(|e| ApiError::invalid(format!("org: {e}")))?;
+            if wanted != own {
+                return Err(ApiError::not_found(
+                    "no organization with this id is visible to this token",
+                ));
+            }
+            let _ = state;
+            Ok(own)
+        }
+    }
+}
+
+fn check_keys(query: &HashMap<String, String>, allowed: &[&str]) -> Result<(), ApiError> {
+    match query.keys().find(|k| !allowed.contains(&k.as_str())) {
+        Some(unknown) => Err(ApiError::invalid(format!(
+            "unknown query parameter `{}` (expected {})",
+            unknown.chars().take(64).collect::<String>(),
+            allowed.join(", ")
+        ))),
+        None => Ok(()),
+    }
+}
+
+const FILTER_KEYS: [&str; 6] = ["org", "scope", "actor", "action", "from", "to"];
+
+/// Builds the filter shared by list and export.
+async fn filter(
+    state: &AppState,
+    caller: &Caller,
+    query: &HashMap<String, String>,
+) -> Result<AuditFilter, ApiError> {
+    let org = audited_org(state, caller, query.get("org")).await?;
+    let subtree = match query.get("scope") {
+        None => None,
+        Some(text) => {
+            let id = ScopeId::parse(text).map_err(|e| ApiError::invalid(format!("scope: {e}")))?;
+            match state.app.scope(id).await? {
+                Some(snapshot) if snapshot.scope.org_id == org => Some(
+                    snapshot
+                        .scope
+                        .path
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join("/"),
+                ),
+                _ => {
+                    return Err(ApiError::not_found(
+                        "scope: no scope with this id is visible to this token",
+                    ))
+                }
+            }
+        }
+    };
+    let from = query
+        .get("from")
+        .map(|v| parse_time("from", v))
+        .transpose()?;
+    let to = query.get("to").map(|v| parse_time("to", v)).transpose()?;
+    if let (Some(from), Some(to)) = (from, to) {
+        if from >= to {
+            return Err(ApiError::invalid("from must be before to"));
+        }
+    }
+    Ok(AuditFilter {
+        org_id: org.to_string(),
+        subtree,
+        actor: query.get("actor").cloned(),
+        action: query.get("action").cloned(),
+        from,
+        to,
+        after: None,
+        limit: 0,
+    })
+}
+
+#[derive(Serialize)]
+struct AuditPage {
+    items: Vec<Value>,
+    next_cursor: Option<String>,
+}
+
+pub async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(query) = query.map_err(|_| ApiError::invalid("the query string is not valid"))?;
+    let mut allowed = FILTER_KEYS.to_vec();
+    allowed.extend(["cursor", "limit"]);
+    check_keys(&query, &allowed)?;
+    let mut filter = filter(&state, &caller, &query).await?;
+    let limit = page_limit(query.get("limit"))?;
+    filter.after = query
+        .get("cursor")
+        .map(|c| decode_cursor_position(c))
+        .transpose()?;
+    filter.limit = i64::from(limit) + 1;
+    let mut entries = state.app.audit(&filter).await?;
+    let more = entries.len() > limit as usize;
+    entries.truncate(limit as usize);
+    let next_cursor = if more {
+        entries.last().map(|e| encode_cursor_position(e.position))
+    } else {
+        None
+    };
+    Ok(Json(json!(AuditPage {
+        items: entries.iter().map(entry_json).collect(),
+        next_cursor,
+    })))
+}
+
+const EXPORT_PAGE: i64 = 1_000;
+
+/// Streams every matching entry, a page at a time: memory stays flat whatever the history.
+pub async fn export(
+    State(state): State<AppState>,
+    caller: Caller,
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(query) = query.map_err(|_| ApiError::invalid("the query string is not valid"))?;
+    let mut allowed = FILTER_KEYS.to_vec();
+    allowed.push("format");
+    check_keys(&query, &allowed)?;
+    let format = Format::parse(query.get("format").map(String::as_str).unwrap_or("jsonl"))
+        .map_err(ApiError::invalid)?;
+    let mut filter = filter(&state, &caller, &query).await?;
+    filter.limit = EXPORT_PAGE;
+    let app = state.app.clone();
+    let org = filter.org_id.clone();
+    let stream = futures_util::stream::unfold(
+        (app, filter, false, false),
+        move |(app, mut filter, header_sent, done)| async move {
+            if done {
+                return None;
+            }
+            if !header_sent && !format.header().is_empty() {
+                return Some((Ok(Bytes::from(format.header())), (app, filter, true, false)));
+            }
+            match app.audit(&filter).await {
+                Ok(entries) if entries.is_empty() => None,
+                Ok(entries) => {
+                    let finished = (entries.len() as i64) < filter.limit;
+                    filter.after = entries.last().map(|e| e.position);
+                    let chunk: String = entries.iter().map(|e| format.render(e)).collect();
+                    Some((Ok(Bytes::from(chunk)), (app, filter, true, finished)))
+                }
+                Err(error) => {
+                    // The status line is already sent: end the body with an error so the
+                    // client sees a truncated transfer, never a silently short export.
+                    tracing::error!(error = %ekm_projections::error_chain(&error), "audit export failed");
+                    Some((
+                        Err(std::io::Error::other("audit export failed")),
+                        (app, filter, true, true),
+                    ))
+                }
+            }
+        },
+    );
+    let (content_type, extension) = match format {
+        Format::JsonLines => ("application/jsonl", "jsonl"),
+        Format::Csv => ("text/csv; charset=utf-8", "csv"),
+    };
+    let mut response = Body::from_stream(stream).into_response();
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    if let Ok(value) = HeaderValue::from_str(&format!(
+        "attachment; filename=\"ekm-audit-{org}.{extension}\""
+    )) {
+        headers.insert(header::CONTENT_DISPOSITION, value);
+    }
+    Ok(response)
+}
+
+pub async fn verify(
+    State(state): State<AppState>,
+    caller: Caller,
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+) -> Result<Json<ChainReport>, ApiError> {
+    let Query(query) = query.map_err(|_| ApiError::invalid("the query string is not valid"))?;
+    check_keys(&query, &["org"])?;
+    let org = audited_org(&state, &caller, query.get("org")).await?;
+    Ok(Json(state.app.verify(org).await?))
+}

@@ -1,0 +1,204 @@
+//! Operator jobs that work on the database directly, without a server: projection rebuild
+//! and status, audit export and verification.
+
+use std::io::{IsTerminal, Write};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use ekm_api::audit::Format;
+use ekm_projections::{audit_entries, error_chain, rebuild, status, verify_chain, AuditFilter};
+use ekm_store::{Db, DbConfig};
+
+use crate::cli::{AuditCommand, DbArgs, ExportArgs, JobArgs, ProjectionsCommand, VerifyArgs};
+use crate::serve::{open, prepare_data_dir};
+
+fn db_error(error: impl std::error::Error) -> anyhow::Error {
+    anyhow::anyhow!(error_chain(&error))
+}
+
+/// Opens the database for reading only: no migration, no lock, so it works beside a running
+/// server. Refuses a data directory that holds no database.
+async fn open_for_reading(args: &DbArgs) -> anyhow::Result<Db> {
+    let config = match &args.database_url {
+        Some(url) => DbConfig::Postgres { url: url.clone() },
+        None => {
+            let config = DbConfig::sqlite_in(&args.data_dir);
+            if let DbConfig::Sqlite { path } = &config {
+                if !path.exists() {
+                    bail!(
+                        "no EKM database in {} (is --data-dir right?)",
+                        args.data_dir.display()
+                    );
+                }
+            }
+            config
+        }
+    };
+    Db::connect(&config).await.map_err(db_error)
+}
+
+pub async fn projections(command: ProjectionsCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        ProjectionsCommand::Rebuild(args) => rebuild_job(args).await,
+        ProjectionsCommand::Status(args) => status_job(args).await,
+    }
+}
+
+async fn rebuild_job(args: JobArgs) -> anyhow::Result<ExitCode> {
+    // SQLite: the data-directory lock makes sure no server writes meanwhile.
+    let (config, _lock) = prepare_data_dir(&args.db)?;
+    let db = open(&config).await?;
+    let interactive = std::io::stderr().is_terminal();
+    let mut last_percent = -1i64;
+    let mut progress = |applied: i64, head: i64| {
+        let percent = if head > 0 { applied * 100 / head } else { 100 };
+        if percent != last_percent || interactive {
+            let line = format!("rebuilding read models: position {applied} of {head} ({percent}%)");
+            if interactive {
+                eprint!("\r{line}");
+            } else if percent / 10 != last_percent / 10 {
+                eprintln!("{line}");
+            }
+            last_percent = percent;
+        }
+    };
+    let report = rebuild(&db, &mut progress).await.map_err(db_error)?;
+    if interactive {
+        eprintln!();
+    }
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        writeln!(out, "{}", serde_json::to_string(&report)?)?;
+    } else {
+        writeln!(
+            out,
+            "rebuilt {} from {} events up to position {} in {:.2}s",
+            report.projections.join(", "),
+            report.events,
+            report.position,
+            report.seconds
+        )?;
+    }
+    db.close().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn status_job(args: JobArgs) -> anyhow::Result<ExitCode> {
+    let db = open_for_reading(&args.db).await?;
+    let statuses = status(&db).await.map_err(db_error)?;
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        writeln!(out, "{}", serde_json::to_string(&statuses)?)?;
+    } else {
+        writeln!(
+            out,
+            "{:<14} {:>10} {:>10} {:>8}  rebuildable",
+            "projection", "position", "head", "lag"
+        )?;
+        for s in &statuses {
+            writeln!(
+                out,
+                "{:<14} {:>10} {:>10} {:>8}  {}",
+                s.name,
+                s.position,
+                s.head,
+                s.lag,
+                if s.rebuildable { "yes" } else { "no (seals)" }
+            )?;
+        }
+    }
+    db.close().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn audit(command: AuditCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        AuditCommand::Export(args) => export_job(args).await,
+        AuditCommand::Verify(args) => verify_job(args).await,
+    }
+}
+
+async fn export_job(args: ExportArgs) -> anyhow::Result<ExitCode> {
+    let format = Format::parse(&args.format).map_err(anyhow::Error::msg)?;
+    let org = ekm_domain::OrgId::parse(&args.org).map_err(|e| anyhow::anyhow!("--org: {e}"))?;
+    let db = open_for_reading(&args.db).await?;
+    let lagging = status(&db)
+        .await
+        .map_err(db_error)?
+        .into_iter()
+        .find(|s| s.name == "audit_log" && s.lag > 0);
+    if let Some(s) = lagging {
+        eprintln!("warning: the audit log is {} events behind the event log; start the server or run `ekm projections rebuild` to include them", s.lag);
+    }
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    out.write_all(format.header().as_bytes())?;
+    let mut filter = AuditFilter {
+        org_id: org.to_string(),
+        limit: 1_000,
+        ..AuditFilter::default()
+    };
+    loop {
+        let entries = audit_entries(&db, &filter).await.map_err(db_error)?;
+        let Some(last) = entries.last().map(|e| e.position) else {
+            break;
+        };
+        for entry in &entries {
+            out.write_all(format.render(entry).as_bytes())
+                .context("writing the export")?;
+        }
+        filter.after = Some(last);
+    }
+    out.flush()?;
+    db.close().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn verify_job(args: VerifyArgs) -> anyhow::Result<ExitCode> {
+    let db = open_for_reading(&args.db).await?;
+    let orgs = match &args.org {
+        Some(org) => vec![ekm_domain::OrgId::parse(org)
+            .map_err(|e| anyhow::anyhow!("--org: {e}"))?
+            .to_string()],
+        None => db.chained_orgs().await.map_err(db_error)?,
+    };
+    let mut failed = false;
+    let mut reports = vec![];
+    for org in orgs {
+        let report = verify_chain(&db, &org).await.map_err(db_error)?;
+        failed |= !report.ok;
+        reports.push(report);
+    }
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        writeln!(out, "{}", serde_json::to_string(&reports)?)?;
+    } else {
+        for report in &reports {
+            match &report.first_failure {
+                None => writeln!(
+                    out,
+                    "ok        {}  {} entries, head {} at position {}",
+                    report.org_id,
+                    report.entries,
+                    report.head_hash.as_deref().unwrap_or("-"),
+                    report.head_position.unwrap_or(0)
+                )?,
+                Some(failure) => writeln!(
+                    out,
+                    "TAMPERED  {}  first bad entry at position {}: {} ({}; scope {}, {})",
+                    report.org_id,
+                    failure.position,
+                    failure.problem,
+                    failure.detail,
+                    failure.scope_id.as_deref().unwrap_or("-"),
+                    failure.event_type.as_deref().unwrap_or("-")
+                )?,
+            }
+        }
+    }
+    db.close().await;
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
