@@ -145,6 +145,7 @@ impl App {
             name,
             plan,
             tier,
+            admin_token_id: Some(token.id.clone()),
         };
         match self
             .run(id.scope_id(), Intent::Create(command), metadata, None)

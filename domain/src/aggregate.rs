@@ -66,6 +66,7 @@ impl Scope {
                 name,
                 plan,
                 tier,
+                admin_token_id,
             } => {
                 if self.state.is_some() {
                     return Err(ScopeError::AlreadyExists(id.scope_id()));
@@ -82,6 +83,7 @@ impl Scope {
                     plan,
                     tier,
                     key_version: KeyVersion::FIRST,
+                    admin_token_id,
                 }])
             }
             ScopeCommand::CreateScope {
@@ -178,6 +180,7 @@ impl Aggregate for Scope {
                 plan,
                 tier,
                 key_version,
+                ..
             } => {
                 self.state = Some(ScopeState {
                     id: org_id.scope_id(),
@@ -293,6 +296,7 @@ mod tests {
                 name: name("Acme"),
                 plan: Plan::Enterprise,
                 tier: Tier::Managed,
+                admin_token_id: Some("tok_1".into()),
             })
             .then_expect_events(vec![ScopeEvent::OrganizationCreated {
                 org_id: org_id(),
@@ -300,6 +304,7 @@ mod tests {
                 plan: Plan::Enterprise,
                 tier: Tier::Managed,
                 key_version: KeyVersion::FIRST,
+                admin_token_id: Some("tok_1".into()),
             }]);
     }
 
@@ -312,6 +317,7 @@ mod tests {
                 name: name("Acme"),
                 plan: Plan::Standard,
                 tier: Tier::Managed,
+                admin_token_id: None,
             })
             .then_expect_error(ScopeError::TierNeedsEnterprise(Tier::Managed));
     }
@@ -325,6 +331,7 @@ mod tests {
                 name: name("Acme"),
                 plan: Plan::Enterprise,
                 tier: Tier::Byok,
+                admin_token_id: None,
             })
             .then_expect_error(ScopeError::ByokNeedsMasterKey);
     }

@@ -14,6 +14,8 @@ pub enum ScopeCommand {
         name: ScopeName,
         plan: Plan,
         tier: Tier,
+        /// The id of the first admin token, recorded for auditors.
+        admin_token_id: Option<String>,
     },
     /// Create a scope under an existing parent.
     CreateScope {

@@ -12,12 +12,15 @@ use crate::scope::{Plan, ScopeKind, ScopeName, Tier};
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ScopeEvent {
+    /// Version 2 added `admin_token_id` (version 1 events read it as `None`).
     OrganizationCreated {
         org_id: OrgId,
         name: ScopeName,
         plan: Plan,
         tier: Tier,
         key_version: KeyVersion,
+        /// The id (never the secret) of the first `org_admin` token issued with it.
+        admin_token_id: Option<String>,
     },
     ScopeCreated {
         scope_id: ScopeId,
@@ -79,8 +82,8 @@ impl DomainEvent for ScopeEvent {
 
     fn event_version(&self) -> String {
         match self {
-            ScopeEvent::OrganizationCreated { .. }
-            | ScopeEvent::ScopeCreated { .. }
+            ScopeEvent::OrganizationCreated { .. } => "2".to_owned(),
+            ScopeEvent::ScopeCreated { .. }
             | ScopeEvent::ScopePaused {}
             | ScopeEvent::ScopeResumed {}
             | ScopeEvent::ScopeRevoked {}

@@ -8,7 +8,29 @@ use cqrs_es::persist::{EventUpcaster, SerializedEvent};
 
 /// All upcasters, oldest version first, as cqrs-es expects them.
 pub fn upcasters() -> Vec<Box<dyn EventUpcaster>> {
-    vec![]
+    vec![Box::new(OrganizationCreatedV1)]
+}
+
+/// `OrganizationCreated` version 1 had no `admin_token_id`: read it as `null`.
+struct OrganizationCreatedV1;
+
+impl EventUpcaster for OrganizationCreatedV1 {
+    fn can_upcast(&self, event_type: &str, event_version: &str) -> bool {
+        event_type == "OrganizationCreated" && event_version == "1"
+    }
+
+    fn upcast(&self, mut event: SerializedEvent) -> SerializedEvent {
+        if let Some(body) = event
+            .payload
+            .get_mut("OrganizationCreated")
+            .and_then(|b| b.as_object_mut())
+        {
+            body.entry("admin_token_id")
+                .or_insert(serde_json::Value::Null);
+        }
+        event.event_version = "2".to_owned();
+        event
+    }
 }
 
 /// Applies every upcaster that matches, in order.

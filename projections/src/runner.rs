@@ -85,6 +85,7 @@ pub struct Projector {
     /// The highest position known to be applied to every read model.
     applied: watch::Sender<i64>,
     wake: Notify,
+    listening: std::sync::atomic::AtomicBool,
 }
 
 impl Projector {
@@ -96,6 +97,7 @@ impl Projector {
             running: Mutex::new(()),
             applied: watch::Sender::new(0),
             wake: Notify::new(),
+            listening: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -119,6 +121,16 @@ impl Projector {
     /// The highest position this process knows to be applied.
     pub fn applied(&self) -> i64 {
         *self.applied.borrow()
+    }
+
+    /// Whether the background loop currently receives PostgreSQL notifications.
+    pub fn listening(&self) -> bool {
+        self.listening.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Follows the applied position as it moves.
+    pub fn subscribe(&self) -> watch::Receiver<i64> {
+        self.applied.subscribe()
     }
 
     /// Asks the background loop to catch up now (after a local commit).
@@ -181,6 +193,8 @@ impl Projector {
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         let mut listener = self.listen().await;
         loop {
+            self.listening
+                .store(listener.is_some(), std::sync::atomic::Ordering::Release);
             if let Err(error) = self.catch_up().await {
                 tracing::error!(error = %crate::error::chain(&error), "projection catch-up failed; will retry");
             }
@@ -338,7 +352,12 @@ macro_rules! batch_fn {
                     .await?;
                 }
             }
-            for projection in &projector.projections {
+            // A checkpoint only moves forward: a projection already past this batch (the
+            // never-rebuilt audit seals, during a rebuild) keeps its own position.
+            for (projection, checkpoint) in projector.projections.iter().zip(&checkpoints) {
+                if last <= *checkpoint {
+                    continue;
+                }
                 sqlx::query(
                     "UPDATE projection_checkpoints SET position = $2, updated_at = $3 WHERE name = $1",
                 )

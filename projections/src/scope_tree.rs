@@ -81,6 +81,7 @@ impl Projection for ScopeTree {
                 plan,
                 tier,
                 key_version,
+                ..
             } => vec![
                 Statement::new(
                     INSERT_SCOPE,

@@ -262,7 +262,7 @@ pub struct TestApp {
     pub db: Db,
     shutdown: watch::Sender<bool>,
     /// Held for its `Drop`: the test database is removed after the server stops.
-    _test_db: TestDb,
+    pub _test_db: TestDb,
 }
 
 impl TestApp {
@@ -309,6 +309,14 @@ impl TestApp {
             shutdown,
             _test_db: test_db,
         }
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        self._test_db.data_dir()
+    }
+
+    pub fn database_url(&self) -> Option<&str> {
+        self._test_db.url.as_deref()
     }
 
     pub async fn call(

@@ -8,11 +8,14 @@
 
 mod harness;
 
+mod audit;
 mod bad_input;
 mod cascade_property;
 mod concurrency;
 mod flows;
 mod global_order;
+mod history;
 mod migrations;
 mod process;
+mod rebuild;
 mod tenancy;

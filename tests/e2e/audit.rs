@@ -1,0 +1,303 @@
+//! The audit log as compliance auditors use it: who did what, when, why; filters; exports;
+//! and a hash chain that catches tampering with the stored events.
+
+use std::process::Command;
+
+use ekm_store::Db;
+use serde_json::{json, Value};
+
+use crate::harness::{Backend, TestApp};
+use crate::on_both_backends;
+
+pub async fn exec(db: &Db, sql: &str) {
+    ekm_store::with_write_pool!(db, pool => {
+        sqlx::raw_sql(sql).execute(pool).await.unwrap();
+    });
+}
+
+/// Lets a test act as an attacker with full database access: the immutability triggers go.
+pub async fn drop_immutability(db: &Db) {
+    match db {
+        Db::Sqlite(_) => {
+            exec(
+                db,
+                "DROP TRIGGER events_no_update; DROP TRIGGER events_no_delete;",
+            )
+            .await
+        }
+        Db::Postgres(_) => exec(db, "DROP TRIGGER events_no_update_or_delete ON events").await,
+    }
+}
+
+async fn entries(app: &TestApp, token: &str, query: &str) -> Vec<Value> {
+    let response = app.get(&format!("/v1/audit{query}"), token).await;
+    assert_eq!(response.status, 200, "{}", response.body);
+    response.body["items"].as_array().unwrap().clone()
+}
+
+async fn audit_log_answers_who_what_when_why(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let (org, admin) = app.org("enterprise").await;
+    let (_other_org, other_admin) = app.org("enterprise").await;
+    let team = app.scope(&admin, "team", "research", &org).await;
+    let thread = app.scope(&admin, "thread", "t", &team).await;
+    let sales = app.scope(&admin, "team", "sales", &org).await;
+    app.pause(&admin, &team).await;
+    app.post(
+        &format!("/v1/scopes/{thread}/rotate"),
+        &admin,
+        json!({"reason": "quarterly"}),
+    )
+    .await;
+    app.revoke(&admin, &sales).await;
+
+    let all = entries(&app, &admin, "").await;
+    let actions: Vec<&str> = all.iter().map(|e| e["action"].as_str().unwrap()).collect();
+    assert_eq!(
+        actions,
+        [
+            "org.create",
+            "scope.create",
+            "scope.create",
+            "scope.create",
+            "scope.pause",
+            "scope.rotate",
+            "scope.revoke"
+        ]
+    );
+    let pause = &all[4];
+    assert_eq!(pause["scope_id"], team.as_str());
+    assert_eq!(pause["org_id"], org.as_str());
+    assert_eq!(pause["path"], json!([org, team]));
+    assert_eq!(pause["reason"], "investigation 4711");
+    assert_eq!(pause["actor_kind"], "user");
+    assert_eq!(pause["source_address"], "127.0.0.1");
+    assert_eq!(pause["event_type"], "ScopePaused");
+    assert_eq!(pause["summary"], "paused");
+    assert!(pause["request_id"].as_str().is_some_and(|r| !r.is_empty()));
+    assert!(all[0]["actor"].as_str().unwrap().starts_with("operator:"));
+    assert!(all
+        .windows(2)
+        .all(|w| w[0]["position"].as_i64() < w[1]["position"].as_i64()));
+
+    // Subtree: the team and everything under it.
+    let subtree = entries(&app, &admin, &format!("?scope={team}")).await;
+    let ids: Vec<&str> = subtree
+        .iter()
+        .map(|e| e["scope_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        [
+            team.as_str(),
+            thread.as_str(),
+            team.as_str(),
+            thread.as_str()
+        ]
+    );
+    // Action and actor.
+    assert_eq!(entries(&app, &admin, "?action=scope.revoke").await.len(), 1);
+    let actor = pause["actor"].as_str().unwrap();
+    assert_eq!(
+        entries(&app, &admin, &format!("?actor={actor}"))
+            .await
+            .len(),
+        6
+    );
+    // Time range: from the pause on.
+    let from = pause["recorded_at"].as_str().unwrap();
+    let since = entries(&app, &admin, &format!("?from={from}")).await;
+    assert_eq!(since.len(), 3);
+    assert_eq!(entries(&app, &admin, &format!("?to={from}")).await.len(), 4);
+    // Pagination.
+    let first = app.get("/v1/audit?limit=4", &admin).await;
+    assert_eq!(first.body["items"].as_array().unwrap().len(), 4);
+    let cursor = first.str("next_cursor");
+    let second = app
+        .get(&format!("/v1/audit?limit=4&cursor={cursor}"), &admin)
+        .await;
+    assert_eq!(second.body["items"].as_array().unwrap().len(), 3);
+    assert!(second.body["next_cursor"].is_null());
+
+    // Another organization sees only its own entries and cannot ask for ours.
+    assert_eq!(entries(&app, &other_admin, "").await.len(), 1);
+    app.get(&format!("/v1/audit?org={org}"), &other_admin)
+        .await
+        .assert_problem(404, "not_found");
+    app.get(&format!("/v1/audit?scope={team}"), &other_admin)
+        .await
+        .assert_problem(404, "not_found");
+    app.get("/v1/audit?from=yesterday", &admin)
+        .await
+        .assert_problem(400, "invalid_request");
+    app.get("/v1/audit?colour=red", &admin)
+        .await
+        .assert_problem(400, "invalid_request");
+    app.get("/v1/audit", &app.operator_token)
+        .await
+        .assert_problem(403, "forbidden");
+    app.stop().await;
+}
+on_both_backends!(audit_log_answers_who_what_when_why);
+
+async fn export_streams_jsonl_and_csv(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let (org, admin) = app.org("enterprise").await;
+    let team = app.scope(&admin, "team", "research", &org).await;
+    // A reason crafted to run a formula in a spreadsheet, with a comma and a quote.
+    app.post(
+        &format!("/v1/scopes/{team}/pause"),
+        &admin,
+        json!({"reason": "=HYPERLINK(\"x\"), really"}),
+    )
+    .await;
+
+    let jsonl = app
+        .client
+        .get(format!("{}/v1/audit/export?format=jsonl", app.base))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(jsonl.status(), 200);
+    assert_eq!(jsonl.headers()["content-type"], "application/jsonl");
+    let text = jsonl.text().await.unwrap();
+    let lines: Vec<Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3);
+    assert_eq!(lines[2]["reason"], "=HYPERLINK(\"x\"), really");
+
+    let csv = app
+        .client
+        .get(format!("{}/v1/audit/export?format=csv", app.base))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(csv.status(), 200);
+    let text = csv.text().await.unwrap();
+    let rows: Vec<&str> = text.lines().collect();
+    assert_eq!(rows.len(), 4);
+    assert!(rows[0].starts_with("position,recorded_at,org_id"));
+    assert!(
+        rows[3].contains("\"'=HYPERLINK(\"\"x\"\"), really\""),
+        "{}",
+        rows[3]
+    );
+
+    app.get("/v1/audit/export?format=xml", &admin)
+        .await
+        .assert_problem(400, "invalid_request");
+    app.stop().await;
+}
+on_both_backends!(export_streams_jsonl_and_csv);
+
+fn ekm_verify(test_app: &TestApp, org: &str) -> (bool, String) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_ekm"));
+    command
+        .args(["audit", "verify", "--org", org])
+        .arg("--data-dir")
+        .arg(test_app.data_dir());
+    if let Some(url) = test_app.database_url() {
+        command.args(["--database-url", url]);
+    }
+    let output = command.output().unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).to_string(),
+    )
+}
+
+async fn verify_pinpoints_tampering(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let (org, admin) = app.org("enterprise").await;
+    let team = app.scope(&admin, "team", "research", &org).await;
+    app.pause(&admin, &team).await;
+    app.resume(&admin, &team).await;
+    app.pause(&admin, &team).await;
+
+    let report = app
+        .get(&format!("/v1/audit/verify?org={org}"), &admin)
+        .await;
+    assert_eq!(report.body["ok"], true, "{}", report.body);
+    assert_eq!(report.body["entries"], 5);
+    let (ok, out) = ekm_verify(&app, &org);
+    assert!(ok, "{out}");
+    assert!(out.starts_with("ok"));
+
+    // An attacker with database access rewrites history: the first pause never had a reason.
+    let events = app.db.events_of(&team).await.unwrap();
+    let pause = events
+        .iter()
+        .find(|e| e.event_type == "ScopePaused")
+        .unwrap()
+        .position;
+    drop_immutability(&app.db).await;
+    exec(&app.db, &format!(
+        "UPDATE events SET metadata = '{{\"actor_kind\":\"user\",\"actor_id\":\"nobody\"}}' WHERE position = {pause}"
+    ))
+    .await;
+    let report = app
+        .get(&format!("/v1/audit/verify?org={org}"), &admin)
+        .await;
+    assert_eq!(report.body["ok"], false);
+    assert_eq!(report.body["first_failure"]["position"], pause);
+    assert_eq!(report.body["first_failure"]["problem"], "altered");
+    assert_eq!(report.body["first_failure"]["scope_id"], team.as_str());
+    let (ok, out) = ekm_verify(&app, &org);
+    assert!(!ok, "exit code must be non-zero on tampering");
+    assert!(
+        out.contains("TAMPERED") && out.contains(&format!("position {pause}")),
+        "{out}"
+    );
+    app.stop().await;
+}
+on_both_backends!(verify_pinpoints_tampering);
+
+async fn verify_catches_removed_and_inserted_events(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let (org, admin) = app.org("enterprise").await;
+    let team = app.scope(&admin, "team", "research", &org).await;
+    app.pause(&admin, &team).await;
+    app.resume(&admin, &team).await;
+    let events = app.db.events_of(&team).await.unwrap();
+    let (pause, resume) = (events[1].position, events[2].position);
+    drop_immutability(&app.db).await;
+
+    // Removing the resume: the chain has a seal for an event that is gone.
+    let copy = "CREATE TABLE stash AS SELECT * FROM events WHERE position = ";
+    exec(&app.db, &format!("{copy}{resume}")).await;
+    exec(
+        &app.db,
+        &format!("DELETE FROM events WHERE position = {resume}"),
+    )
+    .await;
+    let report = app.get("/v1/audit/verify", &admin).await;
+    assert_eq!(
+        report.body["first_failure"]["problem"], "removed",
+        "{}",
+        report.body
+    );
+    assert_eq!(report.body["first_failure"]["position"], resume);
+
+    // Putting it back under a new position inside the sealed range, after moving the pause:
+    // the chain no longer matches at the pause.
+    exec(&app.db, &format!("UPDATE stash SET position = {pause}")).await;
+    exec(
+        &app.db,
+        &format!("UPDATE events SET position = {resume} WHERE position = {pause}"),
+    )
+    .await;
+    exec(&app.db, "INSERT INTO events SELECT * FROM stash").await;
+    let report = app.get("/v1/audit/verify", &admin).await;
+    assert_eq!(report.body["ok"], false);
+    assert_eq!(
+        report.body["first_failure"]["position"], pause,
+        "{}",
+        report.body
+    );
+    app.stop().await;
+}
+on_both_backends!(verify_catches_removed_and_inserted_events);

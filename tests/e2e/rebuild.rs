@@ -1,0 +1,368 @@
+//! Read models can always be rebuilt from the log: a rebuild gives exactly the live rows,
+//! and a catch-up interrupted at any point (a crash) resumes without losing or repeating.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::process::Command;
+use std::task::{Context, Poll};
+
+use ekm_api::app::Action;
+use ekm_api::App;
+use ekm_domain::{
+    Actor, ActorKind, EventMetadata, Plan, Reason, ScopeId, ScopeKind, ScopeName, Tier,
+};
+use ekm_projections::{rebuild, Projector, ProjectorConfig};
+use ekm_store::Db;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use crate::harness::{Backend, TestApp, TestDb};
+use crate::on_both_backends;
+
+const TABLES: [(&str, &str, &str); 3] = [
+    (
+        "scope_view",
+        "id, org_id, parent_id, kind, name, path, depth, own_state, plan, tier, key_version, version, created_at, created_position, updated_position, state_event, state_position, state_at, state_actor, state_reason",
+        "id",
+    ),
+    ("key_version_view", "scope_id, version, created_at, created_position", "scope_id, version"),
+    (
+        "audit_log",
+        "position, recorded_at, org_id, scope_id, scope_path, action, event_type, event_version, actor, actor_kind, reason, request_id, source_address, summary, details",
+        "position",
+    ),
+];
+
+/// Every row of every rebuildable read model, as text.
+pub async fn dump(db: &Db) -> Vec<String> {
+    let mut out = vec![];
+    for (table, columns, order) in TABLES {
+        let cells: Vec<String> = columns
+            .split(", ")
+            .map(|c| format!("COALESCE(CAST({c} AS TEXT), '<null>')"))
+            .collect();
+        let sql = format!(
+            "SELECT {} AS row FROM {table} ORDER BY {order}",
+            cells.join(" || '|' || ")
+        );
+        let rows: Vec<String> = ekm_store::with_read_pool!(db, pool => {
+            sqlx::query_scalar(&sql).fetch_all(pool).await.unwrap()
+        });
+        out.extend(rows.into_iter().map(|r| format!("{table}: {r}")));
+    }
+    out
+}
+
+fn metadata() -> EventMetadata {
+    EventMetadata {
+        actor: Actor {
+            kind: ActorKind::User,
+            id: "history".into(),
+        },
+        request_id: "r".into(),
+        reason: Reason::parse("random history").ok(),
+        source_address: Some("127.0.0.1".into()),
+        recorded_at: "2026-11-28T00:00:00Z".into(),
+        location: None,
+    }
+}
+
+/// A seeded random history of `steps` commands over a growing tree: mostly creations and
+/// pauses/resumes, some rotations, a few revocations (never of the organization).
+pub async fn random_history(app: &App, seed: u64, steps: usize) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let name = ScopeName::parse("n").unwrap();
+    let (org, _) = app
+        .create_org(name.clone(), Plan::Enterprise, Tier::Managed, &metadata())
+        .await
+        .unwrap();
+    let mut scopes: Vec<(ScopeId, ScopeKind)> = vec![(org.scope.scope.id, ScopeKind::Organization)];
+    for _ in 0..steps {
+        let (target, kind) = scopes[rng.random_range(0..scopes.len())];
+        match rng.random_range(0..12) {
+            0..=4 => {
+                let parents: Vec<ScopeId> = scopes
+                    .iter()
+                    .filter(|(_, k)| matches!(k, ScopeKind::Organization | ScopeKind::Team))
+                    .map(|(id, _)| *id)
+                    .collect();
+                let parent_id = parents[rng.random_range(0..parents.len())];
+                let parent = app.scope(parent_id).await.unwrap().unwrap();
+                let choices: &[ScopeKind] = if parent.scope.kind == ScopeKind::Organization {
+                    &[
+                        ScopeKind::Team,
+                        ScopeKind::Team,
+                        ScopeKind::Thread,
+                        ScopeKind::McpConnector,
+                    ]
+                } else {
+                    &[ScopeKind::Thread, ScopeKind::Agent, ScopeKind::McpConnector]
+                };
+                let kind = choices[rng.random_range(0..choices.len())];
+                if let Ok(outcome) = app
+                    .create_scope(&parent, kind, name.clone(), &metadata())
+                    .await
+                {
+                    scopes.push((outcome.scope.scope.id, kind));
+                }
+            }
+            5..=6 => drop(app.act(target, Action::Pause, &metadata(), None).await),
+            7..=9 => drop(app.act(target, Action::Resume, &metadata(), None).await),
+            10 => drop(app.act(target, Action::Rotate, &metadata(), None).await),
+            _ => {
+                if kind != ScopeKind::Organization && rng.random_range(0..3) == 0 {
+                    let revoke = Action::Revoke {
+                        confirm: target.to_string(),
+                    };
+                    drop(app.act(target, revoke, &metadata(), None).await);
+                }
+            }
+        }
+    }
+}
+
+async fn rebuild_yields_exactly_the_live_read_models(backend: Backend) {
+    let test_db = TestDb::new(backend).await;
+    let app = TestApp::spawn_on(test_db).await;
+    random_history(&app.app, 7, 400).await;
+    random_history(&app.app, 8, 100).await;
+    let live = dump(&app.db).await;
+    assert!(live.len() > 250, "a long history: {} rows", live.len());
+    let seals_before: i64 = count(&app.db, "audit_chain").await;
+
+    match backend {
+        // PostgreSQL: beside the running server.
+        Backend::Postgres => {
+            let mut reported = vec![];
+            let report = rebuild(&app.db, &mut |applied, head| reported.push((applied, head)))
+                .await
+                .unwrap();
+            assert_eq!(report.position, app.db.head_position().await.unwrap());
+            assert!(reported.len() >= 2 && reported.last().unwrap().0 == report.position);
+            assert_eq!(dump(&app.db).await, live);
+            // The live server keeps working on the swapped-in tables.
+            random_history(&app.app, 9, 20).await;
+            let after = dump(&app.db).await;
+            assert!(after.len() > live.len());
+            rebuild(&app.db, &mut |_, _| {}).await.unwrap();
+            assert_eq!(dump(&app.db).await, after);
+        }
+        // SQLite: with the server stopped, as the CLI requires.
+        Backend::Sqlite => {
+            let config = app._test_db.config.clone();
+            let server_db = app.db.clone();
+            server_db.close().await;
+            let db = Db::open(&config).await.unwrap();
+            let report = rebuild(&db, &mut |_, _| {}).await.unwrap();
+            assert_eq!(report.projections, ["scope_tree", "audit_log"]);
+            assert_eq!(dump(&db).await, live);
+            db.close().await;
+        }
+    }
+    let db = Db::open(&app._test_db.config).await.unwrap();
+    assert_eq!(
+        count(&db, "audit_chain").await,
+        seals_before.max(count(&db, "audit_chain").await)
+    );
+    let report = ekm_projections::verify_chain(&db, &first_org(&db).await)
+        .await
+        .unwrap();
+    assert!(report.ok, "the seals survive a rebuild: {report:?}");
+    db.close().await;
+}
+on_both_backends!(rebuild_yields_exactly_the_live_read_models);
+
+async fn count(db: &Db, table: &str) -> i64 {
+    ekm_store::with_read_pool!(db, pool => {
+        sqlx::query_scalar(&format!("SELECT COUNT(*) FROM {table}")).fetch_one(pool).await.unwrap()
+    })
+}
+
+async fn first_org(db: &Db) -> String {
+    db.chained_orgs().await.unwrap().remove(0)
+}
+
+/// Polls a future at most `polls` times, then drops it wherever it stands: a crash at an
+/// arbitrary await point, in the middle of a transaction included.
+struct CrashAfter<F> {
+    inner: Pin<Box<F>>,
+    polls: u32,
+}
+
+impl<F: Future> Future for CrashAfter<F> {
+    type Output = Option<F::Output>;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        if self.polls == 0 {
+            return Poll::Ready(None);
+        }
+        self.polls -= 1;
+        self.inner.as_mut().poll(cx).map(Some)
+    }
+}
+
+async fn interrupted_catch_up_resumes_without_loss_or_duplicates(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    random_history(&app.app, 11, 120).await;
+    let live = dump(&app.db).await;
+    let config = app._test_db.config.clone();
+    app.db.close().await;
+
+    // Forget the read models, then catch up again through many small crashes.
+    let db = Db::open(&config).await.unwrap();
+    for (table, _, _) in TABLES {
+        crate::audit::exec(&db, &format!("DELETE FROM {table}")).await;
+    }
+    crate::audit::exec(
+        &db,
+        "UPDATE projection_checkpoints SET position = 0 WHERE name IN ('scope_tree', 'audit_log')",
+    )
+    .await;
+    let head = db.head_position().await.unwrap();
+    let mut rng = StdRng::seed_from_u64(3);
+    let mut crashes = 0;
+    loop {
+        let projector = Projector::standard(
+            db.clone(),
+            ProjectorConfig {
+                batch_size: 5,
+                ..ProjectorConfig::default()
+            },
+        );
+        let outcome = CrashAfter {
+            inner: Box::pin(projector.catch_up()),
+            polls: rng.random_range(1..40),
+        }
+        .await;
+        let checkpoints = projector.checkpoints().await.unwrap();
+        // Whatever was committed is whole: rows match the checkpoint exactly.
+        let audit_checkpoint = checkpoints
+            .iter()
+            .find(|(n, _)| n == "audit_log")
+            .unwrap()
+            .1;
+        let scope_events: i64 = db
+            .events_after(0, 100_000)
+            .await
+            .unwrap()
+            .iter()
+            .filter(|e| e.aggregate_type == "scope" && e.position <= audit_checkpoint)
+            .count() as i64;
+        assert_eq!(count(&db, "audit_log").await, scope_events);
+        match outcome {
+            Some(result) => {
+                assert_eq!(result.unwrap(), head);
+                break;
+            }
+            None => crashes += 1,
+        }
+    }
+    assert!(
+        crashes > 3,
+        "the test crashed the runner only {crashes} times"
+    );
+    assert_eq!(dump(&db).await, live);
+    db.close().await;
+}
+on_both_backends!(interrupted_catch_up_resumes_without_loss_or_duplicates);
+
+#[test]
+fn cli_status_and_rebuild_report_positions() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (dir, head) = runtime.block_on(async {
+        let app = TestApp::spawn(Backend::Sqlite).await;
+        random_history(&app.app, 5, 40).await;
+        let head = app.db.head_position().await.unwrap();
+        let config = app._test_db.config.clone();
+        app.db.close().await;
+        let _ = config;
+        (app, head)
+    });
+    let ekm = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_ekm"))
+            .args(args)
+            .arg("--data-dir")
+            .arg(dir.data_dir())
+            .env_remove("EKM_DATABASE_URL")
+            .output()
+            .unwrap()
+    };
+    let status = ekm(&["projections", "status", "--json"]);
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let statuses: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    for s in statuses.as_array().unwrap() {
+        assert_eq!(s["position"], head);
+        assert_eq!(s["lag"], 0);
+    }
+    let rebuilt = ekm(&["projections", "rebuild", "--json"]);
+    assert!(
+        rebuilt.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rebuilt.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&rebuilt.stdout).unwrap();
+    assert_eq!(report["position"], head);
+    assert!(String::from_utf8_lossy(&rebuilt.stderr).contains("rebuilding read models: position"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_runner_wakes_on_a_commit_made_elsewhere_through_notify() {
+    let test_db = TestDb::new(Backend::Postgres).await;
+    let db = Db::open(&test_db.config).await.unwrap();
+    // Polling once an hour: only a notification can wake it within the test.
+    let projector = std::sync::Arc::new(Projector::standard(
+        db.clone(),
+        ProjectorConfig {
+            poll_interval: std::time::Duration::from_secs(3600),
+            ..ProjectorConfig::default()
+        },
+    ));
+    projector.init().await.unwrap();
+    let mut applied = projector.subscribe();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let runner = tokio::spawn(projector.clone().run(stopped));
+    // Wait until the runner has made its first pass and listens.
+    tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        while !projector.listening() {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the runner listens");
+
+    // Another "instance" commits an event with plain SQL.
+    let org = uuid::Uuid::now_v7().to_string();
+    let payload = format!(
+        r#"{{"OrganizationCreated":{{"org_id":"{org}","name":"Elsewhere","plan":"enterprise","tier":"default","key_version":1,"admin_token_id":null}}}}"#
+    );
+    let mut other: sqlx::PgConnection = sqlx::Connection::connect(test_db.url.as_deref().unwrap())
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) VALUES ('scope', $1, 1, 'OrganizationCreated', '2', CAST($2 AS json), '{}')")
+        .bind(&org)
+        .bind(payload)
+        .execute(&mut other)
+        .await
+        .unwrap();
+    let position = db.head_position().await.unwrap();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        applied.wait_for(|p| *p >= position),
+    )
+    .await
+    .expect("woken by NOTIFY well before the hourly poll")
+    .unwrap();
+    let read = ekm_projections::ReadModels::new(db.clone());
+    let scope = read
+        .scope(ScopeId::parse(&org).unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(scope.scope.name, "Elsewhere");
+    stop.send(true).unwrap();
+    runner.await.unwrap();
+    db.close().await;
+}
