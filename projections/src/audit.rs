@@ -74,10 +74,23 @@ fn summary(event: &ScopeEvent) -> String {
 
 pub struct AuditLog;
 
-const INSERT_ENTRY: &str = "INSERT INTO audit_log (position, recorded_at, org_id, scope_id, \
-    scope_path, action, event_type, event_version, actor, actor_kind, reason, request_id, \
-    source_address, summary, details) \
-    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)";
+const ENTRY_COLUMNS: &[&str] = &[
+    "position",
+    "recorded_at",
+    "org_id",
+    "scope_id",
+    "scope_path",
+    "action",
+    "event_type",
+    "event_version",
+    "actor",
+    "actor_kind",
+    "reason",
+    "request_id",
+    "source_address",
+    "summary",
+    "details",
+];
 
 impl Projection for AuditLog {
     fn name(&self) -> &'static str {
@@ -99,9 +112,10 @@ impl Projection for AuditLog {
         let event = stored.scope_event()?;
         let metadata = EventMetadata::from_map(&stored.metadata);
         let location = location(stored, &event, &metadata);
-        Ok(vec![Statement::new(
-            INSERT_ENTRY,
-            vec![
+        Ok(vec![Statement::Insert {
+            table: "audit_log",
+            columns: ENTRY_COLUMNS,
+            values: vec![
                 Param::Int(stored.position),
                 Param::Int(to_micros(stored.recorded_at)),
                 Param::Text(location.org_id),
@@ -118,7 +132,7 @@ impl Projection for AuditLog {
                 Param::Text(summary(&event)),
                 Param::Text(stored.payload.to_string()),
             ],
-        )])
+        }])
     }
 }
 
@@ -164,15 +178,16 @@ impl Projection for AuditChain {
         let prev = state.get(&org).unwrap_or(GENESIS_HASH).to_owned();
         let hash = entry_hash(&prev, stored);
         state.set(&org, hash.clone());
-        Ok(vec![Statement::new(
-            "INSERT INTO audit_chain (position, org_id, prev_hash, hash) VALUES ($1, $2, $3, $4)",
-            vec![
+        Ok(vec![Statement::Insert {
+            table: "audit_chain",
+            columns: &["position", "org_id", "prev_hash", "hash"],
+            values: vec![
                 Param::Int(stored.position),
                 Param::Text(org),
                 Param::Text(prev),
                 Param::Text(hash),
             ],
-        )])
+        }])
     }
 }
 

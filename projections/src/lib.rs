@@ -30,4 +30,4 @@ pub use queries::{
 pub use rebuild::{rebuild, status, ProjectionStatus, RebuildReport};
 pub use runner::{standard_projections, Projection, ProjectionState, Projector, ProjectorConfig};
 pub use scope_tree::ScopeTree;
-pub use sql::{Param, Statement};
+pub use sql::{merge, Param, Prepared, Statement};

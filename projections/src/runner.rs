@@ -13,10 +13,12 @@ use tokio::sync::{watch, Mutex, Notify};
 use crate::audit::{AuditChain, AuditLog};
 use crate::error::ProjectionError;
 use crate::scope_tree::ScopeTree;
-use crate::sql::{execute_statements, Statement};
+use crate::sql::{execute_prepared, merge, Statement};
 
 /// A read model fed from events. `statements` must depend only on the event and the
-/// projection's own state, so that a rebuild from the log yields exactly the live rows.
+/// projection's own state, so that a rebuild from the log yields exactly the live rows, and
+/// must keep the merging contract of `sql::Statement` (inserts only create rows; updates
+/// set values on rows inserted earlier in the history).
 pub trait Projection: Send + Sync {
     fn name(&self) -> &'static str;
     /// The tables this projection owns (emptied by a rebuild).
@@ -329,16 +331,18 @@ macro_rules! batch_fn {
                 }
                 states.push(state);
             }
+            let mut rows = Vec::with_capacity(events.len() * 3);
             for event in &events {
                 for ((projection, checkpoint), state) in
                     projector.projections.iter().zip(&checkpoints).zip(states.iter_mut())
                 {
                     if event.position > *checkpoint {
-                        let conn = &mut **tx;
-                        execute_statements!(conn, projection.statements(event, state)?);
+                        rows.extend(projection.statements(event, state)?);
                     }
                 }
             }
+            let conn = &mut **tx;
+            execute_prepared!(conn, merge(rows));
             for (projection, state) in projector.projections.iter().zip(&states) {
                 for key in &state.changed {
                     sqlx::query(

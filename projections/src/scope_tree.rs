@@ -12,20 +12,107 @@ use crate::sql::{Param, Statement};
 
 pub struct ScopeTree;
 
-const INSERT_SCOPE: &str = "INSERT INTO scope_view \
-    (id, org_id, parent_id, kind, name, path, depth, own_state, plan, tier, key_version, \
-     version, created_at, created_position, updated_position) \
-    VALUES ($1, $2, $3, $4, $5, $6, $7, 'active', $8, $9, $10, $11, $12, $13, $13)";
+const SCOPE_COLUMNS: &[&str] = &[
+    "id",
+    "org_id",
+    "parent_id",
+    "kind",
+    "name",
+    "path",
+    "depth",
+    "own_state",
+    "plan",
+    "tier",
+    "key_version",
+    "version",
+    "created_at",
+    "created_position",
+    "updated_position",
+];
 
-const INSERT_KEY_VERSION: &str = "INSERT INTO key_version_view \
-    (scope_id, version, created_at, created_position) VALUES ($1, $2, $3, $4)";
+const KEY_VERSION_COLUMNS: &[&str] = &["scope_id", "version", "created_at", "created_position"];
 
-const SET_STATE: &str = "UPDATE scope_view SET own_state = $2, version = $3, \
-    updated_position = $4, state_event = $5, state_position = $4, state_at = $6, \
-    state_actor = $7, state_reason = $8 WHERE id = $1";
+const STATE_COLUMNS: &[&str] = &[
+    "own_state",
+    "version",
+    "updated_position",
+    "state_event",
+    "state_position",
+    "state_at",
+    "state_actor",
+    "state_reason",
+];
 
-const SET_KEY_VERSION: &str = "UPDATE scope_view SET key_version = $2, version = $3, \
-    updated_position = $4 WHERE id = $1";
+const KEY_COLUMNS: &[&str] = &["key_version", "version", "updated_position"];
+
+#[allow(clippy::too_many_arguments)]
+fn scope_row(
+    stored: &StoredEvent,
+    org_id: String,
+    parent_id: Option<String>,
+    kind: &str,
+    name: &str,
+    path: String,
+    depth: i64,
+    plan: Option<String>,
+    tier: Option<String>,
+    key_version: u32,
+) -> Statement {
+    Statement::Insert {
+        table: "scope_view",
+        columns: SCOPE_COLUMNS,
+        values: vec![
+            Param::Text(stored.aggregate_id.clone()),
+            Param::Text(org_id),
+            Param::OptText(parent_id),
+            Param::Text(kind.to_owned()),
+            Param::Text(name.to_owned()),
+            Param::Text(path),
+            Param::Int(depth),
+            Param::Text(OwnState::Active.as_str().to_owned()),
+            Param::OptText(plan),
+            Param::OptText(tier),
+            Param::Int(i64::from(key_version)),
+            Param::Int(stored.sequence),
+            Param::Int(to_micros(stored.recorded_at)),
+            Param::Int(stored.position),
+            Param::Int(stored.position),
+        ],
+    }
+}
+
+fn key_version_row(stored: &StoredEvent, version: u32) -> Statement {
+    Statement::Insert {
+        table: "key_version_view",
+        columns: KEY_VERSION_COLUMNS,
+        values: vec![
+            Param::Text(stored.aggregate_id.clone()),
+            Param::Int(i64::from(version)),
+            Param::Int(to_micros(stored.recorded_at)),
+            Param::Int(stored.position),
+        ],
+    }
+}
+
+fn state_change(stored: &StoredEvent, state: OwnState) -> Statement {
+    let metadata = EventMetadata::from_map(&stored.metadata);
+    Statement::Update {
+        table: "scope_view",
+        key_column: "id",
+        key: Param::Text(stored.aggregate_id.clone()),
+        columns: STATE_COLUMNS,
+        values: vec![
+            Param::Text(state.as_str().to_owned()),
+            Param::Int(stored.sequence),
+            Param::Int(stored.position),
+            Param::OptText(Some(stored.event_type.clone())),
+            Param::OptInt(Some(stored.position)),
+            Param::OptInt(Some(to_micros(stored.recorded_at))),
+            Param::OptText(Some(metadata.actor.to_string())),
+            Param::OptText(metadata.reason.map(|r| r.as_str().to_owned())),
+        ],
+    }
+}
 
 impl Projection for ScopeTree {
     fn name(&self) -> &'static str {
@@ -45,35 +132,6 @@ impl Projection for ScopeTree {
             return Ok(vec![]);
         }
         let event = stored.scope_event()?;
-        let at = to_micros(stored.recorded_at);
-        let id = stored.aggregate_id.clone();
-        let key_version_row = |version: u32| {
-            Statement::new(
-                INSERT_KEY_VERSION,
-                vec![
-                    Param::Text(id.clone()),
-                    Param::Int(i64::from(version)),
-                    Param::Int(at),
-                    Param::Int(stored.position),
-                ],
-            )
-        };
-        let state_change = |state: OwnState| {
-            let metadata = EventMetadata::from_map(&stored.metadata);
-            Statement::new(
-                SET_STATE,
-                vec![
-                    Param::Text(id.clone()),
-                    Param::Text(state.as_str().to_owned()),
-                    Param::Int(stored.sequence),
-                    Param::Int(stored.position),
-                    Param::Text(stored.event_type.clone()),
-                    Param::Int(at),
-                    Param::Text(metadata.actor.to_string()),
-                    Param::OptText(metadata.reason.map(|r| r.as_str().to_owned())),
-                ],
-            )
-        };
         Ok(match event {
             ScopeEvent::OrganizationCreated {
                 org_id,
@@ -83,25 +141,19 @@ impl Projection for ScopeTree {
                 key_version,
                 ..
             } => vec![
-                Statement::new(
-                    INSERT_SCOPE,
-                    vec![
-                        Param::Text(id.clone()),
-                        Param::Text(org_id.to_string()),
-                        Param::OptText(None),
-                        Param::Text("organization".into()),
-                        Param::Text(name.as_str().to_owned()),
-                        Param::Text(id.clone()),
-                        Param::Int(0),
-                        Param::OptText(Some(plan.as_str().into())),
-                        Param::OptText(Some(tier.as_str().into())),
-                        Param::Int(i64::from(key_version.get())),
-                        Param::Int(stored.sequence),
-                        Param::Int(at),
-                        Param::Int(stored.position),
-                    ],
+                scope_row(
+                    stored,
+                    org_id.to_string(),
+                    None,
+                    "organization",
+                    name.as_str(),
+                    stored.aggregate_id.clone(),
+                    0,
+                    Some(plan.as_str().into()),
+                    Some(tier.as_str().into()),
+                    key_version.get(),
                 ),
-                key_version_row(key_version.get()),
+                key_version_row(stored, key_version.get()),
             ],
             ScopeEvent::ScopeCreated {
                 kind,
@@ -119,41 +171,37 @@ impl Projection for ScopeTree {
                     .collect::<Vec<_>>()
                     .join("/");
                 vec![
-                    Statement::new(
-                        INSERT_SCOPE,
-                        vec![
-                            Param::Text(id.clone()),
-                            Param::Text(org_id.to_string()),
-                            Param::OptText(Some(parent_id.to_string())),
-                            Param::Text(kind.as_str().into()),
-                            Param::Text(name.as_str().to_owned()),
-                            Param::Text(path),
-                            Param::Int(depth),
-                            Param::OptText(None),
-                            Param::OptText(None),
-                            Param::Int(i64::from(key_version.get())),
-                            Param::Int(stored.sequence),
-                            Param::Int(at),
-                            Param::Int(stored.position),
-                        ],
+                    scope_row(
+                        stored,
+                        org_id.to_string(),
+                        Some(parent_id.to_string()),
+                        kind.as_str(),
+                        name.as_str(),
+                        path,
+                        depth,
+                        None,
+                        None,
+                        key_version.get(),
                     ),
-                    key_version_row(key_version.get()),
+                    key_version_row(stored, key_version.get()),
                 ]
             }
-            ScopeEvent::ScopePaused {} => vec![state_change(OwnState::Paused)],
-            ScopeEvent::ScopeResumed {} => vec![state_change(OwnState::Active)],
-            ScopeEvent::ScopeRevoked {} => vec![state_change(OwnState::Revoked)],
+            ScopeEvent::ScopePaused {} => vec![state_change(stored, OwnState::Paused)],
+            ScopeEvent::ScopeResumed {} => vec![state_change(stored, OwnState::Active)],
+            ScopeEvent::ScopeRevoked {} => vec![state_change(stored, OwnState::Revoked)],
             ScopeEvent::ScopeKeyRotated { key_version } => vec![
-                Statement::new(
-                    SET_KEY_VERSION,
-                    vec![
-                        Param::Text(id.clone()),
+                Statement::Update {
+                    table: "scope_view",
+                    key_column: "id",
+                    key: Param::Text(stored.aggregate_id.clone()),
+                    columns: KEY_COLUMNS,
+                    values: vec![
                         Param::Int(i64::from(key_version.get())),
                         Param::Int(stored.sequence),
                         Param::Int(stored.position),
                     ],
-                ),
-                key_version_row(key_version.get()),
+                },
+                key_version_row(stored, key_version.get()),
             ],
         })
     }

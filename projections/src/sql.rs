@@ -1,8 +1,16 @@
-//! Read-model writes as data: a projection turns an event into `Statement`s (pure), and the
-//! runner executes them inside its transaction on whichever backend is in use.
+//! Read-model writes as data. A projection turns an event into row operations (pure); the
+//! runner merges a whole batch of them into few statements and executes those inside its
+//! transaction, on whichever backend is in use.
+//!
+//! The contract that makes merging correct: an `Insert` only ever creates a row that does
+//! not exist yet, and an `Update` sets columns to values (never to expressions of the old
+//! row) on a row whose `Insert` came earlier in the history. So within a batch all inserts
+//! can run first, and for each row only the last value of each updated column matters.
+
+use std::collections::HashMap;
 
 /// A bound parameter. Only the types both backends share.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Param {
     Text(String),
     OptText(Option<String>),
@@ -10,24 +18,145 @@ pub enum Param {
     OptInt(Option<i64>),
 }
 
-/// One SQL statement with `$n` placeholders (valid on SQLite and PostgreSQL alike).
+/// One row operation.
 #[derive(Clone, Debug, PartialEq)]
-pub struct Statement {
-    pub sql: &'static str,
+pub enum Statement {
+    Insert {
+        table: &'static str,
+        columns: &'static [&'static str],
+        values: Vec<Param>,
+    },
+    Update {
+        table: &'static str,
+        key_column: &'static str,
+        key: Param,
+        columns: &'static [&'static str],
+        values: Vec<Param>,
+    },
+}
+
+/// A table and its columns: the shape of a merged INSERT.
+type InsertShape = (&'static str, &'static [&'static str]);
+/// A row to update: table, key column, key.
+type RowKey = (&'static str, &'static str, Param);
+/// The shape of a merged UPDATE: table, key column, updated columns.
+type UpdateShape = (&'static str, &'static str, Vec<&'static str>);
+type Rows = Vec<Vec<Param>>;
+
+/// Rows per merged statement: well under both backends' parameter limits.
+const ROWS_PER_STATEMENT: usize = 500;
+
+/// A statement ready to run: SQL with `$n` placeholders and its parameters.
+pub struct Prepared {
+    pub sql: String,
     pub params: Vec<Param>,
 }
 
-impl Statement {
-    pub fn new(sql: &'static str, params: Vec<Param>) -> Self {
-        Self { sql, params }
-    }
+fn values_list(rows: usize, width: usize) -> String {
+    (0..rows)
+        .map(|r| {
+            let cells: Vec<String> = (1..=width).map(|c| format!("${}", r * width + c)).collect();
+            format!("({})", cells.join(", "))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
-/// Executes statements on `$conn` (a `&mut` connection or transaction of either backend).
-macro_rules! execute_statements {
-    ($conn:expr, $statements:expr) => {
-        for statement in $statements {
-            let mut query = sqlx::query(statement.sql);
+/// Merges a batch's row operations: multi-row INSERTs per table, then one multi-row UPDATE
+/// per table and set of columns, each row carrying the last value of every column.
+pub fn merge(statements: Vec<Statement>) -> Vec<Prepared> {
+    let mut inserts: Vec<(InsertShape, Rows)> = vec![];
+    // (table, key column, key) → column → value, in first-seen order of rows.
+    let mut updates: Vec<(RowKey, Vec<(&'static str, Param)>)> = vec![];
+    let mut update_index: HashMap<RowKey, usize> = HashMap::new();
+    for statement in statements {
+        match statement {
+            Statement::Insert {
+                table,
+                columns,
+                values,
+            } => {
+                match inserts
+                    .iter_mut()
+                    .find(|(shape, _)| *shape == (table, columns))
+                {
+                    Some((_, rows)) => rows.push(values),
+                    None => inserts.push(((table, columns), vec![values])),
+                }
+            }
+            Statement::Update {
+                table,
+                key_column,
+                key,
+                columns,
+                values,
+            } => {
+                let row_key = (table, key_column, key);
+                let index = *update_index.entry(row_key.clone()).or_insert_with(|| {
+                    updates.push((row_key, vec![]));
+                    updates.len() - 1
+                });
+                let row = &mut updates[index].1;
+                for (column, value) in columns.iter().zip(values) {
+                    match row.iter_mut().find(|(c, _)| c == column) {
+                        Some(cell) => cell.1 = value,
+                        None => row.push((column, value)),
+                    }
+                }
+            }
+        }
+    }
+    let mut prepared = vec![];
+    for ((table, columns), rows) in inserts {
+        for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+            prepared.push(Prepared {
+                sql: format!(
+                    "INSERT INTO {table} ({}) VALUES {}",
+                    columns.join(", "),
+                    values_list(chunk.len(), columns.len())
+                ),
+                params: chunk.iter().flatten().cloned().collect(),
+            });
+        }
+    }
+    // Group updated rows by their exact set of columns.
+    let mut shapes: Vec<(UpdateShape, Rows)> = vec![];
+    for ((table, key_column, key), cells) in updates {
+        let columns: Vec<&'static str> = cells.iter().map(|(c, _)| *c).collect();
+        let mut row = vec![key];
+        row.extend(cells.into_iter().map(|(_, v)| v));
+        let shape = (table, key_column, columns);
+        match shapes.iter_mut().find(|(s, _)| *s == shape) {
+            Some((_, rows)) => rows.push(row),
+            None => shapes.push((shape, vec![row])),
+        }
+    }
+    for ((table, key_column, columns), rows) in shapes {
+        let sets: Vec<String> = columns
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c} = u.column{}", i + 2))
+            .collect();
+        for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+            prepared.push(Prepared {
+                // VALUES columns are named column1, column2, ... on both backends.
+                sql: format!(
+                    "UPDATE {table} SET {} FROM (VALUES {}) AS u WHERE {table}.{key_column} = u.column1",
+                    sets.join(", "),
+                    values_list(chunk.len(), columns.len() + 1)
+                ),
+                params: chunk.iter().flatten().cloned().collect(),
+            });
+        }
+    }
+    prepared
+}
+
+/// Executes prepared statements on `$conn` (a `&mut` connection of either backend).
+macro_rules! execute_prepared {
+    ($conn:expr, $prepared:expr) => {
+        for statement in $prepared {
+            let mut query = sqlx::query(&statement.sql);
             for param in statement.params {
                 query = match param {
                     $crate::sql::Param::Text(v) => query.bind(v),
@@ -40,4 +169,58 @@ macro_rules! execute_statements {
         }
     };
 }
-pub(crate) use execute_statements;
+pub(crate) use execute_prepared;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn update(key: &str, columns: &'static [&'static str], values: Vec<i64>) -> Statement {
+        Statement::Update {
+            table: "t",
+            key_column: "id",
+            key: Param::Text(key.into()),
+            columns,
+            values: values.into_iter().map(Param::Int).collect(),
+        }
+    }
+
+    #[test]
+    fn inserts_merge_per_table_and_updates_keep_the_last_value_per_column() {
+        let merged = merge(vec![
+            Statement::Insert {
+                table: "t",
+                columns: &["id", "a"],
+                values: vec![Param::Text("x".into()), Param::Int(1)],
+            },
+            update("x", &["a", "b"], vec![2, 3]),
+            Statement::Insert {
+                table: "t",
+                columns: &["id", "a"],
+                values: vec![Param::Text("y".into()), Param::Int(1)],
+            },
+            update("x", &["a"], vec![4]),
+            update("y", &["a", "b"], vec![5, 6]),
+        ]);
+        assert_eq!(merged.len(), 2);
+        assert_eq!(
+            merged[0].sql,
+            "INSERT INTO t (id, a) VALUES ($1, $2), ($3, $4)"
+        );
+        assert_eq!(
+            merged[1].sql,
+            "UPDATE t SET a = u.column2, b = u.column3 FROM (VALUES ($1, $2, $3), ($4, $5, $6)) AS u WHERE t.id = u.column1"
+        );
+        assert_eq!(
+            merged[1].params,
+            vec![
+                Param::Text("x".into()),
+                Param::Int(4),
+                Param::Int(3),
+                Param::Text("y".into()),
+                Param::Int(5),
+                Param::Int(6),
+            ]
+        );
+    }
+}
