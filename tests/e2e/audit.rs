@@ -301,3 +301,52 @@ async fn verify_catches_removed_and_inserted_events(backend: Backend) {
     app.stop().await;
 }
 on_both_backends!(verify_catches_removed_and_inserted_events);
+
+async fn editing_a_payload_is_caught_and_the_cli_exports_the_log(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let (org, admin) = app.org("enterprise").await;
+    let team = app.scope(&admin, "team", "research", &org).await;
+    app.pause(&admin, &team).await;
+
+    // The CLI export matches the API, line for line.
+    let mut command = Command::new(env!("CARGO_BIN_EXE_ekm"));
+    command
+        .args(["audit", "export", "--org", &org, "--format", "jsonl"])
+        .arg("--data-dir")
+        .arg(app.data_dir());
+    if let Some(url) = app.database_url() {
+        command.args(["--database-url", url]);
+    }
+    let output = command.output().unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let exported: Vec<Value> = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(exported, entries(&app, &admin, "").await);
+
+    // Rename the team in its creation event, straight in the database.
+    let created = app.db.events_of(&team).await.unwrap()[0].position;
+    drop_immutability(&app.db).await;
+    let forged = app.db.events_of(&team).await.unwrap()[0]
+        .payload
+        .to_string()
+        .replace("research", "harmless");
+    exec(
+        &app.db,
+        &format!("UPDATE events SET payload = '{forged}' WHERE position = {created}"),
+    )
+    .await;
+    let report = app.get("/v1/audit/verify", &admin).await;
+    assert_eq!(report.body["ok"], false);
+    assert_eq!(report.body["first_failure"]["position"], created);
+    assert_eq!(report.body["first_failure"]["problem"], "altered");
+    let (ok, out) = ekm_verify(&app, &org);
+    assert!(!ok && out.contains("TAMPERED"), "{out}");
+    app.stop().await;
+}
+on_both_backends!(editing_a_payload_is_caught_and_the_cli_exports_the_log);

@@ -1,0 +1,218 @@
+//! The data-plane ciphertext: a self-describing, versioned string.
+//!
+//! `ekm1.<scope id>.<key version>.<data class>.<base64url(nonce ‖ SIV output)>`
+//!
+//! The scope, key version and class are also authenticated as associated data, so a
+//! ciphertext moved to another scope or class, or altered by one bit, fails to open.
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use rand::RngCore;
+use zeroize::Zeroizing;
+
+use crate::kek::{CryptoError, Kek};
+
+pub const FORMAT_PREFIX: &str = "ekm1";
+const NONCE_BYTES: usize = 16;
+const TAG_BYTES: usize = 16;
+/// Longest ciphertext string accepted (a little over 1 MiB of plaintext).
+const MAX_LEN: usize = 1_500_000;
+
+/// Why a string is not a ciphertext. Safe to show: it never echoes the input.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum CiphertextError {
+    #[error("not an EKM ciphertext (expected ekm1.<scope>.<version>.<class>.<data>)")]
+    Malformed,
+    #[error("the ciphertext is longer than {MAX_LEN} characters")]
+    TooLong,
+}
+
+/// A parsed ciphertext. Fields are as written in the string; validating the scope id and
+/// class names is the caller's business.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ciphertext {
+    pub scope_id: String,
+    pub key_version: u32,
+    pub class: String,
+    sealed: Vec<u8>,
+}
+
+fn headers<'a>(
+    scope_id: &'a str,
+    version: &'a str,
+    class: &'a str,
+    nonce: &'a [u8],
+) -> [&'a [u8]; 5] {
+    [
+        b"ekm-data-v1",
+        scope_id.as_bytes(),
+        version.as_bytes(),
+        class.as_bytes(),
+        nonce,
+    ]
+}
+
+impl Ciphertext {
+    /// Encrypts `plaintext` for a scope, key version and class, with a fresh random nonce.
+    pub fn seal(
+        key: &Kek,
+        scope_id: &str,
+        key_version: u32,
+        class: &str,
+        plaintext: &[u8],
+    ) -> Result<Ciphertext, CryptoError> {
+        let mut nonce = [0u8; NONCE_BYTES];
+        rand::rng().fill_bytes(&mut nonce);
+        let version = key_version.to_string();
+        let body = key.seal(&headers(scope_id, &version, class, &nonce), plaintext)?;
+        let mut sealed = Vec::with_capacity(NONCE_BYTES + body.len());
+        sealed.extend_from_slice(&nonce);
+        sealed.extend_from_slice(&body);
+        Ok(Ciphertext {
+            scope_id: scope_id.to_owned(),
+            key_version,
+            class: class.to_owned(),
+            sealed,
+        })
+    }
+
+    /// Decrypts with the key of the ciphertext's scope and version.
+    pub fn open(&self, key: &Kek) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
+        let (nonce, body) = self.sealed.split_at(NONCE_BYTES);
+        let version = self.key_version.to_string();
+        key.open(&headers(&self.scope_id, &version, &self.class, nonce), body)
+    }
+
+    /// Parses the string form. Never panics, whatever the input.
+    pub fn parse(text: &str) -> Result<Ciphertext, CiphertextError> {
+        if text.len() > MAX_LEN {
+            return Err(CiphertextError::TooLong);
+        }
+        let mut parts = text.split('.');
+        let (Some(prefix), Some(scope_id), Some(version), Some(class), Some(data), None) = (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) else {
+            return Err(CiphertextError::Malformed);
+        };
+        let plain_token = |s: &str| {
+            !s.is_empty()
+                && s.len() <= 64
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        };
+        if prefix != FORMAT_PREFIX || !plain_token(scope_id) || !plain_token(class) {
+            return Err(CiphertextError::Malformed);
+        }
+        if version.is_empty()
+            || version.len() > 10
+            || !version.bytes().all(|b| b.is_ascii_digit())
+            || version.starts_with('0')
+        {
+            return Err(CiphertextError::Malformed);
+        }
+        let key_version: u32 = version.parse().map_err(|_| CiphertextError::Malformed)?;
+        let sealed = URL_SAFE_NO_PAD
+            .decode(data.as_bytes())
+            .map_err(|_| CiphertextError::Malformed)?;
+        if sealed.len() < NONCE_BYTES + TAG_BYTES {
+            return Err(CiphertextError::Malformed);
+        }
+        Ok(Ciphertext {
+            scope_id: scope_id.to_owned(),
+            key_version,
+            class: class.to_owned(),
+            sealed,
+        })
+    }
+}
+
+impl std::fmt::Display for Ciphertext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{FORMAT_PREFIX}.{}.{}.{}.{}",
+            self.scope_id,
+            self.key_version,
+            self.class,
+            URL_SAFE_NO_PAD.encode(&self.sealed)
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const SCOPE: &str = "0190c7a2-8a1e-7c3b-9d4e-2f1a3b5c6d7e";
+
+    #[test]
+    fn round_trip_through_the_string_form() {
+        let key = Kek::generate();
+        let sealed = Ciphertext::seal(&key, SCOPE, 3, "messages", b"hello").unwrap();
+        let text = sealed.to_string();
+        assert!(text.starts_with(&format!("ekm1.{SCOPE}.3.messages.")));
+        let parsed = Ciphertext::parse(&text).unwrap();
+        assert_eq!(parsed.open(&key).unwrap().as_slice(), b"hello");
+    }
+
+    #[test]
+    fn moving_to_another_scope_version_or_class_fails() {
+        let key = Kek::generate();
+        let text = Ciphertext::seal(&key, SCOPE, 3, "messages", b"hello")
+            .unwrap()
+            .to_string();
+        for forged in [
+            text.replace(SCOPE, "0190c7a2-8a1e-7c3b-9d4e-2f1a3b5c6d7f"),
+            text.replace(".3.", ".4."),
+            text.replace(".messages.", ".files."),
+        ] {
+            let parsed = Ciphertext::parse(&forged).unwrap();
+            assert_eq!(parsed.open(&key), Err(CryptoError));
+        }
+    }
+
+    #[test]
+    fn malformed_strings_are_refused() {
+        for bad in [
+            "",
+            "ekm1",
+            "ekm2.a.1.c.AAAA",
+            "ekm1.a.0.c.AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+            "ekm1.a.01.c.x",
+            "ekm1.a.1.c.!!",
+            "ekm1.a.1.c.AAAA",
+            "ekm1.a b.1.c.AAAA",
+            "ekm1.a.1.c.d.e",
+        ] {
+            assert!(Ciphertext::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn parse_never_panics(input in ".{0,200}") {
+            let _ = Ciphertext::parse(&input);
+        }
+
+        #[test]
+        fn any_single_character_change_is_rejected(position in any::<usize>(), replacement in "[A-Za-z0-9_.-]") {
+            let key = Kek::generate();
+            let text = Ciphertext::seal(&key, SCOPE, 2, "files", b"secret data").unwrap().to_string();
+            let index = position % text.len();
+            let mut chars: Vec<char> = text.chars().collect();
+            let new = replacement.chars().next().unwrap_or('A');
+            prop_assume!(chars[index] != new);
+            chars[index] = new;
+            let forged: String = chars.into_iter().collect();
+            if let Ok(parsed) = Ciphertext::parse(&forged) {
+                prop_assert!(parsed.open(&key).is_err());
+            }
+        }
+    }
+}

@@ -1,0 +1,13 @@
+//! EKM's keys: key-encryption keys that zeroize themselves, AES-SIV wrapping (RFC 5297),
+//! the data-plane ciphertext format, and master-key providers.
+//!
+//! Architecture invariant: key bytes never leave this crate except as `Kek`, whose `Debug`
+//! prints nothing and which wipes its memory on drop. Nothing here logs or stores anything.
+
+mod ciphertext;
+mod kek;
+mod provider;
+
+pub use ciphertext::{Ciphertext, CiphertextError, FORMAT_PREFIX};
+pub use kek::{CryptoError, Kek, KEK_BYTES};
+pub use provider::{LocalMasterKey, MasterKeyError, MASTER_KEY_FILE};

@@ -1,0 +1,152 @@
+//! Master-key providers. The `local` provider keeps the platform master key in a file of the
+//! data directory (0600), created on first start.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use crate::kek::{CryptoError, Kek, KEK_BYTES};
+
+pub const MASTER_KEY_FILE: &str = "master.key";
+
+#[derive(Debug, thiserror::Error)]
+pub enum MasterKeyError {
+    #[error("cannot read or create the master key file {path}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the master key file {path} is not {KEK_BYTES} hex-encoded bytes")]
+    Malformed { path: String },
+    #[error("the master key file {path} must be readable by its owner only (mode 0600)")]
+    Permissions { path: String },
+}
+
+/// The platform master key, held in memory for the process's life (zeroized on drop).
+#[derive(Debug, Clone)]
+pub struct LocalMasterKey {
+    key: Kek,
+    path: PathBuf,
+}
+
+impl LocalMasterKey {
+    /// Loads the key file, or creates it (0600) when `create` is true and it does not exist.
+    pub fn load(path: &Path, create: bool) -> Result<Option<LocalMasterKey>, MasterKeyError> {
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        let shown = path.display().to_string();
+        let io = |source| MasterKeyError::Io {
+            path: shown.clone(),
+            source,
+        };
+        match std::fs::read_to_string(path) {
+            Ok(text) => {
+                let mode = std::fs::metadata(path).map_err(io)?.permissions().mode();
+                if mode & 0o077 != 0 {
+                    return Err(MasterKeyError::Permissions { path: shown });
+                }
+                let bytes = zeroize::Zeroizing::new(hex::decode(text.trim()).map_err(|_| {
+                    MasterKeyError::Malformed {
+                        path: shown.clone(),
+                    }
+                })?);
+                let key = Kek::from_bytes(&bytes).map_err(|_| MasterKeyError::Malformed {
+                    path: shown.clone(),
+                })?;
+                Ok(Some(LocalMasterKey {
+                    key,
+                    path: path.to_owned(),
+                }))
+            }
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound && create => {
+                let key = Kek::generate();
+                let mut file = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(path)
+                    .map_err(io)?;
+                let text = zeroize::Zeroizing::new(key.hex());
+                file.write_all(text.as_bytes()).map_err(io)?;
+                file.write_all(b"\n").map_err(io)?;
+                file.sync_all().map_err(io)?;
+                Ok(Some(LocalMasterKey {
+                    key,
+                    path: path.to_owned(),
+                }))
+            }
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(error) => Err(io(error)),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn fingerprint(&self) -> String {
+        self.key.fingerprint()
+    }
+
+    /// Wraps an organization's key, bound to the organization and version (the local
+    /// equivalent of a KMS encryption context).
+    pub fn wrap(&self, org_key: &Kek, org_id: &str, version: u32) -> Result<Vec<u8>, CryptoError> {
+        let version = version.to_string();
+        self.key.wrap(
+            org_key,
+            &[b"ekm-org-kek-v1", org_id.as_bytes(), version.as_bytes()],
+        )
+    }
+
+    pub fn unwrap(&self, wrapped: &[u8], org_id: &str, version: u32) -> Result<Kek, CryptoError> {
+        let version = version.to_string();
+        self.key.unwrap_key(
+            wrapped,
+            &[b"ekm-org-kek-v1", org_id.as_bytes(), version.as_bytes()],
+        )
+    }
+}
+
+impl Kek {
+    /// Hex of the key bytes, for the master key file only.
+    fn hex(&self) -> String {
+        self.with_bytes(|bytes| hex::encode(bytes))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn created_once_with_owner_only_permissions_and_reloaded() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(MASTER_KEY_FILE);
+        assert!(LocalMasterKey::load(&path, false).unwrap().is_none());
+        let created = LocalMasterKey::load(&path, true).unwrap().unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let again = LocalMasterKey::load(&path, true).unwrap().unwrap();
+        assert_eq!(created.fingerprint(), again.fingerprint());
+        let org = Kek::generate();
+        let wrapped = created.wrap(&org, "org", 1).unwrap();
+        assert_eq!(
+            again.unwrap(&wrapped, "org", 1).unwrap().fingerprint(),
+            org.fingerprint()
+        );
+        assert!(again.unwrap(&wrapped, "other-org", 1).is_err());
+    }
+
+    #[test]
+    fn a_world_readable_key_file_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(MASTER_KEY_FILE);
+        LocalMasterKey::load(&path, true).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(matches!(
+            LocalMasterKey::load(&path, false),
+            Err(MasterKeyError::Permissions { .. })
+        ));
+    }
+}
