@@ -120,6 +120,14 @@ pub struct ServeArgs {
     /// How often BYOK master keys are checked (500ms, 1s, 1m, ...).
     #[arg(long, env = "EKM_KEY_HEALTH_INTERVAL", default_value = "60s", value_parser = parse_duration)]
     pub key_health_interval: Duration,
+    /// The platform master key file (local provider). Created on first start with mode 0600;
+    /// every instance sharing a database needs the same file.
+    #[arg(long, env = "EKM_MASTER_KEY_FILE")]
+    pub master_key_file: Option<PathBuf>,
+    /// How long unwrapped keys stay cached (they are evicted at once on pause, revoke and
+    /// rotation regardless).
+    #[arg(long, env = "EKM_KEY_CACHE_TTL", default_value = "5m", value_parser = parse_duration)]
+    pub key_cache_ttl: Duration,
     /// How often the projection runner looks for events committed by other instances when
     /// no notification arrives.
     #[arg(long, env = "EKM_PROJECTION_POLL_INTERVAL", default_value = "500ms", value_parser = parse_duration)]

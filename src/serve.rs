@@ -7,7 +7,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
+use ekm_api::keys::{local_master_key, KeyService};
 use ekm_api::{router, App, AppState};
+use ekm_keys::MASTER_KEY_FILE;
 use ekm_projections::{Projector, ProjectorConfig};
 use ekm_store::{Db, DbConfig, Tokens, OPERATOR_TOKEN_FILE};
 use tokio::sync::watch;
@@ -99,7 +101,16 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let runner = tokio::spawn(projector.clone().run(shutdown_rx));
 
-    let app = App::new(db.clone(), projector);
+    let master_path = args
+        .master_key_file
+        .clone()
+        .unwrap_or_else(|| args.db.data_dir.join(MASTER_KEY_FILE));
+    let master = local_master_key(&db, &master_path)
+        .await
+        .map_err(|e| anyhow::anyhow!(ekm_projections::error_chain(&e)))?;
+    tracing::info!(path = %master_path.display(), fingerprint = %master.fingerprint(), "master key ready");
+    let keys = KeyService::new(db.clone(), master, args.key_cache_ttl);
+    let app = App::new(db.clone(), projector, keys);
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;

@@ -17,6 +17,8 @@ use ekm_projections::{
 use ekm_store::{Db, NewToken, Role, ScopeStore, StoreError, Tokens};
 use rand::Rng;
 
+use crate::keys::{KeyError, KeyService};
+
 /// How often a command is retried when another command on the same scope committed first.
 const MAX_ATTEMPTS: u32 = 20;
 
@@ -36,6 +38,8 @@ pub enum AppError {
     Projection(#[from] ProjectionError),
     #[error("event store failed")]
     EventStore(#[source] AggregateError<ScopeError>),
+    #[error("key hierarchy failed")]
+    Key(#[from] KeyError),
 }
 
 /// A lifecycle action on an existing scope.
@@ -76,10 +80,14 @@ struct Inner {
     projector: Arc<Projector>,
     read: ReadModels,
     tokens: Tokens,
+    keys: Arc<KeyService>,
 }
 
 impl App {
-    pub fn new(db: Db, projector: Arc<Projector>) -> Self {
+    /// The key service's cache listens to the projector, so a pause, revoke or rotation
+    /// evicts cached keys before the command is answered.
+    pub fn new(db: Db, projector: Arc<Projector>, keys: Arc<KeyService>) -> Self {
+        projector.add_listener(keys.listener());
         Self {
             inner: Arc::new(Inner {
                 store: ScopeStore::new(&db),
@@ -87,8 +95,13 @@ impl App {
                 tokens: Tokens::new(db.clone()),
                 db,
                 projector,
+                keys,
             }),
         }
+    }
+
+    pub fn keys(&self) -> &Arc<KeyService> {
+        &self.inner.keys
     }
 
     pub fn db(&self) -> &Db {
@@ -146,6 +159,7 @@ impl App {
             plan,
             tier,
             admin_token_id: Some(token.id.clone()),
+            key_fingerprint: None,
         };
         match self
             .run(id.scope_id(), Intent::Create(command), metadata, None)
@@ -171,6 +185,7 @@ impl App {
     ) -> Result<Outcome, AppError> {
         let id = ScopeId::generate();
         let command = ScopeCommand::CreateScope {
+            key_fingerprint: None,
             id,
             kind,
             name,
@@ -240,6 +255,79 @@ impl App {
         Ok(ekm_projections::verify_chain(&self.inner.db, &org.to_string()).await?)
     }
 
+    /// `command` with the fingerprint of freshly stored key material, for the commands that
+    /// create a key version; `None` for the others.
+    async fn with_new_key(
+        &self,
+        id: ScopeId,
+        command: ScopeCommand,
+        state: Option<&ekm_domain::ScopeState>,
+    ) -> Result<Option<ScopeCommand>, AppError> {
+        let keys = &self.inner.keys;
+        Ok(match command {
+            ScopeCommand::CreateOrganization {
+                id: org,
+                name,
+                plan,
+                tier,
+                admin_token_id,
+                ..
+            } => Some(ScopeCommand::CreateOrganization {
+                key_fingerprint: Some(keys.create_org_key(org, 1).await?),
+                id: org,
+                name,
+                plan,
+                tier,
+                admin_token_id,
+            }),
+            ScopeCommand::CreateScope {
+                id: scope,
+                kind,
+                name,
+                parent,
+                ..
+            } => {
+                let parent_snapshot = self
+                    .inner
+                    .read
+                    .scope(parent.id)
+                    .await?
+                    .ok_or(AppError::NotFound)?;
+                Some(ScopeCommand::CreateScope {
+                    key_fingerprint: Some(keys.create_scope_key(scope, 1, &parent_snapshot).await?),
+                    id: scope,
+                    kind,
+                    name,
+                    parent,
+                })
+            }
+            ScopeCommand::RotateKey { lineage, .. } => {
+                let Some(state) = state else {
+                    return Ok(None);
+                };
+                let next = state.key_version.next();
+                let fingerprint = match state.parent_id {
+                    None => keys.create_org_key(state.org_id, next.get()).await?,
+                    Some(parent_id) => {
+                        let parent = self
+                            .inner
+                            .read
+                            .scope(parent_id)
+                            .await?
+                            .ok_or(AppError::NotFound)?;
+                        keys.create_scope_key(id, next.get(), &parent).await?
+                    }
+                };
+                Some(ScopeCommand::RotateKey {
+                    lineage,
+                    key_version: Some(next),
+                    key_fingerprint: Some(fingerprint),
+                })
+            }
+            _ => None,
+        })
+    }
+
     /// The command for `intent`, with what it needs looked up now, and where it happens.
     async fn command(
         &self,
@@ -276,7 +364,11 @@ impl App {
             Action::Pause => ScopeCommand::PauseScope { lineage },
             Action::Resume => ScopeCommand::ResumeScope { lineage },
             Action::Revoke { confirm } => ScopeCommand::RevokeScope { confirm, lineage },
-            Action::Rotate => ScopeCommand::RotateKey { lineage },
+            Action::Rotate => ScopeCommand::RotateKey {
+                lineage,
+                key_version: None,
+                key_fingerprint: None,
+            },
         };
         Ok((command, location))
     }
@@ -311,7 +403,18 @@ impl App {
                     return Err(AppError::VersionMismatch { expected, current });
                 }
             }
-            let events = context.aggregate().decide(command)?;
+            let mut events = context.aggregate().decide(command.clone())?;
+            if !events.is_empty() {
+                // Accepted: now store the new key version's material (outside the events),
+                // and decide again with its fingerprint in the command. If the commit then
+                // loses a race, the material is an unreferenced row, never a gap.
+                if let Some(keyed) = self
+                    .with_new_key(id, command, context.aggregate().state())
+                    .await?
+                {
+                    events = context.aggregate().decide(keyed)?;
+                }
+            }
             if events.is_empty() {
                 let scope = inner.read.scope(id).await?.ok_or(AppError::NotFound)?;
                 return Ok(Outcome {

@@ -119,6 +119,9 @@ pub struct CauseJson {
 pub struct KeyVersionJson {
     pub version: u32,
     pub created_at: String,
+    /// A public name of the key version (never the key).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -192,6 +195,7 @@ fn key_versions_json(versions: &[KeyVersionRecord]) -> Vec<KeyVersionJson> {
         .map(|k| KeyVersionJson {
             version: k.version,
             created_at: rfc3339(k.created_at),
+            fingerprint: k.fingerprint.clone(),
         })
         .collect()
 }
@@ -287,6 +291,7 @@ impl PastScopeJson {
                 .map(|(version, at)| KeyVersionJson {
                     version: *version,
                     created_at: rfc3339(*at),
+                    fingerprint: None,
                 })
                 .collect(),
             created_at: rfc3339(past.created_at),

@@ -10,6 +10,7 @@ use ekm_projections::error_chain;
 use serde_json::{json, Value};
 
 use crate::app::AppError;
+use crate::keys::KeyError;
 
 /// The stable problem codes. Clients match on these; they never change meaning.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -23,6 +24,8 @@ pub enum Code {
     ScopePaused,
     ScopeRevoked,
     KeyUnavailable,
+    ClassNotCovered,
+    InvalidCiphertext,
     Unavailable,
     Internal,
 }
@@ -39,6 +42,8 @@ impl Code {
             Code::ScopePaused => "scope_paused",
             Code::ScopeRevoked => "scope_revoked",
             Code::KeyUnavailable => "key_unavailable",
+            Code::ClassNotCovered => "class_not_covered",
+            Code::InvalidCiphertext => "invalid_ciphertext",
             Code::Unavailable => "unavailable",
             Code::Internal => "internal",
         }
@@ -55,6 +60,10 @@ impl Code {
             Code::ScopePaused => "The scope is paused",
             Code::ScopeRevoked => "The scope is revoked",
             Code::KeyUnavailable => "The key is unavailable",
+            Code::ClassNotCovered => {
+                "This data class is not encrypted under the organization's tier"
+            }
+            Code::InvalidCiphertext => "The ciphertext cannot be decrypted here",
             Code::Unavailable => "The service is temporarily unavailable",
             Code::Internal => "Internal error",
         }
@@ -166,6 +175,7 @@ impl From<ScopeError> for ApiError {
             ScopeError::ControlsNeedEnterprise | ScopeError::TierNeedsEnterprise(_) => {
                 ApiError::new(StatusCode::FORBIDDEN, Code::PlanRequired, detail)
             }
+            ScopeError::StaleKeyVersion { .. } => ApiError::new(conflict, Code::Conflict, detail),
         }
     }
 }
@@ -192,9 +202,18 @@ impl From<AppError> for ApiError {
                     "the database cannot be reached; nothing was changed unless a later read shows it",
                 )
             }
-            AppError::Store(_) | AppError::Projection(_) | AppError::EventStore(_) => {
-                internal(&error)
+            AppError::Key(KeyError::Missing { .. }) => {
+                tracing::error!(error = %error_chain(&error), "key material missing for an active scope");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    Code::KeyUnavailable,
+                    "the scope's key is unavailable",
+                )
             }
+            AppError::Store(_)
+            | AppError::Projection(_)
+            | AppError::EventStore(_)
+            | AppError::Key(_) => internal(&error),
         }
     }
 }

@@ -7,8 +7,10 @@
 pub mod app;
 pub mod audit;
 pub mod context;
+mod data_plane;
 pub mod dto;
 pub mod error;
+pub mod keys;
 mod routes;
 pub mod state;
 
@@ -28,6 +30,7 @@ pub use state::AppState;
 /// The whole API, ready to serve.
 pub fn router(state: AppState) -> Router {
     routes::routes()
+        .merge(data_plane::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(dto::MAX_BODY_BYTES))

@@ -145,6 +145,7 @@ async fn seed(db: &Db, events: usize) -> anyhow::Result<String> {
             tier: Tier::Managed,
             key_version: KeyVersion::FIRST,
             admin_token_id: None,
+            key_fingerprint: None,
         };
         let mut org_row = (
             org.to_string(),
@@ -167,6 +168,7 @@ async fn seed(db: &Db, events: usize) -> anyhow::Result<String> {
                 org_id: org,
                 path: vec![org.scope_id(), team],
                 key_version: KeyVersion::FIRST,
+                key_fingerprint: None,
             };
             rows.push((
                 team.to_string(),
@@ -187,6 +189,7 @@ async fn seed(db: &Db, events: usize) -> anyhow::Result<String> {
                     org_id: org,
                     path: vec![org.scope_id(), team, thread],
                     key_version: KeyVersion::FIRST,
+                    key_fingerprint: None,
                 };
                 rows.push((
                     thread.to_string(),
@@ -351,6 +354,7 @@ async fn projections_on(url: &str, events: usize) -> anyhow::Result<()> {
         tier: Tier::Managed,
         key_version: KeyVersion::FIRST,
         admin_token_id: None,
+        key_fingerprint: None,
     };
     store
         .commit(

@@ -67,6 +67,7 @@ impl Scope {
                 plan,
                 tier,
                 admin_token_id,
+                key_fingerprint,
             } => {
                 if self.state.is_some() {
                     return Err(ScopeError::AlreadyExists(id.scope_id()));
@@ -84,6 +85,7 @@ impl Scope {
                     tier,
                     key_version: KeyVersion::FIRST,
                     admin_token_id,
+                    key_fingerprint,
                 }])
             }
             ScopeCommand::CreateScope {
@@ -91,6 +93,7 @@ impl Scope {
                 kind,
                 name,
                 parent,
+                key_fingerprint,
             } => {
                 if self.state.is_some() {
                     return Err(ScopeError::AlreadyExists(id));
@@ -118,6 +121,7 @@ impl Scope {
                     org_id: parent.org_id,
                     path,
                     key_version: KeyVersion::FIRST,
+                    key_fingerprint,
                 }])
             }
             ScopeCommand::PauseScope { lineage } => {
@@ -141,12 +145,23 @@ impl Scope {
                 }
                 Ok(vec![ScopeEvent::ScopeRevoked {}])
             }
-            ScopeCommand::RotateKey { lineage } => {
+            ScopeCommand::RotateKey {
+                lineage,
+                key_version,
+                key_fingerprint,
+            } => {
                 // Rotation stays allowed while paused: rotating during an investigation is
                 // exactly when a customer wants it.
                 let state = self.controllable(&lineage)?;
+                let next = state.key_version.next();
+                if let Some(prepared) = key_version {
+                    if prepared != next {
+                        return Err(ScopeError::StaleKeyVersion { prepared, next });
+                    }
+                }
                 Ok(vec![ScopeEvent::ScopeKeyRotated {
-                    key_version: state.key_version.next(),
+                    key_version: next,
+                    key_fingerprint,
                 }])
             }
         }
@@ -203,6 +218,7 @@ impl Aggregate for Scope {
                 org_id,
                 path,
                 key_version,
+                ..
             } => {
                 self.state = Some(ScopeState {
                     id: scope_id,
@@ -220,7 +236,7 @@ impl Aggregate for Scope {
             ScopeEvent::ScopePaused {} => self.set_own_state(OwnState::Paused),
             ScopeEvent::ScopeResumed {} => self.set_own_state(OwnState::Active),
             ScopeEvent::ScopeRevoked {} => self.set_own_state(OwnState::Revoked),
-            ScopeEvent::ScopeKeyRotated { key_version } => {
+            ScopeEvent::ScopeKeyRotated { key_version, .. } => {
                 if let Some(state) = self.state.as_mut() {
                     state.key_version = key_version;
                 }
@@ -267,6 +283,7 @@ mod tests {
             org_id: org_id(),
             path: vec![org_id().scope_id(), team_id()],
             key_version: KeyVersion::FIRST,
+            key_fingerprint: None,
         }
     }
 
@@ -297,6 +314,7 @@ mod tests {
                 plan: Plan::Enterprise,
                 tier: Tier::Managed,
                 admin_token_id: Some("tok_1".into()),
+                key_fingerprint: None,
             })
             .then_expect_events(vec![ScopeEvent::OrganizationCreated {
                 org_id: org_id(),
@@ -305,6 +323,7 @@ mod tests {
                 tier: Tier::Managed,
                 key_version: KeyVersion::FIRST,
                 admin_token_id: Some("tok_1".into()),
+                key_fingerprint: None,
             }]);
     }
 
@@ -318,6 +337,7 @@ mod tests {
                 plan: Plan::Standard,
                 tier: Tier::Managed,
                 admin_token_id: None,
+                key_fingerprint: None,
             })
             .then_expect_error(ScopeError::TierNeedsEnterprise(Tier::Managed));
     }
@@ -332,6 +352,7 @@ mod tests {
                 plan: Plan::Enterprise,
                 tier: Tier::Byok,
                 admin_token_id: None,
+                key_fingerprint: None,
             })
             .then_expect_error(ScopeError::ByokNeedsMasterKey);
     }
@@ -345,6 +366,7 @@ mod tests {
                 kind: ScopeKind::Team,
                 name: name("research"),
                 parent: parent(Effective::Active),
+                key_fingerprint: None,
             })
             .then_expect_events(vec![team_created()]);
     }
@@ -358,6 +380,7 @@ mod tests {
                 kind: ScopeKind::Team,
                 name: name("research"),
                 parent: parent(Effective::Active),
+                key_fingerprint: None,
             })
             .then_expect_error(ScopeError::AlreadyExists(team_id()));
     }
@@ -373,6 +396,7 @@ mod tests {
                 kind: ScopeKind::Agent,
                 name: name("bot"),
                 parent: under_thread,
+                key_fingerprint: None,
             })
             .then_expect_error(ScopeError::InvalidParent {
                 kind: ScopeKind::Agent,
@@ -400,6 +424,7 @@ mod tests {
                     kind: ScopeKind::Team,
                     name: name("research"),
                     parent: parent(effective),
+                    key_fingerprint: None,
                 })
                 .then_expect_error(error);
         }
@@ -512,6 +537,8 @@ mod tests {
             },
             ScopeCommand::RotateKey {
                 lineage: enterprise(),
+                key_version: None,
+                key_fingerprint: None,
             },
         ];
         for command in commands {
@@ -542,6 +569,8 @@ mod tests {
             },
             ScopeCommand::RotateKey {
                 lineage: revoked_above(),
+                key_version: None,
+                key_fingerprint: None,
             },
         ];
         for command in commands {
@@ -559,14 +588,18 @@ mod tests {
                 team_created(),
                 ScopeEvent::ScopeKeyRotated {
                     key_version: KeyVersion::new(2),
+                    key_fingerprint: None,
                 },
                 ScopeEvent::ScopePaused {},
             ])
             .when(ScopeCommand::RotateKey {
                 lineage: enterprise(),
+                key_version: None,
+                key_fingerprint: None,
             })
             .then_expect_events(vec![ScopeEvent::ScopeKeyRotated {
                 key_version: KeyVersion::new(3),
+                key_fingerprint: None,
             }]);
     }
 }

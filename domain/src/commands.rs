@@ -3,7 +3,7 @@
 //! so the aggregate stays deterministic.
 
 use crate::cascade::Effective;
-use crate::ids::{OrgId, ScopeId};
+use crate::ids::{KeyVersion, OrgId, ScopeId};
 use crate::scope::{Plan, ScopeKind, ScopeName, Tier};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -16,6 +16,8 @@ pub enum ScopeCommand {
         tier: Tier,
         /// The id of the first admin token, recorded for auditors.
         admin_token_id: Option<String>,
+        /// The fingerprint of the key created for version 1 (the caller stored it first).
+        key_fingerprint: Option<String>,
     },
     /// Create a scope under an existing parent.
     CreateScope {
@@ -23,6 +25,7 @@ pub enum ScopeCommand {
         kind: ScopeKind,
         name: ScopeName,
         parent: ParentContext,
+        key_fingerprint: Option<String>,
     },
     PauseScope {
         lineage: Lineage,
@@ -35,9 +38,12 @@ pub enum ScopeCommand {
         confirm: String,
         lineage: Lineage,
     },
-    /// Add a key version; new encryptions use it.
+    /// Add a key version; new encryptions use it. `key_version` is the version the caller
+    /// prepared key material for: the command is refused if it is not the next one.
     RotateKey {
         lineage: Lineage,
+        key_version: Option<KeyVersion>,
+        key_fingerprint: Option<String>,
     },
 }
 

@@ -1,6 +1,6 @@
 //! Why the scope aggregate refuses a command: one variant per rule.
 
-use crate::ids::ScopeId;
+use crate::ids::{KeyVersion, ScopeId};
 use crate::scope::{ScopeKind, Tier};
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -32,4 +32,9 @@ pub enum ScopeError {
     TierNeedsEnterprise(Tier),
     #[error("the byok tier is set by connecting a master key, not at creation")]
     ByokNeedsMasterKey,
+    #[error("key version {prepared} was prepared, but the next version is {next}")]
+    StaleKeyVersion {
+        prepared: KeyVersion,
+        next: KeyVersion,
+    },
 }

@@ -21,6 +21,10 @@ pub enum ScopeEvent {
         key_version: KeyVersion,
         /// The id (never the secret) of the first `org_admin` token issued with it.
         admin_token_id: Option<String>,
+        /// The fingerprint of the new key version (never the key). Absent on events
+        /// recorded before keys existed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        key_fingerprint: Option<String>,
     },
     ScopeCreated {
         scope_id: ScopeId,
@@ -31,12 +35,20 @@ pub enum ScopeEvent {
         /// Ids from the root to this scope, inclusive.
         path: Vec<ScopeId>,
         key_version: KeyVersion,
+        /// The fingerprint of the new key version (never the key). Absent on events
+        /// recorded before keys existed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        key_fingerprint: Option<String>,
     },
     ScopePaused {},
     ScopeResumed {},
     ScopeRevoked {},
     ScopeKeyRotated {
         key_version: KeyVersion,
+        /// The fingerprint of the new key version (never the key). Absent on events
+        /// recorded before keys existed.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        key_fingerprint: Option<String>,
     },
 }
 

@@ -21,5 +21,5 @@ pub use events::ScopeEvent;
 
 pub use ids::{IdError, KeyVersion, OrgId, ScopeId};
 pub use metadata::{Actor, ActorKind, EventMetadata, Location};
-pub use scope::{OwnState, Plan, Reason, ScopeKind, ScopeName, Tier, ValueError};
+pub use scope::{DataClass, OwnState, Plan, Reason, ScopeKind, ScopeName, Tier, ValueError};
 pub mod upcast;

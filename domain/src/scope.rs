@@ -121,6 +121,44 @@ impl Tier {
     }
 }
 
+/// What kind of data a ciphertext protects. The tier decides which classes are covered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DataClass {
+    Credentials,
+    McpSecrets,
+    Playbooks,
+    Skills,
+    Files,
+    Messages,
+    Threads,
+}
+
+impl DataClass {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DataClass::Credentials => "credentials",
+            DataClass::McpSecrets => "mcp_secrets",
+            DataClass::Playbooks => "playbooks",
+            DataClass::Skills => "skills",
+            DataClass::Files => "files",
+            DataClass::Messages => "messages",
+            DataClass::Threads => "threads",
+        }
+    }
+}
+
+impl Tier {
+    /// Whether data of `class` is encrypted under this tier: the `default` tier covers
+    /// agent credentials and MCP secrets; `managed` and `byok` cover every class.
+    pub fn covers(self, class: DataClass) -> bool {
+        match self {
+            Tier::Default => matches!(class, DataClass::Credentials | DataClass::McpSecrets),
+            Tier::Managed | Tier::Byok => true,
+        }
+    }
+}
+
 macro_rules! str_enum {
     ($ty:ty, $field:literal, $($variant:expr),+) => {
         impl FromStr for $ty {
@@ -164,6 +202,17 @@ str_enum!(
     OwnState::Revoked
 );
 str_enum!(Plan, "plan", Plan::Standard, Plan::Enterprise);
+str_enum!(
+    DataClass,
+    "class",
+    DataClass::Credentials,
+    DataClass::McpSecrets,
+    DataClass::Playbooks,
+    DataClass::Skills,
+    DataClass::Files,
+    DataClass::Messages,
+    DataClass::Threads
+);
 str_enum!(Tier, "tier", Tier::Default, Tier::Managed, Tier::Byok);
 
 /// A scope's display name: 1 to 200 characters after trimming, no control characters.

@@ -66,7 +66,7 @@ fn summary(event: &ScopeEvent) -> String {
         ScopeEvent::ScopePaused {} => "paused".to_owned(),
         ScopeEvent::ScopeResumed {} => "resumed".to_owned(),
         ScopeEvent::ScopeRevoked {} => "revoked (final)".to_owned(),
-        ScopeEvent::ScopeKeyRotated { key_version } => {
+        ScopeEvent::ScopeKeyRotated { key_version, .. } => {
             format!("rotated the key to version {key_version}")
         }
     }

@@ -55,7 +55,7 @@ fn fold(events: &[StoredEvent], upto: i64) -> Result<Option<Folded>, ProjectionE
                 created_at = stored.recorded_at;
                 key_versions.push((key_version.get(), stored.recorded_at));
             }
-            ScopeEvent::ScopeKeyRotated { key_version } => {
+            ScopeEvent::ScopeKeyRotated { key_version, .. } => {
                 key_versions.push((key_version.get(), stored.recorded_at));
             }
             _ => {}

@@ -28,6 +28,8 @@ pub use queries::{
     BlastRadius, Cause, KeyVersionRecord, Page, ReadModels, ScopeRecord, ScopeSnapshot, StateChange,
 };
 pub use rebuild::{rebuild, status, ProjectionStatus, RebuildReport};
-pub use runner::{standard_projections, Projection, ProjectionState, Projector, ProjectorConfig};
+pub use runner::{
+    standard_projections, EventListener, Projection, ProjectionState, Projector, ProjectorConfig,
+};
 pub use scope_tree::ScopeTree;
 pub use sql::{merge, Param, Prepared, Statement};

@@ -44,6 +44,8 @@ pub struct ScopeRecord {
 pub struct KeyVersionRecord {
     pub version: u32,
     pub created_at: DateTime<Utc>,
+    /// Absent only for versions recorded before keys existed.
+    pub fingerprint: Option<String>,
 }
 
 /// Why a scope is not active: the highest scope on its path in that state, and the event
@@ -65,6 +67,7 @@ pub struct ScopeSnapshot {
     pub inherited: Effective,
     pub cause: Option<Cause>,
     pub org_plan: Plan,
+    pub org_tier: Tier,
     pub key_versions: Vec<KeyVersionRecord>,
 }
 
@@ -186,11 +189,11 @@ impl ReadModels {
             return Ok(vec![]);
         }
         let sql = format!(
-            "SELECT scope_id, version, created_at FROM key_version_view \
+            "SELECT scope_id, version, created_at, fingerprint FROM key_version_view \
              WHERE scope_id IN ({}) ORDER BY scope_id, version",
             placeholders(ids.len(), 1)
         );
-        let rows: Vec<(String, i64, i64)> = ekm_store::with_read_pool!(&self.db, pool => {
+        let rows: Vec<(String, i64, i64, Option<String>)> = ekm_store::with_read_pool!(&self.db, pool => {
             let mut query = sqlx::query_as(&sql);
             for id in ids {
                 query = query.bind(id.to_string());
@@ -198,13 +201,14 @@ impl ReadModels {
             query.fetch_all(pool).await?
         });
         rows.into_iter()
-            .map(|(id, version, at)| {
+            .map(|(id, version, at, fingerprint)| {
                 Ok((
                     ScopeId::parse(&id).map_err(|e| malformed(&id, e.to_string()))?,
                     KeyVersionRecord {
                         version: u32::try_from(version)
                             .map_err(|e| malformed(&id, e.to_string()))?,
                         created_at: from_micros(at),
+                        fingerprint,
                     },
                 ))
             })
@@ -228,6 +232,22 @@ impl ReadModels {
             .map(|(_, k)| k)
             .collect();
         snapshot(on_path, key_versions).map(Some)
+    }
+
+    /// The fingerprint recorded for a key version, if the version exists.
+    pub async fn key_fingerprint(
+        &self,
+        scope: &str,
+        version: u32,
+    ) -> Result<Option<String>, ProjectionError> {
+        let found: Option<Option<String>> = ekm_store::with_read_pool!(&self.db, pool => {
+            sqlx::query_scalar("SELECT fingerprint FROM key_version_view WHERE scope_id = $1 AND version = $2")
+                .bind(scope)
+                .bind(i64::from(version))
+                .fetch_optional(pool)
+                .await?
+        });
+        Ok(found.flatten())
     }
 
     /// The children of `parent`, ordered by id (creation order), after `after`.
@@ -384,6 +404,10 @@ fn snapshot(
         .first()
         .and_then(|org| org.plan)
         .unwrap_or(Plan::Standard);
+    let org_tier = on_path
+        .first()
+        .and_then(|org| org.tier)
+        .unwrap_or(Tier::Default);
     let scope = scope.clone();
     Ok(ScopeSnapshot {
         scope,
@@ -391,6 +415,7 @@ fn snapshot(
         inherited,
         cause,
         org_plan,
+        org_tier,
         key_versions,
     })
 }
@@ -412,6 +437,7 @@ fn child_snapshot(
         inherited: parent.effective,
         cause,
         org_plan: parent.org_plan,
+        org_tier: parent.org_tier,
         key_versions,
     }
 }

@@ -12,7 +12,7 @@ use tokio::sync::{watch, Mutex, Notify};
 
 use crate::audit::{AuditChain, AuditLog};
 use crate::error::ProjectionError;
-use crate::scope_tree::ScopeTree;
+use crate::scope_tree::{KeyShredder, ScopeTree};
 use crate::sql::{execute_prepared, merge, Statement};
 
 /// A read model fed from events. `statements` must depend only on the event and the
@@ -78,6 +78,10 @@ impl Default for ProjectorConfig {
     }
 }
 
+/// Told about every event once this process has seen it applied, by itself or by another
+/// instance (for example to evict cached keys). Called outside any transaction.
+pub type EventListener = Arc<dyn Fn(&[StoredEvent]) + Send + Sync>;
+
 pub struct Projector {
     db: Db,
     projections: Vec<Box<dyn Projection>>,
@@ -88,6 +92,9 @@ pub struct Projector {
     applied: watch::Sender<i64>,
     wake: Notify,
     listening: std::sync::atomic::AtomicBool,
+    listeners: std::sync::Mutex<Vec<EventListener>>,
+    /// Up to where listeners have been told (None until the first catch-up).
+    observed: Mutex<Option<i64>>,
 }
 
 impl Projector {
@@ -100,6 +107,8 @@ impl Projector {
             applied: watch::Sender::new(0),
             wake: Notify::new(),
             listening: std::sync::atomic::AtomicBool::new(false),
+            listeners: std::sync::Mutex::new(vec![]),
+            observed: Mutex::new(None),
         }
     }
 
@@ -140,11 +149,52 @@ impl Projector {
         self.wake.notify_one();
     }
 
-    /// Applies every committed event not yet applied. Returns the position reached.
+    /// Adds a listener for events applied from now on.
+    pub fn add_listener(&self, listener: EventListener) {
+        if let Ok(mut listeners) = self.listeners.lock() {
+            listeners.push(listener);
+        }
+    }
+
+    /// Applies every committed event not yet applied, then tells the listeners about every
+    /// event between what they last heard and the position reached. Returns that position.
     pub async fn catch_up(&self) -> Result<i64, ProjectionError> {
-        let _running = self.running.lock().await;
-        while self.step().await? > 0 {}
+        {
+            let _running = self.running.lock().await;
+            while self.step().await? > 0 {}
+        }
+        self.tell_listeners().await?;
         Ok(self.applied())
+    }
+
+    async fn tell_listeners(&self) -> Result<(), ProjectionError> {
+        let mut observed = self.observed.lock().await;
+        let applied = self.applied();
+        let Some(mut from) = *observed else {
+            // Nothing was cached before the first catch-up: start from here.
+            *observed = Some(applied);
+            return Ok(());
+        };
+        let listeners: Vec<EventListener> = match self.listeners.lock() {
+            Ok(listeners) => listeners.clone(),
+            Err(_) => vec![],
+        };
+        while from < applied {
+            let events = self.db.events_after(from, self.config.batch_size).await?;
+            let events: Vec<StoredEvent> = events
+                .into_iter()
+                .filter(|e| e.position <= applied)
+                .collect();
+            let Some(last) = events.last().map(|e| e.position) else {
+                break;
+            };
+            for listener in &listeners {
+                listener(&events);
+            }
+            from = last;
+        }
+        *observed = Some(applied.max(from));
+        Ok(())
     }
 
     /// Like `catch_up`, calling `progress(applied, head)` after every batch.
@@ -162,9 +212,11 @@ impl Projector {
     }
 
     /// Returns once the read models include the event at `position` (read-your-writes).
+    /// Listeners have been told too: a command answered after this has evicted what it
+    /// had to, even if the background loop applied its event.
     pub async fn catch_up_to(&self, position: i64) -> Result<(), ProjectionError> {
         if self.applied() >= position {
-            return Ok(());
+            return self.tell_listeners().await;
         }
         self.catch_up().await.map(|_| ())
     }
@@ -257,6 +309,7 @@ pub fn standard_projections() -> Vec<Box<dyn Projection>> {
         Box::new(ScopeTree),
         Box::new(AuditLog),
         Box::new(AuditChain),
+        Box::new(KeyShredder),
     ]
 }
 

@@ -30,7 +30,13 @@ const SCOPE_COLUMNS: &[&str] = &[
     "updated_position",
 ];
 
-const KEY_VERSION_COLUMNS: &[&str] = &["scope_id", "version", "created_at", "created_position"];
+const KEY_VERSION_COLUMNS: &[&str] = &[
+    "scope_id",
+    "version",
+    "created_at",
+    "created_position",
+    "fingerprint",
+];
 
 const STATE_COLUMNS: &[&str] = &[
     "own_state",
@@ -81,7 +87,7 @@ fn scope_row(
     }
 }
 
-fn key_version_row(stored: &StoredEvent, version: u32) -> Statement {
+fn key_version_row(stored: &StoredEvent, version: u32, fingerprint: Option<String>) -> Statement {
     Statement::Insert {
         table: "key_version_view",
         columns: KEY_VERSION_COLUMNS,
@@ -90,6 +96,7 @@ fn key_version_row(stored: &StoredEvent, version: u32) -> Statement {
             Param::Int(i64::from(version)),
             Param::Int(to_micros(stored.recorded_at)),
             Param::Int(stored.position),
+            Param::OptText(fingerprint),
         ],
     }
 }
@@ -139,6 +146,7 @@ impl Projection for ScopeTree {
                 plan,
                 tier,
                 key_version,
+                key_fingerprint,
                 ..
             } => vec![
                 scope_row(
@@ -153,7 +161,7 @@ impl Projection for ScopeTree {
                     Some(tier.as_str().into()),
                     key_version.get(),
                 ),
-                key_version_row(stored, key_version.get()),
+                key_version_row(stored, key_version.get(), key_fingerprint),
             ],
             ScopeEvent::ScopeCreated {
                 kind,
@@ -162,6 +170,7 @@ impl Projection for ScopeTree {
                 org_id,
                 path,
                 key_version,
+                key_fingerprint,
                 ..
             } => {
                 let depth = i64::try_from(path.len().saturating_sub(1)).unwrap_or(i64::MAX);
@@ -183,13 +192,16 @@ impl Projection for ScopeTree {
                         None,
                         key_version.get(),
                     ),
-                    key_version_row(stored, key_version.get()),
+                    key_version_row(stored, key_version.get(), key_fingerprint),
                 ]
             }
             ScopeEvent::ScopePaused {} => vec![state_change(stored, OwnState::Paused)],
             ScopeEvent::ScopeResumed {} => vec![state_change(stored, OwnState::Active)],
             ScopeEvent::ScopeRevoked {} => vec![state_change(stored, OwnState::Revoked)],
-            ScopeEvent::ScopeKeyRotated { key_version } => vec![
+            ScopeEvent::ScopeKeyRotated {
+                key_version,
+                key_fingerprint,
+            } => vec![
                 Statement::Update {
                     table: "scope_view",
                     key_column: "id",
@@ -201,8 +213,44 @@ impl Projection for ScopeTree {
                         Param::Int(stored.position),
                     ],
                 },
-                key_version_row(stored, key_version.get()),
+                key_version_row(stored, key_version.get(), key_fingerprint),
             ],
         })
+    }
+}
+
+/// Shreds a revoked scope's key material, in the same transaction as the runner's
+/// checkpoint: once the revoke is applied (before the command is answered, and on restart
+/// after a crash), the scope's wrapped keys are gone, and with them every key below it.
+pub struct KeyShredder;
+
+impl Projection for KeyShredder {
+    fn name(&self) -> &'static str {
+        "key_shredder"
+    }
+
+    /// It owns no read model: `key_material` is not derived from events and is never
+    /// emptied by a rebuild.
+    fn tables(&self) -> &'static [&'static str] {
+        &[]
+    }
+
+    fn rebuildable(&self) -> bool {
+        false
+    }
+
+    fn statements(
+        &self,
+        stored: &StoredEvent,
+        _state: &mut ProjectionState,
+    ) -> Result<Vec<Statement>, ProjectionError> {
+        if stored.aggregate_type != "scope" || stored.event_type != "ScopeRevoked" {
+            return Ok(vec![]);
+        }
+        Ok(vec![Statement::Delete {
+            table: "key_material",
+            key_column: "scope_id",
+            key: Param::Text(stored.aggregate_id.clone()),
+        }])
     }
 }

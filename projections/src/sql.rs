@@ -33,6 +33,13 @@ pub enum Statement {
         columns: &'static [&'static str],
         values: Vec<Param>,
     },
+    /// Delete every row whose `key_column` equals `key`. Runs after the batch's inserts and
+    /// updates: a deleted row is never written again later in the history.
+    Delete {
+        table: &'static str,
+        key_column: &'static str,
+        key: Param,
+    },
 }
 
 /// A table and its columns: the shape of a merged INSERT.
@@ -69,6 +76,7 @@ pub fn merge(statements: Vec<Statement>) -> Vec<Prepared> {
     // (table, key column, key) → column → value, in first-seen order of rows.
     let mut updates: Vec<(RowKey, Vec<(&'static str, Param)>)> = vec![];
     let mut update_index: HashMap<RowKey, usize> = HashMap::new();
+    let mut deletes: Vec<((&'static str, &'static str), Vec<Param>)> = vec![];
     for statement in statements {
         match statement {
             Statement::Insert {
@@ -84,6 +92,17 @@ pub fn merge(statements: Vec<Statement>) -> Vec<Prepared> {
                     None => inserts.push(((table, columns), vec![values])),
                 }
             }
+            Statement::Delete {
+                table,
+                key_column,
+                key,
+            } => match deletes
+                .iter_mut()
+                .find(|(shape, _)| *shape == (table, key_column))
+            {
+                Some((_, keys)) => keys.push(key),
+                None => deletes.push(((table, key_column), vec![key])),
+            },
             Statement::Update {
                 table,
                 key_column,
@@ -146,6 +165,20 @@ pub fn merge(statements: Vec<Statement>) -> Vec<Prepared> {
                     values_list(chunk.len(), columns.len() + 1)
                 ),
                 params: chunk.iter().flatten().cloned().collect(),
+            });
+        }
+    }
+    for ((table, key_column), keys) in deletes {
+        for chunk in keys.chunks(ROWS_PER_STATEMENT) {
+            prepared.push(Prepared {
+                sql: format!(
+                    "DELETE FROM {table} WHERE {key_column} IN ({})",
+                    (1..=chunk.len())
+                        .map(|i| format!("${i}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                params: chunk.to_vec(),
             });
         }
     }

@@ -8,10 +8,12 @@
 mod db;
 mod error;
 mod event_log;
+mod key_material;
 pub mod time;
 mod tokens;
 
 pub use db::{Db, DbConfig, PostgresDb, SqliteDb};
 pub use error::StoreError;
 pub use event_log::{ScopeStore, StoredEvent, EVENTS_CHANNEL};
+pub use key_material::{KeyRow, MasterKeyCheck};
 pub use tokens::{NewToken, Principal, Role, Tokens, OPERATOR_TOKEN_FILE};

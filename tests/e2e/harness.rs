@@ -285,7 +285,15 @@ impl TestApp {
         projector.catch_up().await.expect("catch up");
         let (shutdown, shutdown_rx) = watch::channel(false);
         tokio::spawn(projector.clone().run(shutdown_rx.clone()));
-        let app = App::new(db.clone(), projector);
+        let master = ekm_api::keys::local_master_key(
+            &db,
+            &test_db.data_dir().join(ekm_keys::MASTER_KEY_FILE),
+        )
+        .await
+        .expect("master key");
+        let keys =
+            ekm_api::keys::KeyService::new(db.clone(), master, std::time::Duration::from_secs(300));
+        let app = App::new(db.clone(), projector, keys);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");

@@ -12,6 +12,7 @@ mod audit;
 mod bad_input;
 mod cascade_property;
 mod concurrency;
+mod data_plane;
 mod flows;
 mod global_order;
 mod history;

@@ -1,0 +1,237 @@
+//! The data plane: encrypt, decrypt, generate data keys and rewrap, per scope.
+//!
+//! Every request is refused unless the scope is effectively active: a request is served
+//! from cached keys only if the cache entry survived every pause, revoke and rotation this
+//! process has seen on the scope's path; otherwise the scope is read afresh.
+
+use std::sync::Arc;
+
+use axum::extract::rejection::PathRejection;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::StatusCode;
+use axum::routing::post;
+use axum::{Json, Router};
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use ekm_domain::{DataClass, Effective, ScopeId};
+use ekm_keys::Ciphertext;
+use rand::RngCore;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use zeroize::Zeroizing;
+
+use crate::context::Caller;
+use crate::dto::JsonBody;
+use crate::error::{ApiError, Code};
+use crate::keys::{KeyError, ScopeKeys};
+use crate::state::AppState;
+
+/// The largest plaintext accepted (1 MiB), and the body limit that fits it in base64.
+pub const MAX_PLAINTEXT_BYTES: usize = 1024 * 1024;
+const MAX_DATA_BODY_BYTES: usize = 2 * 1024 * 1024;
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/v1/scopes/{id}/encrypt", post(encrypt))
+        .route("/v1/scopes/{id}/decrypt", post(decrypt))
+        .route("/v1/scopes/{id}/datakey", post(datakey))
+        .route("/v1/scopes/{id}/rewrap", post(rewrap))
+        .layer(DefaultBodyLimit::max(MAX_DATA_BODY_BYTES))
+}
+
+// No Debug on these: they carry plaintext and ciphertext.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EncryptRequest {
+    plaintext: String,
+    class: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CiphertextRequest {
+    ciphertext: String,
+    class: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ClassRequest {
+    class: String,
+}
+
+fn invalid_ciphertext(detail: &str) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, Code::InvalidCiphertext, detail)
+}
+
+/// The keys of scope `id` if the caller may use it and it is active right now.
+async fn active_scope(
+    state: &AppState,
+    caller: &Caller,
+    id: Result<Path<String>, PathRejection>,
+) -> Result<Arc<ScopeKeys>, ApiError> {
+    if caller.is_operator() {
+        return Err(ApiError::forbidden(
+            "the operator token manages organizations only; use an organization's token",
+        ));
+    }
+    let Path(id) = id.map_err(|_| ApiError::invalid("the path is not valid"))?;
+    let id = ScopeId::parse(&id).map_err(|e| ApiError::invalid(e.to_string()))?;
+    let not_found = || ApiError::not_found("no scope with this id is visible to this token");
+    let keys = state.app.keys();
+    if let Some(entry) = keys.cached(id) {
+        return if Some(entry.org_id) == caller.org() {
+            Ok(entry)
+        } else {
+            Err(not_found())
+        };
+    }
+    let snapshot = state.app.scope(id).await?.ok_or_else(not_found)?;
+    if Some(snapshot.scope.org_id) != caller.org() {
+        return Err(not_found());
+    }
+    match snapshot.effective {
+        Effective::Active => {}
+        Effective::Paused { by } => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                Code::ScopePaused,
+                "the scope is paused; encryption and decryption are refused until it is resumed",
+            )
+            .with("cause", json!({"scope_id": by.to_string()})))
+        }
+        Effective::Revoked { by } => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                Code::ScopeRevoked,
+                "the scope is revoked; its keys are destroyed",
+            )
+            .with("cause", json!({"scope_id": by.to_string()})))
+        }
+    }
+    keys.load(&snapshot).await.map_err(|error| match error {
+        KeyError::Missing { .. } => ApiError::from(crate::app::AppError::Key(error)),
+        other => ApiError::from(crate::app::AppError::Key(other)),
+    })
+}
+
+fn class(text: &str, scope: &ScopeKeys) -> Result<DataClass, ApiError> {
+    let class: DataClass = text
+        .parse()
+        .map_err(|e: ekm_domain::ValueError| ApiError::invalid(e.to_string()))?;
+    if !scope.tier.covers(class) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            Code::ClassNotCovered,
+            format!(
+                "the {} tier does not cover {}; the managed or byok tier does",
+                scope.tier.as_str(),
+                class.as_str()
+            ),
+        ));
+    }
+    Ok(class)
+}
+
+fn seal(scope: &ScopeKeys, class: DataClass, plaintext: &[u8]) -> Result<Value, ApiError> {
+    let key = scope.current_key().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Code::KeyUnavailable,
+            "the scope has no usable key version",
+        )
+    })?;
+    let ciphertext = Ciphertext::seal(
+        key,
+        &scope.scope_id.to_string(),
+        scope.current,
+        class.as_str(),
+        plaintext,
+    )
+    .map_err(|e| crate::error::internal(&e))?;
+    Ok(json!({ "ciphertext": ciphertext.to_string(), "key_version": scope.current }))
+}
+
+fn open(scope: &ScopeKeys, class: DataClass, text: &str) -> Result<Zeroizing<Vec<u8>>, ApiError> {
+    let ciphertext = Ciphertext::parse(text).map_err(|e| invalid_ciphertext(&e.to_string()))?;
+    if ciphertext.scope_id != scope.scope_id.to_string() || ciphertext.class != class.as_str() {
+        return Err(invalid_ciphertext(
+            "the ciphertext was not made for this scope and class",
+        ));
+    }
+    let key = scope.key(ciphertext.key_version).ok_or_else(|| {
+        invalid_ciphertext("the ciphertext names a key version this scope does not have")
+    })?;
+    ciphertext.open(key).map_err(|_| {
+        invalid_ciphertext("the ciphertext does not authenticate: it was altered or not made here")
+    })
+}
+
+async fn encrypt(
+    State(state): State<AppState>,
+    caller: Caller,
+    id: Result<Path<String>, PathRejection>,
+    JsonBody(body): JsonBody<EncryptRequest>,
+) -> Result<Json<Value>, ApiError> {
+    let scope = active_scope(&state, &caller, id).await?;
+    let class = class(&body.class, &scope)?;
+    let plaintext = Zeroizing::new(
+        STANDARD
+            .decode(body.plaintext.as_bytes())
+            .map_err(|_| ApiError::invalid("plaintext: must be base64"))?,
+    );
+    if plaintext.len() > MAX_PLAINTEXT_BYTES {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            Code::InvalidRequest,
+            "plaintext: at most 1 MiB; encrypt larger data with a data key",
+        ));
+    }
+    Ok(Json(seal(&scope, class, &plaintext)?))
+}
+
+async fn decrypt(
+    State(state): State<AppState>,
+    caller: Caller,
+    id: Result<Path<String>, PathRejection>,
+    JsonBody(body): JsonBody<CiphertextRequest>,
+) -> Result<Json<Value>, ApiError> {
+    let scope = active_scope(&state, &caller, id).await?;
+    let class = class(&body.class, &scope)?;
+    let plaintext = open(&scope, class, &body.ciphertext)?;
+    Ok(Json(
+        json!({ "plaintext": STANDARD.encode(plaintext.as_slice()) }),
+    ))
+}
+
+async fn datakey(
+    State(state): State<AppState>,
+    caller: Caller,
+    id: Result<Path<String>, PathRejection>,
+    JsonBody(body): JsonBody<ClassRequest>,
+) -> Result<Json<Value>, ApiError> {
+    let scope = active_scope(&state, &caller, id).await?;
+    let class = class(&body.class, &scope)?;
+    let mut key = Zeroizing::new([0u8; 32]);
+    rand::rng().fill_bytes(key.as_mut());
+    let mut answer = seal(&scope, class, key.as_ref())?;
+    if let Some(object) = answer.as_object_mut() {
+        object.insert(
+            "plaintext".into(),
+            Value::String(STANDARD.encode(key.as_ref())),
+        );
+    }
+    Ok(Json(answer))
+}
+
+async fn rewrap(
+    State(state): State<AppState>,
+    caller: Caller,
+    id: Result<Path<String>, PathRejection>,
+    JsonBody(body): JsonBody<CiphertextRequest>,
+) -> Result<Json<Value>, ApiError> {
+    let scope = active_scope(&state, &caller, id).await?;
+    let class = class(&body.class, &scope)?;
+    let plaintext = open(&scope, class, &body.ciphertext)?;
+    Ok(Json(seal(&scope, class, &plaintext)?))
+}

@@ -1,0 +1,327 @@
+//! The key service: creates, wraps and unwraps scope keys along the hierarchy, and caches
+//! unwrapped keys for the data plane.
+//!
+//! A cache entry exists only for a scope that was effectively active when it was loaded,
+//! and is evicted (with every entry below it) as soon as this process sees a pause, revoke
+//! or rotation on its path; entries also expire after a TTL. Eviction bumps an epoch, and a
+//! load that raced with an eviction is used once but not cached, so no request that starts
+//! after an eviction can be served from a stale entry.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ekm_domain::{OrgId, ScopeId, Tier};
+use ekm_keys::{Kek, LocalMasterKey};
+use ekm_projections::{EventListener, ProjectionError, ReadModels, ScopeSnapshot};
+use ekm_store::{Db, KeyRow, StoreError, StoredEvent};
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("key material for scope {scope} version {version} is gone (shredded by a revoke)")]
+    Missing { scope: String, version: u32 },
+    #[error("a stored key does not unwrap under its parent: the key hierarchy is damaged")]
+    Unwrap,
+    #[error("storage failed")]
+    Store(#[from] StoreError),
+    #[error("read model failed")]
+    Projection(#[from] ProjectionError),
+}
+
+/// The unwrapped keys of one active scope.
+pub struct ScopeKeys {
+    pub scope_id: ScopeId,
+    pub org_id: OrgId,
+    pub path: Vec<ScopeId>,
+    pub tier: Tier,
+    pub current: u32,
+    keys: HashMap<u32, Kek>,
+    loaded: Instant,
+}
+
+impl std::fmt::Debug for ScopeKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ScopeKeys")
+            .field("scope_id", &self.scope_id)
+            .field("current", &self.current)
+            .field("versions", &self.keys.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl ScopeKeys {
+    pub fn key(&self, version: u32) -> Option<&Kek> {
+        self.keys.get(&version)
+    }
+
+    pub fn current_key(&self) -> Option<&Kek> {
+        self.keys.get(&self.current)
+    }
+}
+
+pub struct KeyService {
+    db: Db,
+    read: ReadModels,
+    master: LocalMasterKey,
+    ttl: Duration,
+    cache: Mutex<HashMap<ScopeId, Arc<ScopeKeys>>>,
+    epoch: AtomicU64,
+    unwraps: AtomicU64,
+}
+
+/// Events after which cached keys on the scope's path must go.
+const EVICTING: [&str; 3] = ["ScopePaused", "ScopeRevoked", "ScopeKeyRotated"];
+
+impl KeyService {
+    pub fn new(db: Db, master: LocalMasterKey, ttl: Duration) -> Arc<KeyService> {
+        Arc::new(KeyService {
+            read: ReadModels::new(db.clone()),
+            db,
+            master,
+            ttl,
+            cache: Mutex::new(HashMap::new()),
+            epoch: AtomicU64::new(0),
+            unwraps: AtomicU64::new(0),
+        })
+    }
+
+    /// The listener the projector calls with every event this process sees.
+    pub fn listener(self: &Arc<Self>) -> EventListener {
+        let service = Arc::downgrade(self);
+        Arc::new(move |events: &[StoredEvent]| {
+            if let Some(service) = service.upgrade() {
+                service.evict(events);
+            }
+        })
+    }
+
+    fn evict(&self, events: &[StoredEvent]) {
+        let scopes: Vec<ScopeId> = events
+            .iter()
+            .filter(|e| EVICTING.contains(&e.event_type.as_str()))
+            .filter_map(|e| ScopeId::parse(&e.aggregate_id).ok())
+            .collect();
+        if scopes.is_empty() {
+            return;
+        }
+        if let Ok(mut cache) = self.cache.lock() {
+            cache.retain(|_, entry| !entry.path.iter().any(|p| scopes.contains(p)));
+            self.epoch.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// How many keys were unwrapped since start (a cold key walks the hierarchy once).
+    pub fn unwrap_count(&self) -> u64 {
+        self.unwraps.load(Ordering::Relaxed)
+    }
+
+    /// A cached entry, if present and fresh.
+    pub fn cached(&self, scope: ScopeId) -> Option<Arc<ScopeKeys>> {
+        let cache = self.cache.lock().ok()?;
+        cache
+            .get(&scope)
+            .filter(|entry| entry.loaded.elapsed() < self.ttl)
+            .cloned()
+    }
+
+    /// Unwraps every key version of an active scope and caches them, unless an eviction
+    /// happened meanwhile.
+    pub async fn load(&self, snapshot: &ScopeSnapshot) -> Result<Arc<ScopeKeys>, KeyError> {
+        let epoch = self.epoch.load(Ordering::SeqCst);
+        let scope_id = snapshot.scope.id;
+        let mut keys = HashMap::new();
+        for version in &snapshot.key_versions {
+            let Some(fingerprint) = &version.fingerprint else {
+                continue;
+            };
+            let key = self
+                .unwrap_version(&scope_id.to_string(), version.version, fingerprint)
+                .await?;
+            keys.insert(version.version, key);
+        }
+        let entry = Arc::new(ScopeKeys {
+            scope_id,
+            org_id: snapshot.scope.org_id,
+            path: snapshot.scope.path.clone(),
+            tier: snapshot.org_tier,
+            current: snapshot.scope.key_version,
+            keys,
+            loaded: Instant::now(),
+        });
+        if let Ok(mut cache) = self.cache.lock() {
+            if self.epoch.load(Ordering::SeqCst) == epoch {
+                cache.insert(scope_id, entry.clone());
+            }
+        }
+        Ok(entry)
+    }
+
+    /// Unwraps one key version, walking up to the master key.
+    fn unwrap_version<'a>(
+        &'a self,
+        scope: &'a str,
+        version: u32,
+        fingerprint: &'a str,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Kek, KeyError>> + Send + 'a>>
+    {
+        Box::pin(async move {
+            let row = self
+                .db
+                .key(scope, version, fingerprint)
+                .await?
+                .ok_or_else(|| KeyError::Missing {
+                    scope: scope.to_owned(),
+                    version,
+                })?;
+            self.unwraps.fetch_add(1, Ordering::Relaxed);
+            let key = match &row.parent {
+                None => self.master.unwrap(&row.wrapped, scope, version),
+                Some((parent, parent_version)) => {
+                    let parent_fingerprint = self
+                        .read
+                        .key_fingerprint(parent, *parent_version)
+                        .await?
+                        .ok_or_else(|| KeyError::Missing {
+                            scope: parent.clone(),
+                            version: *parent_version,
+                        })?;
+                    let parent_key = self
+                        .unwrap_version(parent, *parent_version, &parent_fingerprint)
+                        .await?;
+                    let version_text = version.to_string();
+                    let parent_version_text = parent_version.to_string();
+                    parent_key.unwrap_key(
+                        &row.wrapped,
+                        &[
+                            scope.as_bytes(),
+                            version_text.as_bytes(),
+                            parent.as_bytes(),
+                            parent_version_text.as_bytes(),
+                        ],
+                    )
+                }
+            };
+            let key = key.map_err(|_| KeyError::Unwrap)?;
+            if key.fingerprint() != row.fingerprint {
+                return Err(KeyError::Unwrap);
+            }
+            Ok(key)
+        })
+    }
+
+    /// Creates and stores an organization's key version, wrapped by the master key.
+    /// Returns its fingerprint.
+    pub async fn create_org_key(&self, org: OrgId, version: u32) -> Result<String, KeyError> {
+        let key = Kek::generate();
+        let wrapped = self
+            .master
+            .wrap(&key, &org.to_string(), version)
+            .map_err(|_| KeyError::Unwrap)?;
+        let fingerprint = key.fingerprint();
+        self.db
+            .insert_key(&KeyRow {
+                scope_id: org.to_string(),
+                version,
+                fingerprint: fingerprint.clone(),
+                wrapped,
+                parent: None,
+                master_fingerprint: Some(self.master.fingerprint()),
+            })
+            .await?;
+        Ok(fingerprint)
+    }
+
+    /// Creates and stores a key version for `scope`, wrapped under the current key of
+    /// `parent`. Returns its fingerprint.
+    pub async fn create_scope_key(
+        &self,
+        scope: ScopeId,
+        version: u32,
+        parent: &ScopeSnapshot,
+    ) -> Result<String, KeyError> {
+        let parent_id = parent.scope.id.to_string();
+        let parent_version = parent.scope.key_version;
+        let parent_fingerprint = parent
+            .key_versions
+            .iter()
+            .find(|k| k.version == parent_version)
+            .and_then(|k| k.fingerprint.clone())
+            .ok_or_else(|| KeyError::Missing {
+                scope: parent_id.clone(),
+                version: parent_version,
+            })?;
+        let parent_key = self
+            .unwrap_version(&parent_id, parent_version, &parent_fingerprint)
+            .await?;
+        let key = Kek::generate();
+        let scope_text = scope.to_string();
+        let version_text = version.to_string();
+        let parent_version_text = parent_version.to_string();
+        let wrapped = parent_key
+            .wrap(
+                &key,
+                &[
+                    scope_text.as_bytes(),
+                    version_text.as_bytes(),
+                    parent_id.as_bytes(),
+                    parent_version_text.as_bytes(),
+                ],
+            )
+            .map_err(|_| KeyError::Unwrap)?;
+        let fingerprint = key.fingerprint();
+        self.db
+            .insert_key(&KeyRow {
+                scope_id: scope_text,
+                version,
+                fingerprint: fingerprint.clone(),
+                wrapped,
+                parent: Some((parent_id, parent_version)),
+                master_fingerprint: None,
+            })
+            .await?;
+        Ok(fingerprint)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MasterKeySetupError {
+    #[error(transparent)]
+    File(#[from] ekm_keys::MasterKeyError),
+    #[error("storage failed")]
+    Store(#[from] StoreError),
+    #[error("this database's keys are wrapped by local master key {known}, but {path} {found}; copy the master key file from an instance of this database (or pass --master-key-file)")]
+    Mismatch {
+        known: String,
+        path: String,
+        found: String,
+    },
+}
+
+/// Loads the local master key (creating it on a database that has none yet) and checks that
+/// the database's organization keys are wrapped by it.
+pub async fn local_master_key(
+    db: &Db,
+    path: &std::path::Path,
+) -> Result<LocalMasterKey, MasterKeySetupError> {
+    let known = db.master_keys("local").await?;
+    let shown = path.display().to_string();
+    let key = match LocalMasterKey::load(path, known.is_empty())? {
+        Some(key) => key,
+        None => {
+            return Err(MasterKeySetupError::Mismatch {
+                known: known.join(", "),
+                path: shown,
+                found: "does not exist".into(),
+            })
+        }
+    };
+    match db.check_master_key(&key.fingerprint(), "local").await? {
+        ekm_store::MasterKeyCheck::Registered => Ok(key),
+        ekm_store::MasterKeyCheck::Unknown { known } => Err(MasterKeySetupError::Mismatch {
+            known: known.join(", "),
+            path: shown,
+            found: format!("holds key {}", key.fingerprint()),
+        }),
+    }
+}

@@ -1,0 +1,170 @@
+//! Wrapped key material, stored outside the event log.
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use sqlx::Row;
+
+use crate::db::Db;
+use crate::error::StoreError;
+use crate::time::now_micros;
+use crate::{with_read_pool, with_write_pool};
+
+/// One wrapped key version.
+#[derive(Clone, PartialEq, Eq)]
+pub struct KeyRow {
+    pub scope_id: String,
+    pub version: u32,
+    pub fingerprint: String,
+    pub wrapped: Vec<u8>,
+    /// The key version this one is wrapped under (none for organizations).
+    pub parent: Option<(String, u32)>,
+    pub master_fingerprint: Option<String>,
+}
+
+impl std::fmt::Debug for KeyRow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyRow")
+            .field("scope_id", &self.scope_id)
+            .field("version", &self.version)
+            .field("fingerprint", &self.fingerprint)
+            .field("parent", &self.parent)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the database says about a master key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MasterKeyCheck {
+    /// Known (or now registered): use it.
+    Registered,
+    /// The database's organization keys are wrapped by other master keys.
+    Unknown { known: Vec<String> },
+}
+
+impl Db {
+    pub async fn insert_key(&self, row: &KeyRow) -> Result<(), StoreError> {
+        let sql = "INSERT INTO key_material (scope_id, version, fingerprint, wrapped, parent_id, \
+                   parent_version, master_fingerprint, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)";
+        with_write_pool!(self, pool => {
+            sqlx::query(sql)
+                .bind(&row.scope_id)
+                .bind(i64::from(row.version))
+                .bind(&row.fingerprint)
+                .bind(STANDARD.encode(&row.wrapped))
+                .bind(row.parent.as_ref().map(|(id, _)| id.clone()))
+                .bind(row.parent.as_ref().map(|(_, v)| i64::from(*v)))
+                .bind(&row.master_fingerprint)
+                .bind(now_micros())
+                .execute(pool)
+                .await?;
+        });
+        Ok(())
+    }
+
+    /// The wrapped key of `scope_id` at `version` with this fingerprint, if it still exists.
+    pub async fn key(
+        &self,
+        scope_id: &str,
+        version: u32,
+        fingerprint: &str,
+    ) -> Result<Option<KeyRow>, StoreError> {
+        let sql =
+            "SELECT wrapped, parent_id, parent_version, master_fingerprint FROM key_material \
+                   WHERE scope_id = $1 AND version = $2 AND fingerprint = $3";
+        let row = with_read_pool!(self, pool => {
+            sqlx::query(sql)
+                .bind(scope_id)
+                .bind(i64::from(version))
+                .bind(fingerprint)
+                .fetch_optional(pool)
+                .await?
+                .map(|row| -> Result<_, sqlx::Error> {
+                    Ok((
+                        row.try_get::<String, _>("wrapped")?,
+                        row.try_get::<Option<String>, _>("parent_id")?,
+                        row.try_get::<Option<i64>, _>("parent_version")?,
+                        row.try_get::<Option<String>, _>("master_fingerprint")?,
+                    ))
+                })
+                .transpose()?
+        });
+        Ok(
+            row.and_then(|(wrapped, parent_id, parent_version, master_fingerprint)| {
+                Some(KeyRow {
+                    scope_id: scope_id.to_owned(),
+                    version,
+                    fingerprint: fingerprint.to_owned(),
+                    wrapped: STANDARD.decode(wrapped).ok()?,
+                    parent: match (parent_id, parent_version) {
+                        (Some(id), Some(v)) => Some((id, u32::try_from(v).ok()?)),
+                        _ => None,
+                    },
+                    master_fingerprint,
+                })
+            }),
+        )
+    }
+
+    /// How many wrapped keys a scope still has (0 once shredded).
+    pub async fn key_count(&self, scope_id: &str) -> Result<i64, StoreError> {
+        let count: i64 = with_read_pool!(self, pool => {
+            sqlx::query_scalar("SELECT COUNT(*) FROM key_material WHERE scope_id = $1")
+                .bind(scope_id)
+                .fetch_one(pool)
+                .await?
+        });
+        Ok(count)
+    }
+
+    /// The master keys registered for a provider.
+    pub async fn master_keys(&self, provider: &str) -> Result<Vec<String>, StoreError> {
+        let known: Vec<String> = with_read_pool!(self, pool => {
+            sqlx::query_scalar("SELECT fingerprint FROM master_keys WHERE provider = $1 ORDER BY created_at")
+                .bind(provider)
+                .fetch_all(pool)
+                .await?
+        });
+        Ok(known)
+    }
+
+    /// Registers the local master key on a database that has none, or checks it is known.
+    pub async fn check_master_key(
+        &self,
+        fingerprint: &str,
+        provider: &str,
+    ) -> Result<MasterKeyCheck, StoreError> {
+        let known: Vec<String> = with_write_pool!(self, pool => {
+            sqlx::query_scalar("SELECT fingerprint FROM master_keys WHERE provider = $1 ORDER BY created_at")
+                .bind(provider)
+                .fetch_all(pool)
+                .await?
+        });
+        if known.iter().any(|k| k == fingerprint) {
+            return Ok(MasterKeyCheck::Registered);
+        }
+        if !known.is_empty() {
+            return Ok(MasterKeyCheck::Unknown { known });
+        }
+        with_write_pool!(self, pool => {
+            sqlx::query("INSERT INTO master_keys (fingerprint, provider, created_at) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING")
+                .bind(fingerprint)
+                .bind(provider)
+                .bind(now_micros())
+                .execute(pool)
+                .await?;
+        });
+        // Two instances may have raced with different fresh keys: the unique index lets one
+        // win, and the other is told which key to use.
+        let known: Vec<String> = with_write_pool!(self, pool => {
+            sqlx::query_scalar("SELECT fingerprint FROM master_keys WHERE provider = $1")
+                .bind(provider)
+                .fetch_all(pool)
+                .await?
+        });
+        if known.iter().all(|k| k == fingerprint) {
+            Ok(MasterKeyCheck::Registered)
+        } else {
+            Ok(MasterKeyCheck::Unknown { known })
+        }
+    }
+}

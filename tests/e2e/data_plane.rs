@@ -1,0 +1,530 @@
+//! The data plane: envelope encryption that obeys pause and revoke, rotation, and keys that
+//! a revoke destroys for good.
+
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use serde_json::json;
+
+use crate::harness::{Backend, TestApp};
+use crate::on_both_backends;
+
+async fn encrypt(
+    app: &TestApp,
+    token: &str,
+    scope: &str,
+    plaintext: &[u8],
+    class: &str,
+) -> crate::harness::Response {
+    app.post(
+        &format!("/v1/scopes/{scope}/encrypt"),
+        token,
+        json!({"plaintext": STANDARD.encode(plaintext), "class": class}),
+    )
+    .await
+}
+
+async fn decrypt(
+    app: &TestApp,
+    token: &str,
+    scope: &str,
+    ciphertext: &str,
+    class: &str,
+) -> crate::harness::Response {
+    app.post(
+        &format!("/v1/scopes/{scope}/decrypt"),
+        token,
+        json!({"ciphertext": ciphertext, "class": class}),
+    )
+    .await
+}
+
+async fn managed_org(app: &TestApp) -> (String, String) {
+    let response = app
+        .post(
+            "/v1/orgs",
+            &app.operator_token,
+            json!({"name": "Acme", "plan": "enterprise", "tier": "managed"}),
+        )
+        .await;
+    (response.str("id"), response.str("admin_token"))
+}
+
+async fn round_trips_and_refuses_what_was_not_made_here(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let (org, admin) = managed_org(&app).await;
+    let team = app.scope(&admin, "team", "research", &org).await;
+    let thread = app.scope(&admin, "thread", "t", &team).await;
+    let other = app.scope(&admin, "thread", "u", &team).await;
+
+    let sealed = encrypt(&app, &admin, &thread, b"launch at dawn", "messages").await;
+    assert_eq!(sealed.status, 200, "{}", sealed.body);
+    assert_eq!(sealed.body["key_version"], 1);
+    let ciphertext = sealed.str("ciphertext");
+    assert!(ciphertext.starts_with(&format!("ekm1.{thread}.1.messages.")));
+    let opened = decrypt(&app, &admin, &thread, &ciphertext, "messages").await;
+    assert_eq!(opened.status, 200, "{}", opened.body);
+    assert_eq!(
+        STANDARD.decode(opened.str("plaintext")).unwrap(),
+        b"launch at dawn"
+    );
+
+    // Moved to another scope or class, or altered: refused, with a clear code.
+    decrypt(&app, &admin, &other, &ciphertext, "messages")
+        .await
+        .assert_problem(400, "invalid_ciphertext");
+    decrypt(&app, &admin, &thread, &ciphertext, "files")
+        .await
+        .assert_problem(400, "invalid_ciphertext");
+    let forged = ciphertext.replace(&thread, &other);
+    decrypt(&app, &admin, &other, &forged, "messages")
+        .await
+        .assert_problem(400, "invalid_ciphertext");
+    let mut flipped = ciphertext.clone().into_bytes();
+    let last = flipped.len() - 3;
+    flipped[last] = if flipped[last] == b'A' { b'B' } else { b'A' };
+    decrypt(
+        &app,
+        &admin,
+        &thread,
+        &String::from_utf8(flipped).unwrap(),
+        "messages",
+    )
+    .await
+    .assert_problem(400, "invalid_ciphertext");
+    decrypt(&app, &admin, &thread, "not a ciphertext", "messages")
+        .await
+        .assert_problem(400, "invalid_ciphertext");
+
+    // A data key: plaintext once, and a ciphertext that decrypts to it.
+    let datakey = app
+        .post(
+            &format!("/v1/scopes/{thread}/datakey"),
+            &admin,
+            json!({"class": "files"}),
+        )
+        .await;
+    assert_eq!(datakey.status, 200, "{}", datakey.body);
+    assert_eq!(STANDARD.decode(datakey.str("plaintext")).unwrap().len(), 32);
+    let back = decrypt(&app, &admin, &thread, &datakey.str("ciphertext"), "files").await;
+    assert_eq!(back.str("plaintext"), datakey.str("plaintext"));
+
+    // Bad input.
+    app.post(
+        &format!("/v1/scopes/{thread}/encrypt"),
+        &admin,
+        json!({"plaintext": "%%%", "class": "messages"}),
+    )
+    .await
+    .assert_problem(400, "invalid_request");
+    encrypt(&app, &admin, &thread, b"x", "diaries")
+        .await
+        .assert_problem(400, "invalid_request");
+    let big = vec![7u8; 1024 * 1024 + 1];
+    encrypt(&app, &admin, &thread, &big, "files")
+        .await
+        .assert_problem(413, "invalid_request");
+    let large = vec![7u8; 700 * 1024];
+    assert_eq!(
+        encrypt(&app, &admin, &thread, &large, "files").await.status,
+        200,
+        "bodies up to 1 MiB of plaintext"
+    );
+    encrypt(&app, &app.operator_token, &thread, b"x", "messages")
+        .await
+        .assert_problem(403, "forbidden");
+    app.stop().await;
+}
+on_both_backends!(round_trips_and_refuses_what_was_not_made_here);
+
+async fn the_default_tier_covers_credentials_and_mcp_secrets_only(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let (org, admin) = app.org("standard").await;
+    let agent = app.scope(&admin, "agent", "bot", &org).await;
+    assert_eq!(
+        encrypt(&app, &admin, &agent, b"token", "credentials")
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        encrypt(&app, &admin, &agent, b"token", "mcp_secrets")
+            .await
+            .status,
+        200
+    );
+    encrypt(&app, &admin, &agent, b"hello", "messages")
+        .await
+        .assert_problem(403, "class_not_covered");
+    let (_, other_admin) = app.org("enterprise").await;
+    encrypt(&app, &other_admin, &agent, b"x", "credentials")
+        .await
+        .assert_problem(404, "not_found");
+    app.stop().await;
+}
+on_both_backends!(the_default_tier_covers_credentials_and_mcp_secrets_only);
+
+async fn pause_and_revoke_stop_the_data_plane_for_the_subtree(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let (org, admin) = managed_org(&app).await;
+    let team = app.scope(&admin, "team", "research", &org).await;
+    let thread = app.scope(&admin, "thread", "t", &team).await;
+    let ciphertext = encrypt(&app, &admin, &thread, b"secret", "messages")
+        .await
+        .str("ciphertext");
+    // Warm the cache, then pause the organization: refused at once, cache or not.
+    assert_eq!(
+        decrypt(&app, &admin, &thread, &ciphertext, "messages")
+            .await
+            .status,
+        200
+    );
+    app.pause(&admin, &org).await;
+    let refused = decrypt(&app, &admin, &thread, &ciphertext, "messages").await;
+    refused.assert_problem(409, "scope_paused");
+    assert_eq!(refused.body["cause"]["scope_id"], org.as_str());
+    encrypt(&app, &admin, &team, b"x", "messages")
+        .await
+        .assert_problem(409, "scope_paused");
+    app.resume(&admin, &org).await;
+    assert_eq!(
+        decrypt(&app, &admin, &thread, &ciphertext, "messages")
+            .await
+            .status,
+        200
+    );
+
+    app.revoke(&admin, &team).await;
+    decrypt(&app, &admin, &thread, &ciphertext, "messages")
+        .await
+        .assert_problem(409, "scope_revoked");
+    // The team's key material is shredded; the organization's is untouched.
+    assert_eq!(app.db.key_count(&team).await.unwrap(), 0);
+    assert!(app.db.key_count(&org).await.unwrap() > 0);
+    app.stop().await;
+}
+on_both_backends!(pause_and_revoke_stop_the_data_plane_for_the_subtree);
+
+async fn rotation_keeps_old_ciphertexts_and_rewrap_moves_them_forward(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let (org, admin) = managed_org(&app).await;
+    let team = app.scope(&admin, "team", "research", &org).await;
+    let old = encrypt(&app, &admin, &team, b"v1 data", "files")
+        .await
+        .str("ciphertext");
+    let rotated = app
+        .post(&format!("/v1/scopes/{team}/rotate"), &admin, json!({}))
+        .await;
+    assert_eq!(rotated.body["key_versions"][1]["version"], 2);
+    assert!(rotated.body["key_versions"][1]["fingerprint"]
+        .as_str()
+        .is_some_and(|f| f.len() == 32));
+    // Rotating the organization re-wraps nothing below: the team's keys still unwrap.
+    app.post(&format!("/v1/scopes/{org}/rotate"), &admin, json!({}))
+        .await;
+
+    let new = encrypt(&app, &admin, &team, b"v2 data", "files").await;
+    assert_eq!(new.body["key_version"], 2);
+    assert_eq!(
+        STANDARD
+            .decode(
+                decrypt(&app, &admin, &team, &old, "files")
+                    .await
+                    .str("plaintext")
+            )
+            .unwrap(),
+        b"v1 data"
+    );
+    let rewrapped = app
+        .post(
+            &format!("/v1/scopes/{team}/rewrap"),
+            &admin,
+            json!({"ciphertext": old, "class": "files"}),
+        )
+        .await;
+    assert_eq!(rewrapped.status, 200, "{}", rewrapped.body);
+    assert_eq!(rewrapped.body["key_version"], 2);
+    assert!(
+        rewrapped.body.get("plaintext").is_none(),
+        "rewrap never reveals plaintext"
+    );
+    let moved = rewrapped.str("ciphertext");
+    assert!(moved.starts_with(&format!("ekm1.{team}.2.files.")));
+    assert_eq!(
+        STANDARD
+            .decode(
+                decrypt(&app, &admin, &team, &moved, "files")
+                    .await
+                    .str("plaintext")
+            )
+            .unwrap(),
+        b"v1 data"
+    );
+    // Events carry fingerprints, never key bytes.
+    for event in app.db.events_of(&team).await.unwrap() {
+        let text = event.payload.to_string();
+        assert!(!text.contains("wrapped"));
+    }
+    app.stop().await;
+}
+on_both_backends!(rotation_keeps_old_ciphertexts_and_rewrap_moves_them_forward);
+
+/// Everything an attacker with a full copy of the database and the master key file can
+/// unwrap: organization keys through the master key, then every row whose parent key they
+/// already hold, until nothing more opens.
+async fn every_recoverable_key(app: &TestApp) -> Vec<ekm_keys::Kek> {
+    let master = ekm_keys::LocalMasterKey::load(&app.data_dir().join("master.key"), false)
+        .unwrap()
+        .unwrap();
+    type Row = (String, i64, String, Option<String>, Option<i64>);
+    let rows: Vec<Row> = ekm_store::with_read_pool!(&app.db, pool => {
+        sqlx::query_as("SELECT scope_id, version, wrapped, parent_id, parent_version FROM key_material")
+            .fetch_all(pool)
+            .await
+            .unwrap()
+    });
+    let mut recovered: std::collections::HashMap<(String, i64), ekm_keys::Kek> = Default::default();
+    loop {
+        let before = recovered.len();
+        for (scope, version, wrapped, parent, parent_version) in &rows {
+            if recovered.contains_key(&(scope.clone(), *version)) {
+                continue;
+            }
+            let wrapped = STANDARD.decode(wrapped).unwrap();
+            let key = match (parent, parent_version) {
+                (None, _) => master.unwrap(&wrapped, scope, *version as u32).ok(),
+                (Some(parent), Some(pv)) => recovered.get(&(parent.clone(), *pv)).and_then(|pk| {
+                    pk.unwrap_key(
+                        &wrapped,
+                        &[
+                            scope.as_bytes(),
+                            version.to_string().as_bytes(),
+                            parent.as_bytes(),
+                            pv.to_string().as_bytes(),
+                        ],
+                    )
+                    .ok()
+                }),
+                _ => None,
+            };
+            if let Some(key) = key {
+                recovered.insert((scope.clone(), *version), key);
+            }
+        }
+        if recovered.len() == before {
+            break;
+        }
+    }
+    recovered.into_values().collect()
+}
+
+async fn revoke_shreds_the_subtree_even_for_someone_with_the_database_and_master_key(
+    backend: Backend,
+) {
+    let app = TestApp::spawn(backend).await;
+    let (org, admin) = managed_org(&app).await;
+    let team = app.scope(&admin, "team", "research", &org).await;
+    let thread = app.scope(&admin, "thread", "t", &team).await;
+    let sibling = app.scope(&admin, "team", "sales", &org).await;
+    let secret = encrypt(
+        &app,
+        &admin,
+        &thread,
+        b"the merger closes friday",
+        "messages",
+    )
+    .await
+    .str("ciphertext");
+    let kept = encrypt(&app, &admin, &sibling, b"sales numbers", "messages")
+        .await
+        .str("ciphertext");
+    let parse = |text: &str| ekm_keys::Ciphertext::parse(text).unwrap();
+
+    // Before: the attacker's procedure does open the thread's ciphertext (the test can fail).
+    let keys = every_recoverable_key(&app).await;
+    assert!(keys.iter().any(|k| parse(&secret).open(k).is_ok()));
+
+    app.revoke(&admin, &team).await;
+    let keys = every_recoverable_key(&app).await;
+    assert!(!keys.is_empty());
+    assert!(
+        keys.iter().all(|k| parse(&secret).open(k).is_err()),
+        "no recoverable key opens the revoked thread's data"
+    );
+    assert!(
+        keys.iter().any(|k| parse(&kept).open(k).is_ok()),
+        "the sibling team is untouched"
+    );
+    app.stop().await;
+}
+on_both_backends!(revoke_shreds_the_subtree_even_for_someone_with_the_database_and_master_key);
+
+/// Every byte the server keeps: files of the data directory, and (PostgreSQL) every row.
+async fn everything_at_rest(app: &TestApp) -> Vec<u8> {
+    let mut bytes = vec![];
+    for entry in std::fs::read_dir(app.data_dir()).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_file() {
+            bytes.extend(std::fs::read(&path).unwrap());
+        }
+    }
+    if let ekm_store::Db::Postgres(db) = &app.db {
+        let tables: Vec<String> =
+            sqlx::query_scalar("SELECT tablename::text FROM pg_tables WHERE schemaname = 'public'")
+                .fetch_all(&db.pool)
+                .await
+                .unwrap();
+        for table in tables {
+            let rows: Vec<String> =
+                sqlx::query_scalar(&format!("SELECT CAST(t.* AS TEXT) FROM {table} t"))
+                    .fetch_all(&db.pool)
+                    .await
+                    .unwrap();
+            for row in rows {
+                bytes.extend(row.into_bytes());
+            }
+        }
+    }
+    bytes
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+async fn no_plaintext_or_data_key_is_ever_at_rest(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let (org, admin) = managed_org(&app).await;
+    let team = app.scope(&admin, "team", "research", &org).await;
+    let marker = b"PLAINTEXT-MARKER-4711-do-not-store";
+    for _ in 0..20 {
+        encrypt(&app, &admin, &team, marker, "messages").await;
+    }
+    let datakey = app
+        .post(
+            &format!("/v1/scopes/{team}/datakey"),
+            &admin,
+            json!({"class": "files"}),
+        )
+        .await;
+    let data_key = STANDARD.decode(datakey.str("plaintext")).unwrap();
+    app.post(&format!("/v1/scopes/{team}/rotate"), &admin, json!({}))
+        .await;
+    app.db.close().await;
+    let stored = everything_at_rest(&app).await;
+    assert!(
+        stored.len() > 10_000,
+        "the scan read the store: {} bytes",
+        stored.len()
+    );
+    assert!(!contains(&stored, marker));
+    assert!(!contains(&stored, STANDARD.encode(marker).as_bytes()));
+    assert!(!contains(&stored, &data_key));
+    assert!(!contains(&stored, STANDARD.encode(&data_key).as_bytes()));
+    assert!(!contains(&stored, hex::encode(&data_key).as_bytes()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_plaintext_at_rest_on_sqlite() {
+    no_plaintext_or_data_key_is_ever_at_rest(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_plaintext_at_rest_on_postgres() {
+    // The scan reads every table before the pool closes.
+    let app = TestApp::spawn(Backend::Postgres).await;
+    let (org, admin) = managed_org(&app).await;
+    let team = app.scope(&admin, "team", "research", &org).await;
+    let marker = b"PLAINTEXT-MARKER-4711-do-not-store";
+    encrypt(&app, &admin, &team, marker, "messages").await;
+    let datakey = app
+        .post(
+            &format!("/v1/scopes/{team}/datakey"),
+            &admin,
+            json!({"class": "files"}),
+        )
+        .await;
+    let data_key = STANDARD.decode(datakey.str("plaintext")).unwrap();
+    let stored = everything_at_rest(&app).await;
+    assert!(
+        contains(&stored, team.as_bytes()),
+        "the scan read the tables"
+    );
+    assert!(!contains(&stored, marker) && !contains(&stored, STANDARD.encode(marker).as_bytes()));
+    assert!(
+        !contains(&stored, STANDARD.encode(&data_key).as_bytes())
+            && !contains(&stored, hex::encode(&data_key).as_bytes())
+    );
+    app.stop().await;
+}
+
+/// Several tasks decrypt as fast as they can while the scope is paused: no decrypt that
+/// starts after the pause was acknowledged succeeds.
+async fn no_decrypt_succeeds_after_the_pause_is_acknowledged(backend: Backend) {
+    let app = Arc::new(TestApp::spawn(backend).await);
+    let (org, admin) = managed_org(&app).await;
+    let team = app.scope(&admin, "team", "research", &org).await;
+    let ciphertext = encrypt(&app, &admin, &team, b"hot data", "messages")
+        .await
+        .str("ciphertext");
+    let acknowledged: Arc<std::sync::Mutex<Option<Instant>>> = Arc::default();
+    let stop = Arc::new(AtomicBool::new(false));
+    let late_successes = Arc::new(AtomicUsize::new(0));
+    let successes = Arc::new(AtomicUsize::new(0));
+    let mut tasks = vec![];
+    for _ in 0..6 {
+        let (app, admin, team, ciphertext) =
+            (app.clone(), admin.clone(), team.clone(), ciphertext.clone());
+        let (acknowledged, stop, late, ok) = (
+            acknowledged.clone(),
+            stop.clone(),
+            late_successes.clone(),
+            successes.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            while !stop.load(Ordering::SeqCst) {
+                let started = Instant::now();
+                let response = decrypt(&app, &admin, &team, &ciphertext, "messages").await;
+                if response.status == 200 {
+                    ok.fetch_add(1, Ordering::SeqCst);
+                    if acknowledged
+                        .lock()
+                        .unwrap()
+                        .is_some_and(|ack| started > ack)
+                    {
+                        late.fetch_add(1, Ordering::SeqCst);
+                    }
+                } else {
+                    response.assert_problem(409, "scope_paused");
+                }
+            }
+        }));
+    }
+    // Let the hammering run, then pause.
+    while successes.load(Ordering::SeqCst) < 50 {
+        tokio::task::yield_now().await;
+    }
+    let paused = app.pause(&admin, &org).await;
+    *acknowledged.lock().unwrap() = Some(Instant::now());
+    assert_eq!(paused.status, 200);
+    // Keep hammering a while after the acknowledgement.
+    let before = successes.load(Ordering::SeqCst);
+    let refusals_wanted = Instant::now();
+    while refusals_wanted.elapsed() < std::time::Duration::from_millis(300) {
+        tokio::task::yield_now().await;
+    }
+    stop.store(true, Ordering::SeqCst);
+    for task in tasks {
+        task.await.unwrap();
+    }
+    assert!(before >= 50);
+    assert_eq!(
+        late_successes.load(Ordering::SeqCst),
+        0,
+        "decrypts that started after the pause response succeeded"
+    );
+}
+on_both_backends!(no_decrypt_succeeds_after_the_pause_is_acknowledged);
