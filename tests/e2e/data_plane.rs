@@ -528,3 +528,70 @@ async fn no_decrypt_succeeds_after_the_pause_is_acknowledged(backend: Backend) {
     );
 }
 on_both_backends!(no_decrypt_succeeds_after_the_pause_is_acknowledged);
+
+/// Two instances on one PostgreSQL database: a pause acknowledged by A stops decrypts on B
+/// (which had the key cached) within the documented bound of one second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_instance_stops_decrypting_within_a_second_of_the_pause() {
+    let a = TestApp::spawn(Backend::Postgres).await;
+    let b = Arc::new(a.peer().await);
+    let (org, admin) = managed_org(&a).await;
+    let team = a.scope(&admin, "team", "research", &org).await;
+    let ciphertext = encrypt(&a, &admin, &team, b"shared", "messages")
+        .await
+        .str("ciphertext");
+    assert_eq!(
+        decrypt(&b, &admin, &team, &ciphertext, "messages")
+            .await
+            .status,
+        200,
+        "B has the key cached"
+    );
+
+    let acknowledged: Arc<std::sync::Mutex<Option<Instant>>> = Arc::default();
+    let last_success: Arc<std::sync::Mutex<Option<Instant>>> = Arc::default();
+    let refused = Arc::new(AtomicBool::new(false));
+    let first_refusal: Arc<std::sync::Mutex<Option<Instant>>> = Arc::default();
+    let hammer = {
+        let first_refusal = first_refusal.clone();
+        let (b, admin, team, ciphertext) =
+            (b.clone(), admin.clone(), team.clone(), ciphertext.clone());
+        let (refused, last_success) = (refused.clone(), last_success.clone());
+        tokio::spawn(async move {
+            let deadline = Instant::now() + std::time::Duration::from_secs(10);
+            while Instant::now() < deadline {
+                let started = Instant::now();
+                let response = decrypt(&b, &admin, &team, &ciphertext, "messages").await;
+                match response.status.as_u16() {
+                    200 => *last_success.lock().unwrap() = Some(started),
+                    _ => {
+                        response.assert_problem(409, "scope_paused");
+                        *first_refusal.lock().unwrap() = Some(Instant::now());
+                        refused.store(true, Ordering::SeqCst);
+                        return;
+                    }
+                }
+            }
+        })
+    };
+    assert_eq!(a.pause(&admin, &org).await.status, 200);
+    *acknowledged.lock().unwrap() = Some(Instant::now());
+    hammer.await.unwrap();
+    assert!(
+        refused.load(Ordering::SeqCst),
+        "B kept decrypting for 10 s after the pause"
+    );
+    let ack = acknowledged.lock().unwrap().unwrap();
+    let delay = last_success
+        .lock()
+        .unwrap()
+        .map(|t| t.saturating_duration_since(ack))
+        .unwrap_or_default();
+    let refusal = first_refusal
+        .lock()
+        .unwrap()
+        .map(|t| t.saturating_duration_since(ack))
+        .unwrap_or_default();
+    eprintln!("cross-instance revocation: last success started {delay:?} after the acknowledgement; first refusal answered {refusal:?} after it");
+    assert!(delay < std::time::Duration::from_secs(1), "{delay:?}");
+}

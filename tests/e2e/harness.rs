@@ -261,8 +261,12 @@ pub struct TestApp {
     pub app: App,
     pub db: Db,
     shutdown: watch::Sender<bool>,
-    /// Held for its `Drop`: the test database is removed after the server stops.
-    pub _test_db: TestDb,
+    pub config: DbConfig,
+    data_dir: PathBuf,
+    url: Option<String>,
+    /// Held for its `Drop`: the test database is removed after the server stops. Peers
+    /// (other instances on the same database) hold none.
+    pub _test_db: Option<TestDb>,
 }
 
 impl TestApp {
@@ -271,12 +275,27 @@ impl TestApp {
     }
 
     pub async fn spawn_on(test_db: TestDb) -> TestApp {
-        let db = Db::open(&test_db.config).await.expect("open database");
+        let config = test_db.config.clone();
+        let data_dir = test_db.data_dir().to_path_buf();
+        let url = test_db.url.clone();
+        let mut app = Self::instance(config, data_dir, url).await;
+        app._test_db = Some(test_db);
+        app
+    }
+
+    /// Another instance on the same database (PostgreSQL), with its own projector and key
+    /// cache, sharing the data directory's master key file.
+    pub async fn peer(&self) -> TestApp {
+        Self::instance(self.config.clone(), self.data_dir.clone(), self.url.clone()).await
+    }
+
+    async fn instance(config: DbConfig, data_dir: PathBuf, url: Option<String>) -> TestApp {
+        let db = Db::open(&config).await.expect("open database");
         Tokens::new(db.clone())
-            .ensure_operator_token(test_db.data_dir())
+            .ensure_operator_token(&data_dir)
             .await
             .expect("operator token");
-        let operator_token = std::fs::read_to_string(test_db.data_dir().join(OPERATOR_TOKEN_FILE))
+        let operator_token = std::fs::read_to_string(data_dir.join(OPERATOR_TOKEN_FILE))
             .expect("operator token file")
             .trim()
             .to_owned();
@@ -285,12 +304,10 @@ impl TestApp {
         projector.catch_up().await.expect("catch up");
         let (shutdown, shutdown_rx) = watch::channel(false);
         tokio::spawn(projector.clone().run(shutdown_rx.clone()));
-        let master = ekm_api::keys::local_master_key(
-            &db,
-            &test_db.data_dir().join(ekm_keys::MASTER_KEY_FILE),
-        )
-        .await
-        .expect("master key");
+        let master =
+            ekm_api::keys::local_master_key(&db, &data_dir.join(ekm_keys::MASTER_KEY_FILE))
+                .await
+                .expect("master key");
         let keys =
             ekm_api::keys::KeyService::new(db.clone(), master, std::time::Duration::from_secs(300));
         let app = App::new(db.clone(), projector, keys);
@@ -315,16 +332,19 @@ impl TestApp {
             app,
             db,
             shutdown,
-            _test_db: test_db,
+            config,
+            data_dir,
+            url,
+            _test_db: None,
         }
     }
 
     pub fn data_dir(&self) -> &Path {
-        self._test_db.data_dir()
+        &self.data_dir
     }
 
     pub fn database_url(&self) -> Option<&str> {
-        self._test_db.url.as_deref()
+        self.url.as_deref()
     }
 
     pub async fn call(

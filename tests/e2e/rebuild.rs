@@ -149,7 +149,7 @@ async fn rebuild_yields_exactly_the_live_read_models(backend: Backend) {
         }
         // SQLite: with the server stopped, as the CLI requires.
         Backend::Sqlite => {
-            let config = app._test_db.config.clone();
+            let config = app.config.clone();
             let server_db = app.db.clone();
             server_db.close().await;
             let db = Db::open(&config).await.unwrap();
@@ -159,7 +159,7 @@ async fn rebuild_yields_exactly_the_live_read_models(backend: Backend) {
             db.close().await;
         }
     }
-    let db = Db::open(&app._test_db.config).await.unwrap();
+    let db = Db::open(&app.config).await.unwrap();
     assert_eq!(
         count(&db, "audit_chain").await,
         seals_before.max(count(&db, "audit_chain").await)
@@ -204,7 +204,7 @@ async fn interrupted_catch_up_resumes_without_loss_or_duplicates(backend: Backen
     let app = TestApp::spawn(backend).await;
     random_history(&app.app, 11, 120).await;
     let live = dump(&app.db).await;
-    let config = app._test_db.config.clone();
+    let config = app.config.clone();
     app.db.close().await;
 
     // Forget the read models, then catch up again through many small crashes.
@@ -272,7 +272,7 @@ fn cli_status_and_rebuild_report_positions() {
         let app = TestApp::spawn(Backend::Sqlite).await;
         random_history(&app.app, 5, 40).await;
         let head = app.db.head_position().await.unwrap();
-        let config = app._test_db.config.clone();
+        let config = app.config.clone();
         app.db.close().await;
         let _ = config;
         (app, head)
