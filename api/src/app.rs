@@ -49,6 +49,7 @@ pub enum Action {
     Resume,
     Revoke { confirm: String },
     Rotate,
+    ChangeTier(Tier),
 }
 
 /// What to do to a scope: a command known in full, or an action whose command needs the
@@ -364,6 +365,7 @@ impl App {
             Action::Pause => ScopeCommand::PauseScope { lineage },
             Action::Resume => ScopeCommand::ResumeScope { lineage },
             Action::Revoke { confirm } => ScopeCommand::RevokeScope { confirm, lineage },
+            Action::ChangeTier(tier) => ScopeCommand::ChangeTier { tier, lineage },
             Action::Rotate => ScopeCommand::RotateKey {
                 lineage,
                 key_version: None,

@@ -95,6 +95,13 @@ pub struct ReasonRequest {
     pub reason: Option<String>,
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TierRequest {
+    pub tier: String,
+    pub reason: Option<String>,
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RevokeRequest {

@@ -163,6 +163,7 @@ impl From<ScopeError> for ApiError {
             ScopeError::AlreadyExists(_) => ApiError::new(conflict, Code::Conflict, detail),
             ScopeError::NotFound => ApiError::not_found(detail),
             ScopeError::InvalidParent { .. }
+            | ScopeError::NotAnOrganization
             | ScopeError::ConfirmationMismatch
             | ScopeError::ByokNeedsMasterKey => ApiError::invalid(detail),
             ScopeError::ParentPaused { cause: by } => {

@@ -71,7 +71,12 @@ pub struct KeyService {
 }
 
 /// Events after which cached keys on the scope's path must go.
-const EVICTING: [&str; 3] = ["ScopePaused", "ScopeRevoked", "ScopeKeyRotated"];
+const EVICTING: [&str; 4] = [
+    "ScopePaused",
+    "ScopeRevoked",
+    "ScopeKeyRotated",
+    "OrganizationTierChanged",
+];
 
 impl KeyService {
     pub fn new(db: Db, master: LocalMasterKey, ttl: Duration) -> Arc<KeyService> {

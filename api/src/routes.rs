@@ -6,7 +6,7 @@ use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
@@ -19,7 +19,7 @@ use crate::app::{Action, Outcome};
 use crate::context::Caller;
 use crate::dto::{
     CreateOrgRequest, CreateScopeRequest, CreatedOrgJson, JsonBody, LifecycleJson, ListJson,
-    OptionalJsonBody, OrgJson, PastScopeJson, ReasonRequest, RevokeRequest, ScopeJson,
+    OptionalJsonBody, OrgJson, PastScopeJson, ReasonRequest, RevokeRequest, ScopeJson, TierRequest,
 };
 use crate::error::{ApiError, Code};
 use crate::state::AppState;
@@ -30,6 +30,7 @@ pub fn routes() -> Router<AppState> {
         .route("/readyz", get(readyz))
         .route("/v1/orgs", post(create_org))
         .route("/v1/orgs/{org}", get(get_org))
+        .route("/v1/orgs/{org}/tier", put(change_tier))
         .route("/v1/scopes", post(create_scope))
         .route("/v1/scopes/{id}", get(get_scope))
         .route("/v1/scopes/{id}/children", get(list_children))
@@ -492,4 +493,43 @@ async fn state_as_of(
         AsOf::Position(_) => None,
     };
     Ok(Json(PastScopeJson::new(&past, at)).into_response())
+}
+
+/// `PUT /v1/orgs/{org}/tier {"tier": "default"|"managed"}`: what is encrypted. Existing
+/// ciphertexts keep working; `byok` is reached by connecting a master key.
+async fn change_tier(
+    State(state): State<AppState>,
+    caller: Caller,
+    path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    JsonBody(body): JsonBody<TierRequest>,
+) -> Result<Response, ApiError> {
+    let tier: Tier = body
+        .tier
+        .parse()
+        .map_err(|e: ekm_domain::ValueError| ApiError::invalid(e.to_string()))?;
+    let reason = reason(body.reason.as_deref(), false)?;
+    let org = visible_scope(&state, &caller, &path_text(path)?).await?;
+    if org.scope.kind != ScopeKind::Organization {
+        return Err(ApiError::not_found(
+            "no organization with this id is visible to this token",
+        ));
+    }
+    let expected = expected_version(&headers)?;
+    let outcome = state
+        .app
+        .act(
+            org.scope.id,
+            Action::ChangeTier(tier),
+            &caller.metadata(reason),
+            expected,
+        )
+        .await?;
+    let mut body = serde_json::to_value(OrgJson::from(&outcome.scope)).unwrap_or_default();
+    if let Some(object) = body.as_object_mut() {
+        object.insert("changed".into(), json!(outcome.changed));
+    }
+    let mut response = Json(body).into_response();
+    etag(&mut response, outcome.scope.scope.version);
+    Ok(response)
 }

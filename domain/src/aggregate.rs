@@ -145,6 +145,20 @@ impl Scope {
                 }
                 Ok(vec![ScopeEvent::ScopeRevoked {}])
             }
+            ScopeCommand::ChangeTier { tier, lineage } => {
+                let state = self.controllable(&lineage)?;
+                let Some(from) = state.tier else {
+                    return Err(ScopeError::NotAnOrganization);
+                };
+                if tier == Tier::Byok {
+                    return Err(ScopeError::ByokNeedsMasterKey);
+                }
+                Ok(if from == tier {
+                    vec![]
+                } else {
+                    vec![ScopeEvent::OrganizationTierChanged { from, to: tier }]
+                })
+            }
             ScopeCommand::RotateKey {
                 lineage,
                 key_version,
@@ -236,6 +250,11 @@ impl Aggregate for Scope {
             ScopeEvent::ScopePaused {} => self.set_own_state(OwnState::Paused),
             ScopeEvent::ScopeResumed {} => self.set_own_state(OwnState::Active),
             ScopeEvent::ScopeRevoked {} => self.set_own_state(OwnState::Revoked),
+            ScopeEvent::OrganizationTierChanged { to, .. } => {
+                if let Some(state) = self.state.as_mut() {
+                    state.tier = Some(to);
+                }
+            }
             ScopeEvent::ScopeKeyRotated { key_version, .. } => {
                 if let Some(state) = self.state.as_mut() {
                     state.key_version = key_version;
@@ -579,6 +598,72 @@ mod tests {
                 .when(command)
                 .then_expect_error(ScopeError::AncestorRevoked { cause: by });
         }
+    }
+
+    fn org_created(tier: Tier) -> ScopeEvent {
+        ScopeEvent::OrganizationCreated {
+            org_id: org_id(),
+            name: name("Acme"),
+            plan: Plan::Enterprise,
+            tier,
+            key_version: KeyVersion::FIRST,
+            admin_token_id: None,
+            key_fingerprint: None,
+        }
+    }
+
+    #[test]
+    fn change_tier_records_from_and_to_once() {
+        ScopeTest::with(())
+            .given(vec![org_created(Tier::Default)])
+            .when(ScopeCommand::ChangeTier {
+                tier: Tier::Managed,
+                lineage: enterprise(),
+            })
+            .then_expect_events(vec![ScopeEvent::OrganizationTierChanged {
+                from: Tier::Default,
+                to: Tier::Managed,
+            }]);
+        ScopeTest::with(())
+            .given(vec![org_created(Tier::Managed)])
+            .when(ScopeCommand::ChangeTier {
+                tier: Tier::Managed,
+                lineage: enterprise(),
+            })
+            .then_expect_events(vec![]);
+    }
+
+    #[test]
+    fn change_tier_refused_when_scope_is_not_an_organization_or_tier_is_byok() {
+        ScopeTest::with(())
+            .given(vec![team_created()])
+            .when(ScopeCommand::ChangeTier {
+                tier: Tier::Managed,
+                lineage: enterprise(),
+            })
+            .then_expect_error(ScopeError::NotAnOrganization);
+        ScopeTest::with(())
+            .given(vec![org_created(Tier::Managed)])
+            .when(ScopeCommand::ChangeTier {
+                tier: Tier::Byok,
+                lineage: enterprise(),
+            })
+            .then_expect_error(ScopeError::ByokNeedsMasterKey);
+    }
+
+    #[test]
+    fn rotate_refused_when_the_prepared_version_is_stale() {
+        ScopeTest::with(())
+            .given(vec![team_created()])
+            .when(ScopeCommand::RotateKey {
+                lineage: enterprise(),
+                key_version: Some(KeyVersion::new(5)),
+                key_fingerprint: None,
+            })
+            .then_expect_error(ScopeError::StaleKeyVersion {
+                prepared: KeyVersion::new(5),
+                next: KeyVersion::new(2),
+            });
     }
 
     #[test]

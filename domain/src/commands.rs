@@ -38,6 +38,12 @@ pub enum ScopeCommand {
         confirm: String,
         lineage: Lineage,
     },
+    /// Move an organization to another tier (what is encrypted). Only the organization key
+    /// is re-wrapped where the master key changes; no data is re-encrypted.
+    ChangeTier {
+        tier: Tier,
+        lineage: Lineage,
+    },
     /// Add a key version; new encryptions use it. `key_version` is the version the caller
     /// prepared key material for: the command is refused if it is not the next one.
     RotateKey {

@@ -32,6 +32,8 @@ pub enum ScopeError {
     TierNeedsEnterprise(Tier),
     #[error("the byok tier is set by connecting a master key, not at creation")]
     ByokNeedsMasterKey,
+    #[error("only an organization has a tier")]
+    NotAnOrganization,
     #[error("key version {prepared} was prepared, but the next version is {next}")]
     StaleKeyVersion {
         prepared: KeyVersion,

@@ -43,6 +43,10 @@ pub enum ScopeEvent {
     ScopePaused {},
     ScopeResumed {},
     ScopeRevoked {},
+    OrganizationTierChanged {
+        from: Tier,
+        to: Tier,
+    },
     ScopeKeyRotated {
         key_version: KeyVersion,
         /// The fingerprint of the new key version (never the key). Absent on events
@@ -54,13 +58,14 @@ pub enum ScopeEvent {
 
 impl ScopeEvent {
     /// Every event type this aggregate has ever stored.
-    pub const TYPES: [&'static str; 6] = [
+    pub const TYPES: [&'static str; 7] = [
         "OrganizationCreated",
         "ScopeCreated",
         "ScopePaused",
         "ScopeResumed",
         "ScopeRevoked",
         "ScopeKeyRotated",
+        "OrganizationTierChanged",
     ];
 
     pub fn type_name(&self) -> &'static str {
@@ -71,6 +76,7 @@ impl ScopeEvent {
             ScopeEvent::ScopeResumed {} => "ScopeResumed",
             ScopeEvent::ScopeRevoked {} => "ScopeRevoked",
             ScopeEvent::ScopeKeyRotated { .. } => "ScopeKeyRotated",
+            ScopeEvent::OrganizationTierChanged { .. } => "OrganizationTierChanged",
         }
     }
 
@@ -83,6 +89,7 @@ impl ScopeEvent {
             ScopeEvent::ScopeResumed {} => "scope.resume",
             ScopeEvent::ScopeRevoked {} => "scope.revoke",
             ScopeEvent::ScopeKeyRotated { .. } => "scope.rotate",
+            ScopeEvent::OrganizationTierChanged { .. } => "org.tier",
         }
     }
 }
@@ -99,7 +106,8 @@ impl DomainEvent for ScopeEvent {
             | ScopeEvent::ScopePaused {}
             | ScopeEvent::ScopeResumed {}
             | ScopeEvent::ScopeRevoked {}
-            | ScopeEvent::ScopeKeyRotated { .. } => "1".to_owned(),
+            | ScopeEvent::ScopeKeyRotated { .. }
+            | ScopeEvent::OrganizationTierChanged { .. } => "1".to_owned(),
         }
     }
 }

@@ -63,6 +63,9 @@ fn summary(event: &ScopeEvent) -> String {
         } => {
             format!("created {kind} \"{}\" under {parent_id}", name.as_str())
         }
+        ScopeEvent::OrganizationTierChanged { from, to } => {
+            format!("changed the encryption tier from {from} to {to}")
+        }
         ScopeEvent::ScopePaused {} => "paused".to_owned(),
         ScopeEvent::ScopeResumed {} => "resumed".to_owned(),
         ScopeEvent::ScopeRevoked {} => "revoked (final)".to_owned(),

@@ -195,6 +195,17 @@ impl Projection for ScopeTree {
                     key_version_row(stored, key_version.get(), key_fingerprint),
                 ]
             }
+            ScopeEvent::OrganizationTierChanged { to, .. } => vec![Statement::Update {
+                table: "scope_view",
+                key_column: "id",
+                key: Param::Text(stored.aggregate_id.clone()),
+                columns: &["tier", "version", "updated_position"],
+                values: vec![
+                    Param::OptText(Some(to.as_str().to_owned())),
+                    Param::Int(stored.sequence),
+                    Param::Int(stored.position),
+                ],
+            }],
             ScopeEvent::ScopePaused {} => vec![state_change(stored, OwnState::Paused)],
             ScopeEvent::ScopeResumed {} => vec![state_change(stored, OwnState::Active)],
             ScopeEvent::ScopeRevoked {} => vec![state_change(stored, OwnState::Revoked)],

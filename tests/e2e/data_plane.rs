@@ -595,3 +595,87 @@ async fn another_instance_stops_decrypting_within_a_second_of_the_pause() {
     eprintln!("cross-instance revocation: last success started {delay:?} after the acknowledgement; first refusal answered {refusal:?} after it");
     assert!(delay < std::time::Duration::from_secs(1), "{delay:?}");
 }
+
+async fn changing_tier_changes_coverage_and_keeps_ciphertexts(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let (org, admin) = app.org("enterprise").await;
+    let team = app.scope(&admin, "team", "research", &org).await;
+    let credentials = encrypt(&app, &admin, &team, b"api key", "credentials")
+        .await
+        .str("ciphertext");
+    encrypt(&app, &admin, &team, b"hello", "messages")
+        .await
+        .assert_problem(403, "class_not_covered");
+
+    let changed = app
+        .call(
+            "PUT",
+            &format!("/v1/orgs/{org}/tier"),
+            Some(&admin),
+            Some(json!({"tier": "managed", "reason": "upgrade"})),
+        )
+        .await;
+    assert_eq!(changed.status, 200, "{}", changed.body);
+    assert_eq!(changed.body["tier"], "managed");
+    assert_eq!(changed.body["changed"], true);
+    // Coverage follows at once, cached keys or not; old ciphertexts still decrypt.
+    let messages = encrypt(&app, &admin, &team, b"hello", "messages").await;
+    assert_eq!(messages.status, 200, "{}", messages.body);
+    assert_eq!(
+        decrypt(&app, &admin, &team, &credentials, "credentials")
+            .await
+            .status,
+        200
+    );
+    let again = app
+        .call(
+            "PUT",
+            &format!("/v1/orgs/{org}/tier"),
+            Some(&admin),
+            Some(json!({"tier": "managed"})),
+        )
+        .await;
+    assert_eq!(again.body["changed"], false);
+
+    app.call(
+        "PUT",
+        &format!("/v1/orgs/{org}/tier"),
+        Some(&admin),
+        Some(json!({"tier": "default"})),
+    )
+    .await;
+    let old_message = messages.str("ciphertext");
+    decrypt(&app, &admin, &team, &old_message, "messages")
+        .await
+        .assert_problem(403, "class_not_covered");
+    app.call(
+        "PUT",
+        &format!("/v1/orgs/{org}/tier"),
+        Some(&admin),
+        Some(json!({"tier": "byok"})),
+    )
+    .await
+    .assert_problem(400, "invalid_request");
+    app.call(
+        "PUT",
+        &format!("/v1/orgs/{team}/tier"),
+        Some(&admin),
+        Some(json!({"tier": "managed"})),
+    )
+    .await
+    .assert_problem(404, "not_found");
+    let audit = app.get("/v1/audit?action=org.tier", &admin).await;
+    assert_eq!(audit.body["items"].as_array().unwrap().len(), 2);
+    // A standard plan cannot leave the default tier.
+    let (standard, standard_admin) = app.org("standard").await;
+    app.call(
+        "PUT",
+        &format!("/v1/orgs/{standard}/tier"),
+        Some(&standard_admin),
+        Some(json!({"tier": "managed"})),
+    )
+    .await
+    .assert_problem(403, "plan_required");
+    app.stop().await;
+}
+on_both_backends!(changing_tier_changes_coverage_and_keeps_ciphertexts);
