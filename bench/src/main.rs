@@ -19,6 +19,8 @@ use ekm_domain::{
 use ekm_projections::{audit_entries, rebuild, AuditFilter, Projector, ProjectorConfig};
 use ekm_store::{Db, DbConfig, ScopeStore};
 
+mod data_plane;
+
 #[derive(Parser)]
 struct Cli {
     #[command(subcommand)]
@@ -33,6 +35,13 @@ enum Bench {
         #[arg(long, default_value_t = 1_000_000)]
         events: usize,
     },
+    /// In-process encrypt/decrypt against raw AES-SIV, and the HTTP data plane of a real
+    /// `ekm serve` (release, SQLite) under wrk against its /healthz.
+    DataPlane {
+        /// Seconds per HTTP run.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -41,6 +50,7 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async {
         match cli.command {
             Bench::Projections { events } => projections(events).await,
+            Bench::DataPlane { seconds } => data_plane::run(seconds).await,
         }
     })
 }

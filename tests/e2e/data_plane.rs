@@ -679,3 +679,42 @@ async fn changing_tier_changes_coverage_and_keeps_ciphertexts(backend: Backend) 
     app.stop().await;
 }
 on_both_backends!(changing_tier_changes_coverage_and_keeps_ciphertexts);
+
+async fn a_cold_key_walks_the_hierarchy_once_then_hits_the_cache(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let (org, admin) = managed_org(&app).await;
+    let team = app.scope(&admin, "team", "research", &org).await;
+    let thread = app.scope(&admin, "thread", "t", &team).await;
+    let ciphertext = encrypt(&app, &admin, &thread, b"x", "messages")
+        .await
+        .str("ciphertext");
+    // A fresh instance has nothing cached.
+    let cold = app.peer().await;
+    let before = cold.app.keys().unwrap_count();
+    assert_eq!(
+        decrypt(&cold, &admin, &thread, &ciphertext, "messages")
+            .await
+            .status,
+        200
+    );
+    let walked = cold.app.keys().unwrap_count() - before;
+    assert_eq!(walked, 3, "thread, team and organization keys, once each");
+    for _ in 0..20 {
+        assert_eq!(
+            decrypt(&cold, &admin, &thread, &ciphertext, "messages")
+                .await
+                .status,
+            200
+        );
+    }
+    assert_eq!(
+        cold.app.keys().unwrap_count() - before,
+        walked,
+        "then only the cache"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cold_key_walks_the_hierarchy_once_on_postgres() {
+    a_cold_key_walks_the_hierarchy_once_then_hits_the_cache(Backend::Postgres).await;
+}
