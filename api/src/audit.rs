@@ -21,25 +21,59 @@ use crate::error::ApiError;
 use crate::routes::{decode_cursor_position, encode_cursor_position, page_limit};
 use crate::state::AppState;
 
-/// The JSON of one entry, as listed and as exported in JSON Lines.
+#[derive(Serialize)]
+struct EntryHead<'a> {
+    position: i64,
+    recorded_at: String,
+    org_id: &'a str,
+    scope_id: &'a str,
+    path: &'a [String],
+    action: &'a str,
+    event_type: &'a str,
+    event_version: &'a str,
+    actor: &'a str,
+    actor_kind: &'a str,
+    reason: Option<&'a str>,
+    request_id: &'a str,
+    source_address: Option<&'a str>,
+    summary: &'a str,
+}
+
+/// The JSON text of one entry, as exported in JSON Lines (and listed). `details` is the
+/// stored payload, spliced in as it is: it was written as JSON by the event store.
+pub fn entry_json_text(entry: &AuditEntry) -> String {
+    let head = EntryHead {
+        position: entry.position,
+        recorded_at: rfc3339(entry.recorded_at),
+        org_id: &entry.org_id,
+        scope_id: &entry.scope_id,
+        path: &entry.scope_path,
+        action: &entry.action,
+        event_type: &entry.event_type,
+        event_version: &entry.event_version,
+        actor: &entry.actor,
+        actor_kind: &entry.actor_kind,
+        reason: entry.reason.as_deref(),
+        request_id: &entry.request_id,
+        source_address: entry.source_address.as_deref(),
+        summary: &entry.summary,
+    };
+    let mut text = serde_json::to_string(&head).unwrap_or_else(|_| "{}".to_owned());
+    let details_valid = serde_json::from_str::<serde::de::IgnoredAny>(&entry.details).is_ok();
+    text.pop();
+    text.push_str(",\"details\":");
+    if details_valid {
+        text.push_str(&entry.details);
+    } else {
+        text.push_str(&Value::String(entry.details.clone()).to_string());
+    }
+    text.push('}');
+    text
+}
+
+/// The JSON of one entry, as listed.
 pub fn entry_json(entry: &AuditEntry) -> Value {
-    json!({
-        "position": entry.position,
-        "recorded_at": rfc3339(entry.recorded_at),
-        "org_id": entry.org_id,
-        "scope_id": entry.scope_id,
-        "path": entry.scope_path,
-        "action": entry.action,
-        "event_type": entry.event_type,
-        "event_version": entry.event_version,
-        "actor": entry.actor,
-        "actor_kind": entry.actor_kind,
-        "reason": entry.reason,
-        "request_id": entry.request_id,
-        "source_address": entry.source_address,
-        "summary": entry.summary,
-        "details": entry.details,
-    })
+    serde_json::from_str(&entry_json_text(entry)).unwrap_or(Value::Null)
 }
 
 pub const CSV_HEADER: &str = "position,recorded_at,org_id,scope_id,path,action,event_type,event_version,actor,actor_kind,reason,request_id,source_address,summary,details\n";
@@ -76,7 +110,7 @@ pub fn entry_csv(entry: &AuditEntry) -> String {
         entry.request_id.clone(),
         entry.source_address.clone().unwrap_or_default(),
         entry.summary.clone(),
-        entry.details.to_string(),
+        entry.details.clone(),
     ];
     let mut line = fields
         .iter()
@@ -115,7 +149,11 @@ impl Format {
 
     pub fn render(self, entry: &AuditEntry) -> String {
         match self {
-            Format::JsonLines => format!("{}\n", entry_json(entry)),
+            Format::JsonLines => {
+                let mut line = entry_json_text(entry);
+                line.push('\n');
+                line
+            }
             Format::Csv => entry_csv(entry),
         }
     }

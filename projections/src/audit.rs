@@ -249,7 +249,8 @@ pub struct AuditEntry {
     pub request_id: String,
     pub source_address: Option<String>,
     pub summary: String,
-    pub details: serde_json::Value,
+    /// The event's payload as stored: JSON text, passed through unparsed.
+    pub details: String,
 }
 
 /// Which entries to read. `from` is inclusive, `to` exclusive; `after` is a position cursor.
@@ -338,7 +339,7 @@ macro_rules! decode_entry {
             request_id: row.try_get("request_id")?,
             source_address: row.try_get("source_address")?,
             summary: row.try_get("summary")?,
-            details: serde_json::from_str(&details).unwrap_or(serde_json::Value::String(details)),
+            details,
         })
     }};
 }
