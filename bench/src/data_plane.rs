@@ -116,6 +116,14 @@ pub async fn run(seconds: u64) -> anyhow::Result<()> {
         let nonce = [1u8; 16];
         std::hint::black_box(cipher.encrypt([&nonce[..]], &plaintext).ok());
     });
+    let raw_sealed = Aes256Siv::new_from_slice(&raw_key)
+        .map_err(|_| anyhow::anyhow!("key"))?
+        .encrypt([&[1u8; 16][..]], &plaintext)
+        .map_err(|_| anyhow::anyhow!("seal"))?;
+    let raw_decrypt = rate(20_000, || {
+        let mut cipher = Aes256Siv::new_from_slice(&raw_key).unwrap_or_else(|_| unreachable!());
+        std::hint::black_box(cipher.decrypt([&[1u8; 16][..]], &raw_sealed).ok());
+    });
     let scope = "0190c7a2-8a1e-7c3b-9d4e-2f1a3b5c6d7e";
     let ekm_encrypt = rate(20_000, || {
         let sealed = Ciphertext::seal(&kek, scope, 1, "messages", &plaintext).ok();
@@ -217,7 +225,7 @@ pub async fn run(seconds: u64) -> anyhow::Result<()> {
     )?;
     writeln!(out, "|---|---|---|---|---|")?;
     writeln!(out, "| in-process encrypt, 1 KiB, cached key (ciphertext string included) | {ekm_encrypt:.0} ops/s | raw AES-256-SIV encrypt, 1 KiB: {raw_encrypt:.0} ops/s | {:.2} | ≥ 0.70 |", ekm_encrypt / raw_encrypt)?;
-    writeln!(out, "| in-process decrypt, 1 KiB (parse + open) | {ekm_decrypt:.0} ops/s | raw AES-256-SIV encrypt: {raw_encrypt:.0} ops/s | {:.2} | ≥ 0.70 |", ekm_decrypt / raw_encrypt)?;
+    writeln!(out, "| in-process decrypt, 1 KiB (ciphertext string parsed) | {ekm_decrypt:.0} ops/s | raw AES-256-SIV decrypt, 1 KiB: {raw_decrypt:.0} ops/s | {:.2} | ≥ 0.70 |", ekm_decrypt / raw_decrypt)?;
     writeln!(out, "| HTTP encrypt 1 KiB, 16 keep-alive connections (wrk, same 2 cores) | {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms | GET /healthz: {hello_rps:.0} req/s | {:.2} | ≥ 20,000 req/s, p99 ≤ 5 ms |", encrypt.rps, encrypt.p50_ms, encrypt.p99_ms, encrypt.rps / hello_rps)?;
     writeln!(out, "| HTTP decrypt 1 KiB, same load | {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms | GET /healthz: {hello_rps:.0} req/s | {:.2} | |", decrypt.rps, decrypt.p50_ms, decrypt.p99_ms, decrypt.rps / hello_rps)?;
     Ok(())
