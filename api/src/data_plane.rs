@@ -86,6 +86,8 @@ async fn active_scope(
             Err(not_found())
         };
     }
+    // The position seen before reading: the entry is valid at least as of it.
+    let position = state.app.projector().applied();
     let snapshot = state.app.scope(id).await?.ok_or_else(not_found)?;
     if Some(snapshot.scope.org_id) != caller.org() {
         return Err(not_found());
@@ -109,10 +111,12 @@ async fn active_scope(
             .with("cause", json!({"scope_id": by.to_string()})))
         }
     }
-    keys.load(&snapshot).await.map_err(|error| match error {
-        KeyError::Missing { .. } => ApiError::from(crate::app::AppError::Key(error)),
-        other => ApiError::from(crate::app::AppError::Key(other)),
-    })
+    keys.load(&snapshot, position)
+        .await
+        .map_err(|error| match error {
+            KeyError::Missing { .. } => ApiError::from(crate::app::AppError::Key(error)),
+            other => ApiError::from(crate::app::AppError::Key(other)),
+        })
 }
 
 fn class(text: &str, scope: &ScopeKeys) -> Result<DataClass, ApiError> {

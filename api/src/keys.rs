@@ -36,6 +36,10 @@ pub struct ScopeKeys {
     pub path: Vec<ScopeId>,
     pub tier: Tier,
     pub current: u32,
+    /// The event position this process had seen when the entry was loaded: the keys and
+    /// the scope's active state are valid as of that position (and stay cached only while
+    /// no later event on the path evicts them).
+    pub valid_at_position: i64,
     keys: HashMap<u32, Kek>,
     loaded: Instant,
 }
@@ -132,7 +136,11 @@ impl KeyService {
 
     /// Unwraps every key version of an active scope and caches them, unless an eviction
     /// happened meanwhile.
-    pub async fn load(&self, snapshot: &ScopeSnapshot) -> Result<Arc<ScopeKeys>, KeyError> {
+    pub async fn load(
+        &self,
+        snapshot: &ScopeSnapshot,
+        position: i64,
+    ) -> Result<Arc<ScopeKeys>, KeyError> {
         let epoch = self.epoch.load(Ordering::SeqCst);
         let scope_id = snapshot.scope.id;
         let mut keys = HashMap::new();
@@ -151,6 +159,7 @@ impl KeyService {
             path: snapshot.scope.path.clone(),
             tier: snapshot.org_tier,
             current: snapshot.scope.key_version,
+            valid_at_position: position,
             keys,
             loaded: Instant::now(),
         });

@@ -2,10 +2,10 @@
 //!
 //! SQLite (server stopped; the CLI holds the data-directory lock): the read models are
 //! emptied and replayed in place. PostgreSQL (server running or not): the read models are
-//! built aside in the `ekm_rebuild` schema, then copied over the live ones in one
-//! transaction that holds the live checkpoints, so readers see the old rows until the
-//! commit and the new ones after it: no window of wrong answers. The audit chain (seals) is
-//! never rebuilt.
+//! built aside in the `ekm_rebuild` schema (unlogged, secondary indexes built once at the
+//! end), then swapped in by moving tables between schemas in one transaction that holds the
+//! live checkpoints: readers wait for the commit and then see the new rows, never a mix. The
+//! audit chain (seals) and key material are never rebuilt.
 
 use std::time::Instant;
 
@@ -36,6 +36,8 @@ pub struct ProjectionStatus {
 }
 
 const ASIDE: &str = "ekm_rebuild";
+/// Where the replaced live tables go for the moment of the swap, then dropped.
+const RETIRED: &str = "ekm_retired";
 
 fn rebuildable() -> Vec<Box<dyn Projection>> {
     standard_projections()
@@ -125,22 +127,48 @@ async fn rebuild_aside(
     progress: &mut (dyn FnMut(i64, i64) + Send),
 ) -> Result<i64, ProjectionError> {
     let pool = &live.pool;
-    let mut tables: Vec<&'static str> = vec!["projection_checkpoints", "projection_state"];
-    for projection in rebuildable() {
-        tables.extend(projection.tables());
+    let read_models: Vec<&'static str> = rebuildable()
+        .iter()
+        .flat_map(|p| p.tables().iter().copied())
+        .collect();
+    for schema in [ASIDE, RETIRED] {
+        sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+            .execute(pool)
+            .await?;
     }
-    sqlx::query(&format!("DROP SCHEMA IF EXISTS {ASIDE} CASCADE"))
-        .execute(pool)
-        .await?;
     sqlx::query(&format!("CREATE SCHEMA {ASIDE}"))
         .execute(pool)
         .await?;
-    for table in &tables {
+    // Bookkeeping tables: small, copied whole.
+    for table in ["projection_checkpoints", "projection_state"] {
         sqlx::query(&format!(
             "CREATE TABLE {ASIDE}.{table} (LIKE public.{table} INCLUDING ALL)"
         ))
         .execute(pool)
         .await?;
+    }
+    // Read models: unlogged and with only their primary key while they load (the key serves
+    // the merged UPDATEs); secondary indexes are built once at the end, under their own names.
+    for table in &read_models {
+        sqlx::query(&format!(
+            "CREATE UNLOGGED TABLE {ASIDE}.{table} (LIKE public.{table} INCLUDING DEFAULTS)"
+        ))
+        .execute(pool)
+        .await?;
+        let keys: Vec<(String, String)> = sqlx::query_as(
+            "SELECT conname::text, pg_get_constraintdef(oid) FROM pg_constraint \
+             WHERE conrelid = ('public.' || $1)::regclass AND contype = 'p'",
+        )
+        .bind(table)
+        .fetch_all(pool)
+        .await?;
+        for (name, definition) in keys {
+            sqlx::query(&format!(
+                "ALTER TABLE {ASIDE}.{table} ADD CONSTRAINT {name} {definition}"
+            ))
+            .execute(pool)
+            .await?;
+        }
     }
     // A pool whose unqualified names find the aside tables first, and `events` in public.
     let options = (*pool.connect_options())
@@ -160,8 +188,33 @@ async fn rebuild_aside(
     aside.init().await?;
     aside.catch_up_reporting(progress).await?;
 
+    for table in &read_models {
+        let indexes: Vec<String> = sqlx::query_scalar(
+            "SELECT indexdef FROM pg_indexes i WHERE schemaname = 'public' AND tablename = $1 \
+             AND NOT EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conname = i.indexname \
+                             AND c.conrelid = ('public.' || $1)::regclass)",
+        )
+        .bind(table)
+        .fetch_all(pool)
+        .await?;
+        for definition in indexes {
+            let aside_definition = definition.replace(
+                &format!(" ON public.{table} "),
+                &format!(" ON {ASIDE}.{table} "),
+            );
+            sqlx::query(&aside_definition).execute(pool).await?;
+        }
+        sqlx::query(&format!("ALTER TABLE {ASIDE}.{table} SET LOGGED"))
+            .execute(pool)
+            .await?;
+    }
+
     // Swap: hold the live checkpoints (the live runner waits), finish the aside catch-up,
-    // copy the rows over in this one transaction, move the checkpoints, commit.
+    // move the live tables out and the rebuilt ones in, move the checkpoints, commit. Readers
+    // wait for the commit (the tables are locked) and then see the new rows: never a mix.
+    sqlx::query(&format!("CREATE SCHEMA {RETIRED}"))
+        .execute(pool)
+        .await?;
     let mut tx = pool.begin().await?;
     for projection in standard_projections().iter().filter(|p| p.rebuildable()) {
         sqlx::query(
@@ -172,17 +225,15 @@ async fn rebuild_aside(
         .await?;
     }
     let position = aside.catch_up_reporting(progress).await?;
-    for projection in rebuildable() {
-        for table in projection.tables() {
-            sqlx::query(&format!("DELETE FROM public.{table}"))
-                .execute(&mut *tx)
-                .await?;
-            sqlx::query(&format!(
-                "INSERT INTO public.{table} SELECT * FROM {ASIDE}.{table}"
-            ))
+    for table in &read_models {
+        sqlx::query(&format!("ALTER TABLE public.{table} SET SCHEMA {RETIRED}"))
             .execute(&mut *tx)
             .await?;
-        }
+        sqlx::query(&format!("ALTER TABLE {ASIDE}.{table} SET SCHEMA public"))
+            .execute(&mut *tx)
+            .await?;
+    }
+    for projection in rebuildable() {
         sqlx::query("DELETE FROM public.projection_state WHERE projection = $1")
             .bind(projection.name())
             .execute(&mut *tx)
@@ -204,8 +255,10 @@ async fn rebuild_aside(
     }
     tx.commit().await?;
     aside_pool.close().await;
-    sqlx::query(&format!("DROP SCHEMA IF EXISTS {ASIDE} CASCADE"))
-        .execute(pool)
-        .await?;
+    for schema in [ASIDE, RETIRED] {
+        sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
+            .execute(pool)
+            .await?;
+    }
     Ok(position)
 }
