@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use cqrs_es::{AggregateContext, AggregateError};
 use ekm_domain::{
-    EventMetadata, Lineage, Location, OrgId, ParentContext, Plan, ScopeCommand, ScopeError,
-    ScopeId, ScopeKind, ScopeName, Tier,
+    EventMetadata, KeyVersion, Lineage, Location, OrgId, ParentContext, Plan, ScopeCommand,
+    ScopeError, ScopeId, ScopeKind, ScopeName, Tier,
 };
 use ekm_projections::{
     AsOf, AuditEntry, AuditFilter, BlastRadius, ChainReport, Page, PastScope, ProjectionError,
@@ -50,6 +50,7 @@ pub enum Action {
     Revoke { confirm: String },
     Rotate,
     ChangeTier(Tier),
+    RetireKeyVersions(KeyVersion),
 }
 
 /// What to do to a scope: a command known in full, or an action whose command needs the
@@ -325,6 +326,12 @@ impl App {
                     key_fingerprint: Some(fingerprint),
                 })
             }
+            ScopeCommand::RetireKeyVersions { below, .. } => {
+                // Nothing below the scope may still need the versions being destroyed.
+                let snapshot = self.inner.read.scope(id).await?.ok_or(AppError::NotFound)?;
+                keys.rewrap_children(&snapshot, below.get()).await?;
+                None
+            }
             _ => None,
         })
     }
@@ -366,6 +373,7 @@ impl App {
             Action::Resume => ScopeCommand::ResumeScope { lineage },
             Action::Revoke { confirm } => ScopeCommand::RevokeScope { confirm, lineage },
             Action::ChangeTier(tier) => ScopeCommand::ChangeTier { tier, lineage },
+            Action::RetireKeyVersions(below) => ScopeCommand::RetireKeyVersions { below, lineage },
             Action::Rotate => ScopeCommand::RotateKey {
                 lineage,
                 key_version: None,

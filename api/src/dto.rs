@@ -97,6 +97,13 @@ pub struct ReasonRequest {
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct RetireRequest {
+    pub below: u32,
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct TierRequest {
     pub tier: String,
     pub reason: Option<String>,
@@ -129,6 +136,8 @@ pub struct KeyVersionJson {
     /// A public name of the key version (never the key).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fingerprint: Option<String>,
+    /// Retired versions decrypt nothing: their key material is destroyed.
+    pub retired: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -203,6 +212,7 @@ fn key_versions_json(versions: &[KeyVersionRecord]) -> Vec<KeyVersionJson> {
             version: k.version,
             created_at: rfc3339(k.created_at),
             fingerprint: k.fingerprint.clone(),
+            retired: k.retired,
         })
         .collect()
 }
@@ -299,6 +309,7 @@ impl PastScopeJson {
                     version: *version,
                     created_at: rfc3339(*at),
                     fingerprint: None,
+                    retired: false,
                 })
                 .collect(),
             created_at: rfc3339(past.created_at),

@@ -164,6 +164,7 @@ impl From<ScopeError> for ApiError {
             ScopeError::NotFound => ApiError::not_found(detail),
             ScopeError::InvalidParent { .. }
             | ScopeError::NotAnOrganization
+            | ScopeError::CannotRetireCurrent { .. }
             | ScopeError::ConfirmationMismatch
             | ScopeError::ByokNeedsMasterKey => ApiError::invalid(detail),
             ScopeError::ParentPaused { cause: by } => {

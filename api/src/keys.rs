@@ -75,10 +75,11 @@ pub struct KeyService {
 }
 
 /// Events after which cached keys on the scope's path must go.
-const EVICTING: [&str; 4] = [
+const EVICTING: [&str; 5] = [
     "ScopePaused",
     "ScopeRevoked",
     "ScopeKeyRotated",
+    "ScopeKeyVersionsRetired",
     "OrganizationTierChanged",
 ];
 
@@ -144,7 +145,7 @@ impl KeyService {
         let epoch = self.epoch.load(Ordering::SeqCst);
         let scope_id = snapshot.scope.id;
         let mut keys = HashMap::new();
-        for version in &snapshot.key_versions {
+        for version in snapshot.key_versions.iter().filter(|v| !v.retired) {
             let Some(fingerprint) = &version.fingerprint else {
                 continue;
             };
@@ -222,6 +223,72 @@ impl KeyService {
             }
             Ok(key)
         })
+    }
+
+    /// Re-wraps every key that a child of `scope` wraps under a version below `below`, under
+    /// the scope's current version: afterwards nothing needs those versions. Each row is
+    /// updated on its own; a crash half-way leaves the old versions in place (the retirement
+    /// is only recorded after this returns), and a second run finishes the job.
+    pub async fn rewrap_children(
+        &self,
+        scope: &ScopeSnapshot,
+        below: u32,
+    ) -> Result<usize, KeyError> {
+        let scope_id = scope.scope.id.to_string();
+        let fingerprint_of = |version: u32| {
+            scope
+                .key_versions
+                .iter()
+                .find(|k| k.version == version)
+                .and_then(|k| k.fingerprint.clone())
+                .ok_or_else(|| KeyError::Missing {
+                    scope: scope_id.clone(),
+                    version,
+                })
+        };
+        let current = scope.scope.key_version;
+        let current_key = self
+            .unwrap_version(&scope_id, current, &fingerprint_of(current)?)
+            .await?;
+        let rows = self.db.keys_wrapped_under(&scope_id, below).await?;
+        let mut old_keys: HashMap<u32, Kek> = HashMap::new();
+        for row in &rows {
+            let Some((_, old_version)) = row.parent else {
+                continue;
+            };
+            if let std::collections::hash_map::Entry::Vacant(slot) = old_keys.entry(old_version) {
+                let fingerprint = fingerprint_of(old_version)?;
+                slot.insert(
+                    self.unwrap_version(&scope_id, old_version, &fingerprint)
+                        .await?,
+                );
+            }
+            let old_key = old_keys.get(&old_version).ok_or(KeyError::Unwrap)?;
+            let context = |parent_version: u32| {
+                (
+                    row.scope_id.clone(),
+                    row.version.to_string(),
+                    scope_id.clone(),
+                    parent_version.to_string(),
+                )
+            };
+            let (a, b, c, d) = context(old_version);
+            let child = old_key
+                .unwrap_key(
+                    &row.wrapped,
+                    &[a.as_bytes(), b.as_bytes(), c.as_bytes(), d.as_bytes()],
+                )
+                .map_err(|_| KeyError::Unwrap)?;
+            let (a, b, c, d) = context(current);
+            let wrapped = current_key
+                .wrap(
+                    &child,
+                    &[a.as_bytes(), b.as_bytes(), c.as_bytes(), d.as_bytes()],
+                )
+                .map_err(|_| KeyError::Unwrap)?;
+            self.db.rewrap_key(row, &wrapped, current).await?;
+        }
+        Ok(rows.len())
     }
 
     /// Creates and stores an organization's key version, wrapped by the master key.

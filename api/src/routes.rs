@@ -19,7 +19,8 @@ use crate::app::{Action, Outcome};
 use crate::context::Caller;
 use crate::dto::{
     CreateOrgRequest, CreateScopeRequest, CreatedOrgJson, JsonBody, LifecycleJson, ListJson,
-    OptionalJsonBody, OrgJson, PastScopeJson, ReasonRequest, RevokeRequest, ScopeJson, TierRequest,
+    OptionalJsonBody, OrgJson, PastScopeJson, ReasonRequest, RetireRequest, RevokeRequest,
+    ScopeJson, TierRequest,
 };
 use crate::error::{ApiError, Code};
 use crate::state::AppState;
@@ -38,6 +39,7 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/scopes/{id}/resume", post(resume))
         .route("/v1/scopes/{id}/revoke", post(revoke))
         .route("/v1/scopes/{id}/rotate", post(rotate))
+        .route("/v1/scopes/{id}/retire", post(retire))
         .route("/v1/scopes/{id}/state", get(state_as_of))
         .route("/v1/audit", get(crate::audit::list))
         .route("/v1/audit/export", get(crate::audit::export))
@@ -532,4 +534,24 @@ async fn change_tier(
     let mut response = Json(body).into_response();
     etag(&mut response, outcome.scope.scope.version);
     Ok(response)
+}
+
+/// `POST /v1/scopes/{id}/retire {"below": N}`: destroys the key material of every version
+/// below N (N at most the current version). Rewrap ciphertexts first: a retired version
+/// decrypts nothing.
+async fn retire(
+    State(state): State<AppState>,
+    caller: Caller,
+    path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    JsonBody(body): JsonBody<RetireRequest>,
+) -> Result<Response, ApiError> {
+    if body.below < 2 {
+        return Err(ApiError::invalid(
+            "below: at least 2 (version 1 is the first)",
+        ));
+    }
+    let reason = reason(body.reason.as_deref(), false)?;
+    let action = Action::RetireKeyVersions(ekm_domain::KeyVersion::new(body.below));
+    lifecycle(state, caller, path, &headers, action, reason).await
 }

@@ -27,9 +27,16 @@ pub struct ScopeState {
     pub path: Vec<ScopeId>,
     pub own_state: OwnState,
     pub key_version: KeyVersion,
+    /// Versions below this one are retired (1: none).
+    #[serde(default = "first_version")]
+    pub retired_below: KeyVersion,
     /// Only on organizations.
     pub plan: Option<Plan>,
     pub tier: Option<Tier>,
+}
+
+fn first_version() -> KeyVersion {
+    KeyVersion::FIRST
 }
 
 impl Scope {
@@ -145,6 +152,20 @@ impl Scope {
                 }
                 Ok(vec![ScopeEvent::ScopeRevoked {}])
             }
+            ScopeCommand::RetireKeyVersions { below, lineage } => {
+                let state = self.controllable(&lineage)?;
+                if below > state.key_version {
+                    return Err(ScopeError::CannotRetireCurrent {
+                        below,
+                        current: state.key_version,
+                    });
+                }
+                Ok(if below <= state.retired_below {
+                    vec![]
+                } else {
+                    vec![ScopeEvent::ScopeKeyVersionsRetired { below }]
+                })
+            }
             ScopeCommand::ChangeTier { tier, lineage } => {
                 let state = self.controllable(&lineage)?;
                 let Some(from) = state.tier else {
@@ -220,6 +241,7 @@ impl Aggregate for Scope {
                     path: vec![org_id.scope_id()],
                     own_state: OwnState::Active,
                     key_version,
+                    retired_below: KeyVersion::FIRST,
                     plan: Some(plan),
                     tier: Some(tier),
                 });
@@ -243,6 +265,7 @@ impl Aggregate for Scope {
                     path,
                     own_state: OwnState::Active,
                     key_version,
+                    retired_below: KeyVersion::FIRST,
                     plan: None,
                     tier: None,
                 });
@@ -250,6 +273,11 @@ impl Aggregate for Scope {
             ScopeEvent::ScopePaused {} => self.set_own_state(OwnState::Paused),
             ScopeEvent::ScopeResumed {} => self.set_own_state(OwnState::Active),
             ScopeEvent::ScopeRevoked {} => self.set_own_state(OwnState::Revoked),
+            ScopeEvent::ScopeKeyVersionsRetired { below } => {
+                if let Some(state) = self.state.as_mut() {
+                    state.retired_below = below;
+                }
+            }
             ScopeEvent::OrganizationTierChanged { to, .. } => {
                 if let Some(state) = self.state.as_mut() {
                     state.tier = Some(to);
@@ -649,6 +677,46 @@ mod tests {
                 lineage: enterprise(),
             })
             .then_expect_error(ScopeError::ByokNeedsMasterKey);
+    }
+
+    #[test]
+    fn retire_destroys_versions_below_and_keeps_the_current_one() {
+        let rotated = ScopeEvent::ScopeKeyRotated {
+            key_version: KeyVersion::new(2),
+            key_fingerprint: None,
+        };
+        ScopeTest::with(())
+            .given(vec![team_created(), rotated.clone()])
+            .when(ScopeCommand::RetireKeyVersions {
+                below: KeyVersion::new(2),
+                lineage: enterprise(),
+            })
+            .then_expect_events(vec![ScopeEvent::ScopeKeyVersionsRetired {
+                below: KeyVersion::new(2),
+            }]);
+        ScopeTest::with(())
+            .given(vec![
+                team_created(),
+                rotated.clone(),
+                ScopeEvent::ScopeKeyVersionsRetired {
+                    below: KeyVersion::new(2),
+                },
+            ])
+            .when(ScopeCommand::RetireKeyVersions {
+                below: KeyVersion::new(2),
+                lineage: enterprise(),
+            })
+            .then_expect_events(vec![]);
+        ScopeTest::with(())
+            .given(vec![team_created(), rotated])
+            .when(ScopeCommand::RetireKeyVersions {
+                below: KeyVersion::new(3),
+                lineage: enterprise(),
+            })
+            .then_expect_error(ScopeError::CannotRetireCurrent {
+                below: KeyVersion::new(3),
+                current: KeyVersion::new(2),
+            });
     }
 
     #[test]

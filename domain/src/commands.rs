@@ -44,6 +44,13 @@ pub enum ScopeCommand {
         tier: Tier,
         lineage: Lineage,
     },
+    /// Retire every key version below `below`: their key material is destroyed. The caller
+    /// re-wraps whatever the scope's children still wrap under them first, and clients
+    /// rewrap their ciphertexts first (a retired version decrypts nothing).
+    RetireKeyVersions {
+        below: KeyVersion,
+        lineage: Lineage,
+    },
     /// Add a key version; new encryptions use it. `key_version` is the version the caller
     /// prepared key material for: the command is refused if it is not the next one.
     RotateKey {

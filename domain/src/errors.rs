@@ -32,6 +32,11 @@ pub enum ScopeError {
     TierNeedsEnterprise(Tier),
     #[error("the byok tier is set by connecting a master key, not at creation")]
     ByokNeedsMasterKey,
+    #[error("versions below {below} cannot be retired: the current version is {current} and stays usable")]
+    CannotRetireCurrent {
+        below: KeyVersion,
+        current: KeyVersion,
+    },
     #[error("only an organization has a tier")]
     NotAnOrganization,
     #[error("key version {prepared} was prepared, but the next version is {next}")]

@@ -47,6 +47,10 @@ pub enum ScopeEvent {
         from: Tier,
         to: Tier,
     },
+    /// Every key version below `below` is retired; its key material is destroyed.
+    ScopeKeyVersionsRetired {
+        below: KeyVersion,
+    },
     ScopeKeyRotated {
         key_version: KeyVersion,
         /// The fingerprint of the new key version (never the key). Absent on events
@@ -58,7 +62,7 @@ pub enum ScopeEvent {
 
 impl ScopeEvent {
     /// Every event type this aggregate has ever stored.
-    pub const TYPES: [&'static str; 7] = [
+    pub const TYPES: [&'static str; 8] = [
         "OrganizationCreated",
         "ScopeCreated",
         "ScopePaused",
@@ -66,6 +70,7 @@ impl ScopeEvent {
         "ScopeRevoked",
         "ScopeKeyRotated",
         "OrganizationTierChanged",
+        "ScopeKeyVersionsRetired",
     ];
 
     pub fn type_name(&self) -> &'static str {
@@ -77,6 +82,7 @@ impl ScopeEvent {
             ScopeEvent::ScopeRevoked {} => "ScopeRevoked",
             ScopeEvent::ScopeKeyRotated { .. } => "ScopeKeyRotated",
             ScopeEvent::OrganizationTierChanged { .. } => "OrganizationTierChanged",
+            ScopeEvent::ScopeKeyVersionsRetired { .. } => "ScopeKeyVersionsRetired",
         }
     }
 
@@ -90,6 +96,7 @@ impl ScopeEvent {
             ScopeEvent::ScopeRevoked {} => "scope.revoke",
             ScopeEvent::ScopeKeyRotated { .. } => "scope.rotate",
             ScopeEvent::OrganizationTierChanged { .. } => "org.tier",
+            ScopeEvent::ScopeKeyVersionsRetired { .. } => "scope.retire",
         }
     }
 }
@@ -107,7 +114,8 @@ impl DomainEvent for ScopeEvent {
             | ScopeEvent::ScopeResumed {}
             | ScopeEvent::ScopeRevoked {}
             | ScopeEvent::ScopeKeyRotated { .. }
-            | ScopeEvent::OrganizationTierChanged { .. } => "1".to_owned(),
+            | ScopeEvent::OrganizationTierChanged { .. }
+            | ScopeEvent::ScopeKeyVersionsRetired { .. } => "1".to_owned(),
         }
     }
 }

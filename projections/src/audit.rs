@@ -66,6 +66,9 @@ fn summary(event: &ScopeEvent) -> String {
         ScopeEvent::OrganizationTierChanged { from, to } => {
             format!("changed the encryption tier from {from} to {to}")
         }
+        ScopeEvent::ScopeKeyVersionsRetired { below } => {
+            format!("retired key versions below {below} (their key material is destroyed)")
+        }
         ScopeEvent::ScopePaused {} => "paused".to_owned(),
         ScopeEvent::ScopeResumed {} => "resumed".to_owned(),
         ScopeEvent::ScopeRevoked {} => "revoked (final)".to_owned(),

@@ -46,6 +46,8 @@ pub struct KeyVersionRecord {
     pub created_at: DateTime<Utc>,
     /// Absent only for versions recorded before keys existed.
     pub fingerprint: Option<String>,
+    /// Retired: its key material is destroyed.
+    pub retired: bool,
 }
 
 /// Why a scope is not active: the highest scope on its path in that state, and the event
@@ -189,11 +191,12 @@ impl ReadModels {
             return Ok(vec![]);
         }
         let sql = format!(
-            "SELECT scope_id, version, created_at, fingerprint FROM key_version_view \
+            "SELECT scope_id, version, created_at, fingerprint, retired_position FROM key_version_view \
              WHERE scope_id IN ({}) ORDER BY scope_id, version",
             placeholders(ids.len(), 1)
         );
-        let rows: Vec<(String, i64, i64, Option<String>)> = ekm_store::with_read_pool!(&self.db, pool => {
+        type Row = (String, i64, i64, Option<String>, Option<i64>);
+        let rows: Vec<Row> = ekm_store::with_read_pool!(&self.db, pool => {
             let mut query = sqlx::query_as(&sql);
             for id in ids {
                 query = query.bind(id.to_string());
@@ -201,7 +204,7 @@ impl ReadModels {
             query.fetch_all(pool).await?
         });
         rows.into_iter()
-            .map(|(id, version, at, fingerprint)| {
+            .map(|(id, version, at, fingerprint, retired)| {
                 Ok((
                     ScopeId::parse(&id).map_err(|e| malformed(&id, e.to_string()))?,
                     KeyVersionRecord {
@@ -209,6 +212,7 @@ impl ReadModels {
                             .map_err(|e| malformed(&id, e.to_string()))?,
                         created_at: from_micros(at),
                         fingerprint,
+                        retired: retired.is_some(),
                     },
                 ))
             })

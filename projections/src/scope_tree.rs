@@ -195,6 +195,24 @@ impl Projection for ScopeTree {
                     key_version_row(stored, key_version.get(), key_fingerprint),
                 ]
             }
+            ScopeEvent::ScopeKeyVersionsRetired { below } => vec![
+                Statement::Update {
+                    table: "scope_view",
+                    key_column: "id",
+                    key: Param::Text(stored.aggregate_id.clone()),
+                    columns: &["version", "updated_position"],
+                    values: vec![Param::Int(stored.sequence), Param::Int(stored.position)],
+                },
+                Statement::Raw {
+                    sql: "UPDATE key_version_view SET retired_position = $3 \
+                          WHERE scope_id = $1 AND version < $2 AND retired_position IS NULL",
+                    params: vec![
+                        Param::Text(stored.aggregate_id.clone()),
+                        Param::Int(i64::from(below.get())),
+                        Param::Int(stored.position),
+                    ],
+                },
+            ],
             ScopeEvent::OrganizationTierChanged { to, .. } => vec![Statement::Update {
                 table: "scope_view",
                 key_column: "id",
@@ -255,13 +273,26 @@ impl Projection for KeyShredder {
         stored: &StoredEvent,
         _state: &mut ProjectionState,
     ) -> Result<Vec<Statement>, ProjectionError> {
-        if stored.aggregate_type != "scope" || stored.event_type != "ScopeRevoked" {
+        if stored.aggregate_type != "scope" {
             return Ok(vec![]);
         }
-        Ok(vec![Statement::Delete {
-            table: "key_material",
-            key_column: "scope_id",
-            key: Param::Text(stored.aggregate_id.clone()),
-        }])
+        Ok(match stored.event_type.as_str() {
+            "ScopeRevoked" => vec![Statement::Delete {
+                table: "key_material",
+                key_column: "scope_id",
+                key: Param::Text(stored.aggregate_id.clone()),
+            }],
+            "ScopeKeyVersionsRetired" => match stored.scope_event()? {
+                ScopeEvent::ScopeKeyVersionsRetired { below } => vec![Statement::Raw {
+                    sql: "DELETE FROM key_material WHERE scope_id = $1 AND version < $2",
+                    params: vec![
+                        Param::Text(stored.aggregate_id.clone()),
+                        Param::Int(i64::from(below.get())),
+                    ],
+                }],
+                _ => vec![],
+            },
+            _ => vec![],
+        })
     }
 }

@@ -40,6 +40,12 @@ pub enum Statement {
         key_column: &'static str,
         key: Param,
     },
+    /// A statement that fits none of the above (a range update or delete). Runs after the
+    /// batch's merged statements, in history order, so it sees every row the batch created.
+    Raw {
+        sql: &'static str,
+        params: Vec<Param>,
+    },
 }
 
 /// A table and its columns: the shape of a merged INSERT.
@@ -77,6 +83,7 @@ pub fn merge(statements: Vec<Statement>) -> Vec<Prepared> {
     let mut updates: Vec<(RowKey, Vec<(&'static str, Param)>)> = vec![];
     let mut update_index: HashMap<RowKey, usize> = HashMap::new();
     let mut deletes: Vec<((&'static str, &'static str), Vec<Param>)> = vec![];
+    let mut raw: Vec<Prepared> = vec![];
     for statement in statements {
         match statement {
             Statement::Insert {
@@ -92,6 +99,10 @@ pub fn merge(statements: Vec<Statement>) -> Vec<Prepared> {
                     None => inserts.push(((table, columns), vec![values])),
                 }
             }
+            Statement::Raw { sql, params } => raw.push(Prepared {
+                sql: sql.to_owned(),
+                params,
+            }),
             Statement::Delete {
                 table,
                 key_column,
@@ -182,6 +193,7 @@ pub fn merge(statements: Vec<Statement>) -> Vec<Prepared> {
             });
         }
     }
+    prepared.extend(raw);
     prepared
 }
 

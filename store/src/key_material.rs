@@ -105,6 +105,58 @@ impl Db {
         )
     }
 
+    /// Keys wrapped under a version of `parent` below `below` (the children a retirement
+    /// must re-wrap first).
+    pub async fn keys_wrapped_under(
+        &self,
+        parent: &str,
+        below: u32,
+    ) -> Result<Vec<KeyRow>, StoreError> {
+        let sql =
+            "SELECT scope_id, version, fingerprint, wrapped, parent_version FROM key_material \
+                   WHERE parent_id = $1 AND parent_version < $2 ORDER BY scope_id, version";
+        let rows: Vec<(String, i64, String, String, i64)> = with_read_pool!(self, pool => {
+            sqlx::query_as(sql).bind(parent).bind(i64::from(below)).fetch_all(pool).await?
+        });
+        Ok(rows
+            .into_iter()
+            .filter_map(
+                |(scope_id, version, fingerprint, wrapped, parent_version)| {
+                    Some(KeyRow {
+                        scope_id,
+                        version: u32::try_from(version).ok()?,
+                        fingerprint,
+                        wrapped: STANDARD.decode(wrapped).ok()?,
+                        parent: Some((parent.to_owned(), u32::try_from(parent_version).ok()?)),
+                        master_fingerprint: None,
+                    })
+                },
+            )
+            .collect())
+    }
+
+    /// Replaces a key's wrapping (same key, wrapped under another parent version).
+    pub async fn rewrap_key(
+        &self,
+        row: &KeyRow,
+        wrapped: &[u8],
+        parent_version: u32,
+    ) -> Result<(), StoreError> {
+        let sql = "UPDATE key_material SET wrapped = $4, parent_version = $5 \
+                   WHERE scope_id = $1 AND version = $2 AND fingerprint = $3";
+        with_write_pool!(self, pool => {
+            sqlx::query(sql)
+                .bind(&row.scope_id)
+                .bind(i64::from(row.version))
+                .bind(&row.fingerprint)
+                .bind(STANDARD.encode(wrapped))
+                .bind(i64::from(parent_version))
+                .execute(pool)
+                .await?;
+        });
+        Ok(())
+    }
+
     /// How many wrapped keys a scope still has (0 once shredded).
     pub async fn key_count(&self, scope_id: &str) -> Result<i64, StoreError> {
         let count: i64 = with_read_pool!(self, pool => {

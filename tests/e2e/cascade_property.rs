@@ -170,7 +170,9 @@ async fn check(app: &App, ops: Vec<Op>) -> Result<(), TestCaseError> {
                             node.own = OwnState::Revoked;
                             true
                         }
-                        Action::ChangeTier(_) => unreachable!("not generated"),
+                        Action::ChangeTier(_) | Action::RetireKeyVersions(_) => {
+                            unreachable!("not generated")
+                        }
                         Action::Rotate => {
                             node.key_version += 1;
                             true

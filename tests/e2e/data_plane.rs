@@ -718,3 +718,104 @@ async fn a_cold_key_walks_the_hierarchy_once_then_hits_the_cache(backend: Backen
 async fn a_cold_key_walks_the_hierarchy_once_on_postgres() {
     a_cold_key_walks_the_hierarchy_once_then_hits_the_cache(Backend::Postgres).await;
 }
+
+async fn retiring_old_versions_destroys_them_and_keeps_children_working(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let (org, admin) = managed_org(&app).await;
+    let team = app.scope(&admin, "team", "research", &org).await;
+    let thread = app.scope(&admin, "thread", "t", &team).await;
+    let in_thread = encrypt(&app, &admin, &thread, b"child data", "messages")
+        .await
+        .str("ciphertext");
+    let v1 = encrypt(&app, &admin, &team, b"old data", "files")
+        .await
+        .str("ciphertext");
+    for _ in 0..2 {
+        app.post(&format!("/v1/scopes/{team}/rotate"), &admin, json!({}))
+            .await;
+    }
+    let v3 = encrypt(&app, &admin, &team, b"new data", "files")
+        .await
+        .str("ciphertext");
+    let moved = app
+        .post(
+            &format!("/v1/scopes/{team}/rewrap"),
+            &admin,
+            json!({"ciphertext": v1, "class": "files"}),
+        )
+        .await
+        .str("ciphertext");
+
+    let retired = app
+        .post(
+            &format!("/v1/scopes/{team}/retire"),
+            &admin,
+            json!({"below": 3, "reason": "quarterly"}),
+        )
+        .await;
+    assert_eq!(retired.status, 200, "{}", retired.body);
+    assert_eq!(retired.body["changed"], true);
+    let flags: Vec<bool> = retired.body["key_versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|k| k["retired"].as_bool().unwrap())
+        .collect();
+    assert_eq!(flags, [true, true, false]);
+    assert_eq!(
+        app.db.key_count(&team).await.unwrap(),
+        1,
+        "versions 1 and 2 are shredded"
+    );
+
+    // The thread's key was wrapped under team version 1: it was re-wrapped, so it still works.
+    let child = decrypt(&app, &admin, &thread, &in_thread, "messages").await;
+    assert_eq!(child.status, 200, "{}", child.body);
+    // What was rewrapped and what is new still decrypt; the old ciphertext never will.
+    assert_eq!(
+        decrypt(&app, &admin, &team, &moved, "files").await.status,
+        200
+    );
+    assert_eq!(decrypt(&app, &admin, &team, &v3, "files").await.status, 200);
+    decrypt(&app, &admin, &team, &v1, "files")
+        .await
+        .assert_problem(400, "invalid_ciphertext");
+    let keys = every_recoverable_key(&app).await;
+    let old = ekm_keys::Ciphertext::parse(&v1).unwrap();
+    assert!(
+        keys.iter().all(|k| old.open(k).is_err()),
+        "no key opens a retired version's data"
+    );
+
+    let again = app
+        .post(
+            &format!("/v1/scopes/{team}/retire"),
+            &admin,
+            json!({"below": 3}),
+        )
+        .await;
+    assert_eq!(again.body["changed"], false);
+    app.post(
+        &format!("/v1/scopes/{team}/retire"),
+        &admin,
+        json!({"below": 4}),
+    )
+    .await
+    .assert_problem(400, "invalid_request");
+    app.post(
+        &format!("/v1/scopes/{team}/retire"),
+        &admin,
+        json!({"below": 1}),
+    )
+    .await
+    .assert_problem(400, "invalid_request");
+    assert_eq!(
+        app.get("/v1/audit?action=scope.retire", &admin).await.body["items"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    app.stop().await;
+}
+on_both_backends!(retiring_old_versions_destroys_them_and_keeps_children_working);
