@@ -14,7 +14,7 @@ use ekm_projections::{
     AsOf, AuditEntry, AuditFilter, BlastRadius, ChainReport, Page, PastScope, ProjectionError,
     Projector, ReadModels, ScopeSnapshot,
 };
-use ekm_store::{Db, NewToken, Role, ScopeStore, StoreError, Tokens};
+use ekm_store::{Db, NewToken, Principal, Role, ScopeStore, StoreError, Tokens};
 use rand::Rng;
 
 use crate::keys::{KeyError, KeyService};
@@ -76,7 +76,15 @@ pub struct App {
     inner: Arc<Inner>,
 }
 
+/// Principals of recently seen tokens, keyed by the token's hash. An entry lives at most
+/// `TOKEN_CACHE_TTL`, so a token revoked on another instance stops working within that
+/// bound (the same bound as a pause reaching other instances); a revoke on this instance
+/// evicts at once. Unknown tokens are never cached.
+const TOKEN_CACHE_TTL: Duration = Duration::from_secs(1);
+const TOKEN_CACHE_MAX: usize = 10_000;
+
 struct Inner {
+    token_cache: std::sync::Mutex<std::collections::HashMap<String, (Principal, std::time::Instant)>>,
     db: Db,
     store: ScopeStore,
     projector: Arc<Projector>,
@@ -92,6 +100,7 @@ impl App {
         projector.add_listener(keys.listener());
         Self {
             inner: Arc::new(Inner {
+                token_cache: std::sync::Mutex::new(std::collections::HashMap::new()),
                 store: ScopeStore::new(&db),
                 read: ReadModels::new(db.clone()),
                 tokens: Tokens::new(db.clone()),
@@ -112,6 +121,28 @@ impl App {
 
     pub fn tokens(&self) -> &Tokens {
         &self.inner.tokens
+    }
+
+    /// The principal holding `secret`: from the short-lived cache, else the token table.
+    pub async fn authenticate(&self, secret: &str) -> Result<Option<Principal>, AppError> {
+        let key = ekm_store::token_hash(secret);
+        let now = ekm_store::time::now_micros();
+        if let Ok(cache) = self.inner.token_cache.lock() {
+            if let Some((principal, at)) = cache.get(&key) {
+                let unexpired = principal.expires_at.is_none_or(|e| e > now);
+                if at.elapsed() < TOKEN_CACHE_TTL && unexpired {
+                    return Ok(Some(principal.clone()));
+                }
+            }
+        }
+        let found = self.inner.tokens.authenticate(secret).await?;
+        if let (Some(principal), Ok(mut cache)) = (&found, self.inner.token_cache.lock()) {
+            if cache.len() >= TOKEN_CACHE_MAX {
+                cache.clear();
+            }
+            cache.insert(key, (principal.clone(), std::time::Instant::now()));
+        }
+        Ok(found)
     }
 
     pub fn projector(&self) -> &Arc<Projector> {
@@ -169,6 +200,9 @@ impl App {
         {
             Ok(outcome) => Ok((outcome, token)),
             Err(error) => {
+                if let Ok(mut cache) = self.inner.token_cache.lock() {
+                    cache.remove(&ekm_store::token_hash(&token.secret));
+                }
                 if let Err(revoke_error) = self.inner.tokens.revoke(&token.id).await {
                     tracing::error!(error = %ekm_projections::error_chain(&revoke_error), token_id = %token.id, "could not revoke the token of an organization that failed to be created");
                 }

@@ -99,10 +99,8 @@ impl FromRequestParts<AppState> for Caller {
         let token = bearer(&parts.headers).ok_or_else(ApiError::unauthorized)?;
         let principal = state
             .app
-            .tokens()
             .authenticate(token)
-            .await
-            .map_err(|e| ApiError::from(crate::app::AppError::Store(e)))?
+            .await?
             .ok_or_else(ApiError::unauthorized)?;
         let request_id = parts
             .extensions

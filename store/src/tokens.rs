@@ -53,6 +53,8 @@ pub struct Principal {
     pub role: Role,
     pub org_id: Option<OrgId>,
     pub name: String,
+    /// Microseconds since the epoch after which the token stops working, if any.
+    pub expires_at: Option<i64>,
 }
 
 /// A freshly created token. The secret exists in memory only until it is shown once.
@@ -70,7 +72,8 @@ impl fmt::Debug for NewToken {
     }
 }
 
-fn hash(secret: &str) -> String {
+/// The stored form of a token: hex SHA-256.
+pub fn hash(secret: &str) -> String {
     hex::encode(Sha256::digest(secret.as_bytes()))
 }
 
@@ -141,7 +144,7 @@ impl Tokens {
 
     /// The principal holding `secret`, if the token exists, is not revoked and not expired.
     pub async fn authenticate(&self, secret: &str) -> Result<Option<Principal>, StoreError> {
-        let sql = "SELECT id, role, org_id, name FROM tokens \
+        let sql = "SELECT id, role, org_id, name, expires_at FROM tokens \
                    WHERE token_hash = $1 AND revoked_at IS NULL \
                    AND (expires_at IS NULL OR expires_at > $2)";
         let found = with_read_pool!(&self.db, pool => {
@@ -156,11 +159,12 @@ impl Tokens {
                         row.try_get::<String, _>("role")?,
                         row.try_get::<Option<String>, _>("org_id")?,
                         row.try_get::<String, _>("name")?,
+                        row.try_get::<Option<i64>, _>("expires_at")?,
                     ))
                 })
                 .transpose()?
         });
-        Ok(found.and_then(|(token_id, role, org_id, name)| {
+        Ok(found.and_then(|(token_id, role, org_id, name, expires_at)| {
             Some(Principal {
                 token_id,
                 role: Role::parse(&role)?,
@@ -169,6 +173,7 @@ impl Tokens {
                     None => None,
                 },
                 name,
+                expires_at,
             })
         }))
     }

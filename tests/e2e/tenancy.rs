@@ -104,3 +104,25 @@ async fn missing_or_unknown_tokens_are_refused(backend: Backend) {
     app.stop().await;
 }
 on_both_backends!(missing_or_unknown_tokens_are_refused);
+
+/// Tokens are cached for at most a second: one revoked elsewhere (here, straight in the
+/// database, as another instance would) stops working within that bound.
+async fn a_token_revoked_elsewhere_stops_working_within_a_second(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let (org, admin) = app.org("enterprise").await;
+    let path = format!("/v1/scopes/{org}");
+    assert_eq!(app.get(&path, &admin).await.status, 200, "now cached");
+    let hash = ekm_store::token_hash(&admin);
+    crate::audit::exec(&app.db, &format!("UPDATE tokens SET revoked_at = 1 WHERE token_hash = '{hash}'")).await;
+    let revoked = std::time::Instant::now();
+    loop {
+        let response = app.get(&path, &admin).await;
+        if response.status == 401 {
+            break;
+        }
+        assert!(revoked.elapsed() < std::time::Duration::from_millis(1500), "still accepted after {:?}", revoked.elapsed());
+        tokio::task::yield_now().await;
+    }
+    app.stop().await;
+}
+on_both_backends!(a_token_revoked_elsewhere_stops_working_within_a_second);
