@@ -84,7 +84,8 @@ const TOKEN_CACHE_TTL: Duration = Duration::from_secs(1);
 const TOKEN_CACHE_MAX: usize = 10_000;
 
 struct Inner {
-    token_cache: std::sync::Mutex<std::collections::HashMap<String, (Principal, std::time::Instant)>>,
+    token_cache:
+        std::sync::Mutex<std::collections::HashMap<String, (Principal, std::time::Instant)>>,
     db: Db,
     store: ScopeStore,
     projector: Arc<Projector>,

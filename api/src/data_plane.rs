@@ -153,7 +153,7 @@ fn seal(scope: &ScopeKeys, class: DataClass, plaintext: &[u8]) -> Result<Value, 
         plaintext,
     )
     .map_err(|e| crate::error::internal(&e))?;
-    Ok(json!({ "ciphertext": ciphertext.to_string(), "key_version": scope.current }))
+    Ok(json!({ "ciphertext": ciphertext.encode(), "key_version": scope.current }))
 }
 
 fn open(scope: &ScopeKeys, class: DataClass, text: &str) -> Result<Zeroizing<Vec<u8>>, ApiError> {

@@ -54,6 +54,8 @@ fn headers<'a>(
 
 impl Ciphertext {
     /// Encrypts `plaintext` for a scope, key version and class, with a fresh random nonce.
+    /// One buffer: nonce, then the SIV tag, then the ciphertext written over a copy of the
+    /// plaintext.
     pub fn seal(
         key: &Kek,
         scope_id: &str,
@@ -61,13 +63,14 @@ impl Ciphertext {
         class: &str,
         plaintext: &[u8],
     ) -> Result<Ciphertext, CryptoError> {
-        let mut nonce = [0u8; NONCE_BYTES];
-        rand::rng().fill_bytes(&mut nonce);
+        let mut sealed = vec![0u8; NONCE_BYTES + TAG_BYTES + plaintext.len()];
+        let (head, body) = sealed.split_at_mut(NONCE_BYTES + TAG_BYTES);
+        rand::rng().fill_bytes(&mut head[..NONCE_BYTES]);
+        body.copy_from_slice(plaintext);
         let version = key_version.to_string();
-        let body = key.seal(&headers(scope_id, &version, class, &nonce), plaintext)?;
-        let mut sealed = Vec::with_capacity(NONCE_BYTES + body.len());
-        sealed.extend_from_slice(&nonce);
-        sealed.extend_from_slice(&body);
+        let (nonce, tag_slot) = head.split_at_mut(NONCE_BYTES);
+        let tag = key.seal_in_place(&headers(scope_id, &version, class, nonce), body)?;
+        tag_slot.copy_from_slice(&tag);
         Ok(Ciphertext {
             scope_id: scope_id.to_owned(),
             key_version,
@@ -76,11 +79,19 @@ impl Ciphertext {
         })
     }
 
-    /// Decrypts with the key of the ciphertext's scope and version.
+    /// Decrypts with the key of the ciphertext's scope and version. The plaintext comes back
+    /// in memory that wipes itself (also when authentication fails).
     pub fn open(&self, key: &Kek) -> Result<Zeroizing<Vec<u8>>, CryptoError> {
-        let (nonce, body) = self.sealed.split_at(NONCE_BYTES);
+        let (nonce, rest) = self.sealed.split_at(NONCE_BYTES);
+        let (tag, body) = rest.split_at(TAG_BYTES);
         let version = self.key_version.to_string();
-        key.open(&headers(&self.scope_id, &version, &self.class, nonce), body)
+        let mut plaintext = Zeroizing::new(body.to_vec());
+        key.open_in_place(
+            &headers(&self.scope_id, &version, &self.class, nonce),
+            &mut plaintext,
+            tag,
+        )?;
+        Ok(plaintext)
     }
 
     /// Parses the string form. Never panics, whatever the input.
@@ -131,16 +142,33 @@ impl Ciphertext {
     }
 }
 
+impl Ciphertext {
+    /// The string form, built in one pre-sized allocation.
+    pub fn encode(&self) -> String {
+        let mut text = String::with_capacity(
+            FORMAT_PREFIX.len()
+                + self.scope_id.len()
+                + self.class.len()
+                + 16
+                + self.sealed.len() * 4 / 3
+                + 4,
+        );
+        text.push_str(FORMAT_PREFIX);
+        text.push('.');
+        text.push_str(&self.scope_id);
+        text.push('.');
+        text.push_str(&self.key_version.to_string());
+        text.push('.');
+        text.push_str(&self.class);
+        text.push('.');
+        URL_SAFE_NO_PAD.encode_string(&self.sealed, &mut text);
+        text
+    }
+}
+
 impl std::fmt::Display for Ciphertext {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{FORMAT_PREFIX}.{}.{}.{}.{}",
-            self.scope_id,
-            self.key_version,
-            self.class,
-            URL_SAFE_NO_PAD.encode(&self.sealed)
-        )
+        f.write_str(&self.encode())
     }
 }
 
@@ -195,6 +223,14 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn seal_then_open_round_trips_every_length(plaintext in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let key = Kek::generate();
+            let text = Ciphertext::seal(&key, SCOPE, 1, "files", &plaintext).unwrap().encode();
+            let opened = Ciphertext::parse(&text).unwrap().open(&key).unwrap();
+            prop_assert_eq!(opened.as_slice(), plaintext.as_slice());
+        }
+
         #[test]
         fn parse_never_panics(input in ".{0,200}") {
             let _ = Ciphertext::parse(&input);

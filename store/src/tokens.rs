@@ -164,18 +164,20 @@ impl Tokens {
                 })
                 .transpose()?
         });
-        Ok(found.and_then(|(token_id, role, org_id, name, expires_at)| {
-            Some(Principal {
-                token_id,
-                role: Role::parse(&role)?,
-                org_id: match org_id {
-                    Some(org) => Some(OrgId::parse(&org).ok()?),
-                    None => None,
-                },
-                name,
-                expires_at,
-            })
-        }))
+        Ok(
+            found.and_then(|(token_id, role, org_id, name, expires_at)| {
+                Some(Principal {
+                    token_id,
+                    role: Role::parse(&role)?,
+                    org_id: match org_id {
+                        Some(org) => Some(OrgId::parse(&org).ok()?),
+                        None => None,
+                    },
+                    name,
+                    expires_at,
+                })
+            }),
+        )
     }
 
     /// Makes sure an operator token exists. The first instance to start on a database

@@ -113,14 +113,22 @@ async fn a_token_revoked_elsewhere_stops_working_within_a_second(backend: Backen
     let path = format!("/v1/scopes/{org}");
     assert_eq!(app.get(&path, &admin).await.status, 200, "now cached");
     let hash = ekm_store::token_hash(&admin);
-    crate::audit::exec(&app.db, &format!("UPDATE tokens SET revoked_at = 1 WHERE token_hash = '{hash}'")).await;
+    crate::audit::exec(
+        &app.db,
+        &format!("UPDATE tokens SET revoked_at = 1 WHERE token_hash = '{hash}'"),
+    )
+    .await;
     let revoked = std::time::Instant::now();
     loop {
         let response = app.get(&path, &admin).await;
         if response.status == 401 {
             break;
         }
-        assert!(revoked.elapsed() < std::time::Duration::from_millis(1500), "still accepted after {:?}", revoked.elapsed());
+        assert!(
+            revoked.elapsed() < std::time::Duration::from_millis(1500),
+            "still accepted after {:?}",
+            revoked.elapsed()
+        );
         tokio::task::yield_now().await;
     }
     app.stop().await;
