@@ -194,15 +194,26 @@ async fn encrypt(
     Ok(Json(seal(&scope, class, &plaintext)?))
 }
 
+/// What decrypt and rewrap share: the active scope, the class, the opened plaintext.
+async fn open_request(
+    state: &AppState,
+    caller: &Caller,
+    id: Result<Path<String>, PathRejection>,
+    body: &CiphertextRequest,
+) -> Result<(Arc<ScopeKeys>, DataClass, Zeroizing<Vec<u8>>), ApiError> {
+    let scope = active_scope(state, caller, id).await?;
+    let class = class(&body.class, &scope)?;
+    let plaintext = open(&scope, class, &body.ciphertext)?;
+    Ok((scope, class, plaintext))
+}
+
 async fn decrypt(
     State(state): State<AppState>,
     caller: Caller,
     id: Result<Path<String>, PathRejection>,
     JsonBody(body): JsonBody<CiphertextRequest>,
 ) -> Result<Json<Value>, ApiError> {
-    let scope = active_scope(&state, &caller, id).await?;
-    let class = class(&body.class, &scope)?;
-    let plaintext = open(&scope, class, &body.ciphertext)?;
+    let (_, _, plaintext) = open_request(&state, &caller, id, &body).await?;
     Ok(Json(
         json!({ "plaintext": STANDARD.encode(plaintext.as_slice()) }),
     ))
@@ -234,8 +245,6 @@ async fn rewrap(
     id: Result<Path<String>, PathRejection>,
     JsonBody(body): JsonBody<CiphertextRequest>,
 ) -> Result<Json<Value>, ApiError> {
-    let scope = active_scope(&state, &caller, id).await?;
-    let class = class(&body.class, &scope)?;
-    let plaintext = open(&scope, class, &body.ciphertext)?;
+    let (scope, class, plaintext) = open_request(&state, &caller, id, &body).await?;
     Ok(Json(seal(&scope, class, &plaintext)?))
 }

@@ -258,18 +258,8 @@ impl From<&ScopeSnapshot> for OrgJson {
 /// The scope JSON as of a past position or instant, plus `as_of`.
 #[derive(Debug, Serialize)]
 pub struct PastScopeJson {
-    pub id: String,
-    pub kind: &'static str,
-    pub name: String,
-    pub parent_id: Option<String>,
-    pub org_id: String,
-    pub path: Vec<String>,
-    pub own_state: &'static str,
-    pub effective_state: &'static str,
-    pub cause: Option<CauseJson>,
-    pub version: i64,
-    pub key_versions: Vec<KeyVersionJson>,
-    pub created_at: String,
+    #[serde(flatten)]
+    pub scope: ScopeJson,
     pub as_of: AsOfJson,
 }
 
@@ -285,34 +275,36 @@ impl PastScopeJson {
     pub fn new(past: &ekm_projections::PastScope, at: Option<String>) -> Self {
         let state = &past.state;
         PastScopeJson {
-            id: state.id.to_string(),
-            kind: state.kind.as_str(),
-            name: state.name.as_str().to_owned(),
-            parent_id: state.parent_id.map(|p| p.to_string()),
-            org_id: state.org_id.to_string(),
-            path: state.path.iter().map(ToString::to_string).collect(),
-            own_state: state.own_state.as_str(),
-            effective_state: past.effective.as_str(),
-            cause: past.cause.as_ref().map(|(scope, change)| {
-                cause_json(&Cause {
-                    scope_id: scope.id,
-                    kind: scope.kind,
-                    name: scope.name.as_str().to_owned(),
-                    change: change.clone(),
-                })
-            }),
-            version: past.version,
-            key_versions: past
-                .key_versions
-                .iter()
-                .map(|(version, at)| KeyVersionJson {
-                    version: *version,
-                    created_at: rfc3339(*at),
-                    fingerprint: None,
-                    retired: false,
-                })
-                .collect(),
-            created_at: rfc3339(past.created_at),
+            scope: ScopeJson {
+                id: state.id.to_string(),
+                kind: state.kind.as_str(),
+                name: state.name.as_str().to_owned(),
+                parent_id: state.parent_id.map(|p| p.to_string()),
+                org_id: state.org_id.to_string(),
+                path: state.path.iter().map(ToString::to_string).collect(),
+                own_state: state.own_state.as_str(),
+                effective_state: past.effective.as_str(),
+                cause: past.cause.as_ref().map(|(scope, change)| {
+                    cause_json(&Cause {
+                        scope_id: scope.id,
+                        kind: scope.kind,
+                        name: scope.name.as_str().to_owned(),
+                        change: change.clone(),
+                    })
+                }),
+                version: past.version,
+                key_versions: past
+                    .key_versions
+                    .iter()
+                    .map(|(version, at)| KeyVersionJson {
+                        version: *version,
+                        created_at: rfc3339(*at),
+                        fingerprint: None,
+                        retired: false,
+                    })
+                    .collect(),
+                created_at: rfc3339(past.created_at),
+            },
             as_of: AsOfJson {
                 position: past.position,
                 at,
