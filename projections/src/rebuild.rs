@@ -36,6 +36,8 @@ pub struct ProjectionStatus {
 }
 
 const ASIDE: &str = "ekm_rebuild";
+/// The advisory lock key that lets one rebuild run at a time on a PostgreSQL database.
+const REBUILD_LOCK: i64 = 7_431_000_002;
 /// Where the replaced live tables go for the moment of the swap, then dropped.
 const RETIRED: &str = "ekm_retired";
 
@@ -122,6 +124,29 @@ async fn reset_in_place(db: &Db) -> Result<(), ProjectionError> {
 }
 
 async fn rebuild_aside(
+    live: &PostgresDb,
+    config: ProjectorConfig,
+    progress: &mut (dyn FnMut(i64, i64) + Send),
+) -> Result<i64, ProjectionError> {
+    let pool = &live.pool;
+    // One rebuild at a time per database: a session lock, held until this returns.
+    let mut guard = pool.acquire().await?;
+    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+        .bind(REBUILD_LOCK)
+        .fetch_one(&mut *guard)
+        .await?;
+    if !locked {
+        return Err(ProjectionError::RebuildRunning);
+    }
+    let result = rebuild_aside_locked(live, config, progress).await;
+    let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(REBUILD_LOCK)
+        .execute(&mut *guard)
+        .await;
+    result
+}
+
+async fn rebuild_aside_locked(
     live: &PostgresDb,
     config: ProjectorConfig,
     progress: &mut (dyn FnMut(i64, i64) + Send),

@@ -366,3 +366,33 @@ async fn an_idle_runner_wakes_on_a_commit_made_elsewhere_through_notify() {
     runner.await.unwrap();
     db.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_rebuild_on_the_same_postgres_database_is_refused() {
+    let app = TestApp::spawn(Backend::Postgres).await;
+    random_history(&app.app, 4, 30).await;
+    // Hold the rebuild lock as a running rebuild would.
+    let mut holder: sqlx::PgConnection = sqlx::Connection::connect(app.database_url().unwrap())
+        .await
+        .unwrap();
+    sqlx::query("SELECT pg_advisory_lock(7431000002)")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let refused = rebuild(&app.db, &mut |_, _| {}).await;
+    assert!(
+        matches!(
+            refused,
+            Err(ekm_projections::ProjectionError::RebuildRunning)
+        ),
+        "{refused:?}"
+    );
+    sqlx::query("SELECT pg_advisory_unlock(7431000002)")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let live = dump(&app.db).await;
+    rebuild(&app.db, &mut |_, _| {}).await.unwrap();
+    assert_eq!(dump(&app.db).await, live);
+    app.stop().await;
+}
