@@ -8,6 +8,8 @@ pub enum ProjectionError {
     Store(#[from] StoreError),
     #[error("database error")]
     Database(#[from] sqlx::Error),
+    #[error("array parameters are for PostgreSQL only")]
+    ArraysOnSqlite,
     #[error("another rebuild is running on this database; wait for it to finish")]
     RebuildRunning,
     #[error("read model row for scope {id} is malformed: {problem}")]

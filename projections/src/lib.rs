@@ -32,4 +32,4 @@ pub use runner::{
     standard_projections, EventListener, Projection, ProjectionState, Projector, ProjectorConfig,
 };
 pub use scope_tree::ScopeTree;
-pub use sql::{merge, Param, Prepared, Statement};
+pub use sql::{merge, Dialect, Param, Prepared, Statement};

@@ -13,7 +13,7 @@ use tokio::sync::{watch, Mutex, Notify};
 use crate::audit::{AuditChain, AuditLog};
 use crate::error::ProjectionError;
 use crate::scope_tree::{KeyShredder, ScopeTree};
-use crate::sql::{execute_prepared, merge, Statement};
+use crate::sql::{execute_prepared_postgres, execute_prepared_sqlite, merge, Dialect, Statement};
 
 /// A read model fed from events. `statements` must depend only on the event and the
 /// projection's own state, so that a rebuild from the log yields exactly the live rows, and
@@ -336,7 +336,7 @@ async fn next_notification(listener: &mut Option<PgListener>) -> bool {
 /// backend, as concrete functions (generic async code trips rustc's `Send` inference
 /// inside axum handlers).
 macro_rules! batch_fn {
-    ($name:ident, $db:ty, $lock:literal) => {
+    ($name:ident, $db:ty, $lock:literal, $dialect:expr, $execute:ident) => {
         async fn $name(
             projector: &Projector,
             tx: &mut sqlx::Transaction<'static, $db>,
@@ -395,7 +395,7 @@ macro_rules! batch_fn {
                 }
             }
             let conn = &mut **tx;
-            execute_prepared!(conn, merge(rows));
+            $execute!(conn, merge(rows, $dialect));
             for (projection, state) in projector.projections.iter().zip(&states) {
                 for key in &state.changed {
                     sqlx::query(
@@ -430,5 +430,17 @@ macro_rules! batch_fn {
 }
 
 // SQLite: this process holds the only writer connection, so no row lock is needed.
-batch_fn!(sqlite_batch, sqlx::Sqlite, false);
-batch_fn!(postgres_batch, sqlx::Postgres, true);
+batch_fn!(
+    sqlite_batch,
+    sqlx::Sqlite,
+    false,
+    Dialect::Sqlite,
+    execute_prepared_sqlite
+);
+batch_fn!(
+    postgres_batch,
+    sqlx::Postgres,
+    true,
+    Dialect::Postgres,
+    execute_prepared_postgres
+);

@@ -16,6 +16,88 @@ pub enum Param {
     OptText(Option<String>),
     Int(i64),
     OptInt(Option<i64>),
+    /// PostgreSQL only: one column of a merged statement, as an array.
+    TextArray(Vec<Option<String>>),
+    IntArray(Vec<Option<i64>>),
+}
+
+/// Which SQL a merged statement is written in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dialect {
+    /// Multi-row `VALUES` lists (SQLite has no arrays).
+    Sqlite,
+    /// One array parameter per column through `UNNEST`: the SQL text does not depend on the
+    /// number of rows, so PostgreSQL parses and plans each statement once per connection.
+    Postgres,
+}
+
+impl Param {
+    fn is_int(&self) -> bool {
+        matches!(self, Param::Int(_) | Param::OptInt(_) | Param::IntArray(_))
+    }
+
+    fn into_text(self) -> Option<String> {
+        match self {
+            Param::Text(v) => Some(v),
+            Param::OptText(v) => v,
+            Param::Int(v) => Some(v.to_string()),
+            Param::OptInt(v) => v.map(|v| v.to_string()),
+            Param::TextArray(_) | Param::IntArray(_) => None,
+        }
+    }
+
+    fn into_int(self) -> Option<i64> {
+        match self {
+            Param::Int(v) => Some(v),
+            Param::OptInt(v) => v,
+            Param::Text(v) => v.parse().ok(),
+            Param::OptText(v) => v.and_then(|v| v.parse().ok()),
+            Param::TextArray(_) | Param::IntArray(_) => None,
+        }
+    }
+}
+
+/// The columns of `rows` as arrays, each typed by its first row.
+fn columns_as_arrays(rows: Vec<Vec<Param>>, width: usize) -> (Vec<Param>, Vec<&'static str>) {
+    let ints: Vec<bool> = (0..width)
+        .map(|c| {
+            rows.first()
+                .and_then(|r| r.get(c))
+                .is_some_and(Param::is_int)
+        })
+        .collect();
+    let mut text: Vec<Vec<Option<String>>> = vec![vec![]; width];
+    let mut int: Vec<Vec<Option<i64>>> = vec![vec![]; width];
+    for row in rows {
+        for (c, value) in row.into_iter().enumerate().take(width) {
+            if ints[c] {
+                int[c].push(value.into_int());
+            } else {
+                text[c].push(value.into_text());
+            }
+        }
+    }
+    let mut params = Vec::with_capacity(width);
+    let mut casts = Vec::with_capacity(width);
+    for c in 0..width {
+        if ints[c] {
+            params.push(Param::IntArray(std::mem::take(&mut int[c])));
+            casts.push("int8[]");
+        } else {
+            params.push(Param::TextArray(std::mem::take(&mut text[c])));
+            casts.push("text[]");
+        }
+    }
+    (params, casts)
+}
+
+fn unnest(casts: &[&str]) -> String {
+    let args: Vec<String> = casts
+        .iter()
+        .enumerate()
+        .map(|(i, cast)| format!("${}::{cast}", i + 1))
+        .collect();
+    format!("UNNEST({})", args.join(", "))
 }
 
 /// One row operation.
@@ -77,7 +159,7 @@ fn values_list(rows: usize, width: usize) -> String {
 
 /// Merges a batch's row operations: multi-row INSERTs per table, then one multi-row UPDATE
 /// per table and set of columns, each row carrying the last value of every column.
-pub fn merge(statements: Vec<Statement>) -> Vec<Prepared> {
+pub fn merge(statements: Vec<Statement>, dialect: Dialect) -> Vec<Prepared> {
     let mut inserts: Vec<(InsertShape, Rows)> = vec![];
     // (table, key column, key) → column → value, in first-seen order of rows.
     let mut updates: Vec<(RowKey, Vec<(&'static str, Param)>)> = vec![];
@@ -137,6 +219,50 @@ pub fn merge(statements: Vec<Statement>) -> Vec<Prepared> {
         }
     }
     let mut prepared = vec![];
+    if dialect == Dialect::Postgres {
+        for ((table, columns), rows) in inserts {
+            let (params, casts) = columns_as_arrays(rows, columns.len());
+            prepared.push(Prepared {
+                sql: format!(
+                    "INSERT INTO {table} ({}) SELECT * FROM {}",
+                    columns.join(", "),
+                    unnest(&casts)
+                ),
+                params,
+            });
+        }
+        for ((table, key_column, columns), rows) in update_shapes(updates) {
+            let (params, casts) = columns_as_arrays(rows, columns.len() + 1);
+            let aliases: Vec<String> = (1..=columns.len() + 1).map(|i| format!("c{i}")).collect();
+            let sets: Vec<String> = columns
+                .iter()
+                .enumerate()
+                .map(|(i, c)| format!("{c} = u.c{}", i + 2))
+                .collect();
+            prepared.push(Prepared {
+                sql: format!(
+                    "UPDATE {table} SET {} FROM {} AS u({}) WHERE {table}.{key_column} = u.c1",
+                    sets.join(", "),
+                    unnest(&casts),
+                    aliases.join(", ")
+                ),
+                params,
+            });
+        }
+        for ((table, key_column), keys) in deletes {
+            let rows = keys.into_iter().map(|k| vec![k]).collect();
+            let (params, casts) = columns_as_arrays(rows, 1);
+            prepared.push(Prepared {
+                sql: format!(
+                    "DELETE FROM {table} WHERE {key_column} = ANY($1::{})",
+                    casts.first().copied().unwrap_or("text[]")
+                ),
+                params,
+            });
+        }
+        prepared.extend(raw);
+        return prepared;
+    }
     for ((table, columns), rows) in inserts {
         for chunk in rows.chunks(ROWS_PER_STATEMENT) {
             prepared.push(Prepared {
@@ -149,19 +275,7 @@ pub fn merge(statements: Vec<Statement>) -> Vec<Prepared> {
             });
         }
     }
-    // Group updated rows by their exact set of columns.
-    let mut shapes: Vec<(UpdateShape, Rows)> = vec![];
-    for ((table, key_column, key), cells) in updates {
-        let columns: Vec<&'static str> = cells.iter().map(|(c, _)| *c).collect();
-        let mut row = vec![key];
-        row.extend(cells.into_iter().map(|(_, v)| v));
-        let shape = (table, key_column, columns);
-        match shapes.iter_mut().find(|(s, _)| *s == shape) {
-            Some((_, rows)) => rows.push(row),
-            None => shapes.push((shape, vec![row])),
-        }
-    }
-    for ((table, key_column, columns), rows) in shapes {
+    for ((table, key_column, columns), rows) in update_shapes(updates) {
         let sets: Vec<String> = columns
             .iter()
             .enumerate()
@@ -197,8 +311,24 @@ pub fn merge(statements: Vec<Statement>) -> Vec<Prepared> {
     prepared
 }
 
-/// Executes prepared statements on `$conn` (a `&mut` connection of either backend).
-macro_rules! execute_prepared {
+/// Updated rows grouped by their exact set of columns, each row as (key, values...).
+fn update_shapes(updates: Vec<(RowKey, Vec<(&'static str, Param)>)>) -> Vec<(UpdateShape, Rows)> {
+    let mut shapes: Vec<(UpdateShape, Rows)> = vec![];
+    for ((table, key_column, key), cells) in updates {
+        let columns: Vec<&'static str> = cells.iter().map(|(c, _)| *c).collect();
+        let mut row = vec![key];
+        row.extend(cells.into_iter().map(|(_, v)| v));
+        let shape = (table, key_column, columns);
+        match shapes.iter_mut().find(|(s, _)| *s == shape) {
+            Some((_, rows)) => rows.push(row),
+            None => shapes.push((shape, vec![row])),
+        }
+    }
+    shapes
+}
+
+/// Executes prepared statements on `$conn` (a `&mut` SQLite connection or transaction).
+macro_rules! execute_prepared_sqlite {
     ($conn:expr, $prepared:expr) => {
         for statement in $prepared {
             let mut query = sqlx::query(&statement.sql);
@@ -208,13 +338,36 @@ macro_rules! execute_prepared {
                     $crate::sql::Param::OptText(v) => query.bind(v),
                     $crate::sql::Param::Int(v) => query.bind(v),
                     $crate::sql::Param::OptInt(v) => query.bind(v),
+                    $crate::sql::Param::TextArray(_) | $crate::sql::Param::IntArray(_) => {
+                        return Err($crate::error::ProjectionError::ArraysOnSqlite)
+                    }
                 };
             }
             query.execute(&mut *$conn).await?;
         }
     };
 }
-pub(crate) use execute_prepared;
+
+/// Executes prepared statements on `$conn` (a `&mut` PostgreSQL connection or transaction).
+macro_rules! execute_prepared_postgres {
+    ($conn:expr, $prepared:expr) => {
+        for statement in $prepared {
+            let mut query = sqlx::query(&statement.sql);
+            for param in statement.params {
+                query = match param {
+                    $crate::sql::Param::Text(v) => query.bind(v),
+                    $crate::sql::Param::OptText(v) => query.bind(v),
+                    $crate::sql::Param::Int(v) => query.bind(v),
+                    $crate::sql::Param::OptInt(v) => query.bind(v),
+                    $crate::sql::Param::TextArray(v) => query.bind(v),
+                    $crate::sql::Param::IntArray(v) => query.bind(v),
+                };
+            }
+            query.execute(&mut *$conn).await?;
+        }
+    };
+}
+pub(crate) use {execute_prepared_postgres, execute_prepared_sqlite};
 
 #[cfg(test)]
 mod tests {
@@ -230,9 +383,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn inserts_merge_per_table_and_updates_keep_the_last_value_per_column() {
-        let merged = merge(vec![
+    fn batch() -> Vec<Statement> {
+        vec![
             Statement::Insert {
                 table: "t",
                 columns: &["id", "a"],
@@ -246,7 +398,12 @@ mod tests {
             },
             update("x", &["a"], vec![4]),
             update("y", &["a", "b"], vec![5, 6]),
-        ]);
+        ]
+    }
+
+    #[test]
+    fn inserts_merge_per_table_and_updates_keep_the_last_value_per_column() {
+        let merged = merge(batch(), Dialect::Sqlite);
         assert_eq!(merged.len(), 2);
         assert_eq!(
             merged[0].sql,
@@ -265,6 +422,35 @@ mod tests {
                 Param::Text("y".into()),
                 Param::Int(5),
                 Param::Int(6),
+            ]
+        );
+    }
+
+    #[test]
+    fn on_postgres_the_same_batch_becomes_array_statements_whatever_its_size() {
+        let merged = merge(batch(), Dialect::Postgres);
+        assert_eq!(merged.len(), 2);
+        assert_eq!(
+            merged[0].sql,
+            "INSERT INTO t (id, a) SELECT * FROM UNNEST($1::text[], $2::int8[])"
+        );
+        assert_eq!(
+            merged[0].params,
+            vec![
+                Param::TextArray(vec![Some("x".into()), Some("y".into())]),
+                Param::IntArray(vec![Some(1), Some(1)]),
+            ]
+        );
+        assert_eq!(
+            merged[1].sql,
+            "UPDATE t SET a = u.c2, b = u.c3 FROM UNNEST($1::text[], $2::int8[], $3::int8[]) AS u(c1, c2, c3) WHERE t.id = u.c1"
+        );
+        assert_eq!(
+            merged[1].params,
+            vec![
+                Param::TextArray(vec![Some("x".into()), Some("y".into())]),
+                Param::IntArray(vec![Some(4), Some(5)]),
+                Param::IntArray(vec![Some(3), Some(6)]),
             ]
         );
     }
