@@ -76,7 +76,7 @@ pub async fn rebuild(
     let projections: Vec<String> = rebuildable().iter().map(|p| p.name().to_owned()).collect();
     let events = db.event_count().await?;
     let config = ProjectorConfig {
-        batch_size: 10_000,
+        batch_size: 2_000,
         ..ProjectorConfig::default()
     };
     let position = match db {
