@@ -170,11 +170,7 @@ fn parse_time(name: &str, value: &str) -> Result<DateTime<Utc>, ApiError> {
 }
 
 /// The organization an audit request is about: the caller's own (404 for any other).
-async fn audited_org(
-    state: &AppState,
-    caller: &Caller,
-    org: Option<&String>,
-) -> Result<OrgId, ApiError> {
+fn audited_org(caller: &Caller, org: Option<&String>) -> Result<OrgId, ApiError> {
     if caller.is_operator() {
         return Err(ApiError::forbidden(
             "the operator token manages organizations only; use an organization's token",
@@ -192,7 +188,6 @@ async fn audited_org(
                     "no organization with this id is visible to this token",
                 ));
             }
-            let _ = state;
             Ok(own)
         }
     }
@@ -217,7 +212,7 @@ async fn filter(
     caller: &Caller,
     query: &HashMap<String, String>,
 ) -> Result<AuditFilter, ApiError> {
-    let org = audited_org(state, caller, query.get("org")).await?;
+    let org = audited_org(caller, query.get("org"))?;
     let subtree = match query.get("scope") {
         None => None,
         Some(text) => {
@@ -367,6 +362,6 @@ pub async fn verify(
 ) -> Result<Json<ChainReport>, ApiError> {
     let Query(query) = query.map_err(|_| ApiError::invalid("the query string is not valid"))?;
     check_keys(&query, &["org"])?;
-    let org = audited_org(&state, &caller, query.get("org")).await?;
+    let org = audited_org(&caller, query.get("org"))?;
     Ok(Json(state.app.verify(org).await?))
 }

@@ -23,7 +23,7 @@ use zeroize::Zeroizing;
 use crate::context::Caller;
 use crate::dto::JsonBody;
 use crate::error::{ApiError, Code};
-use crate::keys::{KeyError, ScopeKeys};
+use crate::keys::ScopeKeys;
 use crate::state::AppState;
 
 /// The largest plaintext accepted (1 MiB), and the body limit that fits it in base64.
@@ -113,10 +113,7 @@ async fn active_scope(
     }
     keys.load(&snapshot, position)
         .await
-        .map_err(|error| match error {
-            KeyError::Missing { .. } => ApiError::from(crate::app::AppError::Key(error)),
-            other => ApiError::from(crate::app::AppError::Key(other)),
-        })
+        .map_err(|error| ApiError::from(crate::app::AppError::Key(error)))
 }
 
 fn class(text: &str, scope: &ScopeKeys) -> Result<DataClass, ApiError> {

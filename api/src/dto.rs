@@ -21,8 +21,7 @@ pub struct JsonBody<T>(pub T);
 /// A JSON request body that may be absent (an empty body reads as `T::default()`).
 pub struct OptionalJsonBody<T>(pub T);
 
-async fn bytes_of(request: Request, state: &impl Sync) -> Result<Bytes, ApiError> {
-    let _ = state;
+async fn bytes_of(request: Request) -> Result<Bytes, ApiError> {
     Bytes::from_request(request, &())
         .await
         .map_err(|rejection| {
@@ -51,8 +50,8 @@ fn parse<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
 impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
     type Rejection = ApiError;
 
-    async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
-        let bytes = bytes_of(request, state).await?;
+    async fn from_request(request: Request, _state: &S) -> Result<Self, ApiError> {
+        let bytes = bytes_of(request).await?;
         if bytes.iter().all(u8::is_ascii_whitespace) {
             return Err(ApiError::invalid("a JSON body is required"));
         }
@@ -63,8 +62,8 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
 impl<S: Send + Sync, T: DeserializeOwned + Default> FromRequest<S> for OptionalJsonBody<T> {
     type Rejection = ApiError;
 
-    async fn from_request(request: Request, state: &S) -> Result<Self, ApiError> {
-        let bytes = bytes_of(request, state).await?;
+    async fn from_request(request: Request, _state: &S) -> Result<Self, ApiError> {
+        let bytes = bytes_of(request).await?;
         if bytes.iter().all(u8::is_ascii_whitespace) {
             return Ok(OptionalJsonBody(T::default()));
         }
