@@ -9,6 +9,7 @@ use crate::commands::{Lineage, ScopeCommand};
 use crate::errors::ScopeError;
 use crate::events::ScopeEvent;
 use crate::ids::{KeyVersion, OrgId, ScopeId};
+use crate::master_key::{KeyHealth, MasterKeyRef, UnavailableReason};
 use crate::scope::{OwnState, Plan, ScopeKind, ScopeName, Tier};
 
 /// A scope, as rebuilt from its events. `None` until it is created.
@@ -33,6 +34,28 @@ pub struct ScopeState {
     /// Only on organizations.
     pub plan: Option<Plan>,
     pub tier: Option<Tier>,
+    /// Only on organizations: the customer's master key, if the tier is `byok`.
+    #[serde(default)]
+    pub master: Option<MasterKeyRef>,
+    /// Only meaningful with a customer master key.
+    #[serde(default = "available")]
+    pub master_health: KeyHealth,
+    #[serde(default)]
+    pub master_unavailable: Option<UnavailableReason>,
+}
+
+fn available() -> KeyHealth {
+    KeyHealth::Available
+}
+
+impl ScopeState {
+    /// The key versions that still have key material: from the oldest unretired to the
+    /// current one.
+    pub fn live_versions(&self) -> Vec<KeyVersion> {
+        (self.retired_below.get()..=self.key_version.get())
+            .map(KeyVersion::new)
+            .collect()
+    }
 }
 
 fn first_version() -> KeyVersion {
@@ -112,7 +135,9 @@ impl Scope {
                     });
                 }
                 match parent.effective {
-                    Effective::Active => {}
+                    // Creating under an unusable master key fails earlier, when the new
+                    // key cannot be wrapped; the aggregate has no further rule for it.
+                    Effective::Active | Effective::Unavailable { .. } => {}
                     Effective::Paused { by } => return Err(ScopeError::ParentPaused { cause: by }),
                     Effective::Revoked { by } => {
                         return Err(ScopeError::ParentRevoked { cause: by })
@@ -174,6 +199,9 @@ impl Scope {
                 if tier == Tier::Byok {
                     return Err(ScopeError::ByokNeedsMasterKey);
                 }
+                if state.master.is_some() {
+                    return Err(ScopeError::MasterKeyInUse);
+                }
                 Ok(if from == tier {
                     vec![]
                 } else {
@@ -198,6 +226,72 @@ impl Scope {
                     key_version: next,
                     key_fingerprint,
                 }])
+            }
+            ScopeCommand::SetMasterKey {
+                master,
+                tier,
+                rewrapped,
+                lineage,
+            } => {
+                let state = self.existing()?;
+                let Some(tier_from) = state.tier else {
+                    return Err(ScopeError::NotAnOrganization);
+                };
+                let state = self.controllable(&lineage)?;
+                if (tier == Tier::Byok) != master.is_some() {
+                    return Err(ScopeError::ByokTierMismatch);
+                }
+                if tier != Tier::Default && lineage.plan != Plan::Enterprise {
+                    return Err(ScopeError::TierNeedsEnterprise(tier));
+                }
+                if state.master == master && tier_from == tier {
+                    return Ok(vec![]);
+                }
+                let live = state.live_versions();
+                if rewrapped != live {
+                    return Err(ScopeError::StaleRewrap {
+                        prepared: rewrapped,
+                        live,
+                    });
+                }
+                Ok(vec![ScopeEvent::OrganizationMasterKeyChanged {
+                    from: state.master.clone(),
+                    to: master,
+                    tier_from,
+                    tier_to: tier,
+                    rewrapped,
+                }])
+            }
+            ScopeCommand::RecordMasterKeyHealth {
+                health,
+                reason,
+                detail,
+            } => {
+                let state = self.existing()?;
+                if state.tier.is_none() {
+                    return Err(ScopeError::NotAnOrganization);
+                }
+                if state.own_state == OwnState::Revoked {
+                    return Err(ScopeError::Revoked);
+                }
+                if state.master.is_none() {
+                    return Err(ScopeError::NoCustomerMasterKey);
+                }
+                let reason = match health {
+                    KeyHealth::Available => None,
+                    KeyHealth::Unavailable => reason,
+                };
+                Ok(
+                    if state.master_health == health && state.master_unavailable == reason {
+                        vec![]
+                    } else {
+                        vec![ScopeEvent::OrganizationMasterKeyHealthChanged {
+                            health,
+                            reason,
+                            detail,
+                        }]
+                    },
+                )
             }
         }
     }
@@ -244,6 +338,9 @@ impl Aggregate for Scope {
                     retired_below: KeyVersion::FIRST,
                     plan: Some(plan),
                     tier: Some(tier),
+                    master: None,
+                    master_health: KeyHealth::Available,
+                    master_unavailable: None,
                 });
             }
             ScopeEvent::ScopeCreated {
@@ -268,6 +365,9 @@ impl Aggregate for Scope {
                     retired_below: KeyVersion::FIRST,
                     plan: None,
                     tier: None,
+                    master: None,
+                    master_health: KeyHealth::Available,
+                    master_unavailable: None,
                 });
             }
             ScopeEvent::ScopePaused {} => self.set_own_state(OwnState::Paused),
@@ -286,6 +386,21 @@ impl Aggregate for Scope {
             ScopeEvent::ScopeKeyRotated { key_version, .. } => {
                 if let Some(state) = self.state.as_mut() {
                     state.key_version = key_version;
+                }
+            }
+            ScopeEvent::OrganizationMasterKeyChanged { to, tier_to, .. } => {
+                if let Some(state) = self.state.as_mut() {
+                    state.master = to;
+                    state.tier = Some(tier_to);
+                    // A key is connected only after a successful round trip.
+                    state.master_health = KeyHealth::Available;
+                    state.master_unavailable = None;
+                }
+            }
+            ScopeEvent::OrganizationMasterKeyHealthChanged { health, reason, .. } => {
+                if let Some(state) = self.state.as_mut() {
+                    state.master_health = health;
+                    state.master_unavailable = reason;
                 }
             }
         }
@@ -754,5 +869,172 @@ mod tests {
                 key_version: KeyVersion::new(3),
                 key_fingerprint: None,
             }]);
+    }
+
+    fn customer_key() -> MasterKeyRef {
+        MasterKeyRef::parse(
+            crate::master_key::Provider::AwsKms,
+            "arn:aws:kms:eu-west-1:111122223333:key/1234abcd-12ab-34cd-56ef-1234567890ab",
+            None,
+            None,
+        )
+        .unwrap_or_else(|_| unreachable!())
+    }
+
+    fn connect(rewrapped: Vec<KeyVersion>) -> ScopeCommand {
+        ScopeCommand::SetMasterKey {
+            master: Some(customer_key()),
+            tier: Tier::Byok,
+            rewrapped,
+            lineage: enterprise(),
+        }
+    }
+
+    fn connected() -> ScopeEvent {
+        ScopeEvent::OrganizationMasterKeyChanged {
+            from: None,
+            to: Some(customer_key()),
+            tier_from: Tier::Managed,
+            tier_to: Tier::Byok,
+            rewrapped: vec![KeyVersion::FIRST],
+        }
+    }
+
+    fn unavailable(reason: UnavailableReason) -> ScopeCommand {
+        ScopeCommand::RecordMasterKeyHealth {
+            health: KeyHealth::Unavailable,
+            reason: Some(reason),
+            detail: "DescribeKey: Disabled".into(),
+        }
+    }
+
+    #[test]
+    fn set_master_key_records_the_switch_to_byok_when_every_live_version_is_rewrapped() {
+        ScopeTest::with(())
+            .given(vec![org_created(Tier::Managed)])
+            .when(connect(vec![KeyVersion::FIRST]))
+            .then_expect_events(vec![connected()]);
+    }
+
+    #[test]
+    fn set_master_key_refused_when_a_live_version_was_not_rewrapped() {
+        ScopeTest::with(())
+            .given(vec![
+                org_created(Tier::Managed),
+                ScopeEvent::ScopeKeyRotated {
+                    key_version: KeyVersion::new(2),
+                    key_fingerprint: None,
+                },
+            ])
+            .when(connect(vec![KeyVersion::FIRST]))
+            .then_expect_error(ScopeError::StaleRewrap {
+                prepared: vec![KeyVersion::FIRST],
+                live: vec![KeyVersion::FIRST, KeyVersion::new(2)],
+            });
+    }
+
+    #[test]
+    fn set_master_key_records_nothing_when_the_same_key_is_connected_again() {
+        ScopeTest::with(())
+            .given(vec![org_created(Tier::Managed), connected()])
+            .when(connect(vec![KeyVersion::FIRST]))
+            .then_expect_events(vec![]);
+    }
+
+    #[test]
+    fn set_master_key_refused_when_tier_and_key_disagree() {
+        ScopeTest::with(())
+            .given(vec![org_created(Tier::Managed)])
+            .when(ScopeCommand::SetMasterKey {
+                master: Some(customer_key()),
+                tier: Tier::Managed,
+                rewrapped: vec![KeyVersion::FIRST],
+                lineage: enterprise(),
+            })
+            .then_expect_error(ScopeError::ByokTierMismatch);
+    }
+
+    #[test]
+    fn set_master_key_refused_when_plan_is_standard() {
+        ScopeTest::with(())
+            .given(vec![org_created(Tier::Default)])
+            .when(ScopeCommand::SetMasterKey {
+                master: Some(customer_key()),
+                tier: Tier::Byok,
+                rewrapped: vec![KeyVersion::FIRST],
+                lineage: Lineage {
+                    plan: Plan::Standard,
+                    inherited: Effective::Active,
+                },
+            })
+            .then_expect_error(ScopeError::ControlsNeedEnterprise);
+    }
+
+    #[test]
+    fn set_master_key_back_to_the_platform_key_records_the_tier() {
+        ScopeTest::with(())
+            .given(vec![org_created(Tier::Managed), connected()])
+            .when(ScopeCommand::SetMasterKey {
+                master: None,
+                tier: Tier::Managed,
+                rewrapped: vec![KeyVersion::FIRST],
+                lineage: enterprise(),
+            })
+            .then_expect_events(vec![ScopeEvent::OrganizationMasterKeyChanged {
+                from: Some(customer_key()),
+                to: None,
+                tier_from: Tier::Byok,
+                tier_to: Tier::Managed,
+                rewrapped: vec![KeyVersion::FIRST],
+            }]);
+    }
+
+    #[test]
+    fn change_tier_refused_when_a_customer_master_key_is_in_use() {
+        ScopeTest::with(())
+            .given(vec![org_created(Tier::Managed), connected()])
+            .when(ScopeCommand::ChangeTier {
+                tier: Tier::Managed,
+                lineage: enterprise(),
+            })
+            .then_expect_error(ScopeError::MasterKeyInUse);
+    }
+
+    #[test]
+    fn record_health_records_a_change_once() {
+        let changed = ScopeEvent::OrganizationMasterKeyHealthChanged {
+            health: KeyHealth::Unavailable,
+            reason: Some(UnavailableReason::Disabled),
+            detail: "DescribeKey: Disabled".into(),
+        };
+        ScopeTest::with(())
+            .given(vec![org_created(Tier::Managed), connected()])
+            .when(unavailable(UnavailableReason::Disabled))
+            .then_expect_events(vec![changed.clone()]);
+        ScopeTest::with(())
+            .given(vec![
+                org_created(Tier::Managed),
+                connected(),
+                changed.clone(),
+            ])
+            .when(unavailable(UnavailableReason::Disabled))
+            .then_expect_events(vec![]);
+        // Another reason is a change auditors want to see.
+        ScopeTest::with(())
+            .given(vec![org_created(Tier::Managed), connected(), changed])
+            .when(unavailable(UnavailableReason::PendingDeletion))
+            .then_expect_events(vec![ScopeEvent::OrganizationMasterKeyHealthChanged {
+                health: KeyHealth::Unavailable,
+                reason: Some(UnavailableReason::PendingDeletion),
+                detail: "DescribeKey: Disabled".into(),
+            }]);
+    }
+
+    #[test]
+    fn record_health_refused_when_the_organization_has_no_customer_key() {
+        ScopeTest::with(())
+            .given(vec![org_created(Tier::Managed)])
+            .when(unavailable(UnavailableReason::Disabled))
+            .then_expect_error(ScopeError::NoCustomerMasterKey);
     }
 }

@@ -1,13 +1,15 @@
 //! The cascade: a scope's effective state follows from its own state and its ancestors'.
 //!
 //! `revoked` if it or any ancestor is revoked; else `paused` if it or any ancestor is
-//! paused; else `active`. The cause is the highest scope (closest to the root) that puts it
+//! paused; else `unavailable` if the organization's customer master key cannot be used;
+//! else `active`. The cause is the highest scope (closest to the root) that puts it
 //! there. The cascade is computed when read, from the path, so pausing an organization is
 //! one event whatever the size of its subtree.
 
 use serde::{Deserialize, Serialize};
 
 use crate::ids::ScopeId;
+use crate::master_key::KeyHealth;
 use crate::scope::OwnState;
 
 /// A scope's effective state and, unless active, the scope that causes it.
@@ -15,8 +17,16 @@ use crate::scope::OwnState;
 #[serde(rename_all = "snake_case", tag = "state")]
 pub enum Effective {
     Active,
-    Paused { by: ScopeId },
-    Revoked { by: ScopeId },
+    Paused {
+        by: ScopeId,
+    },
+    Revoked {
+        by: ScopeId,
+    },
+    /// The organization's customer master key cannot be used (`by` is the organization).
+    Unavailable {
+        by: ScopeId,
+    },
 }
 
 impl Effective {
@@ -29,6 +39,7 @@ impl Effective {
             Effective::Active => "active",
             Effective::Paused { .. } => "paused",
             Effective::Revoked { .. } => "revoked",
+            Effective::Unavailable { .. } => "unavailable",
         }
     }
 
@@ -36,7 +47,9 @@ impl Effective {
     pub fn cause(&self) -> Option<ScopeId> {
         match self {
             Effective::Active => None,
-            Effective::Paused { by } | Effective::Revoked { by } => Some(*by),
+            Effective::Paused { by }
+            | Effective::Revoked { by }
+            | Effective::Unavailable { by } => Some(*by),
         }
     }
 
@@ -44,6 +57,16 @@ impl Effective {
     /// effective state is `self`.
     pub fn child(self, id: ScopeId, own: OwnState) -> Effective {
         effective_state_from(self, [(id, own)])
+    }
+
+    /// This state once the organization's master key health is taken into account: an
+    /// unusable customer key makes an otherwise active scope `unavailable`; paused and
+    /// revoked take precedence.
+    pub fn with_master_key(self, org: ScopeId, health: KeyHealth) -> Effective {
+        match (self, health) {
+            (Effective::Active, KeyHealth::Unavailable) => Effective::Unavailable { by: org },
+            _ => self,
+        }
     }
 }
 
@@ -62,8 +85,10 @@ fn effective_state_from(
             (Effective::Revoked { .. }, _) => acc,
             (_, OwnState::Revoked) => Effective::Revoked { by: id },
             (Effective::Paused { .. }, _) => acc,
-            (Effective::Active, OwnState::Paused) => Effective::Paused { by: id },
-            (Effective::Active, OwnState::Active) => Effective::Active,
+            (Effective::Active | Effective::Unavailable { .. }, OwnState::Paused) => {
+                Effective::Paused { by: id }
+            }
+            (Effective::Active | Effective::Unavailable { .. }, OwnState::Active) => acc,
         })
 }
 
@@ -122,7 +147,10 @@ mod tests {
     proptest! {
         /// Against the rule as PRODUCT.md words it.
         #[test]
-        fn cascade_matches_the_written_rule(states in proptest::collection::vec(own_state(), 1..8)) {
+        fn cascade_matches_the_written_rule(
+            states in proptest::collection::vec(own_state(), 1..8),
+            master_unusable in any::<bool>(),
+        ) {
             let path: Vec<(ScopeId, OwnState)> =
                 states.iter().map(|s| (ScopeId::generate(), *s)).collect();
             let first = |wanted: OwnState| path.iter().find(|(_, s)| *s == wanted).map(|(id, _)| *id);
@@ -135,6 +163,20 @@ mod tests {
             // Computing a parent first and then the child gives the same answer.
             let (last, init) = path.split_last().unwrap_or_else(|| unreachable!());
             prop_assert_eq!(effective_state(init.iter().copied()).child(last.0, last.1), expected);
+            // The master key comes after paused and revoked, and before active.
+            let org = path[0].0;
+            let health = if master_unusable { KeyHealth::Unavailable } else { KeyHealth::Available };
+            let expected = match expected {
+                Effective::Active if master_unusable => Effective::Unavailable { by: org },
+                other => other,
+            };
+            prop_assert_eq!(effective_state(path.iter().copied()).with_master_key(org, health), expected);
+            prop_assert_eq!(
+                effective_state(init.iter().copied())
+                    .with_master_key(org, health)
+                    .child(last.0, last.1),
+                expected
+            );
         }
     }
 }

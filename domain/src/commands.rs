@@ -4,6 +4,7 @@
 
 use crate::cascade::Effective;
 use crate::ids::{KeyVersion, OrgId, ScopeId};
+use crate::master_key::{KeyHealth, MasterKeyRef, UnavailableReason};
 use crate::scope::{Plan, ScopeKind, ScopeName, Tier};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -57,6 +58,24 @@ pub enum ScopeCommand {
         lineage: Lineage,
         key_version: Option<KeyVersion>,
         key_fingerprint: Option<String>,
+    },
+    /// Wrap the organization's key under another master key: the customer's (`master`,
+    /// tier `byok`), or the platform's again (`master: None`, tier `managed` or `default`).
+    /// The caller validated the customer's key with a round trip and re-wrapped every live
+    /// key version (`rewrapped`) before sending this; the command is refused if that set is
+    /// not exactly the organization's live versions.
+    SetMasterKey {
+        master: Option<MasterKeyRef>,
+        tier: Tier,
+        rewrapped: Vec<KeyVersion>,
+        lineage: Lineage,
+    },
+    /// Record what the health monitor found about the customer's master key. Sent by the
+    /// system, never by a client.
+    RecordMasterKeyHealth {
+        health: KeyHealth,
+        reason: Option<UnavailableReason>,
+        detail: String,
     },
 }
 

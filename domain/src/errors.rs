@@ -39,6 +39,19 @@ pub enum ScopeError {
     },
     #[error("only an organization has a tier")]
     NotAnOrganization,
+    #[error(
+        "the byok tier needs a customer master key, and a customer master key needs the byok tier"
+    )]
+    ByokTierMismatch,
+    #[error("the organization's key is wrapped by the customer's master key: change it with PUT /v1/orgs/{{org}}/master-key (or set the tier, which re-wraps it under the platform key)")]
+    MasterKeyInUse,
+    #[error("key versions {prepared:?} were re-wrapped, but the live versions are {live:?}")]
+    StaleRewrap {
+        prepared: Vec<KeyVersion>,
+        live: Vec<KeyVersion>,
+    },
+    #[error("the organization has no customer master key to monitor")]
+    NoCustomerMasterKey,
     #[error("key version {prepared} was prepared, but the next version is {next}")]
     StaleKeyVersion {
         prepared: KeyVersion,

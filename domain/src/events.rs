@@ -8,6 +8,7 @@ use cqrs_es::DomainEvent;
 use serde::{Deserialize, Serialize};
 
 use crate::ids::{KeyVersion, OrgId, ScopeId};
+use crate::master_key::{KeyHealth, MasterKeyRef, UnavailableReason};
 use crate::scope::{Plan, ScopeKind, ScopeName, Tier};
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -58,11 +59,31 @@ pub enum ScopeEvent {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         key_fingerprint: Option<String>,
     },
+    /// The organization's key is now wrapped by another master key: the customer's
+    /// (`to`, tier `byok`) or the platform's (`to: None`). Every live key version listed in
+    /// `rewrapped` was re-wrapped; the old wrapping is destroyed.
+    OrganizationMasterKeyChanged {
+        from: Option<MasterKeyRef>,
+        to: Option<MasterKeyRef>,
+        tier_from: Tier,
+        tier_to: Tier,
+        rewrapped: Vec<KeyVersion>,
+    },
+    /// The health monitor (or a failed unwrap) found the customer's master key usable again,
+    /// or not: disabled, scheduled for deletion, access removed, or unreachable past the
+    /// grace period. The actor is the system.
+    OrganizationMasterKeyHealthChanged {
+        health: KeyHealth,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<UnavailableReason>,
+        /// What the provider said, for people (no key material).
+        detail: String,
+    },
 }
 
 impl ScopeEvent {
     /// Every event type this aggregate has ever stored.
-    pub const TYPES: [&'static str; 8] = [
+    pub const TYPES: [&'static str; 10] = [
         "OrganizationCreated",
         "ScopeCreated",
         "ScopePaused",
@@ -71,6 +92,8 @@ impl ScopeEvent {
         "ScopeKeyRotated",
         "OrganizationTierChanged",
         "ScopeKeyVersionsRetired",
+        "OrganizationMasterKeyChanged",
+        "OrganizationMasterKeyHealthChanged",
     ];
 
     pub fn type_name(&self) -> &'static str {
@@ -83,6 +106,10 @@ impl ScopeEvent {
             ScopeEvent::ScopeKeyRotated { .. } => "ScopeKeyRotated",
             ScopeEvent::OrganizationTierChanged { .. } => "OrganizationTierChanged",
             ScopeEvent::ScopeKeyVersionsRetired { .. } => "ScopeKeyVersionsRetired",
+            ScopeEvent::OrganizationMasterKeyChanged { .. } => "OrganizationMasterKeyChanged",
+            ScopeEvent::OrganizationMasterKeyHealthChanged { .. } => {
+                "OrganizationMasterKeyHealthChanged"
+            }
         }
     }
 
@@ -97,6 +124,8 @@ impl ScopeEvent {
             ScopeEvent::ScopeKeyRotated { .. } => "scope.rotate",
             ScopeEvent::OrganizationTierChanged { .. } => "org.tier",
             ScopeEvent::ScopeKeyVersionsRetired { .. } => "scope.retire",
+            ScopeEvent::OrganizationMasterKeyChanged { .. } => "org.master_key",
+            ScopeEvent::OrganizationMasterKeyHealthChanged { .. } => "org.master_key_health",
         }
     }
 }
@@ -115,7 +144,9 @@ impl DomainEvent for ScopeEvent {
             | ScopeEvent::ScopeRevoked {}
             | ScopeEvent::ScopeKeyRotated { .. }
             | ScopeEvent::OrganizationTierChanged { .. }
-            | ScopeEvent::ScopeKeyVersionsRetired { .. } => "1".to_owned(),
+            | ScopeEvent::ScopeKeyVersionsRetired { .. }
+            | ScopeEvent::OrganizationMasterKeyChanged { .. }
+            | ScopeEvent::OrganizationMasterKeyHealthChanged { .. } => "1".to_owned(),
         }
     }
 }

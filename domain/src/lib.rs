@@ -10,6 +10,7 @@ pub mod commands;
 pub mod errors;
 pub mod events;
 pub mod ids;
+pub mod master_key;
 pub mod metadata;
 pub mod scope;
 
@@ -20,6 +21,7 @@ pub use errors::ScopeError;
 pub use events::ScopeEvent;
 
 pub use ids::{IdError, KeyVersion, OrgId, ScopeId};
+pub use master_key::{KeyHealth, MasterKeyRef, Provider, UnavailableReason};
 pub use metadata::{Actor, ActorKind, EventMetadata, Location};
 pub use scope::{DataClass, OwnState, Plan, Reason, ScopeKind, ScopeName, Tier, ValueError};
 pub mod upcast;
