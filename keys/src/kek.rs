@@ -59,6 +59,12 @@ impl Kek {
         f(self.0.as_ref())
     }
 
+    /// A copy of the raw bytes for a master-key provider to encrypt (a customer's KMS wraps
+    /// organization keys; nothing else may call this). Wiped when dropped.
+    pub fn for_master_key_provider(&self) -> Zeroizing<Vec<u8>> {
+        Zeroizing::new(self.0.to_vec())
+    }
+
     fn cipher(&self) -> Result<Aes256Siv, CryptoError> {
         Aes256Siv::new_from_slice(self.0.as_ref()).map_err(|_| CryptoError)
     }

@@ -2,7 +2,9 @@
 //! the data-plane ciphertext format, and master-key providers.
 //!
 //! Architecture invariant: key bytes never leave this crate except as `Kek`, whose `Debug`
-//! prints nothing and which wipes its memory on drop. Nothing here logs or stores anything.
+//! prints nothing and which wipes its memory on drop, or as the zeroizing copy an
+//! organization key hands to a customer's KMS (`Kek::for_master_key_provider`). Nothing here
+//! logs or stores anything.
 
 mod ciphertext;
 mod kek;

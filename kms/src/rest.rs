@@ -1,0 +1,176 @@
+//! What the REST providers (Google Cloud KMS, Azure Key Vault) share: one HTTP client with
+//! time limits, transport errors classified, and an OAuth access token cached until shortly
+//! before it expires. Tokens are secrets: they are never logged and are wiped when dropped.
+
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use zeroize::Zeroizing;
+
+use crate::{FailureKind, KmsSettings, Operation, ProviderError};
+
+pub(crate) fn client(settings: &KmsSettings) -> Result<reqwest::Client, ProviderError> {
+    reqwest::Client::builder()
+        .timeout(settings.timeout)
+        .connect_timeout(settings.timeout)
+        .build()
+        .map_err(|e| {
+            ProviderError::new(
+                Operation::Credentials,
+                FailureKind::Unreachable,
+                "HttpClient",
+                format!("cannot build the HTTP client: {e}"),
+            )
+        })
+}
+
+/// A request that got no HTTP answer.
+pub(crate) fn transport(operation: Operation, error: &reqwest::Error) -> ProviderError {
+    let kind = if error.is_timeout() {
+        FailureKind::Timeout
+    } else {
+        FailureKind::Unreachable
+    };
+    // reqwest's Display names the URL, never headers or bodies.
+    ProviderError::new(operation, kind, "Transport", error.to_string())
+}
+
+/// An access token and when to stop using it.
+pub(crate) struct AccessToken {
+    pub secret: Zeroizing<String>,
+    pub refresh_at: Instant,
+}
+
+impl AccessToken {
+    /// A token that expires in `expires_in`, used until a minute before (or half its life,
+    /// for short ones).
+    pub fn new(secret: String, expires_in: Duration) -> Self {
+        let margin = Duration::from_secs(60).min(expires_in / 2);
+        AccessToken {
+            secret: Zeroizing::new(secret),
+            refresh_at: Instant::now() + expires_in.saturating_sub(margin),
+        }
+    }
+}
+
+/// One cached access token per provider instance.
+#[derive(Default)]
+pub(crate) struct TokenCache {
+    token: tokio::sync::Mutex<Option<AccessToken>>,
+}
+
+impl TokenCache {
+    /// The cached token, or a new one from `fetch`.
+    pub async fn get<F, Fut>(&self, fetch: F) -> Result<Zeroizing<String>, ProviderError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<AccessToken, ProviderError>>,
+    {
+        let mut token = self.token.lock().await;
+        if let Some(current) = token.as_ref() {
+            if Instant::now() < current.refresh_at {
+                return Ok(current.secret.clone());
+            }
+        }
+        let fresh = fetch().await?;
+        let secret = fresh.secret.clone();
+        *token = Some(fresh);
+        Ok(secret)
+    }
+
+    /// Forgets the token (after a 401, so the next call fetches another).
+    pub async fn clear(&self) {
+        *self.token.lock().await = None;
+    }
+}
+
+/// The token endpoint's answer (OAuth 2.0, RFC 6749 §5.1). `expires_in` is a number in
+/// the standard, a string from Azure managed identity.
+#[derive(Deserialize)]
+pub(crate) struct TokenResponse {
+    pub access_token: String,
+    #[serde(default)]
+    pub expires_in: Option<serde_json::Value>,
+}
+
+impl TokenResponse {
+    pub fn into_token(self) -> AccessToken {
+        let seconds = match &self.expires_in {
+            Some(serde_json::Value::Number(n)) => n.as_u64(),
+            Some(serde_json::Value::String(s)) => s.parse().ok(),
+            _ => None,
+        }
+        .unwrap_or(300);
+        AccessToken::new(self.access_token, Duration::from_secs(seconds))
+    }
+}
+
+/// Sends a token request and reads the answer; every failure is `Unauthenticated` (or a
+/// transport failure), with the endpoint's own error text.
+pub(crate) async fn fetch_token(
+    request: reqwest::RequestBuilder,
+) -> Result<AccessToken, ProviderError> {
+    let response = request
+        .send()
+        .await
+        .map_err(|e| transport(Operation::Credentials, &e))?;
+    let status = response.status();
+    let body = response
+        .text()
+        .await
+        .map_err(|e| transport(Operation::Credentials, &e))?;
+    if !status.is_success() {
+        let kind = if status.is_server_error() {
+            FailureKind::ProviderFault
+        } else if status.as_u16() == 429 {
+            FailureKind::Throttled
+        } else {
+            FailureKind::Unauthenticated
+        };
+        // OAuth errors carry `error` and `error_description`, never the credential.
+        let detail = serde_json::from_str::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| {
+                let error = v.get("error")?.as_str()?.to_owned();
+                let description = v
+                    .get("error_description")
+                    .and_then(|d| d.as_str())
+                    .unwrap_or("");
+                Some(format!("{error}: {description}"))
+            })
+            .unwrap_or_else(|| format!("HTTP {status}"));
+        return Err(ProviderError::new(
+            Operation::Credentials,
+            kind,
+            format!("Token{}", status.as_u16()),
+            detail,
+        ));
+    }
+    let parsed: TokenResponse = serde_json::from_str(&body).map_err(|_| {
+        ProviderError::new(
+            Operation::Credentials,
+            FailureKind::Unauthenticated,
+            "TokenResponse",
+            "the token endpoint's answer has no access_token",
+        )
+    })?;
+    Ok(parsed.into_token())
+}
+
+/// No credential source was found.
+pub(crate) fn no_credentials(what: &str) -> ProviderError {
+    ProviderError::new(
+        Operation::Credentials,
+        FailureKind::Unauthenticated,
+        "NoCredentials",
+        format!("no credentials found: {what}"),
+    )
+}
+
+pub(crate) fn b64() -> base64::engine::GeneralPurpose {
+    base64::engine::general_purpose::STANDARD
+}
+
+pub(crate) fn b64url() -> base64::engine::GeneralPurpose {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+}
