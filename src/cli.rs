@@ -46,6 +46,70 @@ pub enum Command {
     /// The audit log: export it, or verify its hash chains.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Organizations, through the HTTP API of a running server.
+    #[command(subcommand)]
+    Org(OrgCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum OrgCommand {
+    /// The organization's master key: the platform's, or the customer's own (BYOK).
+    #[command(subcommand, name = "master-key")]
+    MasterKey(MasterKeyCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum MasterKeyCommand {
+    /// Connect a customer master key (validated with a round trip first), or go back to the
+    /// platform's key with `--provider local`.
+    Set(MasterKeySetArgs),
+    /// Show the provider, key, status and last health check.
+    Show(MasterKeyShowArgs),
+}
+
+/// How to reach the API.
+#[derive(Debug, Args)]
+pub struct ClientArgs {
+    /// The server's base URL.
+    #[arg(long, env = "EKM_URL", default_value = "http://127.0.0.1:8080")]
+    pub url: String,
+    /// A bearer token of the organization (an org admin's).
+    #[arg(long, env = "EKM_TOKEN", hide_env_values = true)]
+    pub token: String,
+    /// Print the raw JSON answer.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct MasterKeySetArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// The organization's id.
+    pub org: String,
+    /// aws-kms, gcp-kms, azure-keyvault, or local (the platform's key).
+    #[arg(long)]
+    pub provider: String,
+    /// AWS key ARN (or key id/alias with --region), GCP CryptoKey resource name, or Azure
+    /// key URL.
+    #[arg(long)]
+    pub key_id: Option<String>,
+    #[arg(long)]
+    pub region: Option<String>,
+    /// A VPC/private endpoint (or a test server).
+    #[arg(long)]
+    pub endpoint_url: Option<String>,
+    /// Why (recorded in the audit log).
+    #[arg(long)]
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct MasterKeyShowArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// The organization's id.
+    pub org: String,
 }
 
 #[derive(Debug, Subcommand)]
@@ -128,6 +192,15 @@ pub struct ServeArgs {
     /// rotation regardless).
     #[arg(long, env = "EKM_KEY_CACHE_TTL", default_value = "5m", value_parser = parse_duration)]
     pub key_cache_ttl: Duration,
+    /// How long organization keys unwrapped through a customer's KMS keep serving while
+    /// that KMS is unreachable (timeouts, throttling, 5xx), and how long such an outage lasts
+    /// before the organization is recorded `unavailable`. The customer's own decisions
+    /// (disable, delete, access removed) take effect at once regardless.
+    #[arg(long, env = "EKM_KMS_GRACE_PERIOD", default_value = "5m", value_parser = parse_duration)]
+    pub kms_grace_period: Duration,
+    /// Time limit of each call to a customer's KMS (retried with backoff when transient).
+    #[arg(long, env = "EKM_KMS_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub kms_timeout: Duration,
     /// How often the projection runner looks for events committed by other instances when
     /// no notification arrives.
     #[arg(long, env = "EKM_PROJECTION_POLL_INTERVAL", default_value = "500ms", value_parser = parse_duration)]

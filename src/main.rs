@@ -2,6 +2,7 @@
 //! lives in `serve`, configuration in `cli`, logging in `telemetry`.
 
 mod cli;
+mod client;
 mod duration;
 mod jobs;
 mod serve;
@@ -32,6 +33,7 @@ fn main() -> ExitCode {
             Command::Migrate(args) => serve::migrate(args).await.map(|()| ExitCode::SUCCESS),
             Command::Projections(command) => jobs::projections(command).await,
             Command::Audit(command) => jobs::audit(command).await,
+            Command::Org(command) => client::org(command).await,
         }
     });
     match result {

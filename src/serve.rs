@@ -7,9 +7,11 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use ekm_api::keys::{local_master_key, KeyService};
+use ekm_api::health::HealthMonitor;
+use ekm_api::keys::{local_master_key, KeyService, KmsOptions};
 use ekm_api::{router, App, AppState};
 use ekm_keys::MASTER_KEY_FILE;
+use ekm_kms::KmsSettings;
 use ekm_projections::{Projector, ProjectorConfig};
 use ekm_store::{Db, DbConfig, Tokens, OPERATOR_TOKEN_FILE};
 use tokio::sync::watch;
@@ -99,7 +101,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     tracing::info!(position, "read models caught up");
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let runner = tokio::spawn(projector.clone().run(shutdown_rx));
+    let runner = tokio::spawn(projector.clone().run(shutdown_rx.clone()));
 
     let master_path = args
         .master_key_file
@@ -109,8 +111,18 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!(ekm_projections::error_chain(&e)))?;
     tracing::info!(path = %master_path.display(), fingerprint = %master.fingerprint(), "master key ready");
-    let keys = KeyService::new(db.clone(), master, args.key_cache_ttl);
+    let kms = KmsOptions {
+        settings: KmsSettings {
+            timeout: args.kms_timeout,
+            ..KmsSettings::default()
+        },
+        grace: args.kms_grace_period,
+    };
+    let keys = KeyService::with_kms(db.clone(), master, args.key_cache_ttl, kms);
     let app = App::new(db.clone(), projector, keys);
+    let monitor = tokio::spawn(
+        HealthMonitor::new(app.clone(), args.key_health_interval).run(shutdown_rx.clone()),
+    );
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -124,6 +136,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
 
     let _ = shutdown_tx.send(true);
     let _ = runner.await;
+    let _ = monitor.await;
     db.close().await;
     served.context("the HTTP server failed")?;
     tracing::info!("stopped");

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use cqrs_es::{AggregateContext, AggregateError};
 use ekm_domain::{
-    EventMetadata, KeyVersion, Lineage, Location, OrgId, ParentContext, Plan, ScopeCommand,
-    ScopeError, ScopeId, ScopeKind, ScopeName, Tier,
+    EventMetadata, KeyHealth, KeyVersion, Lineage, Location, MasterKeyRef, OrgId, ParentContext,
+    Plan, ScopeCommand, ScopeError, ScopeId, ScopeKind, ScopeName, Tier, UnavailableReason,
 };
 use ekm_projections::{
     AsOf, AuditEntry, AuditFilter, BlastRadius, ChainReport, Page, PastScope, ProjectionError,
@@ -47,10 +47,24 @@ pub enum AppError {
 pub enum Action {
     Pause,
     Resume,
-    Revoke { confirm: String },
+    Revoke {
+        confirm: String,
+    },
     Rotate,
     ChangeTier(Tier),
     RetireKeyVersions(KeyVersion),
+    /// Wrap the organization key under a customer key (validated by the caller first), or
+    /// the platform's again (`None`, with the tier to move to).
+    SetMasterKey {
+        master: Option<MasterKeyRef>,
+        tier: Tier,
+    },
+    /// Record the health monitor's verdict (system actor).
+    RecordMasterKeyHealth {
+        health: KeyHealth,
+        reason: Option<UnavailableReason>,
+        detail: String,
+    },
 }
 
 /// What to do to a scope: a command known in full, or an action whose command needs the
@@ -286,6 +300,11 @@ impl App {
         Ok(ekm_projections::audit_entries(&self.inner.db, filter).await?)
     }
 
+    /// Organizations whose key is wrapped by a customer key (not revoked).
+    pub async fn customer_key_orgs(&self) -> Result<Vec<ScopeId>, AppError> {
+        Ok(self.inner.read.customer_key_orgs().await?)
+    }
+
     /// Checks an organization's hash chain against the events.
     pub async fn verify(&self, org: OrgId) -> Result<ChainReport, AppError> {
         self.refresh().await?;
@@ -361,6 +380,26 @@ impl App {
                     key_fingerprint: Some(fingerprint),
                 })
             }
+            ScopeCommand::SetMasterKey {
+                master,
+                tier,
+                lineage,
+                ..
+            } => {
+                let Some(state) = state else {
+                    return Ok(None);
+                };
+                let org = state.org_id;
+                let rewrapped = keys
+                    .stage_master_switch(org, &state.live_versions(), master.as_ref())
+                    .await?;
+                Some(ScopeCommand::SetMasterKey {
+                    master,
+                    tier,
+                    rewrapped: Some(rewrapped),
+                    lineage,
+                })
+            }
             ScopeCommand::RetireKeyVersions { below, .. } => {
                 // Nothing below the scope may still need the versions being destroyed.
                 let snapshot = self.inner.read.scope(id).await?.ok_or(AppError::NotFound)?;
@@ -407,7 +446,37 @@ impl App {
             Action::Pause => ScopeCommand::PauseScope { lineage },
             Action::Resume => ScopeCommand::ResumeScope { lineage },
             Action::Revoke { confirm } => ScopeCommand::RevokeScope { confirm, lineage },
+            // Leaving byok re-wraps the organization key under the platform key.
+            Action::ChangeTier(tier)
+                if snapshot.scope.master_key.is_some() && tier != Tier::Byok =>
+            {
+                ScopeCommand::SetMasterKey {
+                    master: None,
+                    tier,
+                    rewrapped: None,
+                    lineage,
+                }
+            }
             Action::ChangeTier(tier) => ScopeCommand::ChangeTier { tier, lineage },
+            // The platform key on an organization that has no customer key: a tier change.
+            Action::SetMasterKey { master: None, tier } if snapshot.scope.master_key.is_none() => {
+                ScopeCommand::ChangeTier { tier, lineage }
+            }
+            Action::SetMasterKey { master, tier } => ScopeCommand::SetMasterKey {
+                master,
+                tier,
+                rewrapped: None,
+                lineage,
+            },
+            Action::RecordMasterKeyHealth {
+                health,
+                reason,
+                detail,
+            } => ScopeCommand::RecordMasterKeyHealth {
+                health,
+                reason,
+                detail,
+            },
             Action::RetireKeyVersions(below) => ScopeCommand::RetireKeyVersions { below, lineage },
             Action::Rotate => ScopeCommand::RotateKey {
                 lineage,

@@ -110,6 +110,19 @@ async fn active_scope(
             )
             .with("cause", json!({"scope_id": by.to_string()})))
         }
+        Effective::Unavailable { by } => {
+            let reason = snapshot
+                .cause
+                .as_ref()
+                .and_then(|c| c.change.as_ref())
+                .and_then(|c| c.reason.clone());
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                Code::KeyUnavailable,
+                "the organization's master key cannot be used (disabled, scheduled for deletion, access removed, or unreachable); requests fail closed until it is usable again",
+            )
+            .with("cause", json!({"scope_id": by.to_string(), "reason": reason})));
+        }
     }
     keys.load(&snapshot, position)
         .await

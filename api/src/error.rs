@@ -26,6 +26,8 @@ pub enum Code {
     KeyUnavailable,
     ClassNotCovered,
     InvalidCiphertext,
+    /// A customer master key failed validation when connecting it.
+    MasterKeyUnusable,
     Unavailable,
     Internal,
 }
@@ -44,6 +46,7 @@ impl Code {
             Code::KeyUnavailable => "key_unavailable",
             Code::ClassNotCovered => "class_not_covered",
             Code::InvalidCiphertext => "invalid_ciphertext",
+            Code::MasterKeyUnusable => "master_key_unusable",
             Code::Unavailable => "unavailable",
             Code::Internal => "internal",
         }
@@ -64,6 +67,7 @@ impl Code {
                 "This data class is not encrypted under the organization's tier"
             }
             Code::InvalidCiphertext => "The ciphertext cannot be decrypted here",
+            Code::MasterKeyUnusable => "The master key cannot be used",
             Code::Unavailable => "The service is temporarily unavailable",
             Code::Internal => "Internal error",
         }
@@ -166,7 +170,11 @@ impl From<ScopeError> for ApiError {
             | ScopeError::NotAnOrganization
             | ScopeError::CannotRetireCurrent { .. }
             | ScopeError::ConfirmationMismatch
-            | ScopeError::ByokNeedsMasterKey => ApiError::invalid(detail),
+            | ScopeError::ByokNeedsMasterKey
+            | ScopeError::ByokTierMismatch => ApiError::invalid(detail),
+            ScopeError::MasterKeyInUse
+            | ScopeError::StaleRewrap { .. }
+            | ScopeError::NoCustomerMasterKey => ApiError::new(conflict, Code::Conflict, detail),
             ScopeError::ParentPaused { cause: by } => {
                 ApiError::new(conflict, Code::ScopePaused, detail).with("cause", cause(by))
             }
@@ -212,12 +220,70 @@ impl From<AppError> for ApiError {
                     "the scope's key is unavailable",
                 )
             }
+            AppError::Key(KeyError::Provider(ref failure)) => {
+                tracing::warn!(error = %error_chain(&error), "customer master key failed");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    Code::KeyUnavailable,
+                    format!("the organization's master key cannot be used: {failure}"),
+                )
+                .with("provider_error", provider_error(failure, None))
+            }
+            AppError::Key(KeyError::WrongMaster { .. }) => {
+                tracing::error!(error = %error_chain(&error), "organization key wrapped by an unknown master key");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    Code::KeyUnavailable,
+                    "the organization's key is wrapped by a master key it no longer uses; reconnect the master key",
+                )
+            }
             AppError::Store(_)
             | AppError::Projection(_)
             | AppError::EventStore(_)
             | AppError::Key(_) => internal(&error),
         }
     }
+}
+
+/// What a provider said, as problem fields: the step, the kind of failure, the provider's
+/// own code and message, and (when connecting) what the customer must do.
+pub fn provider_error(
+    failure: &ekm_kms::ProviderError,
+    provider: Option<ekm_domain::Provider>,
+) -> Value {
+    let mut value = json!({
+        "step": failure.operation.as_str(),
+        "kind": failure.kind.as_str(),
+        "code": failure.code,
+        "message": failure.message,
+    });
+    if let Some(provider) = provider {
+        value["remedy"] = json!(failure.kind.remedy(provider));
+    }
+    value
+}
+
+/// A customer key refused at connection time (422), naming the step that failed and the fix.
+pub fn master_key_unusable(
+    failure: &ekm_kms::ProviderError,
+    provider: ekm_domain::Provider,
+) -> ApiError {
+    let status = if failure.kind.is_transient() {
+        StatusCode::BAD_GATEWAY
+    } else {
+        StatusCode::UNPROCESSABLE_ENTITY
+    };
+    ApiError::new(
+        status,
+        Code::MasterKeyUnusable,
+        format!(
+            "the key failed validation at the {} step ({}): {}",
+            failure.operation.as_str(),
+            failure.kind.as_str(),
+            failure.kind.remedy(provider)
+        ),
+    )
+    .with("provider_error", provider_error(failure, Some(provider)))
 }
 
 fn is_unavailable(error: &ekm_store::StoreError) -> bool {

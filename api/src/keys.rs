@@ -12,8 +12,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ekm_domain::{OrgId, ScopeId, Tier};
+use ekm_domain::{KeyVersion, MasterKeyRef, OrgId, ScopeId, Tier};
 use ekm_keys::{Kek, LocalMasterKey};
+use ekm_kms::{KmsSettings, LocalProvider, MasterKeyProvider, ProviderError, WrapContext};
 use ekm_projections::{EventListener, ProjectionError, ReadModels, ScopeSnapshot};
 use ekm_store::{Db, KeyRow, StoreError, StoredEvent};
 
@@ -27,6 +28,36 @@ pub enum KeyError {
     Store(#[from] StoreError),
     #[error("read model failed")]
     Projection(#[from] ProjectionError),
+    #[error("the organization's master key cannot be used")]
+    Provider(#[source] ProviderError),
+    #[error("organization key version {version} is wrapped by a master key the organization no longer uses")]
+    WrongMaster { version: u32 },
+}
+
+/// How customer master keys are reached, and how long an outage is tolerated.
+#[derive(Clone, Debug)]
+pub struct KmsOptions {
+    pub settings: KmsSettings,
+    /// While a customer's KMS is unreachable (timeouts, throttling, 5xx), organization keys
+    /// unwrapped before the outage keep serving for this long past their cache TTL; then the
+    /// data plane fails closed. The health monitor records the organization `unavailable`
+    /// after the same period.
+    pub grace: Duration,
+}
+
+impl Default for KmsOptions {
+    fn default() -> Self {
+        KmsOptions {
+            settings: KmsSettings::default(),
+            grace: Duration::from_secs(300),
+        }
+    }
+}
+
+/// An unwrapped organization key version.
+struct OrgKeyEntry {
+    key: Kek,
+    loaded: Instant,
 }
 
 /// The unwrapped keys of one active scope.
@@ -68,32 +99,91 @@ pub struct KeyService {
     db: Db,
     read: ReadModels,
     master: LocalMasterKey,
+    local: LocalProvider,
+    kms: KmsOptions,
     ttl: Duration,
     cache: Mutex<HashMap<ScopeId, Arc<ScopeKeys>>>,
+    /// Organization keys, so that loading many scopes of one organization calls a
+    /// customer's KMS once per TTL, not once per scope.
+    org_keys: Mutex<HashMap<(ScopeId, u32), OrgKeyEntry>>,
+    providers: tokio::sync::Mutex<HashMap<MasterKeyRef, Arc<dyn MasterKeyProvider>>>,
     epoch: AtomicU64,
     unwraps: AtomicU64,
+    kms_calls: AtomicU64,
+    /// Organizations whose customer key just failed an unwrap: the health monitor checks
+    /// them at once.
+    failed_tx: tokio::sync::mpsc::UnboundedSender<ScopeId>,
+    failed_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<ScopeId>>>,
 }
 
 /// Events after which cached keys on the scope's path must go.
-const EVICTING: [&str; 5] = [
+const EVICTING: [&str; 7] = [
     "ScopePaused",
     "ScopeRevoked",
     "ScopeKeyRotated",
     "ScopeKeyVersionsRetired",
     "OrganizationTierChanged",
+    "OrganizationMasterKeyChanged",
+    "OrganizationMasterKeyHealthChanged",
 ];
 
 impl KeyService {
     pub fn new(db: Db, master: LocalMasterKey, ttl: Duration) -> Arc<KeyService> {
+        KeyService::with_kms(db, master, ttl, KmsOptions::default())
+    }
+
+    pub fn with_kms(
+        db: Db,
+        master: LocalMasterKey,
+        ttl: Duration,
+        kms: KmsOptions,
+    ) -> Arc<KeyService> {
+        let (failed_tx, failed_rx) = tokio::sync::mpsc::unbounded_channel();
         Arc::new(KeyService {
             read: ReadModels::new(db.clone()),
             db,
+            local: LocalProvider::new(master.clone()),
             master,
+            kms,
             ttl,
             cache: Mutex::new(HashMap::new()),
+            org_keys: Mutex::new(HashMap::new()),
+            providers: tokio::sync::Mutex::new(HashMap::new()),
             epoch: AtomicU64::new(0),
             unwraps: AtomicU64::new(0),
+            kms_calls: AtomicU64::new(0),
+            failed_tx,
+            failed_rx: Mutex::new(Some(failed_rx)),
         })
+    }
+
+    pub fn kms_options(&self) -> &KmsOptions {
+        &self.kms
+    }
+
+    /// Calls made to customer KMSes since start (wrap and unwrap; health checks excluded).
+    pub fn kms_call_count(&self) -> u64 {
+        self.kms_calls.load(Ordering::Relaxed)
+    }
+
+    /// The organizations whose customer key failed an unwrap, for the health monitor (the
+    /// first caller takes the stream).
+    pub fn take_failures(&self) -> Option<tokio::sync::mpsc::UnboundedReceiver<ScopeId>> {
+        self.failed_rx.lock().ok()?.take()
+    }
+
+    /// The provider of a customer key (built once, then shared).
+    pub async fn provider(
+        &self,
+        key: &MasterKeyRef,
+    ) -> Result<Arc<dyn MasterKeyProvider>, ProviderError> {
+        let mut providers = self.providers.lock().await;
+        if let Some(provider) = providers.get(key) {
+            return Ok(provider.clone());
+        }
+        let provider = ekm_kms::provider_for(key, &self.kms.settings).await?;
+        providers.insert(key.clone(), provider.clone());
+        Ok(provider)
     }
 
     /// The listener the projector calls with every event this process sees.
@@ -118,6 +208,9 @@ impl KeyService {
         if let Ok(mut cache) = self.cache.lock() {
             cache.retain(|_, entry| !entry.path.iter().any(|p| scopes.contains(p)));
             self.epoch.fetch_add(1, Ordering::SeqCst);
+        }
+        if let Ok(mut org_keys) = self.org_keys.lock() {
+            org_keys.retain(|(org, _), _| !scopes.contains(org));
         }
     }
 
@@ -189,9 +282,8 @@ impl KeyService {
                     scope: scope.to_owned(),
                     version,
                 })?;
-            self.unwraps.fetch_add(1, Ordering::Relaxed);
             let key = match &row.parent {
-                None => self.master.unwrap(&row.wrapped, scope, version),
+                None => return self.unwrap_org_key(&row).await,
                 Some((parent, parent_version)) => {
                     let parent_fingerprint = self
                         .read
@@ -217,12 +309,148 @@ impl KeyService {
                     )
                 }
             };
+            self.unwraps.fetch_add(1, Ordering::Relaxed);
             let key = key.map_err(|_| KeyError::Unwrap)?;
             if key.fingerprint() != row.fingerprint {
                 return Err(KeyError::Unwrap);
             }
             Ok(key)
         })
+    }
+
+    /// The customer key an organization key row is wrapped by, or `None` for the local
+    /// master key.
+    async fn wrapping_key(&self, row: &KeyRow) -> Result<Option<MasterKeyRef>, KeyError> {
+        let local = self.master.fingerprint();
+        match row.master_fingerprint.as_deref() {
+            None => Ok(None),
+            Some(fingerprint) if fingerprint == local => Ok(None),
+            Some(wrapping_id) => {
+                let org = ScopeId::parse(&row.scope_id).map_err(|_| KeyError::Unwrap)?;
+                let master = self
+                    .read
+                    .scope(org)
+                    .await?
+                    .and_then(|snapshot| snapshot.scope.master_key)
+                    .filter(|key| key.wrapping_id() == wrapping_id);
+                match master {
+                    Some(master) => Ok(Some(master)),
+                    None => Err(KeyError::WrongMaster {
+                        version: row.version,
+                    }),
+                }
+            }
+        }
+    }
+
+    /// Unwraps an organization key version through its master key: from the cache while
+    /// fresh; on a transient KMS failure, from the cache while within the grace period.
+    async fn unwrap_org_key(&self, row: &KeyRow) -> Result<Kek, KeyError> {
+        let org = ScopeId::parse(&row.scope_id).map_err(|_| KeyError::Unwrap)?;
+        let slot = (org, row.version);
+        let cached = |limit: Duration| -> Option<Kek> {
+            let org_keys = self.org_keys.lock().ok()?;
+            org_keys
+                .get(&slot)
+                .filter(|e| e.loaded.elapsed() < limit && e.key.fingerprint() == row.fingerprint)
+                .map(|e| e.key.clone())
+        };
+        if let Some(key) = cached(self.ttl) {
+            return Ok(key);
+        }
+        let epoch = self.epoch.load(Ordering::SeqCst);
+        let context = WrapContext {
+            org_id: &row.scope_id,
+            key_version: row.version,
+        };
+        self.unwraps.fetch_add(1, Ordering::Relaxed);
+        let bytes = match self.wrapping_key(row).await? {
+            None => self.local.unwrap(&row.wrapped, context).await,
+            Some(master) => {
+                let provider = self.provider(&master).await.map_err(KeyError::Provider)?;
+                self.kms_calls.fetch_add(1, Ordering::Relaxed);
+                provider.unwrap(&row.wrapped, context).await
+            }
+        };
+        let bytes = match bytes {
+            Ok(bytes) => bytes,
+            Err(error) => {
+                let _ = self.failed_tx.send(org);
+                if error.kind.is_transient() {
+                    if let Some(key) = cached(self.ttl + self.kms.grace) {
+                        tracing::warn!(
+                            org = %org,
+                            kind = error.kind.as_str(),
+                            "customer KMS unreachable; serving the organization key within its grace period"
+                        );
+                        return Ok(key);
+                    }
+                }
+                return Err(KeyError::Provider(error));
+            }
+        };
+        let key = Kek::from_bytes(&bytes).map_err(|_| KeyError::Unwrap)?;
+        if key.fingerprint() != row.fingerprint {
+            return Err(KeyError::Unwrap);
+        }
+        if let Ok(mut org_keys) = self.org_keys.lock() {
+            if self.epoch.load(Ordering::SeqCst) == epoch {
+                org_keys.insert(
+                    slot,
+                    OrgKeyEntry {
+                        key: key.clone(),
+                        loaded: Instant::now(),
+                    },
+                );
+            }
+        }
+        Ok(key)
+    }
+
+    /// Re-wraps every live organization key version under `target` (a customer key, or the
+    /// platform's with `None`) and stages the result; the switch happens when the event that
+    /// records it is projected. Returns the versions staged.
+    pub async fn stage_master_switch(
+        &self,
+        org: OrgId,
+        live: &[KeyVersion],
+        target: Option<&MasterKeyRef>,
+    ) -> Result<Vec<KeyVersion>, KeyError> {
+        let org_id = org.to_string();
+        let rows = self.db.org_keys(&org_id).await?;
+        let provider = match target {
+            Some(key) => Some(self.provider(key).await.map_err(KeyError::Provider)?),
+            None => None,
+        };
+        let (target_id, wrapped_by) = match target {
+            Some(key) => (key.wrapping_id(), key.wrapping_id()),
+            None => ("local".to_owned(), self.master.fingerprint()),
+        };
+        let mut staged = vec![];
+        for row in rows
+            .iter()
+            .filter(|r| live.iter().any(|v| v.get() == r.version))
+        {
+            let key = self.unwrap_org_key(row).await?;
+            let context = WrapContext {
+                org_id: &org_id,
+                key_version: row.version,
+            };
+            let plaintext = key.for_master_key_provider();
+            let wrapped = match &provider {
+                Some(provider) => {
+                    self.kms_calls.fetch_add(1, Ordering::Relaxed);
+                    provider.wrap(&plaintext, context).await
+                }
+                None => self.local.wrap(&plaintext, context).await,
+            }
+            .map_err(KeyError::Provider)?;
+            self.db
+                .stage_rewrap(row, &target_id, &wrapped_by, &wrapped)
+                .await?;
+            staged.push(KeyVersion::new(row.version));
+        }
+        Ok(staged)
     }
 
     /// Re-wraps every key that a child of `scope` wraps under a version below `below`, under
@@ -295,10 +523,36 @@ impl KeyService {
     /// Returns its fingerprint.
     pub async fn create_org_key(&self, org: OrgId, version: u32) -> Result<String, KeyError> {
         let key = Kek::generate();
-        let wrapped = self
-            .master
-            .wrap(&key, &org.to_string(), version)
-            .map_err(|_| KeyError::Unwrap)?;
+        let org_id = org.to_string();
+        let context = WrapContext {
+            org_id: &org_id,
+            key_version: version,
+        };
+        let plaintext = key.for_master_key_provider();
+        // A rotation under byok wraps the new version with the customer's key.
+        let master = self
+            .read
+            .scope(org.scope_id())
+            .await?
+            .and_then(|snapshot| snapshot.scope.master_key);
+        let (wrapped, master_fingerprint) = match master {
+            Some(master) => {
+                let provider = self.provider(&master).await.map_err(KeyError::Provider)?;
+                self.kms_calls.fetch_add(1, Ordering::Relaxed);
+                let wrapped = provider
+                    .wrap(&plaintext, context)
+                    .await
+                    .map_err(KeyError::Provider)?;
+                (wrapped, master.wrapping_id())
+            }
+            None => (
+                self.local
+                    .wrap(&plaintext, context)
+                    .await
+                    .map_err(KeyError::Provider)?,
+                self.master.fingerprint(),
+            ),
+        };
         let fingerprint = key.fingerprint();
         self.db
             .insert_key(&KeyRow {
@@ -307,7 +561,7 @@ impl KeyService {
                 fingerprint: fingerprint.clone(),
                 wrapped,
                 parent: None,
-                master_fingerprint: Some(self.master.fingerprint()),
+                master_fingerprint: Some(master_fingerprint),
             })
             .await?;
         Ok(fingerprint)

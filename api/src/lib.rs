@@ -10,7 +10,9 @@ pub mod context;
 mod data_plane;
 pub mod dto;
 pub mod error;
+pub mod health;
 pub mod keys;
+mod master_key;
 mod routes;
 pub mod state;
 

@@ -32,6 +32,10 @@ pub fn routes() -> Router<AppState> {
         .route("/v1/orgs", post(create_org))
         .route("/v1/orgs/{org}", get(get_org))
         .route("/v1/orgs/{org}/tier", put(change_tier))
+        .route(
+            "/v1/orgs/{org}/master-key",
+            put(crate::master_key::set).get(crate::master_key::show),
+        )
         .route("/v1/scopes", post(create_scope))
         .route("/v1/scopes/{id}", get(get_scope))
         .route("/v1/scopes/{id}/children", get(list_children))
@@ -86,14 +90,14 @@ fn path_text_ref(path: &Result<Path<String>, PathRejection>) -> Option<String> {
     path.as_ref().ok().map(|Path(text)| text.clone())
 }
 
-fn path_text(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
+pub(crate) fn path_text(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
     path.map(|Path(text)| text)
         .map_err(|_| ApiError::invalid("the path is not valid"))
 }
 
 /// The scope `id` if this caller may see it; otherwise the same 404 as for a scope that does
 /// not exist, so that ids of other organizations reveal nothing.
-async fn visible_scope(
+pub(crate) async fn visible_scope(
     state: &AppState,
     caller: &Caller,
     id: &str,
@@ -122,7 +126,7 @@ fn parse_field<T: std::str::FromStr<Err = ekm_domain::ValueError>>(
     }
 }
 
-fn reason(value: Option<&str>, required: bool) -> Result<Option<Reason>, ApiError> {
+pub(crate) fn reason(value: Option<&str>, required: bool) -> Result<Option<Reason>, ApiError> {
     match value {
         None if required => Err(ApiError::invalid(
             "reason: required; say why, it is kept in the audit log",
@@ -134,7 +138,7 @@ fn reason(value: Option<&str>, required: bool) -> Result<Option<Reason>, ApiErro
     }
 }
 
-fn etag(response: &mut Response, version: i64) {
+pub(crate) fn etag(response: &mut Response, version: i64) {
     if let Ok(value) = HeaderValue::from_str(&format!("\"{version}\"")) {
         response.headers_mut().insert(header::ETAG, value);
     }
@@ -301,7 +305,7 @@ async fn list_children(
 }
 
 /// `If-Match: "N"` (or `N`, or `W/"N"`); `*` or no header means any version.
-fn expected_version(headers: &HeaderMap) -> Result<Option<i64>, ApiError> {
+pub(crate) fn expected_version(headers: &HeaderMap) -> Result<Option<i64>, ApiError> {
     let Some(value) = headers.get(header::IF_MATCH) else {
         return Ok(None);
     };

@@ -75,6 +75,36 @@ fn summary(event: &ScopeEvent) -> String {
         ScopeEvent::ScopeKeyRotated { key_version, .. } => {
             format!("rotated the key to version {key_version}")
         }
+        ScopeEvent::OrganizationMasterKeyChanged {
+            to,
+            tier_to,
+            rewrapped,
+            ..
+        } => {
+            let versions = rewrapped.len();
+            match to {
+                Some(key) => format!(
+                    "connected the customer master key {} {} (tier {tier_to}; {versions} key version(s) re-wrapped)",
+                    key.provider, key.key_id
+                ),
+                None => format!(
+                    "switched back to the platform master key (tier {tier_to}; {versions} key version(s) re-wrapped)"
+                ),
+            }
+        }
+        ScopeEvent::OrganizationMasterKeyHealthChanged {
+            health,
+            reason,
+            detail,
+            ..
+        } => match reason {
+            Some(reason) => format!(
+                "master key {}: {} ({detail})",
+                health.as_str(),
+                reason.as_str()
+            ),
+            None => format!("master key {} ({detail})", health.as_str()),
+        },
     }
 }
 

@@ -39,11 +39,13 @@ struct Folded {
     version: i64,
     created_at: DateTime<Utc>,
     key_versions: Vec<(u32, DateTime<Utc>)>,
+    master_change: Option<StateChange>,
 }
 
 fn fold(events: &[StoredEvent], upto: i64) -> Result<Option<Folded>, ProjectionError> {
     let mut scope = Scope::default();
     let mut last_change = None;
+    let mut master_change = None;
     let mut version = 0;
     let mut created_at = DateTime::<Utc>::default();
     let mut key_versions = vec![];
@@ -73,12 +75,33 @@ fn fold(events: &[StoredEvent], upto: i64) -> Result<Option<Folded>, ProjectionE
                 reason: metadata.reason.map(|r| r.as_str().to_owned()),
             });
         }
+        if matches!(
+            event,
+            ScopeEvent::OrganizationMasterKeyHealthChanged { .. }
+                | ScopeEvent::OrganizationMasterKeyChanged { .. }
+        ) {
+            let metadata = EventMetadata::from_map(&stored.metadata);
+            let reason = match &event {
+                ScopeEvent::OrganizationMasterKeyHealthChanged { reason, .. } => {
+                    reason.map(|r| r.as_str().to_owned())
+                }
+                _ => None,
+            };
+            master_change = Some(StateChange {
+                event: stored.event_type.clone(),
+                position: stored.position,
+                at: stored.recorded_at,
+                actor: metadata.actor.to_string(),
+                reason,
+            });
+        }
         scope.apply(event);
         version = stored.sequence;
     }
     Ok(scope.state().cloned().map(|state| Folded {
         state,
         last_change,
+        master_change,
         version,
         created_at,
         key_versions,
@@ -112,18 +135,26 @@ pub async fn scope_as_of(
             }
         }
     }
+    let org = on_path.first().unwrap_or(&own);
     let effective = effective_state(
         on_path
             .iter()
             .map(|f| (f.state.id, f.state.own_state))
             .chain([(own.state.id, own.state.own_state)]),
-    );
+    )
+    .with_master_key(org.state.id, org.state.master_health);
     let cause = effective.cause().and_then(|by| {
         on_path
             .iter()
             .chain([&own])
             .find(|f| f.state.id == by)
-            .map(|f| (f.state.clone(), f.last_change.clone()))
+            .map(|f| {
+                let change = match effective {
+                    Effective::Unavailable { .. } => f.master_change.clone(),
+                    _ => f.last_change.clone(),
+                };
+                (f.state.clone(), change)
+            })
     });
     Ok(Some(PastScope {
         state: own.state,

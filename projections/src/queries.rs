@@ -2,7 +2,10 @@
 //! children. The cascade is resolved here, from the rows on the scope's path.
 
 use chrono::{DateTime, Utc};
-use ekm_domain::{effective_state, Effective, OrgId, OwnState, Plan, ScopeId, ScopeKind, Tier};
+use ekm_domain::{
+    effective_state, Effective, KeyHealth, MasterKeyRef, OrgId, OwnState, Plan, ScopeId, ScopeKind,
+    Tier,
+};
 use ekm_store::time::from_micros;
 use ekm_store::Db;
 use sqlx::Row;
@@ -38,6 +41,13 @@ pub struct ScopeRecord {
     pub created_at: DateTime<Utc>,
     pub updated_position: i64,
     pub state_change: Option<StateChange>,
+    /// Organizations only: the customer's master key (`None`: the platform's).
+    pub master_key: Option<MasterKeyRef>,
+    /// Organizations only: whether the customer's key can be used, as last recorded.
+    pub master_health: KeyHealth,
+    /// The event that last set `master_health`, its reason and what the provider said.
+    pub master_change: Option<StateChange>,
+    pub master_detail: Option<String>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -82,7 +92,8 @@ pub struct Page<T> {
 
 const SCOPE_COLUMNS: &str = "id, org_id, parent_id, kind, name, path, own_state, plan, tier, \
     key_version, version, created_at, updated_position, state_event, state_position, state_at, \
-    state_actor, state_reason";
+    state_actor, state_reason, master_key, master_health, master_reason, master_detail, \
+    master_position, master_at";
 
 fn malformed(id: &str, problem: impl Into<String>) -> ProjectionError {
     ProjectionError::MalformedRow {
@@ -118,6 +129,32 @@ macro_rules! decode_scope {
             }),
             None => None,
         };
+        let master_key: Option<String> = row.try_get("master_key")?;
+        let master_key: Option<MasterKeyRef> = master_key
+            .map(|text| serde_json::from_str(&text))
+            .transpose()
+            .map_err(|e| malformed(&id, e.to_string()))?;
+        let master_health = match row
+            .try_get::<Option<String>, _>("master_health")?
+            .as_deref()
+        {
+            Some("unavailable") => KeyHealth::Unavailable,
+            _ => KeyHealth::Available,
+        };
+        let master_change = match row.try_get::<Option<i64>, _>("master_position")? {
+            Some(position) => Some(StateChange {
+                event: if master_health == KeyHealth::Unavailable {
+                    "OrganizationMasterKeyHealthChanged".to_owned()
+                } else {
+                    "OrganizationMasterKeyChanged".to_owned()
+                },
+                position,
+                at: from_micros(row.try_get::<Option<i64>, _>("master_at")?.unwrap_or(0)),
+                actor: "system".to_owned(),
+                reason: row.try_get("master_reason")?,
+            }),
+            None => None,
+        };
         Ok::<_, ProjectionError>(ScopeRecord {
             id: parse_id(&id)?,
             org_id: OrgId::parse(&row.try_get::<String, _>("org_id")?)
@@ -144,6 +181,10 @@ macro_rules! decode_scope {
             created_at: from_micros(row.try_get("created_at")?),
             updated_position: row.try_get("updated_position")?,
             state_change,
+            master_key,
+            master_health,
+            master_change,
+            master_detail: row.try_get("master_detail")?,
         })
     }};
 }
@@ -216,6 +257,18 @@ impl ReadModels {
                     },
                 ))
             })
+            .collect()
+    }
+
+    /// Organizations with a customer master key, except revoked ones.
+    pub async fn customer_key_orgs(&self) -> Result<Vec<ScopeId>, ProjectionError> {
+        let sql = "SELECT id FROM scope_view WHERE parent_id IS NULL AND master_key IS NOT NULL \
+                   AND own_state <> 'revoked' ORDER BY id";
+        let ids: Vec<String> = ekm_store::with_read_pool!(&self.db, pool => {
+            sqlx::query_scalar(sql).fetch_all(pool).await?
+        });
+        ids.iter()
+            .map(|id| ScopeId::parse(id).map_err(|e| malformed(id, e.to_string())))
             .collect()
     }
 
@@ -372,11 +425,15 @@ impl ReadModels {
 fn cause_of(effective: &Effective, records: &[&ScopeRecord]) -> Option<Cause> {
     let by = effective.cause()?;
     let record = records.iter().find(|r| r.id == by)?;
+    let change = match effective {
+        Effective::Unavailable { .. } => record.master_change.clone(),
+        _ => record.state_change.clone(),
+    };
     Some(Cause {
         scope_id: record.id,
         kind: record.kind,
         name: record.name.clone(),
-        change: record.state_change.clone(),
+        change,
     })
 }
 
@@ -396,12 +453,22 @@ fn snapshot(
             "an ancestor is missing from the scope tree",
         ));
     }
+    let org = &on_path[0];
     let inherited = effective_state(
         on_path[..on_path.len() - 1]
             .iter()
             .map(|r| (r.id, r.own_state)),
     );
-    let effective = inherited.child(scope.id, scope.own_state);
+    // The master key's health is the organization's; an organization's own inherited state
+    // (it has no parent) stays active.
+    let effective = inherited
+        .child(scope.id, scope.own_state)
+        .with_master_key(org.id, org.master_health);
+    let inherited = if on_path.len() > 1 {
+        inherited.with_master_key(org.id, org.master_health)
+    } else {
+        inherited
+    };
     let refs: Vec<&ScopeRecord> = on_path.iter().collect();
     let cause = cause_of(&effective, &refs);
     let org_plan = on_path

@@ -101,6 +101,39 @@ fn key_version_row(stored: &StoredEvent, version: u32, fingerprint: Option<Strin
     }
 }
 
+const MASTER_KEY_COLUMNS: &[&str] = &[
+    "tier",
+    "master_key",
+    "master_health",
+    "master_reason",
+    "master_detail",
+    "master_position",
+    "master_at",
+    "version",
+    "updated_position",
+];
+
+const MASTER_HEALTH_COLUMNS: &[&str] = &[
+    "master_health",
+    "master_reason",
+    "master_detail",
+    "master_position",
+    "master_at",
+    "version",
+    "updated_position",
+];
+
+/// Applies the re-wrapped organization key versions staged for the master key an event
+/// switched to: their new wrapping replaces (and so destroys) the old one.
+const APPLY_REWRAPS: &str = "UPDATE key_material SET \
+    wrapped = (SELECT r.wrapped FROM master_key_rewraps r WHERE r.scope_id = key_material.scope_id \
+        AND r.version = key_material.version AND r.fingerprint = key_material.fingerprint AND r.target = $2), \
+    master_fingerprint = (SELECT r.wrapped_by FROM master_key_rewraps r WHERE r.scope_id = key_material.scope_id \
+        AND r.version = key_material.version AND r.fingerprint = key_material.fingerprint AND r.target = $2) \
+    WHERE scope_id = $1 AND parent_id IS NULL AND EXISTS (SELECT 1 FROM master_key_rewraps r \
+        WHERE r.scope_id = key_material.scope_id AND r.version = key_material.version \
+        AND r.fingerprint = key_material.fingerprint AND r.target = $2)";
+
 fn state_change(stored: &StoredEvent, state: OwnState) -> Statement {
     let metadata = EventMetadata::from_map(&stored.metadata);
     Statement::Update {
@@ -224,6 +257,53 @@ impl Projection for ScopeTree {
                     Param::Int(stored.position),
                 ],
             }],
+            ScopeEvent::OrganizationMasterKeyChanged { to, tier_to, .. } => {
+                let master = to
+                    .as_ref()
+                    .map(serde_json::to_string)
+                    .transpose()
+                    .map_err(|e| ProjectionError::MalformedRow {
+                        id: stored.aggregate_id.clone(),
+                        problem: e.to_string(),
+                    })?;
+                let health = to.as_ref().map(|_| "available".to_owned());
+                vec![Statement::Update {
+                    table: "scope_view",
+                    key_column: "id",
+                    key: Param::Text(stored.aggregate_id.clone()),
+                    columns: MASTER_KEY_COLUMNS,
+                    values: vec![
+                        Param::OptText(Some(tier_to.as_str().to_owned())),
+                        Param::OptText(master),
+                        Param::OptText(health),
+                        Param::OptText(None),
+                        Param::OptText(None),
+                        Param::OptInt(Some(stored.position)),
+                        Param::OptInt(Some(to_micros(stored.recorded_at))),
+                        Param::Int(stored.sequence),
+                        Param::Int(stored.position),
+                    ],
+                }]
+            }
+            ScopeEvent::OrganizationMasterKeyHealthChanged {
+                health,
+                reason,
+                detail,
+            } => vec![Statement::Update {
+                table: "scope_view",
+                key_column: "id",
+                key: Param::Text(stored.aggregate_id.clone()),
+                columns: MASTER_HEALTH_COLUMNS,
+                values: vec![
+                    Param::OptText(Some(health.as_str().to_owned())),
+                    Param::OptText(reason.map(|r| r.as_str().to_owned())),
+                    Param::OptText(Some(detail)),
+                    Param::OptInt(Some(stored.position)),
+                    Param::OptInt(Some(to_micros(stored.recorded_at))),
+                    Param::Int(stored.sequence),
+                    Param::Int(stored.position),
+                ],
+            }],
             ScopeEvent::ScopePaused {} => vec![state_change(stored, OwnState::Paused)],
             ScopeEvent::ScopeResumed {} => vec![state_change(stored, OwnState::Active)],
             ScopeEvent::ScopeRevoked {} => vec![state_change(stored, OwnState::Revoked)],
@@ -277,11 +357,34 @@ impl Projection for KeyShredder {
             return Ok(vec![]);
         }
         Ok(match stored.event_type.as_str() {
-            "ScopeRevoked" => vec![Statement::Delete {
-                table: "key_material",
-                key_column: "scope_id",
-                key: Param::Text(stored.aggregate_id.clone()),
-            }],
+            "ScopeRevoked" => vec![
+                Statement::Delete {
+                    table: "key_material",
+                    key_column: "scope_id",
+                    key: Param::Text(stored.aggregate_id.clone()),
+                },
+                Statement::Delete {
+                    table: "master_key_rewraps",
+                    key_column: "scope_id",
+                    key: Param::Text(stored.aggregate_id.clone()),
+                },
+            ],
+            "OrganizationMasterKeyChanged" => match stored.scope_event()? {
+                ScopeEvent::OrganizationMasterKeyChanged { to, .. } => vec![
+                    Statement::Raw {
+                        sql: APPLY_REWRAPS,
+                        params: vec![
+                            Param::Text(stored.aggregate_id.clone()),
+                            Param::Text(to.map_or_else(|| "local".to_owned(), |k| k.wrapping_id())),
+                        ],
+                    },
+                    Statement::Raw {
+                        sql: "DELETE FROM master_key_rewraps WHERE scope_id = $1",
+                        params: vec![Param::Text(stored.aggregate_id.clone())],
+                    },
+                ],
+                _ => vec![],
+            },
             "ScopeKeyVersionsRetired" => match stored.scope_event()? {
                 ScopeEvent::ScopeKeyVersionsRetired { below } => vec![Statement::Raw {
                     sql: "DELETE FROM key_material WHERE scope_id = $1 AND version < $2",

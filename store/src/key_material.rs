@@ -18,7 +18,17 @@ pub struct KeyRow {
     pub wrapped: Vec<u8>,
     /// The key version this one is wrapped under (none for organizations).
     pub parent: Option<(String, u32)>,
+    /// What wraps an organization key: the local master key's fingerprint, or the customer
+    /// key's `provider:key_id`.
     pub master_fingerprint: Option<String>,
+}
+
+/// The latest health check of an organization's customer key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyCheck {
+    pub checked_at: i64,
+    pub ok: bool,
+    pub detail: String,
 }
 
 impl std::fmt::Debug for KeyRow {
@@ -218,5 +228,90 @@ impl Db {
         } else {
             Ok(MasterKeyCheck::Unknown { known })
         }
+    }
+
+    /// Every wrapped version of an organization key (rows without a parent).
+    pub async fn org_keys(&self, org_id: &str) -> Result<Vec<KeyRow>, StoreError> {
+        let sql = "SELECT version, fingerprint, wrapped, master_fingerprint FROM key_material \
+                   WHERE scope_id = $1 AND parent_id IS NULL ORDER BY version";
+        let rows: Vec<(i64, String, String, Option<String>)> = with_read_pool!(self, pool => {
+            sqlx::query_as(sql).bind(org_id).fetch_all(pool).await?
+        });
+        Ok(rows
+            .into_iter()
+            .filter_map(|(version, fingerprint, wrapped, master_fingerprint)| {
+                Some(KeyRow {
+                    scope_id: org_id.to_owned(),
+                    version: u32::try_from(version).ok()?,
+                    fingerprint,
+                    wrapped: STANDARD.decode(wrapped).ok()?,
+                    parent: None,
+                    master_fingerprint,
+                })
+            })
+            .collect())
+    }
+
+    /// Stores an organization key version re-wrapped under another master key, to be
+    /// applied when the event that switches to `target` is projected.
+    pub async fn stage_rewrap(
+        &self,
+        row: &KeyRow,
+        target: &str,
+        wrapped_by: &str,
+        wrapped: &[u8],
+    ) -> Result<(), StoreError> {
+        let sql = "INSERT INTO master_key_rewraps (scope_id, version, fingerprint, target, \
+                   wrapped_by, wrapped, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7) \
+                   ON CONFLICT (scope_id, version, fingerprint, target) DO UPDATE \
+                   SET wrapped_by = excluded.wrapped_by, wrapped = excluded.wrapped, \
+                   created_at = excluded.created_at";
+        with_write_pool!(self, pool => {
+            sqlx::query(sql)
+                .bind(&row.scope_id)
+                .bind(i64::from(row.version))
+                .bind(&row.fingerprint)
+                .bind(target)
+                .bind(wrapped_by)
+                .bind(STANDARD.encode(wrapped))
+                .bind(now_micros())
+                .execute(pool)
+                .await?;
+        });
+        Ok(())
+    }
+
+    /// Records the health monitor's latest check of an organization's customer key.
+    pub async fn record_key_check(
+        &self,
+        org_id: &str,
+        ok: bool,
+        detail: &str,
+    ) -> Result<(), StoreError> {
+        let sql = "INSERT INTO master_key_checks (org_id, checked_at, ok, detail) \
+                   VALUES ($1, $2, $3, $4) ON CONFLICT (org_id) DO UPDATE \
+                   SET checked_at = excluded.checked_at, ok = excluded.ok, detail = excluded.detail";
+        with_write_pool!(self, pool => {
+            sqlx::query(sql)
+                .bind(org_id)
+                .bind(now_micros())
+                .bind(i64::from(ok))
+                .bind(detail)
+                .execute(pool)
+                .await?;
+        });
+        Ok(())
+    }
+
+    pub async fn key_check(&self, org_id: &str) -> Result<Option<KeyCheck>, StoreError> {
+        let sql = "SELECT checked_at, ok, detail FROM master_key_checks WHERE org_id = $1";
+        let row: Option<(i64, i64, String)> = with_read_pool!(self, pool => {
+            sqlx::query_as(sql).bind(org_id).fetch_optional(pool).await?
+        });
+        Ok(row.map(|(checked_at, ok, detail)| KeyCheck {
+            checked_at,
+            ok: ok != 0,
+            detail,
+        }))
     }
 }

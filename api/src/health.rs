@@ -1,0 +1,217 @@
+//! The master key health monitor: checks every customer master key each
+//! `--key-health-interval`, and at once when an unwrap through it fails.
+//!
+//! A check is the connect validation again: the key's state (DescribeKey or its equivalent),
+//! then a wrap/unwrap round trip of a probe bound to the organization, so a permission the
+//! customer removed shows even where the key still reads as enabled. The customer's
+//! decisions (disabled, scheduled for deletion, access removed, not found) make the
+//! organization `unavailable` at once; an outage (timeouts, throttling, 5xx, no answer),
+//! already retried with backoff by the provider layer, does so only once it has lasted the
+//! grace period. Changes are recorded as events with the system as actor; recovery is the
+//! same check succeeding again. Each check's outcome is stored (not as an event) for
+//! `GET /v1/orgs/{org}/master-key`.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use ekm_domain::{Actor, ActorKind, EventMetadata, KeyHealth, ScopeId, UnavailableReason};
+use tokio::sync::watch;
+
+use crate::app::{Action, App, AppError};
+
+/// The actor id of health events.
+pub const MONITOR_ACTOR: &str = "key-health-monitor";
+
+pub struct HealthMonitor {
+    app: App,
+    interval: Duration,
+    grace: Duration,
+    /// When each organization's current outage started.
+    outages: HashMap<ScopeId, Instant>,
+    /// When each organization was last checked because an unwrap failed.
+    prompted: HashMap<ScopeId, Instant>,
+}
+
+/// What one check found.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Verdict {
+    pub ok: bool,
+    /// The health to record, or `None` while an outage is within its grace period.
+    pub record: Option<(KeyHealth, Option<UnavailableReason>)>,
+    pub detail: String,
+}
+
+impl HealthMonitor {
+    pub fn new(app: App, interval: Duration) -> Self {
+        let grace = app.keys().kms_options().grace;
+        HealthMonitor {
+            app,
+            interval,
+            grace,
+            outages: HashMap::new(),
+            prompted: HashMap::new(),
+        }
+    }
+
+    /// Runs until `shutdown` turns true.
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let mut failures = self.app.keys().take_failures();
+        let mut ticker = tokio::time::interval(self.interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => self.check_all().await,
+                Some(org) = next_failure(&mut failures) => {
+                    // One prompted check per organization per second, however many
+                    // requests fail meanwhile.
+                    let recent = self
+                        .prompted
+                        .get(&org)
+                        .is_some_and(|at| at.elapsed() < Duration::from_secs(1));
+                    if !recent {
+                        self.prompted.insert(org, Instant::now());
+                        self.check_logged(org).await;
+                    }
+                }
+                changed = shutdown.changed() => {
+                    if changed.is_err() || *shutdown.borrow() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn check_all(&mut self) {
+        let orgs = match self.app.customer_key_orgs().await {
+            Ok(orgs) => orgs,
+            Err(error) => {
+                tracing::warn!(error = %ekm_projections::error_chain(&error), "key health: cannot list organizations");
+                return;
+            }
+        };
+        for org in orgs {
+            self.check_logged(org).await;
+        }
+    }
+
+    async fn check_logged(&mut self, org: ScopeId) {
+        if let Err(error) = self.check(org).await {
+            tracing::warn!(org = %org, error = %ekm_projections::error_chain(&error), "key health check failed");
+        }
+    }
+
+    /// Checks one organization's customer key and records a change of health.
+    pub async fn check(&mut self, org: ScopeId) -> Result<Option<Verdict>, AppError> {
+        let Some(snapshot) = self.app.scope(org).await? else {
+            return Ok(None);
+        };
+        let Some(master) = snapshot.scope.master_key.clone() else {
+            self.outages.remove(&org);
+            return Ok(None);
+        };
+        if snapshot.scope.own_state == ekm_domain::OwnState::Revoked {
+            return Ok(None);
+        }
+        let keys = self.app.keys();
+        let result = match keys.provider(&master).await {
+            Ok(provider) => ekm_kms::round_trip(provider.as_ref(), &org.to_string()).await,
+            Err(error) => Err(error),
+        };
+        let verdict = match result {
+            Ok(()) => {
+                self.outages.remove(&org);
+                Verdict {
+                    ok: true,
+                    record: Some((KeyHealth::Available, None)),
+                    detail: "state enabled; wrap/unwrap round trip succeeded".into(),
+                }
+            }
+            Err(error) => match error.kind.customer_reason() {
+                Some(reason) => {
+                    self.outages.remove(&org);
+                    Verdict {
+                        ok: false,
+                        record: Some((KeyHealth::Unavailable, Some(reason))),
+                        detail: error.to_string(),
+                    }
+                }
+                None => {
+                    let since = *self.outages.entry(org).or_insert_with(Instant::now);
+                    let past_grace = since.elapsed() >= self.grace;
+                    Verdict {
+                        ok: false,
+                        record: past_grace.then_some((
+                            KeyHealth::Unavailable,
+                            Some(UnavailableReason::Unreachable),
+                        )),
+                        detail: format!(
+                            "{error} (outage for {}s; grace period {}s)",
+                            since.elapsed().as_secs(),
+                            self.grace.as_secs()
+                        ),
+                    }
+                }
+            },
+        };
+        self.app
+            .db()
+            .record_key_check(&org.to_string(), verdict.ok, &verdict.detail)
+            .await?;
+        if let Some((health, reason)) = verdict.record {
+            let current_reason = snapshot
+                .scope
+                .master_change
+                .as_ref()
+                .and_then(|c| c.reason.clone());
+            let changed = health != snapshot.scope.master_health
+                || reason.map(|r| r.as_str().to_owned()) != current_reason;
+            if changed {
+                tracing::warn!(
+                    org = %org,
+                    health = health.as_str(),
+                    reason = reason.map(|r| r.as_str()),
+                    detail = %verdict.detail,
+                    "master key health changed"
+                );
+                self.app
+                    .act(
+                        org,
+                        Action::RecordMasterKeyHealth {
+                            health,
+                            reason,
+                            detail: verdict.detail.clone(),
+                        },
+                        &system_metadata(),
+                        None,
+                    )
+                    .await?;
+            }
+        }
+        Ok(Some(verdict))
+    }
+}
+
+async fn next_failure(
+    failures: &mut Option<tokio::sync::mpsc::UnboundedReceiver<ScopeId>>,
+) -> Option<ScopeId> {
+    match failures {
+        Some(receiver) => receiver.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Metadata of events the system records on its own.
+pub fn system_metadata() -> EventMetadata {
+    EventMetadata {
+        actor: Actor {
+            kind: ActorKind::System,
+            id: MONITOR_ACTOR.into(),
+        },
+        request_id: uuid::Uuid::now_v7().to_string(),
+        reason: None,
+        source_address: None,
+        recorded_at: ekm_store::time::rfc3339(chrono::Utc::now()),
+        location: None,
+    }
+}

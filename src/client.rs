@@ -1,0 +1,103 @@
+//! Commands that are clients of a running server's HTTP API (`ekm org …`). They print the
+//! server's answer; a refusal's problem document goes to standard error and the exit code
+//! is 1.
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use serde_json::{json, Value};
+
+use crate::cli::{ClientArgs, MasterKeyCommand, OrgCommand};
+
+pub async fn org(command: OrgCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        OrgCommand::MasterKey(MasterKeyCommand::Set(args)) => {
+            let mut body = json!({ "provider": args.provider });
+            for (name, value) in [
+                ("key_id", &args.key_id),
+                ("region", &args.region),
+                ("endpoint_url", &args.endpoint_url),
+                ("reason", &args.reason),
+            ] {
+                if let Some(value) = value {
+                    body[name] = json!(value);
+                }
+            }
+            let path = format!("/v1/orgs/{}/master-key", args.org);
+            call(&args.client, reqwest::Method::PUT, &path, Some(body)).await
+        }
+        OrgCommand::MasterKey(MasterKeyCommand::Show(args)) => {
+            let path = format!("/v1/orgs/{}/master-key", args.org);
+            call(&args.client, reqwest::Method::GET, &path, None).await
+        }
+    }
+}
+
+async fn call(
+    client: &ClientArgs,
+    method: reqwest::Method,
+    path: &str,
+    body: Option<Value>,
+) -> anyhow::Result<ExitCode> {
+    let url = format!("{}{path}", client.url.trim_end_matches('/'));
+    let mut request = reqwest::Client::new()
+        .request(method, &url)
+        .bearer_auth(&client.token);
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let response = request
+        .send()
+        .await
+        .with_context(|| format!("cannot reach {}", client.url))?;
+    let status = response.status();
+    let answer: Value = response
+        .json()
+        .await
+        .with_context(|| format!("{url} answered {status} without JSON"))?;
+    let text = serde_json::to_string_pretty(&answer)?;
+    if !status.is_success() {
+        let mut stderr = std::io::stderr().lock();
+        writeln!(stderr, "{text}")?;
+        return Ok(ExitCode::FAILURE);
+    }
+    let mut stdout = std::io::stdout().lock();
+    if client.json {
+        writeln!(stdout, "{text}")?;
+    } else {
+        writeln!(stdout, "{}", summary(&answer))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The master key answer in a few lines.
+fn summary(answer: &Value) -> String {
+    let field = |name: &str| match &answer[name] {
+        Value::Null => "-".to_owned(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    let mut lines = vec![
+        format!("organization  {}", field("org_id")),
+        format!("provider      {}", field("provider")),
+        format!("key           {}", field("key_id")),
+        format!("tier          {}", field("tier")),
+        format!("status        {}", field("status")),
+    ];
+    if !answer["reason"].is_null() {
+        lines.push(format!("reason        {}", field("reason")));
+    }
+    if let Some(check) = answer["last_check"].as_object() {
+        lines.push(format!(
+            "last check    {} ({})",
+            check.get("at").and_then(Value::as_str).unwrap_or("-"),
+            if check.get("ok").and_then(Value::as_bool) == Some(true) {
+                "ok"
+            } else {
+                "failed"
+            }
+        ));
+    }
+    lines.join("\n")
+}
