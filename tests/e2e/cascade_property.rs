@@ -170,7 +170,10 @@ async fn check(app: &App, ops: Vec<Op>) -> Result<(), TestCaseError> {
                             node.own = OwnState::Revoked;
                             true
                         }
-                        Action::ChangeTier(_) | Action::RetireKeyVersions(_) => {
+                        Action::ChangeTier(_)
+                        | Action::RetireKeyVersions(_)
+                        | Action::SetMasterKey { .. }
+                        | Action::RecordMasterKeyHealth { .. } => {
                             unreachable!("not generated")
                         }
                         Action::Rotate => {

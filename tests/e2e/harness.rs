@@ -269,16 +269,45 @@ pub struct TestApp {
     pub _test_db: Option<TestDb>,
 }
 
+/// How an in-process server is configured beyond its database.
+#[derive(Clone)]
+pub struct Options {
+    pub key_cache_ttl: std::time::Duration,
+    pub kms: ekm_api::keys::KmsOptions,
+    /// Runs the master key health monitor at this interval.
+    pub health_interval: Option<std::time::Duration>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            key_cache_ttl: std::time::Duration::from_secs(300),
+            kms: ekm_api::keys::KmsOptions::default(),
+            health_interval: None,
+        }
+    }
+}
+
 impl TestApp {
     pub async fn spawn(backend: Backend) -> TestApp {
         Self::spawn_on(TestDb::new(backend).await).await
+    }
+
+    pub async fn spawn_with(backend: Backend, options: Options) -> TestApp {
+        let test_db = TestDb::new(backend).await;
+        let config = test_db.config.clone();
+        let data_dir = test_db.data_dir().to_path_buf();
+        let url = test_db.url.clone();
+        let mut app = Self::instance(config, data_dir, url, options).await;
+        app._test_db = Some(test_db);
+        app
     }
 
     pub async fn spawn_on(test_db: TestDb) -> TestApp {
         let config = test_db.config.clone();
         let data_dir = test_db.data_dir().to_path_buf();
         let url = test_db.url.clone();
-        let mut app = Self::instance(config, data_dir, url).await;
+        let mut app = Self::instance(config, data_dir, url, Options::default()).await;
         app._test_db = Some(test_db);
         app
     }
@@ -286,10 +315,21 @@ impl TestApp {
     /// Another instance on the same database (PostgreSQL), with its own projector and key
     /// cache, sharing the data directory's master key file.
     pub async fn peer(&self) -> TestApp {
-        Self::instance(self.config.clone(), self.data_dir.clone(), self.url.clone()).await
+        Self::instance(
+            self.config.clone(),
+            self.data_dir.clone(),
+            self.url.clone(),
+            Options::default(),
+        )
+        .await
     }
 
-    async fn instance(config: DbConfig, data_dir: PathBuf, url: Option<String>) -> TestApp {
+    async fn instance(
+        config: DbConfig,
+        data_dir: PathBuf,
+        url: Option<String>,
+        options: Options,
+    ) -> TestApp {
         let db = Db::open(&config).await.expect("open database");
         Tokens::new(db.clone())
             .ensure_operator_token(&data_dir)
@@ -308,9 +348,18 @@ impl TestApp {
             ekm_api::keys::local_master_key(&db, &data_dir.join(ekm_keys::MASTER_KEY_FILE))
                 .await
                 .expect("master key");
-        let keys =
-            ekm_api::keys::KeyService::new(db.clone(), master, std::time::Duration::from_secs(300));
+        let keys = ekm_api::keys::KeyService::with_kms(
+            db.clone(),
+            master,
+            options.key_cache_ttl,
+            options.kms.clone(),
+        );
         let app = App::new(db.clone(), projector, keys);
+        if let Some(interval) = options.health_interval {
+            tokio::spawn(
+                ekm_api::health::HealthMonitor::new(app.clone(), interval).run(shutdown_rx.clone()),
+            );
+        }
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");

@@ -10,12 +10,14 @@ mod harness;
 
 mod audit;
 mod bad_input;
+mod byok;
 mod cascade_property;
 mod concurrency;
 mod data_plane;
 mod flows;
 mod global_order;
 mod history;
+mod kms_servers;
 mod migrations;
 mod process;
 mod rebuild;
