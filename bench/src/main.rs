@@ -20,6 +20,7 @@ use ekm_projections::{audit_entries, rebuild, AuditFilter, Projector, ProjectorC
 use ekm_store::{Db, DbConfig, ScopeStore};
 
 mod data_plane;
+mod kms;
 
 #[derive(Parser)]
 struct Cli {
@@ -42,6 +43,11 @@ enum Bench {
         #[arg(long, default_value_t = 10)]
         seconds: u64,
     },
+    /// Cold unwrap latency through AWS KMS (a moto_server it starts) against a bare call.
+    Kms {
+        #[arg(long, default_value_t = 300)]
+        unwraps: usize,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -51,6 +57,7 @@ fn main() -> anyhow::Result<()> {
         match cli.command {
             Bench::Projections { events } => projections(events).await,
             Bench::DataPlane { seconds } => data_plane::run(seconds).await,
+            Bench::Kms { unwraps } => kms::run(unwraps).await,
         }
     })
 }
