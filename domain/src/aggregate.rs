@@ -248,6 +248,7 @@ impl Scope {
                     return Ok(vec![]);
                 }
                 let live = state.live_versions();
+                let rewrapped = rewrapped.unwrap_or_else(|| live.clone());
                 if rewrapped != live {
                     return Err(ScopeError::StaleRewrap {
                         prepared: rewrapped,
@@ -885,7 +886,7 @@ mod tests {
         ScopeCommand::SetMasterKey {
             master: Some(customer_key()),
             tier: Tier::Byok,
-            rewrapped,
+            rewrapped: Some(rewrapped),
             lineage: enterprise(),
         }
     }
@@ -948,7 +949,7 @@ mod tests {
             .when(ScopeCommand::SetMasterKey {
                 master: Some(customer_key()),
                 tier: Tier::Managed,
-                rewrapped: vec![KeyVersion::FIRST],
+                rewrapped: Some(vec![KeyVersion::FIRST]),
                 lineage: enterprise(),
             })
             .then_expect_error(ScopeError::ByokTierMismatch);
@@ -961,7 +962,7 @@ mod tests {
             .when(ScopeCommand::SetMasterKey {
                 master: Some(customer_key()),
                 tier: Tier::Byok,
-                rewrapped: vec![KeyVersion::FIRST],
+                rewrapped: Some(vec![KeyVersion::FIRST]),
                 lineage: Lineage {
                     plan: Plan::Standard,
                     inherited: Effective::Active,
@@ -977,7 +978,7 @@ mod tests {
             .when(ScopeCommand::SetMasterKey {
                 master: None,
                 tier: Tier::Managed,
-                rewrapped: vec![KeyVersion::FIRST],
+                rewrapped: Some(vec![KeyVersion::FIRST]),
                 lineage: enterprise(),
             })
             .then_expect_events(vec![ScopeEvent::OrganizationMasterKeyChanged {

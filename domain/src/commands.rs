@@ -63,11 +63,12 @@ pub enum ScopeCommand {
     /// tier `byok`), or the platform's again (`master: None`, tier `managed` or `default`).
     /// The caller validated the customer's key with a round trip and re-wrapped every live
     /// key version (`rewrapped`) before sending this; the command is refused if that set is
-    /// not exactly the organization's live versions.
+    /// not exactly the organization's live versions. `None`: not prepared yet (the rules
+    /// are checked; the caller prepares, then sends it again).
     SetMasterKey {
         master: Option<MasterKeyRef>,
         tier: Tier,
-        rewrapped: Vec<KeyVersion>,
+        rewrapped: Option<Vec<KeyVersion>>,
         lineage: Lineage,
     },
     /// Record what the health monitor found about the customer's master key. Sent by the
