@@ -22,6 +22,15 @@ struct Server {
 }
 
 fn serve(data_dir: &Path, database_url: Option<&str>) -> Server {
+    serve_configured(data_dir, database_url, &[], &[])
+}
+
+fn serve_configured(
+    data_dir: &Path,
+    database_url: Option<&str>,
+    args: &[&str],
+    envs: &[(&str, &str)],
+) -> Server {
     let port = free_port();
     let mut command = Command::new(EKM);
     command
@@ -32,6 +41,8 @@ fn serve(data_dir: &Path, database_url: Option<&str>) -> Server {
             "--listen",
             &format!("127.0.0.1:{port}"),
         ])
+        .args(args)
+        .envs(envs.iter().copied())
         .arg("--data-dir")
         .arg(data_dir)
         .env_remove("EKM_DATABASE_URL")
@@ -433,4 +444,87 @@ fn read_models_survive_kill_9_mid_workload() {
         "{}",
         String::from_utf8_lossy(&verify.stdout)
     );
+}
+
+/// `ekm org master-key set|show` as a client of a real `ekm serve`, which finds AWS
+/// credentials through the default chain (here: the standard environment variables) and
+/// reaches a moto_server.
+#[test]
+fn cli_connects_an_aws_master_key_and_shows_it() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let moto = runtime.block_on(crate::kms_servers::Moto::start());
+    let arn = runtime.block_on(moto.create_key());
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve_configured(
+        dir.path(),
+        None,
+        &["--key-health-interval", "1s"],
+        &[
+            ("AWS_ACCESS_KEY_ID", "testing"),
+            ("AWS_SECRET_ACCESS_KEY", "testing"),
+            ("AWS_EC2_METADATA_DISABLED", "true"),
+        ],
+    );
+    let operator = read_token(dir.path());
+    let (status, org) = call(
+        "POST",
+        &format!("{}/v1/orgs", server.base),
+        &operator,
+        Some(json!({"name": "Acme", "plan": "enterprise", "tier": "managed"})),
+    );
+    assert_eq!(status, 201, "{org}");
+    let org_id = org["id"].as_str().unwrap().to_owned();
+    let admin = org["admin_token"].as_str().unwrap().to_owned();
+    let client = |args: &[&str]| {
+        Command::new(EKM)
+            .args(["org", "master-key"])
+            .args(args)
+            .env("EKM_URL", &server.base)
+            .env("EKM_TOKEN", &admin)
+            .output()
+            .unwrap()
+    };
+
+    let set = client(&[
+        "set",
+        &org_id,
+        "--provider",
+        "aws-kms",
+        "--key-id",
+        &arn,
+        "--endpoint-url",
+        &moto.url,
+        "--reason",
+        "BYOK go-live",
+    ]);
+    let stdout = String::from_utf8_lossy(&set.stdout);
+    assert!(
+        set.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&set.stderr)
+    );
+    assert!(
+        stdout.contains("aws-kms") && stdout.contains("byok"),
+        "{stdout}"
+    );
+
+    let show = client(&["show", &org_id, "--json"]);
+    assert!(show.status.success());
+    let shown: Value = serde_json::from_slice(&show.stdout).unwrap();
+    assert_eq!(shown["key_id"], arn.as_str());
+    assert_eq!(shown["status"], "available");
+
+    // A refusal: the problem goes to standard error and the exit code is 1.
+    let refused = client(&[
+        "set",
+        &org_id,
+        "--provider",
+        "aws-kms",
+        "--key-id",
+        "not an arn",
+    ]);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("invalid_request"));
+    // The token never appears in the server's log.
+    assert!(!server.log_text().contains(&admin));
 }
