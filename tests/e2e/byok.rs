@@ -189,18 +189,8 @@ async fn aws_key_connects_and_its_health_is_followed(backend: Backend) {
 
     // The customer disables the key.
     moto.disable(&arn).await;
-    let took = wait_for_state(
-        &app,
-        &token,
-        &thread,
-        "unavailable",
-        2 * HEALTH_INTERVAL + Duration::from_millis(900),
-    )
-    .await;
-    assert!(
-        took <= 2 * HEALTH_INTERVAL + Duration::from_millis(900),
-        "{took:?}"
-    );
+    // Within two health intervals, as issue 5 asks (the wait fails past them).
+    wait_for_state(&app, &token, &thread, "unavailable", 2 * HEALTH_INTERVAL).await;
     let scope = app.get(&format!("/v1/scopes/{thread}"), &token).await;
     assert_eq!(scope.body["cause"]["scope_id"], org);
     assert_eq!(
