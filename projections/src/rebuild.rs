@@ -79,6 +79,12 @@ pub async fn rebuild(
         batch_size: 2_000,
         ..ProjectorConfig::default()
     };
+    // PostgreSQL builds aside, where nothing cancels a batch half-way and an interrupted
+    // rebuild's tables are thrown away: COPY is safe there (`ProjectorConfig::bulk_copy`).
+    let aside_config = ProjectorConfig {
+        bulk_copy: true,
+        ..config
+    };
     let position = match db {
         Db::Sqlite(_) => {
             reset_in_place(db).await?;
@@ -86,7 +92,7 @@ pub async fn rebuild(
             projector.init().await?;
             projector.catch_up_reporting(progress).await?
         }
-        Db::Postgres(live) => rebuild_aside(live, config, progress).await?,
+        Db::Postgres(live) => rebuild_aside(live, aside_config, progress).await?,
     };
     Ok(RebuildReport {
         projections,
@@ -94,6 +100,38 @@ pub async fn rebuild(
         position,
         seconds: started.elapsed().as_secs_f64(),
     })
+}
+
+/// Catches every projector up at once; reports the slowest one's progress. Returns the
+/// position each reached (events may commit meanwhile, so they can differ).
+async fn catch_up_all(
+    projectors: &[Projector],
+    progress: &mut (dyn FnMut(i64, i64) + Send),
+) -> Result<Vec<i64>, ProjectionError> {
+    let reached: Vec<std::sync::atomic::AtomicI64> = projectors
+        .iter()
+        .map(|_| std::sync::atomic::AtomicI64::new(0))
+        .collect();
+    let progress = std::sync::Mutex::new(progress);
+    let runs = projectors.iter().enumerate().map(|(i, projector)| {
+        let reached = &reached;
+        let progress = &progress;
+        async move {
+            let mut report = |applied: i64, head: i64| {
+                reached[i].store(applied, std::sync::atomic::Ordering::Relaxed);
+                let slowest = reached
+                    .iter()
+                    .map(|r| r.load(std::sync::atomic::Ordering::Relaxed))
+                    .min()
+                    .unwrap_or(applied);
+                if let Ok(mut progress) = progress.lock() {
+                    (*progress)(slowest, head);
+                }
+            };
+            projector.catch_up_reporting(&mut report).await
+        }
+    });
+    futures_util::future::try_join_all(runs).await
 }
 
 async fn reset_in_place(db: &Db) -> Result<(), ProjectionError> {
@@ -203,15 +241,26 @@ async fn rebuild_aside_locked(
         .max_connections(4)
         .connect_with(options)
         .await?;
-    let aside = Projector::new(
-        Db::Postgres(PostgresDb {
-            pool: aside_pool.clone(),
-        }),
-        rebuildable(),
-        config,
+    // One projector per read model, running concurrently: they are independent (their own
+    // checkpoints and state), so PostgreSQL writes them on separate backends while this
+    // process decodes.
+    let aside_db = Db::Postgres(PostgresDb {
+        pool: aside_pool.clone(),
+    });
+    let asides: Vec<Projector> = rebuildable()
+        .into_iter()
+        .map(|projection| Projector::new(aside_db.clone(), vec![projection], config))
+        .collect();
+    for aside in &asides {
+        aside.init().await?;
+    }
+    let phase = Instant::now();
+    catch_up_all(&asides, progress).await?;
+    tracing::info!(
+        seconds = phase.elapsed().as_secs_f64(),
+        "rebuild: read models replayed aside"
     );
-    aside.init().await?;
-    aside.catch_up_reporting(progress).await?;
+    let phase = Instant::now();
 
     for table in &read_models {
         let indexes: Vec<String> = sqlx::query_scalar(
@@ -234,6 +283,11 @@ async fn rebuild_aside_locked(
             .await?;
     }
 
+    tracing::info!(
+        seconds = phase.elapsed().as_secs_f64(),
+        "rebuild: indexes built, tables logged"
+    );
+    let phase = Instant::now();
     // Swap: hold the live checkpoints (the live runner waits), finish the aside catch-up,
     // move the live tables out and the rebuilt ones in, move the checkpoints, commit. Readers
     // wait for the commit (the tables are locked) and then see the new rows: never a mix.
@@ -249,7 +303,7 @@ async fn rebuild_aside_locked(
         .execute(&mut *tx)
         .await?;
     }
-    let position = aside.catch_up_reporting(progress).await?;
+    let positions = catch_up_all(&asides, progress).await?;
     for table in &read_models {
         sqlx::query(&format!("ALTER TABLE public.{table} SET SCHEMA {RETIRED}"))
             .execute(&mut *tx)
@@ -258,7 +312,7 @@ async fn rebuild_aside_locked(
             .execute(&mut *tx)
             .await?;
     }
-    for projection in rebuildable() {
+    for (projection, position) in rebuildable().into_iter().zip(&positions) {
         sqlx::query("DELETE FROM public.projection_state WHERE projection = $1")
             .bind(projection.name())
             .execute(&mut *tx)
@@ -273,17 +327,21 @@ async fn rebuild_aside_locked(
             "UPDATE public.projection_checkpoints SET position = $2, updated_at = $3 WHERE name = $1",
         )
         .bind(projection.name())
-        .bind(position)
+        .bind(*position)
         .bind(now_micros())
         .execute(&mut *tx)
         .await?;
     }
     tx.commit().await?;
+    tracing::info!(
+        seconds = phase.elapsed().as_secs_f64(),
+        "rebuild: swapped in"
+    );
     aside_pool.close().await;
     for schema in [ASIDE, RETIRED] {
         sqlx::query(&format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))
             .execute(pool)
             .await?;
     }
-    Ok(position)
+    Ok(positions.into_iter().min().unwrap_or(0))
 }

@@ -29,6 +29,9 @@ pub enum Dialect {
     /// One array parameter per column through `UNNEST`: the SQL text does not depend on the
     /// number of rows, so PostgreSQL parses and plans each statement once per connection.
     Postgres,
+    /// As `Postgres`, with inserts loaded by `COPY … FROM STDIN` (see
+    /// `ProjectorConfig::bulk_copy` for when that is safe).
+    PostgresCopy,
 }
 
 impl Param {
@@ -141,10 +144,53 @@ type Rows = Vec<Vec<Param>>;
 /// Rows per merged statement: well under both backends' parameter limits.
 const ROWS_PER_STATEMENT: usize = 500;
 
-/// A statement ready to run: SQL with `$n` placeholders and its parameters.
+/// A statement ready to run: SQL with `$n` placeholders and its parameters, or (PostgreSQL
+/// inserts) a `COPY … FROM STDIN` with its rows in COPY's text format.
 pub struct Prepared {
     pub sql: String,
     pub params: Vec<Param>,
+    pub copy: Option<Vec<u8>>,
+}
+
+/// Appends one value in COPY's text format: `\N` for NULL; backslash, tab, newline and
+/// carriage return escaped.
+fn copy_value(out: &mut Vec<u8>, value: Param) {
+    let text = match value {
+        Param::Int(v) => Some(v.to_string()),
+        Param::OptInt(v) => v.map(|v| v.to_string()),
+        Param::Text(v) => Some(v),
+        Param::OptText(v) => v,
+        Param::TextArray(_) | Param::IntArray(_) => None,
+    };
+    match text {
+        None => out.extend_from_slice(b"\\N"),
+        Some(text) => {
+            for byte in text.bytes() {
+                match byte {
+                    b'\\' => out.extend_from_slice(b"\\\\"),
+                    b'\t' => out.extend_from_slice(b"\\t"),
+                    b'\n' => out.extend_from_slice(b"\\n"),
+                    b'\r' => out.extend_from_slice(b"\\r"),
+                    other => out.push(other),
+                }
+            }
+        }
+    }
+}
+
+/// Rows in COPY's text format.
+fn copy_rows(rows: Vec<Vec<Param>>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(rows.len() * 256);
+    for row in rows {
+        for (i, value) in row.into_iter().enumerate() {
+            if i > 0 {
+                out.push(b'\t');
+            }
+            copy_value(&mut out, value);
+        }
+        out.push(b'\n');
+    }
+    out
 }
 
 fn values_list(rows: usize, width: usize) -> String {
@@ -184,6 +230,7 @@ pub fn merge(statements: Vec<Statement>, dialect: Dialect) -> Vec<Prepared> {
             Statement::Raw { sql, params } => raw.push(Prepared {
                 sql: sql.to_owned(),
                 params,
+                copy: None,
             }),
             Statement::Delete {
                 table,
@@ -219,8 +266,18 @@ pub fn merge(statements: Vec<Statement>, dialect: Dialect) -> Vec<Prepared> {
         }
     }
     let mut prepared = vec![];
-    if dialect == Dialect::Postgres {
+    if dialect != Dialect::Sqlite {
         for ((table, columns), rows) in inserts {
+            if dialect == Dialect::PostgresCopy {
+                // Inserts only ever create rows (the merging contract), so COPY can load
+                // them: the cheapest way into PostgreSQL, with no per-row parse.
+                prepared.push(Prepared {
+                    sql: format!("COPY {table} ({}) FROM STDIN", columns.join(", ")),
+                    params: vec![],
+                    copy: Some(copy_rows(rows)),
+                });
+                continue;
+            }
             let (params, casts) = columns_as_arrays(rows, columns.len());
             prepared.push(Prepared {
                 sql: format!(
@@ -229,6 +286,7 @@ pub fn merge(statements: Vec<Statement>, dialect: Dialect) -> Vec<Prepared> {
                     unnest(&casts)
                 ),
                 params,
+                copy: None,
             });
         }
         for ((table, key_column, columns), rows) in update_shapes(updates) {
@@ -247,6 +305,7 @@ pub fn merge(statements: Vec<Statement>, dialect: Dialect) -> Vec<Prepared> {
                     aliases.join(", ")
                 ),
                 params,
+                copy: None,
             });
         }
         for ((table, key_column), keys) in deletes {
@@ -258,6 +317,7 @@ pub fn merge(statements: Vec<Statement>, dialect: Dialect) -> Vec<Prepared> {
                     casts.first().copied().unwrap_or("text[]")
                 ),
                 params,
+                copy: None,
             });
         }
         prepared.extend(raw);
@@ -272,6 +332,7 @@ pub fn merge(statements: Vec<Statement>, dialect: Dialect) -> Vec<Prepared> {
                     values_list(chunk.len(), columns.len())
                 ),
                 params: chunk.iter().flatten().cloned().collect(),
+                copy: None,
             });
         }
     }
@@ -290,6 +351,7 @@ pub fn merge(statements: Vec<Statement>, dialect: Dialect) -> Vec<Prepared> {
                     values_list(chunk.len(), columns.len() + 1)
                 ),
                 params: chunk.iter().flatten().cloned().collect(),
+                copy: None,
             });
         }
     }
@@ -304,6 +366,7 @@ pub fn merge(statements: Vec<Statement>, dialect: Dialect) -> Vec<Prepared> {
                         .join(", ")
                 ),
                 params: chunk.to_vec(),
+                copy: None,
             });
         }
     }
@@ -352,6 +415,13 @@ macro_rules! execute_prepared_sqlite {
 macro_rules! execute_prepared_postgres {
     ($conn:expr, $prepared:expr) => {
         for statement in $prepared {
+            if let Some(rows) = statement.copy {
+                let mut copy =
+                    sqlx::postgres::PgConnection::copy_in_raw(&mut *$conn, &statement.sql).await?;
+                copy.send(rows).await?;
+                copy.finish().await?;
+                continue;
+            }
             let mut query = sqlx::query(&statement.sql);
             for param in statement.params {
                 query = match param {
@@ -441,6 +511,7 @@ mod tests {
                 Param::IntArray(vec![Some(1), Some(1)]),
             ]
         );
+        assert!(merged[1].copy.is_none());
         assert_eq!(
             merged[1].sql,
             "UPDATE t SET a = u.c2, b = u.c3 FROM UNNEST($1::text[], $2::int8[], $3::int8[]) AS u(c1, c2, c3) WHERE t.id = u.c1"
@@ -453,5 +524,38 @@ mod tests {
                 Param::IntArray(vec![Some(3), Some(6)]),
             ]
         );
+    }
+
+    #[test]
+    fn copy_rows_escape_what_copy_text_format_reserves() {
+        let rows = vec![
+            vec![
+                Param::Text("a\tb\nc\\d\re".into()),
+                Param::OptText(None),
+                Param::Int(-7),
+                Param::OptInt(None),
+            ],
+            vec![
+                Param::Text(r#"{"k":"v\"x"}"#.into()),
+                Param::OptText(Some("\\N".into())),
+                Param::OptInt(Some(3)),
+                Param::Text(String::new()),
+            ],
+        ];
+        assert_eq!(
+            String::from_utf8(copy_rows(rows)).unwrap(),
+            "a\\tb\\nc\\\\d\\re\t\\N\t-7\t\\N\n{\"k\":\"v\\\\\"x\"}\t\\\\N\t3\t\n"
+        );
+    }
+
+    #[test]
+    fn bulk_postgres_inserts_become_copy() {
+        let prepared = merge(batch(), Dialect::PostgresCopy);
+        let copy = prepared
+            .iter()
+            .find(|p| p.copy.is_some())
+            .expect("a COPY for the inserts");
+        assert_eq!(copy.sql, "COPY t (id, a) FROM STDIN");
+        assert_eq!(copy.copy.as_deref(), Some(&b"x\t1\ny\t1\n"[..]));
     }
 }
