@@ -49,10 +49,105 @@ pub enum Command {
     /// Organizations, through the HTTP API of a running server.
     #[command(subcommand)]
     Org(OrgCommand),
+    /// An organization's bearer tokens (org admins), through the HTTP API.
+    #[command(subcommand)]
+    Token(TokenCommand),
+    /// Permissions granted to an organization's principals (org admins), through the API.
+    #[command(subcommand)]
+    Grant(GrantCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Issue a token to a principal; the token is printed once.
+    Create(TokenCreateArgs),
+    /// List the organization's tokens (never their secrets).
+    List(OrgArgs),
+    /// Revoke a token: it stops working at once.
+    Revoke(TokenRevokeArgs),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum GrantCommand {
+    /// Grant a permission (encryption:manage, encryption:view, audit:read, data:use).
+    Add(GrantArgs),
+    /// Remove a grant.
+    Remove(GrantArgs),
+    /// List the organization's grants.
+    List(OrgArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct OrgArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// The organization's id.
+    pub org: String,
+}
+
+#[derive(Debug, Args)]
+pub struct TokenCreateArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// The organization's id.
+    pub org: String,
+    /// Who the token is for (letters, digits, . - _ @).
+    #[arg(long)]
+    pub principal: String,
+    /// user or service.
+    #[arg(long, default_value = "service")]
+    pub kind: String,
+    /// member, it_admin or org_admin.
+    #[arg(long, default_value = "member")]
+    pub role: String,
+    /// When it stops working (RFC 3339).
+    #[arg(long)]
+    pub expires_at: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct TokenRevokeArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// The organization's id.
+    pub org: String,
+    /// The token's id (tok_…), not its secret.
+    pub id: String,
+}
+
+#[derive(Debug, Args)]
+pub struct GrantArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// The organization's id.
+    pub org: String,
+    #[arg(long)]
+    pub principal: String,
+    #[arg(long)]
+    pub permission: String,
+    /// Limit to this scope's subtree.
+    #[arg(long)]
+    pub scope: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct OrgCreateArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    #[arg(long)]
+    pub name: String,
+    /// standard or enterprise.
+    #[arg(long, default_value = "standard")]
+    pub plan: String,
+    /// default or managed.
+    #[arg(long, default_value = "default")]
+    pub tier: String,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum OrgCommand {
+    /// Create an organization (operator token); prints its first org_admin token once.
+    Create(OrgCreateArgs),
     /// The organization's master key: the platform's, or the customer's own (BYOK).
     #[command(subcommand, name = "master-key")]
     MasterKey(MasterKeyCommand),

@@ -8,10 +8,21 @@ use std::process::ExitCode;
 use anyhow::Context;
 use serde_json::{json, Value};
 
-use crate::cli::{ClientArgs, MasterKeyCommand, OrgCommand};
+use crate::cli::{ClientArgs, GrantCommand, MasterKeyCommand, OrgCommand, TokenCommand};
 
 pub async fn org(command: OrgCommand) -> anyhow::Result<ExitCode> {
     match command {
+        OrgCommand::Create(args) => {
+            let body = json!({"name": args.name, "plan": args.plan, "tier": args.tier});
+            call(
+                &args.client,
+                reqwest::Method::POST,
+                "/v1/orgs",
+                Some(body),
+                Shape::Raw,
+            )
+            .await
+        }
         OrgCommand::MasterKey(MasterKeyCommand::Set(args)) => {
             let mut body = json!({ "provider": args.provider });
             for (name, value) in [
@@ -25,13 +36,111 @@ pub async fn org(command: OrgCommand) -> anyhow::Result<ExitCode> {
                 }
             }
             let path = format!("/v1/orgs/{}/master-key", args.org);
-            call(&args.client, reqwest::Method::PUT, &path, Some(body)).await
+            call(
+                &args.client,
+                reqwest::Method::PUT,
+                &path,
+                Some(body),
+                Shape::MasterKey,
+            )
+            .await
         }
         OrgCommand::MasterKey(MasterKeyCommand::Show(args)) => {
             let path = format!("/v1/orgs/{}/master-key", args.org);
-            call(&args.client, reqwest::Method::GET, &path, None).await
+            call(
+                &args.client,
+                reqwest::Method::GET,
+                &path,
+                None,
+                Shape::MasterKey,
+            )
+            .await
         }
     }
+}
+
+pub async fn token(command: TokenCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        TokenCommand::Create(args) => {
+            let mut body =
+                json!({"principal": args.principal, "kind": args.kind, "role": args.role});
+            if let Some(at) = args.expires_at {
+                body["expires_at"] = json!(at);
+            }
+            let path = format!("/v1/orgs/{}/tokens", args.org);
+            call(
+                &args.client,
+                reqwest::Method::POST,
+                &path,
+                Some(body),
+                Shape::Raw,
+            )
+            .await
+        }
+        TokenCommand::List(args) => {
+            let path = format!("/v1/orgs/{}/tokens", args.org);
+            call(&args.client, reqwest::Method::GET, &path, None, Shape::Raw).await
+        }
+        TokenCommand::Revoke(args) => {
+            let path = format!("/v1/orgs/{}/tokens/{}", args.org, args.id);
+            call(
+                &args.client,
+                reqwest::Method::DELETE,
+                &path,
+                None,
+                Shape::Raw,
+            )
+            .await
+        }
+    }
+}
+
+pub async fn grant(command: GrantCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        GrantCommand::Add(args) => {
+            let mut body = json!({"principal": args.principal, "permission": args.permission});
+            if let Some(scope) = args.scope {
+                body["scope_id"] = json!(scope);
+            }
+            let path = format!("/v1/orgs/{}/grants", args.org);
+            call(
+                &args.client,
+                reqwest::Method::POST,
+                &path,
+                Some(body),
+                Shape::Raw,
+            )
+            .await
+        }
+        GrantCommand::Remove(args) => {
+            let mut path = format!(
+                "/v1/orgs/{}/grants/{}/{}",
+                args.org, args.principal, args.permission
+            );
+            if let Some(scope) = args.scope {
+                path.push_str(&format!("?scope_id={scope}"));
+            }
+            call(
+                &args.client,
+                reqwest::Method::DELETE,
+                &path,
+                None,
+                Shape::Raw,
+            )
+            .await
+        }
+        GrantCommand::List(args) => {
+            let path = format!("/v1/orgs/{}/grants", args.org);
+            call(&args.client, reqwest::Method::GET, &path, None, Shape::Raw).await
+        }
+    }
+}
+
+/// How an answer is printed without `--json`.
+enum Shape {
+    /// The JSON itself (pretty), fit for scripts and people alike.
+    Raw,
+    MasterKey,
 }
 
 async fn call(
@@ -39,6 +148,7 @@ async fn call(
     method: reqwest::Method,
     path: &str,
     body: Option<Value>,
+    shape: Shape,
 ) -> anyhow::Result<ExitCode> {
     let url = format!("{}{path}", client.url.trim_end_matches('/'));
     let mut request = reqwest::Client::new()
@@ -63,10 +173,9 @@ async fn call(
         return Ok(ExitCode::FAILURE);
     }
     let mut stdout = std::io::stdout().lock();
-    if client.json {
-        writeln!(stdout, "{text}")?;
-    } else {
-        writeln!(stdout, "{}", summary(&answer))?;
+    match shape {
+        Shape::MasterKey if !client.json => writeln!(stdout, "{}", summary(&answer))?,
+        _ => writeln!(stdout, "{text}")?,
     }
     Ok(ExitCode::SUCCESS)
 }

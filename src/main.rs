@@ -34,6 +34,8 @@ fn main() -> ExitCode {
             Command::Projections(command) => jobs::projections(command).await,
             Command::Audit(command) => jobs::audit(command).await,
             Command::Org(command) => client::org(command).await,
+            Command::Token(command) => client::token(command).await,
+            Command::Grant(command) => client::grant(command).await,
         }
     });
     match result {

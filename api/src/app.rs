@@ -7,8 +7,9 @@ use std::time::Duration;
 
 use cqrs_es::{AggregateContext, AggregateError};
 use ekm_domain::{
-    EventMetadata, KeyHealth, KeyVersion, Lineage, Location, MasterKeyRef, OrgId, ParentContext,
-    Plan, ScopeCommand, ScopeError, ScopeId, ScopeKind, ScopeName, Tier, UnavailableReason,
+    EventMetadata, Grant, KeyHealth, KeyVersion, Lineage, Location, MasterKeyRef, OrgId, OrgRole,
+    ParentContext, Plan, PrincipalKind, PrincipalName, ScopeCommand, ScopeError, ScopeId,
+    ScopeKind, ScopeName, Tier, UnavailableReason,
 };
 use ekm_projections::{
     AsOf, AuditEntry, AuditFilter, BlastRadius, ChainReport, Page, PastScope, ProjectionError,
@@ -65,6 +66,16 @@ pub enum Action {
         reason: Option<UnavailableReason>,
         detail: String,
     },
+    IssueToken {
+        token_id: String,
+        principal: PrincipalName,
+        kind: PrincipalKind,
+        role: OrgRole,
+        expires_at: Option<String>,
+    },
+    RevokeToken(String),
+    Grant(Grant),
+    Ungrant(Grant),
 }
 
 /// What to do to a scope: a command known in full, or an action whose command needs the
@@ -160,6 +171,14 @@ impl App {
         Ok(found)
     }
 
+    /// Forgets cached principals: after a token is revoked or a grant removed here, the
+    /// next request authenticates afresh (other instances within `TOKEN_CACHE_TTL`).
+    pub fn forget_principals(&self) {
+        if let Ok(mut cache) = self.inner.token_cache.lock() {
+            cache.clear();
+        }
+    }
+
     pub fn projector(&self) -> &Arc<Projector> {
         &self.inner.projector
     }
@@ -199,7 +218,7 @@ impl App {
         let token = self
             .inner
             .tokens
-            .create(Role::OrgAdmin, Some(id), "initial org admin")
+            .create(Role::ORG_ADMIN, Some(id), "admin")
             .await?;
         let command = ScopeCommand::CreateOrganization {
             id,
@@ -477,6 +496,22 @@ impl App {
                 reason,
                 detail,
             },
+            Action::IssueToken {
+                token_id,
+                principal,
+                kind,
+                role,
+                expires_at,
+            } => ScopeCommand::IssueToken {
+                token_id,
+                principal,
+                kind,
+                role,
+                expires_at,
+            },
+            Action::RevokeToken(token_id) => ScopeCommand::RevokeToken { token_id },
+            Action::Grant(grant) => ScopeCommand::GrantPermission { grant },
+            Action::Ungrant(grant) => ScopeCommand::RevokePermission { grant },
             Action::RetireKeyVersions(below) => ScopeCommand::RetireKeyVersions { below, lineage },
             Action::Rotate => ScopeCommand::RotateKey {
                 lineage,

@@ -179,18 +179,17 @@ fn audited_org(caller: &Caller, org: Option<&String>) -> Result<OrgId, ApiError>
     let own = caller
         .org()
         .ok_or_else(|| ApiError::forbidden("this token belongs to no organization"))?;
-    match org {
-        None => Ok(own),
-        Some(text) => {
-            let wanted = OrgId::parse(text).map_err(|e| ApiError::invalid(format!("org: {e}")))?;
-            if wanted != own {
-                return Err(ApiError::not_found(
-                    "no organization with this id is visible to this token",
-                ));
-            }
-            Ok(own)
+    if let Some(text) = org {
+        let wanted = OrgId::parse(text).map_err(|e| ApiError::invalid(format!("org: {e}")))?;
+        if wanted != own {
+            return Err(ApiError::not_found(
+                "no organization with this id is visible to this token",
+            ));
         }
     }
+    // The audit log is read organization-wide: a grant limited to a subtree does not do.
+    caller.require(ekm_domain::Permission::AuditRead, &[own.scope_id()])?;
+    Ok(own)
 }
 
 fn check_keys(query: &HashMap<String, String>, allowed: &[&str]) -> Result<(), ApiError> {

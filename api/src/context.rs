@@ -9,7 +9,7 @@ use axum::http::{header, HeaderMap, HeaderValue, Request};
 use axum::middleware::Next;
 use axum::response::Response;
 use chrono::Utc;
-use ekm_domain::{Actor, ActorKind, EventMetadata, OrgId, Reason};
+use ekm_domain::{Actor, ActorKind, EventMetadata, OrgId, Permission, Reason, ScopeId};
 use ekm_store::{Principal, Role};
 
 use crate::error::ApiError;
@@ -56,15 +56,16 @@ pub struct Caller {
 
 impl Caller {
     pub fn metadata(&self, reason: Option<Reason>) -> EventMetadata {
-        let kind = match self.principal.role {
-            Role::Operator => ActorKind::Operator,
-            Role::OrgAdmin => ActorKind::User,
+        // The principal behind the token is the actor (the operator has only its token).
+        let (kind, id) = match self.principal.role {
+            Role::Operator => (ActorKind::Operator, self.principal.token_id.clone()),
+            Role::Org(_) if self.principal.kind == "service" => {
+                (ActorKind::Service, self.principal.principal.clone())
+            }
+            Role::Org(_) => (ActorKind::User, self.principal.principal.clone()),
         };
         EventMetadata {
-            actor: Actor {
-                kind,
-                id: self.principal.token_id.clone(),
-            },
+            actor: Actor { kind, id },
             request_id: self.request_id.clone(),
             reason,
             source_address: self.source_address.clone(),
@@ -80,6 +81,43 @@ impl Caller {
 
     pub fn is_operator(&self) -> bool {
         self.principal.role == Role::Operator
+    }
+
+    /// Whether the caller holds `permission` on the scope whose path (root first) is
+    /// `path`: through its role, or a grant on the whole organization or on an ancestor of
+    /// (or the scope itself). The caller's organization was checked before.
+    pub fn holds(&self, permission: Permission, path: &[ScopeId]) -> bool {
+        let by_role = match self.principal.role {
+            Role::Operator => false,
+            Role::Org(role) => role.holds(permission),
+        };
+        by_role
+            || self.principal.grants.iter().any(|grant| {
+                grant.permission.implies(permission)
+                    && grant.scope.is_none_or(|scope| path.contains(&scope))
+            })
+    }
+
+    /// `holds`, as a refusal: 403 `forbidden` naming what is missing.
+    pub fn require(&self, permission: Permission, path: &[ScopeId]) -> Result<(), ApiError> {
+        if self.holds(permission, path) {
+            Ok(())
+        } else {
+            Err(ApiError::forbidden(format!(
+                "this token's principal does not hold {permission} here; an org admin can grant it"
+            )))
+        }
+    }
+
+    /// Org admins only (tokens and grants).
+    pub fn require_org_admin(&self) -> Result<(), ApiError> {
+        if self.principal.role == Role::ORG_ADMIN {
+            Ok(())
+        } else {
+            Err(ApiError::forbidden(
+                "only an org_admin manages tokens and grants",
+            ))
+        }
     }
 }
 

@@ -7,10 +7,9 @@
 use std::sync::Arc;
 
 use axum::extract::rejection::PathRejection;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{Path, State};
 use axum::http::StatusCode;
-use axum::routing::post;
-use axum::{Json, Router};
+use axum::Json;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
 use ekm_domain::{DataClass, Effective, ScopeId};
@@ -22,6 +21,7 @@ use zeroize::Zeroizing;
 
 use crate::context::Caller;
 use crate::dto::JsonBody;
+use crate::endpoints::{Endpoints, Verb};
 use crate::error::{ApiError, Code};
 use crate::keys::ScopeKeys;
 use crate::state::AppState;
@@ -30,13 +30,13 @@ use crate::state::AppState;
 pub const MAX_PLAINTEXT_BYTES: usize = 1024 * 1024;
 const MAX_DATA_BODY_BYTES: usize = 2 * 1024 * 1024;
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/v1/scopes/{id}/encrypt", post(encrypt))
-        .route("/v1/scopes/{id}/decrypt", post(decrypt))
-        .route("/v1/scopes/{id}/datakey", post(datakey))
-        .route("/v1/scopes/{id}/rewrap", post(rewrap))
-        .layer(DefaultBodyLimit::max(MAX_DATA_BODY_BYTES))
+pub(crate) fn register(endpoints: &mut Endpoints) {
+    use Verb::Post;
+    let limit = Some(MAX_DATA_BODY_BYTES);
+    endpoints.add_limited(Post, "/v1/scopes/{id}/encrypt", encrypt, limit);
+    endpoints.add_limited(Post, "/v1/scopes/{id}/decrypt", decrypt, limit);
+    endpoints.add_limited(Post, "/v1/scopes/{id}/datakey", datakey, limit);
+    endpoints.add_limited(Post, "/v1/scopes/{id}/rewrap", rewrap, limit);
 }
 
 // No Debug on these: they carry plaintext and ciphertext.
@@ -80,11 +80,11 @@ async fn active_scope(
     let not_found = || ApiError::not_found("no scope with this id is visible to this token");
     let keys = state.app.keys();
     if let Some(entry) = keys.cached(id) {
-        return if Some(entry.org_id) == caller.org() {
-            Ok(entry)
-        } else {
-            Err(not_found())
-        };
+        if Some(entry.org_id) != caller.org() {
+            return Err(not_found());
+        }
+        caller.require(ekm_domain::Permission::DataUse, &entry.path)?;
+        return Ok(entry);
     }
     // The position seen before reading: the entry is valid at least as of it.
     let position = state.app.projector().applied();
@@ -92,6 +92,7 @@ async fn active_scope(
     if Some(snapshot.scope.org_id) != caller.org() {
         return Err(not_found());
     }
+    caller.require(ekm_domain::Permission::DataUse, &snapshot.scope.path)?;
     match snapshot.effective {
         Effective::Active => {}
         Effective::Paused { by } => {

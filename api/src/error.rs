@@ -165,7 +165,9 @@ impl From<ScopeError> for ApiError {
         let conflict = StatusCode::CONFLICT;
         match error {
             ScopeError::AlreadyExists(_) => ApiError::new(conflict, Code::Conflict, detail),
-            ScopeError::NotFound => ApiError::not_found(detail),
+            ScopeError::NotFound | ScopeError::TokenNotFound | ScopeError::GrantNotFound => {
+                ApiError::not_found(detail)
+            }
             ScopeError::InvalidParent { .. }
             | ScopeError::NotAnOrganization
             | ScopeError::CannotRetireCurrent { .. }

@@ -4,11 +4,13 @@
 //! Architecture invariant: only this crate knows JSON shapes and HTTP. Requests become
 //! domain commands by hand in `routes`/`dto`; read models become responses the same way.
 
+pub mod access;
 pub mod app;
 pub mod audit;
 pub mod context;
 mod data_plane;
 pub mod dto;
+pub mod endpoints;
 pub mod error;
 pub mod health;
 pub mod keys;
@@ -31,8 +33,8 @@ pub use state::AppState;
 
 /// The whole API, ready to serve.
 pub fn router(state: AppState) -> Router {
-    routes::routes()
-        .merge(data_plane::routes())
+    endpoints::all()
+        .into_router()
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(dto::MAX_BODY_BYTES))

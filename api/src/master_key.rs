@@ -39,8 +39,9 @@ async fn organization(
     state: &AppState,
     caller: &Caller,
     path: Result<Path<String>, PathRejection>,
+    permission: ekm_domain::Permission,
 ) -> Result<ScopeSnapshot, ApiError> {
-    let org = visible_scope(state, caller, &path_text(path)?).await?;
+    let org = visible_scope(state, caller, &path_text(path)?, permission).await?;
     if org.scope.kind != ScopeKind::Organization {
         return Err(ApiError::not_found(
             "no organization with this id is visible to this token",
@@ -82,7 +83,13 @@ pub async fn set(
         ),
     };
     let reason = reason(body.reason.as_deref(), false)?;
-    let org = organization(&state, &caller, path).await?;
+    let org = organization(
+        &state,
+        &caller,
+        path,
+        ekm_domain::Permission::EncryptionManage,
+    )
+    .await?;
     let expected = expected_version(&headers)?;
     if let Some(master) = &master {
         // Plan and lifecycle rules are the aggregate's; checking the plan here first spares
@@ -126,7 +133,13 @@ pub async fn show(
     caller: Caller,
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
-    let org = organization(&state, &caller, path).await?;
+    let org = organization(
+        &state,
+        &caller,
+        path,
+        ekm_domain::Permission::EncryptionView,
+    )
+    .await?;
     let body = describe(&state, &org).await?;
     let mut response = Json(body).into_response();
     etag(&mut response, org.scope.version);

@@ -6,11 +6,10 @@ use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
-use axum::{Json, Router};
+use axum::Json;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
-use ekm_domain::{Plan, Reason, ScopeId, ScopeKind, ScopeName, Tier};
+use ekm_domain::{Permission, Plan, Reason, ScopeId, ScopeKind, ScopeName, Tier};
 use ekm_projections::{AsOf, ScopeSnapshot};
 use ekm_store::time::rfc3339;
 use serde_json::json;
@@ -22,32 +21,47 @@ use crate::dto::{
     OptionalJsonBody, OrgJson, PastScopeJson, ReasonRequest, RetireRequest, RevokeRequest,
     ScopeJson, TierRequest,
 };
+use crate::endpoints::{Endpoints, Verb};
 use crate::error::{ApiError, Code};
 use crate::state::AppState;
 
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/v1/orgs", post(create_org))
-        .route("/v1/orgs/{org}", get(get_org))
-        .route("/v1/orgs/{org}/tier", put(change_tier))
-        .route(
-            "/v1/orgs/{org}/master-key",
-            put(crate::master_key::set).get(crate::master_key::show),
-        )
-        .route("/v1/scopes", post(create_scope))
-        .route("/v1/scopes/{id}", get(get_scope))
-        .route("/v1/scopes/{id}/children", get(list_children))
-        .route("/v1/scopes/{id}/pause", post(pause))
-        .route("/v1/scopes/{id}/resume", post(resume))
-        .route("/v1/scopes/{id}/revoke", post(revoke))
-        .route("/v1/scopes/{id}/rotate", post(rotate))
-        .route("/v1/scopes/{id}/retire", post(retire))
-        .route("/v1/scopes/{id}/state", get(state_as_of))
-        .route("/v1/audit", get(crate::audit::list))
-        .route("/v1/audit/export", get(crate::audit::export))
-        .route("/v1/audit/verify", get(crate::audit::verify))
+/// Every endpoint: method, path and handler. The router is built from this list and the
+/// access-control matrix test reads it, so an endpoint cannot be added without a row there.
+pub(crate) fn register(endpoints: &mut Endpoints) {
+    use Verb::{Delete, Get, Post, Put};
+    endpoints.add(Get, "/healthz", healthz);
+    endpoints.add(Get, "/readyz", readyz);
+    endpoints.add(Post, "/v1/orgs", create_org);
+    endpoints.add(Get, "/v1/orgs/{org}", get_org);
+    endpoints.add(Put, "/v1/orgs/{org}/tier", change_tier);
+    endpoints.add(Put, "/v1/orgs/{org}/master-key", crate::master_key::set);
+    endpoints.add(Get, "/v1/orgs/{org}/master-key", crate::master_key::show);
+    endpoints.add(Post, "/v1/orgs/{org}/tokens", crate::access::create_token);
+    endpoints.add(Get, "/v1/orgs/{org}/tokens", crate::access::list_tokens);
+    endpoints.add(
+        Delete,
+        "/v1/orgs/{org}/tokens/{id}",
+        crate::access::revoke_token,
+    );
+    endpoints.add(Post, "/v1/orgs/{org}/grants", crate::access::add_grant);
+    endpoints.add(Get, "/v1/orgs/{org}/grants", crate::access::list_grants);
+    endpoints.add(
+        Delete,
+        "/v1/orgs/{org}/grants/{principal}/{permission}",
+        crate::access::remove_grant,
+    );
+    endpoints.add(Post, "/v1/scopes", create_scope);
+    endpoints.add(Get, "/v1/scopes/{id}", get_scope);
+    endpoints.add(Get, "/v1/scopes/{id}/children", list_children);
+    endpoints.add(Post, "/v1/scopes/{id}/pause", pause);
+    endpoints.add(Post, "/v1/scopes/{id}/resume", resume);
+    endpoints.add(Post, "/v1/scopes/{id}/revoke", revoke);
+    endpoints.add(Post, "/v1/scopes/{id}/rotate", rotate);
+    endpoints.add(Post, "/v1/scopes/{id}/retire", retire);
+    endpoints.add(Get, "/v1/scopes/{id}/state", state_as_of);
+    endpoints.add(Get, "/v1/audit", crate::audit::list);
+    endpoints.add(Get, "/v1/audit/export", crate::audit::export);
+    endpoints.add(Get, "/v1/audit/verify", crate::audit::verify);
 }
 
 const SCOPE_NOT_FOUND: &str = "no scope with this id is visible to this token";
@@ -97,10 +111,13 @@ pub(crate) fn path_text(path: Result<Path<String>, PathRejection>) -> Result<Str
 
 /// The scope `id` if this caller may see it; otherwise the same 404 as for a scope that does
 /// not exist, so that ids of other organizations reveal nothing.
+/// The scope `id` if it is in the caller's organization (else 404, as if it did not exist)
+/// and the caller holds `permission` on it (else 403).
 pub(crate) async fn visible_scope(
     state: &AppState,
     caller: &Caller,
     id: &str,
+    permission: Permission,
 ) -> Result<ScopeSnapshot, ApiError> {
     if caller.is_operator() {
         return Err(ApiError::forbidden(
@@ -109,7 +126,10 @@ pub(crate) async fn visible_scope(
     }
     let id = parse_scope_id(id)?;
     match state.app.scope(id).await? {
-        Some(snapshot) if Some(snapshot.scope.org_id) == caller.org() => Ok(snapshot),
+        Some(snapshot) if Some(snapshot.scope.org_id) == caller.org() => {
+            caller.require(permission, &snapshot.scope.path)?;
+            Ok(snapshot)
+        }
         _ => Err(ApiError::not_found(SCOPE_NOT_FOUND)),
     }
 }
@@ -185,6 +205,9 @@ async fn get_org(
     if !visible || snapshot.scope.kind != ScopeKind::Organization {
         return Err(not_found());
     }
+    if !caller.is_operator() {
+        caller.require(Permission::EncryptionView, &snapshot.scope.path)?;
+    }
     let mut response = Json(OrgJson::from(&snapshot)).into_response();
     etag(&mut response, snapshot.scope.version);
     Ok(response)
@@ -205,14 +228,19 @@ async fn create_scope(
         ));
     }
     let name = ScopeName::parse(&body.name).map_err(|e| ApiError::invalid(e.to_string()))?;
-    let parent = visible_scope(&state, &caller, &body.parent_id)
-        .await
-        .map_err(|e| match e.code() {
-            Code::NotFound => {
-                ApiError::not_found("parent_id: no scope with this id is visible to this token")
-            }
-            _ => e,
-        })?;
+    let parent = visible_scope(
+        &state,
+        &caller,
+        &body.parent_id,
+        Permission::EncryptionManage,
+    )
+    .await
+    .map_err(|e| match e.code() {
+        Code::NotFound => {
+            ApiError::not_found("parent_id: no scope with this id is visible to this token")
+        }
+        _ => e,
+    })?;
     let outcome = state
         .app
         .create_scope(&parent, kind, name, &caller.metadata(None))
@@ -230,7 +258,13 @@ async fn get_scope(
     caller: Caller,
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
-    let snapshot = visible_scope(&state, &caller, &path_text(path)?).await?;
+    let snapshot = visible_scope(
+        &state,
+        &caller,
+        &path_text(path)?,
+        Permission::EncryptionView,
+    )
+    .await?;
     let mut response = Json(ScopeJson::from(&snapshot)).into_response();
     etag(&mut response, snapshot.scope.version);
     Ok(response)
@@ -294,7 +328,13 @@ async fn list_children(
             unknown.chars().take(64).collect::<String>()
         )));
     }
-    let parent = visible_scope(&state, &caller, &path_text(path)?).await?;
+    let parent = visible_scope(
+        &state,
+        &caller,
+        &path_text(path)?,
+        Permission::EncryptionView,
+    )
+    .await?;
     let after = query.get("cursor").map(|c| decode_cursor(c)).transpose()?;
     let limit = page_limit(query.get("limit"))?;
     let page = state.app.children(&parent, after, limit).await?;
@@ -327,7 +367,13 @@ async fn lifecycle(
     action: Action,
     reason: Option<Reason>,
 ) -> Result<Response, ApiError> {
-    let scope = visible_scope(&state, &caller, &path_text(path)?).await?;
+    let scope = visible_scope(
+        &state,
+        &caller,
+        &path_text(path)?,
+        Permission::EncryptionManage,
+    )
+    .await?;
     let expected = expected_version(headers)?;
     let outcome: Outcome = state
         .app
@@ -368,7 +414,13 @@ async fn dry_run(
     path: Result<Path<String>, PathRejection>,
     action: Action,
 ) -> Result<Response, ApiError> {
-    let scope = visible_scope(&state, &caller, &path_text(path)?).await?;
+    let scope = visible_scope(
+        &state,
+        &caller,
+        &path_text(path)?,
+        Permission::EncryptionManage,
+    )
+    .await?;
     let name = match action {
         Action::Revoke { .. } => "revoke",
         _ => "pause",
@@ -488,7 +540,13 @@ async fn state_as_of(
     };
     // Visibility is decided on the scope as it is now: a scope of another organization is
     // not found, whatever the instant asked for.
-    let current = visible_scope(&state, &caller, &path_text(path)?).await?;
+    let current = visible_scope(
+        &state,
+        &caller,
+        &path_text(path)?,
+        Permission::EncryptionView,
+    )
+    .await?;
     let past = state
         .app
         .scope_as_of(current.scope.id, as_of)
@@ -515,7 +573,13 @@ async fn change_tier(
         .parse()
         .map_err(|e: ekm_domain::ValueError| ApiError::invalid(e.to_string()))?;
     let reason = reason(body.reason.as_deref(), false)?;
-    let org = visible_scope(&state, &caller, &path_text(path)?).await?;
+    let org = visible_scope(
+        &state,
+        &caller,
+        &path_text(path)?,
+        Permission::EncryptionManage,
+    )
+    .await?;
     if org.scope.kind != ScopeKind::Organization {
         return Err(ApiError::not_found(
             "no organization with this id is visible to this token",

@@ -4,6 +4,7 @@ use cqrs_es::event_sink::EventSink;
 use cqrs_es::Aggregate;
 use serde::{Deserialize, Serialize};
 
+use crate::access::Grant;
 use crate::cascade::Effective;
 use crate::commands::{Lineage, ScopeCommand};
 use crate::errors::ScopeError;
@@ -42,6 +43,11 @@ pub struct ScopeState {
     pub master_health: KeyHealth,
     #[serde(default)]
     pub master_unavailable: Option<UnavailableReason>,
+    /// Organizations only: live grants and the ids of live tokens.
+    #[serde(default)]
+    pub grants: Vec<Grant>,
+    #[serde(default)]
+    pub tokens: Vec<String>,
 }
 
 fn available() -> KeyHealth {
@@ -69,6 +75,18 @@ impl Scope {
 
     fn existing(&self) -> Result<&ScopeState, ScopeError> {
         self.state.as_ref().ok_or(ScopeError::NotFound)
+    }
+
+    /// An existing organization that is not revoked: where tokens and grants live.
+    fn organization(&self) -> Result<&ScopeState, ScopeError> {
+        let state = self.existing()?;
+        if state.tier.is_none() {
+            return Err(ScopeError::NotAnOrganization);
+        }
+        if state.own_state == OwnState::Revoked {
+            return Err(ScopeError::Revoked);
+        }
+        Ok(state)
     }
 
     /// The checks every lifecycle command shares: the scope exists, neither it nor an
@@ -263,6 +281,52 @@ impl Scope {
                     rewrapped,
                 }])
             }
+            ScopeCommand::IssueToken {
+                token_id,
+                principal,
+                kind,
+                role,
+                expires_at,
+            } => {
+                self.organization()?;
+                Ok(vec![ScopeEvent::TokenIssued {
+                    token_id,
+                    principal,
+                    kind,
+                    role,
+                    expires_at,
+                }])
+            }
+            ScopeCommand::RevokeToken { token_id } => {
+                let state = self.organization()?;
+                if !state.tokens.contains(&token_id) {
+                    return Err(ScopeError::TokenNotFound);
+                }
+                Ok(vec![ScopeEvent::TokenRevoked { token_id }])
+            }
+            ScopeCommand::GrantPermission { grant } => {
+                let state = self.organization()?;
+                Ok(if state.grants.contains(&grant) {
+                    vec![]
+                } else {
+                    vec![ScopeEvent::PermissionGranted {
+                        principal: grant.principal,
+                        permission: grant.permission,
+                        scope_id: grant.scope,
+                    }]
+                })
+            }
+            ScopeCommand::RevokePermission { grant } => {
+                let state = self.organization()?;
+                if !state.grants.contains(&grant) {
+                    return Err(ScopeError::GrantNotFound);
+                }
+                Ok(vec![ScopeEvent::PermissionRevoked {
+                    principal: grant.principal,
+                    permission: grant.permission,
+                    scope_id: grant.scope,
+                }])
+            }
             ScopeCommand::RecordMasterKeyHealth {
                 health,
                 reason,
@@ -342,6 +406,8 @@ impl Aggregate for Scope {
                     master: None,
                     master_health: KeyHealth::Available,
                     master_unavailable: None,
+                    grants: vec![],
+                    tokens: vec![],
                 });
             }
             ScopeEvent::ScopeCreated {
@@ -369,6 +435,8 @@ impl Aggregate for Scope {
                     master: None,
                     master_health: KeyHealth::Available,
                     master_unavailable: None,
+                    grants: vec![],
+                    tokens: vec![],
                 });
             }
             ScopeEvent::ScopePaused {} => self.set_own_state(OwnState::Paused),
@@ -402,6 +470,43 @@ impl Aggregate for Scope {
                 if let Some(state) = self.state.as_mut() {
                     state.master_health = health;
                     state.master_unavailable = reason;
+                }
+            }
+            ScopeEvent::TokenIssued { token_id, .. } => {
+                if let Some(state) = self.state.as_mut() {
+                    state.tokens.push(token_id);
+                }
+            }
+            ScopeEvent::TokenRevoked { token_id } => {
+                if let Some(state) = self.state.as_mut() {
+                    state.tokens.retain(|t| *t != token_id);
+                }
+            }
+            ScopeEvent::PermissionGranted {
+                principal,
+                permission,
+                scope_id,
+            } => {
+                if let Some(state) = self.state.as_mut() {
+                    state.grants.push(Grant {
+                        principal,
+                        permission,
+                        scope: scope_id,
+                    });
+                }
+            }
+            ScopeEvent::PermissionRevoked {
+                principal,
+                permission,
+                scope_id,
+            } => {
+                if let Some(state) = self.state.as_mut() {
+                    let revoked = Grant {
+                        principal,
+                        permission,
+                        scope: scope_id,
+                    };
+                    state.grants.retain(|g| *g != revoked);
                 }
             }
         }
@@ -1037,5 +1142,101 @@ mod tests {
             .given(vec![org_created(Tier::Managed)])
             .when(unavailable(UnavailableReason::Disabled))
             .then_expect_error(ScopeError::NoCustomerMasterKey);
+    }
+
+    fn data_use(scope: Option<ScopeId>) -> crate::access::Grant {
+        crate::access::Grant {
+            principal: crate::access::PrincipalName::parse("svc-chat")
+                .unwrap_or_else(|_| unreachable!()),
+            permission: crate::access::Permission::DataUse,
+            scope,
+        }
+    }
+
+    fn granted(scope: Option<ScopeId>) -> ScopeEvent {
+        let grant = data_use(scope);
+        ScopeEvent::PermissionGranted {
+            principal: grant.principal,
+            permission: grant.permission,
+            scope_id: grant.scope,
+        }
+    }
+
+    #[test]
+    fn grant_permission_records_a_grant_once() {
+        ScopeTest::with(())
+            .given(vec![org_created(Tier::Managed)])
+            .when(ScopeCommand::GrantPermission {
+                grant: data_use(Some(team_id())),
+            })
+            .then_expect_events(vec![granted(Some(team_id()))]);
+        ScopeTest::with(())
+            .given(vec![org_created(Tier::Managed), granted(Some(team_id()))])
+            .when(ScopeCommand::GrantPermission {
+                grant: data_use(Some(team_id())),
+            })
+            .then_expect_events(vec![]);
+    }
+
+    #[test]
+    fn revoke_permission_refused_when_the_grant_does_not_exist() {
+        // The same permission on another subtree is another grant.
+        ScopeTest::with(())
+            .given(vec![org_created(Tier::Managed), granted(Some(team_id()))])
+            .when(ScopeCommand::RevokePermission {
+                grant: data_use(None),
+            })
+            .then_expect_error(ScopeError::GrantNotFound);
+        ScopeTest::with(())
+            .given(vec![org_created(Tier::Managed), granted(None)])
+            .when(ScopeCommand::RevokePermission {
+                grant: data_use(None),
+            })
+            .then_expect_events(vec![ScopeEvent::PermissionRevoked {
+                principal: data_use(None).principal,
+                permission: crate::access::Permission::DataUse,
+                scope_id: None,
+            }]);
+    }
+
+    #[test]
+    fn revoke_token_refused_when_the_token_is_unknown_or_already_revoked() {
+        let issued = ScopeEvent::TokenIssued {
+            token_id: "tok_1".into(),
+            principal: data_use(None).principal,
+            kind: crate::access::PrincipalKind::Service,
+            role: crate::access::OrgRole::Member,
+            expires_at: None,
+        };
+        ScopeTest::with(())
+            .given(vec![org_created(Tier::Managed), issued.clone()])
+            .when(ScopeCommand::RevokeToken {
+                token_id: "tok_1".into(),
+            })
+            .then_expect_events(vec![ScopeEvent::TokenRevoked {
+                token_id: "tok_1".into(),
+            }]);
+        ScopeTest::with(())
+            .given(vec![
+                org_created(Tier::Managed),
+                issued,
+                ScopeEvent::TokenRevoked {
+                    token_id: "tok_1".into(),
+                },
+            ])
+            .when(ScopeCommand::RevokeToken {
+                token_id: "tok_1".into(),
+            })
+            .then_expect_error(ScopeError::TokenNotFound);
+    }
+
+    #[test]
+    fn grants_refused_on_a_scope_that_is_not_an_organization() {
+        ScopeTest::with(())
+            .given(vec![team_created()])
+            .when(ScopeCommand::GrantPermission {
+                grant: data_use(None),
+            })
+            .then_expect_error(ScopeError::NotAnOrganization);
     }
 }

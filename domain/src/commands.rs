@@ -2,6 +2,7 @@
 //! (the parent's effective state, the organization's plan), looked up by the caller first,
 //! so the aggregate stays deterministic.
 
+use crate::access::{Grant, OrgRole, PrincipalKind, PrincipalName};
 use crate::cascade::Effective;
 use crate::ids::{KeyVersion, OrgId, ScopeId};
 use crate::master_key::{KeyHealth, MasterKeyRef, UnavailableReason};
@@ -77,6 +78,25 @@ pub enum ScopeCommand {
         health: KeyHealth,
         reason: Option<UnavailableReason>,
         detail: String,
+    },
+    /// Record a token issued to a principal (the caller stores its hash).
+    IssueToken {
+        token_id: String,
+        principal: PrincipalName,
+        kind: PrincipalKind,
+        role: OrgRole,
+        expires_at: Option<String>,
+    },
+    RevokeToken {
+        token_id: String,
+    },
+    /// Grant a permission; `scope` (checked by the caller to be in this organization)
+    /// limits it to a subtree.
+    GrantPermission {
+        grant: Grant,
+    },
+    RevokePermission {
+        grant: Grant,
     },
 }
 

@@ -50,6 +50,10 @@ pub enum ScopeError {
         prepared: Vec<KeyVersion>,
         live: Vec<KeyVersion>,
     },
+    #[error("no such token in this organization")]
+    TokenNotFound,
+    #[error("this principal does not hold that grant")]
+    GrantNotFound,
     #[error("the organization has no customer master key to monitor")]
     NoCustomerMasterKey,
     #[error("key version {prepared} was prepared, but the next version is {next}")]

@@ -7,6 +7,7 @@
 use cqrs_es::DomainEvent;
 use serde::{Deserialize, Serialize};
 
+use crate::access::{OrgRole, Permission, PrincipalKind, PrincipalName};
 use crate::ids::{KeyVersion, OrgId, ScopeId};
 use crate::master_key::{KeyHealth, MasterKeyRef, UnavailableReason};
 use crate::scope::{Plan, ScopeKind, ScopeName, Tier};
@@ -79,11 +80,37 @@ pub enum ScopeEvent {
         /// What the provider said, for people (no key material).
         detail: String,
     },
+    /// A bearer token was issued to a principal of the organization (never the secret).
+    TokenIssued {
+        token_id: String,
+        principal: PrincipalName,
+        kind: PrincipalKind,
+        role: OrgRole,
+        /// RFC 3339, if the token expires.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        expires_at: Option<String>,
+    },
+    TokenRevoked {
+        token_id: String,
+    },
+    PermissionGranted {
+        principal: PrincipalName,
+        permission: Permission,
+        /// The subtree it is limited to; absent for the whole organization.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        scope_id: Option<ScopeId>,
+    },
+    PermissionRevoked {
+        principal: PrincipalName,
+        permission: Permission,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        scope_id: Option<ScopeId>,
+    },
 }
 
 impl ScopeEvent {
     /// Every event type this aggregate has ever stored.
-    pub const TYPES: [&'static str; 10] = [
+    pub const TYPES: [&'static str; 14] = [
         "OrganizationCreated",
         "ScopeCreated",
         "ScopePaused",
@@ -94,6 +121,10 @@ impl ScopeEvent {
         "ScopeKeyVersionsRetired",
         "OrganizationMasterKeyChanged",
         "OrganizationMasterKeyHealthChanged",
+        "TokenIssued",
+        "TokenRevoked",
+        "PermissionGranted",
+        "PermissionRevoked",
     ];
 
     pub fn type_name(&self) -> &'static str {
@@ -110,6 +141,10 @@ impl ScopeEvent {
             ScopeEvent::OrganizationMasterKeyHealthChanged { .. } => {
                 "OrganizationMasterKeyHealthChanged"
             }
+            ScopeEvent::TokenIssued { .. } => "TokenIssued",
+            ScopeEvent::TokenRevoked { .. } => "TokenRevoked",
+            ScopeEvent::PermissionGranted { .. } => "PermissionGranted",
+            ScopeEvent::PermissionRevoked { .. } => "PermissionRevoked",
         }
     }
 
@@ -126,6 +161,10 @@ impl ScopeEvent {
             ScopeEvent::ScopeKeyVersionsRetired { .. } => "scope.retire",
             ScopeEvent::OrganizationMasterKeyChanged { .. } => "org.master_key",
             ScopeEvent::OrganizationMasterKeyHealthChanged { .. } => "org.master_key_health",
+            ScopeEvent::TokenIssued { .. } => "token.issue",
+            ScopeEvent::TokenRevoked { .. } => "token.revoke",
+            ScopeEvent::PermissionGranted { .. } => "grant.add",
+            ScopeEvent::PermissionRevoked { .. } => "grant.remove",
         }
     }
 }
@@ -146,7 +185,11 @@ impl DomainEvent for ScopeEvent {
             | ScopeEvent::OrganizationTierChanged { .. }
             | ScopeEvent::ScopeKeyVersionsRetired { .. }
             | ScopeEvent::OrganizationMasterKeyChanged { .. }
-            | ScopeEvent::OrganizationMasterKeyHealthChanged { .. } => "1".to_owned(),
+            | ScopeEvent::OrganizationMasterKeyHealthChanged { .. }
+            | ScopeEvent::TokenIssued { .. }
+            | ScopeEvent::TokenRevoked { .. }
+            | ScopeEvent::PermissionGranted { .. }
+            | ScopeEvent::PermissionRevoked { .. } => "1".to_owned(),
         }
     }
 }

@@ -4,6 +4,7 @@
 //! or key material; everything a command needs from the outside world (the parent's
 //! effective state, the organization's plan) is looked up first and carried in the command.
 
+pub mod access;
 pub mod aggregate;
 pub mod cascade;
 pub mod commands;
@@ -14,6 +15,7 @@ pub mod master_key;
 pub mod metadata;
 pub mod scope;
 
+pub use access::{Grant, OrgRole, Permission, PrincipalKind, PrincipalName};
 pub use aggregate::{Scope, ScopeState};
 pub use cascade::{effective_state, Effective};
 pub use commands::{Lineage, ParentContext, ScopeCommand};

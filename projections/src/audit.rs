@@ -105,7 +105,40 @@ fn summary(event: &ScopeEvent) -> String {
             ),
             None => format!("master key {} ({detail})", health.as_str()),
         },
+        ScopeEvent::TokenIssued {
+            token_id,
+            principal,
+            kind,
+            role,
+            expires_at,
+        } => format!(
+            "issued token {token_id} to {} {principal} (role {}{})",
+            kind.as_str(),
+            role.as_str(),
+            expires_at
+                .as_deref()
+                .map(|at| format!(", expires {at}"))
+                .unwrap_or_default()
+        ),
+        ScopeEvent::TokenRevoked { token_id } => format!("revoked token {token_id}"),
+        ScopeEvent::PermissionGranted {
+            principal,
+            permission,
+            scope_id,
+        } => format!("granted {permission} to {principal} on {}", on(scope_id)),
+        ScopeEvent::PermissionRevoked {
+            principal,
+            permission,
+            scope_id,
+        } => format!("removed {permission} from {principal} on {}", on(scope_id)),
     }
+}
+
+fn on(scope: &Option<ekm_domain::ScopeId>) -> String {
+    scope.map_or_else(
+        || "the whole organization".to_owned(),
+        |s| format!("subtree {s}"),
+    )
 }
 
 pub struct AuditLog;

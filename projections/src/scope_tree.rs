@@ -101,6 +101,16 @@ fn key_version_row(stored: &StoredEvent, version: u32, fingerprint: Option<Strin
     }
 }
 
+const GRANT_COLUMNS: &[&str] = &[
+    "org_id",
+    "principal",
+    "permission",
+    "scope_id",
+    "granted_position",
+    "granted_at",
+    "granted_by",
+];
+
 const MASTER_KEY_COLUMNS: &[&str] = &[
     "tier",
     "master_key",
@@ -160,7 +170,7 @@ impl Projection for ScopeTree {
     }
 
     fn tables(&self) -> &'static [&'static str] {
-        &["scope_view", "key_version_view"]
+        &["scope_view", "key_version_view", "grants_view"]
     }
 
     fn statements(
@@ -304,6 +314,42 @@ impl Projection for ScopeTree {
                     Param::Int(stored.position),
                 ],
             }],
+            ScopeEvent::PermissionGranted {
+                principal,
+                permission,
+                scope_id,
+            } => {
+                let metadata = EventMetadata::from_map(&stored.metadata);
+                vec![Statement::Insert {
+                    table: "grants_view",
+                    columns: GRANT_COLUMNS,
+                    values: vec![
+                        Param::Text(stored.aggregate_id.clone()),
+                        Param::Text(principal.as_str().to_owned()),
+                        Param::Text(permission.as_str().to_owned()),
+                        Param::Text(scope_id.map(|s| s.to_string()).unwrap_or_default()),
+                        Param::Int(stored.position),
+                        Param::Int(to_micros(stored.recorded_at)),
+                        Param::Text(metadata.actor.to_string()),
+                    ],
+                }]
+            }
+            ScopeEvent::PermissionRevoked {
+                principal,
+                permission,
+                scope_id,
+            } => vec![Statement::Raw {
+                sql: "DELETE FROM grants_view WHERE org_id = $1 AND principal = $2 \
+                      AND permission = $3 AND scope_id = $4 AND granted_position < $5",
+                params: vec![
+                    Param::Text(stored.aggregate_id.clone()),
+                    Param::Text(principal.as_str().to_owned()),
+                    Param::Text(permission.as_str().to_owned()),
+                    Param::Text(scope_id.map(|s| s.to_string()).unwrap_or_default()),
+                    Param::Int(stored.position),
+                ],
+            }],
+            ScopeEvent::TokenIssued { .. } | ScopeEvent::TokenRevoked { .. } => vec![],
             ScopeEvent::ScopePaused {} => vec![state_change(stored, OwnState::Paused)],
             ScopeEvent::ScopeResumed {} => vec![state_change(stored, OwnState::Active)],
             ScopeEvent::ScopeRevoked {} => vec![state_change(stored, OwnState::Revoked)],

@@ -16,4 +16,6 @@ pub use db::{Db, DbConfig, PostgresDb, SqliteDb};
 pub use error::StoreError;
 pub use event_log::{ScopeStore, StoredEvent, EVENTS_CHANNEL};
 pub use key_material::{KeyCheck, KeyRow, MasterKeyCheck};
-pub use tokens::{hash as token_hash, NewToken, Principal, Role, Tokens, OPERATOR_TOKEN_FILE};
+pub use tokens::{
+    hash as token_hash, NewToken, Principal, Role, TokenInfo, Tokens, OPERATOR_TOKEN_FILE,
+};

@@ -8,7 +8,7 @@ use std::fmt;
 use std::io::Write;
 use std::path::Path;
 
-use ekm_domain::OrgId;
+use ekm_domain::{Grant, OrgId, OrgRole, PrincipalName, ScopeId};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 use sqlx::Row;
@@ -21,28 +21,53 @@ use crate::{with_read_pool, with_write_pool};
 /// The file in the data directory that receives the operator token on first start.
 pub const OPERATOR_TOKEN_FILE: &str = "operator.token";
 
-/// What a token may do. The full permission model builds on these.
+/// What a token may do: the platform operator's, or a role in an organization.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Role {
     /// The platform operator: creates organizations.
     Operator,
-    /// An organization's administrator.
-    OrgAdmin,
+    Org(OrgRole),
 }
 
 impl Role {
+    pub const ORG_ADMIN: Role = Role::Org(OrgRole::OrgAdmin);
+
     pub fn as_str(self) -> &'static str {
         match self {
             Role::Operator => "operator",
-            Role::OrgAdmin => "org_admin",
+            Role::Org(role) => role.as_str(),
         }
     }
 
     fn parse(input: &str) -> Option<Role> {
-        [Role::Operator, Role::OrgAdmin]
-            .into_iter()
-            .find(|r| r.as_str() == input)
+        if input == "operator" {
+            return Some(Role::Operator);
+        }
+        input.parse().ok().map(Role::Org)
     }
+}
+
+/// id, principal, kind, role, created_at, expires_at, revoked_at.
+type TokenRow = (
+    String,
+    Option<String>,
+    Option<String>,
+    String,
+    i64,
+    Option<i64>,
+    Option<i64>,
+);
+
+/// A token as an org admin sees it in a list (never the secret or its hash).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TokenInfo {
+    pub id: String,
+    pub principal: String,
+    pub kind: String,
+    pub role: String,
+    pub created_at: i64,
+    pub expires_at: Option<i64>,
+    pub revoked_at: Option<i64>,
 }
 
 /// The holder of a valid token.
@@ -55,6 +80,11 @@ pub struct Principal {
     pub name: String,
     /// Microseconds since the epoch after which the token stops working, if any.
     pub expires_at: Option<i64>,
+    /// The principal the token belongs to (the actor of its commands).
+    pub principal: String,
+    pub kind: String,
+    /// What the principal was granted, as of authentication.
+    pub grants: Vec<Grant>,
 }
 
 /// A freshly created token. The secret exists in memory only until it is shown once.
@@ -116,21 +146,102 @@ impl Tokens {
         org_id: Option<OrgId>,
         name: &str,
     ) -> Result<bool, StoreError> {
-        let sql = "INSERT INTO tokens (id, token_hash, role, org_id, name, created_at) \
-                   VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING";
+        self.insert_for(token, role, org_id, name, "user", None)
+            .await
+    }
+
+    async fn insert_for(
+        &self,
+        token: &NewToken,
+        role: Role,
+        org_id: Option<OrgId>,
+        principal: &str,
+        kind: &str,
+        expires_at: Option<i64>,
+    ) -> Result<bool, StoreError> {
+        let sql = "INSERT INTO tokens (id, token_hash, role, org_id, name, created_at, principal, \
+                   principal_kind, expires_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) \
+                   ON CONFLICT DO NOTHING";
         let inserted = with_write_pool!(&self.db, pool => {
             sqlx::query(sql)
                 .bind(&token.id)
                 .bind(hash(&token.secret))
                 .bind(role.as_str())
                 .bind(org_id.map(|o| o.to_string()))
-                .bind(name)
+                .bind(principal)
                 .bind(now_micros())
+                .bind(principal)
+                .bind(kind)
+                .bind(expires_at)
                 .execute(pool)
                 .await?
                 .rows_affected()
         });
         Ok(inserted == 1)
+    }
+
+    /// A new token id (the secret comes with `issue`).
+    pub fn new_token() -> NewToken {
+        NewToken {
+            id: format!("tok_{}", uuid::Uuid::now_v7().simple()),
+            secret: generate_secret(),
+        }
+    }
+
+    /// Stores a token issued to a principal of an organization.
+    pub async fn issue(
+        &self,
+        token: &NewToken,
+        org_id: OrgId,
+        principal: &str,
+        kind: &str,
+        role: OrgRole,
+        expires_at: Option<i64>,
+    ) -> Result<(), StoreError> {
+        self.insert_for(
+            token,
+            Role::Org(role),
+            Some(org_id),
+            principal,
+            kind,
+            expires_at,
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// The organization's tokens, newest first.
+    pub async fn list(&self, org_id: OrgId) -> Result<Vec<TokenInfo>, StoreError> {
+        let sql = "SELECT id, principal, principal_kind, role, created_at, expires_at, revoked_at \
+                   FROM tokens WHERE org_id = $1 ORDER BY created_at DESC, id DESC";
+        let rows: Vec<TokenRow> = with_read_pool!(&self.db, pool => {
+            sqlx::query_as(sql).bind(org_id.to_string()).fetch_all(pool).await?
+        });
+        Ok(rows
+            .into_iter()
+            .map(
+                |(id, principal, kind, role, created_at, expires_at, revoked_at)| TokenInfo {
+                    principal: principal.unwrap_or_else(|| id.clone()),
+                    id,
+                    kind: kind.unwrap_or_else(|| "user".into()),
+                    role,
+                    created_at,
+                    expires_at,
+                    revoked_at,
+                },
+            )
+            .collect())
+    }
+
+    /// The organization a token belongs to, if it exists.
+    pub async fn org_of(&self, id: &str) -> Result<Option<Option<String>>, StoreError> {
+        let row: Option<Option<String>> = with_read_pool!(&self.db, pool => {
+            sqlx::query_scalar("SELECT org_id FROM tokens WHERE id = $1")
+                .bind(id)
+                .fetch_optional(pool)
+                .await?
+        });
+        Ok(row)
     }
 
     /// Revokes a token: it stops working at once.
@@ -144,7 +255,8 @@ impl Tokens {
 
     /// The principal holding `secret`, if the token exists, is not revoked and not expired.
     pub async fn authenticate(&self, secret: &str) -> Result<Option<Principal>, StoreError> {
-        let sql = "SELECT id, role, org_id, name, expires_at FROM tokens \
+        let sql =
+            "SELECT id, role, org_id, name, expires_at, principal, principal_kind FROM tokens \
                    WHERE token_hash = $1 AND revoked_at IS NULL \
                    AND (expires_at IS NULL OR expires_at > $2)";
         let found = with_read_pool!(&self.db, pool => {
@@ -160,24 +272,66 @@ impl Tokens {
                         row.try_get::<Option<String>, _>("org_id")?,
                         row.try_get::<String, _>("name")?,
                         row.try_get::<Option<i64>, _>("expires_at")?,
+                        row.try_get::<Option<String>, _>("principal")?,
+                        row.try_get::<Option<String>, _>("principal_kind")?,
                     ))
                 })
                 .transpose()?
         });
-        Ok(
-            found.and_then(|(token_id, role, org_id, name, expires_at)| {
-                Some(Principal {
-                    token_id,
-                    role: Role::parse(&role)?,
-                    org_id: match org_id {
-                        Some(org) => Some(OrgId::parse(&org).ok()?),
-                        None => None,
-                    },
-                    name,
-                    expires_at,
-                })
-            }),
-        )
+        let Some((token_id, role, org_id, name, expires_at, principal, kind)) = found else {
+            return Ok(None);
+        };
+        let Some(role) = Role::parse(&role) else {
+            return Ok(None);
+        };
+        let org_id = match org_id {
+            Some(org) => match OrgId::parse(&org) {
+                Ok(org) => Some(org),
+                Err(_) => return Ok(None),
+            },
+            None => None,
+        };
+        let principal = principal.unwrap_or_else(|| token_id.clone());
+        let grants = match org_id {
+            Some(org) => self.grants_of(org, &principal).await?,
+            None => vec![],
+        };
+        Ok(Some(Principal {
+            token_id,
+            role,
+            org_id,
+            name,
+            expires_at,
+            principal,
+            kind: kind.unwrap_or_else(|| "user".into()),
+            grants,
+        }))
+    }
+
+    /// What a principal was granted (from the grants read model).
+    pub async fn grants_of(&self, org: OrgId, principal: &str) -> Result<Vec<Grant>, StoreError> {
+        let sql = "SELECT principal, permission, scope_id FROM grants_view \
+                   WHERE org_id = $1 AND principal = $2 ORDER BY granted_position";
+        let rows: Vec<(String, String, String)> = with_read_pool!(&self.db, pool => {
+            sqlx::query_as(sql).bind(org.to_string()).bind(principal).fetch_all(pool).await?
+        });
+        Ok(rows
+            .into_iter()
+            .filter_map(|r| parse_grant(&r.0, &r.1, &r.2))
+            .collect())
+    }
+
+    /// Every grant of an organization.
+    pub async fn grants(&self, org: OrgId) -> Result<Vec<Grant>, StoreError> {
+        let sql = "SELECT principal, permission, scope_id FROM grants_view \
+                   WHERE org_id = $1 ORDER BY principal, permission, granted_position";
+        let rows: Vec<(String, String, String)> = with_read_pool!(&self.db, pool => {
+            sqlx::query_as(sql).bind(org.to_string()).fetch_all(pool).await?
+        });
+        Ok(rows
+            .into_iter()
+            .filter_map(|r| parse_grant(&r.0, &r.1, &r.2))
+            .collect())
     }
 
     /// Makes sure an operator token exists. The first instance to start on a database
@@ -220,6 +374,18 @@ impl Tokens {
         }
         Ok(inserted)
     }
+}
+
+fn parse_grant(principal: &str, permission: &str, scope: &str) -> Option<Grant> {
+    Some(Grant {
+        principal: PrincipalName::parse(principal).ok()?,
+        permission: permission.parse().ok()?,
+        scope: if scope.is_empty() {
+            None
+        } else {
+            Some(ScopeId::parse(scope).ok()?)
+        },
+    })
 }
 
 /// Writes `contents` to a new file readable by its owner only, and syncs it.

@@ -41,15 +41,7 @@ fn options(environment: Environment, grace: Duration, cache_ttl: Duration) -> Op
 }
 
 async fn enterprise_org(app: &TestApp) -> (String, String) {
-    let response = app
-        .post(
-            "/v1/orgs",
-            &app.operator_token,
-            json!({"name": "Acme", "plan": "enterprise", "tier": "managed"}),
-        )
-        .await;
-    assert_eq!(response.status, StatusCode::CREATED, "{}", response.body);
-    (response.str("id"), response.str("admin_token"))
+    app.data_org("enterprise", "managed").await
 }
 
 async fn connect(app: &TestApp, token: &str, org: &str, body: Value) -> crate::harness::Response {

@@ -43,14 +43,7 @@ async fn decrypt(
 }
 
 async fn managed_org(app: &TestApp) -> (String, String) {
-    let response = app
-        .post(
-            "/v1/orgs",
-            &app.operator_token,
-            json!({"name": "Acme", "plan": "enterprise", "tier": "managed"}),
-        )
-        .await;
-    (response.str("id"), response.str("admin_token"))
+    app.data_org("enterprise", "managed").await
 }
 
 async fn round_trips_and_refuses_what_was_not_made_here(backend: Backend) {
@@ -142,7 +135,7 @@ on_both_backends!(round_trips_and_refuses_what_was_not_made_here);
 
 async fn the_default_tier_covers_credentials_and_mcp_secrets_only(backend: Backend) {
     let app = TestApp::spawn(backend).await;
-    let (org, admin) = app.org("standard").await;
+    let (org, admin) = app.data_org("standard", "default").await;
     let agent = app.scope(&admin, "agent", "bot", &org).await;
     assert_eq!(
         encrypt(&app, &admin, &agent, b"token", "credentials")
@@ -598,7 +591,7 @@ async fn another_instance_stops_decrypting_within_a_second_of_the_pause() {
 
 async fn changing_tier_changes_coverage_and_keeps_ciphertexts(backend: Backend) {
     let app = TestApp::spawn(backend).await;
-    let (org, admin) = app.org("enterprise").await;
+    let (org, admin) = app.data_org("enterprise", "default").await;
     let team = app.scope(&admin, "team", "research", &org).await;
     let credentials = encrypt(&app, &admin, &team, b"api key", "credentials")
         .await

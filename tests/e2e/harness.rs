@@ -424,15 +424,59 @@ impl TestApp {
 
     /// Creates an organization; returns its id and admin token.
     pub async fn org(&self, plan: &str) -> (String, String) {
+        self.org_with(plan, "default").await
+    }
+
+    /// An organization whose admin is also granted `data:use` (admins hold it only by
+    /// grant), so a flow can manage and encrypt with one token.
+    pub async fn data_org(&self, plan: &str, tier: &str) -> (String, String) {
+        let (org, admin) = self.org_with(plan, tier).await;
+        self.grant(&admin, &org, "admin", "data:use", None).await;
+        (org, admin)
+    }
+
+    pub async fn org_with(&self, plan: &str, tier: &str) -> (String, String) {
         let response = self
             .post(
                 "/v1/orgs",
                 &self.operator_token,
-                json!({"name": "Acme", "plan": plan, "tier": "default"}),
+                json!({"name": "Acme", "plan": plan, "tier": tier}),
             )
             .await;
         assert_eq!(response.status, StatusCode::CREATED, "{}", response.body);
         (response.str("id"), response.str("admin_token"))
+    }
+
+    /// Grants `permission` to `principal` (as the org admin `token`).
+    pub async fn grant(
+        &self,
+        token: &str,
+        org: &str,
+        principal: &str,
+        permission: &str,
+        scope: Option<&str>,
+    ) {
+        let mut body = json!({"principal": principal, "permission": permission});
+        if let Some(scope) = scope {
+            body["scope_id"] = json!(scope);
+        }
+        let granted = self
+            .post(&format!("/v1/orgs/{org}/grants"), token, body)
+            .await;
+        assert!(granted.status.is_success(), "{}", granted.body);
+    }
+
+    /// Issues a token to a new principal; returns the secret.
+    pub async fn token(&self, admin: &str, org: &str, principal: &str, role: &str) -> String {
+        let issued = self
+            .post(
+                &format!("/v1/orgs/{org}/tokens"),
+                admin,
+                json!({"principal": principal, "kind": "service", "role": role}),
+            )
+            .await;
+        assert_eq!(issued.status, StatusCode::CREATED, "{}", issued.body);
+        issued.str("token")
     }
 
     /// Creates a scope; returns its id.

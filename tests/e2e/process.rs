@@ -528,3 +528,127 @@ fn cli_connects_an_aws_master_key_and_shows_it() {
     // The token never appears in the server's log.
     assert!(!server.log_text().contains(&admin));
 }
+
+/// `ekm org create`, `ekm token create|list|revoke` and `ekm grant add|list|remove` as
+/// clients of a real server, ending with the service token encrypting.
+#[test]
+fn cli_manages_organizations_tokens_and_grants() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve(dir.path(), None);
+    let operator = read_token(dir.path());
+    let ekm = |token: &str, args: &[&str]| {
+        let output = Command::new(EKM)
+            .args(args)
+            .env("EKM_URL", &server.base)
+            .env("EKM_TOKEN", token)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        (output.status.code(), stdout, stderr)
+    };
+    let json = |text: &str| -> Value { serde_json::from_str(text).unwrap() };
+
+    let (code, out, err) = ekm(
+        &operator,
+        &[
+            "org",
+            "create",
+            "--name",
+            "Acme",
+            "--plan",
+            "enterprise",
+            "--tier",
+            "managed",
+        ],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    let org = json(&out);
+    let org_id = org["id"].as_str().unwrap().to_owned();
+    let admin = org["admin_token"].as_str().unwrap().to_owned();
+
+    let (code, out, err) = ekm(
+        &admin,
+        &["token", "create", &org_id, "--principal", "chat-service"],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    let issued = json(&out);
+    let service = issued["token"].as_str().unwrap().to_owned();
+    let token_id = issued["id"].as_str().unwrap().to_owned();
+
+    let (status, scope) = call(
+        "POST",
+        &format!("{}/v1/scopes", server.base),
+        &admin,
+        Some(json!({"kind": "thread", "name": "t", "parent_id": org_id})),
+    );
+    assert_eq!(status, 201);
+    let thread = scope["id"].as_str().unwrap().to_owned();
+    let encrypt = |token: &str| {
+        call(
+            "POST",
+            &format!("{}/v1/scopes/{thread}/encrypt", server.base),
+            token,
+            Some(json!({"plaintext": "aGk=", "class": "messages"})),
+        )
+    };
+    assert_eq!(encrypt(&service).0, 403, "no grant yet");
+
+    let (code, _, err) = ekm(
+        &admin,
+        &[
+            "grant",
+            "add",
+            &org_id,
+            "--principal",
+            "chat-service",
+            "--permission",
+            "data:use",
+        ],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    let (_, out, _) = ekm(&admin, &["grant", "list", &org_id]);
+    assert_eq!(json(&out)["items"][0]["permission"], "data:use");
+    assert_eq!(encrypt(&service).0, 200);
+
+    let (code, _, err) = ekm(
+        &admin,
+        &[
+            "grant",
+            "remove",
+            &org_id,
+            "--principal",
+            "chat-service",
+            "--permission",
+            "data:use",
+        ],
+    );
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(encrypt(&service).0, 403, "the grant is gone");
+
+    let (_, out, _) = ekm(&admin, &["token", "list", &org_id]);
+    let listed = json(&out);
+    assert!(listed["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|t| t["id"] == token_id.as_str()));
+    assert!(!out.contains(&service), "a list never shows a secret");
+    let (code, _, err) = ekm(&admin, &["token", "revoke", &org_id, &token_id]);
+    assert_eq!(code, Some(0), "{err}");
+    assert_eq!(
+        encrypt(&service).0,
+        401,
+        "a revoked token stops working at once"
+    );
+
+    // Refusals exit 1 with the problem on standard error.
+    let (code, _, err) = ekm(&service, &["grant", "list", &org_id]);
+    assert_eq!(code, Some(1));
+    assert!(err.contains("unauthorized"));
+    // No token appears in the server's log.
+    let log = server.log_text();
+    for secret in [&operator, &admin, &service] {
+        assert!(!log.contains(secret.as_str()));
+    }
+}
