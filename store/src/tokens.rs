@@ -256,12 +256,13 @@ impl Tokens {
     /// The principal holding `secret`, if the token exists, is not revoked and not expired.
     pub async fn authenticate(&self, secret: &str) -> Result<Option<Principal>, StoreError> {
         let sql =
-            "SELECT id, role, org_id, name, expires_at, principal, principal_kind FROM tokens \
-                   WHERE token_hash = $1 AND revoked_at IS NULL \
+            "SELECT id, role, org_id, name, expires_at, principal, principal_kind, token_hash \
+                   FROM tokens WHERE token_hash = $1 AND revoked_at IS NULL \
                    AND (expires_at IS NULL OR expires_at > $2)";
+        let presented = hash(secret);
         let found = with_read_pool!(&self.db, pool => {
             sqlx::query(sql)
-                .bind(hash(secret))
+                .bind(&presented)
                 .bind(now_micros())
                 .fetch_optional(pool)
                 .await?
@@ -274,13 +275,20 @@ impl Tokens {
                         row.try_get::<Option<i64>, _>("expires_at")?,
                         row.try_get::<Option<String>, _>("principal")?,
                         row.try_get::<Option<String>, _>("principal_kind")?,
+                        row.try_get::<String, _>("token_hash")?,
                     ))
                 })
                 .transpose()?
         });
-        let Some((token_id, role, org_id, name, expires_at, principal, kind)) = found else {
+        let Some((token_id, role, org_id, name, expires_at, principal, kind, stored)) = found
+        else {
             return Ok(None);
         };
+        // The index found the row; the comparison that decides is constant-time, so no
+        // answer depends on how much of a hash matched.
+        if !constant_time_eq(stored.as_bytes(), presented.as_bytes()) {
+            return Ok(None);
+        }
         let Some(role) = Role::parse(&role) else {
             return Ok(None);
         };
@@ -376,6 +384,11 @@ impl Tokens {
     }
 }
 
+/// Equality whose time depends only on the lengths.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 fn parse_grant(principal: &str, permission: &str, scope: &str) -> Option<Grant> {
     Some(Grant {
         principal: PrincipalName::parse(principal).ok()?,
@@ -403,4 +416,17 @@ fn write_private_file(path: &Path, contents: &str) -> std::io::Result<()> {
     file.write_all(contents.as_bytes())?;
     file.write_all(b"\n")?;
     file.sync_all()
+}
+
+#[cfg(test)]
+mod constant_time_tests {
+    use super::constant_time_eq;
+
+    #[test]
+    fn equal_only_when_every_byte_is() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
+        assert!(constant_time_eq(b"", b""));
+    }
 }
