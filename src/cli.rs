@@ -293,6 +293,11 @@ pub struct ServeArgs {
     /// (disable, delete, access removed) take effect at once regardless.
     #[arg(long, env = "EKM_KMS_GRACE_PERIOD", default_value = "5m", value_parser = parse_duration)]
     pub kms_grace_period: Duration,
+    /// The endpoint URLs customer keys may name in `endpoint_url` (VPC endpoints, private
+    /// links), comma-separated. Any other is refused: the platform's cloud credentials are
+    /// sent to the endpoint.
+    #[arg(long, env = "EKM_KMS_ALLOWED_ENDPOINTS", value_delimiter = ',')]
+    pub kms_allowed_endpoints: Vec<String>,
     /// Time limit of each call to a customer's KMS (retried with backoff when transient).
     #[arg(long, env = "EKM_KMS_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub kms_timeout: Duration,

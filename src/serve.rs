@@ -114,6 +114,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let kms = KmsOptions {
         settings: KmsSettings {
             timeout: args.kms_timeout,
+            allowed_endpoints: args.kms_allowed_endpoints.clone(),
             ..KmsSettings::default()
         },
         grace: args.kms_grace_period,

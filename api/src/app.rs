@@ -109,6 +109,8 @@ const TOKEN_CACHE_TTL: Duration = Duration::from_secs(1);
 const TOKEN_CACHE_MAX: usize = 10_000;
 
 struct Inner {
+    /// Bumped by `forget_principals`: a lookup that started before it is not cached.
+    token_generation: std::sync::atomic::AtomicU64,
     token_cache:
         std::sync::Mutex<std::collections::HashMap<String, (Principal, std::time::Instant)>>,
     db: Db,
@@ -126,6 +128,7 @@ impl App {
         projector.add_listener(keys.listener());
         Self {
             inner: Arc::new(Inner {
+                token_generation: std::sync::atomic::AtomicU64::new(0),
                 token_cache: std::sync::Mutex::new(std::collections::HashMap::new()),
                 store: ScopeStore::new(&db),
                 read: ReadModels::new(db.clone()),
@@ -161,12 +164,24 @@ impl App {
                 }
             }
         }
+        let generation = self
+            .inner
+            .token_generation
+            .load(std::sync::atomic::Ordering::SeqCst);
         let found = self.inner.tokens.authenticate(secret).await?;
         if let (Some(principal), Ok(mut cache)) = (&found, self.inner.token_cache.lock()) {
-            if cache.len() >= TOKEN_CACHE_MAX {
-                cache.clear();
+            // Checked under the lock `forget_principals` takes: a revoke or grant change
+            // that happened during the lookup keeps its result out of the cache.
+            let current = self
+                .inner
+                .token_generation
+                .load(std::sync::atomic::Ordering::SeqCst);
+            if current == generation {
+                if cache.len() >= TOKEN_CACHE_MAX {
+                    cache.clear();
+                }
+                cache.insert(key, (principal.clone(), std::time::Instant::now()));
             }
-            cache.insert(key, (principal.clone(), std::time::Instant::now()));
         }
         Ok(found)
     }
@@ -175,6 +190,9 @@ impl App {
     /// next request authenticates afresh (other instances within `TOKEN_CACHE_TTL`).
     pub fn forget_principals(&self) {
         if let Ok(mut cache) = self.inner.token_cache.lock() {
+            self.inner
+                .token_generation
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             cache.clear();
         }
     }
@@ -348,7 +366,7 @@ impl App {
                 admin_token_id,
                 ..
             } => Some(ScopeCommand::CreateOrganization {
-                key_fingerprint: Some(keys.create_org_key(org, 1).await?),
+                key_fingerprint: Some(keys.create_org_key(org, 1, None).await?),
                 id: org,
                 name,
                 plan,
@@ -382,7 +400,10 @@ impl App {
                 };
                 let next = state.key_version.next();
                 let fingerprint = match state.parent_id {
-                    None => keys.create_org_key(state.org_id, next.get()).await?,
+                    None => {
+                        keys.create_org_key(state.org_id, next.get(), state.master.as_ref())
+                            .await?
+                    }
                     Some(parent_id) => {
                         let parent = self
                             .inner
@@ -409,8 +430,21 @@ impl App {
                     return Ok(None);
                 };
                 let org = state.org_id;
+                let snapshot = self.inner.read.scope(id).await?.ok_or(AppError::NotFound)?;
+                let live: Vec<(KeyVersion, String)> = state
+                    .live_versions()
+                    .into_iter()
+                    .filter_map(|version| {
+                        snapshot
+                            .key_versions
+                            .iter()
+                            .find(|k| k.version == version.get())
+                            .and_then(|k| k.fingerprint.clone())
+                            .map(|fingerprint| (version, fingerprint))
+                    })
+                    .collect();
                 let rewrapped = keys
-                    .stage_master_switch(org, &state.live_versions(), master.as_ref())
+                    .stage_master_switch(org, &live, master.as_ref())
                     .await?;
                 Some(ScopeCommand::SetMasterKey {
                     master,

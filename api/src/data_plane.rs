@@ -86,7 +86,9 @@ async fn active_scope(
         caller.require(ekm_domain::Permission::DataUse, &entry.path)?;
         return Ok(entry);
     }
-    // The position seen before reading: the entry is valid at least as of it.
+    // The eviction epoch and the position seen before reading: an eviction after this point
+    // keeps the entry out of the cache, and the entry is valid at least as of the position.
+    let epoch = keys.epoch();
     let position = state.app.projector().applied();
     let snapshot = state.app.scope(id).await?.ok_or_else(not_found)?;
     if Some(snapshot.scope.org_id) != caller.org() {
@@ -125,7 +127,7 @@ async fn active_scope(
             .with("cause", json!({"scope_id": by.to_string(), "reason": reason})));
         }
     }
-    keys.load(&snapshot, position)
+    keys.load(&snapshot, position, epoch)
         .await
         .map_err(|error| ApiError::from(crate::app::AppError::Key(error)))
 }

@@ -154,6 +154,17 @@ impl HealthMonitor {
                 }
             },
         };
+        // The verdict is about the key checked: if the organization switched keys meanwhile,
+        // it says nothing about the new one.
+        let still_current = self
+            .app
+            .scope(org)
+            .await?
+            .and_then(|s| s.scope.master_key)
+            .is_some_and(|current| current == master);
+        if !still_current {
+            return Ok(None);
+        }
         self.app
             .db()
             .record_key_check(&org.to_string(), verdict.ok, &verdict.detail)

@@ -214,6 +214,11 @@ impl KeyService {
         }
     }
 
+    /// The eviction epoch: read it before reading a snapshot to load keys for.
+    pub fn epoch(&self) -> u64 {
+        self.epoch.load(Ordering::SeqCst)
+    }
+
     /// How many keys were unwrapped since start (a cold key walks the hierarchy once).
     pub fn unwrap_count(&self) -> u64 {
         self.unwraps.load(Ordering::Relaxed)
@@ -230,12 +235,15 @@ impl KeyService {
 
     /// Unwraps every key version of an active scope and caches them, unless an eviction
     /// happened meanwhile.
+    ///
+    /// `epoch` is `self.epoch()` read before the snapshot was: an eviction between the two
+    /// keeps the entry out of the cache.
     pub async fn load(
         &self,
         snapshot: &ScopeSnapshot,
         position: i64,
+        epoch: u64,
     ) -> Result<Arc<ScopeKeys>, KeyError> {
-        let epoch = self.epoch.load(Ordering::SeqCst);
         let scope_id = snapshot.scope.id;
         let mut keys = HashMap::new();
         for version in snapshot.key_versions.iter().filter(|v| !v.retired) {
@@ -320,26 +328,27 @@ impl KeyService {
 
     /// The customer key an organization key row is wrapped by, or `None` for the local
     /// master key.
+    /// The organization's read model and its key rows change in the same transaction, so
+    /// a row's wrapping must match the organization's master key: a row the platform key
+    /// wraps is never opened with it while the organization has a customer key.
     async fn wrapping_key(&self, row: &KeyRow) -> Result<Option<MasterKeyRef>, KeyError> {
+        let org = ScopeId::parse(&row.scope_id).map_err(|_| KeyError::Unwrap)?;
+        let current = self
+            .read
+            .scope(org)
+            .await?
+            .and_then(|snapshot| snapshot.scope.master_key);
+        let wrong = || KeyError::WrongMaster {
+            version: row.version,
+        };
         let local = self.master.fingerprint();
-        match row.master_fingerprint.as_deref() {
-            None => Ok(None),
-            Some(fingerprint) if fingerprint == local => Ok(None),
-            Some(wrapping_id) => {
-                let org = ScopeId::parse(&row.scope_id).map_err(|_| KeyError::Unwrap)?;
-                let master = self
-                    .read
-                    .scope(org)
-                    .await?
-                    .and_then(|snapshot| snapshot.scope.master_key)
-                    .filter(|key| key.wrapping_id() == wrapping_id);
-                match master {
-                    Some(master) => Ok(Some(master)),
-                    None => Err(KeyError::WrongMaster {
-                        version: row.version,
-                    }),
-                }
+        match (row.master_fingerprint.as_deref(), current) {
+            (None, None) => Ok(None),
+            (Some(fingerprint), None) if fingerprint == local => Ok(None),
+            (Some(wrapping_id), Some(master)) if master.wrapping_id() == wrapping_id => {
+                Ok(Some(master))
             }
+            _ => Err(wrong()),
         }
     }
 
@@ -410,10 +419,12 @@ impl KeyService {
     /// Re-wraps every live organization key version under `target` (a customer key, or the
     /// platform's with `None`) and stages the result; the switch happens when the event that
     /// records it is projected. Returns the versions staged.
+    /// `live` names each live version with its fingerprint (from the read model), so a row
+    /// left by a command that lost a race (same version, another key) is not staged.
     pub async fn stage_master_switch(
         &self,
         org: OrgId,
-        live: &[KeyVersion],
+        live: &[(KeyVersion, String)],
         target: Option<&MasterKeyRef>,
     ) -> Result<Vec<KeyVersion>, KeyError> {
         let org_id = org.to_string();
@@ -427,10 +438,10 @@ impl KeyService {
             None => ("local".to_owned(), self.master.fingerprint()),
         };
         let mut staged = vec![];
-        for row in rows
-            .iter()
-            .filter(|r| live.iter().any(|v| v.get() == r.version))
-        {
+        for row in rows.iter().filter(|r| {
+            live.iter()
+                .any(|(v, fingerprint)| v.get() == r.version && *fingerprint == r.fingerprint)
+        }) {
             let key = self.unwrap_org_key(row).await?;
             let context = WrapContext {
                 org_id: &org_id,
@@ -521,7 +532,14 @@ impl KeyService {
 
     /// Creates and stores an organization's key version, wrapped by the master key.
     /// Returns its fingerprint.
-    pub async fn create_org_key(&self, org: OrgId, version: u32) -> Result<String, KeyError> {
+    /// `master` is the organization's customer key as the deciding aggregate has it (not
+    /// the read model, which may lag a switch that just committed).
+    pub async fn create_org_key(
+        &self,
+        org: OrgId,
+        version: u32,
+        master: Option<&MasterKeyRef>,
+    ) -> Result<String, KeyError> {
         let key = Kek::generate();
         let org_id = org.to_string();
         let context = WrapContext {
@@ -530,14 +548,9 @@ impl KeyService {
         };
         let plaintext = key.for_master_key_provider();
         // A rotation under byok wraps the new version with the customer's key.
-        let master = self
-            .read
-            .scope(org.scope_id())
-            .await?
-            .and_then(|snapshot| snapshot.scope.master_key);
         let (wrapped, master_fingerprint) = match master {
             Some(master) => {
-                let provider = self.provider(&master).await.map_err(KeyError::Provider)?;
+                let provider = self.provider(master).await.map_err(KeyError::Provider)?;
                 self.kms_calls.fetch_add(1, Ordering::Relaxed);
                 let wrapped = provider
                     .wrap(&plaintext, context)

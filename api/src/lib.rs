@@ -39,7 +39,6 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(dto::MAX_BODY_BYTES))
         .with_state(state)
-        .layer(axum::middleware::from_fn(context::request_id))
         .layer(
             TraceLayer::new_for_http()
                 .make_span_with(|request: &axum::http::Request<_>| {
@@ -65,6 +64,8 @@ pub fn router(state: AppState) -> Router {
                     },
                 ),
         )
+        // Outside the trace layer, so the request id exists when the span is made.
+        .layer(axum::middleware::from_fn(context::request_id))
         .layer(CatchPanicLayer::custom(panic_response))
 }
 

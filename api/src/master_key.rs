@@ -90,6 +90,20 @@ pub async fn set(
         ekm_domain::Permission::EncryptionManage,
     )
     .await?;
+    if let Some(endpoint) = master.as_ref().and_then(|m| m.endpoint_url.as_deref()) {
+        // The platform's credentials go to the endpoint: only where the operator allows.
+        if !state
+            .app
+            .keys()
+            .kms_options()
+            .settings
+            .endpoint_allowed(endpoint)
+        {
+            return Err(ApiError::invalid(format!(
+                "endpoint_url: {endpoint} is not among the endpoints this platform allows; ask the operator to allow it (--kms-allowed-endpoints)"
+            )));
+        }
+    }
     let expected = expected_version(&headers)?;
     if let Some(master) = &master {
         // Plan and lifecycle rules are the aggregate's; checking the plan here first spares

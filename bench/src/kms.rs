@@ -68,6 +68,7 @@ pub async fn run(unwraps: usize) -> anyhow::Result<()> {
             ("AWS_ACCESS_KEY_ID".to_owned(), "bench".to_owned()),
             ("AWS_SECRET_ACCESS_KEY".to_owned(), "bench".to_owned()),
         ])),
+        allowed_endpoints: vec![url.clone()],
         ..KmsSettings::default()
     };
     let provider = ekm_kms::provider_for(&key, &settings).await?;

@@ -257,8 +257,18 @@ fn gcp_resource(key_id: &str) -> Result<(), ValueError> {
     }
 }
 
-/// `https://VAULT.vault.azure.net/keys/NAME[/VERSION]` (any host: sovereign clouds and
-/// managed HSMs have their own).
+/// The hosts of Key Vault and Managed HSM in Azure's public and sovereign clouds. A key URL
+/// elsewhere is refused: the platform sends its Azure token to the key's host.
+const AZURE_KEY_HOST_SUFFIXES: [&str; 6] = [
+    ".vault.azure.net",
+    ".managedhsm.azure.net",
+    ".vault.azure.cn",
+    ".managedhsm.azure.cn",
+    ".vault.usgovcloudapi.net",
+    ".managedhsm.usgovcloudapi.net",
+];
+
+/// `https://VAULT.vault.azure.net/keys/NAME[/VERSION]`, on a Key Vault or Managed HSM host.
 fn azure_key_url(key_id: &str) -> Result<(), ValueError> {
     let invalid = || {
         ValueError::new(
@@ -272,9 +282,11 @@ fn azure_key_url(key_id: &str) -> Result<(), ValueError> {
         !s.is_empty() && s.len() <= 127 && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
     };
     let host_ok = |s: &str| {
-        !s.is_empty()
-            && s.chars()
-                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | ':'))
+        s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-'))
+            && AZURE_KEY_HOST_SUFFIXES
+                .iter()
+                .any(|suffix| s.len() > suffix.len() && s.ends_with(suffix))
     };
     match parts[..] {
         [host, "keys", name] if host_ok(host) && name_ok(name) => Ok(()),
@@ -387,6 +399,14 @@ mod tests {
         assert!(
             MasterKeyRef::parse(Provider::AzureKeyVault, "http://acme/keys/x", None, None).is_err()
         );
+        // The platform's Azure token goes to the key's host: only Key Vault hosts.
+        assert!(MasterKeyRef::parse(
+            Provider::AzureKeyVault,
+            "https://evil.example.com/keys/x",
+            None,
+            None
+        )
+        .is_err());
     }
 
     #[test]

@@ -284,6 +284,30 @@ pub struct KmsSettings {
     /// The first pause between attempts; doubled each time, with jitter.
     pub backoff: Duration,
     pub environment: Environment,
+    /// The `endpoint_url`s a customer key may name (VPC endpoints, private links, test
+    /// servers), as the operator configured them; one `*` matches any run of characters
+    /// (`https://vpce-*.kms.eu-west-1.vpce.amazonaws.com`). Any other is refused: a provider
+    /// sends the platform's credentials (a bearer token, or SigV4-signed requests) to its
+    /// endpoint.
+    pub allowed_endpoints: Vec<String>,
+}
+
+impl KmsSettings {
+    /// Whether `endpoint` (already normalized by `MasterKeyRef::parse`) is allowed.
+    pub fn endpoint_allowed(&self, endpoint: &str) -> bool {
+        self.allowed_endpoints.iter().any(|allowed| {
+            let allowed = allowed.trim().trim_end_matches('/');
+            match allowed.split_once('*') {
+                None => allowed == endpoint,
+                Some((prefix, suffix)) => {
+                    endpoint.len() >= prefix.len() + suffix.len()
+                        && endpoint.starts_with(prefix)
+                        && endpoint.ends_with(suffix)
+                        && !suffix.contains('*')
+                }
+            }
+        })
+    }
 }
 
 impl Default for KmsSettings {
@@ -293,6 +317,7 @@ impl Default for KmsSettings {
             attempts: 3,
             backoff: Duration::from_millis(200),
             environment: Environment::process(),
+            allowed_endpoints: vec![],
         }
     }
 }
@@ -302,6 +327,18 @@ pub async fn provider_for(
     key: &MasterKeyRef,
     settings: &KmsSettings,
 ) -> Result<Arc<dyn MasterKeyProvider>, ProviderError> {
+    if let Some(endpoint) = &key.endpoint_url {
+        if !settings.endpoint_allowed(endpoint) {
+            return Err(ProviderError::new(
+                Operation::Credentials,
+                FailureKind::Invalid,
+                "EndpointNotAllowed",
+                format!(
+                    "endpoint_url {endpoint} is not among the endpoints the operator allows (--kms-allowed-endpoints)"
+                ),
+            ));
+        }
+    }
     let inner: Arc<dyn MasterKeyProvider> = match key.provider {
         Provider::AwsKms => Arc::new(AwsKms::connect(key, settings).await),
         Provider::GcpKms => Arc::new(GcpKms::new(key, settings)?),
@@ -472,6 +509,7 @@ mod tests {
             attempts,
             backoff: Duration::from_millis(1),
             environment: Environment::from_map(HashMap::new()),
+            allowed_endpoints: vec![],
         }
     }
 
@@ -479,6 +517,24 @@ mod tests {
         org_id: "org",
         key_version: 1,
     };
+
+    #[test]
+    fn only_allowed_endpoints_are_used() {
+        let settings = KmsSettings {
+            allowed_endpoints: vec![
+                "https://kms.internal.example".into(),
+                "https://vpce-*.kms.eu-west-1.vpce.amazonaws.com/".into(),
+            ],
+            ..KmsSettings::default()
+        };
+        assert!(settings.endpoint_allowed("https://kms.internal.example"));
+        assert!(settings.endpoint_allowed("https://vpce-0abc.kms.eu-west-1.vpce.amazonaws.com"));
+        assert!(!settings.endpoint_allowed("https://evil.example"));
+        assert!(
+            !settings.endpoint_allowed("https://vpce-0abc.kms.eu-west-1.vpce.amazonaws.com.evil")
+        );
+        assert!(!KmsSettings::default().endpoint_allowed("https://kms.internal.example"));
+    }
 
     #[tokio::test]
     async fn transient_failures_are_retried_until_attempts_run_out() {

@@ -26,6 +26,8 @@ fn kms_settings(environment: Environment) -> KmsSettings {
         attempts: 3,
         backoff: Duration::from_millis(20),
         environment,
+        // Every test server here is on loopback.
+        allowed_endpoints: vec!["http://127.0.0.1:*".into()],
     }
 }
 
@@ -312,12 +314,29 @@ async fn connect_refused_with_the_failing_step_when_the_key_cannot_be_used() {
     assert_eq!(refused.body["code"], "master_key_unusable");
     assert_eq!(refused.body["provider_error"]["kind"], "unreachable");
 
+    // An endpoint the operator did not allow is refused before any call: the platform's
+    // credentials would go there.
+    let refused = connect(
+        &app,
+        &token,
+        &org,
+        json!({"provider": "aws-kms", "key_id": arn, "endpoint_url": "https://kms.evil.example"}),
+    )
+    .await;
+    assert_eq!(refused.status, StatusCode::BAD_REQUEST, "{}", refused.body);
+    assert_eq!(refused.body["code"], "invalid_request");
+    assert!(refused.body["detail"]
+        .as_str()
+        .unwrap()
+        .contains("endpoint_url"));
+
     // Malformed requests never reach a KMS.
     for body in [
         json!({"provider": "aws-kms", "key_id": "not an arn"}),
         json!({"provider": "aws-kms", "key_id": arn, "region": "eu-west-1"}),
         json!({"provider": "hsm", "key_id": "x"}),
         json!({"provider": "gcp-kms", "key_id": "projects/p"}),
+        json!({"provider": "azure-keyvault", "key_id": "https://kms.evil.example/keys/k"}),
         json!({"provider": "local", "key_id": "x"}),
         json!({"provider": "aws-kms", "key_id": arn, "extra": 1}),
     ] {

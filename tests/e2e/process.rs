@@ -458,7 +458,12 @@ fn cli_connects_an_aws_master_key_and_shows_it() {
     let server = serve_configured(
         dir.path(),
         None,
-        &["--key-health-interval", "1s"],
+        &[
+            "--key-health-interval",
+            "1s",
+            "--kms-allowed-endpoints",
+            "http://127.0.0.1:*",
+        ],
         &[
             ("AWS_ACCESS_KEY_ID", "testing"),
             ("AWS_SECRET_ACCESS_KEY", "testing"),
