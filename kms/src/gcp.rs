@@ -210,23 +210,10 @@ impl GcpKms {
         request: impl Fn(&reqwest::Client) -> reqwest::RequestBuilder,
     ) -> Result<Zeroizing<String>, ProviderError> {
         let token = self.token().await?;
-        let response = request(&self.http)
-            .bearer_auth(token.as_str())
-            .send()
-            .await
-            .map_err(|e| rest::transport(operation, &e))?;
-        let status = response.status();
-        let body = Zeroizing::new(
-            response
-                .text()
-                .await
-                .map_err(|e| rest::transport(operation, &e))?,
-        );
+        let (status, body) =
+            rest::send(operation, request(&self.http), &token, &self.tokens).await?;
         if status.is_success() {
             return Ok(body);
-        }
-        if status.as_u16() == 401 {
-            self.tokens.clear().await;
         }
         let (code, message) = match serde_json::from_str::<ErrorBody>(&body) {
             Ok(body) => (body.error.status, body.error.message),

@@ -35,6 +35,33 @@ pub(crate) fn transport(operation: Operation, error: &reqwest::Error) -> Provide
     ProviderError::new(operation, kind, "Transport", error.to_string())
 }
 
+/// Sends `request` with the bearer `token` and reads the whole answer, which is wiped when
+/// dropped (a decrypt answer holds a key). A 401 forgets the cached token, so the next call
+/// fetches another. The caller reads the provider's error body from a refusal.
+pub(crate) async fn send(
+    operation: Operation,
+    request: reqwest::RequestBuilder,
+    token: &str,
+    tokens: &TokenCache,
+) -> Result<(reqwest::StatusCode, Zeroizing<String>), ProviderError> {
+    let response = request
+        .bearer_auth(token)
+        .send()
+        .await
+        .map_err(|e| transport(operation, &e))?;
+    let status = response.status();
+    let body = Zeroizing::new(
+        response
+            .text()
+            .await
+            .map_err(|e| transport(operation, &e))?,
+    );
+    if status.as_u16() == 401 {
+        tokens.clear().await;
+    }
+    Ok((status, body))
+}
+
 /// An access token and when to stop using it.
 pub(crate) struct AccessToken {
     pub secret: Zeroizing<String>,
