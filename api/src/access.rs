@@ -21,9 +21,8 @@ use crate::app::{Action, AppError};
 use crate::context::Caller;
 use crate::dto::JsonBody;
 use crate::error::ApiError;
+use crate::routes::ORG_NOT_FOUND;
 use crate::state::AppState;
-
-const ORG_NOT_FOUND: &str = "no organization with this id is visible to this token";
 
 /// The caller's own organization named in the path, for an org admin.
 fn own_org(caller: &Caller, org: &str) -> Result<OrgId, ApiError> {
@@ -315,12 +314,7 @@ pub async fn remove_grant(
     let (org, principal, permission) = path_parts(path)?;
     let org = own_org(&caller, &org)?;
     let Query(query) = query.map_err(|_| ApiError::invalid("the query string is not valid"))?;
-    if let Some(unknown) = query.keys().find(|k| k.as_str() != "scope_id") {
-        return Err(ApiError::invalid(format!(
-            "unknown query parameter `{}` (expected scope_id)",
-            unknown.chars().take(64).collect::<String>()
-        )));
-    }
+    crate::routes::check_keys(&query, &["scope_id"])?;
     let grant = grant_of(
         &state,
         org,

@@ -18,6 +18,7 @@ use serde_json::{json, Value};
 
 use crate::context::Caller;
 use crate::error::ApiError;
+use crate::routes::check_keys;
 use crate::routes::{decode_cursor_position, encode_cursor_position, page_limit};
 use crate::state::AppState;
 
@@ -182,25 +183,12 @@ fn audited_org(caller: &Caller, org: Option<&String>) -> Result<OrgId, ApiError>
     if let Some(text) = org {
         let wanted = OrgId::parse(text).map_err(|e| ApiError::invalid(format!("org: {e}")))?;
         if wanted != own {
-            return Err(ApiError::not_found(
-                "no organization with this id is visible to this token",
-            ));
+            return Err(ApiError::not_found(crate::routes::ORG_NOT_FOUND));
         }
     }
     // The audit log is read organization-wide: a grant limited to a subtree does not do.
     caller.require(ekm_domain::Permission::AuditRead, &[own.scope_id()])?;
     Ok(own)
-}
-
-fn check_keys(query: &HashMap<String, String>, allowed: &[&str]) -> Result<(), ApiError> {
-    match query.keys().find(|k| !allowed.contains(&k.as_str())) {
-        Some(unknown) => Err(ApiError::invalid(format!(
-            "unknown query parameter `{}` (expected {})",
-            unknown.chars().take(64).collect::<String>(),
-            allowed.join(", ")
-        ))),
-        None => Ok(()),
-    }
 }
 
 const FILTER_KEYS: [&str; 6] = ["org", "scope", "actor", "action", "from", "to"];

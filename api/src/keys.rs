@@ -429,33 +429,14 @@ impl KeyService {
     ) -> Result<Vec<KeyVersion>, KeyError> {
         let org_id = org.to_string();
         let rows = self.db.org_keys(&org_id).await?;
-        let provider = match target {
-            Some(key) => Some(self.provider(key).await.map_err(KeyError::Provider)?),
-            None => None,
-        };
-        let (target_id, wrapped_by) = match target {
-            Some(key) => (key.wrapping_id(), key.wrapping_id()),
-            None => ("local".to_owned(), self.master.fingerprint()),
-        };
+        let target_id = target.map_or_else(|| "local".to_owned(), MasterKeyRef::wrapping_id);
         let mut staged = vec![];
         for row in rows.iter().filter(|r| {
             live.iter()
                 .any(|(v, fingerprint)| v.get() == r.version && *fingerprint == r.fingerprint)
         }) {
             let key = self.unwrap_org_key(row).await?;
-            let context = WrapContext {
-                org_id: &org_id,
-                key_version: row.version,
-            };
-            let plaintext = key.for_master_key_provider();
-            let wrapped = match &provider {
-                Some(provider) => {
-                    self.kms_calls.fetch_add(1, Ordering::Relaxed);
-                    provider.wrap(&plaintext, context).await
-                }
-                None => self.local.wrap(&plaintext, context).await,
-            }
-            .map_err(KeyError::Provider)?;
+            let (wrapped, wrapped_by) = self.wrap_org_key(&key, org, row.version, target).await?;
             self.db
                 .stage_rewrap(row, &target_id, &wrapped_by, &wrapped)
                 .await?;
@@ -541,31 +522,8 @@ impl KeyService {
         master: Option<&MasterKeyRef>,
     ) -> Result<String, KeyError> {
         let key = Kek::generate();
-        let org_id = org.to_string();
-        let context = WrapContext {
-            org_id: &org_id,
-            key_version: version,
-        };
-        let plaintext = key.for_master_key_provider();
         // A rotation under byok wraps the new version with the customer's key.
-        let (wrapped, master_fingerprint) = match master {
-            Some(master) => {
-                let provider = self.provider(master).await.map_err(KeyError::Provider)?;
-                self.kms_calls.fetch_add(1, Ordering::Relaxed);
-                let wrapped = provider
-                    .wrap(&plaintext, context)
-                    .await
-                    .map_err(KeyError::Provider)?;
-                (wrapped, master.wrapping_id())
-            }
-            None => (
-                self.local
-                    .wrap(&plaintext, context)
-                    .await
-                    .map_err(KeyError::Provider)?,
-                self.master.fingerprint(),
-            ),
-        };
+        let (wrapped, master_fingerprint) = self.wrap_org_key(&key, org, version, master).await?;
         let fingerprint = key.fingerprint();
         self.db
             .insert_key(&KeyRow {
@@ -578,6 +536,41 @@ impl KeyService {
             })
             .await?;
         Ok(fingerprint)
+    }
+
+    /// Wraps an organization key version under `master` (a customer key), or the platform
+    /// key with `None`. Returns the wrapped key and what wraps it, as key rows record it.
+    async fn wrap_org_key(
+        &self,
+        key: &Kek,
+        org: OrgId,
+        version: u32,
+        master: Option<&MasterKeyRef>,
+    ) -> Result<(Vec<u8>, String), KeyError> {
+        let org_id = org.to_string();
+        let context = WrapContext {
+            org_id: &org_id,
+            key_version: version,
+        };
+        let plaintext = key.for_master_key_provider();
+        match master {
+            Some(master) => {
+                let provider = self.provider(master).await.map_err(KeyError::Provider)?;
+                self.kms_calls.fetch_add(1, Ordering::Relaxed);
+                let wrapped = provider
+                    .wrap(&plaintext, context)
+                    .await
+                    .map_err(KeyError::Provider)?;
+                Ok((wrapped, master.wrapping_id()))
+            }
+            None => Ok((
+                self.local
+                    .wrap(&plaintext, context)
+                    .await
+                    .map_err(KeyError::Provider)?,
+                self.master.fingerprint(),
+            )),
+        }
     }
 
     /// Creates and stores a key version for `scope`, wrapped under the current key of

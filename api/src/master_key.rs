@@ -12,7 +12,7 @@ use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use ekm_domain::{MasterKeyRef, Provider, ScopeKind, Tier};
+use ekm_domain::{MasterKeyRef, Provider, Tier};
 use ekm_projections::ScopeSnapshot;
 use ekm_store::time::{from_micros, rfc3339};
 use serde::Deserialize;
@@ -22,7 +22,7 @@ use crate::app::Action;
 use crate::context::Caller;
 use crate::dto::JsonBody;
 use crate::error::{master_key_unusable, ApiError};
-use crate::routes::{etag, expected_version, path_text, reason, visible_scope};
+use crate::routes::{etag, expected_version, reason, visible_org};
 use crate::state::AppState;
 
 #[derive(Debug, Deserialize)]
@@ -33,21 +33,6 @@ pub struct MasterKeyRequest {
     pub region: Option<String>,
     pub endpoint_url: Option<String>,
     pub reason: Option<String>,
-}
-
-async fn organization(
-    state: &AppState,
-    caller: &Caller,
-    path: Result<Path<String>, PathRejection>,
-    permission: ekm_domain::Permission,
-) -> Result<ScopeSnapshot, ApiError> {
-    let org = visible_scope(state, caller, &path_text(path)?, permission).await?;
-    if org.scope.kind != ScopeKind::Organization {
-        return Err(ApiError::not_found(
-            "no organization with this id is visible to this token",
-        ));
-    }
-    Ok(org)
 }
 
 /// `PUT /v1/orgs/{org}/master-key {"provider", "key_id", "region"?, "endpoint_url"?}`.
@@ -83,7 +68,7 @@ pub async fn set(
         ),
     };
     let reason = reason(body.reason.as_deref(), false)?;
-    let org = organization(
+    let org = visible_org(
         &state,
         &caller,
         path,
@@ -147,7 +132,7 @@ pub async fn show(
     caller: Caller,
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
-    let org = organization(
+    let org = visible_org(
         &state,
         &caller,
         path,

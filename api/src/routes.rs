@@ -134,6 +134,38 @@ pub(crate) async fn visible_scope(
     }
 }
 
+/// Refuses a query string with a parameter outside `allowed`, naming it.
+pub(crate) fn check_keys(
+    query: &HashMap<String, String>,
+    allowed: &[&str],
+) -> Result<(), ApiError> {
+    match query.keys().find(|k| !allowed.contains(&k.as_str())) {
+        Some(unknown) => Err(ApiError::invalid(format!(
+            "unknown query parameter `{}` (expected {})",
+            unknown.chars().take(64).collect::<String>(),
+            allowed.join(", ")
+        ))),
+        None => Ok(()),
+    }
+}
+
+pub(crate) const ORG_NOT_FOUND: &str = "no organization with this id is visible to this token";
+
+/// The organization named in the path, like `visible_scope`, and 404 for a scope that is
+/// not an organization.
+pub(crate) async fn visible_org(
+    state: &AppState,
+    caller: &Caller,
+    path: Result<Path<String>, PathRejection>,
+    permission: Permission,
+) -> Result<ScopeSnapshot, ApiError> {
+    let org = visible_scope(state, caller, &path_text(path)?, permission).await?;
+    if org.scope.kind != ScopeKind::Organization {
+        return Err(ApiError::not_found(ORG_NOT_FOUND));
+    }
+    Ok(org)
+}
+
 fn parse_field<T: std::str::FromStr<Err = ekm_domain::ValueError>>(
     value: Option<&str>,
     default: T,
@@ -199,7 +231,7 @@ async fn get_org(
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
     let id = parse_scope_id(&path_text(path)?)?;
-    let not_found = || ApiError::not_found("no organization with this id is visible to this token");
+    let not_found = || ApiError::not_found(ORG_NOT_FOUND);
     let snapshot = state.app.scope(id).await?.ok_or_else(not_found)?;
     let visible = caller.is_operator() || Some(snapshot.scope.org_id) == caller.org();
     if !visible || snapshot.scope.kind != ScopeKind::Organization {
@@ -319,15 +351,7 @@ async fn list_children(
     query: Result<Query<HashMap<String, String>>, QueryRejection>,
 ) -> Result<Json<ListJson<ScopeJson>>, ApiError> {
     let Query(query) = query.map_err(|_| ApiError::invalid("the query string is not valid"))?;
-    if let Some(unknown) = query
-        .keys()
-        .find(|k| !["cursor", "limit"].contains(&k.as_str()))
-    {
-        return Err(ApiError::invalid(format!(
-            "unknown query parameter `{}` (expected cursor, limit)",
-            unknown.chars().take(64).collect::<String>()
-        )));
-    }
+    check_keys(&query, &["cursor", "limit"])?;
     let parent = visible_scope(
         &state,
         &caller,
@@ -395,12 +419,7 @@ fn is_dry_run(
     query: Result<Query<HashMap<String, String>>, QueryRejection>,
 ) -> Result<bool, ApiError> {
     let Query(query) = query.map_err(|_| ApiError::invalid("the query string is not valid"))?;
-    if let Some(unknown) = query.keys().find(|k| k.as_str() != "dry_run") {
-        return Err(ApiError::invalid(format!(
-            "unknown query parameter `{}` (expected dry_run)",
-            unknown.chars().take(64).collect::<String>()
-        )));
-    }
+    check_keys(&query, &["dry_run"])?;
     match query.get("dry_run").map(String::as_str) {
         None | Some("false") => Ok(false),
         Some("true") => Ok(true),
@@ -512,15 +531,7 @@ async fn state_as_of(
     query: Result<Query<HashMap<String, String>>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(query) = query.map_err(|_| ApiError::invalid("the query string is not valid"))?;
-    if let Some(unknown) = query
-        .keys()
-        .find(|k| !["at", "position"].contains(&k.as_str()))
-    {
-        return Err(ApiError::invalid(format!(
-            "unknown query parameter `{}` (expected at or position)",
-            unknown.chars().take(64).collect::<String>()
-        )));
-    }
+    check_keys(&query, &["at", "position"])?;
     let as_of = match (query.get("at"), query.get("position")) {
         (Some(at), None) => AsOf::Time(
             chrono::DateTime::parse_from_rfc3339(at)
@@ -573,18 +584,7 @@ async fn change_tier(
         .parse()
         .map_err(|e: ekm_domain::ValueError| ApiError::invalid(e.to_string()))?;
     let reason = reason(body.reason.as_deref(), false)?;
-    let org = visible_scope(
-        &state,
-        &caller,
-        &path_text(path)?,
-        Permission::EncryptionManage,
-    )
-    .await?;
-    if org.scope.kind != ScopeKind::Organization {
-        return Err(ApiError::not_found(
-            "no organization with this id is visible to this token",
-        ));
-    }
+    let org = visible_org(&state, &caller, path, Permission::EncryptionManage).await?;
     let expected = expected_version(&headers)?;
     let outcome = state
         .app
