@@ -122,14 +122,6 @@ async fn export_job(args: ExportArgs) -> anyhow::Result<ExitCode> {
     let format = Format::parse(&args.format).map_err(anyhow::Error::msg)?;
     let org = ekm_domain::OrgId::parse(&args.org).map_err(|e| anyhow::anyhow!("--org: {e}"))?;
     let db = open_for_reading(&args.db).await?;
-    let lagging = status(&db)
-        .await
-        .map_err(db_error)?
-        .into_iter()
-        .find(|s| s.name == "audit_log" && s.lag > 0);
-    if let Some(s) = lagging {
-        eprintln!("warning: the audit log is {} events behind the event log; start the server or run `ekm projections rebuild` to include them", s.lag);
-    }
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     out.write_all(format.header().as_bytes())?;
     let mut filter = AuditFilter {

@@ -343,7 +343,7 @@ async fn projections_on(url: &str, events: usize) -> anyhow::Result<()> {
     let mut after = 0i64;
     let mut raw = 0usize;
     loop {
-        let rows: Vec<(i64, String)> = sqlx::query_as("SELECT position, details FROM audit_log WHERE org_id = $1 AND position > $2 ORDER BY position LIMIT 1000")
+        let rows: Vec<(i64, String)> = sqlx::query_as("SELECT position, CAST(payload AS TEXT) FROM events WHERE audit_org = $1 AND position > $2 ORDER BY position LIMIT 1000")
             .bind(&big_org).bind(after).fetch_all(&pg.pool).await?;
         let Some(last) = rows.last() else { break };
         after = last.0;

@@ -108,6 +108,28 @@ pub enum ScopeEvent {
     },
 }
 
+/// Every audit action and the event type it names, one to one (a test checks it against
+/// `ScopeEvent::action`).
+pub const ACTIONS: &[(&str, &str)] = &[
+    ("org.create", "OrganizationCreated"),
+    ("scope.create", "ScopeCreated"),
+    ("scope.pause", "ScopePaused"),
+    ("scope.resume", "ScopeResumed"),
+    ("scope.revoke", "ScopeRevoked"),
+    ("scope.rotate", "ScopeKeyRotated"),
+    ("org.tier", "OrganizationTierChanged"),
+    ("scope.retire", "ScopeKeyVersionsRetired"),
+    ("org.master_key", "OrganizationMasterKeyChanged"),
+    (
+        "org.master_key_health",
+        "OrganizationMasterKeyHealthChanged",
+    ),
+    ("token.issue", "TokenIssued"),
+    ("token.revoke", "TokenRevoked"),
+    ("grant.add", "PermissionGranted"),
+    ("grant.remove", "PermissionRevoked"),
+];
+
 impl ScopeEvent {
     /// Every event type this aggregate has ever stored.
     pub const TYPES: [&'static str; 14] = [
@@ -149,6 +171,15 @@ impl ScopeEvent {
     }
 
     /// The audit action name of this event (`scope.pause`, ...).
+    /// The event type an audit action names (`scope.pause` → `ScopePaused`): each action is
+    /// exactly one event type.
+    pub fn type_of_action(action: &str) -> Option<&'static str> {
+        ACTIONS
+            .iter()
+            .find(|(a, _)| *a == action)
+            .map(|(_, event_type)| *event_type)
+    }
+
     pub fn action(&self) -> &'static str {
         match self {
             ScopeEvent::OrganizationCreated { .. } => "org.create",

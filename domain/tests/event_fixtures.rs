@@ -95,3 +95,17 @@ fn organization_created_v1_is_read_as_v2_without_an_admin_token_id() {
         other => panic!("upcast to {other:?}"),
     }
 }
+
+#[test]
+fn every_event_type_has_exactly_one_audit_action_and_back() {
+    assert_eq!(ekm_domain::events::ACTIONS.len(), ScopeEvent::TYPES.len());
+    for (event_type, version, payload) in fixtures() {
+        let event = load(&event_type, &version, payload);
+        assert_eq!(
+            ScopeEvent::type_of_action(event.action()),
+            Some(event_type.as_str()),
+            "{event_type} is filtered by its action"
+        );
+    }
+    assert_eq!(ScopeEvent::type_of_action("scope.explode"), None);
+}

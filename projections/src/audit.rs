@@ -1,16 +1,19 @@
 //! The audit log and its tamper-evidence seals.
 //!
-//! `AuditLog` writes one entry per event (a read model, rebuildable). `AuditChain` seals each
-//! event into a SHA-256 chain per organization when it is first projected; it is never
-//! rebuilt, so rebuilding from altered events cannot launder the alteration. `verify_chain`
-//! recomputes the chain from the events and names the first entry that differs.
+//! The audit log is the event log (ADR 0011): an entry is one scope event, read from the
+//! `events` table through the columns the database computes from each event for the filters
+//! (`audit_org`, `audit_path`, `audit_actor`, migration 0009). Nothing is projected, so there
+//! is nothing to rebuild and no lag. `AuditChain` seals each event into a SHA-256 chain per
+//! organization when it is first projected; it is never rebuilt, so rebuilding from altered
+//! events cannot launder the alteration. `verify_chain` recomputes the chain from the events
+//! and names the first entry that differs.
 
 use std::collections::{BTreeMap, HashMap};
 
 use chrono::{DateTime, Utc};
 use ekm_domain::metadata::EventMetadata;
 use ekm_domain::{Location, ScopeEvent};
-use ekm_store::time::{from_micros, rfc3339, to_micros};
+use ekm_store::time::rfc3339;
 use ekm_store::{Db, StoredEvent};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -139,70 +142,6 @@ fn on(scope: &Option<ekm_domain::ScopeId>) -> String {
         || "the whole organization".to_owned(),
         |s| format!("subtree {s}"),
     )
-}
-
-pub struct AuditLog;
-
-const ENTRY_COLUMNS: &[&str] = &[
-    "position",
-    "recorded_at",
-    "org_id",
-    "scope_id",
-    "scope_path",
-    "action",
-    "event_type",
-    "event_version",
-    "actor",
-    "actor_kind",
-    "reason",
-    "request_id",
-    "source_address",
-    "summary",
-    "details",
-];
-
-impl Projection for AuditLog {
-    fn name(&self) -> &'static str {
-        "audit_log"
-    }
-
-    fn tables(&self) -> &'static [&'static str] {
-        &["audit_log"]
-    }
-
-    fn statements(
-        &self,
-        stored: &StoredEvent,
-        _state: &mut ProjectionState,
-    ) -> Result<Vec<Statement>, ProjectionError> {
-        if stored.aggregate_type != "scope" {
-            return Ok(vec![]);
-        }
-        let event = stored.scope_event()?;
-        let metadata = EventMetadata::from_map(&stored.metadata);
-        let location = location(stored, &event, &metadata);
-        Ok(vec![Statement::Insert {
-            table: "audit_log",
-            columns: ENTRY_COLUMNS,
-            values: vec![
-                Param::Int(stored.position),
-                Param::Int(to_micros(stored.recorded_at)),
-                Param::Text(location.org_id),
-                Param::Text(stored.aggregate_id.clone()),
-                Param::Text(location.scope_path),
-                Param::Text(event.action().to_owned()),
-                Param::Text(stored.event_type.clone()),
-                Param::Text(stored.event_version.clone()),
-                Param::Text(metadata.actor.to_string()),
-                Param::Text(metadata.actor.kind.as_str().to_owned()),
-                Param::OptText(metadata.reason.map(|r| r.as_str().to_owned())),
-                Param::Text(metadata.request_id),
-                Param::OptText(metadata.source_address),
-                Param::Text(summary(&event)),
-                Param::Text(stored.payload.to_string()),
-            ],
-        }])
-    }
 }
 
 pub struct AuditChain;
@@ -336,16 +275,19 @@ pub struct AuditFilter {
 enum Bind {
     Text(String),
     Int(i64),
+    Time(DateTime<Utc>),
 }
+
+/// What an entry is read from: the event row and the columns computed for the filters.
+const ENTRY_SELECT: &str =
+    "SELECT position, recorded_at, audit_org, aggregate_type, aggregate_id, \
+     sequence, audit_path, event_type, event_version, CAST(payload AS TEXT) AS payload, \
+     CAST(metadata AS TEXT) AS metadata FROM events WHERE audit_org = $1";
 
 impl AuditFilter {
     fn sql(&self) -> (String, Vec<Bind>) {
         let mut binds = vec![Bind::Text(self.org_id.clone())];
-        let mut sql = String::from(
-            "SELECT position, recorded_at, org_id, scope_id, scope_path, action, event_type, \
-             event_version, actor, actor_kind, reason, request_id, source_address, summary, details \
-             FROM audit_log WHERE org_id = $1",
-        );
+        let mut sql = String::from(ENTRY_SELECT);
         let mut push = |clause: &str, bind: Bind, binds: &mut Vec<Bind>| {
             binds.push(bind);
             sql.push_str(&clause.replace('?', &format!("${}", binds.len())));
@@ -353,28 +295,34 @@ impl AuditFilter {
         if let Some(path) = &self.subtree {
             // The path itself and every path below it: ids have a fixed length, so after a
             // full path the next character is '/', and '0' is the character after '/'.
-            push(" AND scope_path >= ?", Bind::Text(path.clone()), &mut binds);
+            push(" AND audit_path >= ?", Bind::Text(path.clone()), &mut binds);
             push(
-                " AND scope_path < ?",
+                " AND audit_path < ?",
                 Bind::Text(format!("{path}0")),
                 &mut binds,
             );
         }
         if let Some(actor) = &self.actor {
-            push(" AND actor = ?", Bind::Text(actor.clone()), &mut binds);
-        }
-        if let Some(action) = &self.action {
-            push(" AND action = ?", Bind::Text(action.clone()), &mut binds);
-        }
-        if let Some(from) = self.from {
             push(
-                " AND recorded_at >= ?",
-                Bind::Int(to_micros(from)),
+                " AND audit_actor = ?",
+                Bind::Text(actor.clone()),
                 &mut binds,
             );
         }
+        if let Some(action) = &self.action {
+            // Each action is one event type; an unknown action matches nothing.
+            let event_type = ScopeEvent::type_of_action(action).unwrap_or("");
+            push(
+                " AND event_type = ?",
+                Bind::Text(event_type.to_owned()),
+                &mut binds,
+            );
+        }
+        if let Some(from) = self.from {
+            push(" AND recorded_at >= ?", Bind::Time(from), &mut binds);
+        }
         if let Some(to) = self.to {
-            push(" AND recorded_at < ?", Bind::Int(to_micros(to)), &mut binds);
+            push(" AND recorded_at < ?", Bind::Time(to), &mut binds);
         }
         if let Some(after) = self.after {
             push(" AND position > ?", Bind::Int(after), &mut binds);
@@ -385,28 +333,62 @@ impl AuditFilter {
     }
 }
 
+/// One entry from its event. A payload that no longer decodes still makes an entry (an
+/// auditor must see every event): its action is `unknown` and its summary says why.
+fn entry(stored: StoredEvent, org_id: String, path: String, payload: String) -> AuditEntry {
+    let metadata = EventMetadata::from_map(&stored.metadata);
+    let (action, summary) = match stored.scope_event() {
+        Ok(event) => (event.action().to_owned(), summary(&event)),
+        Err(e) => (
+            "unknown".to_owned(),
+            format!(
+                "the stored payload could not be read as a {} event: {e}",
+                stored.event_type
+            ),
+        ),
+    };
+    AuditEntry {
+        position: stored.position,
+        recorded_at: stored.recorded_at,
+        org_id,
+        scope_id: stored.aggregate_id,
+        scope_path: path.split('/').map(ToOwned::to_owned).collect(),
+        action,
+        event_type: stored.event_type,
+        event_version: stored.event_version,
+        actor: metadata.actor.to_string(),
+        actor_kind: metadata.actor.kind.as_str().to_owned(),
+        reason: metadata.reason.map(|r| r.as_str().to_owned()),
+        request_id: metadata.request_id,
+        source_address: metadata.source_address,
+        summary,
+        details: payload,
+    }
+}
+
 macro_rules! decode_entry {
-    ($row:expr) => {{
+    ($row:expr, $recorded_at:expr) => {{
         let row = $row;
-        let path: String = row.try_get("scope_path")?;
-        let details: String = row.try_get("details")?;
-        Ok::<_, ProjectionError>(AuditEntry {
-            position: row.try_get("position")?,
-            recorded_at: from_micros(row.try_get("recorded_at")?),
-            org_id: row.try_get("org_id")?,
-            scope_id: row.try_get("scope_id")?,
-            scope_path: path.split('/').map(ToOwned::to_owned).collect(),
-            action: row.try_get("action")?,
+        let position: i64 = row.try_get("position")?;
+        let payload: String = row.try_get("payload")?;
+        let metadata: String = row.try_get("metadata")?;
+        let stored = StoredEvent {
+            position,
+            recorded_at: $recorded_at,
+            aggregate_type: row.try_get("aggregate_type")?,
+            aggregate_id: row.try_get("aggregate_id")?,
+            sequence: row.try_get("sequence")?,
             event_type: row.try_get("event_type")?,
             event_version: row.try_get("event_version")?,
-            actor: row.try_get("actor")?,
-            actor_kind: row.try_get("actor_kind")?,
-            reason: row.try_get("reason")?,
-            request_id: row.try_get("request_id")?,
-            source_address: row.try_get("source_address")?,
-            summary: row.try_get("summary")?,
-            details,
-        })
+            payload: serde_json::from_str(&payload).unwrap_or(serde_json::Value::Null),
+            metadata: serde_json::from_str(&metadata).unwrap_or_default(),
+        };
+        Ok::<_, ProjectionError>(entry(
+            stored,
+            row.try_get("audit_org")?,
+            row.try_get("audit_path")?,
+            payload,
+        ))
     }};
 }
 
@@ -416,16 +398,50 @@ pub async fn audit_entries(
     filter: &AuditFilter,
 ) -> Result<Vec<AuditEntry>, ProjectionError> {
     let (sql, binds) = filter.sql();
-    ekm_store::with_read_pool!(db, pool => {
-        let mut query = sqlx::query(&sql);
-        for bind in binds {
-            query = match bind {
-                Bind::Text(v) => query.bind(v),
-                Bind::Int(v) => query.bind(v),
-            };
+    match db {
+        Db::Sqlite(db) => {
+            let mut query = sqlx::query(&sql);
+            for bind in binds {
+                query = match bind {
+                    Bind::Text(v) => query.bind(v),
+                    Bind::Int(v) => query.bind(v),
+                    // As SQLite's trigger records it: milliseconds, `Z`.
+                    Bind::Time(v) => query.bind(v.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()),
+                };
+            }
+            query
+                .fetch_all(&db.read)
+                .await?
+                .into_iter()
+                .map(|row| {
+                    let text: String = row.try_get("recorded_at")?;
+                    let at = DateTime::parse_from_rfc3339(&text)
+                        .map(|t| t.with_timezone(&Utc))
+                        .unwrap_or_default();
+                    decode_entry!(row, at)
+                })
+                .collect()
         }
-        query.fetch_all(pool).await?.into_iter().map(|row| decode_entry!(row)).collect()
-    })
+        Db::Postgres(db) => {
+            let mut query = sqlx::query(&sql);
+            for bind in binds {
+                query = match bind {
+                    Bind::Text(v) => query.bind(v),
+                    Bind::Int(v) => query.bind(v),
+                    Bind::Time(v) => query.bind(v),
+                };
+            }
+            query
+                .fetch_all(&db.pool)
+                .await?
+                .into_iter()
+                .map(|row| {
+                    let at: DateTime<Utc> = row.try_get("recorded_at")?;
+                    decode_entry!(row, at)
+                })
+                .collect()
+        }
+    }
 }
 
 /// What went wrong at the first bad entry of a chain.

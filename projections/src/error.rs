@@ -12,6 +12,8 @@ pub enum ProjectionError {
     ArraysOnSqlite,
     #[error("another rebuild is running on this database; wait for it to finish")]
     RebuildRunning,
+    #[error("the task reading the event log ahead of the rebuild stopped unexpectedly")]
+    ReaderStopped,
     #[error("read model row for scope {id} is malformed: {problem}")]
     MalformedRow { id: String, problem: String },
 }

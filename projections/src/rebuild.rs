@@ -90,7 +90,8 @@ pub async fn rebuild(
             reset_in_place(db).await?;
             let projector = Projector::new(db.clone(), rebuildable(), config);
             projector.init().await?;
-            projector.catch_up_reporting(progress).await?
+            // The CLI holds the data directory's lock: nothing else advances the projector.
+            projector.catch_up_prefetching(progress).await?
         }
         Db::Postgres(live) => rebuild_aside(live, aside_config, progress).await?,
     };
@@ -106,6 +107,7 @@ pub async fn rebuild(
 /// position each reached (events may commit meanwhile, so they can differ).
 async fn catch_up_all(
     projectors: &[Projector],
+    prefetch: bool,
     progress: &mut (dyn FnMut(i64, i64) + Send),
 ) -> Result<Vec<i64>, ProjectionError> {
     let reached: Vec<std::sync::atomic::AtomicI64> = projectors
@@ -128,7 +130,11 @@ async fn catch_up_all(
                     (*progress)(slowest, head);
                 }
             };
-            projector.catch_up_reporting(&mut report).await
+            if prefetch {
+                projector.catch_up_prefetching(&mut report).await
+            } else {
+                projector.catch_up_reporting(&mut report).await
+            }
         }
     });
     futures_util::future::try_join_all(runs).await
@@ -234,9 +240,12 @@ async fn rebuild_aside_locked(
         }
     }
     // A pool whose unqualified names find the aside tables first, and `events` in public.
-    let options = (*pool.connect_options())
-        .clone()
-        .options([("search_path", format!("{ASIDE},public"))]);
+    // Its commits need not wait for the disk: an interrupted rebuild's tables are thrown
+    // away, and the swap (on the live pool) is an ordinary durable commit.
+    let options = (*pool.connect_options()).clone().options([
+        ("search_path", format!("{ASIDE},public")),
+        ("synchronous_commit", "off".to_owned()),
+    ]);
     let aside_pool = PgPoolOptions::new()
         .max_connections(4)
         .connect_with(options)
@@ -255,7 +264,7 @@ async fn rebuild_aside_locked(
         aside.init().await?;
     }
     let phase = Instant::now();
-    catch_up_all(&asides, progress).await?;
+    catch_up_all(&asides, true, progress).await?;
     tracing::info!(
         seconds = phase.elapsed().as_secs_f64(),
         "rebuild: read models replayed aside"
@@ -315,7 +324,7 @@ async fn rebuild_aside_locked(
         .execute(&mut *tx)
         .await?;
     }
-    let positions = catch_up_all(&asides, progress).await?;
+    let positions = catch_up_all(&asides, false, progress).await?;
     for table in &read_models {
         sqlx::query(&format!("ALTER TABLE public.{table} SET SCHEMA {RETIRED}"))
             .execute(&mut *tx)

@@ -212,6 +212,9 @@ pub fn merge(statements: Vec<Statement>, dialect: Dialect) -> Vec<Prepared> {
     let mut update_index: HashMap<RowKey, usize> = HashMap::new();
     let mut deletes: Vec<((&'static str, &'static str), Vec<Param>)> = vec![];
     let mut raw: Vec<Prepared> = vec![];
+    // Rows this batch inserts, by (table, first column, its value): an update of such a row
+    // is folded into the inserted values instead of becoming an UPDATE of its own.
+    let mut inserted: HashMap<RowKey, (usize, usize)> = HashMap::new();
     for statement in statements {
         match statement {
             Statement::Insert {
@@ -219,13 +222,21 @@ pub fn merge(statements: Vec<Statement>, dialect: Dialect) -> Vec<Prepared> {
                 columns,
                 values,
             } => {
-                match inserts
-                    .iter_mut()
-                    .find(|(shape, _)| *shape == (table, columns))
+                let group = match inserts
+                    .iter()
+                    .position(|(shape, _)| *shape == (table, columns))
                 {
-                    Some((_, rows)) => rows.push(values),
-                    None => inserts.push(((table, columns), vec![values])),
+                    Some(group) => group,
+                    None => {
+                        inserts.push(((table, columns), vec![]));
+                        inserts.len() - 1
+                    }
+                };
+                if let (Some(column), Some(key)) = (columns.first(), values.first()) {
+                    let row = inserts[group].1.len();
+                    inserted.insert((table, *column, key.clone()), (group, row));
                 }
+                inserts[group].1.push(values);
             }
             Statement::Raw { sql, params } => raw.push(Prepared {
                 sql: sql.to_owned(),
@@ -251,6 +262,25 @@ pub fn merge(statements: Vec<Statement>, dialect: Dialect) -> Vec<Prepared> {
                 values,
             } => {
                 let row_key = (table, key_column, key);
+                let mut columns: Vec<&'static str> = columns.to_vec();
+                let mut values = values;
+                if let Some(&(group, row)) = inserted.get(&row_key) {
+                    let (shape, rows) = &mut inserts[group];
+                    let mut rest = (vec![], vec![]);
+                    for (column, value) in columns.into_iter().zip(values) {
+                        match shape.1.iter().position(|c| *c == column) {
+                            Some(i) => rows[row][i] = value,
+                            None => {
+                                rest.0.push(column);
+                                rest.1.push(value);
+                            }
+                        }
+                    }
+                    if rest.0.is_empty() {
+                        continue;
+                    }
+                    (columns, values) = rest;
+                }
                 let index = *update_index.entry(row_key.clone()).or_insert_with(|| {
                     updates.push((row_key, vec![]));
                     updates.len() - 1
@@ -460,15 +490,58 @@ mod tests {
                 columns: &["id", "a"],
                 values: vec![Param::Text("x".into()), Param::Int(1)],
             },
-            update("x", &["a", "b"], vec![2, 3]),
+            update("z", &["a", "b"], vec![2, 3]),
             Statement::Insert {
                 table: "t",
                 columns: &["id", "a"],
                 values: vec![Param::Text("y".into()), Param::Int(1)],
             },
-            update("x", &["a"], vec![4]),
-            update("y", &["a", "b"], vec![5, 6]),
+            update("z", &["a"], vec![4]),
+            update("w", &["a", "b"], vec![5, 6]),
         ]
+    }
+
+    #[test]
+    fn updates_of_rows_the_batch_inserts_fold_into_the_insert() {
+        let batch = vec![
+            Statement::Insert {
+                table: "t",
+                columns: &["id", "a"],
+                values: vec![Param::Text("x".into()), Param::Int(1)],
+            },
+            update("x", &["a", "b"], vec![2, 3]),
+            update("x", &["a"], vec![4]),
+            Statement::Insert {
+                table: "t",
+                columns: &["id", "a"],
+                values: vec![Param::Text("y".into()), Param::Int(1)],
+            },
+            update("y", &["a"], vec![5]),
+        ];
+        let merged = merge(batch, Dialect::Sqlite);
+        assert_eq!(merged.len(), 2);
+        assert_eq!(
+            merged[0].sql,
+            "INSERT INTO t (id, a) VALUES ($1, $2), ($3, $4)"
+        );
+        assert_eq!(
+            merged[0].params,
+            vec![
+                Param::Text("x".into()),
+                Param::Int(4),
+                Param::Text("y".into()),
+                Param::Int(5),
+            ]
+        );
+        // `b` is not among the inserted columns: it stays an update, of `x` only.
+        assert_eq!(
+            merged[1].sql,
+            "UPDATE t SET b = u.column2 FROM (VALUES ($1, $2)) AS u WHERE t.id = u.column1"
+        );
+        assert_eq!(
+            merged[1].params,
+            vec![Param::Text("x".into()), Param::Int(3)]
+        );
     }
 
     #[test]
@@ -486,10 +559,10 @@ mod tests {
         assert_eq!(
             merged[1].params,
             vec![
-                Param::Text("x".into()),
+                Param::Text("z".into()),
                 Param::Int(4),
                 Param::Int(3),
-                Param::Text("y".into()),
+                Param::Text("w".into()),
                 Param::Int(5),
                 Param::Int(6),
             ]
@@ -519,7 +592,7 @@ mod tests {
         assert_eq!(
             merged[1].params,
             vec![
-                Param::TextArray(vec![Some("x".into()), Some("y".into())]),
+                Param::TextArray(vec![Some("z".into()), Some("w".into())]),
                 Param::IntArray(vec![Some(4), Some(5)]),
                 Param::IntArray(vec![Some(3), Some(6)]),
             ]

@@ -27,9 +27,9 @@ const TABLES: [(&str, &str, &str); 3] = [
     ),
     ("key_version_view", "scope_id, version, created_at, created_position", "scope_id, version"),
     (
-        "audit_log",
-        "position, recorded_at, org_id, scope_id, scope_path, action, event_type, event_version, actor, actor_kind, reason, request_id, source_address, summary, details",
-        "position",
+        "grants_view",
+        "org_id, principal, permission, scope_id, granted_position, granted_at, granted_by",
+        "granted_position",
     ),
 ];
 
@@ -127,7 +127,7 @@ async fn rebuild_yields_exactly_the_live_read_models(backend: Backend) {
     random_history(&app.app, 7, 400).await;
     random_history(&app.app, 8, 100).await;
     let live = dump(&app.db).await;
-    assert!(live.len() > 250, "a long history: {} rows", live.len());
+    assert!(live.len() > 120, "a long history: {} rows", live.len());
     let seals_before: i64 = count(&app.db, "audit_chain").await;
 
     match backend {
@@ -154,7 +154,7 @@ async fn rebuild_yields_exactly_the_live_read_models(backend: Backend) {
             server_db.close().await;
             let db = Db::open(&config).await.unwrap();
             let report = rebuild(&db, &mut |_, _| {}).await.unwrap();
-            assert_eq!(report.projections, ["scope_tree", "audit_log"]);
+            assert_eq!(report.projections, ["scope_tree"]);
             assert_eq!(dump(&db).await, live);
             db.close().await;
         }
@@ -209,12 +209,19 @@ async fn interrupted_catch_up_resumes_without_loss_or_duplicates(backend: Backen
 
     // Forget the read models, then catch up again through many small crashes.
     let db = Db::open(&config).await.unwrap();
-    for (table, _, _) in TABLES {
+    // The seals too (here only: they are never rebuilt): they are one row per scope event,
+    // so they show whether a crash left a batch half-written.
+    for table in TABLES.iter().map(|t| t.0).chain(["audit_chain"]) {
         crate::audit::exec(&db, &format!("DELETE FROM {table}")).await;
     }
     crate::audit::exec(
         &db,
-        "UPDATE projection_checkpoints SET position = 0 WHERE name IN ('scope_tree', 'audit_log')",
+        "DELETE FROM projection_state WHERE projection = 'audit_chain'",
+    )
+    .await;
+    crate::audit::exec(
+        &db,
+        "UPDATE projection_checkpoints SET position = 0 WHERE name IN ('scope_tree', 'audit_chain')",
     )
     .await;
     let head = db.head_position().await.unwrap();
@@ -237,7 +244,7 @@ async fn interrupted_catch_up_resumes_without_loss_or_duplicates(backend: Backen
         // Whatever was committed is whole: rows match the checkpoint exactly.
         let audit_checkpoint = checkpoints
             .iter()
-            .find(|(n, _)| n == "audit_log")
+            .find(|(n, _)| n == "audit_chain")
             .unwrap()
             .1;
         let scope_events: i64 = db
@@ -247,7 +254,7 @@ async fn interrupted_catch_up_resumes_without_loss_or_duplicates(backend: Backen
             .iter()
             .filter(|e| e.aggregate_type == "scope" && e.position <= audit_checkpoint)
             .count() as i64;
-        assert_eq!(count(&db, "audit_log").await, scope_events);
+        assert_eq!(count(&db, "audit_chain").await, scope_events);
         match outcome {
             Some(result) => {
                 assert_eq!(result.unwrap(), head);
