@@ -1,0 +1,138 @@
+//! The endpoints the admin console relies on: `/v1/me` and the name search.
+
+use reqwest::StatusCode;
+use serde_json::json;
+
+use crate::harness::{Backend, TestApp};
+use crate::on_both_backends;
+
+// ---------------------------------------------------------------------------------------
+// The endpoints the console relies on.
+
+async fn me_describes_the_token(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let (org, admin) = app.org_with("enterprise", "managed").await;
+    let team = app.scope(&admin, "team", "research", &org).await;
+    let me = app.get("/v1/me", &admin).await;
+    assert_eq!(me.status, StatusCode::OK, "{}", me.body);
+    assert_eq!(me.body["org_id"], org.as_str());
+    assert_eq!(me.body["role"], "org_admin");
+    assert_eq!(me.body["principal"], "admin");
+    assert!(me.body["token_id"].is_string());
+    let permissions = me.body["permissions"].as_array().unwrap();
+    assert!(permissions.contains(&json!("encryption:manage")));
+    assert!(!permissions.contains(&json!("data:use")));
+
+    // A member sees the grants that make it a team admin, and no organization-wide right.
+    let member = app.token(&admin, &org, "team-lead", "member").await;
+    app.grant(&admin, &org, "team-lead", "encryption:manage", Some(&team))
+        .await;
+    let me = app.get("/v1/me", &member).await;
+    assert_eq!(me.body["role"], "member");
+    assert_eq!(me.body["permissions"], json!([]));
+    assert_eq!(
+        me.body["grants"],
+        json!([{"permission": "encryption:manage", "scope_id": team}])
+    );
+
+    let operator = app.get("/v1/me", &app.operator_token).await;
+    assert_eq!(operator.status, StatusCode::OK);
+    assert_eq!(operator.body["role"], "operator");
+    assert_eq!(operator.body["org_id"], json!(null));
+    app.call("GET", "/v1/me", None, None)
+        .await
+        .assert_problem(401, "unauthorized");
+    app.stop().await;
+}
+on_both_backends!(me_describes_the_token);
+
+async fn search_finds_names_the_caller_may_view(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let (org, admin) = app.org_with("enterprise", "managed").await;
+    let research = app.scope(&admin, "team", "Research", &org).await;
+    let sales = app.scope(&admin, "team", "sales", &org).await;
+    let plans = app
+        .scope(&admin, "thread", "research plans", &research)
+        .await;
+    app.scope(&admin, "thread", "100%_done", &sales).await;
+    app.scope(&admin, "thread", "pipeline", &sales).await;
+    let names = |response: &crate::harness::Response| -> Vec<String> {
+        response.body["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let search = format!("/v1/orgs/{org}/scopes");
+
+    // Case-insensitive substring, with the cascade resolved like any scope JSON.
+    app.pause(&admin, &research).await;
+    let found = app.get(&format!("{search}?q=RESEARCH"), &admin).await;
+    assert_eq!(found.status, StatusCode::OK, "{}", found.body);
+    assert_eq!(names(&found), ["Research", "research plans"]);
+    assert_eq!(found.body["items"][1]["effective_state"], "paused");
+    assert_eq!(
+        found.body["items"][1]["cause"]["scope_id"],
+        research.as_str()
+    );
+
+    // LIKE's wildcards are plain characters.
+    let percent = app.get(&format!("{search}?q=%25_"), &admin).await;
+    assert_eq!(names(&percent), ["100%_done"]);
+
+    // Pages of one, in id order, until there is no cursor.
+    let mut seen = vec![];
+    let mut cursor: Option<String> = None;
+    loop {
+        let mut path = format!("{search}?limit=1");
+        if let Some(c) = &cursor {
+            path.push_str(&format!("&cursor={c}"));
+        }
+        let page = app.get(&path, &admin).await;
+        assert_eq!(page.status, StatusCode::OK, "{}", page.body);
+        seen.extend(names(&page));
+        match page.body["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => break,
+        }
+    }
+    assert_eq!(seen.len(), 6, "{seen:?}");
+
+    // A member with a grant on one team finds only that subtree.
+    let member = app.token(&admin, &org, "viewer", "member").await;
+    app.grant(&admin, &org, "viewer", "encryption:view", Some(&research))
+        .await;
+    let scoped = app.get(&search, &member).await;
+    assert_eq!(names(&scoped), ["Research", "research plans"]);
+    assert_eq!(scoped.body["items"][1]["id"], plans.as_str());
+
+    // Refusals.
+    let (other_org, other_admin) = app.org_with("enterprise", "managed").await;
+    app.get(&search, &other_admin)
+        .await
+        .assert_problem(404, "not_found");
+    app.get(&format!("/v1/orgs/{other_org}/scopes"), &admin)
+        .await
+        .assert_problem(404, "not_found");
+    app.get(&search, &app.operator_token)
+        .await
+        .assert_problem(403, "forbidden");
+    for bad in [
+        "?limit=0",
+        "?limit=abc",
+        "?cursor=nope",
+        "?sort=name",
+        &format!("?q={}", "a".repeat(201)),
+        "?q=%07",
+    ] {
+        app.get(&format!("{search}{bad}"), &admin)
+            .await
+            .assert_problem(400, "invalid_request");
+    }
+    app.get("/v1/orgs/not-a-uuid/scopes", &admin)
+        .await
+        .assert_problem(400, "invalid_request");
+    app.stop().await;
+}
+on_both_backends!(search_finds_names_the_caller_may_view);
