@@ -192,6 +192,9 @@ fn rows() -> Vec<Row> {
                 ok(200),
             ],
         ),
+        // The console's files: public, they hold no data.
+        row("GET", "/console", None, public),
+        row("GET", "/console/{asset}", None, public),
         // Admins manage encryption; using keys needs data:use, granted like any other.
         row(
             "POST",
@@ -405,6 +408,8 @@ async fn request(app: &TestApp, world: &World, row: &Row, index: usize) -> (Stri
         ("GET", "/v1/audit/verify") => (format!("/v1/audit/verify?org={org}"), None),
         ("GET", "/v1/me") => ("/v1/me".into(), None),
         ("GET", "/v1/orgs/{org}/scopes") => (format!("/v1/orgs/{org}/scopes?q=t"), None),
+        ("GET", "/console") => ("/console".into(), None),
+        ("GET", "/console/{asset}") => ("/console/app.js".into(), None),
         ("POST", "/v1/scopes/{id}/encrypt") => (
             format!("/v1/scopes/{thread}/encrypt"),
             Some(json!({"plaintext": "aGVsbG8=", "class": "messages"})),

@@ -1,10 +1,61 @@
-//! The endpoints the admin console relies on: `/v1/me` and the name search.
+//! The admin console: its files and headers, and the endpoints it relies on (`/v1/me`, the
+//! name search).
 
 use reqwest::StatusCode;
 use serde_json::json;
 
 use crate::harness::{Backend, TestApp};
 use crate::on_both_backends;
+
+// ---------------------------------------------------------------------------------------
+// Files and headers.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_files_are_served_with_a_strict_policy() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    for (path, content_type) in [
+        ("/console", "text/html; charset=utf-8"),
+        ("/console/app.js", "text/javascript; charset=utf-8"),
+        ("/console/style.css", "text/css; charset=utf-8"),
+    ] {
+        let response = app
+            .client
+            .get(format!("{}{path}", app.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK, "{path}");
+        let header = |name: &str| {
+            response
+                .headers()
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_owned()
+        };
+        assert_eq!(header("content-type"), content_type, "{path}");
+        assert_eq!(header("x-content-type-options"), "nosniff", "{path}");
+        assert_eq!(header("cache-control"), "no-cache", "{path}");
+        let csp = header("content-security-policy");
+        assert!(csp.contains("default-src 'none'"), "{csp}");
+        assert!(csp.contains("script-src 'self'"), "{csp}");
+        assert!(!csp.contains("unsafe-inline") && !csp.contains("unsafe-eval"));
+        assert!(csp.contains("frame-ancestors 'none'"), "{csp}");
+        let body = response.text().await.unwrap();
+        // Nothing from elsewhere: the console works offline.
+        assert!(
+            !body.contains("http://") && !body.contains("https://"),
+            "{path}"
+        );
+        if path == "/console" {
+            assert!(!body.contains("<script>"), "no inline script");
+            assert!(!body.contains("style="), "no inline style");
+        }
+    }
+    let missing = app.get("/console/secrets.txt", "").await;
+    missing.assert_problem(404, "not_found");
+    app.stop().await;
+}
 
 // ---------------------------------------------------------------------------------------
 // The endpoints the console relies on.
