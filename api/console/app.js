@@ -3,6 +3,7 @@
 
 const TOKEN_KEY = "ekm.token";
 const PAGE = 50;
+const REQUEST_TIMEOUT_MS = 30000;
 const $ = (id) => document.getElementById(id);
 
 const session = { me: null, org: null, selected: null, expanded: new Set() };
@@ -28,7 +29,8 @@ function describeProblem(status, problem) {
 
 async function api(method, path, body) {
   const headers = { Authorization: `Bearer ${sessionStorage.getItem(TOKEN_KEY) || ""}` };
-  const init = { method, headers, cache: "no-store" };
+  // A request that hangs ends with a message instead of a button disabled for ever.
+  const init = { method, headers, cache: "no-store", signal: AbortSignal.timeout(REQUEST_TIMEOUT_MS) };
   if (body !== undefined) {
     headers["Content-Type"] = "application/json";
     init.body = JSON.stringify(body);
@@ -36,7 +38,10 @@ async function api(method, path, body) {
   let response;
   try {
     response = await fetch(path, init);
-  } catch (_) {
+  } catch (error) {
+    if (error && error.name === "TimeoutError") {
+      throw new Error(`The EKM server did not answer within ${REQUEST_TIMEOUT_MS / 1000} seconds. Try again.`);
+    }
     throw new Error("Could not reach the EKM server. Check the connection and try again.");
   }
   if (response.status === 401 && path !== "/v1/me") {
@@ -292,15 +297,31 @@ async function loadChildren(li, id, cursor, list) {
   }
 }
 
+// The organization, or, for a token that may view only some subtrees, those subtrees.
 async function loadTree() {
-  const org = await json("GET", `/v1/scopes/${session.me.org_id}`);
-  const root = scopeNode(org);
-  $("tree").replaceChildren(root);
-  session.expanded.add(org.id);
-  await loadChildren(root, org.id);
-  const toggle = root.querySelector(":scope > .row > .toggle");
-  toggle.setAttribute("aria-expanded", "true");
-  toggle.textContent = "Hide children";
+  let roots;
+  if (holds("encryption:view", [session.me.org_id])) {
+    roots = [await json("GET", `/v1/scopes/${session.me.org_id}`)];
+  } else {
+    const ids = [...new Set(session.me.grants
+      .filter((g) => g.scope_id && (g.permission === "encryption:view" || g.permission === "encryption:manage"))
+      .map((g) => g.scope_id))];
+    roots = [];
+    for (const id of ids) roots.push(await json("GET", `/v1/scopes/${id}`));
+  }
+  const tree = $("tree");
+  tree.replaceChildren(...roots.map(scopeNode));
+  if (roots.length === 0) {
+    tree.append(el("li", { class: "empty" }, "This token may not view any scope. An org admin can grant encryption:view."));
+  }
+  for (const scope of roots) {
+    const toggle = tree.querySelector(`[data-scope-id="${scope.id}"] > .row > .toggle`);
+    if (!toggle || (roots.length > 1 && !session.expanded.has(scope.id))) continue;
+    session.expanded.add(scope.id);
+    await loadChildren(toggle.closest("li"), scope.id);
+    toggle.setAttribute("aria-expanded", "true");
+    toggle.textContent = "Hide children";
+  }
 }
 
 async function search(cursor) {
@@ -426,6 +447,7 @@ async function submitAction() {
   session.selected = result;
   renderDetail(result);
   await loadTree();
+  $("detail-panel").focus();
 }
 
 async function stateAt() {

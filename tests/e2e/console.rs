@@ -631,3 +631,53 @@ async fn console_connects_a_master_key_step_by_step() {
     drop(driver);
     app.stop().await;
 }
+
+/// A member who may only view one team sees that team as the root of its tree, nothing
+/// else, and no action it could not take.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn console_shows_a_team_viewer_only_its_team_and_no_actions() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let (org, admin) = app.org_with("enterprise", "managed").await;
+    let team = app.scope(&admin, "team", "research", &org).await;
+    let thread = app.scope(&admin, "thread", "launch plans", &team).await;
+    let sales = app.scope(&admin, "team", "sales", &org).await;
+    let viewer = app.token(&admin, &org, "auditor", "member").await;
+    app.grant(&admin, &org, "auditor", "encryption:view", Some(&team))
+        .await;
+
+    let driver = Driver::start();
+    let page = Page {
+        client: driver.browser().await,
+        name: "viewer",
+    };
+    page.client
+        .goto(&format!("{}/console", app.base))
+        .await
+        .unwrap();
+    page.type_into("#token", &format!("{viewer}\u{E007}")).await;
+    page.wait_text("#who", &["auditor", "member"]).await;
+    page.wait_text(&format!("{} > .row", node(&thread)), &["launch plans"])
+        .await;
+    let roots = page
+        .eval("[...document.querySelectorAll('#tree > li')].map(li => li.dataset.scopeId)")
+        .await;
+    assert_eq!(roots, json!([team]));
+    assert_eq!(
+        page.eval(&format!(
+            "document.querySelector('[data-scope-id=\"{sales}\"]') === null"
+        ))
+        .await,
+        json!(true)
+    );
+    page.click(&format!("{} > .row .select", node(&team))).await;
+    page.wait_text("#manage-note", &["not manage"]).await;
+    page.wait_true(
+        "every action is disabled",
+        "[...document.querySelectorAll('#detail-actions button')].every(b => b.disabled)",
+    )
+    .await;
+    page.screenshot("01-team-viewer").await;
+    let _ = page.client.close().await;
+    drop(driver);
+    app.stop().await;
+}
