@@ -476,6 +476,7 @@ async function loadMasterKey() {
   dl.replaceChildren();
   if (session.org) fact(dl, "Plan", session.org.plan);
   fact(dl, "Tier", key.tier);
+  $("tier-select").value = key.tier === "byok" ? "managed" : key.tier;
   fact(dl, "Provider", key.provider === "local" ? "platform key (local)" : key.provider);
   if (key.key_id) fact(dl, "Key", key.key_id);
   if (key.region) fact(dl, "Region", key.region);
@@ -483,6 +484,17 @@ async function loadMasterKey() {
   if (key.detail) fact(dl, "Detail", key.detail);
   if (key.status_since) fact(dl, "Since", formatTime(key.status_since));
   fact(dl, "Last check", key.last_check ? `${formatTime(key.last_check.at)}: ${key.last_check.ok ? "ok" : "failed"}${key.last_check.detail ? ` — ${key.last_check.detail}` : ""}` : "never");
+}
+
+async function changeTier() {
+  const tier = $("tier-select").value;
+  const reason = $("tier-reason").value.trim();
+  if (!reason) throw new Error("Give a reason: it is kept in the audit log.");
+  const result = await json("PUT", `/v1/orgs/${session.me.org_id}/tier`, { tier, reason });
+  session.org = result;
+  say(result.changed === false ? `The tier was already ${tier}.` : `Tier changed to ${result.tier}.`);
+  $("tier-reason").value = "";
+  await loadMasterKey();
 }
 
 function showSteps(failure) {
@@ -651,6 +663,10 @@ function wire() {
     busy($("state-at-button"), stateAt);
   });
   on("mk-refresh", "click", () => busy($("mk-refresh"), loadMasterKey));
+  on("tier-form", "submit", (event) => {
+    event.preventDefault();
+    busy($("tier-submit"), changeTier);
+  });
   on("mk-form", "submit", (event) => {
     event.preventDefault();
     busy($("mk-submit"), connectMasterKey);

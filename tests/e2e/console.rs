@@ -507,6 +507,35 @@ async fn console_flow_in_a_real_browser(backend: Backend) {
     page.wait_text(&format!("{} > .row", node(&team)), &["own: revoked"])
         .await;
     page.screenshot("06-revoked").await;
+
+    // Time travel: before the organization existed there was no team; now it is revoked.
+    page.eval("(document.getElementById('state-at').value = '2020-01-01T00:00:00', true)")
+        .await;
+    page.click("#state-at-button").await;
+    page.wait_text("#state-at-form .form-error", &["did not exist yet"])
+        .await;
+    page.eval("(document.getElementById('state-at').value = '2099-01-01T00:00:00', true)")
+        .await;
+    page.click("#state-at-button").await;
+    page.wait_text(
+        "#state-at-result",
+        &[
+            "At 2099-01-01 00:00 UTC",
+            "own state revoked",
+            "project closed",
+        ],
+    )
+    .await;
+
+    // Every control has a label.
+    assert_eq!(
+        page.eval(
+            "[...document.querySelectorAll('input, select, textarea')]\
+             .filter(c => c.labels.length === 0).map(c => c.id)"
+        )
+        .await,
+        json!([])
+    );
     let revoked = app.get(&format!("/v1/scopes/{team}"), &admin).await;
     assert_eq!(revoked.body["own_state"], "revoked");
 
@@ -539,6 +568,16 @@ async fn console_flow_in_a_real_browser(backend: Backend) {
     page.wait_text("#mk-facts", &["managed", "platform key", "available"])
         .await;
     page.screenshot("08-master-key").await;
+    page.wait_visible("#tier-select")
+        .await
+        .select_by_value("default")
+        .await
+        .unwrap();
+    page.type_into("#tier-reason", "fewer classes").await;
+    page.click("#tier-submit").await;
+    page.wait_text("#status", &["Tier changed to default"])
+        .await;
+    page.wait_text("#mk-facts", &["default"]).await;
 
     // At 400% zoom (a 1280 px window seen as 320 CSS px) nothing needs sideways scrolling.
     page.click("[data-view=scopes]").await;
