@@ -44,6 +44,8 @@ const ASSETS: [Asset; 3] = [
 
 pub(crate) fn register(endpoints: &mut Endpoints) {
     endpoints.add(Verb::Get, "/console", index);
+    // The same page, for whoever types the trailing slash (its links are absolute).
+    endpoints.add(Verb::Get, "/console/", index);
     endpoints.add(Verb::Get, "/console/{asset}", asset);
 }
 

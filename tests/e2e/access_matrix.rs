@@ -194,6 +194,7 @@ fn rows() -> Vec<Row> {
         ),
         // The console's files: public, they hold no data.
         row("GET", "/console", None, public),
+        row("GET", "/console/", None, public),
         row("GET", "/console/{asset}", None, public),
         // Admins manage encryption; using keys needs data:use, granted like any other.
         row(
@@ -409,6 +410,7 @@ async fn request(app: &TestApp, world: &World, row: &Row, index: usize) -> (Stri
         ("GET", "/v1/me") => ("/v1/me".into(), None),
         ("GET", "/v1/orgs/{org}/scopes") => (format!("/v1/orgs/{org}/scopes?q=t"), None),
         ("GET", "/console") => ("/console".into(), None),
+        ("GET", "/console/") => ("/console/".into(), None),
         ("GET", "/console/{asset}") => ("/console/app.js".into(), None),
         ("POST", "/v1/scopes/{id}/encrypt") => (
             format!("/v1/scopes/{thread}/encrypt"),

@@ -22,6 +22,7 @@ async fn console_files_are_served_with_a_strict_policy() {
     let app = TestApp::spawn(Backend::Sqlite).await;
     for (path, content_type) in [
         ("/console", "text/html; charset=utf-8"),
+        ("/console/", "text/html; charset=utf-8"),
         ("/console/app.js", "text/javascript; charset=utf-8"),
         ("/console/style.css", "text/css; charset=utf-8"),
     ] {
@@ -54,7 +55,7 @@ async fn console_files_are_served_with_a_strict_policy() {
             !body.contains("http://") && !body.contains("https://"),
             "{path}"
         );
-        if path == "/console" {
+        if path.ends_with('/') || path == "/console" {
             assert!(!body.contains("<script>"), "no inline script");
             assert!(!body.contains("style="), "no inline style");
         }
