@@ -139,6 +139,9 @@ function describeCause(scope) {
   const state = scope.effective_state;
   const where = cause.scope_id === scope.id ? "here" : `by ${cause.scope_kind} ${cause.scope_name}`;
   let text = `${state} ${where}`;
+  if (state === "unavailable") {
+    text = `unavailable: the master key of ${cause.scope_kind} ${cause.scope_name} cannot be used`;
+  }
   if (cause.at) text += ` — ${formatTime(cause.at)}`;
   if (cause.actor) text += ` by ${actorName(cause.actor)}`;
   if (cause.reason) text += `: ${cause.reason}`;

@@ -673,7 +673,7 @@ async fn console_connects_a_master_key_step_by_step() {
 }
 
 /// A member who may only view one team sees that team as the root of its tree, nothing
-/// else, and no action it could not take.
+/// else, its children a page at a time, and no action it could not take.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn console_shows_a_team_viewer_only_its_team_and_no_actions() {
     let app = TestApp::spawn(Backend::Sqlite).await;
@@ -681,6 +681,11 @@ async fn console_shows_a_team_viewer_only_its_team_and_no_actions() {
     let team = app.scope(&admin, "team", "research", &org).await;
     let thread = app.scope(&admin, "thread", "launch plans", &team).await;
     let sales = app.scope(&admin, "team", "sales", &org).await;
+    // More children than one page holds.
+    for i in 0..54 {
+        app.scope(&admin, "thread", &format!("thread {i:02}"), &team)
+            .await;
+    }
     let viewer = app.token(&admin, &org, "auditor", "member").await;
     app.grant(&admin, &org, "auditor", "encryption:view", Some(&team))
         .await;
@@ -709,6 +714,18 @@ async fn console_shows_a_team_viewer_only_its_team_and_no_actions() {
         .await,
         json!(true)
     );
+    let children = format!("{} > ul > li.scope", node(&team));
+    let count = format!("document.querySelectorAll('{children}').length");
+    assert_eq!(page.eval(&count).await, json!(50));
+    page.click(&format!("{} > .more", node(&team))).await;
+    page.wait_true("the second page is listed", &format!("{count} === 55"))
+        .await;
+    page.wait_true(
+        "no more pages",
+        &format!("!document.querySelector('{} > .more')", node(&team)),
+    )
+    .await;
+
     page.click(&format!("{} > .row .select", node(&team))).await;
     page.wait_text("#manage-note", &["not manage"]).await;
     page.wait_true(
