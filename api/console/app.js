@@ -112,6 +112,10 @@ function el(tag, attrs = {}, ...children) {
   return node;
 }
 
+function plural(n, one, many) {
+  return `${n} ${n === 1 ? one : many}`;
+}
+
 function formatTime(at) {
   if (!at) return "";
   const date = new Date(at);
@@ -340,7 +344,7 @@ async function search(cursor) {
   const more = $("search-more");
   more.hidden = !page.next_cursor;
   more.dataset.cursor = page.next_cursor || "";
-  say(list.children.length === 0 ? `No scope name contains “${q}”.` : `${list.children.length} scopes found.`);
+  say(list.children.length === 0 ? `No scope name contains “${q}”.` : `${plural(list.children.length, "scope", "scopes")} found.`);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -372,8 +376,13 @@ function renderDetail(scope) {
   fact(dl, "Key versions", `${versions.length} (${live} live)`);
   fact(dl, "Created", formatTime(scope.created_at));
   const manage = holds("encryption:manage", scope.path);
-  for (const button of $("detail-actions").querySelectorAll("button")) button.disabled = !manage;
-  $("manage-note").hidden = manage;
+  const revoked = scope.effective_state === "revoked";
+  for (const button of $("detail-actions").querySelectorAll("button")) button.disabled = !manage || revoked;
+  const note = $("manage-note");
+  note.hidden = manage && !revoked;
+  note.textContent = revoked
+    ? "Revoked for good: no action is possible. Its state and history stay readable."
+    : "This token may view this scope but not manage it.";
   $("state-at-result").textContent = "";
 }
 
@@ -581,7 +590,7 @@ async function loadAudit(cursor) {
   const more = $("audit-more");
   more.hidden = !page.next_cursor;
   more.dataset.cursor = page.next_cursor || "";
-  say(`${rows.children.length} audit entries shown${page.next_cursor ? " (more available)" : ""}.`);
+  say(`${plural(rows.children.length, "audit entry", "audit entries")} shown${page.next_cursor ? " (more available)" : ""}.`);
 }
 
 // The token is a header, so a plain link cannot download: fetch, then save the Blob.
@@ -648,6 +657,7 @@ function wire() {
     $("search-results").hidden = true;
     $("tree-panel").hidden = false;
     $("search-q").value = "";
+    say("");
   });
   for (const button of $("detail-actions").querySelectorAll("button")) {
     button.addEventListener("click", () => busy(button, () => openAction(button.dataset.action)));

@@ -531,6 +531,12 @@ async fn console_flow_in_a_real_browser(backend: Backend) {
     .await;
     page.wait_text(&format!("{} > .row", node(&team)), &["own: revoked"])
         .await;
+    page.wait_text("#manage-note", &["Revoked for good"]).await;
+    page.wait_true(
+        "no action on a revoked scope",
+        "[...document.querySelectorAll('#detail-actions button')].every(b => b.disabled)",
+    )
+    .await;
     page.screenshot("06-revoked").await;
 
     // Time travel: before the organization existed there was no team; now it is revoked.
