@@ -221,6 +221,21 @@ impl App {
         Ok(self.inner.read.children(parent, after, limit).await?)
     }
 
+    /// Scopes of `org` whose name contains `needle`, rows only (see `ReadModels::search_names`).
+    pub async fn search_names(
+        &self,
+        org: OrgId,
+        needle: &str,
+        after: Option<ScopeId>,
+        limit: u32,
+    ) -> Result<Page<ekm_projections::ScopeRecord>, AppError> {
+        Ok(self
+            .inner
+            .read
+            .search_names(org, needle, after, limit)
+            .await?)
+    }
+
     /// Creates an organization and its first `org_admin` token (returned once).
     pub async fn create_org(
         &self,

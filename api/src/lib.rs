@@ -7,6 +7,7 @@
 pub mod access;
 pub mod app;
 pub mod audit;
+pub mod console;
 pub mod context;
 mod data_plane;
 pub mod dto;

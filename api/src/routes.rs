@@ -62,6 +62,8 @@ pub(crate) fn register(endpoints: &mut Endpoints) {
     endpoints.add(Get, "/v1/audit", crate::audit::list);
     endpoints.add(Get, "/v1/audit/export", crate::audit::export);
     endpoints.add(Get, "/v1/audit/verify", crate::audit::verify);
+    endpoints.add(Get, "/v1/me", me);
+    endpoints.add(Get, "/v1/orgs/{org}/scopes", search_scopes);
 }
 
 const SCOPE_NOT_FOUND: &str = "no scope with this id is visible to this token";
@@ -622,4 +624,99 @@ async fn retire(
     let reason = reason(body.reason.as_deref(), false)?;
     let action = Action::RetireKeyVersions(ekm_domain::KeyVersion::new(body.below));
     lifecycle(state, caller, path, &headers, action, reason).await
+}
+
+/// `GET /v1/me`: who this token is, so that a client (the console) knows its organization,
+/// role and grants without being told. Any valid token; the operator has no organization.
+async fn me(caller: Caller) -> Json<serde_json::Value> {
+    let principal = &caller.principal;
+    let grants: Vec<serde_json::Value> = principal
+        .grants
+        .iter()
+        .map(|grant| {
+            json!({
+                "permission": grant.permission.as_str(),
+                "scope_id": grant.scope.map(|s| s.to_string()),
+            })
+        })
+        .collect();
+    let role = match principal.role {
+        ekm_store::Role::Operator => "operator",
+        ekm_store::Role::Org(role) => role.as_str(),
+    };
+    // What the token holds on the whole organization (role and organization-wide grants);
+    // grants on a subtree are in `grants`.
+    let permissions: Vec<&str> = match caller.org() {
+        Some(org) => Permission::ALL
+            .into_iter()
+            .filter(|p| caller.holds(*p, &[org.scope_id()]))
+            .map(Permission::as_str)
+            .collect(),
+        None => vec![],
+    };
+    let kind = if caller.is_operator() {
+        "operator"
+    } else {
+        principal.kind.as_str()
+    };
+    Json(json!({
+        "org_id": caller.org().map(|o| o.to_string()),
+        "principal": if caller.is_operator() { "operator" } else { principal.principal.as_str() },
+        "kind": kind,
+        "role": role,
+        "token_id": principal.token_id,
+        "permissions": permissions,
+        "grants": grants,
+    }))
+}
+
+const MAX_QUERY_CHARS: usize = 200;
+
+/// `GET /v1/orgs/{org}/scopes?q=&limit=&cursor=`: the organization's scopes whose name
+/// contains `q` (case-insensitive), in id order, only those the caller may view. A page can
+/// hold fewer than `limit` items (even none) while `next_cursor` says there is more.
+async fn search_scopes(
+    State(state): State<AppState>,
+    caller: Caller,
+    path: Result<Path<String>, PathRejection>,
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+) -> Result<Json<ListJson<ScopeJson>>, ApiError> {
+    let Query(query) = query.map_err(|_| ApiError::invalid("the query string is not valid"))?;
+    check_keys(&query, &["q", "cursor", "limit"])?;
+    let needle = query.get("q").map(|q| q.trim()).unwrap_or("");
+    if needle.chars().count() > MAX_QUERY_CHARS {
+        return Err(ApiError::invalid(format!(
+            "q: at most {MAX_QUERY_CHARS} characters"
+        )));
+    }
+    if needle.chars().any(char::is_control) {
+        return Err(ApiError::invalid("q: control characters are not allowed"));
+    }
+    let after = query.get("cursor").map(|c| decode_cursor(c)).transpose()?;
+    let limit = page_limit(query.get("limit"))?;
+    if caller.is_operator() {
+        return Err(ApiError::forbidden(
+            "the operator token manages organizations only; use an organization's token",
+        ));
+    }
+    let org = ekm_domain::OrgId::parse(&path_text(path)?)
+        .map_err(|e| ApiError::invalid(format!("org: {e}")))?;
+    if caller.org() != Some(org) {
+        return Err(ApiError::not_found(ORG_NOT_FOUND));
+    }
+    let page = state.app.search_names(org, needle, after, limit).await?;
+    let mut items = vec![];
+    for record in page.items {
+        if !caller.holds(Permission::EncryptionView, &record.path) {
+            continue;
+        }
+        // The cascade needs the rows on the path; a scope is never deleted, so it is there.
+        if let Some(snapshot) = state.app.scope(record.id).await? {
+            items.push(ScopeJson::from(&snapshot));
+        }
+    }
+    Ok(Json(ListJson {
+        items,
+        next_cursor: page.next_after.map(encode_cursor),
+    }))
 }

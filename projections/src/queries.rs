@@ -355,6 +355,57 @@ impl ReadModels {
     }
 }
 
+impl ReadModels {
+    /// Scopes of `org` whose name contains `needle` (case-insensitive; ASCII case folding on
+    /// SQLite), ordered by id, after `after`. Rows only: the caller filters them by what it
+    /// may see and resolves the cascade of those it keeps.
+    pub async fn search_names(
+        &self,
+        org: OrgId,
+        needle: &str,
+        after: Option<ScopeId>,
+        limit: u32,
+    ) -> Result<Page<ScopeRecord>, ProjectionError> {
+        let after = after.map(|a| a.to_string()).unwrap_or_default();
+        let mut pattern = String::with_capacity(needle.len() + 2);
+        pattern.push('%');
+        for c in needle.to_lowercase().chars() {
+            if matches!(c, '%' | '_' | '\\') {
+                pattern.push('\\');
+            }
+            pattern.push(c);
+        }
+        pattern.push('%');
+        let sql = format!(
+            "SELECT {SCOPE_COLUMNS} FROM scope_view WHERE org_id = $1 AND id > $2 \
+             AND lower(name) LIKE $3 ESCAPE '\\' ORDER BY id LIMIT $4"
+        );
+        let mut records: Vec<ScopeRecord> = ekm_store::with_read_pool!(&self.db, pool => {
+            sqlx::query(&sql)
+                .bind(org.to_string())
+                .bind(after)
+                .bind(&pattern)
+                .bind(i64::from(limit) + 1)
+                .fetch_all(pool)
+                .await?
+                .into_iter()
+                .map(|row| decode_scope!(row))
+                .collect::<Result<_, _>>()?
+        });
+        let more = records.len() > limit as usize;
+        records.truncate(limit as usize);
+        let next_after = if more {
+            records.last().map(|r| r.id)
+        } else {
+            None
+        };
+        Ok(Page {
+            items: records,
+            next_after,
+        })
+    }
+}
+
 /// How many scopes of each kind an action on a subtree would make inactive, and how many
 /// already are.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -164,6 +164,38 @@ fn rows() -> Vec<Row> {
         row("GET", "/v1/audit", audit, guarded(200, ok(200))),
         row("GET", "/v1/audit/export", audit, guarded(200, ok(200))),
         row("GET", "/v1/audit/verify", audit, guarded(200, ok(200))),
+        // Who the token is: any valid token, of any organization.
+        row(
+            "GET",
+            "/v1/me",
+            None,
+            [
+                UNAUTHORIZED,
+                UNAUTHORIZED,
+                ok(200),
+                ok(200),
+                ok(200),
+                ok(200),
+            ],
+        ),
+        // The name search lists only what the caller may view: without the grant, nothing.
+        row(
+            "GET",
+            "/v1/orgs/{org}/scopes",
+            view,
+            [
+                UNAUTHORIZED,
+                UNAUTHORIZED,
+                NOT_FOUND,
+                ok(200),
+                ok(200),
+                ok(200),
+            ],
+        ),
+        // The console's files: public, they hold no data.
+        row("GET", "/console", None, public),
+        row("GET", "/console/", None, public),
+        row("GET", "/console/{asset}", None, public),
         // Admins manage encryption; using keys needs data:use, granted like any other.
         row(
             "POST",
@@ -375,6 +407,11 @@ async fn request(app: &TestApp, world: &World, row: &Row, index: usize) -> (Stri
         ("GET", "/v1/audit") => (format!("/v1/audit?org={org}"), None),
         ("GET", "/v1/audit/export") => (format!("/v1/audit/export?org={org}"), None),
         ("GET", "/v1/audit/verify") => (format!("/v1/audit/verify?org={org}"), None),
+        ("GET", "/v1/me") => ("/v1/me".into(), None),
+        ("GET", "/v1/orgs/{org}/scopes") => (format!("/v1/orgs/{org}/scopes?q=t"), None),
+        ("GET", "/console") => ("/console".into(), None),
+        ("GET", "/console/") => ("/console/".into(), None),
+        ("GET", "/console/{asset}") => ("/console/app.js".into(), None),
         ("POST", "/v1/scopes/{id}/encrypt") => (
             format!("/v1/scopes/{thread}/encrypt"),
             Some(json!({"plaintext": "aGVsbG8=", "class": "messages"})),

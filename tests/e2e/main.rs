@@ -14,6 +14,7 @@ mod bad_input;
 mod byok;
 mod cascade_property;
 mod concurrency;
+mod console;
 mod data_plane;
 mod flows;
 mod global_order;
