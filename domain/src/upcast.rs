@@ -33,9 +33,20 @@ impl EventUpcaster for OrganizationCreatedV1 {
     }
 }
 
+static UPCASTERS: std::sync::LazyLock<Vec<Box<dyn EventUpcaster>>> =
+    std::sync::LazyLock::new(upcasters);
+
+/// Whether an event of this type and version is read through an upcaster (else its payload
+/// is already the current shape).
+pub fn needs_upcast(event_type: &str, event_version: &str) -> bool {
+    UPCASTERS
+        .iter()
+        .any(|upcaster| upcaster.can_upcast(event_type, event_version))
+}
+
 /// Applies every upcaster that matches, in order.
 pub fn upcast(event: SerializedEvent) -> SerializedEvent {
-    upcasters().iter().fold(event, |event, upcaster| {
+    UPCASTERS.iter().fold(event, |event, upcaster| {
         if upcaster.can_upcast(&event.event_type, &event.event_version) {
             upcaster.upcast(event)
         } else {

@@ -75,8 +75,10 @@ pub async fn rebuild(
     let started = Instant::now();
     let projections: Vec<String> = rebuildable().iter().map(|p| p.name().to_owned()).collect();
     let events = db.event_count().await?;
+    // Larger batches mean fewer round trips and commits; memory holds at most three batches
+    // (the one written, two read ahead), whatever the history's length.
     let config = ProjectorConfig {
-        batch_size: 2_000,
+        batch_size: 10_000,
         ..ProjectorConfig::default()
     };
     // PostgreSQL builds aside, where nothing cancels a batch half-way and an interrupted

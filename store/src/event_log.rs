@@ -86,6 +86,15 @@ pub struct StoredEvent {
 impl StoredEvent {
     /// The stored payload as the current event type, after upcasting older versions.
     pub fn scope_event(&self) -> Result<ScopeEvent, StoreError> {
+        if !ekm_domain::upcast::needs_upcast(&self.event_type, &self.event_version) {
+            // The current shape: read it in place, without copying the payload.
+            return serde::Deserialize::deserialize(&self.payload).map_err(|source| {
+                StoreError::CorruptEvent {
+                    position: self.position,
+                    source,
+                }
+            });
+        }
         let serialized = SerializedEvent::new(
             self.aggregate_id.clone(),
             usize::try_from(self.sequence).unwrap_or_default(),
