@@ -27,10 +27,10 @@ function describeProblem(status, problem) {
   return `The server answered with status ${status}.`;
 }
 
-async function api(method, path, body) {
+async function api(method, path, body, timeoutMs = REQUEST_TIMEOUT_MS) {
   const headers = { Authorization: `Bearer ${sessionStorage.getItem(TOKEN_KEY) || ""}` };
   // A request that hangs ends with a message instead of a button disabled for ever.
-  const init = { method, headers, cache: "no-store", signal: AbortSignal.timeout(REQUEST_TIMEOUT_MS) };
+  const init = { method, headers, cache: "no-store", signal: AbortSignal.timeout(timeoutMs) };
   if (body !== undefined) {
     headers["Content-Type"] = "application/json";
     init.body = JSON.stringify(body);
@@ -40,7 +40,7 @@ async function api(method, path, body) {
     response = await fetch(path, init);
   } catch (error) {
     if (error && error.name === "TimeoutError") {
-      throw new Error(`The EKM server did not answer within ${REQUEST_TIMEOUT_MS / 1000} seconds. Try again.`);
+      throw new Error(`The EKM server did not answer within ${timeoutMs / 1000} seconds. Try again.`);
     }
     throw new Error("Could not reach the EKM server. Check the connection and try again.");
   }
@@ -59,6 +59,7 @@ async function json(method, path, body) {
     data = null;
   }
   if (!response.ok) throw new ApiProblem(response.status, data);
+  if (data === null) throw new Error("The server's answer could not be read. Try again.");
   return data;
 }
 
@@ -86,16 +87,23 @@ function say(text) {
 // Runs `work` with `button` disabled; shows a failure in words, never as raw JSON.
 async function busy(button, work) {
   if (button.disabled) return;
+  // Disabling the focused button would drop keyboard focus to the page: give it back after.
+  const hadFocus = document.activeElement === button;
   button.disabled = true;
   button.setAttribute("aria-busy", "true");
   clearError();
   try {
     await work();
   } catch (error) {
-    showError(error, button);
+    // A refused token has signed the user out with its own message: keep that one.
+    if (!(error instanceof ApiProblem && error.status === 401 && !session.me)) showError(error, button);
   } finally {
     button.disabled = false;
     button.removeAttribute("aria-busy");
+    if (session.selected) applyActionButtons(session.selected);
+    if (hadFocus && button.isConnected && !button.hidden && document.activeElement === document.body) {
+      button.focus();
+    }
   }
 }
 
@@ -172,8 +180,9 @@ async function signIn(token) {
   try {
     me = await json("GET", "/v1/me");
   } catch (error) {
-    sessionStorage.removeItem(TOKEN_KEY);
+    // Forget the token only when it is refused, not when the network blinks.
     if (error instanceof ApiProblem && error.status === 401) {
+      sessionStorage.removeItem(TOKEN_KEY);
       throw new Error("This token is not accepted (unknown, revoked or expired).");
     }
     throw error;
@@ -212,6 +221,14 @@ function signOut(message) {
   $("tree").replaceChildren();
   $("audit-rows").replaceChildren();
   $("detail-panel").hidden = true;
+  // Nothing of the previous organization may show to the next token.
+  $("search-results").hidden = true;
+  $("search-list").replaceChildren();
+  $("tree-panel").hidden = false;
+  $("mk-facts").replaceChildren();
+  $("verify-result").hidden = true;
+  $("verify-result").textContent = "";
+  $("action-form").hidden = true;
   if (message) showError(message);
   else clearError();
   say("Signed out.");
@@ -354,8 +371,21 @@ function fact(dl, term, value) {
   dl.append(el("dt", {}, term), el("dd", {}, value));
 }
 
+// The action buttons are usable only on a scope the token may manage and that is not revoked.
+function applyActionButtons(scope) {
+  const usable = holds("encryption:manage", scope.path) && scope.effective_state !== "revoked";
+  for (const button of $("detail-actions").querySelectorAll("button")) button.disabled = !usable;
+}
+
+let selectTicket = 0;
+let actionTicket = 0;
+
 async function selectScope(id) {
+  const ticket = ++selectTicket;
   const scope = await json("GET", `/v1/scopes/${id}`);
+  // Clicked another scope meanwhile: that one wins, whatever answers first.
+  if (ticket !== selectTicket) return;
+  actionTicket++;
   session.selected = scope;
   renderDetail(scope);
   $("detail-panel").hidden = false;
@@ -377,7 +407,7 @@ function renderDetail(scope) {
   fact(dl, "Created", formatTime(scope.created_at));
   const manage = holds("encryption:manage", scope.path);
   const revoked = scope.effective_state === "revoked";
-  for (const button of $("detail-actions").querySelectorAll("button")) button.disabled = !manage || revoked;
+  applyActionButtons(scope);
   const note = $("manage-note");
   note.hidden = manage && !revoked;
   note.textContent = revoked
@@ -414,13 +444,19 @@ async function openAction(action) {
   $("confirm-name").textContent = scope.name;
   $("confirm-field").hidden = action !== "revoke";
   $("revoke-warning").hidden = action !== "revoke";
+  form.dataset.opener = action;
   const impact = $("action-impact");
   impact.textContent = spec.dryRun ? "Counting what this affects…" : "";
+  // Pause and revoke are submitted only once their consequence is on screen.
+  $("action-submit").disabled = spec.dryRun;
   form.hidden = false;
   $("action-reason").focus();
+  const ticket = ++actionTicket;
   if (spec.dryRun) {
     try {
       const dry = await json("POST", `/v1/scopes/${scope.id}/${action}?dry_run=true`);
+      // Another action or scope was opened meanwhile: this count is not for it.
+      if (ticket !== actionTicket) return;
       const becoming = dry.would_become_inactive;
       const already = dry.already_inactive;
       let text = `This affects ${dry.scopes_in_subtree} scope${dry.scopes_in_subtree === 1 ? "" : "s"}. `;
@@ -428,7 +464,9 @@ async function openAction(action) {
       if (already.total > 0) text += ` Already inactive: ${already.total} (${countsInWords(already.by_kind)}).`;
       if (!dry.would_change) text += " Nothing would change.";
       impact.textContent = text;
+      $("action-submit").disabled = false;
     } catch (error) {
+      if (ticket !== actionTicket) return;
       impact.textContent = "";
       showError(error, $("action-submit"));
     }
@@ -458,7 +496,7 @@ async function submitAction() {
   say(result.changed === false ? `${scope.name}: nothing changed.` : `${scope.name} ${done}. Effective state: ${result.effective_state}.`);
   session.selected = result;
   renderDetail(result);
-  await loadTree();
+  await loadTree().catch((error) => showError(error));
   $("detail-panel").focus();
 }
 
@@ -597,7 +635,8 @@ async function loadAudit(cursor) {
 async function exportAudit(format) {
   const params = auditQuery();
   params.set("format", format);
-  const response = await api("GET", `/v1/audit/export?${params}`);
+  // A long history streams for a while: allow ten minutes, not the usual thirty seconds.
+  const response = await api("GET", `/v1/audit/export?${params}`, undefined, 10 * 60_000);
   if (!response.ok) {
     let problem = null;
     try { problem = await response.json(); } catch (_) { problem = null; }
@@ -667,8 +706,15 @@ function wire() {
     busy($("action-submit"), submitAction);
   });
   on("action-cancel", "click", () => {
-    $("action-form").hidden = true;
-    $("detail-panel").focus();
+    const form = $("action-form");
+    form.hidden = true;
+    actionTicket++;
+    // Back to the button that opened the form.
+    const opener = [...$("detail-actions").querySelectorAll("button")].find(
+      (b) => b.dataset.action === form.dataset.opener,
+    );
+    if (opener && !opener.disabled) opener.focus();
+    else $("detail-panel").focus();
   });
   on("pause-instead", "click", () => busy($("pause-instead"), () => openAction("pause")));
   on("state-at-form", "submit", (event) => {
@@ -696,6 +742,8 @@ function wire() {
   on("audit-export-jsonl", "click", () => busy($("audit-export-jsonl"), () => exportAudit("jsonl")));
   on("audit-export-csv", "click", () => busy($("audit-export-csv"), () => exportAudit("csv")));
   on("audit-verify", "click", () => busy($("audit-verify"), verifyAudit));
+  // Only now can the form be submitted without the page sending the token anywhere.
+  $("signin-button").disabled = false;
 }
 
 wire();

@@ -58,6 +58,12 @@ async fn console_files_are_served_with_a_strict_policy() {
         if path.ends_with('/') || path == "/console" {
             assert!(!body.contains("<script>"), "no inline script");
             assert!(!body.contains("style="), "no inline style");
+            // Before the script runs (or without it) the sign-in form cannot send the token
+            // in a URL: it posts, its field has no name, and its button starts disabled.
+            assert!(body.contains(r#"<form id="signin-form" method="post""#));
+            assert!(body.contains(r#"<input id="token" type="password""#));
+            assert!(!body.contains(r#"name="token""#));
+            assert!(body.contains(r#"id="signin-button" disabled"#));
         }
     }
     let missing = app.get("/console/secrets.txt", "").await;
