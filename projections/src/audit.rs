@@ -333,62 +333,91 @@ impl AuditFilter {
     }
 }
 
+/// An event row as the audit query returns it.
+struct EntryRow {
+    position: i64,
+    recorded_at: DateTime<Utc>,
+    org_id: String,
+    aggregate_type: String,
+    aggregate_id: String,
+    sequence: i64,
+    path: String,
+    event_type: String,
+    event_version: String,
+    payload: String,
+    metadata: String,
+}
+
+/// The event of a row: read straight from its text when it is the current version (the
+/// export's hot path), through the upcasters otherwise.
+fn row_event(row: &EntryRow) -> Result<ScopeEvent, String> {
+    if !ekm_domain::upcast::needs_upcast(&row.event_type, &row.event_version) {
+        return serde_json::from_str(&row.payload).map_err(|e| e.to_string());
+    }
+    let stored = StoredEvent {
+        position: row.position,
+        recorded_at: row.recorded_at,
+        aggregate_type: row.aggregate_type.clone(),
+        aggregate_id: row.aggregate_id.clone(),
+        sequence: row.sequence,
+        event_type: row.event_type.clone(),
+        event_version: row.event_version.clone(),
+        payload: serde_json::from_str(&row.payload).map_err(|e| e.to_string())?,
+        metadata: HashMap::new(),
+    };
+    stored.scope_event().map_err(|e| e.to_string())
+}
+
 /// One entry from its event. A payload that no longer decodes still makes an entry (an
 /// auditor must see every event): its action is `unknown` and its summary says why.
-fn entry(stored: StoredEvent, org_id: String, path: String, payload: String) -> AuditEntry {
-    let metadata = EventMetadata::from_map(&stored.metadata);
-    let (action, summary) = match stored.scope_event() {
+fn entry(row: EntryRow) -> AuditEntry {
+    let map: HashMap<String, String> = serde_json::from_str(&row.metadata).unwrap_or_default();
+    let metadata = EventMetadata::from_map(&map);
+    let (action, summary) = match row_event(&row) {
         Ok(event) => (event.action().to_owned(), summary(&event)),
         Err(e) => (
             "unknown".to_owned(),
             format!(
                 "the stored payload could not be read as a {} event: {e}",
-                stored.event_type
+                row.event_type
             ),
         ),
     };
     AuditEntry {
-        position: stored.position,
-        recorded_at: stored.recorded_at,
-        org_id,
-        scope_id: stored.aggregate_id,
-        scope_path: path.split('/').map(ToOwned::to_owned).collect(),
+        position: row.position,
+        recorded_at: row.recorded_at,
+        org_id: row.org_id,
+        scope_id: row.aggregate_id,
+        scope_path: row.path.split('/').map(ToOwned::to_owned).collect(),
         action,
-        event_type: stored.event_type,
-        event_version: stored.event_version,
+        event_type: row.event_type,
+        event_version: row.event_version,
         actor: metadata.actor.to_string(),
         actor_kind: metadata.actor.kind.as_str().to_owned(),
         reason: metadata.reason.map(|r| r.as_str().to_owned()),
         request_id: metadata.request_id,
         source_address: metadata.source_address,
         summary,
-        details: payload,
+        details: row.payload,
     }
 }
 
 macro_rules! decode_entry {
     ($row:expr, $recorded_at:expr) => {{
         let row = $row;
-        let position: i64 = row.try_get("position")?;
-        let payload: String = row.try_get("payload")?;
-        let metadata: String = row.try_get("metadata")?;
-        let stored = StoredEvent {
-            position,
+        Ok::<_, ProjectionError>(entry(EntryRow {
+            position: row.try_get("position")?,
             recorded_at: $recorded_at,
+            org_id: row.try_get("audit_org")?,
             aggregate_type: row.try_get("aggregate_type")?,
             aggregate_id: row.try_get("aggregate_id")?,
             sequence: row.try_get("sequence")?,
+            path: row.try_get("audit_path")?,
             event_type: row.try_get("event_type")?,
             event_version: row.try_get("event_version")?,
-            payload: serde_json::from_str(&payload).unwrap_or(serde_json::Value::Null),
-            metadata: serde_json::from_str(&metadata).unwrap_or_default(),
-        };
-        Ok::<_, ProjectionError>(entry(
-            stored,
-            row.try_get("audit_org")?,
-            row.try_get("audit_path")?,
-            payload,
-        ))
+            payload: row.try_get("payload")?,
+            metadata: row.try_get("metadata")?,
+        }))
     }};
 }
 
