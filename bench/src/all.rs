@@ -9,13 +9,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use ekm_domain::{KeyVersion, OrgId, Plan, ScopeEvent, ScopeId, ScopeKind, ScopeName, Tier};
-use ekm_projections::{audit_entries, rebuild, AuditFilter, Projector, ProjectorConfig};
+use ekm_projections::{audit_entries, AuditFilter};
 use ekm_store::{Db, DbConfig, Role, Tokens};
 use serde_json::{json, Value};
 
-use crate::report::{count, ms, quantile, Figure, Stats};
-use crate::server::{self, Server};
-use crate::{metadata, peak_rss_mib, BenchDb};
+use crate::report::{count, ms, quantile, CpuRow, Figure, Stats};
+use crate::server::{self, Server, Usage};
+use crate::{metadata, BenchDb};
 
 /// Sizes and durations of one run.
 pub struct Sizes {
@@ -50,7 +50,7 @@ impl Sizes {
                 repeats: 3,
                 cascade_rounds: 9,
                 revocation_cycles: 5,
-                export_cap: 200_000,
+                export_cap: 100_000,
             }
         }
     }
@@ -81,22 +81,23 @@ pub async fn run(quick: bool, write: Option<PathBuf>) -> anyhow::Result<()> {
         plan.repeats
     ));
     let mut figures = vec![];
+    let mut cpu = vec![];
 
     // PostgreSQL: the big tree, its rebuild, and every figure served from it.
     let big = BenchDb::create().await?;
     let empty = BenchDb::create().await?;
-    let result = postgres_figures(&plan, &big, &empty, &mut figures).await;
+    let result = postgres_figures(&plan, &big, &empty, &mut figures, &mut cpu).await;
     let _ = big.drop_db().await;
     let _ = empty.drop_db().await;
     result?;
 
     // SQLite: durable commands and the data plane of the embedded default.
-    sqlite_figures(&plan, &mut figures).await?;
+    sqlite_figures(&plan, &mut figures, &mut cpu).await?;
 
     progress("in-process data plane against raw AES-SIV");
     figures.extend(crate::data_plane::in_process());
 
-    let table = crate::report::render(&figures, &machine, started.elapsed().as_secs_f64());
+    let table = crate::report::render(&figures, &cpu, &machine, started.elapsed().as_secs_f64());
     {
         use std::io::Write;
         let mut out = std::io::stdout().lock();
@@ -115,14 +116,13 @@ async fn postgres_figures(
     big: &BenchDb,
     empty: &BenchDb,
     figures: &mut Vec<Figure>,
+    cpu: &mut Vec<CpuRow>,
 ) -> anyhow::Result<()> {
     let db = Db::open(&DbConfig::Postgres {
         url: big.url.clone(),
     })
     .await
     .map_err(|e| anyhow::anyhow!(ekm_projections::error_chain(&e)))?;
-    let err =
-        |e: ekm_projections::ProjectionError| anyhow::anyhow!(ekm_projections::error_chain(&e));
 
     // The tree: organization → teams → threads (the deepest the domain allows), seeded as
     // events with SQL; a quarter first, rebuilt, to show memory flat in history length.
@@ -143,12 +143,19 @@ async fn postgres_figures(
         &mut leaves,
     )
     .await?;
-    let projector = Projector::standard(db.clone(), ProjectorConfig::default());
-    projector.init().await.map_err(err)?;
-    progress("rebuilding the read models of the quarter");
+    let dir = server::temp_path("ekm-bench-pg");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    // Checkpoint rows first: `ekm projections rebuild` on a database that no server has
+    // started on leaves the projections it skips at no checkpoint, and the first server
+    // then replays the rebuilt ones from 0 into their filled tables (duplicate keys).
+    ekm_projections::Projector::standard(db.clone(), ekm_projections::ProjectorConfig::default())
+        .init()
+        .await
+        .map_err(|e| anyhow::anyhow!(ekm_projections::error_chain(&e)))?;
+    progress("rebuilding the read models of the quarter (ekm projections rebuild)");
     let quarter_events = db.event_count().await.map_err(|e| anyhow::anyhow!(e))?;
-    rebuild(&db, &mut |_, _| {}).await.map_err(err)?;
-    let rss_quarter = peak_rss_mib();
+    let (_, rss_quarter) = server::rebuild_process(&big.url, &dir).await?;
     progress(format!("seeding the other {} teams", plan.teams - quarter));
     seed_tree(
         &db,
@@ -180,12 +187,11 @@ async fn postgres_figures(
         read += batch.len();
     }
     let scan_rate = read as f64 / scan_started.elapsed().as_secs_f64();
-    progress(format!("rebuilding the read models of {total} events"));
-    let rebuild_started = Instant::now();
-    let report = rebuild(&db, &mut |_, _| {}).await.map_err(err)?;
-    let rebuild_secs = rebuild_started.elapsed().as_secs_f64();
-    let rebuild_rate = report.events as f64 / rebuild_secs;
-    let rss_full = peak_rss_mib();
+    progress(format!(
+        "rebuilding the read models of {total} events (ekm projections rebuild)"
+    ));
+    let (rebuild_secs, rss_full) = server::rebuild_process(&big.url, &dir).await?;
+    let rebuild_rate = total as f64 / rebuild_secs;
     figures.push(
         Figure::new(format!(
             "projection rebuild from PostgreSQL, {} events",
@@ -206,7 +212,7 @@ async fn postgres_figures(
     let memory_ratio = rss_full / rss_quarter.max(1.0);
     figures.push(
         Figure::new(format!(
-            "peak memory of the rebuild (bench process), {} → {} events",
+            "peak RSS of `ekm projections rebuild`, {} → {} events",
             count(quarter_events as f64),
             count(total as f64)
         ))
@@ -253,9 +259,26 @@ async fn postgres_figures(
         started.stop();
     }
     let _ = std::fs::remove_dir_all(&empty_dir);
-    progress(format!("start-up on the {total}-event store (3 starts)"));
-    let dir = server::temp_path("ekm-bench-pg");
-    let _ = std::fs::remove_dir_all(&dir);
+    progress(format!(
+        "first start on the {total}-event store (catches up the audit chain and key shredder)"
+    ));
+    let (first, first_took) = Server::start(&dir, Some(&big.url)).await?;
+    first.stop();
+    let first_secs = first_took.as_secs_f64();
+    figures.push(
+        Figure::new(format!(
+            "first start after the rebuild, {} events: the projections a rebuild leaves alone (audit chain, key shredder) catch up",
+            count(total as f64)
+        ))
+        .median(format!(
+            "{first_secs:.1} s ({} events/s)",
+            count(total as f64 / first_secs)
+        ))
+        .spread("one run")
+        .baseline(format!("rebuild of the read models: {rebuild_secs:.1} s"))
+        .ratio(first_secs / rebuild_secs),
+    );
+    progress(format!("start-up on the {total}-event store (3 restarts)"));
     let mut starts = vec![];
     let mut a = None;
     for i in 0..3 {
@@ -272,7 +295,7 @@ async fn postgres_figures(
     let empty_stats = Stats::of(&empty_starts);
     figures.push(
         Figure::new(format!(
-            "start-up of `ekm serve` on PostgreSQL with {} events (spawn → /readyz 200, caught up)",
+            "start-up of `ekm serve` on PostgreSQL with {} events, caught up (spawn → /readyz 200, applied = head)",
             count(total as f64)
         ))
         .median(ms(start_stats.median))
@@ -281,31 +304,46 @@ async fn postgres_figures(
         .ratio(start_stats.median / empty_stats.median.max(0.001)),
     );
 
-    let result = serve_postgres(plan, &a, &dir, &big.url, &big_admin, &leaves, figures).await;
+    let result = serve_postgres(
+        plan, &a, &dir, &big.url, &big.name, &big_admin, &leaves, figures, cpu,
+    )
+    .await;
     a.stop();
     let _ = std::fs::remove_dir_all(&dir);
     result
 }
 
+// The servers, databases and outputs of the PostgreSQL part, passed down as they are.
+#[allow(clippy::too_many_arguments)]
 async fn serve_postgres(
     plan: &Sizes,
     a: &Server,
     dir: &Path,
     url: &str,
+    database: &str,
     big_admin: &str,
     leaves: &[String],
     figures: &mut Vec<Figure>,
+    cpu: &mut Vec<CpuRow>,
 ) -> anyhow::Result<()> {
     let client = reqwest::Client::new();
     let descendants = plan.descendants();
 
     // The HTTP stack's limit on this server.
     progress("GET /healthz (PostgreSQL server)");
+    let before = Usage::sample(a.pid(), Some(database));
     let hello = wrk_repeated(
         &format!("{}/healthz", a.base),
         &server::lua(big_admin, None),
         plan,
     )?;
+    cpu.push(cpu_row(
+        "GET /healthz (PostgreSQL server)",
+        &hello,
+        &before,
+        a.pid(),
+        Some(database),
+    ));
 
     // Effective-state reads of random leaves.
     progress("GET /v1/scopes/{random leaf}");
@@ -320,7 +358,15 @@ async fn serve_postgres(
         server::lua(big_admin, None),
         ids_path.display()
     );
+    let before = Usage::sample(a.pid(), Some(database));
     let reads = wrk_repeated(&format!("{}/", a.base), &script, plan)?;
+    cpu.push(cpu_row(
+        "GET /v1/scopes/{leaf}",
+        &reads,
+        &before,
+        a.pid(),
+        Some(database),
+    ));
     let _ = std::fs::remove_file(&ids_path);
     figures.push(load_figure(
         format!(
@@ -436,10 +482,19 @@ async fn serve_postgres(
     progress("durable lifecycle commands (PostgreSQL) against raw INSERTs");
     let mut commands = vec![];
     let mut inserts = vec![];
+    let mut usage = Usage::default();
     for _ in 0..plan.repeats {
         inserts.push(raw_inserts_postgres(url, plan.seconds).await?);
+        let before = Usage::sample(a.pid(), Some(database));
         commands.push(command_load(&client, &a.base, &small.admin, &threads, plan.seconds).await?);
+        usage.add(&Usage::sample(a.pid(), Some(database)).since(&before));
     }
+    cpu.push(CpuRow {
+        load: "pause/resume, 8 clients (PostgreSQL)".into(),
+        requests: commands.iter().map(|c| c.latencies_ms.len() as u64).sum(),
+        usage,
+        postgres: true,
+    });
     figures.push(command_figure(
         "durable lifecycle commands over HTTP, PostgreSQL, 8 clients (pause/resume own thread)",
         &commands,
@@ -507,11 +562,15 @@ async fn serve_postgres(
     Ok(())
 }
 
-async fn sqlite_figures(plan: &Sizes, figures: &mut Vec<Figure>) -> anyhow::Result<()> {
+async fn sqlite_figures(
+    plan: &Sizes,
+    figures: &mut Vec<Figure>,
+    cpu: &mut Vec<CpuRow>,
+) -> anyhow::Result<()> {
     let dir = server::temp_path("ekm-bench-sqlite");
     let _ = std::fs::remove_dir_all(&dir);
     let (s, _) = Server::start(&dir, None).await?;
-    let result = serve_sqlite(plan, &s, &dir, figures).await;
+    let result = serve_sqlite(plan, &s, &dir, figures, cpu).await;
     s.stop();
     let _ = std::fs::remove_dir_all(&dir);
     result
@@ -522,6 +581,7 @@ async fn serve_sqlite(
     s: &Server,
     dir: &Path,
     figures: &mut Vec<Figure>,
+    cpu: &mut Vec<CpuRow>,
 ) -> anyhow::Result<()> {
     let client = reqwest::Client::new();
     let operator = s.operator_token()?;
@@ -545,10 +605,19 @@ async fn serve_sqlite(
     let db_path = dir.join("ekm.db");
     let mut commands = vec![];
     let mut inserts = vec![];
+    let mut usage = Usage::default();
     for _ in 0..plan.repeats {
         inserts.push(raw_inserts_sqlite(&db_path, plan.seconds).await?);
+        let before = Usage::sample(s.pid(), None);
         commands.push(command_load(&client, &s.base, &org.admin, &threads, plan.seconds).await?);
+        usage.add(&Usage::sample(s.pid(), None).since(&before));
     }
+    cpu.push(CpuRow {
+        load: "pause/resume, 8 clients (SQLite)".into(),
+        requests: commands.iter().map(|c| c.latencies_ms.len() as u64).sum(),
+        usage,
+        postgres: false,
+    });
     figures.push(command_figure(
         "durable lifecycle commands over HTTP, SQLite, 8 clients (pause/resume own thread)",
         &commands,
@@ -563,16 +632,32 @@ async fn serve_sqlite(
         &server::lua(&data.token, None),
         plan,
     )?;
+    let before = Usage::sample(s.pid(), None);
     let encrypt = wrk_repeated(
         &format!("{}/v1/scopes/{}/encrypt", s.base, data.scope),
         &server::lua(&data.token, Some(&data.encrypt_body)),
         plan,
     )?;
+    cpu.push(cpu_row(
+        "POST encrypt 1 KiB (SQLite server)",
+        &encrypt,
+        &before,
+        s.pid(),
+        None,
+    ));
+    let before = Usage::sample(s.pid(), None);
     let decrypt = wrk_repeated(
         &format!("{}/v1/scopes/{}/decrypt", s.base, data.scope),
         &server::lua(&data.token, Some(&data.decrypt_body)),
         plan,
     )?;
+    cpu.push(cpu_row(
+        "POST decrypt 1 KiB (SQLite server)",
+        &decrypt,
+        &before,
+        s.pid(),
+        None,
+    ));
     figures.push(load_figure(
         "HTTP encrypt 1 KiB, cached key, service token with data:use, wrk -t2 -c16".into(),
         &encrypt,
@@ -930,6 +1015,21 @@ pub(crate) async fn data_org(
 
 // ---------------------------------------------------------------------------------------
 // Load
+
+fn cpu_row(
+    load: &str,
+    runs: &[server::WrkRun],
+    before: &Usage,
+    pid: u32,
+    database: Option<&str>,
+) -> CpuRow {
+    CpuRow {
+        load: load.into(),
+        requests: runs.iter().map(|r| r.requests).sum(),
+        usage: Usage::sample(pid, database).since(before),
+        postgres: database.is_some(),
+    }
+}
 
 fn wrk_repeated(url: &str, script: &str, plan: &Sizes) -> anyhow::Result<Vec<server::WrkRun>> {
     let mut runs = vec![];

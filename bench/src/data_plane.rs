@@ -122,7 +122,7 @@ pub async fn run(seconds: u64) -> anyhow::Result<()> {
     writeln!(
         out,
         "{}",
-        crate::report::render(&figures, &crate::report::machine(false), 0.0)
+        crate::report::render(&figures, &[], &crate::report::machine(false), 0.0)
     )?;
     Ok(())
 }

@@ -176,8 +176,44 @@ pub fn machine(quick: bool) -> String {
     )
 }
 
+/// Where the CPU went during one load: the server, the PostgreSQL backends of its
+/// database, and the whole machine.
+pub struct CpuRow {
+    pub load: String,
+    pub requests: u64,
+    pub usage: crate::server::Usage,
+    pub postgres: bool,
+}
+
+impl CpuRow {
+    fn row(&self) -> String {
+        // USER_HZ is 100: one tick is 10 ms.
+        let per_request = |ticks: f64| {
+            if self.requests == 0 {
+                String::new()
+            } else {
+                format!("{:.0} µs", ticks * 10_000.0 / self.requests as f64)
+            }
+        };
+        let other = self.usage.busy - self.usage.server - self.usage.postgres;
+        format!(
+            "| {} | {} | {} | {} | {} | {:.0} % |",
+            self.load,
+            count(self.requests as f64),
+            per_request(self.usage.server),
+            if self.postgres {
+                per_request(self.usage.postgres)
+            } else {
+                "(in process)".into()
+            },
+            per_request(other),
+            100.0 * self.usage.busy / self.usage.total.max(1.0)
+        )
+    }
+}
+
 /// The table as Markdown, with the machine line and the run's duration.
-pub fn render(figures: &[Figure], machine: &str, run_secs: f64) -> String {
+pub fn render(figures: &[Figure], cpu: &[CpuRow], machine: &str, run_secs: f64) -> String {
     let mut text = String::new();
     text.push_str(machine);
     text.push_str(&format!(
@@ -189,6 +225,18 @@ pub fn render(figures: &[Figure], machine: &str, run_secs: f64) -> String {
     for figure in figures {
         text.push_str(&figure.row());
         text.push('\n');
+    }
+    if !cpu.is_empty() {
+        text.push_str(
+            "\nWhere the CPU went during the loads (CPU time per request, from /proc; \"rest\" is \
+             the load generator, the kernel and any neighbour on the machine):\n\n",
+        );
+        text.push_str("| load | requests | ekm serve | PostgreSQL backends of its database | rest of the machine | machine busy |\n");
+        text.push_str("|---|---|---|---|---|---|\n");
+        for row in cpu {
+            text.push_str(&row.row());
+            text.push('\n');
+        }
     }
     text
 }

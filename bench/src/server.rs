@@ -26,6 +26,8 @@ impl Server {
             bail!("build the server first: cargo build --release -p ekm");
         }
         let port = free_port()?;
+        let log_path = temp_path(&format!("ekm-serve-{port}.log"));
+        let log = std::fs::File::create(&log_path)?;
         let mut command = Command::new(&exe);
         command
             .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
@@ -33,7 +35,7 @@ impl Server {
             .arg(data_dir)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
-            .stderr(Stdio::null());
+            .stderr(log);
         if let Some(url) = database_url {
             command.arg("--database-url").arg(url);
         }
@@ -57,7 +59,8 @@ impl Server {
                 }
             }
             if let Ok(Some(status)) = server.child.try_wait() {
-                bail!("ekm serve exited with {status} before it was ready");
+                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                bail!("ekm serve exited with {status} before it was ready: {log}");
             }
             if started.elapsed() > Duration::from_secs(300) {
                 bail!("ekm serve was not ready within 300 s");
@@ -78,6 +81,10 @@ impl Server {
     /// The server's peak resident memory so far (VmHWM), in MiB.
     pub fn peak_rss_mib(&self) -> f64 {
         status_kib(self.child.id(), "VmHWM:") / 1024.0
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub fn stop(mut self) {
@@ -225,4 +232,120 @@ pub fn wrk(url: &str, script: &str, seconds: u64) -> anyhow::Result<WrkRun> {
         requests,
         errors: number_after("Non-2xx or 3xx responses") + socket_errors,
     })
+}
+
+/// `ekm projections rebuild` as its own process: seconds taken and its peak RSS in MiB
+/// (VmHWM, polled until it exits).
+pub async fn rebuild_process(database_url: &str, data_dir: &Path) -> anyhow::Result<(f64, f64)> {
+    let exe = std::env::current_exe()?.with_file_name("ekm");
+    let started = Instant::now();
+    let mut child = Command::new(&exe)
+        .args([
+            "projections",
+            "rebuild",
+            "--json",
+            "--database-url",
+            database_url,
+        ])
+        .arg("--data-dir")
+        .arg(data_dir)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("spawn ekm projections rebuild")?;
+    let mut peak_kib: f64 = 0.0;
+    loop {
+        peak_kib = peak_kib.max(status_kib(child.id(), "VmHWM:"));
+        if let Some(status) = child.try_wait()? {
+            if !status.success() {
+                bail!("ekm projections rebuild exited with {status}");
+            }
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok((started.elapsed().as_secs_f64(), peak_kib / 1024.0))
+}
+
+/// CPU time in clock ticks (USER_HZ, 100 on Linux) of the server, of the PostgreSQL
+/// backends serving one database, and of the whole machine (busy and total).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Usage {
+    pub server: f64,
+    pub postgres: f64,
+    pub busy: f64,
+    pub total: f64,
+}
+
+impl Usage {
+    pub fn sample(server_pid: u32, database: Option<&str>) -> Usage {
+        let ticks = |pid: &str| -> f64 {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| {
+                    // Fields after the command name, which is in parentheses.
+                    let rest = s.rsplit(')').next()?.to_owned();
+                    let fields: Vec<&str> = rest.split_whitespace().collect();
+                    let utime: f64 = fields.get(11)?.parse().ok()?;
+                    let stime: f64 = fields.get(12)?.parse().ok()?;
+                    Some(utime + stime)
+                })
+                .unwrap_or(0.0)
+        };
+        let mut postgres = 0.0;
+        if let Some(database) = database {
+            if let Ok(entries) = std::fs::read_dir("/proc") {
+                for entry in entries.flatten() {
+                    let name = entry.file_name().to_string_lossy().to_string();
+                    if !name.bytes().all(|b| b.is_ascii_digit()) {
+                        continue;
+                    }
+                    let cmdline =
+                        std::fs::read(format!("/proc/{name}/cmdline")).unwrap_or_default();
+                    let cmdline = String::from_utf8_lossy(&cmdline);
+                    if cmdline.starts_with("postgres:") && cmdline.contains(database) {
+                        postgres += ticks(&name);
+                    }
+                }
+            }
+        }
+        let (busy, total) = std::fs::read_to_string("/proc/stat")
+            .ok()
+            .and_then(|s| {
+                let line = s.lines().next()?.to_owned();
+                let values: Vec<f64> = line
+                    .split_whitespace()
+                    .skip(1)
+                    .filter_map(|v| v.parse().ok())
+                    .collect();
+                let total: f64 = values.iter().take(8).sum();
+                let idle =
+                    values.get(3).copied().unwrap_or(0.0) + values.get(4).copied().unwrap_or(0.0);
+                Some((total - idle, total))
+            })
+            .unwrap_or((0.0, 0.0));
+        Usage {
+            server: ticks(&server_pid.to_string()),
+            postgres,
+            busy,
+            total,
+        }
+    }
+
+    pub fn since(&self, earlier: &Usage) -> Usage {
+        Usage {
+            server: self.server - earlier.server,
+            postgres: self.postgres - earlier.postgres,
+            busy: self.busy - earlier.busy,
+            total: self.total - earlier.total,
+        }
+    }
+
+    pub fn add(&mut self, other: &Usage) {
+        self.server += other.server;
+        self.postgres += other.postgres;
+        self.busy += other.busy;
+        self.total += other.total;
+    }
 }
