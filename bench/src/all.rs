@@ -548,10 +548,14 @@ async fn serve_postgres(
             "revocation, second instance on the same PostgreSQL: last successful decrypt after the pause was answered ({} cycles)",
             other.len()
         ))
-        .median(format!(
-            "{} ({other_after} started after the answer)",
-            ms(last_stats.median)
-        ))
+        .median(if last_stats.max > 0.0 {
+            format!(
+                "{} ({other_after} decrypts started after the answer succeeded)",
+                ms(last_stats.median)
+            )
+        } else {
+            format!("0 ms: no success ended after the answer ({other_after} started after it)")
+        })
         .spread(format!("max {}", ms(last_stats.max)))
         .baseline(format!(
             "first refusal on the second instance: {}",
