@@ -238,6 +238,11 @@ pub fn wrk(url: &str, script: &str, seconds: u64) -> anyhow::Result<WrkRun> {
 /// (VmHWM, polled until it exits).
 pub async fn rebuild_process(database_url: &str, data_dir: &Path) -> anyhow::Result<(f64, f64)> {
     let exe = std::env::current_exe()?.with_file_name("ekm");
+    let log_path = temp_path(&format!(
+        "ekm-rebuild-{}.log",
+        chrono::Utc::now().format("%H%M%S")
+    ));
+    eprintln!("  (its log: {})", log_path.display());
     let started = Instant::now();
     let mut child = Command::new(&exe)
         .args([
@@ -249,9 +254,10 @@ pub async fn rebuild_process(database_url: &str, data_dir: &Path) -> anyhow::Res
         ])
         .arg("--data-dir")
         .arg(data_dir)
-        .env("RUST_LOG", "warn")
+        // Phase timings of the rebuild, kept for the notes on where its time goes.
+        .env("RUST_LOG", "ekm_projections=info")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(&log_path)?)
         .spawn()
         .context("spawn ekm projections rebuild")?;
     let mut peak_kib: f64 = 0.0;
