@@ -172,6 +172,10 @@ async fn postgres_figures(
         seeding.elapsed().as_secs_f64()
     ));
 
+    // Planner statistics, as a live database would have them (autovacuum may not have
+    // analysed the freshly seeded rows yet, and a plan chosen without them varies by run).
+    analyze(&db).await?;
+
     // Baseline: reading the log in position order, decoded, through the same code path.
     progress("reading the log (baseline of the rebuild)");
     let scan_started = Instant::now();
@@ -223,6 +227,7 @@ async fn postgres_figures(
     );
 
     // Export: entries of the big organization, rendered as JSON Lines into a sink.
+    analyze(&db).await?;
     progress("audit export");
     let (export_rate, raw_rate, decode_rate, exported) = export(&db, org, plan.export_cap).await?;
     figures.push(
@@ -761,6 +766,17 @@ async fn seed_tree(
         }
     }
     batch.flush(&pg.pool).await
+}
+
+async fn analyze(db: &Db) -> anyhow::Result<()> {
+    let Db::Postgres(pg) = db else {
+        bail!("PostgreSQL only")
+    };
+    sqlx::query("ANALYZE")
+        .execute(&pg.pool)
+        .await
+        .context("ANALYZE")?;
+    Ok(())
 }
 
 #[derive(Default)]
