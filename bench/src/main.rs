@@ -1,7 +1,8 @@
 //! `ekm-bench`: measures EKM and prints a Markdown table, each figure beside a baseline
 //! measured in the same run, so ratios survive a noisy machine.
 //!
-//! `cargo run --release -p ekm-bench -- projections --events 1000000`
+//! `bench/run [--quick]` builds and runs `ekm-bench all`, which rewrites the figures table
+//! of BENCHMARKS.md; `cargo run --release -p ekm-bench -- projections --events 1000000`
 //! (PostgreSQL from `EKM_BENCH_DATABASE_URL`, default the local server; a fresh database is
 //! created and dropped).
 
@@ -19,8 +20,11 @@ use ekm_domain::{
 use ekm_projections::{audit_entries, rebuild, AuditFilter, Projector, ProjectorConfig};
 use ekm_store::{Db, DbConfig, ScopeStore};
 
+mod all;
 mod data_plane;
 mod kms;
+mod report;
+mod server;
 
 #[derive(Parser)]
 struct Cli {
@@ -30,6 +34,16 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Bench {
+    /// Every figure of BENCHMARKS.md beside its baseline, in one run (PostgreSQL from
+    /// `EKM_BENCH_DATABASE_URL` or the local server; SQLite in a temporary directory).
+    All {
+        /// Smaller sizes and shorter runs (within 3 minutes).
+        #[arg(long)]
+        quick: bool,
+        /// Rewrite the figures table of this file (between its bench:figures markers).
+        #[arg(long)]
+        write: Option<std::path::PathBuf>,
+    },
     /// Rebuild rate, audit export rate and live catch-up lag on PostgreSQL.
     Projections {
         /// Events in the seeded history.
@@ -60,6 +74,7 @@ fn main() -> anyhow::Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async {
         match cli.command {
+            Bench::All { quick, write } => all::run(quick, write).await,
             Bench::Projections { events } => projections(events).await,
             Bench::DataPlane { seconds } => data_plane::run(seconds).await,
             Bench::Kms { unwraps } => kms::run(unwraps).await,
