@@ -2,6 +2,7 @@
 //! a stored event has been broken: add an upcaster and a new version instead.
 //!
 //! Fixture files are named `<EventType>.v<version>.json`.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use cqrs_es::persist::SerializedEvent;
 use cqrs_es::DomainEvent;

@@ -346,8 +346,12 @@ async fn rebuild_aside_locked(
         .bind(projection.name())
         .execute(&mut *tx)
         .await?;
+        // An upsert: on a database no server has started on yet, the live checkpoint row
+        // does not exist, and the next start must not replay what was just rebuilt.
         sqlx::query(
-            "UPDATE public.projection_checkpoints SET position = $2, updated_at = $3 WHERE name = $1",
+            "INSERT INTO public.projection_checkpoints (name, position, updated_at) \
+             VALUES ($1, $2, $3) \
+             ON CONFLICT (name) DO UPDATE SET position = excluded.position, updated_at = excluded.updated_at",
         )
         .bind(projection.name())
         .bind(*position)

@@ -403,3 +403,31 @@ async fn a_second_rebuild_on_the_same_postgres_database_is_refused() {
     assert_eq!(dump(&app.db).await, live);
     app.stop().await;
 }
+
+/// `ekm projections rebuild --database-url` on a database whose events no server has
+/// projected yet (no checkpoint rows): the first start afterwards continues from the rebuild
+/// instead of replaying into the rebuilt rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_before_the_first_start_leaves_checkpoints_for_it() {
+    let app = TestApp::spawn(Backend::Postgres).await;
+    random_history(&app.app, 21, 60).await;
+    let live = dump(&app.db).await;
+    let config = app.config.clone();
+    app.db.close().await;
+
+    let db = Db::open(&config).await.unwrap();
+    // As if no runner had ever run here: no checkpoints, no seals.
+    crate::audit::exec(
+        &db,
+        "DELETE FROM projection_checkpoints; DELETE FROM audit_chain; DELETE FROM projection_state",
+    )
+    .await;
+    rebuild(&db, &mut |_, _| {}).await.unwrap();
+    assert_eq!(dump(&db).await, live);
+    // The first start.
+    let projector = Projector::standard(db.clone(), ProjectorConfig::default());
+    projector.init().await.unwrap();
+    projector.catch_up().await.unwrap();
+    assert_eq!(dump(&db).await, live);
+    db.close().await;
+}
