@@ -168,10 +168,19 @@ impl Projector {
     pub async fn catch_up(&self) -> Result<i64, ProjectionError> {
         {
             let _running = self.running.lock().await;
-            while self.step().await? > 0 {}
+            self.drain().await?;
         }
         self.tell_listeners().await?;
         Ok(self.applied())
+    }
+
+    /// Applies batches until one comes back short: a batch with fewer events than it asked
+    /// for has read everything committed when it read, so no empty transaction is spent on
+    /// finding that out (events committed later wake the runner again).
+    async fn drain(&self) -> Result<(), ProjectionError> {
+        let full = usize::try_from(self.config.batch_size).unwrap_or(usize::MAX);
+        while self.step().await? >= full {}
+        Ok(())
     }
 
     async fn tell_listeners(&self) -> Result<(), ProjectionError> {
@@ -269,10 +278,15 @@ impl Projector {
     /// Listeners have been told too: a command answered after this has evicted what it
     /// had to, even if the background loop applied its event.
     pub async fn catch_up_to(&self, position: i64) -> Result<(), ProjectionError> {
-        if self.applied() >= position {
-            return self.tell_listeners().await;
+        if self.applied() < position {
+            let _running = self.running.lock().await;
+            // Whoever held the lock meanwhile may have applied it already (concurrent
+            // commands share one catch-up instead of queueing a transaction each).
+            if self.applied() < position {
+                self.drain().await?;
+            }
         }
-        self.catch_up().await.map(|_| ())
+        self.tell_listeners().await
     }
 
     /// Applies one batch in one transaction; returns how many events it read.
