@@ -176,21 +176,8 @@ async fn postgres_figures(
     // analysed the freshly seeded rows yet, and a plan chosen without them varies by run).
     analyze(&db).await?;
 
-    // Baseline: reading the log in position order, decoded, through the same code path.
     progress("reading the log (baseline of the rebuild)");
-    let scan_started = Instant::now();
-    let mut after = 0;
-    let mut read = 0usize;
-    loop {
-        let batch = db
-            .events_after(after, 2_000)
-            .await
-            .map_err(|e| anyhow::anyhow!(e))?;
-        let Some(last) = batch.last() else { break };
-        after = last.position;
-        read += batch.len();
-    }
-    let scan_rate = read as f64 / scan_started.elapsed().as_secs_f64();
+    let scan_rate = crate::read_log_rate(&db).await?;
     progress(format!(
         "rebuilding the read models of {total} events (ekm projections rebuild)"
     ));

@@ -256,6 +256,24 @@ async fn seed(db: &Db, events: usize) -> anyhow::Result<String> {
     Ok(big_org)
 }
 
+/// The rebuild's baseline: events per second reading the whole log in position order,
+/// decoded, through the code path the rebuild reads it with.
+pub(crate) async fn read_log_rate(db: &Db) -> anyhow::Result<f64> {
+    let started = Instant::now();
+    let mut after = 0;
+    let mut read = 0usize;
+    loop {
+        let batch = db
+            .events_after(after, 2_000)
+            .await
+            .map_err(|e| anyhow::anyhow!(e))?;
+        let Some(last) = batch.last() else { break };
+        after = last.position;
+        read += batch.len();
+    }
+    Ok(read as f64 / started.elapsed().as_secs_f64())
+}
+
 fn peak_rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -310,20 +328,7 @@ async fn projections_on(url: &str, events: usize) -> anyhow::Result<()> {
         started.elapsed().as_secs_f64()
     )?;
 
-    // Baseline: reading the log in position order, decoded, through the same code path.
-    let started = Instant::now();
-    let mut after = 0;
-    let mut read = 0usize;
-    loop {
-        let batch = db
-            .events_after(after, 2_000)
-            .await
-            .map_err(|e| anyhow::anyhow!(e))?;
-        let Some(last) = batch.last() else { break };
-        after = last.position;
-        read += batch.len();
-    }
-    let scan_rate = read as f64 / started.elapsed().as_secs_f64();
+    let scan_rate = read_log_rate(&db).await?;
 
     let started = Instant::now();
     let report = rebuild(&db, &mut |_, _| {}).await.map_err(err)?;

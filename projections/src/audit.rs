@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, HashMap};
 use chrono::{DateTime, Utc};
 use ekm_domain::metadata::EventMetadata;
 use ekm_domain::{Location, ScopeEvent};
-use ekm_store::time::rfc3339;
+use ekm_store::time::{from_sqlite_event_time, rfc3339, to_sqlite_event_time};
 use ekm_store::{Db, StoredEvent};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -434,8 +434,7 @@ pub async fn audit_entries(
                 query = match bind {
                     Bind::Text(v) => query.bind(v),
                     Bind::Int(v) => query.bind(v),
-                    // As SQLite's trigger records it: milliseconds, `Z`.
-                    Bind::Time(v) => query.bind(v.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()),
+                    Bind::Time(v) => query.bind(to_sqlite_event_time(v)),
                 };
             }
             query
@@ -444,10 +443,7 @@ pub async fn audit_entries(
                 .into_iter()
                 .map(|row| {
                     let text: String = row.try_get("recorded_at")?;
-                    let at = DateTime::parse_from_rfc3339(&text)
-                        .map(|t| t.with_timezone(&Utc))
-                        .unwrap_or_default();
-                    decode_entry!(row, at)
+                    decode_entry!(row, from_sqlite_event_time(&text))
                 })
                 .collect()
         }

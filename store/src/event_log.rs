@@ -142,9 +142,7 @@ macro_rules! decode_event {
 
 fn sqlite_recorded_at(row: &sqlx::sqlite::SqliteRow) -> Result<DateTime<Utc>, StoreError> {
     let text: String = row.try_get("recorded_at")?;
-    Ok(DateTime::parse_from_rfc3339(&text)
-        .map(|t| t.with_timezone(&Utc))
-        .unwrap_or_default())
+    Ok(crate::time::from_sqlite_event_time(&text))
 }
 
 fn pg_recorded_at(row: &sqlx::postgres::PgRow) -> Result<DateTime<Utc>, StoreError> {
@@ -265,7 +263,7 @@ impl Db {
         let sql = "SELECT COALESCE(MAX(position), 0) FROM events WHERE recorded_at <= $1";
         let position: i64 = match self {
             Db::Sqlite(db) => {
-                let text = at.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string();
+                let text = crate::time::to_sqlite_event_time(at);
                 sqlx::query_scalar(sql)
                     .bind(text)
                     .fetch_one(&db.read)

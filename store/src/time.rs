@@ -19,3 +19,16 @@ pub fn rfc3339(at: DateTime<Utc>) -> String {
 pub fn now_micros() -> i64 {
     to_micros(Utc::now())
 }
+
+/// SQLite's events table records times as text, to the millisecond (its trigger's
+/// `strftime('%Y-%m-%dT%H:%M:%fZ')`): an instant in that form, for comparing with it.
+pub fn to_sqlite_event_time(at: DateTime<Utc>) -> String {
+    at.format("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()
+}
+
+/// A time as SQLite's events table records it (the epoch if it cannot be read).
+pub fn from_sqlite_event_time(text: &str) -> DateTime<Utc> {
+    DateTime::parse_from_rfc3339(text)
+        .map(|t| t.with_timezone(&Utc))
+        .unwrap_or_default()
+}
