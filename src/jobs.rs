@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use ekm_api::audit::Format;
-use ekm_projections::{audit_entries, error_chain, rebuild, status, verify_chain, AuditFilter};
+use ekm_projections::{audit_pages, error_chain, rebuild, status, verify_chain, AuditFilter};
 use ekm_store::{Db, DbConfig};
 
 use crate::cli::{AuditCommand, DbArgs, ExportArgs, JobArgs, ProjectionsCommand, VerifyArgs};
@@ -124,21 +124,17 @@ async fn export_job(args: ExportArgs) -> anyhow::Result<ExitCode> {
     let db = open_for_reading(&args.db).await?;
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     out.write_all(format.header().as_bytes())?;
-    let mut filter = AuditFilter {
+    let filter = AuditFilter {
         org_id: org.to_string(),
         limit: 1_000,
         ..AuditFilter::default()
     };
-    loop {
-        let entries = audit_entries(&db, &filter).await.map_err(db_error)?;
-        let Some(last) = entries.last().map(|e| e.position) else {
-            break;
-        };
-        for entry in &entries {
+    let mut pages = audit_pages(db.clone(), filter);
+    while let Some(entries) = pages.recv().await {
+        for entry in &entries.map_err(db_error)? {
             out.write_all(format.render(entry).as_bytes())
                 .context("writing the export")?;
         }
-        filter.after = Some(last);
     }
     out.flush()?;
     db.close().await;

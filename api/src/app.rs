@@ -352,6 +352,16 @@ impl App {
         Ok(ekm_projections::audit_entries(&self.inner.db, filter).await?)
     }
 
+    /// Every entry matching `filter`, a page at a time, the next page read while this one is
+    /// sent (exports; see `ekm_projections::audit_pages`).
+    pub fn audit_pages(
+        &self,
+        filter: AuditFilter,
+    ) -> tokio::sync::mpsc::Receiver<Result<Vec<AuditEntry>, ekm_projections::ProjectionError>>
+    {
+        ekm_projections::audit_pages(self.inner.db.clone(), filter)
+    }
+
     /// Organizations whose key is wrapped by a customer key (not revoked).
     pub async fn customer_key_orgs(&self) -> Result<Vec<ScopeId>, AppError> {
         Ok(self.inner.read.customer_key_orgs().await?)

@@ -296,24 +296,21 @@ pub async fn export(
         .map_err(ApiError::invalid)?;
     let mut filter = filter(&state, &caller, &query).await?;
     filter.limit = EXPORT_PAGE;
-    let app = state.app.clone();
     let org = filter.org_id.clone();
+    let pages = state.app.audit_pages(filter);
     let stream = futures_util::stream::unfold(
-        (app, filter, false, false),
-        move |(app, mut filter, header_sent, done)| async move {
+        (pages, false, false),
+        move |(mut pages, header_sent, done)| async move {
             if done {
                 return None;
             }
             if !header_sent && !format.header().is_empty() {
-                return Some((Ok(Bytes::from(format.header())), (app, filter, true, false)));
+                return Some((Ok(Bytes::from(format.header())), (pages, true, false)));
             }
-            match app.audit(&filter).await {
-                Ok(entries) if entries.is_empty() => None,
+            match pages.recv().await? {
                 Ok(entries) => {
-                    let finished = (entries.len() as i64) < filter.limit;
-                    filter.after = entries.last().map(|e| e.position);
                     let chunk: String = entries.iter().map(|e| format.render(e)).collect();
-                    Some((Ok(Bytes::from(chunk)), (app, filter, true, finished)))
+                    Some((Ok(Bytes::from(chunk)), (pages, true, false)))
                 }
                 Err(error) => {
                     // The status line is already sent: end the body with an error so the
@@ -321,7 +318,7 @@ pub async fn export(
                     tracing::error!(error = %ekm_projections::error_chain(&error), "audit export failed");
                     Some((
                         Err(std::io::Error::other("audit export failed")),
-                        (app, filter, true, true),
+                        (pages, true, true),
                     ))
                 }
             }

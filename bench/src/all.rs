@@ -822,18 +822,22 @@ async fn export(db: &Db, org: OrgId, cap: usize) -> anyhow::Result<(f64, f64, f6
         limit: 1_000,
         ..AuditFilter::default()
     };
+    // The export's own path: pages read one ahead (`audit_pages`), rendered as JSON Lines.
     let started = Instant::now();
     let mut exported = 0usize;
     let mut sink = std::io::sink();
+    let mut pages = ekm_projections::audit_pages(db.clone(), filter.clone());
     while exported < cap {
-        let entries = audit_entries(db, &filter).await.map_err(err)?;
-        let Some(last) = entries.last() else { break };
-        filter.after = Some(last.position);
+        let Some(entries) = pages.recv().await else {
+            break;
+        };
+        let entries = entries.map_err(err)?;
         for entry in &entries {
             sink.write_all(ekm_api::audit::Format::JsonLines.render(entry).as_bytes())?;
         }
         exported += entries.len();
     }
+    drop(pages);
     let export_rate = exported as f64 / started.elapsed().as_secs_f64();
     // The same pages without rendering: separates the query and decoding from JSON Lines.
     filter.after = None;

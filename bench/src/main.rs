@@ -17,7 +17,7 @@ use ekm_domain::{
     Actor, ActorKind, EventMetadata, KeyVersion, Location, OrgId, Plan, Reason, ScopeEvent,
     ScopeId, ScopeKind, ScopeName, Tier,
 };
-use ekm_projections::{audit_entries, rebuild, AuditFilter, Projector, ProjectorConfig};
+use ekm_projections::{audit_pages, rebuild, AuditFilter, Projector, ProjectorConfig};
 use ekm_store::{Db, DbConfig, ScopeStore};
 
 mod all;
@@ -337,7 +337,7 @@ async fn projections_on(url: &str, events: usize) -> anyhow::Result<()> {
     let rss_full = peak_rss_mib();
 
     // Export: every entry of the largest organization, rendered as JSON Lines into a sink.
-    let mut filter = AuditFilter {
+    let filter = AuditFilter {
         org_id: big_org.clone(),
         limit: 1_000,
         ..AuditFilter::default()
@@ -345,10 +345,9 @@ async fn projections_on(url: &str, events: usize) -> anyhow::Result<()> {
     let started = Instant::now();
     let mut exported = 0usize;
     let mut sink = std::io::sink();
-    loop {
-        let entries = audit_entries(&db, &filter).await.map_err(err)?;
-        let Some(last) = entries.last() else { break };
-        filter.after = Some(last.position);
+    let mut pages = audit_pages(db.clone(), filter);
+    while let Some(entries) = pages.recv().await {
+        let entries = entries.map_err(err)?;
         for entry in &entries {
             sink.write_all(ekm_api::audit::Format::JsonLines.render(entry).as_bytes())?;
         }

@@ -3,6 +3,7 @@
 //! cqrs-es stores metadata as a string map; these are its keys. They never change once
 //! shipped, since auditors read them from old events.
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fmt;
 
@@ -114,19 +115,50 @@ impl EventMetadata {
     /// Reads metadata back. Missing or unknown fields degrade to empty values rather than
     /// failing: an old event must stay readable whatever its metadata.
     pub fn from_map(map: &HashMap<String, String>) -> Self {
-        let get = |key: &str| map.get(key).cloned();
+        Self::from_lookup(|key| map.get(key).map(String::as_str))
+    }
+
+    /// Reads metadata back from its stored JSON text (an object of strings), as `from_map`
+    /// does, without building the map: the keys it does not know are skipped unread. Fails
+    /// only when the text is not a JSON object, or a known key's value is not a string.
+    pub fn from_json(text: &str) -> Result<Self, serde_json::Error> {
+        if !text.trim_start().starts_with('{') {
+            // A struct also reads from a JSON array; stored metadata is always an object.
+            return Err(serde::de::Error::custom(
+                "event metadata is not a JSON object",
+            ));
+        }
+        let fields: StoredFields<'_> = serde_json::from_str(text)?;
+        Ok(Self::from_lookup(|key| {
+            let field = match key {
+                ACTOR_KIND => &fields.actor_kind,
+                ACTOR_ID => &fields.actor_id,
+                REQUEST_ID => &fields.request_id,
+                REASON => &fields.reason,
+                SOURCE_ADDRESS => &fields.source_address,
+                RECORDED_AT => &fields.recorded_at,
+                ORG_ID => &fields.org_id,
+                SCOPE_PATH => &fields.scope_path,
+                _ => return None,
+            };
+            field.as_deref()
+        }))
+    }
+
+    fn from_lookup<'a>(get: impl Fn(&str) -> Option<&'a str>) -> Self {
+        let owned = |key: &str| get(key).map(ToOwned::to_owned);
         Self {
             actor: Actor {
                 kind: get(ACTOR_KIND)
-                    .and_then(|k| ActorKind::parse(&k))
+                    .and_then(ActorKind::parse)
                     .unwrap_or(ActorKind::System),
-                id: get(ACTOR_ID).unwrap_or_default(),
+                id: owned(ACTOR_ID).unwrap_or_default(),
             },
-            request_id: get(REQUEST_ID).unwrap_or_default(),
-            reason: get(REASON).and_then(|r| Reason::parse(&r).ok()),
-            source_address: get(SOURCE_ADDRESS),
-            recorded_at: get(RECORDED_AT).unwrap_or_default(),
-            location: match (get(ORG_ID), get(SCOPE_PATH)) {
+            request_id: owned(REQUEST_ID).unwrap_or_default(),
+            reason: get(REASON).and_then(|r| Reason::parse(r).ok()),
+            source_address: owned(SOURCE_ADDRESS),
+            recorded_at: owned(RECORDED_AT).unwrap_or_default(),
+            location: match (owned(ORG_ID), owned(SCOPE_PATH)) {
                 (Some(org_id), Some(scope_path)) => Some(Location { org_id, scope_path }),
                 _ => None,
             },
@@ -134,8 +166,31 @@ impl EventMetadata {
     }
 }
 
+/// The stored metadata's known keys, borrowed from the text where it has no escapes.
+#[derive(Deserialize)]
+struct StoredFields<'a> {
+    #[serde(borrow, default)]
+    actor_kind: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    actor_id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    request_id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    reason: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    source_address: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    recorded_at: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    org_id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    scope_path: Option<Cow<'a, str>>,
+}
+
 #[cfg(test)]
 mod tests {
+    use proptest::strategy::Strategy;
+
     use super::*;
 
     #[test]
@@ -155,5 +210,44 @@ mod tests {
             }),
         };
         assert_eq!(EventMetadata::from_map(&metadata.to_map()), metadata);
+        let text = serde_json::to_string(&metadata.to_map()).unwrap();
+        assert_eq!(EventMetadata::from_json(&text).unwrap(), metadata);
+    }
+
+    #[test]
+    fn stored_metadata_that_is_not_an_object_of_strings_is_refused() {
+        for text in ["", "[]", "{\"actor_id\": 7}", "{\"actor_id\": \"a\""] {
+            assert!(EventMetadata::from_json(text).is_err(), "{text}");
+        }
+    }
+
+    proptest::proptest! {
+        /// Reading the stored text directly agrees with reading it through the map, whatever
+        /// the keys (known, unknown, missing) and values (escapes, non-ASCII, invalid kinds
+        /// or reasons).
+        #[test]
+        fn reading_the_text_agrees_with_reading_the_map(
+            entries in proptest::collection::hash_map(
+                proptest::prop_oneof![
+                    proptest::sample::select(vec![
+                        ACTOR_KIND, ACTOR_ID, REQUEST_ID, REASON, SOURCE_ADDRESS, RECORDED_AT,
+                        ORG_ID, SCOPE_PATH,
+                    ]).prop_map(str::to_owned),
+                    "[a-z_]{1,12}",
+                ],
+                proptest::prop_oneof![
+                    proptest::sample::select(vec!["user", "operator", "service", "system"])
+                        .prop_map(str::to_owned),
+                    "\\PC{0,20}",
+                ],
+                0..10,
+            )
+        ) {
+            let text = serde_json::to_string(&entries).unwrap();
+            proptest::prop_assert_eq!(
+                EventMetadata::from_json(&text).unwrap(),
+                EventMetadata::from_map(&entries)
+            );
+        }
     }
 }

@@ -14,7 +14,7 @@ use chrono::{DateTime, Utc};
 use ekm_domain::metadata::EventMetadata;
 use ekm_domain::{Location, ScopeEvent};
 use ekm_store::time::{from_sqlite_event_time, rfc3339, to_sqlite_event_time};
-use ekm_store::{Db, StoredEvent};
+use ekm_store::{Db, StoreError, StoredEvent};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use sqlx::Row;
@@ -149,7 +149,7 @@ pub struct AuditChain;
 impl AuditChain {
     fn org(stored: &StoredEvent) -> Result<String, ProjectionError> {
         let event = stored.scope_event()?;
-        let metadata = EventMetadata::from_map(&stored.metadata);
+        let metadata = stored.event_metadata()?;
         Ok(location(stored, &event, &metadata).org_id)
     }
 }
@@ -184,7 +184,7 @@ impl Projection for AuditChain {
         }
         let org = Self::org(stored)?;
         let prev = state.get(&org).unwrap_or(GENESIS_HASH).to_owned();
-        let hash = entry_hash(&prev, stored);
+        let hash = entry_hash(&prev, stored)?;
         state.set(&org, hash.clone());
         Ok(vec![Statement::Insert {
             table: "audit_chain",
@@ -208,13 +208,14 @@ struct Canonical<'a> {
     sequence: i64,
     event_type: &'a str,
     event_version: &'a str,
-    payload: &'a serde_json::Value,
-    metadata: BTreeMap<&'a str, &'a str>,
+    payload: serde_json::Value,
+    metadata: BTreeMap<String, String>,
 }
 
 /// SHA-256 over the previous hash and every stored field of the event, in a canonical JSON
-/// form (fixed field order, sorted metadata keys). Hex, lower case.
-pub fn entry_hash(prev: &str, stored: &StoredEvent) -> String {
+/// form (fixed field order, sorted object keys, whatever the stored text's spacing and key
+/// order). Hex, lower case. Fails only if the stored payload or metadata is not JSON.
+pub fn entry_hash(prev: &str, stored: &StoredEvent) -> Result<String, StoreError> {
     let canonical = Canonical {
         position: stored.position,
         recorded_at: rfc3339(stored.recorded_at),
@@ -223,18 +224,14 @@ pub fn entry_hash(prev: &str, stored: &StoredEvent) -> String {
         sequence: stored.sequence,
         event_type: &stored.event_type,
         event_version: &stored.event_version,
-        payload: &stored.payload,
-        metadata: stored
-            .metadata
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect(),
+        payload: stored.payload_value()?,
+        metadata: stored.metadata_map()?.into_iter().collect(),
     };
     let mut hasher = Sha256::new();
     hasher.update(prev.as_bytes());
     hasher.update(b"\n");
     hasher.update(serde_json::to_vec(&canonical).unwrap_or_default());
-    hex::encode(hasher.finalize())
+    Ok(hex::encode(hasher.finalize()))
 }
 
 /// One audit entry.
@@ -333,62 +330,30 @@ impl AuditFilter {
     }
 }
 
-/// An event row as the audit query returns it.
-struct EntryRow {
-    position: i64,
-    recorded_at: DateTime<Utc>,
-    org_id: String,
-    aggregate_type: String,
-    aggregate_id: String,
-    sequence: i64,
-    path: String,
-    event_type: String,
-    event_version: String,
-    payload: String,
-    metadata: String,
-}
-
-/// The event of a row: read straight from its text when it is the current version (the
-/// export's hot path), through the upcasters otherwise.
-fn row_event(row: &EntryRow) -> Result<ScopeEvent, String> {
-    if !ekm_domain::upcast::needs_upcast(&row.event_type, &row.event_version) {
-        return serde_json::from_str(&row.payload).map_err(|e| e.to_string());
-    }
-    let stored = StoredEvent {
-        position: row.position,
-        recorded_at: row.recorded_at,
-        aggregate_type: row.aggregate_type.clone(),
-        aggregate_id: row.aggregate_id.clone(),
-        sequence: row.sequence,
-        event_type: row.event_type.clone(),
-        event_version: row.event_version.clone(),
-        payload: serde_json::from_str(&row.payload).map_err(|e| e.to_string())?,
-        metadata: HashMap::new(),
-    };
-    stored.scope_event().map_err(|e| e.to_string())
-}
-
-/// One entry from its event. A payload that no longer decodes still makes an entry (an
-/// auditor must see every event): its action is `unknown` and its summary says why.
-fn entry(row: EntryRow) -> AuditEntry {
-    let map: HashMap<String, String> = serde_json::from_str(&row.metadata).unwrap_or_default();
-    let metadata = EventMetadata::from_map(&map);
-    let (action, summary) = match row_event(&row) {
+/// One entry from its event, its organization and its path (the audit columns). A payload
+/// that no longer decodes still makes an entry (an auditor must see every event): its action
+/// is `unknown` and its summary says why.
+fn entry(row: StoredEvent, org_id: String, path: &str) -> AuditEntry {
+    let metadata = row
+        .event_metadata()
+        .unwrap_or_else(|_| EventMetadata::from_map(&HashMap::new()));
+    let (action, summary) = match row.scope_event() {
         Ok(event) => (event.action().to_owned(), summary(&event)),
         Err(e) => (
             "unknown".to_owned(),
             format!(
-                "the stored payload could not be read as a {} event: {e}",
-                row.event_type
+                "the stored payload could not be read as a {} event: {}",
+                row.event_type,
+                std::error::Error::source(&e).map_or_else(|| e.to_string(), ToString::to_string)
             ),
         ),
     };
     AuditEntry {
         position: row.position,
         recorded_at: row.recorded_at,
-        org_id: row.org_id,
+        org_id,
         scope_id: row.aggregate_id,
-        scope_path: row.path.split('/').map(ToOwned::to_owned).collect(),
+        scope_path: path.split('/').map(ToOwned::to_owned).collect(),
         action,
         event_type: row.event_type,
         event_version: row.event_version,
@@ -405,20 +370,54 @@ fn entry(row: EntryRow) -> AuditEntry {
 macro_rules! decode_entry {
     ($row:expr, $recorded_at:expr) => {{
         let row = $row;
-        Ok::<_, ProjectionError>(entry(EntryRow {
+        let path: String = row.try_get("audit_path")?;
+        let stored = StoredEvent {
             position: row.try_get("position")?,
             recorded_at: $recorded_at,
-            org_id: row.try_get("audit_org")?,
             aggregate_type: row.try_get("aggregate_type")?,
             aggregate_id: row.try_get("aggregate_id")?,
             sequence: row.try_get("sequence")?,
-            path: row.try_get("audit_path")?,
             event_type: row.try_get("event_type")?,
             event_version: row.try_get("event_version")?,
             payload: row.try_get("payload")?,
             metadata: row.try_get("metadata")?,
-        }))
+        };
+        Ok::<_, ProjectionError>(entry(stored, row.try_get("audit_org")?, &path))
     }};
+}
+
+/// Every entry matching `filter` from its `after` on, page by page (`limit` entries each),
+/// for an export: a task of its own reads and decodes the next page while the caller writes
+/// this one. At most two pages wait in the channel, so memory stays flat whatever the
+/// history's length. An error ends the pages (after being sent); so does dropping the
+/// receiver.
+pub fn audit_pages(
+    db: Db,
+    mut filter: AuditFilter,
+) -> tokio::sync::mpsc::Receiver<Result<Vec<AuditEntry>, ProjectionError>> {
+    let (pages, receiver) = tokio::sync::mpsc::channel(2);
+    tokio::spawn(async move {
+        loop {
+            let page = audit_entries(&db, &filter).await;
+            let last = match &page {
+                Ok(entries) => entries.last().map(|e| e.position),
+                Err(_) => None,
+            };
+            let full = page
+                .as_ref()
+                .is_ok_and(|entries| entries.len() as i64 >= filter.limit);
+            let empty = page.as_ref().is_ok_and(Vec::is_empty);
+            if empty || pages.send(page).await.is_err() {
+                break;
+            }
+            match last {
+                // A short page has read everything that matched when it was read.
+                Some(last) if full => filter.after = Some(last),
+                _ => break,
+            }
+        }
+    });
+    receiver
 }
 
 /// Entries matching `filter`, in position order.
@@ -547,11 +546,13 @@ pub async fn verify_chain(db: &Db, org: &str) -> Result<ChainReport, ProjectionE
                         None,
                         "the sealed event is missing from the event log".into(),
                     )),
-                    Some(event) if entry_hash(&expected_prev, event) != hash => Some(failure(
-                        "altered",
-                        Some(event),
-                        "the stored event differs from what was sealed".into(),
-                    )),
+                    Some(event) if !entry_hash(&expected_prev, event).is_ok_and(|h| h == hash) => {
+                        Some(failure(
+                            "altered",
+                            Some(event),
+                            "the stored event differs from what was sealed".into(),
+                        ))
+                    }
                     Some(_) => None,
                 }
             };
@@ -575,7 +576,9 @@ pub async fn verify_chain(db: &Db, org: &str) -> Result<ChainReport, ProjectionE
             .map(|f| f.position)
             .unwrap_or(head);
         for event in db.unsealed_events_up_to(limit).await? {
-            let metadata = EventMetadata::from_map(&event.metadata);
+            let metadata = event
+                .event_metadata()
+                .unwrap_or_else(|_| EventMetadata::from_map(&HashMap::new()));
             let claims_org = event
                 .scope_event()
                 .map(|e| location(&event, &e, &metadata).org_id == org)

@@ -3,7 +3,6 @@
 
 use chrono::{DateTime, Utc};
 use cqrs_es::Aggregate;
-use ekm_domain::metadata::EventMetadata;
 use ekm_domain::{effective_state, Effective, Scope, ScopeEvent, ScopeId, ScopeState};
 use ekm_store::{Db, StoredEvent};
 
@@ -66,7 +65,7 @@ fn fold(events: &[StoredEvent], upto: i64) -> Result<Option<Folded>, ProjectionE
             event,
             ScopeEvent::ScopePaused {} | ScopeEvent::ScopeResumed {} | ScopeEvent::ScopeRevoked {}
         ) {
-            let metadata = EventMetadata::from_map(&stored.metadata);
+            let metadata = stored.event_metadata()?;
             last_change = Some(StateChange {
                 event: stored.event_type.clone(),
                 position: stored.position,
@@ -80,7 +79,7 @@ fn fold(events: &[StoredEvent], upto: i64) -> Result<Option<Folded>, ProjectionE
             ScopeEvent::OrganizationMasterKeyHealthChanged { .. }
                 | ScopeEvent::OrganizationMasterKeyChanged { .. }
         ) {
-            let metadata = EventMetadata::from_map(&stored.metadata);
+            let metadata = stored.event_metadata()?;
             let reason = match &event {
                 ScopeEvent::OrganizationMasterKeyHealthChanged { reason, .. } => {
                     reason.map(|r| r.as_str().to_owned())

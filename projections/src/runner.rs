@@ -13,7 +13,9 @@ use tokio::sync::{watch, Mutex, Notify};
 use crate::audit::AuditChain;
 use crate::error::ProjectionError;
 use crate::scope_tree::{KeyShredder, ScopeTree};
-use crate::sql::{execute_prepared_postgres, execute_prepared_sqlite, merge, Dialect, Statement};
+use crate::sql::{
+    execute_prepared_postgres, execute_prepared_sqlite, merge, Dialect, Prepared, Statement,
+};
 
 /// A read model fed from events. `statements` must depend only on the event and the
 /// projection's own state, so that a rebuild from the log yields exactly the live rows, and
@@ -91,7 +93,8 @@ pub type EventListener = Arc<dyn Fn(&[StoredEvent]) + Send + Sync>;
 
 pub struct Projector {
     db: Db,
-    projections: Vec<Box<dyn Projection>>,
+    /// Shared with `catch_up_prefetching`'s reader task, which turns events into statements.
+    projections: Arc<[Box<dyn Projection>]>,
     config: ProjectorConfig,
     /// One catch-up at a time in this process; other instances are excluded by row locks.
     running: Mutex<()>,
@@ -108,7 +111,7 @@ impl Projector {
     pub fn new(db: Db, projections: Vec<Box<dyn Projection>>, config: ProjectorConfig) -> Self {
         Self {
             db,
-            projections,
+            projections: projections.into(),
             config,
             running: Mutex::new(()),
             applied: watch::Sender::new(0),
@@ -128,7 +131,7 @@ impl Projector {
     pub async fn init(&self) -> Result<(), ProjectionError> {
         let sql = "INSERT INTO projection_checkpoints (name, position, updated_at) \
                    VALUES ($1, 0, $2) ON CONFLICT (name) DO NOTHING";
-        for projection in &self.projections {
+        for projection in self.projections.iter() {
             ekm_store::with_write_pool!(&self.db, pool => {
                 sqlx::query(sql).bind(projection.name()).bind(now_micros()).execute(pool).await?;
             });
@@ -227,26 +230,33 @@ impl Projector {
         Ok(self.applied())
     }
 
-    /// Like `catch_up_reporting`, with the log read one batch ahead by a task of its own, so
-    /// that reading and decoding the next batch overlaps writing this one. Only for a
-    /// projector that nothing else advances meanwhile (the aside rebuild, under its lock):
-    /// the batches are read from the checkpoint it starts at.
+    /// Like `catch_up_reporting`, with the log read one batch ahead by a task of its own that
+    /// also turns each batch into its merged statements, so that reading, decoding and
+    /// preparing the next batch overlaps writing this one. Only for a projector that nothing
+    /// else advances meanwhile (the aside rebuild, under its lock; the in-place rebuild, under
+    /// the data directory's lock): the batches are read from the checkpoints it starts at, and
+    /// a batch whose checkpoints turn out different is prepared again in its transaction.
     pub async fn catch_up_prefetching(
         &self,
         progress: &mut (dyn FnMut(i64, i64) + Send),
     ) -> Result<i64, ProjectionError> {
         let _running = self.running.lock().await;
         let head = self.db.head_position().await?;
-        let start = self
+        let mut checkpoints: Vec<i64> = self
             .checkpoints()
             .await?
             .into_iter()
             .map(|(_, position)| position)
-            .min()
-            .unwrap_or(0);
+            .collect();
+        let start = checkpoints.iter().copied().min().unwrap_or(0);
         progress(start, head);
-        let (batches, mut next) = tokio::sync::mpsc::channel::<Vec<StoredEvent>>(2);
+        let (batches, mut next) = tokio::sync::mpsc::channel::<Batch>(2);
         let db = self.db.clone();
+        let projections = self.projections.clone();
+        let dialect = match &self.db {
+            Db::Sqlite(_) => Dialect::Sqlite,
+            Db::Postgres(_) => postgres_dialect(&self.config),
+        };
         let size = self.config.batch_size;
         let reader = tokio::spawn(async move {
             let mut after = start;
@@ -256,16 +266,35 @@ impl Projector {
                     break;
                 };
                 after = last;
-                if batches.send(events).await.is_err() {
+                let prepared = prepare(&projections, &checkpoints, &events, dialect)
+                    .map(|prepared| (checkpoints.clone(), prepared));
+                for checkpoint in &mut checkpoints {
+                    *checkpoint = (*checkpoint).max(last);
+                }
+                if batches.send(Batch { events, prepared }).await.is_err() {
                     break;
                 }
             }
             Ok::<(), ProjectionError>(())
         });
-        while let Some(events) = next.recv().await {
-            self.step_with(Some(events)).await?;
+        // Which side is the bottleneck: the writer waiting for the reader, or writing.
+        let (mut waiting, mut writing) = (Duration::ZERO, Duration::ZERO);
+        loop {
+            let started = std::time::Instant::now();
+            let Some(batch) = next.recv().await else {
+                break;
+            };
+            waiting += started.elapsed();
+            let started = std::time::Instant::now();
+            self.step_with(Some(batch)).await?;
+            writing += started.elapsed();
             progress(self.applied(), head.max(self.applied()));
         }
+        tracing::info!(
+            waiting_for_reader_seconds = waiting.as_secs_f64(),
+            writing_seconds = writing.as_secs_f64(),
+            "catch-up: batches read ahead and written"
+        );
         reader.await.map_err(|_| ProjectionError::ReaderStopped)??;
         // Whatever committed after `head`, the ordinary way.
         while self.step().await? > 0 {
@@ -294,8 +323,8 @@ impl Projector {
         self.step_with(None).await
     }
 
-    /// `step`, with the batch's events already read (`catch_up_prefetching`) or not.
-    async fn step_with(&self, events: Option<Vec<StoredEvent>>) -> Result<usize, ProjectionError> {
+    /// `step`, with the batch already read, and perhaps prepared (`catch_up_prefetching`), or not.
+    async fn step_with(&self, events: Option<Batch>) -> Result<usize, ProjectionError> {
         match &self.db {
             Db::Sqlite(db) => {
                 let mut tx = db.write.begin().await?;
@@ -365,7 +394,7 @@ impl Projector {
     /// Each projection's checkpoint, as stored.
     pub async fn checkpoints(&self) -> Result<Vec<(String, i64)>, ProjectionError> {
         let mut out = Vec::new();
-        for projection in &self.projections {
+        for projection in self.projections.iter() {
             let sql = "SELECT position FROM projection_checkpoints WHERE name = $1";
             let position: Option<i64> = ekm_store::with_read_pool!(&self.db, pool => {
                 sqlx::query_scalar(sql).bind(projection.name()).fetch_optional(pool).await?
@@ -403,6 +432,60 @@ async fn next_notification(listener: &mut Option<PgListener>) -> bool {
     }
 }
 
+/// Moves each projection's checkpoint to `$last`, inside the batch's transaction. A
+/// checkpoint only moves forward: a projection already past this batch (the never-rebuilt
+/// audit seals, during a rebuild) keeps its own position.
+macro_rules! move_checkpoints {
+    ($projector:expr, $tx:expr, $checkpoints:expr, $last:expr) => {
+        for (projection, checkpoint) in $projector.projections.iter().zip(&$checkpoints) {
+            if $last <= *checkpoint {
+                continue;
+            }
+            sqlx::query(
+                "UPDATE projection_checkpoints SET position = $2, updated_at = $3 WHERE name = $1",
+            )
+            .bind(projection.name())
+            .bind($last)
+            .bind(now_micros())
+            .execute(&mut **$tx)
+            .await?;
+        }
+    };
+}
+
+/// A batch read ahead of its transaction, with its merged statements when they could be
+/// prepared ahead (`prepare`), and the checkpoints they were prepared from.
+struct Batch {
+    events: Vec<StoredEvent>,
+    prepared: Option<(Vec<i64>, Vec<Prepared>)>,
+}
+
+/// The merged statements of a batch, decided outside its transaction. Only where no
+/// projection reads state for these events (state lives in the database and is loaded in the
+/// transaction); `None` also when a projection fails, so that the transaction reports it.
+fn prepare(
+    projections: &[Box<dyn Projection>],
+    checkpoints: &[i64],
+    events: &[StoredEvent],
+    dialect: Dialect,
+) -> Option<Vec<Prepared>> {
+    let mut rows = Vec::with_capacity(events.len() * 3);
+    let mut state = ProjectionState::default();
+    for event in events {
+        for (projection, checkpoint) in projections.iter().zip(checkpoints) {
+            if event.position <= *checkpoint {
+                continue;
+            }
+            if !projection.state_keys(event).is_empty() {
+                return None;
+            }
+            rows.extend(projection.statements(event, &mut state).ok()?);
+        }
+    }
+    // A projection that set state without declaring keys would lose it here.
+    state.changed.is_empty().then(|| merge(rows, dialect))
+}
+
 /// The body of `step`: reads the checkpoints (locking their rows where several instances
 /// may run), applies the next batch, moves the checkpoints. Written once, compiled per
 /// backend, as concrete functions (generic async code trips rustc's `Send` inference
@@ -412,7 +495,7 @@ macro_rules! batch_fn {
         async fn $name(
             projector: &Projector,
             tx: &mut sqlx::Transaction<'static, $db>,
-            prefetched: Option<Vec<StoredEvent>>,
+            prefetched: Option<Batch>,
         ) -> Result<(usize, i64), ProjectionError> {
             let select = if $lock {
                 "SELECT position FROM projection_checkpoints WHERE name = $1 FOR UPDATE"
@@ -420,7 +503,7 @@ macro_rules! batch_fn {
                 "SELECT position FROM projection_checkpoints WHERE name = $1"
             };
             let mut checkpoints = Vec::with_capacity(projector.projections.len());
-            for projection in &projector.projections {
+            for projection in projector.projections.iter() {
                 let position: Option<i64> = sqlx::query_scalar(select)
                     .bind(projection.name())
                     .fetch_optional(&mut **tx)
@@ -428,18 +511,26 @@ macro_rules! batch_fn {
                 checkpoints.push(position.unwrap_or(0));
             }
             let from = checkpoints.iter().copied().min().unwrap_or(0);
-            let events = match prefetched {
-                Some(events) => events,
+            let (events, prepared) = match prefetched {
+                Some(Batch { events, prepared }) => (events, prepared),
                 None => {
-                    projector
+                    let events = projector
                         .db
                         .events_after(from, projector.config.batch_size)
-                        .await?
+                        .await?;
+                    (events, None)
                 }
             };
             let Some(last) = events.last().map(|e| e.position) else {
                 return Ok((0, from));
             };
+            // Prepared ahead from the same checkpoints: nothing to load, decide or save here.
+            if let Some((_, prepared)) = prepared.filter(|(assumed, _)| *assumed == checkpoints) {
+                let conn = &mut **tx;
+                $execute!(conn, prepared);
+                move_checkpoints!(projector, tx, checkpoints, last);
+                return Ok((events.len(), last));
+            }
             let mut states: Vec<ProjectionState> = Vec::with_capacity(checkpoints.len());
             for (projection, checkpoint) in projector.projections.iter().zip(&checkpoints) {
                 let mut state = ProjectionState::default();
@@ -487,21 +578,7 @@ macro_rules! batch_fn {
                     .await?;
                 }
             }
-            // A checkpoint only moves forward: a projection already past this batch (the
-            // never-rebuilt audit seals, during a rebuild) keeps its own position.
-            for (projection, checkpoint) in projector.projections.iter().zip(&checkpoints) {
-                if last <= *checkpoint {
-                    continue;
-                }
-                sqlx::query(
-                    "UPDATE projection_checkpoints SET position = $2, updated_at = $3 WHERE name = $1",
-                )
-                .bind(projection.name())
-                .bind(last)
-                .bind(now_micros())
-                .execute(&mut **tx)
-                .await?;
-            }
+            move_checkpoints!(projector, tx, checkpoints, last);
             Ok((events.len(), last))
         }
     };
@@ -530,3 +607,98 @@ batch_fn!(
     postgres_dialect,
     execute_prepared_postgres
 );
+
+#[cfg(test)]
+mod tests {
+    use cqrs_es::DomainEvent;
+    use ekm_domain::metadata::{Actor, ActorKind, EventMetadata};
+    use ekm_domain::{KeyVersion, OrgId, ScopeEvent, ScopeId, ScopeKind, ScopeName};
+
+    use super::*;
+
+    fn stored(position: i64, id: ScopeId, sequence: i64, event: &ScopeEvent) -> StoredEvent {
+        let metadata = EventMetadata {
+            actor: Actor {
+                kind: ActorKind::User,
+                id: "admin".into(),
+            },
+            request_id: "req".into(),
+            reason: None,
+            source_address: None,
+            recorded_at: "2026-11-28T00:00:00Z".into(),
+            location: None,
+        };
+        StoredEvent {
+            position,
+            recorded_at: chrono::Utc::now(),
+            aggregate_type: "scope".into(),
+            aggregate_id: id.to_string(),
+            sequence,
+            event_type: event.event_type(),
+            event_version: "1".into(),
+            payload: serde_json::to_string(event).unwrap(),
+            metadata: serde_json::to_string(&metadata.to_map()).unwrap(),
+        }
+    }
+
+    /// A team created, paused and resumed, as one batch of the log.
+    fn created_paused_resumed() -> Vec<StoredEvent> {
+        let org = OrgId::generate();
+        let team = ScopeId::generate();
+        let created = ScopeEvent::ScopeCreated {
+            scope_id: team,
+            kind: ScopeKind::Team,
+            name: ScopeName::parse("research").unwrap(),
+            parent_id: org.scope_id(),
+            org_id: org,
+            path: vec![org.scope_id(), team],
+            key_version: KeyVersion::FIRST,
+            key_fingerprint: None,
+        };
+        vec![
+            stored(1, team, 1, &created),
+            stored(2, team, 2, &ScopeEvent::ScopePaused {}),
+            stored(3, team, 3, &ScopeEvent::ScopeResumed {}),
+        ]
+    }
+
+    #[test]
+    fn a_scope_created_and_paused_in_one_batch_is_written_by_inserts_alone() {
+        // Given a batch in which a scope is created and then paused and resumed
+        let events = created_paused_resumed();
+        let projections: Vec<Box<dyn Projection>> = vec![Box::new(ScopeTree)];
+        // When it is prepared for PostgreSQL
+        let prepared = prepare(&projections, &[0], &events, Dialect::PostgresCopy).unwrap();
+        // Then the state changes are folded into the inserted rows: no UPDATE of a row the
+        // batch has just written (each one cost a full pass over the new rows' index pages)
+        assert!(
+            prepared.iter().all(|p| !p.sql.starts_with("UPDATE")),
+            "{:?}",
+            prepared.iter().map(|p| &p.sql).collect::<Vec<_>>()
+        );
+        let scope_rows = prepared
+            .iter()
+            .find(|p| p.sql.starts_with("COPY scope_view"))
+            .and_then(|p| p.copy.clone())
+            .unwrap();
+        let row = String::from_utf8(scope_rows).unwrap();
+        assert_eq!(row.lines().count(), 1);
+        assert!(row.contains("\tScopeResumed\t3\t"), "{row}");
+    }
+
+    #[test]
+    fn only_batches_past_their_checkpoint_and_free_of_state_are_prepared_ahead() {
+        let events = created_paused_resumed();
+        // Given the audit chain, which reads each organization's chain head from the database
+        let chain: Vec<Box<dyn Projection>> = vec![Box::new(AuditChain)];
+        // Then its batches are not prepared ahead: that happens in their transaction
+        assert!(prepare(&chain, &[0], &events, Dialect::Postgres).is_none());
+        // Given the scope tree, with a checkpoint past the creation
+        let tree: Vec<Box<dyn Projection>> = vec![Box::new(ScopeTree)];
+        let prepared = prepare(&tree, &[1], &events, Dialect::Postgres).unwrap();
+        // Then only the pause and resume are prepared: one update, no insert
+        let sql: Vec<&str> = prepared.iter().map(|p| p.sql.as_str()).collect();
+        assert_eq!(sql.len(), 1, "{sql:?}");
+        assert!(sql[0].starts_with("UPDATE scope_view"), "{sql:?}");
+    }
+}

@@ -1,7 +1,6 @@
 //! The scope tree read model: one row per scope (own state, the event that set it, key
 //! version) and one row per key version. Effective state is derived when read.
 
-use ekm_domain::metadata::EventMetadata;
 use ekm_domain::{OwnState, ScopeEvent};
 use ekm_store::time::to_micros;
 use ekm_store::StoredEvent;
@@ -28,6 +27,19 @@ const SCOPE_COLUMNS: &[&str] = &[
     "created_at",
     "created_position",
     "updated_position",
+    // Set by later events only; named here (as NULL) so that the runner folds such an update
+    // into the insert when both fall in one batch, instead of updating a row it just wrote.
+    "state_event",
+    "state_position",
+    "state_at",
+    "state_actor",
+    "state_reason",
+    "master_key",
+    "master_health",
+    "master_reason",
+    "master_detail",
+    "master_position",
+    "master_at",
 ];
 
 const KEY_VERSION_COLUMNS: &[&str] = &[
@@ -83,6 +95,17 @@ fn scope_row(
             Param::Int(to_micros(stored.recorded_at)),
             Param::Int(stored.position),
             Param::Int(stored.position),
+            Param::OptText(None),
+            Param::OptInt(None),
+            Param::OptInt(None),
+            Param::OptText(None),
+            Param::OptText(None),
+            Param::OptText(None),
+            Param::OptText(None),
+            Param::OptText(None),
+            Param::OptText(None),
+            Param::OptInt(None),
+            Param::OptInt(None),
         ],
     }
 }
@@ -144,9 +167,9 @@ const APPLY_REWRAPS: &str = "UPDATE key_material SET \
         WHERE r.scope_id = key_material.scope_id AND r.version = key_material.version \
         AND r.fingerprint = key_material.fingerprint AND r.target = $2)";
 
-fn state_change(stored: &StoredEvent, state: OwnState) -> Statement {
-    let metadata = EventMetadata::from_map(&stored.metadata);
-    Statement::Update {
+fn state_change(stored: &StoredEvent, state: OwnState) -> Result<Statement, ProjectionError> {
+    let metadata = stored.event_metadata()?;
+    Ok(Statement::Update {
         table: "scope_view",
         key_column: "id",
         key: Param::Text(stored.aggregate_id.clone()),
@@ -161,7 +184,7 @@ fn state_change(stored: &StoredEvent, state: OwnState) -> Statement {
             Param::OptText(Some(metadata.actor.to_string())),
             Param::OptText(metadata.reason.map(|r| r.as_str().to_owned())),
         ],
-    }
+    })
 }
 
 impl Projection for ScopeTree {
@@ -319,7 +342,7 @@ impl Projection for ScopeTree {
                 permission,
                 scope_id,
             } => {
-                let metadata = EventMetadata::from_map(&stored.metadata);
+                let metadata = stored.event_metadata()?;
                 vec![Statement::Insert {
                     table: "grants_view",
                     columns: GRANT_COLUMNS,
@@ -350,9 +373,9 @@ impl Projection for ScopeTree {
                 ],
             }],
             ScopeEvent::TokenIssued { .. } | ScopeEvent::TokenRevoked { .. } => vec![],
-            ScopeEvent::ScopePaused {} => vec![state_change(stored, OwnState::Paused)],
-            ScopeEvent::ScopeResumed {} => vec![state_change(stored, OwnState::Active)],
-            ScopeEvent::ScopeRevoked {} => vec![state_change(stored, OwnState::Revoked)],
+            ScopeEvent::ScopePaused {} => vec![state_change(stored, OwnState::Paused)?],
+            ScopeEvent::ScopeResumed {} => vec![state_change(stored, OwnState::Active)?],
+            ScopeEvent::ScopeRevoked {} => vec![state_change(stored, OwnState::Revoked)?],
             ScopeEvent::ScopeKeyRotated {
                 key_version,
                 key_fingerprint,

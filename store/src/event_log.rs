@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use chrono::{DateTime, Utc};
 use cqrs_es::persist::{EventStoreAggregateContext, PersistedEventStore, SerializedEvent};
 use cqrs_es::{AggregateError, EventEnvelope, EventStore};
+use ekm_domain::metadata::EventMetadata;
 use ekm_domain::upcast::upcasters;
 use ekm_domain::{Scope, ScopeError, ScopeEvent};
 use postgres_es::PostgresEventRepository;
@@ -70,6 +71,11 @@ impl ScopeStore {
 }
 
 /// One event as stored, with its global position and the time the database recorded it.
+///
+/// Payload and metadata are kept as the JSON text the database returned and decoded only by
+/// whoever needs them (`scope_event`, `payload_value`, `event_metadata`): a rebuild reads a
+/// million events and decodes each payload once, straight into its event type, instead of
+/// building a generic JSON tree and a metadata map first (BENCHMARKS.md).
 #[derive(Clone, Debug, PartialEq)]
 pub struct StoredEvent {
     pub position: i64,
@@ -79,21 +85,18 @@ pub struct StoredEvent {
     pub sequence: i64,
     pub event_type: String,
     pub event_version: String,
-    pub payload: serde_json::Value,
-    pub metadata: HashMap<String, String>,
+    /// The payload as stored: JSON text.
+    pub payload: String,
+    /// The metadata as stored: JSON text, an object of strings.
+    pub metadata: String,
 }
 
 impl StoredEvent {
     /// The stored payload as the current event type, after upcasting older versions.
     pub fn scope_event(&self) -> Result<ScopeEvent, StoreError> {
         if !ekm_domain::upcast::needs_upcast(&self.event_type, &self.event_version) {
-            // The current shape: read it in place, without copying the payload.
-            return serde::Deserialize::deserialize(&self.payload).map_err(|source| {
-                StoreError::CorruptEvent {
-                    position: self.position,
-                    source,
-                }
-            });
+            // The current shape: decoded straight from the text.
+            return self.corrupt_if(serde_json::from_str(&self.payload));
         }
         let serialized = SerializedEvent::new(
             self.aggregate_id.clone(),
@@ -101,11 +104,30 @@ impl StoredEvent {
             self.aggregate_type.clone(),
             self.event_type.clone(),
             self.event_version.clone(),
-            self.payload.clone(),
+            self.payload_value()?,
             serde_json::Value::Null,
         );
         let upcast = ekm_domain::upcast::upcast(serialized);
-        serde_json::from_value(upcast.payload).map_err(|source| StoreError::CorruptEvent {
+        self.corrupt_if(serde_json::from_value(upcast.payload))
+    }
+
+    /// The stored payload as a JSON value (as stored, not upcast).
+    pub fn payload_value(&self) -> Result<serde_json::Value, StoreError> {
+        self.corrupt_if(serde_json::from_str(&self.payload))
+    }
+
+    /// The stored metadata as its map of strings.
+    pub fn metadata_map(&self) -> Result<HashMap<String, String>, StoreError> {
+        self.corrupt_if(serde_json::from_str(&self.metadata))
+    }
+
+    /// Who recorded the event, why, from where.
+    pub fn event_metadata(&self) -> Result<EventMetadata, StoreError> {
+        self.corrupt_if(EventMetadata::from_json(&self.metadata))
+    }
+
+    fn corrupt_if<T>(&self, decoded: Result<T, serde_json::Error>) -> Result<T, StoreError> {
+        decoded.map_err(|source| StoreError::CorruptEvent {
             position: self.position,
             source,
         })
@@ -116,26 +138,19 @@ const SELECT_EVENTS: &str = "SELECT position, recorded_at, aggregate_type, aggre
     event_type, event_version, CAST(payload AS TEXT) AS payload, CAST(metadata AS TEXT) AS metadata \
     FROM events";
 
-fn parse_json<T: serde::de::DeserializeOwned>(position: i64, text: &str) -> Result<T, StoreError> {
-    serde_json::from_str(text).map_err(|source| StoreError::CorruptEvent { position, source })
-}
-
 macro_rules! decode_event {
     ($row:expr, $recorded_at:expr) => {{
         let row = $row;
-        let position: i64 = row.try_get("position")?;
-        let payload: String = row.try_get("payload")?;
-        let metadata: String = row.try_get("metadata")?;
         Ok::<_, StoreError>(StoredEvent {
-            position,
+            position: row.try_get("position")?,
             recorded_at: $recorded_at(&row)?,
             aggregate_type: row.try_get("aggregate_type")?,
             aggregate_id: row.try_get("aggregate_id")?,
             sequence: row.try_get("sequence")?,
             event_type: row.try_get("event_type")?,
             event_version: row.try_get("event_version")?,
-            payload: parse_json(position, &payload)?,
-            metadata: parse_json(position, &metadata)?,
+            payload: row.try_get("payload")?,
+            metadata: row.try_get("metadata")?,
         })
     }};
 }

@@ -299,13 +299,14 @@ async fn events_carry_actor_request_reason_source_and_time(backend: Backend) {
     let pause = events.last().unwrap();
     assert_eq!(pause.event_type, "ScopePaused");
     assert_eq!(pause.event_version, "1");
-    assert_eq!(pause.metadata["request_id"], "req-4711");
-    assert_eq!(pause.metadata["reason"], "investigation 4711");
-    assert_eq!(pause.metadata["source_address"], "127.0.0.1");
-    assert_eq!(pause.metadata["actor_kind"], "user");
+    let metadata = pause.metadata_map().unwrap();
+    assert_eq!(metadata["request_id"], "req-4711");
+    assert_eq!(metadata["reason"], "investigation 4711");
+    assert_eq!(metadata["source_address"], "127.0.0.1");
+    assert_eq!(metadata["actor_kind"], "user");
     // The actor is the token's principal (the first admin is `admin`), not the token.
-    assert_eq!(pause.metadata["actor_id"], "admin");
-    assert!(chrono::DateTime::parse_from_rfc3339(&pause.metadata["recorded_at"]).is_ok());
+    assert_eq!(metadata["actor_id"], "admin");
+    assert!(chrono::DateTime::parse_from_rfc3339(&metadata["recorded_at"]).is_ok());
     assert!(pause.position > events[0].position);
     // The admin token's secret is nowhere in the events.
     for event in &events {

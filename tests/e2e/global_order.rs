@@ -151,7 +151,9 @@ async fn stored_events_cannot_be_changed_or_deleted(backend: Backend) {
         assert!(delete.is_err(), "delete must be refused");
     });
     assert_eq!(
-        db.events_after(0, 10).await.unwrap()[0].payload,
+        db.events_after(0, 10).await.unwrap()[0]
+            .payload_value()
+            .unwrap(),
         serde_json::json!({})
     );
     db.close().await;
