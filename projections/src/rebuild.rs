@@ -273,10 +273,16 @@ async fn rebuild_aside_locked(
     );
     let phase = Instant::now();
 
-    // Each table on its own connection, concurrently: index builds and the WAL-writing
-    // `SET LOGGED` rewrite of one table overlap with another's.
+    // Each table on its own connection, concurrently: one table's WAL-writing `SET LOGGED`
+    // rewrite overlaps with another's index builds. `SET LOGGED` first: it rewrites the table
+    // and rebuilds every index the table has, so secondary indexes built before it would be
+    // built twice (measured: 5 s of a 1M-scope rebuild).
     let finish = read_models.iter().map(|table| async move {
         let started = Instant::now();
+        sqlx::query(&format!("ALTER TABLE {ASIDE}.{table} SET LOGGED"))
+            .execute(pool)
+            .await?;
+        let logged = started.elapsed();
         let indexes: Vec<String> = sqlx::query_scalar(
             "SELECT indexdef FROM pg_indexes i WHERE schemaname = 'public' AND tablename = $1 \
              AND NOT EXISTS (SELECT 1 FROM pg_constraint c WHERE c.conname = i.indexname \
@@ -285,21 +291,19 @@ async fn rebuild_aside_locked(
         .bind(table)
         .fetch_all(pool)
         .await?;
-        for definition in indexes {
+        // The indexes of one table concurrently too (CREATE INDEX locks allow one another).
+        let builds = indexes.into_iter().map(|definition| async move {
             let aside_definition = definition.replace(
                 &format!(" ON public.{table} "),
                 &format!(" ON {ASIDE}.{table} "),
             );
-            sqlx::query(&aside_definition).execute(pool).await?;
-        }
-        let indexed = started.elapsed();
-        sqlx::query(&format!("ALTER TABLE {ASIDE}.{table} SET LOGGED"))
-            .execute(pool)
-            .await?;
+            sqlx::query(&aside_definition).execute(pool).await
+        });
+        futures_util::future::try_join_all(builds).await?;
         tracing::info!(
             table = *table,
-            indexes_seconds = indexed.as_secs_f64(),
-            set_logged_seconds = (started.elapsed() - indexed).as_secs_f64(),
+            set_logged_seconds = logged.as_secs_f64(),
+            indexes_seconds = (started.elapsed() - logged).as_secs_f64(),
             "rebuild: table finished"
         );
         Ok::<(), ProjectionError>(())

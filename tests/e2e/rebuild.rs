@@ -133,6 +133,7 @@ async fn rebuild_yields_exactly_the_live_read_models(backend: Backend) {
     match backend {
         // PostgreSQL: beside the running server.
         Backend::Postgres => {
+            let shape_before = pg_shape(&app.db).await;
             let mut reported = vec![];
             let report = rebuild(&app.db, &mut |applied, head| reported.push((applied, head)))
                 .await
@@ -140,6 +141,8 @@ async fn rebuild_yields_exactly_the_live_read_models(backend: Backend) {
             assert_eq!(report.position, app.db.head_position().await.unwrap());
             assert!(reported.len() >= 2 && reported.last().unwrap().0 == report.position);
             assert_eq!(dump(&app.db).await, live);
+            // The swapped-in tables are durable again and carry every index the old ones had.
+            assert_eq!(pg_shape(&app.db).await, shape_before);
             // The live server keeps working on the swapped-in tables.
             random_history(&app.app, 9, 20).await;
             let after = dump(&app.db).await;
@@ -171,6 +174,36 @@ async fn rebuild_yields_exactly_the_live_read_models(backend: Backend) {
     db.close().await;
 }
 on_both_backends!(rebuild_yields_exactly_the_live_read_models);
+
+/// The read models' tables on PostgreSQL: each with its persistence (`p`: logged) and its
+/// indexes' definitions.
+async fn pg_shape(db: &Db) -> Vec<(String, String, Vec<String>)> {
+    let Db::Postgres(pg) = db else {
+        unreachable!("PostgreSQL only")
+    };
+    let shape: Vec<(String, String, Vec<String>)> = sqlx::query_as(
+        "SELECT c.relname::text, c.relpersistence::text, \
+                ARRAY(SELECT indexdef FROM pg_indexes i WHERE i.schemaname = 'public' \
+                      AND i.tablename = c.relname ORDER BY indexdef) \
+         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+         WHERE n.nspname = 'public' AND c.relkind = 'r' \
+           AND c.relname IN ('scope_view', 'key_version_view', 'grants_view') \
+         ORDER BY c.relname",
+    )
+    .fetch_all(&pg.pool)
+    .await
+    .unwrap();
+    assert_eq!(shape.len(), 3);
+    assert!(
+        shape.iter().all(|(_, persistence, _)| persistence == "p"),
+        "{shape:?}"
+    );
+    assert!(
+        shape.iter().all(|(_, _, indexes)| !indexes.is_empty()),
+        "{shape:?}"
+    );
+    shape
+}
 
 async fn count(db: &Db, table: &str) -> i64 {
     ekm_store::with_read_pool!(db, pool => {
