@@ -22,6 +22,13 @@ use crate::keys::{KeyError, KeyService};
 
 /// How often a command is retried when another command on the same scope committed first.
 const MAX_ATTEMPTS: u32 = 20;
+/// Pauses before each attempt to read a committed change back (`App::read_back`).
+const READ_BACK_BACKOFF: [Duration; 4] = [
+    Duration::ZERO,
+    Duration::from_millis(50),
+    Duration::from_millis(250),
+    Duration::from_millis(1_000),
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -41,6 +48,16 @@ pub enum AppError {
     EventStore(#[source] AggregateError<ScopeError>),
     #[error("key hierarchy failed")]
     Key(#[from] KeyError),
+    /// The command's events are committed (durable), but bringing the read models up to them
+    /// or reading the scope back failed, even after retries. Reported apart from every other
+    /// failure: repeating the request would repeat the change (a second scope, say).
+    #[error("the change to scope {id} was recorded, but reading it back failed")]
+    Committed {
+        id: ScopeId,
+        position: Option<i64>,
+        #[source]
+        source: Box<AppError>,
+    },
 }
 
 /// A lifecycle action on an existing scope.
@@ -582,6 +599,53 @@ impl App {
     }
 
     /// Loads the aggregate, decides, commits; on a conflict, starts again from fresh state.
+    /// After a commit: the read models brought up to the new event, and the scope read from
+    /// them (read-your-writes). The event is durable whatever happens here, so a failure is
+    /// retried a few times (a database blip) and then reported as `AppError::Committed`.
+    async fn read_back(
+        &self,
+        id: ScopeId,
+        aggregate_id: &str,
+        last_sequence: i64,
+    ) -> Result<Outcome, AppError> {
+        let inner = &self.inner;
+        let mut position = None;
+        let mut failure = None;
+        for backoff in READ_BACK_BACKOFF {
+            if !backoff.is_zero() {
+                tokio::time::sleep(backoff).await;
+            }
+            let attempt = async {
+                if position.is_none() {
+                    position = inner.db.position_of(aggregate_id, last_sequence).await?;
+                }
+                match position {
+                    Some(position) => inner.projector.catch_up_to(position).await?,
+                    None => self.refresh().await?,
+                }
+                inner.read.scope(id).await?.ok_or(AppError::NotFound)
+            };
+            match attempt.await {
+                Ok(scope) => {
+                    return Ok(Outcome {
+                        scope,
+                        changed: true,
+                        position,
+                    })
+                }
+                Err(error) => {
+                    tracing::warn!(scope = %id, error = %ekm_projections::error_chain(&error), "a committed change could not be read back; retrying");
+                    failure = Some(error);
+                }
+            }
+        }
+        Err(AppError::Committed {
+            id,
+            position,
+            source: Box::new(failure.unwrap_or(AppError::NotFound)),
+        })
+    }
+
     async fn run(
         &self,
         id: ScopeId,
@@ -637,17 +701,7 @@ impl App {
                         .last()
                         .and_then(|e| i64::try_from(e.sequence).ok())
                         .unwrap_or(current);
-                    let position = inner.db.position_of(&aggregate_id, last_sequence).await?;
-                    match position {
-                        Some(position) => inner.projector.catch_up_to(position).await?,
-                        None => self.refresh().await?,
-                    }
-                    let scope = inner.read.scope(id).await?.ok_or(AppError::NotFound)?;
-                    return Ok(Outcome {
-                        scope,
-                        changed: true,
-                        position,
-                    });
+                    return self.read_back(id, &aggregate_id, last_sequence).await;
                 }
                 Err(AggregateError::AggregateConflict) if expected_version.is_none() => {
                     // Someone else committed first: back off a little, with jitter, and

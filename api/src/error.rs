@@ -29,6 +29,8 @@ pub enum Code {
     /// A customer master key failed validation when connecting it.
     MasterKeyUnusable,
     Unavailable,
+    /// The change was committed, but could not be read back: do not repeat the request.
+    CommittedUnconfirmed,
     Internal,
 }
 
@@ -48,6 +50,7 @@ impl Code {
             Code::InvalidCiphertext => "invalid_ciphertext",
             Code::MasterKeyUnusable => "master_key_unusable",
             Code::Unavailable => "unavailable",
+            Code::CommittedUnconfirmed => "committed_unconfirmed",
             Code::Internal => "internal",
         }
     }
@@ -69,6 +72,7 @@ impl Code {
             Code::InvalidCiphertext => "The ciphertext cannot be decrypted here",
             Code::MasterKeyUnusable => "The master key cannot be used",
             Code::Unavailable => "The service is temporarily unavailable",
+            Code::CommittedUnconfirmed => "The change was recorded but not confirmed",
             Code::Internal => "Internal error",
         }
     }
@@ -238,6 +242,19 @@ impl From<AppError> for ApiError {
                     Code::KeyUnavailable,
                     "the organization's key is wrapped by a master key it no longer uses; reconnect the master key",
                 )
+            }
+            AppError::Committed { id, position, .. } => {
+                tracing::error!(error = %error_chain(&error), scope = %id, "committed change not confirmed");
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    Code::CommittedUnconfirmed,
+                    format!(
+                        "the change to scope {id} was recorded, but the server could not read it back; \
+                         do not repeat the request: GET /v1/scopes/{id} shows the change once the server has caught up"
+                    ),
+                )
+                .with("scope_id", json!(id.to_string()))
+                .with("position", json!(position))
             }
             AppError::Store(_)
             | AppError::Projection(_)

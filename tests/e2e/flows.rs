@@ -316,3 +316,48 @@ async fn events_carry_actor_request_reason_source_and_time(backend: Backend) {
     app.stop().await;
 }
 on_both_backends!(events_carry_actor_request_reason_source_and_time);
+
+/// A command whose event commits, but whose read models cannot be brought up to it, says so
+/// (`committed_unconfirmed`, with the scope's id) instead of failing like a change that did
+/// not happen and inviting a repeat. The change is recorded exactly once, and is there as
+/// soon as the read models work again.
+async fn a_committed_change_that_cannot_be_read_back_says_so(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let (org, admin) = app.org("enterprise").await;
+    // Every catch-up that reaches a scope's creation now fails; reads still work.
+    let (break_sql, mend_sql) = match backend {
+        Backend::Sqlite => (
+            "CREATE TRIGGER refuse_key_versions BEFORE INSERT ON key_version_view \
+             BEGIN SELECT RAISE(ABORT, 'refused by the test'); END;",
+            "DROP TRIGGER refuse_key_versions",
+        ),
+        Backend::Postgres => (
+            "ALTER TABLE key_version_view ADD CONSTRAINT refuse_key_versions \
+             CHECK (version < 0) NOT VALID",
+            "ALTER TABLE key_version_view DROP CONSTRAINT refuse_key_versions",
+        ),
+    };
+    crate::audit::exec(&app.db, break_sql).await;
+    let response = app
+        .post(
+            "/v1/scopes",
+            &admin,
+            json!({"kind": "team", "name": "research", "parent_id": org}),
+        )
+        .await;
+    response.assert_problem(500, "committed_unconfirmed");
+    let id = response.str("scope_id");
+    let events = app.db.events_of(&id).await.unwrap();
+    assert_eq!(events.len(), 1, "recorded exactly once");
+    assert_eq!(events[0].event_type, "ScopeCreated");
+    assert_eq!(response.body["position"], events[0].position);
+
+    crate::audit::exec(&app.db, mend_sql).await;
+    app.app.refresh().await.unwrap();
+    let scope = app.get(&format!("/v1/scopes/{id}"), &admin).await;
+    assert_eq!(scope.status, 200, "{}", scope.body);
+    assert_eq!(scope.body["name"], "research");
+    assert_eq!(scope.body["parent_id"], org.as_str());
+    app.stop().await;
+}
+on_both_backends!(a_committed_change_that_cannot_be_read_back_says_so);
