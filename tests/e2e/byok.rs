@@ -652,11 +652,9 @@ async fn a_failed_unwrap_triggers_a_health_check_at_once() {
     let moto = Moto::start().await;
     let arn = moto.create_key().await;
     let (proxy, faults) = aws_fault_proxy(&moto.url).await;
-    let mut options = options(
-        aws_environment(),
-        Duration::from_secs(60),
-        Duration::from_millis(1),
-    );
+    // No key caching at all: the decrypt below must reach KMS. (A 1 ms cache made this test
+    // flaky: a decrypt served within a millisecond of the encrypt used the cached key.)
+    let mut options = options(aws_environment(), Duration::from_secs(60), Duration::ZERO);
     options.health_interval = Some(Duration::from_secs(3600));
     let app = TestApp::spawn_with(Backend::Sqlite, options).await;
     let (org, token) = enterprise_org(&app).await;
