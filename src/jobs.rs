@@ -130,7 +130,7 @@ async fn export_job(args: ExportArgs) -> anyhow::Result<ExitCode> {
         ..AuditFilter::default()
     };
     let mut pages = audit_pages(db.clone(), filter);
-    while let Some(entries) = pages.recv().await {
+    while let Some(entries) = pages.next().await {
         for entry in &entries.map_err(db_error)? {
             out.write_all(format.render(entry).as_bytes())
                 .context("writing the export")?;

@@ -92,7 +92,7 @@ pub async fn create_token(
     };
     let reason = crate::routes::reason(body.reason.as_deref(), false)?;
     let token = Tokens::new_token();
-    state
+    let issued = state
         .app
         .act(
             org.scope_id(),
@@ -106,7 +106,13 @@ pub async fn create_token(
             &caller.metadata(reason),
             None,
         )
-        .await?;
+        .await;
+    match issued {
+        // Recorded, even if the read models could not be brought up to it: the issue is
+        // audited, so the token is stored and handed out as usual.
+        Ok(_) | Err(AppError::Committed { .. }) => {}
+        Err(other) => return Err(other.into()),
+    }
     // The hash is stored once the issue is recorded: a token nobody audited never works.
     state
         .app
@@ -204,7 +210,10 @@ pub async fn revoke_token(
         .await;
     match outcome {
         // A token issued before token events existed has no event to revoke.
-        Ok(_) | Err(AppError::Rule(ekm_domain::ScopeError::TokenNotFound)) => {}
+        // Committed: the revocation is recorded, though not yet read back.
+        Ok(_)
+        | Err(AppError::Rule(ekm_domain::ScopeError::TokenNotFound))
+        | Err(AppError::Committed { .. }) => {}
         Err(other) => return Err(other.into()),
     }
     Ok(Json(json!({"id": token_id, "revoked": true})).into_response())

@@ -371,11 +371,7 @@ impl App {
 
     /// Every entry matching `filter`, a page at a time, the next page read while this one is
     /// sent (exports; see `ekm_projections::audit_pages`).
-    pub fn audit_pages(
-        &self,
-        filter: AuditFilter,
-    ) -> tokio::sync::mpsc::Receiver<Result<Vec<AuditEntry>, ekm_projections::ProjectionError>>
-    {
+    pub fn audit_pages(&self, filter: AuditFilter) -> ekm_projections::AuditPages {
         ekm_projections::audit_pages(self.inner.db.clone(), filter)
     }
 

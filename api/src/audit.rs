@@ -307,7 +307,7 @@ pub async fn export(
             if !header_sent && !format.header().is_empty() {
                 return Some((Ok(Bytes::from(format.header())), (pages, true, false)));
             }
-            match pages.recv().await? {
+            match pages.next().await? {
                 Ok(entries) => {
                     let chunk: String = entries.iter().map(|e| format.render(e)).collect();
                     Some((Ok(Bytes::from(chunk)), (pages, true, false)))

@@ -828,7 +828,7 @@ async fn export(db: &Db, org: OrgId, cap: usize) -> anyhow::Result<(f64, f64, f6
     let mut sink = std::io::sink();
     let mut pages = ekm_projections::audit_pages(db.clone(), filter.clone());
     while exported < cap {
-        let Some(entries) = pages.recv().await else {
+        let Some(entries) = pages.next().await else {
             break;
         };
         let entries = entries.map_err(err)?;

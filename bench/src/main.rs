@@ -346,7 +346,7 @@ async fn projections_on(url: &str, events: usize) -> anyhow::Result<()> {
     let mut exported = 0usize;
     let mut sink = std::io::sink();
     let mut pages = audit_pages(db.clone(), filter);
-    while let Some(entries) = pages.recv().await {
+    while let Some(entries) = pages.next().await {
         let entries = entries.map_err(err)?;
         for entry in &entries {
             sink.write_all(ekm_api::audit::Format::JsonLines.render(entry).as_bytes())?;

@@ -389,35 +389,66 @@ macro_rules! decode_entry {
 /// Every entry matching `filter` from its `after` on, page by page (`limit` entries each),
 /// for an export: a task of its own reads and decodes the next page while the caller writes
 /// this one. At most two pages wait in the channel, so memory stays flat whatever the
-/// history's length. An error ends the pages (after being sent); so does dropping the
-/// receiver.
-pub fn audit_pages(
-    db: Db,
-    mut filter: AuditFilter,
-) -> tokio::sync::mpsc::Receiver<Result<Vec<AuditEntry>, ProjectionError>> {
+/// history's length. Dropping the `AuditPages` stops the task.
+pub fn audit_pages(db: Db, mut filter: AuditFilter) -> AuditPages {
     let (pages, receiver) = tokio::sync::mpsc::channel(2);
     tokio::spawn(async move {
         loop {
-            let page = audit_entries(&db, &filter).await;
-            let last = match &page {
-                Ok(entries) => entries.last().map(|e| e.position),
-                Err(_) => None,
+            let page = match audit_entries(&db, &filter).await {
+                Ok(page) => page,
+                Err(error) => {
+                    let _ = pages.send(Err(error)).await;
+                    return;
+                }
             };
-            let full = page
-                .as_ref()
-                .is_ok_and(|entries| entries.len() as i64 >= filter.limit);
-            let empty = page.as_ref().is_ok_and(Vec::is_empty);
-            if empty || pages.send(page).await.is_err() {
-                break;
+            let last = page.last().map(|e| e.position);
+            let full = page.len() as i64 >= filter.limit;
+            if !page.is_empty() && pages.send(Ok(Some(page))).await.is_err() {
+                return;
             }
             match last {
-                // A short page has read everything that matched when it was read.
                 Some(last) if full => filter.after = Some(last),
-                _ => break,
+                // A short page has read everything that matched when it was read.
+                _ => {
+                    let _ = pages.send(Ok(None)).await;
+                    return;
+                }
             }
         }
     });
-    receiver
+    AuditPages {
+        receiver,
+        ended: false,
+    }
+}
+
+/// The pages of an export (`audit_pages`). The reading task marks the end explicitly, so a
+/// task that stopped early (a panic) is an error, never a silently short export.
+pub struct AuditPages {
+    receiver: tokio::sync::mpsc::Receiver<Result<Option<Vec<AuditEntry>>, ProjectionError>>,
+    ended: bool,
+}
+
+impl AuditPages {
+    /// The next page; `None` once every page has been read; an error ends the pages.
+    pub async fn next(&mut self) -> Option<Result<Vec<AuditEntry>, ProjectionError>> {
+        if self.ended {
+            return None;
+        }
+        let message = self.receiver.recv().await;
+        match message {
+            Some(Ok(Some(page))) => return Some(Ok(page)),
+            Some(Ok(None)) => {
+                self.ended = true;
+                return None;
+            }
+            _ => self.ended = true,
+        }
+        Some(Err(match message {
+            Some(Err(error)) => error,
+            _ => ProjectionError::ReaderStopped,
+        }))
+    }
 }
 
 /// Entries matching `filter`, in position order.
@@ -576,13 +607,11 @@ pub async fn verify_chain(db: &Db, org: &str) -> Result<ChainReport, ProjectionE
             .map(|f| f.position)
             .unwrap_or(head);
         for event in db.unsealed_events_up_to(limit).await? {
-            let metadata = event
-                .event_metadata()
-                .unwrap_or_else(|_| EventMetadata::from_map(&HashMap::new()));
-            let claims_org = event
-                .scope_event()
-                .map(|e| location(&event, &e, &metadata).org_id == org)
-                .unwrap_or(true);
+            // An event whose payload or metadata cannot be read may be anyone's: it counts.
+            let claims_org = match (event.scope_event(), event.event_metadata()) {
+                (Ok(e), Ok(metadata)) => location(&event, &e, &metadata).org_id == org,
+                _ => true,
+            };
             if claims_org {
                 report.ok = false;
                 report.first_failure = Some(ChainFailure {

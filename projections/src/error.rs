@@ -12,8 +12,10 @@ pub enum ProjectionError {
     ArraysOnSqlite,
     #[error("another rebuild is running on this database; wait for it to finish")]
     RebuildRunning,
-    #[error("the task reading the event log ahead of the rebuild stopped unexpectedly")]
+    #[error("the task reading ahead stopped unexpectedly")]
     ReaderStopped,
+    #[error("the projection checkpoints moved while a catch-up read ahead of them")]
+    CheckpointsMoved,
     #[error("read model row for scope {id} is malformed: {problem}")]
     MalformedRow { id: String, problem: String },
 }

@@ -20,7 +20,7 @@ mod sql;
 
 pub use audit::{
     audit_entries, audit_pages, entry_hash, verify_chain, AuditChain, AuditEntry, AuditFilter,
-    ChainFailure, ChainReport, GENESIS_HASH,
+    AuditPages, ChainFailure, ChainReport, GENESIS_HASH,
 };
 pub use error::{chain as error_chain, ProjectionError};
 pub use history::{scope_as_of, AsOf, PastScope};

@@ -235,7 +235,7 @@ impl Projector {
     /// preparing the next batch overlaps writing this one. Only for a projector that nothing
     /// else advances meanwhile (the aside rebuild, under its lock; the in-place rebuild, under
     /// the data directory's lock): the batches are read from the checkpoints it starts at, and
-    /// a batch whose checkpoints turn out different is prepared again in its transaction.
+    /// a batch whose checkpoints turn out different is refused (`CheckpointsMoved`).
     pub async fn catch_up_prefetching(
         &self,
         progress: &mut (dyn FnMut(i64, i64) + Send),
@@ -266,12 +266,15 @@ impl Projector {
                     break;
                 };
                 after = last;
-                let prepared = prepare(&projections, &checkpoints, &events, dialect)
-                    .map(|prepared| (checkpoints.clone(), prepared));
+                let batch = Batch {
+                    prepared: prepare(&projections, &checkpoints, &events, dialect),
+                    checkpoints: checkpoints.clone(),
+                    events,
+                };
                 for checkpoint in &mut checkpoints {
                     *checkpoint = (*checkpoint).max(last);
                 }
-                if batches.send(Batch { events, prepared }).await.is_err() {
+                if batches.send(batch).await.is_err() {
                     break;
                 }
             }
@@ -453,11 +456,13 @@ macro_rules! move_checkpoints {
     };
 }
 
-/// A batch read ahead of its transaction, with its merged statements when they could be
-/// prepared ahead (`prepare`), and the checkpoints they were prepared from.
+/// A batch read ahead of its transaction: the events after the checkpoints the reader
+/// expects the projections to be at, and the batch's merged statements when they could be
+/// prepared ahead (`prepare`).
 struct Batch {
     events: Vec<StoredEvent>,
-    prepared: Option<(Vec<i64>, Vec<Prepared>)>,
+    checkpoints: Vec<i64>,
+    prepared: Option<Vec<Prepared>>,
 }
 
 /// The merged statements of a batch, decided outside its transaction. Only where no
@@ -512,7 +517,15 @@ macro_rules! batch_fn {
             }
             let from = checkpoints.iter().copied().min().unwrap_or(0);
             let (events, prepared) = match prefetched {
-                Some(Batch { events, prepared }) => (events, prepared),
+                // Read ahead from where the projections were expected to be. Anywhere else
+                // (only if something else advanced them, which the callers' locks rule
+                // out), the batch could skip or repeat events: refuse it.
+                Some(batch) if batch.checkpoints != checkpoints => {
+                    return Err(ProjectionError::CheckpointsMoved);
+                }
+                Some(Batch {
+                    events, prepared, ..
+                }) => (events, prepared),
                 None => {
                     let events = projector
                         .db
@@ -525,7 +538,7 @@ macro_rules! batch_fn {
                 return Ok((0, from));
             };
             // Prepared ahead from the same checkpoints: nothing to load, decide or save here.
-            if let Some((_, prepared)) = prepared.filter(|(assumed, _)| *assumed == checkpoints) {
+            if let Some(prepared) = prepared {
                 let conn = &mut **tx;
                 $execute!(conn, prepared);
                 move_checkpoints!(projector, tx, checkpoints, last);

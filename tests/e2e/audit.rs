@@ -172,7 +172,7 @@ async fn export_pages_cover_the_log_exactly_once(backend: Backend) {
             },
         );
         let mut got = vec![];
-        while let Some(page) = pages.recv().await {
+        while let Some(page) = pages.next().await {
             let page = page.unwrap();
             assert!(!page.is_empty() && page.len() <= limit as usize);
             got.extend(page);
