@@ -181,9 +181,25 @@ impl Projector {
     /// for has read everything committed when it read, so no empty transaction is spent on
     /// finding that out (events committed later wake the runner again).
     async fn drain(&self) -> Result<(), ProjectionError> {
+        self.drain_reporting(0, &mut |_, _| {}).await
+    }
+
+    /// `drain`, calling `progress(applied, head)` after every batch that applied events.
+    async fn drain_reporting(
+        &self,
+        head: i64,
+        progress: &mut (dyn FnMut(i64, i64) + Send),
+    ) -> Result<(), ProjectionError> {
         let full = usize::try_from(self.config.batch_size).unwrap_or(usize::MAX);
-        while self.step().await? >= full {}
-        Ok(())
+        loop {
+            let read = self.step().await?;
+            if read > 0 {
+                progress(self.applied(), head.max(self.applied()));
+            }
+            if read < full {
+                return Ok(());
+            }
+        }
     }
 
     async fn tell_listeners(&self) -> Result<(), ProjectionError> {
@@ -224,9 +240,7 @@ impl Projector {
         let _running = self.running.lock().await;
         let head = self.db.head_position().await?;
         progress(self.applied(), head);
-        while self.step().await? > 0 {
-            progress(self.applied(), head.max(self.applied()));
-        }
+        self.drain_reporting(head, progress).await?;
         Ok(self.applied())
     }
 
@@ -300,9 +314,7 @@ impl Projector {
         );
         reader.await.map_err(|_| ProjectionError::ReaderStopped)??;
         // Whatever committed after `head`, the ordinary way.
-        while self.step().await? > 0 {
-            progress(self.applied(), head.max(self.applied()));
-        }
+        self.drain_reporting(head, progress).await?;
         Ok(self.applied())
     }
 
