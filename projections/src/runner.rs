@@ -486,21 +486,42 @@ fn prepare(
     events: &[StoredEvent],
     dialect: Dialect,
 ) -> Option<Vec<Prepared>> {
+    let needs_state = events.iter().any(|event| {
+        projections
+            .iter()
+            .zip(checkpoints)
+            .any(|(p, checkpoint)| event.position > *checkpoint && !p.state_keys(event).is_empty())
+    });
+    if needs_state {
+        return None;
+    }
+    let mut states: Vec<ProjectionState> = projections.iter().map(|_| Default::default()).collect();
+    let rows = statements_for(projections, checkpoints, events, &mut states).ok()?;
+    // A projection that set state without declaring keys would lose it here.
+    states
+        .iter()
+        .all(|state| state.changed.is_empty())
+        .then(|| merge(rows, dialect))
+}
+
+/// Every projection's row operations for the events past its checkpoint, in history order.
+fn statements_for(
+    projections: &[Box<dyn Projection>],
+    checkpoints: &[i64],
+    events: &[StoredEvent],
+    states: &mut [ProjectionState],
+) -> Result<Vec<Statement>, ProjectionError> {
     let mut rows = Vec::with_capacity(events.len() * 3);
-    let mut state = ProjectionState::default();
     for event in events {
-        for (projection, checkpoint) in projections.iter().zip(checkpoints) {
-            if event.position <= *checkpoint {
-                continue;
+        for ((projection, checkpoint), state) in
+            projections.iter().zip(checkpoints).zip(states.iter_mut())
+        {
+            if event.position > *checkpoint {
+                rows.extend(projection.statements(event, state)?);
             }
-            if !projection.state_keys(event).is_empty() {
-                return None;
-            }
-            rows.extend(projection.statements(event, &mut state).ok()?);
         }
     }
-    // A projection that set state without declaring keys would lose it here.
-    state.changed.is_empty().then(|| merge(rows, dialect))
+    Ok(rows)
 }
 
 /// The body of `step`: reads the checkpoints (locking their rows where several instances
@@ -578,16 +599,7 @@ macro_rules! batch_fn {
                 }
                 states.push(state);
             }
-            let mut rows = Vec::with_capacity(events.len() * 3);
-            for event in &events {
-                for ((projection, checkpoint), state) in
-                    projector.projections.iter().zip(&checkpoints).zip(states.iter_mut())
-                {
-                    if event.position > *checkpoint {
-                        rows.extend(projection.statements(event, state)?);
-                    }
-                }
-            }
+            let rows = statements_for(&projector.projections, &checkpoints, &events, &mut states)?;
             let conn = &mut **tx;
             $execute!(conn, merge(rows, $dialect(&projector.config)));
             for (projection, state) in projector.projections.iter().zip(&states) {
