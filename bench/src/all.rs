@@ -8,12 +8,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use ekm_domain::{KeyVersion, OrgId, Plan, ScopeEvent, ScopeId, ScopeKind, ScopeName, Tier};
+use ekm_domain::{OrgId, ScopeEvent, ScopeId, ScopeKind, ScopeName};
 use ekm_projections::{audit_entries, AuditFilter};
 use ekm_store::{Db, DbConfig, Role, Tokens};
 use serde_json::{json, Value};
 
 use crate::report::{count, ms, quantile, CpuRow, Figure, Stats};
+use crate::seed::{self, EventBatch};
 use crate::server::{self, Server, Usage};
 use crate::{metadata, BenchDb};
 
@@ -688,58 +689,39 @@ async fn seed_tree(
         bail!("PostgreSQL only")
     };
     let name = ScopeName::parse("bench").map_err(anyhow::Error::msg)?;
-    let mut batch = Batch::default();
+    let mut batch = EventBatch::default();
     if with_org {
-        let event = ScopeEvent::OrganizationCreated {
-            org_id: org,
-            name: name.clone(),
-            plan: Plan::Enterprise,
-            tier: Tier::Managed,
-            key_version: KeyVersion::FIRST,
-            admin_token_id: None,
-            key_fingerprint: None,
-        };
         batch.push(
             org.to_string(),
+            1,
             "OrganizationCreated",
-            &event,
+            &seed::org_created(org, &name),
             metadata(org, &org.to_string(), None),
         )?;
     }
     for _ in teams {
         let team = ScopeId::generate();
         let team_path = format!("{org}/{team}");
-        let event = ScopeEvent::ScopeCreated {
-            scope_id: team,
-            kind: ScopeKind::Team,
-            name: name.clone(),
-            parent_id: org.scope_id(),
-            org_id: org,
-            path: vec![org.scope_id(), team],
-            key_version: KeyVersion::FIRST,
-            key_fingerprint: None,
-        };
+        let event = seed::scope_created(ScopeKind::Team, org, vec![org.scope_id(), team], &name)?;
         batch.push(
             team.to_string(),
+            1,
             "ScopeCreated",
             &event,
             metadata(org, &team_path, None),
         )?;
         for i in 0..threads {
             let thread = ScopeId::generate();
-            let event = ScopeEvent::ScopeCreated {
-                scope_id: thread,
-                kind: ScopeKind::Thread,
-                name: name.clone(),
-                parent_id: team,
-                org_id: org,
-                path: vec![org.scope_id(), team, thread],
-                key_version: KeyVersion::FIRST,
-                key_fingerprint: None,
-            };
+            let event = seed::scope_created(
+                ScopeKind::Thread,
+                org,
+                vec![org.scope_id(), team, thread],
+                &name,
+            )?;
             let path = format!("{team_path}/{thread}");
             batch.push(
                 thread.to_string(),
+                1,
                 "ScopeCreated",
                 &event,
                 metadata(org, &path, None),
@@ -747,7 +729,7 @@ async fn seed_tree(
             if i % 10 == 0 {
                 leaves.push(thread.to_string());
             }
-            if batch.ids.len() >= 5_000 {
+            if batch.len() >= 5_000 {
                 batch.flush(&pg.pool).await?;
             }
         }
@@ -764,51 +746,6 @@ async fn analyze(db: &Db) -> anyhow::Result<()> {
         .await
         .context("ANALYZE")?;
     Ok(())
-}
-
-#[derive(Default)]
-struct Batch {
-    ids: Vec<String>,
-    types: Vec<&'static str>,
-    payloads: Vec<String>,
-    metadata: Vec<String>,
-}
-
-impl Batch {
-    fn push(
-        &mut self,
-        id: String,
-        event_type: &'static str,
-        event: &ScopeEvent,
-        metadata: std::collections::HashMap<String, String>,
-    ) -> anyhow::Result<()> {
-        self.ids.push(id);
-        self.types.push(event_type);
-        self.payloads.push(serde_json::to_string(event)?);
-        self.metadata.push(serde_json::to_string(&metadata)?);
-        Ok(())
-    }
-
-    async fn flush(&mut self, pool: &sqlx::PgPool) -> anyhow::Result<()> {
-        if self.ids.is_empty() {
-            return Ok(());
-        }
-        let types: Vec<String> = self.types.iter().map(|t| (*t).to_owned()).collect();
-        sqlx::query(
-            "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) \
-             SELECT 'scope', id, 1, ty, '1', CAST(payload AS json), CAST(meta AS json) \
-             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[]) WITH ORDINALITY AS t(id, ty, payload, meta, n) ORDER BY n",
-        )
-        .bind(&self.ids)
-        .bind(&types)
-        .bind(&self.payloads)
-        .bind(&self.metadata)
-        .execute(pool)
-        .await
-        .context("seed events")?;
-        *self = Batch::default();
-        Ok(())
-    }
 }
 
 /// Export rate (JSON Lines into a sink) and the raw SELECT rate of the same rows, up to
@@ -1184,7 +1121,7 @@ fn command_figure(name: &str, runs: &[CommandRun], inserts: &[f64], baseline: &s
         .target("≥ 0.50 of raw INSERT", ratio >= 0.5 && errors == 0)
 }
 
-fn raw_row() -> anyhow::Result<(String, String)> {
+fn raw_row() -> anyhow::Result<(Arc<str>, Arc<str>)> {
     let org = OrgId::generate();
     let payload = serde_json::to_string(&ScopeEvent::ScopePaused {})?;
     let meta = serde_json::to_string(&metadata(
@@ -1192,7 +1129,7 @@ fn raw_row() -> anyhow::Result<(String, String)> {
         &format!("{org}/{}", ScopeId::generate()),
         Some("bench"),
     ))?;
-    Ok((payload, meta))
+    Ok((payload.into(), meta.into()))
 }
 
 /// Single-row INSERTs, each its own transaction, from 8 connections for `seconds`.
@@ -1209,34 +1146,21 @@ async fn raw_inserts_postgres(url: &str, seconds: u64) -> anyhow::Result<f64> {
     .execute(&pool)
     .await?;
     let (payload, meta) = raw_row()?;
-    let deadline = Instant::now() + Duration::from_secs(seconds);
-    let started = Instant::now();
-    let mut tasks = vec![];
-    for _ in 0..8 {
-        let pool = pool.clone();
-        let payload = payload.clone();
-        let meta = meta.clone();
-        tasks.push(tokio::spawn(async move {
-            let id = uuid::Uuid::now_v7().to_string();
-            let mut n = 0i64;
-            while Instant::now() < deadline {
-                sqlx::query("INSERT INTO bench_raw_events (aggregate_id, sequence, event_type, payload, metadata) VALUES ($1, $2, 'ScopePaused', CAST($3 AS json), CAST($4 AS json))")
-                    .bind(&id)
-                    .bind(n)
-                    .bind(&payload)
-                    .bind(&meta)
-                    .execute(&pool)
-                    .await?;
-                n += 1;
-            }
-            Ok::<i64, sqlx::Error>(n)
-        }));
-    }
-    let mut rows = 0i64;
-    for task in tasks {
-        rows += task.await??;
-    }
-    let rate = rows as f64 / started.elapsed().as_secs_f64();
+    let clients = pool.clone();
+    let rate = eight_clients(seconds, move |id, n| {
+        let (pool, payload, meta) = (clients.clone(), payload.clone(), meta.clone());
+        async move {
+            sqlx::query("INSERT INTO bench_raw_events (aggregate_id, sequence, event_type, payload, metadata) VALUES ($1, $2, 'ScopePaused', CAST($3 AS json), CAST($4 AS json))")
+                .bind(&*id)
+                .bind(n)
+                .bind(&*payload)
+                .bind(&*meta)
+                .execute(&pool)
+                .await
+                .map(|_| ())
+        }
+    })
+    .await?;
     pool.close().await;
     Ok(rate)
 }
@@ -1265,24 +1189,42 @@ async fn raw_inserts_sqlite(path: &Path, seconds: u64) -> anyhow::Result<f64> {
     .execute(&pool)
     .await?;
     let (payload, meta) = raw_row()?;
+    let clients = pool.clone();
+    let rate = eight_clients(seconds, move |id, n| {
+        let (pool, payload, meta) = (clients.clone(), payload.clone(), meta.clone());
+        async move {
+            sqlx::query("INSERT INTO bench_raw_events (aggregate_id, sequence, event_type, payload, metadata, recorded_at) VALUES ($1, $2, 'ScopePaused', $3, $4, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))")
+                .bind(&*id)
+                .bind(n)
+                .bind(&*payload)
+                .bind(&*meta)
+                .execute(&pool)
+                .await
+                .map(|_| ())
+        }
+    })
+    .await?;
+    pool.close().await;
+    Ok(rate)
+}
+
+/// Rows per second that 8 concurrent clients write for `seconds`, each calling
+/// `insert(its aggregate id, sequence)` one row at a time.
+async fn eight_clients<F, Fut>(seconds: u64, insert: F) -> anyhow::Result<f64>
+where
+    F: Fn(Arc<str>, i64) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = Result<(), sqlx::Error>> + Send,
+{
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let started = Instant::now();
     let mut tasks = vec![];
     for _ in 0..8 {
-        let pool = pool.clone();
-        let payload = payload.clone();
-        let meta = meta.clone();
+        let insert = insert.clone();
         tasks.push(tokio::spawn(async move {
-            let id = uuid::Uuid::now_v7().to_string();
+            let id: Arc<str> = uuid::Uuid::now_v7().to_string().into();
             let mut n = 0i64;
             while Instant::now() < deadline {
-                sqlx::query("INSERT INTO bench_raw_events (aggregate_id, sequence, event_type, payload, metadata, recorded_at) VALUES ($1, $2, 'ScopePaused', $3, $4, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))")
-                    .bind(&id)
-                    .bind(n)
-                    .bind(&payload)
-                    .bind(&meta)
-                    .execute(&pool)
-                    .await?;
+                insert(Arc::clone(&id), n).await?;
                 n += 1;
             }
             Ok::<i64, sqlx::Error>(n)
@@ -1292,9 +1234,7 @@ async fn raw_inserts_sqlite(path: &Path, seconds: u64) -> anyhow::Result<f64> {
     for task in tasks {
         rows += task.await??;
     }
-    let rate = rows as f64 / started.elapsed().as_secs_f64();
-    pool.close().await;
-    Ok(rate)
+    Ok(rows as f64 / started.elapsed().as_secs_f64())
 }
 
 /// One pause during a decrypt loop.

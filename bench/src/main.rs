@@ -14,16 +14,19 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use ekm_domain::{
-    Actor, ActorKind, EventMetadata, KeyVersion, Location, OrgId, Plan, Reason, ScopeEvent,
-    ScopeId, ScopeKind, ScopeName, Tier,
+    Actor, ActorKind, EventMetadata, Location, OrgId, Reason, ScopeEvent, ScopeId, ScopeKind,
+    ScopeName,
 };
 use ekm_projections::{audit_pages, rebuild, AuditFilter, Projector, ProjectorConfig};
 use ekm_store::{Db, DbConfig, ScopeStore};
+
+use crate::seed::EventBatch;
 
 mod all;
 mod data_plane;
 mod kms;
 mod report;
+mod seed;
 mod server;
 
 #[derive(Parser)]
@@ -135,114 +138,65 @@ fn metadata(org: OrgId, path: &str, reason: Option<&str>) -> HashMap<String, Str
 }
 
 /// Appends a realistic history: organizations, teams, threads, then pauses and resumes of
-/// threads, in multi-row INSERTs (the position trigger still numbers every row).
+/// threads (`seed::EventBatch`).
 async fn seed(db: &Db, events: usize) -> anyhow::Result<String> {
     let Db::Postgres(pg) = db else {
         anyhow::bail!("PostgreSQL only")
     };
-    let mut rows: Vec<(String, i64, &'static str, String, String)> = Vec::with_capacity(2_000);
+    let mut batch = EventBatch::default();
     let mut written = 0usize;
     let mut big_org = String::new();
-    let flush = |rows: &mut Vec<(String, i64, &'static str, String, String)>| {
-        let rows = std::mem::take(rows);
-        let pool = pg.pool.clone();
-        async move {
-            let mut query = String::from("INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) VALUES ");
-            for i in 0..rows.len() {
-                let b = i * 5;
-                if i > 0 {
-                    query.push(',');
-                }
-                query.push_str(&format!(
-                    "('scope', ${}, ${}, ${}, '1', CAST(${} AS json), CAST(${} AS json))",
-                    b + 1,
-                    b + 2,
-                    b + 3,
-                    b + 4,
-                    b + 5
-                ));
-            }
-            let mut q = sqlx::query(&query);
-            for (id, seq, ty, payload, meta) in rows {
-                q = q.bind(id).bind(seq).bind(ty).bind(payload).bind(meta);
-            }
-            q.execute(&pool).await.map(|_| ())
-        }
-    };
     let name = ScopeName::parse("bench").map_err(anyhow::Error::msg)?;
+    let paused = ScopeEvent::ScopePaused {};
+    let resumed = ScopeEvent::ScopeResumed {};
     'orgs: loop {
         let org = OrgId::generate();
         if big_org.is_empty() {
             big_org = org.to_string();
         }
-        let org_event = ScopeEvent::OrganizationCreated {
-            org_id: org,
-            name: name.clone(),
-            plan: Plan::Enterprise,
-            tier: Tier::Managed,
-            key_version: KeyVersion::FIRST,
-            admin_token_id: None,
-            key_fingerprint: None,
-        };
-        let mut org_row = (
+        batch.push(
             org.to_string(),
             1,
             "OrganizationCreated",
-            serde_json::to_string(&org_event)?,
-            serde_json::to_string(&metadata(org, &org.to_string(), None))?,
-        );
-        org_row.2 = "OrganizationCreated";
-        rows.push(org_row);
+            &seed::org_created(org, &name),
+            metadata(org, &org.to_string(), None),
+        )?;
         written += 1;
         for _team in 0..50 {
             let team = ScopeId::generate();
             let team_path = format!("{org}/{team}");
-            let event = ScopeEvent::ScopeCreated {
-                scope_id: team,
-                kind: ScopeKind::Team,
-                name: name.clone(),
-                parent_id: org.scope_id(),
-                org_id: org,
-                path: vec![org.scope_id(), team],
-                key_version: KeyVersion::FIRST,
-                key_fingerprint: None,
-            };
-            rows.push((
+            let event =
+                seed::scope_created(ScopeKind::Team, org, vec![org.scope_id(), team], &name)?;
+            batch.push(
                 team.to_string(),
                 1,
                 "ScopeCreated",
-                serde_json::to_string(&event)?,
-                serde_json::to_string(&metadata(org, &team_path, None))?,
-            ));
+                &event,
+                metadata(org, &team_path, None),
+            )?;
             written += 1;
             for _thread in 0..40 {
                 let thread = ScopeId::generate();
                 let path = format!("{team_path}/{thread}");
-                let event = ScopeEvent::ScopeCreated {
-                    scope_id: thread,
-                    kind: ScopeKind::Thread,
-                    name: name.clone(),
-                    parent_id: team,
-                    org_id: org,
-                    path: vec![org.scope_id(), team, thread],
-                    key_version: KeyVersion::FIRST,
-                    key_fingerprint: None,
-                };
-                rows.push((
+                let event = seed::scope_created(
+                    ScopeKind::Thread,
+                    org,
+                    vec![org.scope_id(), team, thread],
+                    &name,
+                )?;
+                batch.push(
                     thread.to_string(),
                     1,
                     "ScopeCreated",
-                    serde_json::to_string(&event)?,
-                    serde_json::to_string(&metadata(org, &path, None))?,
-                ));
-                let paused = serde_json::to_string(&ScopeEvent::ScopePaused {})?;
-                let resumed = serde_json::to_string(&ScopeEvent::ScopeResumed {})?;
-                let meta = serde_json::to_string(&metadata(org, &path, Some("bench")))?;
-                rows.push((thread.to_string(), 2, "ScopePaused", paused, meta.clone()));
-                rows.push((thread.to_string(), 3, "ScopeResumed", resumed, meta));
+                    &event,
+                    metadata(org, &path, None),
+                )?;
+                let meta = metadata(org, &path, Some("bench"));
+                batch.push(thread.to_string(), 2, "ScopePaused", &paused, meta.clone())?;
+                batch.push(thread.to_string(), 3, "ScopeResumed", &resumed, meta)?;
                 written += 3;
-                if rows.len() >= 1_500 {
-                    flush(&mut rows).await?;
+                if batch.len() >= 1_500 {
+                    batch.flush(&pg.pool).await?;
                 }
                 if written >= events {
                     break 'orgs;
@@ -250,9 +204,7 @@ async fn seed(db: &Db, events: usize) -> anyhow::Result<String> {
             }
         }
     }
-    if !rows.is_empty() {
-        flush(&mut rows).await?;
-    }
+    batch.flush(&pg.pool).await?;
     Ok(big_org)
 }
 
@@ -388,15 +340,7 @@ async fn projections_on(url: &str, events: usize) -> anyhow::Result<()> {
         .load(&org.to_string())
         .await
         .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    let first = ScopeEvent::OrganizationCreated {
-        org_id: org,
-        name: ScopeName::parse("lag").map_err(anyhow::Error::msg)?,
-        plan: Plan::Enterprise,
-        tier: Tier::Managed,
-        key_version: KeyVersion::FIRST,
-        admin_token_id: None,
-        key_fingerprint: None,
-    };
+    let first = seed::org_created(org, &ScopeName::parse("lag").map_err(anyhow::Error::msg)?);
     store
         .commit(
             vec![first],
