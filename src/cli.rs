@@ -55,6 +55,30 @@ pub enum Command {
     /// Permissions granted to an organization's principals (org admins), through the API.
     #[command(subcommand)]
     Grant(GrantCommand),
+    /// The platform master key: rotate it (on the database directly).
+    #[command(subcommand, name = "master-key")]
+    MasterKey(PlatformKeyCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PlatformKeyCommand {
+    /// Make a new platform master key, re-wrap every organization key under it, and destroy
+    /// the old key: copies of the database made before (backups, WAL archives, replicas)
+    /// open nothing afterwards. PostgreSQL: runs beside servers, which load the new key from
+    /// the file. SQLite: stop the server first.
+    Rotate(RotateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RotateArgs {
+    #[command(flatten)]
+    pub db: DbArgs,
+    /// The platform master key file (default: master.key in the data directory).
+    #[arg(long, env = "EKM_MASTER_KEY_FILE")]
+    pub master_key_file: Option<PathBuf>,
+    /// Print the result as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Subcommand)]

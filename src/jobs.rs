@@ -9,7 +9,10 @@ use ekm_api::audit::Format;
 use ekm_projections::{audit_pages, error_chain, rebuild, status, verify_chain, AuditFilter};
 use ekm_store::{Db, DbConfig};
 
-use crate::cli::{AuditCommand, DbArgs, ExportArgs, JobArgs, ProjectionsCommand, VerifyArgs};
+use crate::cli::{
+    AuditCommand, DbArgs, ExportArgs, JobArgs, PlatformKeyCommand, ProjectionsCommand, RotateArgs,
+    VerifyArgs,
+};
 use crate::serve::{open, prepare_data_dir};
 
 fn db_error(error: impl std::error::Error) -> anyhow::Error {
@@ -189,4 +192,45 @@ async fn verify_job(args: VerifyArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+pub async fn master_key(command: PlatformKeyCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        PlatformKeyCommand::Rotate(args) => rotate_job(args).await,
+    }
+}
+
+async fn rotate_job(args: RotateArgs) -> anyhow::Result<ExitCode> {
+    // SQLite: the data-directory lock refuses while a server runs.
+    let (config, _lock) = prepare_data_dir(&args.db)?;
+    let db = open(&config).await?;
+    let path = args
+        .master_key_file
+        .clone()
+        .unwrap_or_else(|| args.db.data_dir.join(ekm_keys::MASTER_KEY_FILE));
+    let rotation = ekm_api::keys::rotate_local_master_key(&db, &path)
+        .await
+        .map_err(db_error);
+    db.close().await;
+    let rotation = rotation?;
+    let mut out = std::io::stdout().lock();
+    if args.json {
+        writeln!(
+            out,
+            "{}",
+            serde_json::json!({
+                "old_fingerprint": rotation.old,
+                "new_fingerprint": rotation.new,
+                "rewrapped": rotation.rewrapped,
+                "path": path.display().to_string(),
+            })
+        )?;
+    } else {
+        writeln!(
+            out,
+            "master key rotated: {} -> {} ({} organization key(s) re-wrapped); the old key is destroyed",
+            rotation.old, rotation.new, rotation.rewrapped
+        )?;
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -36,6 +36,7 @@ fn main() -> ExitCode {
             Command::Org(command) => client::org(command).await,
             Command::Token(command) => client::token(command).await,
             Command::Grant(command) => client::grant(command).await,
+            Command::MasterKey(command) => jobs::master_key(command).await,
         }
     });
     match result {

@@ -9,6 +9,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use ekm_api::health::HealthMonitor;
 use ekm_api::keys::{local_master_key, KeyService, KmsOptions};
+use ekm_api::rekey::Rekeyer;
 use ekm_api::{router, App, AppState};
 use ekm_keys::MASTER_KEY_FILE;
 use ekm_kms::KmsSettings;
@@ -124,6 +125,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let monitor = tokio::spawn(
         HealthMonitor::new(app.clone(), args.key_health_interval).run(shutdown_rx.clone()),
     );
+    let rekeyer = tokio::spawn(Rekeyer::new(app.clone()).run(shutdown_rx.clone()));
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -138,6 +140,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let _ = shutdown_tx.send(true);
     let _ = runner.await;
     let _ = monitor.await;
+    let _ = rekeyer.await;
     db.close().await;
     served.context("the HTTP server failed")?;
     tracing::info!("stopped");

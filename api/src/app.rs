@@ -93,6 +93,17 @@ pub enum Action {
     RevokeToken(String),
     Grant(Grant),
     Ungrant(Grant),
+    /// The re-key job's steps on a revoked scope (system actor; ADR 0013).
+    StartRevocationRekey {
+        ancestors: Vec<ScopeId>,
+    },
+    RecordRevocationRekey {
+        scope_id: ScopeId,
+        rewrapped: u64,
+    },
+    CompleteRevocationRekey {
+        rewrapped: u64,
+    },
 }
 
 /// What to do to a scope: a command known in full, or an action whose command needs the
@@ -163,6 +174,24 @@ impl App {
 
     pub fn db(&self) -> &Db {
         &self.inner.db
+    }
+
+    pub fn read(&self) -> &ReadModels {
+        &self.inner.read
+    }
+
+    /// How far the re-key of a revoked scope has got, from its events.
+    pub async fn rekey_progress(
+        &self,
+        id: ScopeId,
+    ) -> Result<Option<ekm_domain::RekeyProgress>, AppError> {
+        let mut context = self
+            .inner
+            .store
+            .load(&id.to_string())
+            .await
+            .map_err(AppError::EventStore)?;
+        Ok(context.aggregate().state().and_then(|s| s.rekey.clone()))
     }
 
     pub fn tokens(&self) -> &Tokens {
@@ -585,6 +614,19 @@ impl App {
             Action::Grant(grant) => ScopeCommand::GrantPermission { grant },
             Action::Ungrant(grant) => ScopeCommand::RevokePermission { grant },
             Action::RetireKeyVersions(below) => ScopeCommand::RetireKeyVersions { below, lineage },
+            Action::StartRevocationRekey { ancestors } => {
+                ScopeCommand::StartRevocationRekey { ancestors }
+            }
+            Action::RecordRevocationRekey {
+                scope_id,
+                rewrapped,
+            } => ScopeCommand::RecordRevocationRekey {
+                scope_id,
+                rewrapped,
+            },
+            Action::CompleteRevocationRekey { rewrapped } => {
+                ScopeCommand::CompleteRevocationRekey { rewrapped }
+            }
             Action::Rotate => ScopeCommand::RotateKey {
                 lineage,
                 key_version: None,
@@ -671,6 +713,12 @@ impl App {
                     return Err(AppError::VersionMismatch { expected, current });
                 }
             }
+            // Retiring versions and switching master keys destroy key material: once the
+            // runner has deleted or replaced the rows, their bytes also leave the files.
+            let destroys = matches!(
+                command,
+                ScopeCommand::RetireKeyVersions { .. } | ScopeCommand::SetMasterKey { .. }
+            );
             let mut events = context.aggregate().decide(command.clone())?;
             if !events.is_empty() {
                 // Accepted: now store the new key version's material (outside the events),
@@ -697,7 +745,13 @@ impl App {
                         .last()
                         .and_then(|e| i64::try_from(e.sequence).ok())
                         .unwrap_or(current);
-                    return self.read_back(id, &aggregate_id, last_sequence).await;
+                    let outcome = self.read_back(id, &aggregate_id, last_sequence).await?;
+                    if destroys {
+                        if let Err(error) = inner.db.destroy_at_rest().await {
+                            tracing::error!(scope = %id, error = %ekm_projections::error_chain(&error), "destroyed keys could not be removed from the database's files");
+                        }
+                    }
+                    return Ok(outcome);
                 }
                 Err(AggregateError::AggregateConflict) if expected_version.is_none() => {
                     // Someone else committed first: back off a little, with jitter, and

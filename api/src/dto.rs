@@ -5,7 +5,7 @@
 use axum::body::Bytes;
 use axum::extract::{FromRequest, Request};
 use axum::http::StatusCode;
-use ekm_projections::{Cause, KeyVersionRecord, ScopeSnapshot, StateChange};
+use ekm_projections::{Cause, Destruction, KeyVersionRecord, ScopeSnapshot, StateChange};
 use ekm_store::time::rfc3339;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -153,6 +153,35 @@ pub struct ScopeJson {
     pub version: i64,
     pub key_versions: Vec<KeyVersionJson>,
     pub created_at: String,
+    /// Once a revoke exists on the path: how far its keys are destroyed (ADR 0013).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub destruction: Option<DestructionJson>,
+}
+
+/// `live`: the revoked keys are gone from the live database and its files (`pending` while
+/// the re-key runs). `copies`: copies of the database made before (backups, WAL archives,
+/// replicas) open nothing once the platform master key has been rotated after that.
+#[derive(Debug, Serialize)]
+pub struct DestructionJson {
+    pub live: &'static str,
+    pub copies: &'static str,
+}
+
+impl From<&Destruction> for DestructionJson {
+    fn from(destruction: &Destruction) -> Self {
+        DestructionJson {
+            live: if destruction.live_done() {
+                "done"
+            } else {
+                "pending"
+            },
+            copies: if destruction.copies_done() {
+                "done"
+            } else {
+                "after_master_key_rotation"
+            },
+        }
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -232,6 +261,7 @@ impl From<&ScopeSnapshot> for ScopeJson {
             version: scope.version,
             key_versions: key_versions_json(&snapshot.key_versions),
             created_at: rfc3339(scope.created_at),
+            destruction: snapshot.destruction.as_ref().map(DestructionJson::from),
         }
     }
 }
@@ -303,6 +333,9 @@ impl PastScopeJson {
                     })
                     .collect(),
                 created_at: rfc3339(past.created_at),
+                // Time travel answers the lifecycle as it was; how far destruction has got
+                // is a fact of now, on `GET /v1/scopes/{id}`.
+                destruction: None,
             },
             as_of: AsOfJson {
                 position: past.position,

@@ -191,7 +191,9 @@ impl From<ScopeError> for ApiError {
             ScopeError::ControlsNeedEnterprise | ScopeError::TierNeedsEnterprise(_) => {
                 ApiError::new(StatusCode::FORBIDDEN, Code::PlanRequired, detail)
             }
-            ScopeError::StaleKeyVersion { .. } => ApiError::new(conflict, Code::Conflict, detail),
+            ScopeError::StaleKeyVersion { .. }
+            | ScopeError::NotRevoked
+            | ScopeError::RekeyOutOfOrder(_) => ApiError::new(conflict, Code::Conflict, detail),
         }
     }
 }

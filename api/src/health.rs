@@ -214,10 +214,15 @@ async fn next_failure(
 
 /// Metadata of events the system records on its own.
 pub fn system_metadata() -> EventMetadata {
+    system_metadata_as(MONITOR_ACTOR)
+}
+
+/// Metadata of events a system job (`actor`) records on its own.
+pub fn system_metadata_as(actor: &str) -> EventMetadata {
     EventMetadata {
         actor: Actor {
             kind: ActorKind::System,
-            id: MONITOR_ACTOR.into(),
+            id: actor.into(),
         },
         request_id: uuid::Uuid::now_v7().to_string(),
         reason: None,

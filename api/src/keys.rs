@@ -14,9 +14,11 @@ use std::time::{Duration, Instant};
 
 use ekm_domain::{KeyVersion, MasterKeyRef, OrgId, ScopeId, Tier};
 use ekm_keys::{Kek, LocalMasterKey};
-use ekm_kms::{KmsSettings, LocalProvider, MasterKeyProvider, ProviderError, WrapContext};
+use ekm_kms::{
+    KmsSettings, LocalProvider, MasterKeyProvider, ProviderError, WrapContext, WrapPurpose,
+};
 use ekm_projections::{EventListener, ProjectionError, ReadModels, ScopeSnapshot};
-use ekm_store::{Db, KeyRow, StoreError, StoredEvent};
+use ekm_store::{Db, KeyRow, StoreError, StoredEvent, Wrapped, WrappingKeyRow};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
@@ -32,6 +34,10 @@ pub enum KeyError {
     Provider(#[source] ProviderError),
     #[error("organization key version {version} is wrapped by a master key the organization no longer uses")]
     WrongMaster { version: u32 },
+    #[error("the wrapping key of scope {scope} epoch {epoch} is gone")]
+    MissingWrapping { scope: String, epoch: u32 },
+    #[error("another instance changed scope {scope}'s wrapping keys at the same time; try again")]
+    WrappingRace { scope: String },
 }
 
 /// How customer master keys are reached, and how long an outage is tolerated.
@@ -98,14 +104,15 @@ impl ScopeKeys {
 pub struct KeyService {
     db: Db,
     read: ReadModels,
-    master: LocalMasterKey,
-    local: LocalProvider,
+    /// The platform master key; replaced when `ekm master-key rotate` has rotated it
+    /// (found in the key file when a row names a key this process does not hold).
+    master: std::sync::RwLock<LocalMasterKey>,
     kms: KmsOptions,
     ttl: Duration,
     cache: Mutex<HashMap<ScopeId, Arc<ScopeKeys>>>,
     /// Organization keys, so that loading many scopes of one organization calls a
     /// customer's KMS once per TTL, not once per scope.
-    org_keys: Mutex<HashMap<(ScopeId, u32), OrgKeyEntry>>,
+    org_keys: Mutex<HashMap<(ScopeId, u32, WrapPurpose), OrgKeyEntry>>,
     providers: tokio::sync::Mutex<HashMap<MasterKeyRef, Arc<dyn MasterKeyProvider>>>,
     epoch: AtomicU64,
     unwraps: AtomicU64,
@@ -142,8 +149,7 @@ impl KeyService {
         Arc::new(KeyService {
             read: ReadModels::new(db.clone()),
             db,
-            local: LocalProvider::new(master.clone()),
-            master,
+            master: std::sync::RwLock::new(master),
             kms,
             ttl,
             cache: Mutex::new(HashMap::new()),
@@ -210,7 +216,7 @@ impl KeyService {
             self.epoch.fetch_add(1, Ordering::SeqCst);
         }
         if let Ok(mut org_keys) = self.org_keys.lock() {
-            org_keys.retain(|(org, _), _| !scopes.contains(org));
+            org_keys.retain(|(org, _, _), _| !scopes.contains(org));
         }
     }
 
@@ -290,8 +296,22 @@ impl KeyService {
                     scope: scope.to_owned(),
                     version,
                 })?;
+            if let Some(epoch) = row.node_epoch {
+                let wrapping = self.unwrap_wrapping(scope, epoch).await?;
+                let key = wrapping
+                    .unwrap_key(
+                        &row.wrapped,
+                        &version_binding(scope, version, epoch).parts(),
+                    )
+                    .map_err(|_| KeyError::Unwrap)?;
+                self.unwraps.fetch_add(1, Ordering::Relaxed);
+                if key.fingerprint() != row.fingerprint {
+                    return Err(KeyError::Unwrap);
+                }
+                return Ok(key);
+            }
             let key = match &row.parent {
-                None => return self.unwrap_org_key(&row).await,
+                None => return self.unwrap_org_key(&MasterWrapped::version(&row)).await,
                 Some((parent, parent_version)) => {
                     let parent_fingerprint = self
                         .read
@@ -331,7 +351,7 @@ impl KeyService {
     /// The organization's read model and its key rows change in the same transaction, so
     /// a row's wrapping must match the organization's master key: a row the platform key
     /// wraps is never opened with it while the organization has a customer key.
-    async fn wrapping_key(&self, row: &KeyRow) -> Result<Option<MasterKeyRef>, KeyError> {
+    async fn wrapping_key(&self, row: &MasterWrapped) -> Result<Option<MasterKeyRef>, KeyError> {
         let org = ScopeId::parse(&row.scope_id).map_err(|_| KeyError::Unwrap)?;
         let current = self
             .read
@@ -341,10 +361,11 @@ impl KeyService {
         let wrong = || KeyError::WrongMaster {
             version: row.version,
         };
-        let local = self.master.fingerprint();
+        let local = self.local_master().fingerprint();
         match (row.master_fingerprint.as_deref(), current) {
             (None, None) => Ok(None),
             (Some(fingerprint), None) if fingerprint == local => Ok(None),
+            (Some(fingerprint), None) if self.reload_master(fingerprint) => Ok(None),
             (Some(wrapping_id), Some(master)) if master.wrapping_id() == wrapping_id => {
                 Ok(Some(master))
             }
@@ -354,9 +375,9 @@ impl KeyService {
 
     /// Unwraps an organization key version through its master key: from the cache while
     /// fresh; on a transient KMS failure, from the cache while within the grace period.
-    async fn unwrap_org_key(&self, row: &KeyRow) -> Result<Kek, KeyError> {
+    async fn unwrap_org_key(&self, row: &MasterWrapped) -> Result<Kek, KeyError> {
         let org = ScopeId::parse(&row.scope_id).map_err(|_| KeyError::Unwrap)?;
-        let slot = (org, row.version);
+        let slot = (org, row.version, row.purpose);
         let cached = |limit: Duration| -> Option<Kek> {
             let org_keys = self.org_keys.lock().ok()?;
             org_keys
@@ -371,10 +392,15 @@ impl KeyService {
         let context = WrapContext {
             org_id: &row.scope_id,
             key_version: row.version,
+            purpose: row.purpose,
         };
         self.unwraps.fetch_add(1, Ordering::Relaxed);
         let bytes = match self.wrapping_key(row).await? {
-            None => self.local.unwrap(&row.wrapped, context).await,
+            None => {
+                LocalProvider::new(self.local_master())
+                    .unwrap(&row.wrapped, context)
+                    .await
+            }
             Some(master) => {
                 let provider = self.provider(&master).await.map_err(KeyError::Provider)?;
                 self.kms_calls.fetch_add(1, Ordering::Relaxed);
@@ -435,12 +461,47 @@ impl KeyService {
             live.iter()
                 .any(|(v, fingerprint)| v.get() == r.version && *fingerprint == r.fingerprint)
         }) {
-            let key = self.unwrap_org_key(row).await?;
-            let (wrapped, wrapped_by) = self.wrap_org_key(&key, org, row.version, target).await?;
+            let key = self.unwrap_org_key(&MasterWrapped::version(row)).await?;
+            let (wrapped, wrapped_by) = self
+                .wrap_by_master(&key, WrapContext::key_version(&org_id, row.version), target)
+                .await?;
             self.db
                 .stage_rewrap(row, &target_id, &wrapped_by, &wrapped)
                 .await?;
             staged.push(KeyVersion::new(row.version));
+        }
+        // Versions under the organization's wrapping key: re-wrapping its epochs re-wraps
+        // them all (ADR 0013).
+        let epochs = self.db.wrapping_keys(&org_id).await?;
+        for row in &epochs {
+            let key = self.unwrap_wrapping(&org_id, row.epoch).await?;
+            let (wrapped, wrapped_by) = self
+                .wrap_by_master(&key, WrapContext::wrapping_key(&org_id, row.epoch), target)
+                .await?;
+            self.db
+                .stage_rewrap(
+                    &KeyRow {
+                        scope_id: org_id.clone(),
+                        version: row.epoch,
+                        fingerprint: format!("{WRAPPING_STAGE_PREFIX}{}", row.fingerprint),
+                        wrapped: vec![],
+                        parent: None,
+                        master_fingerprint: None,
+                        node_epoch: None,
+                    },
+                    &target_id,
+                    &wrapped_by,
+                    &wrapped,
+                )
+                .await?;
+        }
+        if !epochs.is_empty() {
+            for (version, _) in live {
+                if !staged.contains(version) {
+                    staged.push(*version);
+                }
+            }
+            staged.sort();
         }
         Ok(staged)
     }
@@ -511,8 +572,9 @@ impl KeyService {
         Ok(rows.len())
     }
 
-    /// Creates and stores an organization's key version, wrapped by the master key.
-    /// Returns its fingerprint.
+    /// Creates and stores an organization's key version, wrapped under the organization's
+    /// wrapping key (made first if the organization has none, wrapped by `master`: a
+    /// customer key, or the platform's with `None`). Returns its fingerprint.
     /// `master` is the organization's customer key as the deciding aggregate has it (not
     /// the read model, which may lag a switch that just committed).
     pub async fn create_org_key(
@@ -521,37 +583,321 @@ impl KeyService {
         version: u32,
         master: Option<&MasterKeyRef>,
     ) -> Result<String, KeyError> {
+        let scope = org.to_string();
+        let (epoch, wrapping) = self
+            .current_wrapping(&scope, WrappingParent::Master(master.cloned()))
+            .await?;
+        self.store_version(&scope, version, epoch, &wrapping).await
+    }
+
+    /// Creates and stores a key version for `scope`, wrapped under the scope's wrapping key
+    /// (made first, under `parent`'s, if the scope has none). Returns its fingerprint.
+    pub async fn create_scope_key(
+        &self,
+        scope: ScopeId,
+        version: u32,
+        parent: &ScopeSnapshot,
+    ) -> Result<String, KeyError> {
+        let scope = scope.to_string();
+        let (epoch, wrapping) = self
+            .current_wrapping(&scope, WrappingParent::Scope(parent.scope.id))
+            .await?;
+        self.store_version(&scope, version, epoch, &wrapping).await
+    }
+
+    async fn store_version(
+        &self,
+        scope: &str,
+        version: u32,
+        epoch: u32,
+        wrapping: &Kek,
+    ) -> Result<String, KeyError> {
         let key = Kek::generate();
-        // A rotation under byok wraps the new version with the customer's key.
-        let (wrapped, master_fingerprint) = self.wrap_org_key(&key, org, version, master).await?;
+        let wrapped = wrapping
+            .wrap(&key, &version_binding(scope, version, epoch).parts())
+            .map_err(|_| KeyError::Unwrap)?;
         let fingerprint = key.fingerprint();
         self.db
             .insert_key(&KeyRow {
-                scope_id: org.to_string(),
+                scope_id: scope.to_owned(),
                 version,
                 fingerprint: fingerprint.clone(),
                 wrapped,
                 parent: None,
-                master_fingerprint: Some(master_fingerprint),
+                master_fingerprint: None,
+                node_epoch: Some(epoch),
             })
             .await?;
         Ok(fingerprint)
     }
 
-    /// Wraps an organization key version under `master` (a customer key), or the platform
-    /// key with `None`. Returns the wrapped key and what wraps it, as key rows record it.
-    async fn wrap_org_key(
+    /// The newest epoch of a scope's wrapping key, unwrapped; made (epoch 1) when the scope
+    /// has none yet: a new scope, or one created before wrapping keys existed.
+    fn current_wrapping<'a>(
+        &'a self,
+        scope: &'a str,
+        parent: WrappingParent,
+    ) -> BoxFuture<'a, Result<(u32, Kek), KeyError>> {
+        Box::pin(async move {
+            for _ in 0..3 {
+                if let Some(row) = self.db.wrapping_keys(scope).await?.pop() {
+                    let key = self.unwrap_wrapping(scope, row.epoch).await?;
+                    return Ok((row.epoch, key));
+                }
+                let key = Kek::generate();
+                let row = self
+                    .wrap_wrapping_key(scope, 1, &key, &parent, None)
+                    .await?;
+                if self.store_wrapping_key(&row).await? {
+                    return Ok((1, key));
+                }
+                // Another command made the scope's first epoch at the same time (use theirs),
+                // or the platform master key was rotated meanwhile (now reloaded).
+            }
+            Err(KeyError::WrappingRace {
+                scope: scope.to_owned(),
+            })
+        })
+    }
+
+    /// Where `scope`'s wrapping key is wrapped, from the read models.
+    async fn parent_of(&self, scope: ScopeId) -> Result<WrappingParent, KeyError> {
+        let snapshot = self
+            .read
+            .scope(scope)
+            .await?
+            .ok_or_else(|| KeyError::MissingWrapping {
+                scope: scope.to_string(),
+                epoch: 0,
+            })?;
+        Ok(match snapshot.scope.parent_id {
+            None => WrappingParent::Master(snapshot.scope.master_key),
+            Some(parent) => WrappingParent::Scope(parent),
+        })
+    }
+
+    /// `key` as epoch `epoch` of `scope`'s wrapping key, wrapped under its parent's newest
+    /// wrapping key, or by the master key for an organization.
+    async fn wrap_wrapping_key(
+        &self,
+        scope: &str,
+        epoch: u32,
+        key: &Kek,
+        parent: &WrappingParent,
+        rekey_of: Option<&str>,
+    ) -> Result<WrappingKeyRow, KeyError> {
+        let (wrapped, parent, master_fingerprint) = match parent {
+            WrappingParent::Master(master) => {
+                let (wrapped, by) = self
+                    .wrap_by_master(
+                        key,
+                        WrapContext::wrapping_key(scope, epoch),
+                        master.as_ref(),
+                    )
+                    .await?;
+                (wrapped, None, Some(by))
+            }
+            WrappingParent::Scope(parent) => {
+                let parent_id = parent.to_string();
+                let grand = self.parent_of(*parent).await?;
+                let (parent_epoch, parent_key) = self.current_wrapping(&parent_id, grand).await?;
+                let wrapped = parent_key
+                    .wrap(
+                        key,
+                        &wrapping_binding(scope, epoch, &parent_id, parent_epoch).parts(),
+                    )
+                    .map_err(|_| KeyError::Unwrap)?;
+                (wrapped, Some((parent_id, parent_epoch)), None)
+            }
+        };
+        Ok(WrappingKeyRow {
+            scope_id: scope.to_owned(),
+            epoch,
+            fingerprint: key.fingerprint(),
+            wrapped,
+            parent,
+            master_fingerprint,
+            rekey_of: rekey_of.map(str::to_owned),
+        })
+    }
+
+    /// Stores a new wrapping key; false if the epoch exists already, or if it is wrapped by
+    /// a platform master key that was rotated away meanwhile (then the new key is loaded,
+    /// and the caller wraps again).
+    async fn store_wrapping_key(&self, row: &WrappingKeyRow) -> Result<bool, KeyError> {
+        let local = row.parent.is_none()
+            && row.master_fingerprint.as_deref()
+                == Some(self.local_master().fingerprint().as_str());
+        if self.db.insert_wrapping_key(row, local).await? {
+            return Ok(true);
+        }
+        if local {
+            for fingerprint in self.db.master_keys("local").await? {
+                self.reload_master(&fingerprint);
+            }
+        }
+        Ok(false)
+    }
+
+    /// Unwraps epoch `epoch` of a scope's wrapping key, walking up to the master key.
+    fn unwrap_wrapping<'a>(
+        &'a self,
+        scope: &'a str,
+        epoch: u32,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Kek, KeyError>> + Send + 'a>>
+    {
+        Box::pin(async move {
+            let row = self.db.wrapping_key(scope, epoch).await?.ok_or_else(|| {
+                KeyError::MissingWrapping {
+                    scope: scope.to_owned(),
+                    epoch,
+                }
+            })?;
+            let key = match &row.parent {
+                None => {
+                    return self
+                        .unwrap_org_key(&MasterWrapped {
+                            scope_id: row.scope_id.clone(),
+                            version: row.epoch,
+                            purpose: WrapPurpose::WrappingKey,
+                            fingerprint: row.fingerprint.clone(),
+                            wrapped: row.wrapped.clone(),
+                            master_fingerprint: row.master_fingerprint.clone(),
+                        })
+                        .await
+                }
+                Some((parent, parent_epoch)) => {
+                    let parent_key = self.unwrap_wrapping(parent, *parent_epoch).await?;
+                    parent_key.unwrap_key(
+                        &row.wrapped,
+                        &wrapping_binding(scope, epoch, parent, *parent_epoch).parts(),
+                    )
+                }
+            };
+            self.unwraps.fetch_add(1, Ordering::Relaxed);
+            let key = key.map_err(|_| KeyError::Unwrap)?;
+            if key.fingerprint() != row.fingerprint {
+                return Err(KeyError::Unwrap);
+            }
+            Ok(key)
+        })
+    }
+
+    /// Re-keys one scope on the path of a revoked scope (`revoked`): a new epoch of its
+    /// wrapping key (or the one an interrupted run of the same re-key made), everything the
+    /// older epochs wrap re-wrapped under it in batches, then the older epochs destroyed.
+    /// Safe to run again after a crash at any point. Returns how many keys were re-wrapped.
+    pub async fn rekey_scope(
+        &self,
+        scope: &ScopeSnapshot,
+        revoked: ScopeId,
+        batch: i64,
+    ) -> Result<u64, KeyError> {
+        let scope_id = scope.scope.id.to_string();
+        let revoked_id = revoked.to_string();
+        let existing = self.db.wrapping_keys(&scope_id).await?;
+        let (epoch, key) = match existing.last() {
+            // An interrupted run of this re-key made the epoch already.
+            Some(last) if last.rekey_of.as_deref() == Some(revoked_id.as_str()) => (
+                last.epoch,
+                self.unwrap_wrapping(&scope_id, last.epoch).await?,
+            ),
+            // Nothing was ever wrapped under this scope's own wrapping key (a scope created
+            // before wrapping keys, whose children are still wrapped under its key versions):
+            // there is nothing on this level to re-key yet.
+            None => return Ok(0),
+            Some(last) => {
+                let epoch = last.epoch + 1;
+                let key = Kek::generate();
+                let parent = match scope.scope.parent_id {
+                    None => WrappingParent::Master(scope.scope.master_key.clone()),
+                    Some(parent_id) => WrappingParent::Scope(parent_id),
+                };
+                let row = self
+                    .wrap_wrapping_key(&scope_id, epoch, &key, &parent, Some(&revoked_id))
+                    .await?;
+                if !self.store_wrapping_key(&row).await? {
+                    return Err(KeyError::WrappingRace { scope: scope_id });
+                }
+                (epoch, key)
+            }
+        };
+        self.rewrap_onto(&scope_id, epoch, &key, batch).await
+    }
+
+    /// Re-wraps everything under `scope`'s older epochs onto `epoch`, then destroys them.
+    async fn rewrap_onto(
+        &self,
+        scope_id: &str,
+        epoch: u32,
+        key: &Kek,
+        batch: i64,
+    ) -> Result<u64, KeyError> {
+        let mut old: HashMap<u32, Kek> = HashMap::new();
+        let mut total = 0u64;
+        loop {
+            let items = self
+                .db
+                .wrapped_under_other_epochs(scope_id, epoch, batch)
+                .await?;
+            if items.is_empty() {
+                if self.db.destroy_other_epochs(scope_id, epoch).await? {
+                    return Ok(total);
+                }
+                continue;
+            }
+            let mut done = Vec::with_capacity(items.len());
+            for item in items {
+                let (old_epoch, binding_old, binding_new, wrapped) = match &item {
+                    Wrapped::KeyVersion {
+                        scope_id: id,
+                        version,
+                        wrapped,
+                        epoch: e,
+                        ..
+                    } => (
+                        *e,
+                        version_binding(id, *version, *e),
+                        version_binding(id, *version, epoch),
+                        wrapped,
+                    ),
+                    Wrapped::WrappingKey {
+                        scope_id: id,
+                        epoch: child_epoch,
+                        wrapped,
+                        parent_epoch,
+                    } => (
+                        *parent_epoch,
+                        wrapping_binding(id, *child_epoch, scope_id, *parent_epoch),
+                        wrapping_binding(id, *child_epoch, scope_id, epoch),
+                        wrapped,
+                    ),
+                };
+                if let std::collections::hash_map::Entry::Vacant(slot) = old.entry(old_epoch) {
+                    slot.insert(self.unwrap_wrapping(scope_id, old_epoch).await?);
+                }
+                let old_key = old.get(&old_epoch).ok_or(KeyError::Unwrap)?;
+                let inner = old_key
+                    .unwrap_key(wrapped, &binding_old.parts())
+                    .map_err(|_| KeyError::Unwrap)?;
+                let rewrapped = key
+                    .wrap(&inner, &binding_new.parts())
+                    .map_err(|_| KeyError::Unwrap)?;
+                done.push((item, rewrapped));
+            }
+            total += done.len() as u64;
+            self.db.apply_rewraps(&done, epoch).await?;
+        }
+    }
+
+    /// Wraps a key under `master` (a customer key), or the platform key with `None`.
+    /// Returns the wrapped key and what wraps it, as key rows record it.
+    async fn wrap_by_master(
         &self,
         key: &Kek,
-        org: OrgId,
-        version: u32,
+        context: WrapContext<'_>,
         master: Option<&MasterKeyRef>,
     ) -> Result<(Vec<u8>, String), KeyError> {
-        let org_id = org.to_string();
-        let context = WrapContext {
-            org_id: &org_id,
-            key_version: version,
-        };
         let plaintext = key.for_master_key_provider();
         match master {
             Some(master) => {
@@ -563,66 +909,131 @@ impl KeyService {
                     .map_err(KeyError::Provider)?;
                 Ok((wrapped, master.wrapping_id()))
             }
-            None => Ok((
-                self.local
+            None => {
+                let master = self.local_master();
+                let wrapped = LocalProvider::new(master.clone())
                     .wrap(&plaintext, context)
                     .await
-                    .map_err(KeyError::Provider)?,
-                self.master.fingerprint(),
-            )),
+                    .map_err(KeyError::Provider)?;
+                Ok((wrapped, master.fingerprint()))
+            }
         }
     }
 
-    /// Creates and stores a key version for `scope`, wrapped under the current key of
-    /// `parent`. Returns its fingerprint.
-    pub async fn create_scope_key(
-        &self,
-        scope: ScopeId,
-        version: u32,
-        parent: &ScopeSnapshot,
-    ) -> Result<String, KeyError> {
-        let parent_id = parent.scope.id.to_string();
-        let parent_version = parent.scope.key_version;
-        let parent_fingerprint = parent
-            .key_versions
-            .iter()
-            .find(|k| k.version == parent_version)
-            .and_then(|k| k.fingerprint.clone())
-            .ok_or_else(|| KeyError::Missing {
-                scope: parent_id.clone(),
-                version: parent_version,
-            })?;
-        let parent_key = self
-            .unwrap_version(&parent_id, parent_version, &parent_fingerprint)
-            .await?;
-        let key = Kek::generate();
-        let scope_text = scope.to_string();
-        let version_text = version.to_string();
-        let parent_version_text = parent_version.to_string();
-        let wrapped = parent_key
-            .wrap(
-                &key,
-                &[
-                    scope_text.as_bytes(),
-                    version_text.as_bytes(),
-                    parent_id.as_bytes(),
-                    parent_version_text.as_bytes(),
-                ],
-            )
-            .map_err(|_| KeyError::Unwrap)?;
-        let fingerprint = key.fingerprint();
-        self.db
-            .insert_key(&KeyRow {
-                scope_id: scope_text,
-                version,
-                fingerprint: fingerprint.clone(),
-                wrapped,
-                parent: Some((parent_id, parent_version)),
-                master_fingerprint: None,
-            })
-            .await?;
-        Ok(fingerprint)
+    /// The platform master key this process holds now.
+    pub fn local_master(&self) -> LocalMasterKey {
+        match self.master.read() {
+            Ok(master) => master.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
     }
+
+    /// Looks for the platform master key with `fingerprint` in the key file (or the file a
+    /// rotation writes first), after `ekm master-key rotate` ran beside this process.
+    /// Returns whether this process now holds it.
+    fn reload_master(&self, fingerprint: &str) -> bool {
+        let current = self.local_master();
+        for path in [current.path().to_owned(), rotating_path(current.path())] {
+            if let Ok(Some(key)) = LocalMasterKey::load(&path, false) {
+                if key.fingerprint() == fingerprint {
+                    let mut loaded = key;
+                    loaded.set_path(current.path());
+                    if let Ok(mut master) = self.master.write() {
+                        *master = loaded;
+                    }
+                    tracing::info!(
+                        fingerprint,
+                        "the platform master key was rotated; now using the new key"
+                    );
+                    return true;
+                }
+            }
+        }
+        false
+    }
+}
+
+/// Where `ekm master-key rotate` writes the new master key before the database uses it.
+pub fn rotating_path(path: &std::path::Path) -> std::path::PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".new");
+    path.with_file_name(name)
+}
+
+/// How a staged re-wrap of a wrapping key's epoch is told apart from a key version's in
+/// `master_key_rewraps` (the shredder applies each to its table).
+pub const WRAPPING_STAGE_PREFIX: &str = "wrap:";
+
+/// A boxed future, for the methods that recurse up the hierarchy.
+type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
+
+/// Where a new wrapping key goes: under the master key (an organization's: the customer's
+/// key, or the platform's with `None`), or under its parent scope's newest wrapping key.
+enum WrappingParent {
+    Master(Option<MasterKeyRef>),
+    Scope(ScopeId),
+}
+
+/// A key wrapped by a master key: an organization key version written before wrapping keys,
+/// or an epoch of an organization's wrapping key.
+struct MasterWrapped {
+    scope_id: String,
+    version: u32,
+    purpose: WrapPurpose,
+    fingerprint: String,
+    wrapped: Vec<u8>,
+    master_fingerprint: Option<String>,
+}
+
+impl MasterWrapped {
+    fn version(row: &KeyRow) -> MasterWrapped {
+        MasterWrapped {
+            scope_id: row.scope_id.clone(),
+            version: row.version,
+            purpose: WrapPurpose::KeyVersion,
+            fingerprint: row.fingerprint.clone(),
+            wrapped: row.wrapped.clone(),
+            master_fingerprint: row.master_fingerprint.clone(),
+        }
+    }
+}
+
+/// Associated data that binds a wrapped key to where it belongs.
+struct Binding([String; 5]);
+
+impl Binding {
+    fn parts(&self) -> [&[u8]; 5] {
+        let [a, b, c, d, e] = &self.0;
+        [
+            a.as_bytes(),
+            b.as_bytes(),
+            c.as_bytes(),
+            d.as_bytes(),
+            e.as_bytes(),
+        ]
+    }
+}
+
+/// A scope's key version under its own wrapping key.
+fn version_binding(scope: &str, version: u32, epoch: u32) -> Binding {
+    Binding([
+        "ekm-kek-v2".to_owned(),
+        scope.to_owned(),
+        version.to_string(),
+        "epoch".to_owned(),
+        epoch.to_string(),
+    ])
+}
+
+/// A scope's wrapping key under its parent's.
+fn wrapping_binding(scope: &str, epoch: u32, parent: &str, parent_epoch: u32) -> Binding {
+    Binding([
+        "ekm-wrap-v1".to_owned(),
+        scope.to_owned(),
+        epoch.to_string(),
+        parent.to_owned(),
+        parent_epoch.to_string(),
+    ])
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -647,6 +1058,7 @@ pub async fn local_master_key(
 ) -> Result<LocalMasterKey, MasterKeySetupError> {
     let known = db.master_keys("local").await?;
     let shown = path.display().to_string();
+    finish_rotation(&known, path)?;
     let key = match LocalMasterKey::load(path, known.is_empty())? {
         Some(key) => key,
         None => {
@@ -665,4 +1077,95 @@ pub async fn local_master_key(
             found: format!("holds key {}", key.fingerprint()),
         }),
     }
+}
+
+/// A rotation that committed in the database but stopped before its new key file replaced
+/// the old one: finish it (the database already needs the new key; the old one opens
+/// nothing it holds).
+fn finish_rotation(known: &[String], path: &std::path::Path) -> Result<(), MasterKeySetupError> {
+    let next = rotating_path(path);
+    let Ok(Some(candidate)) = LocalMasterKey::load(&next, false) else {
+        return Ok(());
+    };
+    if !known.contains(&candidate.fingerprint()) {
+        return Ok(());
+    }
+    let io = |source| {
+        MasterKeySetupError::File(ekm_keys::MasterKeyError::Io {
+            path: path.display().to_string(),
+            source,
+        })
+    };
+    std::fs::rename(&next, path).map_err(io)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io)?;
+    }
+    tracing::info!(path = %path.display(), "finished an interrupted master key rotation");
+    Ok(())
+}
+
+/// What `ekm master-key rotate` did.
+#[derive(Debug)]
+pub struct Rotation {
+    pub old: String,
+    pub new: String,
+    pub rewrapped: usize,
+}
+
+/// Rotates the platform master key kept at `path` (ADR 0013): a new key is written beside
+/// it (`master.key.new`, 0600), every organization key the old one wraps is re-wrapped
+/// under the new one in one transaction that also records the new key as the database's,
+/// then the new file replaces the old (the old key is destroyed), and the old wrappings are
+/// removed from the database's files. A crash before the commit leaves the old key in use;
+/// after it, the next start (or the next rotation) finishes the rename. Instances running
+/// beside it on PostgreSQL load the new key from the file when they first meet it.
+pub async fn rotate_local_master_key(
+    db: &Db,
+    path: &std::path::Path,
+) -> Result<Rotation, MasterKeySetupError> {
+    let current = local_master_key(db, path).await?;
+    let next = rotating_path(path);
+    // Left by a rotation that failed before its commit: never used by the database.
+    match std::fs::remove_file(&next) {
+        Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
+            return Err(MasterKeySetupError::File(ekm_keys::MasterKeyError::Io {
+                path: next.display().to_string(),
+                source: error,
+            }))
+        }
+        _ => {}
+    }
+    let new = LocalMasterKey::generate(&next);
+    new.write_new()?;
+    let old_fingerprint = current.fingerprint();
+    let new_fingerprint = new.fingerprint();
+    let rewrapped = db
+        .rotate_local_master(
+            &old_fingerprint,
+            &new_fingerprint,
+            |kind, org, number, wrapped| {
+                let context = match kind {
+                    ekm_store::MasterWrappedKind::WrappingKey => {
+                        WrapContext::wrapping_key(org, number)
+                    }
+                    ekm_store::MasterWrappedKind::KeyVersion => {
+                        WrapContext::key_version(org, number)
+                    }
+                };
+                let binding = context.local_binding();
+                let key = current.unwrap_bound(wrapped, &binding).ok()?;
+                new.wrap_bound(&key, &binding).ok()
+            },
+        )
+        .await?;
+    let known = db.master_keys("local").await?;
+    finish_rotation(&known, path)?;
+    db.destroy_at_rest().await?;
+    Ok(Rotation {
+        old: old_fingerprint,
+        new: new_fingerprint,
+        rewrapped,
+    })
 }

@@ -16,6 +16,7 @@ pub mod error;
 pub mod health;
 pub mod keys;
 mod master_key;
+pub mod rekey;
 mod routes;
 pub mod state;
 

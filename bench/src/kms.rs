@@ -72,10 +72,7 @@ pub async fn run(unwraps: usize) -> anyhow::Result<()> {
         ..KmsSettings::default()
     };
     let provider = ekm_kms::provider_for(&key, &settings).await?;
-    let context = WrapContext {
-        org_id: "0190c7a2-8a1e-7c3b-9d4e-2f1a3b5c6d7e",
-        key_version: 1,
-    };
+    let context = WrapContext::key_version("0190c7a2-8a1e-7c3b-9d4e-2f1a3b5c6d7e", 1);
     let secret = [7u8; 64];
     let wrapped = provider.wrap(&secret, context).await?;
 

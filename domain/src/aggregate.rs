@@ -48,6 +48,17 @@ pub struct ScopeState {
     pub grants: Vec<Grant>,
     #[serde(default)]
     pub tokens: Vec<String>,
+    /// Revoked scopes: how far the re-key that destroys their keys in every copy has got.
+    #[serde(default)]
+    pub rekey: Option<RekeyProgress>,
+}
+
+/// The re-key of a revoked scope's ancestors (ADR 0013).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RekeyProgress {
+    pub ancestors: Vec<ScopeId>,
+    pub done: Vec<ScopeId>,
+    pub completed: bool,
 }
 
 fn available() -> KeyHealth {
@@ -327,6 +338,48 @@ impl Scope {
                     scope_id: grant.scope,
                 }])
             }
+            ScopeCommand::StartRevocationRekey { ancestors } => {
+                let state = self.existing()?;
+                if state.own_state != OwnState::Revoked {
+                    return Err(ScopeError::NotRevoked);
+                }
+                Ok(match state.rekey {
+                    Some(_) => vec![],
+                    None => vec![ScopeEvent::RevocationRekeyStarted { ancestors }],
+                })
+            }
+            ScopeCommand::RecordRevocationRekey {
+                scope_id,
+                rewrapped,
+            } => {
+                let state = self.existing()?;
+                let Some(rekey) = &state.rekey else {
+                    return Err(ScopeError::RekeyOutOfOrder(scope_id));
+                };
+                if rekey.done.contains(&scope_id) {
+                    return Ok(vec![]);
+                }
+                if rekey.completed || !rekey.ancestors.contains(&scope_id) {
+                    return Err(ScopeError::RekeyOutOfOrder(scope_id));
+                }
+                Ok(vec![ScopeEvent::RevocationRekeyProgressed {
+                    scope_id,
+                    rewrapped,
+                }])
+            }
+            ScopeCommand::CompleteRevocationRekey { rewrapped } => {
+                let state = self.existing()?;
+                let Some(rekey) = &state.rekey else {
+                    return Err(ScopeError::RekeyOutOfOrder(state.id));
+                };
+                if rekey.completed {
+                    return Ok(vec![]);
+                }
+                if let Some(missing) = rekey.ancestors.iter().find(|a| !rekey.done.contains(a)) {
+                    return Err(ScopeError::RekeyOutOfOrder(*missing));
+                }
+                Ok(vec![ScopeEvent::RevocationRekeyCompleted { rewrapped }])
+            }
             ScopeCommand::RecordMasterKeyHealth {
                 health,
                 reason,
@@ -408,6 +461,7 @@ impl Aggregate for Scope {
                     master_unavailable: None,
                     grants: vec![],
                     tokens: vec![],
+                    rekey: None,
                 });
             }
             ScopeEvent::ScopeCreated {
@@ -437,6 +491,7 @@ impl Aggregate for Scope {
                     master_unavailable: None,
                     grants: vec![],
                     tokens: vec![],
+                    rekey: None,
                 });
             }
             ScopeEvent::ScopePaused {} => self.set_own_state(OwnState::Paused),
@@ -507,6 +562,27 @@ impl Aggregate for Scope {
                         scope: scope_id,
                     };
                     state.grants.retain(|g| *g != revoked);
+                }
+            }
+            ScopeEvent::RevocationRekeyStarted { ancestors } => {
+                if let Some(state) = self.state.as_mut() {
+                    state.rekey = Some(RekeyProgress {
+                        ancestors,
+                        done: vec![],
+                        completed: false,
+                    });
+                }
+            }
+            ScopeEvent::RevocationRekeyProgressed { scope_id, .. } => {
+                if let Some(rekey) = self.state.as_mut().and_then(|s| s.rekey.as_mut()) {
+                    if !rekey.done.contains(&scope_id) {
+                        rekey.done.push(scope_id);
+                    }
+                }
+            }
+            ScopeEvent::RevocationRekeyCompleted { .. } => {
+                if let Some(rekey) = self.state.as_mut().and_then(|s| s.rekey.as_mut()) {
+                    rekey.completed = true;
                 }
             }
         }

@@ -98,6 +98,19 @@ pub enum ScopeCommand {
     RevokePermission {
         grant: Grant,
     },
+    /// Start the re-key of a revoked scope's ancestors (sent by the system's re-key job).
+    StartRevocationRekey {
+        ancestors: Vec<ScopeId>,
+    },
+    /// Record that one ancestor was re-keyed.
+    RecordRevocationRekey {
+        scope_id: ScopeId,
+        rewrapped: u64,
+    },
+    /// Record that the whole re-key is done and the destroyed bytes are gone from the files.
+    CompleteRevocationRekey {
+        rewrapped: u64,
+    },
 }
 
 /// What creating a child needs to know about its parent.

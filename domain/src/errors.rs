@@ -56,6 +56,10 @@ pub enum ScopeError {
     GrantNotFound,
     #[error("the organization has no customer master key to monitor")]
     NoCustomerMasterKey,
+    #[error("only a revoked scope is re-keyed to destroy its keys in every copy")]
+    NotRevoked,
+    #[error("the re-key of this revoked scope has not started, or scope {0} is not on its path")]
+    RekeyOutOfOrder(ScopeId),
     #[error("key version {prepared} was prepared, but the next version is {next}")]
     StaleKeyVersion {
         prepared: KeyVersion,

@@ -106,6 +106,25 @@ pub enum ScopeEvent {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         scope_id: Option<ScopeId>,
     },
+    /// The re-key that makes a revoke hold against copies of the database started (on the
+    /// revoked scope; actor: the system). Each scope of `ancestors` (organization first)
+    /// gets a new wrapping key, the surviving keys under it are re-wrapped, and its old
+    /// wrapping keys are destroyed (ADR 0013).
+    RevocationRekeyStarted {
+        ancestors: Vec<ScopeId>,
+    },
+    /// One ancestor re-keyed: `rewrapped` keys moved to its new wrapping key, the old ones
+    /// destroyed.
+    RevocationRekeyProgressed {
+        scope_id: ScopeId,
+        rewrapped: u64,
+    },
+    /// Every ancestor re-keyed, and the destroyed keys' bytes gone from the database's files.
+    /// Copies made before now open nothing of the subtree once the platform master key has
+    /// been rotated.
+    RevocationRekeyCompleted {
+        rewrapped: u64,
+    },
 }
 
 /// Every audit action and the event type it names, one to one (a test checks it against
@@ -128,11 +147,14 @@ pub const ACTIONS: &[(&str, &str)] = &[
     ("token.revoke", "TokenRevoked"),
     ("grant.add", "PermissionGranted"),
     ("grant.remove", "PermissionRevoked"),
+    ("scope.rekey_start", "RevocationRekeyStarted"),
+    ("scope.rekey_progress", "RevocationRekeyProgressed"),
+    ("scope.rekey_complete", "RevocationRekeyCompleted"),
 ];
 
 impl ScopeEvent {
     /// Every event type this aggregate has ever stored.
-    pub const TYPES: [&'static str; 14] = [
+    pub const TYPES: [&'static str; 17] = [
         "OrganizationCreated",
         "ScopeCreated",
         "ScopePaused",
@@ -147,6 +169,9 @@ impl ScopeEvent {
         "TokenRevoked",
         "PermissionGranted",
         "PermissionRevoked",
+        "RevocationRekeyStarted",
+        "RevocationRekeyProgressed",
+        "RevocationRekeyCompleted",
     ];
 
     pub fn type_name(&self) -> &'static str {
@@ -167,6 +192,9 @@ impl ScopeEvent {
             ScopeEvent::TokenRevoked { .. } => "TokenRevoked",
             ScopeEvent::PermissionGranted { .. } => "PermissionGranted",
             ScopeEvent::PermissionRevoked { .. } => "PermissionRevoked",
+            ScopeEvent::RevocationRekeyStarted { .. } => "RevocationRekeyStarted",
+            ScopeEvent::RevocationRekeyProgressed { .. } => "RevocationRekeyProgressed",
+            ScopeEvent::RevocationRekeyCompleted { .. } => "RevocationRekeyCompleted",
         }
     }
 
@@ -196,6 +224,9 @@ impl ScopeEvent {
             ScopeEvent::TokenRevoked { .. } => "token.revoke",
             ScopeEvent::PermissionGranted { .. } => "grant.add",
             ScopeEvent::PermissionRevoked { .. } => "grant.remove",
+            ScopeEvent::RevocationRekeyStarted { .. } => "scope.rekey_start",
+            ScopeEvent::RevocationRekeyProgressed { .. } => "scope.rekey_progress",
+            ScopeEvent::RevocationRekeyCompleted { .. } => "scope.rekey_complete",
         }
     }
 }
@@ -220,7 +251,10 @@ impl DomainEvent for ScopeEvent {
             | ScopeEvent::TokenIssued { .. }
             | ScopeEvent::TokenRevoked { .. }
             | ScopeEvent::PermissionGranted { .. }
-            | ScopeEvent::PermissionRevoked { .. } => "1".to_owned(),
+            | ScopeEvent::PermissionRevoked { .. }
+            | ScopeEvent::RevocationRekeyStarted { .. }
+            | ScopeEvent::RevocationRekeyProgressed { .. }
+            | ScopeEvent::RevocationRekeyCompleted { .. } => "1".to_owned(),
         }
     }
 }

@@ -16,7 +16,7 @@ pub mod metadata;
 pub mod scope;
 
 pub use access::{Grant, OrgRole, Permission, PrincipalKind, PrincipalName};
-pub use aggregate::{Scope, ScopeState};
+pub use aggregate::{RekeyProgress, Scope, ScopeState};
 pub use cascade::{effective_state, Effective};
 pub use commands::{Lineage, ParentContext, ScopeCommand};
 pub use errors::ScopeError;

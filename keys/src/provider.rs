@@ -83,6 +83,38 @@ impl LocalMasterKey {
         &self.path
     }
 
+    /// Where the key is kept from now on (a rotated key moves from `master.key.new`).
+    pub fn set_path(&mut self, path: &Path) {
+        path.clone_into(&mut self.path);
+    }
+
+    /// A new random key that lives at `path` once written there with `write_new`.
+    pub fn generate(path: &Path) -> LocalMasterKey {
+        LocalMasterKey {
+            key: Kek::generate(),
+            path: path.to_owned(),
+        }
+    }
+
+    /// Writes the key to its path, which must not exist yet (0600, synced).
+    pub fn write_new(&self) -> Result<(), MasterKeyError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let io = |source| MasterKeyError::Io {
+            path: self.path.display().to_string(),
+            source,
+        };
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&self.path)
+            .map_err(io)?;
+        let text = zeroize::Zeroizing::new(self.key.hex());
+        file.write_all(text.as_bytes()).map_err(io)?;
+        file.write_all(b"\n").map_err(io)?;
+        file.sync_all().map_err(io)
+    }
+
     pub fn fingerprint(&self) -> String {
         self.key.fingerprint()
     }
@@ -95,6 +127,17 @@ impl LocalMasterKey {
             org_key,
             &[b"ekm-org-kek-v1", org_id.as_bytes(), version.as_bytes()],
         )
+    }
+
+    /// Wraps a key with explicit associated data (the master-key provider's binding).
+    pub fn wrap_bound(&self, key: &Kek, binding: &[Vec<u8>]) -> Result<Vec<u8>, CryptoError> {
+        let parts: Vec<&[u8]> = binding.iter().map(Vec::as_slice).collect();
+        self.key.wrap(key, &parts)
+    }
+
+    pub fn unwrap_bound(&self, wrapped: &[u8], binding: &[Vec<u8>]) -> Result<Kek, CryptoError> {
+        let parts: Vec<&[u8]> = binding.iter().map(Vec::as_slice).collect();
+        self.key.unwrap_key(wrapped, &parts)
     }
 
     pub fn unwrap(&self, wrapped: &[u8], org_id: &str, version: u32) -> Result<Kek, CryptoError> {

@@ -166,7 +166,7 @@ impl MasterKeyProvider for AwsKms {
             .key_id(&self.key_id)
             .plaintext(Blob::new(plaintext))
             .encryption_context(CONTEXT_ORG, context.org_id)
-            .encryption_context(CONTEXT_VERSION, context.key_version.to_string())
+            .encryption_context(CONTEXT_VERSION, context.version_label())
             .send()
             .await
             .map_err(|e| classify(Operation::Encrypt, e))?;
@@ -194,7 +194,7 @@ impl MasterKeyProvider for AwsKms {
             .key_id(&self.key_id)
             .ciphertext_blob(Blob::new(wrapped))
             .encryption_context(CONTEXT_ORG, context.org_id)
-            .encryption_context(CONTEXT_VERSION, context.key_version.to_string())
+            .encryption_context(CONTEXT_VERSION, context.version_label())
             .send()
             .await
             .map_err(|e| classify(Operation::Decrypt, e))?;

@@ -33,13 +33,71 @@ pub use local::LocalProvider;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct WrapContext<'a> {
     pub org_id: &'a str,
+    /// The key version, or the wrapping key's epoch.
     pub key_version: u32,
+    pub purpose: WrapPurpose,
+}
+
+/// What the master key wraps: an organization key version (before wrapping keys existed)
+/// or an epoch of the organization's wrapping key (ADR 0013). The two never share a
+/// binding, so one cannot be passed off as the other.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum WrapPurpose {
+    KeyVersion,
+    WrappingKey,
 }
 
 impl WrapContext<'_> {
+    /// An organization key version.
+    pub fn key_version(org_id: &str, key_version: u32) -> WrapContext<'_> {
+        WrapContext {
+            org_id,
+            key_version,
+            purpose: WrapPurpose::KeyVersion,
+        }
+    }
+
+    /// An epoch of an organization's wrapping key.
+    pub fn wrapping_key(org_id: &str, epoch: u32) -> WrapContext<'_> {
+        WrapContext {
+            org_id,
+            key_version: epoch,
+            purpose: WrapPurpose::WrappingKey,
+        }
+    }
+
+    /// The version as the binding names it: `7` for a key version, `w7` for a wrapping
+    /// key's epoch (the AWS encryption context's `ekm-key-version`).
+    pub fn version_label(&self) -> String {
+        match self.purpose {
+            WrapPurpose::KeyVersion => self.key_version.to_string(),
+            WrapPurpose::WrappingKey => format!("w{}", self.key_version),
+        }
+    }
+
+    /// The associated data the platform's local key binds: label, organization, version.
+    pub fn local_binding(&self) -> [Vec<u8>; 3] {
+        let label: &[u8] = match self.purpose {
+            WrapPurpose::KeyVersion => b"ekm-org-kek-v1",
+            WrapPurpose::WrappingKey => b"ekm-org-wrap-v1",
+        };
+        [
+            label.to_vec(),
+            self.org_id.as_bytes().to_vec(),
+            self.key_version.to_string().into_bytes(),
+        ]
+    }
+
     /// The same binding as bytes, for providers without a native context.
     fn binding(&self) -> Vec<u8> {
-        format!("ekm-org-kek-v1|{}|{}", self.org_id, self.key_version).into_bytes()
+        match self.purpose {
+            WrapPurpose::KeyVersion => {
+                format!("ekm-org-kek-v1|{}|{}", self.org_id, self.key_version).into_bytes()
+            }
+            WrapPurpose::WrappingKey => {
+                format!("ekm-org-wrap-v1|{}|{}", self.org_id, self.key_version).into_bytes()
+            }
+        }
     }
 }
 
@@ -455,10 +513,7 @@ pub async fn round_trip(
     }
     let probe: Zeroizing<Vec<u8>> = Zeroizing::new((0..64).map(|_| rand::random()).collect());
     // Version 0 is never a real key version: the probe cannot be confused with a key.
-    let context = WrapContext {
-        org_id,
-        key_version: 0,
-    };
+    let context = WrapContext::key_version(org_id, 0);
     let wrapped = provider.wrap(&probe, context).await?;
     let unwrapped = provider.unwrap(&wrapped, context).await?;
     if unwrapped.as_slice() != probe.as_slice() {
@@ -516,6 +571,7 @@ mod tests {
     const CONTEXT: WrapContext<'static> = WrapContext {
         org_id: "org",
         key_version: 1,
+        purpose: WrapPurpose::KeyVersion,
     };
 
     #[test]

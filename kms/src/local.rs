@@ -45,7 +45,7 @@ impl MasterKeyProvider for LocalProvider {
             )
         })?;
         self.master
-            .wrap(&key, context.org_id, context.key_version)
+            .wrap_bound(&key, &context.local_binding())
             .map_err(|_| failed(Operation::Encrypt))
     }
 
@@ -56,7 +56,7 @@ impl MasterKeyProvider for LocalProvider {
     ) -> Result<Zeroizing<Vec<u8>>, ProviderError> {
         let key = self
             .master
-            .unwrap(wrapped, context.org_id, context.key_version)
+            .unwrap_bound(wrapped, &context.local_binding())
             .map_err(|_| failed(Operation::Decrypt))?;
         Ok(key.for_master_key_provider())
     }

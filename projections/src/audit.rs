@@ -95,6 +95,17 @@ fn summary(event: &ScopeEvent) -> String {
                 ),
             }
         }
+        ScopeEvent::RevocationRekeyStarted { ancestors } => format!(
+            "started destroying the revoked keys in every copy: re-keying {} scope(s) on the path",
+            ancestors.len()
+        ),
+        ScopeEvent::RevocationRekeyProgressed {
+            scope_id,
+            rewrapped,
+        } => format!("re-keyed {scope_id} ({rewrapped} key(s) re-wrapped, old wrapping keys destroyed)"),
+        ScopeEvent::RevocationRekeyCompleted { rewrapped } => format!(
+            "destroyed the revoked keys in the live database ({rewrapped} key(s) re-wrapped); copies are useless once the platform master key is rotated"
+        ),
         ScopeEvent::OrganizationMasterKeyHealthChanged {
             health,
             reason,

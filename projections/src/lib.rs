@@ -25,7 +25,8 @@ pub use audit::{
 pub use error::{chain as error_chain, ProjectionError};
 pub use history::{scope_as_of, AsOf, PastScope};
 pub use queries::{
-    BlastRadius, Cause, KeyVersionRecord, Page, ReadModels, ScopeRecord, ScopeSnapshot, StateChange,
+    BlastRadius, Cause, Destruction, KeyVersionRecord, Page, ReadModels, ScopeRecord,
+    ScopeSnapshot, StateChange,
 };
 pub use rebuild::{rebuild, status, ProjectionStatus, RebuildReport};
 pub use runner::{

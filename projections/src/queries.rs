@@ -48,6 +48,32 @@ pub struct ScopeRecord {
     /// The event that last set `master_health`, its reason and what the provider said.
     pub master_change: Option<StateChange>,
     pub master_detail: Option<String>,
+    /// Revoked scopes: `pending`, `running` or `done` (ADR 0013), and when it was done.
+    pub rekey_state: Option<String>,
+    pub rekey_done_at: Option<i64>,
+}
+
+/// How far destroying a revoke's keys has got, for a scope whose path holds a revoke.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Destruction {
+    /// The highest revoked scope on the path.
+    pub revoked: ScopeId,
+    /// When its re-key finished and the destroyed bytes left the database's files
+    /// (microseconds); `None` while pending.
+    pub live_done_at: Option<i64>,
+    /// When the platform master key in use was activated (microseconds): once after
+    /// `live_done_at`, no copy of the database opens the revoked keys.
+    pub master_activated_at: Option<i64>,
+}
+
+impl Destruction {
+    pub fn live_done(&self) -> bool {
+        self.live_done_at.is_some()
+    }
+
+    pub fn copies_done(&self) -> bool {
+        matches!((self.live_done_at, self.master_activated_at), (Some(done), Some(master)) if master > done)
+    }
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -81,6 +107,7 @@ pub struct ScopeSnapshot {
     pub org_plan: Plan,
     pub org_tier: Tier,
     pub key_versions: Vec<KeyVersionRecord>,
+    pub destruction: Option<Destruction>,
 }
 
 /// A page of a list and the key to continue after it.
@@ -93,7 +120,7 @@ pub struct Page<T> {
 const SCOPE_COLUMNS: &str = "id, org_id, parent_id, kind, name, path, own_state, plan, tier, \
     key_version, version, created_at, updated_position, state_event, state_position, state_at, \
     state_actor, state_reason, master_key, master_health, master_reason, master_detail, \
-    master_position, master_at";
+    master_position, master_at, rekey_state, rekey_done_at";
 
 fn malformed(id: &str, problem: impl Into<String>) -> ProjectionError {
     ProjectionError::MalformedRow {
@@ -185,6 +212,8 @@ macro_rules! decode_scope {
             master_health,
             master_change,
             master_detail: row.try_get("master_detail")?,
+            rekey_state: row.try_get("rekey_state")?,
+            rekey_done_at: row.try_get("rekey_done_at")?,
         })
     }};
 }
@@ -272,6 +301,48 @@ impl ReadModels {
             .collect()
     }
 
+    /// Revoked scopes whose re-key has not completed, oldest revoke first.
+    pub async fn pending_rekeys(&self) -> Result<Vec<ScopeId>, ProjectionError> {
+        let sql = "SELECT id FROM scope_view WHERE rekey_state IN ('pending', 'running') \
+                   ORDER BY state_position";
+        let ids: Vec<String> = ekm_store::with_read_pool!(&self.db, pool => {
+            sqlx::query_scalar(sql).fetch_all(pool).await?
+        });
+        ids.iter()
+            .map(|id| ScopeId::parse(id).map_err(|e| malformed(id, e.to_string())))
+            .collect()
+    }
+
+    /// The ids of a scope and of everything below it.
+    pub async fn subtree_ids(&self, root: &ScopeRecord) -> Result<Vec<String>, ProjectionError> {
+        let path = root
+            .path
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join("/");
+        let sql = "SELECT id FROM scope_view WHERE org_id = $1 AND (path = $2 OR path LIKE $3)";
+        let ids: Vec<String> = ekm_store::with_read_pool!(&self.db, pool => {
+            sqlx::query_scalar(sql)
+                .bind(root.org_id.to_string())
+                .bind(&path)
+                .bind(format!("{path}/%"))
+                .fetch_all(pool)
+                .await?
+        });
+        Ok(ids)
+    }
+
+    /// When the platform master key in use became the one that wraps every organization
+    /// key (microseconds): copies of the database made before then open nothing.
+    pub async fn master_key_activated_at(&self) -> Result<Option<i64>, ProjectionError> {
+        let sql = "SELECT MAX(activated_at) FROM master_keys WHERE provider = 'local'";
+        let at: Option<i64> = ekm_store::with_read_pool!(&self.db, pool => {
+            sqlx::query_scalar(sql).fetch_one(pool).await?
+        });
+        Ok(at)
+    }
+
     /// A scope with its effective state, or `None` if no such scope exists.
     pub async fn scope(&self, id: ScopeId) -> Result<Option<ScopeSnapshot>, ProjectionError> {
         let Some(record) = self.records(&[id]).await?.pop() else {
@@ -288,7 +359,25 @@ impl ReadModels {
             .into_iter()
             .map(|(_, k)| k)
             .collect();
-        snapshot(on_path, key_versions).map(Some)
+        let mut snapshot = snapshot(on_path, key_versions)?;
+        self.fill_destruction(std::slice::from_mut(&mut snapshot))
+            .await?;
+        Ok(Some(snapshot))
+    }
+
+    /// Adds the master key's activation to snapshots whose path holds a revoke.
+    async fn fill_destruction(
+        &self,
+        snapshots: &mut [ScopeSnapshot],
+    ) -> Result<(), ProjectionError> {
+        if snapshots.iter().all(|s| s.destruction.is_none()) {
+            return Ok(());
+        }
+        let activated = self.master_key_activated_at().await?;
+        for destruction in snapshots.iter_mut().filter_map(|s| s.destruction.as_mut()) {
+            destruction.master_activated_at = activated;
+        }
+        Ok(())
     }
 
     /// The fingerprint recorded for a key version, if the version exists.
@@ -346,6 +435,8 @@ impl ReadModels {
                 child_snapshot(parent, record, mine)
             })
             .collect::<Vec<_>>();
+        let mut items = items;
+        self.fill_destruction(&mut items).await?;
         let next_after = if more {
             items.last().map(|s| s.scope.id)
         } else {
@@ -530,6 +621,7 @@ fn snapshot(
         .first()
         .and_then(|org| org.tier)
         .unwrap_or(Tier::Default);
+    let destruction = on_path.iter().find_map(destruction_of);
     let scope = scope.clone();
     Ok(ScopeSnapshot {
         scope,
@@ -539,6 +631,17 @@ fn snapshot(
         org_plan,
         org_tier,
         key_versions,
+        destruction,
+    })
+}
+
+fn destruction_of(record: &ScopeRecord) -> Option<Destruction> {
+    (record.own_state == OwnState::Revoked).then(|| Destruction {
+        revoked: record.id,
+        live_done_at: record
+            .rekey_done_at
+            .filter(|_| record.rekey_state.as_deref() == Some("done")),
+        master_activated_at: None,
     })
 }
 
@@ -553,6 +656,10 @@ fn child_snapshot(
     } else {
         parent.cause.clone()
     };
+    let destruction = parent
+        .destruction
+        .clone()
+        .or_else(|| destruction_of(&record));
     ScopeSnapshot {
         scope: record,
         effective,
@@ -561,5 +668,6 @@ fn child_snapshot(
         org_plan: parent.org_plan,
         org_tier: parent.org_tier,
         key_versions,
+        destruction,
     }
 }

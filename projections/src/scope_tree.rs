@@ -167,6 +167,54 @@ const APPLY_REWRAPS: &str = "UPDATE key_material SET \
         WHERE r.scope_id = key_material.scope_id AND r.version = key_material.version \
         AND r.fingerprint = key_material.fingerprint AND r.target = $2)";
 
+/// Applies staged re-wraps of the organization's wrapping-key epochs (staged with the
+/// fingerprint prefixed `wrap:` and the epoch as version).
+const APPLY_WRAPPING_REWRAPS: &str = "UPDATE wrapping_keys SET \
+    wrapped = (SELECT r.wrapped FROM master_key_rewraps r WHERE r.scope_id = wrapping_keys.scope_id \
+        AND r.version = wrapping_keys.epoch AND r.fingerprint = 'wrap:' || wrapping_keys.fingerprint AND r.target = $2), \
+    master_fingerprint = (SELECT r.wrapped_by FROM master_key_rewraps r WHERE r.scope_id = wrapping_keys.scope_id \
+        AND r.version = wrapping_keys.epoch AND r.fingerprint = 'wrap:' || wrapping_keys.fingerprint AND r.target = $2) \
+    WHERE scope_id = $1 AND parent_id IS NULL AND EXISTS (SELECT 1 FROM master_key_rewraps r \
+        WHERE r.scope_id = wrapping_keys.scope_id AND r.version = wrapping_keys.epoch \
+        AND r.fingerprint = 'wrap:' || wrapping_keys.fingerprint AND r.target = $2)";
+
+/// Deletes the key material of a revoked scope and of everything below it (wrapping keys,
+/// key versions, staged re-wraps), found through the scope tree: `$1` the organization,
+/// `$2` the revoked scope's path, `$3` that path followed by `/%` (ids hold no wildcard).
+/// A child created after the revoke (born revoked) is not in the tree yet: the re-key job
+/// deletes the subtree again once it has finished.
+const SHRED_SUBTREE: [&str; 3] = [
+    "DELETE FROM key_material WHERE scope_id IN (SELECT id FROM scope_view \
+        WHERE org_id = $1 AND (path = $2 OR path LIKE $3))",
+    "DELETE FROM wrapping_keys WHERE scope_id IN (SELECT id FROM scope_view \
+        WHERE org_id = $1 AND (path = $2 OR path LIKE $3))",
+    "DELETE FROM master_key_rewraps WHERE scope_id IN (SELECT id FROM scope_view \
+        WHERE org_id = $1 AND (path = $2 OR path LIKE $3))",
+];
+
+const REKEY_COLUMNS: &[&str] = &[
+    "rekey_state",
+    "rekey_done_at",
+    "version",
+    "updated_position",
+];
+
+/// How far a revoked scope's re-key has got (ADR 0013).
+fn rekey_state(stored: &StoredEvent, state: &str, done_at: Option<i64>) -> Statement {
+    Statement::Update {
+        table: "scope_view",
+        key_column: "id",
+        key: Param::Text(stored.aggregate_id.clone()),
+        columns: REKEY_COLUMNS,
+        values: vec![
+            Param::OptText(Some(state.to_owned())),
+            Param::OptInt(done_at),
+            Param::Int(stored.sequence),
+            Param::Int(stored.position),
+        ],
+    }
+}
+
 fn state_change(stored: &StoredEvent, state: OwnState) -> Result<Statement, ProjectionError> {
     let metadata = stored.event_metadata()?;
     Ok(Statement::Update {
@@ -375,7 +423,17 @@ impl Projection for ScopeTree {
             ScopeEvent::TokenIssued { .. } | ScopeEvent::TokenRevoked { .. } => vec![],
             ScopeEvent::ScopePaused {} => vec![state_change(stored, OwnState::Paused)?],
             ScopeEvent::ScopeResumed {} => vec![state_change(stored, OwnState::Active)?],
-            ScopeEvent::ScopeRevoked {} => vec![state_change(stored, OwnState::Revoked)?],
+            ScopeEvent::ScopeRevoked {} => vec![
+                state_change(stored, OwnState::Revoked)?,
+                rekey_state(stored, "pending", None),
+            ],
+            ScopeEvent::RevocationRekeyStarted { .. } => vec![rekey_state(stored, "running", None)],
+            ScopeEvent::RevocationRekeyProgressed { .. } => vec![],
+            ScopeEvent::RevocationRekeyCompleted { .. } => vec![rekey_state(
+                stored,
+                "done",
+                Some(to_micros(stored.recorded_at)),
+            )],
             ScopeEvent::ScopeKeyRotated {
                 key_version,
                 key_fingerprint,
@@ -426,32 +484,49 @@ impl Projection for KeyShredder {
             return Ok(vec![]);
         }
         Ok(match stored.event_type.as_str() {
-            "ScopeRevoked" => vec![
-                Statement::Delete {
-                    table: "key_material",
-                    key_column: "scope_id",
-                    key: Param::Text(stored.aggregate_id.clone()),
-                },
-                Statement::Delete {
-                    table: "master_key_rewraps",
-                    key_column: "scope_id",
-                    key: Param::Text(stored.aggregate_id.clone()),
-                },
-            ],
-            "OrganizationMasterKeyChanged" => match stored.scope_event()? {
-                ScopeEvent::OrganizationMasterKeyChanged { to, .. } => vec![
-                    Statement::Raw {
-                        sql: APPLY_REWRAPS,
+            "ScopeRevoked" => {
+                let location = stored.event_metadata()?.location.ok_or_else(|| {
+                    ProjectionError::MalformedRow {
+                        id: stored.aggregate_id.clone(),
+                        problem: "a revoke without its scope path".into(),
+                    }
+                })?;
+                SHRED_SUBTREE
+                    .iter()
+                    .map(|sql| Statement::Raw {
+                        sql,
                         params: vec![
-                            Param::Text(stored.aggregate_id.clone()),
-                            Param::Text(to.map_or_else(|| "local".to_owned(), |k| k.wrapping_id())),
+                            Param::Text(location.org_id.clone()),
+                            Param::Text(location.scope_path.clone()),
+                            Param::Text(format!("{}/%", location.scope_path)),
                         ],
-                    },
-                    Statement::Raw {
-                        sql: "DELETE FROM master_key_rewraps WHERE scope_id = $1",
-                        params: vec![Param::Text(stored.aggregate_id.clone())],
-                    },
-                ],
+                    })
+                    .collect()
+            }
+            "OrganizationMasterKeyChanged" => match stored.scope_event()? {
+                ScopeEvent::OrganizationMasterKeyChanged { to, .. } => {
+                    let target = to.map_or_else(|| "local".to_owned(), |k| k.wrapping_id());
+                    vec![
+                        Statement::Raw {
+                            sql: APPLY_REWRAPS,
+                            params: vec![
+                                Param::Text(stored.aggregate_id.clone()),
+                                Param::Text(target.clone()),
+                            ],
+                        },
+                        Statement::Raw {
+                            sql: APPLY_WRAPPING_REWRAPS,
+                            params: vec![
+                                Param::Text(stored.aggregate_id.clone()),
+                                Param::Text(target),
+                            ],
+                        },
+                        Statement::Raw {
+                            sql: "DELETE FROM master_key_rewraps WHERE scope_id = $1",
+                            params: vec![Param::Text(stored.aggregate_id.clone())],
+                        },
+                    ]
+                }
                 _ => vec![],
             },
             "ScopeKeyVersionsRetired" => match stored.scope_event()? {

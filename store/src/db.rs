@@ -112,7 +112,10 @@ impl Db {
                     // FULL: an acknowledged pause or revoke survives a power cut.
                     .synchronous(SqliteSynchronous::Full)
                     .busy_timeout(Duration::from_secs(10))
-                    .foreign_keys(true);
+                    .foreign_keys(true)
+                    // Freed cells are zeroed, so a deleted key leaves no bytes in the main
+                    // file (the WAL is emptied by `destroy_at_rest`; ADR 0013).
+                    .pragma("secure_delete", "ON");
                 let write = SqlitePoolOptions::new()
                     .max_connections(1)
                     .min_connections(1)

@@ -20,4 +20,12 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+    #[error("a stored key of scope {scope_id} is malformed")]
+    MalformedKey { scope_id: String },
+    #[error("the SQLite write-ahead log could not be emptied: a reader kept it busy")]
+    WalBusy,
+    #[error(
+        "the database's platform master key is not the one being rotated (another rotation ran?)"
+    )]
+    MasterKeyChanged,
 }

@@ -21,6 +21,10 @@ pub struct KeyRow {
     /// What wraps an organization key: the local master key's fingerprint, or the customer
     /// key's `provider:key_id`.
     pub master_fingerprint: Option<String>,
+    /// The epoch of the scope's own wrapping key this version is wrapped under (ADR 0013);
+    /// `None` for rows written before wrapping keys, wrapped under `parent` (or the master
+    /// key for organizations).
+    pub node_epoch: Option<u32>,
 }
 
 /// The latest health check of an organization's customer key.
@@ -54,7 +58,7 @@ pub enum MasterKeyCheck {
 impl Db {
     pub async fn insert_key(&self, row: &KeyRow) -> Result<(), StoreError> {
         let sql = "INSERT INTO key_material (scope_id, version, fingerprint, wrapped, parent_id, \
-                   parent_version, master_fingerprint, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)";
+                   parent_version, master_fingerprint, created_at, node_epoch) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
         with_write_pool!(self, pool => {
             sqlx::query(sql)
                 .bind(&row.scope_id)
@@ -65,6 +69,7 @@ impl Db {
                 .bind(row.parent.as_ref().map(|(_, v)| i64::from(*v)))
                 .bind(&row.master_fingerprint)
                 .bind(now_micros())
+                .bind(row.node_epoch.map(i64::from))
                 .execute(pool)
                 .await?;
         });
@@ -79,7 +84,7 @@ impl Db {
         fingerprint: &str,
     ) -> Result<Option<KeyRow>, StoreError> {
         let sql =
-            "SELECT wrapped, parent_id, parent_version, master_fingerprint FROM key_material \
+            "SELECT wrapped, parent_id, parent_version, master_fingerprint, node_epoch FROM key_material \
                    WHERE scope_id = $1 AND version = $2 AND fingerprint = $3";
         let row = with_read_pool!(self, pool => {
             sqlx::query(sql)
@@ -94,12 +99,13 @@ impl Db {
                         row.try_get::<Option<String>, _>("parent_id")?,
                         row.try_get::<Option<i64>, _>("parent_version")?,
                         row.try_get::<Option<String>, _>("master_fingerprint")?,
+                        row.try_get::<Option<i64>, _>("node_epoch")?,
                     ))
                 })
                 .transpose()?
         });
-        Ok(
-            row.and_then(|(wrapped, parent_id, parent_version, master_fingerprint)| {
+        Ok(row.and_then(
+            |(wrapped, parent_id, parent_version, master_fingerprint, node_epoch)| {
                 Some(KeyRow {
                     scope_id: scope_id.to_owned(),
                     version,
@@ -110,9 +116,13 @@ impl Db {
                         _ => None,
                     },
                     master_fingerprint,
+                    node_epoch: match node_epoch {
+                        Some(e) => Some(u32::try_from(e).ok()?),
+                        None => None,
+                    },
                 })
-            }),
-        )
+            },
+        ))
     }
 
     /// Keys wrapped under a version of `parent` below `below` (the children a retirement
@@ -139,6 +149,7 @@ impl Db {
                         wrapped: STANDARD.decode(wrapped).ok()?,
                         parent: Some((parent.to_owned(), u32::try_from(parent_version).ok()?)),
                         master_fingerprint: None,
+                        node_epoch: None,
                     })
                 },
             )
@@ -233,7 +244,7 @@ impl Db {
     /// Every wrapped version of an organization key (rows without a parent).
     pub async fn org_keys(&self, org_id: &str) -> Result<Vec<KeyRow>, StoreError> {
         let sql = "SELECT version, fingerprint, wrapped, master_fingerprint FROM key_material \
-                   WHERE scope_id = $1 AND parent_id IS NULL ORDER BY version";
+                   WHERE scope_id = $1 AND parent_id IS NULL AND node_epoch IS NULL ORDER BY version";
         let rows: Vec<(i64, String, String, Option<String>)> = with_read_pool!(self, pool => {
             sqlx::query_as(sql).bind(org_id).fetch_all(pool).await?
         });
@@ -247,6 +258,7 @@ impl Db {
                     wrapped: STANDARD.decode(wrapped).ok()?,
                     parent: None,
                     master_fingerprint,
+                    node_epoch: None,
                 })
             })
             .collect())

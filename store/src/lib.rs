@@ -11,6 +11,7 @@ mod event_log;
 mod key_material;
 pub mod time;
 mod tokens;
+mod wrapping_keys;
 
 pub use db::{Db, DbConfig, PostgresDb, SqliteDb};
 pub use error::StoreError;
@@ -19,3 +20,4 @@ pub use key_material::{KeyCheck, KeyRow, MasterKeyCheck};
 pub use tokens::{
     hash as token_hash, NewToken, Principal, Role, TokenInfo, Tokens, OPERATOR_TOKEN_FILE,
 };
+pub use wrapping_keys::{MasterWrappedKind, Wrapped, WrappingKeyRow};

@@ -50,6 +50,8 @@ async fn audit_log_answers_who_what_when_why(backend: Backend) {
     )
     .await;
     app.revoke(&admin, &sales).await;
+    // The revoke's re-key (system actor) records its steps too; wait for it.
+    app.rekeyer.run_pending().await.unwrap();
 
     let all = entries(&app, &admin, "").await;
     let actions: Vec<&str> = all.iter().map(|e| e["action"].as_str().unwrap()).collect();
@@ -62,9 +64,13 @@ async fn audit_log_answers_who_what_when_why(backend: Backend) {
             "scope.create",
             "scope.pause",
             "scope.rotate",
-            "scope.revoke"
+            "scope.revoke",
+            "scope.rekey_start",
+            "scope.rekey_progress",
+            "scope.rekey_complete"
         ]
     );
+    assert_eq!(all[9]["actor"], "system:revocation-rekey");
     let pause = &all[4];
     assert_eq!(pause["scope_id"], team.as_str());
     assert_eq!(pause["org_id"], org.as_str());
@@ -107,7 +113,7 @@ async fn audit_log_answers_who_what_when_why(backend: Backend) {
     // Time range: from the pause on.
     let from = pause["recorded_at"].as_str().unwrap();
     let since = entries(&app, &admin, &format!("?from={from}")).await;
-    assert_eq!(since.len(), 3);
+    assert_eq!(since.len(), 6);
     assert_eq!(entries(&app, &admin, &format!("?to={from}")).await.len(), 4);
     // Pagination.
     let first = app.get("/v1/audit?limit=4", &admin).await;
@@ -116,8 +122,13 @@ async fn audit_log_answers_who_what_when_why(backend: Backend) {
     let second = app
         .get(&format!("/v1/audit?limit=4&cursor={cursor}"), &admin)
         .await;
-    assert_eq!(second.body["items"].as_array().unwrap().len(), 3);
-    assert!(second.body["next_cursor"].is_null());
+    assert_eq!(second.body["items"].as_array().unwrap().len(), 4);
+    let cursor = second.str("next_cursor");
+    let third = app
+        .get(&format!("/v1/audit?limit=4&cursor={cursor}"), &admin)
+        .await;
+    assert_eq!(third.body["items"].as_array().unwrap().len(), 2);
+    assert!(third.body["next_cursor"].is_null());
 
     // Another organization sees only its own entries and cannot ask for ours.
     assert_eq!(entries(&app, &other_admin, "").await.len(), 1);

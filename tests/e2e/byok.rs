@@ -148,9 +148,9 @@ async fn aws_key_connects_and_its_health_is_followed(backend: Backend) {
     assert_eq!(connected.body["status"], "available");
     assert_eq!(connected.body["changed"], true);
 
-    // The organization key is now wrapped by the customer's key only: the platform key
-    // cannot open it any more.
-    let rows = app.db.org_keys(&org).await.unwrap();
+    // The organization's wrapping key is now wrapped by the customer's key only: the
+    // platform key cannot open it any more (ADR 0013: key versions sit under it).
+    let rows = app.db.wrapping_keys(&org).await.unwrap();
     assert!(!rows.is_empty());
     for row in &rows {
         assert_eq!(
@@ -162,9 +162,8 @@ async fn aws_key_connects_and_its_health_is_followed(backend: Backend) {
         ekm_keys::LocalMasterKey::load(&app.data_dir().join(ekm_keys::MASTER_KEY_FILE), false)
             .unwrap()
             .unwrap();
-    assert!(local
-        .unwrap(&rows[0].wrapped, &org, rows[0].version)
-        .is_err());
+    let binding = ekm_kms::WrapContext::wrapping_key(&org, rows[0].epoch).local_binding();
+    assert!(local.unwrap_bound(&rows[0].wrapped, &binding).is_err());
 
     // Old ciphertexts keep working; new ones too.
     let opened = decrypt(&app, &token, &thread, &before).await;
@@ -400,13 +399,15 @@ async fn switching_back_to_the_platform_key_and_rotating_under_byok_keep_data_re
     let again = connect(&app, &token, &org, body).await;
     assert_eq!(again.body["changed"], false);
 
-    // Rotating the organization key under byok wraps the new version with the customer key.
+    // Rotating the organization key under byok puts the new version under the wrapping key
+    // the customer key wraps.
     let rotated = app
         .post(&format!("/v1/scopes/{org}/rotate"), &token, json!({}))
         .await;
     assert_eq!(rotated.status, StatusCode::OK, "{}", rotated.body);
-    let rows = app.db.org_keys(&org).await.unwrap();
-    assert_eq!(rows.len(), 2);
+    assert_eq!(rotated.body["key_versions"].as_array().unwrap().len(), 2);
+    let rows = app.db.wrapping_keys(&org).await.unwrap();
+    assert_eq!(rows.len(), 1);
     assert!(rows
         .iter()
         .all(|r| r.master_fingerprint.as_deref() == Some(format!("aws-kms:{arn}").as_str())));
@@ -427,13 +428,15 @@ async fn switching_back_to_the_platform_key_and_rotating_under_byok_keep_data_re
         ekm_keys::LocalMasterKey::load(&app.data_dir().join(ekm_keys::MASTER_KEY_FILE), false)
             .unwrap()
             .unwrap();
-    let rows = app.db.org_keys(&org).await.unwrap();
+    let rows = app.db.wrapping_keys(&org).await.unwrap();
+    assert!(!rows.is_empty());
     for row in &rows {
         assert_eq!(
             row.master_fingerprint.as_deref(),
             Some(local.fingerprint().as_str())
         );
-        assert!(local.unwrap(&row.wrapped, &org, row.version).is_ok());
+        let binding = ekm_kms::WrapContext::wrapping_key(&org, row.epoch).local_binding();
+        assert!(local.unwrap_bound(&row.wrapped, &binding).is_ok());
     }
     assert!(app.app.keys().kms_call_count() > kms_before);
     // The customer's key can go away now: nothing needs it.
@@ -458,10 +461,7 @@ async fn aws_provider_classifies_every_injected_fault() {
     let provider = ekm_kms::provider_for(&key, &kms_settings(aws_environment()))
         .await
         .unwrap();
-    let context = WrapContext {
-        org_id: "org-1",
-        key_version: 1,
-    };
+    let context = WrapContext::key_version("org-1", 1);
     let secret = [9u8; 64];
     let wrapped = provider.wrap(&secret, context).await.unwrap();
     assert_eq!(
@@ -469,10 +469,7 @@ async fn aws_provider_classifies_every_injected_fault() {
         &secret
     );
     // The encryption context binds the organization.
-    let other = WrapContext {
-        org_id: "org-2",
-        key_version: 1,
-    };
+    let other = WrapContext::key_version("org-2", 1);
     assert_eq!(
         provider.unwrap(&wrapped, other).await.unwrap_err().kind,
         FailureKind::InvalidCiphertext
@@ -785,10 +782,7 @@ async fn gcp_kms_round_trip_with_metadata_server_credentials() {
     let (url, fake) = fake_gcp(GCP_KEY).await;
     let host = url.trim_start_matches("http://").to_owned();
     let provider = gcp_provider(&url, env(&[("GCE_METADATA_HOST", &host)])).await;
-    let context = WrapContext {
-        org_id: "org-1",
-        key_version: 3,
-    };
+    let context = WrapContext::key_version("org-1", 3);
     let secret = [5u8; 64];
     let wrapped = provider.wrap(&secret, context).await.unwrap();
     assert_ne!(&wrapped[..], &secret[..]);
@@ -798,10 +792,7 @@ async fn gcp_kms_round_trip_with_metadata_server_credentials() {
     );
     assert_eq!(provider.describe().await.unwrap(), KeyState::Enabled);
     // The additional authenticated data binds the organization and version.
-    let moved = WrapContext {
-        org_id: "org-2",
-        key_version: 3,
-    };
+    let moved = WrapContext::key_version("org-2", 3);
     assert_eq!(
         provider.unwrap(&wrapped, moved).await.unwrap_err().kind,
         FailureKind::InvalidCiphertext
@@ -893,10 +884,7 @@ async fn gcp_kms_errors_are_classified() {
 
     let host = url.trim_start_matches("http://").to_owned();
     let provider = gcp_provider(&url, env(&[("GCE_METADATA_HOST", &host)])).await;
-    let context = WrapContext {
-        org_id: "org-1",
-        key_version: 1,
-    };
+    let context = WrapContext::key_version("org-1", 1);
     let wrapped = provider.wrap(&[1u8; 64], context).await.unwrap();
 
     fake.set_state("DISABLED");
@@ -1010,10 +998,7 @@ async fn azure_key_vault_round_trip_with_a_service_principal() {
     let provider = ekm_kms::provider_for(&key, &kms_settings(environment))
         .await
         .unwrap();
-    let context = WrapContext {
-        org_id: "org-1",
-        key_version: 2,
-    };
+    let context = WrapContext::key_version("org-1", 2);
     let secret = [3u8; 64];
     let wrapped = provider.wrap(&secret, context).await.unwrap();
     // The blob names the key version that wrapped it.
@@ -1025,10 +1010,7 @@ async fn azure_key_vault_round_trip_with_a_service_principal() {
         &secret
     );
     // Key Vault has no encryption context: the binding inside the value refuses a move.
-    let moved = WrapContext {
-        org_id: "org-2",
-        key_version: 2,
-    };
+    let moved = WrapContext::key_version("org-2", 2);
     assert_eq!(
         provider.unwrap(&wrapped, moved).await.unwrap_err().kind,
         FailureKind::InvalidCiphertext
@@ -1052,10 +1034,7 @@ async fn azure_key_vault_errors_are_classified_with_managed_identity() {
     let provider = ekm_kms::provider_for(&key, &kms_settings(environment))
         .await
         .unwrap();
-    let context = WrapContext {
-        org_id: "org-1",
-        key_version: 1,
-    };
+    let context = WrapContext::key_version("org-1", 1);
     let wrapped = provider.wrap(&[4u8; 64], context).await.unwrap();
     assert_eq!(
         fake.token_requests()[0].1["resource"],

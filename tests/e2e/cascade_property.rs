@@ -177,7 +177,10 @@ async fn check(app: &App, ops: Vec<Op>) -> Result<(), TestCaseError> {
                         | Action::IssueToken { .. }
                         | Action::RevokeToken(_)
                         | Action::Grant(_)
-                        | Action::Ungrant(_) => {
+                        | Action::Ungrant(_)
+                        | Action::StartRevocationRekey { .. }
+                        | Action::RecordRevocationRekey { .. }
+                        | Action::CompleteRevocationRekey { .. } => {
                             unreachable!("not generated")
                         }
                         Action::Rotate => {

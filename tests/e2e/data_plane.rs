@@ -12,7 +12,7 @@ use serde_json::json;
 use crate::harness::{Backend, TestApp};
 use crate::on_both_backends;
 
-async fn encrypt(
+pub(crate) async fn encrypt(
     app: &TestApp,
     token: &str,
     scope: &str,
@@ -27,7 +27,7 @@ async fn encrypt(
     .await
 }
 
-async fn decrypt(
+pub(crate) async fn decrypt(
     app: &TestApp,
     token: &str,
     scope: &str,
@@ -42,7 +42,7 @@ async fn decrypt(
     .await
 }
 
-async fn managed_org(app: &TestApp) -> (String, String) {
+pub(crate) async fn managed_org(app: &TestApp) -> (String, String) {
     app.data_org("enterprise", "managed").await
 }
 
@@ -267,50 +267,12 @@ on_both_backends!(rotation_keeps_old_ciphertexts_and_rewrap_moves_them_forward);
 /// Everything an attacker with a full copy of the database and the master key file can
 /// unwrap: organization keys through the master key, then every row whose parent key they
 /// already hold, until nothing more opens.
+/// Every key an attacker with the live database and the master key can unwrap.
 async fn every_recoverable_key(app: &TestApp) -> Vec<ekm_keys::Kek> {
-    let master = ekm_keys::LocalMasterKey::load(&app.data_dir().join("master.key"), false)
-        .unwrap()
-        .unwrap();
-    type Row = (String, i64, String, Option<String>, Option<i64>);
-    let rows: Vec<Row> = ekm_store::with_read_pool!(&app.db, pool => {
-        sqlx::query_as("SELECT scope_id, version, wrapped, parent_id, parent_version FROM key_material")
-            .fetch_all(pool)
-            .await
-            .unwrap()
-    });
-    let mut recovered: std::collections::HashMap<(String, i64), ekm_keys::Kek> = Default::default();
-    loop {
-        let before = recovered.len();
-        for (scope, version, wrapped, parent, parent_version) in &rows {
-            if recovered.contains_key(&(scope.clone(), *version)) {
-                continue;
-            }
-            let wrapped = STANDARD.decode(wrapped).unwrap();
-            let key = match (parent, parent_version) {
-                (None, _) => master.unwrap(&wrapped, scope, *version as u32).ok(),
-                (Some(parent), Some(pv)) => recovered.get(&(parent.clone(), *pv)).and_then(|pk| {
-                    pk.unwrap_key(
-                        &wrapped,
-                        &[
-                            scope.as_bytes(),
-                            version.to_string().as_bytes(),
-                            parent.as_bytes(),
-                            pv.to_string().as_bytes(),
-                        ],
-                    )
-                    .ok()
-                }),
-                _ => None,
-            };
-            if let Some(key) = key {
-                recovered.insert((scope.clone(), *version), key);
-            }
-        }
-        if recovered.len() == before {
-            break;
-        }
-    }
-    recovered.into_values().collect()
+    let master = crate::destruction::master_key(app.data_dir());
+    crate::destruction::KeyCopy::take(&app.db)
+        .await
+        .recover(&[master])
 }
 
 async fn revoke_shreds_the_subtree_even_for_someone_with_the_database_and_master_key(
@@ -690,7 +652,10 @@ async fn a_cold_key_walks_the_hierarchy_once_then_hits_the_cache(backend: Backen
         200
     );
     let walked = cold.app.keys().unwrap_count() - before;
-    assert_eq!(walked, 3, "thread, team and organization keys, once each");
+    assert_eq!(
+        walked, 4,
+        "the thread's key version and the wrapping keys of thread, team and organization, once each"
+    );
     for _ in 0..20 {
         assert_eq!(
             decrypt(&cold, &admin, &thread, &ciphertext, "messages")

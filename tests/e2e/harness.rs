@@ -260,6 +260,9 @@ pub struct TestApp {
     pub client: reqwest::Client,
     pub app: App,
     pub db: Db,
+    /// The re-key job (also running in the background, as in `ekm serve`): tests call
+    /// `run_pending` to wait for it deterministically.
+    pub rekeyer: Arc<ekm_api::rekey::Rekeyer>,
     shutdown: watch::Sender<bool>,
     pub config: DbConfig,
     data_dir: PathBuf,
@@ -355,6 +358,8 @@ impl TestApp {
             options.kms.clone(),
         );
         let app = App::new(db.clone(), projector, keys);
+        let rekeyer = ekm_api::rekey::Rekeyer::new(app.clone());
+        tokio::spawn(rekeyer.clone().run(shutdown_rx.clone()));
         if let Some(interval) = options.health_interval {
             tokio::spawn(
                 ekm_api::health::HealthMonitor::new(app.clone(), interval).run(shutdown_rx.clone()),
@@ -380,6 +385,7 @@ impl TestApp {
             client: reqwest::Client::new(),
             app,
             db,
+            rekeyer,
             shutdown,
             config,
             data_dir,
@@ -518,6 +524,18 @@ impl TestApp {
     pub async fn stop(self) {
         let _ = self.shutdown.send(true);
         self.db.close().await;
+    }
+
+    /// Stops the server but keeps its database, to start another server on it later
+    /// (`TestApp::spawn_on`).
+    pub async fn stop_keeping_database(mut self) -> TestDb {
+        let test_db = self
+            ._test_db
+            .take()
+            .expect("the instance that owns the database");
+        let _ = self.shutdown.send(true);
+        self.db.close().await;
+        test_db
     }
 }
 

@@ -16,6 +16,7 @@ mod cascade_property;
 mod concurrency;
 mod console;
 mod data_plane;
+mod destruction;
 mod flows;
 mod global_order;
 mod history;

@@ -1,0 +1,477 @@
+//! Wrapping keys: one per scope and epoch, outside the event log (ADR 0013). A scope's key
+//! versions and its children's wrapping keys are wrapped under its current epoch; an
+//! organization's is wrapped by the master key. Re-keying a scope adds an epoch, re-wraps
+//! what the old one wrapped, and destroys it; `destroy_at_rest` then removes the destroyed
+//! bytes from the database's files.
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+
+use crate::db::Db;
+use crate::error::StoreError;
+use crate::time::now_micros;
+use crate::{with_read_pool, with_write_pool};
+
+/// One wrapped wrapping key.
+#[derive(Clone, PartialEq, Eq)]
+pub struct WrappingKeyRow {
+    pub scope_id: String,
+    pub epoch: u32,
+    pub fingerprint: String,
+    pub wrapped: Vec<u8>,
+    /// The wrapping key this one is wrapped under (none for organizations).
+    pub parent: Option<(String, u32)>,
+    /// What wraps an organization's wrapping key: the local master key's fingerprint, or the
+    /// customer key's `provider:key_id`.
+    pub master_fingerprint: Option<String>,
+    /// The revoked scope whose re-key created this epoch.
+    pub rekey_of: Option<String>,
+}
+
+impl std::fmt::Debug for WrappingKeyRow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WrappingKeyRow")
+            .field("scope_id", &self.scope_id)
+            .field("epoch", &self.epoch)
+            .field("fingerprint", &self.fingerprint)
+            .field("parent", &self.parent)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Something wrapped under a scope's wrapping key: one of the scope's key versions, or a
+/// child's wrapping key.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Wrapped {
+    KeyVersion {
+        scope_id: String,
+        version: u32,
+        fingerprint: String,
+        wrapped: Vec<u8>,
+        epoch: u32,
+    },
+    WrappingKey {
+        scope_id: String,
+        epoch: u32,
+        wrapped: Vec<u8>,
+        parent_epoch: u32,
+    },
+}
+
+impl std::fmt::Debug for Wrapped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Wrapped::KeyVersion {
+                scope_id, version, ..
+            } => write!(f, "KeyVersion({scope_id} v{version})"),
+            Wrapped::WrappingKey {
+                scope_id, epoch, ..
+            } => write!(f, "WrappingKey({scope_id} e{epoch})"),
+        }
+    }
+}
+
+type WrappingTuple = (
+    String,
+    i64,
+    String,
+    String,
+    Option<String>,
+    Option<i64>,
+    Option<String>,
+    Option<String>,
+);
+
+/// A key version under a wrapping key: scope, version, fingerprint, wrapped, epoch.
+type VersionUnder = (String, i64, String, String, i64);
+/// A child's wrapping key: scope, epoch, wrapped, parent epoch.
+type ChildUnder = (String, i64, String, i64);
+
+const WRAPPING_COLUMNS: &str =
+    "scope_id, epoch, fingerprint, wrapped, parent_id, parent_epoch, master_fingerprint, rekey_of";
+
+fn wrapping_row(row: WrappingTuple) -> Option<WrappingKeyRow> {
+    let (scope_id, epoch, fingerprint, wrapped, parent_id, parent_epoch, master, rekey_of) = row;
+    Some(WrappingKeyRow {
+        scope_id,
+        epoch: u32::try_from(epoch).ok()?,
+        fingerprint,
+        wrapped: STANDARD.decode(wrapped).ok()?,
+        parent: match (parent_id, parent_epoch) {
+            (Some(id), Some(e)) => Some((id, u32::try_from(e).ok()?)),
+            _ => None,
+        },
+        master_fingerprint: master,
+        rekey_of,
+    })
+}
+
+impl Db {
+    /// Stores a wrapping key. Returns false when the scope already has that epoch (another
+    /// instance made it first).
+    ///
+    /// With `local_master`, the row is wrapped by the platform master key and is stored only
+    /// while that key is still the database's (not rotated away meanwhile by `ekm
+    /// master-key rotate`, which would leave it unopenable).
+    pub async fn insert_wrapping_key(
+        &self,
+        row: &WrappingKeyRow,
+        local_master: bool,
+    ) -> Result<bool, StoreError> {
+        let sql = "INSERT INTO wrapping_keys (scope_id, epoch, fingerprint, wrapped, parent_id, \
+                   parent_epoch, master_fingerprint, rekey_of, created_at) \
+                   SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9 WHERE $10 = 0 OR EXISTS \
+                   (SELECT 1 FROM master_keys WHERE provider = 'local' AND fingerprint = $7) \
+                   ON CONFLICT DO NOTHING";
+        let done = with_write_pool!(self, pool => {
+            sqlx::query(sql)
+                .bind(&row.scope_id)
+                .bind(i64::from(row.epoch))
+                .bind(&row.fingerprint)
+                .bind(STANDARD.encode(&row.wrapped))
+                .bind(row.parent.as_ref().map(|(id, _)| id.clone()))
+                .bind(row.parent.as_ref().map(|(_, e)| i64::from(*e)))
+                .bind(&row.master_fingerprint)
+                .bind(&row.rekey_of)
+                .bind(now_micros())
+                .bind(i64::from(local_master))
+                .execute(pool)
+                .await?
+                .rows_affected()
+        });
+        Ok(done == 1)
+    }
+
+    /// Every epoch of a scope's wrapping key still stored, oldest first.
+    pub async fn wrapping_keys(&self, scope_id: &str) -> Result<Vec<WrappingKeyRow>, StoreError> {
+        let sql = format!(
+            "SELECT {WRAPPING_COLUMNS} FROM wrapping_keys WHERE scope_id = $1 ORDER BY epoch"
+        );
+        let rows: Vec<WrappingTuple> = with_write_pool!(self, pool => {
+            sqlx::query_as(&sql).bind(scope_id).fetch_all(pool).await?
+        });
+        Ok(rows.into_iter().filter_map(wrapping_row).collect())
+    }
+
+    /// One epoch of a scope's wrapping key, if it still exists.
+    pub async fn wrapping_key(
+        &self,
+        scope_id: &str,
+        epoch: u32,
+    ) -> Result<Option<WrappingKeyRow>, StoreError> {
+        let sql = format!(
+            "SELECT {WRAPPING_COLUMNS} FROM wrapping_keys WHERE scope_id = $1 AND epoch = $2"
+        );
+        let row: Option<WrappingTuple> = with_read_pool!(self, pool => {
+            sqlx::query_as(&sql).bind(scope_id).bind(i64::from(epoch)).fetch_optional(pool).await?
+        });
+        Ok(row.and_then(wrapping_row))
+    }
+
+    /// Up to `limit` things wrapped under `scope_id`'s wrapping keys other than `keep`
+    /// (the epochs a re-key is retiring): the scope's key versions and its children's
+    /// wrapping keys.
+    pub async fn wrapped_under_other_epochs(
+        &self,
+        scope_id: &str,
+        keep: u32,
+        limit: i64,
+    ) -> Result<Vec<Wrapped>, StoreError> {
+        let versions = "SELECT scope_id, version, fingerprint, wrapped, node_epoch FROM key_material \
+                        WHERE scope_id = $1 AND node_epoch IS NOT NULL AND node_epoch <> $2 LIMIT $3";
+        let children = "SELECT scope_id, epoch, wrapped, parent_epoch FROM wrapping_keys \
+                        WHERE parent_id = $1 AND parent_epoch <> $2 LIMIT $3";
+        let (versions, children): (Vec<VersionUnder>, Vec<ChildUnder>) = with_write_pool!(self, pool => {
+            (
+                sqlx::query_as(versions).bind(scope_id).bind(i64::from(keep)).bind(limit).fetch_all(pool).await?,
+                sqlx::query_as(children).bind(scope_id).bind(i64::from(keep)).bind(limit).fetch_all(pool).await?,
+            )
+        });
+        let mut out = Vec::with_capacity(versions.len() + children.len());
+        for (scope_id, version, fingerprint, wrapped, epoch) in versions {
+            let (Ok(version), Ok(epoch), Ok(wrapped)) = (
+                u32::try_from(version),
+                u32::try_from(epoch),
+                STANDARD.decode(wrapped),
+            ) else {
+                return Err(StoreError::MalformedKey { scope_id });
+            };
+            out.push(Wrapped::KeyVersion {
+                scope_id,
+                version,
+                fingerprint,
+                wrapped,
+                epoch,
+            });
+        }
+        for (scope_id, epoch, wrapped, parent_epoch) in children {
+            let (Ok(epoch), Ok(parent_epoch), Ok(wrapped)) = (
+                u32::try_from(epoch),
+                u32::try_from(parent_epoch),
+                STANDARD.decode(wrapped),
+            ) else {
+                return Err(StoreError::MalformedKey { scope_id });
+            };
+            out.push(Wrapped::WrappingKey {
+                scope_id,
+                epoch,
+                wrapped,
+                parent_epoch,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Replaces the wrapping of re-wrapped items, in one transaction: each is now wrapped
+    /// under epoch `to` of its wrapping scope. An item whose wrapping changed meanwhile (or
+    /// that was destroyed) is left alone.
+    pub async fn apply_rewraps(
+        &self,
+        items: &[(Wrapped, Vec<u8>)],
+        to: u32,
+    ) -> Result<(), StoreError> {
+        let version_sql = "UPDATE key_material SET wrapped = $1, node_epoch = $2 \
+                           WHERE scope_id = $3 AND version = $4 AND fingerprint = $5 AND node_epoch = $6";
+        let child_sql = "UPDATE wrapping_keys SET wrapped = $1, parent_epoch = $2 \
+                         WHERE scope_id = $3 AND epoch = $4 AND parent_epoch = $5";
+        with_write_pool!(self, pool => {
+            let mut tx = pool.begin().await?;
+            for (item, wrapped) in items {
+                let wrapped = STANDARD.encode(wrapped);
+                match item {
+                    Wrapped::KeyVersion { scope_id, version, fingerprint, epoch, .. } => {
+                        sqlx::query(version_sql)
+                            .bind(&wrapped)
+                            .bind(i64::from(to))
+                            .bind(scope_id)
+                            .bind(i64::from(*version))
+                            .bind(fingerprint)
+                            .bind(i64::from(*epoch))
+                            .execute(&mut *tx)
+                            .await?;
+                    }
+                    Wrapped::WrappingKey { scope_id, epoch, parent_epoch, .. } => {
+                        sqlx::query(child_sql)
+                            .bind(&wrapped)
+                            .bind(i64::from(to))
+                            .bind(scope_id)
+                            .bind(i64::from(*epoch))
+                            .bind(i64::from(*parent_epoch))
+                            .execute(&mut *tx)
+                            .await?;
+                    }
+                }
+            }
+            tx.commit().await?;
+        });
+        Ok(())
+    }
+
+    /// Destroys every epoch of a scope's wrapping key except `keep`. Refused (returns false)
+    /// while anything is still wrapped under one of them.
+    pub async fn destroy_other_epochs(
+        &self,
+        scope_id: &str,
+        keep: u32,
+    ) -> Result<bool, StoreError> {
+        if !self
+            .wrapped_under_other_epochs(scope_id, keep, 1)
+            .await?
+            .is_empty()
+        {
+            return Ok(false);
+        }
+        with_write_pool!(self, pool => {
+            sqlx::query("DELETE FROM wrapping_keys WHERE scope_id = $1 AND epoch <> $2")
+                .bind(scope_id)
+                .bind(i64::from(keep))
+                .execute(pool)
+                .await?;
+        });
+        Ok(true)
+    }
+
+    /// Deletes every wrapped key of the given scopes (a revoked subtree).
+    pub async fn delete_scope_keys(&self, scope_ids: &[String]) -> Result<u64, StoreError> {
+        let mut deleted = 0;
+        with_write_pool!(self, pool => {
+            let mut tx = pool.begin().await?;
+            for id in scope_ids {
+                for sql in [
+                    "DELETE FROM key_material WHERE scope_id = $1",
+                    "DELETE FROM wrapping_keys WHERE scope_id = $1",
+                    "DELETE FROM master_key_rewraps WHERE scope_id = $1",
+                ] {
+                    deleted += sqlx::query(sql).bind(id).execute(&mut *tx).await?.rows_affected();
+                }
+            }
+            tx.commit().await?;
+        });
+        Ok(deleted)
+    }
+
+    /// Removes destroyed key bytes from the database's files, beyond deleting rows.
+    ///
+    /// SQLite: the writer runs with `secure_delete`, which zeroes freed cells in the main
+    /// file; the WAL still holds page images with the old bytes until a checkpoint that
+    /// truncates it, which this runs (retrying while readers hold old snapshots).
+    /// PostgreSQL: a deleted or updated row stays in its page until the page is rewritten,
+    /// and plain VACUUM only marks the space free; `VACUUM FULL` rewrites the key tables
+    /// into new files (the old files are truncated at commit). WAL segments, replicas and
+    /// backups keep old bytes: only a master-key rotation makes those useless (ADR 0013).
+    pub async fn destroy_at_rest(&self) -> Result<(), StoreError> {
+        match self {
+            Db::Sqlite(db) => {
+                for attempt in 0..50u32 {
+                    let (busy, _, _): (i64, i64, i64) =
+                        sqlx::query_as("PRAGMA wal_checkpoint(TRUNCATE)")
+                            .fetch_one(&db.write)
+                            .await?;
+                    if busy == 0 {
+                        return Ok(());
+                    }
+                    // A reader holds a snapshot that still needs the WAL: it ends with its
+                    // statement (readers never hold transactions open).
+                    tokio::time::sleep(std::time::Duration::from_millis(
+                        5 * u64::from(attempt + 1),
+                    ))
+                    .await;
+                }
+                Err(StoreError::WalBusy)
+            }
+            Db::Postgres(db) => {
+                for table in ["key_material", "wrapping_keys", "master_key_rewraps"] {
+                    sqlx::query(&format!("VACUUM (FULL) {table}"))
+                        .execute(&db.pool)
+                        .await?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// What the platform master key wraps directly.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MasterWrappedKind {
+    /// An epoch of an organization's wrapping key.
+    WrappingKey,
+    /// An organization key version written before wrapping keys existed.
+    KeyVersion,
+}
+
+/// One row a master-key rotation re-wraps: table, key columns, the bytes.
+struct RotatedRow {
+    table: &'static str,
+    scope_id: String,
+    number: i64,
+    fingerprint: String,
+    target: Option<String>,
+    kind: MasterWrappedKind,
+    wrapped: Vec<u8>,
+}
+
+impl Db {
+    /// Re-wraps everything the local master key `old` wraps with `rewrap(kind, org, number,
+    /// wrapped)` and makes `new` the database's master key, in one transaction that keeps
+    /// out concurrent writers of key rows (PostgreSQL: table locks; SQLite: the server is
+    /// stopped). A writer that wrapped with `old` meanwhile is refused afterwards
+    /// (`insert_wrapping_key`) and wraps again with the new key. Returns the rows re-wrapped.
+    pub async fn rotate_local_master<F>(
+        &self,
+        old: &str,
+        new: &str,
+        mut rewrap: F,
+    ) -> Result<usize, StoreError>
+    where
+        F: FnMut(MasterWrappedKind, &str, u32, &[u8]) -> Option<Vec<u8>> + Send,
+    {
+        let select = [
+            (
+                "wrapping_keys",
+                "SELECT scope_id, epoch, fingerprint, wrapped, NULL FROM wrapping_keys \
+                 WHERE parent_id IS NULL AND master_fingerprint = $1",
+            ),
+            (
+                "key_material",
+                "SELECT scope_id, version, fingerprint, wrapped, NULL FROM key_material \
+                 WHERE parent_id IS NULL AND node_epoch IS NULL \
+                 AND (master_fingerprint = $1 OR master_fingerprint IS NULL)",
+            ),
+            (
+                "master_key_rewraps",
+                "SELECT scope_id, version, fingerprint, wrapped, target FROM master_key_rewraps \
+                 WHERE wrapped_by = $1",
+            ),
+        ];
+        let now = now_micros();
+        with_write_pool!(self, pool => {
+            let mut tx = pool.begin().await?;
+            if self.is_postgres() {
+                sqlx::query("LOCK TABLE master_keys, wrapping_keys, key_material, master_key_rewraps \
+                             IN SHARE ROW EXCLUSIVE MODE")
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            let current: Vec<String> = sqlx::query_scalar(
+                "SELECT fingerprint FROM master_keys WHERE provider = 'local'")
+                .fetch_all(&mut *tx)
+                .await?;
+            if current != [old.to_owned()] {
+                return Err(StoreError::MasterKeyChanged);
+            }
+            let mut rows = vec![];
+            for (table, sql) in select {
+                let found: Vec<(String, i64, String, String, Option<String>)> =
+                    sqlx::query_as(sql).bind(old).fetch_all(&mut *tx).await?;
+                for (scope_id, number, fingerprint, wrapped, target) in found {
+                    let kind = if table == "wrapping_keys" || fingerprint.starts_with("wrap:") {
+                        MasterWrappedKind::WrappingKey
+                    } else {
+                        MasterWrappedKind::KeyVersion
+                    };
+                    let wrapped = STANDARD
+                        .decode(wrapped)
+                        .map_err(|_| StoreError::MalformedKey { scope_id: scope_id.clone() })?;
+                    rows.push(RotatedRow { table, scope_id, number, fingerprint, target, kind, wrapped });
+                }
+            }
+            for row in &rows {
+                let number = u32::try_from(row.number)
+                    .map_err(|_| StoreError::MalformedKey { scope_id: row.scope_id.clone() })?;
+                let wrapped = rewrap(row.kind, &row.scope_id, number, &row.wrapped)
+                    .ok_or_else(|| StoreError::MalformedKey { scope_id: row.scope_id.clone() })?;
+                let wrapped = STANDARD.encode(wrapped);
+                let query = match row.table {
+                    "wrapping_keys" => sqlx::query(
+                        "UPDATE wrapping_keys SET wrapped = $1, master_fingerprint = $2 \
+                         WHERE scope_id = $3 AND epoch = $4 AND fingerprint = $5 AND $6 = ''"),
+                    "key_material" => sqlx::query(
+                        "UPDATE key_material SET wrapped = $1, master_fingerprint = $2 \
+                         WHERE scope_id = $3 AND version = $4 AND fingerprint = $5 AND $6 = ''"),
+                    _ => sqlx::query(
+                        "UPDATE master_key_rewraps SET wrapped = $1, wrapped_by = $2 \
+                         WHERE scope_id = $3 AND version = $4 AND fingerprint = $5 AND target = $6"),
+                };
+                query
+                    .bind(&wrapped)
+                    .bind(new)
+                    .bind(&row.scope_id)
+                    .bind(row.number)
+                    .bind(&row.fingerprint)
+                    .bind(row.target.clone().unwrap_or_default())
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            sqlx::query("UPDATE master_keys SET fingerprint = $1, activated_at = $2, created_at = $2 \
+                         WHERE provider = 'local' AND fingerprint = $3")
+                .bind(new)
+                .bind(now)
+                .bind(old)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            Ok(rows.len())
+        })
+    }
+}

@@ -1,0 +1,452 @@
+//! Revocation that holds against copies of the database (ADR 0013): the attacker holds a
+//! copy made before the revoke, every row of the database afterwards and the platform's
+//! master key, and still opens nothing of the revoked subtree; and no byte of a destroyed
+//! key stays in the database's files.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine;
+use ekm_keys::{Ciphertext, Kek, LocalMasterKey};
+use ekm_store::Db;
+use serde_json::Value;
+
+use crate::data_plane::{decrypt, encrypt, managed_org};
+use crate::harness::{Backend, TestApp};
+use crate::on_both_backends;
+
+/// The key rows of a database, as anyone holding a copy (or a dump, a backup, a replica)
+/// has them.
+#[derive(Clone, Default)]
+pub struct KeyCopy {
+    versions: Vec<VersionRow>,
+    wrapping: Vec<WrappingRow>,
+}
+
+#[derive(Clone)]
+struct VersionRow {
+    scope: String,
+    version: i64,
+    wrapped: Vec<u8>,
+    parent: Option<(String, i64)>,
+    epoch: Option<i64>,
+}
+
+#[derive(Clone)]
+struct WrappingRow {
+    scope: String,
+    epoch: i64,
+    wrapped: Vec<u8>,
+    parent: Option<(String, i64)>,
+}
+
+type VersionTuple = (
+    String,
+    i64,
+    String,
+    Option<String>,
+    Option<i64>,
+    Option<i64>,
+);
+type WrappingTuple = (String, i64, String, Option<String>, Option<i64>);
+
+fn pair(id: Option<String>, n: Option<i64>) -> Option<(String, i64)> {
+    id.zip(n)
+}
+
+impl KeyCopy {
+    pub async fn take(db: &Db) -> KeyCopy {
+        let (versions, wrapping): (Vec<VersionTuple>, Vec<WrappingTuple>) = ekm_store::with_write_pool!(db, pool => {
+            (
+                sqlx::query_as("SELECT scope_id, version, wrapped, parent_id, parent_version, node_epoch FROM key_material")
+                    .fetch_all(pool).await.unwrap(),
+                sqlx::query_as("SELECT scope_id, epoch, wrapped, parent_id, parent_epoch FROM wrapping_keys")
+                    .fetch_all(pool).await.unwrap(),
+            )
+        });
+        KeyCopy {
+            versions: versions
+                .into_iter()
+                .map(|(scope, version, wrapped, p, pv, epoch)| VersionRow {
+                    scope,
+                    version,
+                    wrapped: STANDARD.decode(wrapped).unwrap(),
+                    parent: pair(p, pv),
+                    epoch,
+                })
+                .collect(),
+            wrapping: wrapping
+                .into_iter()
+                .map(|(scope, epoch, wrapped, p, pe)| WrappingRow {
+                    scope,
+                    epoch,
+                    wrapped: STANDARD.decode(wrapped).unwrap(),
+                    parent: pair(p, pe),
+                })
+                .collect(),
+        }
+    }
+
+    /// Every row of every copy, together.
+    pub fn merge(copies: &[&KeyCopy]) -> KeyCopy {
+        KeyCopy {
+            versions: copies.iter().flat_map(|c| c.versions.clone()).collect(),
+            wrapping: copies.iter().flat_map(|c| c.wrapping.clone()).collect(),
+        }
+    }
+
+    /// Every key version an attacker opens with these rows and master keys. The bindings
+    /// are written out here as the format has them, not taken from the code under test.
+    pub fn recover(&self, masters: &[LocalMasterKey]) -> Vec<Kek> {
+        let mut wrapping: HashMap<(String, i64), Kek> = HashMap::new();
+        let mut versions: HashMap<(String, i64), Kek> = HashMap::new();
+        loop {
+            let before = wrapping.len() + versions.len();
+            for row in &self.wrapping {
+                let slot = (row.scope.clone(), row.epoch);
+                if wrapping.contains_key(&slot) {
+                    continue;
+                }
+                let epoch = row.epoch.to_string();
+                let key = match &row.parent {
+                    None => masters.iter().find_map(|m| {
+                        m.unwrap_bound(
+                            &row.wrapped,
+                            &[
+                                b"ekm-org-wrap-v1".to_vec(),
+                                row.scope.as_bytes().to_vec(),
+                                epoch.as_bytes().to_vec(),
+                            ],
+                        )
+                        .ok()
+                    }),
+                    Some((parent, parent_epoch)) => wrapping
+                        .get(&(parent.clone(), *parent_epoch))
+                        .and_then(|pk| {
+                            pk.unwrap_key(
+                                &row.wrapped,
+                                &[
+                                    b"ekm-wrap-v1",
+                                    row.scope.as_bytes(),
+                                    epoch.as_bytes(),
+                                    parent.as_bytes(),
+                                    parent_epoch.to_string().as_bytes(),
+                                ],
+                            )
+                            .ok()
+                        }),
+                };
+                if let Some(key) = key {
+                    wrapping.insert(slot, key);
+                }
+            }
+            for row in &self.versions {
+                let slot = (row.scope.clone(), row.version);
+                if versions.contains_key(&slot) {
+                    continue;
+                }
+                let version = row.version.to_string();
+                let key = match (&row.epoch, &row.parent) {
+                    (Some(epoch), _) => wrapping.get(&(row.scope.clone(), *epoch)).and_then(|w| {
+                        w.unwrap_key(
+                            &row.wrapped,
+                            &[
+                                b"ekm-kek-v2",
+                                row.scope.as_bytes(),
+                                version.as_bytes(),
+                                b"epoch",
+                                epoch.to_string().as_bytes(),
+                            ],
+                        )
+                        .ok()
+                    }),
+                    (None, None) => masters
+                        .iter()
+                        .find_map(|m| m.unwrap(&row.wrapped, &row.scope, row.version as u32).ok()),
+                    (None, Some((parent, pv))) => {
+                        versions.get(&(parent.clone(), *pv)).and_then(|pk| {
+                            pk.unwrap_key(
+                                &row.wrapped,
+                                &[
+                                    row.scope.as_bytes(),
+                                    version.as_bytes(),
+                                    parent.as_bytes(),
+                                    pv.to_string().as_bytes(),
+                                ],
+                            )
+                            .ok()
+                        })
+                    }
+                };
+                if let Some(key) = key {
+                    versions.insert(slot, key);
+                }
+            }
+            if wrapping.len() + versions.len() == before {
+                break;
+            }
+        }
+        versions.into_values().collect()
+    }
+}
+
+pub fn opens(keys: &[Kek], ciphertext: &str) -> bool {
+    let ciphertext = Ciphertext::parse(ciphertext).unwrap();
+    keys.iter().any(|k| ciphertext.open(k).is_ok())
+}
+
+pub fn master_key(app_dir: &Path) -> LocalMasterKey {
+    LocalMasterKey::load(&app_dir.join("master.key"), false)
+        .unwrap()
+        .unwrap()
+}
+
+fn destruction(scope: &Value) -> (String, String) {
+    let d = &scope["destruction"];
+    (
+        d["live"].as_str().unwrap_or("absent").to_owned(),
+        d["copies"].as_str().unwrap_or("absent").to_owned(),
+    )
+}
+
+/// Rotates the platform master key the way `ekm master-key rotate` does: beside the running
+/// server on PostgreSQL, with the server stopped on SQLite. Returns the running app.
+async fn rotate_master_key(app: TestApp) -> TestApp {
+    let path = app.data_dir().join("master.key");
+    match app.database_url() {
+        Some(_) => {
+            let db = Db::open(&app.config).await.unwrap();
+            let rotation = ekm_api::keys::rotate_local_master_key(&db, &path)
+                .await
+                .unwrap();
+            assert!(rotation.rewrapped >= 1);
+            db.close().await;
+            app
+        }
+        None => {
+            let config = app.config.clone();
+            let test_db = app.stop_keeping_database().await;
+            let db = Db::open(&config).await.unwrap();
+            ekm_api::keys::rotate_local_master_key(&db, &path)
+                .await
+                .unwrap();
+            db.close().await;
+            TestApp::spawn_on(test_db).await
+        }
+    }
+}
+
+async fn revoke_holds_against_copies_once_the_master_key_is_rotated(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let (org, token) = managed_org(&app).await;
+    let team = app.scope(&token, "team", "research", &org).await;
+    let thread = app.scope(&token, "thread", "t", &team).await;
+    let survivor = app.scope(&token, "thread", "kept", &team).await;
+    let ct = |r: crate::harness::Response| r.str("ciphertext");
+    let secret = ct(encrypt(
+        &app,
+        &token,
+        &thread,
+        b"the merger closes friday",
+        "messages",
+    )
+    .await);
+    let team_data = ct(encrypt(&app, &token, &team, b"team notes", "messages").await);
+    let kept = ct(encrypt(&app, &token, &survivor, b"kept thread", "messages").await);
+    let old_master = master_key(app.data_dir());
+
+    // The attacker's copy, made before the revoke; with the master key it opens the thread
+    // (so this test can fail).
+    let before = KeyCopy::take(&app.db).await;
+    assert!(opens(
+        &before.recover(std::slice::from_ref(&old_master)),
+        &secret
+    ));
+
+    let revoked = app.revoke(&token, &thread).await;
+    assert_eq!(revoked.status, 200, "{:?}", revoked.body);
+    assert_eq!(destruction(&revoked.body).1, "after_master_key_rotation");
+    // The job runs in the background from the revoke on; waiting for it here is
+    // deterministic (one run at a time per process).
+    app.rekeyer.run_pending().await.unwrap();
+    let scope = app.get(&format!("/v1/scopes/{thread}"), &token).await;
+    assert_eq!(
+        destruction(&scope.body),
+        ("done".to_owned(), "after_master_key_rotation".to_owned())
+    );
+    // A scope below a revoke reports the same; one beside it has no destruction.
+    let beside = app.get(&format!("/v1/scopes/{survivor}"), &token).await;
+    assert!(beside.body.get("destruction").is_none());
+
+    // The live database alone no longer opens the thread, and still opens the rest.
+    let after = KeyCopy::take(&app.db).await;
+    let live = after.recover(std::slice::from_ref(&old_master));
+    assert!(!opens(&live, &secret));
+    assert!(opens(&live, &team_data) && opens(&live, &kept));
+    // Every ancestor was re-keyed: the old copy's wrapping keys of the team and the
+    // organization are gone from the live database, so the old copy together with today's
+    // rows opens the thread only through the old master key.
+    let with_old_copy = KeyCopy::merge(&[&before, &after]);
+    assert!(
+        opens(
+            &with_old_copy.recover(std::slice::from_ref(&old_master)),
+            &secret
+        ),
+        "until the master key rotates, an old copy still opens the thread: `copies` says so"
+    );
+
+    let app = rotate_master_key(app).await;
+    let new_master = master_key(app.data_dir());
+    assert_ne!(new_master.fingerprint(), old_master.fingerprint());
+    assert!(!app.data_dir().join("master.key.new").exists());
+    let rotated = KeyCopy::take(&app.db).await;
+    // Everything the platform holds afterwards (every row, the master key) plus every copy
+    // ever made: the thread stays closed, the survivors open.
+    let everything = KeyCopy::merge(&[&before, &after, &rotated]);
+    let keys = everything.recover(&[new_master]);
+    assert!(!opens(&keys, &secret), "no copy opens the revoked thread");
+    assert!(opens(&keys, &team_data) && opens(&keys, &kept));
+    // The server (which loads the rotated key from the file) still serves the survivors.
+    for (scope, ciphertext) in [(&team, &team_data), (&survivor, &kept)] {
+        let answer = decrypt(&app, &token, scope, ciphertext, "messages").await;
+        assert_eq!(answer.status, 200, "{:?}", answer.body);
+    }
+    let scope = app.get(&format!("/v1/scopes/{thread}"), &token).await;
+    assert_eq!(
+        destruction(&scope.body),
+        ("done".to_owned(), "done".to_owned())
+    );
+    // The re-key is in the audit log.
+    let audit = app
+        .get(&format!("/v1/audit?org={org}&scope={thread}"), &token)
+        .await;
+    let actions: Vec<&str> = audit.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["action"].as_str())
+        .collect();
+    assert_eq!(
+        actions[actions.len() - 5..],
+        [
+            "scope.revoke",
+            "scope.rekey_start",
+            "scope.rekey_progress",
+            "scope.rekey_progress",
+            "scope.rekey_complete"
+        ],
+        "{actions:?}"
+    );
+    app.stop().await;
+}
+on_both_backends!(revoke_holds_against_copies_once_the_master_key_is_rotated);
+
+/// The files that hold the key tables: every file of the data directory (SQLite: the
+/// database, its WAL and shared memory), or (PostgreSQL) the key tables' relation files,
+/// flushed by a checkpoint first. Also any file named in `extra` (old relation files).
+async fn key_files(app: &TestApp) -> Vec<PathBuf> {
+    match &app.db {
+        Db::Sqlite(_) => std::fs::read_dir(app.data_dir())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.is_file())
+            .collect(),
+        Db::Postgres(db) => {
+            sqlx::query("CHECKPOINT").execute(&db.pool).await.unwrap();
+            let dir: String = sqlx::query_scalar("SHOW data_directory")
+                .fetch_one(&db.pool)
+                .await
+                .unwrap();
+            let mut files = vec![];
+            for table in ["key_material", "wrapping_keys", "master_key_rewraps"] {
+                let relative: String =
+                    sqlx::query_scalar(&format!("SELECT pg_relation_filepath('{table}')"))
+                        .fetch_one(&db.pool)
+                        .await
+                        .unwrap();
+                files.push(Path::new(&dir).join(relative));
+            }
+            files
+        }
+    }
+}
+
+fn found_in(files: &[PathBuf], needles: &[Vec<u8>]) -> usize {
+    let mut found = 0;
+    for file in files {
+        let Ok(bytes) = std::fs::read(file) else {
+            continue;
+        };
+        for needle in needles {
+            if bytes.windows(needle.len()).any(|w| w == needle.as_slice()) {
+                found += 1;
+            }
+        }
+    }
+    found
+}
+
+/// The stored text (base64) of the wrapped keys of `scopes`, and of their wrapping keys.
+async fn stored_key_text(db: &Db, scopes: &[&str]) -> Vec<Vec<u8>> {
+    let mut out = vec![];
+    for scope in scopes {
+        let rows: Vec<String> = ekm_store::with_write_pool!(db, pool => {
+            sqlx::query_scalar("SELECT wrapped FROM key_material WHERE scope_id = $1 \
+                                UNION ALL SELECT wrapped FROM wrapping_keys WHERE scope_id = $1")
+                .bind(*scope)
+                .fetch_all(pool)
+                .await
+                .unwrap()
+        });
+        out.extend(rows.into_iter().map(String::into_bytes));
+    }
+    out
+}
+
+async fn revoke_leaves_no_byte_of_a_destroyed_key_in_the_files(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let (org, token) = managed_org(&app).await;
+    let team = app.scope(&token, "team", "research", &org).await;
+    let thread = app.scope(&token, "thread", "t", &team).await;
+    let _survivor = app.scope(&token, "thread", "kept", &team).await;
+    // The thread's keys, and the team's and organization's wrapping keys as they are now
+    // (the re-key destroys them).
+    let destroyed = stored_key_text(&app.db, &[&thread]).await;
+    let old_wrapping: Vec<Vec<u8>> = {
+        let rows: Vec<String> = ekm_store::with_write_pool!(&app.db, pool => {
+            sqlx::query_scalar("SELECT wrapped FROM wrapping_keys WHERE scope_id = $1 OR scope_id = $2")
+                .bind(&team)
+                .bind(&org)
+                .fetch_all(pool)
+                .await
+                .unwrap()
+        });
+        rows.into_iter().map(String::into_bytes).collect()
+    };
+    assert_eq!(
+        destroyed.len(),
+        2,
+        "the thread's key version and wrapping key"
+    );
+    assert_eq!(old_wrapping.len(), 2);
+    let needles: Vec<Vec<u8>> = destroyed.iter().chain(&old_wrapping).cloned().collect();
+    let files_before = key_files(&app).await;
+    assert_eq!(
+        found_in(&files_before, &needles),
+        needles.len(),
+        "before the revoke, the files hold every one of them (so this test can fail)"
+    );
+
+    assert_eq!(app.revoke(&token, &thread).await.status, 200);
+    app.rekeyer.run_pending().await.unwrap();
+    let mut files = key_files(&app).await;
+    files.extend(files_before);
+    assert_eq!(
+        found_in(&files, &needles),
+        0,
+        "no byte of a destroyed key stays in {files:?}"
+    );
+    app.stop().await;
+}
+on_both_backends!(revoke_leaves_no_byte_of_a_destroyed_key_in_the_files);
