@@ -18,6 +18,7 @@ mod console;
 mod data_plane;
 mod flows;
 mod global_order;
+mod hardening;
 mod history;
 mod kms_servers;
 mod migrations;
