@@ -9,6 +9,7 @@ mod db;
 mod error;
 mod event_log;
 mod key_material;
+pub mod private_files;
 pub mod time;
 mod tokens;
 

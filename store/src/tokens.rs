@@ -5,7 +5,6 @@
 //! index leaks nothing useful about the secret.
 
 use std::fmt;
-use std::io::Write;
 use std::path::Path;
 
 use ekm_domain::{Grant, OrgId, OrgRole, PrincipalName, ScopeId};
@@ -351,21 +350,23 @@ impl Tokens {
                 .fetch_one(pool)
                 .await?
         });
-        if exists > 0 {
-            return Ok(false);
-        }
         let path = data_dir.join(OPERATOR_TOKEN_FILE);
         let io_error = |source| StoreError::DataDir {
             path: path.display().to_string(),
             source,
         };
+        // A token file left readable (an older version, a copy by hand) is taken back.
+        crate::private_files::restrict_if_present(&path).map_err(io_error)?;
+        if exists > 0 {
+            return Ok(false);
+        }
         // Write the file before the hash, so a crash in between never leaves a token that
         // nobody holds. An existing file (a new database on an old data directory) is kept.
         let (secret, wrote_file) = match std::fs::read_to_string(&path) {
             Ok(existing) if !existing.trim().is_empty() => (existing.trim().to_owned(), false),
             _ => {
                 let secret = generate_secret();
-                write_private_file(&path, &secret).map_err(io_error)?;
+                crate::private_files::write_private_atomically(&path, &secret).map_err(io_error)?;
                 (secret, true)
             }
         };
@@ -399,23 +400,6 @@ fn parse_grant(principal: &str, permission: &str, scope: &str) -> Option<Grant> 
             Some(ScopeId::parse(scope).ok()?)
         },
     })
-}
-
-/// Writes `contents` to a new file readable by its owner only, and syncs it.
-fn write_private_file(path: &Path, contents: &str) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    // A leftover empty file from an interrupted start is replaced.
-    if path.exists() {
-        std::fs::remove_file(path)?;
-    }
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)?;
-    file.write_all(contents.as_bytes())?;
-    file.write_all(b"\n")?;
-    file.sync_all()
 }
 
 #[cfg(test)]

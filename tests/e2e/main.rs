@@ -23,5 +23,6 @@ mod history;
 mod kms_servers;
 mod migrations;
 mod process;
+mod process_hardening;
 mod rebuild;
 mod tenancy;
