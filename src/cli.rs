@@ -168,9 +168,14 @@ pub struct ClientArgs {
     /// The server's base URL.
     #[arg(long, env = "EKM_URL", default_value = "http://127.0.0.1:8080")]
     pub url: String,
-    /// A bearer token of the organization (an org admin's).
-    #[arg(long, env = "EKM_TOKEN", hide_env_values = true)]
-    pub token: String,
+    /// A bearer token on the command line, where every user of the machine can read it
+    /// (`ps`): prefer the EKM_TOKEN environment variable or --token-file. Warns when used.
+    #[arg(long, conflicts_with = "token_file")]
+    pub token: Option<String>,
+    /// A file whose first line is the bearer token (keep it 0600). Without it and without
+    /// --token, the token is read from the EKM_TOKEN environment variable.
+    #[arg(long, env = "EKM_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
     /// Print the raw JSON answer.
     #[arg(long)]
     pub json: bool,

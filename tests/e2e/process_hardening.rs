@@ -92,3 +92,75 @@ fn postgres_data_dir_is_private_even_when_it_existed() {
     );
     drop(runtime);
 }
+
+/// The attack: `ekm token list ORG --token SECRET` put the secret in every other user's
+/// `ps`. The token now comes from `EKM_TOKEN` or `--token-file`; `--token` still works but
+/// warns on standard error (without repeating the token).
+#[test]
+fn cli_takes_the_token_from_the_environment_or_a_file_and_warns_about_the_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve(dir.path(), None);
+    let operator = read_token(dir.path());
+    let (_, org) = call(
+        "POST",
+        &format!("{}/v1/orgs", server.base),
+        &operator,
+        Some(json!({"name": "Acme", "plan": "enterprise"})),
+    );
+    let org_id = org["id"].as_str().unwrap().to_owned();
+    let admin = org["admin_token"].as_str().unwrap().to_owned();
+    let ekm = |args: &[&str], token_env: Option<&str>| {
+        let mut command = Command::new(EKM);
+        command
+            .args(["token", "list", &org_id])
+            .args(args)
+            .env("EKM_URL", &server.base)
+            .env_remove("EKM_TOKEN")
+            .env_remove("EKM_TOKEN_FILE");
+        if let Some(token) = token_env {
+            command.env("EKM_TOKEN", token);
+        }
+        let output = command.output().unwrap();
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let warning = "--token is visible to other users";
+
+    let (code, out, err) = ekm(&["--token", &admin], None);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("\"items\""), "{out}");
+    assert!(err.contains(warning), "{err}");
+    assert!(!err.contains(&admin), "the warning never repeats the token");
+
+    let (code, _, err) = ekm(&[], Some(&admin));
+    assert_eq!(code, Some(0), "{err}");
+    assert!(!err.contains(warning), "{err}");
+
+    let file = dir.path().join("admin.token");
+    std::fs::write(&file, format!("{admin}\n")).unwrap();
+    let (code, _, err) = ekm(&["--token-file", file.to_str().unwrap()], None);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(!err.contains(warning), "{err}");
+
+    // Refusals say what to do, and never echo a token.
+    let (code, _, err) = ekm(&[], None);
+    assert_ne!(code, Some(0));
+    assert!(
+        err.contains("EKM_TOKEN") && err.contains("--token-file"),
+        "{err}"
+    );
+    let missing = dir.path().join("missing.token");
+    let (code, _, err) = ekm(&["--token-file", missing.to_str().unwrap()], None);
+    assert_ne!(code, Some(0));
+    assert!(err.contains("missing.token"), "{err}");
+    let (code, _, err) = ekm(
+        &["--token", &admin, "--token-file", file.to_str().unwrap()],
+        None,
+    );
+    assert_ne!(code, Some(0), "{err}");
+    assert!(!server.log_text().contains(&admin));
+    assert_eq!(server.terminate().0, 0);
+}
