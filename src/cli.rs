@@ -55,6 +55,27 @@ pub enum Command {
     /// Permissions granted to an organization's principals (org admins), through the API.
     #[command(subcommand)]
     Grant(GrantCommand),
+    /// The platform operator's token, on the database directly.
+    #[command(subcommand, name = "operator-token")]
+    OperatorToken(OperatorTokenCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum OperatorTokenCommand {
+    /// Replace the operator token: the new one goes to DIR/operator.token (0600), the old
+    /// one is refused. SQLite: stop the server first. PostgreSQL: runs beside live servers,
+    /// which refuse the old token within a second.
+    Rotate(RotateOperatorTokenArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RotateOperatorTokenArgs {
+    #[command(flatten)]
+    pub db: DbArgs,
+    /// Also print the new token on standard output (for a secret manager); by default it
+    /// is only written to the file.
+    #[arg(long)]
+    pub print: bool,
 }
 
 #[derive(Debug, Subcommand)]

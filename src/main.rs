@@ -5,6 +5,7 @@ mod cli;
 mod client;
 mod duration;
 mod jobs;
+mod operator_token;
 mod serve;
 mod telemetry;
 
@@ -36,6 +37,7 @@ fn main() -> ExitCode {
             Command::Org(command) => client::org(command).await,
             Command::Token(command) => client::token(command).await,
             Command::Grant(command) => client::grant(command).await,
+            Command::OperatorToken(command) => operator_token::operator_token(command).await,
         }
     });
     match result {

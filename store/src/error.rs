@@ -20,4 +20,6 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+    #[error("another operator token was created at the same time; run the rotation again")]
+    OperatorTokenRace,
 }

@@ -18,5 +18,6 @@ pub use error::StoreError;
 pub use event_log::{ScopeStore, StoredEvent, EVENTS_CHANNEL};
 pub use key_material::{KeyCheck, KeyRow, MasterKeyCheck};
 pub use tokens::{
-    hash as token_hash, NewToken, Principal, Role, TokenInfo, Tokens, OPERATOR_TOKEN_FILE,
+    hash as token_hash, NewToken, Principal, Role, RotatedOperatorToken, TokenInfo, Tokens,
+    OPERATOR_TOKEN_FILE,
 };

@@ -164,3 +164,111 @@ fn cli_takes_the_token_from_the_environment_or_a_file_and_warns_about_the_flag()
     assert!(!server.log_text().contains(&admin));
     assert_eq!(server.terminate().0, 0);
 }
+
+/// `ekm operator-token rotate`, beside the servers or not as the backend requires.
+fn rotate(dir: &Path, database_url: Option<&str>, print: bool) -> (Option<i32>, String, String) {
+    let mut command = Command::new(EKM);
+    command
+        .args(["operator-token", "rotate", "--data-dir"])
+        .arg(dir)
+        .env_remove("EKM_DATABASE_URL");
+    if let Some(url) = database_url {
+        command.args(["--database-url", url]);
+    }
+    if print {
+        command.arg("--print");
+    }
+    let output = command.output().unwrap();
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+fn create_org_status(base: &str, token: &str) -> u16 {
+    call(
+        "POST",
+        &format!("{base}/v1/orgs"),
+        token,
+        Some(json!({"name": "Acme"})),
+    )
+    .0
+}
+
+/// The attack: a leaked operator token stayed valid for ever. On PostgreSQL the rotation
+/// runs beside a live server, which refuses the old token within its one-second token
+/// cache bound (ADR 0007) and accepts the new one from the file at once.
+#[test]
+fn postgres_operator_token_rotates_beside_a_running_server() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let test_db = runtime.block_on(TestDb::new(Backend::Postgres));
+    let url = test_db.url.clone().unwrap();
+    let dir = test_db.data_dir().join("a");
+    let server = serve(&dir, Some(&url));
+    let old = read_token(&dir);
+    // Used once, so the server holds it in its cache.
+    assert_eq!(create_org_status(&server.base, &old), 201);
+
+    let (code, out, err) = rotate(&dir, Some(&url), false);
+    assert_eq!(code, Some(0), "{err}");
+    let new = read_token(&dir);
+    assert_ne!(new, old);
+    assert_eq!(mode(&dir.join("operator.token")), 0o600);
+    assert!(
+        !out.contains(&new) && !err.contains(&new),
+        "not printed without --print"
+    );
+    assert!(!err.contains(&old));
+    assert_eq!(create_org_status(&server.base, &new), 201);
+    let rotated_at = std::time::Instant::now();
+    loop {
+        match create_org_status(&server.base, &old) {
+            401 => break,
+            201 => assert!(
+                rotated_at.elapsed() < std::time::Duration::from_millis(2500),
+                "the old token still works after the cache bound"
+            ),
+            other => panic!("old token: {other}"),
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+
+    // --print: the new token on standard output too, the same as in the file.
+    let (code, out, err) = rotate(&dir, Some(&url), true);
+    assert_eq!(code, Some(0), "{err}");
+    let printed: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(printed["token"].as_str(), Some(read_token(&dir).as_str()));
+    assert!(!server.log_text().contains(&new));
+    assert_eq!(server.terminate().0, 0);
+    drop(runtime);
+}
+
+/// On SQLite the data-directory lock keeps the rotation away from a running server; with
+/// the server stopped it works, and the next start accepts only the new token.
+#[test]
+fn sqlite_operator_token_rotates_with_the_server_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve(dir.path(), None);
+    let old = read_token(dir.path());
+    let (code, _, err) = rotate(dir.path(), None, false);
+    assert_ne!(code, Some(0));
+    assert!(err.contains("another ekm process"), "{err}");
+    assert_eq!(
+        read_token(dir.path()),
+        old,
+        "a refused rotation changes nothing"
+    );
+    assert_eq!(create_org_status(&server.base, &old), 201);
+    assert_eq!(server.terminate().0, 0);
+
+    let (code, _, err) = rotate(dir.path(), None, false);
+    assert_eq!(code, Some(0), "{err}");
+    let new = read_token(dir.path());
+    assert_ne!(new, old);
+    let again = serve(dir.path(), None);
+    assert_eq!(create_org_status(&again.base, &old), 401);
+    assert_eq!(create_org_status(&again.base, &new), 201);
+    assert!(!again.log_text().contains("operator token created"));
+    assert_eq!(again.terminate().0, 0);
+}
