@@ -63,6 +63,11 @@ pub(crate) fn register(endpoints: &mut Endpoints) {
     endpoints.add(Get, "/v1/audit/verify", crate::audit::verify);
     endpoints.add(Get, "/v1/me", me);
     endpoints.add(Get, "/v1/orgs/{org}/scopes", search_scopes);
+    endpoints.add(
+        Post,
+        "/v1/orgs/{org}/admin-tokens",
+        crate::access::break_glass_admin_token,
+    );
 }
 
 const SCOPE_NOT_FOUND: &str = "no scope with this id is visible to this token";

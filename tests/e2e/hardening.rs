@@ -237,3 +237,95 @@ async fn children_and_audit_cursors_belong_to_their_list(backend: Backend) {
     app.stop().await;
 }
 on_both_backends!(children_and_audit_cursors_belong_to_their_list);
+
+/// The scenario: `POST /v1/orgs` committed the organization, but its read-back failed and
+/// the admin token was revoked (or lost); the organization had no admin left. The operator
+/// issues a break-glass org_admin token, with a required reason, recorded in the
+/// organization's audit log with the operator as the actor.
+async fn operator_issues_an_audited_break_glass_admin_token(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let (org, admin) = app.org("enterprise").await;
+    let team = app.scope(&admin, "team", "research", &org).await;
+    // The organization loses its only admin token.
+    let me = app.get("/v1/me", &admin).await;
+    app.app.tokens().revoke(&me.str("token_id")).await.unwrap();
+    app.app.forget_principals();
+    app.get(&format!("/v1/orgs/{org}/tokens"), &admin)
+        .await
+        .assert_problem(401, "unauthorized");
+
+    let path = format!("/v1/orgs/{org}/admin-tokens");
+    let reason = "read-back of POST /v1/orgs failed, ticket 4711";
+    let issued = app
+        .post(&path, &app.operator_token, json!({"reason": reason}))
+        .await;
+    assert_eq!(issued.status, 201, "{}", issued.body);
+    assert_eq!(issued.body["role"], "org_admin");
+    assert_eq!(issued.body["org_id"], org.as_str());
+    let token = issued.str("token");
+    let token_id = issued.str("id");
+    let principal = issued.str("principal");
+
+    // It administers the organization.
+    let listed = app.get(&format!("/v1/orgs/{org}/tokens"), &token).await;
+    assert_eq!(listed.status, 200, "{}", listed.body);
+    let member = app.token(&token, &org, "new-admin", "org_admin").await;
+    assert_eq!(
+        app.get(&format!("/v1/scopes/{team}"), &member).await.status,
+        200
+    );
+
+    // Audited: the operator's token id is the actor, the reason is kept.
+    let operator = app.get("/v1/me", &app.operator_token).await;
+    let audit = app.get("/v1/audit?action=token.issue", &token).await;
+    assert_eq!(audit.status, 200, "{}", audit.body);
+    let entry = audit.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["details"]["TokenIssued"]["token_id"] == token_id.as_str())
+        .unwrap_or_else(|| panic!("no audit entry for the break-glass token: {}", audit.body))
+        .clone();
+    assert_eq!(entry["actor_kind"], "operator");
+    assert_eq!(
+        entry["actor"],
+        format!("operator:{}", operator.str("token_id")).as_str()
+    );
+    assert_eq!(entry["reason"], reason);
+    assert_eq!(entry["details"]["TokenIssued"]["role"], "org_admin");
+    assert_eq!(
+        entry["details"]["TokenIssued"]["principal"],
+        principal.as_str()
+    );
+
+    // Refusals: no reason, an org admin, a scope that is not an organization, nobody.
+    app.post(&path, &app.operator_token, json!({}))
+        .await
+        .assert_problem(400, "invalid_request");
+    app.post(&path, &member, json!({"reason": "r"}))
+        .await
+        .assert_problem(403, "forbidden");
+    app.post(
+        &format!("/v1/orgs/{team}/admin-tokens"),
+        &app.operator_token,
+        json!({"reason": "r"}),
+    )
+    .await
+    .assert_problem(404, "not_found");
+    app.post(
+        &format!("/v1/orgs/{}/admin-tokens", uuid::Uuid::now_v7()),
+        &app.operator_token,
+        json!({"reason": "r"}),
+    )
+    .await
+    .assert_problem(404, "not_found");
+    app.post(
+        "/v1/orgs/not-a-uuid/admin-tokens",
+        &app.operator_token,
+        json!({"reason": "r"}),
+    )
+    .await
+    .assert_problem(400, "invalid_request");
+    app.stop().await;
+}
+on_both_backends!(operator_issues_an_audited_break_glass_admin_token);
