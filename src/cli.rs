@@ -172,6 +172,24 @@ pub enum OrgCommand {
     /// The organization's master key: the platform's, or the customer's own (BYOK).
     #[command(subcommand, name = "master-key")]
     MasterKey(MasterKeyCommand),
+    /// Break-glass (operator token): issue a new org_admin token to an organization left
+    /// without an admin; audited with the reason. Prints the token once.
+    #[command(name = "admin-token")]
+    AdminToken(OrgAdminTokenArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct OrgAdminTokenArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// The organization's id.
+    pub org: String,
+    /// Why (required; kept in the organization's audit log).
+    #[arg(long)]
+    pub reason: String,
+    /// Who the token is for (default: break-glass-admin).
+    #[arg(long)]
+    pub principal: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]

@@ -46,6 +46,21 @@ pub async fn org(command: OrgCommand) -> anyhow::Result<ExitCode> {
             )
             .await
         }
+        OrgCommand::AdminToken(args) => {
+            let mut body = json!({ "reason": args.reason });
+            if let Some(principal) = args.principal {
+                body["principal"] = json!(principal);
+            }
+            let path = format!("/v1/orgs/{}/admin-tokens", args.org);
+            call(
+                &args.client,
+                reqwest::Method::POST,
+                &path,
+                Some(body),
+                Shape::Raw,
+            )
+            .await
+        }
         OrgCommand::MasterKey(MasterKeyCommand::Show(args)) => {
             let path = format!("/v1/orgs/{}/master-key", args.org);
             call(

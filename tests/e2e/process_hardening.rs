@@ -272,3 +272,48 @@ fn sqlite_operator_token_rotates_with_the_server_stopped() {
     assert!(!again.log_text().contains("operator token created"));
     assert_eq!(again.terminate().0, 0);
 }
+
+/// `ekm org admin-token ORG --reason R` with the operator token from the environment: the
+/// break-glass token, printed once, administers the organization.
+#[test]
+fn cli_issues_a_break_glass_admin_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve(dir.path(), None);
+    let operator = read_token(dir.path());
+    let (_, org) = call(
+        "POST",
+        &format!("{}/v1/orgs", server.base),
+        &operator,
+        Some(json!({"name": "Acme", "plan": "enterprise"})),
+    );
+    let org_id = org["id"].as_str().unwrap().to_owned();
+    let ekm = |args: &[&str]| {
+        Command::new(EKM)
+            .args(["org", "admin-token", &org_id])
+            .args(args)
+            .env("EKM_URL", &server.base)
+            .env("EKM_TOKEN", &operator)
+            .output()
+            .unwrap()
+    };
+    let issued = ekm(&["--reason", "admin token lost, ticket 99"]);
+    assert!(
+        issued.status.success(),
+        "{}",
+        String::from_utf8_lossy(&issued.stderr)
+    );
+    let answer: serde_json::Value = serde_json::from_slice(&issued.stdout).unwrap();
+    let token = answer["token"].as_str().unwrap().to_owned();
+    assert_eq!(answer["role"], "org_admin");
+    let (status, _) = call(
+        "GET",
+        &format!("{}/v1/orgs/{org_id}/tokens", server.base),
+        &token,
+        None,
+    );
+    assert_eq!(status, 200);
+    // Without a reason clap refuses before any request.
+    assert!(!ekm(&[]).status.success());
+    assert!(!server.log_text().contains(&token));
+    assert_eq!(server.terminate().0, 0);
+}
