@@ -58,6 +58,9 @@ pub enum Command {
     /// The platform master key: rotate it (on the database directly).
     #[command(subcommand, name = "master-key")]
     MasterKey(PlatformKeyCommand),
+    /// The platform operator's token, on the database directly.
+    #[command(subcommand, name = "operator-token")]
+    OperatorToken(OperatorTokenCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -79,6 +82,24 @@ pub struct RotateArgs {
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum OperatorTokenCommand {
+    /// Replace the operator token: the new one goes to DIR/operator.token (0600), the old
+    /// one is refused. SQLite: stop the server first. PostgreSQL: runs beside live servers,
+    /// which refuse the old token within a second.
+    Rotate(RotateOperatorTokenArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct RotateOperatorTokenArgs {
+    #[command(flatten)]
+    pub db: DbArgs,
+    /// Also print the new token on standard output (for a secret manager); by default it
+    /// is only written to the file.
+    #[arg(long)]
+    pub print: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -175,6 +196,24 @@ pub enum OrgCommand {
     /// The organization's master key: the platform's, or the customer's own (BYOK).
     #[command(subcommand, name = "master-key")]
     MasterKey(MasterKeyCommand),
+    /// Break-glass (operator token): issue a new org_admin token to an organization left
+    /// without an admin; audited with the reason. Prints the token once.
+    #[command(name = "admin-token")]
+    AdminToken(OrgAdminTokenArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct OrgAdminTokenArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// The organization's id.
+    pub org: String,
+    /// Why (required; kept in the organization's audit log).
+    #[arg(long)]
+    pub reason: String,
+    /// Who the token is for (default: break-glass-admin).
+    #[arg(long)]
+    pub principal: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -192,9 +231,14 @@ pub struct ClientArgs {
     /// The server's base URL.
     #[arg(long, env = "EKM_URL", default_value = "http://127.0.0.1:8080")]
     pub url: String,
-    /// A bearer token of the organization (an org admin's).
-    #[arg(long, env = "EKM_TOKEN", hide_env_values = true)]
-    pub token: String,
+    /// A bearer token on the command line, where every user of the machine can read it
+    /// (`ps`): prefer the EKM_TOKEN environment variable or --token-file. Warns when used.
+    #[arg(long, conflicts_with = "token_file")]
+    pub token: Option<String>,
+    /// A file whose first line is the bearer token (keep it 0600). Without it and without
+    /// --token, the token is read from the EKM_TOKEN environment variable.
+    #[arg(long, env = "EKM_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
     /// Print the raw JSON answer.
     #[arg(long)]
     pub json: bool,

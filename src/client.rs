@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use serde_json::{json, Value};
+use zeroize::Zeroizing;
 
 use crate::cli::{ClientArgs, GrantCommand, MasterKeyCommand, OrgCommand, TokenCommand};
 
@@ -42,6 +43,21 @@ pub async fn org(command: OrgCommand) -> anyhow::Result<ExitCode> {
                 &path,
                 Some(body),
                 Shape::MasterKey,
+            )
+            .await
+        }
+        OrgCommand::AdminToken(args) => {
+            let mut body = json!({ "reason": args.reason });
+            if let Some(principal) = args.principal {
+                body["principal"] = json!(principal);
+            }
+            let path = format!("/v1/orgs/{}/admin-tokens", args.org);
+            call(
+                &args.client,
+                reqwest::Method::POST,
+                &path,
+                Some(body),
+                Shape::Raw,
             )
             .await
         }
@@ -150,10 +166,11 @@ async fn call(
     body: Option<Value>,
     shape: Shape,
 ) -> anyhow::Result<ExitCode> {
+    let token = bearer_token(client)?;
     let url = format!("{}{path}", client.url.trim_end_matches('/'));
     let mut request = reqwest::Client::new()
         .request(method, &url)
-        .bearer_auth(&client.token);
+        .bearer_auth(token.as_str());
     if let Some(body) = body {
         request = request.json(&body);
     }
@@ -178,6 +195,37 @@ async fn call(
         _ => writeln!(stdout, "{text}")?,
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The bearer token: `--token` (with a warning: other users see it in `ps`), else the
+/// first line of `--token-file`, else `EKM_TOKEN`. Never printed.
+fn bearer_token(client: &ClientArgs) -> anyhow::Result<Zeroizing<String>> {
+    if let Some(token) = &client.token {
+        writeln!(
+            std::io::stderr().lock(),
+            "warning: --token is visible to other users of this machine (ps, /proc); \
+             use EKM_TOKEN or --token-file instead"
+        )?;
+        return Ok(Zeroizing::new(token.trim().to_owned()));
+    }
+    if let Some(path) = &client.token_file {
+        let text = Zeroizing::new(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read the token file {}", path.display()))?,
+        );
+        let token = text.lines().next().unwrap_or("").trim();
+        if token.is_empty() {
+            anyhow::bail!("the token file {} is empty", path.display());
+        }
+        return Ok(Zeroizing::new(token.to_owned()));
+    }
+    match std::env::var("EKM_TOKEN") {
+        Ok(token) if !token.trim().is_empty() => Ok(Zeroizing::new(token.trim().to_owned())),
+        _ => anyhow::bail!(
+            "no token: set EKM_TOKEN, or pass --token-file FILE (--token works too, but \
+             other users of the machine can read it)"
+        ),
+    }
 }
 
 /// The master key answer in a few lines.

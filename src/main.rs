@@ -5,6 +5,7 @@ mod cli;
 mod client;
 mod duration;
 mod jobs;
+mod operator_token;
 mod serve;
 mod telemetry;
 
@@ -37,6 +38,7 @@ fn main() -> ExitCode {
             Command::Token(command) => client::token(command).await,
             Command::Grant(command) => client::grant(command).await,
             Command::MasterKey(command) => jobs::master_key(command).await,
+            Command::OperatorToken(command) => operator_token::operator_token(command).await,
         }
     });
     match result {

@@ -19,18 +19,17 @@ use tokio::sync::watch;
 
 use crate::cli::{DbArgs, ServeArgs};
 
-/// Creates the data directory (0700) and, for SQLite, takes its lock: one process at a
-/// time may write an embedded database.
+/// Creates the data directory, makes it 0700 even if it existed (it holds the database,
+/// the master key and the operator token) and, for SQLite, takes its lock: one process at
+/// a time may write an embedded database.
 pub fn prepare_data_dir(args: &DbArgs) -> anyhow::Result<(DbConfig, Option<File>)> {
-    use std::os::unix::fs::DirBuilderExt;
     let dir = &args.data_dir;
-    if !dir.exists() {
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .with_context(|| format!("cannot create the data directory {}", dir.display()))?;
-    }
+    ekm_store::private_files::private_dir(dir).with_context(|| {
+        format!(
+            "cannot create the data directory {} or make it private (0700)",
+            dir.display()
+        )
+    })?;
     match &args.database_url {
         Some(url) => Ok((DbConfig::Postgres { url: url.clone() }, None)),
         None => Ok((DbConfig::sqlite_in(dir), Some(lock_data_dir(dir)?))),
@@ -39,7 +38,8 @@ pub fn prepare_data_dir(args: &DbArgs) -> anyhow::Result<(DbConfig, Option<File>
 
 fn lock_data_dir(dir: &Path) -> anyhow::Result<File> {
     let path = dir.join("ekm.lock");
-    let file = File::create(&path).with_context(|| format!("cannot create {}", path.display()))?;
+    let file = ekm_store::private_files::open_private(&path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
     match file.try_lock() {
         Ok(()) => Ok(file),
         Err(std::fs::TryLockError::WouldBlock) => bail!(

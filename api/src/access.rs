@@ -91,6 +91,37 @@ pub async fn create_token(
         }
     };
     let reason = crate::routes::reason(body.reason.as_deref(), false)?;
+    let token = issue(
+        &state, &caller, org, &principal, kind, role, expires_at, reason,
+    )
+    .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({
+            "id": token.id,
+            "token": token.secret,
+            "principal": principal.as_str(),
+            "kind": kind.as_str(),
+            "role": role.as_str(),
+            "expires_at": expires_at.map(rfc3339),
+        })),
+    )
+        .into_response())
+}
+
+/// Records a `TokenIssued` event (the audit entry, with the caller as actor), then stores
+/// the token's hash. Returns the token, whose secret is shown once.
+#[allow(clippy::too_many_arguments)]
+async fn issue(
+    state: &AppState,
+    caller: &Caller,
+    org: OrgId,
+    principal: &PrincipalName,
+    kind: PrincipalKind,
+    role: OrgRole,
+    expires_at: Option<DateTime<Utc>>,
+    reason: Option<ekm_domain::Reason>,
+) -> Result<ekm_store::NewToken, ApiError> {
     let token = Tokens::new_token();
     let issued = state
         .app
@@ -127,15 +158,63 @@ pub async fn create_token(
         )
         .await
         .map_err(AppError::Store)?;
+    Ok(token)
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BreakGlassRequest {
+    /// Required: why the operator steps in (kept in the organization's audit log).
+    pub reason: Option<String>,
+    /// Who the token is for; `break-glass-admin` by default.
+    pub principal: Option<String>,
+}
+
+/// `POST /v1/orgs/{org}/admin-tokens {"reason", "principal"?}` → 201 with a new org_admin
+/// token, shown once. The operator's break-glass for an organization left without an admin
+/// (e.g. `POST /v1/orgs` committed but could not be read back, so its first token was
+/// revoked). Operator token only; the issue is a `TokenIssued` event with the operator as
+/// the actor and the reason, in the organization's audit log like any token (ADR 0023).
+pub async fn break_glass_admin_token(
+    State(state): State<AppState>,
+    caller: Caller,
+    path: Result<Path<String>, PathRejection>,
+    JsonBody(body): JsonBody<BreakGlassRequest>,
+) -> Result<Response, ApiError> {
+    if !caller.is_operator() {
+        return Err(ApiError::forbidden(
+            "only the platform operator issues break-glass admin tokens; org admins use \
+             POST /v1/orgs/{org}/tokens",
+        ));
+    }
+    let org =
+        OrgId::parse(&path_parts(path)?).map_err(|e| ApiError::invalid(format!("org: {e}")))?;
+    let reason = crate::routes::reason(body.reason.as_deref(), true)?;
+    let principal = PrincipalName::parse(body.principal.as_deref().unwrap_or("break-glass-admin"))
+        .map_err(|e| ApiError::invalid(e.to_string()))?;
+    match state.app.scope(org.scope_id()).await? {
+        Some(found) if found.scope.kind == ScopeKind::Organization => {}
+        _ => return Err(ApiError::not_found(ORG_NOT_FOUND)),
+    }
+    let role = OrgRole::OrgAdmin;
+    let kind = PrincipalKind::User;
+    let token = issue(&state, &caller, org, &principal, kind, role, None, reason).await?;
+    tracing::warn!(
+        org_id = %org,
+        token_id = %token.id,
+        principal = principal.as_str(),
+        "break-glass org_admin token issued by the operator"
+    );
     Ok((
         StatusCode::CREATED,
         Json(json!({
             "id": token.id,
             "token": token.secret,
+            "org_id": org.to_string(),
             "principal": principal.as_str(),
             "kind": kind.as_str(),
             "role": role.as_str(),
-            "expires_at": expires_at.map(rfc3339),
+            "expires_at": null,
         })),
     )
         .into_response())

@@ -272,13 +272,14 @@ impl App {
         &self,
         org: OrgId,
         needle: &str,
+        within: Option<&[ScopeId]>,
         after: Option<ScopeId>,
         limit: u32,
     ) -> Result<Page<ekm_projections::ScopeRecord>, AppError> {
         Ok(self
             .inner
             .read
-            .search_names(org, needle, after, limit)
+            .search_names(org, needle, within, after, limit)
             .await?)
     }
 

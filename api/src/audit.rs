@@ -17,9 +17,10 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use crate::context::Caller;
+use crate::cursor::{Binding, List};
 use crate::error::ApiError;
 use crate::routes::check_keys;
-use crate::routes::{decode_cursor_position, encode_cursor_position, page_limit};
+use crate::routes::page_limit;
 use crate::state::AppState;
 
 #[derive(Serialize)]
@@ -261,16 +262,33 @@ pub async fn list(
     check_keys(&query, &allowed)?;
     let mut filter = filter(&state, &caller, &query).await?;
     let limit = page_limit(query.get("limit"))?;
+    // A cursor continues only the query that issued it. Every entry of the organization is
+    // visible to a caller that may list it (audit:read is organization-wide), so a
+    // position reveals nothing that the list would not.
+    let from = filter.from.map(rfc3339).unwrap_or_default();
+    let to = filter.to.map(rfc3339).unwrap_or_default();
+    let bound = [
+        filter.org_id.as_str(),
+        filter.subtree.as_deref().unwrap_or(""),
+        filter.actor.as_deref().unwrap_or(""),
+        filter.action.as_deref().unwrap_or(""),
+        from.as_str(),
+        to.as_str(),
+    ];
+    let binding = Binding {
+        list: List::Audit,
+        query: &bound,
+    };
     filter.after = query
         .get("cursor")
-        .map(|c| decode_cursor_position(c))
+        .map(|c| binding.decode_position(c))
         .transpose()?;
     filter.limit = i64::from(limit) + 1;
     let mut entries = state.app.audit(&filter).await?;
     let more = entries.len() > limit as usize;
     entries.truncate(limit as usize);
     let next_cursor = if more {
-        entries.last().map(|e| encode_cursor_position(e.position))
+        entries.last().map(|e| binding.encode_position(e.position))
     } else {
         None
     };

@@ -98,6 +98,32 @@ impl Caller {
             })
     }
 
+    /// Where in its organization the caller holds `permission`: `None` for everywhere (its
+    /// role, or a grant on the whole organization), else the roots of the subtrees it was
+    /// granted (possibly none). Lists filter by this, so they never page through rows the
+    /// caller may not see.
+    pub fn subtrees(&self, permission: Permission) -> Option<Vec<ScopeId>> {
+        let everywhere = match self.principal.role {
+            Role::Operator => false,
+            Role::Org(role) => role.holds(permission),
+        } || self
+            .principal
+            .grants
+            .iter()
+            .any(|grant| grant.permission.implies(permission) && grant.scope.is_none());
+        if everywhere {
+            return None;
+        }
+        Some(
+            self.principal
+                .grants
+                .iter()
+                .filter(|grant| grant.permission.implies(permission))
+                .filter_map(|grant| grant.scope)
+                .collect(),
+        )
+    }
+
     /// `holds`, as a refusal: 403 `forbidden` naming what is missing.
     pub fn require(&self, permission: Permission, path: &[ScopeId]) -> Result<(), ApiError> {
         if self.holds(permission, path) {

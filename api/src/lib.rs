@@ -9,6 +9,7 @@ pub mod app;
 pub mod audit;
 pub mod console;
 pub mod context;
+mod cursor;
 mod data_plane;
 pub mod dto;
 pub mod endpoints;

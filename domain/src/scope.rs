@@ -5,6 +5,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
+use unicode_properties::{GeneralCategory, UnicodeGeneralCategory};
 
 /// A value given by a client that does not satisfy its rule. The message is safe to show.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -215,7 +216,32 @@ str_enum!(
 );
 str_enum!(Tier, "tier", Tier::Default, Tier::Managed, Tier::Byok);
 
-/// A scope's display name: 1 to 200 characters after trimming, no control characters.
+/// Whether `c` is a character a person cannot see or that changes how the text around it
+/// is shown: controls (Cc), format characters (Cf: bidi overrides and isolates, zero-width
+/// space and joiners, the BOM, soft hyphen, tags), line and paragraph separators, spaces
+/// other than U+0020, private use and unassigned code points, and the blank letters
+/// (Hangul fillers, the blank Braille pattern) used to fake an empty or duplicate name.
+/// Such characters let `invoice\u{202E}fdp.exe` show as `invoiceexe.pdf`, or two scopes
+/// look alike in the console and the audit log (CVE-2021-42574, "Trojan Source").
+fn invisible(c: char) -> bool {
+    match c.general_category() {
+        GeneralCategory::Control
+        | GeneralCategory::Format
+        | GeneralCategory::LineSeparator
+        | GeneralCategory::ParagraphSeparator
+        | GeneralCategory::Surrogate
+        | GeneralCategory::PrivateUse
+        | GeneralCategory::Unassigned => true,
+        GeneralCategory::SpaceSeparator => c != ' ',
+        _ => matches!(
+            c,
+            '\u{115F}' | '\u{1160}' | '\u{3164}' | '\u{FFA0}' | '\u{2800}'
+        ),
+    }
+}
+
+/// A scope's display name: 1 to 200 characters after trimming, nothing invisible (see
+/// `invisible`): what is shown is what is stored.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct ScopeName(String);
@@ -234,10 +260,14 @@ impl ScopeName {
                 format!("must be at most {} characters", Self::MAX_CHARS),
             ));
         }
-        if trimmed.chars().any(char::is_control) {
+        if let Some(c) = trimmed.chars().find(|c| invisible(*c)) {
             return Err(ValueError::new(
                 "name",
-                "must not contain control characters",
+                format!(
+                    "must not contain control, formatting or invisible characters (found U+{:04X}); \
+                     spaces must be plain U+0020",
+                    u32::from(c)
+                ),
             ));
         }
         Ok(Self(trimmed.to_owned()))
@@ -268,13 +298,19 @@ impl Reason {
                 format!("must be at most {} characters", Self::MAX_CHARS),
             ));
         }
-        if trimmed
-            .chars()
-            .any(|c| c.is_control() && c != '\n' && c != '\t')
-        {
+        // Line breaks, tabs and any kind of space are fine in prose; bidi controls and
+        // zero-width characters would let a reason read differently in the audit log.
+        if let Some(c) = trimmed.chars().find(|c| {
+            !matches!(c, '\n' | '\t')
+                && c.general_category() != GeneralCategory::SpaceSeparator
+                && invisible(*c)
+        }) {
             return Err(ValueError::new(
                 "reason",
-                "must not contain control characters",
+                format!(
+                    "must not contain control, formatting or invisible characters (found U+{:04X})",
+                    u32::from(c)
+                ),
             ));
         }
         Ok(Self(trimmed.to_owned()))
@@ -340,7 +376,116 @@ mod tests {
         assert!(Reason::parse("").is_err());
     }
 
+    /// The invisible characters the name rule names, written independently of `invisible`:
+    /// general category Cc, Cf, Zl, Zp, Co and Cn, spaces other than U+0020, and the blank
+    /// letters used to fake empty names.
+    fn listed_invisible(c: char) -> bool {
+        use unicode_properties::{GeneralCategory as G, UnicodeGeneralCategory};
+        matches!(
+            c.general_category(),
+            G::Control
+                | G::Format
+                | G::LineSeparator
+                | G::ParagraphSeparator
+                | G::PrivateUse
+                | G::Unassigned
+        ) || (c.general_category() == G::SpaceSeparator && c != ' ')
+            || matches!(
+                c,
+                '\u{115F}' | '\u{1160}' | '\u{3164}' | '\u{FFA0}' | '\u{2800}'
+            )
+    }
+
+    /// Every listed character outside the large private-use and unassigned ranges (every
+    /// Cf, Cc, Z* code point), plus samples of those ranges and of the noncharacters.
+    fn invisible_sample() -> &'static [char] {
+        use unicode_properties::{GeneralCategory as G, UnicodeGeneralCategory};
+        static CHARS: std::sync::OnceLock<Vec<char>> = std::sync::OnceLock::new();
+        CHARS.get_or_init(|| {
+            let mut chars: Vec<char> = (0..=0x10FFFFu32)
+                .filter_map(char::from_u32)
+                .filter(|c| {
+                    listed_invisible(*c)
+                        && !matches!(c.general_category(), G::PrivateUse | G::Unassigned)
+                })
+                .collect();
+            chars.extend([
+                '\u{E000}',
+                '\u{F8FF}',
+                '\u{F0000}',
+                '\u{10FFFD}',
+                '\u{0378}',
+            ]);
+            chars.extend([
+                '\u{FDD0}',
+                '\u{FFFE}',
+                '\u{FFFF}',
+                '\u{1FFFF}',
+                '\u{10FFFF}',
+            ]);
+            chars
+        })
+    }
+
+    #[test]
+    fn name_refuses_bidi_and_zero_width_characters() {
+        for name in [
+            "invoice\u{202E}exe.pdf\u{200B}",
+            "a\u{200B}b",
+            "a\u{200D}b",
+            "\u{2066}x\u{2069}",
+            "x\u{FEFF}",
+            "x\u{00AD}y",
+            "a\u{00A0}b",
+            "a\u{2028}b",
+            "\u{3164}",
+            "tag\u{E0041}",
+        ] {
+            let refused = ScopeName::parse(name);
+            assert!(refused.is_err(), "{name:?} was accepted");
+            assert!(
+                refused.is_err_and(|e| e.problem.contains("U+")),
+                "the refusal names the code point"
+            );
+        }
+        // Visible text of any script, symbols and emoji stays allowed.
+        for name in [
+            "Forschung & Entwicklung",
+            "研究チーム",
+            "équipe ☂ 🚀",
+            "a b",
+        ] {
+            assert!(ScopeName::parse(name).is_ok(), "{name:?} was refused");
+        }
+    }
+
+    #[test]
+    fn reason_refuses_bidi_controls_but_keeps_line_breaks() {
+        assert!(Reason::parse("ticket\u{202E}4711").is_err());
+        assert!(Reason::parse("zero\u{200B}width").is_err());
+        assert!(Reason::parse("line one\nline two\twith a tab").is_ok());
+    }
+
     proptest! {
+        #[test]
+        fn names_with_any_invisible_character_are_refused(
+            before in "[a-z ]{0,20}",
+            index in any::<proptest::sample::Index>(),
+            after in "[a-z ]{0,20}",
+        ) {
+            let chars = invisible_sample();
+            let invisible = chars[index.index(chars.len())];
+            let name = format!("x{before}{invisible}{after}x");
+            prop_assert!(ScopeName::parse(&name).is_err(), "U+{:04X} accepted", u32::from(invisible));
+        }
+
+        #[test]
+        fn accepted_names_hold_no_invisible_character(input in "\\PC{0,60}") {
+            if let Ok(name) = ScopeName::parse(&input) {
+                prop_assert!(!name.as_str().chars().any(listed_invisible));
+            }
+        }
+
         #[test]
         fn name_parse_never_panics_and_accepted_names_are_stable(input in "\\PC{0,250}") {
             if let Ok(name) = ScopeName::parse(&input) {

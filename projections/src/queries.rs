@@ -448,15 +448,24 @@ impl ReadModels {
 
 impl ReadModels {
     /// Scopes of `org` whose name contains `needle` (case-insensitive; ASCII case folding on
-    /// SQLite), ordered by id, after `after`. Rows only: the caller filters them by what it
-    /// may see and resolves the cascade of those it keeps.
+    /// SQLite), ordered by id, after `after`, and only in the subtrees of `within` when it
+    /// is given (`None`: the whole organization). Rows only: the caller resolves the
+    /// cascade of those it keeps. Filtering here, not after the page is read, is what
+    /// keeps a page's last row, and so its cursor, one the caller may see (ADR 0022).
     pub async fn search_names(
         &self,
         org: OrgId,
         needle: &str,
+        within: Option<&[ScopeId]>,
         after: Option<ScopeId>,
         limit: u32,
     ) -> Result<Page<ScopeRecord>, ProjectionError> {
+        if within.is_some_and(<[ScopeId]>::is_empty) {
+            return Ok(Page {
+                items: vec![],
+                next_after: None,
+            });
+        }
         let after = after.map(|a| a.to_string()).unwrap_or_default();
         let mut pattern = String::with_capacity(needle.len() + 2);
         pattern.push('%');
@@ -467,16 +476,32 @@ impl ReadModels {
             pattern.push(c);
         }
         pattern.push('%');
+        // A scope is in a subtree when the subtree's root is on its path (ids hold no LIKE
+        // wildcards).
+        let roots = within.unwrap_or_default();
+        let in_subtrees = if roots.is_empty() {
+            String::new()
+        } else {
+            let any = (0..roots.len())
+                .map(|i| format!("('/' || path || '/') LIKE ${}", i + 5))
+                .collect::<Vec<_>>()
+                .join(" OR ");
+            format!("AND ({any})")
+        };
         let sql = format!(
             "SELECT {SCOPE_COLUMNS} FROM scope_view WHERE org_id = $1 AND id > $2 \
-             AND lower(name) LIKE $3 ESCAPE '\\' ORDER BY id LIMIT $4"
+             AND lower(name) LIKE $3 ESCAPE '\\' {in_subtrees} ORDER BY id LIMIT $4"
         );
         let mut records: Vec<ScopeRecord> = ekm_store::with_read_pool!(&self.db, pool => {
-            sqlx::query(&sql)
+            let mut query = sqlx::query(&sql)
                 .bind(org.to_string())
                 .bind(after)
                 .bind(&pattern)
-                .bind(i64::from(limit) + 1)
+                .bind(i64::from(limit) + 1);
+            for root in roots {
+                query = query.bind(format!("%/{root}/%"));
+            }
+            query
                 .fetch_all(pool)
                 .await?
                 .into_iter()

@@ -105,6 +105,13 @@ impl Db {
                         source,
                     })?;
                 }
+                // 0600 before SQLite opens it; its WAL and shared memory follow its mode.
+                crate::private_files::prepare_sqlite_files(path).map_err(|source| {
+                    StoreError::DataDir {
+                        path: path.display().to_string(),
+                        source,
+                    }
+                })?;
                 let options = SqliteConnectOptions::new()
                     .filename(path)
                     .create_if_missing(true)

@@ -28,4 +28,6 @@ pub enum StoreError {
         "the database's platform master key is not the one being rotated (another rotation ran?)"
     )]
     MasterKeyChanged,
+    #[error("another operator token was created at the same time; run the rotation again")]
+    OperatorTokenRace,
 }

@@ -9,6 +9,7 @@ mod db;
 mod error;
 mod event_log;
 mod key_material;
+pub mod private_files;
 pub mod time;
 mod tokens;
 mod wrapping_keys;
@@ -18,6 +19,7 @@ pub use error::StoreError;
 pub use event_log::{ScopeStore, StoredEvent, EVENTS_CHANNEL};
 pub use key_material::{KeyCheck, KeyRow, MasterKeyCheck};
 pub use tokens::{
-    hash as token_hash, NewToken, Principal, Role, TokenInfo, Tokens, OPERATOR_TOKEN_FILE,
+    hash as token_hash, NewToken, Principal, Role, RotatedOperatorToken, TokenInfo, Tokens,
+    OPERATOR_TOKEN_FILE,
 };
 pub use wrapping_keys::{MasterWrappedKind, Wrapped, WrappingKeyRow};

@@ -5,7 +5,6 @@
 //! index leaks nothing useful about the secret.
 
 use std::fmt;
-use std::io::Write;
 use std::path::Path;
 
 use ekm_domain::{Grant, OrgId, OrgRole, PrincipalName, ScopeId};
@@ -20,6 +19,18 @@ use crate::{with_read_pool, with_write_pool};
 
 /// The file in the data directory that receives the operator token on first start.
 pub const OPERATOR_TOKEN_FILE: &str = "operator.token";
+
+/// Where a rotation stages the new operator token until the database has it.
+const STAGED_OPERATOR_TOKEN_FILE: &str = "operator.token.new";
+
+/// What `Tokens::rotate_operator_token` did. The secret is in the file (and here, for
+/// `--print`); `Debug` never shows it.
+#[derive(Debug)]
+pub struct RotatedOperatorToken {
+    pub token: NewToken,
+    /// Ids of the operator tokens revoked by the rotation.
+    pub revoked: Vec<String>,
+}
 
 /// What a token may do: the platform operator's, or a role in an organization.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -342,6 +353,111 @@ impl Tokens {
             .collect())
     }
 
+    /// Replaces the live operator token with a new one and writes it to
+    /// `DIR/operator.token` (0600, atomically). The old row stays, revoked, so that the
+    /// audit log still tells which token acted; new requests refuse the old token at once,
+    /// servers that cached it within the token cache's bound (one second, ADR 0007).
+    ///
+    /// Order: the new token is staged in `DIR/operator.token.new`, the database replaces
+    /// the old token in one transaction, then the staged file is renamed over the old one.
+    /// A crash between the last two steps leaves the valid token in the staged file; the
+    /// next rotation or start finishes the rename (`finish_interrupted_rotation`).
+    pub async fn rotate_operator_token(
+        &self,
+        data_dir: &Path,
+    ) -> Result<RotatedOperatorToken, StoreError> {
+        self.finish_interrupted_rotation(data_dir).await?;
+        let path = data_dir.join(OPERATOR_TOKEN_FILE);
+        let staged = data_dir.join(STAGED_OPERATOR_TOKEN_FILE);
+        let io_error = |path: &Path| {
+            let path = path.display().to_string();
+            move |source| StoreError::DataDir { path, source }
+        };
+        let token = NewToken {
+            id: format!("tok_{}", uuid::Uuid::now_v7().simple()),
+            secret: generate_secret(),
+        };
+        crate::private_files::write_private_atomically(&staged, &token.secret)
+            .map_err(io_error(&staged))?;
+        let revoked = match self.replace_operator_token(&token).await {
+            Ok(revoked) => revoked,
+            Err(error) => {
+                // Never valid: nobody must take it for the operator token.
+                let _ = std::fs::remove_file(&staged);
+                return Err(error);
+            }
+        };
+        std::fs::rename(&staged, &path).map_err(io_error(&path))?;
+        std::fs::File::open(data_dir)
+            .and_then(|dir| dir.sync_all())
+            .map_err(io_error(data_dir))?;
+        Ok(RotatedOperatorToken { token, revoked })
+    }
+
+    /// Revokes every live operator token and inserts `token`, in one transaction.
+    async fn replace_operator_token(&self, token: &NewToken) -> Result<Vec<String>, StoreError> {
+        let now = now_micros();
+        with_write_pool!(&self.db, pool => {
+            let mut tx = pool.begin().await?;
+            let revoked: Vec<String> = sqlx::query_scalar(
+                "UPDATE tokens SET revoked_at = $1 WHERE role = 'operator' \
+                 AND revoked_at IS NULL RETURNING id",
+            )
+            .bind(now)
+            .fetch_all(&mut *tx)
+            .await?;
+            let inserted = sqlx::query(
+                "INSERT INTO tokens (id, token_hash, role, org_id, name, created_at, principal, \
+                 principal_kind) VALUES ($1, $2, 'operator', NULL, 'platform operator', $3, \
+                 'platform operator', 'user') ON CONFLICT DO NOTHING",
+            )
+            .bind(&token.id)
+            .bind(hash(&token.secret))
+            .bind(now)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if inserted != 1 {
+                // A concurrent rotation committed a live operator token first.
+                tx.rollback().await?;
+                return Err(StoreError::OperatorTokenRace);
+            }
+            tx.commit().await?;
+            Ok(revoked)
+        })
+    }
+
+    /// Completes a rotation interrupted after its commit: the staged token becomes the
+    /// file if it is the live operator token, and is removed otherwise.
+    async fn finish_interrupted_rotation(&self, data_dir: &Path) -> Result<(), StoreError> {
+        let staged = data_dir.join(STAGED_OPERATOR_TOKEN_FILE);
+        let io_error = |source| StoreError::DataDir {
+            path: staged.display().to_string(),
+            source,
+        };
+        let secret = match std::fs::read_to_string(&staged) {
+            Ok(text) => zeroize::Zeroizing::new(text.trim().to_owned()),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(error) => return Err(io_error(error)),
+        };
+        let live: i64 = with_write_pool!(&self.db, pool => {
+            sqlx::query_scalar(
+                "SELECT COUNT(*) FROM tokens WHERE token_hash = $1 AND role = 'operator' \
+                 AND revoked_at IS NULL",
+            )
+            .bind(hash(&secret))
+            .fetch_one(pool)
+            .await?
+        });
+        if live == 1 {
+            std::fs::rename(&staged, data_dir.join(OPERATOR_TOKEN_FILE)).map_err(io_error)?;
+            tracing::warn!("finished an interrupted operator token rotation");
+        } else {
+            std::fs::remove_file(&staged).map_err(io_error)?;
+        }
+        Ok(())
+    }
+
     /// Makes sure an operator token exists. The first instance to start on a database
     /// creates it and writes it to `DIR/operator.token` with 0600 permissions; later starts
     /// leave both alone. Returns whether this call created it. The token is never logged.
@@ -351,21 +467,24 @@ impl Tokens {
                 .fetch_one(pool)
                 .await?
         });
-        if exists > 0 {
-            return Ok(false);
-        }
         let path = data_dir.join(OPERATOR_TOKEN_FILE);
         let io_error = |source| StoreError::DataDir {
             path: path.display().to_string(),
             source,
         };
+        // A token file left readable (an older version, a copy by hand) is taken back.
+        crate::private_files::restrict_if_present(&path).map_err(io_error)?;
+        self.finish_interrupted_rotation(data_dir).await?;
+        if exists > 0 {
+            return Ok(false);
+        }
         // Write the file before the hash, so a crash in between never leaves a token that
         // nobody holds. An existing file (a new database on an old data directory) is kept.
         let (secret, wrote_file) = match std::fs::read_to_string(&path) {
             Ok(existing) if !existing.trim().is_empty() => (existing.trim().to_owned(), false),
             _ => {
                 let secret = generate_secret();
-                write_private_file(&path, &secret).map_err(io_error)?;
+                crate::private_files::write_private_atomically(&path, &secret).map_err(io_error)?;
                 (secret, true)
             }
         };
@@ -399,23 +518,6 @@ fn parse_grant(principal: &str, permission: &str, scope: &str) -> Option<Grant> 
             Some(ScopeId::parse(scope).ok()?)
         },
     })
-}
-
-/// Writes `contents` to a new file readable by its owner only, and syncs it.
-fn write_private_file(path: &Path, contents: &str) -> std::io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    // A leftover empty file from an interrupted start is replaced.
-    if path.exists() {
-        std::fs::remove_file(path)?;
-    }
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)?;
-    file.write_all(contents.as_bytes())?;
-    file.write_all(b"\n")?;
-    file.sync_all()
 }
 
 #[cfg(test)]

@@ -192,6 +192,21 @@ fn rows() -> Vec<Row> {
                 ok(200),
             ],
         ),
+        // The operator's break-glass admin token: no organization token issues it, not
+        // even its own admin's (the operator's success is tested in hardening.rs).
+        row(
+            "POST",
+            "/v1/orgs/{org}/admin-tokens",
+            manage,
+            [
+                UNAUTHORIZED,
+                UNAUTHORIZED,
+                FORBIDDEN,
+                FORBIDDEN,
+                FORBIDDEN,
+                FORBIDDEN,
+            ],
+        ),
         // The console's files: public, they hold no data.
         row("GET", "/console", None, public),
         row("GET", "/console/", None, public),
@@ -409,6 +424,10 @@ async fn request(app: &TestApp, world: &World, row: &Row, index: usize) -> (Stri
         ("GET", "/v1/audit/verify") => (format!("/v1/audit/verify?org={org}"), None),
         ("GET", "/v1/me") => ("/v1/me".into(), None),
         ("GET", "/v1/orgs/{org}/scopes") => (format!("/v1/orgs/{org}/scopes?q=t"), None),
+        ("POST", "/v1/orgs/{org}/admin-tokens") => (
+            format!("/v1/orgs/{org}/admin-tokens"),
+            Some(json!({"reason": "matrix"})),
+        ),
         ("GET", "/console") => ("/console".into(), None),
         ("GET", "/console/") => ("/console/".into(), None),
         ("GET", "/console/{asset}") => ("/console/app.js".into(), None),

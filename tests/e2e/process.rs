@@ -12,20 +12,20 @@ use serde_json::{json, Value};
 
 use crate::harness::{free_port, Backend, TestDb};
 
-const EKM: &str = env!("CARGO_BIN_EXE_ekm");
+pub(crate) const EKM: &str = env!("CARGO_BIN_EXE_ekm");
 
 /// A running `ekm serve`, with its log lines collected.
-struct Server {
-    child: Child,
-    base: String,
+pub(crate) struct Server {
+    pub(crate) child: Child,
+    pub(crate) base: String,
     log: Arc<Mutex<Vec<String>>>,
 }
 
-fn serve(data_dir: &Path, database_url: Option<&str>) -> Server {
+pub(crate) fn serve(data_dir: &Path, database_url: Option<&str>) -> Server {
     serve_configured(data_dir, database_url, &[], &[])
 }
 
-fn serve_configured(
+pub(crate) fn serve_configured(
     data_dir: &Path,
     database_url: Option<&str>,
     args: &[&str],
@@ -78,12 +78,12 @@ fn serve_configured(
 }
 
 impl Server {
-    fn log_text(&self) -> String {
+    pub(crate) fn log_text(&self) -> String {
         self.log.lock().unwrap().join("\n")
     }
 
     /// SIGTERM, then wait for the exit; returns the exit code.
-    fn terminate(mut self) -> (i32, String) {
+    pub(crate) fn terminate(mut self) -> (i32, String) {
         let status = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status()
@@ -101,7 +101,7 @@ impl Drop for Server {
     }
 }
 
-fn call(method: &str, url: &str, token: &str, body: Option<Value>) -> (u16, Value) {
+pub(crate) fn call(method: &str, url: &str, token: &str, body: Option<Value>) -> (u16, Value) {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -123,14 +123,14 @@ fn call(method: &str, url: &str, token: &str, body: Option<Value>) -> (u16, Valu
     })
 }
 
-fn read_token(dir: &Path) -> String {
+pub(crate) fn read_token(dir: &Path) -> String {
     std::fs::read_to_string(dir.join("operator.token"))
         .unwrap()
         .trim()
         .to_owned()
 }
 
-fn mode(path: &Path) -> u32 {
+pub(crate) fn mode(path: &Path) -> u32 {
     use std::os::unix::fs::PermissionsExt;
     std::fs::metadata(path).unwrap().permissions().mode() & 0o777
 }
