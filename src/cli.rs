@@ -294,8 +294,10 @@ pub struct ServeArgs {
     #[arg(long, env = "EKM_KMS_GRACE_PERIOD", default_value = "5m", value_parser = parse_duration)]
     pub kms_grace_period: Duration,
     /// The endpoint URLs customer keys may name in `endpoint_url` (VPC endpoints, private
-    /// links), comma-separated. Any other is refused: the platform's cloud credentials are
-    /// sent to the endpoint.
+    /// links), comma-separated, each `scheme://host[:port]` in canonical form; one DNS label
+    /// may hold one `*` (`https://*.p.googleapis.com`), or the port may be `*`. Scheme, host
+    /// and port are matched; any other endpoint is refused: the platform's cloud credentials
+    /// are sent to it. A pattern that does not parse stops `ekm serve`.
     #[arg(long, env = "EKM_KMS_ALLOWED_ENDPOINTS", value_delimiter = ',')]
     pub kms_allowed_endpoints: Vec<String>,
     /// Time limit of each call to a customer's KMS (retried with backoff when transient).

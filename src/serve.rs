@@ -67,6 +67,15 @@ pub async fn migrate(args: DbArgs) -> anyhow::Result<()> {
 }
 
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let kms_settings = KmsSettings {
+        timeout: args.kms_timeout,
+        allowed_endpoints: args.kms_allowed_endpoints.clone(),
+        ..KmsSettings::default()
+    };
+    // A pattern that cannot be parsed would silently allow nothing: refuse to start instead.
+    if let Err((pattern, error)) = kms_settings.validate_allowed_endpoints() {
+        bail!("--kms-allowed-endpoints: `{pattern}` {error}");
+    }
     let (config, _lock) = prepare_data_dir(&args.db)?;
     let db = open(&config).await?;
     tracing::info!(backend = db.backend_name(), data_dir = %args.db.data_dir.display(), "database ready");
@@ -112,11 +121,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!(ekm_projections::error_chain(&e)))?;
     tracing::info!(path = %master_path.display(), fingerprint = %master.fingerprint(), "master key ready");
     let kms = KmsOptions {
-        settings: KmsSettings {
-            timeout: args.kms_timeout,
-            allowed_endpoints: args.kms_allowed_endpoints.clone(),
-            ..KmsSettings::default()
-        },
+        settings: kms_settings,
         grace: args.kms_grace_period,
     };
     let keys = KeyService::with_kms(db.clone(), master, args.key_cache_ttl, kms);

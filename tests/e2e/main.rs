@@ -21,6 +21,7 @@ mod global_order;
 mod history;
 mod kms_servers;
 mod migrations;
+mod network;
 mod process;
 mod rebuild;
 mod tenancy;
