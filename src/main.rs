@@ -5,6 +5,7 @@ mod cli;
 mod client;
 mod duration;
 mod jobs;
+mod listener;
 mod serve;
 mod telemetry;
 

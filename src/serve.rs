@@ -2,14 +2,14 @@
 //! runner and the HTTP server, and stop all of it cleanly on SIGTERM or SIGINT.
 
 use std::fs::File;
-use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use ekm_api::health::HealthMonitor;
 use ekm_api::keys::{local_master_key, KeyService, KmsOptions};
-use ekm_api::{router, App, AppState};
+use ekm_api::limits::Limits;
+use ekm_api::{router_with_limits, App, AppState};
 use ekm_keys::MASTER_KEY_FILE;
 use ekm_kms::KmsSettings;
 use ekm_projections::{Projector, ProjectorConfig};
@@ -17,6 +17,7 @@ use ekm_store::{Db, DbConfig, Tokens, OPERATOR_TOKEN_FILE};
 use tokio::sync::watch;
 
 use crate::cli::{DbArgs, ServeArgs};
+use crate::listener::ListenerConfig;
 
 /// Creates the data directory (0700) and, for SQLite, takes its lock: one process at a
 /// time may write an embedded database.
@@ -76,6 +77,18 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Err((pattern, error)) = kms_settings.validate_allowed_endpoints() {
         bail!("--kms-allowed-endpoints: `{pattern}` {error}");
     }
+    // A bad certificate or key stops start-up before anything else happens.
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(crate::listener::tls_acceptor(cert, key)?),
+        (None, None) => None,
+        _ => bail!("--tls-cert and --tls-key go together"),
+    };
+    let listener_config = ListenerConfig {
+        header_read_timeout: args.header_read_timeout,
+        max_connections: args.max_connections as usize,
+        shutdown_timeout: args.shutdown_timeout,
+        tls,
+    };
     let (config, _lock) = prepare_data_dir(&args.db)?;
     let db = open(&config).await?;
     tracing::info!(backend = db.backend_name(), data_dir = %args.db.data_dir.display(), "database ready");
@@ -133,23 +146,31 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let address = listener.local_addr().unwrap_or(args.listen);
-    tracing::info!(%address, key_health_interval = ?args.key_health_interval, "listening");
+    tracing::info!(
+        %address,
+        tls = listener_config.tls.is_some(),
+        key_health_interval = ?args.key_health_interval,
+        "listening"
+    );
 
-    let service = router(AppState { app }).into_make_service_with_connect_info::<SocketAddr>();
-    let served = axum::serve(listener, service)
-        .with_graceful_shutdown(shutdown_signal())
-        .await;
+    let limits = Limits {
+        request_timeout: args.request_timeout,
+        max_concurrent_requests: args.max_concurrent_requests as usize,
+        max_expensive_requests: args.max_expensive_requests as usize,
+    };
+    let router = router_with_limits(AppState { app }, limits);
+    crate::listener::serve(listener, router, listener_config, shutdown_signal()).await;
 
     let _ = shutdown_tx.send(true);
     let _ = runner.await;
     let _ = monitor.await;
     db.close().await;
-    served.context("the HTTP server failed")?;
     tracing::info!("stopped");
     Ok(())
 }
 
-/// Resolves on SIGTERM or SIGINT. In-flight requests finish; new ones are refused.
+/// Resolves on SIGTERM or SIGINT. New connections are refused; requests in progress get
+/// `--shutdown-timeout` to finish.
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let mut terminate = match signal(SignalKind::terminate()) {

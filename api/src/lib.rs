@@ -15,6 +15,7 @@ pub mod endpoints;
 pub mod error;
 pub mod health;
 pub mod keys;
+pub mod limits;
 mod master_key;
 mod routes;
 pub mod state;
@@ -32,10 +33,21 @@ pub use app::{App, AppError};
 pub use error::{ApiError, Code};
 pub use state::AppState;
 
-/// The whole API, ready to serve.
+/// The whole API, ready to serve, with the default request limits.
 pub fn router(state: AppState) -> Router {
+    router_with_limits(state, limits::Limits::default())
+}
+
+/// The whole API with the given request limits (`ekm serve`'s flags).
+pub fn router_with_limits(state: AppState, limits: limits::Limits) -> Router {
+    let limiter = limits::Limiter::new(limits);
     endpoints::all()
         .into_router()
+        // Route layers see the matched path: the expensive endpoints' own budgets.
+        .route_layer(axum::middleware::from_fn_with_state(
+            limiter.clone(),
+            limits::limit_expensive,
+        ))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(dto::MAX_BODY_BYTES))
@@ -68,6 +80,11 @@ pub fn router(state: AppState) -> Router {
         // Outside the trace layer, so the request id exists when the span is made.
         .layer(axum::middleware::from_fn(context::request_id))
         .layer(CatchPanicLayer::custom(panic_response))
+        // Outermost: shedding load must cost nothing else, and the deadline covers it all.
+        .layer(axum::middleware::from_fn_with_state(
+            limiter,
+            limits::limit_requests,
+        ))
 }
 
 async fn not_found() -> ApiError {

@@ -164,3 +164,241 @@ fn wait_for_exit(
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Connection limits, with real sockets against the real binary.
+
+/// A running `ekm serve` on SQLite (the limits are the listener's, not the database's).
+struct Ekm {
+    child: std::process::Child,
+    port: u16,
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    dir: tempfile::TempDir,
+}
+
+impl Ekm {
+    fn start(args: &[&str]) -> Ekm {
+        use std::io::BufRead;
+        let dir = tempfile::tempdir().unwrap();
+        let port = crate::harness::free_port();
+        let mut child = std::process::Command::new(EKM)
+            .args(["--log-format", "json", "serve", "--listen"])
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--data-dir")
+            .arg(dir.path())
+            .args(args)
+            .env_remove("EKM_DATABASE_URL")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let log = std::sync::Arc::new(std::sync::Mutex::new(vec![]));
+        let lines = log.clone();
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if line.contains("\"listening\"") {
+                    let _ = ready_tx.send(true);
+                }
+                lines.lock().unwrap().push(line);
+            }
+            let _ = ready_tx.send(false);
+        });
+        let ready = ready_rx
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or(false);
+        assert!(ready, "ekm serve did not start: {:?}", log.lock().unwrap());
+        Ekm {
+            child,
+            port,
+            log,
+            dir,
+        }
+    }
+
+    fn connect(&self) -> std::net::TcpStream {
+        let stream = std::net::TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        stream
+    }
+
+    fn log_text(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    fn operator_token(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("operator.token"))
+            .unwrap()
+            .trim()
+            .to_owned()
+    }
+
+    /// The sockets the server process holds (listener and connections).
+    fn sockets(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
+            .map(|entries| {
+                entries
+                    .filter_map(Result::ok)
+                    .filter(|e| {
+                        std::fs::read_link(e.path())
+                            .is_ok_and(|target| target.to_string_lossy().starts_with("socket:"))
+                    })
+                    .count()
+            })
+            .unwrap_or(0)
+    }
+
+    fn terminate(&self) {
+        let status = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+}
+
+impl Drop for Ekm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Reads until the server closes the connection (or the read timeout); returns what came
+/// and how long it took.
+fn read_until_closed(stream: &mut std::net::TcpStream) -> (String, Duration, bool) {
+    use std::io::Read;
+    let started = std::time::Instant::now();
+    let mut received = vec![];
+    let mut buffer = [0u8; 4096];
+    let closed = loop {
+        match stream.read(&mut buffer) {
+            Ok(0) => break true,
+            Ok(n) => received.extend_from_slice(&buffer[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break true,
+            Err(_) => break false,
+        }
+    };
+    (
+        String::from_utf8_lossy(&received).into_owned(),
+        started.elapsed(),
+        closed,
+    )
+}
+
+#[test]
+fn a_half_sent_header_and_an_idle_connection_are_closed_within_the_timeout() {
+    use std::io::Write;
+    let server = Ekm::start(&["--header-read-timeout", "300ms"]);
+    let mut half = server.connect();
+    half.write_all(b"GET /healthz HTTP/1.1\r\nHost: ekm\r\n")
+        .unwrap();
+    let mut idle = server.connect();
+    for stream in [&mut half, &mut idle] {
+        let (_, took, closed) = read_until_closed(stream);
+        assert!(closed, "the connection stayed open");
+        assert!(took < Duration::from_secs(3), "closed after {took:?}");
+    }
+    // A complete request is still answered on a fresh connection.
+    let mut fresh = server.connect();
+    fresh
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: ekm\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let (answer, _, _) = read_until_closed(&mut fresh);
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+}
+
+#[test]
+fn idle_sockets_above_the_cap_wait_and_healthz_answers_once_they_are_reaped() {
+    let server = Ekm::start(&["--max-connections", "4", "--header-read-timeout", "500ms"]);
+    let baseline = server.sockets();
+    let mut idle: Vec<_> = (0..12).map(|_| server.connect()).collect();
+    // The first four are accepted at once.
+    while server.sockets() < baseline + 4 {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+
+    let mut fresh = server.connect();
+    let health = std::thread::spawn(move || {
+        use std::io::Write;
+        fresh
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: ekm\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let (answer, _, _) = read_until_closed(&mut fresh);
+        answer.get(9..12).and_then(|code| code.parse::<u16>().ok())
+    });
+    // While the idle sockets are reaped four at a time, the process never holds more than
+    // four connections.
+    let mut most = 0;
+    while !health.is_finished() {
+        most = most.max(server.sockets());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(health.join().unwrap(), Some(200));
+    assert!(
+        most <= baseline + 4,
+        "{most} sockets with a cap of 4 (baseline {baseline})"
+    );
+    assert!(server.log_text().contains("connection limit reached"));
+    // Every idle socket was accepted in its turn and closed by the server.
+    for stream in &mut idle {
+        let (_, _, closed) = read_until_closed(stream);
+        assert!(closed, "an idle connection stayed open");
+    }
+}
+
+#[test]
+fn a_late_body_gets_408_request_timeout() {
+    use std::io::Write;
+    let server = Ekm::start(&["--request-timeout", "300ms"]);
+    let token = server.operator_token();
+    let mut slow = server.connect();
+    write!(
+        slow,
+        "POST /v1/orgs HTTP/1.1\r\nHost: ekm\r\nAuthorization: Bearer {token}\r\n\
+         Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"name\""
+    )
+    .unwrap();
+    let (answer, took, closed) = read_until_closed(&mut slow);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("application/problem+json"), "{answer}");
+    assert!(answer.contains("\"code\":\"request_timeout\""), "{answer}");
+    assert!(closed && took < Duration::from_secs(5), "{took:?}");
+}
+
+#[test]
+fn the_process_exits_within_the_shutdown_deadline_while_a_slow_client_holds_a_request() {
+    use std::io::Write;
+    let mut server = Ekm::start(&["--shutdown-timeout", "500ms", "--request-timeout", "60s"]);
+    let token = server.operator_token();
+    let baseline = server.sockets();
+    let mut slow = server.connect();
+    write!(
+        slow,
+        "POST /v1/orgs HTTP/1.1\r\nHost: ekm\r\nAuthorization: Bearer {token}\r\n\
+         Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"name\""
+    )
+    .unwrap();
+    // The server has accepted the connection (and reads the request at once).
+    while server.sockets() <= baseline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let signalled = std::time::Instant::now();
+    server.terminate();
+    let status = wait_for_exit(&mut server.child, Duration::from_secs(10));
+    let took = signalled.elapsed();
+    let status = status.unwrap_or_else(|| panic!("still running {took:?} after SIGTERM"));
+    assert!(status.success(), "{}", server.log_text());
+    assert!(
+        took < Duration::from_secs(5),
+        "exited {took:?} after SIGTERM"
+    );
+    let (_, _, closed) = read_until_closed(&mut slow);
+    assert!(closed);
+}
