@@ -174,6 +174,10 @@ pub struct ClientArgs {
     /// Print the raw JSON answer.
     #[arg(long)]
     pub json: bool,
+    /// For an https URL: trust the certificates in this PEM file (a private CA or the
+    /// server's self-signed certificate) besides the bundled public roots.
+    #[arg(long, env = "EKM_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -151,7 +151,7 @@ async fn call(
     shape: Shape,
 ) -> anyhow::Result<ExitCode> {
     let url = format!("{}{path}", client.url.trim_end_matches('/'));
-    let mut request = reqwest::Client::new()
+    let mut request = http_client(client)?
         .request(method, &url)
         .bearer_auth(&client.token);
     if let Some(body) = body {
@@ -178,6 +178,24 @@ async fn call(
         _ => writeln!(stdout, "{text}")?,
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// An HTTP(S) client: rustls with the bundled public roots, plus `--ca-file` if given.
+fn http_client(client: &ClientArgs) -> anyhow::Result<reqwest::Client> {
+    let mut builder = reqwest::Client::builder().use_rustls_tls();
+    if let Some(path) = &client.ca_file {
+        let pem = std::fs::read(path)
+            .with_context(|| format!("cannot read --ca-file {}", path.display()))?;
+        let certificates = reqwest::Certificate::from_pem_bundle(&pem)
+            .with_context(|| format!("--ca-file {}: not PEM certificates", path.display()))?;
+        if certificates.is_empty() {
+            anyhow::bail!("--ca-file {}: no certificate in the file", path.display());
+        }
+        for certificate in certificates {
+            builder = builder.add_root_certificate(certificate);
+        }
+    }
+    builder.build().context("cannot build the HTTP client")
 }
 
 /// The master key answer in a few lines.

@@ -201,10 +201,12 @@ impl Ekm {
                 .lines()
                 .map_while(Result::ok)
             {
-                if line.contains("\"listening\"") {
+                let listening = line.contains("\"listening\"");
+                // Kept before the signal: a test reads the "listening" line itself.
+                lines.lock().unwrap().push(line);
+                if listening {
                     let _ = ready_tx.send(true);
                 }
-                lines.lock().unwrap().push(line);
             }
             let _ = ready_tx.send(false);
         });
@@ -401,4 +403,183 @@ fn the_process_exits_within_the_shutdown_deadline_while_a_slow_client_holds_a_re
     );
     let (_, _, closed) = read_until_closed(&mut slow);
     assert!(closed);
+}
+
+// ---------------------------------------------------------------------------------------
+// TLS on the listener.
+
+/// A self-signed certificate for 127.0.0.1, written as PEM files; returns the cert's PEM.
+fn self_signed(
+    dir: &std::path::Path,
+    name: &str,
+) -> (std::path::PathBuf, std::path::PathBuf, String) {
+    let certified = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()]).unwrap();
+    let cert_pem = certified.cert.pem();
+    let cert = dir.join(format!("{name}.crt"));
+    let key = dir.join(format!("{name}.key"));
+    std::fs::write(&cert, &cert_pem).unwrap();
+    std::fs::write(&key, certified.key_pair.serialize_pem()).unwrap();
+    (cert, key, cert_pem)
+}
+
+#[test]
+fn https_serves_healthz_and_authenticated_calls_and_plain_http_fails() {
+    let files = tempfile::tempdir().unwrap();
+    let (cert, key, cert_pem) = self_signed(files.path(), "server");
+    let server = Ekm::start(&[
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+    ]);
+    assert!(
+        server.log_text().contains("\"tls\":true"),
+        "{}",
+        server.log_text()
+    );
+    let operator = server.operator_token();
+    let base = format!("https://127.0.0.1:{}", server.port);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let trusting = reqwest::Client::builder()
+            .use_rustls_tls()
+            .add_root_certificate(reqwest::Certificate::from_pem(cert_pem.as_bytes()).unwrap())
+            .build()
+            .unwrap();
+        let health = trusting
+            .get(format!("{base}/healthz"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(health.status(), StatusCode::OK);
+
+        let created = trusting
+            .post(format!("{base}/v1/orgs"))
+            .bearer_auth(&operator)
+            .json(&json!({"name": "Acme"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(created.status(), StatusCode::CREATED);
+        let org: serde_json::Value = created.json().await.unwrap();
+        let shown = trusting
+            .get(format!("{base}/v1/orgs/{}", org["id"].as_str().unwrap()))
+            .bearer_auth(org["admin_token"].as_str().unwrap())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(shown.status(), StatusCode::OK);
+
+        // Plain HTTP to the TLS port gets no answer.
+        let plain = reqwest::Client::new()
+            .get(format!("http://127.0.0.1:{}/healthz", server.port))
+            .send()
+            .await;
+        assert!(plain.is_err(), "{plain:?}");
+        // A client that does not trust the certificate refuses the server.
+        let untrusting = reqwest::Client::builder().use_rustls_tls().build().unwrap();
+        assert!(untrusting
+            .get(format!("{base}/healthz"))
+            .send()
+            .await
+            .is_err());
+    });
+
+    // The CLI client reaches the https server with --ca-file.
+    let output = std::process::Command::new(EKM)
+        .args([
+            "org",
+            "create",
+            "--name",
+            "Beta",
+            "--url",
+            &base,
+            "--ca-file",
+        ])
+        .arg(&cert)
+        .env("EKM_TOKEN", &operator)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("admin_token"), "{stdout}");
+}
+
+#[test]
+fn serve_refuses_to_start_with_bad_tls_files() {
+    let files = tempfile::tempdir().unwrap();
+    let (cert, key, _) = self_signed(files.path(), "one");
+    let (_, other_key, _) = self_signed(files.path(), "two");
+    let garbage = files.path().join("garbage.pem");
+    std::fs::write(&garbage, "not a certificate").unwrap();
+    let missing = files.path().join("missing.pem");
+    let path = |p: &std::path::Path| p.to_str().unwrap().to_owned();
+    for (args, expected) in [
+        (
+            vec![
+                "--tls-cert".to_owned(),
+                path(&garbage),
+                "--tls-key".to_owned(),
+                path(&key),
+            ],
+            "--tls-cert",
+        ),
+        (
+            vec![
+                "--tls-cert".to_owned(),
+                path(&missing),
+                "--tls-key".to_owned(),
+                path(&key),
+            ],
+            "--tls-cert",
+        ),
+        (
+            vec![
+                "--tls-cert".to_owned(),
+                path(&cert),
+                "--tls-key".to_owned(),
+                path(&garbage),
+            ],
+            "--tls-key",
+        ),
+        (
+            vec![
+                "--tls-cert".to_owned(),
+                path(&cert),
+                "--tls-key".to_owned(),
+                path(&other_key),
+            ],
+            "do not form a usable pair",
+        ),
+        (vec!["--tls-cert".to_owned(), path(&cert)], "--tls-key"),
+    ] {
+        let data = tempfile::tempdir().unwrap();
+        let mut child = std::process::Command::new(EKM)
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .arg("--data-dir")
+            .arg(data.path())
+            .args(&args)
+            .env_remove("EKM_DATABASE_URL")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let exited = wait_for_exit(&mut child, Duration::from_secs(30));
+        let _ = child.kill();
+        let output = child.wait_with_output().unwrap();
+        let log = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            exited.is_some_and(|s| !s.success()),
+            "{args:?} started: {log}"
+        );
+        assert!(log.contains(expected), "{args:?}: {log}");
+        assert!(!log.contains("PRIVATE KEY"), "{log}");
+    }
 }
