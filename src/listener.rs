@@ -99,15 +99,23 @@ pub async fn serve(
     let config = Arc::new(config);
     tokio::pin!(shutdown);
 
+    // Logged once each time the cap is reached, not once per waiting connection.
+    let mut at_cap = false;
     loop {
         while connections.try_join_next().is_some() {}
         let permit = match permits.clone().try_acquire_owned() {
-            Ok(permit) => permit,
+            Ok(permit) => {
+                at_cap = false;
+                permit
+            }
             Err(_) => {
-                tracing::warn!(
-                    max_connections = config.max_connections,
-                    "connection limit reached; new connections wait"
-                );
+                if !at_cap {
+                    at_cap = true;
+                    tracing::warn!(
+                        max_connections = config.max_connections,
+                        "connection limit reached; new connections wait"
+                    );
+                }
                 tokio::select! {
                     _ = &mut shutdown => break,
                     permit = permits.clone().acquire_owned() => match permit {

@@ -77,14 +77,16 @@ pub fn router_with_limits(state: AppState, limits: limits::Limits) -> Router {
                     },
                 ),
         )
-        // Outside the trace layer, so the request id exists when the span is made.
-        .layer(axum::middleware::from_fn(context::request_id))
-        .layer(CatchPanicLayer::custom(panic_response))
-        // Outermost: shedding load must cost nothing else, and the deadline covers it all.
+        // Outside the handlers and the trace layer: shedding load costs almost nothing, and
+        // the deadline covers everything a request does. Inside the request id, so even a
+        // shed or timed-out request is answered with its X-Request-Id.
         .layer(axum::middleware::from_fn_with_state(
             limiter,
             limits::limit_requests,
         ))
+        // Outside the trace layer, so the request id exists when the span is made.
+        .layer(axum::middleware::from_fn(context::request_id))
+        .layer(CatchPanicLayer::custom(panic_response))
 }
 
 async fn not_found() -> ApiError {

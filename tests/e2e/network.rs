@@ -371,6 +371,8 @@ fn a_late_body_gets_408_request_timeout() {
     assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
     assert!(answer.contains("application/problem+json"), "{answer}");
     assert!(answer.contains("\"code\":\"request_timeout\""), "{answer}");
+    // Answered inside the request-id layer, like every other response.
+    assert!(answer.to_lowercase().contains("x-request-id:"), "{answer}");
     assert!(closed && took < Duration::from_secs(5), "{took:?}");
 }
 
