@@ -242,6 +242,10 @@ pub struct ClientArgs {
     /// Print the raw JSON answer.
     #[arg(long)]
     pub json: bool,
+    /// For an https URL: trust the certificates in this PEM file (a private CA or the
+    /// server's self-signed certificate) besides the bundled public roots.
+    #[arg(long, env = "EKM_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -362,8 +366,10 @@ pub struct ServeArgs {
     #[arg(long, env = "EKM_KMS_GRACE_PERIOD", default_value = "5m", value_parser = parse_duration)]
     pub kms_grace_period: Duration,
     /// The endpoint URLs customer keys may name in `endpoint_url` (VPC endpoints, private
-    /// links), comma-separated. Any other is refused: the platform's cloud credentials are
-    /// sent to the endpoint.
+    /// links), comma-separated, each `scheme://host[:port]` in canonical form; one DNS label
+    /// may hold one `*` (`https://*.p.googleapis.com`), or the port may be `*`. Scheme, host
+    /// and port are matched; any other endpoint is refused: the platform's cloud credentials
+    /// are sent to it. A pattern that does not parse stops `ekm serve`.
     #[arg(long, env = "EKM_KMS_ALLOWED_ENDPOINTS", value_delimiter = ',')]
     pub kms_allowed_endpoints: Vec<String>,
     /// Time limit of each call to a customer's KMS (retried with backoff when transient).
@@ -373,4 +379,33 @@ pub struct ServeArgs {
     /// no notification arrives.
     #[arg(long, env = "EKM_PROJECTION_POLL_INTERVAL", default_value = "500ms", value_parser = parse_duration)]
     pub projection_poll_interval: Duration,
+    /// Time a client has to send a request's headers, counted from when the connection is
+    /// ready for a request: also how long an idle keep-alive connection stays open, and the
+    /// limit of a TLS handshake.
+    #[arg(long, env = "EKM_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub header_read_timeout: Duration,
+    /// Time from a request's headers to its answer, reading the body included (408 when the
+    /// body is late, 503 when the answer is).
+    #[arg(long, env = "EKM_REQUEST_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub request_timeout: Duration,
+    /// Connections served at once; more wait to be accepted until one closes.
+    #[arg(long, env = "EKM_MAX_CONNECTIONS", default_value = "1024", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_connections: u32,
+    /// Requests in flight at once; more are answered 503 `overloaded` with Retry-After
+    /// (`/healthz` never is).
+    #[arg(long, env = "EKM_MAX_CONCURRENT_REQUESTS", default_value = "512", value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_concurrent_requests: u32,
+    /// Requests in flight per expensive endpoint (audit verify, audit export, scope search).
+    #[arg(long, env = "EKM_MAX_EXPENSIVE_REQUESTS", default_value = "2", value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    pub max_expensive_requests: u32,
+    /// After SIGTERM or SIGINT, how long requests in progress may still run before their
+    /// connections are closed and the process exits.
+    #[arg(long, env = "EKM_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub shutdown_timeout: Duration,
+    /// Serve HTTPS with this PEM certificate chain (needs --tls-key).
+    #[arg(long, env = "EKM_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, env = "EKM_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
 }

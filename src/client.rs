@@ -168,7 +168,7 @@ async fn call(
 ) -> anyhow::Result<ExitCode> {
     let token = bearer_token(client)?;
     let url = format!("{}{path}", client.url.trim_end_matches('/'));
-    let mut request = reqwest::Client::new()
+    let mut request = http_client(client)?
         .request(method, &url)
         .bearer_auth(token.as_str());
     if let Some(body) = body {
@@ -226,6 +226,24 @@ fn bearer_token(client: &ClientArgs) -> anyhow::Result<Zeroizing<String>> {
              other users of the machine can read it)"
         ),
     }
+}
+
+/// An HTTP(S) client: rustls with the bundled public roots, plus `--ca-file` if given.
+fn http_client(client: &ClientArgs) -> anyhow::Result<reqwest::Client> {
+    let mut builder = reqwest::Client::builder().use_rustls_tls();
+    if let Some(path) = &client.ca_file {
+        let pem = std::fs::read(path)
+            .with_context(|| format!("cannot read --ca-file {}", path.display()))?;
+        let certificates = reqwest::Certificate::from_pem_bundle(&pem)
+            .with_context(|| format!("--ca-file {}: not PEM certificates", path.display()))?;
+        if certificates.is_empty() {
+            anyhow::bail!("--ca-file {}: no certificate in the file", path.display());
+        }
+        for certificate in certificates {
+            builder = builder.add_root_certificate(certificate);
+        }
+    }
+    builder.build().context("cannot build the HTTP client")
 }
 
 /// The master key answer in a few lines.

@@ -5,6 +5,7 @@ mod cli;
 mod client;
 mod duration;
 mod jobs;
+mod listener;
 mod operator_token;
 mod serve;
 mod telemetry;

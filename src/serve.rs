@@ -2,15 +2,15 @@
 //! runner and the HTTP server, and stop all of it cleanly on SIGTERM or SIGINT.
 
 use std::fs::File;
-use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use ekm_api::health::HealthMonitor;
 use ekm_api::keys::{local_master_key, KeyService, KmsOptions};
+use ekm_api::limits::Limits;
 use ekm_api::rekey::Rekeyer;
-use ekm_api::{router, App, AppState};
+use ekm_api::{router_with_limits, App, AppState};
 use ekm_keys::MASTER_KEY_FILE;
 use ekm_kms::KmsSettings;
 use ekm_projections::{Projector, ProjectorConfig};
@@ -18,6 +18,7 @@ use ekm_store::{Db, DbConfig, Tokens, OPERATOR_TOKEN_FILE};
 use tokio::sync::watch;
 
 use crate::cli::{DbArgs, ServeArgs};
+use crate::listener::ListenerConfig;
 
 /// Creates the data directory, makes it 0700 even if it existed (it holds the database,
 /// the master key and the operator token) and, for SQLite, takes its lock: one process at
@@ -68,6 +69,27 @@ pub async fn migrate(args: DbArgs) -> anyhow::Result<()> {
 }
 
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let kms_settings = KmsSettings {
+        timeout: args.kms_timeout,
+        allowed_endpoints: args.kms_allowed_endpoints.clone(),
+        ..KmsSettings::default()
+    };
+    // A pattern that cannot be parsed would silently allow nothing: refuse to start instead.
+    if let Err((pattern, error)) = kms_settings.validate_allowed_endpoints() {
+        bail!("--kms-allowed-endpoints: `{pattern}` {error}");
+    }
+    // A bad certificate or key stops start-up before anything else happens.
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(crate::listener::tls_acceptor(cert, key)?),
+        (None, None) => None,
+        _ => bail!("--tls-cert and --tls-key go together"),
+    };
+    let listener_config = ListenerConfig {
+        header_read_timeout: args.header_read_timeout,
+        max_connections: args.max_connections as usize,
+        shutdown_timeout: args.shutdown_timeout,
+        tls,
+    };
     let (config, _lock) = prepare_data_dir(&args.db)?;
     let db = open(&config).await?;
     tracing::info!(backend = db.backend_name(), data_dir = %args.db.data_dir.display(), "database ready");
@@ -113,11 +135,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!(ekm_projections::error_chain(&e)))?;
     tracing::info!(path = %master_path.display(), fingerprint = %master.fingerprint(), "master key ready");
     let kms = KmsOptions {
-        settings: KmsSettings {
-            timeout: args.kms_timeout,
-            allowed_endpoints: args.kms_allowed_endpoints.clone(),
-            ..KmsSettings::default()
-        },
+        settings: kms_settings,
         grace: args.kms_grace_period,
     };
     let keys = KeyService::with_kms(db.clone(), master, args.key_cache_ttl, kms);
@@ -130,24 +148,32 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
     let address = listener.local_addr().unwrap_or(args.listen);
-    tracing::info!(%address, key_health_interval = ?args.key_health_interval, "listening");
+    tracing::info!(
+        %address,
+        tls = listener_config.tls.is_some(),
+        key_health_interval = ?args.key_health_interval,
+        "listening"
+    );
 
-    let service = router(AppState { app }).into_make_service_with_connect_info::<SocketAddr>();
-    let served = axum::serve(listener, service)
-        .with_graceful_shutdown(shutdown_signal())
-        .await;
+    let limits = Limits {
+        request_timeout: args.request_timeout,
+        max_concurrent_requests: args.max_concurrent_requests as usize,
+        max_expensive_requests: args.max_expensive_requests as usize,
+    };
+    let router = router_with_limits(AppState { app }, limits);
+    crate::listener::serve(listener, router, listener_config, shutdown_signal()).await;
 
     let _ = shutdown_tx.send(true);
     let _ = runner.await;
     let _ = monitor.await;
     let _ = rekeyer.await;
     db.close().await;
-    served.context("the HTTP server failed")?;
     tracing::info!("stopped");
     Ok(())
 }
 
-/// Resolves on SIGTERM or SIGINT. In-flight requests finish; new ones are refused.
+/// Resolves on SIGTERM or SIGINT. New connections are refused; requests in progress get
+/// `--shutdown-timeout` to finish.
 async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
     let mut terminate = match signal(SignalKind::terminate()) {

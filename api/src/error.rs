@@ -31,6 +31,10 @@ pub enum Code {
     Unavailable,
     /// The change was committed, but could not be read back: do not repeat the request.
     CommittedUnconfirmed,
+    /// Too many requests in flight (or for one expensive endpoint): retry after `Retry-After`.
+    Overloaded,
+    /// The request did not complete in time (408: its body did not arrive; 503: no answer).
+    RequestTimeout,
     Internal,
 }
 
@@ -51,6 +55,8 @@ impl Code {
             Code::MasterKeyUnusable => "master_key_unusable",
             Code::Unavailable => "unavailable",
             Code::CommittedUnconfirmed => "committed_unconfirmed",
+            Code::Overloaded => "overloaded",
+            Code::RequestTimeout => "request_timeout",
             Code::Internal => "internal",
         }
     }
@@ -73,6 +79,8 @@ impl Code {
             Code::MasterKeyUnusable => "The master key cannot be used",
             Code::Unavailable => "The service is temporarily unavailable",
             Code::CommittedUnconfirmed => "The change was recorded but not confirmed",
+            Code::Overloaded => "The server is overloaded",
+            Code::RequestTimeout => "The request did not complete in time",
             Code::Internal => "Internal error",
         }
     }

@@ -16,6 +16,7 @@ pub mod endpoints;
 pub mod error;
 pub mod health;
 pub mod keys;
+pub mod limits;
 mod master_key;
 pub mod rekey;
 mod routes;
@@ -34,10 +35,21 @@ pub use app::{App, AppError};
 pub use error::{ApiError, Code};
 pub use state::AppState;
 
-/// The whole API, ready to serve.
+/// The whole API, ready to serve, with the default request limits.
 pub fn router(state: AppState) -> Router {
+    router_with_limits(state, limits::Limits::default())
+}
+
+/// The whole API with the given request limits (`ekm serve`'s flags).
+pub fn router_with_limits(state: AppState, limits: limits::Limits) -> Router {
+    let limiter = limits::Limiter::new(limits);
     endpoints::all()
         .into_router()
+        // Route layers see the matched path: the expensive endpoints' own budgets.
+        .route_layer(axum::middleware::from_fn_with_state(
+            limiter.clone(),
+            limits::limit_expensive,
+        ))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(dto::MAX_BODY_BYTES))
@@ -67,6 +79,13 @@ pub fn router(state: AppState) -> Router {
                     },
                 ),
         )
+        // Outside the handlers and the trace layer: shedding load costs almost nothing, and
+        // the deadline covers everything a request does. Inside the request id, so even a
+        // shed or timed-out request is answered with its X-Request-Id.
+        .layer(axum::middleware::from_fn_with_state(
+            limiter,
+            limits::limit_requests,
+        ))
         // Outside the trace layer, so the request id exists when the span is made.
         .layer(axum::middleware::from_fn(context::request_id))
         .layer(CatchPanicLayer::custom(panic_response))

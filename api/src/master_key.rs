@@ -84,9 +84,11 @@ pub async fn set(
             .settings
             .endpoint_allowed(endpoint)
         {
-            return Err(ApiError::invalid(format!(
-                "endpoint_url: {endpoint} is not among the endpoints this platform allows; ask the operator to allow it (--kms-allowed-endpoints)"
-            )));
+            // The URL is not echoed: problems are logged and shown in consoles, and the
+            // answer must not help probe what the platform would connect to.
+            return Err(ApiError::invalid(
+                "endpoint_url is not among the endpoints this platform allows (scheme://host[:port] only, no path); ask the operator to allow it (--kms-allowed-endpoints)",
+            ));
         }
     }
     let expected = expected_version(&headers)?;

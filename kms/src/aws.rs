@@ -71,10 +71,42 @@ impl AwsKms {
             };
         }
         let config = loader.load().await;
+        let config = aws_sdk_kms::config::Builder::from(&config)
+            .interceptor(ResponseCap)
+            .build();
         AwsKms {
-            client: Client::new(&config),
+            client: Client::from_conf(config),
             key_id: key.key_id.clone(),
         }
+    }
+}
+
+/// Refuses answers that announce more than the REST providers' cap before the SDK reads
+/// them. The SDK follows no redirects (it has no redirect support), so no policy is needed.
+#[derive(Debug)]
+struct ResponseCap;
+
+impl aws_sdk_kms::config::Intercept for ResponseCap {
+    fn name(&self) -> &'static str {
+        "ekm-response-cap"
+    }
+
+    fn read_before_deserialization(
+        &self,
+        context: &aws_sdk_kms::config::interceptors::BeforeDeserializationInterceptorContextRef<'_>,
+        _components: &aws_sdk_kms::config::RuntimeComponents,
+        _cfg: &mut aws_sdk_kms::config::ConfigBag,
+    ) -> Result<(), aws_sdk_kms::error::BoxError> {
+        let announced = context
+            .response()
+            .headers()
+            .get("content-length")
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+        if announced > crate::rest::MAX_RESPONSE_BYTES as u64 {
+            return Err("the answer is larger than the provider response cap".into());
+        }
+        Ok(())
     }
 }
 
@@ -85,27 +117,50 @@ fn classify<E>(
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
 {
+    // The SDK's text names the endpoint and DNS or connection errors: logged, never shown.
     let detail = DisplayErrorContext(&error).to_string();
+    let safe = |kind: FailureKind, code: &str, message: &str| {
+        tracing::warn!(
+            operation = operation.as_str(),
+            kind = kind.as_str(),
+            code,
+            detail = %detail,
+            "AWS KMS request failed"
+        );
+        ProviderError::new(operation, kind, code, message)
+    };
     match &error {
-        SdkError::TimeoutError(_) => {
-            ProviderError::new(operation, FailureKind::Timeout, "Timeout", detail)
-        }
+        SdkError::TimeoutError(_) => safe(
+            FailureKind::Timeout,
+            "Timeout",
+            "the endpoint did not answer in time",
+        ),
         SdkError::DispatchFailure(failure) => {
-            let kind = if failure.is_timeout() {
-                FailureKind::Timeout
+            if failure.is_timeout() {
+                safe(
+                    FailureKind::Timeout,
+                    "DispatchFailure",
+                    "the endpoint did not answer in time",
+                )
             } else if failure.is_user() {
-                FailureKind::Unauthenticated
+                safe(
+                    FailureKind::Unauthenticated,
+                    "DispatchFailure",
+                    "the request could not be sent: no usable credentials or configuration",
+                )
             } else {
-                FailureKind::Unreachable
-            };
-            ProviderError::new(operation, kind, "DispatchFailure", detail)
+                safe(
+                    FailureKind::Unreachable,
+                    "DispatchFailure",
+                    "the endpoint could not be reached",
+                )
+            }
         }
         // Mostly: no credentials could be found to sign the request.
-        SdkError::ConstructionFailure(_) => ProviderError::new(
-            operation,
+        SdkError::ConstructionFailure(_) => safe(
             FailureKind::Unauthenticated,
             "ConstructionFailure",
-            detail,
+            "the request could not be built: no usable credentials or configuration",
         ),
         SdkError::ServiceError(service) => {
             let status = service.raw().status().as_u16();
@@ -114,14 +169,13 @@ where
                 .err()
                 .message()
                 .map(str::to_owned)
-                .unwrap_or_else(|| detail.clone());
+                .unwrap_or_else(|| format!("HTTP {status}"));
             ProviderError::new(operation, kind_of(&code, status), code, message)
         }
-        _ => ProviderError::new(
-            operation,
+        _ => safe(
             FailureKind::ProviderFault,
             "ResponseError",
-            detail,
+            "the answer could not be read",
         ),
     }
 }

@@ -120,9 +120,7 @@ impl GcpKms {
             .map_err(|mut e| {
                 if e.kind == FailureKind::Unreachable {
                     e.kind = FailureKind::Unauthenticated;
-                    e.message = format!(
-                        "no GOOGLE_OAUTH_ACCESS_TOKEN, no GOOGLE_APPLICATION_CREDENTIALS and the metadata server at {host} is not reachable"
-                    );
+                    e.message = "no GOOGLE_OAUTH_ACCESS_TOKEN, no GOOGLE_APPLICATION_CREDENTIALS and the metadata server is not reachable".to_owned();
                 }
                 e
             })
@@ -355,5 +353,103 @@ impl MasterKeyProvider for GcpKms {
             "DESTROYED" | "DESTROY_SCHEDULED" => KeyState::PendingDeletion,
             other => KeyState::Unusable(other.chars().take(40).collect()),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    use axum::http::{header, StatusCode};
+    use axum::response::IntoResponse;
+
+    use super::*;
+
+    const KEY: &str = "projects/p/locations/global/keyRings/r/cryptoKeys/k";
+
+    /// Serves `router` on a free loopback port; returns its base URL.
+    async fn serve(router: axum::Router) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        format!("http://{address}")
+    }
+
+    fn provider(endpoint: &str) -> GcpKms {
+        let key =
+            MasterKeyRef::parse(ekm_domain::Provider::GcpKms, KEY, None, Some(endpoint)).unwrap();
+        let settings = KmsSettings {
+            environment: Environment::from_map(HashMap::from([(
+                "GOOGLE_OAUTH_ACCESS_TOKEN".to_owned(),
+                "platform-token".to_owned(),
+            )])),
+            ..KmsSettings::default()
+        };
+        GcpKms::new(&key, &settings).unwrap()
+    }
+
+    #[tokio::test]
+    async fn describe_fails_without_following_a_redirect() {
+        let hits = Arc::new(AtomicUsize::new(0));
+        let counted = hits.clone();
+        let elsewhere = serve(axum::Router::new().fallback(move || {
+            counted.fetch_add(1, Ordering::SeqCst);
+            async { axum::Json(serde_json::json!({"primary": {"state": "ENABLED"}})) }
+        }))
+        .await;
+        let target = format!("{elsewhere}/v1/{KEY}");
+        let redirecting = serve(axum::Router::new().fallback(move || async move {
+            (
+                StatusCode::TEMPORARY_REDIRECT,
+                [(header::LOCATION, target.clone())],
+            )
+                .into_response()
+        }))
+        .await;
+
+        let error = provider(&redirecting).describe().await.unwrap_err();
+        assert_eq!(error.code, "HTTP307");
+        assert_eq!(hits.load(Ordering::SeqCst), 0, "the redirect was followed");
+    }
+
+    #[tokio::test]
+    async fn describe_fails_when_the_answer_is_larger_than_the_cap() {
+        // One with Content-Length, one streamed without it.
+        let big = serve(
+            axum::Router::new()
+                .fallback(|| async { format!("{{\"pad\": \"{}\"}}", "x".repeat(2 << 20)) }),
+        )
+        .await;
+        let streamed = serve(axum::Router::new().fallback(|| async {
+            let chunks = (0..40).map(|_| Ok::<_, std::io::Error>(vec![b' '; 64 << 10]));
+            axum::body::Body::from_stream(futures_util::stream::iter(chunks))
+        }))
+        .await;
+        for endpoint in [big, streamed] {
+            let error = provider(&endpoint).describe().await.unwrap_err();
+            assert_eq!(
+                (error.kind, error.code.as_str()),
+                (FailureKind::ProviderFault, "ResponseTooLarge")
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_endpoint_is_reported_without_network_detail() {
+        let closed = {
+            let socket = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            socket.local_addr().unwrap().port()
+        };
+        let error = provider(&format!("http://127.0.0.1:{closed}"))
+            .describe()
+            .await
+            .unwrap_err();
+        assert_eq!(error.kind, FailureKind::Unreachable);
+        let shown = format!("{error} {}", error.message);
+        assert!(!shown.contains("127.0.0.1"), "{shown}");
+        assert!(!shown.contains(&closed.to_string()), "{shown}");
+        assert!(!shown.to_lowercase().contains("connect"), "{shown}");
     }
 }

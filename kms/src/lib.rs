@@ -18,12 +18,14 @@ use zeroize::Zeroizing;
 
 mod aws;
 mod azure;
+mod endpoint;
 mod gcp;
 mod local;
 mod rest;
 
 pub use aws::AwsKms;
 pub use azure::AzureKeyVault;
+pub use endpoint::{Endpoint, EndpointError, EndpointPattern};
 pub use gcp::GcpKms;
 pub use local::LocalProvider;
 
@@ -245,7 +247,8 @@ impl fmt::Display for FailureKind {
 }
 
 /// A provider call that failed. The message is the provider's (it names keys, never key
-/// material) and is safe to show to the customer.
+/// material) or ours, and is safe to show to the customer: network detail (URLs, addresses,
+/// DNS and connection errors) is logged where it happens and never put here.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{operation} failed ({kind}): {code}: {message}", operation = .operation.as_str())]
 pub struct ProviderError {
@@ -278,6 +281,19 @@ impl ProviderError {
             message,
         }
     }
+}
+
+/// An error and its sources on one line, for the log (never for clients: it may name
+/// URLs, addresses and DNS failures).
+pub(crate) fn error_detail(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 /// A master key provider.
@@ -343,28 +359,33 @@ pub struct KmsSettings {
     pub backoff: Duration,
     pub environment: Environment,
     /// The `endpoint_url`s a customer key may name (VPC endpoints, private links, test
-    /// servers), as the operator configured them; one `*` matches any run of characters
-    /// (`https://vpce-*.kms.eu-west-1.vpce.amazonaws.com`). Any other is refused: a provider
-    /// sends the platform's credentials (a bearer token, or SigV4-signed requests) to its
-    /// endpoint.
+    /// servers), as the operator configured them: `scheme://host[:port]`, where one DNS label
+    /// may hold one `*` (`https://vpce-*.kms.eu-west-1.vpce.amazonaws.com`) or the port may be
+    /// `*` (`endpoint::EndpointPattern`). Any other is refused: a provider sends the
+    /// platform's credentials (a bearer token, or SigV4-signed requests) to its endpoint.
     pub allowed_endpoints: Vec<String>,
 }
 
 impl KmsSettings {
-    /// Whether `endpoint` (already normalized by `MasterKeyRef::parse`) is allowed.
+    /// Whether `endpoint` is allowed: it parses as a canonical origin and one of the
+    /// operator's patterns matches its scheme, host and port. A pattern that does not parse
+    /// allows nothing (`validate_allowed_endpoints` refuses it at start-up).
     pub fn endpoint_allowed(&self, endpoint: &str) -> bool {
+        let Ok(endpoint) = Endpoint::parse(endpoint) else {
+            return false;
+        };
         self.allowed_endpoints.iter().any(|allowed| {
-            let allowed = allowed.trim().trim_end_matches('/');
-            match allowed.split_once('*') {
-                None => allowed == endpoint,
-                Some((prefix, suffix)) => {
-                    endpoint.len() >= prefix.len() + suffix.len()
-                        && endpoint.starts_with(prefix)
-                        && endpoint.ends_with(suffix)
-                        && !suffix.contains('*')
-                }
-            }
+            EndpointPattern::parse(allowed).is_ok_and(|pattern| pattern.matches(&endpoint))
         })
+    }
+
+    /// Checks every allow-list pattern, naming the first bad one (the operator's own
+    /// configuration, safe to show them).
+    pub fn validate_allowed_endpoints(&self) -> Result<(), (String, EndpointError)> {
+        for pattern in &self.allowed_endpoints {
+            EndpointPattern::parse(pattern).map_err(|error| (pattern.clone(), error))?;
+        }
+        Ok(())
     }
 }
 
@@ -391,9 +412,8 @@ pub async fn provider_for(
                 Operation::Credentials,
                 FailureKind::Invalid,
                 "EndpointNotAllowed",
-                format!(
-                    "endpoint_url {endpoint} is not among the endpoints the operator allows (--kms-allowed-endpoints)"
-                ),
+                // Never the URL: errors reach clients, and the URL is theirs to echo or not.
+                "endpoint_url is not among the endpoints the operator allows (--kms-allowed-endpoints)",
             ));
         }
     }
@@ -590,6 +610,21 @@ mod tests {
             !settings.endpoint_allowed("https://vpce-0abc.kms.eu-west-1.vpce.amazonaws.com.evil")
         );
         assert!(!KmsSettings::default().endpoint_allowed("https://kms.internal.example"));
+        // Issue 14: a string suffix match let a path carry the allowed suffix.
+        let google = KmsSettings {
+            allowed_endpoints: vec!["https://*.p.googleapis.com".into()],
+            ..KmsSettings::default()
+        };
+        assert!(!google.endpoint_allowed("https://127.0.0.1:9443/.p.googleapis.com"));
+        assert!(google.endpoint_allowed("https://eu.p.googleapis.com"));
+        let bad = KmsSettings {
+            allowed_endpoints: vec!["https://ok.example".into(), "https://*".into()],
+            ..KmsSettings::default()
+        };
+        assert_eq!(
+            bad.validate_allowed_endpoints(),
+            Err(("https://*".to_owned(), EndpointError::Wildcard))
+        );
     }
 
     #[tokio::test]

@@ -9,10 +9,17 @@ use zeroize::Zeroizing;
 
 use crate::{FailureKind, KmsSettings, Operation, ProviderError};
 
+/// The most a provider answer may hold; a KMS answer is a few KiB at most, so a bigger one
+/// is a fault (or an endpoint that is not a KMS), never buffered whole.
+pub(crate) const MAX_RESPONSE_BYTES: usize = 1 << 20;
+
+/// The HTTP client of the REST providers. Redirects are never followed: the bearer token
+/// must reach only the allowed endpoint, not wherever that endpoint points.
 pub(crate) fn client(settings: &KmsSettings) -> Result<reqwest::Client, ProviderError> {
     reqwest::Client::builder()
         .timeout(settings.timeout)
         .connect_timeout(settings.timeout)
+        .redirect(reqwest::redirect::Policy::none())
         .build()
         .map_err(|e| {
             ProviderError::new(
@@ -24,15 +31,77 @@ pub(crate) fn client(settings: &KmsSettings) -> Result<reqwest::Client, Provider
         })
 }
 
-/// A request that got no HTTP answer.
+/// A request that got no HTTP answer. The detail (URL, DNS or connection error) goes to
+/// the log only: a client learns that the endpoint was unreachable, not what the platform's
+/// network looks like from inside.
 pub(crate) fn transport(operation: Operation, error: &reqwest::Error) -> ProviderError {
-    let kind = if error.is_timeout() {
-        FailureKind::Timeout
+    let (kind, message) = if error.is_timeout() {
+        (FailureKind::Timeout, "the endpoint did not answer in time")
     } else {
-        FailureKind::Unreachable
+        (
+            FailureKind::Unreachable,
+            "the endpoint could not be reached",
+        )
     };
     // reqwest's Display names the URL, never headers or bodies.
-    ProviderError::new(operation, kind, "Transport", error.to_string())
+    tracing::warn!(
+        operation = operation.as_str(),
+        kind = kind.as_str(),
+        detail = %crate::error_detail(error),
+        "master key provider request failed"
+    );
+    ProviderError::new(operation, kind, "Transport", message)
+}
+
+/// Reads an answer's body, at most `MAX_RESPONSE_BYTES`, into memory that is wiped when
+/// dropped (a decrypt answer holds a key), including the buffers outgrown on the way.
+pub(crate) async fn read_body(
+    operation: Operation,
+    mut response: reqwest::Response,
+) -> Result<Zeroizing<String>, ProviderError> {
+    let too_large = || {
+        ProviderError::new(
+            operation,
+            FailureKind::ProviderFault,
+            "ResponseTooLarge",
+            format!("the answer is larger than {MAX_RESPONSE_BYTES} bytes"),
+        )
+    };
+    let announced = response.content_length().unwrap_or(0);
+    if announced > MAX_RESPONSE_BYTES as u64 {
+        return Err(too_large());
+    }
+    let mut body = Zeroizing::new(Vec::with_capacity(announced.max(4096) as usize));
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| transport(operation, &e))?
+    {
+        let needed = body.len() + chunk.len();
+        if needed > MAX_RESPONSE_BYTES {
+            return Err(too_large());
+        }
+        if needed > body.capacity() {
+            // Grow by hand: `Vec` would leave the old buffer behind unwiped.
+            let mut grown =
+                Zeroizing::new(Vec::with_capacity((needed * 2).min(MAX_RESPONSE_BYTES)));
+            grown.extend_from_slice(&body);
+            body = grown;
+        }
+        body.extend_from_slice(&chunk);
+    }
+    match String::from_utf8(std::mem::take(&mut *body)) {
+        Ok(text) => Ok(Zeroizing::new(text)),
+        Err(error) => {
+            drop(Zeroizing::new(error.into_bytes()));
+            Err(ProviderError::new(
+                operation,
+                FailureKind::ProviderFault,
+                "MalformedResponse",
+                "the answer is not UTF-8 text",
+            ))
+        }
+    }
 }
 
 /// Sends `request` with the bearer `token` and reads the whole answer, which is wiped when
@@ -50,12 +119,7 @@ pub(crate) async fn send(
         .await
         .map_err(|e| transport(operation, &e))?;
     let status = response.status();
-    let body = Zeroizing::new(
-        response
-            .text()
-            .await
-            .map_err(|e| transport(operation, &e))?,
-    );
+    let body = read_body(operation, response).await?;
     if status.as_u16() == 401 {
         tokens.clear().await;
     }
@@ -142,10 +206,7 @@ pub(crate) async fn fetch_token(
         .await
         .map_err(|e| transport(Operation::Credentials, &e))?;
     let status = response.status();
-    let body = response
-        .text()
-        .await
-        .map_err(|e| transport(Operation::Credentials, &e))?;
+    let body = read_body(Operation::Credentials, response).await?;
     if !status.is_success() {
         let kind = if status.is_server_error() {
             FailureKind::ProviderFault

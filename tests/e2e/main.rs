@@ -23,6 +23,7 @@ mod hardening;
 mod history;
 mod kms_servers;
 mod migrations;
+mod network;
 mod process;
 mod process_hardening;
 mod rebuild;
