@@ -366,7 +366,9 @@ impl KeyService {
             (None, None) => Ok(None),
             (Some(fingerprint), None) if fingerprint == local => Ok(None),
             (Some(fingerprint), None) if self.reload_master(fingerprint) => Ok(None),
-            (Some(wrapping_id), Some(master)) if master.wrapping_id() == wrapping_id => {
+            (Some(wrapping_id), Some(master))
+                if master.wrapping_id() == customer_part(wrapping_id) =>
+            {
                 Ok(Some(master))
             }
             _ => Err(wrong()),
@@ -403,8 +405,22 @@ impl KeyService {
             }
             Some(master) => {
                 let provider = self.provider(&master).await.map_err(KeyError::Provider)?;
+                // Sealed by the platform key around the customer's ciphertext (ADR 0013);
+                // rows written before that hold the customer's ciphertext alone.
+                let inner = match platform_part(row.master_fingerprint.as_deref()) {
+                    Some(fingerprint) => {
+                        let mut local = self.local_master();
+                        if local.fingerprint() != fingerprint && self.reload_master(fingerprint) {
+                            local = self.local_master();
+                        }
+                        local
+                            .open_outer(&row.wrapped, &context.local_binding())
+                            .map_err(|_| KeyError::Unwrap)?
+                    }
+                    None => zeroize::Zeroizing::new(row.wrapped.clone()),
+                };
                 self.kms_calls.fetch_add(1, Ordering::Relaxed);
-                provider.unwrap(&row.wrapped, context).await
+                provider.unwrap(&inner, context).await
             }
         };
         let bytes = match bytes {
@@ -903,11 +919,22 @@ impl KeyService {
             Some(master) => {
                 let provider = self.provider(master).await.map_err(KeyError::Provider)?;
                 self.kms_calls.fetch_add(1, Ordering::Relaxed);
-                let wrapped = provider
+                let inner = provider
                     .wrap(&plaintext, context)
                     .await
                     .map_err(KeyError::Provider)?;
-                Ok((wrapped, master.wrapping_id()))
+                let local = self.local_master();
+                let wrapped = local
+                    .seal_outer(&inner, &context.local_binding())
+                    .map_err(|_| KeyError::Unwrap)?;
+                Ok((
+                    wrapped,
+                    format!(
+                        "{}{PLATFORM_SEAL}{}",
+                        master.wrapping_id(),
+                        local.fingerprint()
+                    ),
+                ))
             }
             None => {
                 let master = self.local_master();
@@ -963,6 +990,24 @@ pub fn rotating_path(path: &std::path::Path) -> std::path::PathBuf {
 /// How a staged re-wrap of a wrapping key's epoch is told apart from a key version's in
 /// `master_key_rewraps` (the shredder applies each to its table).
 pub const WRAPPING_STAGE_PREFIX: &str = "wrap:";
+
+/// In a row's `master_fingerprint`, what follows the customer key's id when the platform
+/// key seals the customer's ciphertext (`aws-kms:arn…+local:<fingerprint>`).
+pub const PLATFORM_SEAL: &str = "+local:";
+
+/// The customer key's part of a row's `master_fingerprint`.
+fn customer_part(wrapped_by: &str) -> &str {
+    wrapped_by
+        .split_once(PLATFORM_SEAL)
+        .map_or(wrapped_by, |(customer, _)| customer)
+}
+
+/// The platform key that seals a customer-wrapped row, if one does.
+fn platform_part(wrapped_by: Option<&str>) -> Option<&str> {
+    wrapped_by?
+        .split_once(PLATFORM_SEAL)
+        .map(|(_, local)| local)
+}
 
 /// A boxed future, for the methods that recurse up the hierarchy.
 type BoxFuture<'a, T> = std::pin::Pin<Box<dyn std::future::Future<Output = T> + Send + 'a>>;
@@ -1145,7 +1190,7 @@ pub async fn rotate_local_master_key(
         .rotate_local_master(
             &old_fingerprint,
             &new_fingerprint,
-            |kind, org, number, wrapped| {
+            |kind, sealed, org, number, wrapped| {
                 let context = match kind {
                     ekm_store::MasterWrappedKind::WrappingKey => {
                         WrapContext::wrapping_key(org, number)
@@ -1155,6 +1200,12 @@ pub async fn rotate_local_master_key(
                     }
                 };
                 let binding = context.local_binding();
+                if sealed {
+                    // BYOK: the customer's ciphertext, re-sealed; the customer key is not
+                    // called.
+                    let inner = current.open_outer(wrapped, &binding).ok()?;
+                    return new.seal_outer(&inner, &binding).ok();
+                }
                 let key = current.unwrap_bound(wrapped, &binding).ok()?;
                 new.wrap_bound(&key, &binding).ok()
             },

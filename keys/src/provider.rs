@@ -140,6 +140,25 @@ impl LocalMasterKey {
         self.key.unwrap_key(wrapped, &parts)
     }
 
+    /// Seals a customer KMS's ciphertext of an organization key (BYOK): both this key and
+    /// the customer's are then needed to open it, so rotating this key retires every old
+    /// copy of the database on every tier (ADR 0013).
+    pub fn seal_outer(&self, inner: &[u8], binding: &[Vec<u8>]) -> Result<Vec<u8>, CryptoError> {
+        let mut headers: Vec<&[u8]> = vec![b"ekm-byok-outer-v1"];
+        headers.extend(binding.iter().map(Vec::as_slice));
+        self.key.seal(&headers, inner)
+    }
+
+    pub fn open_outer(
+        &self,
+        sealed: &[u8],
+        binding: &[Vec<u8>],
+    ) -> Result<zeroize::Zeroizing<Vec<u8>>, CryptoError> {
+        let mut headers: Vec<&[u8]> = vec![b"ekm-byok-outer-v1"];
+        headers.extend(binding.iter().map(Vec::as_slice));
+        self.key.open(&headers, sealed)
+    }
+
     pub fn unwrap(&self, wrapped: &[u8], org_id: &str, version: u32) -> Result<Kek, CryptoError> {
         let version = version.to_string();
         self.key.unwrap_key(

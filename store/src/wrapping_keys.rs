@@ -360,8 +360,10 @@ pub enum MasterWrappedKind {
     KeyVersion,
 }
 
-/// One row a master-key rotation re-wraps: table, key columns, the bytes.
+/// One row a master-key rotation re-wraps: table, key columns, the bytes, and what
+/// `master_fingerprint` (or `wrapped_by`) said.
 struct RotatedRow {
+    by: String,
     table: &'static str,
     scope_id: String,
     number: i64,
@@ -384,24 +386,27 @@ impl Db {
         mut rewrap: F,
     ) -> Result<usize, StoreError>
     where
-        F: FnMut(MasterWrappedKind, &str, u32, &[u8]) -> Option<Vec<u8>> + Send,
+        F: FnMut(MasterWrappedKind, bool, &str, u32, &[u8]) -> Option<Vec<u8>> + Send,
     {
+        // Rows the platform key wraps, and (BYOK) rows where it seals the customer's
+        // ciphertext: `<customer key>+local:<fingerprint>`.
+        let sealed = format!("%+local:{old}");
         let select = [
             (
                 "wrapping_keys",
-                "SELECT scope_id, epoch, fingerprint, wrapped, NULL FROM wrapping_keys \
-                 WHERE parent_id IS NULL AND master_fingerprint = $1",
+                "SELECT scope_id, epoch, fingerprint, wrapped, NULL, master_fingerprint FROM wrapping_keys \
+                 WHERE parent_id IS NULL AND (master_fingerprint = $1 OR master_fingerprint LIKE $2)",
             ),
             (
                 "key_material",
-                "SELECT scope_id, version, fingerprint, wrapped, NULL FROM key_material \
-                 WHERE parent_id IS NULL AND node_epoch IS NULL \
-                 AND (master_fingerprint = $1 OR master_fingerprint IS NULL)",
+                "SELECT scope_id, version, fingerprint, wrapped, NULL, COALESCE(master_fingerprint, $1) \
+                 FROM key_material WHERE parent_id IS NULL AND node_epoch IS NULL \
+                 AND (master_fingerprint = $1 OR master_fingerprint IS NULL OR master_fingerprint LIKE $2)",
             ),
             (
                 "master_key_rewraps",
-                "SELECT scope_id, version, fingerprint, wrapped, target FROM master_key_rewraps \
-                 WHERE wrapped_by = $1",
+                "SELECT scope_id, version, fingerprint, wrapped, target, wrapped_by FROM master_key_rewraps \
+                 WHERE wrapped_by = $1 OR wrapped_by LIKE $2",
             ),
         ];
         let now = now_micros();
@@ -422,9 +427,9 @@ impl Db {
             }
             let mut rows = vec![];
             for (table, sql) in select {
-                let found: Vec<(String, i64, String, String, Option<String>)> =
-                    sqlx::query_as(sql).bind(old).fetch_all(&mut *tx).await?;
-                for (scope_id, number, fingerprint, wrapped, target) in found {
+                let found: Vec<(String, i64, String, String, Option<String>, String)> =
+                    sqlx::query_as(sql).bind(old).bind(&sealed).fetch_all(&mut *tx).await?;
+                for (scope_id, number, fingerprint, wrapped, target, by) in found {
                     let kind = if table == "wrapping_keys" || fingerprint.starts_with("wrap:") {
                         MasterWrappedKind::WrappingKey
                     } else {
@@ -433,14 +438,19 @@ impl Db {
                     let wrapped = STANDARD
                         .decode(wrapped)
                         .map_err(|_| StoreError::MalformedKey { scope_id: scope_id.clone() })?;
-                    rows.push(RotatedRow { table, scope_id, number, fingerprint, target, kind, wrapped });
+                    rows.push(RotatedRow { by, table, scope_id, number, fingerprint, target, kind, wrapped });
                 }
             }
             for row in &rows {
                 let number = u32::try_from(row.number)
                     .map_err(|_| StoreError::MalformedKey { scope_id: row.scope_id.clone() })?;
-                let wrapped = rewrap(row.kind, &row.scope_id, number, &row.wrapped)
+                let customer = row.by.strip_suffix(&format!("+local:{old}"));
+                let wrapped = rewrap(row.kind, customer.is_some(), &row.scope_id, number, &row.wrapped)
                     .ok_or_else(|| StoreError::MalformedKey { scope_id: row.scope_id.clone() })?;
+                let by = match customer {
+                    Some(customer) => format!("{customer}+local:{new}"),
+                    None => new.to_owned(),
+                };
                 let wrapped = STANDARD.encode(wrapped);
                 let query = match row.table {
                     "wrapping_keys" => sqlx::query(
@@ -455,7 +465,7 @@ impl Db {
                 };
                 query
                     .bind(&wrapped)
-                    .bind(new)
+                    .bind(&by)
                     .bind(&row.scope_id)
                     .bind(row.number)
                     .bind(&row.fingerprint)

@@ -31,7 +31,7 @@ fn kms_settings(environment: Environment) -> KmsSettings {
     }
 }
 
-fn options(environment: Environment, grace: Duration, cache_ttl: Duration) -> Options {
+pub(crate) fn options(environment: Environment, grace: Duration, cache_ttl: Duration) -> Options {
     Options {
         key_cache_ttl: cache_ttl,
         kms: ekm_api::keys::KmsOptions {
@@ -46,7 +46,12 @@ async fn enterprise_org(app: &TestApp) -> (String, String) {
     app.data_org("enterprise", "managed").await
 }
 
-async fn connect(app: &TestApp, token: &str, org: &str, body: Value) -> crate::harness::Response {
+pub(crate) async fn connect(
+    app: &TestApp,
+    token: &str,
+    org: &str,
+    body: Value,
+) -> crate::harness::Response {
     app.call(
         "PUT",
         &format!("/v1/orgs/{org}/master-key"),
@@ -148,22 +153,40 @@ async fn aws_key_connects_and_its_health_is_followed(backend: Backend) {
     assert_eq!(connected.body["status"], "available");
     assert_eq!(connected.body["changed"], true);
 
-    // The organization's wrapping key is now wrapped by the customer's key only: the
-    // platform key cannot open it any more (ADR 0013: key versions sit under it).
+    // The organization's wrapping key is now wrapped by the customer's key, and the
+    // platform key seals that ciphertext (ADR 0013): neither key alone opens it.
+    let local =
+        ekm_keys::LocalMasterKey::load(&app.data_dir().join(ekm_keys::MASTER_KEY_FILE), false)
+            .unwrap()
+            .unwrap();
     let rows = app.db.wrapping_keys(&org).await.unwrap();
     assert!(!rows.is_empty());
     for row in &rows {
         assert_eq!(
             row.master_fingerprint.as_deref(),
-            Some(format!("aws-kms:{arn}").as_str())
+            Some(format!("aws-kms:{arn}+local:{}", local.fingerprint()).as_str())
         );
     }
-    let local =
-        ekm_keys::LocalMasterKey::load(&app.data_dir().join(ekm_keys::MASTER_KEY_FILE), false)
-            .unwrap()
-            .unwrap();
-    let binding = ekm_kms::WrapContext::wrapping_key(&org, rows[0].epoch).local_binding();
+    let context = WrapContext::wrapping_key(&org, rows[0].epoch);
+    let binding = context.local_binding();
     assert!(local.unwrap_bound(&rows[0].wrapped, &binding).is_err());
+    let customer = ekm_kms::provider_for(
+        &ekm_domain::MasterKeyRef::parse(ekm_domain::Provider::AwsKms, &arn, None, Some(&moto.url))
+            .unwrap(),
+        &kms_settings(aws_environment()),
+    )
+    .await
+    .unwrap();
+    assert!(
+        customer.unwrap(&rows[0].wrapped, context).await.is_err(),
+        "the customer's key alone does not open it"
+    );
+    let inner = local.open_outer(&rows[0].wrapped, &binding).unwrap();
+    assert_eq!(
+        customer.unwrap(&inner, context).await.unwrap().len(),
+        64,
+        "both keys together do"
+    );
 
     // Old ciphertexts keep working; new ones too.
     let opened = decrypt(&app, &token, &thread, &before).await;
@@ -408,9 +431,10 @@ async fn switching_back_to_the_platform_key_and_rotating_under_byok_keep_data_re
     assert_eq!(rotated.body["key_versions"].as_array().unwrap().len(), 2);
     let rows = app.db.wrapping_keys(&org).await.unwrap();
     assert_eq!(rows.len(), 1);
-    assert!(rows
-        .iter()
-        .all(|r| r.master_fingerprint.as_deref() == Some(format!("aws-kms:{arn}").as_str())));
+    assert!(rows.iter().all(|r| r
+        .master_fingerprint
+        .as_deref()
+        .is_some_and(|m| m.starts_with(&format!("aws-kms:{arn}+local:")))));
     let kms_before = app.app.keys().kms_call_count();
 
     // Back to the platform key, through the tier.

@@ -39,6 +39,7 @@ struct WrappingRow {
     epoch: i64,
     wrapped: Vec<u8>,
     parent: Option<(String, i64)>,
+    master: Option<String>,
 }
 
 type VersionTuple = (
@@ -49,7 +50,14 @@ type VersionTuple = (
     Option<i64>,
     Option<i64>,
 );
-type WrappingTuple = (String, i64, String, Option<String>, Option<i64>);
+type WrappingTuple = (
+    String,
+    i64,
+    String,
+    Option<String>,
+    Option<i64>,
+    Option<String>,
+);
 
 fn pair(id: Option<String>, n: Option<i64>) -> Option<(String, i64)> {
     id.zip(n)
@@ -61,7 +69,7 @@ impl KeyCopy {
             (
                 sqlx::query_as("SELECT scope_id, version, wrapped, parent_id, parent_version, node_epoch FROM key_material")
                     .fetch_all(pool).await.unwrap(),
-                sqlx::query_as("SELECT scope_id, epoch, wrapped, parent_id, parent_epoch FROM wrapping_keys")
+                sqlx::query_as("SELECT scope_id, epoch, wrapped, parent_id, parent_epoch, master_fingerprint FROM wrapping_keys")
                     .fetch_all(pool).await.unwrap(),
             )
         });
@@ -78,11 +86,12 @@ impl KeyCopy {
                 .collect(),
             wrapping: wrapping
                 .into_iter()
-                .map(|(scope, epoch, wrapped, p, pe)| WrappingRow {
+                .map(|(scope, epoch, wrapped, p, pe, master)| WrappingRow {
                     scope,
                     epoch,
                     wrapped: STANDARD.decode(wrapped).unwrap(),
                     parent: pair(p, pe),
+                    master,
                 })
                 .collect(),
         }
@@ -99,7 +108,48 @@ impl KeyCopy {
     /// Every key version an attacker opens with these rows and master keys. The bindings
     /// are written out here as the format has them, not taken from the code under test.
     pub fn recover(&self, masters: &[LocalMasterKey]) -> Vec<Kek> {
-        let mut wrapping: HashMap<(String, i64), Kek> = HashMap::new();
+        self.recover_from(masters, HashMap::new())
+    }
+
+    /// `recover`, for an attacker who may also call the customer's KMS (as the platform
+    /// can): organization wrapping keys the customer key wraps are opened through it, after
+    /// peeling the platform key's seal with any of `masters`.
+    pub async fn recover_with_kms(
+        &self,
+        masters: &[LocalMasterKey],
+        kms: &dyn ekm_kms::MasterKeyProvider,
+    ) -> Vec<Kek> {
+        let mut opened = HashMap::new();
+        // Rows a customer key wraps name it (`aws-kms:…`); the platform key's are its
+        // fingerprint alone.
+        let customer_wrapped = |r: &&WrappingRow| {
+            r.parent.is_none() && r.master.as_deref().is_some_and(|m| m.contains(':'))
+        };
+        for row in self.wrapping.iter().filter(customer_wrapped) {
+            let context = ekm_kms::WrapContext::wrapping_key(&row.scope, row.epoch as u32);
+            let mut candidates = vec![row.wrapped.clone()];
+            for master in masters {
+                if let Ok(inner) = master.open_outer(&row.wrapped, &context.local_binding()) {
+                    candidates.push(inner.to_vec());
+                }
+            }
+            for candidate in candidates {
+                if let Ok(bytes) = kms.unwrap(&candidate, context).await {
+                    opened.insert(
+                        (row.scope.clone(), row.epoch),
+                        Kek::from_bytes(&bytes).unwrap(),
+                    );
+                }
+            }
+        }
+        self.recover_from(masters, opened)
+    }
+
+    fn recover_from(
+        &self,
+        masters: &[LocalMasterKey],
+        mut wrapping: HashMap<(String, i64), Kek>,
+    ) -> Vec<Kek> {
         let mut versions: HashMap<(String, i64), Kek> = HashMap::new();
         loop {
             let before = wrapping.len() + versions.len();
@@ -213,6 +263,10 @@ fn destruction(scope: &Value) -> (String, String) {
 /// Rotates the platform master key the way `ekm master-key rotate` does: beside the running
 /// server on PostgreSQL, with the server stopped on SQLite. Returns the running app.
 async fn rotate_master_key(app: TestApp) -> TestApp {
+    rotate_master_key_with(app, crate::harness::Options::default()).await
+}
+
+async fn rotate_master_key_with(app: TestApp, options: crate::harness::Options) -> TestApp {
     let path = app.data_dir().join("master.key");
     match app.database_url() {
         Some(_) => {
@@ -232,7 +286,7 @@ async fn rotate_master_key(app: TestApp) -> TestApp {
                 .await
                 .unwrap();
             db.close().await;
-            TestApp::spawn_on(test_db).await
+            TestApp::spawn_on_with(test_db, options).await
         }
     }
 }
@@ -450,3 +504,135 @@ async fn revoke_leaves_no_byte_of_a_destroyed_key_in_the_files(backend: Backend)
     app.stop().await;
 }
 on_both_backends!(revoke_leaves_no_byte_of_a_destroyed_key_in_the_files);
+
+/// BYOK: a copy made while the platform key alone wrapped the organization key, together
+/// with everything the platform holds after the switch and a master-key rotation, yields
+/// nothing without the customer's KMS.
+async fn byok_switch_holds_against_copies_once_the_master_key_is_rotated(backend: Backend) {
+    use crate::kms_servers::{aws_environment, Moto};
+    let moto = Moto::start().await;
+    let arn = moto.create_key().await;
+    let options = || {
+        crate::byok::options(
+            aws_environment(),
+            std::time::Duration::from_secs(60),
+            std::time::Duration::from_secs(300),
+        )
+    };
+    let app = TestApp::spawn_with(backend, options()).await;
+    let (org, token) = managed_org(&app).await;
+    let thread = app.scope(&token, "thread", "t", &org).await;
+    let secret = encrypt(&app, &token, &thread, b"before byok", "messages")
+        .await
+        .str("ciphertext");
+    let old_master = master_key(app.data_dir());
+    let before = KeyCopy::take(&app.db).await;
+    assert!(opens(
+        &before.recover(std::slice::from_ref(&old_master)),
+        &secret
+    ));
+
+    let connected = crate::byok::connect(
+        &app,
+        &token,
+        &org,
+        serde_json::json!({"provider": "aws-kms", "key_id": arn, "endpoint_url": moto.url, "reason": "go-live"}),
+    )
+    .await;
+    assert_eq!(connected.status, 200, "{:?}", connected.body);
+    // Today's rows and the platform key: nothing, the customer's KMS is needed.
+    let after = KeyCopy::take(&app.db).await;
+    assert!(!opens(
+        &after.recover(std::slice::from_ref(&old_master)),
+        &secret
+    ));
+    // Until the platform key rotates, the old copy still opens with it.
+    assert!(opens(
+        &KeyCopy::merge(&[&before, &after]).recover(std::slice::from_ref(&old_master)),
+        &secret
+    ));
+
+    let app = rotate_master_key_with(app, options()).await;
+    let new_master = master_key(app.data_dir());
+    let rotated = KeyCopy::take(&app.db).await;
+    let everything = KeyCopy::merge(&[&before, &after, &rotated]);
+    assert!(
+        !opens(&everything.recover(&[new_master]), &secret),
+        "every copy and the platform's keys open nothing without the customer's KMS"
+    );
+    // With the customer's KMS, the server still decrypts.
+    let opened = decrypt(&app, &token, &thread, &secret, "messages").await;
+    assert_eq!(opened.status, 200, "{:?}", opened.body);
+    app.stop().await;
+}
+on_both_backends!(byok_switch_holds_against_copies_once_the_master_key_is_rotated);
+
+/// BYOK and a revoke: the platform can still call the customer's key, so a copy made after
+/// the switch would open the revoked thread through it if the customer key alone wrapped
+/// the organization key. The platform key's seal around it makes the rotation retire that
+/// copy too.
+async fn byok_revoke_holds_against_copies_even_with_the_customer_kms(backend: Backend) {
+    use crate::kms_servers::{aws_environment, Moto};
+    let moto = Moto::start().await;
+    let arn = moto.create_key().await;
+    let options = || {
+        crate::byok::options(
+            aws_environment(),
+            std::time::Duration::from_secs(60),
+            std::time::Duration::from_secs(300),
+        )
+    };
+    let app = TestApp::spawn_with(backend, options()).await;
+    let (org, token) = managed_org(&app).await;
+    let connected = crate::byok::connect(
+        &app,
+        &token,
+        &org,
+        serde_json::json!({"provider": "aws-kms", "key_id": arn, "endpoint_url": moto.url, "reason": "go-live"}),
+    )
+    .await;
+    assert_eq!(connected.status, 200, "{:?}", connected.body);
+    let team = app.scope(&token, "team", "research", &org).await;
+    let thread = app.scope(&token, "thread", "t", &team).await;
+    let secret = encrypt(&app, &token, &thread, b"byok secret", "messages")
+        .await
+        .str("ciphertext");
+    let kms = ekm_kms::provider_for(
+        &ekm_domain::MasterKeyRef::parse(ekm_domain::Provider::AwsKms, &arn, None, Some(&moto.url))
+            .unwrap(),
+        &options().kms.settings,
+    )
+    .await
+    .unwrap();
+    let old_master = master_key(app.data_dir());
+    let before = KeyCopy::take(&app.db).await;
+    // With the KMS and the platform key, the copy opens the thread (the test can fail).
+    assert!(opens(
+        &before
+            .recover_with_kms(std::slice::from_ref(&old_master), kms.as_ref())
+            .await,
+        &secret
+    ));
+    // With the KMS alone, nothing: the platform key's seal is needed too.
+    assert!(!opens(
+        &before.recover_with_kms(&[], kms.as_ref()).await,
+        &secret
+    ));
+
+    assert_eq!(app.revoke(&token, &thread).await.status, 200);
+    app.rekeyer.run_pending().await.unwrap();
+    let app = rotate_master_key_with(app, options()).await;
+    let new_master = master_key(app.data_dir());
+    let everything = KeyCopy::merge(&[&before, &KeyCopy::take(&app.db).await]);
+    assert!(
+        !opens(
+            &everything
+                .recover_with_kms(&[new_master], kms.as_ref())
+                .await,
+            &secret
+        ),
+        "no copy opens the revoked thread, even with the customer's KMS"
+    );
+    app.stop().await;
+}
+on_both_backends!(byok_revoke_holds_against_copies_even_with_the_customer_kms);

@@ -307,10 +307,14 @@ impl TestApp {
     }
 
     pub async fn spawn_on(test_db: TestDb) -> TestApp {
+        Self::spawn_on_with(test_db, Options::default()).await
+    }
+
+    pub async fn spawn_on_with(test_db: TestDb, options: Options) -> TestApp {
         let config = test_db.config.clone();
         let data_dir = test_db.data_dir().to_path_buf();
         let url = test_db.url.clone();
-        let mut app = Self::instance(config, data_dir, url, Options::default()).await;
+        let mut app = Self::instance(config, data_dir, url, options).await;
         app._test_db = Some(test_db);
         app
     }
