@@ -26,7 +26,7 @@ use crate::app::{Action, App, AppError};
 /// The actor of the job's events.
 pub const REKEY_ACTOR: &str = "revocation-rekey";
 /// Keys re-wrapped per transaction.
-const BATCH: i64 = 1_000;
+pub const BATCH: i64 = 1_000;
 /// How often to look for unfinished re-keys when nothing wakes the job.
 const POLL: Duration = Duration::from_secs(5);
 /// Any value that is ours alone among advisory locks on the database.
@@ -34,6 +34,7 @@ const LOCK_KEY: i64 = 0x656b_6d5f_7265_6b79; // "ekm_reky"
 
 pub struct Rekeyer {
     app: App,
+    batch: i64,
     wake: Notify,
     /// One run at a time in this process (the background loop, or a caller waiting for it).
     running: tokio::sync::Mutex<()>,
@@ -41,8 +42,14 @@ pub struct Rekeyer {
 
 impl Rekeyer {
     pub fn new(app: App) -> Arc<Rekeyer> {
+        Rekeyer::with_batch(app, BATCH)
+    }
+
+    /// With `batch` keys re-wrapped per transaction.
+    pub fn with_batch(app: App, batch: i64) -> Arc<Rekeyer> {
         let rekeyer = Arc::new(Rekeyer {
             app,
+            batch: batch.max(1),
             wake: Notify::new(),
             running: tokio::sync::Mutex::new(()),
         });
@@ -132,7 +139,11 @@ impl Rekeyer {
             let Some(scope) = self.app.scope(*ancestor).await? else {
                 return Err(AppError::NotFound);
             };
-            let rewrapped = self.app.keys().rekey_scope(&scope, revoked, BATCH).await?;
+            let rewrapped = self
+                .app
+                .keys()
+                .rekey_scope(&scope, revoked, self.batch)
+                .await?;
             total += rewrapped;
             self.app
                 .act(

@@ -39,6 +39,7 @@ pub(crate) fn options(environment: Environment, grace: Duration, cache_ttl: Dura
             grace,
         },
         health_interval: Some(HEALTH_INTERVAL),
+        ..Options::default()
     }
 }
 

@@ -279,6 +279,9 @@ pub struct Options {
     pub kms: ekm_api::keys::KmsOptions,
     /// Runs the master key health monitor at this interval.
     pub health_interval: Option<std::time::Duration>,
+    /// Runs the re-key job in the background, as `ekm serve` does (tests of the job
+    /// itself drive it by hand instead).
+    pub rekey_in_background: bool,
 }
 
 impl Default for Options {
@@ -287,6 +290,7 @@ impl Default for Options {
             key_cache_ttl: std::time::Duration::from_secs(300),
             kms: ekm_api::keys::KmsOptions::default(),
             health_interval: None,
+            rekey_in_background: true,
         }
     }
 }
@@ -363,7 +367,9 @@ impl TestApp {
         );
         let app = App::new(db.clone(), projector, keys);
         let rekeyer = ekm_api::rekey::Rekeyer::new(app.clone());
-        tokio::spawn(rekeyer.clone().run(shutdown_rx.clone()));
+        if options.rekey_in_background {
+            tokio::spawn(rekeyer.clone().run(shutdown_rx.clone()));
+        }
         if let Some(interval) = options.health_interval {
             tokio::spawn(
                 ekm_api::health::HealthMonitor::new(app.clone(), interval).run(shutdown_rx.clone()),

@@ -217,9 +217,9 @@ async fn first_org(db: &Db) -> String {
 
 /// Polls a future at most `polls` times, then drops it wherever it stands: a crash at an
 /// arbitrary await point, in the middle of a transaction included.
-struct CrashAfter<F> {
-    inner: Pin<Box<F>>,
-    polls: u32,
+pub(crate) struct CrashAfter<F> {
+    pub(crate) inner: Pin<Box<F>>,
+    pub(crate) polls: u32,
 }
 
 impl<F: Future> Future for CrashAfter<F> {
