@@ -727,3 +727,129 @@ async fn rekey_interrupted_anywhere_resumes_and_loses_nothing(backend: Backend) 
     app.stop().await;
 }
 on_both_backends!(rekey_interrupted_anywhere_resumes_and_loses_nothing);
+
+/// `ekm master-key rotate` as an operator runs it: refused beside a running server on
+/// SQLite, beside running servers on PostgreSQL (which then load the new key from the file,
+/// even to create an organization, whose key they would otherwise wrap with the old one).
+fn cli_rotates_the_platform_master_key(backend: Backend) {
+    use crate::process::{call, mode, read_token, serve};
+    use std::process::Command;
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let test_db = runtime.block_on(crate::harness::TestDb::new(backend));
+    let url = test_db.url.clone();
+    let dir = test_db.data_dir().join("rotate");
+    let rotate = || {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_ekm"));
+        command
+            .args(["master-key", "rotate", "--json", "--data-dir"])
+            .arg(&dir)
+            .env_remove("EKM_DATABASE_URL");
+        if let Some(url) = &url {
+            command.args(["--database-url", url]);
+        }
+        command.output().unwrap()
+    };
+    let server = serve(&dir, url.as_deref());
+    let operator = read_token(&dir);
+    let (status, org) = call(
+        "POST",
+        &format!("{}/v1/orgs", server.base),
+        &operator,
+        Some(serde_json::json!({"name": "Acme", "plan": "enterprise", "tier": "managed"})),
+    );
+    assert_eq!(status, 201, "{org}");
+    let (org_id, admin) = (org.str_of("id"), org.str_of("admin_token"));
+    let base = server.base.clone();
+    let (status, _) = call(
+        "POST",
+        &format!("{base}/v1/orgs/{org_id}/grants"),
+        &admin,
+        Some(serde_json::json!({"principal": "admin", "permission": "data:use"})),
+    );
+    assert_eq!(status, 201);
+    let (status, sealed) = call(
+        "POST",
+        &format!("{base}/v1/scopes/{org_id}/encrypt"),
+        &admin,
+        Some(serde_json::json!({"plaintext": "aGVsbG8=", "class": "messages"})),
+    );
+    assert_eq!(status, 200, "{sealed}");
+    let ciphertext = sealed.str_of("ciphertext");
+    let before = master_key(&dir).fingerprint();
+
+    let server = if url.is_none() {
+        let refused = rotate();
+        assert!(!refused.status.success());
+        assert!(String::from_utf8_lossy(&refused.stderr).contains("another ekm process"));
+        assert_eq!(server.terminate().0, 0);
+        None
+    } else {
+        Some(server)
+    };
+    let output = rotate();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(report["old_fingerprint"], before.as_str());
+    let after = master_key(&dir).fingerprint();
+    assert_eq!(report["new_fingerprint"], after.as_str());
+    assert_ne!(before, after);
+    assert_eq!(report["rewrapped"], 1);
+    assert_eq!(mode(&dir.join("master.key")), 0o600);
+    assert!(!dir.join("master.key.new").exists());
+
+    let server = server.unwrap_or_else(|| serve(&dir, url.as_deref()));
+    let base = server.base.clone();
+    let (status, opened) = call(
+        "POST",
+        &format!("{base}/v1/scopes/{org_id}/decrypt"),
+        &admin,
+        Some(serde_json::json!({"ciphertext": ciphertext, "class": "messages"})),
+    );
+    assert_eq!(
+        (status, opened.str_of("plaintext")),
+        (200, "aGVsbG8=".into())
+    );
+    // A new organization's key is wrapped with the new key.
+    let (status, second) = call(
+        "POST",
+        &format!("{base}/v1/orgs"),
+        &operator,
+        Some(serde_json::json!({"name": "Beta", "plan": "enterprise", "tier": "managed"})),
+    );
+    assert_eq!(status, 201, "{second}");
+    let config = match &url {
+        Some(_) => test_db.config.clone(),
+        None => ekm_store::DbConfig::sqlite_in(&dir),
+    };
+    let db = runtime.block_on(ekm_store::Db::connect(&config)).unwrap();
+    let rows = runtime
+        .block_on(db.wrapping_keys(&second.str_of("id")))
+        .unwrap();
+    assert_eq!(rows[0].master_fingerprint.as_deref(), Some(after.as_str()));
+    runtime.block_on(db.close());
+    assert_eq!(server.terminate().0, 0);
+}
+
+trait StrOf {
+    fn str_of(&self, key: &str) -> String;
+}
+
+impl StrOf for Value {
+    fn str_of(&self, key: &str) -> String {
+        self[key].as_str().unwrap_or_default().to_owned()
+    }
+}
+
+#[test]
+fn cli_rotates_the_platform_master_key_with_the_sqlite_server_stopped() {
+    cli_rotates_the_platform_master_key(Backend::Sqlite);
+}
+
+#[test]
+fn cli_rotates_the_platform_master_key_beside_a_running_postgres_server() {
+    cli_rotates_the_platform_master_key(Backend::Postgres);
+}
