@@ -79,9 +79,30 @@ pub struct RotateArgs {
     /// The platform master key file (default: master.key in the data directory).
     #[arg(long, env = "EKM_MASTER_KEY_FILE")]
     pub master_key_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub platform_key: PlatformKeyArgs,
+    /// Where the new key goes: `file` (the master key file), or a KMS key as for
+    /// --master-key. Default: where the current key is.
+    #[arg(long)]
+    pub to: Option<String>,
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+/// Where the platform master key is kept when not in a file.
+#[derive(Debug, Args)]
+pub struct PlatformKeyArgs {
+    /// Keep the platform master key in the database, wrapped by this KMS key, instead of a
+    /// file: `aws-kms:ARN`, `gcp-kms:projects/…/cryptoKeys/…` or
+    /// `azure-keyvault:https://….vault.azure.net/keys/…`. Credentials come from the
+    /// environment, as for customer keys. A stolen data directory or database then holds no
+    /// usable platform key.
+    #[arg(long, env = "EKM_MASTER_KEY")]
+    pub master_key: Option<String>,
+    /// The endpoint of that KMS (a VPC endpoint, or a test server).
+    #[arg(long, env = "EKM_MASTER_KEY_ENDPOINT")]
+    pub master_key_endpoint: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -355,6 +376,8 @@ pub struct ServeArgs {
     /// every instance sharing a database needs the same file.
     #[arg(long, env = "EKM_MASTER_KEY_FILE")]
     pub master_key_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub platform_key: PlatformKeyArgs,
     /// How long unwrapped keys stay cached (they are evicted at once on pause, revoke and
     /// rotation regardless).
     #[arg(long, env = "EKM_KEY_CACHE_TTL", default_value = "5m", value_parser = parse_duration)]

@@ -208,9 +208,30 @@ async fn rotate_job(args: RotateArgs) -> anyhow::Result<ExitCode> {
         .master_key_file
         .clone()
         .unwrap_or_else(|| args.db.data_dir.join(ekm_keys::MASTER_KEY_FILE));
-    let rotation = ekm_api::keys::rotate_local_master_key(&db, &path)
-        .await
-        .map_err(db_error);
+    let current = args.platform_key.kms_key()?;
+    let target = match args.to.as_deref() {
+        None => current.clone(),
+        Some("file") => None,
+        Some(spec) => Some(args.platform_key.parse(spec)?),
+    };
+    let settings = ekm_kms::KmsSettings {
+        allowed_endpoints: args
+            .platform_key
+            .master_key_endpoint
+            .iter()
+            .cloned()
+            .collect(),
+        ..ekm_kms::KmsSettings::default()
+    };
+    let rotation = ekm_api::keys::rotate_platform_master_key(
+        &db,
+        &path,
+        current.as_ref(),
+        target.as_ref(),
+        &settings,
+    )
+    .await
+    .map_err(db_error);
     db.close().await;
     let rotation = rotation?;
     let mut out = std::io::stdout().lock();

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use ekm_api::health::HealthMonitor;
-use ekm_api::keys::{local_master_key, KeyService, KmsOptions};
+use ekm_api::keys::{platform_master_key, KeyService, KmsOptions, PlatformKeySource};
 use ekm_api::limits::Limits;
 use ekm_api::rekey::Rekeyer;
 use ekm_api::{router_with_limits, App, AppState};
@@ -130,12 +130,25 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .master_key_file
         .clone()
         .unwrap_or_else(|| args.db.data_dir.join(MASTER_KEY_FILE));
-    let master = local_master_key(&db, &master_path)
+    let platform_key = args.platform_key.kms_key()?;
+    let source = match &platform_key {
+        Some(kms) => PlatformKeySource::Kms(kms.clone()),
+        None => PlatformKeySource::File(master_path.clone()),
+    };
+    let master = platform_master_key(&db, &source, &kms_settings)
         .await
         .map_err(|e| anyhow::anyhow!(ekm_projections::error_chain(&e)))?;
-    tracing::info!(path = %master_path.display(), fingerprint = %master.fingerprint(), "master key ready");
+    match &platform_key {
+        Some(kms) => {
+            tracing::info!(held_by = %kms.wrapping_id(), fingerprint = %master.fingerprint(), "master key ready")
+        }
+        None => {
+            tracing::info!(path = %master_path.display(), fingerprint = %master.fingerprint(), "master key ready")
+        }
+    }
     let kms = KmsOptions {
         settings: kms_settings,
+        platform_key,
         grace: args.kms_grace_period,
     };
     let keys = KeyService::with_kms(db.clone(), master, args.key_cache_ttl, kms);
@@ -187,5 +200,30 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = terminate.recv() => tracing::info!("SIGTERM received; shutting down"),
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received; shutting down"),
+    }
+}
+
+impl crate::cli::PlatformKeyArgs {
+    /// The KMS key named by `--master-key`, if any.
+    pub fn kms_key(&self) -> anyhow::Result<Option<ekm_domain::MasterKeyRef>> {
+        self.master_key
+            .as_deref()
+            .map(|spec| self.parse(spec))
+            .transpose()
+    }
+
+    /// `provider:key_id` with this endpoint.
+    pub fn parse(&self, spec: &str) -> anyhow::Result<ekm_domain::MasterKeyRef> {
+        let Some((provider, key_id)) = spec.split_once(':') else {
+            bail!("--master-key {spec}: expected provider:key_id (aws-kms:arn:aws:kms:…)");
+        };
+        let provider: ekm_domain::Provider = provider
+            .parse()
+            .map_err(|e: ekm_domain::ValueError| anyhow::anyhow!("--master-key: {e}"))?;
+        if provider == ekm_domain::Provider::Local {
+            bail!("--master-key names a KMS key; the local key is the default (master.key)");
+        }
+        ekm_domain::MasterKeyRef::parse(provider, key_id, None, self.master_key_endpoint.as_deref())
+            .map_err(|e| anyhow::anyhow!("--master-key: {e}"))
     }
 }

@@ -44,6 +44,9 @@ pub enum KeyError {
 #[derive(Clone, Debug)]
 pub struct KmsOptions {
     pub settings: KmsSettings,
+    /// The KMS key that holds the platform master key (`--master-key`); `None`: the key
+    /// is a file.
+    pub platform_key: Option<MasterKeyRef>,
     /// While a customer's KMS is unreachable (timeouts, throttling, 5xx), organization keys
     /// unwrapped before the outage keep serving for this long past their cache TTL; then the
     /// data plane fails closed. The health monitor records the organization `unavailable`
@@ -55,6 +58,7 @@ impl Default for KmsOptions {
     fn default() -> Self {
         KmsOptions {
             settings: KmsSettings::default(),
+            platform_key: None,
             grace: Duration::from_secs(300),
         }
     }
@@ -362,10 +366,14 @@ impl KeyService {
             version: row.version,
         };
         let local = self.local_master().fingerprint();
+        if let (Some(fingerprint), None) = (row.master_fingerprint.as_deref(), &current) {
+            if fingerprint != local && self.reload_master(fingerprint).await {
+                return Ok(None);
+            }
+        }
         match (row.master_fingerprint.as_deref(), current) {
             (None, None) => Ok(None),
             (Some(fingerprint), None) if fingerprint == local => Ok(None),
-            (Some(fingerprint), None) if self.reload_master(fingerprint) => Ok(None),
             (Some(wrapping_id), Some(master))
                 if master.wrapping_id() == customer_part(wrapping_id) =>
             {
@@ -410,7 +418,9 @@ impl KeyService {
                 let inner = match platform_part(row.master_fingerprint.as_deref()) {
                     Some(fingerprint) => {
                         let mut local = self.local_master();
-                        if local.fingerprint() != fingerprint && self.reload_master(fingerprint) {
+                        if local.fingerprint() != fingerprint
+                            && self.reload_master(fingerprint).await
+                        {
                             local = self.local_master();
                         }
                         local
@@ -749,7 +759,7 @@ impl KeyService {
         }
         if local {
             for fingerprint in self.db.master_keys("local").await? {
-                self.reload_master(&fingerprint);
+                self.reload_master(&fingerprint).await;
             }
         }
         Ok(false)
@@ -956,9 +966,30 @@ impl KeyService {
     }
 
     /// Looks for the platform master key with `fingerprint` in the key file (or the file a
-    /// rotation writes first), after `ekm master-key rotate` ran beside this process.
-    /// Returns whether this process now holds it.
-    fn reload_master(&self, fingerprint: &str) -> bool {
+    /// rotation writes first), or in the database when a KMS holds it, after `ekm
+    /// master-key rotate` ran beside this process. Returns whether this process now holds it.
+    async fn reload_master(&self, fingerprint: &str) -> bool {
+        if let Some(platform) = &self.kms.platform_key {
+            return match open_platform_key(&self.db, platform, &self.kms.settings, fingerprint)
+                .await
+            {
+                Ok(Some(key)) => {
+                    if let Ok(mut master) = self.master.write() {
+                        *master = key;
+                    }
+                    tracing::info!(
+                        fingerprint,
+                        "the platform master key was rotated; now using the new key"
+                    );
+                    true
+                }
+                Ok(None) => false,
+                Err(error) => {
+                    tracing::warn!(error = %ekm_projections::error_chain(&error), "the rotated platform master key could not be opened");
+                    false
+                }
+            };
+        }
         let current = self.local_master();
         for path in [current.path().to_owned(), rotating_path(current.path())] {
             if let Ok(Some(key)) = LocalMasterKey::load(&path, false) {
@@ -1087,6 +1118,18 @@ pub enum MasterKeySetupError {
     File(#[from] ekm_keys::MasterKeyError),
     #[error("storage failed")]
     Store(#[from] StoreError),
+    #[error("the KMS key that holds the platform master key cannot be used")]
+    Kms(#[source] ProviderError),
+    #[error("this database's platform master key is held by {held_by}, not by the key given with --master-key")]
+    OtherKms { held_by: String },
+    #[error("this database's platform master key is kept in a file (master.key), not in a KMS: run `ekm master-key rotate --master-key …` to move it into the KMS")]
+    KeptInFile,
+    #[error("the platform master key the KMS returned is not the one the database names")]
+    Damaged,
+    #[error(
+        "this database's platform master key is held by a KMS: start with --master-key {held_by}"
+    )]
+    HeldByKms { held_by: String },
     #[error("this database's keys are wrapped by local master key {known}, but {path} {found}; copy the master key file from an instance of this database (or pass --master-key-file)")]
     Mismatch {
         known: String,
@@ -1102,6 +1145,13 @@ pub async fn local_master_key(
     path: &std::path::Path,
 ) -> Result<LocalMasterKey, MasterKeySetupError> {
     let known = db.master_keys("local").await?;
+    if let Some(fingerprint) = known.first() {
+        if let Some(row) = db.platform_key(fingerprint).await? {
+            return Err(MasterKeySetupError::HeldByKms {
+                held_by: row.wrapped_by,
+            });
+        }
+    }
     let shown = path.display().to_string();
     finish_rotation(&known, path)?;
     let key = match LocalMasterKey::load(path, known.is_empty())? {
@@ -1159,37 +1209,69 @@ pub struct Rotation {
     pub rewrapped: usize,
 }
 
-/// Rotates the platform master key kept at `path` (ADR 0013): a new key is written beside
-/// it (`master.key.new`, 0600), every organization key the old one wraps is re-wrapped
-/// under the new one in one transaction that also records the new key as the database's,
-/// then the new file replaces the old (the old key is destroyed), and the old wrappings are
-/// removed from the database's files. A crash before the commit leaves the old key in use;
-/// after it, the next start (or the next rotation) finishes the rename. Instances running
-/// beside it on PostgreSQL load the new key from the file when they first meet it.
-pub async fn rotate_local_master_key(
+/// Rotates the platform master key (ADR 0013): a new key, every organization key the old
+/// one wraps (or seals) re-wrapped under it in one transaction that also records the new
+/// key as the database's, and the old key destroyed.
+///
+/// `file` is where a file-kept key lives (`master.key`); `target` is where the new key is
+/// kept: the file, or (`Some`) the database, wrapped by that KMS key. The current key is
+/// opened where it is: in the database when a KMS holds it (`current_kms` must name that KMS
+/// key), else in the file. A file key is written first as `master.key.new` (0600); a crash
+/// after the commit is finished by the next start. Moving to a KMS deletes the old file.
+/// Instances running beside it on PostgreSQL load the new key when they first meet it.
+pub async fn rotate_platform_master_key(
     db: &Db,
-    path: &std::path::Path,
+    file: &std::path::Path,
+    current_kms: Option<&MasterKeyRef>,
+    target: Option<&MasterKeyRef>,
+    settings: &KmsSettings,
 ) -> Result<Rotation, MasterKeySetupError> {
-    let current = local_master_key(db, path).await?;
-    let next = rotating_path(path);
-    // Left by a rotation that failed before its commit: never used by the database.
-    match std::fs::remove_file(&next) {
-        Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
-            return Err(MasterKeySetupError::File(ekm_keys::MasterKeyError::Io {
-                path: next.display().to_string(),
-                source: error,
-            }))
+    let known = db.master_keys("local").await?;
+    let held_by_kms = match known.first() {
+        Some(fingerprint) => db.platform_key(fingerprint).await?,
+        None => None,
+    };
+    let current = match (&held_by_kms, current_kms) {
+        (Some(row), Some(kms)) => open_platform_key(db, kms, settings, &row.fingerprint)
+            .await?
+            .ok_or(MasterKeySetupError::Damaged)?,
+        (Some(row), None) => {
+            return Err(MasterKeySetupError::HeldByKms {
+                held_by: row.wrapped_by.clone(),
+            })
         }
-        _ => {}
-    }
-    let new = LocalMasterKey::generate(&next);
-    new.write_new()?;
+        (None, _) => local_master_key(db, file).await?,
+    };
+    let next = rotating_path(file);
+    let (new, new_row) = match target {
+        Some(kms) => {
+            let new = LocalMasterKey::held(Kek::generate());
+            let row = hold_in_kms(&new, kms, settings).await?;
+            (new, Some(row))
+        }
+        None => {
+            // Left by a rotation that failed before its commit: never used by the database.
+            match std::fs::remove_file(&next) {
+                Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(MasterKeySetupError::File(ekm_keys::MasterKeyError::Io {
+                        path: next.display().to_string(),
+                        source: error,
+                    }))
+                }
+                _ => {}
+            }
+            let new = LocalMasterKey::generate(&next);
+            new.write_new()?;
+            (new, None)
+        }
+    };
     let old_fingerprint = current.fingerprint();
     let new_fingerprint = new.fingerprint();
     let rewrapped = db
         .rotate_local_master(
             &old_fingerprint,
             &new_fingerprint,
+            new_row.as_ref(),
             |kind, sealed, org, number, wrapped| {
                 let context = match kind {
                     ekm_store::MasterWrappedKind::WrappingKey => {
@@ -1211,12 +1293,133 @@ pub async fn rotate_local_master_key(
             },
         )
         .await?;
-    let known = db.master_keys("local").await?;
-    finish_rotation(&known, path)?;
+    let io = |source| {
+        MasterKeySetupError::File(ekm_keys::MasterKeyError::Io {
+            path: file.display().to_string(),
+            source,
+        })
+    };
+    match target {
+        None => finish_rotation(&db.master_keys("local").await?, file)?,
+        // The old key's file, if it was kept in one, is destroyed: the KMS holds the key now.
+        Some(_) => match std::fs::remove_file(file) {
+            Err(error) if error.kind() != std::io::ErrorKind::NotFound => return Err(io(error)),
+            _ => {}
+        },
+    }
     db.destroy_at_rest().await?;
     Ok(Rotation {
         old: old_fingerprint,
         new: new_fingerprint,
         rewrapped,
     })
+}
+
+/// `rotate_platform_master_key` for a key kept in `path`, staying there.
+pub async fn rotate_local_master_key(
+    db: &Db,
+    path: &std::path::Path,
+) -> Result<Rotation, MasterKeySetupError> {
+    rotate_platform_master_key(db, path, None, None, &KmsSettings::default()).await
+}
+
+/// What the platform master key's KMS binding names in place of an organization.
+const PLATFORM_CONTEXT: &str = "ekm-platform-master-key";
+
+/// The provider of the KMS key that holds the platform master key. The operator named its
+/// endpoint on the command line, so it needs no place in the customer allow-list.
+async fn platform_provider(
+    key: &MasterKeyRef,
+    settings: &KmsSettings,
+) -> Result<Arc<dyn MasterKeyProvider>, MasterKeySetupError> {
+    let mut settings = settings.clone();
+    if let Some(endpoint) = &key.endpoint_url {
+        settings.allowed_endpoints = vec![endpoint.clone()];
+    }
+    ekm_kms::provider_for(key, &settings)
+        .await
+        .map_err(MasterKeySetupError::Kms)
+}
+
+/// Opens the KMS-held platform key with `fingerprint`, if the database holds it.
+async fn open_platform_key(
+    db: &Db,
+    key: &MasterKeyRef,
+    settings: &KmsSettings,
+    fingerprint: &str,
+) -> Result<Option<LocalMasterKey>, MasterKeySetupError> {
+    let Some(row) = db.platform_key(fingerprint).await? else {
+        return Ok(None);
+    };
+    if row.wrapped_by != key.wrapping_id() {
+        return Err(MasterKeySetupError::OtherKms {
+            held_by: row.wrapped_by,
+        });
+    }
+    let provider = platform_provider(key, settings).await?;
+    let bytes = provider
+        .unwrap(&row.wrapped, WrapContext::wrapping_key(PLATFORM_CONTEXT, 1))
+        .await
+        .map_err(MasterKeySetupError::Kms)?;
+    let kek = Kek::from_bytes(&bytes).map_err(|_| MasterKeySetupError::Damaged)?;
+    if kek.fingerprint() != fingerprint {
+        return Err(MasterKeySetupError::Damaged);
+    }
+    Ok(Some(LocalMasterKey::held(kek)))
+}
+
+/// Wraps a platform key with the KMS key that is to hold it.
+async fn hold_in_kms(
+    key: &LocalMasterKey,
+    kms: &MasterKeyRef,
+    settings: &KmsSettings,
+) -> Result<ekm_store::PlatformKeyRow, MasterKeySetupError> {
+    let provider = platform_provider(kms, settings).await?;
+    let plaintext = key.as_kek().for_master_key_provider();
+    let wrapped = provider
+        .wrap(&plaintext, WrapContext::wrapping_key(PLATFORM_CONTEXT, 1))
+        .await
+        .map_err(MasterKeySetupError::Kms)?;
+    Ok(ekm_store::PlatformKeyRow {
+        fingerprint: key.fingerprint(),
+        wrapped_by: kms.wrapping_id(),
+        wrapped,
+    })
+}
+
+/// Where the platform master key is kept.
+#[derive(Clone, Debug)]
+pub enum PlatformKeySource {
+    /// A 0600 file (the embedded default: `DIR/master.key`).
+    File(std::path::PathBuf),
+    /// In the database, wrapped by a KMS key (`--master-key aws-kms:ARN`): a stolen data
+    /// directory or database holds no usable platform key.
+    Kms(MasterKeyRef),
+}
+
+/// Loads the platform master key from where it is kept, creating it on a new database.
+pub async fn platform_master_key(
+    db: &Db,
+    source: &PlatformKeySource,
+    settings: &KmsSettings,
+) -> Result<LocalMasterKey, MasterKeySetupError> {
+    let kms = match source {
+        PlatformKeySource::File(path) => return local_master_key(db, path).await,
+        PlatformKeySource::Kms(kms) => kms,
+    };
+    for _ in 0..2 {
+        let known = db.master_keys("local").await?;
+        if let Some(fingerprint) = known.first() {
+            return open_platform_key(db, kms, settings, fingerprint)
+                .await?
+                .ok_or(MasterKeySetupError::KeptInFile);
+        }
+        let key = LocalMasterKey::held(Kek::generate());
+        let row = hold_in_kms(&key, kms, settings).await?;
+        if db.register_platform_key(&row).await? {
+            return Ok(key);
+        }
+        // Another instance registered its key first: use that one.
+    }
+    Err(MasterKeySetupError::KeptInFile)
 }

@@ -25,6 +25,7 @@ use crate::seed::EventBatch;
 mod all;
 mod data_plane;
 mod kms;
+mod rekey;
 mod report;
 mod seed;
 mod server;
@@ -65,6 +66,12 @@ enum Bench {
         #[arg(long, default_value_t = 300)]
         unwraps: usize,
     },
+    /// The re-key after a revoke: a parent's children re-wrapped per second, SQLite and
+    /// PostgreSQL, against raw AES-SIV unwrap+wrap in the same run.
+    Rekey {
+        #[arg(long, default_value_t = 100_000)]
+        children: usize,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -81,6 +88,7 @@ fn main() -> anyhow::Result<()> {
             Bench::Projections { events } => projections(events).await,
             Bench::DataPlane { seconds } => data_plane::run(seconds).await,
             Bench::Kms { unwraps } => kms::run(unwraps).await,
+            Bench::Rekey { children } => rekey::run(children).await.map(|_| ()),
         }
     })
 }

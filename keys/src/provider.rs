@@ -83,6 +83,19 @@ impl LocalMasterKey {
         &self.path
     }
 
+    /// A platform key held elsewhere than in a file (a KMS wraps it): it has no path.
+    pub fn held(key: Kek) -> LocalMasterKey {
+        LocalMasterKey {
+            key,
+            path: PathBuf::new(),
+        }
+    }
+
+    /// The key itself, to hand to the KMS that holds it.
+    pub fn as_kek(&self) -> &Kek {
+        &self.key
+    }
+
     /// Where the key is kept from now on (a rotated key moves from `master.key.new`).
     pub fn set_path(&mut self, path: &Path) {
         path.clone_into(&mut self.path);

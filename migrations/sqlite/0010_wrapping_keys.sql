@@ -45,3 +45,16 @@ ALTER TABLE scope_view ADD COLUMN rekey_done_at integer;
 -- organization key (a rotation completed).
 ALTER TABLE master_keys ADD COLUMN activated_at integer;
 UPDATE master_keys SET activated_at = created_at;
+
+-- The platform master key when it lives in a KMS (`--master-key aws-kms:ARN`): the key
+-- itself, wrapped by that KMS key, so that neither the data directory nor the database
+-- holds a usable platform key. At most one row: the current key (a rotation replaces it
+-- in the transaction that re-wraps everything under the new key).
+CREATE TABLE platform_keys
+(
+    fingerprint text PRIMARY KEY,
+    -- the KMS key that wraps it: provider:key_id (MasterKeyRef::wrapping_id)
+    wrapped_by  text NOT NULL,
+    wrapped     text NOT NULL,
+    created_at  integer NOT NULL
+) STRICT;

@@ -379,10 +379,13 @@ impl Db {
     /// out concurrent writers of key rows (PostgreSQL: table locks; SQLite: the server is
     /// stopped). A writer that wrapped with `old` meanwhile is refused afterwards
     /// (`insert_wrapping_key`) and wraps again with the new key. Returns the rows re-wrapped.
+    /// `held_by_kms`: the new key as a KMS wraps it (`--master-key`), stored in its place;
+    /// `None` for a key kept in a file. Either way the old key's row goes.
     pub async fn rotate_local_master<F>(
         &self,
         old: &str,
         new: &str,
+        held_by_kms: Option<&PlatformKeyRow>,
         mut rewrap: F,
     ) -> Result<usize, StoreError>
     where
@@ -413,8 +416,8 @@ impl Db {
         with_write_pool!(self, pool => {
             let mut tx = pool.begin().await?;
             if self.is_postgres() {
-                sqlx::query("LOCK TABLE master_keys, wrapping_keys, key_material, master_key_rewraps \
-                             IN SHARE ROW EXCLUSIVE MODE")
+                sqlx::query("LOCK TABLE master_keys, wrapping_keys, key_material, master_key_rewraps, \
+                             platform_keys IN SHARE ROW EXCLUSIVE MODE")
                     .execute(&mut *tx)
                     .await?;
             }
@@ -473,6 +476,17 @@ impl Db {
                     .execute(&mut *tx)
                     .await?;
             }
+            sqlx::query("DELETE FROM platform_keys").execute(&mut *tx).await?;
+            if let Some(row) = held_by_kms {
+                sqlx::query("INSERT INTO platform_keys (fingerprint, wrapped_by, wrapped, created_at) \
+                             VALUES ($1, $2, $3, $4)")
+                    .bind(&row.fingerprint)
+                    .bind(&row.wrapped_by)
+                    .bind(STANDARD.encode(&row.wrapped))
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+            }
             sqlx::query("UPDATE master_keys SET fingerprint = $1, activated_at = $2, created_at = $2 \
                          WHERE provider = 'local' AND fingerprint = $3")
                 .bind(new)
@@ -482,6 +496,85 @@ impl Db {
                 .await?;
             tx.commit().await?;
             Ok(rows.len())
+        })
+    }
+}
+
+/// The platform master key as a KMS wraps it (`--master-key aws-kms:ARN`).
+#[derive(Clone, PartialEq, Eq)]
+pub struct PlatformKeyRow {
+    pub fingerprint: String,
+    /// `provider:key_id` of the KMS key that wraps it.
+    pub wrapped_by: String,
+    pub wrapped: Vec<u8>,
+}
+
+impl std::fmt::Debug for PlatformKeyRow {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PlatformKeyRow")
+            .field("fingerprint", &self.fingerprint)
+            .field("wrapped_by", &self.wrapped_by)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Db {
+    /// The KMS-wrapped platform key with this fingerprint, if the database holds it.
+    pub async fn platform_key(
+        &self,
+        fingerprint: &str,
+    ) -> Result<Option<PlatformKeyRow>, StoreError> {
+        let row: Option<(String, String, String)> = with_write_pool!(self, pool => {
+            sqlx::query_as("SELECT fingerprint, wrapped_by, wrapped FROM platform_keys WHERE fingerprint = $1")
+                .bind(fingerprint)
+                .fetch_optional(pool)
+                .await?
+        });
+        row.map(|(fingerprint, wrapped_by, wrapped)| {
+            let wrapped = STANDARD
+                .decode(wrapped)
+                .map_err(|_| StoreError::MalformedKey {
+                    scope_id: "platform".into(),
+                })?;
+            Ok(PlatformKeyRow {
+                fingerprint,
+                wrapped_by,
+                wrapped,
+            })
+        })
+        .transpose()
+    }
+
+    /// Registers a new database's platform key, held by a KMS: the key row and its
+    /// fingerprint in `master_keys`, in one transaction. Returns false if the database
+    /// already has a platform key (another instance registered one first).
+    pub async fn register_platform_key(&self, row: &PlatformKeyRow) -> Result<bool, StoreError> {
+        let now = now_micros();
+        with_write_pool!(self, pool => {
+            let mut tx = pool.begin().await?;
+            let known: Option<String> = sqlx::query_scalar(
+                "SELECT fingerprint FROM master_keys WHERE provider = 'local'")
+                .fetch_optional(&mut *tx)
+                .await?;
+            if known.is_some() {
+                return Ok(false);
+            }
+            sqlx::query("INSERT INTO master_keys (fingerprint, provider, created_at, activated_at) \
+                         VALUES ($1, 'local', $2, $2)")
+                .bind(&row.fingerprint)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            sqlx::query("INSERT INTO platform_keys (fingerprint, wrapped_by, wrapped, created_at) \
+                         VALUES ($1, $2, $3, $4)")
+                .bind(&row.fingerprint)
+                .bind(&row.wrapped_by)
+                .bind(STANDARD.encode(&row.wrapped))
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            Ok(true)
         })
     }
 }

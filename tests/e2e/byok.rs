@@ -37,6 +37,7 @@ pub(crate) fn options(environment: Environment, grace: Duration, cache_ttl: Dura
         kms: ekm_api::keys::KmsOptions {
             settings: kms_settings(environment),
             grace,
+            platform_key: None,
         },
         health_interval: Some(HEALTH_INTERVAL),
         ..Options::default()

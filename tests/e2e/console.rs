@@ -655,6 +655,7 @@ async fn console_connects_a_master_key_step_by_step() {
                 allowed_endpoints: vec!["http://127.0.0.1:*".into()],
             },
             grace: Duration::from_secs(300),
+            platform_key: None,
         },
         ..Default::default()
     };
