@@ -2,6 +2,7 @@
 //! key and every child's wrapping key is re-wrapped under it, against the raw AES-SIV rate
 //! of the same work (one unwrap and one wrap per child, in memory) in the same run.
 
+use std::io::Write;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -131,8 +132,10 @@ pub async fn run(children: usize) -> anyhow::Result<Vec<Figures>> {
     bench_db.drop_db().await?;
     out.push(figures?);
     let _ = std::fs::remove_dir_all(&dir);
+    let mut stdout = std::io::stdout().lock();
     for f in &out {
-        println!(
+        writeln!(
+            stdout,
             "rekey {}: {} children, {} keys re-wrapped in {:.2} s = {:.0}/s; raw AES-SIV unwrap+wrap {:.0}/s (ratio {:.3})",
             f.backend,
             f.children,
@@ -141,7 +144,7 @@ pub async fn run(children: usize) -> anyhow::Result<Vec<Figures>> {
             f.rate(),
             f.raw_rate(),
             f.rate() / f.raw_rate()
-        );
+        )?;
     }
     Ok(out)
 }
