@@ -20,6 +20,10 @@ pub enum MasterKeyError {
     Malformed { path: String },
     #[error("the master key file {path} must be readable by its owner only (mode 0600)")]
     Permissions { path: String },
+    #[error(
+        "the master key file {path} must be a regular file, not a symbolic link or anything else"
+    )]
+    NotAFile { path: String },
 }
 
 /// The platform master key, held in memory for the process's life (zeroized on drop).
@@ -32,19 +36,39 @@ pub struct LocalMasterKey {
 impl LocalMasterKey {
     /// Loads the key file, or creates it (0600) when `create` is true and it does not exist.
     pub fn load(path: &Path, create: bool) -> Result<Option<LocalMasterKey>, MasterKeyError> {
+        use std::io::Read;
         use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
         let shown = path.display().to_string();
         let io = |source| MasterKeyError::Io {
             path: shown.clone(),
             source,
         };
-        match std::fs::read_to_string(path) {
-            Ok(text) => {
-                let mode = std::fs::metadata(path).map_err(io)?.permissions().mode();
-                if mode & 0o077 != 0 {
+        // Never through a symbolic link (someone who may write the directory could point it
+        // at a key of their choosing), only a regular file, and its text only in memory that
+        // wipes itself.
+        let opened = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path);
+        match opened {
+            Ok(mut file) => {
+                let metadata = file.metadata().map_err(io)?;
+                if !metadata.is_file() {
+                    return Err(MasterKeyError::NotAFile { path: shown });
+                }
+                if metadata.permissions().mode() & 0o077 != 0 {
                     return Err(MasterKeyError::Permissions { path: shown });
                 }
-                let bytes = zeroize::Zeroizing::new(hex::decode(text.trim()).map_err(|_| {
+                let mut text = zeroize::Zeroizing::new(Vec::with_capacity(256));
+                std::io::Read::take(&mut file, 4096)
+                    .read_to_end(&mut text)
+                    .map_err(io)?;
+                let trimmed = std::str::from_utf8(&text).map(str::trim).map_err(|_| {
+                    MasterKeyError::Malformed {
+                        path: shown.clone(),
+                    }
+                })?;
+                let bytes = zeroize::Zeroizing::new(hex::decode(trimmed).map_err(|_| {
                     MasterKeyError::Malformed {
                         path: shown.clone(),
                     }
@@ -210,6 +234,24 @@ mod tests {
             org.fingerprint()
         );
         assert!(again.unwrap(&wrapped, "other-org", 1).is_err());
+    }
+
+    #[test]
+    fn a_symbolic_link_is_refused_even_to_a_good_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("elsewhere.key");
+        LocalMasterKey::load(&real, true).unwrap();
+        let link = dir.path().join(MASTER_KEY_FILE);
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        assert!(matches!(
+            LocalMasterKey::load(&link, false),
+            Err(MasterKeyError::NotAFile { .. } | MasterKeyError::Io { .. })
+        ));
+        assert!(LocalMasterKey::load(&link, true).is_err());
+        // A directory in its place is not a key either.
+        let dir_key = dir.path().join("dir.key");
+        std::fs::create_dir(&dir_key).unwrap();
+        assert!(LocalMasterKey::load(&dir_key, false).is_err());
     }
 
     #[test]
