@@ -832,6 +832,13 @@ impl KeyService {
             // before wrapping keys, whose children are still wrapped under its key versions):
             // there is nothing on this level to re-key yet.
             None => return Ok(0),
+            // A switch of master key is staging this organization's epochs: a new one
+            // made now could miss it. Try again once the switch is applied.
+            Some(_)
+                if scope.scope.parent_id.is_none() && self.db.rewraps_staged(&scope_id).await? =>
+            {
+                return Err(KeyError::WrappingRace { scope: scope_id });
+            }
             Some(last) => {
                 let epoch = last.epoch + 1;
                 let key = Kek::generate();

@@ -105,11 +105,21 @@ impl Rekeyer {
         };
         self.app.refresh().await?;
         let mut completed = 0;
+        let mut failure = None;
         for revoked in self.app.read().pending_rekeys().await? {
-            self.rekey(revoked).await?;
-            completed += 1;
+            // One revoke that cannot be finished now does not hold up the others.
+            match self.rekey(revoked).await {
+                Ok(()) => completed += 1,
+                Err(error) => {
+                    tracing::warn!(scope = %revoked, error = %error_chain(&error), "re-key after a revoke failed; it will be retried");
+                    failure = Some(error);
+                }
+            }
         }
-        Ok(completed)
+        match failure {
+            Some(error) if completed == 0 => Err(error),
+            _ => Ok(completed),
+        }
     }
 
     async fn rekey(&self, revoked: ScopeId) -> Result<(), AppError> {

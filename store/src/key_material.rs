@@ -293,6 +293,21 @@ impl Db {
         Ok(())
     }
 
+    /// Whether a switch of master key is staging re-wraps for this organization now (rows
+    /// staged in the last five minutes; older ones were left by a command that lost a race
+    /// and wait for the next switch to be cleared).
+    pub async fn rewraps_staged(&self, org_id: &str) -> Result<bool, StoreError> {
+        let since = now_micros() - 300_000_000;
+        let staged: Option<i64> = with_write_pool!(self, pool => {
+            sqlx::query_scalar("SELECT 1 FROM master_key_rewraps WHERE scope_id = $1 AND created_at > $2 LIMIT 1")
+                .bind(org_id)
+                .bind(since)
+                .fetch_optional(pool)
+                .await?
+        });
+        Ok(staged.is_some())
+    }
+
     /// Records the health monitor's latest check of an organization's customer key.
     pub async fn record_key_check(
         &self,
