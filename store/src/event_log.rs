@@ -64,9 +64,36 @@ impl ScopeStore {
         metadata: HashMap<String, String>,
     ) -> BoxFuture<'_, ScopeResult<Vec<EventEnvelope<Scope>>>> {
         match self {
-            ScopeStore::Sqlite(store) => Box::pin(store.commit(events, context, metadata)),
+            ScopeStore::Sqlite(store) => Box::pin(async move {
+                store
+                    .commit(events, context, metadata)
+                    .await
+                    .map_err(conflict_from_guard)
+            }),
             ScopeStore::Postgres(store) => Box::pin(store.commit(events, context, metadata)),
         }
+    }
+}
+
+/// What SQLite's `events_no_replace` trigger (migration 0011) answers to an insert whose key
+/// is taken.
+const EVENT_EXISTS: &str = "ekm: event already exists";
+
+/// The guard against `INSERT OR REPLACE` runs before SQLite's primary key check, so a
+/// plain append that lost the race for a sequence number meets the trigger instead of the
+/// key: sqlite-es then sees an unknown error rather than its optimistic-lock code. Both mean
+/// "someone appended first".
+fn conflict_from_guard(error: AggregateError<ScopeError>) -> AggregateError<ScopeError> {
+    match error {
+        AggregateError::UnexpectedError(source)
+            if matches!(
+                source.downcast_ref::<sqlx::Error>(),
+                Some(sqlx::Error::Database(db)) if db.message() == EVENT_EXISTS
+            ) =>
+        {
+            AggregateError::AggregateConflict
+        }
+        other => other,
     }
 }
 

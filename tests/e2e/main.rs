@@ -23,4 +23,5 @@ mod kms_servers;
 mod migrations;
 mod process;
 mod rebuild;
+mod tamper;
 mod tenancy;

@@ -1,0 +1,25 @@
+-- Tamper guards (docs/adr/0024-tamper-evidence-without-trusting-the-database.md).
+--
+-- `INSERT OR REPLACE` deletes the row it conflicts with before inserting, and that implicit
+-- delete fires delete triggers only when the connection turned `recursive_triggers` on,
+-- which an ordinary `sqlite3` session does not: it rewrote an event past `events_no_delete`.
+-- The conflict resolution of the statement overrides the table's, so the guard is a BEFORE
+-- INSERT trigger that refuses an insert whose key is already taken. A plain INSERT that
+-- conflicts meets it too (it runs before the primary key check); the store maps its message
+-- back to the optimistic-concurrency conflict (ekm_store::event_log).
+CREATE TRIGGER events_no_replace BEFORE INSERT ON events
+WHEN EXISTS (SELECT 1 FROM events
+              WHERE aggregate_type = NEW.aggregate_type
+                AND aggregate_id = NEW.aggregate_id
+                AND sequence = NEW.sequence)
+BEGIN
+    SELECT RAISE(ABORT, 'ekm: event already exists');
+END;
+
+-- Positions are assigned by `events_assign_position`; an insert that names one could only
+-- be meant to REPLACE the event holding it (through the unique index on position).
+CREATE TRIGGER events_no_given_position BEFORE INSERT ON events
+WHEN NEW.position IS NOT NULL OR NEW.recorded_at IS NOT NULL
+BEGIN
+    SELECT RAISE(ABORT, 'ekm: positions are assigned by the database');
+END;

@@ -1,0 +1,122 @@
+//! Tamper evidence that does not trust the database (ADR 0024): the guards an attacker with
+//! SQL access meets first, and what `ekm audit verify` finds after each kind of tampering.
+
+use ekm_store::Db;
+
+use crate::harness::{Backend, TestApp};
+use crate::on_both_backends;
+
+/// Runs `sql` and returns the database's refusal, if any.
+async fn try_exec(db: &Db, sql: &str) -> Result<(), String> {
+    ekm_store::with_write_pool!(db, pool => {
+        sqlx::raw_sql(sql)
+            .execute(pool)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    })
+}
+
+async fn count(db: &Db, sql: &str) -> i64 {
+    ekm_store::with_read_pool!(db, pool => {
+        sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn truncate_refused_when_postgres_history_would_be_emptied() {
+    let app = TestApp::spawn(Backend::Postgres).await;
+    let (org, admin) = app.org("enterprise").await;
+    app.scope(&admin, "team", "research", &org).await;
+    let events = count(&app.db, "SELECT COUNT(*) FROM events").await;
+    let seals = count(&app.db, "SELECT COUNT(*) FROM audit_chain").await;
+    assert!(events >= 2 && seals >= 2);
+
+    for sql in [
+        "TRUNCATE events, audit_chain",
+        "TRUNCATE events",
+        "TRUNCATE audit_chain",
+    ] {
+        let refused = try_exec(&app.db, sql).await.unwrap_err();
+        assert!(refused.contains("append-only"), "{sql}: {refused}");
+    }
+    assert_eq!(count(&app.db, "SELECT COUNT(*) FROM events").await, events);
+    assert_eq!(
+        count(&app.db, "SELECT COUNT(*) FROM audit_chain").await,
+        seals
+    );
+    app.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn insert_or_replace_refused_when_sqlite_event_exists() {
+    let app = TestApp::spawn(Backend::Sqlite).await;
+    let (org, admin) = app.org("enterprise").await;
+    let team = app.scope(&admin, "team", "research", &org).await;
+    let before = app.db.events_of(&team).await.unwrap();
+    let created = &before[0];
+
+    // The same key, a forged payload: REPLACE would delete the event without firing the
+    // delete trigger (recursive_triggers is off in an ordinary session).
+    let replace = format!(
+        "INSERT OR REPLACE INTO events (aggregate_type, aggregate_id, sequence, event_type, \
+         event_version, payload, metadata) VALUES ('scope', '{team}', {}, '{}', '{}', \
+         '{}', '{}')",
+        created.sequence,
+        created.event_type,
+        created.event_version,
+        created.payload.replace("research", "harmless"),
+        created.metadata,
+    );
+    let refused = try_exec(&app.db, &replace).await.unwrap_err();
+    assert!(refused.contains("event already exists"), "{refused}");
+
+    // A new key that names the position of an existing event: REPLACE through the unique
+    // index on position would delete that event.
+    let by_position = format!(
+        "INSERT OR REPLACE INTO events (aggregate_type, aggregate_id, sequence, event_type, \
+         event_version, payload, metadata, position) VALUES ('scope', '{team}', 99, '{}', \
+         '{}', '{}', '{}', {})",
+        created.event_type,
+        created.event_version,
+        created.payload,
+        created.metadata,
+        created.position,
+    );
+    let refused = try_exec(&app.db, &by_position).await.unwrap_err();
+    assert!(refused.contains("positions are assigned"), "{refused}");
+
+    assert_eq!(app.db.events_of(&team).await.unwrap(), before);
+    let report = app
+        .get(&format!("/v1/audit/verify?org={org}"), &admin)
+        .await;
+    assert_eq!(report.body["ok"], true, "{}", report.body);
+    app.stop().await;
+}
+
+/// The guard runs before SQLite's primary key check, so a plain append that loses the race
+/// for a sequence number meets it: that must still be the retryable conflict, not an error.
+async fn append_conflict_stays_retryable_when_guarded(backend: Backend) {
+    use ekm_store::ScopeStore;
+    let app = TestApp::spawn(backend).await;
+    let (org, admin) = app.org("enterprise").await;
+    let team = app.scope(&admin, "team", "research", &org).await;
+    let store = ScopeStore::new(&app.db);
+    let first = store.load(&team).await.unwrap();
+    let second = store.load(&team).await.unwrap();
+    let paused = || vec![ekm_domain::ScopeEvent::ScopePaused {}];
+    store
+        .commit(paused(), first, Default::default())
+        .await
+        .unwrap();
+    let lost = store
+        .commit(paused(), second, Default::default())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(lost, cqrs_es::AggregateError::AggregateConflict),
+        "{lost:?}"
+    );
+    app.stop().await;
+}
+on_both_backends!(append_conflict_stays_retryable_when_guarded);
