@@ -10,7 +10,7 @@ use anyhow::{bail, Context};
 use ekm_api::health::HealthMonitor;
 use ekm_api::keys::{local_master_key, KeyService, KmsOptions};
 use ekm_api::{router, App, AppState};
-use ekm_keys::MASTER_KEY_FILE;
+use ekm_keys::{SealKey, AUDIT_KEY_FILE, MASTER_KEY_FILE};
 use ekm_kms::KmsSettings;
 use ekm_projections::{Projector, ProjectorConfig};
 use ekm_store::{Db, DbConfig, Tokens, OPERATOR_TOKEN_FILE};
@@ -51,6 +51,24 @@ fn lock_data_dir(dir: &Path) -> anyhow::Result<File> {
     }
 }
 
+/// The audit key: `--audit-key-file`, else `DATA_DIR/audit.key`; created (0600) only by
+/// the server.
+pub fn audit_key(args: &DbArgs, file: Option<&Path>, create: bool) -> anyhow::Result<SealKey> {
+    let path = file.map_or_else(|| args.data_dir.join(AUDIT_KEY_FILE), Path::to_path_buf);
+    match SealKey::load(&path, create) {
+        Ok(Some(key)) => {
+            // The path and a fingerprint, never the key.
+            tracing::info!(path = %path.display(), fingerprint = %key.fingerprint(), "audit key ready");
+            Ok(key)
+        }
+        Ok(None) => bail!(
+            "no audit key at {} (the server creates it; give --audit-key-file)",
+            path.display()
+        ),
+        Err(error) => Err(anyhow::anyhow!(ekm_projections::error_chain(&error))),
+    }
+}
+
 pub async fn open(config: &DbConfig) -> anyhow::Result<Db> {
     let db = Db::open(config)
         .await
@@ -83,12 +101,19 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         );
     }
 
+    let seal = audit_key(&args.db, args.audit_key_file.as_deref(), true)?;
+    if !args.seal_existing_history {
+        ekm_projections::refuse_resealing(&db)
+            .await
+            .map_err(|e| anyhow::anyhow!(ekm_projections::error_chain(&e)))?;
+    }
     let projector = Arc::new(Projector::standard(
         db.clone(),
         ProjectorConfig {
             poll_interval: args.projection_poll_interval,
             ..ProjectorConfig::default()
         },
+        seal.clone(),
     ));
     projector
         .init()
@@ -120,7 +145,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         grace: args.kms_grace_period,
     };
     let keys = KeyService::with_kms(db.clone(), master, args.key_cache_ttl, kms);
-    let app = App::new(db.clone(), projector, keys);
+    let app = App::new(db.clone(), projector, keys, seal);
     let monitor = tokio::spawn(
         HealthMonitor::new(app.clone(), args.key_health_interval).run(shutdown_rx.clone()),
     );

@@ -1,5 +1,28 @@
--- Tamper guards (docs/adr/0024-tamper-evidence-without-trusting-the-database.md).
---
+-- Tamper guards and keyed seals (docs/adr/0024-tamper-evidence-without-trusting-the-database.md).
+
+-- Keyed seals. The seals so far were plain SHA-256, which anyone who can write the database
+-- can recompute. From here on each seal is an HMAC under the audit key (audit.key), which the
+-- database never holds. The unkeyed seals are kept aside as they were, for an auditor; the
+-- chain starts again, and the first start after this migration seals the existing history
+-- with the key once, when the operator asks for it (`ekm serve --seal-existing-history`):
+-- verify the old chain with the previous release before upgrading.
+ALTER TABLE audit_chain RENAME TO audit_chain_unkeyed;
+DROP INDEX audit_chain_org;
+CREATE INDEX audit_chain_unkeyed_org ON audit_chain_unkeyed (org_id, position);
+
+CREATE TABLE audit_chain
+(
+    position  integer PRIMARY KEY,
+    org_id    text NOT NULL,
+    prev_hash text NOT NULL,
+    hash      text NOT NULL
+) STRICT;
+
+CREATE INDEX audit_chain_org ON audit_chain (org_id, position);
+
+UPDATE projection_checkpoints SET position = 0 WHERE name = 'audit_chain';
+DELETE FROM projection_state WHERE projection = 'audit_chain';
+
 -- `INSERT OR REPLACE` deletes the row it conflicts with before inserting, and that implicit
 -- delete fires delete triggers only when the connection turned `recursive_triggers` on,
 -- which an ordinary `sqlite3` session does not: it rewrote an event past `events_no_delete`.

@@ -19,8 +19,8 @@ mod scope_tree;
 mod sql;
 
 pub use audit::{
-    audit_entries, audit_pages, entry_hash, verify_chain, AuditChain, AuditEntry, AuditFilter,
-    AuditPages, ChainFailure, ChainReport, GENESIS_HASH,
+    audit_entries, audit_pages, refuse_resealing, seal_entry, verify_chain, AuditChain, AuditEntry,
+    AuditFilter, AuditPages, ChainFailure, ChainReport, RecordedHead, GENESIS_HASH,
 };
 pub use error::{chain as error_chain, ProjectionError};
 pub use history::{scope_as_of, AsOf, PastScope};

@@ -162,6 +162,13 @@ fn start_throwaway_cluster() -> Result<String, String> {
     Ok(format!("postgres://postgres@127.0.0.1:{port}/postgres"))
 }
 
+/// The audit key of a data directory, created like the server creates it.
+pub fn seal_key(data_dir: &Path) -> ekm_keys::SealKey {
+    ekm_keys::SealKey::load(&data_dir.join(ekm_keys::AUDIT_KEY_FILE), true)
+        .expect("audit key")
+        .expect("audit key created")
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -339,7 +346,12 @@ impl TestApp {
             .expect("operator token file")
             .trim()
             .to_owned();
-        let projector = Arc::new(Projector::standard(db.clone(), ProjectorConfig::default()));
+        let seal = seal_key(&data_dir);
+        let projector = Arc::new(Projector::standard(
+            db.clone(),
+            ProjectorConfig::default(),
+            seal.clone(),
+        ));
         projector.init().await.expect("projector init");
         projector.catch_up().await.expect("catch up");
         let (shutdown, shutdown_rx) = watch::channel(false);
@@ -354,7 +366,7 @@ impl TestApp {
             options.key_cache_ttl,
             options.kms.clone(),
         );
-        let app = App::new(db.clone(), projector, keys);
+        let app = App::new(db.clone(), projector, keys, seal);
         if let Some(interval) = options.health_interval {
             tokio::spawn(
                 ekm_api::health::HealthMonitor::new(app.clone(), interval).run(shutdown_rx.clone()),

@@ -1,8 +1,13 @@
 //! Tamper evidence that does not trust the database (ADR 0024): the guards an attacker with
 //! SQL access meets first, and what `ekm audit verify` finds after each kind of tampering.
 
-use ekm_store::Db;
+use std::path::Path;
+use std::process::Command;
 
+use ekm_store::{Db, StoredEvent};
+use serde_json::Value;
+
+use crate::audit::{drop_immutability, exec};
 use crate::harness::{Backend, TestApp};
 use crate::on_both_backends;
 
@@ -120,3 +125,288 @@ async fn append_conflict_stays_retryable_when_guarded(backend: Backend) {
     app.stop().await;
 }
 on_both_backends!(append_conflict_stays_retryable_when_guarded);
+
+// ---------------------------------------------------------------------------------------
+// What `ekm audit verify` finds, by kind and position of the first bad entry.
+
+/// `ekm audit verify --json`, as an auditor runs it: its exit status and its reports.
+fn verify(app: &TestApp, org: Option<&str>, head_file: Option<&Path>) -> (bool, Vec<Value>) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_ekm"));
+    command
+        .args(["audit", "verify", "--json", "--data-dir"])
+        .arg(app.data_dir())
+        .env_remove("EKM_DATABASE_URL");
+    if let Some(url) = app.database_url() {
+        command.args(["--database-url", url]);
+    }
+    if let Some(org) = org {
+        command.args(["--org", org]);
+    }
+    if let Some(path) = head_file {
+        command.arg("--head-file").arg(path);
+    }
+    let output = command.output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let reports: Vec<Value> = serde_json::from_str(&stdout).unwrap_or_else(|_| {
+        panic!(
+            "not JSON: {stdout} {}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+    });
+    (output.status.success(), reports)
+}
+
+/// Runs `command` to its end, or kills it and fails if it is still running after `limit`
+/// (a server that should have refused to start).
+fn exits_within(mut command: Command, limit: std::time::Duration) -> std::process::Output {
+    let child = command
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done.send(child.wait_with_output());
+    });
+    match finished.recv_timeout(limit) {
+        Ok(output) => output.unwrap(),
+        Err(_) => {
+            let _ = Command::new("kill").arg(pid.to_string()).status();
+            panic!("the command was still running after {limit:?}");
+        }
+    }
+}
+
+/// The kind and position of `org`'s first bad entry (None when its chain verifies).
+fn first_failure(reports: &[Value], org: &str) -> Option<(String, i64)> {
+    let report = reports
+        .iter()
+        .find(|r| r["org_id"] == org)
+        .unwrap_or_else(|| panic!("no report for {org}: {reports:?}"));
+    let failure = &report["first_failure"];
+    if failure.is_null() {
+        assert_eq!(report["ok"], true, "{report}");
+        return None;
+    }
+    assert_eq!(report["ok"], false, "{report}");
+    Some((
+        failure["problem"].as_str().unwrap().to_owned(),
+        failure["position"].as_i64().unwrap(),
+    ))
+}
+
+/// An organization with a team paused, resumed and paused again; its events in order.
+async fn history(app: &TestApp) -> (String, String, String, Vec<StoredEvent>) {
+    let (org, admin) = app.org("enterprise").await;
+    let team = app.scope(&admin, "team", "research", &org).await;
+    app.pause(&admin, &team).await;
+    app.resume(&admin, &team).await;
+    app.pause(&admin, &team).await;
+    let events = org_events(&app.db, &org).await;
+    (org, admin, team, events)
+}
+
+async fn org_events(db: &Db, org: &str) -> Vec<StoredEvent> {
+    let positions: Vec<i64> = ekm_store::with_read_pool!(db, pool => {
+        sqlx::query_scalar("SELECT position FROM events WHERE audit_org = $1 ORDER BY position")
+            .bind(org)
+            .fetch_all(pool)
+            .await
+            .unwrap()
+    });
+    db.events_at(&positions).await.unwrap()
+}
+
+async fn verify_reports_altered_when_seals_are_recomputed_without_the_key(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let (org, _, team, events) = history(&app).await;
+    assert_eq!(first_failure(&verify(&app, Some(&org), None).1, &org), None);
+    let pause = events
+        .iter()
+        .find(|e| e.event_type == "ScopePaused")
+        .unwrap()
+        .clone();
+
+    // The attacker rewrites the first pause's reason and seals the chain again from there,
+    // with the only key they can have: not the audit key, which the database never held.
+    drop_immutability(&app.db).await;
+    exec(
+        &app.db,
+        &format!(
+            "UPDATE events SET metadata = '{}' WHERE position = {}",
+            pause.metadata.replace("investigation 4711", "routine"),
+            pause.position
+        ),
+    )
+    .await;
+    let guessed = ekm_keys::SealKey::from_bytes(&[0u8; 32]).unwrap();
+    let seals: Vec<(i64, String)> = ekm_store::with_read_pool!(&app.db, pool => {
+        sqlx::query_as("SELECT position, prev_hash FROM audit_chain WHERE org_id = $1 AND position >= $2 ORDER BY position")
+            .bind(&org)
+            .bind(pause.position)
+            .fetch_all(pool)
+            .await
+            .unwrap()
+    });
+    let mut prev = seals[0].1.clone();
+    for (position, _) in seals {
+        let event = &app.db.events_at(&[position]).await.unwrap()[0];
+        let seal = ekm_projections::seal_entry(&guessed, &org, &prev, event).unwrap();
+        exec(
+            &app.db,
+            &format!("UPDATE audit_chain SET prev_hash = '{prev}', hash = '{seal}' WHERE position = {position}"),
+        )
+        .await;
+        prev = seal;
+    }
+    let (ok, reports) = verify(&app, Some(&org), None);
+    assert!(!ok);
+    assert_eq!(
+        first_failure(&reports, &org),
+        Some(("altered".into(), pause.position))
+    );
+    assert_eq!(reports[0]["first_failure"]["scope_id"], team.as_str());
+    app.stop().await;
+}
+on_both_backends!(verify_reports_altered_when_seals_are_recomputed_without_the_key);
+
+async fn verify_reports_truncated_when_the_tail_is_cut_with_its_seals(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let (org, _, _, events) = history(&app).await;
+    let heads = app.data_dir().join("auditor-heads.json");
+    let (ok, _) = verify(&app, None, Some(&heads));
+    assert!(ok);
+    let head = events.last().unwrap().position;
+    let recorded: Value = serde_json::from_str(&std::fs::read_to_string(&heads).unwrap()).unwrap();
+    assert_eq!(recorded["orgs"][&org]["position"], head);
+
+    // The last two entries go, events and seals, with the chain's state: what is left is a
+    // perfectly valid, shorter chain.
+    let cut = events[events.len() - 2].position;
+    drop_immutability(&app.db).await;
+    exec(
+        &app.db,
+        &format!(
+            "DELETE FROM events WHERE position >= {cut}; DELETE FROM audit_chain WHERE position >= {cut}"
+        ),
+    )
+    .await;
+    let (ok, reports) = verify(&app, None, Some(&heads));
+    assert!(!ok);
+    assert_eq!(
+        first_failure(&reports, &org),
+        Some(("truncated".into(), head))
+    );
+    // The failed run kept the recorded head: the next run fails the same way.
+    let (ok, reports) = verify(&app, None, Some(&heads));
+    assert!(!ok);
+    assert_eq!(
+        first_failure(&reports, &org),
+        Some(("truncated".into(), head))
+    );
+    app.stop().await;
+}
+on_both_backends!(verify_reports_truncated_when_the_tail_is_cut_with_its_seals);
+
+async fn verify_reports_emptied_when_an_organization_history_is_removed(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let (org, _, _, events) = history(&app).await;
+    let heads = app.data_dir().join("auditor-heads.json");
+    assert!(verify(&app, None, Some(&heads)).0);
+    let head = events.last().unwrap().position;
+
+    drop_immutability(&app.db).await;
+    exec(
+        &app.db,
+        &format!(
+            "DELETE FROM events WHERE audit_org = '{org}'; DELETE FROM audit_chain WHERE org_id = '{org}'; \
+             DELETE FROM projection_state WHERE projection = 'audit_chain' AND key = '{org}'"
+        ),
+    )
+    .await;
+    // Every organization (no --org): the emptied one is still listed by the head file.
+    let (ok, reports) = verify(&app, None, Some(&heads));
+    assert!(!ok);
+    assert_eq!(
+        first_failure(&reports, &org),
+        Some(("emptied".into(), head))
+    );
+    app.stop().await;
+}
+on_both_backends!(verify_reports_emptied_when_an_organization_history_is_removed);
+
+async fn verify_reports_resealed_when_the_server_seals_an_altered_history_again(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let (org, _, _, events) = history(&app).await;
+    let heads = app.data_dir().join("auditor-heads.json");
+    assert!(verify(&app, None, Some(&heads)).0);
+    let head = events.last().unwrap().position;
+    let pause = events
+        .iter()
+        .find(|e| e.event_type == "ScopePaused")
+        .unwrap()
+        .clone();
+
+    // Alter an event, then make the chain forget it ever sealed anything.
+    drop_immutability(&app.db).await;
+    exec(
+        &app.db,
+        &format!(
+            "UPDATE events SET metadata = '{}' WHERE position = {}; \
+             DELETE FROM audit_chain; DELETE FROM projection_state WHERE projection = 'audit_chain'; \
+             UPDATE projection_checkpoints SET position = 0 WHERE name = 'audit_chain'",
+            pause.metadata.replace("investigation 4711", "routine"),
+            pause.position
+        ),
+    )
+    .await;
+    // Without seals, events the runner had sealed are found unsealed.
+    let (ok, reports) = verify(&app, Some(&org), None);
+    assert!(!ok);
+    assert_eq!(
+        first_failure(&reports, &org),
+        Some(("inserted".into(), events[0].position))
+    );
+    // A server started now refuses to seal that history again.
+    let mut command = Command::new(env!("CARGO_BIN_EXE_ekm"));
+    command
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(app.data_dir())
+        .env_remove("EKM_DATABASE_URL");
+    if let Some(url) = app.database_url() {
+        command.args(["--database-url", url]);
+    }
+    let refused = exits_within(command, std::time::Duration::from_secs(60));
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("--seal-existing-history"), "{stderr}");
+    // Nor does the running one.
+    let running = app.app.projector().catch_up().await.unwrap_err();
+    assert!(
+        matches!(
+            running,
+            ekm_projections::ProjectionError::ResealRefused { .. }
+        ),
+        "{running:?}"
+    );
+
+    // One that is told to (or an older release) seals the altered history with the real
+    // key: every seal verifies, but not the one the auditor recorded.
+    let projector = ekm_projections::Projector::standard(
+        app.db.clone(),
+        ekm_projections::ProjectorConfig::default(),
+        crate::harness::seal_key(app.data_dir()),
+    );
+    projector.init().await.unwrap();
+    projector.catch_up().await.unwrap();
+    assert_eq!(first_failure(&verify(&app, Some(&org), None).1, &org), None);
+    let (ok, reports) = verify(&app, None, Some(&heads));
+    assert!(!ok);
+    assert_eq!(
+        first_failure(&reports, &org),
+        Some(("resealed".into(), head))
+    );
+    app.stop().await;
+}
+on_both_backends!(verify_reports_resealed_when_the_server_seals_an_altered_history_again);
