@@ -271,6 +271,111 @@ async fn verify_reports_altered_when_seals_are_recomputed_without_the_key(backen
 }
 on_both_backends!(verify_reports_altered_when_seals_are_recomputed_without_the_key);
 
+async fn verify_reports_removed_when_a_sealed_event_is_deleted(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let (org, _, _, events) = history(&app).await;
+    let resume = events
+        .iter()
+        .find(|e| e.event_type == "ScopeResumed")
+        .unwrap()
+        .position;
+    drop_immutability(&app.db).await;
+    exec(
+        &app.db,
+        &format!("DELETE FROM events WHERE position = {resume}"),
+    )
+    .await;
+    let (ok, reports) = verify(&app, Some(&org), None);
+    assert!(!ok);
+    assert_eq!(
+        first_failure(&reports, &org),
+        Some(("removed".into(), resume))
+    );
+    app.stop().await;
+}
+on_both_backends!(verify_reports_removed_when_a_sealed_event_is_deleted);
+
+async fn verify_reports_inserted_when_an_event_fills_a_position_gap(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let (org, admin) = app.org("enterprise").await;
+    let team = app.scope(&admin, "team", "research", &org).await;
+    // An event of another aggregate type takes a position (a gap once it is gone: on
+    // PostgreSQL rolled-back inserts leave such gaps too), then the team's history goes on.
+    exec(
+        &app.db,
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, \
+         payload, metadata) VALUES ('test', 'gap', 1, 'Tested', '1', '{}', '{}')",
+    )
+    .await;
+    let gap = app.db.head_position().await.unwrap();
+    app.pause(&admin, &team).await;
+    app.resume(&admin, &team).await;
+    assert_eq!(first_failure(&verify(&app, Some(&org), None).1, &org), None);
+
+    // The attacker forges a pause of the team into the gap.
+    let pause = app.db.events_of(&team).await.unwrap()[1].clone();
+    assert_eq!(pause.event_type, "ScopePaused");
+    drop_immutability(&app.db).await;
+    exec(
+        &app.db,
+        &format!("DELETE FROM events WHERE position = {gap}"),
+    )
+    .await;
+    exec(
+        &app.db,
+        &format!(
+            "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, \
+             event_version, payload, metadata) VALUES ('scope', '{team}', 99, 'ScopePaused', \
+             '{}', '{}', '{}')",
+            pause.event_version, pause.payload, pause.metadata
+        ),
+    )
+    .await;
+    exec(
+        &app.db,
+        &format!(
+            "UPDATE events SET position = {gap} WHERE aggregate_id = '{team}' AND sequence = 99"
+        ),
+    )
+    .await;
+    let (ok, reports) = verify(&app, Some(&org), None);
+    assert!(!ok);
+    assert_eq!(
+        first_failure(&reports, &org),
+        Some(("inserted".into(), gap))
+    );
+    app.stop().await;
+}
+on_both_backends!(verify_reports_inserted_when_an_event_fills_a_position_gap);
+
+async fn verify_reports_reordered_when_a_seal_link_is_edited(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let (org, _, _, events) = history(&app).await;
+    let resume = events
+        .iter()
+        .find(|e| e.event_type == "ScopeResumed")
+        .unwrap()
+        .position;
+    // The resume's link now names the entry two back, as if the pause before it had moved.
+    exec(
+        &app.db,
+        &format!(
+            "UPDATE audit_chain SET prev_hash = (SELECT prev_hash FROM audit_chain WHERE position = \
+             (SELECT MAX(position) FROM audit_chain WHERE org_id = '{org}' AND position < {resume})) \
+             WHERE position = {resume}"
+        ),
+    )
+    .await;
+    let (ok, reports) = verify(&app, Some(&org), None);
+    assert!(!ok);
+    assert_eq!(
+        first_failure(&reports, &org),
+        Some(("reordered".into(), resume))
+    );
+    app.stop().await;
+}
+on_both_backends!(verify_reports_reordered_when_a_seal_link_is_edited);
+
 async fn verify_reports_truncated_when_the_tail_is_cut_with_its_seals(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let (org, _, _, events) = history(&app).await;
