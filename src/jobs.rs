@@ -218,6 +218,7 @@ async fn verify_job(args: VerifyArgs) -> anyhow::Result<ExitCode> {
     } else {
         for report in &reports {
             match &report.first_failure {
+                None if !report.ok => {}
                 None => writeln!(
                     out,
                     "ok        {}  {} entries, head {} at position {}",
@@ -236,6 +237,13 @@ async fn verify_job(args: VerifyArgs) -> anyhow::Result<ExitCode> {
                     failure.scope_id.as_deref().unwrap_or("-"),
                     failure.event_type.as_deref().unwrap_or("-")
                 )?,
+            }
+            for mismatch in &report.access_mismatches {
+                writeln!(
+                    out,
+                    "TAMPERED  {}  {} row {}: {} ({})",
+                    report.org_id, mismatch.table, mismatch.id, mismatch.problem, mismatch.detail
+                )?;
             }
         }
     }

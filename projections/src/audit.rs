@@ -21,6 +21,7 @@ use ekm_store::{Db, StoreError, StoredEvent};
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
 
+use crate::access_check::{verify_access_tables, Mismatch};
 use crate::error::ProjectionError;
 use crate::runner::{Projection, ProjectionState};
 use crate::sql::{Param, Statement};
@@ -545,6 +546,9 @@ pub struct ChainReport {
     pub head_position: Option<i64>,
     pub head_hash: Option<String>,
     pub first_failure: Option<ChainFailure>,
+    /// Rows of the unsealed access tables (`tokens`, `grants_view`) that the organization's
+    /// events do not account for.
+    pub access_mismatches: Vec<Mismatch>,
 }
 
 /// The last verified head of an organization's chain, as an auditor recorded it outside the
@@ -572,6 +576,7 @@ pub async fn verify_chain(
         head_position: None,
         head_hash: None,
         first_failure: None,
+        access_mismatches: vec![],
     };
     let mut expected_prev = GENESIS_HASH.to_owned();
     let mut after = 0i64;
@@ -695,6 +700,8 @@ pub async fn verify_chain(
             break;
         }
     }
+    report.access_mismatches = verify_access_tables(db, org).await?;
+    report.ok &= report.access_mismatches.is_empty();
     Ok(report)
 }
 

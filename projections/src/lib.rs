@@ -9,6 +9,7 @@
 //! Architecture invariant: read models are written only here, and only from events. Any of
 //! them can be dropped and rebuilt from the log.
 
+mod access_check;
 mod audit;
 mod error;
 mod history;
@@ -18,6 +19,7 @@ mod runner;
 mod scope_tree;
 mod sql;
 
+pub use access_check::Mismatch;
 pub use audit::{
     audit_entries, audit_pages, refuse_resealing, seal_entry, verify_chain, AuditChain, AuditEntry,
     AuditFilter, AuditPages, ChainFailure, ChainReport, RecordedHead, GENESIS_HASH,
