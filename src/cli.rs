@@ -325,4 +325,8 @@ pub struct ServeArgs {
     /// seal history whose seals were reset (ADR 0024).
     #[arg(long)]
     pub seal_existing_history: bool,
+    /// Never run migrations: refuse to start unless the database is current. For a role
+    /// without DDL rights; the owner runs `ekm migrate` (docs/ops/postgres-roles.sql).
+    #[arg(long, env = "EKM_NO_MIGRATE")]
+    pub no_migrate: bool,
 }

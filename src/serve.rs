@@ -76,6 +76,18 @@ pub async fn open(config: &DbConfig) -> anyhow::Result<Db> {
     Ok(db)
 }
 
+/// Opens a database that must already be migrated (`--no-migrate`).
+async fn open_migrated(config: &DbConfig) -> anyhow::Result<Db> {
+    let db = Db::connect(config)
+        .await
+        .map_err(|error| anyhow::anyhow!(ekm_projections::error_chain(&error)))?;
+    if let Err(error) = db.require_migrated().await {
+        db.close().await;
+        bail!(ekm_projections::error_chain(&error));
+    }
+    Ok(db)
+}
+
 pub async fn migrate(args: DbArgs) -> anyhow::Result<()> {
     let (config, _lock) = prepare_data_dir(&args)?;
     let db = open(&config).await?;
@@ -86,7 +98,11 @@ pub async fn migrate(args: DbArgs) -> anyhow::Result<()> {
 
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let (config, _lock) = prepare_data_dir(&args.db)?;
-    let db = open(&config).await?;
+    let db = if args.no_migrate {
+        open_migrated(&config).await?
+    } else {
+        open(&config).await?
+    };
     tracing::info!(backend = db.backend_name(), data_dir = %args.db.data_dir.display(), "database ready");
 
     let created = Tokens::new(db.clone())

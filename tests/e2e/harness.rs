@@ -219,7 +219,7 @@ impl TestDb {
     }
 }
 
-fn replace_db_name(url: &str, name: &str) -> String {
+pub fn replace_db_name(url: &str, name: &str) -> String {
     match url.rfind('/') {
         Some(i) if url[..i].contains("://") && !url[i..].contains('@') => {
             let (base, rest) = url.split_at(i);

@@ -21,6 +21,7 @@ mod global_order;
 mod history;
 mod kms_servers;
 mod migrations;
+mod postgres_roles;
 mod process;
 mod rebuild;
 mod tamper;

@@ -158,7 +158,7 @@ fn verify(app: &TestApp, org: Option<&str>, head_file: Option<&Path>) -> (bool, 
 
 /// Runs `command` to its end, or kills it and fails if it is still running after `limit`
 /// (a server that should have refused to start).
-fn exits_within(mut command: Command, limit: std::time::Duration) -> std::process::Output {
+pub fn exits_within(mut command: Command, limit: std::time::Duration) -> std::process::Output {
     let child = command
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
