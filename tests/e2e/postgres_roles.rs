@@ -2,16 +2,14 @@
 //! the owner (docs/ops/postgres-roles.sql, ADR 0025): the script as documented, then a
 //! server, then an attacker holding the server's credentials.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::Duration;
 
 use serde_json::json;
 use sqlx::{Connection, Executor};
 
 use crate::harness::{free_port, postgres_admin_url, replace_db_name, Backend, TestDb};
-use crate::tamper::exits_within;
+use crate::tamper::{exits_within, serve_until_listening};
 
 const EKM: &str = env!("CARGO_BIN_EXE_ekm");
 
@@ -57,16 +55,6 @@ impl Drop for Cleanup {
             });
         })
         .join();
-    }
-}
-
-/// `ekm serve`, killed when dropped.
-struct Served(std::process::Child);
-
-impl Drop for Served {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 
@@ -131,32 +119,13 @@ async fn postgres_app_role_serves_but_cannot_rewrite_history() {
 
     // The server as the limited role.
     let port = free_port();
-    let mut child = Command::new(EKM)
+    let mut command = Command::new(EKM);
+    command
         .args(["--log-format", "json", "serve", "--no-migrate"])
         .args(["--listen", &format!("127.0.0.1:{port}")])
         .args(["--database-url", &app_url, "--data-dir"])
-        .arg(data_dir.path())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let _served = Served(child);
-    let (ready, listening) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut log = vec![];
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if line.contains("\"listening\"") {
-                let _ = ready.send(Ok(()));
-            }
-            log.push(line);
-        }
-        let _ = ready.send(Err(log.join("\n")));
-    });
-    listening
-        .recv_timeout(Duration::from_secs(60))
-        .unwrap()
-        .unwrap_or_else(|log| panic!("ekm serve as {app} did not start: {log}"));
+        .arg(data_dir.path());
+    let _served = serve_until_listening(command);
 
     // Commands work: an organization, a team, a pause.
     let base = format!("http://127.0.0.1:{port}");

@@ -178,6 +178,48 @@ pub fn exits_within(mut command: Command, limit: std::time::Duration) -> std::pr
     }
 }
 
+/// A running `ekm serve`, killed when dropped.
+pub struct Served(std::process::Child);
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `command` (an `ekm --log-format json serve …`) and returns once it logs that it
+/// listens; fails with its log if it exits first or is not ready within a minute.
+pub fn serve_until_listening(mut command: Command) -> Served {
+    let mut child = command
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let served = Served(child);
+    let (ready, listening) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut log = vec![];
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line.contains("\"listening\"") {
+                let _ = ready.send(Ok(()));
+            }
+            log.push(line);
+        }
+        let _ = ready.send(Err(log.join("\n")));
+    });
+    listening
+        .recv_timeout(std::time::Duration::from_secs(60))
+        .unwrap()
+        .unwrap_or_else(|log| panic!("ekm serve did not start: {log}"));
+    served
+}
+
 /// The kind and position of `org`'s first bad entry (None when its chain verifies).
 fn first_failure(reports: &[Value], org: &str) -> Option<(String, i64)> {
     let report = reports
@@ -498,15 +540,19 @@ async fn verify_reports_resealed_when_the_server_seals_an_altered_history_again(
         "{running:?}"
     );
 
-    // One that is told to (or an older release) seals the altered history with the real
-    // key: every seal verifies, but not the one the auditor recorded.
-    let projector = ekm_projections::Projector::standard(
-        app.db.clone(),
-        ekm_projections::ProjectorConfig::default(),
-        crate::harness::seal_key(app.data_dir()),
-    );
-    projector.init().await.unwrap();
-    projector.catch_up().await.unwrap();
+    // One that is told to seals the altered history with the real key: every seal
+    // verifies, but not the one the auditor recorded.
+    let mut command = Command::new(env!("CARGO_BIN_EXE_ekm"));
+    command
+        .args(["--log-format", "json", "serve", "--seal-existing-history"])
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(app.data_dir())
+        .env_remove("EKM_DATABASE_URL");
+    if let Some(url) = app.database_url() {
+        command.args(["--database-url", url]);
+    }
+    // Listening means its read models, and so the seals, have caught up.
+    drop(serve_until_listening(command));
     assert_eq!(first_failure(&verify(&app, Some(&org), None).1, &org), None);
     let (ok, reports) = verify(&app, None, Some(&heads));
     assert!(!ok);
@@ -663,3 +709,74 @@ async fn verify_reports_revived_raised_and_granted_rows(backend: Backend) {
     app.stop().await;
 }
 on_both_backends!(verify_reports_revived_raised_and_granted_rows);
+
+// ---------------------------------------------------------------------------------------
+// Upgrading a database sealed by the previous release.
+
+async fn upgrade_keeps_unkeyed_seals_aside_and_refuses_to_reseal_unasked(backend: Backend) {
+    let test_db = crate::harness::TestDb::new(backend).await;
+    let db = Db::connect(&test_db.config).await.unwrap();
+    // The migrations of the previous release: those before 0011.
+    let folder = match backend {
+        Backend::Sqlite => "sqlite",
+        Backend::Postgres => "postgres",
+    };
+    let previous = tempfile::tempdir().unwrap();
+    let source = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("migrations")
+        .join(folder);
+    for entry in std::fs::read_dir(&source).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        if name.as_str() < "0011" {
+            std::fs::copy(&path, previous.path().join(&name)).unwrap();
+        }
+    }
+    let migrator = sqlx::migrate::Migrator::new(previous.path()).await.unwrap();
+    ekm_store::with_write_pool!(&db, pool => migrator.run(pool).await.unwrap());
+    // A history the previous release sealed (unkeyed) and projected.
+    exec(
+        &db,
+        "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, \
+         payload, metadata) VALUES ('scope', 'org', 1, 'OrganizationCreated', '1', '{}', '{}'); \
+         INSERT INTO audit_chain (position, org_id, prev_hash, hash) VALUES (1, 'org', 'genesis', 'unkeyed'); \
+         INSERT INTO projection_checkpoints (name, position, updated_at) VALUES \
+         ('scope_tree', 1, 0), ('audit_chain', 1, 0), ('key_shredder', 1, 0); \
+         INSERT INTO projection_state (projection, key, value) VALUES ('audit_chain', 'org', 'unkeyed')",
+    )
+    .await;
+
+    db.migrate().await.unwrap();
+    assert_eq!(
+        count(
+            &db,
+            "SELECT COUNT(*) FROM audit_chain_unkeyed WHERE hash = 'unkeyed'"
+        )
+        .await,
+        1,
+        "the old seals are kept as they were"
+    );
+    assert_eq!(count(&db, "SELECT COUNT(*) FROM audit_chain").await, 0);
+    assert_eq!(
+        count(
+            &db,
+            "SELECT position FROM projection_checkpoints WHERE name = 'audit_chain'"
+        )
+        .await,
+        0
+    );
+    // Sealing the existing history again is the operator's decision, not a start's.
+    let refused = ekm_projections::refuse_resealing(&db).await.unwrap_err();
+    assert!(
+        matches!(
+            refused,
+            ekm_projections::ProjectionError::ResealRefused {
+                checkpoint: 0,
+                expected: 1
+            }
+        ),
+        "{refused:?}"
+    );
+    db.close().await;
+}
+on_both_backends!(upgrade_keeps_unkeyed_seals_aside_and_refuses_to_reseal_unasked);
