@@ -11,7 +11,7 @@
 -- Part 1 as a superuser (or a role with CREATEROLE and CREATEDB), once. Then, as the owner:
 --   ekm migrate --database-url postgres://ekm_owner@host/ekm
 -- Then part 2 as the owner; again after every `ekm migrate` (it is idempotent). The tests
--- (tests/e2e/tamper.rs, `postgres_app_role_*`) run this file as it is written here.
+-- (tests/e2e/postgres_roles.rs) run this file as it is written here.
 
 -- Part 1: roles and database (as a superuser). Give them passwords or certificates as your
 -- authentication setup requires (ALTER ROLE ... PASSWORD ...).

@@ -150,8 +150,8 @@ impl Db {
     }
 
     /// The versions of the migrations embedded in this binary that the database has not
-    /// applied. Fails if an applied migration differs from the embedded one (a binary of
-    /// another lineage) or failed half-way.
+    /// applied. Fails if an applied migration differs from the embedded one, is unknown to
+    /// this binary (a newer one applied it), or failed half-way, as `migrate` would.
     pub async fn pending_migrations(&self) -> Result<Vec<i64>, StoreError> {
         let migrator = match self {
             Db::Sqlite(_) => sqlx::migrate!("../migrations/sqlite"),
@@ -171,6 +171,13 @@ impl Db {
                 Err(e) => return Err(e.into()),
             }
         });
+        // Applied by a newer binary: this one does not know the schema it left.
+        if let Some((version, ..)) = applied
+            .iter()
+            .find(|(version, ..)| !migrator.version_exists(*version))
+        {
+            return Err(StoreError::MigrationDiffers { version: *version });
+        }
         let mut pending = vec![];
         for migration in migrator.iter() {
             match applied

@@ -10,7 +10,7 @@ pub enum StoreError {
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("{count} database migration(s) are pending, from version {first}: run `ekm migrate` as the database owner first")]
     MigrationsPending { first: i64, count: usize },
-    #[error("applied migration {version} differs from the one in this binary, or failed half-way")]
+    #[error("applied migration {version} is not the one in this binary (changed, unknown to it, or failed half-way)")]
     MigrationDiffers { version: i64 },
     #[error("stored event at position {position} cannot be read")]
     CorruptEvent {
