@@ -179,6 +179,10 @@ async fn verify_job(args: VerifyArgs) -> anyhow::Result<ExitCode> {
         None => HeadFile::default(),
     };
     let db = open_for_reading(&args.db).await?;
+    // The wrong key would report every entry as altered: say what is wrong instead.
+    ekm_projections::check_seal_key(&db, &key)
+        .await
+        .map_err(db_error)?;
     let orgs: BTreeSet<String> = match &args.org {
         Some(org) => [ekm_domain::OrgId::parse(org)
             .map_err(|e| anyhow::anyhow!("--org: {e}"))?

@@ -118,6 +118,9 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
 
     let seal = audit_key(&args.db, args.audit_key_file.as_deref(), true)?;
+    ekm_projections::register_seal_key(&db, &seal)
+        .await
+        .map_err(|e| anyhow::anyhow!(ekm_projections::error_chain(&e)))?;
     if !args.seal_existing_history {
         ekm_projections::refuse_resealing(&db)
             .await

@@ -20,6 +20,16 @@ CREATE TABLE audit_chain
 
 CREATE INDEX audit_chain_org ON audit_chain (org_id, position);
 
+-- Which audit key this database's seals are made with (its public fingerprint, never the
+-- key): an instance started with another key file is refused instead of sealing entries
+-- nobody can verify, and an auditor with the wrong key is told so.
+CREATE TABLE audit_keys
+(
+    id          bigint PRIMARY KEY CHECK (id = 1),
+    fingerprint text NOT NULL,
+    created_at  bigint NOT NULL
+);
+
 UPDATE projection_checkpoints SET position = 0 WHERE name = 'audit_chain';
 DELETE FROM projection_state WHERE projection = 'audit_chain';
 

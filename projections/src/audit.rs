@@ -718,6 +718,40 @@ fn resealed(head: &RecordedHead, event: Option<&StoredEvent>) -> ChainFailure {
     }
 }
 
+/// Records which audit key this database's seals are made with (its fingerprint), on first
+/// use, and refuses any other key afterwards: an instance started with a key file of its own
+/// would seal entries that nobody can verify.
+pub async fn register_seal_key(db: &Db, key: &SealKey) -> Result<(), ProjectionError> {
+    ekm_store::with_write_pool!(db, pool => {
+        sqlx::query(
+            "INSERT INTO audit_keys (id, fingerprint, created_at) VALUES (1, $1, $2) \
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(key.fingerprint())
+        .bind(ekm_store::time::now_micros())
+        .execute(pool)
+        .await?;
+    });
+    check_seal_key(db, key).await
+}
+
+/// Fails if the seals are made with another key than `key` (nothing recorded yet: no seal
+/// was made with a key, any key will do).
+pub async fn check_seal_key(db: &Db, key: &SealKey) -> Result<(), ProjectionError> {
+    let recorded: Option<String> = ekm_store::with_write_pool!(db, pool => {
+        sqlx::query_scalar("SELECT fingerprint FROM audit_keys WHERE id = 1")
+            .fetch_optional(pool)
+            .await?
+    });
+    match recorded {
+        Some(recorded) if recorded != key.fingerprint() => Err(ProjectionError::WrongSealKey {
+            recorded,
+            given: key.fingerprint(),
+        }),
+        _ => Ok(()),
+    }
+}
+
 /// Refuses to let a server seal history that was sealed before (ADR 0024): an attacker who
 /// can write the database but not read the audit key could otherwise alter events, delete
 /// the seals, reset the chain's checkpoint and let the next start seal the altered history

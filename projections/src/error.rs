@@ -16,6 +16,11 @@ pub enum ProjectionError {
     ReaderStopped,
     #[error("the projection checkpoints moved while a catch-up read ahead of them")]
     CheckpointsMoved,
+    #[error(
+        "this database's audit seals are made with the audit key {recorded}, not with {given}: \
+         give every instance and auditor the same audit.key"
+    )]
+    WrongSealKey { recorded: String, given: String },
     #[error("the audit chain cannot be sealed without the audit key")]
     NoSealKey,
     #[error(

@@ -347,6 +347,9 @@ impl TestApp {
             .trim()
             .to_owned();
         let seal = seal_key(&data_dir);
+        ekm_projections::register_seal_key(&db, &seal)
+            .await
+            .expect("the data directory's audit key");
         let projector = Arc::new(Projector::standard(
             db.clone(),
             ProjectorConfig::default(),

@@ -170,3 +170,43 @@ async fn upgrade_keeps_unkeyed_seals_aside_and_refuses_to_reseal_unasked(backend
     db.close().await;
 }
 on_both_backends!(upgrade_keeps_unkeyed_seals_aside_and_refuses_to_reseal_unasked);
+
+/// Instances on one PostgreSQL database (or a restored SQLite file) must share `audit.key`:
+/// one with a key of its own would seal entries nobody can verify.
+async fn serve_refuses_another_audit_key_when_the_database_is_sealed(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let (org, _) = app.org("enterprise").await;
+    let other = app.data_dir().join("other-audit.key");
+    let mut command = Command::new(env!("CARGO_BIN_EXE_ekm"));
+    command
+        .args(["serve", "--listen", "127.0.0.1:0", "--audit-key-file"])
+        .arg(&other)
+        .arg("--data-dir")
+        .arg(app.data_dir())
+        .env_remove("EKM_DATABASE_URL");
+    if let Some(url) = app.database_url() {
+        command.args(["--database-url", url]);
+    }
+    let refused = exits_within(command, std::time::Duration::from_secs(60));
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("same audit.key"), "{stderr}");
+
+    // An auditor with that key is told so, rather than shown every entry as altered.
+    let mut verify = Command::new(env!("CARGO_BIN_EXE_ekm"));
+    verify
+        .args(["audit", "verify", "--org", &org, "--audit-key-file"])
+        .arg(&other)
+        .arg("--data-dir")
+        .arg(app.data_dir())
+        .env_remove("EKM_DATABASE_URL");
+    if let Some(url) = app.database_url() {
+        verify.args(["--database-url", url]);
+    }
+    let output = verify.output().unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("same audit.key"), "{stderr}");
+    app.stop().await;
+}
+on_both_backends!(serve_refuses_another_audit_key_when_the_database_is_sealed);
