@@ -348,6 +348,16 @@ pub struct VerifyArgs {
     /// Print the reports as JSON.
     #[arg(long)]
     pub json: bool,
+    /// The audit key file the seals were made with (default: DATA_DIR/audit.key). Never
+    /// created here.
+    #[arg(long, env = "EKM_AUDIT_KEY_FILE")]
+    pub audit_key_file: Option<PathBuf>,
+    /// A file kept by the auditor, outside the database: each organization's last verified
+    /// head (position and seal). Compared on every run (a shorter history, or a different
+    /// seal at the recorded position, fails) and updated for the organizations that verify.
+    /// Created if missing.
+    #[arg(long)]
+    pub head_file: Option<PathBuf>,
 }
 
 /// Where the data lives: SQLite in the data directory, or PostgreSQL.
@@ -431,4 +441,18 @@ pub struct ServeArgs {
     /// The PEM private key of --tls-cert.
     #[arg(long, env = "EKM_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// The audit key file (HMAC key of the audit seals). Created on first start with mode
+    /// 0600; every instance sharing a database needs the same file; keep a copy for the
+    /// auditors' `ekm audit verify`.
+    #[arg(long, env = "EKM_AUDIT_KEY_FILE")]
+    pub audit_key_file: Option<PathBuf>,
+    /// Seal events that exist without seals although no server sealed them yet (a database
+    /// seeded outside EKM, or upgraded from unkeyed seals). Without it a server refuses to
+    /// seal history whose seals were reset (ADR 0024).
+    #[arg(long)]
+    pub seal_existing_history: bool,
+    /// Never run migrations: refuse to start unless the database is current. For a role
+    /// without DDL rights; the owner runs `ekm migrate` (docs/ops/postgres-roles.sql).
+    #[arg(long, env = "EKM_NO_MIGRATE")]
+    pub no_migrate: bool,
 }

@@ -1,19 +1,23 @@
 //! Operator jobs that work on the database directly, without a server: projection rebuild
 //! and status, audit export and verification.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{IsTerminal, Write};
+use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
 use ekm_api::audit::Format;
-use ekm_projections::{audit_pages, error_chain, rebuild, status, verify_chain, AuditFilter};
+use ekm_projections::{
+    audit_pages, error_chain, rebuild, status, verify_chain, AuditFilter, RecordedHead,
+};
 use ekm_store::{Db, DbConfig};
 
 use crate::cli::{
     AuditCommand, DbArgs, ExportArgs, JobArgs, PlatformKeyCommand, ProjectionsCommand, RotateArgs,
     VerifyArgs,
 };
-use crate::serve::{open, prepare_data_dir};
+use crate::serve::{audit_key, open, prepare_data_dir};
 
 fn db_error(error: impl std::error::Error) -> anyhow::Error {
     anyhow::anyhow!(error_chain(&error))
@@ -144,19 +148,75 @@ async fn export_job(args: ExportArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The head file: each organization's last verified head, kept by the auditor outside the
+/// database (ADR 0024).
+#[derive(Default, serde::Serialize, serde::Deserialize)]
+struct HeadFile {
+    orgs: BTreeMap<String, RecordedHead>,
+}
+
+fn read_head_file(path: &Path) -> anyhow::Result<HeadFile> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => serde_json::from_str(&text)
+            .with_context(|| format!("{} is not an EKM head file", path.display())),
+        // The first verification starts the file.
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(HeadFile::default()),
+        Err(error) => Err(error).with_context(|| format!("cannot read {}", path.display())),
+    }
+}
+
+/// Replaces the file whole (write aside, then rename), so a crash never leaves half of it.
+fn write_head_file(path: &Path, heads: &HeadFile) -> anyhow::Result<()> {
+    let aside = path.with_extension("tmp");
+    let mut text = serde_json::to_string_pretty(heads)?;
+    text.push('\n');
+    std::fs::write(&aside, text).with_context(|| format!("cannot write {}", aside.display()))?;
+    std::fs::rename(&aside, path).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}
+
 async fn verify_job(args: VerifyArgs) -> anyhow::Result<ExitCode> {
+    let key = audit_key(&args.db, args.audit_key_file.as_deref(), false)?;
+    let mut heads = match &args.head_file {
+        Some(path) => read_head_file(path)?,
+        None => HeadFile::default(),
+    };
     let db = open_for_reading(&args.db).await?;
-    let orgs = match &args.org {
-        Some(org) => vec![ekm_domain::OrgId::parse(org)
+    // The wrong key would report every entry as altered: say what is wrong instead.
+    ekm_projections::check_seal_key(&db, &key)
+        .await
+        .map_err(db_error)?;
+    let orgs: BTreeSet<String> = match &args.org {
+        Some(org) => [ekm_domain::OrgId::parse(org)
             .map_err(|e| anyhow::anyhow!("--org: {e}"))?
-            .to_string()],
-        None => db.chained_orgs().await.map_err(db_error)?,
+            .to_string()]
+        .into(),
+        // Every organization with seals, with events, or with a recorded head: one whose
+        // history was emptied still has its recorded head.
+        None => {
+            let mut orgs: BTreeSet<String> = db
+                .chained_orgs()
+                .await
+                .map_err(db_error)?
+                .into_iter()
+                .collect();
+            orgs.extend(db.event_orgs().await.map_err(db_error)?);
+            orgs.extend(heads.orgs.keys().cloned());
+            orgs
+        }
     };
     let mut failed = false;
     let mut reports = vec![];
     for org in orgs {
-        let report = verify_chain(&db, &org).await.map_err(db_error)?;
+        let report = verify_chain(&db, &key, &org, heads.orgs.get(&org))
+            .await
+            .map_err(db_error)?;
         failed |= !report.ok;
+        if let (true, Some(position), Some(seal)) =
+            (report.ok, report.head_position, report.head_hash.clone())
+        {
+            heads.orgs.insert(org, RecordedHead { position, seal });
+        }
         reports.push(report);
     }
     let mut out = std::io::stdout().lock();
@@ -165,6 +225,7 @@ async fn verify_job(args: VerifyArgs) -> anyhow::Result<ExitCode> {
     } else {
         for report in &reports {
             match &report.first_failure {
+                None if !report.ok => {}
                 None => writeln!(
                     out,
                     "ok        {}  {} entries, head {} at position {}",
@@ -184,9 +245,20 @@ async fn verify_job(args: VerifyArgs) -> anyhow::Result<ExitCode> {
                     failure.event_type.as_deref().unwrap_or("-")
                 )?,
             }
+            for mismatch in &report.access_mismatches {
+                writeln!(
+                    out,
+                    "TAMPERED  {}  {} row {}: {} ({})",
+                    report.org_id, mismatch.table, mismatch.id, mismatch.problem, mismatch.detail
+                )?;
+            }
         }
     }
     db.close().await;
+    // Organizations that failed keep the head recorded before: the evidence stays.
+    if let Some(path) = &args.head_file {
+        write_head_file(path, &heads)?;
+    }
     Ok(if failed {
         ExitCode::FAILURE
     } else {

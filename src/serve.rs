@@ -11,7 +11,7 @@ use ekm_api::keys::{platform_master_key, KeyService, KmsOptions, PlatformKeySour
 use ekm_api::limits::Limits;
 use ekm_api::rekey::Rekeyer;
 use ekm_api::{router_with_limits, App, AppState};
-use ekm_keys::MASTER_KEY_FILE;
+use ekm_keys::{SealKey, AUDIT_KEY_FILE, MASTER_KEY_FILE};
 use ekm_kms::KmsSettings;
 use ekm_projections::{Projector, ProjectorConfig};
 use ekm_store::{Db, DbConfig, Tokens, OPERATOR_TOKEN_FILE};
@@ -53,10 +53,40 @@ fn lock_data_dir(dir: &Path) -> anyhow::Result<File> {
     }
 }
 
+/// The audit key: `--audit-key-file`, else `DATA_DIR/audit.key`; created (0600) only by
+/// the server.
+pub fn audit_key(args: &DbArgs, file: Option<&Path>, create: bool) -> anyhow::Result<SealKey> {
+    let path = file.map_or_else(|| args.data_dir.join(AUDIT_KEY_FILE), Path::to_path_buf);
+    match SealKey::load(&path, create) {
+        Ok(Some(key)) => {
+            // The path and a fingerprint, never the key.
+            tracing::info!(path = %path.display(), fingerprint = %key.fingerprint(), "audit key ready");
+            Ok(key)
+        }
+        Ok(None) => bail!(
+            "no audit key at {} (the server creates it; give --audit-key-file)",
+            path.display()
+        ),
+        Err(error) => Err(anyhow::anyhow!(ekm_projections::error_chain(&error))),
+    }
+}
+
 pub async fn open(config: &DbConfig) -> anyhow::Result<Db> {
     let db = Db::open(config)
         .await
         .map_err(|error| anyhow::anyhow!(ekm_projections::error_chain(&error)))?;
+    Ok(db)
+}
+
+/// Opens a database that must already be migrated (`--no-migrate`).
+async fn open_migrated(config: &DbConfig) -> anyhow::Result<Db> {
+    let db = Db::connect(config)
+        .await
+        .map_err(|error| anyhow::anyhow!(ekm_projections::error_chain(&error)))?;
+    if let Err(error) = db.require_migrated().await {
+        db.close().await;
+        bail!(ekm_projections::error_chain(&error));
+    }
     Ok(db)
 }
 
@@ -91,7 +121,11 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tls,
     };
     let (config, _lock) = prepare_data_dir(&args.db)?;
-    let db = open(&config).await?;
+    let db = if args.no_migrate {
+        open_migrated(&config).await?
+    } else {
+        open(&config).await?
+    };
     tracing::info!(backend = db.backend_name(), data_dir = %args.db.data_dir.display(), "database ready");
 
     let created = Tokens::new(db.clone())
@@ -106,12 +140,22 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         );
     }
 
+    let seal = audit_key(&args.db, args.audit_key_file.as_deref(), true)?;
+    ekm_projections::register_seal_key(&db, &seal)
+        .await
+        .map_err(|e| anyhow::anyhow!(ekm_projections::error_chain(&e)))?;
+    if !args.seal_existing_history {
+        ekm_projections::refuse_resealing(&db)
+            .await
+            .map_err(|e| anyhow::anyhow!(ekm_projections::error_chain(&e)))?;
+    }
     let projector = Arc::new(Projector::standard(
         db.clone(),
         ProjectorConfig {
             poll_interval: args.projection_poll_interval,
             ..ProjectorConfig::default()
         },
+        seal.clone(),
     ));
     projector
         .init()
@@ -152,7 +196,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         grace: args.kms_grace_period,
     };
     let keys = KeyService::with_kms(db.clone(), master, args.key_cache_ttl, kms);
-    let app = App::new(db.clone(), projector, keys);
+    let app = App::new(db.clone(), projector, keys, seal);
     let monitor = tokio::spawn(
         HealthMonitor::new(app.clone(), args.key_health_interval).run(shutdown_rx.clone()),
     );

@@ -147,12 +147,19 @@ struct Inner {
     read: ReadModels,
     tokens: Tokens,
     keys: Arc<KeyService>,
+    /// The audit key, to verify the seals (the projector seals with the same key).
+    seal: ekm_keys::SealKey,
 }
 
 impl App {
     /// The key service's cache listens to the projector, so a pause, revoke or rotation
     /// evicts cached keys before the command is answered.
-    pub fn new(db: Db, projector: Arc<Projector>, keys: Arc<KeyService>) -> Self {
+    pub fn new(
+        db: Db,
+        projector: Arc<Projector>,
+        keys: Arc<KeyService>,
+        seal: ekm_keys::SealKey,
+    ) -> Self {
         projector.add_listener(keys.listener());
         Self {
             inner: Arc::new(Inner {
@@ -164,6 +171,7 @@ impl App {
                 db,
                 projector,
                 keys,
+                seal,
             }),
         }
     }
@@ -413,7 +421,8 @@ impl App {
     /// Checks an organization's hash chain against the events.
     pub async fn verify(&self, org: OrgId) -> Result<ChainReport, AppError> {
         self.refresh().await?;
-        Ok(ekm_projections::verify_chain(&self.inner.db, &org.to_string()).await?)
+        let org = org.to_string();
+        Ok(ekm_projections::verify_chain(&self.inner.db, &self.inner.seal, &org, None).await?)
     }
 
     /// `command` with the fingerprint of freshly stored key material, for the commands that

@@ -150,10 +150,14 @@ async fn postgres_figures(
     // Checkpoint rows first: `ekm projections rebuild` on a database that no server has
     // started on leaves the projections it skips at no checkpoint, and the first server
     // then replays the rebuilt ones from 0 into their filled tables (duplicate keys).
-    ekm_projections::Projector::standard(db.clone(), ekm_projections::ProjectorConfig::default())
-        .init()
-        .await
-        .map_err(|e| anyhow::anyhow!(ekm_projections::error_chain(&e)))?;
+    ekm_projections::Projector::standard(
+        db.clone(),
+        ekm_projections::ProjectorConfig::default(),
+        ekm_keys::SealKey::generate(),
+    )
+    .init()
+    .await
+    .map_err(|e| anyhow::anyhow!(ekm_projections::error_chain(&e)))?;
     progress("rebuilding the read models of the quarter (ekm projections rebuild)");
     let quarter_events = db.event_count().await.map_err(|e| anyhow::anyhow!(e))?;
     let (_, rss_quarter) = server::rebuild_process(&big.url, &dir).await?;

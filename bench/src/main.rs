@@ -276,7 +276,11 @@ async fn projections_on(url: &str, events: usize) -> anyhow::Result<()> {
     // Memory flat in history length: rebuild a quarter of the history first, then all of it.
     let started = Instant::now();
     let big_org = seed(&db, events / 4).await?;
-    let projector = Projector::standard(db.clone(), ProjectorConfig::default());
+    let projector = Projector::standard(
+        db.clone(),
+        ProjectorConfig::default(),
+        ekm_keys::SealKey::generate(),
+    );
     projector.init().await.map_err(err)?;
     rebuild(&db, &mut |_, _| {}).await.map_err(err)?;
     let rss_quarter = peak_rss_mib();
@@ -332,7 +336,11 @@ async fn projections_on(url: &str, events: usize) -> anyhow::Result<()> {
 
     // Live catch-up lag: commits from the event store with no synchronous catch-up (as from
     // another instance), at a steady 100/s; the live runner wakes through NOTIFY.
-    let live = Arc::new(Projector::standard(db.clone(), ProjectorConfig::default()));
+    let live = Arc::new(Projector::standard(
+        db.clone(),
+        ProjectorConfig::default(),
+        ekm_keys::SealKey::generate(),
+    ));
     live.catch_up().await.map_err(err)?;
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let runner = tokio::spawn(live.clone().run(stopped));

@@ -50,12 +50,17 @@ impl Figures {
 
 async fn measure(db: Db, dir: &std::path::Path, children: usize) -> anyhow::Result<Figures> {
     let backend = db.backend_name();
-    let projector = Arc::new(Projector::standard(db.clone(), ProjectorConfig::default()));
+    let seal = ekm_keys::SealKey::generate();
+    let projector = Arc::new(Projector::standard(
+        db.clone(),
+        ProjectorConfig::default(),
+        seal.clone(),
+    ));
     projector.init().await?;
     projector.catch_up().await?;
     let master = local_master_key(&db, &dir.join("master.key")).await?;
     let keys = KeyService::new(db.clone(), master, Duration::from_secs(3600));
-    let app = App::new(db.clone(), projector, keys.clone());
+    let app = App::new(db.clone(), projector, keys.clone(), seal);
     let (org, _) = app
         .create_org(
             ScopeName::parse("bench")?,

@@ -31,6 +31,8 @@ impl Server {
         let mut command = Command::new(&exe);
         command
             .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            // The bench seeds its histories with SQL: nothing has sealed them yet.
+            .arg("--seal-existing-history")
             .arg("--data-dir")
             .arg(data_dir)
             .env("RUST_LOG", "warn")

@@ -9,7 +9,9 @@
 mod ciphertext;
 mod kek;
 mod provider;
+mod seal;
 
 pub use ciphertext::{Ciphertext, CiphertextError, FORMAT_PREFIX};
 pub use kek::{CryptoError, Kek, KEK_BYTES};
 pub use provider::{LocalMasterKey, MasterKeyError, MASTER_KEY_FILE};
+pub use seal::{SealKey, SealKeyError, AUDIT_KEY_FILE, SEAL_KEY_BYTES};

@@ -3,22 +3,25 @@
 //! The audit log is the event log (ADR 0011): an entry is one scope event, read from the
 //! `events` table through the columns the database computes from each event for the filters
 //! (`audit_org`, `audit_path`, `audit_actor`, migration 0009). Nothing is projected, so there
-//! is nothing to rebuild and no lag. `AuditChain` seals each event into a SHA-256 chain per
-//! organization when it is first projected; it is never rebuilt, so rebuilding from altered
-//! events cannot launder the alteration. `verify_chain` recomputes the chain from the events
-//! and names the first entry that differs.
+//! is nothing to rebuild and no lag. `AuditChain` seals each event into a chain per
+//! organization when it is first projected, with HMAC-SHA256 under the audit key, which the
+//! database never holds (ADR 0024); it is never rebuilt, so rebuilding from altered events
+//! cannot launder the alteration. `verify_chain` recomputes the chain from the events, compares
+//! it with the head an auditor recorded outside the database, and names the first entry that
+//! differs.
 
 use std::collections::{BTreeMap, HashMap};
 
 use chrono::{DateTime, Utc};
 use ekm_domain::metadata::EventMetadata;
 use ekm_domain::{Location, ScopeEvent};
+use ekm_keys::SealKey;
 use ekm_store::time::{from_sqlite_event_time, rfc3339, to_sqlite_event_time};
 use ekm_store::{Db, StoreError, StoredEvent};
-use serde::Serialize;
-use sha2::{Digest, Sha256};
+use serde::{Deserialize, Serialize};
 use sqlx::Row;
 
+use crate::access_check::{verify_access_tables, Mismatch};
 use crate::error::ProjectionError;
 use crate::runner::{Projection, ProjectionState};
 use crate::sql::{Param, Statement};
@@ -155,9 +158,22 @@ fn on(scope: &Option<ekm_domain::ScopeId>) -> String {
     )
 }
 
-pub struct AuditChain;
+/// Seals every scope event into its organization's chain. Holds the audit key; without one
+/// (`unkeyed`, for listing projections) it refuses to seal.
+pub struct AuditChain {
+    key: Option<SealKey>,
+}
 
 impl AuditChain {
+    pub fn new(key: SealKey) -> Self {
+        Self { key: Some(key) }
+    }
+
+    /// The projection without its key: enough to name it and its tables, not to apply it.
+    pub fn unkeyed() -> Self {
+        Self { key: None }
+    }
+
     fn org(stored: &StoredEvent) -> Result<String, ProjectionError> {
         let event = stored.scope_event()?;
         let metadata = stored.event_metadata()?;
@@ -193,9 +209,10 @@ impl Projection for AuditChain {
         if stored.aggregate_type != "scope" {
             return Ok(vec![]);
         }
+        let key = self.key.as_ref().ok_or(ProjectionError::NoSealKey)?;
         let org = Self::org(stored)?;
         let prev = state.get(&org).unwrap_or(GENESIS_HASH).to_owned();
-        let hash = entry_hash(&prev, stored)?;
+        let hash = seal_entry(key, &org, &prev, stored)?;
         state.set(&org, hash.clone());
         Ok(vec![Statement::Insert {
             table: "audit_chain",
@@ -223,10 +240,10 @@ struct Canonical<'a> {
     metadata: BTreeMap<String, String>,
 }
 
-/// SHA-256 over the previous hash and every stored field of the event, in a canonical JSON
-/// form (fixed field order, sorted object keys, whatever the stored text's spacing and key
-/// order). Hex, lower case. Fails only if the stored payload or metadata is not JSON.
-pub fn entry_hash(prev: &str, stored: &StoredEvent) -> Result<String, StoreError> {
+/// Every stored field of the event in a canonical JSON form (fixed field order, sorted
+/// object keys, whatever the stored text's spacing and key order). Fails only if the stored
+/// payload or metadata is not JSON.
+fn canonical_entry(stored: &StoredEvent) -> Result<Vec<u8>, StoreError> {
     let canonical = Canonical {
         position: stored.position,
         recorded_at: rfc3339(stored.recorded_at),
@@ -238,11 +255,18 @@ pub fn entry_hash(prev: &str, stored: &StoredEvent) -> Result<String, StoreError
         payload: stored.payload_value()?,
         metadata: stored.metadata_map()?.into_iter().collect(),
     };
-    let mut hasher = Sha256::new();
-    hasher.update(prev.as_bytes());
-    hasher.update(b"\n");
-    hasher.update(serde_json::to_vec(&canonical).unwrap_or_default());
-    Ok(hex::encode(hasher.finalize()))
+    Ok(serde_json::to_vec(&canonical).unwrap_or_default())
+}
+
+/// The seal of one event in `org`'s chain after `prev`: HMAC-SHA256 under the audit key over
+/// the organization, the previous seal and the canonical event (`SealKey::seal`). Hex.
+pub fn seal_entry(
+    key: &SealKey,
+    org: &str,
+    prev: &str,
+    stored: &StoredEvent,
+) -> Result<String, StoreError> {
+    Ok(key.seal(org, prev, &canonical_entry(stored)?))
 }
 
 /// One audit entry.
@@ -514,7 +538,10 @@ pub async fn audit_entries(
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct ChainFailure {
     pub position: i64,
-    /// `altered`, `removed`, `inserted` or `reordered`.
+    /// `altered`, `removed`, `inserted`, `reordered` (a broken link), or, against a head
+    /// recorded outside the database: `truncated` (the chain ends before it), `emptied` (no
+    /// entry left) and `resealed` (valid seals that are not the recorded ones: the history up
+    /// to the recorded head was changed and sealed again).
     pub problem: &'static str,
     pub scope_id: Option<String>,
     pub event_type: Option<String>,
@@ -530,12 +557,29 @@ pub struct ChainReport {
     pub head_position: Option<i64>,
     pub head_hash: Option<String>,
     pub first_failure: Option<ChainFailure>,
+    /// Rows of the unsealed access tables (`tokens`, `grants_view`) that the organization's
+    /// events do not account for.
+    pub access_mismatches: Vec<Mismatch>,
+}
+
+/// The last verified head of an organization's chain, as an auditor recorded it outside the
+/// database (`ekm audit verify --head-file`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordedHead {
+    pub position: i64,
+    pub seal: String,
 }
 
 const VERIFY_PAGE: i64 = 500;
 
-/// Recomputes `org`'s chain from the stored events and compares it with the seals.
-pub async fn verify_chain(db: &Db, org: &str) -> Result<ChainReport, ProjectionError> {
+/// Recomputes `org`'s chain from the stored events with the audit key, compares it with the
+/// seals and, when given, with the head recorded by an earlier verification.
+pub async fn verify_chain(
+    db: &Db,
+    key: &SealKey,
+    org: &str,
+    recorded: Option<&RecordedHead>,
+) -> Result<ChainReport, ProjectionError> {
     let mut report = ChainReport {
         org_id: org.to_owned(),
         ok: true,
@@ -543,9 +587,11 @@ pub async fn verify_chain(db: &Db, org: &str) -> Result<ChainReport, ProjectionE
         head_position: None,
         head_hash: None,
         first_failure: None,
+        access_mismatches: vec![],
     };
     let mut expected_prev = GENESIS_HASH.to_owned();
     let mut after = 0i64;
+    let mut reached_recorded = false;
     'pages: loop {
         let seals: Vec<(i64, String, String)> = ekm_store::with_read_pool!(db, pool => {
             sqlx::query_as(
@@ -588,14 +634,24 @@ pub async fn verify_chain(db: &Db, org: &str) -> Result<ChainReport, ProjectionE
                         None,
                         "the sealed event is missing from the event log".into(),
                     )),
-                    Some(event) if !entry_hash(&expected_prev, event).is_ok_and(|h| h == hash) => {
+                    Some(event)
+                        if !canonical_entry(event)
+                            .is_ok_and(|entry| key.verify(org, &expected_prev, &entry, &hash)) =>
+                    {
                         Some(failure(
                             "altered",
                             Some(event),
                             "the stored event differs from what was sealed".into(),
                         ))
                     }
-                    Some(_) => None,
+                    Some(_) => match recorded {
+                        Some(head) if !reached_recorded && position >= head.position => {
+                            reached_recorded = true;
+                            (position != head.position || hash != head.seal)
+                                .then(|| resealed(head, event))
+                        }
+                        _ => None,
+                    },
                 }
             };
             if let Some(failure) = found {
@@ -609,32 +665,138 @@ pub async fn verify_chain(db: &Db, org: &str) -> Result<ChainReport, ProjectionE
         }
         after = last;
     }
-    // Events that claim this organization, lie inside the sealed range, and were never
-    // sealed: inserted behind the chain's back.
-    if let Some(head) = report.head_position {
-        let limit = report
-            .first_failure
-            .as_ref()
-            .map(|f| f.position)
-            .unwrap_or(head);
-        for event in db.unsealed_events_up_to(limit).await? {
-            // An event whose payload or metadata cannot be read may be anyone's: it counts.
-            let claims_org = match (event.scope_event(), event.event_metadata()) {
-                (Ok(e), Ok(metadata)) => location(&event, &e, &metadata).org_id == org,
-                _ => true,
-            };
-            if claims_org {
-                report.ok = false;
-                report.first_failure = Some(ChainFailure {
-                    position: event.position,
-                    problem: "inserted",
-                    scope_id: Some(event.aggregate_id.clone()),
-                    event_type: Some(event.event_type.clone()),
-                    detail: "an event inside the sealed range was never sealed".into(),
-                });
-                break;
-            }
+    // The chain ends before the head recorded outside the database: its tail was cut, seals
+    // and all, or the organization's whole history was removed.
+    if let Some(head) = recorded {
+        if report.ok && !reached_recorded {
+            report.ok = false;
+            report.first_failure = Some(ChainFailure {
+                position: head.position,
+                problem: if report.entries == 0 { "emptied" } else { "truncated" },
+                scope_id: None,
+                event_type: None,
+                detail: format!(
+                    "the chain ends at position {} but reached position {} when it was last verified",
+                    report.head_position.unwrap_or(0),
+                    head.position
+                ),
+            });
         }
     }
+    // Events that claim this organization, lie where the runner has sealed every event, and
+    // were never sealed: inserted behind the chain's back (or their seals removed).
+    let sealed_through = db
+        .sealed_through()
+        .await?
+        .max(report.head_position.unwrap_or(0));
+    let limit = report
+        .first_failure
+        .as_ref()
+        .map_or(sealed_through, |f| f.position.min(sealed_through));
+    for event in db.unsealed_events_up_to(limit, org).await? {
+        // An event whose payload or metadata cannot be read may be anyone's: it counts.
+        let claims_org = match (event.scope_event(), event.event_metadata()) {
+            (Ok(e), Ok(metadata)) => location(&event, &e, &metadata).org_id == org,
+            _ => true,
+        };
+        if claims_org {
+            report.ok = false;
+            report.first_failure = Some(ChainFailure {
+                position: event.position,
+                problem: "inserted",
+                scope_id: Some(event.aggregate_id.clone()),
+                event_type: Some(event.event_type.clone()),
+                detail: "an event inside the sealed range was never sealed".into(),
+            });
+            break;
+        }
+    }
+    report.access_mismatches = verify_access_tables(db, org).await?;
+    report.ok &= report.access_mismatches.is_empty();
     Ok(report)
+}
+
+fn resealed(head: &RecordedHead, event: Option<&StoredEvent>) -> ChainFailure {
+    ChainFailure {
+        position: head.position,
+        problem: "resealed",
+        scope_id: event.map(|e| e.aggregate_id.clone()),
+        event_type: event.map(|e| e.event_type.clone()),
+        detail: format!(
+            "the seals verify, but the seal at position {} is not the one recorded when the chain was last verified: the history up to it was changed and sealed again",
+            head.position
+        ),
+    }
+}
+
+/// Records which audit key this database's seals are made with (its fingerprint), on first
+/// use, and refuses any other key afterwards: an instance started with a key file of its own
+/// would seal entries that nobody can verify.
+pub async fn register_seal_key(db: &Db, key: &SealKey) -> Result<(), ProjectionError> {
+    ekm_store::with_write_pool!(db, pool => {
+        sqlx::query(
+            "INSERT INTO audit_keys (id, fingerprint, created_at) VALUES (1, $1, $2) \
+             ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(key.fingerprint())
+        .bind(ekm_store::time::now_micros())
+        .execute(pool)
+        .await?;
+    });
+    check_seal_key(db, key).await
+}
+
+/// Fails if the seals are made with another key than `key` (nothing recorded yet: no seal
+/// was made with a key, any key will do).
+pub async fn check_seal_key(db: &Db, key: &SealKey) -> Result<(), ProjectionError> {
+    let recorded: Option<String> = ekm_store::with_write_pool!(db, pool => {
+        sqlx::query_scalar("SELECT fingerprint FROM audit_keys WHERE id = 1")
+            .fetch_optional(pool)
+            .await?
+    });
+    match recorded {
+        Some(recorded) if recorded != key.fingerprint() => Err(ProjectionError::WrongSealKey {
+            recorded,
+            given: key.fingerprint(),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Refuses to let a server seal history that was sealed before (ADR 0024): an attacker who
+/// can write the database but not read the audit key could otherwise alter events, delete
+/// the seals, reset the chain's checkpoint and let the next start seal the altered history
+/// with the real key. Normally the chain's checkpoint moves with the key shredder's (both
+/// are never rebuilt and move in the same transactions), and is 0 only while no event
+/// exists. A database whose events were written outside EKM (seeded, or upgraded from
+/// unkeyed seals) is sealed once with `ekm serve --seal-existing-history`.
+pub async fn refuse_resealing(db: &Db) -> Result<(), ProjectionError> {
+    let checkpoints: Vec<(String, i64)> = ekm_store::with_read_pool!(db, pool => {
+        sqlx::query_as(
+            "SELECT name, position FROM projection_checkpoints \
+             WHERE name IN ('audit_chain', 'key_shredder')",
+        )
+        .fetch_all(pool)
+        .await?
+    });
+    let of = |name: &str| {
+        checkpoints
+            .iter()
+            .find(|(n, _)| n == name)
+            .map_or(0, |(_, p)| *p)
+    };
+    let (chain, shredder) = (of("audit_chain"), of("key_shredder"));
+    let first_event: Option<i64> = ekm_store::with_read_pool!(db, pool => {
+        sqlx::query_scalar("SELECT MIN(position) FROM events WHERE aggregate_type = 'scope'")
+            .fetch_one(pool)
+            .await?
+    });
+    let reset = chain < shredder || (chain == 0 && first_event.is_some());
+    if reset {
+        return Err(ProjectionError::ResealRefused {
+            checkpoint: chain,
+            expected: shredder.max(first_event.unwrap_or(0)),
+        });
+    }
+    Ok(())
 }

@@ -16,6 +16,20 @@ pub enum ProjectionError {
     ReaderStopped,
     #[error("the projection checkpoints moved while a catch-up read ahead of them")]
     CheckpointsMoved,
+    #[error(
+        "this database's audit seals are made with the audit key {recorded}, not with {given}: \
+         give every instance and auditor the same audit.key"
+    )]
+    WrongSealKey { recorded: String, given: String },
+    #[error("the audit chain cannot be sealed without the audit key")]
+    NoSealKey,
+    #[error(
+        "the audit chain's checkpoint is at position {checkpoint} although history up to position {expected} was sealed or exists: \
+         its seals were reset, and sealing again would launder any change made meanwhile. \
+         Run `ekm audit verify` with the auditor's head file; only for history written outside EKM \
+         (a seeded database, or an upgrade from unkeyed seals) start once with --seal-existing-history"
+    )]
+    ResealRefused { checkpoint: i64, expected: i64 },
     #[error("read model row for scope {id} is malformed: {problem}")]
     MalformedRow { id: String, problem: String },
 }

@@ -9,6 +9,7 @@
 //! Architecture invariant: read models are written only here, and only from events. Any of
 //! them can be dropped and rebuilt from the log.
 
+mod access_check;
 mod audit;
 mod error;
 mod history;
@@ -18,9 +19,11 @@ mod runner;
 mod scope_tree;
 mod sql;
 
+pub use access_check::Mismatch;
 pub use audit::{
-    audit_entries, audit_pages, entry_hash, verify_chain, AuditChain, AuditEntry, AuditFilter,
-    AuditPages, ChainFailure, ChainReport, GENESIS_HASH,
+    audit_entries, audit_pages, check_seal_key, refuse_resealing, register_seal_key, seal_entry,
+    verify_chain, AuditChain, AuditEntry, AuditFilter, AuditPages, ChainFailure, ChainReport,
+    RecordedHead, GENESIS_HASH,
 };
 pub use error::{chain as error_chain, ProjectionError};
 pub use history::{scope_as_of, AsOf, PastScope};

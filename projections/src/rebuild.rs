@@ -42,7 +42,7 @@ const REBUILD_LOCK: i64 = 7_431_000_002;
 const RETIRED: &str = "ekm_retired";
 
 fn rebuildable() -> Vec<Box<dyn Projection>> {
-    standard_projections()
+    standard_projections(None)
         .into_iter()
         .filter(|p| p.rebuildable())
         .collect()
@@ -51,9 +51,13 @@ fn rebuildable() -> Vec<Box<dyn Projection>> {
 /// Each projection's checkpoint and how far it is behind the log.
 pub async fn status(db: &Db) -> Result<Vec<ProjectionStatus>, ProjectionError> {
     let head = db.head_position().await?;
-    let projector = Projector::standard(db.clone(), ProjectorConfig::default());
+    let projector = Projector::new(
+        db.clone(),
+        standard_projections(None),
+        ProjectorConfig::default(),
+    );
     let checkpoints = projector.checkpoints().await?;
-    Ok(standard_projections()
+    Ok(standard_projections(None)
         .iter()
         .zip(checkpoints)
         .map(|(projection, (name, position))| ProjectionStatus {
@@ -322,7 +326,10 @@ async fn rebuild_aside_locked(
         .execute(pool)
         .await?;
     let mut tx = pool.begin().await?;
-    for projection in standard_projections().iter().filter(|p| p.rebuildable()) {
+    for projection in standard_projections(None)
+        .iter()
+        .filter(|p| p.rebuildable())
+    {
         sqlx::query(
             "SELECT position FROM public.projection_checkpoints WHERE name = $1 FOR UPDATE",
         )

@@ -5,6 +5,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use ekm_keys::SealKey;
 use ekm_store::time::now_micros;
 use ekm_store::{Db, StoredEvent, EVENTS_CHANNEL};
 use sqlx::postgres::PgListener;
@@ -122,9 +123,9 @@ impl Projector {
         }
     }
 
-    /// The read models EKM serves, and the audit seals.
-    pub fn standard(db: Db, config: ProjectorConfig) -> Self {
-        Self::new(db, standard_projections(), config)
+    /// The read models EKM serves, and the audit seals (made with `seal`).
+    pub fn standard(db: Db, config: ProjectorConfig, seal: SealKey) -> Self {
+        Self::new(db, standard_projections(Some(seal)), config)
     }
 
     /// Creates the checkpoint rows that do not exist yet.
@@ -420,13 +421,14 @@ impl Projector {
     }
 }
 
-/// Every projection, in the order they apply each event.
-pub fn standard_projections() -> Vec<Box<dyn Projection>> {
-    vec![
-        Box::new(ScopeTree),
-        Box::new(AuditChain),
-        Box::new(KeyShredder),
-    ]
+/// Every projection, in the order they apply each event. Without the audit key the audit
+/// chain is listed but refuses to seal (enough for status and rebuild, which never apply it).
+pub fn standard_projections(seal: Option<SealKey>) -> Vec<Box<dyn Projection>> {
+    let chain = match seal {
+        Some(key) => AuditChain::new(key),
+        None => AuditChain::unkeyed(),
+    };
+    vec![Box::new(ScopeTree), Box::new(chain), Box::new(KeyShredder)]
 }
 
 fn raise(applied: &mut i64, reached: i64) -> bool {
@@ -547,6 +549,18 @@ macro_rules! batch_fn {
                     .fetch_optional(&mut **tx)
                     .await?;
                 checkpoints.push(position.unwrap_or(0));
+            }
+            // A projection that is never rebuilt (the seals, the key shredder) never moves
+            // back: below what this process has applied, someone reset it, and applying
+            // again would seal altered history with the real key (ADR 0024).
+            let floor = projector.applied();
+            for (projection, checkpoint) in projector.projections.iter().zip(&checkpoints) {
+                if !projection.rebuildable() && *checkpoint < floor {
+                    return Err(ProjectionError::ResealRefused {
+                        checkpoint: *checkpoint,
+                        expected: floor,
+                    });
+                }
             }
             let from = checkpoints.iter().copied().min().unwrap_or(0);
             let (events, prepared) = match prefetched {
@@ -727,7 +741,7 @@ mod tests {
     fn only_batches_past_their_checkpoint_and_free_of_state_are_prepared_ahead() {
         let events = created_paused_resumed();
         // Given the audit chain, which reads each organization's chain head from the database
-        let chain: Vec<Box<dyn Projection>> = vec![Box::new(AuditChain)];
+        let chain: Vec<Box<dyn Projection>> = vec![Box::new(AuditChain::new(SealKey::generate()))];
         // Then its batches are not prepared ahead: that happens in their transaction
         assert!(prepare(&chain, &[0], &events, Dialect::Postgres).is_none());
         // Given the scope tree, with a checkpoint past the creation

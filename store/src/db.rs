@@ -149,11 +149,73 @@ impl Db {
         }
     }
 
-    /// Connects and applies pending migrations.
+    /// Connects and applies pending migrations. A database whose migrations are all applied
+    /// is left alone, so a role without DDL rights can open it (docs/ops/postgres-roles.sql).
     pub async fn open(config: &DbConfig) -> Result<Db, StoreError> {
         let db = Db::connect(config).await?;
-        db.migrate().await?;
+        if !db.pending_migrations().await?.is_empty() {
+            db.migrate().await?;
+        }
         Ok(db)
+    }
+
+    /// The versions of the migrations embedded in this binary that the database has not
+    /// applied. Fails if an applied migration differs from the embedded one, is unknown to
+    /// this binary (a newer one applied it), or failed half-way, as `migrate` would.
+    pub async fn pending_migrations(&self) -> Result<Vec<i64>, StoreError> {
+        let migrator = match self {
+            Db::Sqlite(_) => sqlx::migrate!("../migrations/sqlite"),
+            Db::Postgres(_) => sqlx::migrate!("../migrations/postgres"),
+        };
+        let sql = "SELECT version, checksum, success FROM _sqlx_migrations";
+        let applied: Vec<(i64, Vec<u8>, bool)> = with_read_pool!(self, pool => {
+            match sqlx::query_as(sql).fetch_all(pool).await {
+                Ok(rows) => rows,
+                // No bookkeeping table yet: nothing applied.
+                Err(sqlx::Error::Database(e))
+                    if e.code().as_deref() == Some("42P01")
+                        || e.message().starts_with("no such table") =>
+                {
+                    vec![]
+                }
+                Err(e) => return Err(e.into()),
+            }
+        });
+        // Applied by a newer binary: this one does not know the schema it left.
+        if let Some((version, ..)) = applied
+            .iter()
+            .find(|(version, ..)| !migrator.version_exists(*version))
+        {
+            return Err(StoreError::MigrationDiffers { version: *version });
+        }
+        let mut pending = vec![];
+        for migration in migrator.iter() {
+            match applied
+                .iter()
+                .find(|(version, ..)| *version == migration.version)
+            {
+                None => pending.push(migration.version),
+                Some((version, checksum, success)) => {
+                    if !success || checksum.as_slice() != migration.checksum.as_ref() {
+                        return Err(StoreError::MigrationDiffers { version: *version });
+                    }
+                }
+            }
+        }
+        Ok(pending)
+    }
+
+    /// Refuses a database that lacks migrations this binary needs, for a server that must not
+    /// run DDL (`ekm serve --no-migrate`: migrations are the owner role's, `ekm migrate`).
+    pub async fn require_migrated(&self) -> Result<(), StoreError> {
+        let pending = self.pending_migrations().await?;
+        match pending.first() {
+            None => Ok(()),
+            Some(first) => Err(StoreError::MigrationsPending {
+                first: *first,
+                count: pending.len(),
+            }),
+        }
     }
 
     /// Applies the migrations embedded in the binary (`migrations/<backend>/`). Safe to run

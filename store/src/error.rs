@@ -8,6 +8,10 @@ pub enum StoreError {
     Database(#[from] sqlx::Error),
     #[error("database migration failed")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("{count} database migration(s) are pending, from version {first}: run `ekm migrate` as the database owner first")]
+    MigrationsPending { first: i64, count: usize },
+    #[error("applied migration {version} is not the one in this binary (changed, unknown to it, or failed half-way)")]
+    MigrationDiffers { version: i64 },
     #[error("stored event at position {position} cannot be read")]
     CorruptEvent {
         position: i64,

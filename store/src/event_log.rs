@@ -64,9 +64,36 @@ impl ScopeStore {
         metadata: HashMap<String, String>,
     ) -> BoxFuture<'_, ScopeResult<Vec<EventEnvelope<Scope>>>> {
         match self {
-            ScopeStore::Sqlite(store) => Box::pin(store.commit(events, context, metadata)),
+            ScopeStore::Sqlite(store) => Box::pin(async move {
+                store
+                    .commit(events, context, metadata)
+                    .await
+                    .map_err(conflict_from_guard)
+            }),
             ScopeStore::Postgres(store) => Box::pin(store.commit(events, context, metadata)),
         }
+    }
+}
+
+/// What SQLite's `events_no_replace` trigger (migration 0011) answers to an insert whose key
+/// is taken.
+const EVENT_EXISTS: &str = "ekm: event already exists";
+
+/// The guard against `INSERT OR REPLACE` runs before SQLite's primary key check, so a
+/// plain append that lost the race for a sequence number meets the trigger instead of the
+/// key: sqlite-es then sees an unknown error rather than its optimistic-lock code. Both mean
+/// "someone appended first".
+fn conflict_from_guard(error: AggregateError<ScopeError>) -> AggregateError<ScopeError> {
+    match error {
+        AggregateError::UnexpectedError(source)
+            if matches!(
+                source.downcast_ref::<sqlx::Error>(),
+                Some(sqlx::Error::Database(db)) if db.message() == EVENT_EXISTS
+            ) =>
+        {
+            AggregateError::AggregateConflict
+        }
+        other => other,
     }
 }
 
@@ -258,17 +285,69 @@ impl Db {
         }
     }
 
-    /// Scope events up to `position` that have no seal in the audit chain.
+    /// Scope events up to `position` that have no seal in the audit chain and may belong to
+    /// `org` (they name it, or their audit columns could not say whose they are).
     pub async fn unsealed_events_up_to(
         &self,
         position: i64,
+        org: &str,
     ) -> Result<Vec<StoredEvent>, StoreError> {
         let sql = format!(
             "{SELECT_EVENTS} WHERE aggregate_type = 'scope' AND position <= $1 \
+             AND (audit_org = $2 OR audit_org IS NULL OR audit_org = '') \
              AND NOT EXISTS (SELECT 1 FROM audit_chain c WHERE c.position = events.position) \
-             ORDER BY position LIMIT $2"
+             ORDER BY position LIMIT 100"
         );
-        self.read_events(&sql, position, 100).await
+        match self {
+            Db::Sqlite(db) => {
+                let rows = sqlx::query(&sql)
+                    .bind(position)
+                    .bind(org)
+                    .fetch_all(&db.read)
+                    .await?;
+                rows.into_iter()
+                    .map(|r| decode_event!(r, sqlite_recorded_at))
+                    .collect()
+            }
+            Db::Postgres(db) => {
+                let rows = sqlx::query(&sql)
+                    .bind(position)
+                    .bind(org)
+                    .fetch_all(&db.pool)
+                    .await?;
+                rows.into_iter()
+                    .map(|r| decode_event!(r, pg_recorded_at))
+                    .collect()
+            }
+        }
+    }
+
+    /// Up to where the projection runner has sealed every scope event: the checkpoint of the
+    /// audit chain, or of the key shredder if that is further (they move together; a chain
+    /// checkpoint behind it was reset). 0 before the first catch-up.
+    pub async fn sealed_through(&self) -> Result<i64, StoreError> {
+        let position: i64 = with_read_pool!(self, pool => {
+            sqlx::query_scalar(
+                "SELECT COALESCE(MAX(position), 0) FROM projection_checkpoints \
+                 WHERE name IN ('audit_chain', 'key_shredder')",
+            )
+            .fetch_one(pool)
+            .await?
+        });
+        Ok(position)
+    }
+
+    /// The organizations named by stored events (the generated `audit_org` column).
+    pub async fn event_orgs(&self) -> Result<Vec<String>, StoreError> {
+        let orgs: Vec<String> = with_read_pool!(self, pool => {
+            sqlx::query_scalar(
+                "SELECT DISTINCT audit_org FROM events \
+                 WHERE audit_org IS NOT NULL AND audit_org <> '' ORDER BY audit_org",
+            )
+            .fetch_all(pool)
+            .await?
+        });
+        Ok(orgs)
     }
 
     /// The highest position recorded at or before `at` (0 if none).

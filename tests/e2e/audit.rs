@@ -21,11 +21,20 @@ pub async fn drop_immutability(db: &Db) {
         Db::Sqlite(_) => {
             exec(
                 db,
-                "DROP TRIGGER events_no_update; DROP TRIGGER events_no_delete;",
+                "DROP TRIGGER events_no_update; DROP TRIGGER events_no_delete; \
+                 DROP TRIGGER events_no_replace; DROP TRIGGER events_no_given_position;",
             )
             .await
         }
-        Db::Postgres(_) => exec(db, "DROP TRIGGER events_no_update_or_delete ON events").await,
+        Db::Postgres(_) => {
+            exec(
+                db,
+                "DROP TRIGGER events_no_update_or_delete ON events; \
+                 DROP TRIGGER events_no_truncate ON events; \
+                 DROP TRIGGER audit_chain_no_truncate ON audit_chain;",
+            )
+            .await
+        }
     }
 }
 

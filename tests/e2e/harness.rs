@@ -162,6 +162,13 @@ fn start_throwaway_cluster() -> Result<String, String> {
     Ok(format!("postgres://postgres@127.0.0.1:{port}/postgres"))
 }
 
+/// The audit key of a data directory, created like the server creates it.
+pub fn seal_key(data_dir: &Path) -> ekm_keys::SealKey {
+    ekm_keys::SealKey::load(&data_dir.join(ekm_keys::AUDIT_KEY_FILE), true)
+        .expect("audit key")
+        .expect("audit key created")
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -212,7 +219,7 @@ impl TestDb {
     }
 }
 
-fn replace_db_name(url: &str, name: &str) -> String {
+pub fn replace_db_name(url: &str, name: &str) -> String {
     match url.rfind('/') {
         Some(i) if url[..i].contains("://") && !url[i..].contains('@') => {
             let (base, rest) = url.split_at(i);
@@ -350,7 +357,15 @@ impl TestApp {
             .expect("operator token file")
             .trim()
             .to_owned();
-        let projector = Arc::new(Projector::standard(db.clone(), ProjectorConfig::default()));
+        let seal = seal_key(&data_dir);
+        ekm_projections::register_seal_key(&db, &seal)
+            .await
+            .expect("the data directory's audit key");
+        let projector = Arc::new(Projector::standard(
+            db.clone(),
+            ProjectorConfig::default(),
+            seal.clone(),
+        ));
         projector.init().await.expect("projector init");
         projector.catch_up().await.expect("catch up");
         let (shutdown, shutdown_rx) = watch::channel(false);
@@ -365,7 +380,7 @@ impl TestApp {
             options.key_cache_ttl,
             options.kms.clone(),
         );
-        let app = App::new(db.clone(), projector, keys);
+        let app = App::new(db.clone(), projector, keys, seal);
         let rekeyer = ekm_api::rekey::Rekeyer::new(app.clone());
         if options.rekey_in_background {
             tokio::spawn(rekeyer.clone().run(shutdown_rx.clone()));

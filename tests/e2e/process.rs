@@ -229,14 +229,16 @@ fn two_instances_on_one_postgres_database_see_each_others_commands_at_once() {
     let dir_a = test_db.data_dir().join("a");
     let dir_b = test_db.data_dir().join("b");
     let a = serve(&dir_a, Some(&url));
-    // Every instance of one database needs the same master key file.
+    // Every instance of one database needs the same master key and audit key files.
     std::fs::create_dir_all(&dir_b).unwrap();
-    std::fs::copy(dir_a.join("master.key"), dir_b.join("master.key")).unwrap();
-    std::fs::set_permissions(
-        dir_b.join("master.key"),
-        std::os::unix::fs::PermissionsExt::from_mode(0o600),
-    )
-    .unwrap();
+    for file in ["master.key", "audit.key"] {
+        std::fs::copy(dir_a.join(file), dir_b.join(file)).unwrap();
+        std::fs::set_permissions(
+            dir_b.join(file),
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .unwrap();
+    }
     let b = serve(&dir_b, Some(&url));
     // The database has one operator token; only the instance that created it wrote the file.
     let operator = read_token(&dir_a);

@@ -167,7 +167,8 @@ async fn rebuild_yields_exactly_the_live_read_models(backend: Backend) {
         count(&db, "audit_chain").await,
         seals_before.max(count(&db, "audit_chain").await)
     );
-    let report = ekm_projections::verify_chain(&db, &first_org(&db).await)
+    let seal = crate::harness::seal_key(app.data_dir());
+    let report = ekm_projections::verify_chain(&db, &seal, &first_org(&db).await, None)
         .await
         .unwrap();
     assert!(report.ok, "the seals survive a rebuild: {report:?}");
@@ -267,6 +268,7 @@ async fn interrupted_catch_up_resumes_without_loss_or_duplicates(backend: Backen
                 batch_size: 5,
                 ..ProjectorConfig::default()
             },
+            ekm_keys::SealKey::generate(),
         );
         let outcome = CrashAfter {
             inner: Box::pin(projector.catch_up()),
@@ -365,6 +367,7 @@ async fn an_idle_runner_wakes_on_a_commit_made_elsewhere_through_notify() {
             poll_interval: std::time::Duration::from_secs(3600),
             ..ProjectorConfig::default()
         },
+        ekm_keys::SealKey::generate(),
     ));
     projector.init().await.unwrap();
     let mut applied = projector.subscribe();
@@ -464,7 +467,11 @@ async fn a_rebuild_before_the_first_start_leaves_checkpoints_for_it() {
     rebuild(&db, &mut |_, _| {}).await.unwrap();
     assert_eq!(dump(&db).await, live);
     // The first start.
-    let projector = Projector::standard(db.clone(), ProjectorConfig::default());
+    let projector = Projector::standard(
+        db.clone(),
+        ProjectorConfig::default(),
+        ekm_keys::SealKey::generate(),
+    );
     projector.init().await.unwrap();
     projector.catch_up().await.unwrap();
     assert_eq!(dump(&db).await, live);
