@@ -448,7 +448,7 @@ pub struct ServeArgs {
     pub audit_key_file: Option<PathBuf>,
     /// Seal events that exist without seals although no server sealed them yet (a database
     /// seeded outside EKM, or upgraded from unkeyed seals). Without it a server refuses to
-    /// seal history whose seals were reset (ADR 0024).
+    /// seal history whose seals were reset (ADR 0018).
     #[arg(long)]
     pub seal_existing_history: bool,
     /// Never run migrations: refuse to start unless the database is current. For a role

@@ -149,7 +149,7 @@ async fn export_job(args: ExportArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// The head file: each organization's last verified head, kept by the auditor outside the
-/// database (ADR 0024).
+/// database (ADR 0018).
 #[derive(Default, serde::Serialize, serde::Deserialize)]
 struct HeadFile {
     orgs: BTreeMap<String, RecordedHead>,

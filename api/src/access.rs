@@ -174,7 +174,7 @@ pub struct BreakGlassRequest {
 /// token, shown once. The operator's break-glass for an organization left without an admin
 /// (e.g. `POST /v1/orgs` committed but could not be read back, so its first token was
 /// revoked). Operator token only; the issue is a `TokenIssued` event with the operator as
-/// the actor and the reason, in the organization's audit log like any token (ADR 0023).
+/// the actor and the reason, in the organization's audit log like any token (ADR 0017).
 pub async fn break_glass_admin_token(
     State(state): State<AppState>,
     caller: Caller,

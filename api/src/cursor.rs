@@ -1,5 +1,5 @@
 //! List cursors: opaque to clients, versioned, bound to the list and the query that issued
-//! them, and naming only the last item of a page the caller was shown (ADR 0022).
+//! them, and naming only the last item of a page the caller was shown (ADR 0016).
 //!
 //! A cursor is base64url (no padding) of `c1.<list>.<binding>.<key>`: `binding` is the
 //! first 16 hex digits of SHA-256 over the list's query (parent, organization, search

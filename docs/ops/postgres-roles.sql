@@ -1,10 +1,10 @@
--- Running EKM on PostgreSQL with two roles (docs/adr/0025-postgres-roles.md):
+-- Running EKM on PostgreSQL with two roles (docs/adr/0019-postgres-roles.md):
 --   owner: owns the schema; runs `ekm migrate` and `ekm projections rebuild`.
 --   app:   runs `ekm serve --no-migrate`; may INSERT and SELECT the event log and the audit
 --          seals, never UPDATE, DELETE or TRUNCATE them, and runs no DDL (so it cannot drop
 --          the immutability triggers either).
 -- A leaked application credential, or SQL injected through the server, then cannot rewrite
--- history; only the owner's credentials can, and the keyed seals still reveal it (ADR 0024).
+-- history; only the owner's credentials can, and the keyed seals still reveal it (ADR 0018).
 --
 -- Run with psql, naming the roles and the database:
 --   psql -v owner=ekm_owner -v app=ekm_app -v database=ekm ...

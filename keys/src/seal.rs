@@ -1,6 +1,6 @@
 //! The audit seal key: an HMAC-SHA256 key that seals the audit chain, so that someone who
 //! can write the database but does not hold this key cannot compute a valid seal
-//! (docs/adr/0024-tamper-evidence-without-trusting-the-database.md).
+//! (docs/adr/0018-tamper-evidence-without-trusting-the-database.md).
 //!
 //! It is its own file (`audit.key`, 0600, created on first start like the operator token
 //! and shared by every instance like `master.key`), not derived from the platform master

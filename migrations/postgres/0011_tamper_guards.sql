@@ -1,4 +1,4 @@
--- Tamper guards and keyed seals (docs/adr/0024-tamper-evidence-without-trusting-the-database.md).
+-- Tamper guards and keyed seals (docs/adr/0018-tamper-evidence-without-trusting-the-database.md).
 
 -- Keyed seals. The seals so far were plain SHA-256, which anyone who can write the database
 -- can recompute. From here on each seal is an HMAC under the audit key (audit.key), which the

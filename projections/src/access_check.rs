@@ -1,4 +1,4 @@
-//! The access tables checked against the events (ADR 0024). `tokens` and `grants_view` carry
+//! The access tables checked against the events (ADR 0018). `tokens` and `grants_view` carry
 //! no seals, yet they decide who may do what: someone who can write the database could add
 //! a token row, revive a revoked one, raise a role or add a grant. Every row must follow
 //! from the organization's (sealed) events.

@@ -5,7 +5,7 @@
 //! (`audit_org`, `audit_path`, `audit_actor`, migration 0009). Nothing is projected, so there
 //! is nothing to rebuild and no lag. `AuditChain` seals each event into a chain per
 //! organization when it is first projected, with HMAC-SHA256 under the audit key, which the
-//! database never holds (ADR 0024); it is never rebuilt, so rebuilding from altered events
+//! database never holds (ADR 0018); it is never rebuilt, so rebuilding from altered events
 //! cannot launder the alteration. `verify_chain` recomputes the chain from the events, compares
 //! it with the head an auditor recorded outside the database, and names the first entry that
 //! differs.
@@ -763,7 +763,7 @@ pub async fn check_seal_key(db: &Db, key: &SealKey) -> Result<(), ProjectionErro
     }
 }
 
-/// Refuses to let a server seal history that was sealed before (ADR 0024): an attacker who
+/// Refuses to let a server seal history that was sealed before (ADR 0018): an attacker who
 /// can write the database but not read the audit key could otherwise alter events, delete
 /// the seals, reset the chain's checkpoint and let the next start seal the altered history
 /// with the real key. Normally the chain's checkpoint moves with the key shredder's (both

@@ -451,7 +451,7 @@ impl ReadModels {
     /// SQLite), ordered by id, after `after`, and only in the subtrees of `within` when it
     /// is given (`None`: the whole organization). Rows only: the caller resolves the
     /// cascade of those it keeps. Filtering here, not after the page is read, is what
-    /// keeps a page's last row, and so its cursor, one the caller may see (ADR 0022).
+    /// keeps a page's last row, and so its cursor, one the caller may see (ADR 0016).
     pub async fn search_names(
         &self,
         org: OrgId,

@@ -552,7 +552,7 @@ macro_rules! batch_fn {
             }
             // A projection that is never rebuilt (the seals, the key shredder) never moves
             // back: below what this process has applied, someone reset it, and applying
-            // again would seal altered history with the real key (ADR 0024).
+            // again would seal altered history with the real key (ADR 0018).
             let floor = projector.applied();
             for (projection, checkpoint) in projector.projections.iter().zip(&checkpoints) {
                 if !projection.rebuildable() && *checkpoint < floor {

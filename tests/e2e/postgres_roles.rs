@@ -1,5 +1,5 @@
 //! `ekm serve` as a PostgreSQL role limited to what the server needs, with migrations run by
-//! the owner (docs/ops/postgres-roles.sql, ADR 0025): the script as documented, then a
+//! the owner (docs/ops/postgres-roles.sql, ADR 0019): the script as documented, then a
 //! server, then an attacker holding the server's credentials.
 
 use std::process::Command;

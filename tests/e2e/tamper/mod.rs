@@ -1,4 +1,4 @@
-//! Tamper evidence that does not trust the database (ADR 0024): the guards an attacker with
+//! Tamper evidence that does not trust the database (ADR 0018): the guards an attacker with
 //! SQL access meets first (`guards`), what `ekm audit verify` finds after each kind of
 //! tampering with the chain (`chain`) and the access tables (`access`); helpers here.
 
