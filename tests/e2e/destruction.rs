@@ -1021,3 +1021,92 @@ fn platform_master_key_lives_in_a_kms_on_sqlite() {
 fn platform_master_key_lives_in_a_kms_on_postgres() {
     platform_master_key_lives_in_a_kms(Backend::Postgres);
 }
+
+/// The stored text of a scope's key versions below `below`.
+async fn version_text(db: &Db, scope: &str, below: i64) -> Vec<Vec<u8>> {
+    let rows: Vec<String> = ekm_store::with_write_pool!(db, pool => {
+        sqlx::query_scalar("SELECT wrapped FROM key_material WHERE scope_id = $1 AND version < $2")
+            .bind(scope)
+            .bind(below)
+            .fetch_all(pool)
+            .await
+            .unwrap()
+    });
+    rows.into_iter().map(String::into_bytes).collect()
+}
+
+/// Retiring key versions destroys them in the files too, not only in the table.
+async fn retire_leaves_no_byte_of_a_retired_version_in_the_files(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let (org, token) = managed_org(&app).await;
+    let team = app.scope(&token, "team", "research", &org).await;
+    let rotated = app
+        .post(
+            &format!("/v1/scopes/{team}/rotate"),
+            &token,
+            serde_json::json!({}),
+        )
+        .await;
+    assert_eq!(rotated.status, 200, "{:?}", rotated.body);
+    let retired = version_text(&app.db, &team, 2).await;
+    assert_eq!(retired.len(), 1);
+    let files_before = key_files(&app).await;
+    assert_eq!(found_in(&files_before, &retired), 1, "present before");
+    let answer = app
+        .post(
+            &format!("/v1/scopes/{team}/retire"),
+            &token,
+            serde_json::json!({"below": 2}),
+        )
+        .await;
+    assert_eq!(answer.status, 200, "{:?}", answer.body);
+    let mut files = key_files(&app).await;
+    files.extend(files_before);
+    assert_eq!(found_in(&files, &retired), 0, "gone from {files:?}");
+    app.stop().await;
+}
+on_both_backends!(retire_leaves_no_byte_of_a_retired_version_in_the_files);
+
+/// Switching to a customer key replaces the organization key's platform-only wrapping, and
+/// that wrapping leaves the files too.
+async fn byok_switch_leaves_no_platform_only_wrapping_in_the_files(backend: Backend) {
+    use crate::kms_servers::{aws_environment, Moto};
+    let moto = Moto::start().await;
+    let arn = moto.create_key().await;
+    let app = TestApp::spawn_with(
+        backend,
+        crate::byok::options(
+            aws_environment(),
+            std::time::Duration::from_secs(60),
+            std::time::Duration::from_secs(300),
+        ),
+    )
+    .await;
+    let (org, token) = managed_org(&app).await;
+    let platform_only: Vec<Vec<u8>> = {
+        let rows: Vec<String> = ekm_store::with_write_pool!(&app.db, pool => {
+            sqlx::query_scalar("SELECT wrapped FROM wrapping_keys WHERE scope_id = $1")
+                .bind(&org)
+                .fetch_all(pool)
+                .await
+                .unwrap()
+        });
+        rows.into_iter().map(String::into_bytes).collect()
+    };
+    assert_eq!(platform_only.len(), 1);
+    let files_before = key_files(&app).await;
+    assert_eq!(found_in(&files_before, &platform_only), 1, "present before");
+    let connected = crate::byok::connect(
+        &app,
+        &token,
+        &org,
+        serde_json::json!({"provider": "aws-kms", "key_id": arn, "endpoint_url": moto.url, "reason": "go-live"}),
+    )
+    .await;
+    assert_eq!(connected.status, 200, "{:?}", connected.body);
+    let mut files = key_files(&app).await;
+    files.extend(files_before);
+    assert_eq!(found_in(&files, &platform_only), 0, "gone from {files:?}");
+    app.stop().await;
+}
+on_both_backends!(byok_switch_leaves_no_platform_only_wrapping_in_the_files);
