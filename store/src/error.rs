@@ -29,6 +29,10 @@ pub enum StoreError {
     #[error("the SQLite write-ahead log could not be emptied: a reader kept it busy")]
     WalBusy,
     #[error(
+        "a long transaction still sees destroyed keys; their bytes leave the files once it ends"
+    )]
+    SnapshotsHeld,
+    #[error(
         "the database's platform master key is not the one being rotated (another rotation ran?)"
     )]
     MasterKeyChanged,

@@ -340,10 +340,44 @@ impl Db {
                 Err(StoreError::WalBusy)
             }
             Db::Postgres(db) => {
-                for table in ["key_material", "wrapping_keys", "master_key_rewraps"] {
-                    sqlx::query(&format!("VACUUM (FULL) {table}"))
-                        .execute(&db.pool)
+                // VACUUM keeps a deleted row while an older transaction may still see it. That
+                // is not only this database's (a snapshot, or a transaction's own id between
+                // statements): measured under the test suite's load, transactions of other
+                // databases of the cluster (creating and dropping databases, starting
+                // backends) kept rows too. So: wait until every transaction of the cluster
+                // started after the deletes (all committed before this call), rewrite, and do
+                // it twice, since a transaction can start in between. A transaction open for
+                // long makes this fail; the caller retries (the re-key job) or logs it.
+                let marker: i64 =
+                    sqlx::query_scalar("SELECT (txid_current() % 4294967296)::bigint")
+                        .fetch_one(&db.pool)
                         .await?;
+                for _ in 0..2 {
+                    let mut clear = false;
+                    for attempt in 0..100u64 {
+                        let older: bool = sqlx::query_scalar(
+                            "SELECT EXISTS (SELECT 1 FROM pg_stat_activity \
+                             WHERE pid <> pg_backend_pid() \
+                             AND GREATEST(age(backend_xmin), age(backend_xid)) > age($1::text::xid))",
+                        )
+                        .bind(marker)
+                        .fetch_one(&db.pool)
+                        .await?;
+                        if !older {
+                            clear = true;
+                            break;
+                        }
+                        tokio::time::sleep(std::time::Duration::from_millis(10 + 5 * attempt))
+                            .await;
+                    }
+                    if !clear {
+                        return Err(StoreError::SnapshotsHeld);
+                    }
+                    for table in ["key_material", "wrapping_keys", "master_key_rewraps"] {
+                        sqlx::query(&format!("VACUUM (FULL) {table}"))
+                            .execute(&db.pool)
+                            .await?;
+                    }
                 }
                 Ok(())
             }
