@@ -708,6 +708,7 @@ impl App {
             // ancestors; make sure those include everything committed so far.
             self.refresh().await?;
             let (command, location) = self.command(id, &intent).await?;
+            let org_id = location.org_id.clone();
             let metadata = EventMetadata {
                 location: Some(location),
                 ..metadata.clone()
@@ -729,6 +730,13 @@ impl App {
                 command,
                 ScopeCommand::RetireKeyVersions { .. } | ScopeCommand::SetMasterKey { .. }
             );
+            // A switch of master key holds the organization's key lock from staging to the
+            // projection that applies it, so no new epoch of its wrapping key is made in
+            // between (ADR 0013).
+            let _org_keys = match &command {
+                ScopeCommand::SetMasterKey { .. } => Some(inner.db.lock_org_keys(&org_id).await?),
+                _ => None,
+            };
             let mut events = context.aggregate().decide(command.clone())?;
             if !events.is_empty() {
                 // Accepted: now store the new key version's material (outside the events),

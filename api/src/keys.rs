@@ -480,6 +480,9 @@ impl KeyService {
         target: Option<&MasterKeyRef>,
     ) -> Result<Vec<KeyVersion>, KeyError> {
         let org_id = org.to_string();
+        // The caller holds the organization's key lock: rows staged before are leftovers of
+        // a switch that never committed.
+        self.db.clear_staged_rewraps(&org_id).await?;
         let rows = self.db.org_keys(&org_id).await?;
         let target_id = target.map_or_else(|| "local".to_owned(), MasterKeyRef::wrapping_id);
         let mut staged = vec![];
@@ -491,9 +494,7 @@ impl KeyService {
             let (wrapped, wrapped_by) = self
                 .wrap_by_master(&key, WrapContext::key_version(&org_id, row.version), target)
                 .await?;
-            self.db
-                .stage_rewrap(row, &target_id, &wrapped_by, &wrapped)
-                .await?;
+            self.stage(row, &target_id, &wrapped_by, &wrapped).await?;
             staged.push(KeyVersion::new(row.version));
         }
         // Versions under the organization's wrapping key: re-wrapping its epochs re-wraps
@@ -504,22 +505,21 @@ impl KeyService {
             let (wrapped, wrapped_by) = self
                 .wrap_by_master(&key, WrapContext::wrapping_key(&org_id, row.epoch), target)
                 .await?;
-            self.db
-                .stage_rewrap(
-                    &KeyRow {
-                        scope_id: org_id.clone(),
-                        version: row.epoch,
-                        fingerprint: format!("{WRAPPING_STAGE_PREFIX}{}", row.fingerprint),
-                        wrapped: vec![],
-                        parent: None,
-                        master_fingerprint: None,
-                        node_epoch: None,
-                    },
-                    &target_id,
-                    &wrapped_by,
-                    &wrapped,
-                )
-                .await?;
+            self.stage(
+                &KeyRow {
+                    scope_id: org_id.clone(),
+                    version: row.epoch,
+                    fingerprint: format!("{WRAPPING_STAGE_PREFIX}{}", row.fingerprint),
+                    wrapped: vec![],
+                    parent: None,
+                    master_fingerprint: None,
+                    node_epoch: None,
+                },
+                &target_id,
+                &wrapped_by,
+                &wrapped,
+            )
+            .await?;
         }
         if !epochs.is_empty() {
             for (version, _) in live {
@@ -530,6 +530,32 @@ impl KeyService {
             staged.sort();
         }
         Ok(staged)
+    }
+
+    /// Stages one re-wrap, unless the platform key in it was rotated away meanwhile (then
+    /// the new key is loaded and the switch refused, to be retried).
+    async fn stage(
+        &self,
+        row: &KeyRow,
+        target_id: &str,
+        wrapped_by: &str,
+        wrapped: &[u8],
+    ) -> Result<(), KeyError> {
+        let platform =
+            platform_part(Some(wrapped_by)).or(Some(wrapped_by).filter(|b| !b.contains(':')));
+        if self
+            .db
+            .stage_rewrap(row, target_id, wrapped_by, wrapped, platform)
+            .await?
+        {
+            return Ok(());
+        }
+        for fingerprint in self.db.master_keys("local").await? {
+            self.reload_master(&fingerprint).await;
+        }
+        Err(KeyError::WrappingRace {
+            scope: row.scope_id.clone(),
+        })
     }
 
     /// Re-wraps every key that a child of `scope` wraps under a version below `below`, under
@@ -610,10 +636,18 @@ impl KeyService {
         master: Option<&MasterKeyRef>,
     ) -> Result<String, KeyError> {
         let scope = org.to_string();
-        let (epoch, wrapping) = self
-            .current_wrapping(&scope, WrappingParent::Master(master.cloned()))
-            .await?;
-        self.store_version(&scope, version, epoch, &wrapping).await
+        for _ in 0..3 {
+            let (epoch, wrapping) = self
+                .current_wrapping(&scope, WrappingParent::Master(master.cloned()))
+                .await?;
+            if let Some(fingerprint) = self
+                .store_version(&scope, version, epoch, &wrapping)
+                .await?
+            {
+                return Ok(fingerprint);
+            }
+        }
+        Err(KeyError::WrappingRace { scope })
     }
 
     /// Creates and stores a key version for `scope`, wrapped under the scope's wrapping key
@@ -625,10 +659,18 @@ impl KeyService {
         parent: &ScopeSnapshot,
     ) -> Result<String, KeyError> {
         let scope = scope.to_string();
-        let (epoch, wrapping) = self
-            .current_wrapping(&scope, WrappingParent::Scope(parent.scope.id))
-            .await?;
-        self.store_version(&scope, version, epoch, &wrapping).await
+        for _ in 0..3 {
+            let (epoch, wrapping) = self
+                .current_wrapping(&scope, WrappingParent::Scope(parent.scope.id))
+                .await?;
+            if let Some(fingerprint) = self
+                .store_version(&scope, version, epoch, &wrapping)
+                .await?
+            {
+                return Ok(fingerprint);
+            }
+        }
+        Err(KeyError::WrappingRace { scope })
     }
 
     async fn store_version(
@@ -637,13 +679,14 @@ impl KeyService {
         version: u32,
         epoch: u32,
         wrapping: &Kek,
-    ) -> Result<String, KeyError> {
+    ) -> Result<Option<String>, KeyError> {
         let key = Kek::generate();
         let wrapped = wrapping
             .wrap(&key, &version_binding(scope, version, epoch).parts())
             .map_err(|_| KeyError::Unwrap)?;
         let fingerprint = key.fingerprint();
-        self.db
+        let stored = self
+            .db
             .insert_key(&KeyRow {
                 scope_id: scope.to_owned(),
                 version,
@@ -654,7 +697,8 @@ impl KeyService {
                 node_epoch: Some(epoch),
             })
             .await?;
-        Ok(fingerprint)
+        // `None`: a re-key destroyed that epoch meanwhile; wrap again under the newest.
+        Ok(stored.then_some(fingerprint))
     }
 
     /// The newest epoch of a scope's wrapping key, unwrapped; made (epoch 1) when the scope
@@ -670,6 +714,18 @@ impl KeyService {
                     let key = self.unwrap_wrapping(scope, row.epoch).await?;
                     return Ok((row.epoch, key));
                 }
+                // An organization's first epoch: not while a switch of master key runs.
+                let _lock = match parent {
+                    WrappingParent::Master(_) => {
+                        let lock = self.db.lock_org_keys(scope).await?;
+                        if let Some(row) = self.db.wrapping_keys(scope).await?.pop() {
+                            let key = self.unwrap_wrapping(scope, row.epoch).await?;
+                            return Ok((row.epoch, key));
+                        }
+                        Some(lock)
+                    }
+                    WrappingParent::Scope(_) => None,
+                };
                 let key = Kek::generate();
                 let row = self
                     .wrap_wrapping_key(scope, 1, &key, &parent, None)
@@ -751,13 +807,15 @@ impl KeyService {
     /// a platform master key that was rotated away meanwhile (then the new key is loaded,
     /// and the caller wraps again).
     async fn store_wrapping_key(&self, row: &WrappingKeyRow) -> Result<bool, KeyError> {
-        let local = row.parent.is_none()
-            && row.master_fingerprint.as_deref()
-                == Some(self.local_master().fingerprint().as_str());
-        if self.db.insert_wrapping_key(row, local).await? {
+        // The platform key that wraps the row, or seals the customer's ciphertext (BYOK).
+        let platform = match (&row.parent, row.master_fingerprint.as_deref()) {
+            (None, Some(by)) => platform_part(Some(by)).or(Some(by).filter(|b| !b.contains(':'))),
+            _ => None,
+        };
+        if self.db.insert_wrapping_key(row, platform).await? {
             return Ok(true);
         }
-        if local {
+        if platform.is_some() {
             for fingerprint in self.db.master_keys("local").await? {
                 self.reload_master(&fingerprint).await;
             }
@@ -821,6 +879,20 @@ impl KeyService {
     ) -> Result<u64, KeyError> {
         let scope_id = scope.scope.id.to_string();
         let revoked_id = revoked.to_string();
+        // An organization's new epoch is wrapped by its master key: not while a switch of
+        // master key is under way, and with the master key as it is once the lock is held.
+        let (_lock, org_master) = match scope.scope.parent_id {
+            None => {
+                let lock = self.db.lock_org_keys(&scope_id).await?;
+                let fresh = self
+                    .read
+                    .scope(scope.scope.id)
+                    .await?
+                    .and_then(|s| s.scope.master_key);
+                (Some(lock), fresh)
+            }
+            Some(_) => (None, None),
+        };
         let existing = self.db.wrapping_keys(&scope_id).await?;
         let (epoch, key) = match existing.last() {
             // An interrupted run of this re-key made the epoch already.
@@ -832,18 +904,11 @@ impl KeyService {
             // before wrapping keys, whose children are still wrapped under its key versions):
             // there is nothing on this level to re-key yet.
             None => return Ok(0),
-            // A switch of master key is staging this organization's epochs: a new one
-            // made now could miss it. Try again once the switch is applied.
-            Some(_)
-                if scope.scope.parent_id.is_none() && self.db.rewraps_staged(&scope_id).await? =>
-            {
-                return Err(KeyError::WrappingRace { scope: scope_id });
-            }
             Some(last) => {
                 let epoch = last.epoch + 1;
                 let key = Kek::generate();
                 let parent = match scope.scope.parent_id {
-                    None => WrappingParent::Master(scope.scope.master_key.clone()),
+                    None => WrappingParent::Master(org_master),
                     Some(parent_id) => WrappingParent::Scope(parent_id),
                 };
                 let row = self

@@ -149,7 +149,14 @@ impl LocalMasterKey {
         let text = zeroize::Zeroizing::new(self.key.hex());
         file.write_all(text.as_bytes()).map_err(io)?;
         file.write_all(b"\n").map_err(io)?;
-        file.sync_all().map_err(io)
+        file.sync_all().map_err(io)?;
+        // The directory entry too: the database will need this key once it commits.
+        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::File::open(dir)
+                .and_then(|d| d.sync_all())
+                .map_err(io)?;
+        }
+        Ok(())
     }
 
     pub fn fingerprint(&self) -> String {

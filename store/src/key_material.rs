@@ -56,10 +56,14 @@ pub enum MasterKeyCheck {
 }
 
 impl Db {
-    pub async fn insert_key(&self, row: &KeyRow) -> Result<(), StoreError> {
+    /// Stores a key version. Returns false if the wrapping-key epoch it is wrapped under was
+    /// destroyed meanwhile (a re-key): the caller wraps it again under the newest epoch.
+    pub async fn insert_key(&self, row: &KeyRow) -> Result<bool, StoreError> {
         let sql = "INSERT INTO key_material (scope_id, version, fingerprint, wrapped, parent_id, \
-                   parent_version, master_fingerprint, created_at, node_epoch) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
-        with_write_pool!(self, pool => {
+                   parent_version, master_fingerprint, created_at, node_epoch) \
+                   SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9 WHERE $9 IS NULL OR EXISTS \
+                   (SELECT 1 FROM wrapping_keys WHERE scope_id = $1 AND epoch = $9)";
+        let inserted = with_write_pool!(self, pool => {
             sqlx::query(sql)
                 .bind(&row.scope_id)
                 .bind(i64::from(row.version))
@@ -71,9 +75,10 @@ impl Db {
                 .bind(now_micros())
                 .bind(row.node_epoch.map(i64::from))
                 .execute(pool)
-                .await?;
+                .await?
+                .rows_affected()
         });
-        Ok(())
+        Ok(inserted == 1)
     }
 
     /// The wrapped key of `scope_id` at `version` with this fingerprint, if it still exists.
@@ -272,13 +277,17 @@ impl Db {
         target: &str,
         wrapped_by: &str,
         wrapped: &[u8],
-    ) -> Result<(), StoreError> {
+        platform_key: Option<&str>,
+    ) -> Result<bool, StoreError> {
+        // Refused when the platform key that wraps or seals it was rotated away meanwhile.
         let sql = "INSERT INTO master_key_rewraps (scope_id, version, fingerprint, target, \
-                   wrapped_by, wrapped, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7) \
+                   wrapped_by, wrapped, created_at) SELECT $1, $2, $3, $4, $5, $6, $7 \
+                   WHERE $8 = '' OR EXISTS (SELECT 1 FROM master_keys WHERE provider = 'local' \
+                   AND fingerprint = $8) \
                    ON CONFLICT (scope_id, version, fingerprint, target) DO UPDATE \
                    SET wrapped_by = excluded.wrapped_by, wrapped = excluded.wrapped, \
                    created_at = excluded.created_at";
-        with_write_pool!(self, pool => {
+        let staged = with_write_pool!(self, pool => {
             sqlx::query(sql)
                 .bind(&row.scope_id)
                 .bind(i64::from(row.version))
@@ -287,25 +296,24 @@ impl Db {
                 .bind(wrapped_by)
                 .bind(STANDARD.encode(wrapped))
                 .bind(now_micros())
+                .bind(platform_key.unwrap_or(""))
+                .execute(pool)
+                .await?
+                .rows_affected()
+        });
+        Ok(staged == 1)
+    }
+
+    /// Forgets every re-wrap staged for an organization (left by a switch that did not
+    /// commit); called under the organization's key lock, before staging a new switch.
+    pub async fn clear_staged_rewraps(&self, org_id: &str) -> Result<(), StoreError> {
+        with_write_pool!(self, pool => {
+            sqlx::query("DELETE FROM master_key_rewraps WHERE scope_id = $1")
+                .bind(org_id)
                 .execute(pool)
                 .await?;
         });
         Ok(())
-    }
-
-    /// Whether a switch of master key is staging re-wraps for this organization now (rows
-    /// staged in the last five minutes; older ones were left by a command that lost a race
-    /// and wait for the next switch to be cleared).
-    pub async fn rewraps_staged(&self, org_id: &str) -> Result<bool, StoreError> {
-        let since = now_micros() - 300_000_000;
-        let staged: Option<i64> = with_write_pool!(self, pool => {
-            sqlx::query_scalar("SELECT 1 FROM master_key_rewraps WHERE scope_id = $1 AND created_at > $2 LIMIT 1")
-                .bind(org_id)
-                .bind(since)
-                .fetch_optional(pool)
-                .await?
-        });
-        Ok(staged.is_some())
     }
 
     /// Records the health monitor's latest check of an organization's customer key.

@@ -22,4 +22,4 @@ pub use tokens::{
     hash as token_hash, NewToken, Principal, Role, RotatedOperatorToken, TokenInfo, Tokens,
     OPERATOR_TOKEN_FILE,
 };
-pub use wrapping_keys::{MasterWrappedKind, PlatformKeyRow, Wrapped, WrappingKeyRow};
+pub use wrapping_keys::{MasterWrappedKind, OrgKeysLock, PlatformKeyRow, Wrapped, WrappingKeyRow};

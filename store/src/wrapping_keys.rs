@@ -110,18 +110,18 @@ impl Db {
     /// Stores a wrapping key. Returns false when the scope already has that epoch (another
     /// instance made it first).
     ///
-    /// With `local_master`, the row is wrapped by the platform master key and is stored only
-    /// while that key is still the database's (not rotated away meanwhile by `ekm
-    /// master-key rotate`, which would leave it unopenable).
+    /// With `platform_key` (the fingerprint of the platform master key that wraps or seals
+    /// the row), the row is stored only while that key is still the database's (not rotated
+    /// away meanwhile by `ekm master-key rotate`, which would leave it unopenable).
     pub async fn insert_wrapping_key(
         &self,
         row: &WrappingKeyRow,
-        local_master: bool,
+        platform_key: Option<&str>,
     ) -> Result<bool, StoreError> {
         let sql = "INSERT INTO wrapping_keys (scope_id, epoch, fingerprint, wrapped, parent_id, \
                    parent_epoch, master_fingerprint, rekey_of, created_at) \
-                   SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9 WHERE $10 = 0 OR EXISTS \
-                   (SELECT 1 FROM master_keys WHERE provider = 'local' AND fingerprint = $7) \
+                   SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9 WHERE $10 = '' OR EXISTS \
+                   (SELECT 1 FROM master_keys WHERE provider = 'local' AND fingerprint = $10) \
                    ON CONFLICT DO NOTHING";
         let done = with_write_pool!(self, pool => {
             sqlx::query(sql)
@@ -134,7 +134,7 @@ impl Db {
                 .bind(&row.master_fingerprint)
                 .bind(&row.rekey_of)
                 .bind(now_micros())
-                .bind(i64::from(local_master))
+                .bind(platform_key.unwrap_or(""))
                 .execute(pool)
                 .await?
                 .rows_affected()
@@ -274,21 +274,41 @@ impl Db {
         scope_id: &str,
         keep: u32,
     ) -> Result<bool, StoreError> {
-        if !self
-            .wrapped_under_other_epochs(scope_id, keep, 1)
-            .await?
-            .is_empty()
-        {
-            return Ok(false);
-        }
+        // Check and delete in one transaction: on SQLite the single writer makes it atomic
+        // (key versions have no foreign key there); on PostgreSQL the deferred foreign keys
+        // refuse the commit if something was wrapped under an old epoch meanwhile.
+        let versions = "SELECT 1 FROM key_material WHERE scope_id = $1 AND node_epoch IS NOT NULL \
+                        AND node_epoch <> $2 LIMIT 1";
+        let children =
+            "SELECT 1 FROM wrapping_keys WHERE parent_id = $1 AND parent_epoch <> $2 LIMIT 1";
         with_write_pool!(self, pool => {
+            let mut tx = pool.begin().await?;
+            for sql in [versions, children] {
+                let found: Option<i32> = sqlx::query_scalar(sql)
+                    .bind(scope_id)
+                    .bind(i64::from(keep))
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                if found.is_some() {
+                    return Ok(false);
+                }
+            }
             sqlx::query("DELETE FROM wrapping_keys WHERE scope_id = $1 AND epoch <> $2")
                 .bind(scope_id)
                 .bind(i64::from(keep))
-                .execute(pool)
+                .execute(&mut *tx)
                 .await?;
-        });
-        Ok(true)
+            // Staged re-wraps of the destroyed epochs (a master-key switch that did not
+            // commit) would keep them alive in another table.
+            sqlx::query("DELETE FROM master_key_rewraps WHERE scope_id = $1 \
+                         AND fingerprint LIKE 'wrap:%' AND version <> $2")
+                .bind(scope_id)
+                .bind(i64::from(keep))
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            Ok(true)
+        })
     }
 
     /// Deletes every wrapped key of the given scopes (a revoked subtree).
@@ -610,5 +630,75 @@ impl Db {
             tx.commit().await?;
             Ok(true)
         })
+    }
+}
+
+/// Serializes, per organization, what changes which master key wraps its wrapping keys: a
+/// master-key switch (from staging to projection) and a new epoch of the organization's
+/// wrapping key (a re-key, or a first epoch). Released when dropped.
+pub struct OrgKeysLock {
+    _sqlite: Option<tokio::sync::OwnedMutexGuard<()>>,
+    postgres: Option<(sqlx::pool::PoolConnection<sqlx::Postgres>, String)>,
+}
+
+impl Drop for OrgKeysLock {
+    fn drop(&mut self) {
+        if let Some((mut connection, key)) = self.postgres.take() {
+            tokio::spawn(async move {
+                let unlocked = sqlx::query("SELECT pg_advisory_unlock(hashtextextended($1, 0))")
+                    .bind(&key)
+                    .execute(&mut *connection)
+                    .await;
+                if unlocked.is_err() {
+                    // Never hand a connection that may still hold the lock back to the pool:
+                    // closing it ends the session, and the lock with it.
+                    let _ = connection.detach();
+                }
+            });
+        }
+    }
+}
+
+fn sqlite_org_locks() -> &'static std::sync::Mutex<
+    std::collections::HashMap<String, std::sync::Arc<tokio::sync::Mutex<()>>>,
+> {
+    static LOCKS: std::sync::OnceLock<
+        std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<tokio::sync::Mutex<()>>>>,
+    > = std::sync::OnceLock::new();
+    LOCKS.get_or_init(Default::default)
+}
+
+impl Db {
+    /// Takes the organization's key lock (PostgreSQL: an advisory lock, across instances;
+    /// SQLite: in this process, the only one that writes the database).
+    pub async fn lock_org_keys(&self, org_id: &str) -> Result<OrgKeysLock, StoreError> {
+        match self {
+            Db::Sqlite(_) => {
+                let lock = match sqlite_org_locks().lock() {
+                    Ok(mut locks) => locks.entry(org_id.to_owned()).or_default().clone(),
+                    Err(poisoned) => poisoned
+                        .into_inner()
+                        .entry(org_id.to_owned())
+                        .or_default()
+                        .clone(),
+                };
+                Ok(OrgKeysLock {
+                    _sqlite: Some(lock.lock_owned().await),
+                    postgres: None,
+                })
+            }
+            Db::Postgres(db) => {
+                let key = format!("ekm-org-keys:{org_id}");
+                let mut connection = db.pool.acquire().await?;
+                sqlx::query("SELECT pg_advisory_lock(hashtextextended($1, 0))")
+                    .bind(&key)
+                    .execute(&mut *connection)
+                    .await?;
+                Ok(OrgKeysLock {
+                    _sqlite: None,
+                    postgres: Some((connection, key)),
+                })
+            }
+        }
     }
 }

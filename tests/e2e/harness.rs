@@ -333,11 +333,15 @@ impl TestApp {
     /// Another instance on the same database (PostgreSQL), with its own projector and key
     /// cache, sharing the data directory's master key file.
     pub async fn peer(&self) -> TestApp {
+        self.peer_with(Options::default()).await
+    }
+
+    pub async fn peer_with(&self, options: Options) -> TestApp {
         Self::instance(
             self.config.clone(),
             self.data_dir.clone(),
             self.url.clone(),
-            Options::default(),
+            options,
         )
         .await
     }

@@ -243,3 +243,54 @@ async fn byok_revoke_holds_against_copies_even_with_the_customer_kms(backend: Ba
     app.stop().await;
 }
 on_both_backends!(byok_revoke_holds_against_copies_even_with_the_customer_kms);
+
+/// A BYOK organization re-keyed after a platform-key rotation that ran beside the server:
+/// the organization's new wrapping key must be sealed with the new platform key, not the
+/// destroyed one the server may still hold in memory, or the organization is lost.
+async fn byok_rekey_after_a_rotation_beside_the_server_seals_with_the_new_key(backend: Backend) {
+    use crate::kms_servers::{aws_environment, Moto};
+    let moto = Moto::start().await;
+    let arn = moto.create_key().await;
+    let options = || {
+        crate::byok::options(
+            aws_environment(),
+            std::time::Duration::from_secs(60),
+            std::time::Duration::from_secs(300),
+        )
+    };
+    let app = TestApp::spawn_with(backend, options()).await;
+    let (org, token) = managed_org(&app).await;
+    let connected = crate::byok::connect(
+        &app,
+        &token,
+        &org,
+        serde_json::json!({"provider": "aws-kms", "key_id": arn, "endpoint_url": moto.url, "reason": "go-live"}),
+    )
+    .await;
+    assert_eq!(connected.status, 200, "{:?}", connected.body);
+    let team = app.scope(&token, "team", "research", &org).await;
+    let doomed = app.scope(&token, "thread", "doomed", &team).await;
+    let kept = app.scope(&token, "thread", "kept", &team).await;
+    let secret = encrypt(&app, &token, &kept, b"kept", "messages")
+        .await
+        .str("ciphertext");
+    let app = rotate_master_key_with(app, options()).await;
+    let new_master = master_key(app.data_dir()).fingerprint();
+
+    assert_eq!(app.revoke(&token, &doomed).await.status, 200);
+    app.rekeyer.run_pending().await.unwrap();
+    for row in app.db.wrapping_keys(&org).await.unwrap() {
+        assert_eq!(
+            row.master_fingerprint.as_deref(),
+            Some(format!("aws-kms:{arn}+local:{new_master}").as_str()),
+            "sealed with the platform key in force"
+        );
+    }
+    // A fresh instance (no cached keys) still opens the survivor.
+    let fresh = app.peer_with(options()).await;
+    let opened = decrypt(&fresh, &token, &kept, &secret, "messages").await;
+    assert_eq!(opened.status, 200, "{:?}", opened.body);
+    fresh.stop().await;
+    app.stop().await;
+}
+on_both_backends!(byok_rekey_after_a_rotation_beside_the_server_seals_with_the_new_key);

@@ -20,7 +20,7 @@ use serde_json::Value;
 use crate::harness::TestApp;
 
 /// The key rows of a database, as anyone holding a copy (or a dump, a backup, a replica)
-/// has them.
+/// has them: every table that holds wrapped keys, staged re-wraps included.
 #[derive(Clone, Default)]
 pub struct KeyCopy {
     versions: Vec<VersionRow>,
@@ -70,9 +70,13 @@ impl KeyCopy {
     pub async fn take(db: &Db) -> KeyCopy {
         let (versions, wrapping): (Vec<VersionTuple>, Vec<WrappingTuple>) = ekm_store::with_write_pool!(db, pool => {
             (
-                sqlx::query_as("SELECT scope_id, version, wrapped, parent_id, parent_version, node_epoch FROM key_material")
+                sqlx::query_as("SELECT scope_id, version, wrapped, parent_id, parent_version, node_epoch FROM key_material \
+                        UNION ALL SELECT scope_id, version, wrapped, NULL, NULL, NULL FROM master_key_rewraps \
+                        WHERE fingerprint NOT LIKE 'wrap:%'")
                     .fetch_all(pool).await.unwrap(),
-                sqlx::query_as("SELECT scope_id, epoch, wrapped, parent_id, parent_epoch, master_fingerprint FROM wrapping_keys")
+                sqlx::query_as("SELECT scope_id, epoch, wrapped, parent_id, parent_epoch, master_fingerprint FROM wrapping_keys \
+                        UNION ALL SELECT scope_id, version, wrapped, NULL, NULL, wrapped_by FROM master_key_rewraps \
+                        WHERE fingerprint LIKE 'wrap:%'")
                     .fetch_all(pool).await.unwrap(),
             )
         });
