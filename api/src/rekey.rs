@@ -192,10 +192,15 @@ impl Drop for AdvisoryLock {
     fn drop(&mut self) {
         if let Some(mut connection) = self.0.take() {
             tokio::spawn(async move {
-                let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
+                let unlocked = sqlx::query("SELECT pg_advisory_unlock($1)")
                     .bind(LOCK_KEY)
                     .execute(&mut *connection)
                     .await;
+                if unlocked.is_err() {
+                    // Closing the connection ends the session and its lock; never return
+                    // it to the pool still locked.
+                    let _ = connection.detach();
+                }
             });
         }
     }

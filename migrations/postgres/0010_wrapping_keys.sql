@@ -38,14 +38,15 @@ ALTER TABLE key_material ADD CONSTRAINT key_material_node_epoch
     FOREIGN KEY (scope_id, node_epoch) REFERENCES wrapping_keys (scope_id, epoch)
     DEFERRABLE INITIALLY DEFERRED;
 
--- Destruction progress of a revoked scope, from its re-key events.
+-- Destruction progress of a revoked scope, from its re-key events: the state, and the
+-- position of the event that completed it.
 ALTER TABLE scope_view ADD COLUMN rekey_state text;
-ALTER TABLE scope_view ADD COLUMN rekey_done_at bigint;
+ALTER TABLE scope_view ADD COLUMN rekey_done_position bigint;
 
--- The platform master key in versions: when each became the one that wraps every
--- organization key (a rotation completed).
-ALTER TABLE master_keys ADD COLUMN activated_at bigint;
-UPDATE master_keys SET activated_at = created_at;
+-- The platform master key in versions: where the event log stood when it became the one
+-- that wraps every organization key (a rotation committed). Positions, not clocks: the
+-- rotation and the servers may run on different machines.
+ALTER TABLE master_keys ADD COLUMN activated_position bigint NOT NULL DEFAULT 0;
 
 -- The platform master key when it lives in a KMS (`--master-key aws-kms:ARN`): the key
 -- itself, wrapped by that KMS key, so that neither the data directory nor the database

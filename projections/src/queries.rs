@@ -50,7 +50,7 @@ pub struct ScopeRecord {
     pub master_detail: Option<String>,
     /// Revoked scopes: `pending`, `running` or `done` (ADR 0013), and when it was done.
     pub rekey_state: Option<String>,
-    pub rekey_done_at: Option<i64>,
+    pub rekey_done_position: Option<i64>,
 }
 
 /// How far destroying a revoke's keys has got, for a scope whose path holds a revoke.
@@ -58,21 +58,23 @@ pub struct ScopeRecord {
 pub struct Destruction {
     /// The highest revoked scope on the path.
     pub revoked: ScopeId,
-    /// When its re-key finished and the destroyed bytes left the database's files
-    /// (microseconds); `None` while pending.
-    pub live_done_at: Option<i64>,
-    /// When the platform master key in use was activated (microseconds): once after
-    /// `live_done_at`, no copy of the database opens the revoked keys.
-    pub master_activated_at: Option<i64>,
+    /// The position of the event that recorded its re-key finished (the destroyed bytes
+    /// gone from the database's files); `None` while pending.
+    pub live_done_position: Option<i64>,
+    /// Where the event log stood when the platform master key in use was activated: once
+    /// at or past `live_done_position`, no copy of the database opens the revoked keys.
+    pub master_activated_position: Option<i64>,
 }
 
 impl Destruction {
     pub fn live_done(&self) -> bool {
-        self.live_done_at.is_some()
+        self.live_done_position.is_some()
     }
 
     pub fn copies_done(&self) -> bool {
-        matches!((self.live_done_at, self.master_activated_at), (Some(done), Some(master)) if master > done)
+        // The rotation saw the completion event in the log (positions follow commit order):
+        // it came after the re-key.
+        matches!((self.live_done_position, self.master_activated_position), (Some(done), Some(master)) if master >= done)
     }
 }
 
@@ -120,7 +122,7 @@ pub struct Page<T> {
 const SCOPE_COLUMNS: &str = "id, org_id, parent_id, kind, name, path, own_state, plan, tier, \
     key_version, version, created_at, updated_position, state_event, state_position, state_at, \
     state_actor, state_reason, master_key, master_health, master_reason, master_detail, \
-    master_position, master_at, rekey_state, rekey_done_at";
+    master_position, master_at, rekey_state, rekey_done_position";
 
 fn malformed(id: &str, problem: impl Into<String>) -> ProjectionError {
     ProjectionError::MalformedRow {
@@ -213,7 +215,7 @@ macro_rules! decode_scope {
             master_change,
             master_detail: row.try_get("master_detail")?,
             rekey_state: row.try_get("rekey_state")?,
-            rekey_done_at: row.try_get("rekey_done_at")?,
+            rekey_done_position: row.try_get("rekey_done_position")?,
         })
     }};
 }
@@ -333,10 +335,10 @@ impl ReadModels {
         Ok(ids)
     }
 
-    /// When the platform master key in use became the one that wraps every organization
-    /// key (microseconds): copies of the database made before then open nothing.
-    pub async fn master_key_activated_at(&self) -> Result<Option<i64>, ProjectionError> {
-        let sql = "SELECT MAX(activated_at) FROM master_keys WHERE provider = 'local'";
+    /// Where the event log stood when the platform master key in use became the one that
+    /// wraps every organization key: copies of the database made before then open nothing.
+    pub async fn master_key_activated_position(&self) -> Result<Option<i64>, ProjectionError> {
+        let sql = "SELECT MAX(activated_position) FROM master_keys WHERE provider = 'local'";
         let at: Option<i64> = ekm_store::with_read_pool!(&self.db, pool => {
             sqlx::query_scalar(sql).fetch_one(pool).await?
         });
@@ -373,9 +375,9 @@ impl ReadModels {
         if snapshots.iter().all(|s| s.destruction.is_none()) {
             return Ok(());
         }
-        let activated = self.master_key_activated_at().await?;
+        let activated = self.master_key_activated_position().await?;
         for destruction in snapshots.iter_mut().filter_map(|s| s.destruction.as_mut()) {
-            destruction.master_activated_at = activated;
+            destruction.master_activated_position = activated;
         }
         Ok(())
     }
@@ -663,10 +665,10 @@ fn snapshot(
 fn destruction_of(record: &ScopeRecord) -> Option<Destruction> {
     (record.own_state == OwnState::Revoked).then(|| Destruction {
         revoked: record.id,
-        live_done_at: record
-            .rekey_done_at
+        live_done_position: record
+            .rekey_done_position
             .filter(|_| record.rekey_state.as_deref() == Some("done")),
-        master_activated_at: None,
+        master_activated_position: None,
     })
 }
 

@@ -194,13 +194,13 @@ const SHRED_SUBTREE: [&str; 3] = [
 
 const REKEY_COLUMNS: &[&str] = &[
     "rekey_state",
-    "rekey_done_at",
+    "rekey_done_position",
     "version",
     "updated_position",
 ];
 
 /// How far a revoked scope's re-key has got (ADR 0013).
-fn rekey_state(stored: &StoredEvent, state: &str, done_at: Option<i64>) -> Statement {
+fn rekey_state(stored: &StoredEvent, state: &str, done_position: Option<i64>) -> Statement {
     Statement::Update {
         table: "scope_view",
         key_column: "id",
@@ -208,7 +208,7 @@ fn rekey_state(stored: &StoredEvent, state: &str, done_at: Option<i64>) -> State
         columns: REKEY_COLUMNS,
         values: vec![
             Param::OptText(Some(state.to_owned())),
-            Param::OptInt(done_at),
+            Param::OptInt(done_position),
             Param::Int(stored.sequence),
             Param::Int(stored.position),
         ],
@@ -429,11 +429,9 @@ impl Projection for ScopeTree {
             ],
             ScopeEvent::RevocationRekeyStarted { .. } => vec![rekey_state(stored, "running", None)],
             ScopeEvent::RevocationRekeyProgressed { .. } => vec![],
-            ScopeEvent::RevocationRekeyCompleted { .. } => vec![rekey_state(
-                stored,
-                "done",
-                Some(to_micros(stored.recorded_at)),
-            )],
+            ScopeEvent::RevocationRekeyCompleted { .. } => {
+                vec![rekey_state(stored, "done", Some(stored.position))]
+            }
             ScopeEvent::ScopeKeyRotated {
                 key_version,
                 key_fingerprint,

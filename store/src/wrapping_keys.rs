@@ -541,7 +541,8 @@ impl Db {
                     .execute(&mut *tx)
                     .await?;
             }
-            sqlx::query("UPDATE master_keys SET fingerprint = $1, activated_at = $2, created_at = $2 \
+            sqlx::query("UPDATE master_keys SET fingerprint = $1, created_at = $2, \
+                         activated_position = (SELECT COALESCE(MAX(position), 0) FROM events) \
                          WHERE provider = 'local' AND fingerprint = $3")
                 .bind(new)
                 .bind(now)
@@ -613,8 +614,8 @@ impl Db {
             if known.is_some() {
                 return Ok(false);
             }
-            sqlx::query("INSERT INTO master_keys (fingerprint, provider, created_at, activated_at) \
-                         VALUES ($1, 'local', $2, $2)")
+            sqlx::query("INSERT INTO master_keys (fingerprint, provider, created_at) \
+                         VALUES ($1, 'local', $2)")
                 .bind(&row.fingerprint)
                 .bind(now)
                 .execute(&mut *tx)

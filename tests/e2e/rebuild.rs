@@ -125,7 +125,11 @@ async fn rebuild_yields_exactly_the_live_read_models(backend: Backend) {
     let test_db = TestDb::new(backend).await;
     let app = TestApp::spawn_on(test_db).await;
     random_history(&app.app, 7, 400).await;
+    // The revokes' re-keys record events too: let them finish before comparing.
+    app.rekeyer.run_pending().await.unwrap();
     random_history(&app.app, 8, 100).await;
+    // The revokes' re-keys record events too: let them finish before comparing.
+    app.rekeyer.run_pending().await.unwrap();
     let live = dump(&app.db).await;
     assert!(live.len() > 120, "a long history: {} rows", live.len());
     let seals_before: i64 = count(&app.db, "audit_chain").await;
@@ -145,6 +149,8 @@ async fn rebuild_yields_exactly_the_live_read_models(backend: Backend) {
             assert_eq!(pg_shape(&app.db).await, shape_before);
             // The live server keeps working on the swapped-in tables.
             random_history(&app.app, 9, 20).await;
+            // The revokes' re-keys record events too: let them finish before comparing.
+            app.rekeyer.run_pending().await.unwrap();
             let after = dump(&app.db).await;
             assert!(after.len() > live.len());
             rebuild(&app.db, &mut |_, _| {}).await.unwrap();
@@ -237,6 +243,8 @@ impl<F: Future> Future for CrashAfter<F> {
 async fn interrupted_catch_up_resumes_without_loss_or_duplicates(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     random_history(&app.app, 11, 120).await;
+    // The revokes' re-keys record events too: let them finish before comparing.
+    app.rekeyer.run_pending().await.unwrap();
     let live = dump(&app.db).await;
     let config = app.config.clone();
     app.db.close().await;
@@ -319,6 +327,8 @@ fn cli_status_and_rebuild_report_positions() {
     let (dir, head) = runtime.block_on(async {
         let app = TestApp::spawn(Backend::Sqlite).await;
         random_history(&app.app, 5, 40).await;
+        // The revokes' re-keys record events too: let them finish before comparing.
+        app.rekeyer.run_pending().await.unwrap();
         let head = app.db.head_position().await.unwrap();
         let config = app.config.clone();
         app.db.close().await;
@@ -420,6 +430,8 @@ async fn an_idle_runner_wakes_on_a_commit_made_elsewhere_through_notify() {
 async fn a_second_rebuild_on_the_same_postgres_database_is_refused() {
     let app = TestApp::spawn(Backend::Postgres).await;
     random_history(&app.app, 4, 30).await;
+    // The revokes' re-keys record events too: let them finish before comparing.
+    app.rekeyer.run_pending().await.unwrap();
     // Hold the rebuild lock as a running rebuild would.
     let mut holder: sqlx::PgConnection = sqlx::Connection::connect(app.database_url().unwrap())
         .await
@@ -453,6 +465,8 @@ async fn a_second_rebuild_on_the_same_postgres_database_is_refused() {
 async fn a_rebuild_before_the_first_start_leaves_checkpoints_for_it() {
     let app = TestApp::spawn(Backend::Postgres).await;
     random_history(&app.app, 21, 60).await;
+    // The revokes' re-keys record events too: let them finish before comparing.
+    app.rekeyer.run_pending().await.unwrap();
     let live = dump(&app.db).await;
     let config = app.config.clone();
     app.db.close().await;
