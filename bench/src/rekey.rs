@@ -48,7 +48,12 @@ impl Figures {
     }
 }
 
-async fn measure(db: Db, dir: &std::path::Path, children: usize) -> anyhow::Result<Figures> {
+async fn measure(
+    db: Db,
+    config: DbConfig,
+    dir: &std::path::Path,
+    children: usize,
+) -> anyhow::Result<Figures> {
     let backend = db.backend_name();
     let seal = ekm_keys::SealKey::generate();
     let projector = Arc::new(Projector::standard(
@@ -79,7 +84,9 @@ async fn measure(db: Db, dir: &std::path::Path, children: usize) -> anyhow::Resu
         .await?
         .scope;
     // The children's keys, stored as a command stores them (their scope rows are not
-    // needed by the re-key, which walks the key tables).
+    // needed by the re-key, which walks the key tables). Seeding commits without waiting
+    // for the disk; the re-key below is measured with durable commits again.
+    set_durable(&db, false).await?;
     let seeding = Instant::now();
     for _ in 0..children {
         keys.create_scope_key(ScopeId::generate(), 1, &team).await?;
@@ -91,12 +98,27 @@ async fn measure(db: Db, dir: &std::path::Path, children: usize) -> anyhow::Resu
     if let Db::Postgres(pg) = &db {
         sqlx::query("ANALYZE").execute(&pg.pool).await?;
     }
+    set_durable(&db, true).await?;
+    // PostgreSQL: pooled connections keep the setting they started with, so the re-key
+    // runs on a fresh pool (and key service) with durable commits.
+    let (measured_db, measured_keys) = match &db {
+        Db::Sqlite(_) => (db.clone(), keys.clone()),
+        Db::Postgres(_) => {
+            let fresh = Db::connect(&config).await?;
+            let master = local_master_key(&fresh, &dir.join("master.key")).await?;
+            let keys = KeyService::new(fresh.clone(), master, Duration::from_secs(3600));
+            (fresh, keys)
+        }
+    };
 
     let started = Instant::now();
-    let rewrapped = keys
+    let rewrapped = measured_keys
         .rekey_scope(&team, ScopeId::generate(), ekm_api::rekey::BATCH)
         .await?;
     let rekey = started.elapsed();
+    if let Db::Postgres(_) = &measured_db {
+        measured_db.close().await;
+    }
 
     // Baseline: the same cryptographic work in memory.
     let old = Kek::generate();
@@ -122,17 +144,17 @@ pub async fn run(children: usize) -> anyhow::Result<Vec<Figures>> {
     let mut out = vec![];
     let dir = tempfile_dir()?;
     let sqlite = Db::open(&DbConfig::sqlite_in(&dir)).await?;
-    out.push(measure(sqlite.clone(), &dir, children).await?);
+    out.push(measure(sqlite.clone(), DbConfig::sqlite_in(&dir), &dir, children).await?);
     sqlite.close().await;
 
     let bench_db = BenchDb::create().await?;
-    let postgres = Db::open(&DbConfig::Postgres {
+    let pg_config = DbConfig::Postgres {
         url: bench_db.url.clone(),
-    })
-    .await?;
+    };
+    let postgres = Db::open(&pg_config).await?;
     let pg_dir = dir.join("pg");
     std::fs::create_dir_all(&pg_dir)?;
-    let figures = measure(postgres.clone(), &pg_dir, children).await;
+    let figures = measure(postgres.clone(), pg_config, &pg_dir, children).await;
     postgres.close().await;
     bench_db.drop_db().await?;
     out.push(figures?);
@@ -159,4 +181,32 @@ fn tempfile_dir() -> anyhow::Result<std::path::PathBuf> {
         std::env::temp_dir().join(format!("ekm-bench-rekey-{}", uuid::Uuid::now_v7().simple()));
     std::fs::create_dir_all(&dir)?;
     Ok(dir)
+}
+
+/// Durable commits (the server's setting) or not (seeding only).
+async fn set_durable(db: &Db, durable: bool) -> anyhow::Result<()> {
+    match db {
+        Db::Sqlite(sqlite) => {
+            let mode = if durable { "FULL" } else { "OFF" };
+            sqlx::query(&format!("PRAGMA synchronous = {mode}"))
+                .execute(&sqlite.write)
+                .await?;
+        }
+        Db::Postgres(pg) => {
+            let mode = if durable { "on" } else { "off" };
+            let name: String = sqlx::query_scalar("SELECT current_database()")
+                .fetch_one(&pg.pool)
+                .await?;
+            sqlx::query(&format!(
+                "ALTER DATABASE {name} SET synchronous_commit = {mode}"
+            ))
+            .execute(&pg.pool)
+            .await?;
+            // Pooled connections keep the setting they started with.
+            sqlx::query(&format!("SET synchronous_commit = {mode}"))
+                .execute(&pg.pool)
+                .await?;
+        }
+    }
+    Ok(())
 }

@@ -166,18 +166,8 @@ on_both_backends!(retire_leaves_no_byte_of_a_retired_version_in_the_files);
 /// Switching to a customer key replaces the organization key's platform-only wrapping, and
 /// that wrapping leaves the files too.
 async fn byok_switch_leaves_no_platform_only_wrapping_in_the_files(backend: Backend) {
-    use crate::kms_servers::{aws_environment, Moto};
-    let moto = Moto::start().await;
-    let arn = moto.create_key().await;
-    let app = TestApp::spawn_with(
-        backend,
-        crate::byok::options(
-            aws_environment(),
-            std::time::Duration::from_secs(60),
-            std::time::Duration::from_secs(300),
-        ),
-    )
-    .await;
+    let customer = CustomerKey::create().await;
+    let app = TestApp::spawn_with(backend, customer.options()).await;
     let (org, token) = managed_org(&app).await;
     let platform_only: Vec<Vec<u8>> = {
         let rows: Vec<String> = ekm_store::with_write_pool!(&app.db, pool => {
@@ -192,14 +182,7 @@ async fn byok_switch_leaves_no_platform_only_wrapping_in_the_files(backend: Back
     assert_eq!(platform_only.len(), 1);
     let files_before = key_files(&app).await;
     assert_eq!(found_in(&files_before, &platform_only), 1, "present before");
-    let connected = crate::byok::connect(
-        &app,
-        &token,
-        &org,
-        serde_json::json!({"provider": "aws-kms", "key_id": arn, "endpoint_url": moto.url, "reason": "go-live"}),
-    )
-    .await;
-    assert_eq!(connected.status, 200, "{:?}", connected.body);
+    customer.connect(&app, &token, &org).await;
     let mut files = key_files(&app).await;
     files.extend(files_before);
     assert_eq!(found_in(&files, &platform_only), 0, "gone from {files:?}");

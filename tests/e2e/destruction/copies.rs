@@ -116,16 +116,8 @@ on_both_backends!(revoke_holds_against_copies_once_the_master_key_is_rotated);
 /// with everything the platform holds after the switch and a master-key rotation, yields
 /// nothing without the customer's KMS.
 async fn byok_switch_holds_against_copies_once_the_master_key_is_rotated(backend: Backend) {
-    use crate::kms_servers::{aws_environment, Moto};
-    let moto = Moto::start().await;
-    let arn = moto.create_key().await;
-    let options = || {
-        crate::byok::options(
-            aws_environment(),
-            std::time::Duration::from_secs(60),
-            std::time::Duration::from_secs(300),
-        )
-    };
+    let customer = CustomerKey::create().await;
+    let options = || customer.options();
     let app = TestApp::spawn_with(backend, options()).await;
     let (org, token) = managed_org(&app).await;
     let thread = app.scope(&token, "thread", "t", &org).await;
@@ -139,14 +131,7 @@ async fn byok_switch_holds_against_copies_once_the_master_key_is_rotated(backend
         &secret
     ));
 
-    let connected = crate::byok::connect(
-        &app,
-        &token,
-        &org,
-        serde_json::json!({"provider": "aws-kms", "key_id": arn, "endpoint_url": moto.url, "reason": "go-live"}),
-    )
-    .await;
-    assert_eq!(connected.status, 200, "{:?}", connected.body);
+    customer.connect(&app, &token, &org).await;
     // Today's rows and the platform key: nothing, the customer's KMS is needed.
     let after = KeyCopy::take(&app.db).await;
     assert!(!opens(
@@ -179,34 +164,24 @@ on_both_backends!(byok_switch_holds_against_copies_once_the_master_key_is_rotate
 /// the organization key. The platform key's seal around it makes the rotation retire that
 /// copy too.
 async fn byok_revoke_holds_against_copies_even_with_the_customer_kms(backend: Backend) {
-    use crate::kms_servers::{aws_environment, Moto};
-    let moto = Moto::start().await;
-    let arn = moto.create_key().await;
-    let options = || {
-        crate::byok::options(
-            aws_environment(),
-            std::time::Duration::from_secs(60),
-            std::time::Duration::from_secs(300),
-        )
-    };
+    let customer = CustomerKey::create().await;
+    let options = || customer.options();
     let app = TestApp::spawn_with(backend, options()).await;
     let (org, token) = managed_org(&app).await;
-    let connected = crate::byok::connect(
-        &app,
-        &token,
-        &org,
-        serde_json::json!({"provider": "aws-kms", "key_id": arn, "endpoint_url": moto.url, "reason": "go-live"}),
-    )
-    .await;
-    assert_eq!(connected.status, 200, "{:?}", connected.body);
+    customer.connect(&app, &token, &org).await;
     let team = app.scope(&token, "team", "research", &org).await;
     let thread = app.scope(&token, "thread", "t", &team).await;
     let secret = encrypt(&app, &token, &thread, b"byok secret", "messages")
         .await
         .str("ciphertext");
     let kms = ekm_kms::provider_for(
-        &ekm_domain::MasterKeyRef::parse(ekm_domain::Provider::AwsKms, &arn, None, Some(&moto.url))
-            .unwrap(),
+        &ekm_domain::MasterKeyRef::parse(
+            ekm_domain::Provider::AwsKms,
+            &customer.arn,
+            None,
+            Some(&customer.moto.url),
+        )
+        .unwrap(),
         &options().kms.settings,
     )
     .await
@@ -248,26 +223,11 @@ on_both_backends!(byok_revoke_holds_against_copies_even_with_the_customer_kms);
 /// the organization's new wrapping key must be sealed with the new platform key, not the
 /// destroyed one the server may still hold in memory, or the organization is lost.
 async fn byok_rekey_after_a_rotation_beside_the_server_seals_with_the_new_key(backend: Backend) {
-    use crate::kms_servers::{aws_environment, Moto};
-    let moto = Moto::start().await;
-    let arn = moto.create_key().await;
-    let options = || {
-        crate::byok::options(
-            aws_environment(),
-            std::time::Duration::from_secs(60),
-            std::time::Duration::from_secs(300),
-        )
-    };
+    let customer = CustomerKey::create().await;
+    let options = || customer.options();
     let app = TestApp::spawn_with(backend, options()).await;
     let (org, token) = managed_org(&app).await;
-    let connected = crate::byok::connect(
-        &app,
-        &token,
-        &org,
-        serde_json::json!({"provider": "aws-kms", "key_id": arn, "endpoint_url": moto.url, "reason": "go-live"}),
-    )
-    .await;
-    assert_eq!(connected.status, 200, "{:?}", connected.body);
+    customer.connect(&app, &token, &org).await;
     let team = app.scope(&token, "team", "research", &org).await;
     let doomed = app.scope(&token, "thread", "doomed", &team).await;
     let kept = app.scope(&token, "thread", "kept", &team).await;
@@ -282,7 +242,7 @@ async fn byok_rekey_after_a_rotation_beside_the_server_seals_with_the_new_key(ba
     for row in app.db.wrapping_keys(&org).await.unwrap() {
         assert_eq!(
             row.master_fingerprint.as_deref(),
-            Some(format!("aws-kms:{arn}+local:{new_master}").as_str()),
+            Some(format!("aws-kms:{}+local:{new_master}", customer.arn).as_str()),
             "sealed with the platform key in force"
         );
     }

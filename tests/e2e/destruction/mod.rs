@@ -310,3 +310,38 @@ impl StrOf for Value {
         self[key].as_str().unwrap_or_default().to_owned()
     }
 }
+
+/// A customer's AWS KMS key (a real moto_server), for the BYOK stories.
+pub(super) struct CustomerKey {
+    pub moto: crate::kms_servers::Moto,
+    pub arn: String,
+}
+
+impl CustomerKey {
+    pub async fn create() -> CustomerKey {
+        let moto = crate::kms_servers::Moto::start().await;
+        let arn = moto.create_key().await;
+        CustomerKey { moto, arn }
+    }
+
+    /// Server options that reach it.
+    pub fn options(&self) -> crate::harness::Options {
+        crate::byok::options(
+            crate::kms_servers::aws_environment(),
+            std::time::Duration::from_secs(60),
+            std::time::Duration::from_secs(300),
+        )
+    }
+
+    /// Connects it as the organization's master key.
+    pub async fn connect(&self, app: &TestApp, token: &str, org: &str) {
+        let connected = crate::byok::connect(
+            app,
+            token,
+            org,
+            serde_json::json!({"provider": "aws-kms", "key_id": self.arn, "endpoint_url": self.moto.url, "reason": "go-live"}),
+        )
+        .await;
+        assert_eq!(connected.status, 200, "{:?}", connected.body);
+    }
+}
