@@ -168,9 +168,10 @@ impl Db {
         Ok(row.and_then(wrapping_row))
     }
 
-    /// Up to `limit` things wrapped under `scope_id`'s wrapping keys other than `keep`
+    /// Up to `limit` things wrapped under `scope_id`'s wrapping keys older than `keep`
     /// (the epochs a re-key is retiring): the scope's key versions and its children's
-    /// wrapping keys.
+    /// wrapping keys. Rows already moved to `keep` are not read again (the index on
+    /// `(parent_id, parent_epoch)` is read as a range), so a re-key stays linear.
     pub async fn wrapped_under_other_epochs(
         &self,
         scope_id: &str,
@@ -178,9 +179,9 @@ impl Db {
         limit: i64,
     ) -> Result<Vec<Wrapped>, StoreError> {
         let versions = "SELECT scope_id, version, fingerprint, wrapped, node_epoch FROM key_material \
-                        WHERE scope_id = $1 AND node_epoch IS NOT NULL AND node_epoch <> $2 LIMIT $3";
+                        WHERE scope_id = $1 AND node_epoch IS NOT NULL AND node_epoch < $2 LIMIT $3";
         let children = "SELECT scope_id, epoch, wrapped, parent_epoch FROM wrapping_keys \
-                        WHERE parent_id = $1 AND parent_epoch <> $2 LIMIT $3";
+                        WHERE parent_id = $1 AND parent_epoch < $2 LIMIT $3";
         let (versions, children): (Vec<VersionUnder>, Vec<ChildUnder>) = with_write_pool!(self, pool => {
             (
                 sqlx::query_as(versions).bind(scope_id).bind(i64::from(keep)).bind(limit).fetch_all(pool).await?,
@@ -234,6 +235,64 @@ impl Db {
                            WHERE scope_id = $3 AND version = $4 AND fingerprint = $5 AND node_epoch = $6";
         let child_sql = "UPDATE wrapping_keys SET wrapped = $1, parent_epoch = $2 \
                          WHERE scope_id = $3 AND epoch = $4 AND parent_epoch = $5";
+        if let Db::Postgres(db) = self {
+            // One statement for the children's wrapping keys (the bulk of a re-key).
+            let mut ids = vec![];
+            let mut epochs = vec![];
+            let mut texts = vec![];
+            let mut parents = vec![];
+            let mut tx = db.pool.begin().await?;
+            for (item, wrapped) in items {
+                match item {
+                    Wrapped::WrappingKey {
+                        scope_id,
+                        epoch,
+                        parent_epoch,
+                        ..
+                    } => {
+                        ids.push(scope_id.clone());
+                        epochs.push(i64::from(*epoch));
+                        texts.push(STANDARD.encode(wrapped));
+                        parents.push(i64::from(*parent_epoch));
+                    }
+                    Wrapped::KeyVersion {
+                        scope_id,
+                        version,
+                        fingerprint,
+                        epoch,
+                        ..
+                    } => {
+                        sqlx::query(version_sql)
+                            .bind(STANDARD.encode(wrapped))
+                            .bind(i64::from(to))
+                            .bind(scope_id)
+                            .bind(i64::from(*version))
+                            .bind(fingerprint)
+                            .bind(i64::from(*epoch))
+                            .execute(&mut *tx)
+                            .await?;
+                    }
+                }
+            }
+            if !ids.is_empty() {
+                sqlx::query(
+                    "UPDATE wrapping_keys w SET wrapped = v.wrapped, parent_epoch = $5 \
+                     FROM UNNEST($1::text[], $2::bigint[], $3::text[], $4::bigint[]) \
+                     AS v(scope_id, epoch, wrapped, parent_epoch) \
+                     WHERE w.scope_id = v.scope_id AND w.epoch = v.epoch \
+                     AND w.parent_epoch = v.parent_epoch",
+                )
+                .bind(&ids)
+                .bind(&epochs)
+                .bind(&texts)
+                .bind(&parents)
+                .bind(i64::from(to))
+                .execute(&mut *tx)
+                .await?;
+            }
+            tx.commit().await?;
+            return Ok(());
+        }
         with_write_pool!(self, pool => {
             let mut tx = pool.begin().await?;
             for (item, wrapped) in items {
@@ -267,8 +326,8 @@ impl Db {
         Ok(())
     }
 
-    /// Destroys every epoch of a scope's wrapping key except `keep`. Refused (returns false)
-    /// while anything is still wrapped under one of them.
+    /// Destroys every epoch of a scope's wrapping key older than `keep`. Refused (returns
+    /// false) while anything is still wrapped under one of them.
     pub async fn destroy_other_epochs(
         &self,
         scope_id: &str,
@@ -278,9 +337,9 @@ impl Db {
         // (key versions have no foreign key there); on PostgreSQL the deferred foreign keys
         // refuse the commit if something was wrapped under an old epoch meanwhile.
         let versions = "SELECT 1 FROM key_material WHERE scope_id = $1 AND node_epoch IS NOT NULL \
-                        AND node_epoch <> $2 LIMIT 1";
+                        AND node_epoch < $2 LIMIT 1";
         let children =
-            "SELECT 1 FROM wrapping_keys WHERE parent_id = $1 AND parent_epoch <> $2 LIMIT 1";
+            "SELECT 1 FROM wrapping_keys WHERE parent_id = $1 AND parent_epoch < $2 LIMIT 1";
         with_write_pool!(self, pool => {
             let mut tx = pool.begin().await?;
             for sql in [versions, children] {
@@ -293,7 +352,7 @@ impl Db {
                     return Ok(false);
                 }
             }
-            sqlx::query("DELETE FROM wrapping_keys WHERE scope_id = $1 AND epoch <> $2")
+            sqlx::query("DELETE FROM wrapping_keys WHERE scope_id = $1 AND epoch < $2")
                 .bind(scope_id)
                 .bind(i64::from(keep))
                 .execute(&mut *tx)
@@ -301,7 +360,7 @@ impl Db {
             // Staged re-wraps of the destroyed epochs (a master-key switch that did not
             // commit) would keep them alive in another table.
             sqlx::query("DELETE FROM master_key_rewraps WHERE scope_id = $1 \
-                         AND fingerprint LIKE 'wrap:%' AND version <> $2")
+                         AND fingerprint LIKE 'wrap:%' AND version < $2")
                 .bind(scope_id)
                 .bind(i64::from(keep))
                 .execute(&mut *tx)
