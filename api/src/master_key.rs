@@ -67,6 +67,18 @@ pub async fn set(
             .map_err(|e| ApiError::invalid(e.to_string()))?,
         ),
     };
+    // The key that holds the platform's own master key is not a customer's: with it, the
+    // "customer" would hold nothing the platform does not.
+    if let (Some(master), Some(platform)) = (
+        master.as_ref(),
+        state.app.keys().kms_options().platform_key.as_ref(),
+    ) {
+        if master.wrapping_id() == platform.wrapping_id() {
+            return Err(ApiError::invalid(
+                "this key holds the platform's own master key; connect a key of your own account",
+            ));
+        }
+    }
     let reason = reason(body.reason.as_deref(), false)?;
     let org = visible_org(
         &state,

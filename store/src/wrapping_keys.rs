@@ -233,8 +233,6 @@ impl Db {
     ) -> Result<(), StoreError> {
         let version_sql = "UPDATE key_material SET wrapped = $1, node_epoch = $2 \
                            WHERE scope_id = $3 AND version = $4 AND fingerprint = $5 AND node_epoch = $6";
-        let child_sql = "UPDATE wrapping_keys SET wrapped = $1, parent_epoch = $2 \
-                         WHERE scope_id = $3 AND epoch = $4 AND parent_epoch = $5";
         if let Db::Postgres(db) = self {
             // One statement for the children's wrapping keys (the bulk of a re-key).
             let mut ids = vec![];
@@ -293,36 +291,76 @@ impl Db {
             tx.commit().await?;
             return Ok(());
         }
-        with_write_pool!(self, pool => {
-            let mut tx = pool.begin().await?;
+        if let Db::Sqlite(db) = self {
+            // SQLite: one UPDATE … FROM (VALUES …) per 500 children (4 parameters a row).
+            let mut tx = db.write.begin().await?;
+            let children: Vec<(&String, i64, String, i64)> = items
+                .iter()
+                .filter_map(|(item, wrapped)| match item {
+                    Wrapped::WrappingKey {
+                        scope_id,
+                        epoch,
+                        parent_epoch,
+                        ..
+                    } => Some((
+                        scope_id,
+                        i64::from(*epoch),
+                        STANDARD.encode(wrapped),
+                        i64::from(*parent_epoch),
+                    )),
+                    Wrapped::KeyVersion { .. } => None,
+                })
+                .collect();
+            for chunk in children.chunks(500) {
+                let rows: Vec<String> = (0..chunk.len())
+                    .map(|i| {
+                        format!(
+                            "(${}, ${}, ${}, ${})",
+                            4 * i + 2,
+                            4 * i + 3,
+                            4 * i + 4,
+                            4 * i + 5
+                        )
+                    })
+                    .collect();
+                let sql = format!(
+                    "UPDATE wrapping_keys SET wrapped = v.column3, parent_epoch = $1 \
+                     FROM (VALUES {}) AS v WHERE wrapping_keys.scope_id = v.column1 \
+                     AND wrapping_keys.epoch = v.column2 AND wrapping_keys.parent_epoch = v.column4",
+                    rows.join(", ")
+                );
+                let mut query = sqlx::query(&sql).bind(i64::from(to));
+                for (scope_id, epoch, wrapped, parent_epoch) in chunk {
+                    query = query
+                        .bind(*scope_id)
+                        .bind(*epoch)
+                        .bind(wrapped)
+                        .bind(*parent_epoch);
+                }
+                query.execute(&mut *tx).await?;
+            }
             for (item, wrapped) in items {
-                let wrapped = STANDARD.encode(wrapped);
-                match item {
-                    Wrapped::KeyVersion { scope_id, version, fingerprint, epoch, .. } => {
-                        sqlx::query(version_sql)
-                            .bind(&wrapped)
-                            .bind(i64::from(to))
-                            .bind(scope_id)
-                            .bind(i64::from(*version))
-                            .bind(fingerprint)
-                            .bind(i64::from(*epoch))
-                            .execute(&mut *tx)
-                            .await?;
-                    }
-                    Wrapped::WrappingKey { scope_id, epoch, parent_epoch, .. } => {
-                        sqlx::query(child_sql)
-                            .bind(&wrapped)
-                            .bind(i64::from(to))
-                            .bind(scope_id)
-                            .bind(i64::from(*epoch))
-                            .bind(i64::from(*parent_epoch))
-                            .execute(&mut *tx)
-                            .await?;
-                    }
+                if let Wrapped::KeyVersion {
+                    scope_id,
+                    version,
+                    fingerprint,
+                    epoch,
+                    ..
+                } = item
+                {
+                    sqlx::query(version_sql)
+                        .bind(STANDARD.encode(wrapped))
+                        .bind(i64::from(to))
+                        .bind(scope_id)
+                        .bind(i64::from(*version))
+                        .bind(fingerprint)
+                        .bind(i64::from(*epoch))
+                        .execute(&mut *tx)
+                        .await?;
                 }
             }
             tx.commit().await?;
-        });
+        }
         Ok(())
     }
 

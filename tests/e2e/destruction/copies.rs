@@ -254,3 +254,33 @@ async fn byok_rekey_after_a_rotation_beside_the_server_seals_with_the_new_key(ba
     app.stop().await;
 }
 on_both_backends!(byok_rekey_after_a_rotation_beside_the_server_seals_with_the_new_key);
+
+/// The KMS key that holds the platform's own master key cannot be connected as an
+/// organization's customer key: the customer would hold nothing the platform does not.
+async fn the_platform_key_cannot_be_an_organizations_customer_key(backend: Backend) {
+    let customer = CustomerKey::create().await;
+    let mut options = customer.options();
+    options.kms.platform_key = Some(
+        ekm_domain::MasterKeyRef::parse(
+            ekm_domain::Provider::AwsKms,
+            &customer.arn,
+            None,
+            Some(&customer.moto.url),
+        )
+        .unwrap(),
+    );
+    let app = TestApp::spawn_with(backend, options).await;
+    let (org, token) = managed_org(&app).await;
+    let refused = crate::byok::connect(
+        &app,
+        &token,
+        &org,
+        serde_json::json!({"provider": "aws-kms", "key_id": customer.arn, "endpoint_url": customer.moto.url}),
+    )
+    .await;
+    refused.assert_problem(400, "invalid_request");
+    let org_now = app.get(&format!("/v1/orgs/{org}"), &token).await;
+    assert_eq!(org_now.body["tier"], "managed", "nothing changed");
+    app.stop().await;
+}
+on_both_backends!(the_platform_key_cannot_be_an_organizations_customer_key);
