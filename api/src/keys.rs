@@ -541,8 +541,7 @@ impl KeyService {
         wrapped_by: &str,
         wrapped: &[u8],
     ) -> Result<(), KeyError> {
-        let platform =
-            platform_part(Some(wrapped_by)).or(Some(wrapped_by).filter(|b| !b.contains(':')));
+        let platform = platform_key_of(wrapped_by);
         if self
             .db
             .stage_rewrap(row, target_id, wrapped_by, wrapped, platform)
@@ -809,7 +808,7 @@ impl KeyService {
     async fn store_wrapping_key(&self, row: &WrappingKeyRow) -> Result<bool, KeyError> {
         // The platform key that wraps the row, or seals the customer's ciphertext (BYOK).
         let platform = match (&row.parent, row.master_fingerprint.as_deref()) {
-            (None, Some(by)) => platform_part(Some(by)).or(Some(by).filter(|b| !b.contains(':'))),
+            (None, Some(by)) => platform_key_of(by),
             _ => None,
         };
         if self.db.insert_wrapping_key(row, platform).await? {
@@ -1110,6 +1109,13 @@ fn platform_part(wrapped_by: Option<&str>) -> Option<&str> {
     wrapped_by?
         .split_once(PLATFORM_SEAL)
         .map(|(_, local)| local)
+}
+
+/// The platform key a master-wrapped row depends on: its fingerprint when the platform key
+/// wraps the row, or the part after `+local:` when it seals a customer's ciphertext; `None`
+/// for a customer key alone (`provider:key_id`).
+fn platform_key_of(wrapped_by: &str) -> Option<&str> {
+    platform_part(Some(wrapped_by)).or(Some(wrapped_by).filter(|b| !b.contains(':')))
 }
 
 /// A boxed future, for the methods that recurse up the hierarchy.

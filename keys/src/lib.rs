@@ -8,6 +8,7 @@
 
 mod ciphertext;
 mod kek;
+mod key_file;
 mod provider;
 mod seal;
 

@@ -1,10 +1,10 @@
 //! Master-key providers. The `local` provider keeps the platform master key in a file of the
 //! data directory (0600), created on first start.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use crate::kek::{CryptoError, Kek, KEK_BYTES};
+use crate::key_file::{self, KeyFileError};
 
 pub const MASTER_KEY_FILE: &str = "master.key";
 
@@ -36,71 +36,35 @@ pub struct LocalMasterKey {
 impl LocalMasterKey {
     /// Loads the key file, or creates it (0600) when `create` is true and it does not exist.
     pub fn load(path: &Path, create: bool) -> Result<Option<LocalMasterKey>, MasterKeyError> {
-        use std::io::Read;
-        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-        let shown = path.display().to_string();
-        let io = |source| MasterKeyError::Io {
-            path: shown.clone(),
-            source,
+        let shown = || path.display().to_string();
+        let bytes = match key_file::read(path) {
+            Ok(Some(bytes)) => bytes,
+            Ok(None) if create => {
+                let created = LocalMasterKey::generate(path);
+                created.write_new()?;
+                return Ok(Some(created));
+            }
+            Ok(None) => return Ok(None),
+            Err(KeyFileError::Io(source)) => {
+                return Err(MasterKeyError::Io {
+                    path: shown(),
+                    source,
+                })
+            }
+            Err(KeyFileError::NotAFile) => return Err(MasterKeyError::NotAFile { path: shown() }),
+            Err(KeyFileError::Permissions) => {
+                return Err(MasterKeyError::Permissions { path: shown() })
+            }
+            Err(KeyFileError::Malformed) => {
+                return Err(MasterKeyError::Malformed { path: shown() })
+            }
         };
-        // Never through a symbolic link (someone who may write the directory could point it
-        // at a key of their choosing), only a regular file, and its text only in memory that
-        // wipes itself.
-        let opened = std::fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(path);
-        match opened {
-            Ok(mut file) => {
-                let metadata = file.metadata().map_err(io)?;
-                if !metadata.is_file() {
-                    return Err(MasterKeyError::NotAFile { path: shown });
-                }
-                if metadata.permissions().mode() & 0o077 != 0 {
-                    return Err(MasterKeyError::Permissions { path: shown });
-                }
-                let mut text = zeroize::Zeroizing::new(Vec::with_capacity(256));
-                std::io::Read::take(&mut file, 4096)
-                    .read_to_end(&mut text)
-                    .map_err(io)?;
-                let trimmed = std::str::from_utf8(&text).map(str::trim).map_err(|_| {
-                    MasterKeyError::Malformed {
-                        path: shown.clone(),
-                    }
-                })?;
-                let bytes = zeroize::Zeroizing::new(hex::decode(trimmed).map_err(|_| {
-                    MasterKeyError::Malformed {
-                        path: shown.clone(),
-                    }
-                })?);
-                let key = Kek::from_bytes(&bytes).map_err(|_| MasterKeyError::Malformed {
-                    path: shown.clone(),
-                })?;
-                Ok(Some(LocalMasterKey {
-                    key,
-                    path: path.to_owned(),
-                }))
-            }
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound && create => {
-                let key = Kek::generate();
-                let mut file = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .open(path)
-                    .map_err(io)?;
-                let text = zeroize::Zeroizing::new(key.hex());
-                file.write_all(text.as_bytes()).map_err(io)?;
-                file.write_all(b"\n").map_err(io)?;
-                file.sync_all().map_err(io)?;
-                Ok(Some(LocalMasterKey {
-                    key,
-                    path: path.to_owned(),
-                }))
-            }
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(error) => Err(io(error)),
-        }
+        let key =
+            Kek::from_bytes(&bytes).map_err(|_| MasterKeyError::Malformed { path: shown() })?;
+        Ok(Some(LocalMasterKey {
+            key,
+            path: path.to_owned(),
+        }))
     }
 
     pub fn path(&self) -> &Path {
@@ -133,30 +97,15 @@ impl LocalMasterKey {
         }
     }
 
-    /// Writes the key to its path, which must not exist yet (0600, synced).
+    /// Writes the key to its path, which must not exist yet (0600, synced with its
+    /// directory entry: the database will need this key once it commits).
     pub fn write_new(&self) -> Result<(), MasterKeyError> {
-        use std::os::unix::fs::OpenOptionsExt;
-        let io = |source| MasterKeyError::Io {
-            path: self.path.display().to_string(),
-            source,
-        };
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&self.path)
-            .map_err(io)?;
-        let text = zeroize::Zeroizing::new(self.key.hex());
-        file.write_all(text.as_bytes()).map_err(io)?;
-        file.write_all(b"\n").map_err(io)?;
-        file.sync_all().map_err(io)?;
-        // The directory entry too: the database will need this key once it commits.
-        if let Some(dir) = self.path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(io)?;
-        }
-        Ok(())
+        self.key
+            .with_bytes(|bytes| key_file::create(&self.path, bytes))
+            .map_err(|source| MasterKeyError::Io {
+                path: self.path.display().to_string(),
+                source,
+            })
     }
 
     pub fn fingerprint(&self) -> String {
@@ -209,13 +158,6 @@ impl LocalMasterKey {
             wrapped,
             &[b"ekm-org-kek-v1", org_id.as_bytes(), version.as_bytes()],
         )
-    }
-}
-
-impl Kek {
-    /// Hex of the key bytes, for the master key file only.
-    fn hex(&self) -> String {
-        self.with_bytes(|bytes| hex::encode(bytes))
     }
 }
 

@@ -8,7 +8,6 @@
 //! seals unverifiable.
 
 use std::fmt;
-use std::io::Write;
 use std::path::Path;
 
 use hmac::{Hmac, Mac};
@@ -17,6 +16,7 @@ use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
 use crate::kek::CryptoError;
+use crate::key_file::{self, KeyFileError};
 
 pub const AUDIT_KEY_FILE: &str = "audit.key";
 
@@ -38,7 +38,9 @@ pub enum SealKeyError {
     Malformed { path: String },
     #[error("the audit key file {path} must be readable by its owner only (mode 0600)")]
     Permissions { path: String },
-    #[error("the audit key file {path} is a symbolic link; give the file itself")]
+    #[error(
+        "the audit key file {path} is a symbolic link or not a regular file; give the file itself"
+    )]
     Symlink { path: String },
 }
 
@@ -73,44 +75,25 @@ impl SealKey {
     /// Loads the key file, or creates it (0600) when `create` is true and it does not exist.
     /// A symbolic link or a file others may read is refused.
     pub fn load(path: &Path, create: bool) -> Result<Option<SealKey>, SealKeyError> {
-        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-        let shown = path.display().to_string();
+        let shown = || path.display().to_string();
         let io = |source| SealKeyError::Io {
-            path: shown.clone(),
+            path: shown(),
             source,
         };
-        match std::fs::symlink_metadata(path) {
-            Ok(meta) if meta.file_type().is_symlink() => Err(SealKeyError::Symlink { path: shown }),
-            Ok(meta) => {
-                if meta.permissions().mode() & 0o077 != 0 {
-                    return Err(SealKeyError::Permissions { path: shown });
-                }
-                let text = Zeroizing::new(std::fs::read(path).map_err(io)?);
-                let malformed = || SealKeyError::Malformed {
-                    path: shown.clone(),
-                };
-                let trimmed = text.trim_ascii();
-                let bytes = Zeroizing::new(hex::decode(trimmed).map_err(|_| malformed())?);
-                SealKey::from_bytes(&bytes)
-                    .map(Some)
-                    .map_err(|_| malformed())
-            }
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound && create => {
+        match key_file::read(path) {
+            Ok(Some(bytes)) => SealKey::from_bytes(&bytes)
+                .map(Some)
+                .map_err(|_| SealKeyError::Malformed { path: shown() }),
+            Ok(None) if create => {
                 let key = SealKey::generate();
-                let mut file = std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .open(path)
-                    .map_err(io)?;
-                let text = Zeroizing::new(hex::encode(key.0.as_ref()));
-                file.write_all(text.as_bytes()).map_err(io)?;
-                file.write_all(b"\n").map_err(io)?;
-                file.sync_all().map_err(io)?;
+                key_file::create(path, key.0.as_ref()).map_err(io)?;
                 Ok(Some(key))
             }
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(error) => Err(io(error)),
+            Ok(None) => Ok(None),
+            Err(KeyFileError::Io(source)) => Err(io(source)),
+            Err(KeyFileError::NotAFile) => Err(SealKeyError::Symlink { path: shown() }),
+            Err(KeyFileError::Permissions) => Err(SealKeyError::Permissions { path: shown() }),
+            Err(KeyFileError::Malformed) => Err(SealKeyError::Malformed { path: shown() }),
         }
     }
 
