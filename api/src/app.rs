@@ -15,7 +15,9 @@ use ekm_projections::{
     AsOf, AuditEntry, AuditFilter, BlastRadius, ChainReport, Page, PastScope, ProjectionError,
     Projector, ReadModels, ScopeSnapshot,
 };
-use ekm_store::{Db, NewToken, Principal, Role, ScopeStore, StoreError, Tokens};
+use ekm_store::{
+    Appended, Db, KeyWrites, NewToken, Principal, Role, ScopeStore, StoreError, Tokens,
+};
 use rand::Rng;
 
 use crate::keys::{KeyError, KeyService};
@@ -425,14 +427,15 @@ impl App {
         Ok(ekm_projections::verify_chain(&self.inner.db, &self.inner.seal, &org, None).await?)
     }
 
-    /// `command` with the fingerprint of freshly stored key material, for the commands that
-    /// create a key version; `None` for the others.
+    /// `command` with the fingerprint of fresh key material, for the commands that create a
+    /// key version, and that material, to be stored in the command's own transaction
+    /// (ADR 0020); `None` for the others.
     async fn with_new_key(
         &self,
         id: ScopeId,
         command: ScopeCommand,
         state: Option<&ekm_domain::ScopeState>,
-    ) -> Result<Option<ScopeCommand>, AppError> {
+    ) -> Result<Option<(ScopeCommand, KeyWrites)>, AppError> {
         let keys = &self.inner.keys;
         Ok(match command {
             ScopeCommand::CreateOrganization {
@@ -442,14 +445,20 @@ impl App {
                 tier,
                 admin_token_id,
                 ..
-            } => Some(ScopeCommand::CreateOrganization {
-                key_fingerprint: Some(keys.create_org_key(org, 1, None).await?),
-                id: org,
-                name,
-                plan,
-                tier,
-                admin_token_id,
-            }),
+            } => {
+                let (fingerprint, writes) = keys.prepare_org_key(org, 1, None, true).await?;
+                Some((
+                    ScopeCommand::CreateOrganization {
+                        key_fingerprint: Some(fingerprint),
+                        id: org,
+                        name,
+                        plan,
+                        tier,
+                        admin_token_id,
+                    },
+                    writes,
+                ))
+            }
             ScopeCommand::CreateScope {
                 id: scope,
                 kind,
@@ -463,22 +472,27 @@ impl App {
                     .scope(parent.id)
                     .await?
                     .ok_or(AppError::NotFound)?;
-                Some(ScopeCommand::CreateScope {
-                    key_fingerprint: Some(keys.create_scope_key(scope, 1, &parent_snapshot).await?),
-                    id: scope,
-                    kind,
-                    name,
-                    parent,
-                })
+                let (fingerprint, writes) =
+                    keys.prepare_scope_key(scope, 1, &parent_snapshot).await?;
+                Some((
+                    ScopeCommand::CreateScope {
+                        key_fingerprint: Some(fingerprint),
+                        id: scope,
+                        kind,
+                        name,
+                        parent,
+                    },
+                    writes,
+                ))
             }
             ScopeCommand::RotateKey { lineage, .. } => {
                 let Some(state) = state else {
                     return Ok(None);
                 };
                 let next = state.key_version.next();
-                let fingerprint = match state.parent_id {
+                let (fingerprint, writes) = match state.parent_id {
                     None => {
-                        keys.create_org_key(state.org_id, next.get(), state.master.as_ref())
+                        keys.prepare_org_key(state.org_id, next.get(), state.master.as_ref(), false)
                             .await?
                     }
                     Some(parent_id) => {
@@ -488,14 +502,17 @@ impl App {
                             .scope(parent_id)
                             .await?
                             .ok_or(AppError::NotFound)?;
-                        keys.create_scope_key(id, next.get(), &parent).await?
+                        keys.prepare_scope_key(id, next.get(), &parent).await?
                     }
                 };
-                Some(ScopeCommand::RotateKey {
-                    lineage,
-                    key_version: Some(next),
-                    key_fingerprint: Some(fingerprint),
-                })
+                Some((
+                    ScopeCommand::RotateKey {
+                        lineage,
+                        key_version: Some(next),
+                        key_fingerprint: Some(fingerprint),
+                    },
+                    writes,
+                ))
             }
             ScopeCommand::SetMasterKey {
                 master,
@@ -523,12 +540,15 @@ impl App {
                 let rewrapped = keys
                     .stage_master_switch(org, &live, master.as_ref())
                     .await?;
-                Some(ScopeCommand::SetMasterKey {
-                    master,
-                    tier,
-                    rewrapped: Some(rewrapped),
-                    lineage,
-                })
+                Some((
+                    ScopeCommand::SetMasterKey {
+                        master,
+                        tier,
+                        rewrapped: Some(rewrapped),
+                        lineage,
+                    },
+                    KeyWrites::default(),
+                ))
             }
             ScopeCommand::RetireKeyVersions { below, .. } => {
                 // Nothing below the scope may still need the versions being destroyed.
@@ -646,27 +666,17 @@ impl App {
         Ok((command, location))
     }
 
-    /// Loads the aggregate, decides, commits; on a conflict, starts again from fresh state.
     /// After a commit: the read models brought up to the new event, and the scope read from
     /// them (read-your-writes). The event is durable whatever happens here, so a failure is
     /// retried a few times (a database blip) and then reported as `AppError::Committed`.
-    async fn read_back(
-        &self,
-        id: ScopeId,
-        aggregate_id: &str,
-        last_sequence: i64,
-    ) -> Result<Outcome, AppError> {
+    async fn read_back(&self, id: ScopeId, position: Option<i64>) -> Result<Outcome, AppError> {
         let inner = &self.inner;
-        let mut position = None;
         let mut failure = None;
         for backoff in READ_BACK_BACKOFF {
             if !backoff.is_zero() {
                 tokio::time::sleep(backoff).await;
             }
             let attempt = async {
-                if position.is_none() {
-                    position = inner.db.position_of(aggregate_id, last_sequence).await?;
-                }
                 match position {
                     Some(position) => inner.projector.catch_up_to(position).await?,
                     None => self.refresh().await?,
@@ -694,6 +704,8 @@ impl App {
         })
     }
 
+    /// Loads the aggregate, decides, and commits the events with the key material they need
+    /// in one transaction (ADR 0020); on a conflict, starts again from fresh state.
     async fn run(
         &self,
         id: ScopeId,
@@ -738,15 +750,16 @@ impl App {
                 _ => None,
             };
             let mut events = context.aggregate().decide(command.clone())?;
+            let mut keys = KeyWrites::default();
             if !events.is_empty() {
-                // Accepted: now store the new key version's material (outside the events),
-                // and decide again with its fingerprint in the command. If the commit then
-                // loses a race, the material is an unreferenced row, never a gap.
-                if let Some(keyed) = self
+                // Accepted: now make the new key version's material, and decide again with
+                // its fingerprint in the command. The material is stored with the events.
+                if let Some((keyed, writes)) = self
                     .with_new_key(id, command, context.aggregate().state())
                     .await?
                 {
                     events = context.aggregate().decide(keyed)?;
+                    keys = writes;
                 }
             }
             if events.is_empty() {
@@ -757,13 +770,13 @@ impl App {
                     position: None,
                 });
             }
-            match inner.store.commit(events, context, metadata.to_map()).await {
-                Ok(committed) => {
-                    let last_sequence = committed
-                        .last()
-                        .and_then(|e| i64::try_from(e.sequence).ok())
-                        .unwrap_or(current);
-                    let outcome = self.read_back(id, &aggregate_id, last_sequence).await?;
+            match inner
+                .db
+                .append(&aggregate_id, current, &events, &metadata.to_map(), &keys)
+                .await?
+            {
+                Appended::Committed { positions, .. } => {
+                    let outcome = self.read_back(id, positions.last().copied()).await?;
                     if destroys {
                         if let Err(error) = inner.db.destroy_at_rest().await {
                             tracing::error!(scope = %id, error = %ekm_projections::error_chain(&error), "destroyed keys could not be removed from the database's files");
@@ -771,22 +784,25 @@ impl App {
                     }
                     return Ok(outcome);
                 }
-                Err(AggregateError::AggregateConflict) if expected_version.is_none() => {
+                Appended::Conflict if expected_version.is_none() => {
                     // Someone else committed first: back off a little, with jitter, and
                     // decide again on the new state.
                     let ceiling = 2u64.saturating_pow(attempt.min(6)).saturating_mul(2);
                     let pause = rand::rng().random_range(1..=ceiling);
                     tokio::time::sleep(Duration::from_millis(pause)).await;
                 }
-                Err(AggregateError::AggregateConflict) => {
+                Appended::Conflict => {
                     let fresh = inner.read.scope(id).await?.map(|s| s.scope.version);
                     return Err(AppError::VersionMismatch {
                         expected: expected_version.unwrap_or_default(),
                         current: fresh.unwrap_or(current),
                     });
                 }
-                Err(AggregateError::UserError(rule)) => return Err(AppError::Rule(rule)),
-                Err(other) => return Err(AppError::EventStore(other)),
+                Appended::KeysRaced => {
+                    // A re-key or a rotation of the platform key got between preparing the
+                    // key material and storing it: nothing was written; prepare again.
+                    inner.keys.reload_after_race().await?;
+                }
             }
         }
         Err(AppError::Contended)

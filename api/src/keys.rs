@@ -18,7 +18,7 @@ use ekm_kms::{
     KmsSettings, LocalProvider, MasterKeyProvider, ProviderError, WrapContext, WrapPurpose,
 };
 use ekm_projections::{EventListener, ProjectionError, ReadModels, ScopeSnapshot};
-use ekm_store::{Db, KeyRow, StoreError, StoredEvent, Wrapped, WrappingKeyRow};
+use ekm_store::{Db, KeyRow, KeyWrites, StoreError, StoredEvent, Wrapped, WrappingKeyRow};
 
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
@@ -670,6 +670,106 @@ impl KeyService {
             }
         }
         Err(KeyError::WrappingRace { scope })
+    }
+
+    /// A new key version of an organization, made and wrapped but not stored: the rows go
+    /// into the command's own transaction with its events (`Db::append`, ADR 0020). A new
+    /// organization's first wrapping key epoch is made here too, under `master`.
+    pub async fn prepare_org_key(
+        &self,
+        org: OrgId,
+        version: u32,
+        master: Option<&MasterKeyRef>,
+        new_org: bool,
+    ) -> Result<(String, KeyWrites), KeyError> {
+        let scope = org.to_string();
+        if !new_org {
+            // An existing organization's wrapping key exists (or is made, under the key lock,
+            // for one created before wrapping keys).
+            let (epoch, wrapping) = self
+                .current_wrapping(&scope, WrappingParent::Master(master.cloned()))
+                .await?;
+            return self.prepare_version(&scope, version, epoch, &wrapping, None);
+        }
+        let parent = WrappingParent::Master(master.cloned());
+        self.prepare_with_first_epoch(&scope, version, &parent)
+            .await
+    }
+
+    /// A new key version of `scope`, made and wrapped but not stored (see
+    /// `prepare_org_key`); a scope without a wrapping key yet (a new one) gets its first
+    /// epoch, under `parent`'s newest.
+    pub async fn prepare_scope_key(
+        &self,
+        scope: ScopeId,
+        version: u32,
+        parent: &ScopeSnapshot,
+    ) -> Result<(String, KeyWrites), KeyError> {
+        let scope = scope.to_string();
+        if let Some(row) = self.db.wrapping_keys(&scope).await?.pop() {
+            let wrapping = self.unwrap_wrapping(&scope, row.epoch).await?;
+            return self.prepare_version(&scope, version, row.epoch, &wrapping, None);
+        }
+        let parent = WrappingParent::Scope(parent.scope.id);
+        self.prepare_with_first_epoch(&scope, version, &parent)
+            .await
+    }
+
+    async fn prepare_with_first_epoch(
+        &self,
+        scope: &str,
+        version: u32,
+        parent: &WrappingParent,
+    ) -> Result<(String, KeyWrites), KeyError> {
+        let wrapping = Kek::generate();
+        let row = self
+            .wrap_wrapping_key(scope, 1, &wrapping, parent, None)
+            .await?;
+        // The platform key that wraps the row, or seals the customer's ciphertext (BYOK):
+        // the append refuses the row if that key was rotated away meanwhile.
+        let platform = match (&row.parent, row.master_fingerprint.as_deref()) {
+            (None, Some(by)) => platform_key_of(by).map(str::to_owned),
+            _ => None,
+        };
+        self.prepare_version(scope, version, 1, &wrapping, Some((row, platform)))
+    }
+
+    fn prepare_version(
+        &self,
+        scope: &str,
+        version: u32,
+        epoch: u32,
+        wrapping: &Kek,
+        first_epoch: Option<(WrappingKeyRow, Option<String>)>,
+    ) -> Result<(String, KeyWrites), KeyError> {
+        let key = Kek::generate();
+        let fingerprint = key.fingerprint();
+        let wrapped = wrapping
+            .wrap(&key, &version_binding(scope, version, epoch).parts())
+            .map_err(|_| KeyError::Unwrap)?;
+        let writes = KeyWrites {
+            wrapping: first_epoch,
+            version: Some(KeyRow {
+                scope_id: scope.to_owned(),
+                version,
+                fingerprint: fingerprint.clone(),
+                wrapped,
+                parent: None,
+                master_fingerprint: None,
+                node_epoch: Some(epoch),
+            }),
+        };
+        Ok((fingerprint, writes))
+    }
+
+    /// The append lost a race on the key material (`Appended::KeysRaced`): the platform
+    /// master key may have been rotated meanwhile; load the current one before preparing
+    /// again.
+    pub async fn reload_after_race(&self) -> Result<(), KeyError> {
+        for fingerprint in self.db.master_keys("local").await? {
+            self.reload_master(&fingerprint).await;
+        }
+        Ok(())
     }
 
     async fn store_version(

@@ -61,7 +61,7 @@ impl Sizes {
     }
 }
 
-fn progress(message: impl AsRef<str>) {
+pub(crate) fn progress(message: impl AsRef<str>) {
     eprintln!(
         "[{}] {}",
         chrono::Utc::now().format("%H:%M:%S"),
@@ -816,9 +816,9 @@ async fn export(db: &Db, org: OrgId, cap: usize) -> anyhow::Result<(f64, f64, f6
 // ---------------------------------------------------------------------------------------
 // HTTP set-up
 
-struct Org {
-    id: String,
-    admin: String,
+pub(crate) struct Org {
+    pub(crate) id: String,
+    pub(crate) admin: String,
 }
 
 async fn call(
@@ -841,7 +841,11 @@ async fn call(
     Ok(value)
 }
 
-async fn create_org(client: &reqwest::Client, base: &str, operator: &str) -> anyhow::Result<Org> {
+pub(crate) async fn create_org(
+    client: &reqwest::Client,
+    base: &str,
+    operator: &str,
+) -> anyhow::Result<Org> {
     let org = call(
         client,
         format!("{base}/v1/orgs"),
@@ -855,7 +859,7 @@ async fn create_org(client: &reqwest::Client, base: &str, operator: &str) -> any
     })
 }
 
-async fn create_scope(
+pub(crate) async fn create_scope(
     client: &reqwest::Client,
     base: &str,
     admin: &str,
@@ -1036,13 +1040,13 @@ pub(crate) fn load_figure(
 }
 
 /// One run of 8 clients, each pausing and resuming its own scope for `seconds`.
-struct CommandRun {
-    rate: f64,
-    latencies_ms: Vec<f64>,
-    errors: usize,
+pub(crate) struct CommandRun {
+    pub(crate) rate: f64,
+    pub(crate) latencies_ms: Vec<f64>,
+    pub(crate) errors: usize,
 }
 
-async fn command_load(
+pub(crate) async fn command_load(
     client: &reqwest::Client,
     base: &str,
     token: &str,
@@ -1137,7 +1141,7 @@ fn raw_row() -> anyhow::Result<(Arc<str>, Arc<str>)> {
 }
 
 /// Single-row INSERTs, each its own transaction, from 8 connections for `seconds`.
-async fn raw_inserts_postgres(url: &str, seconds: u64) -> anyhow::Result<f64> {
+pub(crate) async fn raw_inserts_postgres(url: &str, seconds: u64) -> anyhow::Result<f64> {
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(8)
         .connect(url)
@@ -1171,7 +1175,7 @@ async fn raw_inserts_postgres(url: &str, seconds: u64) -> anyhow::Result<f64> {
 
 /// The same on SQLite, in the server's own database file, with EKM's pragmas and, as in
 /// EKM, one writer connection that the 8 clients share.
-async fn raw_inserts_sqlite(path: &Path, seconds: u64) -> anyhow::Result<f64> {
+pub(crate) async fn raw_inserts_sqlite(path: &Path, seconds: u64) -> anyhow::Result<f64> {
     use sqlx::sqlite::{
         SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous,
     };

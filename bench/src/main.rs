@@ -23,6 +23,7 @@ use ekm_store::{Db, DbConfig, ScopeStore};
 use crate::seed::EventBatch;
 
 mod all;
+mod commands;
 mod data_plane;
 mod kms;
 mod rekey;
@@ -72,6 +73,16 @@ enum Bench {
         #[arg(long, default_value_t = 100_000)]
         children: usize,
     },
+    /// Durable lifecycle commands (8 clients, pause/resume) against raw single-row INSERTs,
+    /// on PostgreSQL and SQLite, with PostgreSQL's WAL flushes per commit (`pg_stat_wal`).
+    Commands {
+        /// Seconds per run.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Runs of each, alternating.
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -89,19 +100,20 @@ fn main() -> anyhow::Result<()> {
             Bench::DataPlane { seconds } => data_plane::run(seconds).await,
             Bench::Kms { unwraps } => kms::run(unwraps).await,
             Bench::Rekey { children } => rekey::run(children).await.map(|_| ()),
+            Bench::Commands { seconds, repeats } => commands::run(seconds, repeats).await,
         }
     })
 }
 
 /// A fresh PostgreSQL database for this run, dropped at the end.
-struct BenchDb {
+pub(crate) struct BenchDb {
     admin: String,
-    name: String,
-    url: String,
+    pub(crate) name: String,
+    pub(crate) url: String,
 }
 
 impl BenchDb {
-    async fn create() -> anyhow::Result<BenchDb> {
+    pub(crate) async fn create() -> anyhow::Result<BenchDb> {
         let admin = std::env::var("EKM_BENCH_DATABASE_URL")
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
         let name = format!("ekm_bench_{}", uuid::Uuid::now_v7().simple());
@@ -116,7 +128,7 @@ impl BenchDb {
         Ok(BenchDb { admin, name, url })
     }
 
-    async fn drop_db(&self) -> anyhow::Result<()> {
+    pub(crate) async fn drop_db(&self) -> anyhow::Result<()> {
         let mut conn: sqlx::PgConnection = sqlx::Connection::connect(&self.admin).await?;
         sqlx::Executor::execute(
             &mut conn,

@@ -30,8 +30,7 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO :"app";
 REVOKE UPDATE, DELETE, TRUNCATE ON events, audit_chain, audit_keys FROM :"app";
 -- Read only: the seals made before keyed seals, and the migrations the server checks.
 REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON audit_chain_unkeyed, _sqlx_migrations FROM :"app";
--- Positions are taken from this sequence by the events trigger, as the inserting role.
-GRANT USAGE ON SEQUENCE events_position_seq TO :"app";
+-- (Positions come from transaction ids since migration 0013: no sequence to grant.)
 -- Tables a rebuild or a later migration creates (as the owner) are the server's read models.
 -- A later append-only table needs its own REVOKE line above.
 ALTER DEFAULT PRIVILEGES FOR ROLE :"owner" IN SCHEMA public

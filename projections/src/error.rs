@@ -30,6 +30,11 @@ pub enum ProjectionError {
          (a seeded database, or an upgrade from unkeyed seals) start once with --seal-existing-history"
     )]
     ResealRefused { checkpoint: i64, expected: i64 },
+    #[error(
+        "the read models did not reach position {position} within {waited_ms} ms: an older \
+         transaction of this database is still open (PostgreSQL's fence, migration 0013)"
+    )]
+    FenceHeld { position: i64, waited_ms: u64 },
     #[error("read model row for scope {id} is malformed: {problem}")]
     MalformedRow { id: String, problem: String },
 }

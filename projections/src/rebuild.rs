@@ -259,9 +259,7 @@ async fn rebuild_aside_locked(
     // One projector per read model, running concurrently: they are independent (their own
     // checkpoints and state), so PostgreSQL writes them on separate backends while this
     // process decodes.
-    let aside_db = Db::Postgres(PostgresDb {
-        pool: aside_pool.clone(),
-    });
+    let aside_db = Db::Postgres(PostgresDb::new(aside_pool.clone()));
     let asides: Vec<Projector> = rebuildable()
         .into_iter()
         .map(|projection| Projector::new(aside_db.clone(), vec![projection], config))

@@ -90,6 +90,12 @@ impl Default for ProjectorConfig {
 
 /// Told about every event once this process has seen it applied, by itself or by another
 /// instance (for example to evict cached keys). Called outside any transaction.
+/// How long `catch_up_to` waits for older transactions to end before it gives up.
+const FENCE_WAIT: Duration = Duration::from_secs(10);
+
+/// How soon the background loop looks again while committed events wait behind the fence.
+const FENCE_RETRY: Duration = Duration::from_millis(5);
+
 pub type EventListener = Arc<dyn Fn(&[StoredEvent]) + Send + Sync>;
 
 pub struct Projector {
@@ -322,14 +328,36 @@ impl Projector {
     /// Returns once the read models include the event at `position` (read-your-writes).
     /// Listeners have been told too: a command answered after this has evicted what it
     /// had to, even if the background loop applied its event.
+    ///
+    /// On PostgreSQL an event is read only once every older transaction of the database has
+    /// ended (the fence, migration 0013): until then this waits, for a new commit or a
+    /// short pause, at most `FENCE_WAIT`.
     pub async fn catch_up_to(&self, position: i64) -> Result<(), ProjectionError> {
-        if self.applied() < position {
-            let _running = self.running.lock().await;
-            // Whoever held the lock meanwhile may have applied it already (concurrent
-            // commands share one catch-up instead of queueing a transaction each).
-            if self.applied() < position {
-                self.drain().await?;
+        let started = std::time::Instant::now();
+        let mut pause = Duration::from_micros(200);
+        let mut applied = self.subscribe();
+        while self.applied() < position {
+            {
+                let _running = self.running.lock().await;
+                // Whoever held the lock meanwhile may have applied it already (concurrent
+                // commands share one catch-up instead of queueing a transaction each).
+                if self.applied() < position {
+                    self.drain().await?;
+                }
             }
+            if self.applied() >= position {
+                break;
+            }
+            if started.elapsed() >= FENCE_WAIT {
+                return Err(ProjectionError::FenceHeld {
+                    position,
+                    waited_ms: u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+                });
+            }
+            // Held below the fence by a transaction still open: try again when another
+            // catch-up moves (it may have passed us), or after a pause that grows to 20 ms.
+            let _ = tokio::time::timeout(pause, applied.changed()).await;
+            pause = (pause * 2).min(Duration::from_millis(20));
         }
         self.tell_listeners().await
     }
@@ -370,9 +398,24 @@ impl Projector {
             if let Err(error) = self.catch_up().await {
                 tracing::error!(error = %crate::error::chain(&error), "projection catch-up failed; will retry");
             }
+            // Events committed but held behind the fence by an older open transaction (which
+            // may never notify: it need not append events): look again soon, not at the poll.
+            let fenced = match &self.db {
+                Db::Postgres(_) => self
+                    .db
+                    .committed_head()
+                    .await
+                    .is_ok_and(|head| head > self.applied()),
+                Db::Sqlite(_) => false,
+            };
+            let pause = if fenced {
+                FENCE_RETRY
+            } else {
+                self.config.poll_interval
+            };
             tokio::select! {
                 _ = self.wake.notified() => {}
-                _ = tokio::time::sleep(self.config.poll_interval) => {
+                _ = tokio::time::sleep(pause) => {
                     if listener.is_none() {
                         listener = self.listen().await;
                     }

@@ -49,6 +49,17 @@ pub struct SqliteDb {
 #[derive(Clone, Debug)]
 pub struct PostgresDb {
     pub pool: PgPool,
+    /// Notifies other instances after this one commits events (`Db::notify_committed`).
+    pub notifier: std::sync::Arc<crate::notify::Notifier>,
+}
+
+impl PostgresDb {
+    pub fn new(pool: PgPool) -> Self {
+        Self {
+            pool,
+            notifier: Default::default(),
+        }
+    }
 }
 
 /// A connected, migrated database.
@@ -144,7 +155,7 @@ impl Db {
                     .connect_with(options)
                     .await
                     .map_err(StoreError::Connect)?;
-                Ok(Db::Postgres(PostgresDb { pool }))
+                Ok(Db::Postgres(PostgresDb::new(pool)))
             }
         }
     }
@@ -234,6 +245,14 @@ impl Db {
             }
         }
         Ok(())
+    }
+
+    /// Tells other instances that events committed (PostgreSQL: a coalesced NOTIFY after
+    /// the commit; SQLite has one process per database).
+    pub fn notify_committed(&self) {
+        if let Db::Postgres(db) = self {
+            db.notifier.committed(&db.pool);
+        }
     }
 
     pub fn is_postgres(&self) -> bool {

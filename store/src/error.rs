@@ -18,6 +18,8 @@ pub enum StoreError {
         #[source]
         source: serde_json::Error,
     },
+    #[error("an event could not be encoded")]
+    Encode(#[source] serde_json::Error),
     #[error("cannot use the data directory {path}")]
     DataDir {
         path: String,

@@ -192,16 +192,30 @@ fn pg_recorded_at(row: &sqlx::postgres::PgRow) -> Result<DateTime<Utc>, StoreErr
 }
 
 impl Db {
+    /// The condition that keeps a reader below the fence: on PostgreSQL, positions of
+    /// transactions that may still commit are never passed (migration 0013); on SQLite, the
+    /// single writer makes every visible event final.
+    fn fence(&self) -> &'static str {
+        match self {
+            Db::Sqlite(_) => "",
+            Db::Postgres(_) => " AND position < (SELECT ekm_events_fence())",
+        }
+    }
+
     /// Up to `limit` events with a position greater than `after`, in position order.
     ///
-    /// On both backends positions become visible in increasing order (see the migrations),
-    /// so a reader that remembers the last position it saw never skips an event.
+    /// On both backends a reader sees positions in increasing order (on PostgreSQL only up
+    /// to the fence, see migration 0013), so a reader that remembers the last position it
+    /// saw never skips an event.
     pub async fn events_after(
         &self,
         after: i64,
         limit: i64,
     ) -> Result<Vec<StoredEvent>, StoreError> {
-        let sql = format!("{SELECT_EVENTS} WHERE position > $1 ORDER BY position LIMIT $2");
+        let sql = format!(
+            "{SELECT_EVENTS} WHERE position > $1{} ORDER BY position LIMIT $2",
+            self.fence()
+        );
         self.read_events(&sql, after, limit).await
     }
 
@@ -378,8 +392,23 @@ impl Db {
         Ok(orgs)
     }
 
-    /// The highest position committed so far (0 when the log is empty).
+    /// The highest position a reader may pass now (0 when the log is empty): the last
+    /// committed event, on PostgreSQL the last below the fence.
     pub async fn head_position(&self) -> Result<i64, StoreError> {
+        let sql = format!(
+            "SELECT COALESCE(MAX(position), 0) AS head FROM events WHERE TRUE{}",
+            self.fence()
+        );
+        let sql = sql.as_str();
+        let head: i64 = crate::with_write_pool!(self, pool => {
+            sqlx::query_scalar(sql).fetch_one(pool).await?
+        });
+        Ok(head)
+    }
+
+    /// The highest position committed so far, fence or not (0 when the log is empty): above
+    /// `head_position` while an older transaction holds the fence on PostgreSQL.
+    pub async fn committed_head(&self) -> Result<i64, StoreError> {
         let sql = "SELECT COALESCE(MAX(position), 0) AS head FROM events";
         let head: i64 = crate::with_write_pool!(self, pool => {
             sqlx::query_scalar(sql).fetch_one(pool).await?

@@ -5,15 +5,18 @@
 //! and the only one that knows how a backend assigns positions. Everything above it sees
 //! events as `StoredEvent`s in one global order.
 
+mod append;
 mod db;
 mod error;
 mod event_log;
 mod key_material;
+mod notify;
 pub mod private_files;
 pub mod time;
 mod tokens;
 mod wrapping_keys;
 
+pub use append::{Appended, KeyWrites};
 pub use db::{Db, DbConfig, PostgresDb, SqliteDb};
 pub use error::StoreError;
 pub use event_log::{ScopeStore, StoredEvent, EVENTS_CHANNEL};

@@ -416,9 +416,10 @@ async fn request(app: &TestApp, world: &World, row: &Row, index: usize) -> (Stri
             assert_eq!(rotated.status, StatusCode::OK);
             (format!("/v1/scopes/{id}/retire"), Some(json!({"below": 2})))
         }
-        ("GET", "/v1/scopes/{id}/state") => {
-            (format!("/v1/scopes/{thread}/state?position=1000000"), None)
-        }
+        ("GET", "/v1/scopes/{id}/state") => (
+            format!("/v1/scopes/{thread}/state?position=9000000000000000"),
+            None,
+        ),
         ("GET", "/v1/audit") => (format!("/v1/audit?org={org}"), None),
         ("GET", "/v1/audit/export") => (format!("/v1/audit/export?org={org}"), None),
         ("GET", "/v1/audit/verify") => (format!("/v1/audit/verify?org={org}"), None),

@@ -30,52 +30,104 @@ async fn postgres_reader_never_skips_a_transaction_that_commits_late() {
         .await
         .unwrap();
 
-    // B inserts and commits on its own connection, concurrently.
-    let b_url = url.clone();
-    let b = tokio::spawn(async move {
-        let mut b = sqlx::PgConnection::connect(&b_url).await.unwrap();
-        sqlx::query(INSERT)
-            .bind("b")
-            .bind(1i64)
-            .execute(&mut b)
-            .await
-            .unwrap();
-    });
-
-    // Wait until B is really blocked behind A (observed in pg_locks, not guessed by a sleep).
-    let mut observer = sqlx::PgConnection::connect(&url).await.unwrap();
-    loop {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
-        )
-        .fetch_one(&mut observer)
+    // B inserts and commits on its own connection meanwhile: no lock makes it wait for A.
+    let mut b = sqlx::PgConnection::connect(&url).await.unwrap();
+    sqlx::query(INSERT)
+        .bind("b")
+        .bind(1i64)
+        .execute(&mut b)
         .await
         .unwrap();
-        if waiting > 0 {
-            break;
-        }
-        assert!(
-            !b.is_finished(),
-            "B committed while A was still open: positions would not follow commit order"
-        );
-        tokio::task::yield_now().await;
-    }
+    let committed: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM events")
+        .fetch_one(&mut b)
+        .await
+        .unwrap();
+    assert_eq!(committed, 1, "B committed while A is open");
 
-    // A reader now sees neither event, so its checkpoint stays where it was.
+    // A reader passes neither: A's event is not committed, and B's lies above the fence A
+    // holds. Passing B now would skip A forever.
     assert!(db.events_after(0, 100).await.unwrap().is_empty());
-    assert!(!b.is_finished());
+    assert_eq!(db.head_position().await.unwrap(), 0);
 
     tx_a.commit().await.unwrap();
-    b.await.unwrap();
     let events = db.events_after(0, 100).await.unwrap();
     let ids: Vec<&str> = events.iter().map(|e| e.aggregate_id.as_str()).collect();
-    assert_eq!(
-        ids,
-        ["a", "b"],
-        "A took its position first and so committed first"
-    );
+    assert_eq!(ids, ["a", "b"], "A's transaction began writing first");
     assert!(events[0].position < events[1].position);
-    assert!(events[0].recorded_at <= events[1].recorded_at);
+    db.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_reader_is_not_held_back_by_a_transaction_in_another_database() {
+    let ours = TestDb::new(Backend::Postgres).await;
+    let theirs = TestDb::new(Backend::Postgres).await;
+    let db = Db::open(&ours.config).await.unwrap();
+
+    // A writing transaction in another database of the cluster stays open.
+    let mut other = sqlx::PgConnection::connect(theirs.url.as_deref().unwrap())
+        .await
+        .unwrap();
+    let mut tx_other = other.begin().await.unwrap();
+    let _: String = sqlx::query_scalar("SELECT pg_current_xact_id()::text")
+        .fetch_one(&mut *tx_other)
+        .await
+        .unwrap();
+
+    ekm_store::with_write_pool!(&db, pool => {
+        sqlx::query(INSERT).bind("x").bind(1i64).execute(pool).await.unwrap();
+    });
+    let events = db.events_after(0, 100).await.unwrap();
+    assert_eq!(
+        events.len(),
+        1,
+        "the fence counts only this database's transactions"
+    );
+
+    // The same transaction in this database holds the reader back.
+    let mut mine = sqlx::PgConnection::connect(ours.url.as_deref().unwrap())
+        .await
+        .unwrap();
+    let mut tx_mine = mine.begin().await.unwrap();
+    let _: String = sqlx::query_scalar("SELECT pg_current_xact_id()::text")
+        .fetch_one(&mut *tx_mine)
+        .await
+        .unwrap();
+    ekm_store::with_write_pool!(&db, pool => {
+        sqlx::query(INSERT).bind("y").bind(1i64).execute(pool).await.unwrap();
+    });
+    let after = events[0].position;
+    assert!(db.events_after(after, 100).await.unwrap().is_empty());
+    tx_mine.rollback().await.unwrap();
+    assert_eq!(db.events_after(after, 100).await.unwrap().len(), 1);
+    tx_other.rollback().await.unwrap();
+    db.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_append_is_refused_when_not_the_first_write_of_its_transaction() {
+    let test_db = TestDb::new(Backend::Postgres).await;
+    let db = Db::open(&test_db.config).await.unwrap();
+    let ekm_store::Db::Postgres(pg) = &db else {
+        unreachable!()
+    };
+    let mut tx = pg.pool.begin().await.unwrap();
+    sqlx::query("INSERT INTO projection_state (projection, key, value) VALUES ('t', 'k', 'v')")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let refused = sqlx::query(INSERT)
+        .bind("late")
+        .bind(1i64)
+        .execute(&mut *tx)
+        .await
+        .unwrap_err();
+    assert!(
+        refused
+            .to_string()
+            .contains("events must be the first write of their transaction"),
+        "{refused}"
+    );
+    drop(tx);
     db.close().await;
 }
 

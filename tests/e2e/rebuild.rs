@@ -406,6 +406,10 @@ async fn an_idle_runner_wakes_on_a_commit_made_elsewhere_through_notify() {
         .execute(&mut other)
         .await
         .unwrap();
+    // What the committing instance does after its commit (`Db::append`): one coalesced
+    // NOTIFY from its own connection pool.
+    let elsewhere = Db::connect(&test_db.config).await.unwrap();
+    elsewhere.notify_committed();
     let position = db.head_position().await.unwrap();
     tokio::time::timeout(
         std::time::Duration::from_secs(10),

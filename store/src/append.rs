@@ -1,0 +1,217 @@
+//! One durable commit per command (ADR 0020): a command's events and the key material it
+//! made go into the database in one transaction, the events first.
+//!
+//! cqrs-es's event stores commit events in a transaction of their own, which left a new key
+//! version (and a new scope's first wrapping key) to transactions before it: three commits
+//! for one `create scope`. Here the rows are written together, and a race lost on either
+//! (another command appended to the aggregate first, or a re-key destroyed the epoch the key
+//! was wrapped under) rolls everything back, so the command is simply decided again.
+//!
+//! The events are the transaction's first write: on PostgreSQL their positions derive from
+//! the transaction's id (migration 0013), which must be taken after the aggregate was loaded.
+
+use std::collections::HashMap;
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
+use cqrs_es::DomainEvent;
+use ekm_domain::ScopeEvent;
+
+use crate::db::Db;
+use crate::error::StoreError;
+use crate::key_material::KeyRow;
+use crate::time::now_micros;
+use crate::wrapping_keys::WrappingKeyRow;
+
+/// The key material a command made, stored with its events.
+#[derive(Debug, Default)]
+pub struct KeyWrites {
+    /// A new first epoch of the scope's wrapping key, and the platform key that wraps it
+    /// (refused if that key was rotated away meanwhile).
+    pub wrapping: Option<(WrappingKeyRow, Option<String>)>,
+    /// A new key version, wrapped under an epoch of the scope's wrapping key.
+    pub version: Option<KeyRow>,
+}
+
+/// What an append did.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Appended {
+    /// Committed: the position of each event, in order, and the aggregate's new sequence.
+    Committed {
+        positions: Vec<i64>,
+        last_sequence: i64,
+    },
+    /// Another command appended to the aggregate first: decide again on fresh state.
+    Conflict,
+    /// The key material could not be stored as prepared (the wrapping key's epoch was
+    /// destroyed, its first epoch made by someone else, or the platform key rotated):
+    /// nothing was written; prepare again.
+    KeysRaced,
+}
+
+const INSERT_EVENT: &str =
+    "(aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)";
+
+const INSERT_WRAPPING: &str =
+    "INSERT INTO wrapping_keys (scope_id, epoch, fingerprint, wrapped, parent_id, \
+    parent_epoch, master_fingerprint, rekey_of, created_at) \
+    SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9 WHERE $10 = '' OR EXISTS \
+    (SELECT 1 FROM master_keys WHERE provider = 'local' AND fingerprint = $10) \
+    ON CONFLICT DO NOTHING";
+
+const INSERT_KEY: &str =
+    "INSERT INTO key_material (scope_id, version, fingerprint, wrapped, parent_id, \
+    parent_version, master_fingerprint, created_at, node_epoch) \
+    SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9 WHERE $9 IS NULL OR EXISTS \
+    (SELECT 1 FROM wrapping_keys WHERE scope_id = $1 AND epoch = $9)";
+
+/// What SQLite's `events_no_replace` trigger answers to an insert whose key is taken.
+const EVENT_EXISTS: &str = "ekm: event already exists";
+
+fn is_conflict(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Database(db) => {
+            db.is_unique_violation()
+                || db.message() == EVENT_EXISTS
+                || db.message().contains("UNIQUE constraint failed: events")
+        }
+        _ => false,
+    }
+}
+
+macro_rules! append_body {
+    ($tx:expr, $aggregate_id:expr, $after:expr, $events:expr, $metadata:expr, $keys:expr) => {{
+        let tx = $tx;
+        let values = (0..$events.len())
+            .map(|i| {
+                let b = i * 6;
+                format!(
+                    "('scope', ${}, ${}, ${}, ${}, ${}, ${})",
+                    b + 1,
+                    b + 2,
+                    b + 3,
+                    b + 4,
+                    b + 5,
+                    b + 6
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sql = format!("INSERT INTO events {INSERT_EVENT} VALUES {values}");
+        let metadata = serde_json::to_value($metadata).map_err(StoreError::Encode)?;
+        let mut query = sqlx::query(&sql);
+        for (i, event) in $events.iter().enumerate() {
+            let sequence = $after + 1 + i64::try_from(i).unwrap_or(i64::MAX);
+            query = query
+                .bind($aggregate_id)
+                .bind(sequence)
+                .bind(event.event_type())
+                .bind(event.event_version())
+                .bind(serde_json::to_value(event).map_err(StoreError::Encode)?)
+                .bind(metadata.clone());
+        }
+        match query.execute(&mut *tx).await {
+            Ok(_) => {}
+            Err(error) if is_conflict(&error) => return Ok(Appended::Conflict),
+            Err(error) => return Err(error.into()),
+        }
+        if let Some((row, platform)) = &$keys.wrapping {
+            let done = sqlx::query(INSERT_WRAPPING)
+                .bind(&row.scope_id)
+                .bind(i64::from(row.epoch))
+                .bind(&row.fingerprint)
+                .bind(STANDARD.encode(&row.wrapped))
+                .bind(row.parent.as_ref().map(|(id, _)| id.clone()))
+                .bind(row.parent.as_ref().map(|(_, e)| i64::from(*e)))
+                .bind(&row.master_fingerprint)
+                .bind(&row.rekey_of)
+                .bind(now_micros())
+                .bind(platform.as_deref().unwrap_or(""))
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            if done != 1 {
+                return Ok(Appended::KeysRaced);
+            }
+        }
+        if let Some(row) = &$keys.version {
+            let done = sqlx::query(INSERT_KEY)
+                .bind(&row.scope_id)
+                .bind(i64::from(row.version))
+                .bind(&row.fingerprint)
+                .bind(STANDARD.encode(&row.wrapped))
+                .bind(row.parent.as_ref().map(|(id, _)| id.clone()))
+                .bind(row.parent.as_ref().map(|(_, v)| i64::from(*v)))
+                .bind(&row.master_fingerprint)
+                .bind(now_micros())
+                .bind(row.node_epoch.map(i64::from))
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            if done != 1 {
+                return Ok(Appended::KeysRaced);
+            }
+        }
+        let last = $after + i64::try_from($events.len()).unwrap_or(i64::MAX);
+        let positions: Vec<i64> = sqlx::query_scalar(
+            "SELECT position FROM events WHERE aggregate_type = 'scope' AND aggregate_id = $1 \
+             AND sequence > $2 AND sequence <= $3 ORDER BY sequence",
+        )
+        .bind($aggregate_id)
+        .bind($after)
+        .bind(last)
+        .fetch_all(&mut *tx)
+        .await?;
+        Ok::<_, StoreError>(Appended::Committed {
+            positions,
+            last_sequence: last,
+        })
+    }};
+}
+
+impl Db {
+    /// Appends `events` to the scope `aggregate_id` after sequence `after` (what the
+    /// deciding aggregate was loaded at), with the key material they refer to, in one
+    /// transaction. Nothing is written unless all of it is.
+    pub async fn append(
+        &self,
+        aggregate_id: &str,
+        after: i64,
+        events: &[ScopeEvent],
+        metadata: &HashMap<String, String>,
+        keys: &KeyWrites,
+    ) -> Result<Appended, StoreError> {
+        if events.is_empty() {
+            return Ok(Appended::Committed {
+                positions: vec![],
+                last_sequence: after,
+            });
+        }
+        let appended = match self {
+            Db::Sqlite(db) => {
+                let mut tx = db.write.begin().await?;
+                let appended =
+                    async { append_body!(&mut *tx, aggregate_id, after, events, metadata, keys) }
+                        .await?;
+                if matches!(appended, Appended::Committed { .. }) {
+                    tx.commit().await?;
+                }
+                appended
+            }
+            Db::Postgres(db) => {
+                let mut tx = db.pool.begin().await?;
+                let appended =
+                    async { append_body!(&mut *tx, aggregate_id, after, events, metadata, keys) }
+                        .await?;
+                if matches!(appended, Appended::Committed { .. }) {
+                    tx.commit().await?;
+                }
+                appended
+            }
+        };
+        if matches!(appended, Appended::Committed { .. }) {
+            self.notify_committed();
+        }
+        Ok(appended)
+    }
+}
