@@ -18,7 +18,7 @@ use ekm_domain::{
     ScopeName,
 };
 use ekm_projections::{audit_pages, rebuild, AuditFilter, Projector, ProjectorConfig};
-use ekm_store::{Db, DbConfig, ScopeStore};
+use ekm_store::{Db, DbConfig};
 
 use crate::seed::EventBatch;
 
@@ -359,45 +359,39 @@ async fn projections_on(url: &str, events: usize) -> anyhow::Result<()> {
     while !live.listening() {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let store = ScopeStore::new(&db);
     let org = OrgId::generate();
     let org_path = org.to_string();
     let mut lags = vec![];
     let mut applied = live.subscribe();
-    let mut sequence_context = store
-        .load(&org.to_string())
-        .await
-        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
     let first = seed::org_created(org, &ScopeName::parse("lag").map_err(anyhow::Error::msg)?);
-    store
-        .commit(
-            vec![first],
-            sequence_context,
-            metadata(org, &org_path, None),
-        )
-        .await
-        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let none = ekm_store::KeyWrites::default();
+    db.append(
+        &org_path,
+        0,
+        &[first],
+        &metadata(org, &org_path, None),
+        &none,
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!(ekm_projections::error_chain(&e)))?;
     let mut ticker = tokio::time::interval(Duration::from_millis(10));
     for i in 0..500 {
         ticker.tick().await;
-        sequence_context = store
-            .load(&org.to_string())
-            .await
-            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
         let event = if i % 2 == 0 {
             ScopeEvent::ScopePaused {}
         } else {
             ScopeEvent::ScopeResumed {}
         };
         let committed = Instant::now();
-        store
-            .commit(
-                vec![event],
-                sequence_context,
-                metadata(org, &org_path, Some("lag")),
-            )
-            .await
-            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        db.append(
+            &org_path,
+            i + 1,
+            &[event],
+            &metadata(org, &org_path, Some("lag")),
+            &none,
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!(ekm_projections::error_chain(&e)))?;
         let position = db.head_position().await.map_err(|e| anyhow::anyhow!(e))?;
         applied.wait_for(|p| *p >= position).await?;
         lags.push(committed.elapsed().as_secs_f64() * 1_000.0);

@@ -68,6 +68,12 @@ const INSERT_KEY: &str =
 /// What SQLite's `events_no_replace` trigger answers to an insert whose key is taken.
 const EVENT_EXISTS: &str = "ekm: event already exists";
 
+/// A key row whose parent epoch a re-key destroyed meanwhile (the foreign keys of
+/// migration 0010, checked at commit on PostgreSQL).
+fn is_gone_parent(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(db) if db.is_foreign_key_violation())
+}
+
 fn is_conflict(error: &sqlx::Error) -> bool {
     match error {
         sqlx::Error::Database(db) => {
@@ -128,8 +134,12 @@ macro_rules! append_body {
                 .bind(now_micros())
                 .bind(platform.as_deref().unwrap_or(""))
                 .execute(&mut *tx)
-                .await?
-                .rows_affected();
+                .await;
+            let done = match done {
+                Ok(done) => done.rows_affected(),
+                Err(error) if is_gone_parent(&error) => return Ok(Appended::KeysRaced),
+                Err(error) => return Err(error.into()),
+            };
             if done != 1 {
                 return Ok(Appended::KeysRaced);
             }
@@ -146,8 +156,12 @@ macro_rules! append_body {
                 .bind(now_micros())
                 .bind(row.node_epoch.map(i64::from))
                 .execute(&mut *tx)
-                .await?
-                .rows_affected();
+                .await;
+            let done = match done {
+                Ok(done) => done.rows_affected(),
+                Err(error) if is_gone_parent(&error) => return Ok(Appended::KeysRaced),
+                Err(error) => return Err(error.into()),
+            };
             if done != 1 {
                 return Ok(Appended::KeysRaced);
             }
@@ -193,20 +207,30 @@ impl Db {
                 let appended =
                     async { append_body!(&mut *tx, aggregate_id, after, events, metadata, keys) }
                         .await?;
-                if matches!(appended, Appended::Committed { .. }) {
-                    tx.commit().await?;
+                match appended {
+                    Appended::Committed { .. } => match tx.commit().await {
+                        Ok(()) => appended,
+                        Err(error) if is_gone_parent(&error) => Appended::KeysRaced,
+                        Err(error) if is_conflict(&error) => Appended::Conflict,
+                        Err(error) => return Err(error.into()),
+                    },
+                    other => other,
                 }
-                appended
             }
             Db::Postgres(db) => {
                 let mut tx = db.pool.begin().await?;
                 let appended =
                     async { append_body!(&mut *tx, aggregate_id, after, events, metadata, keys) }
                         .await?;
-                if matches!(appended, Appended::Committed { .. }) {
-                    tx.commit().await?;
+                match appended {
+                    Appended::Committed { .. } => match tx.commit().await {
+                        Ok(()) => appended,
+                        Err(error) if is_gone_parent(&error) => Appended::KeysRaced,
+                        Err(error) if is_conflict(&error) => Appended::Conflict,
+                        Err(error) => return Err(error.into()),
+                    },
+                    other => other,
                 }
-                appended
             }
         };
         if matches!(appended, Appended::Committed { .. }) {

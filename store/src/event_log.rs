@@ -1,11 +1,11 @@
-//! The event log: appending through cqrs-es's plain event stores, and reading every
+//! The event log: loading aggregates through cqrs-es (appending is `Db::append`), and reading every
 //! aggregate's events in one global, commit-ordered sequence of positions.
 
 use std::collections::HashMap;
 
 use chrono::{DateTime, Utc};
 use cqrs_es::persist::{EventStoreAggregateContext, PersistedEventStore, SerializedEvent};
-use cqrs_es::{AggregateError, EventEnvelope, EventStore};
+use cqrs_es::{AggregateError, EventStore};
 use ekm_domain::metadata::EventMetadata;
 use ekm_domain::upcast::upcasters;
 use ekm_domain::{Scope, ScopeError, ScopeEvent};
@@ -53,47 +53,6 @@ impl ScopeStore {
             ScopeStore::Sqlite(store) => Box::pin(store.load_aggregate(id)),
             ScopeStore::Postgres(store) => Box::pin(store.load_aggregate(id)),
         }
-    }
-
-    /// Appends `events` if nobody else appended to the aggregate since `context` was
-    /// loaded; otherwise `AggregateError::AggregateConflict`.
-    pub fn commit(
-        &self,
-        events: Vec<ScopeEvent>,
-        context: ScopeContext,
-        metadata: HashMap<String, String>,
-    ) -> BoxFuture<'_, ScopeResult<Vec<EventEnvelope<Scope>>>> {
-        match self {
-            ScopeStore::Sqlite(store) => Box::pin(async move {
-                store
-                    .commit(events, context, metadata)
-                    .await
-                    .map_err(conflict_from_guard)
-            }),
-            ScopeStore::Postgres(store) => Box::pin(store.commit(events, context, metadata)),
-        }
-    }
-}
-
-/// What SQLite's `events_no_replace` trigger (migration 0011) answers to an insert whose key
-/// is taken.
-const EVENT_EXISTS: &str = "ekm: event already exists";
-
-/// The guard against `INSERT OR REPLACE` runs before SQLite's primary key check, so a
-/// plain append that lost the race for a sequence number meets the trigger instead of the
-/// key: sqlite-es then sees an unknown error rather than its optimistic-lock code. Both mean
-/// "someone appended first".
-fn conflict_from_guard(error: AggregateError<ScopeError>) -> AggregateError<ScopeError> {
-    match error {
-        AggregateError::UnexpectedError(source)
-            if matches!(
-                source.downcast_ref::<sqlx::Error>(),
-                Some(sqlx::Error::Database(db)) if db.message() == EVENT_EXISTS
-            ) =>
-        {
-            AggregateError::AggregateConflict
-        }
-        other => other,
     }
 }
 

@@ -9,6 +9,7 @@
 mod harness;
 
 mod access_matrix;
+mod append;
 mod audit;
 mod bad_input;
 mod byok;

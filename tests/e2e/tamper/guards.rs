@@ -76,24 +76,23 @@ async fn insert_or_replace_refused_when_sqlite_event_exists() {
 /// The guard runs before SQLite's primary key check, so a plain append that loses the race
 /// for a sequence number meets it: that must still be the retryable conflict, not an error.
 async fn append_conflict_stays_retryable_when_guarded(backend: Backend) {
-    use ekm_store::ScopeStore;
     let app = TestApp::spawn(backend).await;
     let (org, admin) = app.org("enterprise").await;
     let team = app.scope(&admin, "team", "research", &org).await;
-    let store = ScopeStore::new(&app.db);
-    let first = store.load(&team).await.unwrap();
-    let second = store.load(&team).await.unwrap();
-    let paused = || vec![ekm_domain::ScopeEvent::ScopePaused {}];
-    store
-        .commit(paused(), first, Default::default())
-        .await
+    let version: i64 = app.get(&format!("/v1/scopes/{team}"), &admin).await.body["version"]
+        .as_i64()
         .unwrap();
-    let lost = store
-        .commit(paused(), second, Default::default())
-        .await
-        .unwrap_err();
+    let paused = [ekm_domain::ScopeEvent::ScopePaused {}];
+    let none = ekm_store::KeyWrites::default();
+    let meta = Default::default();
+    let first = app.db.append(&team, version, &paused, &meta, &none).await;
     assert!(
-        matches!(lost, cqrs_es::AggregateError::AggregateConflict),
+        matches!(first, Ok(ekm_store::Appended::Committed { .. })),
+        "{first:?}"
+    );
+    let lost = app.db.append(&team, version, &paused, &meta, &none).await;
+    assert!(
+        matches!(lost, Ok(ekm_store::Appended::Conflict)),
         "{lost:?}"
     );
     app.stop().await;

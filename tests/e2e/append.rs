@@ -1,0 +1,171 @@
+//! One commit per command (ADR 0020): a command's events and the key material they refer
+//! to are written together or not at all.
+
+use std::collections::HashMap;
+
+use ekm_domain::ScopeEvent;
+use ekm_store::{Appended, Db, KeyRow, KeyWrites, WrappingKeyRow};
+
+use crate::harness::{Backend, TestDb};
+use crate::on_both_backends;
+
+fn wrapping(scope: &str) -> (WrappingKeyRow, Option<String>) {
+    let row = WrappingKeyRow {
+        scope_id: scope.to_owned(),
+        epoch: 1,
+        fingerprint: "wrapping-fingerprint".into(),
+        wrapped: vec![1; 80],
+        parent: None,
+        master_fingerprint: Some("local:test".into()),
+        rekey_of: None,
+    };
+    (row, None)
+}
+
+fn version(scope: &str, version: u32, epoch: u32) -> KeyRow {
+    KeyRow {
+        scope_id: scope.to_owned(),
+        version,
+        fingerprint: format!("fingerprint-{version}"),
+        wrapped: vec![2; 80],
+        parent: None,
+        master_fingerprint: None,
+        node_epoch: Some(epoch),
+    }
+}
+
+async fn count(db: &Db, table: &str) -> i64 {
+    ekm_store::with_write_pool!(db, pool => {
+        sqlx::query_scalar(&format!("SELECT COUNT(*) FROM {table}"))
+            .fetch_one(pool)
+            .await
+            .unwrap()
+    })
+}
+
+async fn append_writes_nothing_when_its_key_cannot_be_stored(backend: Backend) {
+    let test_db = TestDb::new(backend).await;
+    let db = Db::open(&test_db.config).await.unwrap();
+    let meta = HashMap::new();
+
+    // A key version under an epoch that does not exist (a re-key destroyed it meanwhile).
+    let raced = KeyWrites {
+        wrapping: None,
+        version: Some(version("s", 1, 7)),
+    };
+    let outcome = db
+        .append("s", 0, &[ScopeEvent::ScopePaused {}], &meta, &raced)
+        .await
+        .unwrap();
+    assert_eq!(outcome, Appended::KeysRaced);
+    assert_eq!(count(&db, "events").await, 0, "the event went with its key");
+    assert_eq!(count(&db, "key_material").await, 0);
+
+    // The first epoch of a wrapping key someone else made first: nothing written either.
+    let first = KeyWrites {
+        wrapping: Some(wrapping("s")),
+        version: Some(version("s", 1, 1)),
+    };
+    assert!(matches!(
+        db.append("s", 0, &[ScopeEvent::ScopePaused {}], &meta, &first)
+            .await
+            .unwrap(),
+        Appended::Committed { .. }
+    ));
+    let again = KeyWrites {
+        wrapping: Some(wrapping("t")),
+        version: Some(version("t", 1, 1)),
+    };
+    let made_elsewhere = KeyWrites {
+        wrapping: Some(wrapping("t")),
+        version: Some(version("t", 1, 1)),
+    };
+    assert!(matches!(
+        db.append(
+            "u",
+            0,
+            &[ScopeEvent::ScopePaused {}],
+            &meta,
+            &made_elsewhere
+        )
+        .await
+        .unwrap(),
+        Appended::Committed { .. }
+    ));
+    let outcome = db
+        .append("t", 0, &[ScopeEvent::ScopePaused {}], &meta, &again)
+        .await
+        .unwrap();
+    assert_eq!(outcome, Appended::KeysRaced);
+    assert_eq!(count(&db, "events").await, 2);
+    assert_eq!(count(&db, "key_material").await, 2);
+
+    // A first epoch wrapped under a parent epoch that a re-key destroyed (the foreign key is
+    // checked at commit on PostgreSQL): nothing written.
+    let (mut orphan, platform) = wrapping("v");
+    orphan.parent = Some(("gone".into(), 1));
+    orphan.master_fingerprint = None;
+    let under_gone = KeyWrites {
+        wrapping: Some((orphan, platform)),
+        version: Some(version("v", 1, 1)),
+    };
+    let outcome = db
+        .append("v", 0, &[ScopeEvent::ScopePaused {}], &meta, &under_gone)
+        .await
+        .unwrap();
+    assert_eq!(outcome, Appended::KeysRaced);
+    assert_eq!(count(&db, "events").await, 2);
+    assert_eq!(count(&db, "wrapping_keys").await, 2);
+    db.close().await;
+}
+on_both_backends!(append_writes_nothing_when_its_key_cannot_be_stored);
+
+async fn append_that_loses_the_race_for_its_sequence_writes_no_key(backend: Backend) {
+    let test_db = TestDb::new(backend).await;
+    let db = Db::open(&test_db.config).await.unwrap();
+    let meta = HashMap::new();
+    let first = KeyWrites {
+        wrapping: Some(wrapping("s")),
+        version: Some(version("s", 1, 1)),
+    };
+    let Appended::Committed {
+        positions,
+        last_sequence,
+    } = db
+        .append(
+            "s",
+            0,
+            &[ScopeEvent::ScopePaused {}, ScopeEvent::ScopeResumed {}],
+            &meta,
+            &first,
+        )
+        .await
+        .unwrap()
+    else {
+        panic!("the first append commits")
+    };
+    assert_eq!(last_sequence, 2);
+    assert_eq!(positions.len(), 2);
+    assert!(positions[0] < positions[1]);
+
+    // Decided on the state before that commit: refused, and its key version is not kept.
+    let stale = KeyWrites {
+        wrapping: None,
+        version: Some(version("s", 2, 1)),
+    };
+    let outcome = db
+        .append("s", 1, &[ScopeEvent::ScopePaused {}], &meta, &stale)
+        .await
+        .unwrap();
+    assert_eq!(outcome, Appended::Conflict);
+    assert_eq!(count(&db, "events").await, 2);
+    assert_eq!(count(&db, "key_material").await, 1);
+    let stored = db.events_after(0, 10).await.unwrap();
+    let mine: Vec<i64> = stored.iter().map(|e| e.position).collect();
+    assert_eq!(
+        mine, positions,
+        "the positions returned are the stored ones"
+    );
+    db.close().await;
+}
+on_both_backends!(append_that_loses_the_race_for_its_sequence_writes_no_key);
