@@ -717,8 +717,21 @@ impl App {
         let aggregate_id = id.to_string();
         for attempt in 0..MAX_ATTEMPTS {
             // Decisions use the aggregate for the scope itself and the read models for its
-            // ancestors; make sure those include everything committed so far.
-            self.refresh().await?;
+            // ancestors. No catch-up first: every acknowledged command, on any instance,
+            // waited until the read models included it, so they hold every change a client
+            // could have seen; one still in flight is a race the cascade absorbs (ADR 0003).
+            // The commands that read the scope's own key versions from the read models (a
+            // switch of master key, a retire, a tier change that may be one) do catch up.
+            if matches!(
+                intent,
+                Intent::Act(
+                    Action::SetMasterKey { .. }
+                        | Action::ChangeTier(_)
+                        | Action::RetireKeyVersions(_)
+                )
+            ) {
+                self.refresh().await?;
+            }
             let (command, location) = self.command(id, &intent).await?;
             let org_id = location.org_id.clone();
             let metadata = EventMetadata {

@@ -495,20 +495,29 @@ async fn next_notification(listener: &mut Option<PgListener>) -> bool {
 /// Moves each projection's checkpoint to `$last`, inside the batch's transaction. A
 /// checkpoint only moves forward: a projection already past this batch (the never-rebuilt
 /// audit seals, during a rebuild) keeps its own position.
+/// The projections' names as a SQL list (they are our own constants, never input).
+fn checkpoint_names(projections: &[Box<dyn Projection>]) -> String {
+    projections
+        .iter()
+        .map(|p| format!("'{}'", p.name()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Moves every checkpoint behind `last` up to it, in one statement (forward only).
 macro_rules! move_checkpoints {
     ($projector:expr, $tx:expr, $checkpoints:expr, $last:expr) => {
-        for (projection, checkpoint) in $projector.projections.iter().zip(&$checkpoints) {
-            if $last <= *checkpoint {
-                continue;
-            }
-            sqlx::query(
-                "UPDATE projection_checkpoints SET position = $2, updated_at = $3 WHERE name = $1",
-            )
-            .bind(projection.name())
-            .bind($last)
-            .bind(now_micros())
-            .execute(&mut **$tx)
-            .await?;
+        if $checkpoints.iter().any(|checkpoint| $last > *checkpoint) {
+            let sql = format!(
+                "UPDATE projection_checkpoints SET position = $1, updated_at = $2 \
+                 WHERE name IN ({}) AND position < $1",
+                checkpoint_names(&$projector.projections)
+            );
+            sqlx::query(&sql)
+                .bind($last)
+                .bind(now_micros())
+                .execute(&mut **$tx)
+                .await?;
         }
     };
 }
@@ -580,19 +589,24 @@ macro_rules! batch_fn {
             tx: &mut sqlx::Transaction<'static, $db>,
             prefetched: Option<Batch>,
         ) -> Result<(usize, i64), ProjectionError> {
-            let select = if $lock {
-                "SELECT position FROM projection_checkpoints WHERE name = $1 FOR UPDATE"
-            } else {
-                "SELECT position FROM projection_checkpoints WHERE name = $1"
-            };
-            let mut checkpoints = Vec::with_capacity(projector.projections.len());
-            for projection in projector.projections.iter() {
-                let position: Option<i64> = sqlx::query_scalar(select)
-                    .bind(projection.name())
-                    .fetch_optional(&mut **tx)
-                    .await?;
-                checkpoints.push(position.unwrap_or(0));
-            }
+            // Every projection's checkpoint in one statement (locked for the batch on
+            // PostgreSQL, so that instances take turns).
+            let names = checkpoint_names(&projector.projections);
+            let select = format!(
+                "SELECT name, position FROM projection_checkpoints WHERE name IN ({names}){}",
+                if $lock { " FOR UPDATE" } else { "" }
+            );
+            let stored: Vec<(String, i64)> = sqlx::query_as(&select).fetch_all(&mut **tx).await?;
+            let checkpoints: Vec<i64> = projector
+                .projections
+                .iter()
+                .map(|p| {
+                    stored
+                        .iter()
+                        .find(|(name, _)| name == p.name())
+                        .map_or(0, |(_, position)| *position)
+                })
+                .collect();
             // A projection that is never rebuilt (the seals, the key shredder) never moves
             // back: below what this process has applied, someone reset it, and applying
             // again would seal altered history with the real key (ADR 0018).
