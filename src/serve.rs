@@ -153,6 +153,9 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         db.clone(),
         ProjectorConfig {
             poll_interval: args.projection_poll_interval,
+            // The events are the durable commit of a command; the read models follow
+            // without a WAL flush of their own (ADR 0020).
+            async_commit: true,
             ..ProjectorConfig::default()
         },
         seal.clone(),

@@ -783,12 +783,17 @@ impl App {
                     position: None,
                 });
             }
+            // What the runner had applied before this synchronous commit began: flushed by
+            // it (ADR 0020, `Projector::confirm_durable`).
+            let applied_before = inner.projector.applied();
             match inner
                 .db
                 .append(&aggregate_id, current, &events, &metadata.to_map(), &keys)
                 .await?
             {
                 Appended::Committed { positions, .. } => {
+                    inner.projector.confirm_durable(applied_before);
+                    inner.projector.committed();
                     let outcome = self.read_back(id, positions.last().copied()).await?;
                     if destroys {
                         if let Err(error) = inner.db.destroy_at_rest().await {

@@ -37,17 +37,25 @@ $$;
 -- elsewhere in the cluster does not hold readers back; any transaction that cannot be
 -- placed (it ended meanwhile, or its session's details are hidden) counts as ours.
 CREATE FUNCTION ekm_events_fence() RETURNS bigint
-    LANGUAGE sql STABLE AS
+    LANGUAGE plpgsql STABLE AS
 $$
-SELECT COALESCE(
-    (SELECT min(x::text::bigint)
-       FROM pg_snapshot_xip(pg_current_snapshot()) AS x
-      WHERE NOT EXISTS (SELECT 1
-                          FROM pg_stat_activity a
-                         WHERE a.backend_xid = xid(x)
-                           AND a.datid <> (SELECT oid FROM pg_database WHERE datname = current_database()))),
-    pg_snapshot_xmax(pg_current_snapshot())::text::bigint
-) << 13
+DECLARE
+    snapshot pg_snapshot := pg_current_snapshot();
+    oldest   xid8;
+BEGIN
+    -- Nothing running: everything below the snapshot's horizon is final. (The common case
+    -- costs no look at the backends.)
+    IF NOT EXISTS (SELECT 1 FROM pg_snapshot_xip(snapshot)) THEN
+        RETURN pg_snapshot_xmax(snapshot)::text::bigint << 13;
+    END IF;
+    SELECT min(x) INTO oldest
+      FROM pg_snapshot_xip(snapshot) AS x
+     WHERE NOT EXISTS (SELECT 1
+                         FROM pg_stat_get_activity(NULL) AS a
+                        WHERE a.backend_xid = xid(x)
+                          AND a.datid <> (SELECT oid FROM pg_database WHERE datname = current_database()));
+    RETURN COALESCE(oldest, pg_snapshot_xmax(snapshot))::text::bigint << 13;
+END;
 $$;
 
 -- Positions so far came from the sequence; every new one must lie above them.

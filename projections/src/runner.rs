@@ -76,6 +76,10 @@ pub struct ProjectorConfig {
     /// (seen in `interrupted_catch_up_resumes_without_loss_or_duplicates`: rows committed
     /// without their checkpoint), so the live runner keeps to plain statements.
     pub bulk_copy: bool,
+    /// PostgreSQL: commit the runner's transactions without waiting for the WAL flush
+    /// (`synchronous_commit = off`). The events are durable already; a batch lost in a
+    /// database crash, rows and checkpoint together, is applied again (ADR 0020).
+    pub async_commit: bool,
 }
 
 impl Default for ProjectorConfig {
@@ -84,6 +88,7 @@ impl Default for ProjectorConfig {
             batch_size: 500,
             poll_interval: Duration::from_millis(500),
             bulk_copy: false,
+            async_commit: false,
         }
     }
 }
@@ -108,8 +113,16 @@ pub struct Projector {
     /// The highest position known to be applied to every read model.
     applied: watch::Sender<i64>,
     wake: Notify,
+    /// Signalled when this process commits events: `catch_up_to` waiting behind the fence
+    /// for a local command's transaction tries again at once.
+    commits: Notify,
+    /// PostgreSQL with `async_commit`: the highest applied position known to be flushed
+    /// (confirmed by a synchronous commit made after it, `confirm_durable`).
+    durable: std::sync::atomic::AtomicI64,
     listening: std::sync::atomic::AtomicBool,
     listeners: std::sync::Mutex<Vec<EventListener>>,
+    /// The last batch this process applied: every event after `from` up to its last.
+    recent: std::sync::Mutex<Applied>,
     /// Up to where listeners have been told (None until the first catch-up).
     observed: Mutex<Option<i64>>,
 }
@@ -123,9 +136,12 @@ impl Projector {
             running: Mutex::new(()),
             applied: watch::Sender::new(0),
             wake: Notify::new(),
+            commits: Notify::new(),
+            durable: std::sync::atomic::AtomicI64::new(0),
             listening: std::sync::atomic::AtomicBool::new(false),
             listeners: std::sync::Mutex::new(vec![]),
             observed: Mutex::new(None),
+            recent: std::sync::Mutex::new(Applied::default()),
         }
     }
 
@@ -164,6 +180,29 @@ impl Projector {
     /// Asks the background loop to catch up now (after a local commit).
     pub fn wake(&self) {
         self.wake.notify_one();
+    }
+
+    /// This process committed events: whoever waits behind the fence looks again.
+    pub fn committed(&self) {
+        self.commits.notify_waiters();
+    }
+
+    /// A synchronous commit that began after the runner had applied `position` succeeded:
+    /// everything up to `position` is flushed (PostgreSQL's WAL is one sequence).
+    pub fn confirm_durable(&self, position: i64) {
+        self.durable
+            .fetch_max(position, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    /// Below what a never-rebuilt projection's checkpoint may not go: what this process
+    /// applied, or with `async_commit` what it knows to be flushed (a database crash may
+    /// take back the rest, which is then applied again, not a reset).
+    fn floor(&self) -> i64 {
+        if self.config.async_commit && self.db.is_postgres() {
+            self.durable.load(std::sync::atomic::Ordering::Acquire)
+        } else {
+            self.applied()
+        }
     }
 
     /// Adds a listener for events applied from now on.
@@ -222,7 +261,10 @@ impl Projector {
             Err(_) => vec![],
         };
         while from < applied {
-            let events = self.db.events_after(from, self.config.batch_size).await?;
+            let events = match self.recent_after(from) {
+                Some(events) => events,
+                None => self.db.events_after(from, self.config.batch_size).await?,
+            };
             let events: Vec<StoredEvent> = events
                 .into_iter()
                 .filter(|e| e.position <= applied)
@@ -337,6 +379,10 @@ impl Projector {
         let mut pause = Duration::from_micros(200);
         let mut applied = self.subscribe();
         while self.applied() < position {
+            // Registered before looking, so a commit in between is not missed.
+            let commit = self.commits.notified();
+            tokio::pin!(commit);
+            commit.as_mut().enable();
             {
                 let _running = self.running.lock().await;
                 // Whoever held the lock meanwhile may have applied it already (concurrent
@@ -356,7 +402,11 @@ impl Projector {
             }
             // Held below the fence by a transaction still open: try again when another
             // catch-up moves (it may have passed us), or after a pause that grows to 20 ms.
-            let _ = tokio::time::timeout(pause, applied.changed()).await;
+            tokio::select! {
+                _ = applied.changed() => {}
+                _ = &mut commit => {}
+                _ = tokio::time::sleep(pause) => {}
+            }
             pause = (pause * 2).min(Duration::from_millis(20));
         }
         self.tell_listeners().await
@@ -373,19 +423,35 @@ impl Projector {
             Db::Sqlite(db) => {
                 let mut tx = db.write.begin().await?;
                 // SQLite: this process holds the only writer connection; no row lock needed.
-                let (count, reached) = sqlite_batch(self, &mut tx, events).await?;
+                let (batch, reached) = sqlite_batch(self, &mut tx, events).await?;
                 tx.commit().await?;
-                self.applied.send_if_modified(|a| raise(a, reached));
-                Ok(count)
+                Ok(self.record(batch, reached))
             }
             Db::Postgres(db) => {
                 let mut tx = db.pool.begin().await?;
-                let (count, reached) = postgres_batch(self, &mut tx, events).await?;
+                if self.config.async_commit {
+                    sqlx::query("SET LOCAL synchronous_commit = off")
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                let (batch, reached) = postgres_batch(self, &mut tx, events).await?;
                 tx.commit().await?;
-                self.applied.send_if_modified(|a| raise(a, reached));
-                Ok(count)
+                Ok(self.record(batch, reached))
             }
         }
+    }
+
+    /// After a batch committed: the applied position, and the batch kept for the listeners
+    /// (`tell_listeners` then need not read the same events again). Returns its size.
+    fn record(&self, batch: Applied, reached: i64) -> usize {
+        let count = batch.events.len();
+        if count > 0 {
+            if let Ok(mut recent) = self.recent.lock() {
+                *recent = batch;
+            }
+        }
+        self.applied.send_if_modified(|a| raise(a, reached));
+        count
     }
 
     /// Catches up whenever woken: by a local commit, by a PostgreSQL notification of a commit
@@ -420,7 +486,7 @@ impl Projector {
                         listener = self.listen().await;
                     }
                 }
-                notified = next_notification(&mut listener) => {
+                notified = next_notification(&mut listener, self.db.instance_id()) => {
                     if !notified {
                         listener = None;
                     }
@@ -485,16 +551,22 @@ fn raise(applied: &mut i64, reached: i64) -> bool {
 
 /// Waits for the next notification; `false` when the listener broke (or there is none,
 /// in which case it never returns).
-async fn next_notification(listener: &mut Option<PgListener>) -> bool {
-    match listener {
-        Some(listener) => listener.recv().await.is_ok(),
-        None => std::future::pending().await,
+/// Waits for another instance's notification: this process's own commits are applied by
+/// the commands that made them (`catch_up_to`), so its own notifications (their payload is
+/// its instance id, `ekm_store::notify`) would only cost an empty catch-up.
+async fn next_notification(listener: &mut Option<PgListener>, own: &str) -> bool {
+    let Some(listener) = listener else {
+        return std::future::pending().await;
+    };
+    loop {
+        match listener.recv().await {
+            Ok(notification) if notification.payload() == own => continue,
+            Ok(_) => return true,
+            Err(_) => return false,
+        }
     }
 }
 
-/// Moves each projection's checkpoint to `$last`, inside the batch's transaction. A
-/// checkpoint only moves forward: a projection already past this batch (the never-rebuilt
-/// audit seals, during a rebuild) keeps its own position.
 /// The projections' names as a SQL list (they are our own constants, never input).
 fn checkpoint_names(projections: &[Box<dyn Projection>]) -> String {
     projections
@@ -504,7 +576,9 @@ fn checkpoint_names(projections: &[Box<dyn Projection>]) -> String {
         .join(", ")
 }
 
-/// Moves every checkpoint behind `last` up to it, in one statement (forward only).
+/// Moves each projection's checkpoint to `$last`, inside the batch's transaction, in one
+/// statement. A checkpoint only moves forward: a projection already past this batch (the
+/// never-rebuilt audit seals, during a rebuild) keeps its own position.
 macro_rules! move_checkpoints {
     ($projector:expr, $tx:expr, $checkpoints:expr, $last:expr) => {
         if $checkpoints.iter().any(|checkpoint| $last > *checkpoint) {
@@ -520,6 +594,29 @@ macro_rules! move_checkpoints {
                 .await?;
         }
     };
+}
+
+/// The events one batch applied: all of those after `from`, up to its last.
+#[derive(Default)]
+struct Applied {
+    from: i64,
+    events: Vec<StoredEvent>,
+}
+
+impl Projector {
+    /// The events after `from` from the last batch, if it holds all of them up to its end.
+    fn recent_after(&self, from: i64) -> Option<Vec<StoredEvent>> {
+        let recent = self.recent.lock().ok()?;
+        let last = recent.events.last()?.position;
+        (recent.from <= from && from < last).then(|| {
+            recent
+                .events
+                .iter()
+                .filter(|e| e.position > from)
+                .cloned()
+                .collect()
+        })
+    }
 }
 
 /// A batch read ahead of its transaction: the events after the checkpoints the reader
@@ -588,7 +685,7 @@ macro_rules! batch_fn {
             projector: &Projector,
             tx: &mut sqlx::Transaction<'static, $db>,
             prefetched: Option<Batch>,
-        ) -> Result<(usize, i64), ProjectionError> {
+        ) -> Result<(Applied, i64), ProjectionError> {
             // Every projection's checkpoint in one statement (locked for the batch on
             // PostgreSQL, so that instances take turns).
             let names = checkpoint_names(&projector.projections);
@@ -610,7 +707,7 @@ macro_rules! batch_fn {
             // A projection that is never rebuilt (the seals, the key shredder) never moves
             // back: below what this process has applied, someone reset it, and applying
             // again would seal altered history with the real key (ADR 0018).
-            let floor = projector.applied();
+            let floor = projector.floor();
             for (projection, checkpoint) in projector.projections.iter().zip(&checkpoints) {
                 if !projection.rebuildable() && *checkpoint < floor {
                     return Err(ProjectionError::ResealRefused {
@@ -639,14 +736,14 @@ macro_rules! batch_fn {
                 }
             };
             let Some(last) = events.last().map(|e| e.position) else {
-                return Ok((0, from));
+                return Ok((Applied { from, events }, from));
             };
             // Prepared ahead from the same checkpoints: nothing to load, decide or save here.
             if let Some(prepared) = prepared {
                 let conn = &mut **tx;
                 $execute!(conn, prepared);
                 move_checkpoints!(projector, tx, checkpoints, last);
-                return Ok((events.len(), last));
+                return Ok((Applied { from, events }, last));
             }
             let mut states: Vec<ProjectionState> = Vec::with_capacity(checkpoints.len());
             for (projection, checkpoint) in projector.projections.iter().zip(&checkpoints) {
@@ -687,7 +784,7 @@ macro_rules! batch_fn {
                 }
             }
             move_checkpoints!(projector, tx, checkpoints, last);
-            Ok((events.len(), last))
+            Ok((Applied { from, events }, last))
         }
     };
 }

@@ -62,6 +62,17 @@ impl PostgresDb {
     }
 }
 
+impl Db {
+    /// This process's connection to the database, as named in its notifications: a random
+    /// id per `Db::connect` (empty on SQLite).
+    pub fn instance_id(&self) -> &str {
+        match self {
+            Db::Sqlite(_) => "",
+            Db::Postgres(db) => db.notifier.instance(),
+        }
+    }
+}
+
 /// A connected, migrated database.
 #[derive(Clone, Debug)]
 pub enum Db {

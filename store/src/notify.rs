@@ -14,13 +14,28 @@ use sqlx::PgPool;
 
 use crate::event_log::EVENTS_CHANNEL;
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Notifier {
     /// A notification is owed (set by a commit, cleared by the sender before it sends).
     pending: AtomicBool,
+    /// Sent as the payload, so that this instance's runner can pass over its own.
+    instance: String,
+}
+
+impl Default for Notifier {
+    fn default() -> Self {
+        Self {
+            pending: AtomicBool::new(false),
+            instance: uuid::Uuid::now_v7().simple().to_string(),
+        }
+    }
 }
 
 impl Notifier {
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
     /// Owes other instances a notification; sends it from a task unless one is on its way.
     pub fn committed(self: &Arc<Self>, pool: &PgPool) {
         if self.pending.swap(true, Ordering::AcqRel) {
@@ -31,8 +46,9 @@ impl Notifier {
         tokio::spawn(async move {
             // Each round covers every commit made before its flag was cleared.
             while this.pending.swap(false, Ordering::AcqRel) {
-                if let Err(error) = sqlx::query("SELECT pg_notify($1, '')")
+                if let Err(error) = sqlx::query("SELECT pg_notify($1, $2)")
                     .bind(EVENTS_CHANNEL)
+                    .bind(&this.instance)
                     .execute(&pool)
                     .await
                 {

@@ -367,7 +367,10 @@ impl TestApp {
             .expect("the data directory's audit key");
         let projector = Arc::new(Projector::standard(
             db.clone(),
-            ProjectorConfig::default(),
+            ProjectorConfig {
+                async_commit: true,
+                ..ProjectorConfig::default()
+            },
             seal.clone(),
         ));
         projector.init().await.expect("projector init");
