@@ -71,10 +71,20 @@ pub struct GrantRecord {
 
 #[derive(Default)]
 struct State {
-    ready: bool,
-    /// Events told before the load finished, applied after the rows.
+    phase: Phase,
+    /// Events told while loading, applied after the rows.
     pending: Vec<StoredEvent>,
     tree: Tree,
+}
+
+/// Where the tree stands: not in use (events told are dropped: without a load, as with
+/// `--scope-reads sql`, nothing accumulates), loading (events told are kept), ready.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum Phase {
+    #[default]
+    Idle,
+    Loading,
+    Ready,
 }
 
 #[derive(Default)]
@@ -260,7 +270,8 @@ impl Default for MemoryTree {
 }
 
 impl MemoryTree {
-    /// An empty tree that keeps what it is told until `load` fills it.
+    /// An empty tree, not in use until `load` fills it (what it is told meanwhile is
+    /// dropped; the load reads it from the rows).
     pub fn new() -> Self {
         Self {
             state: RwLock::new(State::default()),
@@ -269,7 +280,10 @@ impl MemoryTree {
 
     /// Whether `load` has finished: until then readers use SQL.
     pub fn is_ready(&self) -> bool {
-        self.state.read().map(|s| s.ready).unwrap_or(false)
+        self.state
+            .read()
+            .map(|s| s.phase == Phase::Ready)
+            .unwrap_or(false)
     }
 
     /// The highest position applied.
@@ -301,9 +315,13 @@ impl MemoryTree {
         let Ok(mut state) = self.state.write() else {
             return;
         };
-        if !state.ready {
-            state.pending.extend(events.iter().cloned());
-            return;
+        match state.phase {
+            Phase::Idle => return,
+            Phase::Loading => {
+                state.pending.extend(events.iter().cloned());
+                return;
+            }
+            Phase::Ready => {}
         }
         for event in events {
             // In position order, all of them: a gap cannot be filled later, apply anyway.
@@ -320,9 +338,13 @@ impl MemoryTree {
         let Ok(mut state) = self.state.write() else {
             return Ok(vec![]);
         };
-        if !state.ready {
-            state.pending.extend(events.iter().cloned());
-            return Ok(vec![Applied::Skipped; events.len()]);
+        match state.phase {
+            Phase::Idle => return Ok(vec![Applied::Skipped; events.len()]),
+            Phase::Loading => {
+                state.pending.extend(events.iter().cloned());
+                return Ok(vec![Applied::Skipped; events.len()]);
+            }
+            Phase::Ready => {}
         }
         events.iter().map(|e| state.tree.apply(e, true)).collect()
     }
@@ -336,6 +358,13 @@ impl MemoryTree {
         db: &Db,
         projector: &Projector,
     ) -> Result<MemoryLoad, ProjectionError> {
+        // From here on, events told are kept. Those told before are at or below the
+        // projector's applied position, which the checkpoint read below has reached.
+        if let Ok(mut state) = self.state.write() {
+            if state.phase == Phase::Idle {
+                state.phase = Phase::Loading;
+            }
+        }
         projector.catch_up().await?;
         let (mut tree, checkpoint) = read_rows(db).await?;
         let mut events_after = 0;
@@ -365,7 +394,7 @@ impl MemoryTree {
             }
         }
         state.tree = tree;
-        state.ready = true;
+        state.phase = Phase::Ready;
         let tree = &state.tree;
         Ok(MemoryLoad {
             checkpoint,
@@ -1238,7 +1267,7 @@ mod tests {
 
     fn ready() -> MemoryTree {
         let tree = MemoryTree::new();
-        tree.state.write().unwrap().ready = true;
+        tree.state.write().unwrap().phase = Phase::Ready;
         tree
     }
 
@@ -1577,10 +1606,15 @@ mod tests {
     }
 
     #[test]
-    fn events_told_before_the_load_are_kept_for_it() {
+    fn events_told_while_loading_are_kept_and_none_before() {
         let tree = MemoryTree::new();
         let mut given = given();
         let paused = given.log.event(given.team, &ScopeEvent::ScopePaused {});
+        // Not in use (SQL reads): nothing accumulates.
+        tree.told(std::slice::from_ref(&paused));
+        assert_eq!(tree.state.read().unwrap().pending.len(), 0);
+        // Loading: kept for after the rows.
+        tree.state.write().unwrap().phase = Phase::Loading;
         tree.told(std::slice::from_ref(&paused));
         assert!(!tree.is_ready());
         assert!(tree.snapshot(given.team).unwrap().is_none());
