@@ -308,3 +308,62 @@ fn memory_tree_equals_the_read_models_on_sqlite() {
 fn memory_tree_equals_the_read_models_on_two_postgres_instances() {
     run(Backend::Postgres, 6);
 }
+
+/// Two instances on one PostgreSQL database: a pause acknowledged by A shows in B's
+/// `GET /v1/scopes/{id}` (answered from B's tree) within the documented bound (NOTIFY; the
+/// poll interval is 500 ms), and a scope A creates is found on B within it too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_instance_reads_a_pause_from_memory_within_a_second() {
+    let a = TestApp::spawn(Backend::Postgres).await;
+    let b = a.peer().await;
+    let (org, admin) = a.org("enterprise").await;
+    let team = a.scope(&admin, "team", "research", &org).await;
+    let thread = a.scope(&admin, "thread", "chat", &team).await;
+    let path = format!("/v1/scopes/{thread}");
+    // Created on A: B finds it within the bound.
+    let started = std::time::Instant::now();
+    while b.get(&path, &admin).await.status != 200 {
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(1),
+            "B did not see A's scope within a second"
+        );
+        tokio::task::yield_now().await;
+    }
+    assert_eq!(b.get(&path, &admin).await.body["effective_state"], "active");
+    // Paused on A: B's read shows the cascade within the bound.
+    assert_eq!(a.pause(&admin, &team).await.status, 200);
+    let acknowledged = std::time::Instant::now();
+    loop {
+        let read = b.get(&path, &admin).await;
+        assert_eq!(read.status, 200, "{}", read.body);
+        if read.body["effective_state"] == "paused" {
+            assert_eq!(read.body["cause"]["scope_id"], team.as_str());
+            break;
+        }
+        assert!(
+            acknowledged.elapsed() < std::time::Duration::from_secs(1),
+            "B still read the thread active a second after A acknowledged the pause"
+        );
+        tokio::task::yield_now().await;
+    }
+    eprintln!(
+        "cross-instance read: paused on B {:?} after A's acknowledgement",
+        acknowledged.elapsed()
+    );
+    // B answered from its tree, not from SQL.
+    assert!(b.app.memory().is_ready());
+    let thread_id = ScopeId::parse(&thread).unwrap();
+    assert_eq!(
+        b.app
+            .memory()
+            .snapshot(thread_id)
+            .unwrap()
+            .unwrap()
+            .effective,
+        ekm_domain::Effective::Paused {
+            by: ScopeId::parse(&team).unwrap()
+        }
+    );
+    b.stop().await;
+    a.stop().await;
+}
