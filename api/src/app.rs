@@ -229,7 +229,23 @@ impl App {
             .inner
             .token_generation
             .load(std::sync::atomic::Ordering::SeqCst);
-        let found = self.inner.tokens.authenticate(secret).await?;
+        // The grants come from the memory tree once it is loaded (the same source as the
+        // scopes they apply to), else from `grants_view`.
+        let memory = &self.inner.memory;
+        let found = if memory.is_ready() {
+            self.inner
+                .tokens
+                .authenticate_token(secret)
+                .await?
+                .map(|mut principal| {
+                    if let Some(org) = principal.org_id {
+                        principal.grants = memory.grants_of(org, &principal.principal);
+                    }
+                    principal
+                })
+        } else {
+            self.inner.tokens.authenticate(secret).await?
+        };
         if let (Some(principal), Ok(mut cache)) = (&found, self.inner.token_cache.lock()) {
             // Checked under the lock `forget_principals` takes: a revoke or grant change
             // that happened during the lookup keeps its result out of the cache.
