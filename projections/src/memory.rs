@@ -291,15 +291,6 @@ impl MemoryTree {
         self.state.read().map(|s| s.tree.position).unwrap_or(0)
     }
 
-    /// How many scopes it holds.
-    pub fn len(&self) -> usize {
-        self.state.read().map(|s| s.tree.nodes.len()).unwrap_or(0)
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// The listener to register with the projector. Register it before any listener that
     /// relies on it being current (the key cache's eviction): listeners run in order.
     pub fn listener(self: &Arc<Self>) -> EventListener {
@@ -414,18 +405,6 @@ impl MemoryTree {
             return Ok(None);
         };
         state.tree.snapshot(id)
-    }
-
-    /// The path (root first) and organization of a scope, if known.
-    pub fn path(&self, id: ScopeId) -> Option<(OrgId, Vec<ScopeId>)> {
-        let state = self.state.read().ok()?;
-        let slot = *state.tree.index.get(&id)?;
-        let path = state.tree.path_slots(slot)?;
-        let ids: Vec<ScopeId> = path
-            .iter()
-            .map(|s| state.tree.nodes[*s as usize].id)
-            .collect();
-        Some((OrgId::of_root(*ids.first()?), ids))
     }
 
     /// What `principal` was granted in `org`, in the order granted (as `Tokens::grants_of`).
