@@ -408,6 +408,11 @@ pub struct ServeArgs {
     /// Time limit of each call to a customer's KMS (retried with backoff when transient).
     #[arg(long, env = "EKM_KMS_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub kms_timeout: Duration,
+    /// Where scope reads and the data plane's enforcement answer from: `memory` (the scope
+    /// tree every instance holds, loaded at start and fed by the projection runner) or `sql`
+    /// (the read models, as before; kept for comparison).
+    #[arg(long, env = "EKM_SCOPE_READS", default_value = "memory", value_parser = ["memory", "sql"])]
+    pub scope_reads: String,
     /// How often the projection runner looks for events committed by other instances when
     /// no notification arrives.
     #[arg(long, env = "EKM_PROJECTION_POLL_INTERVAL", default_value = "500ms", value_parser = parse_duration)]

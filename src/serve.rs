@@ -200,6 +200,23 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     let keys = KeyService::with_kms(db.clone(), master, args.key_cache_ttl, kms);
     let app = App::new(db.clone(), projector, keys, seal);
+    if args.scope_reads == "memory" {
+        let started = std::time::Instant::now();
+        let load = app
+            .load_memory()
+            .await
+            .map_err(|e| anyhow::anyhow!(ekm_projections::error_chain(&e)))?;
+        tracing::info!(
+            scopes = load.scopes,
+            key_versions = load.key_versions,
+            grants = load.grants,
+            checkpoint = load.checkpoint,
+            events_after = load.events_after,
+            heap_bytes = app.memory().heap_bytes(),
+            seconds = started.elapsed().as_secs_f64(),
+            "scope tree loaded into memory"
+        );
+    }
     let monitor = tokio::spawn(
         HealthMonitor::new(app.clone(), args.key_health_interval).run(shutdown_rx.clone()),
     );

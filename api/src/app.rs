@@ -12,8 +12,8 @@ use ekm_domain::{
     ScopeKind, ScopeName, Tier, UnavailableReason,
 };
 use ekm_projections::{
-    AsOf, AuditEntry, AuditFilter, BlastRadius, ChainReport, Page, PastScope, ProjectionError,
-    Projector, ReadModels, ScopeSnapshot,
+    AsOf, AuditEntry, AuditFilter, BlastRadius, ChainReport, MemoryLoad, MemoryTree, Page,
+    PastScope, ProjectionError, Projector, ReadModels, ScopeSnapshot,
 };
 use ekm_store::{
     Appended, Db, KeyWrites, NewToken, Principal, Role, ScopeStore, StoreError, Tokens,
@@ -147,6 +147,8 @@ struct Inner {
     store: ScopeStore,
     projector: Arc<Projector>,
     read: ReadModels,
+    /// The scope tree in memory, fed by the projector; answers `scope` once loaded.
+    memory: Arc<MemoryTree>,
     tokens: Tokens,
     keys: Arc<KeyService>,
     /// The audit key, to verify the seals (the projector seals with the same key).
@@ -155,13 +157,17 @@ struct Inner {
 
 impl App {
     /// The key service's cache listens to the projector, so a pause, revoke or rotation
-    /// evicts cached keys before the command is answered.
+    /// evicts cached keys before the command is answered. The in-memory scope tree listens
+    /// first: once a key is evicted, a reader that loads it again sees the event.
+    /// Scopes are read from SQL until `load_memory` has run.
     pub fn new(
         db: Db,
         projector: Arc<Projector>,
         keys: Arc<KeyService>,
         seal: ekm_keys::SealKey,
     ) -> Self {
+        let memory = Arc::new(MemoryTree::new());
+        projector.add_listener(memory.listener());
         projector.add_listener(keys.listener());
         Self {
             inner: Arc::new(Inner {
@@ -169,6 +175,7 @@ impl App {
                 token_cache: std::sync::Mutex::new(std::collections::HashMap::new()),
                 store: ScopeStore::new(&db),
                 read: ReadModels::new(db.clone()),
+                memory,
                 tokens: Tokens::new(db.clone()),
                 db,
                 projector,
@@ -224,7 +231,23 @@ impl App {
             .inner
             .token_generation
             .load(std::sync::atomic::Ordering::SeqCst);
-        let found = self.inner.tokens.authenticate(secret).await?;
+        // The grants come from the memory tree once it is loaded (the same source as the
+        // scopes they apply to), else from `grants_view`.
+        let memory = &self.inner.memory;
+        let found = if memory.is_ready() {
+            self.inner
+                .tokens
+                .authenticate_token(secret)
+                .await?
+                .map(|mut principal| {
+                    if let Some(org) = principal.org_id {
+                        principal.grants = memory.grants_of(org, &principal.principal);
+                    }
+                    principal
+                })
+        } else {
+            self.inner.tokens.authenticate(secret).await?
+        };
         if let (Some(principal), Ok(mut cache)) = (&found, self.inner.token_cache.lock()) {
             // Checked under the lock `forget_principals` takes: a revoke or grant change
             // that happened during the lookup keeps its result out of the cache.
@@ -264,8 +287,31 @@ impl App {
         Ok(())
     }
 
+    /// Loads the in-memory scope tree (start-up); from then on `scope` answers from it.
+    pub async fn load_memory(&self) -> Result<MemoryLoad, AppError> {
+        let inner = &self.inner;
+        Ok(inner.memory.load(&inner.db, &inner.projector).await?)
+    }
+
+    pub fn memory(&self) -> &Arc<MemoryTree> {
+        &self.inner.memory
+    }
+
+    /// A scope with its effective state: from memory once it is loaded (a revoke on the
+    /// path adds one query, for the master key's activation), else from SQL.
     pub async fn scope(&self, id: ScopeId) -> Result<Option<ScopeSnapshot>, AppError> {
-        Ok(self.inner.read.scope(id).await?)
+        let inner = &self.inner;
+        if !inner.memory.is_ready() {
+            return Ok(inner.read.scope(id).await?);
+        }
+        let Some(mut snapshot) = inner.memory.snapshot(id)? else {
+            return Ok(None);
+        };
+        if let Some(destruction) = snapshot.destruction.as_mut() {
+            destruction.master_activated_position =
+                inner.read.master_key_activated_position().await?;
+        }
+        Ok(Some(snapshot))
     }
 
     pub async fn children(

@@ -1,6 +1,7 @@
 //! The data plane: encrypt, decrypt, generate data keys and rewrap, per scope.
 //!
-//! Every request is refused unless the scope is effectively active: a request is served
+//! Every request is refused unless the scope is effectively active (read from the in-memory
+//! scope tree, which the projector feeds before the key cache evicts): a request is served
 //! from cached keys only if the cache entry survived every pause, revoke and rotation this
 //! process has seen on the scope's path; otherwise the scope is read afresh.
 
@@ -89,7 +90,12 @@ async fn active_scope(
     // The eviction epoch and the position seen before reading: an eviction after this point
     // keeps the entry out of the cache, and the entry is valid at least as of the position.
     let epoch = keys.epoch();
-    let position = state.app.projector().applied();
+    let memory = state.app.memory();
+    let position = if memory.is_ready() {
+        memory.position()
+    } else {
+        state.app.projector().applied()
+    };
     let snapshot = state.app.scope(id).await?.ok_or_else(not_found)?;
     if Some(snapshot.scope.org_id) != caller.org() {
         return Err(not_found());

@@ -681,7 +681,7 @@ async fn serve_sqlite(
 /// Appends the organization (if `with_org`) and `teams` teams of `threads` threads each,
 /// with the metadata keys EKM writes, in batches through `UNNEST` (the position trigger
 /// numbers every row). Every tenth thread's id goes to `leaves`.
-async fn seed_tree(
+pub(crate) async fn seed_tree(
     db: &Db,
     org: OrgId,
     with_org: bool,
@@ -741,7 +741,7 @@ async fn seed_tree(
     batch.flush(&pg.pool).await
 }
 
-async fn analyze(db: &Db) -> anyhow::Result<()> {
+pub(crate) async fn analyze(db: &Db) -> anyhow::Result<()> {
     let Db::Postgres(pg) = db else {
         bail!("PostgreSQL only")
     };

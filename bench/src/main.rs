@@ -26,6 +26,7 @@ mod all;
 mod commands;
 mod data_plane;
 mod kms;
+mod reads;
 mod rekey;
 mod report;
 mod seed;
@@ -67,6 +68,19 @@ enum Bench {
         #[arg(long, default_value_t = 300)]
         unwraps: usize,
     },
+    /// `GET /v1/scopes/{leaf}` on a big tree, answered from the in-memory scope tree and
+    /// from SQL (`--scope-reads sql`), with start-up time and server RSS of each (PostgreSQL).
+    Reads {
+        /// Teams of 999 threads each under one organization (1,000: 1M scopes).
+        #[arg(long, default_value_t = 1_000)]
+        teams: usize,
+        /// Seconds per wrk run.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// wrk runs per mode.
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+    },
     /// The re-key after a revoke: a parent's children re-wrapped per second, SQLite and
     /// PostgreSQL, against raw AES-SIV unwrap+wrap in the same run.
     Rekey {
@@ -99,6 +113,11 @@ fn main() -> anyhow::Result<()> {
             Bench::Projections { events } => projections(events).await,
             Bench::DataPlane { seconds } => data_plane::run(seconds).await,
             Bench::Kms { unwraps } => kms::run(unwraps).await,
+            Bench::Reads {
+                teams,
+                seconds,
+                repeats,
+            } => reads::run(teams, seconds, repeats).await,
             Bench::Rekey { children } => rekey::run(children).await.map(|_| ()),
             Bench::Commands { seconds, repeats } => commands::run(seconds, repeats).await,
         }

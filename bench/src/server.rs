@@ -21,6 +21,15 @@ impl Server {
         data_dir: &Path,
         database_url: Option<&str>,
     ) -> anyhow::Result<(Server, Duration)> {
+        Self::start_with(data_dir, database_url, &[]).await
+    }
+
+    /// `start`, with environment variables of its own (after the defaults, so they win).
+    pub async fn start_with(
+        data_dir: &Path,
+        database_url: Option<&str>,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<(Server, Duration)> {
         let exe = std::env::current_exe()?.with_file_name("ekm");
         if !exe.exists() {
             bail!("build the server first: cargo build --release -p ekm");
@@ -38,6 +47,7 @@ impl Server {
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(log);
+        command.envs(env.iter().copied());
         if let Some(url) = database_url {
             command.arg("--database-url").arg(url);
         }
@@ -78,6 +88,20 @@ impl Server {
             .with_context(|| format!("read {}", path.display()))?
             .trim()
             .to_owned())
+    }
+
+    /// Where the server writes its standard error.
+    pub fn log_path(&self) -> PathBuf {
+        temp_path(&format!("ekm-serve-{}.log", self.port()))
+    }
+
+    fn port(&self) -> &str {
+        self.base.rsplit(':').next().unwrap_or_default()
+    }
+
+    /// The server's resident memory now (VmRSS), in MiB.
+    pub fn rss_mib(&self) -> f64 {
+        status_kib(self.child.id(), "VmRSS:") / 1024.0
     }
 
     /// The server's peak resident memory so far (VmHWM), in MiB.

@@ -78,6 +78,11 @@ impl OrgId {
     pub fn scope_id(self) -> ScopeId {
         ScopeId(self.0)
     }
+
+    /// The organization whose root scope is `scope` (callers know it is a root).
+    pub fn of_root(scope: ScopeId) -> Self {
+        Self(scope.0)
+    }
 }
 
 impl From<OrgId> for ScopeId {

@@ -13,6 +13,7 @@ mod access_check;
 mod audit;
 mod error;
 mod history;
+mod memory;
 mod queries;
 mod rebuild;
 mod runner;
@@ -27,6 +28,7 @@ pub use audit::{
 };
 pub use error::{chain as error_chain, ProjectionError};
 pub use history::{scope_as_of, AsOf, PastScope};
+pub use memory::{Applied, GrantRecord, MemoryLoad, MemoryTree};
 pub use queries::{
     BlastRadius, Cause, Destruction, KeyVersionRecord, Page, ReadModels, ScopeRecord,
     ScopeSnapshot, StateChange,

@@ -266,6 +266,18 @@ impl Tokens {
 
     /// The principal holding `secret`, if the token exists, is not revoked and not expired.
     pub async fn authenticate(&self, secret: &str) -> Result<Option<Principal>, StoreError> {
+        let Some(mut principal) = self.authenticate_token(secret).await? else {
+            return Ok(None);
+        };
+        if let Some(org) = principal.org_id {
+            principal.grants = self.grants_of(org, &principal.principal).await?;
+        }
+        Ok(Some(principal))
+    }
+
+    /// `authenticate` without the principal's grants (`grants` left empty), for a caller
+    /// that holds them elsewhere (the in-memory scope tree).
+    pub async fn authenticate_token(&self, secret: &str) -> Result<Option<Principal>, StoreError> {
         let sql =
             "SELECT id, role, org_id, name, expires_at, principal, principal_kind, token_hash \
                    FROM tokens WHERE token_hash = $1 AND revoked_at IS NULL \
@@ -311,10 +323,6 @@ impl Tokens {
             None => None,
         };
         let principal = principal.unwrap_or_else(|| token_id.clone());
-        let grants = match org_id {
-            Some(org) => self.grants_of(org, &principal).await?,
-            None => vec![],
-        };
         Ok(Some(Principal {
             token_id,
             role,
@@ -323,7 +331,7 @@ impl Tokens {
             expires_at,
             principal,
             kind: kind.unwrap_or_else(|| "user".into()),
-            grants,
+            grants: vec![],
         }))
     }
 

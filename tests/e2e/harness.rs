@@ -388,6 +388,9 @@ impl TestApp {
             options.kms.clone(),
         );
         let app = App::new(db.clone(), projector, keys, seal);
+        app.load_memory()
+            .await
+            .expect("load the scope tree into memory");
         let rekeyer = ekm_api::rekey::Rekeyer::new(app.clone());
         if options.rekey_in_background {
             tokio::spawn(rekeyer.clone().run(shutdown_rx.clone()));

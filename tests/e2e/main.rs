@@ -23,6 +23,7 @@ mod global_order;
 mod hardening;
 mod history;
 mod kms_servers;
+mod memory_tree;
 mod migrations;
 mod network;
 mod postgres_roles;
