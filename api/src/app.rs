@@ -139,6 +139,8 @@ const TOKEN_CACHE_TTL: Duration = Duration::from_secs(1);
 const TOKEN_CACHE_MAX: usize = 10_000;
 
 struct Inner {
+    /// The position of this instance's last committed event (`settled`).
+    last_commit: std::sync::atomic::AtomicI64,
     /// Bumped by `forget_principals`: a lookup that started before it is not cached.
     token_generation: std::sync::atomic::AtomicU64,
     token_cache:
@@ -171,6 +173,7 @@ impl App {
         projector.add_listener(keys.listener());
         Self {
             inner: Arc::new(Inner {
+                last_commit: std::sync::atomic::AtomicI64::new(0),
                 token_generation: std::sync::atomic::AtomicU64::new(0),
                 token_cache: std::sync::Mutex::new(std::collections::HashMap::new()),
                 store: ScopeStore::new(&db),
@@ -281,9 +284,15 @@ impl App {
     }
 
     /// Brings the read models up to every event committed so far, by any instance.
+    /// (Every event below PostgreSQL's fence, and this instance's own commits even if an
+    /// older transaction still holds the fence: then it waits for that one to end.)
     pub async fn refresh(&self) -> Result<(), AppError> {
         let head = self.inner.db.head_position().await?;
-        self.inner.projector.catch_up_to(head).await?;
+        let own = self
+            .inner
+            .last_commit
+            .load(std::sync::atomic::Ordering::Acquire);
+        self.inner.projector.catch_up_to(head.max(own)).await?;
         Ok(())
     }
 
@@ -304,14 +313,39 @@ impl App {
         if !inner.memory.is_ready() {
             return Ok(inner.read.scope(id).await?);
         }
-        let Some(mut snapshot) = inner.memory.snapshot(id)? else {
-            return Ok(None);
+        let snapshot = match inner.memory.snapshot(id)? {
+            Some(snapshot) => snapshot,
+            None => {
+                // Perhaps created on another instance a moment ago, before its notification
+                // reached this one: look once at everything committed.
+                self.refresh().await?;
+                match inner.memory.snapshot(id)? {
+                    Some(snapshot) => snapshot,
+                    None => return Ok(None),
+                }
+            }
         };
+        let mut snapshot = snapshot;
         if let Some(destruction) = snapshot.destruction.as_mut() {
             destruction.master_activated_position =
                 inner.read.master_key_activated_position().await?;
         }
         Ok(Some(snapshot))
+    }
+
+    /// Brings the SQL read models up to this instance's last commit, for the reads that
+    /// still come from SQL (lists, search, blast radius): commands answered from memory
+    /// (ADR 0020) leave the runner a little behind, and a client that just created a scope
+    /// expects to find it in the list it asks for next.
+    async fn settled(&self) -> Result<(), AppError> {
+        let last = self
+            .inner
+            .last_commit
+            .load(std::sync::atomic::Ordering::Acquire);
+        if last > self.inner.projector.applied() {
+            self.inner.projector.catch_up_to(last).await?;
+        }
+        Ok(())
     }
 
     pub async fn children(
@@ -320,6 +354,7 @@ impl App {
         after: Option<ScopeId>,
         limit: u32,
     ) -> Result<Page<ScopeSnapshot>, AppError> {
+        self.settled().await?;
         Ok(self.inner.read.children(parent, after, limit).await?)
     }
 
@@ -332,6 +367,7 @@ impl App {
         after: Option<ScopeId>,
         limit: u32,
     ) -> Result<Page<ekm_projections::ScopeRecord>, AppError> {
+        self.settled().await?;
         Ok(self
             .inner
             .read
@@ -463,6 +499,7 @@ impl App {
 
     /// Organizations whose key is wrapped by a customer key (not revoked).
     pub async fn customer_key_orgs(&self) -> Result<Vec<ScopeId>, AppError> {
+        self.settled().await?;
         Ok(self.inner.read.customer_key_orgs().await?)
     }
 
@@ -512,12 +549,7 @@ impl App {
                 parent,
                 ..
             } => {
-                let parent_snapshot = self
-                    .inner
-                    .read
-                    .scope(parent.id)
-                    .await?
-                    .ok_or(AppError::NotFound)?;
+                let parent_snapshot = self.scope(parent.id).await?.ok_or(AppError::NotFound)?;
                 let (fingerprint, writes) =
                     keys.prepare_scope_key(scope, 1, &parent_snapshot).await?;
                 Some((
@@ -542,12 +574,7 @@ impl App {
                             .await?
                     }
                     Some(parent_id) => {
-                        let parent = self
-                            .inner
-                            .read
-                            .scope(parent_id)
-                            .await?
-                            .ok_or(AppError::NotFound)?;
+                        let parent = self.scope(parent_id).await?.ok_or(AppError::NotFound)?;
                         keys.prepare_scope_key(id, next.get(), &parent).await?
                     }
                 };
@@ -629,7 +656,7 @@ impl App {
             }
             Intent::Act(action) => action.clone(),
         };
-        let snapshot = self.inner.read.scope(id).await?.ok_or(AppError::NotFound)?;
+        let snapshot = self.scope(id).await?.ok_or(AppError::NotFound)?;
         let location = Location {
             org_id: snapshot.scope.org_id.to_string(),
             scope_path: join_path(snapshot.scope.path.iter()),
@@ -712,6 +739,42 @@ impl App {
         Ok((command, location))
     }
 
+    /// After a commit: the command's own events applied to this instance's memory tree and
+    /// the key cache told (a data-plane request that starts after the answer sees the new
+    /// state), and the scope read from memory. `None` when memory cannot take them now (not
+    /// loaded yet, or an earlier event of the scope has not reached it: then the runner
+    /// applies everything in order, `read_back`).
+    async fn answer_from_memory(
+        &self,
+        id: ScopeId,
+        events: &[ekm_store::StoredEvent],
+        position: Option<i64>,
+    ) -> Result<Option<Outcome>, AppError> {
+        let inner = &self.inner;
+        if !inner.memory.is_ready() || events.is_empty() {
+            return Ok(None);
+        }
+        let applied = match inner.memory.apply(events) {
+            Ok(applied) => applied,
+            Err(error) => {
+                tracing::warn!(scope = %id, error = %ekm_projections::error_chain(&error), "memory could not take a command's own events; waiting for the runner");
+                return Ok(None);
+            }
+        };
+        if applied.contains(&ekm_projections::Applied::Gap) {
+            return Ok(None);
+        }
+        (inner.keys.listener())(events);
+        let Some(scope) = self.scope(id).await? else {
+            return Ok(None);
+        };
+        Ok(Some(Outcome {
+            scope,
+            changed: true,
+            position,
+        }))
+    }
+
     /// After a commit: the read models brought up to the new event, and the scope read from
     /// them (read-your-writes). The event is durable whatever happens here, so a failure is
     /// retried a few times (a database blip) and then reported as `AppError::Committed`.
@@ -727,7 +790,7 @@ impl App {
                     Some(position) => inner.projector.catch_up_to(position).await?,
                     None => self.refresh().await?,
                 }
-                inner.read.scope(id).await?.ok_or(AppError::NotFound)
+                self.scope(id).await?.ok_or(AppError::NotFound)
             };
             match attempt.await {
                 Ok(scope) => {
@@ -808,6 +871,22 @@ impl App {
                 ScopeCommand::SetMasterKey { .. } => Some(inner.db.lock_org_keys(&org_id).await?),
                 _ => None,
             };
+            // Answered from this instance's memory as soon as the events commit (the runner
+            // applies them to the SQL read models in the background); the others wait for
+            // the runner, which also destroys keys (revoke, retire, a switch of master key)
+            // and writes what the re-key job and token checks read.
+            let from_memory = matches!(
+                command,
+                ScopeCommand::CreateOrganization { .. }
+                    | ScopeCommand::CreateScope { .. }
+                    | ScopeCommand::PauseScope { .. }
+                    | ScopeCommand::ResumeScope { .. }
+                    | ScopeCommand::RotateKey { .. }
+                    | ScopeCommand::ChangeTier { .. }
+                    | ScopeCommand::GrantPermission { .. }
+                    | ScopeCommand::RevokePermission { .. }
+                    | ScopeCommand::RecordMasterKeyHealth { .. }
+            );
             let mut events = context.aggregate().decide(command.clone())?;
             let mut keys = KeyWrites::default();
             if !events.is_empty() {
@@ -822,7 +901,7 @@ impl App {
                 }
             }
             if events.is_empty() {
-                let scope = inner.read.scope(id).await?.ok_or(AppError::NotFound)?;
+                let scope = self.scope(id).await?.ok_or(AppError::NotFound)?;
                 return Ok(Outcome {
                     scope,
                     changed: false,
@@ -837,10 +916,29 @@ impl App {
                 .append(&aggregate_id, current, &events, &metadata.to_map(), &keys)
                 .await?
             {
-                Appended::Committed { positions, .. } => {
+                Appended::Committed {
+                    positions,
+                    events: stored,
+                    ..
+                } => {
                     inner.projector.confirm_durable(applied_before);
                     inner.projector.committed();
-                    let outcome = self.read_back(id, positions.last().copied()).await?;
+                    if let Some(last) = positions.last() {
+                        inner
+                            .last_commit
+                            .fetch_max(*last, std::sync::atomic::Ordering::AcqRel);
+                    }
+                    // The runner applies them to the read models (and seals them) soon.
+                    inner.projector.wake();
+                    let position = positions.last().copied();
+                    let answered = match from_memory {
+                        true => self.answer_from_memory(id, &stored, position).await?,
+                        false => None,
+                    };
+                    let outcome = match answered {
+                        Some(outcome) => outcome,
+                        None => self.read_back(id, position).await?,
+                    };
                     if destroys {
                         if let Err(error) = inner.db.destroy_at_rest().await {
                             tracing::error!(scope = %id, error = %ekm_projections::error_chain(&error), "destroyed keys could not be removed from the database's files");
@@ -856,7 +954,7 @@ impl App {
                     tokio::time::sleep(Duration::from_millis(pause)).await;
                 }
                 Appended::Conflict => {
-                    let fresh = inner.read.scope(id).await?.map(|s| s.scope.version);
+                    let fresh = self.scope(id).await?.map(|s| s.scope.version);
                     return Err(AppError::VersionMismatch {
                         expected: expected_version.unwrap_or_default(),
                         current: fresh.unwrap_or(current),

@@ -880,8 +880,19 @@ impl KeyService {
             }
             WrappingParent::Scope(parent) => {
                 let parent_id = parent.to_string();
-                let grand = self.parent_of(*parent).await?;
-                let (parent_epoch, parent_key) = self.current_wrapping(&parent_id, grand).await?;
+                // The parent's newest epoch; only a parent without one (created before
+                // wrapping keys) needs its own parent looked up, to make it.
+                let (parent_epoch, parent_key) =
+                    match self.db.wrapping_keys(&parent_id).await?.pop() {
+                        Some(row) => (
+                            row.epoch,
+                            self.unwrap_wrapping(&parent_id, row.epoch).await?,
+                        ),
+                        None => {
+                            let grand = self.parent_of(*parent).await?;
+                            self.current_wrapping(&parent_id, grand).await?
+                        }
+                    };
                 let wrapped = parent_key
                     .wrap(
                         key,

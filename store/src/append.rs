@@ -17,8 +17,13 @@ use base64::Engine as _;
 use cqrs_es::DomainEvent;
 use ekm_domain::ScopeEvent;
 
+use sqlx::Row;
+
 use crate::db::Db;
 use crate::error::StoreError;
+use crate::event_log::{
+    decode_event, pg_recorded_at, sqlite_recorded_at, StoredEvent, SELECT_EVENTS,
+};
 use crate::key_material::KeyRow;
 use crate::time::now_micros;
 use crate::wrapping_keys::WrappingKeyRow;
@@ -34,12 +39,14 @@ pub struct KeyWrites {
 }
 
 /// What an append did.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug, PartialEq)]
 pub enum Appended {
-    /// Committed: the position of each event, in order, and the aggregate's new sequence.
+    /// Committed: the position of each event, in order, the aggregate's new sequence, and
+    /// the events as stored (the answering instance applies them to its memory at once).
     Committed {
         positions: Vec<i64>,
         last_sequence: i64,
+        events: Vec<StoredEvent>,
     },
     /// Another command appended to the aggregate first: decide again on fresh state.
     Conflict,
@@ -86,7 +93,7 @@ fn is_conflict(error: &sqlx::Error) -> bool {
 }
 
 macro_rules! append_body {
-    ($tx:expr, $aggregate_id:expr, $after:expr, $events:expr, $metadata:expr, $keys:expr) => {{
+    ($tx:expr, $recorded_at:path, $aggregate_id:expr, $after:expr, $events:expr, $metadata:expr, $keys:expr) => {{
         let tx = $tx;
         let values = (0..$events.len())
             .map(|i| {
@@ -167,18 +174,24 @@ macro_rules! append_body {
             }
         }
         let last = $after + i64::try_from($events.len()).unwrap_or(i64::MAX);
-        let positions: Vec<i64> = sqlx::query_scalar(
-            "SELECT position FROM events WHERE aggregate_type = 'scope' AND aggregate_id = $1 \
-             AND sequence > $2 AND sequence <= $3 ORDER BY sequence",
-        )
-        .bind($aggregate_id)
-        .bind($after)
-        .bind(last)
-        .fetch_all(&mut *tx)
-        .await?;
+        let sql = format!(
+            "{SELECT_EVENTS} WHERE aggregate_type = 'scope' AND aggregate_id = $1 \
+             AND sequence > $2 AND sequence <= $3 ORDER BY sequence"
+        );
+        let rows = sqlx::query(&sql)
+            .bind($aggregate_id)
+            .bind($after)
+            .bind(last)
+            .fetch_all(&mut *tx)
+            .await?;
+        let events = rows
+            .into_iter()
+            .map(|row| decode_event!(row, $recorded_at))
+            .collect::<Result<Vec<StoredEvent>, StoreError>>()?;
         Ok::<_, StoreError>(Appended::Committed {
-            positions,
+            positions: events.iter().map(|e| e.position).collect(),
             last_sequence: last,
+            events,
         })
     }};
 }
@@ -199,14 +212,24 @@ impl Db {
             return Ok(Appended::Committed {
                 positions: vec![],
                 last_sequence: after,
+                events: vec![],
             });
         }
         let appended = match self {
             Db::Sqlite(db) => {
                 let mut tx = db.write.begin().await?;
-                let appended =
-                    async { append_body!(&mut *tx, aggregate_id, after, events, metadata, keys) }
-                        .await?;
+                let appended = async {
+                    append_body!(
+                        &mut *tx,
+                        sqlite_recorded_at,
+                        aggregate_id,
+                        after,
+                        events,
+                        metadata,
+                        keys
+                    )
+                }
+                .await?;
                 match appended {
                     Appended::Committed { .. } => match tx.commit().await {
                         Ok(()) => appended,
@@ -219,9 +242,18 @@ impl Db {
             }
             Db::Postgres(db) => {
                 let mut tx = db.pool.begin().await?;
-                let appended =
-                    async { append_body!(&mut *tx, aggregate_id, after, events, metadata, keys) }
-                        .await?;
+                let appended = async {
+                    append_body!(
+                        &mut *tx,
+                        pg_recorded_at,
+                        aggregate_id,
+                        after,
+                        events,
+                        metadata,
+                        keys
+                    )
+                }
+                .await?;
                 match appended {
                     Appended::Committed { .. } => match tx.commit().await {
                         Ok(()) => appended,

@@ -120,7 +120,7 @@ impl StoredEvent {
     }
 }
 
-const SELECT_EVENTS: &str = "SELECT position, recorded_at, aggregate_type, aggregate_id, sequence, \
+pub(crate) const SELECT_EVENTS: &str = "SELECT position, recorded_at, aggregate_type, aggregate_id, sequence, \
     event_type, event_version, CAST(payload AS TEXT) AS payload, CAST(metadata AS TEXT) AS metadata \
     FROM events";
 
@@ -140,13 +140,16 @@ macro_rules! decode_event {
         })
     }};
 }
+pub(crate) use decode_event;
 
-fn sqlite_recorded_at(row: &sqlx::sqlite::SqliteRow) -> Result<DateTime<Utc>, StoreError> {
+pub(crate) fn sqlite_recorded_at(
+    row: &sqlx::sqlite::SqliteRow,
+) -> Result<DateTime<Utc>, StoreError> {
     let text: String = row.try_get("recorded_at")?;
     Ok(crate::time::from_sqlite_event_time(&text))
 }
 
-fn pg_recorded_at(row: &sqlx::postgres::PgRow) -> Result<DateTime<Utc>, StoreError> {
+pub(crate) fn pg_recorded_at(row: &sqlx::postgres::PgRow) -> Result<DateTime<Utc>, StoreError> {
     Ok(row.try_get("recorded_at")?)
 }
 

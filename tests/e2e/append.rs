@@ -131,6 +131,7 @@ async fn append_that_loses_the_race_for_its_sequence_writes_no_key(backend: Back
     let Appended::Committed {
         positions,
         last_sequence,
+        ..
     } = db
         .append(
             "s",

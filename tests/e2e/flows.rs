@@ -324,40 +324,36 @@ on_both_backends!(events_carry_actor_request_reason_source_and_time);
 async fn a_committed_change_that_cannot_be_read_back_says_so(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let (org, admin) = app.org("enterprise").await;
-    // Every catch-up that reaches a scope's creation now fails; reads still work.
+    let team = app.scope(&admin, "team", "research", &org).await;
+    app.app.refresh().await.unwrap();
+    // Every catch-up that reaches a revoke now fails; reads still work.
     let (break_sql, mend_sql) = match backend {
         Backend::Sqlite => (
-            "CREATE TRIGGER refuse_key_versions BEFORE INSERT ON key_version_view \
-             BEGIN SELECT RAISE(ABORT, 'refused by the test'); END;",
-            "DROP TRIGGER refuse_key_versions",
+            "CREATE TRIGGER refuse_revokes BEFORE UPDATE ON scope_view \
+             WHEN NEW.own_state = 'revoked' BEGIN SELECT RAISE(ABORT, 'refused by the test'); END;",
+            "DROP TRIGGER refuse_revokes",
         ),
         Backend::Postgres => (
-            "ALTER TABLE key_version_view ADD CONSTRAINT refuse_key_versions \
-             CHECK (version < 0) NOT VALID",
-            "ALTER TABLE key_version_view DROP CONSTRAINT refuse_key_versions",
+            "ALTER TABLE scope_view ADD CONSTRAINT refuse_revokes \
+             CHECK (own_state <> 'revoked') NOT VALID",
+            "ALTER TABLE scope_view DROP CONSTRAINT refuse_revokes",
         ),
     };
     crate::audit::exec(&app.db, break_sql).await;
-    let response = app
-        .post(
-            "/v1/scopes",
-            &admin,
-            json!({"kind": "team", "name": "research", "parent_id": org}),
-        )
-        .await;
+    // A revoke is answered once the runner has applied it (its keys go there): it cannot be.
+    let response = app.revoke(&admin, &team).await;
     response.assert_problem(500, "committed_unconfirmed");
-    let id = response.str("scope_id");
-    let events = app.db.events_of(&id).await.unwrap();
-    assert_eq!(events.len(), 1, "recorded exactly once");
-    assert_eq!(events[0].event_type, "ScopeCreated");
-    assert_eq!(response.body["position"], events[0].position);
+    assert_eq!(response.str("scope_id"), team);
+    let events = app.db.events_of(&team).await.unwrap();
+    assert_eq!(events.len(), 2, "recorded exactly once");
+    assert_eq!(events[1].event_type, "ScopeRevoked");
+    assert_eq!(response.body["position"], events[1].position);
 
     crate::audit::exec(&app.db, mend_sql).await;
     app.app.refresh().await.unwrap();
-    let scope = app.get(&format!("/v1/scopes/{id}"), &admin).await;
+    let scope = app.get(&format!("/v1/scopes/{team}"), &admin).await;
     assert_eq!(scope.status, 200, "{}", scope.body);
-    assert_eq!(scope.body["name"], "research");
-    assert_eq!(scope.body["parent_id"], org.as_str());
+    assert_eq!(scope.body["effective_state"], "revoked");
     app.stop().await;
 }
 on_both_backends!(a_committed_change_that_cannot_be_read_back_says_so);

@@ -92,7 +92,7 @@ async fn verify_reports_inserted_when_an_event_fills_a_position_gap(backend: Bac
          payload, metadata) VALUES ('test', 'gap', 1, 'Tested', '1', '{}', '{}')",
     )
     .await;
-    let gap = app.db.head_position().await.unwrap();
+    let gap = app.db.committed_head().await.unwrap();
     app.pause(&admin, &team).await;
     app.resume(&admin, &team).await;
     assert_eq!(first_failure(&verify(&app, Some(&org), None).1, &org), None);
