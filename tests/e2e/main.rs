@@ -28,5 +28,6 @@ mod postgres_roles;
 mod process;
 mod process_hardening;
 mod rebuild;
+mod rich_history;
 mod tamper;
 mod tenancy;
