@@ -22,6 +22,7 @@ mod global_order;
 mod hardening;
 mod history;
 mod kms_servers;
+mod merge_property;
 mod migrations;
 mod network;
 mod postgres_roles;
