@@ -245,6 +245,11 @@ impl From<AppError> for ApiError {
                 )
                 .with("provider_error", provider_error(failure, None))
             }
+            AppError::Key(KeyError::Revoked { .. }) => ApiError::new(
+                StatusCode::CONFLICT,
+                Code::ScopeRevoked,
+                "a scope on this path was revoked meanwhile; its keys are destroyed",
+            ),
             AppError::Key(KeyError::WrongMaster { .. }) => {
                 tracing::error!(error = %error_chain(&error), "organization key wrapped by an unknown master key");
                 ApiError::new(
