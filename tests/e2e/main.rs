@@ -8,6 +8,7 @@
 
 mod harness;
 
+mod access_gaps;
 mod access_matrix;
 mod audit;
 mod bad_input;

@@ -114,7 +114,7 @@ async fn assert_every_column_is_set(db: &Db) {
     );
 }
 
-fn metadata() -> EventMetadata {
+pub fn metadata() -> EventMetadata {
     EventMetadata {
         actor: Actor {
             kind: ActorKind::User,
