@@ -375,7 +375,9 @@ async fn verify_catches_removed_and_inserted_events(backend: Backend) {
     assert_eq!(report.body["first_failure"]["problem"], "removed");
     let moved = app.db.events_of(&team).await.unwrap();
     assert!(
-        moved.iter().any(|e| e.event_type == "ScopeResumed" && e.position > resume),
+        moved
+            .iter()
+            .any(|e| e.event_type == "ScopeResumed" && e.position > resume),
         "the resume was put back at the head"
     );
     app.stop().await;

@@ -12,6 +12,7 @@ mod access_gaps;
 mod access_matrix;
 mod audit;
 mod bad_input;
+mod bad_input_endpoints;
 mod byok;
 mod cascade_property;
 mod concurrency;
