@@ -212,7 +212,7 @@ async fn endpoints_refuse_bad_input_with_problems(backend: Backend) {
         ),
         (
             "POST",
-            format!("/v1/scopes/not-a-uuid/datakey"),
+            "/v1/scopes/not-a-uuid/datakey".to_owned(),
             Some(json!({"class": "messages"})),
             400,
             bad,
