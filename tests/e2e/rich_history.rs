@@ -12,7 +12,8 @@ use serde_json::json;
 use crate::harness::{Options, TestApp};
 use crate::kms_servers::Moto;
 
-/// The event types a rich history must contain, or it proves less than it claims.
+/// The event types a rich history must contain, or it proves less than it claims. (The
+/// re-key job's events come from the revokes, once the job has run.)
 pub const EVENT_TYPES: [&str; 14] = [
     "OrganizationCreated",
     "ScopeCreated",
@@ -49,7 +50,7 @@ struct Org {
     /// Every scope of this organization, with whether it may have children.
     scopes: Vec<(String, bool)>,
     tokens: Vec<String>,
-    /// Grants given (principal, permission, scope), some since taken back.
+    /// Grants given (principal, permission, scope) and not taken back by the history.
     grants: Vec<(&'static str, &'static str, Option<String>)>,
     /// Whether a customer key wraps the organization key.
     byok: bool,
@@ -120,13 +121,17 @@ impl<'a> RichHistory<'a> {
     /// the health columns hold values at the end (a later switch clears them).
     pub async fn end_unavailable(&mut self) {
         let org = &mut self.orgs[0];
-        if !org.byok {
+        // A busy machine can make a KMS round trip time out: a few attempts.
+        for _ in 0..5 {
+            if org.byok {
+                break;
+            }
             let body =
                 json!({"provider": "aws-kms", "key_id": self.arn, "endpoint_url": self.moto.url});
             let switched = crate::byok::connect(self.app, &org.admin, &org.id, body).await;
-            assert!(switched.status.is_success(), "{}", switched.body);
-            org.byok = true;
+            org.byok = switched.status.is_success();
         }
+        assert!(org.byok, "the customer key could not be connected");
         let action = Action::RecordMasterKeyHealth {
             health: KeyHealth::Unavailable,
             reason: Some(UnavailableReason::AccessDenied),
@@ -360,7 +365,7 @@ impl<'a> RichHistory<'a> {
     }
 }
 
-/// How many events of each type of `EVENT_TYPES` the log holds; panics if one is missing.
+/// Panics unless the log holds at least one event of every type in `EVENT_TYPES`.
 pub async fn assert_every_event_type(db: &ekm_store::Db) {
     let events = db.events_after(0, 1_000_000).await.unwrap();
     for wanted in EVENT_TYPES {
