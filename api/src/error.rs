@@ -220,7 +220,12 @@ impl From<AppError> for ApiError {
             AppError::Contended => {
                 ApiError::new(StatusCode::CONFLICT, Code::Conflict, error.to_string())
             }
-            AppError::Store(ref store) if is_unavailable(store) => {
+            AppError::Store(_)
+            | AppError::Projection(_)
+            | AppError::EventStore(_)
+            | AppError::Key(_)
+                if database_unreachable(&error) =>
+            {
                 tracing::error!(error = %error_chain(&error), "database unavailable");
                 ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -245,6 +250,11 @@ impl From<AppError> for ApiError {
                 )
                 .with("provider_error", provider_error(failure, None))
             }
+            AppError::Key(KeyError::Revoked { .. }) => ApiError::new(
+                StatusCode::CONFLICT,
+                Code::ScopeRevoked,
+                "a scope on this path was revoked meanwhile; its keys are destroyed",
+            ),
             AppError::Key(KeyError::WrongMaster { .. }) => {
                 tracing::error!(error = %error_chain(&error), "organization key wrapped by an unknown master key");
                 ApiError::new(
@@ -315,16 +325,36 @@ pub fn master_key_unusable(
     .with("provider_error", provider_error(failure, Some(provider)))
 }
 
-fn is_unavailable(error: &ekm_store::StoreError) -> bool {
-    use ekm_store::StoreError;
-    match error {
-        StoreError::Connect(_) => true,
-        StoreError::Database(sqlx_error) => matches!(
-            sqlx_error,
-            sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed
-        ),
-        _ => false,
+/// Whether `error` comes from the database being out of reach (connections lost, refused or
+/// timed out; the server shutting down), whichever layer met it: the store, the projector,
+/// the event store or the key service. Not `Committed`, which the caller must not repeat.
+fn database_unreachable(error: &AppError) -> bool {
+    let mut next: Option<&(dyn std::error::Error + 'static)> = match error {
+        // cqrs-es keeps the database's error as a payload, not as a source.
+        AppError::EventStore(cqrs_es::AggregateError::DatabaseConnectionError(inner)) => {
+            Some(inner.as_ref())
+        }
+        other => Some(other),
+    };
+    while let Some(current) = next {
+        if let Some(ekm_store::StoreError::Connect(_)) =
+            current.downcast_ref::<ekm_store::StoreError>()
+        {
+            return true;
+        }
+        if let Some(sqlx_error) = current.downcast_ref::<sqlx::Error>() {
+            return match sqlx_error {
+                sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => true,
+                // Connection exceptions (class 08) and the server shutting down (57P0x).
+                sqlx::Error::Database(database) => database
+                    .code()
+                    .is_some_and(|code| code.starts_with("08") || code.starts_with("57P")),
+                _ => false,
+            };
+        }
+        next = current.source();
     }
+    false
 }
 
 /// Logs the whole chain once and answers with a body that reveals nothing.

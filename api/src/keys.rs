@@ -38,6 +38,8 @@ pub enum KeyError {
     MissingWrapping { scope: String, epoch: u32 },
     #[error("another instance changed scope {scope}'s wrapping keys at the same time; try again")]
     WrappingRace { scope: String },
+    #[error("scope {scope} is revoked (or below a revoked scope): its wrapping keys are destroyed and no new one is made")]
+    Revoked { scope: String },
 }
 
 /// How customer master keys are reached, and how long an outage is tolerated.
@@ -812,6 +814,20 @@ impl KeyService {
                 if let Some(row) = self.db.wrapping_keys(scope).await?.pop() {
                     let key = self.unwrap_wrapping(scope, row.epoch).await?;
                     return Ok((row.epoch, key));
+                }
+                // A revoke destroyed this scope's wrapping keys (or an ancestor's): never make
+                // a new one. A child created under it meanwhile (born revoked, ADR 0003),
+                // committing after the re-key job finished, would otherwise be wrapped under a
+                // fresh, live key of the revoked subtree. The revoke deletes the rows in the
+                // transaction that projects it, so "no row" and "revoked" are read consistently.
+                if let Ok(id) = ScopeId::parse(scope) {
+                    if let Some(snapshot) = self.read.scope(id).await? {
+                        if matches!(snapshot.effective, ekm_domain::Effective::Revoked { .. }) {
+                            return Err(KeyError::Revoked {
+                                scope: scope.to_owned(),
+                            });
+                        }
+                    }
                 }
                 // An organization's first epoch: not while a switch of master key runs.
                 let _lock = match parent {

@@ -224,6 +224,47 @@ mod tests {
 
     proptest! {
         #[test]
+        fn principal_names_of_allowed_characters_parse_and_print_back(
+            input in "[A-Za-z0-9.@_-]{1,64}",
+        ) {
+            let name = PrincipalName::parse(&input).unwrap();
+            prop_assert_eq!(name.as_str(), input.as_str());
+        }
+
+        #[test]
+        fn principal_names_with_one_other_character_or_too_long_are_refused(
+            prefix in "[A-Za-z0-9.@_-]{0,30}",
+            bad in prop_oneof!["[ !#$%&'()*+,/:;<=>?\\[\\]^`{|}~\t]", "[^A-Za-z0-9.@_-]"],
+            suffix in "[A-Za-z0-9.@_-]{0,30}",
+            long in "[a-z]{65,80}",
+        ) {
+            let with_bad = format!("{prefix}{bad}{suffix}");
+            prop_assert!(PrincipalName::parse(&with_bad).is_err(), "{}", with_bad);
+            prop_assert!(PrincipalName::parse(&long).is_err());
+            prop_assert!(PrincipalName::parse("").is_err());
+        }
+
+        #[test]
+        fn every_permission_and_role_parses_from_its_name_and_nothing_near_it(
+            permission in proptest::sample::select(Permission::ALL.to_vec()),
+            role in proptest::sample::select(vec![OrgRole::OrgAdmin, OrgRole::ItAdmin, OrgRole::Member]),
+            cut in 0usize..20,
+            extra in "[ a-zA-Z:_]",
+        ) {
+            prop_assert_eq!(permission.as_str().parse::<Permission>(), Ok(permission));
+            prop_assert_eq!(role.as_str().parse::<OrgRole>(), Ok(role));
+            for name in [permission.as_str(), role.as_str()] {
+                let shorter = &name[..cut % name.len()];
+                let longer = format!("{name}{extra}");
+                let upper = name.to_uppercase();
+                for other in [shorter, longer.as_str(), upper.as_str()] {
+                    prop_assert!(other.parse::<Permission>().is_err(), "{}", other);
+                    prop_assert!(other.parse::<OrgRole>().is_err(), "{}", other);
+                }
+            }
+        }
+
+        #[test]
         fn parsers_never_panic_and_round_trip(input in ".{0,80}") {
             if let Ok(name) = PrincipalName::parse(&input) {
                 prop_assert_eq!(name.as_str(), input.as_str());

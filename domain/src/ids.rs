@@ -146,11 +146,64 @@ mod tests {
         assert!(ScopeId::parse("").is_err());
     }
 
+    /// A UUID's canonical text, with one character changed for `replacement` at `index`
+    /// (hyphen positions included).
+    fn spoiled(uuid: Uuid, index: usize, replacement: char) -> String {
+        let mut chars: Vec<char> = uuid.hyphenated().to_string().chars().collect();
+        let index = index % chars.len();
+        chars[index] = if replacement == chars[index] {
+            'g'
+        } else {
+            replacement
+        };
+        chars.into_iter().collect()
+    }
+
     proptest! {
         #[test]
         fn parse_never_panics_and_only_accepts_what_it_prints(input in ".{0,80}") {
             if let Ok(id) = ScopeId::parse(&input) {
                 prop_assert_eq!(id.to_string(), input.to_lowercase());
+            }
+        }
+
+        #[test]
+        fn parse_accepts_every_uuid_in_canonical_form_and_prints_it_back(bits in any::<u128>()) {
+            let uuid = Uuid::from_u128(bits);
+            let text = uuid.hyphenated().to_string();
+            let id = ScopeId::parse(&text).unwrap();
+            prop_assert_eq!(id.as_uuid(), uuid);
+            prop_assert_eq!(id.to_string(), text.clone());
+            let org = OrgId::parse(&text).unwrap();
+            prop_assert_eq!(org.to_string(), text.clone());
+            prop_assert_eq!(org.scope_id(), id);
+            // Upper case is the same id, printed in lower case.
+            prop_assert_eq!(ScopeId::parse(&text.to_uppercase()).unwrap(), id);
+        }
+
+        #[test]
+        fn parse_refuses_every_other_spelling_of_a_uuid(
+            bits in any::<u128>(),
+            index in any::<usize>(),
+            replacement in prop_oneof![Just('-'), Just('x'), Just(' '), Just('{'), Just('é'), Just('0')],
+        ) {
+            let uuid = Uuid::from_u128(bits);
+            for other in [
+                uuid.simple().to_string(),
+                uuid.urn().to_string(),
+                uuid.braced().to_string(),
+                format!(" {}", uuid.hyphenated()),
+                format!("{}0", uuid.hyphenated()),
+            ] {
+                prop_assert!(ScopeId::parse(&other).is_err(), "{}", other);
+                prop_assert!(OrgId::parse(&other).is_err(), "{}", other);
+            }
+            let spoiled = spoiled(uuid, index, replacement);
+            // A digit for a digit is another valid id; everything else is refused.
+            let still_hex = spoiled.chars().zip(uuid.hyphenated().to_string().chars())
+                .all(|(a, b)| a == b || (a.is_ascii_hexdigit() && b.is_ascii_hexdigit()));
+            if !still_hex {
+                prop_assert!(ScopeId::parse(&spoiled).is_err(), "{}", spoiled);
             }
         }
     }

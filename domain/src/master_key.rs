@@ -429,7 +429,165 @@ mod tests {
         );
     }
 
+    /// Valid customer keys of each provider, with the region the parse must report.
+    fn valid_key() -> impl Strategy<Value = (Provider, String, Option<String>, Option<String>)> {
+        let region = "[a-z]{2}-[a-z]{4,9}-[1-9]";
+        let word = "[A-Za-z0-9_-]{1,20}";
+        prop_oneof![
+            // AWS: key ARN or alias ARN; the region comes from the ARN.
+            (
+                region,
+                "[0-9]{12}",
+                prop_oneof![Just("key"), Just("alias")],
+                "[a-z0-9-]{1,36}"
+            )
+                .prop_map(|(region, account, kind, id)| {
+                    (
+                        Provider::AwsKms,
+                        format!("arn:aws:kms:{region}:{account}:{kind}/{id}"),
+                        None,
+                        Some(region),
+                    )
+                }),
+            // AWS: a bare key id or alias, with the region given.
+            (
+                region,
+                prop_oneof!["[a-f0-9-]{36}", "alias/[A-Za-z0-9_/-]{1,30}"]
+            )
+                .prop_map(|(region, id)| (
+                    Provider::AwsKms,
+                    id,
+                    Some(region.clone()),
+                    Some(region)
+                )),
+            (word, word, word, word).prop_map(|(p, l, r, k)| {
+                (
+                    Provider::GcpKms,
+                    format!("projects/{p}/locations/{l}/keyRings/{r}/cryptoKeys/{k}"),
+                    None,
+                    None,
+                )
+            }),
+            (
+                "[a-z][a-z0-9-]{2,20}",
+                proptest::sample::select(AZURE_KEY_HOST_SUFFIXES.to_vec()),
+                "[A-Za-z0-9-]{1,30}",
+                proptest::option::of("[a-f0-9]{32}"),
+            )
+                .prop_map(|(vault, suffix, name, version)| {
+                    let version = version.map(|v| format!("/{v}")).unwrap_or_default();
+                    (
+                        Provider::AzureKeyVault,
+                        format!("https://{vault}{suffix}/keys/{name}{version}"),
+                        None,
+                        None,
+                    )
+                }),
+        ]
+    }
+
+    /// A change that makes a valid key id invalid for its provider.
+    fn spoil(provider: Provider, key_id: &str, choice: usize) -> String {
+        match provider {
+            Provider::AwsKms if key_id.starts_with("arn:") => [
+                key_id.replacen(":kms:", ":s3:", 1),
+                key_id.replacen("arn:aws", "arn:gcp", 1),
+                key_id
+                    .replacen(":key/", ":secret/", 1)
+                    .replacen(":alias/", ":secret/", 1),
+                // An account of 11 digits.
+                {
+                    let parts: Vec<&str> = key_id.splitn(6, ':').collect();
+                    format!(
+                        "{}:{}:{}:{}:{}:{}",
+                        parts[0],
+                        parts[1],
+                        parts[2],
+                        parts[3],
+                        &parts[4][1..],
+                        parts[5]
+                    )
+                },
+                format!("{key_id} x"),
+            ][choice % 5]
+                .clone(),
+            Provider::AwsKms => [
+                format!("{key_id} x"),
+                format!("{key_id}!"),
+                format!("{key_id}:x"),
+            ][choice % 3]
+                .clone(),
+            Provider::GcpKms => [
+                key_id.replacen("keyRings", "keyrings", 1),
+                format!("{key_id}/cryptoKeyVersions/1"),
+                key_id.replacen("projects/", "projects//", 1),
+                format!("{key_id}!"),
+            ][choice % 4]
+                .clone(),
+            _ => [
+                key_id.replacen("https://", "http://", 1),
+                key_id.replacen("/keys/", "/secrets/", 1),
+                key_id.replacen(".azure.", ".example.", 1).replacen(
+                    ".usgovcloudapi.",
+                    ".example.",
+                    1,
+                ),
+                format!("{key_id}/extra/part"),
+            ][choice % 4]
+                .clone(),
+        }
+    }
+
     proptest! {
+        #[test]
+        fn valid_customer_keys_parse_to_themselves_and_again_to_the_same_value(
+            (provider, key_id, region, expected_region) in valid_key(),
+            endpoint in proptest::option::of("https?://[a-z0-9.-]{1,20}(:[0-9]{2,5})?/?"),
+        ) {
+            let key = MasterKeyRef::parse(provider, &key_id, region.as_deref(), endpoint.as_deref()).unwrap();
+            prop_assert_eq!(key.provider, provider);
+            prop_assert_eq!(&key.key_id, &key_id);
+            prop_assert_eq!(&key.region, &expected_region);
+            prop_assert_eq!(key.endpoint_url.as_deref(), endpoint.as_deref().map(|e| e.trim_end_matches('/')));
+            prop_assert_eq!(key.wrapping_id(), format!("{provider}:{key_id}"));
+            let again = MasterKeyRef::parse(provider, &key.key_id, key.region.as_deref(), key.endpoint_url.as_deref());
+            prop_assert_eq!(again, Ok(key));
+        }
+
+        #[test]
+        fn spoiled_customer_keys_are_refused_naming_the_key_id(
+            (provider, key_id, region, _) in valid_key(),
+            choice in any::<usize>(),
+        ) {
+            let spoiled = spoil(provider, &key_id, choice);
+            let refused = MasterKeyRef::parse(provider, &spoiled, region.as_deref(), None);
+            prop_assert_eq!(refused.map_err(|e| e.field), Err("key_id"), "{}", spoiled);
+        }
+
+        #[test]
+        fn a_region_other_than_the_arns_or_malformed_is_refused(
+            (provider, key_id, _, expected) in valid_key(),
+            other in prop_oneof!["[a-z]{2}-[a-z]{4,9}-[1-9]", "[A-Z]{1,10}", "[a-z]{1,5}_[a-z]{1,5}"],
+        ) {
+            let refused = MasterKeyRef::parse(provider, &key_id, Some(&other), None);
+            let is_arn = provider == Provider::AwsKms && key_id.starts_with("arn:");
+            let well_formed = other.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+            if !well_formed || (is_arn && expected.as_deref() != Some(other.as_str())) {
+                prop_assert_eq!(refused.map_err(|e| e.field), Err("region"), "{}", other);
+            } else {
+                prop_assert_eq!(refused.unwrap().region, Some(other));
+            }
+        }
+
+        #[test]
+        fn endpoints_other_than_http_urls_are_refused(
+            (provider, key_id, region, _) in valid_key(),
+            endpoint in prop_oneof!["ftp://[a-z]{1,10}", "[a-z]{1,10}\\.com", "https://", "https://[a-z]{1,5} [a-z]{1,5}", "https://[a-z]{1,5}/\\?q=[a-z]{1,5}"],
+        ) {
+            let refused = MasterKeyRef::parse(provider, &key_id, region.as_deref(), Some(&endpoint));
+            prop_assert_eq!(refused.map_err(|e| e.field), Err("endpoint_url"), "{}", endpoint);
+        }
+
         #[test]
         fn parse_never_panics_and_accepts_only_printable_ids(
             provider in prop_oneof![

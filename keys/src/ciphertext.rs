@@ -179,6 +179,18 @@ mod tests {
 
     const SCOPE: &str = "0190c7a2-8a1e-7c3b-9d4e-2f1a3b5c6d7e";
 
+    /// One part of a ciphertext string: a valid value (`true`) or an invalid one (`false`),
+    /// valid three times in four so that whole valid strings are common.
+    fn part(
+        valid: impl Strategy<Value = String> + 'static,
+        invalid: impl Strategy<Value = String> + 'static,
+    ) -> impl Strategy<Value = (String, bool)> {
+        prop_oneof![
+            3 => valid.prop_map(|v| (v, true)),
+            1 => invalid.prop_map(|v| (v, false)),
+        ]
+    }
+
     #[test]
     fn round_trip_through_the_string_form() {
         let key = Kek::generate();
@@ -234,6 +246,54 @@ mod tests {
         #[test]
         fn parse_never_panics(input in ".{0,200}") {
             let _ = Ciphertext::parse(&input);
+        }
+
+        /// Strings built from parts, each valid or not: the parse succeeds exactly when every
+        /// part is valid, reads the parts as written, and prints the same string back.
+        #[test]
+        fn parse_accepts_exactly_the_strings_whose_every_part_is_valid(
+            (prefix, prefix_ok) in part(Just("ekm1".to_owned()), prop_oneof![
+                Just("ekm2".to_owned()), Just("EKM1".to_owned()), Just("ekm".to_owned()), Just(String::new()),
+            ]),
+            (scope, scope_ok) in part("[A-Za-z0-9_-]{1,64}", prop_oneof![
+                Just(String::new()), "[a-z]{65,70}", "[a-z]{0,5}[ /+é.][a-z]{0,5}",
+            ]),
+            (version, version_ok) in part(
+                prop_oneof!["[1-9][0-9]{0,8}", Just("4294967295".to_owned())],
+                prop_oneof![
+                    Just("0".to_owned()), "0[0-9]{1,3}", Just(String::new()), Just("4294967296".to_owned()),
+                    "[1-9][0-9]{10,12}", "-[1-9]", "[1-9][a-z]", "\\+[1-9]",
+                ],
+            ),
+            (class, class_ok) in part("[a-z_]{1,20}", prop_oneof![Just(String::new()), "[a-z]{1,5}[ :][a-z]{1,5}"]),
+            (data, data_ok) in part(
+                proptest::collection::vec(any::<u8>(), 32..100).prop_map(|b| URL_SAFE_NO_PAD.encode(b)),
+                prop_oneof![
+                    // Shorter than a nonce and a tag.
+                    proptest::collection::vec(any::<u8>(), 0..32).prop_map(|b| URL_SAFE_NO_PAD.encode(b)),
+                    // Padded, or in the standard alphabet.
+                    proptest::collection::vec(any::<u8>(), 32..100)
+                        .prop_filter("needs padding", |b| b.len() % 3 != 0)
+                        .prop_map(|b| base64::engine::general_purpose::STANDARD.encode(b)),
+                    "[A-Za-z0-9_-]{43}[!*]",
+                ],
+            ),
+        ) {
+            let text = format!("{prefix}.{scope}.{version}.{class}.{data}");
+            let all_ok = prefix_ok && scope_ok && version_ok && class_ok && data_ok;
+            match Ciphertext::parse(&text) {
+                Ok(parsed) => {
+                    prop_assert!(all_ok, "accepted with an invalid part: {}", text);
+                    prop_assert_eq!(&parsed.scope_id, &scope);
+                    prop_assert_eq!(parsed.key_version.to_string(), version);
+                    prop_assert_eq!(&parsed.class, &class);
+                    prop_assert_eq!(parsed.encode(), text);
+                }
+                Err(error) => {
+                    prop_assert!(!all_ok, "refused with every part valid: {} ({})", text, error);
+                    prop_assert_eq!(error, CiphertextError::Malformed);
+                }
+            }
         }
 
         #[test]

@@ -369,6 +369,17 @@ async fn verify_catches_removed_and_inserted_events(backend: Backend) {
         "{}",
         report.body
     );
+    // The database gives the re-inserted row a position of its own at the head (the
+    // position trigger still runs), so the first sealed position that fails is the pause's,
+    // left empty by the move.
+    assert_eq!(report.body["first_failure"]["problem"], "removed");
+    let moved = app.db.events_of(&team).await.unwrap();
+    assert!(
+        moved
+            .iter()
+            .any(|e| e.event_type == "ScopeResumed" && e.position > resume),
+        "the resume was put back at the head"
+    );
     app.stop().await;
 }
 on_both_backends!(verify_catches_removed_and_inserted_events);

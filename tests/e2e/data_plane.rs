@@ -416,7 +416,7 @@ async fn no_plaintext_at_rest_on_postgres() {
 }
 
 /// Several tasks decrypt as fast as they can while the scope is paused: no decrypt that
-/// starts after the pause was acknowledged succeeds.
+/// starts after the pause was acknowledged succeeds, and many did start after it.
 async fn no_decrypt_succeeds_after_the_pause_is_acknowledged(backend: Backend) {
     let app = Arc::new(TestApp::spawn(backend).await);
     let (org, admin) = managed_org(&app).await;
@@ -427,54 +427,63 @@ async fn no_decrypt_succeeds_after_the_pause_is_acknowledged(backend: Backend) {
     let acknowledged: Arc<std::sync::Mutex<Option<Instant>>> = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
     let late_successes = Arc::new(AtomicUsize::new(0));
+    // Decrypts that started after the acknowledgement and have been answered.
+    let late_answers = Arc::new(AtomicUsize::new(0));
     let successes = Arc::new(AtomicUsize::new(0));
     let mut tasks = vec![];
     for _ in 0..6 {
         let (app, admin, team, ciphertext) =
             (app.clone(), admin.clone(), team.clone(), ciphertext.clone());
-        let (acknowledged, stop, late, ok) = (
+        let (acknowledged, stop, late, answered, ok) = (
             acknowledged.clone(),
             stop.clone(),
             late_successes.clone(),
+            late_answers.clone(),
             successes.clone(),
         );
         tasks.push(tokio::spawn(async move {
             while !stop.load(Ordering::SeqCst) {
                 let started = Instant::now();
                 let response = decrypt(&app, &admin, &team, &ciphertext, "messages").await;
+                let after_ack = acknowledged
+                    .lock()
+                    .unwrap()
+                    .is_some_and(|ack| started > ack);
                 if response.status == 200 {
                     ok.fetch_add(1, Ordering::SeqCst);
-                    if acknowledged
-                        .lock()
-                        .unwrap()
-                        .is_some_and(|ack| started > ack)
-                    {
+                    if after_ack {
                         late.fetch_add(1, Ordering::SeqCst);
                     }
                 } else {
                     response.assert_problem(409, "scope_paused");
                 }
+                if after_ack {
+                    answered.fetch_add(1, Ordering::SeqCst);
+                }
             }
         }));
     }
-    // Let the hammering run, then pause.
+    // Let the hammering run (the key is cached by now), then pause.
     while successes.load(Ordering::SeqCst) < 50 {
         tokio::task::yield_now().await;
     }
     let paused = app.pause(&admin, &org).await;
     *acknowledged.lock().unwrap() = Some(Instant::now());
     assert_eq!(paused.status, 200);
-    // Keep hammering a while after the acknowledgement.
-    let before = successes.load(Ordering::SeqCst);
-    let refusals_wanted = Instant::now();
-    while refusals_wanted.elapsed() < std::time::Duration::from_millis(300) {
-        tokio::task::yield_now().await;
-    }
+    // Keep hammering until plenty of decrypts that started after the acknowledgement have
+    // been answered.
+    tokio::time::timeout(std::time::Duration::from_secs(60), async {
+        while late_answers.load(Ordering::SeqCst) < 60 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("decrypts started after the pause are answered");
     stop.store(true, Ordering::SeqCst);
     for task in tasks {
         task.await.unwrap();
     }
-    assert!(before >= 50);
+    assert!(late_answers.load(Ordering::SeqCst) >= 60);
     assert_eq!(
         late_successes.load(Ordering::SeqCst),
         0,

@@ -8,10 +8,12 @@
 
 mod harness;
 
+mod access_gaps;
 mod access_matrix;
 mod append;
 mod audit;
 mod bad_input;
+mod bad_input_endpoints;
 mod byok;
 mod cascade_property;
 mod concurrency;
@@ -24,11 +26,13 @@ mod hardening;
 mod history;
 mod kms_servers;
 mod memory_tree;
+mod merge_property;
 mod migrations;
 mod network;
 mod postgres_roles;
 mod process;
 mod process_hardening;
 mod rebuild;
+mod rich_history;
 mod tamper;
 mod tenancy;

@@ -36,6 +36,144 @@ async fn migrated_tables(backend: Backend) -> Vec<String> {
     first
 }
 
+/// One column: table, name, type class, whether it may be null, its place in the primary
+/// key (0 when not part of it).
+type Column = (String, String, String, bool, i64);
+
+/// The type classes both backends share: what a value of the column is, whatever the
+/// backend spells it.
+fn type_class(declared: &str) -> String {
+    let declared = declared.to_lowercase();
+    let class = match declared.as_str() {
+        "text" | "character varying" | "varchar" => "text",
+        "integer" | "bigint" | "int8" | "int4" | "smallint" => "integer",
+        "json" | "jsonb" => "json",
+        "bytea" | "blob" => "bytes",
+        "boolean" => "boolean",
+        _ => declared.as_str(),
+    };
+    class.to_owned()
+}
+
+async fn columns(db: &Db) -> Vec<Column> {
+    let mut columns: Vec<Column> = match db {
+        Db::Sqlite(db) => {
+            let rows: Vec<(String, String, String, bool, i64)> = sqlx::query_as(
+                "SELECT m.name, c.name, c.type, c.\"notnull\" = 0 AND c.pk = 0, c.pk \
+                 FROM sqlite_master m, pragma_table_xinfo(m.name) c \
+                 WHERE m.type = 'table' AND m.name NOT LIKE 'sqlite_%' AND c.hidden <> 1",
+            )
+            .fetch_all(&db.read)
+            .await
+            .unwrap();
+            rows
+        }
+        Db::Postgres(db) => sqlx::query_as(
+            "SELECT c.table_name::text, c.column_name::text, c.data_type::text, \
+                    c.is_nullable = 'YES', \
+                    COALESCE((SELECT k.ordinal_position::int8 FROM information_schema.key_column_usage k \
+                              JOIN information_schema.table_constraints t \
+                                ON t.constraint_name = k.constraint_name AND t.table_name = k.table_name \
+                              WHERE t.constraint_type = 'PRIMARY KEY' AND k.table_schema = 'public' \
+                                AND k.table_name = c.table_name AND k.column_name = c.column_name), 0) \
+             FROM information_schema.columns c WHERE c.table_schema = 'public'",
+        )
+        .fetch_all(&db.pool)
+        .await
+        .unwrap(),
+    };
+    for column in &mut columns {
+        column.2 = type_class(&column.2);
+    }
+    columns.sort();
+    columns
+}
+
+async fn migrated_columns(backend: Backend) -> Vec<Column> {
+    let test_db = TestDb::new(backend).await;
+    let db = Db::connect(&test_db.config).await.unwrap();
+    db.migrate().await.unwrap();
+    let columns = columns(&db).await;
+    db.close().await;
+    columns
+}
+
+/// Where the backends differ on purpose, on SQLite's side: (table, column, type class,
+/// nullable) as SQLite has it, and why.
+const SQLITE_BY_DESIGN: [(&str, &str, &str, bool, &str); 4] = [
+    (
+        "events",
+        "payload",
+        "text",
+        false,
+        "SQLite has no JSON type",
+    ),
+    (
+        "events",
+        "metadata",
+        "text",
+        false,
+        "SQLite has no JSON type",
+    ),
+    (
+        "events",
+        "position",
+        "integer",
+        true,
+        "filled by an AFTER INSERT trigger (SQLite triggers cannot set NEW)",
+    ),
+    (
+        "events",
+        "recorded_at",
+        "text",
+        true,
+        "filled by the same trigger; SQLite has no timestamp type",
+    ),
+];
+
+/// Both backends give every table the same columns: names, type classes, nullability and
+/// primary keys, but for the differences listed (and sqlx's own bookkeeping table).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrations_create_the_same_columns_on_both_backends() {
+    let keep = |columns: Vec<Column>| -> Vec<Column> {
+        columns
+            .into_iter()
+            .filter(|c| c.0 != "_sqlx_migrations")
+            .collect()
+    };
+    let mut sqlite = keep(migrated_columns(Backend::Sqlite).await);
+    let postgres = keep(migrated_columns(Backend::Postgres).await);
+    for (table, column, class, nullable, _why) in SQLITE_BY_DESIGN {
+        let ours = sqlite
+            .iter_mut()
+            .find(|c| c.0 == table && c.1 == column)
+            .unwrap_or_else(|| panic!("{table}.{column} is gone: update SQLITE_BY_DESIGN"));
+        assert_eq!(
+            (ours.2.as_str(), ours.3),
+            (class, nullable),
+            "{table}.{column} changed: update SQLITE_BY_DESIGN"
+        );
+        let theirs = postgres
+            .iter()
+            .find(|c| c.0 == table && c.1 == column)
+            .unwrap_or_else(|| panic!("PostgreSQL has no {table}.{column}"));
+        assert_ne!(
+            (&ours.2, ours.3),
+            (&theirs.2, theirs.3),
+            "{table}.{column} no longer differs: remove it from SQLITE_BY_DESIGN"
+        );
+        ours.2.clone_from(&theirs.2);
+        ours.3 = theirs.3;
+    }
+    assert!(sqlite.len() > 50, "{} columns", sqlite.len());
+    let only_sqlite: Vec<&Column> = sqlite.iter().filter(|c| !postgres.contains(c)).collect();
+    let only_postgres: Vec<&Column> = postgres.iter().filter(|c| !sqlite.contains(c)).collect();
+    assert!(
+        only_sqlite.is_empty() && only_postgres.is_empty(),
+        "columns differ\nSQLite only: {only_sqlite:#?}\nPostgreSQL only: {only_postgres:#?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrations_create_the_same_tables_on_both_backends() {
     let sqlite = migrated_tables(Backend::Sqlite).await;

@@ -348,14 +348,15 @@ fn serve_refuses_an_unreachable_database_clearly() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("cannot connect to the database"));
 }
 
-/// kill -9 in the middle of a stream of commands; after a restart the read models equal a
-/// rebuild from the events, and the audit chain verifies.
-#[test]
-fn read_models_survive_kill_9_mid_workload() {
+/// kill -9 in the middle of a stream of commands (creations, pauses, resumes, revokes);
+/// after a restart the read models equal a rebuild from the events, no revoked scope has
+/// key material left, and the audit chain verifies.
+fn read_models_survive_kill_9_mid_workload(backend: Backend) {
     let runtime = tokio::runtime::Runtime::new().unwrap();
-    let test_db = runtime.block_on(TestDb::new(Backend::Sqlite));
+    let test_db = runtime.block_on(TestDb::new(backend));
+    let url = test_db.url.clone();
     let data_dir = test_db.data_dir().to_path_buf();
-    let server = serve(&data_dir, None);
+    let server = serve(&data_dir, url.as_deref());
     let operator = read_token(&data_dir);
     let (_, org) = call(
         "POST",
@@ -366,7 +367,7 @@ fn read_models_survive_kill_9_mid_workload() {
     let org_id = org["id"].as_str().unwrap().to_owned();
     let admin = org["admin_token"].as_str().unwrap().to_owned();
 
-    let (acked_tx, acked_rx) = mpsc::channel::<()>();
+    let (acked_tx, acked_rx) = mpsc::channel::<&'static str>();
     let base = server.base.clone();
     let worker = std::thread::spawn(move || {
         let runtime = tokio::runtime::Builder::new_current_thread()
@@ -375,18 +376,32 @@ fn read_models_survive_kill_9_mid_workload() {
             .unwrap();
         runtime.block_on(async {
             let client = reqwest::Client::new();
+            let mut teams: Vec<String> = vec![];
             for i in 0.. {
-                let (path, body) = if i % 3 == 0 {
-                    (
+                let (kind, path, body) = match i % 5 {
+                    0 | 1 => (
+                        "create",
                         "/v1/scopes".to_owned(),
                         json!({"kind": "team", "name": format!("t{i}"), "parent_id": org_id}),
-                    )
-                } else {
-                    let action = if i % 3 == 1 { "pause" } else { "resume" };
-                    (
-                        format!("/v1/scopes/{org_id}/{action}"),
+                    ),
+                    2 => (
+                        "pause",
+                        format!("/v1/scopes/{org_id}/pause"),
                         json!({"reason": "load"}),
-                    )
+                    ),
+                    3 => (
+                        "resume",
+                        format!("/v1/scopes/{org_id}/resume"),
+                        json!({"reason": "load"}),
+                    ),
+                    _ => {
+                        let team = teams.remove(0);
+                        (
+                            "revoke",
+                            format!("/v1/scopes/{team}/revoke"),
+                            json!({"reason": "load", "confirm": team}),
+                        )
+                    }
                 };
                 let sent = client
                     .post(format!("{base}{path}"))
@@ -396,7 +411,13 @@ fn read_models_survive_kill_9_mid_workload() {
                     .await;
                 match sent {
                     Ok(response) if response.status().is_success() => {
-                        if acked_tx.send(()).is_err() {
+                        if kind == "create" {
+                            let Ok(created) = response.json::<Value>().await else {
+                                return; // the server went away mid-answer
+                            };
+                            teams.push(created["id"].as_str().unwrap().to_owned());
+                        }
+                        if acked_tx.send(kind).is_err() {
                             return;
                         }
                     }
@@ -405,12 +426,16 @@ fn read_models_survive_kill_9_mid_workload() {
             }
         });
     });
-    // Let a few dozen commands through, then kill -9 while requests are in flight.
+    // Let a few dozen commands through (revokes among them), then kill -9 while requests
+    // are in flight.
+    let mut revokes = 0;
     for _ in 0..40 {
-        acked_rx
+        let kind = acked_rx
             .recv_timeout(Duration::from_secs(30))
             .expect("commands acknowledged");
+        revokes += usize::from(kind == "revoke");
     }
+    assert!(revokes >= 5, "{revokes} revokes acknowledged");
     let mut server = server;
     Command::new("kill")
         .args(["-KILL", &server.child.id().to_string()])
@@ -421,7 +446,7 @@ fn read_models_survive_kill_9_mid_workload() {
     worker.join().unwrap();
 
     // Restart: it catches up whatever was committed but not yet projected.
-    let again = serve(&data_dir, None);
+    let again = serve(&data_dir, url.as_deref());
     let (status, _) = call("GET", &format!("{}/readyz", again.base), "", None);
     assert_eq!(status, 200);
     assert_eq!(again.terminate().0, 0);
@@ -430,13 +455,43 @@ fn read_models_survive_kill_9_mid_workload() {
         .block_on(ekm_store::Db::open(&test_db.config))
         .unwrap();
     let live = runtime.block_on(crate::rebuild::dump(&db));
+    // Every revoke in the log was applied, its key material destroyed with it.
+    let revoked_with_keys: i64 = runtime.block_on(async {
+        ekm_store::with_read_pool!(&db, pool => {
+            sqlx::query_scalar(
+                "SELECT COUNT(*) FROM key_material k JOIN scope_view s ON s.id = k.scope_id \
+                 WHERE s.own_state = 'revoked'",
+            )
+            .fetch_one(pool)
+            .await
+            .unwrap()
+        })
+    });
+    assert_eq!(
+        revoked_with_keys, 0,
+        "key material of revoked scopes survived"
+    );
+    let revoked_events = runtime
+        .block_on(db.events_after(0, 100_000))
+        .unwrap()
+        .iter()
+        .filter(|e| e.event_type == "ScopeRevoked")
+        .count();
+    assert!(revoked_events >= revokes);
     runtime.block_on(db.close());
-    let rebuilt = Command::new(EKM)
-        .args(["projections", "rebuild"])
-        .arg("--data-dir")
-        .arg(&data_dir)
-        .output()
-        .unwrap();
+    let ekm = |args: &[&str]| {
+        let mut command = Command::new(EKM);
+        command
+            .args(args)
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .env_remove("EKM_DATABASE_URL");
+        if let Some(url) = url.as_deref() {
+            command.args(["--database-url", url]);
+        }
+        command.output().unwrap()
+    };
+    let rebuilt = ekm(&["projections", "rebuild"]);
     assert!(
         rebuilt.status.success(),
         "{}",
@@ -445,19 +500,24 @@ fn read_models_survive_kill_9_mid_workload() {
     let db = runtime
         .block_on(ekm_store::Db::open(&test_db.config))
         .unwrap();
-    assert_eq!(runtime.block_on(crate::rebuild::dump(&db)), live);
+    crate::rebuild::assert_same_rows(&runtime.block_on(crate::rebuild::dump(&db)), &live);
     runtime.block_on(db.close());
-    let verify = Command::new(EKM)
-        .args(["audit", "verify"])
-        .arg("--data-dir")
-        .arg(&data_dir)
-        .output()
-        .unwrap();
+    let verify = ekm(&["audit", "verify"]);
     assert!(
         verify.status.success(),
         "{}",
         String::from_utf8_lossy(&verify.stdout)
     );
+}
+
+#[test]
+fn sqlite_read_models_survive_kill_9_mid_workload() {
+    read_models_survive_kill_9_mid_workload(Backend::Sqlite);
+}
+
+#[test]
+fn postgres_read_models_survive_kill_9_mid_workload() {
+    read_models_survive_kill_9_mid_workload(Backend::Postgres);
 }
 
 /// `ekm org master-key set|show` as a client of a real `ekm serve`, which finds AWS

@@ -16,44 +16,105 @@ use ekm_store::Db;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::harness::{Backend, TestApp, TestDb};
+use crate::harness::{Backend, Options, TestApp, TestDb};
+use crate::kms_servers::Moto;
 use crate::on_both_backends;
+use crate::rich_history::{self, rich_history, RichHistory};
 
-const TABLES: [(&str, &str, &str); 3] = [
-    (
-        "scope_view",
-        "id, org_id, parent_id, kind, name, path, depth, own_state, plan, tier, key_version, version, created_at, created_position, updated_position, state_event, state_position, state_at, state_actor, state_reason",
-        "id",
-    ),
-    ("key_version_view", "scope_id, version, created_at, created_position", "scope_id, version"),
-    (
-        "grants_view",
-        "org_id, principal, permission, scope_id, granted_position, granted_at, granted_by",
-        "granted_position",
-    ),
-];
+/// The tables of every rebuildable read model, as the projections declare them.
+pub fn read_model_tables() -> Vec<&'static str> {
+    ekm_projections::standard_projections(None)
+        .iter()
+        .filter(|p| p.rebuildable())
+        .flat_map(|p| p.tables().iter().copied())
+        .collect()
+}
 
-/// Every row of every rebuildable read model, as text.
+/// Every column of `table`, from the database's own catalog: a column added by a later
+/// migration is compared without anyone remembering to list it.
+pub async fn columns(db: &Db, table: &str) -> Vec<String> {
+    let columns: Vec<String> = match db {
+        Db::Sqlite(sqlite) => {
+            sqlx::query_scalar("SELECT name FROM pragma_table_info($1) ORDER BY cid")
+                .bind(table)
+                .fetch_all(&sqlite.read)
+                .await
+                .unwrap()
+        }
+        Db::Postgres(pg) => sqlx::query_scalar(
+            "SELECT column_name::text FROM information_schema.columns \
+             WHERE table_schema = 'public' AND table_name = $1 ORDER BY ordinal_position",
+        )
+        .bind(table)
+        .fetch_all(&pg.pool)
+        .await
+        .unwrap(),
+    };
+    assert!(!columns.is_empty(), "no columns found for {table}");
+    columns
+}
+
+/// Every row of every rebuildable read model, every column, as text, sorted.
 pub async fn dump(db: &Db) -> Vec<String> {
     let mut out = vec![];
-    for (table, columns, order) in TABLES {
-        let cells: Vec<String> = columns
-            .split(", ")
-            .map(|c| format!("COALESCE(CAST({c} AS TEXT), '<null>')"))
-            .collect();
-        let sql = format!(
-            "SELECT {} AS row FROM {table} ORDER BY {order}",
-            cells.join(" || '|' || ")
-        );
-        let rows: Vec<String> = ekm_store::with_read_pool!(db, pool => {
-            sqlx::query_scalar(&sql).fetch_all(pool).await.unwrap()
-        });
-        out.extend(rows.into_iter().map(|r| format!("{table}: {r}")));
+    for table in read_model_tables() {
+        out.extend(dump_table(db, table).await);
     }
     out
 }
 
-fn metadata() -> EventMetadata {
+/// Asserts two dumps are equal, showing only the rows that differ.
+#[track_caller]
+pub fn assert_same_rows(actual: &[String], expected: &[String]) {
+    if actual == expected {
+        return;
+    }
+    let missing: Vec<&String> = expected.iter().filter(|r| !actual.contains(r)).collect();
+    let extra: Vec<&String> = actual.iter().filter(|r| !expected.contains(r)).collect();
+    panic!(
+        "the rows differ ({} against {} expected)\nmissing: {missing:#?}\nunexpected: {extra:#?}",
+        actual.len(),
+        expected.len()
+    );
+}
+
+/// Every row of `table`, every column, as text, sorted.
+pub async fn dump_table(db: &Db, table: &str) -> Vec<String> {
+    let cells: Vec<String> = columns(db, table)
+        .await
+        .iter()
+        .map(|c| format!("'{c}=' || COALESCE(CAST({c} AS TEXT), '<null>')"))
+        .collect();
+    let sql = format!("SELECT {} AS row FROM {table}", cells.join(" || '|' || "));
+    let mut rows: Vec<String> = ekm_store::with_read_pool!(db, pool => {
+        sqlx::query_scalar(&sql).fetch_all(pool).await.unwrap()
+    });
+    rows.sort();
+    rows.into_iter().map(|r| format!("{table}: {r}")).collect()
+}
+
+/// Every column of every read model holds a value in some row: the history reached it, so
+/// the comparison covers it.
+async fn assert_every_column_is_set(db: &Db) {
+    let mut never_set = vec![];
+    for table in read_model_tables() {
+        for column in columns(db, table).await {
+            let sql = format!("SELECT COUNT(*) FROM {table} WHERE {column} IS NOT NULL");
+            let set: i64 = ekm_store::with_read_pool!(db, pool => {
+                sqlx::query_scalar(&sql).fetch_one(pool).await.unwrap()
+            });
+            if set == 0 {
+                never_set.push(format!("{table}.{column}"));
+            }
+        }
+    }
+    assert!(
+        never_set.is_empty(),
+        "never set by the history: {never_set:?}"
+    );
+}
+
+pub fn metadata() -> EventMetadata {
     EventMetadata {
         actor: Actor {
             kind: ActorKind::User,
@@ -122,16 +183,22 @@ pub async fn random_history(app: &App, seed: u64, steps: usize) {
 }
 
 async fn rebuild_yields_exactly_the_live_read_models(backend: Backend) {
+    let moto = Moto::start().await;
+    let arn = moto.create_key().await;
     let test_db = TestDb::new(backend).await;
-    let app = TestApp::spawn_on(test_db).await;
-    random_history(&app.app, 7, 400).await;
+    let app = TestApp::spawn_on_with(test_db, rich_history::options()).await;
+    random_history(&app.app, 7, 300).await;
     // The revokes' re-keys record events too: let them finish before comparing.
     app.rekeyer.run_pending().await.unwrap();
-    random_history(&app.app, 8, 100).await;
+    let mut history = RichHistory::start(&app, &moto, &arn, 8).await;
+    history.run(300).await;
+    history.end_unavailable().await;
     // The revokes' re-keys record events too: let them finish before comparing.
     app.rekeyer.run_pending().await.unwrap();
+    rich_history::assert_every_event_type(&app.db).await;
     let live = dump(&app.db).await;
     assert!(live.len() > 120, "a long history: {} rows", live.len());
+    assert_every_column_is_set(&app.db).await;
     let seals_before: i64 = count(&app.db, "audit_chain").await;
 
     match backend {
@@ -144,17 +211,17 @@ async fn rebuild_yields_exactly_the_live_read_models(backend: Backend) {
                 .unwrap();
             assert_eq!(report.position, app.db.head_position().await.unwrap());
             assert!(reported.len() >= 2 && reported.last().unwrap().0 == report.position);
-            assert_eq!(dump(&app.db).await, live);
+            assert_same_rows(&dump(&app.db).await, &live);
             // The swapped-in tables are durable again and carry every index the old ones had.
             assert_eq!(pg_shape(&app.db).await, shape_before);
             // The live server keeps working on the swapped-in tables.
-            random_history(&app.app, 9, 20).await;
+            rich_history(&app, &moto, &arn, 9, 40).await;
             // The revokes' re-keys record events too: let them finish before comparing.
             app.rekeyer.run_pending().await.unwrap();
             let after = dump(&app.db).await;
             assert!(after.len() > live.len());
             rebuild(&app.db, &mut |_, _| {}).await.unwrap();
-            assert_eq!(dump(&app.db).await, after);
+            assert_same_rows(&dump(&app.db).await, &after);
         }
         // SQLite: with the server stopped, as the CLI requires.
         Backend::Sqlite => {
@@ -164,7 +231,7 @@ async fn rebuild_yields_exactly_the_live_read_models(backend: Backend) {
             let db = Db::open(&config).await.unwrap();
             let report = rebuild(&db, &mut |_, _| {}).await.unwrap();
             assert_eq!(report.projections, ["scope_tree"]);
-            assert_eq!(dump(&db).await, live);
+            assert_same_rows(&dump(&db).await, &live);
             db.close().await;
         }
     }
@@ -240,20 +307,79 @@ impl<F: Future> Future for CrashAfter<F> {
     }
 }
 
+/// The tables the key shredder deletes from: not rebuilt, not derived from events. In the
+/// order rows can be put back (key versions refer to their scope's wrapping key).
+const KEY_TABLES: [(&str, &str); 3] = [
+    ("wrapping_keys", "scope_id, epoch"),
+    ("key_material", "scope_id, version, fingerprint"),
+    (
+        "master_key_rewraps",
+        "scope_id, version, fingerprint, target",
+    ),
+];
+
+async fn key_dump(db: &Db) -> Vec<String> {
+    let mut out = vec![];
+    for (table, _) in KEY_TABLES {
+        out.extend(dump_table(db, table).await);
+    }
+    out
+}
+
 async fn interrupted_catch_up_resumes_without_loss_or_duplicates(backend: Backend) {
-    let app = TestApp::spawn(backend).await;
-    random_history(&app.app, 11, 120).await;
+    let moto = Moto::start().await;
+    let arn = moto.create_key().await;
+    let app = TestApp::spawn_with(
+        backend,
+        Options {
+            rekey_in_background: false,
+            ..rich_history::options()
+        },
+    )
+    .await;
+    random_history(&app.app, 11, 60).await;
     // The revokes' re-keys record events too: let them finish before comparing.
     app.rekeyer.run_pending().await.unwrap();
+    let mut history = RichHistory::start(&app, &moto, &arn, 11).await;
+    history.run(100).await;
+    // The key material as it stood before the rest of the history: what the key shredder
+    // destroys from here on (revokes, retires; no re-key job runs) is put back below, as if
+    // the crash had come before the shredder applied those events.
+    for (table, _) in KEY_TABLES {
+        crate::audit::exec(
+            &app.db,
+            &format!("CREATE TABLE before_{table} AS SELECT * FROM {table}"),
+        )
+        .await;
+    }
+    history.run(100).await;
+    history.end_unavailable().await;
+    rich_history::assert_every_event_type(&app.db).await;
     let live = dump(&app.db).await;
+    let live_keys = key_dump(&app.db).await;
     let config = app.config.clone();
     app.db.close().await;
 
     // Forget the read models, then catch up again through many small crashes.
     let db = Db::open(&config).await.unwrap();
+    let mut restored = 0;
+    for (table, key) in KEY_TABLES {
+        let missing =
+            format!("FROM before_{table} b WHERE ({key}) NOT IN (SELECT {key} FROM {table})");
+        restored += count(&db, &format!("(SELECT 1 {missing}) AS m")).await;
+        crate::audit::exec(
+            &db,
+            &format!("INSERT INTO {table} SELECT * {missing}; DROP TABLE before_{table}"),
+        )
+        .await;
+    }
+    assert!(
+        restored > 0,
+        "the history destroyed no key material to restore"
+    );
     // The seals too (here only: they are never rebuilt): they are one row per scope event,
     // so they show whether a crash left a batch half-written.
-    for table in TABLES.iter().map(|t| t.0).chain(["audit_chain"]) {
+    for table in read_model_tables().into_iter().chain(["audit_chain"]) {
         crate::audit::exec(&db, &format!("DELETE FROM {table}")).await;
     }
     crate::audit::exec(
@@ -263,7 +389,8 @@ async fn interrupted_catch_up_resumes_without_loss_or_duplicates(backend: Backen
     .await;
     crate::audit::exec(
         &db,
-        "UPDATE projection_checkpoints SET position = 0 WHERE name IN ('scope_tree', 'audit_chain')",
+        "UPDATE projection_checkpoints SET position = 0 \
+         WHERE name IN ('scope_tree', 'audit_chain', 'key_shredder')",
     )
     .await;
     let head = db.head_position().await.unwrap();
@@ -316,7 +443,9 @@ async fn interrupted_catch_up_resumes_without_loss_or_duplicates(backend: Backen
         crashes > 3,
         "the test crashed the runner only {crashes} times"
     );
-    assert_eq!(dump(&db).await, live);
+    assert_same_rows(&dump(&db).await, &live);
+    // The shredder, reset and crashed too, destroyed again what it had destroyed live.
+    assert_same_rows(&key_dump(&db).await, &live_keys);
     db.close().await;
 }
 on_both_backends!(interrupted_catch_up_resumes_without_loss_or_duplicates);
@@ -458,7 +587,7 @@ async fn a_second_rebuild_on_the_same_postgres_database_is_refused() {
         .unwrap();
     let live = dump(&app.db).await;
     rebuild(&app.db, &mut |_, _| {}).await.unwrap();
-    assert_eq!(dump(&app.db).await, live);
+    assert_same_rows(&dump(&app.db).await, &live);
     app.stop().await;
 }
 
@@ -483,7 +612,7 @@ async fn a_rebuild_before_the_first_start_leaves_checkpoints_for_it() {
     )
     .await;
     rebuild(&db, &mut |_, _| {}).await.unwrap();
-    assert_eq!(dump(&db).await, live);
+    assert_same_rows(&dump(&db).await, &live);
     // The first start.
     let projector = Projector::standard(
         db.clone(),
@@ -492,6 +621,6 @@ async fn a_rebuild_before_the_first_start_leaves_checkpoints_for_it() {
     );
     projector.init().await.unwrap();
     projector.catch_up().await.unwrap();
-    assert_eq!(dump(&db).await, live);
+    assert_same_rows(&dump(&db).await, &live);
     db.close().await;
 }

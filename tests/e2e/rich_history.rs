@@ -1,0 +1,375 @@
+//! Random histories that touch every column of every read model: scopes created, paused,
+//! resumed, rotated, retired and revoked; tier changes; customer master keys connected
+//! (moto) and dropped, their health recorded; grants given and taken back; tokens issued
+//! and revoked. Driven through the HTTP API where one exists, as a client would.
+
+use ekm_api::app::Action;
+use ekm_domain::{KeyHealth, ScopeId, UnavailableReason};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::json;
+
+use crate::harness::{Options, TestApp};
+use crate::kms_servers::Moto;
+
+/// The event types a rich history must contain, or it proves less than it claims. (The
+/// re-key job's events come from the revokes, once the job has run.)
+pub const EVENT_TYPES: [&str; 14] = [
+    "OrganizationCreated",
+    "ScopeCreated",
+    "ScopePaused",
+    "ScopeResumed",
+    "ScopeRevoked",
+    "ScopeKeyRotated",
+    "ScopeKeyVersionsRetired",
+    "OrganizationTierChanged",
+    "OrganizationMasterKeyChanged",
+    "OrganizationMasterKeyHealthChanged",
+    "PermissionGranted",
+    "PermissionRevoked",
+    "TokenIssued",
+    "TokenRevoked",
+];
+
+/// Server options for a rich history: the KMS settings that reach `moto`, no background
+/// health monitor (health events are recorded by the history itself, deterministically).
+pub fn options() -> Options {
+    Options {
+        health_interval: None,
+        ..crate::byok::options(
+            crate::kms_servers::aws_environment(),
+            std::time::Duration::from_secs(60),
+            std::time::Duration::from_secs(300),
+        )
+    }
+}
+
+struct Org {
+    id: String,
+    admin: String,
+    /// Every scope of this organization, with whether it may have children.
+    scopes: Vec<(String, bool)>,
+    tokens: Vec<String>,
+    /// Grants given (principal, permission, scope) and not taken back by the history.
+    grants: Vec<(&'static str, &'static str, Option<String>)>,
+    /// Whether a customer key wraps the organization key.
+    byok: bool,
+}
+
+const PRINCIPALS: [&str; 3] = ["alice", "bob", "ci-runner"];
+const PERMISSIONS: [&str; 4] = [
+    "encryption:manage",
+    "encryption:view",
+    "audit:read",
+    "data:use",
+];
+
+/// A seeded random history over two enterprise organizations, run a number of steps at a
+/// time. Refused commands (a pause of a revoked scope, a retire above the current version,
+/// ...) are part of the history too: they record nothing.
+pub struct RichHistory<'a> {
+    app: &'a TestApp,
+    moto: &'a Moto,
+    arn: &'a str,
+    rng: StdRng,
+    orgs: Vec<Org>,
+    step: usize,
+}
+
+/// `steps` commands of a fresh rich history.
+pub async fn rich_history(app: &TestApp, moto: &Moto, arn: &str, seed: u64, steps: usize) {
+    RichHistory::start(app, moto, arn, seed)
+        .await
+        .run(steps)
+        .await;
+}
+
+impl<'a> RichHistory<'a> {
+    /// Creates the two organizations.
+    pub async fn start(app: &'a TestApp, moto: &'a Moto, arn: &'a str, seed: u64) -> Self {
+        let mut orgs = vec![];
+        for _ in 0..2 {
+            let (id, admin) = app.org_with("enterprise", "managed").await;
+            orgs.push(Org {
+                scopes: vec![(id.clone(), true)],
+                id,
+                admin,
+                tokens: vec![],
+                grants: vec![],
+                byok: false,
+            });
+        }
+        RichHistory {
+            app,
+            moto,
+            arn,
+            rng: StdRng::seed_from_u64(seed),
+            orgs,
+            step: 0,
+        }
+    }
+
+    /// `steps` more commands.
+    pub async fn run(&mut self, steps: usize) {
+        for _ in 0..steps {
+            self.step += 1;
+            self.one_step().await;
+        }
+    }
+
+    /// Ends with the first organization under a customer key that is unavailable, so that
+    /// the health columns hold values at the end (a later switch clears them).
+    pub async fn end_unavailable(&mut self) {
+        let org = &mut self.orgs[0];
+        // A busy machine can make a KMS round trip time out: a few attempts.
+        for _ in 0..5 {
+            if org.byok {
+                break;
+            }
+            let body =
+                json!({"provider": "aws-kms", "key_id": self.arn, "endpoint_url": self.moto.url});
+            let switched = crate::byok::connect(self.app, &org.admin, &org.id, body).await;
+            org.byok = switched.status.is_success();
+        }
+        assert!(org.byok, "the customer key could not be connected");
+        let action = Action::RecordMasterKeyHealth {
+            health: KeyHealth::Unavailable,
+            reason: Some(UnavailableReason::AccessDenied),
+            detail: "the end of the history".into(),
+        };
+        let metadata = ekm_api::health::system_metadata();
+        let scope = ScopeId::parse(&org.id).unwrap();
+        self.app
+            .app
+            .act(scope, action, &metadata, None)
+            .await
+            .unwrap();
+    }
+
+    async fn one_step(&mut self) {
+        let (app, moto, arn, step) = (self.app, self.moto, self.arn, self.step);
+        let rng = &mut self.rng;
+        let org = &mut self.orgs[rng.random_range(0..2)];
+        let (target, _) = org.scopes[rng.random_range(0..org.scopes.len())].clone();
+        let token = org.admin.clone();
+        match rng.random_range(0..100) {
+            0..=24 => {
+                let parents: Vec<&String> = org
+                    .scopes
+                    .iter()
+                    .filter(|(_, parent)| *parent)
+                    .map(|(id, _)| id)
+                    .collect();
+                let parent = parents[rng.random_range(0..parents.len())].clone();
+                let kinds: &[&str] = if parent == org.id {
+                    &["team", "team", "thread", "mcp_connector"]
+                } else {
+                    &["thread", "agent", "mcp_connector"]
+                };
+                let kind = kinds[rng.random_range(0..kinds.len())];
+                let created = app
+                    .post(
+                        "/v1/scopes",
+                        &token,
+                        json!({"kind": kind, "name": format!("s{step}"), "parent_id": parent}),
+                    )
+                    .await;
+                if created.status.is_success() {
+                    org.scopes.push((created.str("id"), kind == "team"));
+                }
+            }
+            25..=34 => drop(
+                app.post(
+                    &format!("/v1/scopes/{target}/pause"),
+                    &token,
+                    json!({"reason": format!("pause {step}")}),
+                )
+                .await,
+            ),
+            35..=44 => drop(app.resume(&token, &target).await),
+            45..=51 => drop(
+                app.post(&format!("/v1/scopes/{target}/rotate"), &token, json!({}))
+                    .await,
+            ),
+            52..=56 => {
+                // Rotate first, so that there is an older version to retire.
+                let rotated = app
+                    .post(&format!("/v1/scopes/{target}/rotate"), &token, json!({}))
+                    .await;
+                let newest = rotated.body["key_versions"]
+                    .as_array()
+                    .and_then(|versions| {
+                        versions.iter().filter_map(|v| v["version"].as_u64()).max()
+                    });
+                if let Some(newest) = newest.filter(|n| *n >= 2) {
+                    let below = rng.random_range(2..=newest);
+                    drop(
+                        app.post(
+                            &format!("/v1/scopes/{target}/retire"),
+                            &token,
+                            json!({"below": below}),
+                        )
+                        .await,
+                    );
+                }
+            }
+            57..=60 => {
+                if target != org.id {
+                    drop(app.revoke(&token, &target).await);
+                }
+            }
+            // Under a customer key, the first PUT goes back to the platform's key (managed).
+            61..=63 => {
+                for _ in 0..2 {
+                    let tier = if org.byok {
+                        "managed"
+                    } else {
+                        ["default", "managed"][rng.random_range(0..2)]
+                    };
+                    let changed = app
+                        .call(
+                            "PUT",
+                            &format!("/v1/orgs/{}/tier", org.id),
+                            Some(&token),
+                            Some(json!({"tier": tier, "reason": "plan review"})),
+                        )
+                        .await;
+                    if changed.status.is_success() {
+                        org.byok = false;
+                    }
+                }
+            }
+            // Health is recorded only under a customer key: connect one first when there is
+            // none (and sometimes go back to the platform's key).
+            64..=73 => {
+                if !org.byok || rng.random_range(0..4) == 0 {
+                    let body = if org.byok {
+                        json!({"provider": "local", "reason": "back home"})
+                    } else {
+                        json!({"provider": "aws-kms", "key_id": arn, "endpoint_url": moto.url, "reason": "go byok"})
+                    };
+                    let switched = crate::byok::connect(app, &token, &org.id, body).await;
+                    if switched.status.is_success() {
+                        org.byok = switched.body["tier"] == "byok";
+                    }
+                    return;
+                }
+                let (health, reason) = if rng.random_range(0..2) == 0 {
+                    (KeyHealth::Available, None)
+                } else {
+                    let reasons = [
+                        UnavailableReason::Disabled,
+                        UnavailableReason::PendingDeletion,
+                        UnavailableReason::Unreachable,
+                    ];
+                    (
+                        KeyHealth::Unavailable,
+                        Some(reasons[rng.random_range(0..reasons.len())]),
+                    )
+                };
+                let action = Action::RecordMasterKeyHealth {
+                    health,
+                    reason,
+                    detail: format!("check {step}"),
+                };
+                let metadata = ekm_api::health::system_metadata();
+                drop(
+                    app.app
+                        .act(ScopeId::parse(&org.id).unwrap(), action, &metadata, None)
+                        .await,
+                );
+            }
+            74..=83 => {
+                let principal = PRINCIPALS[rng.random_range(0..PRINCIPALS.len())];
+                let permission = PERMISSIONS[rng.random_range(0..PERMISSIONS.len())];
+                let mut body = json!({"principal": principal, "permission": permission});
+                let scope = (rng.random_range(0..2) == 0).then(|| target.clone());
+                if let Some(scope) = &scope {
+                    body["scope_id"] = json!(scope);
+                }
+                let granted = app
+                    .post(&format!("/v1/orgs/{}/grants", org.id), &token, body)
+                    .await;
+                if granted.status.is_success() {
+                    org.grants.push((principal, permission, scope));
+                }
+            }
+            // Mostly a grant given earlier, sometimes one that does not exist.
+            84..=89 => {
+                let (principal, permission, scope) =
+                    if org.grants.is_empty() || rng.random_range(0..4) == 0 {
+                        (
+                            PRINCIPALS[rng.random_range(0..PRINCIPALS.len())],
+                            PERMISSIONS[rng.random_range(0..PERMISSIONS.len())],
+                            (rng.random_range(0..2) == 0).then(|| target.clone()),
+                        )
+                    } else {
+                        org.grants.remove(rng.random_range(0..org.grants.len()))
+                    };
+                let query = scope
+                    .as_ref()
+                    .map(|s| format!("?scope_id={s}"))
+                    .unwrap_or_default();
+                let removed = app
+                    .call(
+                        "DELETE",
+                        &format!("/v1/orgs/{}/grants/{principal}/{permission}{query}", org.id),
+                        Some(&token),
+                        None,
+                    )
+                    .await;
+                // Half the time given back at once: the same grant, revoked then granted
+                // again, must survive a rebuild that applies both in one batch.
+                if removed.status.is_success() && rng.random_range(0..2) == 0 {
+                    let mut body = json!({"principal": principal, "permission": permission});
+                    if let Some(scope) = &scope {
+                        body["scope_id"] = json!(scope);
+                    }
+                    let granted = app
+                        .post(&format!("/v1/orgs/{}/grants", org.id), &token, body)
+                        .await;
+                    if granted.status.is_success() {
+                        org.grants.push((principal, permission, scope));
+                    }
+                }
+            }
+            90..=95 => {
+                let principal = PRINCIPALS[rng.random_range(0..PRINCIPALS.len())];
+                let role = ["member", "it_admin"][rng.random_range(0..2)];
+                let issued = app
+                    .post(
+                        &format!("/v1/orgs/{}/tokens", org.id),
+                        &token,
+                        json!({"principal": principal, "role": role}),
+                    )
+                    .await;
+                if issued.status.is_success() {
+                    org.tokens.push(issued.str("id"));
+                }
+            }
+            _ => {
+                if !org.tokens.is_empty() {
+                    let id = org.tokens.remove(rng.random_range(0..org.tokens.len()));
+                    drop(
+                        app.call(
+                            "DELETE",
+                            &format!("/v1/orgs/{}/tokens/{id}", org.id),
+                            Some(&token),
+                            None,
+                        )
+                        .await,
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Panics unless the log holds at least one event of every type in `EVENT_TYPES`.
+pub async fn assert_every_event_type(db: &ekm_store::Db) {
+    let events = db.events_after(0, 1_000_000).await.unwrap();
+    for wanted in EVENT_TYPES {
+        let count = events.iter().filter(|e| e.event_type == wanted).count();
+        assert!(count > 0, "the history has no {wanted} event");
+    }
+}
