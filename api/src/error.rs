@@ -331,9 +331,10 @@ pub fn master_key_unusable(
 fn database_unreachable(error: &AppError) -> bool {
     let mut next: Option<&(dyn std::error::Error + 'static)> = match error {
         // cqrs-es keeps the database's error as a payload, not as a source.
-        AppError::EventStore(cqrs_es::AggregateError::DatabaseConnectionError(inner)) => {
-            Some(inner.as_ref())
-        }
+        AppError::EventStore(
+            cqrs_es::AggregateError::DatabaseConnectionError(inner)
+            | cqrs_es::AggregateError::UnexpectedError(inner),
+        ) => Some(inner.as_ref()),
         other => Some(other),
     };
     while let Some(current) = next {

@@ -154,6 +154,8 @@ pub async fn history(app: &TestApp) -> (String, String, String, Vec<StoredEvent>
     app.pause(&admin, &team).await;
     app.resume(&admin, &team).await;
     app.pause(&admin, &team).await;
+    // The runner seals behind the answers (ADR 0020): tampering starts from sealed history.
+    app.app.refresh().await.unwrap();
     let events = org_events(&app.db, &org).await;
     (org, admin, team, events)
 }
