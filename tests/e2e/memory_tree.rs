@@ -52,9 +52,9 @@ fn op() -> impl Strategy<Value = (bool, Op)> {
         1 => any::<usize>().prop_map(Op::Rotate),
         1 => any::<usize>().prop_map(Op::Retire),
         1 => any::<bool>().prop_map(Op::Tier),
-        1 => (0..3u8, 0..4usize, proptest::option::of(any::<usize>()))
+        2 => (0..3u8, 0..4usize, proptest::option::of(any::<usize>()))
             .prop_map(|(principal, permission, scope)| Op::Grant { principal, permission, scope }),
-        1 => (0..3u8, 0..4usize, proptest::option::of(any::<usize>()))
+        2 => (0..3u8, 0..4usize, proptest::option::of(any::<usize>()))
             .prop_map(|(principal, permission, scope)| Op::Ungrant { principal, permission, scope }),
     ];
     (any::<bool>(), op)
@@ -306,7 +306,7 @@ fn memory_tree_equals_the_read_models_on_sqlite() {
 
 #[test]
 fn memory_tree_equals_the_read_models_on_two_postgres_instances() {
-    run(Backend::Postgres, 6);
+    run(Backend::Postgres, 10);
 }
 
 /// Two instances on one PostgreSQL database: a pause acknowledged by A shows in B's
