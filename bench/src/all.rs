@@ -1181,6 +1181,7 @@ pub(crate) async fn raw_inserts_sqlite(path: &Path, seconds: u64) -> anyhow::Res
     };
     let options = SqliteConnectOptions::new()
         .filename(path)
+        .create_if_missing(true)
         .journal_mode(SqliteJournalMode::Wal)
         .synchronous(SqliteSynchronous::Full)
         .busy_timeout(Duration::from_secs(10))

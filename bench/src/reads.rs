@@ -20,6 +20,8 @@ struct Mode {
     starts_ms: Vec<f64>,
     rss_started_mib: f64,
     reads: Vec<WrkRun>,
+    /// `GET /healthz` on the same server just before: the HTTP stack and the machine.
+    hello: WrkRun,
     rss_peak_mib: f64,
     loaded: Option<String>,
 }
@@ -128,6 +130,11 @@ async fn measure(
                     .find(|l| l.contains("scope tree loaded into memory"))
                     .map(str::to_owned)
             });
+        let hello = server::wrk(
+            &format!("{}/healthz", server.base),
+            &server::lua(&token, None),
+            seconds,
+        )?;
         let mut reads = vec![];
         for _ in 0..repeats {
             reads.push(server::wrk(&format!("{}/", server.base), &script, seconds)?);
@@ -139,6 +146,7 @@ async fn measure(
             starts_ms,
             rss_started_mib,
             reads,
+            hello,
             rss_peak_mib,
             loaded,
         });
@@ -153,10 +161,10 @@ fn report(scopes: usize, modes: &[Mode]) {
     let mut out = std::io::stdout().lock();
     let _ = writeln!(
         out,
-        "| `GET /v1/scopes/{{leaf}}`, {} scopes, wrk -t2 -c16 | req/s (median, range) | p50 | p99 | non-2xx | start-up (median of 3) | RSS after start | peak RSS |",
+        "| `GET /v1/scopes/{{leaf}}`, {} scopes, wrk -t2 -c16 | req/s (median, range) | p50 | p99 | non-2xx | `GET /healthz` same server: req/s, p99 | start-up (median of 3) | RSS after start | peak RSS |",
         count(scopes as f64)
     );
-    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|");
+    let _ = writeln!(out, "|---|---|---|---|---|---|---|---|---|");
     for mode in modes {
         let rps = Stats::of(&mode.reads.iter().map(|r| r.rps).collect::<Vec<_>>());
         let p50 = Stats::of(&mode.reads.iter().map(|r| r.p50_ms).collect::<Vec<_>>()).median;
@@ -165,12 +173,14 @@ fn report(scopes: usize, modes: &[Mode]) {
         let starts = Stats::of(&mode.starts_ms);
         let _ = writeln!(
             out,
-            "| from {} | {} ({}) | {} | {} | {errors} | {} | {:.0} MiB | {:.0} MiB |",
+            "| from {} | {} ({}) | {} | {} | {errors} | {}, {} | {} | {:.0} MiB | {:.0} MiB |",
             mode.name,
             count(rps.median),
             rps.range(count),
             ms(p50),
             ms(p99),
+            count(mode.hello.rps),
+            ms(mode.hello.p99_ms),
             ms(starts.median),
             mode.rss_started_mib,
             mode.rss_peak_mib,

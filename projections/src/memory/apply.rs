@@ -1,0 +1,308 @@
+//! Applying one event to the tree, as the scope tree projection applies it to its rows.
+
+use ekm_domain::{KeyHealth, OwnState, ScopeEvent, ScopeId, ScopeKind};
+use ekm_store::time::to_micros;
+use ekm_store::StoredEvent;
+
+use super::{
+    malformed, Applied, Change, Fingerprint, GrantRow, KeyVer, Node, OrgFields, Rare, Rekey, Tree,
+    ROOT,
+};
+use crate::error::ProjectionError;
+
+impl Tree {
+    fn node_mut(&mut self, id: &str) -> Result<&mut Node, ProjectionError> {
+        let scope = ScopeId::parse(id).map_err(|e| malformed(id, e.to_string()))?;
+        let slot = self
+            .index
+            .get(&scope)
+            .copied()
+            .ok_or_else(|| malformed(id, "an event for a scope the tree does not hold"))?;
+        Ok(&mut self.nodes[slot as usize])
+    }
+
+    pub(super) fn insert(&mut self, node: Node) -> u32 {
+        let slot = u32::try_from(self.nodes.len()).unwrap_or(ROOT - 1);
+        self.index.insert(node.id, slot);
+        self.nodes.push(node);
+        slot
+    }
+
+    /// Applies one event, unless already applied. With `strict`, an event that does not
+    /// follow what this tree has seen of its aggregate is left out (`Applied::Gap`).
+    pub(super) fn apply(
+        &mut self,
+        stored: &StoredEvent,
+        strict: bool,
+    ) -> Result<Applied, ProjectionError> {
+        if stored.aggregate_type != "scope" || stored.position <= self.floor {
+            return Ok(Applied::Skipped);
+        }
+        let id = ScopeId::parse(&stored.aggregate_id)
+            .map_err(|e| malformed(&stored.aggregate_id, e.to_string()))?;
+        if let Some(slot) = self.index.get(&id) {
+            let node = &self.nodes[*slot as usize];
+            if stored.sequence <= node.seen {
+                return Ok(Applied::Skipped);
+            }
+            if strict && node.exact && stored.sequence != node.seen + 1 {
+                return Ok(Applied::Gap);
+            }
+        } else if strict && stored.sequence != 1 {
+            return Ok(Applied::Gap);
+        }
+        let event = stored.scope_event()?;
+        let at = to_micros(stored.recorded_at);
+        let exists = self.index.contains_key(&id);
+        match event {
+            ScopeEvent::OrganizationCreated {
+                name,
+                plan,
+                tier,
+                key_version,
+                key_fingerprint,
+                ..
+            } => {
+                if exists {
+                    return Ok(Applied::Skipped);
+                }
+                self.insert(Node {
+                    id,
+                    parent: ROOT,
+                    kind: ScopeKind::Organization,
+                    own_state: OwnState::Active,
+                    rekey: Rekey::None,
+                    exact: true,
+                    key_version: key_version.get(),
+                    version: stored.sequence,
+                    seen: stored.sequence,
+                    created_at: at,
+                    updated_position: stored.position,
+                    name: name.as_str().into(),
+                    rare: Some(Box::new(Rare {
+                        org: Some(OrgFields {
+                            plan: Some(plan),
+                            tier: Some(tier),
+                            ..OrgFields::default()
+                        }),
+                        ..Rare::default()
+                    })),
+                    key_versions: Box::new([KeyVer {
+                        version: key_version.get(),
+                        retired: false,
+                        created_at: at,
+                        fingerprint: Fingerprint::new(key_fingerprint),
+                    }]),
+                });
+                self.position = self.position.max(stored.position);
+                return Ok(Applied::Yes);
+            }
+            ScopeEvent::ScopeCreated {
+                kind,
+                name,
+                parent_id,
+                key_version,
+                key_fingerprint,
+                ..
+            } => {
+                if exists {
+                    return Ok(Applied::Skipped);
+                }
+                let Some(parent) = self.index.get(&parent_id).copied() else {
+                    if strict {
+                        return Ok(Applied::Gap);
+                    }
+                    return Err(malformed(
+                        &stored.aggregate_id,
+                        "created under a parent the tree does not hold",
+                    ));
+                };
+                self.insert(Node {
+                    id,
+                    parent,
+                    kind,
+                    own_state: OwnState::Active,
+                    rekey: Rekey::None,
+                    exact: true,
+                    key_version: key_version.get(),
+                    version: stored.sequence,
+                    seen: stored.sequence,
+                    created_at: at,
+                    updated_position: stored.position,
+                    name: name.as_str().into(),
+                    rare: None,
+                    key_versions: Box::new([KeyVer {
+                        version: key_version.get(),
+                        retired: false,
+                        created_at: at,
+                        fingerprint: Fingerprint::new(key_fingerprint),
+                    }]),
+                });
+                self.position = self.position.max(stored.position);
+                return Ok(Applied::Yes);
+            }
+            _ if !exists => {
+                if strict {
+                    return Ok(Applied::Gap);
+                }
+                return Err(malformed(
+                    &stored.aggregate_id,
+                    "an event for a scope the tree does not hold",
+                ));
+            }
+            ScopeEvent::PermissionGranted {
+                principal,
+                permission,
+                scope_id,
+            } => {
+                let actor = stored.event_metadata()?.actor.to_string();
+                let row = GrantRow {
+                    principal: principal.as_str().into(),
+                    permission: self.strings.intern(permission.as_str()),
+                    scope_id,
+                    granted_position: stored.position,
+                    granted_at: at,
+                    granted_by: self.strings.intern(&actor),
+                };
+                self.grants.entry(id).or_default().push(row);
+            }
+            ScopeEvent::PermissionRevoked {
+                principal,
+                permission,
+                scope_id,
+            } => {
+                let permission = self.strings.intern(permission.as_str());
+                if let Some(rows) = self.grants.get_mut(&id) {
+                    rows.retain(|g| {
+                        !(&*g.principal == principal.as_str()
+                            && g.permission == permission
+                            && g.scope_id == scope_id
+                            && g.granted_position < stored.position)
+                    });
+                }
+            }
+            ScopeEvent::TokenIssued { .. }
+            | ScopeEvent::TokenRevoked { .. }
+            | ScopeEvent::RevocationRekeyProgressed { .. } => {}
+            ScopeEvent::ScopePaused {} => self.state_change(stored, OwnState::Paused, at)?,
+            ScopeEvent::ScopeResumed {} => self.state_change(stored, OwnState::Active, at)?,
+            ScopeEvent::ScopeRevoked {} => {
+                self.state_change(stored, OwnState::Revoked, at)?;
+                let node = self.node_mut(&stored.aggregate_id)?;
+                node.rekey = Rekey::Pending;
+                if let Some(rare) = node.rare.as_mut() {
+                    rare.rekey_done_position = None;
+                }
+            }
+            ScopeEvent::RevocationRekeyStarted { .. } => {
+                let node = self.touch(stored)?;
+                node.rekey = Rekey::Running;
+                if let Some(rare) = node.rare.as_mut() {
+                    rare.rekey_done_position = None;
+                }
+            }
+            ScopeEvent::RevocationRekeyCompleted { .. } => {
+                let node = self.touch(stored)?;
+                node.rekey = Rekey::Done;
+                node.rare
+                    .get_or_insert_with(Default::default)
+                    .rekey_done_position = Some(stored.position);
+            }
+            ScopeEvent::ScopeKeyRotated {
+                key_version,
+                key_fingerprint,
+            } => {
+                let node = self.touch(stored)?;
+                node.key_version = key_version.get();
+                let mut versions = std::mem::take(&mut node.key_versions).into_vec();
+                versions.push(KeyVer {
+                    version: key_version.get(),
+                    retired: false,
+                    created_at: at,
+                    fingerprint: Fingerprint::new(key_fingerprint),
+                });
+                versions.sort_by_key(|k| k.version);
+                node.key_versions = versions.into_boxed_slice();
+            }
+            ScopeEvent::ScopeKeyVersionsRetired { below } => {
+                let node = self.touch(stored)?;
+                for version in node.key_versions.iter_mut() {
+                    if version.version < below.get() {
+                        version.retired = true;
+                    }
+                }
+            }
+            ScopeEvent::OrganizationTierChanged { to, .. } => {
+                let node = self.touch(stored)?;
+                org_fields(node).tier = Some(to);
+            }
+            ScopeEvent::OrganizationMasterKeyChanged { to, tier_to, .. } => {
+                let position = stored.position;
+                let node = self.touch(stored)?;
+                let org = org_fields(node);
+                org.tier = Some(tier_to);
+                org.master_health = to.as_ref().map(|_| KeyHealth::Available);
+                org.master_key = to;
+                org.master_reason = None;
+                org.master_detail = None;
+                org.master_position = Some(position);
+                org.master_at = Some(at);
+            }
+            ScopeEvent::OrganizationMasterKeyHealthChanged {
+                health,
+                reason,
+                detail,
+            } => {
+                let position = stored.position;
+                let node = self.touch(stored)?;
+                let org = org_fields(node);
+                org.master_health = Some(health);
+                org.master_reason = reason.map(|r| r.as_str().into());
+                org.master_detail = Some(detail.into_boxed_str());
+                org.master_position = Some(position);
+                org.master_at = Some(at);
+            }
+        }
+        let node = self.node_mut(&stored.aggregate_id)?;
+        node.seen = stored.sequence;
+        node.exact = true;
+        self.position = self.position.max(stored.position);
+        Ok(Applied::Yes)
+    }
+
+    /// The node of the event's aggregate, with its version and updated position moved to
+    /// the event (as the row's `version` and `updated_position` columns).
+    fn touch(&mut self, stored: &StoredEvent) -> Result<&mut Node, ProjectionError> {
+        let node = self.node_mut(&stored.aggregate_id)?;
+        node.version = stored.sequence;
+        node.updated_position = stored.position;
+        Ok(node)
+    }
+
+    fn state_change(
+        &mut self,
+        stored: &StoredEvent,
+        state: OwnState,
+        at: i64,
+    ) -> Result<(), ProjectionError> {
+        let metadata = stored.event_metadata()?;
+        let change = Change {
+            event: self.strings.intern(&stored.event_type),
+            position: stored.position,
+            at,
+            actor: self.strings.intern(&metadata.actor.to_string()),
+            reason: metadata.reason.map(|r| r.as_str().into()),
+        };
+        let node = self.touch(stored)?;
+        node.own_state = state;
+        node.rare.get_or_insert_with(Default::default).state_change = Some(change);
+        Ok(())
+    }
+}
+
+fn org_fields(node: &mut Node) -> &mut OrgFields {
+    node.rare
+        .get_or_insert_with(Default::default)
+        .org
+        .get_or_insert_with(Default::default)
+}

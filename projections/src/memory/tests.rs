@@ -1,0 +1,403 @@
+//! Unit tests of the tree: the cascade, causes and destruction from memory, key versions,
+//! grants, and applying idempotently.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use cqrs_es::DomainEvent;
+use ekm_domain::metadata::{Actor, ActorKind, EventMetadata};
+use ekm_domain::{KeyVersion, Provider, Reason, ScopeEvent, ScopeName, UnavailableReason};
+
+use super::*;
+
+/// Hands out positions and per-aggregate sequences, as the event log would.
+#[derive(Default)]
+struct Log {
+    position: i64,
+    sequences: HashMap<ScopeId, i64>,
+}
+
+impl Log {
+    fn event(&mut self, id: ScopeId, event: &ScopeEvent) -> StoredEvent {
+        self.position += 1;
+        let sequence = self.sequences.entry(id).or_default();
+        *sequence += 1;
+        let metadata = EventMetadata {
+            actor: Actor {
+                kind: ActorKind::User,
+                id: "alice".into(),
+            },
+            request_id: "req".into(),
+            reason: Reason::parse("incident 7").ok(),
+            source_address: None,
+            recorded_at: "2026-11-30T00:00:00Z".into(),
+            location: None,
+        };
+        StoredEvent {
+            position: self.position,
+            recorded_at: chrono::Utc::now(),
+            aggregate_type: "scope".into(),
+            aggregate_id: id.to_string(),
+            sequence: *sequence,
+            event_type: event.event_type(),
+            event_version: "1".into(),
+            payload: serde_json::to_string(event).unwrap(),
+            metadata: serde_json::to_string(&metadata.to_map()).unwrap(),
+        }
+    }
+}
+
+fn ready() -> MemoryTree {
+    let tree = MemoryTree::new();
+    tree.state.write().unwrap().phase = Phase::Ready;
+    tree
+}
+
+/// An organization with a team and a thread in the team.
+struct Given {
+    tree: MemoryTree,
+    log: Log,
+    org: ScopeId,
+    team: ScopeId,
+    thread: ScopeId,
+}
+
+fn given() -> Given {
+    let mut log = Log::default();
+    let org = OrgId::generate();
+    let team = ScopeId::generate();
+    let thread = ScopeId::generate();
+    let name = |n: &str| ScopeName::parse(n).unwrap();
+    let events = vec![
+        log.event(
+            org.scope_id(),
+            &ScopeEvent::OrganizationCreated {
+                org_id: org,
+                name: name("acme"),
+                plan: Plan::Enterprise,
+                tier: Tier::Managed,
+                key_version: KeyVersion::FIRST,
+                admin_token_id: None,
+                key_fingerprint: Some("00112233445566778899aabbccddeeff".into()),
+            },
+        ),
+        log.event(
+            team,
+            &ScopeEvent::ScopeCreated {
+                scope_id: team,
+                kind: ScopeKind::Team,
+                name: name("research"),
+                parent_id: org.scope_id(),
+                org_id: org,
+                path: vec![org.scope_id(), team],
+                key_version: KeyVersion::FIRST,
+                key_fingerprint: Some("not-hex".into()),
+            },
+        ),
+        log.event(
+            thread,
+            &ScopeEvent::ScopeCreated {
+                scope_id: thread,
+                kind: ScopeKind::Thread,
+                name: name("chat"),
+                parent_id: team,
+                org_id: org,
+                path: vec![org.scope_id(), team, thread],
+                key_version: KeyVersion::FIRST,
+                key_fingerprint: None,
+            },
+        ),
+    ];
+    let tree = ready();
+    assert_eq!(
+        tree.apply(&events).unwrap(),
+        vec![Applied::Yes, Applied::Yes, Applied::Yes]
+    );
+    Given {
+        tree,
+        log,
+        org: org.scope_id(),
+        team,
+        thread,
+    }
+}
+
+impl Given {
+    fn when(&mut self, id: ScopeId, event: ScopeEvent) -> StoredEvent {
+        let stored = self.log.event(id, &event);
+        assert_eq!(
+            self.tree.apply(std::slice::from_ref(&stored)).unwrap(),
+            [Applied::Yes]
+        );
+        stored
+    }
+
+    fn snapshot(&self, id: ScopeId) -> ScopeSnapshot {
+        self.tree.snapshot(id).unwrap().unwrap()
+    }
+}
+
+#[test]
+fn snapshot_shows_path_plan_and_key_versions_when_nothing_changed() {
+    let given = given();
+    let thread = given.snapshot(given.thread);
+    assert_eq!(thread.scope.path, vec![given.org, given.team, given.thread]);
+    assert_eq!(thread.scope.org_id.scope_id(), given.org);
+    assert_eq!(thread.scope.parent_id, Some(given.team));
+    assert_eq!(thread.scope.name, "chat");
+    assert_eq!(thread.effective, Effective::Active);
+    assert_eq!(thread.inherited, Effective::Active);
+    assert_eq!(thread.cause, None);
+    assert_eq!(
+        (thread.org_plan, thread.org_tier),
+        (Plan::Enterprise, Tier::Managed)
+    );
+    assert_eq!(thread.scope.plan, None);
+    let org = given.snapshot(given.org);
+    assert_eq!(org.scope.plan, Some(Plan::Enterprise));
+    assert_eq!(
+        org.key_versions[0].fingerprint.as_deref(),
+        Some("00112233445566778899aabbccddeeff")
+    );
+    let team = given.snapshot(given.team);
+    assert_eq!(team.key_versions[0].fingerprint.as_deref(), Some("not-hex"));
+}
+
+#[test]
+fn pause_of_a_team_cascades_to_its_thread_with_the_team_as_cause() {
+    let mut given = given();
+    let paused = given.when(given.team, ScopeEvent::ScopePaused {});
+    let thread = given.snapshot(given.thread);
+    assert_eq!(thread.effective, Effective::Paused { by: given.team });
+    assert_eq!(thread.inherited, Effective::Paused { by: given.team });
+    let cause = thread.cause.unwrap();
+    assert_eq!(
+        (cause.scope_id, cause.name.as_str()),
+        (given.team, "research")
+    );
+    let change = cause.change.unwrap();
+    assert_eq!(change.event, "ScopePaused");
+    assert_eq!(change.position, paused.position);
+    assert_eq!(change.actor, "user:alice");
+    assert_eq!(change.reason.as_deref(), Some("incident 7"));
+    // The thread's own state and version are untouched; the team's moved.
+    assert_eq!(thread.scope.own_state, OwnState::Active);
+    assert_eq!(given.snapshot(given.team).scope.version, 2);
+    // Resumed: active again, and the change is the resume.
+    given.when(given.team, ScopeEvent::ScopeResumed {});
+    let thread = given.snapshot(given.thread);
+    assert_eq!(thread.effective, Effective::Active);
+    assert_eq!(
+        given.snapshot(given.team).scope.state_change.unwrap().event,
+        "ScopeResumed"
+    );
+}
+
+#[test]
+fn revoke_beats_a_higher_pause_and_the_highest_revoke_is_the_cause() {
+    let mut given = given();
+    given.when(given.org, ScopeEvent::ScopePaused {});
+    given.when(given.thread, ScopeEvent::ScopeRevoked {});
+    let thread = given.snapshot(given.thread);
+    assert_eq!(thread.effective, Effective::Revoked { by: given.thread });
+    assert_eq!(thread.inherited, Effective::Paused { by: given.org });
+    given.when(given.team, ScopeEvent::ScopeRevoked {});
+    let thread = given.snapshot(given.thread);
+    assert_eq!(thread.effective, Effective::Revoked { by: given.team });
+    assert_eq!(thread.cause.unwrap().scope_id, given.team);
+    // The destruction is the highest revoke's, pending until its re-key completes.
+    let destruction = thread.destruction.unwrap();
+    assert_eq!(destruction.revoked, given.team);
+    assert_eq!(destruction.live_done_position, None);
+    given.when(
+        given.team,
+        ScopeEvent::RevocationRekeyStarted { ancestors: vec![] },
+    );
+    let done = given.when(
+        given.team,
+        ScopeEvent::RevocationRekeyCompleted { rewrapped: 1 },
+    );
+    let thread = given.snapshot(given.thread);
+    assert_eq!(
+        thread.destruction.unwrap().live_done_position,
+        Some(done.position)
+    );
+    let team = given.snapshot(given.team);
+    assert_eq!(team.scope.rekey_state.as_deref(), Some("done"));
+}
+
+#[test]
+fn an_unusable_master_key_makes_every_scope_unavailable_with_the_org_as_cause() {
+    let mut given = given();
+    let master = MasterKeyRef {
+        provider: Provider::AwsKms,
+        key_id: "alias/acme".into(),
+        region: Some("eu-west-1".into()),
+        endpoint_url: None,
+    };
+    given.when(
+        given.org,
+        ScopeEvent::OrganizationMasterKeyChanged {
+            from: None,
+            to: Some(master.clone()),
+            tier_from: Tier::Managed,
+            tier_to: Tier::Byok,
+            rewrapped: vec![],
+        },
+    );
+    assert_eq!(given.snapshot(given.thread).effective, Effective::Active);
+    assert_eq!(given.snapshot(given.thread).org_tier, Tier::Byok);
+    given.when(
+        given.org,
+        ScopeEvent::OrganizationMasterKeyHealthChanged {
+            health: KeyHealth::Unavailable,
+            reason: Some(UnavailableReason::Disabled),
+            detail: "disabled by the customer".into(),
+        },
+    );
+    let thread = given.snapshot(given.thread);
+    assert_eq!(thread.effective, Effective::Unavailable { by: given.org });
+    let change = thread.cause.unwrap().change.unwrap();
+    assert_eq!(change.event, "OrganizationMasterKeyHealthChanged");
+    assert_eq!(change.actor, "system");
+    assert_eq!(change.reason.as_deref(), Some("disabled"));
+    let org = given.snapshot(given.org);
+    assert_eq!(org.scope.master_key, Some(master));
+    assert_eq!(
+        org.scope.master_detail.as_deref(),
+        Some("disabled by the customer")
+    );
+    // A revoke below still wins over the master key.
+    given.when(given.team, ScopeEvent::ScopeRevoked {});
+    assert_eq!(
+        given.snapshot(given.thread).effective,
+        Effective::Revoked { by: given.team }
+    );
+}
+
+#[test]
+fn rotation_adds_a_version_and_retiring_marks_the_older_ones() {
+    let mut given = given();
+    given.when(
+        given.thread,
+        ScopeEvent::ScopeKeyRotated {
+            key_version: KeyVersion::new(2),
+            key_fingerprint: Some("ffeeddccbbaa99887766554433221100".into()),
+        },
+    );
+    given.when(
+        given.thread,
+        ScopeEvent::ScopeKeyVersionsRetired {
+            below: KeyVersion::new(2),
+        },
+    );
+    let thread = given.snapshot(given.thread);
+    assert_eq!(thread.scope.key_version, 2);
+    let versions: Vec<(u32, bool)> = thread
+        .key_versions
+        .iter()
+        .map(|k| (k.version, k.retired))
+        .collect();
+    assert_eq!(versions, [(1, true), (2, false)]);
+}
+
+#[test]
+fn an_event_applied_twice_or_out_of_order_changes_nothing() {
+    let mut given = given();
+    let paused = given.when(given.team, ScopeEvent::ScopePaused {});
+    // The projector tells it again after the command handed it over.
+    assert_eq!(
+        given.tree.apply(std::slice::from_ref(&paused)).unwrap(),
+        [Applied::Skipped]
+    );
+    // A command's event whose predecessor (another instance's) has not arrived: left
+    // for the projector, which tells both in order.
+    let resumed = given.log.event(given.team, &ScopeEvent::ScopeResumed {});
+    let paused_again = given.log.event(given.team, &ScopeEvent::ScopePaused {});
+    assert_eq!(
+        given
+            .tree
+            .apply(std::slice::from_ref(&paused_again))
+            .unwrap(),
+        [Applied::Gap]
+    );
+    assert_eq!(
+        given.snapshot(given.thread).effective,
+        Effective::Paused { by: given.team }
+    );
+    given.tree.told(&[resumed, paused_again.clone()]);
+    let team = given.snapshot(given.team);
+    assert_eq!(team.scope.version, 4);
+    assert_eq!(
+        team.scope.state_change.unwrap().position,
+        paused_again.position
+    );
+    // A child whose parent is unknown here yet: also left for the projector.
+    let orphan = ScopeId::generate();
+    let unknown_parent = ScopeId::generate();
+    let created = given.log.event(
+        orphan,
+        &ScopeEvent::ScopeCreated {
+            scope_id: orphan,
+            kind: ScopeKind::Thread,
+            name: ScopeName::parse("x").unwrap(),
+            parent_id: unknown_parent,
+            org_id: OrgId::of_root(given.org),
+            path: vec![given.org, unknown_parent, orphan],
+            key_version: KeyVersion::FIRST,
+            key_fingerprint: None,
+        },
+    );
+    assert_eq!(given.tree.apply(&[created]).unwrap(), [Applied::Gap]);
+    assert!(given.tree.snapshot(orphan).unwrap().is_none());
+}
+
+#[test]
+fn grants_follow_grant_and_revoke_in_position_order() {
+    let mut given = given();
+    let principal = PrincipalName::parse("svc").unwrap();
+    let grant = |scope| ScopeEvent::PermissionGranted {
+        principal: principal.clone(),
+        permission: Permission::DataUse,
+        scope_id: scope,
+    };
+    given.when(given.org, grant(Some(given.team)));
+    given.when(given.org, grant(None));
+    let org = OrgId::of_root(given.org);
+    let scopes: Vec<Option<ScopeId>> = given
+        .tree
+        .grants_of(org, "svc")
+        .iter()
+        .map(|g| g.scope)
+        .collect();
+    assert_eq!(scopes, [Some(given.team), None]);
+    given.when(
+        given.org,
+        ScopeEvent::PermissionRevoked {
+            principal: principal.clone(),
+            permission: Permission::DataUse,
+            scope_id: Some(given.team),
+        },
+    );
+    let left = given.tree.grants_of(org, "svc");
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].scope, None);
+    assert!(given.tree.grants_of(org, "someone-else").is_empty());
+    // Grants do not move the organization's version (nor does its row's).
+    assert_eq!(given.snapshot(given.org).scope.version, 1);
+}
+
+#[test]
+fn events_told_while_loading_are_kept_and_none_before() {
+    let tree = MemoryTree::new();
+    let mut given = given();
+    let paused = given.log.event(given.team, &ScopeEvent::ScopePaused {});
+    // Not in use (SQL reads): nothing accumulates.
+    tree.told(std::slice::from_ref(&paused));
+    assert_eq!(tree.state.read().unwrap().pending.len(), 0);
+    // Loading: kept for after the rows.
+    tree.state.write().unwrap().phase = Phase::Loading;
+    tree.told(std::slice::from_ref(&paused));
+    assert!(!tree.is_ready());
+    assert!(tree.snapshot(given.team).unwrap().is_none());
+    assert_eq!(tree.state.read().unwrap().pending.len(), 1);
+}
