@@ -8,8 +8,8 @@ use std::time::Duration;
 use cqrs_es::{AggregateContext, AggregateError};
 use ekm_domain::{
     EventMetadata, Grant, KeyHealth, KeyVersion, Lineage, Location, MasterKeyRef, OrgId, OrgRole,
-    ParentContext, Plan, PrincipalKind, PrincipalName, ScopeCommand, ScopeError, ScopeId,
-    ScopeKind, ScopeName, Tier, UnavailableReason,
+    ParentContext, Plan, PrincipalKind, PrincipalName, Scope, ScopeCommand, ScopeError, ScopeEvent,
+    ScopeId, ScopeKind, ScopeName, Tier, UnavailableReason,
 };
 use ekm_projections::{
     AsOf, AuditEntry, AuditFilter, BlastRadius, ChainReport, MemoryLoad, MemoryTree, Page,
@@ -138,7 +138,12 @@ pub struct App {
 const TOKEN_CACHE_TTL: Duration = Duration::from_secs(1);
 const TOKEN_CACHE_MAX: usize = 10_000;
 
+/// Aggregates kept between commands (`App::load`): at most this many, then forgotten.
+const AGGREGATE_CACHE_MAX: usize = 20_000;
+
 struct Inner {
+    /// Scope aggregates as of their last known sequence (`App::load`).
+    aggregates: std::sync::Mutex<std::collections::HashMap<String, (Scope, i64)>>,
     /// The position of this instance's last committed event (`settled`).
     last_commit: std::sync::atomic::AtomicI64,
     /// Bumped by `forget_principals`: a lookup that started before it is not cached.
@@ -173,6 +178,7 @@ impl App {
         projector.add_listener(keys.listener());
         Self {
             inner: Arc::new(Inner {
+                aggregates: std::sync::Mutex::new(std::collections::HashMap::new()),
                 last_commit: std::sync::atomic::AtomicI64::new(0),
                 token_generation: std::sync::atomic::AtomicU64::new(0),
                 token_cache: std::sync::Mutex::new(std::collections::HashMap::new()),
@@ -739,6 +745,64 @@ impl App {
         Ok((command, location))
     }
 
+    /// The scope aggregate and its sequence: the cached one brought up to date with the
+    /// events after it (one indexed read, usually empty), or rebuilt from all of them. A
+    /// cached aggregate can only be stale by events this read returns, and an append decided
+    /// on a stale one conflicts on its sequence anyway.
+    async fn load(&self, aggregate_id: &str) -> Result<(Scope, i64), AppError> {
+        use cqrs_es::Aggregate as _;
+        let cached = self
+            .inner
+            .aggregates
+            .lock()
+            .ok()
+            .and_then(|cache| cache.get(aggregate_id).cloned());
+        let (mut scope, mut sequence) = cached.unwrap_or_default();
+        let newer = self
+            .inner
+            .db
+            .events_of_after(aggregate_id, sequence)
+            .await?;
+        if newer.is_empty() {
+            return Ok((scope, sequence));
+        }
+        for event in &newer {
+            scope.apply(event.scope_event()?);
+            sequence = event.sequence;
+        }
+        self.cache_aggregate(aggregate_id, &scope, sequence);
+        Ok((scope, sequence))
+    }
+
+    /// The aggregate after its own committed events.
+    fn remember(
+        &self,
+        aggregate_id: &str,
+        mut scope: Scope,
+        events: Vec<ScopeEvent>,
+        sequence: i64,
+    ) {
+        use cqrs_es::Aggregate as _;
+        for event in events {
+            scope.apply(event);
+        }
+        self.cache_aggregate(aggregate_id, &scope, sequence);
+    }
+
+    fn cache_aggregate(&self, aggregate_id: &str, scope: &Scope, sequence: i64) {
+        if let Ok(mut cache) = self.inner.aggregates.lock() {
+            if cache.len() >= AGGREGATE_CACHE_MAX && !cache.contains_key(aggregate_id) {
+                cache.clear();
+            }
+            let newer = cache
+                .get(aggregate_id)
+                .is_none_or(|(_, cached)| *cached < sequence);
+            if newer {
+                cache.insert(aggregate_id.to_owned(), (scope.clone(), sequence));
+            }
+        }
+    }
+
     /// After a commit: the command's own events applied to this instance's memory tree and
     /// the key cache told (a data-plane request that starts after the answer sees the new
     /// state), and the scope read from memory. `None` when memory cannot take them now (not
@@ -847,12 +911,7 @@ impl App {
                 location: Some(location),
                 ..metadata.clone()
             };
-            let mut context = inner
-                .store
-                .load(&aggregate_id)
-                .await
-                .map_err(AppError::EventStore)?;
-            let current = i64::try_from(context.current_sequence).unwrap_or(i64::MAX);
+            let (scope, current) = self.load(&aggregate_id).await?;
             if let Some(expected) = expected_version {
                 if expected != current {
                     return Err(AppError::VersionMismatch { expected, current });
@@ -887,16 +946,14 @@ impl App {
                     | ScopeCommand::RevokePermission { .. }
                     | ScopeCommand::RecordMasterKeyHealth { .. }
             );
-            let mut events = context.aggregate().decide(command.clone())?;
+            let mut events = scope.decide(command.clone())?;
             let mut keys = KeyWrites::default();
             if !events.is_empty() {
                 // Accepted: now make the new key version's material, and decide again with
                 // its fingerprint in the command. The material is stored with the events.
-                if let Some((keyed, writes)) = self
-                    .with_new_key(id, command, context.aggregate().state())
-                    .await?
+                if let Some((keyed, writes)) = self.with_new_key(id, command, scope.state()).await?
                 {
-                    events = context.aggregate().decide(keyed)?;
+                    events = scope.decide(keyed)?;
                     keys = writes;
                 }
             }
@@ -919,8 +976,9 @@ impl App {
                 Appended::Committed {
                     positions,
                     events: stored,
-                    ..
+                    last_sequence,
                 } => {
+                    self.remember(&aggregate_id, scope, events, last_sequence);
                     inner.projector.confirm_durable(applied_before);
                     inner.projector.committed();
                     if let Some(last) = positions.last() {

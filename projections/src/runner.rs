@@ -76,9 +76,10 @@ pub struct ProjectorConfig {
     /// (seen in `interrupted_catch_up_resumes_without_loss_or_duplicates`: rows committed
     /// without their checkpoint), so the live runner keeps to plain statements.
     pub bulk_copy: bool,
-    /// PostgreSQL: commit the runner's transactions without waiting for the WAL flush
-    /// (`synchronous_commit = off`). The events are durable already; a batch lost in a
-    /// database crash, rows and checkpoint together, is applied again (ADR 0020).
+    /// Commit the runner's transactions without waiting for the disk (PostgreSQL:
+    /// `synchronous_commit = off`; SQLite: `synchronous = NORMAL` for the batch). The events
+    /// are durable already; a batch lost in a crash, rows and checkpoint together, is
+    /// applied again (ADR 0020).
     pub async_commit: bool,
 }
 
@@ -421,10 +422,36 @@ impl Projector {
     async fn step_with(&self, events: Option<Batch>) -> Result<usize, ProjectionError> {
         match &self.db {
             Db::Sqlite(db) => {
-                let mut tx = db.write.begin().await?;
                 // SQLite: this process holds the only writer connection; no row lock needed.
-                let (batch, reached) = sqlite_batch(self, &mut tx, events).await?;
-                tx.commit().await?;
+                let mut conn = db.write.acquire().await?;
+                if !self.config.async_commit {
+                    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+                    let (batch, reached) = sqlite_batch(self, &mut tx, events).await?;
+                    tx.commit().await?;
+                    return Ok(self.record(batch, reached));
+                }
+                // The batch without an fsync of its own (`synchronous = NORMAL`: a power cut
+                // may take back the last batches, rows and checkpoint together, never a
+                // command's events), then FULL again before the connection serves anyone.
+                sqlx::query("PRAGMA synchronous = NORMAL")
+                    .execute(&mut *conn)
+                    .await?;
+                let applied = async {
+                    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+                    let (batch, reached) = sqlite_batch(self, &mut tx, events).await?;
+                    tx.commit().await?;
+                    Ok::<_, ProjectionError>((batch, reached))
+                }
+                .await;
+                if let Err(error) = sqlx::query("PRAGMA synchronous = FULL")
+                    .execute(&mut *conn)
+                    .await
+                {
+                    // Never hand a connection that would commit commands without an fsync.
+                    let _ = conn.detach();
+                    return Err(error.into());
+                }
+                let (batch, reached) = applied?;
                 Ok(self.record(batch, reached))
             }
             Db::Postgres(db) => {
@@ -683,7 +710,7 @@ macro_rules! batch_fn {
     ($name:ident, $db:ty, $lock:literal, $dialect:expr, $execute:ident) => {
         async fn $name(
             projector: &Projector,
-            tx: &mut sqlx::Transaction<'static, $db>,
+            tx: &mut sqlx::Transaction<'_, $db>,
             prefetched: Option<Batch>,
         ) -> Result<(Applied, i64), ProjectionError> {
             // Every projection's checkpoint in one statement (locked for the batch on

@@ -216,6 +216,58 @@ impl Db {
             });
         }
         let appended = match self {
+            // Events only (pause, resume, grants, …): one statement, its own transaction, the
+            // stored rows returned by it. One round trip instead of four.
+            Db::Postgres(db) if keys.wrapping.is_none() && keys.version.is_none() => {
+                let values = (0..events.len())
+                    .map(|i| {
+                        let b = i * 6;
+                        format!(
+                            "('scope', ${}, ${}, ${}, ${}, ${}, ${})",
+                            b + 1,
+                            b + 2,
+                            b + 3,
+                            b + 4,
+                            b + 5,
+                            b + 6
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                let sql = format!(
+                    "INSERT INTO events {INSERT_EVENT} VALUES {values} RETURNING position, \
+                     recorded_at, aggregate_type, aggregate_id, sequence, event_type, event_version, \
+                     CAST(payload AS TEXT) AS payload, CAST(metadata AS TEXT) AS metadata"
+                );
+                let metadata = serde_json::to_value(metadata).map_err(StoreError::Encode)?;
+                let mut query = sqlx::query(&sql);
+                for (i, event) in events.iter().enumerate() {
+                    let sequence = after + 1 + i64::try_from(i).unwrap_or(i64::MAX);
+                    query = query
+                        .bind(aggregate_id)
+                        .bind(sequence)
+                        .bind(event.event_type())
+                        .bind(event.event_version())
+                        .bind(serde_json::to_value(event).map_err(StoreError::Encode)?)
+                        .bind(metadata.clone());
+                }
+                match query.fetch_all(&db.pool).await {
+                    Ok(rows) => {
+                        let mut stored = rows
+                            .into_iter()
+                            .map(|row| decode_event!(row, pg_recorded_at))
+                            .collect::<Result<Vec<StoredEvent>, StoreError>>()?;
+                        stored.sort_by_key(|e| e.sequence);
+                        Appended::Committed {
+                            positions: stored.iter().map(|e| e.position).collect(),
+                            last_sequence: after + i64::try_from(events.len()).unwrap_or(i64::MAX),
+                            events: stored,
+                        }
+                    }
+                    Err(error) if is_conflict(&error) => Appended::Conflict,
+                    Err(error) => return Err(error.into()),
+                }
+            }
             Db::Sqlite(db) => {
                 let mut tx = db.write.begin().await?;
                 let appended = async {

@@ -181,6 +181,40 @@ impl Db {
         self.read_events(&sql, after, limit).await
     }
 
+    /// The events of one aggregate after `sequence`, in order.
+    pub async fn events_of_after(
+        &self,
+        aggregate_id: &str,
+        sequence: i64,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        let sql = format!(
+            "{SELECT_EVENTS} WHERE aggregate_type = 'scope' AND aggregate_id = $1 AND sequence > $2 \
+             ORDER BY sequence"
+        );
+        match self {
+            Db::Sqlite(db) => {
+                let rows = sqlx::query(&sql)
+                    .bind(aggregate_id)
+                    .bind(sequence)
+                    .fetch_all(&db.write)
+                    .await?;
+                rows.into_iter()
+                    .map(|r| decode_event!(r, sqlite_recorded_at))
+                    .collect()
+            }
+            Db::Postgres(db) => {
+                let rows = sqlx::query(&sql)
+                    .bind(aggregate_id)
+                    .bind(sequence)
+                    .fetch_all(&db.pool)
+                    .await?;
+                rows.into_iter()
+                    .map(|r| decode_event!(r, pg_recorded_at))
+                    .collect()
+            }
+        }
+    }
+
     /// The events of one aggregate, in order.
     pub async fn events_of(&self, aggregate_id: &str) -> Result<Vec<StoredEvent>, StoreError> {
         let sql = format!(
