@@ -11,10 +11,10 @@ async fn state_at_a_past_position_or_instant(backend: Backend) {
     let (org, admin) = app.org("enterprise").await;
     let team = app.scope(&admin, "team", "research", &org).await;
     let thread = app.scope(&admin, "thread", "t", &team).await;
-    let created = app.db.head_position().await.unwrap();
+    let created = app.db.committed_head().await.unwrap();
     let before_creation = created - 1;
     app.pause(&admin, &org).await;
-    let paused_at = app.db.head_position().await.unwrap();
+    let paused_at = app.db.committed_head().await.unwrap();
     app.resume(&admin, &org).await;
     app.revoke(&admin, &team).await;
 
@@ -59,7 +59,7 @@ async fn state_at_a_past_position_or_instant(backend: Backend) {
     // Now: revoked by the team.
     let now = at(format!(
         "position={}",
-        app.db.head_position().await.unwrap()
+        app.db.committed_head().await.unwrap()
     ))
     .await;
     assert_eq!(now.body["effective_state"], "revoked");

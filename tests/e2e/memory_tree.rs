@@ -254,8 +254,11 @@ async fn check(
     if let Some(second) = second {
         second.rekeyer.run_pending().await.unwrap();
     }
+    // Everything committed (not only what lies below PostgreSQL's fence at one instant: a
+    // notification or a runner transaction of the other instance may hold it briefly).
+    let head = first.db.committed_head().await.unwrap();
     for app in &apps {
-        app.refresh().await.unwrap();
+        app.projector().catch_up_to(head).await.unwrap();
     }
     let mut trees: Vec<&MemoryTree> = apps.iter().map(|a| a.memory().as_ref()).collect();
     trees.push(&fresh);
