@@ -24,9 +24,9 @@ use crate::error::StoreError;
 use crate::event_log::{
     decode_event, pg_recorded_at, sqlite_recorded_at, StoredEvent, SELECT_EVENTS,
 };
-use crate::key_material::KeyRow;
+use crate::key_material::{KeyRow, INSERT_KEY};
 use crate::time::now_micros;
-use crate::wrapping_keys::WrappingKeyRow;
+use crate::wrapping_keys::{WrappingKeyRow, INSERT_WRAPPING};
 
 /// The key material a command made, stored with its events.
 #[derive(Debug, Default)]
@@ -59,21 +59,27 @@ pub enum Appended {
 const INSERT_EVENT: &str =
     "(aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata)";
 
-const INSERT_WRAPPING: &str =
-    "INSERT INTO wrapping_keys (scope_id, epoch, fingerprint, wrapped, parent_id, \
-    parent_epoch, master_fingerprint, rekey_of, created_at) \
-    SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9 WHERE $10 = '' OR EXISTS \
-    (SELECT 1 FROM master_keys WHERE provider = 'local' AND fingerprint = $10) \
-    ON CONFLICT DO NOTHING";
-
-const INSERT_KEY: &str =
-    "INSERT INTO key_material (scope_id, version, fingerprint, wrapped, parent_id, \
-    parent_version, master_fingerprint, created_at, node_epoch) \
-    SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9 WHERE $9 IS NULL OR EXISTS \
-    (SELECT 1 FROM wrapping_keys WHERE scope_id = $1 AND epoch = $9)";
-
 /// What SQLite's `events_no_replace` trigger answers to an insert whose key is taken.
 const EVENT_EXISTS: &str = "ekm: event already exists";
+
+/// `('scope', $1, …, $6), ('scope', $7, …)`: one row of placeholders per event.
+fn values_list(events: usize) -> String {
+    (0..events)
+        .map(|i| {
+            let b = i * 6;
+            format!(
+                "('scope', ${}, ${}, ${}, ${}, ${}, ${})",
+                b + 1,
+                b + 2,
+                b + 3,
+                b + 4,
+                b + 5,
+                b + 6
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
 
 /// A key row whose parent epoch a re-key destroyed meanwhile (the foreign keys of
 /// migration 0010, checked at commit on PostgreSQL).
@@ -95,21 +101,7 @@ fn is_conflict(error: &sqlx::Error) -> bool {
 macro_rules! append_body {
     ($tx:expr, $recorded_at:path, $aggregate_id:expr, $after:expr, $events:expr, $metadata:expr, $keys:expr) => {{
         let tx = $tx;
-        let values = (0..$events.len())
-            .map(|i| {
-                let b = i * 6;
-                format!(
-                    "('scope', ${}, ${}, ${}, ${}, ${}, ${})",
-                    b + 1,
-                    b + 2,
-                    b + 3,
-                    b + 4,
-                    b + 5,
-                    b + 6
-                )
-            })
-            .collect::<Vec<_>>()
-            .join(", ");
+        let values = values_list($events.len());
         let sql = format!("INSERT INTO events {INSERT_EVENT} VALUES {values}");
         let metadata = serde_json::to_value($metadata).map_err(StoreError::Encode)?;
         let mut query = sqlx::query(&sql);
@@ -219,21 +211,7 @@ impl Db {
             // Events only (pause, resume, grants, …): one statement, its own transaction, the
             // stored rows returned by it. One round trip instead of four.
             Db::Postgres(db) if keys.wrapping.is_none() && keys.version.is_none() => {
-                let values = (0..events.len())
-                    .map(|i| {
-                        let b = i * 6;
-                        format!(
-                            "('scope', ${}, ${}, ${}, ${}, ${}, ${})",
-                            b + 1,
-                            b + 2,
-                            b + 3,
-                            b + 4,
-                            b + 5,
-                            b + 6
-                        )
-                    })
-                    .collect::<Vec<_>>()
-                    .join(", ");
+                let values = values_list(events.len());
                 let sql = format!(
                     "INSERT INTO events {INSERT_EVENT} VALUES {values} RETURNING position, \
                      recorded_at, aggregate_type, aggregate_id, sequence, event_type, event_version, \

@@ -217,29 +217,7 @@ impl Db {
 
     /// The events of one aggregate, in order.
     pub async fn events_of(&self, aggregate_id: &str) -> Result<Vec<StoredEvent>, StoreError> {
-        let sql = format!(
-            "{SELECT_EVENTS} WHERE aggregate_type = 'scope' AND aggregate_id = $1 ORDER BY sequence"
-        );
-        match self {
-            Db::Sqlite(db) => {
-                let rows = sqlx::query(&sql)
-                    .bind(aggregate_id)
-                    .fetch_all(&db.write)
-                    .await?;
-                rows.into_iter()
-                    .map(|r| decode_event!(r, sqlite_recorded_at))
-                    .collect()
-            }
-            Db::Postgres(db) => {
-                let rows = sqlx::query(&sql)
-                    .bind(aggregate_id)
-                    .fetch_all(&db.pool)
-                    .await?;
-                rows.into_iter()
-                    .map(|r| decode_event!(r, pg_recorded_at))
-                    .collect()
-            }
-        }
+        self.events_of_after(aggregate_id, -1).await
     }
 
     async fn read_events(&self, sql: &str, a: i64, b: i64) -> Result<Vec<StoredEvent>, StoreError> {

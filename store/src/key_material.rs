@@ -55,14 +55,19 @@ pub enum MasterKeyCheck {
     Unknown { known: Vec<String> },
 }
 
+/// Stores a key version, unless the epoch of the wrapping key it names is gone; shared with
+/// `Db::append`.
+pub(crate) const INSERT_KEY: &str =
+    "INSERT INTO key_material (scope_id, version, fingerprint, wrapped, parent_id, \
+    parent_version, master_fingerprint, created_at, node_epoch) \
+    SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9 WHERE $9 IS NULL OR EXISTS \
+    (SELECT 1 FROM wrapping_keys WHERE scope_id = $1 AND epoch = $9)";
+
 impl Db {
     /// Stores a key version. Returns false if the wrapping-key epoch it is wrapped under was
     /// destroyed meanwhile (a re-key): the caller wraps it again under the newest epoch.
     pub async fn insert_key(&self, row: &KeyRow) -> Result<bool, StoreError> {
-        let sql = "INSERT INTO key_material (scope_id, version, fingerprint, wrapped, parent_id, \
-                   parent_version, master_fingerprint, created_at, node_epoch) \
-                   SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9 WHERE $9 IS NULL OR EXISTS \
-                   (SELECT 1 FROM wrapping_keys WHERE scope_id = $1 AND epoch = $9)";
+        let sql = INSERT_KEY;
         let inserted = with_write_pool!(self, pool => {
             sqlx::query(sql)
                 .bind(&row.scope_id)

@@ -106,6 +106,15 @@ fn wrapping_row(row: WrappingTuple) -> Option<WrappingKeyRow> {
     })
 }
 
+/// Stores a wrapping key epoch, unless it exists or the platform key named by `$10` (when
+/// not empty) was rotated away; shared with `Db::append`.
+pub(crate) const INSERT_WRAPPING: &str =
+    "INSERT INTO wrapping_keys (scope_id, epoch, fingerprint, wrapped, parent_id, \
+    parent_epoch, master_fingerprint, rekey_of, created_at) \
+    SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9 WHERE $10 = '' OR EXISTS \
+    (SELECT 1 FROM master_keys WHERE provider = 'local' AND fingerprint = $10) \
+    ON CONFLICT DO NOTHING";
+
 impl Db {
     /// Stores a wrapping key. Returns false when the scope already has that epoch (another
     /// instance made it first).
@@ -118,11 +127,7 @@ impl Db {
         row: &WrappingKeyRow,
         platform_key: Option<&str>,
     ) -> Result<bool, StoreError> {
-        let sql = "INSERT INTO wrapping_keys (scope_id, epoch, fingerprint, wrapped, parent_id, \
-                   parent_epoch, master_fingerprint, rekey_of, created_at) \
-                   SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9 WHERE $10 = '' OR EXISTS \
-                   (SELECT 1 FROM master_keys WHERE provider = 'local' AND fingerprint = $10) \
-                   ON CONFLICT DO NOTHING";
+        let sql = INSERT_WRAPPING;
         let done = with_write_pool!(self, pool => {
             sqlx::query(sql)
                 .bind(&row.scope_id)
