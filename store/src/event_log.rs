@@ -181,7 +181,9 @@ impl Db {
         self.read_events(&sql, after, limit).await
     }
 
-    /// The events of one aggregate after `sequence`, in order.
+    /// The events of one aggregate after `sequence`, in order. On SQLite from the reader
+    /// pool (WAL: every transaction committed before the read began is visible), so that
+    /// loading an aggregate does not queue behind the one writer.
     pub async fn events_of_after(
         &self,
         aggregate_id: &str,
@@ -196,7 +198,7 @@ impl Db {
                 let rows = sqlx::query(&sql)
                     .bind(aggregate_id)
                     .bind(sequence)
-                    .fetch_all(&db.write)
+                    .fetch_all(&db.read)
                     .await?;
                 rows.into_iter()
                     .map(|r| decode_event!(r, sqlite_recorded_at))
