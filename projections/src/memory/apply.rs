@@ -165,7 +165,6 @@ impl Tree {
                     granted_by: self.strings.intern(&actor),
                 };
                 self.grants.entry(id).or_default().push(row);
-                self.touch(stored)?;
             }
             ScopeEvent::PermissionRevoked {
                 principal,
@@ -181,14 +180,10 @@ impl Tree {
                             && g.granted_position < stored.position)
                     });
                 }
-                self.touch(stored)?;
             }
-            // Nothing else in the scope's row, but its version (the ETag) moves.
             ScopeEvent::TokenIssued { .. }
             | ScopeEvent::TokenRevoked { .. }
-            | ScopeEvent::RevocationRekeyProgressed { .. } => {
-                self.touch(stored)?;
-            }
+            | ScopeEvent::RevocationRekeyProgressed { .. } => {}
             ScopeEvent::ScopePaused {} => self.state_change(stored, OwnState::Paused, at)?,
             ScopeEvent::ScopeResumed {} => self.state_change(stored, OwnState::Active, at)?,
             ScopeEvent::ScopeRevoked {} => {
