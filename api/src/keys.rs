@@ -625,53 +625,35 @@ impl KeyService {
         Ok(rows.len())
     }
 
-    /// Creates and stores an organization's key version, wrapped under the organization's
-    /// wrapping key (made first if the organization has none, wrapped by `master`: a
-    /// customer key, or the platform's with `None`). Returns its fingerprint.
-    /// `master` is the organization's customer key as the deciding aggregate has it (not
-    /// the read model, which may lag a switch that just committed).
-    pub async fn create_org_key(
-        &self,
-        org: OrgId,
-        version: u32,
-        master: Option<&MasterKeyRef>,
-    ) -> Result<String, KeyError> {
-        let scope = org.to_string();
-        for _ in 0..3 {
-            let (epoch, wrapping) = self
-                .current_wrapping(&scope, WrappingParent::Master(master.cloned()))
-                .await?;
-            if let Some(fingerprint) = self
-                .store_version(&scope, version, epoch, &wrapping)
-                .await?
-            {
-                return Ok(fingerprint);
-            }
-        }
-        Err(KeyError::WrappingRace { scope })
-    }
-
-    /// Creates and stores a key version for `scope`, wrapped under the scope's wrapping key
-    /// (made first, under `parent`'s, if the scope has none). Returns its fingerprint.
+    /// Creates and stores a key version for `scope` outside a command, with its first
+    /// wrapping-key epoch if it has none (benchmarks seed key tables this way; commands
+    /// store what `prepare_scope_key` makes with their events, `Db::append`). Returns its
+    /// fingerprint.
     pub async fn create_scope_key(
         &self,
         scope: ScopeId,
         version: u32,
         parent: &ScopeSnapshot,
     ) -> Result<String, KeyError> {
-        let scope = scope.to_string();
-        for _ in 0..3 {
-            let (epoch, wrapping) = self
-                .current_wrapping(&scope, WrappingParent::Scope(parent.scope.id))
-                .await?;
-            if let Some(fingerprint) = self
-                .store_version(&scope, version, epoch, &wrapping)
+        let (fingerprint, writes) = self.prepare_scope_key(scope, version, parent).await?;
+        let raced = || KeyError::WrappingRace {
+            scope: scope.to_string(),
+        };
+        if let Some((row, platform)) = &writes.wrapping {
+            if !self
+                .db
+                .insert_wrapping_key(row, platform.as_deref())
                 .await?
             {
-                return Ok(fingerprint);
+                return Err(raced());
             }
         }
-        Err(KeyError::WrappingRace { scope })
+        if let Some(row) = &writes.version {
+            if !self.db.insert_key(row).await? {
+                return Err(raced());
+            }
+        }
+        Ok(fingerprint)
     }
 
     /// A new key version of an organization, made and wrapped but not stored: the rows go
@@ -772,34 +754,6 @@ impl KeyService {
             self.reload_master(&fingerprint).await;
         }
         Ok(())
-    }
-
-    async fn store_version(
-        &self,
-        scope: &str,
-        version: u32,
-        epoch: u32,
-        wrapping: &Kek,
-    ) -> Result<Option<String>, KeyError> {
-        let key = Kek::generate();
-        let wrapped = wrapping
-            .wrap(&key, &version_binding(scope, version, epoch).parts())
-            .map_err(|_| KeyError::Unwrap)?;
-        let fingerprint = key.fingerprint();
-        let stored = self
-            .db
-            .insert_key(&KeyRow {
-                scope_id: scope.to_owned(),
-                version,
-                fingerprint: fingerprint.clone(),
-                wrapped,
-                parent: None,
-                master_fingerprint: None,
-                node_epoch: Some(epoch),
-            })
-            .await?;
-        // `None`: a re-key destroyed that epoch meanwhile; wrap again under the newest.
-        Ok(stored.then_some(fingerprint))
     }
 
     /// The newest epoch of a scope's wrapping key, unwrapped; made (epoch 1) when the scope

@@ -87,6 +87,17 @@ fn is_gone_parent(error: &sqlx::Error) -> bool {
     matches!(error, sqlx::Error::Database(db) if db.is_foreign_key_violation())
 }
 
+/// What a commit that found nothing wrong before it ended as: the deferred foreign keys and
+/// the unique keys are checked once more at commit (PostgreSQL).
+fn committed(commit: Result<(), sqlx::Error>, appended: Appended) -> Result<Appended, StoreError> {
+    match commit {
+        Ok(()) => Ok(appended),
+        Err(error) if is_gone_parent(&error) => Ok(Appended::KeysRaced),
+        Err(error) if is_conflict(&error) => Ok(Appended::Conflict),
+        Err(error) => Err(error.into()),
+    }
+}
+
 fn is_conflict(error: &sqlx::Error) -> bool {
     match error {
         sqlx::Error::Database(db) => {
@@ -261,12 +272,7 @@ impl Db {
                 }
                 .await?;
                 match appended {
-                    Appended::Committed { .. } => match tx.commit().await {
-                        Ok(()) => appended,
-                        Err(error) if is_gone_parent(&error) => Appended::KeysRaced,
-                        Err(error) if is_conflict(&error) => Appended::Conflict,
-                        Err(error) => return Err(error.into()),
-                    },
+                    Appended::Committed { .. } => committed(tx.commit().await, appended)?,
                     other => other,
                 }
             }
@@ -285,12 +291,7 @@ impl Db {
                 }
                 .await?;
                 match appended {
-                    Appended::Committed { .. } => match tx.commit().await {
-                        Ok(()) => appended,
-                        Err(error) if is_gone_parent(&error) => Appended::KeysRaced,
-                        Err(error) if is_conflict(&error) => Appended::Conflict,
-                        Err(error) => return Err(error.into()),
-                    },
+                    Appended::Committed { .. } => committed(tx.commit().await, appended)?,
                     other => other,
                 }
             }
