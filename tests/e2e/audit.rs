@@ -298,6 +298,7 @@ async fn verify_pinpoints_tampering(backend: Backend) {
         .find(|e| e.event_type == "ScopePaused")
         .unwrap()
         .position;
+    app.app.refresh().await.unwrap(); // tampering starts from sealed history (ADR 0020)
     drop_immutability(&app.db).await;
     exec(&app.db, &format!(
         "UPDATE events SET metadata = '{{\"actor_kind\":\"user\",\"actor_id\":\"nobody\"}}' WHERE position = {pause}"
@@ -328,6 +329,7 @@ async fn verify_catches_removed_and_inserted_events(backend: Backend) {
     app.resume(&admin, &team).await;
     let events = app.db.events_of(&team).await.unwrap();
     let (pause, resume) = (events[1].position, events[2].position);
+    app.app.refresh().await.unwrap(); // tampering starts from sealed history (ADR 0020)
     drop_immutability(&app.db).await;
 
     // Removing the resume: the chain has a seal for an event that is gone.
@@ -413,6 +415,7 @@ async fn editing_a_payload_is_caught_and_the_cli_exports_the_log(backend: Backen
 
     // Rename the team in its creation event, straight in the database.
     let created = app.db.events_of(&team).await.unwrap()[0].position;
+    app.app.refresh().await.unwrap(); // tampering starts from sealed history (ADR 0020)
     drop_immutability(&app.db).await;
     let forged = app.db.events_of(&team).await.unwrap()[0]
         .payload

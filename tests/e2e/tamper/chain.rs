@@ -15,6 +15,7 @@ async fn verify_reports_altered_when_seals_are_recomputed_without_the_key(backen
 
     // The attacker rewrites the first pause's reason and seals the chain again from there,
     // with the only key they can have: not the audit key, which the database never held.
+    app.app.refresh().await.unwrap(); // tampering starts from sealed history (ADR 0020)
     drop_immutability(&app.db).await;
     exec(
         &app.db,
@@ -64,6 +65,7 @@ async fn verify_reports_removed_when_a_sealed_event_is_deleted(backend: Backend)
         .find(|e| e.event_type == "ScopeResumed")
         .unwrap()
         .position;
+    app.app.refresh().await.unwrap(); // tampering starts from sealed history (ADR 0020)
     drop_immutability(&app.db).await;
     exec(
         &app.db,
@@ -100,6 +102,7 @@ async fn verify_reports_inserted_when_an_event_fills_a_position_gap(backend: Bac
     // The attacker forges a pause of the team into the gap.
     let pause = app.db.events_of(&team).await.unwrap()[1].clone();
     assert_eq!(pause.event_type, "ScopePaused");
+    app.app.refresh().await.unwrap(); // tampering starts from sealed history (ADR 0020)
     drop_immutability(&app.db).await;
     exec(
         &app.db,
@@ -174,6 +177,7 @@ async fn verify_reports_truncated_when_the_tail_is_cut_with_its_seals(backend: B
     // The last two entries go, events and seals, with the chain's state: what is left is a
     // perfectly valid, shorter chain.
     let cut = events[events.len() - 2].position;
+    app.app.refresh().await.unwrap(); // tampering starts from sealed history (ADR 0020)
     drop_immutability(&app.db).await;
     exec(
         &app.db,
@@ -206,6 +210,7 @@ async fn verify_reports_emptied_when_an_organization_history_is_removed(backend:
     assert!(verify(&app, None, Some(&heads)).0);
     let head = events.last().unwrap().position;
 
+    app.app.refresh().await.unwrap(); // tampering starts from sealed history (ADR 0020)
     drop_immutability(&app.db).await;
     exec(
         &app.db,
@@ -239,6 +244,7 @@ async fn verify_reports_resealed_when_the_server_seals_an_altered_history_again(
         .clone();
 
     // Alter an event, then make the chain forget it ever sealed anything.
+    app.app.refresh().await.unwrap(); // tampering starts from sealed history (ADR 0020)
     drop_immutability(&app.db).await;
     exec(
         &app.db,
