@@ -63,6 +63,21 @@ const STATE_COLUMNS: &[&str] = &[
 
 const KEY_COLUMNS: &[&str] = &["key_version", "version", "updated_position"];
 
+/// What every event of a scope moves, even one that changes nothing else in the row (a
+/// grant, a token, a re-key step): the version is the aggregate's sequence, the ETag that
+/// If-Match compares with it.
+const VERSION_COLUMNS: &[&str] = &["version", "updated_position"];
+
+fn version_moved(stored: &StoredEvent) -> Statement {
+    Statement::Update {
+        table: "scope_view",
+        key_column: "id",
+        key: Param::Text(stored.aggregate_id.clone()),
+        columns: VERSION_COLUMNS,
+        values: vec![Param::Int(stored.sequence), Param::Int(stored.position)],
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn scope_row(
     stored: &StoredEvent,
@@ -391,36 +406,44 @@ impl Projection for ScopeTree {
                 scope_id,
             } => {
                 let metadata = stored.event_metadata()?;
-                vec![Statement::Insert {
-                    table: "grants_view",
-                    columns: GRANT_COLUMNS,
-                    values: vec![
-                        Param::Text(stored.aggregate_id.clone()),
-                        Param::Text(principal.as_str().to_owned()),
-                        Param::Text(permission.as_str().to_owned()),
-                        Param::Text(scope_id.map(|s| s.to_string()).unwrap_or_default()),
-                        Param::Int(stored.position),
-                        Param::Int(to_micros(stored.recorded_at)),
-                        Param::Text(metadata.actor.to_string()),
-                    ],
-                }]
+                vec![
+                    Statement::Insert {
+                        table: "grants_view",
+                        columns: GRANT_COLUMNS,
+                        values: vec![
+                            Param::Text(stored.aggregate_id.clone()),
+                            Param::Text(principal.as_str().to_owned()),
+                            Param::Text(permission.as_str().to_owned()),
+                            Param::Text(scope_id.map(|s| s.to_string()).unwrap_or_default()),
+                            Param::Int(stored.position),
+                            Param::Int(to_micros(stored.recorded_at)),
+                            Param::Text(metadata.actor.to_string()),
+                        ],
+                    },
+                    version_moved(stored),
+                ]
             }
             ScopeEvent::PermissionRevoked {
                 principal,
                 permission,
                 scope_id,
-            } => vec![Statement::Raw {
-                sql: "DELETE FROM grants_view WHERE org_id = $1 AND principal = $2 \
-                      AND permission = $3 AND scope_id = $4 AND granted_position < $5",
-                params: vec![
-                    Param::Text(stored.aggregate_id.clone()),
-                    Param::Text(principal.as_str().to_owned()),
-                    Param::Text(permission.as_str().to_owned()),
-                    Param::Text(scope_id.map(|s| s.to_string()).unwrap_or_default()),
-                    Param::Int(stored.position),
-                ],
-            }],
-            ScopeEvent::TokenIssued { .. } | ScopeEvent::TokenRevoked { .. } => vec![],
+            } => vec![
+                Statement::Raw {
+                    sql: "DELETE FROM grants_view WHERE org_id = $1 AND principal = $2 \
+                          AND permission = $3 AND scope_id = $4 AND granted_position < $5",
+                    params: vec![
+                        Param::Text(stored.aggregate_id.clone()),
+                        Param::Text(principal.as_str().to_owned()),
+                        Param::Text(permission.as_str().to_owned()),
+                        Param::Text(scope_id.map(|s| s.to_string()).unwrap_or_default()),
+                        Param::Int(stored.position),
+                    ],
+                },
+                version_moved(stored),
+            ],
+            ScopeEvent::TokenIssued { .. } | ScopeEvent::TokenRevoked { .. } => {
+                vec![version_moved(stored)]
+            }
             ScopeEvent::ScopePaused {} => vec![state_change(stored, OwnState::Paused)?],
             ScopeEvent::ScopeResumed {} => vec![state_change(stored, OwnState::Active)?],
             ScopeEvent::ScopeRevoked {} => vec![
@@ -428,7 +451,7 @@ impl Projection for ScopeTree {
                 rekey_state(stored, "pending", None),
             ],
             ScopeEvent::RevocationRekeyStarted { .. } => vec![rekey_state(stored, "running", None)],
-            ScopeEvent::RevocationRekeyProgressed { .. } => vec![],
+            ScopeEvent::RevocationRekeyProgressed { .. } => vec![version_moved(stored)],
             ScopeEvent::RevocationRekeyCompleted { .. } => {
                 vec![rekey_state(stored, "done", Some(stored.position))]
             }

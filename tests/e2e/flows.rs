@@ -252,6 +252,37 @@ async fn if_match_guards_against_lost_updates(backend: Backend) {
 }
 on_both_backends!(if_match_guards_against_lost_updates);
 
+/// A grant is an event of the organization: the version (ETag) a client reads afterwards is
+/// the one If-Match must accept.
+async fn if_match_accepts_the_version_read_after_a_grant(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let (org, admin) = app.org("enterprise").await;
+    let granted = app
+        .post(
+            &format!("/v1/orgs/{org}/grants"),
+            &admin,
+            json!({"principal": "alice", "permission": "data:use"}),
+        )
+        .await;
+    assert_eq!(granted.status, 201, "{}", granted.body);
+    let read = app.get(&format!("/v1/scopes/{org}"), &admin).await;
+    let version = read.body["version"].as_i64().unwrap();
+    assert_eq!(version, 2, "created, then granted: {}", read.body);
+    let paused = app
+        .client
+        .post(format!("{}/v1/scopes/{org}/pause", app.base))
+        .bearer_auth(&admin)
+        .header("if-match", format!("\"{version}\""))
+        .json(&json!({"reason": "r"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(paused.status(), 200);
+    assert_eq!(paused.headers()["etag"], "\"3\"");
+    app.stop().await;
+}
+on_both_backends!(if_match_accepts_the_version_read_after_a_grant);
+
 async fn standard_plan_has_no_scope_controls(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let (org, admin) = app.org("standard").await;

@@ -190,3 +190,34 @@ async fn migrations_create_the_same_tables_on_both_backends() {
     }
     assert_eq!(sqlite, postgres);
 }
+
+/// Migration 0014: rows written by a release in which grants, tokens and re-key steps did
+/// not move a scope's version are brought to the aggregate's sequence, so the ETag a client
+/// reads after the upgrade is the one If-Match accepts.
+async fn migration_0014_brings_versions_to_the_aggregates_sequence_when_rows_lag(backend: Backend) {
+    let app = crate::harness::TestApp::spawn(backend).await;
+    let (org, admin) = app.org("enterprise").await;
+    app.grant(&admin, &org, "alice", "data:use", None).await;
+    app.app.refresh().await.unwrap();
+    // As an older release left it: created (1), then a grant that did not move the row.
+    crate::audit::exec(
+        &app.db,
+        &format!("UPDATE scope_view SET version = 1 WHERE id = '{org}'"),
+    )
+    .await;
+    let migration = if app.db.is_postgres() {
+        include_str!("../../migrations/postgres/0014_versions_move_on_every_event.sql")
+    } else {
+        include_str!("../../migrations/sqlite/0014_versions_move_on_every_event.sql")
+    };
+    crate::audit::exec(&app.db, migration).await;
+    let version: i64 = ekm_store::with_write_pool!(&app.db, pool => {
+        sqlx::query_scalar(&format!("SELECT version FROM scope_view WHERE id = '{org}'"))
+            .fetch_one(pool)
+            .await
+            .unwrap()
+    });
+    assert_eq!(version, 2, "created, then granted");
+    app.stop().await;
+}
+crate::on_both_backends!(migration_0014_brings_versions_to_the_aggregates_sequence_when_rows_lag);

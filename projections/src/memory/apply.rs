@@ -165,6 +165,7 @@ impl Tree {
                     granted_by: self.strings.intern(&actor),
                 };
                 self.grants.entry(id).or_default().push(row);
+                self.touch(stored)?;
             }
             ScopeEvent::PermissionRevoked {
                 principal,
@@ -180,10 +181,14 @@ impl Tree {
                             && g.granted_position < stored.position)
                     });
                 }
+                self.touch(stored)?;
             }
+            // Nothing else in the scope's row, but its version (the ETag) moves.
             ScopeEvent::TokenIssued { .. }
             | ScopeEvent::TokenRevoked { .. }
-            | ScopeEvent::RevocationRekeyProgressed { .. } => {}
+            | ScopeEvent::RevocationRekeyProgressed { .. } => {
+                self.touch(stored)?;
+            }
             ScopeEvent::ScopePaused {} => self.state_change(stored, OwnState::Paused, at)?,
             ScopeEvent::ScopeResumed {} => self.state_change(stored, OwnState::Active, at)?,
             ScopeEvent::ScopeRevoked {} => {
