@@ -485,3 +485,91 @@ async fn a_child_born_after_its_ancestors_rekey_finished_is_revoked(backend: Bac
     born_revoked(backend, true).await;
 }
 on_both_backends!(a_child_born_after_its_ancestors_rekey_finished_is_revoked);
+
+/// The other order of the "born revoked" race: the child's creation (decided while its team
+/// was active, answered from memory) commits after the team's revoke but before the runner
+/// has applied the revoke. The runner must then shred the child too, not stall on the
+/// child's wrapping key that still refers to the team's destroyed epoch. PostgreSQL: the
+/// test holds the runner back with a lock on its checkpoint rows (on SQLite the one writer
+/// orders the creation and the runner's batches, so the window is the same but cannot be
+/// held open from outside).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn create_is_shredded_when_it_commits_between_a_revoke_and_its_projection() {
+    let app = TestApp::spawn_with(
+        Backend::Postgres,
+        crate::harness::Options {
+            rekey_in_background: false,
+            ..Default::default()
+        },
+    )
+    .await;
+    let (org, admin) = app.data_org("enterprise", "managed").await;
+    let team = app.scope(&admin, "team", "t", &org).await;
+    let sibling = app.scope(&admin, "team", "s", &org).await;
+    app.app.refresh().await.unwrap();
+    let team_id = ScopeId::parse(&team).unwrap();
+    let ekm_store::Db::Postgres(pg) = &app.db else {
+        unreachable!()
+    };
+    // Hold the runner: its batch locks every checkpoint row first.
+    let mut hold = pg.pool.begin().await.unwrap();
+    sqlx::query("SELECT name FROM projection_checkpoints FOR UPDATE")
+        .fetch_all(&mut *hold)
+        .await
+        .unwrap();
+    let parent = app.app.scope(team_id).await.unwrap().unwrap();
+    let revoking = {
+        let app = app.app.clone();
+        let team = team.clone();
+        tokio::spawn(async move {
+            app.act(team_id, Action::Revoke { confirm: team }, &metadata(), None)
+                .await
+        })
+    };
+    // The revoke's event is committed (its answer waits for the held runner)...
+    loop {
+        let events = app.db.events_of(&team).await.unwrap();
+        if events.iter().any(|e| e.event_type == "ScopeRevoked") {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    // ...then the creation, decided on what it read before, commits.
+    let created = app
+        .app
+        .create_scope(
+            &parent,
+            ScopeKind::Thread,
+            ScopeName::parse("late").unwrap(),
+            &metadata(),
+        )
+        .await;
+    hold.rollback().await.unwrap();
+    let revoked = tokio::time::timeout(std::time::Duration::from_secs(30), revoking)
+        .await
+        .expect("the revoke is answered once the runner may go on")
+        .unwrap()
+        .unwrap();
+    assert!(revoked.changed);
+    app.app.refresh().await.unwrap();
+    // The runner went on past both events, and other commands still work.
+    let paused = app.pause(&admin, &sibling).await;
+    assert_eq!(paused.status, StatusCode::OK, "{}", paused.body);
+    // Decided on an active parent and committed before the revoke was applied: born.
+    let outcome = created.expect("the creation committed");
+    {
+        let child = outcome.scope.scope.id.to_string();
+        let shown = app.get(&format!("/v1/scopes/{child}"), &admin).await;
+        assert_eq!(shown.body["effective_state"], "revoked", "{}", shown.body);
+        for table in ["key_material", "wrapping_keys"] {
+            let left: i64 =
+                sqlx::query_scalar(&format!("SELECT COUNT(*) FROM {table} WHERE scope_id = $1"))
+                    .bind(&child)
+                    .fetch_one(&pg.pool)
+                    .await
+                    .unwrap();
+            assert_eq!(left, 0, "{table} keeps rows of the child born revoked");
+        }
+    }
+    app.stop().await;
+}
