@@ -751,13 +751,7 @@ impl App {
     /// on a stale one conflicts on its sequence anyway.
     async fn load(&self, aggregate_id: &str) -> Result<(Scope, i64), AppError> {
         use cqrs_es::Aggregate as _;
-        let cached = self
-            .inner
-            .aggregates
-            .lock()
-            .ok()
-            .and_then(|cache| cache.get(aggregate_id).cloned());
-        let (mut scope, mut sequence) = cached.unwrap_or_default();
+        let (mut scope, mut sequence) = self.cached(aggregate_id).unwrap_or_default();
         let newer = self
             .inner
             .db
@@ -772,6 +766,27 @@ impl App {
         }
         self.cache_aggregate(aggregate_id, &scope, sequence);
         Ok((scope, sequence))
+    }
+
+    fn cached(&self, aggregate_id: &str) -> Option<(Scope, i64)> {
+        self.inner
+            .aggregates
+            .lock()
+            .ok()
+            .and_then(|cache| cache.get(aggregate_id).cloned())
+    }
+
+    /// The aggregate without a read of the store, when this instance's memory vouches for
+    /// it: the cached aggregate is at the sequence the memory tree last applied, or the
+    /// command creates the scope (its id is new). Stale only if another instance appended
+    /// in the last moments (before its notification arrived): then the append conflicts on
+    /// the sequence, and the command is decided again on the stored events. `None`: read.
+    fn vouched(&self, id: ScopeId, aggregate_id: &str, creates: bool) -> Option<(Scope, i64)> {
+        if creates {
+            return Some((Scope::default(), 0));
+        }
+        let cached = self.cached(aggregate_id)?;
+        (self.inner.memory.sequence_of(id) == Some(cached.1)).then_some(cached)
     }
 
     /// The aggregate after its own committed events.
@@ -888,6 +903,10 @@ impl App {
     ) -> Result<Outcome, AppError> {
         let inner = &self.inner;
         let aggregate_id = id.to_string();
+        // Whether this attempt may decide on the aggregate memory vouches for, without
+        // reading the store (`vouched`); after a conflict, or when that decision would
+        // answer without an append, the next attempt reads.
+        let mut trust_memory = true;
         for attempt in 0..MAX_ATTEMPTS {
             // Decisions use the aggregate for the scope itself and the read models for its
             // ancestors. No catch-up first: every acknowledged command, on any instance,
@@ -911,9 +930,22 @@ impl App {
                 location: Some(location),
                 ..metadata.clone()
             };
-            let (scope, current) = self.load(&aggregate_id).await?;
+            let creates = matches!(intent, Intent::Create(_));
+            let vouched = match trust_memory {
+                true => self.vouched(id, &aggregate_id, creates),
+                false => None,
+            };
+            let read = vouched.is_none();
+            let (scope, current) = match vouched {
+                Some(vouched) => vouched,
+                None => self.load(&aggregate_id).await?,
+            };
+            trust_memory = false;
             if let Some(expected) = expected_version {
                 if expected != current {
+                    if !read {
+                        continue;
+                    }
                     return Err(AppError::VersionMismatch { expected, current });
                 }
             }
@@ -946,7 +978,13 @@ impl App {
                     | ScopeCommand::RevokePermission { .. }
                     | ScopeCommand::RecordMasterKeyHealth { .. }
             );
-            let mut events = scope.decide(command.clone())?;
+            let decided = scope.decide(command.clone());
+            // A refusal or "nothing to do" is an answer without an append to confirm the
+            // state it was decided on: only from the stored events.
+            if !read && !matches!(&decided, Ok(events) if !events.is_empty()) {
+                continue;
+            }
+            let mut events = decided?;
             let mut keys = KeyWrites::default();
             if !events.is_empty() {
                 // Accepted: now make the new key version's material, and decide again with

@@ -381,3 +381,72 @@ async fn another_instance_reads_a_pause_from_memory_within_a_second() {
     b.stop().await;
     a.stop().await;
 }
+
+/// A command decides on the aggregate this instance cached when its memory tree vouches for
+/// it (no read of the store). When another instance changed the scope a moment ago and this
+/// instance has not heard yet, that decision is stale: a pause that looks like "already
+/// paused" must still pause, and a version the client read elsewhere must still be accepted.
+/// The runners are held by a lock on their checkpoint rows, so A cannot hear B's resume.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pause_changes_the_scope_when_this_instance_has_not_heard_the_resume_yet() {
+    let a = TestApp::spawn(Backend::Postgres).await;
+    let b = a.peer().await;
+    let (org, admin) = a.org("enterprise").await;
+    for if_match in [false, true] {
+        let team = a.scope(&admin, "team", &format!("t{if_match}"), &org).await;
+        assert_eq!(a.pause(&admin, &team).await.status, 200);
+        a.app.refresh().await.unwrap();
+        b.app.refresh().await.unwrap();
+        let team_id = ScopeId::parse(&team).unwrap();
+        let Db::Postgres(pg) = &a.db else {
+            unreachable!()
+        };
+        let mut hold = pg.pool.begin().await.unwrap();
+        sqlx::query("SELECT name FROM projection_checkpoints FOR UPDATE")
+            .fetch_all(&mut *hold)
+            .await
+            .unwrap();
+        // B resumes (answered from B's memory, its runner held)...
+        let resumed = b.resume(&admin, &team).await;
+        assert_eq!(resumed.status, 200, "{}", resumed.body);
+        let version = resumed.body["version"].as_i64().unwrap();
+        // ...A still believes the team paused...
+        assert_eq!(
+            a.app.memory().snapshot(team_id).unwrap().unwrap().effective,
+            ekm_domain::Effective::Paused { by: team_id }
+        );
+        // ...and a pause on A pauses (with If-Match: with the version the client read from
+        // B). Its answer waits for A's runner, which must first apply B's resume: held until
+        // A's pause is committed, or until A answered without committing anything.
+        let pausing = {
+            let mut request = a
+                .client
+                .post(format!("{}/v1/scopes/{team}/pause", a.base))
+                .bearer_auth(&admin)
+                .json(&serde_json::json!({"reason": "again"}));
+            if if_match {
+                request = request.header("if-match", format!("\"{version}\""));
+            }
+            tokio::spawn(async move { request.send().await })
+        };
+        loop {
+            let events = a.db.events_of(&team).await.unwrap();
+            if events.len() as i64 > version || pausing.is_finished() {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        hold.rollback().await.unwrap();
+        let paused = pausing.await.unwrap().unwrap();
+        assert_eq!(paused.status(), 200, "If-Match: {if_match}");
+        let body: serde_json::Value = paused.json().await.unwrap();
+        assert_eq!(body["own_state"], "paused", "If-Match: {if_match}: {body}");
+        assert_eq!(body["version"], version + 1, "If-Match: {if_match}: {body}");
+        a.app.refresh().await.unwrap();
+        let events = a.db.events_of(&team).await.unwrap();
+        let kinds: Vec<&str> = events.iter().map(|e| e.event_type.as_str()).collect();
+        assert_eq!(kinds.last(), Some(&"ScopePaused"), "{kinds:?}");
+    }
+    b.stop().await;
+    a.stop().await;
+}

@@ -412,6 +412,17 @@ impl MemoryTree {
         state.tree.snapshot(id)
     }
 
+    /// The sequence of the last event of `id`'s aggregate this tree applied, when it knows
+    /// it exactly (a scope loaded from its row knows only its row's version until its next
+    /// event). A command may decide on a cached aggregate at this sequence without reading
+    /// the store: if another instance appended meanwhile, the append conflicts (ADR 0020).
+    pub fn sequence_of(&self, id: ScopeId) -> Option<i64> {
+        let state = self.state.read().ok()?;
+        let slot = state.tree.index.get(&id).copied()?;
+        let node = &state.tree.nodes[slot as usize];
+        node.exact.then_some(node.seen)
+    }
+
     /// What `principal` was granted in `org`, in the order granted (as `Tokens::grants_of`).
     pub fn grants_of(&self, org: OrgId, principal: &str) -> Vec<Grant> {
         let Ok(state) = self.state.read() else {
