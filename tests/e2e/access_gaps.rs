@@ -5,11 +5,11 @@
 use ekm_api::app::Action;
 use ekm_api::keys::KeyError;
 use ekm_api::AppError;
-use ekm_domain::{EventMetadata, ScopeError, ScopeId, ScopeKind, ScopeName};
+use ekm_domain::{ScopeError, ScopeId, ScopeKind, ScopeName};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
-use crate::harness::{Backend, Response, TestApp};
+use crate::harness::{metadata, Backend, Response, TestApp};
 use crate::on_both_backends;
 
 fn ids(list: &Response) -> Vec<String> {
@@ -24,12 +24,7 @@ fn ids(list: &Response) -> Vec<String> {
 }
 
 async fn encrypt(app: &TestApp, token: &str, scope: &str) -> Response {
-    app.post(
-        &format!("/v1/scopes/{scope}/encrypt"),
-        token,
-        json!({"plaintext": "aGVsbG8=", "class": "messages"}),
-    )
-    .await
+    crate::harness::encrypt(app, token, scope, b"hello", "messages").await
 }
 
 /// Every scope-level request a member could try on `scope`, with the body it needs.
@@ -357,10 +352,6 @@ async fn every_org_level_command_is_refused_on_a_revoked_organization(backend: B
     app.stop().await;
 }
 on_both_backends!(every_org_level_command_is_refused_on_a_revoked_organization);
-
-fn metadata() -> EventMetadata {
-    crate::rebuild::metadata()
-}
 
 /// ADR 0003: a child whose creation read its parent as active while an ancestor was being
 /// revoked lands under a revoked ancestor. Either its creation is refused and records

@@ -3,13 +3,10 @@
 
 use ekm_api::app::Action;
 use ekm_api::{App, AppError};
-use ekm_domain::{
-    Actor, ActorKind, EventMetadata, OwnState, Plan, Reason, ScopeError, ScopeId, ScopeKind,
-    ScopeName, Tier,
-};
+use ekm_domain::{OwnState, Plan, ScopeError, ScopeId, ScopeKind, ScopeName, Tier};
 use proptest::prelude::*;
 
-use crate::harness::{Backend, TestApp};
+use crate::harness::{metadata, Backend, TestApp};
 
 #[derive(Clone, Debug)]
 enum Op {
@@ -52,20 +49,6 @@ fn effective(nodes: &[Node], index: usize) -> (&'static str, Option<ScopeId>) {
         return ("paused", Some(nodes[*i].id));
     }
     ("active", None)
-}
-
-fn metadata() -> EventMetadata {
-    EventMetadata {
-        actor: Actor {
-            kind: ActorKind::User,
-            id: "property-test".into(),
-        },
-        request_id: "prop".into(),
-        reason: Reason::parse("property test").ok(),
-        source_address: None,
-        recorded_at: "2026-11-28T00:00:00Z".into(),
-        location: None,
-    }
 }
 
 fn rule(result: Result<ekm_api::app::Outcome, AppError>) -> Result<bool, ScopeError> {

@@ -169,6 +169,53 @@ pub fn seal_key(data_dir: &Path) -> ekm_keys::SealKey {
         .expect("audit key created")
 }
 
+/// `POST /v1/scopes/{scope}/encrypt` of `plaintext` in `class`.
+pub async fn encrypt(
+    app: &TestApp,
+    token: &str,
+    scope: &str,
+    plaintext: &[u8],
+    class: &str,
+) -> Response {
+    app.post(
+        &format!("/v1/scopes/{scope}/encrypt"),
+        token,
+        json!({"plaintext": base64::Engine::encode(&base64::engine::general_purpose::STANDARD, plaintext), "class": class}),
+    )
+    .await
+}
+
+/// `POST /v1/scopes/{scope}/decrypt`.
+pub async fn decrypt(
+    app: &TestApp,
+    token: &str,
+    scope: &str,
+    ciphertext: &str,
+    class: &str,
+) -> Response {
+    app.post(
+        &format!("/v1/scopes/{scope}/decrypt"),
+        token,
+        json!({"ciphertext": ciphertext, "class": class}),
+    )
+    .await
+}
+
+/// The metadata of a command a test runs on `App` directly (not through HTTP).
+pub fn metadata() -> ekm_domain::EventMetadata {
+    ekm_domain::EventMetadata {
+        actor: ekm_domain::Actor {
+            kind: ekm_domain::ActorKind::User,
+            id: "test".into(),
+        },
+        request_id: "test".into(),
+        reason: ekm_domain::Reason::parse("test").ok(),
+        source_address: Some("127.0.0.1".into()),
+        recorded_at: "2026-11-28T00:00:00Z".into(),
+        location: None,
+    }
+}
+
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())

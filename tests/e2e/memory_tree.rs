@@ -10,14 +10,13 @@ use std::sync::Arc;
 use ekm_api::app::Action;
 use ekm_api::App;
 use ekm_domain::{
-    Actor, ActorKind, EventMetadata, Grant, KeyVersion, Permission, Plan, PrincipalName, Reason,
-    ScopeId, ScopeKind, ScopeName, Tier,
+    Grant, KeyVersion, Permission, Plan, PrincipalName, ScopeId, ScopeKind, ScopeName, Tier,
 };
 use ekm_projections::{Applied, GrantRecord, MemoryTree, ScopeSnapshot};
 use ekm_store::Db;
 use proptest::prelude::*;
 
-use crate::harness::{Backend, TestApp};
+use crate::harness::{metadata, Backend, TestApp};
 
 #[derive(Clone, Debug)]
 enum Op {
@@ -59,20 +58,6 @@ fn op() -> impl Strategy<Value = (bool, Op)> {
             .prop_map(|(principal, permission, scope)| Op::Ungrant { principal, permission, scope }),
     ];
     (any::<bool>(), op)
-}
-
-fn metadata() -> EventMetadata {
-    EventMetadata {
-        actor: Actor {
-            kind: ActorKind::User,
-            id: "memory-test".into(),
-        },
-        request_id: "mem".into(),
-        reason: Reason::parse("memory property").ok(),
-        source_address: None,
-        recorded_at: "2026-11-30T00:00:00Z".into(),
-        location: None,
-    }
 }
 
 /// Runs `ops` (each on the instance it names, when there are two). Refusals are part of

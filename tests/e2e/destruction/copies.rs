@@ -1,7 +1,8 @@
 //! Copies of the database (backups, WAL archives, replicas) made before a revoke or a
 //! switch to a customer key open nothing once the platform master key is rotated.
 
-use crate::data_plane::{decrypt, encrypt, managed_org};
+use crate::data_plane::managed_org;
+use crate::harness::{decrypt, encrypt};
 use crate::harness::{Backend, TestApp};
 use crate::on_both_backends;
 

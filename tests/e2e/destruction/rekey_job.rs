@@ -1,6 +1,7 @@
 //! The re-key job survives being stopped anywhere.
 
-use crate::data_plane::{encrypt, managed_org};
+use crate::data_plane::managed_org;
+use crate::harness::encrypt;
 use crate::harness::{Backend, TestApp};
 use crate::on_both_backends;
 

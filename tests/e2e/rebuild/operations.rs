@@ -1,0 +1,186 @@
+//! Operating rebuilds: the CLI's status and rebuild, waking on other instances' commits,
+//! one rebuild at a time, and a rebuild before the first start.
+
+use std::process::Command;
+
+use ekm_domain::ScopeId;
+use ekm_projections::{rebuild, Projector, ProjectorConfig};
+use ekm_store::Db;
+
+use super::*;
+use crate::harness::{Backend, TestApp, TestDb};
+
+#[test]
+fn cli_status_and_rebuild_report_positions() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (dir, head) = runtime.block_on(async {
+        let app = TestApp::spawn(Backend::Sqlite).await;
+        random_history(&app.app, 5, 40).await;
+        // The revokes' re-keys record events too: let them finish before comparing.
+        app.rekeyer.run_pending().await.unwrap();
+        let head = app.db.head_position().await.unwrap();
+        let config = app.config.clone();
+        app.db.close().await;
+        let _ = config;
+        (app, head)
+    });
+    let ekm = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_ekm"))
+            .args(args)
+            .arg("--data-dir")
+            .arg(dir.data_dir())
+            .env_remove("EKM_DATABASE_URL")
+            .output()
+            .unwrap()
+    };
+    let status = ekm(&["projections", "status", "--json"]);
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    let statuses: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    for s in statuses.as_array().unwrap() {
+        assert_eq!(s["position"], head);
+        assert_eq!(s["lag"], 0);
+    }
+    let rebuilt = ekm(&["projections", "rebuild", "--json"]);
+    assert!(
+        rebuilt.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rebuilt.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&rebuilt.stdout).unwrap();
+    assert_eq!(report["position"], head);
+    assert!(String::from_utf8_lossy(&rebuilt.stderr).contains("rebuilding read models: position"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_runner_wakes_on_a_commit_made_elsewhere_through_notify() {
+    let test_db = TestDb::new(Backend::Postgres).await;
+    let db = Db::open(&test_db.config).await.unwrap();
+    // Polling once an hour: only a notification can wake it within the test.
+    let projector = std::sync::Arc::new(Projector::standard(
+        db.clone(),
+        ProjectorConfig {
+            poll_interval: std::time::Duration::from_secs(3600),
+            ..ProjectorConfig::default()
+        },
+        ekm_keys::SealKey::generate(),
+    ));
+    projector.init().await.unwrap();
+    let mut applied = projector.subscribe();
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let runner = tokio::spawn(projector.clone().run(stopped));
+    // Wait until the runner has made its first pass and listens.
+    tokio::time::timeout(std::time::Duration::from_secs(10), async {
+        while !projector.listening() {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the runner listens");
+
+    // Another "instance" commits an event with plain SQL.
+    let org = uuid::Uuid::now_v7().to_string();
+    let payload = format!(
+        r#"{{"OrganizationCreated":{{"org_id":"{org}","name":"Elsewhere","plan":"enterprise","tier":"default","key_version":1,"admin_token_id":null}}}}"#
+    );
+    let mut other: sqlx::PgConnection = sqlx::Connection::connect(test_db.url.as_deref().unwrap())
+        .await
+        .unwrap();
+    sqlx::query("INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, event_version, payload, metadata) VALUES ('scope', $1, 1, 'OrganizationCreated', '2', CAST($2 AS json), '{}')")
+        .bind(&org)
+        .bind(payload)
+        .execute(&mut other)
+        .await
+        .unwrap();
+    // What the committing instance does after its commit (`Db::append`): one coalesced
+    // NOTIFY from its own connection pool.
+    let elsewhere = Db::connect(&test_db.config).await.unwrap();
+    elsewhere.notify_committed();
+    let position = db.head_position().await.unwrap();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        applied.wait_for(|p| *p >= position),
+    )
+    .await
+    .expect("woken by NOTIFY well before the hourly poll")
+    .unwrap();
+    let read = ekm_projections::ReadModels::new(db.clone());
+    let scope = read
+        .scope(ScopeId::parse(&org).unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(scope.scope.name, "Elsewhere");
+    stop.send(true).unwrap();
+    runner.await.unwrap();
+    db.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_rebuild_on_the_same_postgres_database_is_refused() {
+    let app = TestApp::spawn(Backend::Postgres).await;
+    random_history(&app.app, 4, 30).await;
+    // The revokes' re-keys record events too: let them finish before comparing.
+    app.rekeyer.run_pending().await.unwrap();
+    // Hold the rebuild lock as a running rebuild would.
+    let mut holder: sqlx::PgConnection = sqlx::Connection::connect(app.database_url().unwrap())
+        .await
+        .unwrap();
+    sqlx::query("SELECT pg_advisory_lock(7431000002)")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let refused = rebuild(&app.db, &mut |_, _| {}).await;
+    assert!(
+        matches!(
+            refused,
+            Err(ekm_projections::ProjectionError::RebuildRunning)
+        ),
+        "{refused:?}"
+    );
+    sqlx::query("SELECT pg_advisory_unlock(7431000002)")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let live = dump(&app.db).await;
+    rebuild(&app.db, &mut |_, _| {}).await.unwrap();
+    assert_same_rows(&dump(&app.db).await, &live);
+    app.stop().await;
+}
+
+/// `ekm projections rebuild --database-url` on a database whose events no server has
+/// projected yet (no checkpoint rows): the first start afterwards continues from the rebuild
+/// instead of replaying into the rebuilt rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rebuild_before_the_first_start_leaves_checkpoints_for_it() {
+    let app = TestApp::spawn(Backend::Postgres).await;
+    random_history(&app.app, 21, 60).await;
+    // The revokes' re-keys record events too: let them finish before comparing.
+    app.rekeyer.run_pending().await.unwrap();
+    let live = dump(&app.db).await;
+    let config = app.config.clone();
+    app.db.close().await;
+
+    let db = Db::open(&config).await.unwrap();
+    // As if no runner had ever run here: no checkpoints, no seals.
+    crate::audit::exec(
+        &db,
+        "DELETE FROM projection_checkpoints; DELETE FROM audit_chain; DELETE FROM projection_state",
+    )
+    .await;
+    rebuild(&db, &mut |_, _| {}).await.unwrap();
+    assert_same_rows(&dump(&db).await, &live);
+    // The first start.
+    let projector = Projector::standard(
+        db.clone(),
+        ProjectorConfig::default(),
+        ekm_keys::SealKey::generate(),
+    );
+    projector.init().await.unwrap();
+    projector.catch_up().await.unwrap();
+    assert_same_rows(&dump(&db).await, &live);
+    db.close().await;
+}
