@@ -97,7 +97,7 @@ fn scope_requests(scope: &str, ciphertext: &str) -> Vec<(&'static str, String, O
 
 /// A member granted everything on team A gets nothing on its sibling team B, nor on B's
 /// children: each request is refused as forbidden, and B is unchanged.
-async fn member_granted_on_a_team_is_refused_on_its_sibling(backend: Backend) {
+async fn scope_request_is_refused_when_the_grant_is_on_a_sibling(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let (org, admin) = app.data_org("enterprise", "managed").await;
     let team_a = app.scope(&admin, "team", "a", &org).await;
@@ -160,11 +160,11 @@ async fn member_granted_on_a_team_is_refused_on_its_sibling(backend: Backend) {
     assert_eq!(b1.body["key_versions"].as_array().unwrap().len(), 1);
     app.stop().await;
 }
-on_both_backends!(member_granted_on_a_team_is_refused_on_its_sibling);
+on_both_backends!(scope_request_is_refused_when_the_grant_is_on_a_sibling);
 
 /// Another organization's token id under one's own organization's path: not found, and the
 /// token keeps working.
-async fn a_foreign_token_id_under_your_own_org_is_not_found(backend: Backend) {
+async fn revoke_token_is_not_found_when_the_token_is_another_orgs(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let (org_a, admin_a) = app.org_with("enterprise", "managed").await;
     let (org_b, admin_b) = app.org_with("enterprise", "managed").await;
@@ -200,11 +200,11 @@ async fn a_foreign_token_id_under_your_own_org_is_not_found(backend: Backend) {
     assert!(events.iter().all(|e| e.event_type != "TokenRevoked"));
     app.stop().await;
 }
-on_both_backends!(a_foreign_token_id_under_your_own_org_is_not_found);
+on_both_backends!(revoke_token_is_not_found_when_the_token_is_another_orgs);
 
 /// A grant (or its removal) naming another organization's scope is refused, and records
 /// nothing.
-async fn a_grant_naming_another_organizations_scope_is_refused(backend: Backend) {
+async fn grant_is_refused_when_it_names_another_orgs_scope(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let (org_a, admin_a) = app.org_with("enterprise", "managed").await;
     let (org_b, admin_b) = app.org_with("enterprise", "managed").await;
@@ -238,11 +238,11 @@ async fn a_grant_naming_another_organizations_scope_is_refused(backend: Backend)
     );
     app.stop().await;
 }
-on_both_backends!(a_grant_naming_another_organizations_scope_is_refused);
+on_both_backends!(grant_is_refused_when_it_names_another_orgs_scope);
 
 /// The name search answers a member without any grant with an empty list, whatever it asks
 /// for; a grant on one team opens that team's subtree only.
-async fn a_member_without_a_grant_lists_no_scopes(backend: Backend) {
+async fn list_scopes_is_empty_when_the_member_has_no_grant(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let (org, admin) = app.org_with("enterprise", "managed").await;
     let team = app.scope(&admin, "team", "research", &org).await;
@@ -273,11 +273,11 @@ async fn a_member_without_a_grant_lists_no_scopes(backend: Backend) {
     assert!(!ids(&listed).contains(&other));
     app.stop().await;
 }
-on_both_backends!(a_member_without_a_grant_lists_no_scopes);
+on_both_backends!(list_scopes_is_empty_when_the_member_has_no_grant);
 
 /// Once the organization itself is revoked, every command on it or below it is refused and
 /// records nothing.
-async fn every_org_level_command_is_refused_on_a_revoked_organization(backend: Backend) {
+async fn org_commands_are_refused_when_the_org_is_revoked(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let (org, admin) = app.data_org("enterprise", "managed").await;
     let team = app.scope(&admin, "team", "t", &org).await;
@@ -351,7 +351,7 @@ async fn every_org_level_command_is_refused_on_a_revoked_organization(backend: B
     );
     app.stop().await;
 }
-on_both_backends!(every_org_level_command_is_refused_on_a_revoked_organization);
+on_both_backends!(org_commands_are_refused_when_the_org_is_revoked);
 
 /// ADR 0003: a child whose creation read its parent as active while an ancestor was being
 /// revoked lands under a revoked ancestor. Either its creation is refused and records
@@ -467,15 +467,15 @@ async fn born_revoked(backend: Backend, rekey_first: bool) {
     app.stop().await;
 }
 
-async fn a_child_born_while_its_ancestor_is_revoked_is_revoked(backend: Backend) {
+async fn create_is_born_revoked_when_the_ancestor_is_revoked_meanwhile(backend: Backend) {
     born_revoked(backend, false).await;
 }
-on_both_backends!(a_child_born_while_its_ancestor_is_revoked_is_revoked);
+on_both_backends!(create_is_born_revoked_when_the_ancestor_is_revoked_meanwhile);
 
-async fn a_child_born_after_its_ancestors_rekey_finished_is_revoked(backend: Backend) {
+async fn create_is_born_revoked_when_the_ancestors_rekey_finished_first(backend: Backend) {
     born_revoked(backend, true).await;
 }
-on_both_backends!(a_child_born_after_its_ancestors_rekey_finished_is_revoked);
+on_both_backends!(create_is_born_revoked_when_the_ancestors_rekey_finished_first);
 
 /// The other order of the "born revoked" race: the child's creation (decided while its team
 /// was active, answered from memory) commits after the team's revoke but before the runner

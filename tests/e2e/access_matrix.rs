@@ -240,7 +240,7 @@ fn rows() -> Vec<Row> {
 }
 
 #[test]
-fn every_endpoint_has_a_row() {
+fn matrix_fails_when_an_endpoint_has_no_row() {
     let served: BTreeSet<(String, String)> = ekm_api::endpoints::list()
         .into_iter()
         .map(|(m, p)| (m.to_owned(), p.to_owned()))
@@ -452,7 +452,7 @@ async fn request(app: &TestApp, world: &World, row: &Row, index: usize) -> (Stri
     }
 }
 
-async fn every_endpoint_answers_every_caller_exactly(backend: Backend) {
+async fn every_endpoint_answers_as_the_matrix_says_when_any_caller_calls(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let mut failures = vec![];
     for row in rows() {
@@ -475,4 +475,4 @@ async fn every_endpoint_answers_every_caller_exactly(backend: Backend) {
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
 }
-on_both_backends!(every_endpoint_answers_every_caller_exactly);
+on_both_backends!(every_endpoint_answers_as_the_matrix_says_when_any_caller_calls);

@@ -120,7 +120,7 @@ async fn append_writes_nothing_when_its_key_cannot_be_stored(backend: Backend) {
 }
 on_both_backends!(append_writes_nothing_when_its_key_cannot_be_stored);
 
-async fn append_that_loses_the_race_for_its_sequence_writes_no_key(backend: Backend) {
+async fn append_writes_no_key_when_it_loses_the_race_for_its_sequence(backend: Backend) {
     let test_db = TestDb::new(backend).await;
     let db = Db::open(&test_db.config).await.unwrap();
     let meta = HashMap::new();
@@ -169,4 +169,4 @@ async fn append_that_loses_the_race_for_its_sequence_writes_no_key(backend: Back
     );
     db.close().await;
 }
-on_both_backends!(append_that_loses_the_race_for_its_sequence_writes_no_key);
+on_both_backends!(append_writes_no_key_when_it_loses_the_race_for_its_sequence);

@@ -44,7 +44,7 @@ async fn entries(app: &TestApp, token: &str, query: &str) -> Vec<Value> {
     response.body["items"].as_array().unwrap().clone()
 }
 
-async fn audit_log_answers_who_what_when_why(backend: Backend) {
+async fn audit_log_answers_who_what_when_why_when_filtered(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let (org, admin) = app.org("enterprise").await;
     let (_other_org, other_admin) = app.org("enterprise").await;
@@ -158,12 +158,12 @@ async fn audit_log_answers_who_what_when_why(backend: Backend) {
         .assert_problem(403, "forbidden");
     app.stop().await;
 }
-on_both_backends!(audit_log_answers_who_what_when_why);
+on_both_backends!(audit_log_answers_who_what_when_why_when_filtered);
 
 /// An export reads page after page, one page ahead of the writer: whatever the page size
 /// (one, a divisor of the count, or more than the count), it yields every entry once, in
 /// position order, and the same entries as one big read.
-async fn export_pages_cover_the_log_exactly_once(backend: Backend) {
+async fn export_covers_the_log_exactly_once_when_paged(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let (org, admin) = app.org("enterprise").await;
     let team = app.scope(&admin, "team", "research", &org).await;
@@ -202,9 +202,9 @@ async fn export_pages_cover_the_log_exactly_once(backend: Backend) {
     app.stop().await;
 }
 
-on_both_backends!(export_pages_cover_the_log_exactly_once);
+on_both_backends!(export_covers_the_log_exactly_once_when_paged);
 
-async fn export_streams_jsonl_and_csv(backend: Backend) {
+async fn export_streams_jsonl_and_csv_when_asked_by_format(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let (org, admin) = app.org("enterprise").await;
     let team = app.scope(&admin, "team", "research", &org).await;
@@ -256,7 +256,7 @@ async fn export_streams_jsonl_and_csv(backend: Backend) {
         .assert_problem(400, "invalid_request");
     app.stop().await;
 }
-on_both_backends!(export_streams_jsonl_and_csv);
+on_both_backends!(export_streams_jsonl_and_csv_when_asked_by_format);
 
 fn ekm_verify(test_app: &TestApp, org: &str) -> (bool, String) {
     let mut command = Command::new(env!("CARGO_BIN_EXE_ekm"));
@@ -274,7 +274,7 @@ fn ekm_verify(test_app: &TestApp, org: &str) -> (bool, String) {
     )
 }
 
-async fn verify_pinpoints_tampering(backend: Backend) {
+async fn verify_reports_the_position_when_an_event_is_tampered(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let (org, admin) = app.org("enterprise").await;
     let team = app.scope(&admin, "team", "research", &org).await;
@@ -319,9 +319,9 @@ async fn verify_pinpoints_tampering(backend: Backend) {
     );
     app.stop().await;
 }
-on_both_backends!(verify_pinpoints_tampering);
+on_both_backends!(verify_reports_the_position_when_an_event_is_tampered);
 
-async fn verify_catches_removed_and_inserted_events(backend: Backend) {
+async fn verify_reports_removed_when_events_are_deleted_and_reinserted(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let (org, admin) = app.org("enterprise").await;
     let team = app.scope(&admin, "team", "research", &org).await;
@@ -384,9 +384,9 @@ async fn verify_catches_removed_and_inserted_events(backend: Backend) {
     );
     app.stop().await;
 }
-on_both_backends!(verify_catches_removed_and_inserted_events);
+on_both_backends!(verify_reports_removed_when_events_are_deleted_and_reinserted);
 
-async fn editing_a_payload_is_caught_and_the_cli_exports_the_log(backend: Backend) {
+async fn verify_reports_altered_when_a_payload_is_edited_and_cli_exports(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let (org, admin) = app.org("enterprise").await;
     let team = app.scope(&admin, "team", "research", &org).await;
@@ -433,4 +433,4 @@ async fn editing_a_payload_is_caught_and_the_cli_exports_the_log(backend: Backen
     assert!(!ok && out.contains("TAMPERED"), "{out}");
     app.stop().await;
 }
-on_both_backends!(editing_a_payload_is_caught_and_the_cli_exports_the_log);
+on_both_backends!(verify_reports_altered_when_a_payload_is_edited_and_cli_exports);

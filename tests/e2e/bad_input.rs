@@ -7,7 +7,7 @@ use serde_json::{json, Value};
 use crate::harness::{Backend, TestApp};
 use crate::on_both_backends;
 
-async fn malformed_requests_get_problems(backend: Backend) {
+async fn any_request_gets_a_problem_when_malformed(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let (org, admin) = app.org("enterprise").await;
     let team = app.scope(&admin, "team", "research", &org).await;
@@ -230,11 +230,11 @@ async fn malformed_requests_get_problems(backend: Backend) {
     assert_eq!(app.db.event_count().await.unwrap(), events_before);
     app.stop().await;
 }
-on_both_backends!(malformed_requests_get_problems);
+on_both_backends!(any_request_gets_a_problem_when_malformed);
 
 /// Arbitrary JSON to every write endpoint: never a 5xx, always problem+json when refused.
 #[test]
-fn arbitrary_bodies_never_cause_a_server_error() {
+fn any_request_gets_no_server_error_when_its_body_is_arbitrary() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let (app, org, admin) = runtime.block_on(async {
         let app = TestApp::spawn(Backend::Sqlite).await;

@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 use crate::harness::{Backend, TestApp};
 use crate::on_both_backends;
 
-async fn endpoints_refuse_bad_input_with_problems(backend: Backend) {
+async fn every_endpoint_answers_a_problem_when_its_input_is_bad(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let (org, admin) = app.data_org("enterprise", "managed").await;
     let thread = app.scope(&admin, "thread", "t", &org).await;
@@ -370,7 +370,7 @@ async fn endpoints_refuse_bad_input_with_problems(backend: Backend) {
     );
     app.stop().await;
 }
-on_both_backends!(endpoints_refuse_bad_input_with_problems);
+on_both_backends!(every_endpoint_answers_a_problem_when_its_input_is_bad);
 
 /// A TCP proxy in front of PostgreSQL that the test can cut: every connection through it
 /// dropped, new ones refused (as when the database host goes down), and restored.
@@ -421,7 +421,7 @@ impl Cable {
 /// answer 503 `unavailable` as problem+json, never a 500; once it is back, the server
 /// works again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn requests_answer_503_while_the_database_is_down() {
+async fn requests_answer_503_when_the_database_is_down() {
     let mut test_db = crate::harness::TestDb::new(Backend::Postgres).await;
     let url = test_db.url.clone().unwrap();
     let host = url

@@ -204,11 +204,11 @@ fn run(backend: Backend, cases: u32) {
 }
 
 #[test]
-fn cascade_matches_the_reference_model_on_sqlite() {
+fn commands_match_the_reference_model_when_random_on_sqlite() {
     run(Backend::Sqlite, 24);
 }
 
 #[test]
-fn cascade_matches_the_reference_model_on_postgres() {
+fn commands_match_the_reference_model_when_random_on_postgres() {
     run(Backend::Postgres, 8);
 }

@@ -8,7 +8,7 @@ use serde_json::json;
 use crate::harness::{Backend, TestApp};
 use crate::on_both_backends;
 
-async fn concurrent_pause_resume_loses_nothing(backend: Backend) {
+async fn pause_and_resume_lose_nothing_when_concurrent(backend: Backend) {
     let app = Arc::new(TestApp::spawn(backend).await);
     let (org, admin) = app.org("enterprise").await;
     let team = app.scope(&admin, "team", "research", &org).await;
@@ -88,4 +88,4 @@ async fn concurrent_pause_resume_loses_nothing(backend: Backend) {
     }
     assert!(changed.iter().sum::<usize>() > 0);
 }
-on_both_backends!(concurrent_pause_resume_loses_nothing);
+on_both_backends!(pause_and_resume_lose_nothing_when_concurrent);

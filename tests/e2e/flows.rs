@@ -6,7 +6,7 @@ use serde_json::json;
 use crate::harness::{Backend, TestApp};
 use crate::on_both_backends;
 
-async fn quick_start_cascade_and_cause(backend: Backend) {
+async fn pause_cascades_with_its_cause_when_run_as_the_quick_start(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let (org, admin) = app.org("enterprise").await;
     let team = app.scope(&admin, "team", "research", &org).await;
@@ -81,9 +81,9 @@ async fn quick_start_cascade_and_cause(backend: Backend) {
     assert_eq!(org_json.body["effective_state"], "active");
     app.stop().await;
 }
-on_both_backends!(quick_start_cascade_and_cause);
+on_both_backends!(pause_cascades_with_its_cause_when_run_as_the_quick_start);
 
-async fn revoke_is_final_for_the_whole_subtree(backend: Backend) {
+async fn resume_is_refused_when_the_subtree_is_revoked(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let (org, admin) = app.org("enterprise").await;
     let team = app.scope(&admin, "team", "research", &org).await;
@@ -164,9 +164,9 @@ async fn revoke_is_final_for_the_whole_subtree(backend: Backend) {
     assert_eq!(sibling_json.body["effective_state"], "active");
     app.stop().await;
 }
-on_both_backends!(revoke_is_final_for_the_whole_subtree);
+on_both_backends!(resume_is_refused_when_the_subtree_is_revoked);
 
-async fn rotate_adds_key_versions_and_children_paginate(backend: Backend) {
+async fn rotate_adds_key_versions_and_children_paginate_when_listed(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let (org, admin) = app.org("enterprise").await;
     let team = app.scope(&admin, "team", "research", &org).await;
@@ -217,9 +217,9 @@ async fn rotate_adds_key_versions_and_children_paginate(backend: Backend) {
     assert_eq!(seen, created);
     app.stop().await;
 }
-on_both_backends!(rotate_adds_key_versions_and_children_paginate);
+on_both_backends!(rotate_adds_key_versions_and_children_paginate_when_listed);
 
-async fn if_match_guards_against_lost_updates(backend: Backend) {
+async fn pause_is_refused_with_412_when_if_match_is_stale(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let (org, admin) = app.org("enterprise").await;
     let team = app.scope(&admin, "team", "research", &org).await;
@@ -250,11 +250,11 @@ async fn if_match_guards_against_lost_updates(backend: Backend) {
     assert_eq!(fresh.headers()["etag"], "\"2\"");
     app.stop().await;
 }
-on_both_backends!(if_match_guards_against_lost_updates);
+on_both_backends!(pause_is_refused_with_412_when_if_match_is_stale);
 
 /// A grant is an event of the organization: the version (ETag) a client reads afterwards is
 /// the one If-Match must accept.
-async fn if_match_accepts_the_version_read_after_a_grant(backend: Backend) {
+async fn pause_is_accepted_when_if_match_has_the_version_read_after_a_grant(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let (org, admin) = app.org("enterprise").await;
     let granted = app
@@ -281,9 +281,9 @@ async fn if_match_accepts_the_version_read_after_a_grant(backend: Backend) {
     assert_eq!(paused.headers()["etag"], "\"3\"");
     app.stop().await;
 }
-on_both_backends!(if_match_accepts_the_version_read_after_a_grant);
+on_both_backends!(pause_is_accepted_when_if_match_has_the_version_read_after_a_grant);
 
-async fn standard_plan_has_no_scope_controls(backend: Backend) {
+async fn scope_controls_are_refused_when_the_plan_is_standard(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let (org, admin) = app.org("standard").await;
     // Scopes can be created; controls need the enterprise plan.
@@ -311,9 +311,9 @@ async fn standard_plan_has_no_scope_controls(backend: Backend) {
     .assert_problem(400, "invalid_request");
     app.stop().await;
 }
-on_both_backends!(standard_plan_has_no_scope_controls);
+on_both_backends!(scope_controls_are_refused_when_the_plan_is_standard);
 
-async fn events_carry_actor_request_reason_source_and_time(backend: Backend) {
+async fn commands_record_actor_request_reason_source_and_time_when_committed(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let (org, admin) = app.org("enterprise").await;
     let response = app
@@ -346,13 +346,13 @@ async fn events_carry_actor_request_reason_source_and_time(backend: Backend) {
     }
     app.stop().await;
 }
-on_both_backends!(events_carry_actor_request_reason_source_and_time);
+on_both_backends!(commands_record_actor_request_reason_source_and_time_when_committed);
 
 /// A command whose event commits, but whose read models cannot be brought up to it, says so
 /// (`committed_unconfirmed`, with the scope's id) instead of failing like a change that did
 /// not happen and inviting a repeat. The change is recorded exactly once, and is there as
 /// soon as the read models work again.
-async fn a_committed_change_that_cannot_be_read_back_says_so(backend: Backend) {
+async fn command_answers_committed_when_it_cannot_be_read_back(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let (org, admin) = app.org("enterprise").await;
     let team = app.scope(&admin, "team", "research", &org).await;
@@ -387,4 +387,4 @@ async fn a_committed_change_that_cannot_be_read_back_says_so(backend: Backend) {
     assert_eq!(scope.body["effective_state"], "revoked");
     app.stop().await;
 }
-on_both_backends!(a_committed_change_that_cannot_be_read_back_says_so);
+on_both_backends!(command_answers_committed_when_it_cannot_be_read_back);

@@ -15,7 +15,7 @@ const INSERT: &str = "INSERT INTO events \
     VALUES ('test', $1, $2, 'Tested', '1', '{}', '{}')";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_reader_never_skips_a_transaction_that_commits_late() {
+async fn reader_skips_nothing_when_a_transaction_commits_late() {
     let test_db = TestDb::new(Backend::Postgres).await;
     let url = test_db.url.clone().unwrap();
     let db = Db::open(&test_db.config).await.unwrap();
@@ -58,7 +58,7 @@ async fn postgres_reader_never_skips_a_transaction_that_commits_late() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_reader_is_not_held_back_by_a_transaction_in_another_database() {
+async fn reader_is_not_held_back_when_another_database_has_a_transaction() {
     let ours = TestDb::new(Backend::Postgres).await;
     let theirs = TestDb::new(Backend::Postgres).await;
     let db = Db::open(&ours.config).await.unwrap();
@@ -104,7 +104,7 @@ async fn postgres_reader_is_not_held_back_by_a_transaction_in_another_database()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_append_is_refused_when_not_the_first_write_of_its_transaction() {
+async fn append_is_refused_when_not_the_first_write_of_its_transaction() {
     let test_db = TestDb::new(Backend::Postgres).await;
     let db = Db::open(&test_db.config).await.unwrap();
     let ekm_store::Db::Postgres(pg) = &db else {
@@ -131,7 +131,7 @@ async fn postgres_append_is_refused_when_not_the_first_write_of_its_transaction(
     db.close().await;
 }
 
-async fn tailer_sees_every_event_once_under_concurrent_appends(backend: Backend) {
+async fn tailer_sees_every_event_once_when_appends_are_concurrent(backend: Backend) {
     let test_db = TestDb::new(backend).await;
     let db = Arc::new(Db::open(&test_db.config).await.unwrap());
     let writers = 6;
@@ -190,9 +190,9 @@ async fn tailer_sees_every_event_once_under_concurrent_appends(backend: Backend)
     }
     db.close().await;
 }
-on_both_backends!(tailer_sees_every_event_once_under_concurrent_appends);
+on_both_backends!(tailer_sees_every_event_once_when_appends_are_concurrent);
 
-async fn stored_events_cannot_be_changed_or_deleted(backend: Backend) {
+async fn update_or_delete_of_events_is_refused_when_stored(backend: Backend) {
     let test_db = TestDb::new(backend).await;
     let db = Db::open(&test_db.config).await.unwrap();
     ekm_store::with_write_pool!(&db, pool => {
@@ -210,7 +210,7 @@ async fn stored_events_cannot_be_changed_or_deleted(backend: Backend) {
     );
     db.close().await;
 }
-on_both_backends!(stored_events_cannot_be_changed_or_deleted);
+on_both_backends!(update_or_delete_of_events_is_refused_when_stored);
 
 /// The refusal is the immutability trigger's (`RAISE … 'events are immutable'` on both
 /// backends), not any error: a typo in the statement would fail too, and prove nothing.

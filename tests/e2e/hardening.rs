@@ -8,7 +8,7 @@ use crate::on_both_backends;
 
 /// A name with a right-to-left override and a zero-width space shows as something it is
 /// not; it is refused for scopes and organizations alike, and nothing is recorded.
-async fn names_with_invisible_characters_are_refused(backend: Backend) {
+async fn create_is_refused_when_the_name_has_invisible_characters(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let (org, admin) = app.org("enterprise").await;
     let events_before = app.db.event_count().await.unwrap();
@@ -44,7 +44,7 @@ async fn names_with_invisible_characters_are_refused(backend: Backend) {
         .await;
     app.stop().await;
 }
-on_both_backends!(names_with_invisible_characters_are_refused);
+on_both_backends!(create_is_refused_when_the_name_has_invisible_characters);
 
 /// Everything a response reveals: its body, and the text inside any cursor in it (a cursor
 /// is base64url; what it decodes to is as good as printed).
@@ -87,7 +87,7 @@ async fn walk(app: &TestApp, token: &str, path: &str) -> (Vec<String>, String) {
 
 /// The attack: a member with no permission pages through `?q=` one row at a time; each
 /// empty page's cursor named the next scope's id, so every id of the organization leaked.
-async fn search_cursors_reveal_only_rows_the_caller_may_see(backend: Backend) {
+async fn search_reveals_only_visible_rows_when_paged_with_cursors(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let (org, admin) = app.org("enterprise").await;
     let visible_team = app.scope(&admin, "team", "alpha", &org).await;
@@ -174,10 +174,10 @@ async fn search_cursors_reveal_only_rows_the_caller_may_see(backend: Backend) {
     .assert_problem(400, "invalid_request");
     app.stop().await;
 }
-on_both_backends!(search_cursors_reveal_only_rows_the_caller_may_see);
+on_both_backends!(search_reveals_only_visible_rows_when_paged_with_cursors);
 
 /// Children and audit pages: a cursor continues only the list that issued it.
-async fn children_and_audit_cursors_belong_to_their_list(backend: Backend) {
+async fn list_refuses_a_cursor_when_it_belongs_to_another_list(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let (org, admin) = app.org("enterprise").await;
     let a = app.scope(&admin, "team", "a", &org).await;
@@ -236,13 +236,13 @@ async fn children_and_audit_cursors_belong_to_their_list(backend: Backend) {
     .assert_problem(400, "invalid_request");
     app.stop().await;
 }
-on_both_backends!(children_and_audit_cursors_belong_to_their_list);
+on_both_backends!(list_refuses_a_cursor_when_it_belongs_to_another_list);
 
 /// The scenario: `POST /v1/orgs` committed the organization, but its read-back failed and
 /// the admin token was revoked (or lost); the organization had no admin left. The operator
 /// issues a break-glass org_admin token, with a required reason, recorded in the
 /// organization's audit log with the operator as the actor.
-async fn operator_issues_an_audited_break_glass_admin_token(backend: Backend) {
+async fn break_glass_issues_an_audited_admin_token_when_the_operator_asks(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let (org, admin) = app.org("enterprise").await;
     let team = app.scope(&admin, "team", "research", &org).await;
@@ -328,4 +328,4 @@ async fn operator_issues_an_audited_break_glass_admin_token(backend: Backend) {
     .assert_problem(400, "invalid_request");
     app.stop().await;
 }
-on_both_backends!(operator_issues_an_audited_break_glass_admin_token);
+on_both_backends!(break_glass_issues_an_audited_admin_token_when_the_operator_asks);

@@ -6,7 +6,7 @@ use serde_json::json;
 use crate::harness::{Backend, TestApp};
 use crate::on_both_backends;
 
-async fn state_at_a_past_position_or_instant(backend: Backend) {
+async fn scope_as_of_answers_the_past_state_when_given_a_position_or_instant(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let (org, admin) = app.org("enterprise").await;
     let team = app.scope(&admin, "team", "research", &org).await;
@@ -79,9 +79,9 @@ async fn state_at_a_past_position_or_instant(backend: Backend) {
         .assert_problem(400, "invalid_request");
     app.stop().await;
 }
-on_both_backends!(state_at_a_past_position_or_instant);
+on_both_backends!(scope_as_of_answers_the_past_state_when_given_a_position_or_instant);
 
-async fn dry_run_counts_the_blast_radius_and_writes_nothing(backend: Backend) {
+async fn dry_run_counts_the_blast_radius_and_writes_nothing_when_asked(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let (org, admin) = app.org("enterprise").await;
     let research = app.scope(&admin, "team", "research", &org).await;
@@ -150,4 +150,4 @@ async fn dry_run_counts_the_blast_radius_and_writes_nothing(backend: Backend) {
     .assert_problem(400, "invalid_request");
     app.stop().await;
 }
-on_both_backends!(dry_run_counts_the_blast_radius_and_writes_nothing);
+on_both_backends!(dry_run_counts_the_blast_radius_and_writes_nothing_when_asked);

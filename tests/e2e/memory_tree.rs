@@ -299,12 +299,12 @@ fn run(backend: Backend, cases: u32) {
 }
 
 #[test]
-fn memory_tree_equals_the_read_models_on_sqlite() {
+fn memory_tree_equals_the_read_models_when_histories_are_random_on_sqlite() {
     run(Backend::Sqlite, 12);
 }
 
 #[test]
-fn memory_tree_equals_the_read_models_on_two_postgres_instances() {
+fn memory_tree_equals_the_read_models_when_two_postgres_instances_share_histories() {
     run(Backend::Postgres, 10);
 }
 
@@ -312,7 +312,7 @@ fn memory_tree_equals_the_read_models_on_two_postgres_instances() {
 /// `GET /v1/scopes/{id}` (answered from B's tree) within the documented bound (NOTIFY; the
 /// poll interval is 500 ms), and a scope A creates is found on B within it too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn another_instance_reads_a_pause_from_memory_within_a_second() {
+async fn get_scope_shows_the_pause_within_a_second_when_another_instance_paused() {
     let a = TestApp::spawn(Backend::Postgres).await;
     let b = a.peer().await;
     let (org, admin) = a.org("enterprise").await;

@@ -419,16 +419,16 @@ fn run(backend: Backend, dialect: Dialect, cases: u32) {
 }
 
 #[test]
-fn merged_batches_equal_one_by_one_application_on_sqlite() {
+fn merge_equals_one_by_one_application_when_batches_are_random_on_sqlite() {
     run(Backend::Sqlite, Dialect::Sqlite, 64);
 }
 
 #[test]
-fn merged_batches_equal_one_by_one_application_on_postgres() {
+fn merge_equals_one_by_one_application_when_batches_are_random_on_postgres() {
     run(Backend::Postgres, Dialect::Postgres, 24);
 }
 
 #[test]
-fn merged_batches_with_copy_equal_one_by_one_application_on_postgres() {
+fn merge_with_copy_equals_one_by_one_application_when_batches_are_random() {
     run(Backend::Postgres, Dialect::PostgresCopy, 24);
 }

@@ -134,7 +134,7 @@ const SQLITE_BY_DESIGN: [(&str, &str, &str, bool, &str); 4] = [
 /// Both backends give every table the same columns: names, type classes, nullability and
 /// primary keys, but for the differences listed (and sqlx's own bookkeeping table).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn migrations_create_the_same_columns_on_both_backends() {
+async fn migrate_creates_the_same_columns_when_run_on_both_backends() {
     let keep = |columns: Vec<Column>| -> Vec<Column> {
         columns
             .into_iter()
@@ -175,7 +175,7 @@ async fn migrations_create_the_same_columns_on_both_backends() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn migrations_create_the_same_tables_on_both_backends() {
+async fn migrate_creates_the_same_tables_when_run_on_both_backends() {
     let sqlite = migrated_tables(Backend::Sqlite).await;
     let postgres = migrated_tables(Backend::Postgres).await;
     for table in [

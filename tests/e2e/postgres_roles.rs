@@ -59,7 +59,7 @@ impl Drop for Cleanup {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn postgres_app_role_serves_but_cannot_rewrite_history() {
+async fn serve_works_but_history_cannot_be_rewritten_when_run_as_the_app_role() {
     let admin = postgres_admin_url();
     let id = uuid::Uuid::now_v7().simple().to_string();
     let (owner, app, database) = (

@@ -5,7 +5,7 @@ use serde_json::json;
 use crate::harness::{Backend, TestApp};
 use crate::on_both_backends;
 
-async fn other_organizations_scopes_are_not_found(backend: Backend) {
+async fn get_scope_is_not_found_when_the_scope_is_another_orgs(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let (org_a, admin_a) = app.org("enterprise").await;
     let (_org_b, admin_b) = app.org("enterprise").await;
@@ -41,9 +41,9 @@ async fn other_organizations_scopes_are_not_found(backend: Backend) {
     );
     app.stop().await;
 }
-on_both_backends!(other_organizations_scopes_are_not_found);
+on_both_backends!(get_scope_is_not_found_when_the_scope_is_another_orgs);
 
-async fn operator_manages_organizations_only(backend: Backend) {
+async fn operator_requests_are_refused_when_they_reach_into_an_org(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let (org, admin) = app.org("enterprise").await;
     let operator = app.operator_token.clone();
@@ -63,9 +63,9 @@ async fn operator_manages_organizations_only(backend: Backend) {
         .assert_problem(403, "forbidden");
     app.stop().await;
 }
-on_both_backends!(operator_manages_organizations_only);
+on_both_backends!(operator_requests_are_refused_when_they_reach_into_an_org);
 
-async fn missing_or_unknown_tokens_are_refused(backend: Backend) {
+async fn requests_are_refused_when_the_token_is_missing_or_unknown(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let (org, _admin) = app.org("enterprise").await;
     let path = format!("/v1/scopes/{org}");
@@ -103,11 +103,13 @@ async fn missing_or_unknown_tokens_are_refused(backend: Backend) {
         .all(|h| h.len() == 64 && !h.contains(&app.operator_token)));
     app.stop().await;
 }
-on_both_backends!(missing_or_unknown_tokens_are_refused);
+on_both_backends!(requests_are_refused_when_the_token_is_missing_or_unknown);
 
 /// Tokens are cached for at most a second: one revoked elsewhere (here, straight in the
 /// database, as another instance would) stops working within that bound.
-async fn a_token_revoked_elsewhere_stops_working_within_a_second(backend: Backend) {
+async fn requests_are_refused_within_a_second_when_the_token_is_revoked_elsewhere(
+    backend: Backend,
+) {
     let app = TestApp::spawn(backend).await;
     let (org, admin) = app.org("enterprise").await;
     let path = format!("/v1/scopes/{org}");
@@ -133,4 +135,4 @@ async fn a_token_revoked_elsewhere_stops_working_within_a_second(backend: Backen
     }
     app.stop().await;
 }
-on_both_backends!(a_token_revoked_elsewhere_stops_working_within_a_second);
+on_both_backends!(requests_are_refused_within_a_second_when_the_token_is_revoked_elsewhere);

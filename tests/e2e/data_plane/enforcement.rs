@@ -9,7 +9,7 @@ use super::managed_org;
 use crate::harness::{decrypt, encrypt, Backend, TestApp};
 use crate::on_both_backends;
 
-async fn pause_and_revoke_stop_the_data_plane_for_the_subtree(backend: Backend) {
+async fn data_plane_is_refused_when_an_ancestor_is_paused_or_revoked(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let (org, admin) = managed_org(&app).await;
     let team = app.scope(&admin, "team", "research", &org).await;
@@ -48,11 +48,11 @@ async fn pause_and_revoke_stop_the_data_plane_for_the_subtree(backend: Backend) 
     assert!(app.db.key_count(&org).await.unwrap() > 0);
     app.stop().await;
 }
-on_both_backends!(pause_and_revoke_stop_the_data_plane_for_the_subtree);
+on_both_backends!(data_plane_is_refused_when_an_ancestor_is_paused_or_revoked);
 
 /// Several tasks decrypt as fast as they can while the scope is paused: no decrypt that
 /// starts after the pause was acknowledged succeeds, and many did start after it.
-async fn no_decrypt_succeeds_after_the_pause_is_acknowledged(backend: Backend) {
+async fn decrypt_is_refused_when_it_starts_after_the_pause_is_acknowledged(backend: Backend) {
     let app = Arc::new(TestApp::spawn(backend).await);
     let (org, admin) = managed_org(&app).await;
     let team = app.scope(&admin, "team", "research", &org).await;
@@ -125,12 +125,12 @@ async fn no_decrypt_succeeds_after_the_pause_is_acknowledged(backend: Backend) {
         "decrypts that started after the pause response succeeded"
     );
 }
-on_both_backends!(no_decrypt_succeeds_after_the_pause_is_acknowledged);
+on_both_backends!(decrypt_is_refused_when_it_starts_after_the_pause_is_acknowledged);
 
 /// Two instances on one PostgreSQL database: a pause acknowledged by A stops decrypts on B
 /// (which had the key cached) within the documented bound of one second.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn another_instance_stops_decrypting_within_a_second_of_the_pause() {
+async fn decrypt_is_refused_within_a_second_when_another_instance_paused() {
     let a = TestApp::spawn(Backend::Postgres).await;
     let b = Arc::new(a.peer().await);
     let (org, admin) = managed_org(&a).await;

@@ -9,7 +9,7 @@ use super::managed_org;
 use crate::harness::{decrypt, encrypt, Backend, TestApp};
 use crate::on_both_backends;
 
-async fn round_trips_and_refuses_what_was_not_made_here(backend: Backend) {
+async fn decrypt_round_trips_and_refuses_when_not_made_here(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let (org, admin) = managed_org(&app).await;
     let team = app.scope(&admin, "team", "research", &org).await;
@@ -94,9 +94,9 @@ async fn round_trips_and_refuses_what_was_not_made_here(backend: Backend) {
         .assert_problem(403, "forbidden");
     app.stop().await;
 }
-on_both_backends!(round_trips_and_refuses_what_was_not_made_here);
+on_both_backends!(decrypt_round_trips_and_refuses_when_not_made_here);
 
-async fn the_default_tier_covers_credentials_and_mcp_secrets_only(backend: Backend) {
+async fn encrypt_is_refused_when_the_default_tier_does_not_cover_the_class(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let (org, admin) = app.data_org("standard", "default").await;
     let agent = app.scope(&admin, "agent", "bot", &org).await;
@@ -121,9 +121,9 @@ async fn the_default_tier_covers_credentials_and_mcp_secrets_only(backend: Backe
         .assert_problem(404, "not_found");
     app.stop().await;
 }
-on_both_backends!(the_default_tier_covers_credentials_and_mcp_secrets_only);
+on_both_backends!(encrypt_is_refused_when_the_default_tier_does_not_cover_the_class);
 
-async fn changing_tier_changes_coverage_and_keeps_ciphertexts(backend: Backend) {
+async fn change_tier_keeps_ciphertexts_when_coverage_changes(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let (org, admin) = app.data_org("enterprise", "default").await;
     let team = app.scope(&admin, "team", "research", &org).await;
@@ -205,9 +205,9 @@ async fn changing_tier_changes_coverage_and_keeps_ciphertexts(backend: Backend) 
     .assert_problem(403, "plan_required");
     app.stop().await;
 }
-on_both_backends!(changing_tier_changes_coverage_and_keeps_ciphertexts);
+on_both_backends!(change_tier_keeps_ciphertexts_when_coverage_changes);
 
-async fn a_cold_key_walks_the_hierarchy_once_then_hits_the_cache(backend: Backend) {
+async fn encrypt_walks_the_hierarchy_once_when_the_key_is_cold(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let (org, admin) = managed_org(&app).await;
     let team = app.scope(&admin, "team", "research", &org).await;
@@ -245,6 +245,6 @@ async fn a_cold_key_walks_the_hierarchy_once_then_hits_the_cache(backend: Backen
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_cold_key_walks_the_hierarchy_once_on_postgres() {
-    a_cold_key_walks_the_hierarchy_once_then_hits_the_cache(Backend::Postgres).await;
+async fn encrypt_walks_the_hierarchy_once_when_the_key_is_cold_on_postgres() {
+    encrypt_walks_the_hierarchy_once_when_the_key_is_cold(Backend::Postgres).await;
 }

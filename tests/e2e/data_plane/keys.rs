@@ -9,7 +9,7 @@ use super::managed_org;
 use crate::harness::{decrypt, encrypt, Backend, TestApp};
 use crate::on_both_backends;
 
-async fn rotation_keeps_old_ciphertexts_and_rewrap_moves_them_forward(backend: Backend) {
+async fn rotate_keeps_old_ciphertexts_and_rewrap_moves_them_forward(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let (org, admin) = managed_org(&app).await;
     let team = app.scope(&admin, "team", "research", &org).await;
@@ -70,7 +70,7 @@ async fn rotation_keeps_old_ciphertexts_and_rewrap_moves_them_forward(backend: B
     }
     app.stop().await;
 }
-on_both_backends!(rotation_keeps_old_ciphertexts_and_rewrap_moves_them_forward);
+on_both_backends!(rotate_keeps_old_ciphertexts_and_rewrap_moves_them_forward);
 
 /// Everything an attacker with a full copy of the database and the master key file can
 /// unwrap: organization keys through the master key, then every row whose parent key they
@@ -83,7 +83,7 @@ async fn every_recoverable_key(app: &TestApp) -> Vec<ekm_keys::Kek> {
         .recover(&[master])
 }
 
-async fn revoke_shreds_the_subtree_even_for_someone_with_the_database_and_master_key(
+async fn revoke_shreds_the_subtree_when_the_attacker_holds_the_database_and_master_key(
     backend: Backend,
 ) {
     let app = TestApp::spawn(backend).await;
@@ -122,7 +122,7 @@ async fn revoke_shreds_the_subtree_even_for_someone_with_the_database_and_master
     );
     app.stop().await;
 }
-on_both_backends!(revoke_shreds_the_subtree_even_for_someone_with_the_database_and_master_key);
+on_both_backends!(revoke_shreds_the_subtree_when_the_attacker_holds_the_database_and_master_key);
 
 /// Every byte the server keeps: files of the data directory, and (PostgreSQL) every row.
 async fn everything_at_rest(app: &TestApp) -> Vec<u8> {
@@ -190,12 +190,12 @@ async fn no_plaintext_or_data_key_is_ever_at_rest(backend: Backend) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn no_plaintext_at_rest_on_sqlite() {
+async fn nothing_secret_is_at_rest_when_data_was_encrypted_on_sqlite() {
     no_plaintext_or_data_key_is_ever_at_rest(Backend::Sqlite).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn no_plaintext_at_rest_on_postgres() {
+async fn nothing_secret_is_at_rest_when_data_was_encrypted_on_postgres() {
     // The scan reads every table before the pool closes.
     let app = TestApp::spawn(Backend::Postgres).await;
     let (org, admin) = managed_org(&app).await;
@@ -223,7 +223,7 @@ async fn no_plaintext_at_rest_on_postgres() {
     app.stop().await;
 }
 
-async fn retiring_old_versions_destroys_them_and_keeps_children_working(backend: Backend) {
+async fn retire_destroys_old_versions_and_keeps_children_working(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let (org, admin) = managed_org(&app).await;
     let team = app.scope(&admin, "team", "research", &org).await;
@@ -322,4 +322,4 @@ async fn retiring_old_versions_destroys_them_and_keeps_children_working(backend:
     );
     app.stop().await;
 }
-on_both_backends!(retiring_old_versions_destroys_them_and_keeps_children_working);
+on_both_backends!(retire_destroys_old_versions_and_keeps_children_working);

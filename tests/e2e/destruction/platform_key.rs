@@ -112,12 +112,12 @@ fn cli_rotates_the_platform_master_key(backend: Backend) {
 }
 
 #[test]
-fn cli_rotates_the_platform_master_key_with_the_sqlite_server_stopped() {
+fn master_key_rotate_succeeds_when_the_sqlite_server_is_stopped() {
     cli_rotates_the_platform_master_key(Backend::Sqlite);
 }
 
 #[test]
-fn cli_rotates_the_platform_master_key_beside_a_running_postgres_server() {
+fn master_key_rotate_succeeds_when_a_postgres_server_runs() {
     cli_rotates_the_platform_master_key(Backend::Postgres);
 }
 
@@ -280,11 +280,11 @@ fn platform_master_key_lives_in_a_kms(backend: Backend) {
 }
 
 #[test]
-fn platform_master_key_lives_in_a_kms_on_sqlite() {
+fn serve_keeps_the_platform_key_in_a_kms_when_asked_on_sqlite() {
     platform_master_key_lives_in_a_kms(Backend::Sqlite);
 }
 
 #[test]
-fn platform_master_key_lives_in_a_kms_on_postgres() {
+fn serve_keeps_the_platform_key_in_a_kms_when_asked_on_postgres() {
     platform_master_key_lives_in_a_kms(Backend::Postgres);
 }

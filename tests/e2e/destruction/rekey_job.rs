@@ -10,7 +10,7 @@ use super::*;
 /// The re-key job stopped at arbitrary points (its future dropped mid-transaction, as a
 /// kill -9 would stop it) and started again: no survivor's key is ever lost, every step is
 /// recorded once, and in the end the revoked thread is destroyed.
-async fn rekey_interrupted_anywhere_resumes_and_loses_nothing(backend: Backend) {
+async fn rekey_resumes_and_loses_nothing_when_interrupted_anywhere(backend: Backend) {
     use rand::{Rng, SeedableRng};
     let app = TestApp::spawn_with(
         backend,
@@ -96,4 +96,4 @@ async fn rekey_interrupted_anywhere_resumes_and_loses_nothing(backend: Backend) 
     );
     app.stop().await;
 }
-on_both_backends!(rekey_interrupted_anywhere_resumes_and_loses_nothing);
+on_both_backends!(rekey_resumes_and_loses_nothing_when_interrupted_anywhere);

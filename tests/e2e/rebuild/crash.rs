@@ -86,7 +86,7 @@ async fn key_dump(db: &Db) -> Vec<String> {
     out
 }
 
-async fn interrupted_catch_up_resumes_without_loss_or_duplicates(backend: Backend) {
+async fn catch_up_resumes_without_loss_or_duplicates_when_interrupted(backend: Backend) {
     let moto = Moto::start().await;
     let arn = moto.create_key().await;
     let app = TestApp::spawn_with(
@@ -211,4 +211,4 @@ async fn interrupted_catch_up_resumes_without_loss_or_duplicates(backend: Backen
     assert_same_rows(&key_dump(&db).await, &live_keys);
     db.close().await;
 }
-on_both_backends!(interrupted_catch_up_resumes_without_loss_or_duplicates);
+on_both_backends!(catch_up_resumes_without_loss_or_duplicates_when_interrupted);

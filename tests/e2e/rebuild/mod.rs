@@ -170,7 +170,7 @@ pub async fn random_history(app: &App, seed: u64, steps: usize) {
     app.refresh().await.unwrap();
 }
 
-async fn rebuild_yields_exactly_the_live_read_models(backend: Backend) {
+async fn rebuild_yields_exactly_the_live_read_models_when_the_history_is_rich(backend: Backend) {
     let moto = Moto::start().await;
     let arn = moto.create_key().await;
     let test_db = TestDb::new(backend).await;
@@ -238,7 +238,7 @@ async fn rebuild_yields_exactly_the_live_read_models(backend: Backend) {
     assert!(report.ok, "the seals survive a rebuild: {report:?}");
     db.close().await;
 }
-on_both_backends!(rebuild_yields_exactly_the_live_read_models);
+on_both_backends!(rebuild_yields_exactly_the_live_read_models_when_the_history_is_rich);
 
 async fn count(db: &Db, table: &str) -> i64 {
     ekm_store::with_read_pool!(db, pool => {

@@ -11,7 +11,7 @@ use super::*;
 use crate::harness::{Backend, TestApp, TestDb};
 
 #[test]
-fn cli_status_and_rebuild_report_positions() {
+fn projections_status_and_rebuild_report_positions_when_run_from_the_cli() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let (dir, head) = runtime.block_on(async {
         let app = TestApp::spawn(Backend::Sqlite).await;
@@ -56,7 +56,7 @@ fn cli_status_and_rebuild_report_positions() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_idle_runner_wakes_on_a_commit_made_elsewhere_through_notify() {
+async fn runner_wakes_through_notify_when_another_instance_commits() {
     let test_db = TestDb::new(Backend::Postgres).await;
     let db = Db::open(&test_db.config).await.unwrap();
     // Polling once an hour: only a notification can wake it within the test.
@@ -120,7 +120,7 @@ async fn an_idle_runner_wakes_on_a_commit_made_elsewhere_through_notify() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_second_rebuild_on_the_same_postgres_database_is_refused() {
+async fn rebuild_is_refused_when_another_runs_on_the_same_database() {
     let app = TestApp::spawn(Backend::Postgres).await;
     random_history(&app.app, 4, 30).await;
     // The revokes' re-keys record events too: let them finish before comparing.
@@ -155,7 +155,7 @@ async fn a_second_rebuild_on_the_same_postgres_database_is_refused() {
 /// projected yet (no checkpoint rows): the first start afterwards continues from the rebuild
 /// instead of replaying into the rebuilt rows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rebuild_before_the_first_start_leaves_checkpoints_for_it() {
+async fn rebuild_leaves_checkpoints_when_run_before_the_first_start() {
     let app = TestApp::spawn(Backend::Postgres).await;
     random_history(&app.app, 21, 60).await;
     // The revokes' re-keys record events too: let them finish before comparing.

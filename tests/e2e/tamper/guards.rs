@@ -3,7 +3,7 @@
 use super::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn truncate_refused_when_postgres_history_would_be_emptied() {
+async fn truncate_is_refused_when_postgres_history_would_be_emptied() {
     let app = TestApp::spawn(Backend::Postgres).await;
     let (org, admin) = app.org("enterprise").await;
     app.scope(&admin, "team", "research", &org).await;
@@ -29,7 +29,7 @@ async fn truncate_refused_when_postgres_history_would_be_emptied() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn insert_or_replace_refused_when_sqlite_event_exists() {
+async fn insert_or_replace_is_refused_when_the_sqlite_event_exists() {
     let app = TestApp::spawn(Backend::Sqlite).await;
     let (org, admin) = app.org("enterprise").await;
     let team = app.scope(&admin, "team", "research", &org).await;
@@ -76,7 +76,7 @@ async fn insert_or_replace_refused_when_sqlite_event_exists() {
 
 /// The guard runs before SQLite's primary key check, so a plain append that loses the race
 /// for a sequence number meets it: that must still be the retryable conflict, not an error.
-async fn append_conflict_stays_retryable_when_guarded(backend: Backend) {
+async fn append_conflict_stays_retryable_when_the_guards_are_installed(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let (org, admin) = app.org("enterprise").await;
     let team = app.scope(&admin, "team", "research", &org).await;
@@ -98,12 +98,12 @@ async fn append_conflict_stays_retryable_when_guarded(backend: Backend) {
     );
     app.stop().await;
 }
-on_both_backends!(append_conflict_stays_retryable_when_guarded);
+on_both_backends!(append_conflict_stays_retryable_when_the_guards_are_installed);
 
 // ---------------------------------------------------------------------------------------
 // Upgrading a database sealed by the previous release.
 
-async fn upgrade_keeps_unkeyed_seals_aside_and_refuses_to_reseal_unasked(backend: Backend) {
+async fn upgrade_keeps_unkeyed_seals_aside_when_not_asked_to_reseal(backend: Backend) {
     let test_db = crate::harness::TestDb::new(backend).await;
     let db = Db::connect(&test_db.config).await.unwrap();
     // The migrations of the previous release: those before 0011.
@@ -169,7 +169,7 @@ async fn upgrade_keeps_unkeyed_seals_aside_and_refuses_to_reseal_unasked(backend
     );
     db.close().await;
 }
-on_both_backends!(upgrade_keeps_unkeyed_seals_aside_and_refuses_to_reseal_unasked);
+on_both_backends!(upgrade_keeps_unkeyed_seals_aside_when_not_asked_to_reseal);
 
 /// Instances on one PostgreSQL database (or a restored SQLite file) must share `audit.key`:
 /// one with a key of its own would seal entries nobody can verify.
