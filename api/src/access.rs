@@ -1,6 +1,5 @@
-//! Tokens and grants of an organization, managed by its org admins. Issuing and revoking a
-//! token and granting and removing a permission are events, so the audit log shows who did
-//! what; token secrets are shown once and stored only as hashes.
+//! Tokens and grants of an organization, managed by its org admins: the HTTP side of
+//! `ekm_service::access`. Token secrets are shown once.
 
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
@@ -12,17 +11,16 @@ use ekm_domain::{
     Grant, OrgId, OrgRole, Permission, PrincipalKind, PrincipalName, ScopeId, ScopeKind,
 };
 use ekm_store::time::{from_micros, rfc3339};
-use ekm_store::Tokens;
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::collections::HashMap;
 
-use crate::app::{Action, AppError};
 use crate::context::Caller;
 use crate::dto::JsonBody;
 use crate::error::ApiError;
 use crate::routes::ORG_NOT_FOUND;
 use crate::state::AppState;
+use ekm_service::AppError;
 
 /// The caller's own organization named in the path, for an org admin.
 fn own_org(caller: &Caller, org: &str) -> Result<OrgId, ApiError> {
@@ -91,10 +89,17 @@ pub async fn create_token(
         }
     };
     let reason = crate::routes::reason(body.reason.as_deref(), false)?;
-    let token = issue(
-        &state, &caller, org, &principal, kind, role, expires_at, reason,
-    )
-    .await?;
+    let token = state
+        .app
+        .issue_token(
+            org,
+            &principal,
+            kind,
+            role,
+            expires_at,
+            &caller.metadata(reason),
+        )
+        .await?;
     Ok((
         StatusCode::CREATED,
         Json(json!({
@@ -107,58 +112,6 @@ pub async fn create_token(
         })),
     )
         .into_response())
-}
-
-/// Records a `TokenIssued` event (the audit entry, with the caller as actor), then stores
-/// the token's hash. Returns the token, whose secret is shown once.
-#[allow(clippy::too_many_arguments)]
-async fn issue(
-    state: &AppState,
-    caller: &Caller,
-    org: OrgId,
-    principal: &PrincipalName,
-    kind: PrincipalKind,
-    role: OrgRole,
-    expires_at: Option<DateTime<Utc>>,
-    reason: Option<ekm_domain::Reason>,
-) -> Result<ekm_store::NewToken, ApiError> {
-    let token = Tokens::new_token();
-    let issued = state
-        .app
-        .act(
-            org.scope_id(),
-            Action::IssueToken {
-                token_id: token.id.clone(),
-                principal: principal.clone(),
-                kind,
-                role,
-                expires_at: expires_at.map(rfc3339),
-            },
-            &caller.metadata(reason),
-            None,
-        )
-        .await;
-    match issued {
-        // Recorded, even if the read models could not be brought up to it: the issue is
-        // audited, so the token is stored and handed out as usual.
-        Ok(_) | Err(AppError::Committed { .. }) => {}
-        Err(other) => return Err(other.into()),
-    }
-    // The hash is stored once the issue is recorded: a token nobody audited never works.
-    state
-        .app
-        .tokens()
-        .issue(
-            &token,
-            org,
-            principal.as_str(),
-            kind.as_str(),
-            role,
-            expires_at.map(|at| at.timestamp_micros()),
-        )
-        .await
-        .map_err(AppError::Store)?;
-    Ok(token)
 }
 
 #[derive(Debug, Deserialize)]
@@ -198,7 +151,10 @@ pub async fn break_glass_admin_token(
     }
     let role = OrgRole::OrgAdmin;
     let kind = PrincipalKind::User;
-    let token = issue(&state, &caller, org, &principal, kind, role, None, reason).await?;
+    let token = state
+        .app
+        .issue_token(org, &principal, kind, role, None, &caller.metadata(reason))
+        .await?;
     tracing::warn!(
         org_id = %org,
         token_id = %token.id,
@@ -259,41 +215,14 @@ pub async fn revoke_token(
 ) -> Result<Response, ApiError> {
     let (org, token_id) = path_parts(path)?;
     let org = own_org(&caller, &org)?;
-    let owner = state
+    if !state
         .app
-        .tokens()
-        .org_of(&token_id)
-        .await
-        .map_err(AppError::Store)?;
-    if owner != Some(Some(org.to_string())) {
+        .revoke_token(org, &token_id, &caller.metadata(None))
+        .await?
+    {
         return Err(ApiError::not_found(
             "no token with this id in this organization",
         ));
-    }
-    // Revoke first: the refusal starts now, whatever happens to the event.
-    state
-        .app
-        .tokens()
-        .revoke(&token_id)
-        .await
-        .map_err(AppError::Store)?;
-    state.app.forget_principals();
-    let outcome = state
-        .app
-        .act(
-            org.scope_id(),
-            Action::RevokeToken(token_id.clone()),
-            &caller.metadata(None),
-            None,
-        )
-        .await;
-    match outcome {
-        // A token issued before token events existed has no event to revoke.
-        // Committed: the revocation is recorded, though not yet read back.
-        Ok(_)
-        | Err(AppError::Rule(ekm_domain::ScopeError::TokenNotFound))
-        | Err(AppError::Committed { .. }) => {}
-        Err(other) => return Err(other.into()),
     }
     Ok(Json(json!({"id": token_id, "revoked": true})).into_response())
 }
@@ -373,14 +302,8 @@ pub async fn add_grant(
     let reason = crate::routes::reason(body.reason.as_deref(), false)?;
     let outcome = state
         .app
-        .act(
-            org.scope_id(),
-            Action::Grant(grant.clone()),
-            &caller.metadata(reason),
-            None,
-        )
+        .grant(org, grant.clone(), &caller.metadata(reason))
         .await?;
-    state.app.forget_principals();
     let mut body = grant_json(&grant);
     body["changed"] = json!(outcome.changed);
     let status = if outcome.changed {
@@ -413,14 +336,8 @@ pub async fn remove_grant(
     .await?;
     state
         .app
-        .act(
-            org.scope_id(),
-            Action::Ungrant(grant.clone()),
-            &caller.metadata(None),
-            None,
-        )
+        .ungrant(org, grant.clone(), &caller.metadata(None))
         .await?;
-    state.app.forget_principals();
     let mut body = grant_json(&grant);
     body["removed"] = json!(true);
     Ok(Json(body).into_response())

@@ -24,8 +24,8 @@ use crate::context::Caller;
 use crate::dto::JsonBody;
 use crate::endpoints::{Endpoints, Verb};
 use crate::error::{ApiError, Code};
-use crate::keys::ScopeKeys;
 use crate::state::AppState;
+use ekm_service::keys::ScopeKeys;
 
 /// The largest plaintext accepted (1 MiB), and the body limit that fits it in base64.
 pub const MAX_PLAINTEXT_BYTES: usize = 1024 * 1024;
@@ -135,7 +135,7 @@ async fn active_scope(
     }
     keys.load(&snapshot, position, epoch)
         .await
-        .map_err(|error| ApiError::from(crate::app::AppError::Key(error)))
+        .map_err(|error| ApiError::from(ekm_service::app::AppError::Key(error)))
 }
 
 fn class(text: &str, scope: &ScopeKeys) -> Result<DataClass, ApiError> {

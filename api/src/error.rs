@@ -9,8 +9,8 @@ use ekm_domain::{ScopeError, ScopeId};
 use ekm_projections::error_chain;
 use serde_json::{json, Value};
 
-use crate::app::AppError;
-use crate::keys::KeyError;
+use ekm_service::keys::KeyError;
+use ekm_service::AppError;
 
 /// The stable problem codes. Clients match on these; they never change meaning.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -219,6 +219,11 @@ impl From<AppError> for ApiError {
             .with("current_version", json!(current)),
             AppError::Contended => {
                 ApiError::new(StatusCode::CONFLICT, Code::Conflict, error.to_string())
+            }
+            AppError::Invalid(detail) => ApiError::invalid(detail),
+            AppError::Forbidden(detail) => ApiError::forbidden(detail),
+            AppError::MasterKeyUnusable { provider, source } => {
+                master_key_unusable(&source, provider)
             }
             AppError::Store(_)
             | AppError::Projection(_)

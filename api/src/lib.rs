@@ -1,11 +1,11 @@
-//! EKM's HTTP API: the application service, the axum router, JSON DTOs and problem+json
-//! errors.
+//! EKM's HTTP API: the axum router, extractors, JSON DTOs and problem+json errors, over the
+//! application service of `ekm-service`.
 //!
 //! Architecture invariant: only this crate knows JSON shapes and HTTP. Requests become
-//! domain commands by hand in `routes`/`dto`; read models become responses the same way.
+//! service calls and domain commands by hand in `routes`/`dto`; read models become
+//! responses the same way.
 
 pub mod access;
-pub mod app;
 pub mod audit;
 pub mod console;
 pub mod context;
@@ -14,11 +14,8 @@ mod data_plane;
 pub mod dto;
 pub mod endpoints;
 pub mod error;
-pub mod health;
-pub mod keys;
 pub mod limits;
 mod master_key;
-pub mod rekey;
 mod routes;
 pub mod state;
 
@@ -31,7 +28,9 @@ use axum::Router;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::trace::TraceLayer;
 
-pub use app::{App, AppError};
+// The service's modules, under their old names (tests and the binary import them from here).
+pub use ekm_service::{app, health, keys, rekey};
+pub use ekm_service::{App, AppError};
 pub use error::{ApiError, Code};
 pub use state::AppState;
 

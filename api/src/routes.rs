@@ -12,7 +12,6 @@ use ekm_projections::{AsOf, ScopeSnapshot};
 use ekm_store::time::rfc3339;
 use serde_json::json;
 
-use crate::app::{Action, Outcome};
 use crate::context::Caller;
 use crate::cursor::{Binding, List};
 use crate::dto::{
@@ -23,6 +22,7 @@ use crate::dto::{
 use crate::endpoints::{Endpoints, Verb};
 use crate::error::{ApiError, Code};
 use crate::state::AppState;
+use ekm_service::app::{Action, Outcome};
 
 /// Every endpoint: method, path and handler. The router is built from this list and the
 /// access-control matrix test reads it, so an endpoint cannot be added without a row there.

@@ -1,12 +1,12 @@
 //! Random trees and random operations, through the real application (store, projections,
 //! read models), against a reference model of the cascade written as simply as possible.
 
-use ekm_api::app::Action;
-use ekm_api::{App, AppError};
 use ekm_domain::{
     Actor, ActorKind, EventMetadata, OwnState, Plan, Reason, ScopeError, ScopeId, ScopeKind,
     ScopeName, Tier,
 };
+use ekm_service::app::Action;
+use ekm_service::{App, AppError};
 use proptest::prelude::*;
 
 use crate::harness::{Backend, TestApp};
@@ -68,7 +68,7 @@ fn metadata() -> EventMetadata {
     }
 }
 
-fn rule(result: Result<ekm_api::app::Outcome, AppError>) -> Result<bool, ScopeError> {
+fn rule(result: Result<ekm_service::app::Outcome, AppError>) -> Result<bool, ScopeError> {
     match result {
         Ok(outcome) => Ok(outcome.changed),
         Err(AppError::Rule(rule)) => Err(rule),

@@ -6,12 +6,12 @@ use std::pin::Pin;
 use std::process::Command;
 use std::task::{Context, Poll};
 
-use ekm_api::app::Action;
-use ekm_api::App;
 use ekm_domain::{
     Actor, ActorKind, EventMetadata, Plan, Reason, ScopeId, ScopeKind, ScopeName, Tier,
 };
 use ekm_projections::{rebuild, Projector, ProjectorConfig};
+use ekm_service::app::Action;
+use ekm_service::App;
 use ekm_store::Db;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};

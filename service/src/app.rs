@@ -1,4 +1,4 @@
-//! The application service behind the HTTP API: runs commands on the scope aggregate
+//! The application service (behind the HTTP API and the binary's jobs): runs commands on the scope aggregate
 //! (looking up what they need first), retries optimistic-concurrency conflicts, and answers
 //! from the read models once they include the command's own events (read-your-writes).
 
@@ -42,6 +42,19 @@ pub enum AppError {
     VersionMismatch { expected: i64, current: i64 },
     #[error("the scope kept changing concurrently; try again")]
     Contended,
+    /// The request is not valid (a rule checked by the service, not the aggregate).
+    #[error("{0}")]
+    Invalid(String),
+    /// The caller may not do this.
+    #[error("{0}")]
+    Forbidden(String),
+    /// A customer master key failed validation when connecting it.
+    #[error("the {provider} master key failed validation")]
+    MasterKeyUnusable {
+        provider: ekm_domain::Provider,
+        #[source]
+        source: ekm_kms::ProviderError,
+    },
     #[error("storage failed")]
     Store(#[from] StoreError),
     #[error("read model failed")]
