@@ -48,7 +48,7 @@ impl App {
                 &token,
                 org,
                 principal.as_str(),
-                kind.as_str(),
+                kind,
                 role,
                 expires_at.map(|at| at.timestamp_micros()),
             )

@@ -548,7 +548,9 @@ impl App {
                 admin_token_id,
                 ..
             } => {
-                let (fingerprint, writes) = keys.prepare_org_key(org, 1, None, true).await?;
+                let (fingerprint, writes) = keys
+                    .prepare_org_key(org, KeyVersion::FIRST, None, true)
+                    .await?;
                 Some((
                     ScopeCommand::CreateOrganization {
                         key_fingerprint: Some(fingerprint),
@@ -569,8 +571,9 @@ impl App {
                 ..
             } => {
                 let parent_snapshot = self.scope(parent.id).await?.ok_or(AppError::NotFound)?;
-                let (fingerprint, writes) =
-                    keys.prepare_scope_key(scope, 1, &parent_snapshot).await?;
+                let (fingerprint, writes) = keys
+                    .prepare_scope_key(scope, KeyVersion::FIRST, &parent_snapshot)
+                    .await?;
                 Some((
                     ScopeCommand::CreateScope {
                         key_fingerprint: Some(fingerprint),
@@ -589,12 +592,12 @@ impl App {
                 let next = state.key_version.next();
                 let (fingerprint, writes) = match state.parent_id {
                     None => {
-                        keys.prepare_org_key(state.org_id, next.get(), state.master.as_ref(), false)
+                        keys.prepare_org_key(state.org_id, next, state.master.as_ref(), false)
                             .await?
                     }
                     Some(parent_id) => {
                         let parent = self.scope(parent_id).await?.ok_or(AppError::NotFound)?;
-                        keys.prepare_scope_key(id, next.get(), &parent).await?
+                        keys.prepare_scope_key(id, next, &parent).await?
                     }
                 };
                 Some((
@@ -645,7 +648,7 @@ impl App {
             ScopeCommand::RetireKeyVersions { below, .. } => {
                 // Nothing below the scope may still need the versions being destroyed.
                 let snapshot = self.inner.read.scope(id).await?.ok_or(AppError::NotFound)?;
-                keys.rewrap_children(&snapshot, below.get()).await?;
+                keys.rewrap_children(&snapshot, below).await?;
                 None
             }
             _ => None,

@@ -2,7 +2,9 @@
 //! event metadata; and what it may do (its role and grants against a scope's path).
 
 use chrono::Utc;
-use ekm_domain::{Actor, ActorKind, EventMetadata, OrgId, Permission, Reason, ScopeId};
+use ekm_domain::{
+    Actor, ActorKind, EventMetadata, OrgId, Permission, PrincipalKind, Reason, ScopeId,
+};
 use ekm_store::{Principal, Role};
 
 use crate::app::AppError;
@@ -20,7 +22,7 @@ impl Caller {
         // The principal behind the token is the actor (the operator has only its token).
         let (kind, id) = match self.principal.role {
             Role::Operator => (ActorKind::Operator, self.principal.token_id.clone()),
-            Role::Org(_) if self.principal.kind == "service" => {
+            Role::Org(_) if self.principal.kind == PrincipalKind::Service => {
                 (ActorKind::Service, self.principal.principal.clone())
             }
             Role::Org(_) => (ActorKind::User, self.principal.principal.clone()),

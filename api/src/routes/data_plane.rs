@@ -13,7 +13,7 @@ use axum::http::StatusCode;
 use axum::Json;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
-use ekm_domain::{DataClass, Effective, ScopeId};
+use ekm_domain::{DataClass, Effective, KeyVersion, ScopeId};
 use ekm_keys::Ciphertext;
 use rand::RngCore;
 use serde::Deserialize;
@@ -167,7 +167,7 @@ fn seal(scope: &ScopeKeys, class: DataClass, plaintext: &[u8]) -> Result<Value, 
     let ciphertext = Ciphertext::seal(
         key,
         &scope.scope_id.to_string(),
-        scope.current,
+        scope.current.get(),
         class.as_str(),
         plaintext,
     )
@@ -182,9 +182,11 @@ fn open(scope: &ScopeKeys, class: DataClass, text: &str) -> Result<Zeroizing<Vec
             "the ciphertext was not made for this scope and class",
         ));
     }
-    let key = scope.key(ciphertext.key_version).ok_or_else(|| {
-        invalid_ciphertext("the ciphertext names a key version this scope does not have")
-    })?;
+    let key = scope
+        .key(KeyVersion::new(ciphertext.key_version))
+        .ok_or_else(|| {
+            invalid_ciphertext("the ciphertext names a key version this scope does not have")
+        })?;
     ciphertext.open(key).map_err(|_| {
         invalid_ciphertext("the ciphertext does not authenticate: it was altered or not made here")
     })
