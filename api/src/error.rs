@@ -220,8 +220,30 @@ impl From<AppError> for ApiError {
             AppError::Contended => {
                 ApiError::new(StatusCode::CONFLICT, Code::Conflict, error.to_string())
             }
-            AppError::Invalid(detail) => ApiError::invalid(detail),
-            AppError::Forbidden(detail) => ApiError::forbidden(detail),
+            AppError::NotVisible => ApiError::not_found(error.to_string()),
+            AppError::Paused { by } => {
+                ApiError::new(StatusCode::CONFLICT, Code::ScopePaused, error.to_string())
+                    .with("cause", cause(by))
+            }
+            AppError::Revoked { by } => {
+                ApiError::new(StatusCode::CONFLICT, Code::ScopeRevoked, error.to_string())
+                    .with("cause", cause(by))
+            }
+            AppError::MasterKeyUnavailable { by, ref reason } => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                Code::KeyUnavailable,
+                error.to_string(),
+            )
+            .with(
+                "cause",
+                json!({"scope_id": by.to_string(), "reason": reason}),
+            ),
+            AppError::OperatorHasNoScopes
+            | AppError::NotPermitted { .. }
+            | AppError::NotOrgAdmin => ApiError::forbidden(error.to_string()),
+            AppError::PlatformKeyOffered | AppError::EndpointNotAllowed => {
+                ApiError::invalid(error.to_string())
+            }
             AppError::MasterKeyUnusable { provider, source } => {
                 master_key_unusable(&source, provider)
             }

@@ -42,12 +42,36 @@ pub enum AppError {
     VersionMismatch { expected: i64, current: i64 },
     #[error("the scope kept changing concurrently; try again")]
     Contended,
-    /// The request is not valid (a rule checked by the service, not the aggregate).
-    #[error("{0}")]
-    Invalid(String),
-    /// The caller may not do this.
-    #[error("{0}")]
-    Forbidden(String),
+    /// The operator's token manages organizations, not what is inside them.
+    #[error("the operator token manages organizations only; use an organization's token")]
+    OperatorHasNoScopes,
+    /// No scope with this id in the caller's organization (whether it exists elsewhere is
+    /// not said).
+    #[error("no scope with this id is visible to this token")]
+    NotVisible,
+    /// The data plane refuses: the scope is paused, by itself or the ancestor `by`.
+    #[error("the scope is paused; encryption and decryption are refused until it is resumed")]
+    Paused { by: ScopeId },
+    /// The data plane refuses: the scope is revoked, by itself or the ancestor `by`.
+    #[error("the scope is revoked; its keys are destroyed")]
+    Revoked { by: ScopeId },
+    /// The data plane refuses: the organization's customer master key is unavailable.
+    #[error("the organization's master key cannot be used (disabled, scheduled for deletion, access removed, or unreachable); requests fail closed until it is usable again")]
+    MasterKeyUnavailable { by: ScopeId, reason: Option<String> },
+    /// The caller's role and grants do not give it `permission` on the scope.
+    #[error("this token's principal does not hold {permission} here; an org admin can grant it")]
+    NotPermitted { permission: ekm_domain::Permission },
+    /// Tokens and grants are managed by org admins only.
+    #[error("only an org_admin manages tokens and grants")]
+    NotOrgAdmin,
+    /// The customer key offered is the one that holds the platform's own master key.
+    #[error("this key holds the platform's own master key; connect a key of your own account")]
+    PlatformKeyOffered,
+    /// The customer key's `endpoint_url` is not among the operator's allowed endpoints. The
+    /// URL is not echoed: problems are logged and shown in consoles, and the answer must not
+    /// help probe what the platform would connect to.
+    #[error("endpoint_url is not among the endpoints this platform allows (scheme://host[:port] only, no path); ask the operator to allow it (--kms-allowed-endpoints)")]
+    EndpointNotAllowed,
     /// A customer master key failed validation when connecting it.
     #[error("the {provider} master key failed validation")]
     MasterKeyUnusable {

@@ -87,14 +87,12 @@ impl Caller {
         )
     }
 
-    /// `holds`, as a refusal (`AppError::Forbidden`) naming what is missing.
+    /// `holds`, as a refusal (`AppError::NotPermitted`) naming what is missing.
     pub fn require(&self, permission: Permission, path: &[ScopeId]) -> Result<(), AppError> {
         if self.holds(permission, path) {
             Ok(())
         } else {
-            Err(AppError::Forbidden(format!(
-                "this token's principal does not hold {permission} here; an org admin can grant it"
-            )))
+            Err(AppError::NotPermitted { permission })
         }
     }
 
@@ -103,9 +101,108 @@ impl Caller {
         if self.principal.role == Role::ORG_ADMIN {
             Ok(())
         } else {
-            Err(AppError::Forbidden(
-                "only an org_admin manages tokens and grants".into(),
-            ))
+            Err(AppError::NotOrgAdmin)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use ekm_domain::{Grant, OrgRole, PrincipalName};
+
+    use super::*;
+
+    fn caller(role: Role, kind: PrincipalKind, grants: Vec<Grant>) -> Caller {
+        let org = OrgId::generate();
+        Caller {
+            principal: Principal {
+                token_id: "tok_1".into(),
+                role,
+                org_id: (role != Role::Operator).then_some(org),
+                name: "alice".into(),
+                expires_at: None,
+                principal: "alice".into(),
+                kind,
+                grants,
+            },
+            request_id: "req-1".into(),
+            source_address: None,
+        }
+    }
+
+    fn grant(permission: Permission, scope: Option<ScopeId>) -> Grant {
+        Grant {
+            principal: PrincipalName::parse("alice").unwrap(),
+            permission,
+            scope,
+        }
+    }
+
+    #[test]
+    fn require_refuses_a_member_without_a_grant_and_names_the_permission() {
+        let member = caller(Role::Org(OrgRole::Member), PrincipalKind::User, vec![]);
+        let root = ScopeId::generate();
+        let refusal = member.require(Permission::DataUse, &[root]).unwrap_err();
+        assert!(matches!(
+            refusal,
+            AppError::NotPermitted {
+                permission: Permission::DataUse
+            }
+        ));
+        assert!(refusal.to_string().contains("data:use"));
+    }
+
+    #[test]
+    fn holds_follows_a_subtree_grant_down_but_not_up_or_sideways() {
+        let (root, team, thread, other) = (
+            ScopeId::generate(),
+            ScopeId::generate(),
+            ScopeId::generate(),
+            ScopeId::generate(),
+        );
+        let member = caller(
+            Role::Org(OrgRole::Member),
+            PrincipalKind::User,
+            vec![grant(Permission::EncryptionManage, Some(team))],
+        );
+        assert!(member.holds(Permission::EncryptionManage, &[root, team, thread]));
+        // manage implies view
+        assert!(member.holds(Permission::EncryptionView, &[root, team]));
+        assert!(!member.holds(Permission::EncryptionManage, &[root]));
+        assert!(!member.holds(Permission::EncryptionManage, &[root, other]));
+        assert!(!member.holds(Permission::DataUse, &[root, team]));
+        assert_eq!(
+            member.subtrees(Permission::EncryptionView),
+            Some(vec![team])
+        );
+        assert_eq!(member.subtrees(Permission::AuditRead), Some(vec![]));
+    }
+
+    #[test]
+    fn an_admin_holds_everything_but_the_data_plane_everywhere() {
+        let admin = caller(Role::ORG_ADMIN, PrincipalKind::User, vec![]);
+        assert_eq!(admin.subtrees(Permission::EncryptionManage), None);
+        assert!(!admin.holds(Permission::DataUse, &[ScopeId::generate()]));
+        assert!(admin.require_org_admin().is_ok());
+        let it_admin = caller(Role::Org(OrgRole::ItAdmin), PrincipalKind::User, vec![]);
+        assert!(matches!(
+            it_admin.require_org_admin(),
+            Err(AppError::NotOrgAdmin)
+        ));
+    }
+
+    #[test]
+    fn the_actor_kind_follows_the_principal_kind_and_the_operator_acts_by_its_token() {
+        let service = caller(Role::Org(OrgRole::Member), PrincipalKind::Service, vec![]);
+        let metadata = service.metadata(None);
+        assert_eq!(metadata.actor.kind, ActorKind::Service);
+        assert_eq!(metadata.actor.id, "alice");
+        let user = caller(Role::Org(OrgRole::Member), PrincipalKind::User, vec![]);
+        assert_eq!(user.metadata(None).actor.kind, ActorKind::User);
+        let operator = caller(Role::Operator, PrincipalKind::User, vec![]);
+        let metadata = operator.metadata(None);
+        assert_eq!(metadata.actor.kind, ActorKind::Operator);
+        assert_eq!(metadata.actor.id, "tok_1");
+        assert_eq!(metadata.request_id, "req-1");
     }
 }

@@ -19,10 +19,7 @@ impl App {
     pub fn refuse_platform_key(&self, master: &MasterKeyRef) -> Result<(), AppError> {
         if let Some(platform) = self.keys().kms_options().platform_key.as_ref() {
             if master.wrapping_id() == platform.wrapping_id() {
-                return Err(AppError::Invalid(
-                    "this key holds the platform's own master key; connect a key of your own account"
-                        .into(),
-                ));
+                return Err(AppError::PlatformKeyOffered);
             }
         }
         Ok(())
@@ -42,11 +39,7 @@ impl App {
         {
             return Ok(());
         }
-        // The URL is not echoed: problems are logged and shown in consoles, and the answer
-        // must not help probe what the platform would connect to.
-        Err(AppError::Invalid(
-            "endpoint_url is not among the endpoints this platform allows (scheme://host[:port] only, no path); ask the operator to allow it (--kms-allowed-endpoints)".into(),
-        ))
+        Err(AppError::EndpointNotAllowed)
     }
 
     /// Checks that `master` can serve `org`: the plan allows it, and the key is enabled and

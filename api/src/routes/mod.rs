@@ -23,6 +23,7 @@ use crate::context::Caller;
 use crate::endpoints::{Endpoints, Verb};
 use crate::error::ApiError;
 use crate::state::AppState;
+use ekm_service::AppError;
 
 pub mod audit;
 pub(crate) mod data_plane;
@@ -76,8 +77,6 @@ pub(crate) fn register(endpoints: &mut Endpoints) {
     data_plane::register(endpoints);
 }
 
-pub(crate) const SCOPE_NOT_FOUND: &str = "no scope with this id is visible to this token";
-
 pub(crate) const DEFAULT_PAGE: u32 = 50;
 
 pub(crate) const MAX_PAGE: u32 = 500;
@@ -106,18 +105,10 @@ pub(crate) async fn visible_scope(
     permission: Permission,
 ) -> Result<ScopeSnapshot, ApiError> {
     if caller.is_operator() {
-        return Err(ApiError::forbidden(
-            "the operator token manages organizations only; use an organization's token",
-        ));
+        return Err(AppError::OperatorHasNoScopes.into());
     }
     let id = parse_scope_id(id)?;
-    match state.app.scope(id).await? {
-        Some(snapshot) if Some(snapshot.scope.org_id) == caller.org() => {
-            caller.require(permission, &snapshot.scope.path)?;
-            Ok(snapshot)
-        }
-        _ => Err(ApiError::not_found(SCOPE_NOT_FOUND)),
-    }
+    Ok(state.app.visible_scope(caller, id, permission).await?)
 }
 
 /// Refuses a query string with a parameter outside `allowed`, naming it.
