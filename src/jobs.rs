@@ -295,7 +295,7 @@ async fn rotate_job(args: RotateArgs) -> anyhow::Result<ExitCode> {
             .collect(),
         ..ekm_kms::KmsSettings::default()
     };
-    let rotation = ekm_api::keys::rotate_platform_master_key(
+    let rotation = ekm_service::keys::rotate_platform_master_key(
         &db,
         &path,
         current.as_ref(),

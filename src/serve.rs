@@ -6,14 +6,15 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{bail, Context};
-use ekm_api::health::HealthMonitor;
-use ekm_api::keys::{platform_master_key, KeyService, KmsOptions, PlatformKeySource};
 use ekm_api::limits::Limits;
-use ekm_api::rekey::Rekeyer;
-use ekm_api::{router_with_limits, App, AppState};
+use ekm_api::{router_with_limits, AppState};
 use ekm_keys::{SealKey, AUDIT_KEY_FILE, MASTER_KEY_FILE};
 use ekm_kms::KmsSettings;
 use ekm_projections::{Projector, ProjectorConfig};
+use ekm_service::health::HealthMonitor;
+use ekm_service::keys::{platform_master_key, KeyService, KmsOptions, PlatformKeySource};
+use ekm_service::rekey::Rekeyer;
+use ekm_service::App;
 use ekm_store::{Db, DbConfig, Tokens, OPERATOR_TOKEN_FILE};
 use tokio::sync::watch;
 

@@ -101,7 +101,6 @@ impl Endpoints {
 pub fn all() -> Endpoints {
     let mut endpoints = Endpoints::default();
     crate::routes::register(&mut endpoints);
-    crate::data_plane::register(&mut endpoints);
     crate::console::register(&mut endpoints);
     endpoints
 }

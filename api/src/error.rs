@@ -9,8 +9,8 @@ use ekm_domain::{ScopeError, ScopeId};
 use ekm_projections::error_chain;
 use serde_json::{json, Value};
 
-use crate::app::AppError;
-use crate::keys::KeyError;
+use ekm_service::keys::KeyError;
+use ekm_service::AppError;
 
 /// The stable problem codes. Clients match on these; they never change meaning.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -219,6 +219,33 @@ impl From<AppError> for ApiError {
             .with("current_version", json!(current)),
             AppError::Contended => {
                 ApiError::new(StatusCode::CONFLICT, Code::Conflict, error.to_string())
+            }
+            AppError::NotVisible => ApiError::not_found(error.to_string()),
+            AppError::Paused { by } => {
+                ApiError::new(StatusCode::CONFLICT, Code::ScopePaused, error.to_string())
+                    .with("cause", cause(by))
+            }
+            AppError::Revoked { by } => {
+                ApiError::new(StatusCode::CONFLICT, Code::ScopeRevoked, error.to_string())
+                    .with("cause", cause(by))
+            }
+            AppError::MasterKeyUnavailable { by, ref reason } => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                Code::KeyUnavailable,
+                error.to_string(),
+            )
+            .with(
+                "cause",
+                json!({"scope_id": by.to_string(), "reason": reason}),
+            ),
+            AppError::OperatorHasNoScopes
+            | AppError::NotPermitted { .. }
+            | AppError::NotOrgAdmin => ApiError::forbidden(error.to_string()),
+            AppError::PlatformKeyOffered | AppError::EndpointNotAllowed => {
+                ApiError::invalid(error.to_string())
+            }
+            AppError::MasterKeyUnusable { provider, source } => {
+                master_key_unusable(&source, provider)
             }
             AppError::Store(_)
             | AppError::Projection(_)

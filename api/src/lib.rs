@@ -1,26 +1,21 @@
-//! EKM's HTTP API: the application service, the axum router, JSON DTOs and problem+json
-//! errors.
+//! EKM's HTTP API: the axum router, extractors, JSON DTOs and problem+json errors, over the
+//! application service of `ekm-service`.
 //!
 //! Architecture invariant: only this crate knows JSON shapes and HTTP. Requests become
-//! domain commands by hand in `routes`/`dto`; read models become responses the same way.
+//! service calls and domain commands by hand in `routes`/`dto`; read models become
+//! responses the same way.
 
-pub mod access;
-pub mod app;
-pub mod audit;
 pub mod console;
 pub mod context;
 mod cursor;
-mod data_plane;
 pub mod dto;
 pub mod endpoints;
 pub mod error;
-pub mod health;
-pub mod keys;
 pub mod limits;
-mod master_key;
-pub mod rekey;
 mod routes;
 pub mod state;
+
+pub use routes::audit;
 
 use std::time::Duration;
 
@@ -31,7 +26,9 @@ use axum::Router;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::trace::TraceLayer;
 
-pub use app::{App, AppError};
+// The service's modules, under their old names (tests and the binary import them from here).
+pub use ekm_service::{app, health, keys, rekey};
+pub use ekm_service::{App, AppError};
 pub use error::{ApiError, Code};
 pub use state::AppState;
 
@@ -42,18 +39,25 @@ pub fn router(state: AppState) -> Router {
 
 /// The whole API with the given request limits (`ekm serve`'s flags).
 pub fn router_with_limits(state: AppState, limits: limits::Limits) -> Router {
-    let limiter = limits::Limiter::new(limits);
-    endpoints::all()
+    let routes = endpoints::all()
         .into_router()
         // Route layers see the matched path: the expensive endpoints' own budgets.
         .route_layer(axum::middleware::from_fn_with_state(
-            limiter.clone(),
+            limits::Limiter::new(limits),
             limits::limit_expensive,
         ))
+        .with_state(state);
+    guard(routes, limits)
+}
+
+/// What surrounds the routes: 404 and 405 as problems, the body limit, tracing, the request
+/// cap and deadline (`limits`), the request id, and the panic guard outermost. Public so a
+/// test can wrap routes of its own (a handler that panics) exactly as the API's are.
+pub fn guard(routes: Router, limits: limits::Limits) -> Router {
+    routes
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(dto::MAX_BODY_BYTES))
-        .with_state(state)
         .layer(
             TraceLayer::new_for_http()
                 .make_span_with(|request: &axum::http::Request<_>| {
@@ -83,7 +87,7 @@ pub fn router_with_limits(state: AppState, limits: limits::Limits) -> Router {
         // the deadline covers everything a request does. Inside the request id, so even a
         // shed or timed-out request is answered with its X-Request-Id.
         .layer(axum::middleware::from_fn_with_state(
-            limiter,
+            limits::Limiter::new(limits),
             limits::limit_requests,
         ))
         // Outside the trace layer, so the request id exists when the span is made.

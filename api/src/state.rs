@@ -1,6 +1,6 @@
 //! The state shared by every handler.
 
-use crate::app::App;
+use ekm_service::app::App;
 
 #[derive(Clone)]
 pub struct AppState {

@@ -6,11 +6,13 @@ use std::io::Write;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use ekm_api::keys::{local_master_key, KeyService};
-use ekm_api::App;
-use ekm_domain::{Actor, ActorKind, EventMetadata, Plan, ScopeId, ScopeKind, ScopeName, Tier};
+use ekm_domain::{
+    Actor, ActorKind, EventMetadata, KeyVersion, Plan, ScopeId, ScopeKind, ScopeName, Tier,
+};
 use ekm_keys::Kek;
 use ekm_projections::{Projector, ProjectorConfig};
+use ekm_service::keys::{local_master_key, KeyService};
+use ekm_service::App;
 use ekm_store::{Db, DbConfig};
 
 use crate::BenchDb;
@@ -89,7 +91,8 @@ async fn measure(
     set_durable(&db, false).await?;
     let seeding = Instant::now();
     for _ in 0..children {
-        keys.create_scope_key(ScopeId::generate(), 1, &team).await?;
+        keys.create_scope_key(ScopeId::generate(), KeyVersion::FIRST, &team)
+            .await?;
     }
     eprintln!(
         "rekey/{backend}: {children} children seeded in {:.1} s",
@@ -113,7 +116,7 @@ async fn measure(
 
     let started = Instant::now();
     let rewrapped = measured_keys
-        .rekey_scope(&team, ScopeId::generate(), ekm_api::rekey::BATCH)
+        .rekey_scope(&team, ScopeId::generate(), ekm_service::rekey::BATCH)
         .await?;
     let rekey = started.elapsed();
     if let Db::Postgres(_) = &measured_db {

@@ -7,7 +7,7 @@
 use std::fmt;
 use std::path::Path;
 
-use ekm_domain::{Grant, OrgId, OrgRole, PrincipalName, ScopeId};
+use ekm_domain::{Grant, OrgId, OrgRole, PrincipalKind, PrincipalName, ScopeId};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 use sqlx::Row;
@@ -93,7 +93,8 @@ pub struct Principal {
     pub expires_at: Option<i64>,
     /// The principal the token belongs to (the actor of its commands).
     pub principal: String,
-    pub kind: String,
+    /// A user or a service (the actor kind of its events).
+    pub kind: PrincipalKind,
     /// What the principal was granted, as of authentication.
     pub grants: Vec<Grant>,
 }
@@ -157,7 +158,7 @@ impl Tokens {
         org_id: Option<OrgId>,
         name: &str,
     ) -> Result<bool, StoreError> {
-        self.insert_for(token, role, org_id, name, "user", None)
+        self.insert_for(token, role, org_id, name, PrincipalKind::User, None)
             .await
     }
 
@@ -167,7 +168,7 @@ impl Tokens {
         role: Role,
         org_id: Option<OrgId>,
         principal: &str,
-        kind: &str,
+        kind: PrincipalKind,
         expires_at: Option<i64>,
     ) -> Result<bool, StoreError> {
         let sql = "INSERT INTO tokens (id, token_hash, role, org_id, name, created_at, principal, \
@@ -182,7 +183,7 @@ impl Tokens {
                 .bind(principal)
                 .bind(now_micros())
                 .bind(principal)
-                .bind(kind)
+                .bind(kind.as_str())
                 .bind(expires_at)
                 .execute(pool)
                 .await?
@@ -205,7 +206,7 @@ impl Tokens {
         token: &NewToken,
         org_id: OrgId,
         principal: &str,
-        kind: &str,
+        kind: PrincipalKind,
         role: OrgRole,
         expires_at: Option<i64>,
     ) -> Result<(), StoreError> {
@@ -322,6 +323,15 @@ impl Tokens {
             },
             None => None,
         };
+        // Tokens from before principals have none: users. A kind this version does not know
+        // authenticates nobody, like an unknown role.
+        let kind = match kind.as_deref() {
+            None => PrincipalKind::User,
+            Some(text) => match text.parse() {
+                Ok(kind) => kind,
+                Err(_) => return Ok(None),
+            },
+        };
         let principal = principal.unwrap_or_else(|| token_id.clone());
         Ok(Some(Principal {
             token_id,
@@ -330,7 +340,7 @@ impl Tokens {
             name,
             expires_at,
             principal,
-            kind: kind.unwrap_or_else(|| "user".into()),
+            kind,
             grants: vec![],
         }))
     }

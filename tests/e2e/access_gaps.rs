@@ -2,10 +2,10 @@
 //! ids of another organization under one's own path, a revoked organization, and a child
 //! born under an ancestor that was being revoked (ADR 0003).
 
-use ekm_api::app::Action;
-use ekm_api::keys::KeyError;
-use ekm_api::AppError;
 use ekm_domain::{ScopeError, ScopeId, ScopeKind, ScopeName};
+use ekm_service::app::Action;
+use ekm_service::keys::KeyError;
+use ekm_service::AppError;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 

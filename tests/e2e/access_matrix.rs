@@ -308,7 +308,7 @@ async fn world(app: &TestApp, permission: Option<&str>) -> World {
             &expired,
             org_id,
             "expired",
-            "service",
+            ekm_domain::PrincipalKind::Service,
             ekm_domain::OrgRole::OrgAdmin,
             Some(ekm_store::time::now_micros() - 1_000_000),
         )

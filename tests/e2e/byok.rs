@@ -34,7 +34,7 @@ fn kms_settings(environment: Environment) -> KmsSettings {
 pub(crate) fn options(environment: Environment, grace: Duration, cache_ttl: Duration) -> Options {
     Options {
         key_cache_ttl: cache_ttl,
-        kms: ekm_api::keys::KmsOptions {
+        kms: ekm_service::keys::KmsOptions {
             settings: kms_settings(environment),
             grace,
             platform_key: None,

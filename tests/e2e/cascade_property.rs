@@ -1,9 +1,9 @@
 //! Random trees and random operations, through the real application (store, projections,
 //! read models), against a reference model of the cascade written as simply as possible.
 
-use ekm_api::app::Action;
-use ekm_api::{App, AppError};
 use ekm_domain::{OwnState, Plan, ScopeError, ScopeId, ScopeKind, ScopeName, Tier};
+use ekm_service::app::Action;
+use ekm_service::{App, AppError};
 use proptest::prelude::*;
 
 use crate::harness::{metadata, Backend, TestApp};
@@ -51,7 +51,7 @@ fn effective(nodes: &[Node], index: usize) -> (&'static str, Option<ScopeId>) {
     ("active", None)
 }
 
-fn rule(result: Result<ekm_api::app::Outcome, AppError>) -> Result<bool, ScopeError> {
+fn rule(result: Result<ekm_service::app::Outcome, AppError>) -> Result<bool, ScopeError> {
     match result {
         Ok(outcome) => Ok(outcome.changed),
         Err(AppError::Rule(rule)) => Err(rule),

@@ -646,7 +646,7 @@ on_both_backends!(console_flow_in_a_real_browser);
 async fn console_connects_a_master_key_step_by_step() {
     let moto = crate::kms_servers::Moto::start().await;
     let options = crate::harness::Options {
-        kms: ekm_api::keys::KmsOptions {
+        kms: ekm_service::keys::KmsOptions {
             settings: ekm_kms::KmsSettings {
                 timeout: Duration::from_millis(800),
                 attempts: 3,

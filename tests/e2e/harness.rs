@@ -316,7 +316,7 @@ pub struct TestApp {
     pub db: Db,
     /// The re-key job (also running in the background, as in `ekm serve`): tests call
     /// `run_pending` to wait for it deterministically.
-    pub rekeyer: Arc<ekm_api::rekey::Rekeyer>,
+    pub rekeyer: Arc<ekm_service::rekey::Rekeyer>,
     shutdown: watch::Sender<bool>,
     pub config: DbConfig,
     data_dir: PathBuf,
@@ -330,7 +330,7 @@ pub struct TestApp {
 #[derive(Clone)]
 pub struct Options {
     pub key_cache_ttl: std::time::Duration,
-    pub kms: ekm_api::keys::KmsOptions,
+    pub kms: ekm_service::keys::KmsOptions,
     /// Runs the master key health monitor at this interval.
     pub health_interval: Option<std::time::Duration>,
     /// Runs the re-key job in the background, as `ekm serve` does (tests of the job
@@ -342,7 +342,7 @@ impl Default for Options {
     fn default() -> Self {
         Options {
             key_cache_ttl: std::time::Duration::from_secs(300),
-            kms: ekm_api::keys::KmsOptions::default(),
+            kms: ekm_service::keys::KmsOptions::default(),
             health_interval: None,
             rekey_in_background: true,
         }
@@ -425,10 +425,10 @@ impl TestApp {
         let (shutdown, shutdown_rx) = watch::channel(false);
         tokio::spawn(projector.clone().run(shutdown_rx.clone()));
         let master =
-            ekm_api::keys::local_master_key(&db, &data_dir.join(ekm_keys::MASTER_KEY_FILE))
+            ekm_service::keys::local_master_key(&db, &data_dir.join(ekm_keys::MASTER_KEY_FILE))
                 .await
                 .expect("master key");
-        let keys = ekm_api::keys::KeyService::with_kms(
+        let keys = ekm_service::keys::KeyService::with_kms(
             db.clone(),
             master,
             options.key_cache_ttl,
@@ -438,13 +438,14 @@ impl TestApp {
         app.load_memory()
             .await
             .expect("load the scope tree into memory");
-        let rekeyer = ekm_api::rekey::Rekeyer::new(app.clone());
+        let rekeyer = ekm_service::rekey::Rekeyer::new(app.clone());
         if options.rekey_in_background {
             tokio::spawn(rekeyer.clone().run(shutdown_rx.clone()));
         }
         if let Some(interval) = options.health_interval {
             tokio::spawn(
-                ekm_api::health::HealthMonitor::new(app.clone(), interval).run(shutdown_rx.clone()),
+                ekm_service::health::HealthMonitor::new(app.clone(), interval)
+                    .run(shutdown_rx.clone()),
             );
         }
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")

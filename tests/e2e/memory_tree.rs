@@ -7,12 +7,12 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use ekm_api::app::Action;
-use ekm_api::App;
 use ekm_domain::{
     Grant, KeyVersion, Permission, Plan, PrincipalName, ScopeId, ScopeKind, ScopeName, Tier,
 };
 use ekm_projections::{Applied, GrantRecord, MemoryTree, ScopeSnapshot};
+use ekm_service::app::Action;
+use ekm_service::App;
 use ekm_store::Db;
 use proptest::prelude::*;
 

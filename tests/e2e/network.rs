@@ -31,7 +31,7 @@ async fn a_key_naming_a_refused_or_unreachable_endpoint_gets_a_safe_problem(back
     let app = TestApp::spawn_with(
         backend,
         Options {
-            kms: ekm_api::keys::KmsOptions {
+            kms: ekm_service::keys::KmsOptions {
                 settings: KmsSettings {
                     timeout: Duration::from_secs(2),
                     attempts: 1,

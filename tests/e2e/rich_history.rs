@@ -3,8 +3,8 @@
 //! (moto) and dropped, their health recorded; grants given and taken back; tokens issued
 //! and revoked. Driven through the HTTP API where one exists, as a client would.
 
-use ekm_api::app::Action;
 use ekm_domain::{KeyHealth, ScopeId, UnavailableReason};
+use ekm_service::app::Action;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::json;
@@ -140,7 +140,7 @@ impl<'a> RichHistory<'a> {
             reason: Some(UnavailableReason::AccessDenied),
             detail: "the end of the history".into(),
         };
-        let metadata = ekm_api::health::system_metadata();
+        let metadata = ekm_service::health::system_metadata();
         let scope = ScopeId::parse(&org.id).unwrap();
         self.app
             .app
@@ -275,7 +275,7 @@ impl<'a> RichHistory<'a> {
                     reason,
                     detail: format!("check {step}"),
                 };
-                let metadata = ekm_api::health::system_metadata();
+                let metadata = ekm_service::health::system_metadata();
                 drop(
                     app.app
                         .act(ScopeId::parse(&org.id).unwrap(), action, &metadata, None)

@@ -281,7 +281,7 @@ pub(super) async fn rotate_master_key_with(
     match app.database_url() {
         Some(_) => {
             let db = Db::open(&app.config).await.unwrap();
-            let rotation = ekm_api::keys::rotate_local_master_key(&db, &path)
+            let rotation = ekm_service::keys::rotate_local_master_key(&db, &path)
                 .await
                 .unwrap();
             assert!(rotation.rewrapped >= 1);
@@ -292,7 +292,7 @@ pub(super) async fn rotate_master_key_with(
             let config = app.config.clone();
             let test_db = app.stop_keeping_database().await;
             let db = Db::open(&config).await.unwrap();
-            ekm_api::keys::rotate_local_master_key(&db, &path)
+            ekm_service::keys::rotate_local_master_key(&db, &path)
                 .await
                 .unwrap();
             db.close().await;

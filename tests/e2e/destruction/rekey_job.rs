@@ -46,7 +46,7 @@ async fn rekey_resumes_and_loses_nothing_when_interrupted_anywhere(backend: Back
         attempts += 1;
         assert!(attempts < 500, "the re-key never finished");
         // Two keys per transaction, so that a crash lands between batches too.
-        let job = ekm_api::rekey::Rekeyer::with_batch(app.app.clone(), 2);
+        let job = ekm_service::rekey::Rekeyer::with_batch(app.app.clone(), 2);
         let finished = crate::rebuild::CrashAfter {
             inner: Box::pin(async move { job.run_pending().await }),
             polls: if attempts <= 5 {

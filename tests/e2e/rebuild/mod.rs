@@ -7,10 +7,10 @@ mod operations;
 pub(crate) use crash::CrashAfter;
 use crash::{first_org, pg_shape};
 
-use ekm_api::app::Action;
-use ekm_api::App;
 use ekm_domain::{Plan, ScopeId, ScopeKind, ScopeName, Tier};
 use ekm_projections::rebuild;
+use ekm_service::app::Action;
+use ekm_service::App;
 use ekm_store::Db;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};

@@ -1,4 +1,4 @@
-//! The application service behind the HTTP API: runs commands on the scope aggregate
+//! The application service (behind the HTTP API and the binary's jobs): runs commands on the scope aggregate
 //! (looking up what they need first), retries optimistic-concurrency conflicts, and answers
 //! from the read models once they include the command's own events (read-your-writes).
 
@@ -42,6 +42,43 @@ pub enum AppError {
     VersionMismatch { expected: i64, current: i64 },
     #[error("the scope kept changing concurrently; try again")]
     Contended,
+    /// The operator's token manages organizations, not what is inside them.
+    #[error("the operator token manages organizations only; use an organization's token")]
+    OperatorHasNoScopes,
+    /// No scope with this id in the caller's organization (whether it exists elsewhere is
+    /// not said).
+    #[error("no scope with this id is visible to this token")]
+    NotVisible,
+    /// The data plane refuses: the scope is paused, by itself or the ancestor `by`.
+    #[error("the scope is paused; encryption and decryption are refused until it is resumed")]
+    Paused { by: ScopeId },
+    /// The data plane refuses: the scope is revoked, by itself or the ancestor `by`.
+    #[error("the scope is revoked; its keys are destroyed")]
+    Revoked { by: ScopeId },
+    /// The data plane refuses: the organization's customer master key is unavailable.
+    #[error("the organization's master key cannot be used (disabled, scheduled for deletion, access removed, or unreachable); requests fail closed until it is usable again")]
+    MasterKeyUnavailable { by: ScopeId, reason: Option<String> },
+    /// The caller's role and grants do not give it `permission` on the scope.
+    #[error("this token's principal does not hold {permission} here; an org admin can grant it")]
+    NotPermitted { permission: ekm_domain::Permission },
+    /// Tokens and grants are managed by org admins only.
+    #[error("only an org_admin manages tokens and grants")]
+    NotOrgAdmin,
+    /// The customer key offered is the one that holds the platform's own master key.
+    #[error("this key holds the platform's own master key; connect a key of your own account")]
+    PlatformKeyOffered,
+    /// The customer key's `endpoint_url` is not among the operator's allowed endpoints. The
+    /// URL is not echoed: problems are logged and shown in consoles, and the answer must not
+    /// help probe what the platform would connect to.
+    #[error("endpoint_url is not among the endpoints this platform allows (scheme://host[:port] only, no path); ask the operator to allow it (--kms-allowed-endpoints)")]
+    EndpointNotAllowed,
+    /// A customer master key failed validation when connecting it.
+    #[error("the {provider} master key failed validation")]
+    MasterKeyUnusable {
+        provider: ekm_domain::Provider,
+        #[source]
+        source: ekm_kms::ProviderError,
+    },
     #[error("storage failed")]
     Store(#[from] StoreError),
     #[error("read model failed")]
@@ -535,7 +572,9 @@ impl App {
                 admin_token_id,
                 ..
             } => {
-                let (fingerprint, writes) = keys.prepare_org_key(org, 1, None, true).await?;
+                let (fingerprint, writes) = keys
+                    .prepare_org_key(org, KeyVersion::FIRST, None, true)
+                    .await?;
                 Some((
                     ScopeCommand::CreateOrganization {
                         key_fingerprint: Some(fingerprint),
@@ -556,8 +595,9 @@ impl App {
                 ..
             } => {
                 let parent_snapshot = self.scope(parent.id).await?.ok_or(AppError::NotFound)?;
-                let (fingerprint, writes) =
-                    keys.prepare_scope_key(scope, 1, &parent_snapshot).await?;
+                let (fingerprint, writes) = keys
+                    .prepare_scope_key(scope, KeyVersion::FIRST, &parent_snapshot)
+                    .await?;
                 Some((
                     ScopeCommand::CreateScope {
                         key_fingerprint: Some(fingerprint),
@@ -576,12 +616,12 @@ impl App {
                 let next = state.key_version.next();
                 let (fingerprint, writes) = match state.parent_id {
                     None => {
-                        keys.prepare_org_key(state.org_id, next.get(), state.master.as_ref(), false)
+                        keys.prepare_org_key(state.org_id, next, state.master.as_ref(), false)
                             .await?
                     }
                     Some(parent_id) => {
                         let parent = self.scope(parent_id).await?.ok_or(AppError::NotFound)?;
-                        keys.prepare_scope_key(id, next.get(), &parent).await?
+                        keys.prepare_scope_key(id, next, &parent).await?
                     }
                 };
                 Some((
@@ -632,7 +672,7 @@ impl App {
             ScopeCommand::RetireKeyVersions { below, .. } => {
                 // Nothing below the scope may still need the versions being destroyed.
                 let snapshot = self.inner.read.scope(id).await?.ok_or(AppError::NotFound)?;
-                keys.rewrap_children(&snapshot, below.get()).await?;
+                keys.rewrap_children(&snapshot, below).await?;
                 None
             }
             _ => None,

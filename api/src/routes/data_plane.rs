@@ -13,7 +13,7 @@ use axum::http::StatusCode;
 use axum::Json;
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
-use ekm_domain::{DataClass, Effective, ScopeId};
+use ekm_domain::{DataClass, KeyVersion, ScopeId};
 use ekm_keys::Ciphertext;
 use rand::RngCore;
 use serde::Deserialize;
@@ -24,8 +24,9 @@ use crate::context::Caller;
 use crate::dto::JsonBody;
 use crate::endpoints::{Endpoints, Verb};
 use crate::error::{ApiError, Code};
-use crate::keys::ScopeKeys;
 use crate::state::AppState;
+use ekm_service::keys::ScopeKeys;
+use ekm_service::AppError;
 
 /// The largest plaintext accepted (1 MiB), and the body limit that fits it in base64.
 pub const MAX_PLAINTEXT_BYTES: usize = 1024 * 1024;
@@ -72,70 +73,11 @@ async fn active_scope(
     id: Result<Path<String>, PathRejection>,
 ) -> Result<Arc<ScopeKeys>, ApiError> {
     if caller.is_operator() {
-        return Err(ApiError::forbidden(
-            "the operator token manages organizations only; use an organization's token",
-        ));
+        return Err(AppError::OperatorHasNoScopes.into());
     }
     let Path(id) = id.map_err(|_| ApiError::invalid("the path is not valid"))?;
     let id = ScopeId::parse(&id).map_err(|e| ApiError::invalid(e.to_string()))?;
-    let not_found = || ApiError::not_found("no scope with this id is visible to this token");
-    let keys = state.app.keys();
-    if let Some(entry) = keys.cached(id) {
-        if Some(entry.org_id) != caller.org() {
-            return Err(not_found());
-        }
-        caller.require(ekm_domain::Permission::DataUse, &entry.path)?;
-        return Ok(entry);
-    }
-    // The eviction epoch and the position seen before reading: an eviction after this point
-    // keeps the entry out of the cache, and the entry is valid at least as of the position.
-    let epoch = keys.epoch();
-    let memory = state.app.memory();
-    let position = if memory.is_ready() {
-        memory.position()
-    } else {
-        state.app.projector().applied()
-    };
-    let snapshot = state.app.scope(id).await?.ok_or_else(not_found)?;
-    if Some(snapshot.scope.org_id) != caller.org() {
-        return Err(not_found());
-    }
-    caller.require(ekm_domain::Permission::DataUse, &snapshot.scope.path)?;
-    match snapshot.effective {
-        Effective::Active => {}
-        Effective::Paused { by } => {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                Code::ScopePaused,
-                "the scope is paused; encryption and decryption are refused until it is resumed",
-            )
-            .with("cause", json!({"scope_id": by.to_string()})))
-        }
-        Effective::Revoked { by } => {
-            return Err(ApiError::new(
-                StatusCode::CONFLICT,
-                Code::ScopeRevoked,
-                "the scope is revoked; its keys are destroyed",
-            )
-            .with("cause", json!({"scope_id": by.to_string()})))
-        }
-        Effective::Unavailable { by } => {
-            let reason = snapshot
-                .cause
-                .as_ref()
-                .and_then(|c| c.change.as_ref())
-                .and_then(|c| c.reason.clone());
-            return Err(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                Code::KeyUnavailable,
-                "the organization's master key cannot be used (disabled, scheduled for deletion, access removed, or unreachable); requests fail closed until it is usable again",
-            )
-            .with("cause", json!({"scope_id": by.to_string(), "reason": reason})));
-        }
-    }
-    keys.load(&snapshot, position, epoch)
-        .await
-        .map_err(|error| ApiError::from(crate::app::AppError::Key(error)))
+    Ok(state.app.usable_keys(caller, id).await?)
 }
 
 fn class(text: &str, scope: &ScopeKeys) -> Result<DataClass, ApiError> {
@@ -167,7 +109,7 @@ fn seal(scope: &ScopeKeys, class: DataClass, plaintext: &[u8]) -> Result<Value, 
     let ciphertext = Ciphertext::seal(
         key,
         &scope.scope_id.to_string(),
-        scope.current,
+        scope.current.get(),
         class.as_str(),
         plaintext,
     )
@@ -182,9 +124,11 @@ fn open(scope: &ScopeKeys, class: DataClass, text: &str) -> Result<Zeroizing<Vec
             "the ciphertext was not made for this scope and class",
         ));
     }
-    let key = scope.key(ciphertext.key_version).ok_or_else(|| {
-        invalid_ciphertext("the ciphertext names a key version this scope does not have")
-    })?;
+    let key = scope
+        .key(KeyVersion::new(ciphertext.key_version))
+        .ok_or_else(|| {
+            invalid_ciphertext("the ciphertext names a key version this scope does not have")
+        })?;
     ciphertext.open(key).map_err(|_| {
         invalid_ciphertext("the ciphertext does not authenticate: it was altered or not made here")
     })

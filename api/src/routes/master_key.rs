@@ -1,11 +1,6 @@
 //! `PUT /v1/orgs/{org}/master-key` connects a customer master key (or goes back to the
-//! platform's), `GET` shows which key wraps the organization key and its health.
-//!
-//! Connecting validates the key before anything is recorded: DescribeKey (or its
-//! equivalent) says it is enabled, and a probe bound to the organization survives a wrap and
-//! unwrap round trip. Only then are the organization's key versions re-wrapped under it and
-//! the switch recorded as an event; the old wrapping is destroyed when that event is
-//! projected. No data is re-encrypted: existing ciphertexts keep working.
+//! platform's), `GET` shows which key wraps the organization key and its health. What is
+//! checked before a key is connected is the service's (`ekm_service::master_key`).
 
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
@@ -18,12 +13,12 @@ use ekm_store::time::{from_micros, rfc3339};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::app::Action;
 use crate::context::Caller;
 use crate::dto::JsonBody;
-use crate::error::{master_key_unusable, ApiError};
+use crate::error::ApiError;
 use crate::routes::{etag, expected_version, reason, visible_org};
 use crate::state::AppState;
+use ekm_service::app::Action;
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -67,17 +62,8 @@ pub async fn set(
             .map_err(|e| ApiError::invalid(e.to_string()))?,
         ),
     };
-    // The key that holds the platform's own master key is not a customer's: with it, the
-    // "customer" would hold nothing the platform does not.
-    if let (Some(master), Some(platform)) = (
-        master.as_ref(),
-        state.app.keys().kms_options().platform_key.as_ref(),
-    ) {
-        if master.wrapping_id() == platform.wrapping_id() {
-            return Err(ApiError::invalid(
-                "this key holds the platform's own master key; connect a key of your own account",
-            ));
-        }
+    if let Some(master) = &master {
+        state.app.refuse_platform_key(master)?;
     }
     let reason = reason(body.reason.as_deref(), false)?;
     let org = visible_org(
@@ -87,37 +73,12 @@ pub async fn set(
         ekm_domain::Permission::EncryptionManage,
     )
     .await?;
-    if let Some(endpoint) = master.as_ref().and_then(|m| m.endpoint_url.as_deref()) {
-        // The platform's credentials go to the endpoint: only where the operator allows.
-        if !state
-            .app
-            .keys()
-            .kms_options()
-            .settings
-            .endpoint_allowed(endpoint)
-        {
-            // The URL is not echoed: problems are logged and shown in consoles, and the
-            // answer must not help probe what the platform would connect to.
-            return Err(ApiError::invalid(
-                "endpoint_url is not among the endpoints this platform allows (scheme://host[:port] only, no path); ask the operator to allow it (--kms-allowed-endpoints)",
-            ));
-        }
+    if let Some(master) = &master {
+        state.app.refuse_endpoint(master)?;
     }
     let expected = expected_version(&headers)?;
     if let Some(master) = &master {
-        // Plan and lifecycle rules are the aggregate's; checking the plan here first spares
-        // a customer's KMS calls for a request that cannot succeed.
-        if org.org_plan != ekm_domain::Plan::Enterprise {
-            return Err(ekm_domain::ScopeError::TierNeedsEnterprise(Tier::Byok).into());
-        }
-        let keys = state.app.keys();
-        let provider = keys
-            .provider(master)
-            .await
-            .map_err(|e| master_key_unusable(&e, master.provider))?;
-        ekm_kms::round_trip(provider.as_ref(), &org.scope.id.to_string())
-            .await
-            .map_err(|e| master_key_unusable(&e, master.provider))?;
+        state.app.validate_master_key(&org, master).await?;
     }
     let tier = if master.is_some() {
         Tier::Byok
@@ -173,12 +134,7 @@ async fn describe(state: &AppState, org: &ScopeSnapshot) -> Result<Value, ApiErr
             "last_check": null,
         }));
     };
-    let check = state
-        .app
-        .db()
-        .key_check(&record.id.to_string())
-        .await
-        .map_err(crate::app::AppError::Store)?;
+    let check = state.app.master_key_check(org).await?;
     let change = record.master_change.as_ref();
     Ok(json!({
         "org_id": record.id.to_string(),

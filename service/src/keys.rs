@@ -78,12 +78,12 @@ pub struct ScopeKeys {
     pub org_id: OrgId,
     pub path: Vec<ScopeId>,
     pub tier: Tier,
-    pub current: u32,
+    pub current: KeyVersion,
     /// The event position this process had seen when the entry was loaded: the keys and
     /// the scope's active state are valid as of that position (and stay cached only while
     /// no later event on the path evicts them).
     pub valid_at_position: i64,
-    keys: HashMap<u32, Kek>,
+    keys: HashMap<KeyVersion, Kek>,
     loaded: Instant,
 }
 
@@ -98,7 +98,7 @@ impl std::fmt::Debug for ScopeKeys {
 }
 
 impl ScopeKeys {
-    pub fn key(&self, version: u32) -> Option<&Kek> {
+    pub fn key(&self, version: KeyVersion) -> Option<&Kek> {
         self.keys.get(&version)
     }
 
@@ -265,14 +265,14 @@ impl KeyService {
             let key = self
                 .unwrap_version(&scope_id.to_string(), version.version, fingerprint)
                 .await?;
-            keys.insert(version.version, key);
+            keys.insert(KeyVersion::new(version.version), key);
         }
         let entry = Arc::new(ScopeKeys {
             scope_id,
             org_id: snapshot.scope.org_id,
             path: snapshot.scope.path.clone(),
             tier: snapshot.org_tier,
-            current: snapshot.scope.key_version,
+            current: KeyVersion::new(snapshot.scope.key_version),
             valid_at_position: position,
             keys,
             loaded: Instant::now(),
@@ -566,8 +566,9 @@ impl KeyService {
     pub async fn rewrap_children(
         &self,
         scope: &ScopeSnapshot,
-        below: u32,
+        below: KeyVersion,
     ) -> Result<usize, KeyError> {
+        let below = below.get();
         let scope_id = scope.scope.id.to_string();
         let fingerprint_of = |version: u32| {
             scope
@@ -632,7 +633,7 @@ impl KeyService {
     pub async fn create_scope_key(
         &self,
         scope: ScopeId,
-        version: u32,
+        version: KeyVersion,
         parent: &ScopeSnapshot,
     ) -> Result<String, KeyError> {
         let (fingerprint, writes) = self.prepare_scope_key(scope, version, parent).await?;
@@ -662,11 +663,12 @@ impl KeyService {
     pub async fn prepare_org_key(
         &self,
         org: OrgId,
-        version: u32,
+        version: KeyVersion,
         master: Option<&MasterKeyRef>,
         new_org: bool,
     ) -> Result<(String, KeyWrites), KeyError> {
         let scope = org.to_string();
+        let version = version.get();
         if !new_org {
             // An existing organization's wrapping key exists (or is made, under the key lock,
             // for one created before wrapping keys).
@@ -686,10 +688,11 @@ impl KeyService {
     pub async fn prepare_scope_key(
         &self,
         scope: ScopeId,
-        version: u32,
+        version: KeyVersion,
         parent: &ScopeSnapshot,
     ) -> Result<(String, KeyWrites), KeyError> {
         let scope = scope.to_string();
+        let version = version.get();
         if let Some(row) = self.db.wrapping_keys(&scope).await?.pop() {
             let wrapping = self.unwrap_wrapping(&scope, row.epoch).await?;
             return self.prepare_version(&scope, version, row.epoch, &wrapping, None);

@@ -1,0 +1,152 @@
+//! Grants of an organization's permissions, managed by its org admins: the HTTP side of
+//! `ekm_service::access`.
+
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use ekm_domain::{Grant, OrgId, Permission, PrincipalName, ScopeId, ScopeKind};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::collections::HashMap;
+
+use super::tokens::{own_org, path_parts};
+use crate::context::Caller;
+use crate::dto::JsonBody;
+use crate::error::ApiError;
+use crate::state::AppState;
+use ekm_service::AppError;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrantRequest {
+    pub principal: String,
+    pub permission: String,
+    /// Limits the grant to this scope's subtree.
+    pub scope_id: Option<String>,
+    pub reason: Option<String>,
+}
+
+async fn grant_of(
+    state: &AppState,
+    org: OrgId,
+    principal: &str,
+    permission: &str,
+    scope: Option<&str>,
+) -> Result<Grant, ApiError> {
+    let principal =
+        PrincipalName::parse(principal).map_err(|e| ApiError::invalid(e.to_string()))?;
+    let permission: Permission = permission
+        .parse()
+        .map_err(|e: ekm_domain::ValueError| ApiError::invalid(e.to_string()))?;
+    let scope = match scope {
+        None => None,
+        Some(text) => {
+            let id =
+                ScopeId::parse(text).map_err(|e| ApiError::invalid(format!("scope_id: {e}")))?;
+            match state.app.scope(id).await? {
+                Some(s) if s.scope.org_id == org => {
+                    // The organization itself is the same as no limit.
+                    (s.scope.kind != ScopeKind::Organization).then_some(id)
+                }
+                _ => {
+                    return Err(ApiError::not_found(
+                        "scope_id: no scope with this id is visible to this token",
+                    ))
+                }
+            }
+        }
+    };
+    Ok(Grant {
+        principal,
+        permission,
+        scope,
+    })
+}
+
+fn grant_json(grant: &Grant) -> Value {
+    json!({
+        "principal": grant.principal.as_str(),
+        "permission": grant.permission.as_str(),
+        "scope_id": grant.scope.map(|s| s.to_string()),
+    })
+}
+
+/// `POST /v1/orgs/{org}/grants {"principal", "permission", "scope_id"?}` → 201 (200 when
+/// the grant existed already).
+pub async fn add_grant(
+    State(state): State<AppState>,
+    caller: Caller,
+    path: Result<Path<String>, PathRejection>,
+    JsonBody(body): JsonBody<GrantRequest>,
+) -> Result<Response, ApiError> {
+    let org = own_org(&caller, &path_parts(path)?)?;
+    let grant = grant_of(
+        &state,
+        org,
+        &body.principal,
+        &body.permission,
+        body.scope_id.as_deref(),
+    )
+    .await?;
+    let reason = crate::routes::reason(body.reason.as_deref(), false)?;
+    let outcome = state
+        .app
+        .grant(org, grant.clone(), &caller.metadata(reason))
+        .await?;
+    let mut body = grant_json(&grant);
+    body["changed"] = json!(outcome.changed);
+    let status = if outcome.changed {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    Ok((status, Json(body)).into_response())
+}
+
+/// `DELETE /v1/orgs/{org}/grants/{principal}/{permission}` (`?scope_id=` for a grant
+/// limited to a subtree).
+pub async fn remove_grant(
+    State(state): State<AppState>,
+    caller: Caller,
+    path: Result<Path<(String, String, String)>, PathRejection>,
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let (org, principal, permission) = path_parts(path)?;
+    let org = own_org(&caller, &org)?;
+    let Query(query) = query.map_err(|_| ApiError::invalid("the query string is not valid"))?;
+    crate::routes::check_keys(&query, &["scope_id"])?;
+    let grant = grant_of(
+        &state,
+        org,
+        &principal,
+        &permission,
+        query.get("scope_id").map(String::as_str),
+    )
+    .await?;
+    state
+        .app
+        .ungrant(org, grant.clone(), &caller.metadata(None))
+        .await?;
+    let mut body = grant_json(&grant);
+    body["removed"] = json!(true);
+    Ok(Json(body).into_response())
+}
+
+/// `GET /v1/orgs/{org}/grants`: every grant of the organization.
+pub async fn list_grants(
+    State(state): State<AppState>,
+    caller: Caller,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let org = own_org(&caller, &path_parts(path)?)?;
+    let grants = state
+        .app
+        .tokens()
+        .grants(org)
+        .await
+        .map_err(AppError::Store)?;
+    let items: Vec<Value> = grants.iter().map(grant_json).collect();
+    Ok(Json(json!({"items": items, "next_cursor": null})).into_response())
+}

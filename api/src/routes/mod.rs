@@ -1,0 +1,201 @@
+//! The HTTP routes, one file per resource, and what their handlers share: finding the scope
+//! or organization a caller may see, parsing reasons, versions (`If-Match`) and page sizes,
+//! setting the `ETag`.
+//!
+//! - `system`: liveness, readiness, `GET /v1/me`;
+//! - `orgs`: organizations, their tier and the name search;
+//! - `scopes`: scopes, their lifecycle and their past states;
+//! - `master_key`: an organization's master key;
+//! - `tokens` and `grants`: access, managed by org admins;
+//! - `audit`: the audit log (list, export, verify);
+//! - `data_plane`: encrypt, decrypt, data keys, rewrap.
+
+use std::collections::HashMap;
+
+use axum::extract::rejection::PathRejection;
+use axum::extract::Path;
+use axum::http::{header, HeaderMap, HeaderValue};
+use axum::response::Response;
+use ekm_domain::{Permission, Reason, ScopeId, ScopeKind};
+use ekm_projections::ScopeSnapshot;
+
+use crate::context::Caller;
+use crate::endpoints::{Endpoints, Verb};
+use crate::error::ApiError;
+use crate::state::AppState;
+use ekm_service::AppError;
+
+pub mod audit;
+pub(crate) mod data_plane;
+mod grants;
+mod master_key;
+mod orgs;
+mod scopes;
+mod system;
+mod tokens;
+
+/// Every endpoint: method, path and handler. The router is built from this list and the
+/// access-control matrix test reads it, so an endpoint cannot be added without a row there.
+pub(crate) fn register(endpoints: &mut Endpoints) {
+    use Verb::{Delete, Get, Post, Put};
+    endpoints.add(Get, "/healthz", system::healthz);
+    endpoints.add(Get, "/readyz", system::readyz);
+    endpoints.add(Post, "/v1/orgs", orgs::create_org);
+    endpoints.add(Get, "/v1/orgs/{org}", orgs::get_org);
+    endpoints.add(Put, "/v1/orgs/{org}/tier", orgs::change_tier);
+    endpoints.add(Put, "/v1/orgs/{org}/master-key", master_key::set);
+    endpoints.add(Get, "/v1/orgs/{org}/master-key", master_key::show);
+    endpoints.add(Post, "/v1/orgs/{org}/tokens", tokens::create_token);
+    endpoints.add(Get, "/v1/orgs/{org}/tokens", tokens::list_tokens);
+    endpoints.add(Delete, "/v1/orgs/{org}/tokens/{id}", tokens::revoke_token);
+    endpoints.add(Post, "/v1/orgs/{org}/grants", grants::add_grant);
+    endpoints.add(Get, "/v1/orgs/{org}/grants", grants::list_grants);
+    endpoints.add(
+        Delete,
+        "/v1/orgs/{org}/grants/{principal}/{permission}",
+        grants::remove_grant,
+    );
+    endpoints.add(Post, "/v1/scopes", scopes::create_scope);
+    endpoints.add(Get, "/v1/scopes/{id}", scopes::get_scope);
+    endpoints.add(Get, "/v1/scopes/{id}/children", scopes::list_children);
+    endpoints.add(Post, "/v1/scopes/{id}/pause", scopes::pause);
+    endpoints.add(Post, "/v1/scopes/{id}/resume", scopes::resume);
+    endpoints.add(Post, "/v1/scopes/{id}/revoke", scopes::revoke);
+    endpoints.add(Post, "/v1/scopes/{id}/rotate", scopes::rotate);
+    endpoints.add(Post, "/v1/scopes/{id}/retire", scopes::retire);
+    endpoints.add(Get, "/v1/scopes/{id}/state", scopes::state_as_of);
+    endpoints.add(Get, "/v1/audit", audit::list);
+    endpoints.add(Get, "/v1/audit/export", audit::export);
+    endpoints.add(Get, "/v1/audit/verify", audit::verify);
+    endpoints.add(Get, "/v1/me", system::me);
+    endpoints.add(Get, "/v1/orgs/{org}/scopes", orgs::search_scopes);
+    endpoints.add(
+        Post,
+        "/v1/orgs/{org}/admin-tokens",
+        tokens::break_glass_admin_token,
+    );
+    data_plane::register(endpoints);
+}
+
+pub(crate) const DEFAULT_PAGE: u32 = 50;
+
+pub(crate) const MAX_PAGE: u32 = 500;
+
+pub(crate) fn parse_scope_id(text: &str) -> Result<ScopeId, ApiError> {
+    ScopeId::parse(text).map_err(|e| ApiError::invalid(e.to_string()))
+}
+
+pub(crate) fn path_text_ref(path: &Result<Path<String>, PathRejection>) -> Option<String> {
+    path.as_ref().ok().map(|Path(text)| text.clone())
+}
+
+pub(crate) fn path_text(path: Result<Path<String>, PathRejection>) -> Result<String, ApiError> {
+    path.map(|Path(text)| text)
+        .map_err(|_| ApiError::invalid("the path is not valid"))
+}
+
+/// The scope `id` if this caller may see it; otherwise the same 404 as for a scope that does
+/// not exist, so that ids of other organizations reveal nothing.
+/// The scope `id` if it is in the caller's organization (else 404, as if it did not exist)
+/// and the caller holds `permission` on it (else 403).
+pub(crate) async fn visible_scope(
+    state: &AppState,
+    caller: &Caller,
+    id: &str,
+    permission: Permission,
+) -> Result<ScopeSnapshot, ApiError> {
+    if caller.is_operator() {
+        return Err(AppError::OperatorHasNoScopes.into());
+    }
+    let id = parse_scope_id(id)?;
+    Ok(state.app.visible_scope(caller, id, permission).await?)
+}
+
+/// Refuses a query string with a parameter outside `allowed`, naming it.
+pub(crate) fn check_keys(
+    query: &HashMap<String, String>,
+    allowed: &[&str],
+) -> Result<(), ApiError> {
+    match query.keys().find(|k| !allowed.contains(&k.as_str())) {
+        Some(unknown) => Err(ApiError::invalid(format!(
+            "unknown query parameter `{}` (expected {})",
+            unknown.chars().take(64).collect::<String>(),
+            allowed.join(", ")
+        ))),
+        None => Ok(()),
+    }
+}
+
+pub(crate) const ORG_NOT_FOUND: &str = "no organization with this id is visible to this token";
+
+/// The organization named in the path, like `visible_scope`, and 404 for a scope that is
+/// not an organization.
+pub(crate) async fn visible_org(
+    state: &AppState,
+    caller: &Caller,
+    path: Result<Path<String>, PathRejection>,
+    permission: Permission,
+) -> Result<ScopeSnapshot, ApiError> {
+    let org = visible_scope(state, caller, &path_text(path)?, permission).await?;
+    if org.scope.kind != ScopeKind::Organization {
+        return Err(ApiError::not_found(ORG_NOT_FOUND));
+    }
+    Ok(org)
+}
+
+pub(crate) fn parse_field<T: std::str::FromStr<Err = ekm_domain::ValueError>>(
+    value: Option<&str>,
+    default: T,
+) -> Result<T, ApiError> {
+    match value {
+        None => Ok(default),
+        Some(text) => text
+            .parse()
+            .map_err(|e: ekm_domain::ValueError| ApiError::invalid(e.to_string())),
+    }
+}
+
+pub(crate) fn reason(value: Option<&str>, required: bool) -> Result<Option<Reason>, ApiError> {
+    match value {
+        None if required => Err(ApiError::invalid(
+            "reason: required; say why, it is kept in the audit log",
+        )),
+        None => Ok(None),
+        Some(text) => Reason::parse(text)
+            .map(Some)
+            .map_err(|e| ApiError::invalid(e.to_string())),
+    }
+}
+
+pub(crate) fn etag(response: &mut Response, version: i64) {
+    if let Ok(value) = HeaderValue::from_str(&format!("\"{version}\"")) {
+        response.headers_mut().insert(header::ETAG, value);
+    }
+}
+
+pub(crate) fn page_limit(value: Option<&String>) -> Result<u32, ApiError> {
+    match value {
+        None => Ok(DEFAULT_PAGE),
+        Some(text) => match text.parse::<u32>() {
+            Ok(n) if (1..=MAX_PAGE).contains(&n) => Ok(n),
+            _ => Err(ApiError::invalid(format!(
+                "limit: must be a whole number from 1 to {MAX_PAGE}"
+            ))),
+        },
+    }
+}
+
+/// `If-Match: "N"` (or `N`, or `W/"N"`); `*` or no header means any version.
+pub(crate) fn expected_version(headers: &HeaderMap) -> Result<Option<i64>, ApiError> {
+    let Some(value) = headers.get(header::IF_MATCH) else {
+        return Ok(None);
+    };
+    let invalid = || ApiError::invalid("If-Match: expected the scope's version, as in \"3\"");
+    let text = value.to_str().map_err(|_| invalid())?.trim();
+    if text == "*" {
+        return Ok(None);
+    }
+    let text = text.strip_prefix("W/").unwrap_or(text);
+    let text = text.trim_matches('"');
+    text.parse::<i64>().map(Some).map_err(|_| invalid())
+}

@@ -1,0 +1,186 @@
+//! Organizations: creation (operator), reading, the tier, and the name search of their
+//! scopes.
+
+use std::collections::HashMap;
+
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use ekm_domain::{Permission, Plan, ScopeKind, ScopeName, Tier};
+use ekm_service::app::Action;
+use serde_json::json;
+
+use super::*;
+use crate::context::Caller;
+use crate::cursor::{Binding, List};
+use crate::dto::{
+    CreateOrgRequest, CreatedOrgJson, JsonBody, ListJson, OrgJson, ScopeJson, TierRequest,
+};
+use crate::error::ApiError;
+use crate::state::AppState;
+
+pub(crate) async fn create_org(
+    State(state): State<AppState>,
+    caller: Caller,
+    JsonBody(body): JsonBody<CreateOrgRequest>,
+) -> Result<Response, ApiError> {
+    if !caller.is_operator() {
+        return Err(ApiError::forbidden(
+            "only the platform operator token creates organizations",
+        ));
+    }
+    let name = ScopeName::parse(&body.name).map_err(|e| ApiError::invalid(e.to_string()))?;
+    let plan = parse_field(body.plan.as_deref(), Plan::Standard)?;
+    let tier = parse_field(body.tier.as_deref(), Tier::Default)?;
+    let (outcome, token) = state
+        .app
+        .create_org(name, plan, tier, &caller.metadata(None))
+        .await?;
+    let json = CreatedOrgJson {
+        org: OrgJson::from(&outcome.scope),
+        admin_token: token.secret,
+    };
+    let mut response = (StatusCode::CREATED, Json(json)).into_response();
+    if let Ok(location) = HeaderValue::from_str(&format!("/v1/orgs/{}", outcome.scope.scope.id)) {
+        response.headers_mut().insert(header::LOCATION, location);
+    }
+    etag(&mut response, outcome.scope.scope.version);
+    Ok(response)
+}
+
+pub(crate) async fn get_org(
+    State(state): State<AppState>,
+    caller: Caller,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let id = parse_scope_id(&path_text(path)?)?;
+    let not_found = || ApiError::not_found(ORG_NOT_FOUND);
+    let snapshot = state.app.scope(id).await?.ok_or_else(not_found)?;
+    let visible = caller.is_operator() || Some(snapshot.scope.org_id) == caller.org();
+    if !visible || snapshot.scope.kind != ScopeKind::Organization {
+        return Err(not_found());
+    }
+    if !caller.is_operator() {
+        caller.require(Permission::EncryptionView, &snapshot.scope.path)?;
+    }
+    let mut response = Json(OrgJson::from(&snapshot)).into_response();
+    etag(&mut response, snapshot.scope.version);
+    Ok(response)
+}
+
+/// `PUT /v1/orgs/{org}/tier {"tier": "default"|"managed"}`: what is encrypted. Existing
+/// ciphertexts keep working; `byok` is reached by connecting a master key.
+pub(crate) async fn change_tier(
+    State(state): State<AppState>,
+    caller: Caller,
+    path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    JsonBody(body): JsonBody<TierRequest>,
+) -> Result<Response, ApiError> {
+    let tier: Tier = body
+        .tier
+        .parse()
+        .map_err(|e: ekm_domain::ValueError| ApiError::invalid(e.to_string()))?;
+    let reason = reason(body.reason.as_deref(), false)?;
+    let org = visible_org(&state, &caller, path, Permission::EncryptionManage).await?;
+    let expected = expected_version(&headers)?;
+    let outcome = state
+        .app
+        .act(
+            org.scope.id,
+            Action::ChangeTier(tier),
+            &caller.metadata(reason),
+            expected,
+        )
+        .await?;
+    let mut body = serde_json::to_value(OrgJson::from(&outcome.scope)).unwrap_or_default();
+    if let Some(object) = body.as_object_mut() {
+        object.insert("changed".into(), json!(outcome.changed));
+    }
+    let mut response = Json(body).into_response();
+    etag(&mut response, outcome.scope.scope.version);
+    Ok(response)
+}
+
+const MAX_QUERY_CHARS: usize = 200;
+
+/// `GET /v1/orgs/{org}/scopes?q=&limit=&cursor=`: the organization's scopes whose name
+/// contains `q` (case-insensitive), in id order, only those the caller may view. A page can
+/// hold fewer than `limit` items (even none) while `next_cursor` says there is more.
+pub(crate) async fn search_scopes(
+    State(state): State<AppState>,
+    caller: Caller,
+    path: Result<Path<String>, PathRejection>,
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+) -> Result<Json<ListJson<ScopeJson>>, ApiError> {
+    let Query(query) = query.map_err(|_| ApiError::invalid("the query string is not valid"))?;
+    check_keys(&query, &["q", "cursor", "limit"])?;
+    let needle = query.get("q").map(|q| q.trim()).unwrap_or("");
+    if needle.chars().count() > MAX_QUERY_CHARS {
+        return Err(ApiError::invalid(format!(
+            "q: at most {MAX_QUERY_CHARS} characters"
+        )));
+    }
+    if needle.chars().any(char::is_control) {
+        return Err(ApiError::invalid("q: control characters are not allowed"));
+    }
+    let limit = page_limit(query.get("limit"))?;
+    if caller.is_operator() {
+        return Err(ApiError::forbidden(
+            "the operator token manages organizations only; use an organization's token",
+        ));
+    }
+    let org = ekm_domain::OrgId::parse(&path_text(path)?)
+        .map_err(|e| ApiError::invalid(format!("org: {e}")))?;
+    if caller.org() != Some(org) {
+        return Err(ApiError::not_found(ORG_NOT_FOUND));
+    }
+    let org_text = org.to_string();
+    let binding = Binding {
+        list: List::Search,
+        query: &[&org_text, needle],
+    };
+    let after = match query.get("cursor") {
+        None => None,
+        Some(cursor) => {
+            let after = binding.decode_scope(cursor)?;
+            // A cursor names the last row of a page this caller was shown: a row of this
+            // organization it may view. Any other id is refused, never used as a position.
+            match state.app.scope(after).await? {
+                Some(row)
+                    if row.scope.org_id == org
+                        && caller.holds(Permission::EncryptionView, &row.scope.path) =>
+                {
+                    Some(after)
+                }
+                _ => return Err(crate::cursor::invalid()),
+            }
+        }
+    };
+    // Only rows the caller may view are read, so the page's last row (the next cursor) is
+    // one of them. Without the permission anywhere, the answer is empty.
+    let within = caller.subtrees(Permission::EncryptionView);
+    let page = state
+        .app
+        .search_names(org, needle, within.as_deref(), after, limit)
+        .await?;
+    let mut items = vec![];
+    for record in page.items {
+        // Checked again: the SQL filter is not the only guard. A row dropped here would
+        // be a bug in that filter (and its id could end up in the cursor), so say so.
+        if !caller.holds(Permission::EncryptionView, &record.path) {
+            tracing::error!(scope_id = %record.id, "the name search read a row outside the caller's view");
+            continue;
+        }
+        // The cascade needs the rows on the path; a scope is never deleted, so it is there.
+        if let Some(snapshot) = state.app.scope(record.id).await? {
+            items.push(ScopeJson::from(&snapshot));
+        }
+    }
+    Ok(Json(ListJson {
+        items,
+        next_cursor: page.next_after.map(|last| binding.encode_scope(last)),
+    }))
+}

@@ -1,0 +1,328 @@
+//! Scopes: creation, reading, children, the lifecycle (pause, resume, revoke, rotate, retire,
+//! with `?dry_run=true` on pause and revoke) and the state at an earlier point.
+
+use std::collections::HashMap;
+
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use ekm_domain::{Permission, Reason, ScopeKind, ScopeName};
+use ekm_projections::AsOf;
+use ekm_service::app::{Action, Outcome};
+use ekm_store::time::rfc3339;
+use serde_json::json;
+
+use super::*;
+use crate::context::Caller;
+use crate::cursor::{Binding, List};
+use crate::dto::{
+    CreateScopeRequest, JsonBody, LifecycleJson, ListJson, OptionalJsonBody, PastScopeJson,
+    ReasonRequest, RetireRequest, RevokeRequest, ScopeJson,
+};
+use crate::error::{ApiError, Code};
+use crate::state::AppState;
+
+pub(crate) async fn create_scope(
+    State(state): State<AppState>,
+    caller: Caller,
+    JsonBody(body): JsonBody<CreateScopeRequest>,
+) -> Result<Response, ApiError> {
+    let kind: ScopeKind = body
+        .kind
+        .parse()
+        .map_err(|e: ekm_domain::ValueError| ApiError::invalid(e.to_string()))?;
+    if kind == ScopeKind::Organization {
+        return Err(ApiError::invalid(
+            "kind: organizations are created with POST /v1/orgs",
+        ));
+    }
+    let name = ScopeName::parse(&body.name).map_err(|e| ApiError::invalid(e.to_string()))?;
+    let parent = visible_scope(
+        &state,
+        &caller,
+        &body.parent_id,
+        Permission::EncryptionManage,
+    )
+    .await
+    .map_err(|e| match e.code() {
+        Code::NotFound => {
+            ApiError::not_found("parent_id: no scope with this id is visible to this token")
+        }
+        _ => e,
+    })?;
+    let outcome = state
+        .app
+        .create_scope(&parent, kind, name, &caller.metadata(None))
+        .await?;
+    let mut response = (StatusCode::CREATED, Json(ScopeJson::from(&outcome.scope))).into_response();
+    if let Ok(location) = HeaderValue::from_str(&format!("/v1/scopes/{}", outcome.scope.scope.id)) {
+        response.headers_mut().insert(header::LOCATION, location);
+    }
+    etag(&mut response, outcome.scope.scope.version);
+    Ok(response)
+}
+
+pub(crate) async fn get_scope(
+    State(state): State<AppState>,
+    caller: Caller,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let snapshot = visible_scope(
+        &state,
+        &caller,
+        &path_text(path)?,
+        Permission::EncryptionView,
+    )
+    .await?;
+    let mut response = Json(ScopeJson::from(&snapshot)).into_response();
+    etag(&mut response, snapshot.scope.version);
+    Ok(response)
+}
+
+pub(crate) async fn list_children(
+    State(state): State<AppState>,
+    caller: Caller,
+    path: Result<Path<String>, PathRejection>,
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+) -> Result<Json<ListJson<ScopeJson>>, ApiError> {
+    let Query(query) = query.map_err(|_| ApiError::invalid("the query string is not valid"))?;
+    check_keys(&query, &["cursor", "limit"])?;
+    let parent = visible_scope(
+        &state,
+        &caller,
+        &path_text(path)?,
+        Permission::EncryptionView,
+    )
+    .await?;
+    let parent_id = parent.scope.id.to_string();
+    let binding = Binding {
+        list: List::Children,
+        query: &[&parent_id],
+    };
+    let after = match query.get("cursor") {
+        None => None,
+        Some(cursor) => {
+            let after = binding.decode_scope(cursor)?;
+            // Only a child of this parent continues this list.
+            match state.app.scope(after).await? {
+                Some(child) if child.scope.parent_id == Some(parent.scope.id) => Some(after),
+                _ => return Err(crate::cursor::invalid()),
+            }
+        }
+    };
+    let limit = page_limit(query.get("limit"))?;
+    let page = state.app.children(&parent, after, limit).await?;
+    Ok(Json(ListJson {
+        items: page.items.iter().map(ScopeJson::from).collect(),
+        next_cursor: page.next_after.map(|last| binding.encode_scope(last)),
+    }))
+}
+
+async fn lifecycle(
+    state: AppState,
+    caller: Caller,
+    path: Result<Path<String>, PathRejection>,
+    headers: &HeaderMap,
+    action: Action,
+    reason: Option<Reason>,
+) -> Result<Response, ApiError> {
+    let scope = visible_scope(
+        &state,
+        &caller,
+        &path_text(path)?,
+        Permission::EncryptionManage,
+    )
+    .await?;
+    let expected = expected_version(headers)?;
+    let outcome: Outcome = state
+        .app
+        .act(scope.scope.id, action, &caller.metadata(reason), expected)
+        .await?;
+    let version = outcome.scope.scope.version;
+    let mut response = Json(LifecycleJson {
+        scope: ScopeJson::from(&outcome.scope),
+        changed: outcome.changed,
+    })
+    .into_response();
+    etag(&mut response, version);
+    Ok(response)
+}
+
+/// `?dry_run=true` on pause and revoke: check the rules and count the blast radius,
+/// record nothing.
+fn is_dry_run(
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+) -> Result<bool, ApiError> {
+    let Query(query) = query.map_err(|_| ApiError::invalid("the query string is not valid"))?;
+    check_keys(&query, &["dry_run"])?;
+    match query.get("dry_run").map(String::as_str) {
+        None | Some("false") => Ok(false),
+        Some("true") => Ok(true),
+        Some(_) => Err(ApiError::invalid("dry_run: expected true or false")),
+    }
+}
+
+async fn dry_run(
+    state: AppState,
+    caller: Caller,
+    path: Result<Path<String>, PathRejection>,
+    action: Action,
+) -> Result<Response, ApiError> {
+    let scope = visible_scope(
+        &state,
+        &caller,
+        &path_text(path)?,
+        Permission::EncryptionManage,
+    )
+    .await?;
+    let name = match action {
+        Action::Revoke { .. } => "revoke",
+        _ => "pause",
+    };
+    let (scope, would_change, radius) = state.app.dry_run(scope.scope.id, action).await?;
+    let count = |map: &std::collections::BTreeMap<&'static str, i64>| json!({ "total": map.values().sum::<i64>(), "by_kind": map });
+    Ok(Json(json!({
+        "dry_run": true,
+        "action": name,
+        "scope": ScopeJson::from(&scope),
+        "would_change": would_change,
+        "scopes_in_subtree": radius.total,
+        "would_become_inactive": count(&radius.would_become_inactive),
+        "already_inactive": count(&radius.already_inactive),
+    }))
+    .into_response())
+}
+
+pub(crate) async fn pause(
+    State(state): State<AppState>,
+    caller: Caller,
+    path: Result<Path<String>, PathRejection>,
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+    headers: HeaderMap,
+    OptionalJsonBody(body): OptionalJsonBody<ReasonRequest>,
+) -> Result<Response, ApiError> {
+    if is_dry_run(query)? {
+        return dry_run(state, caller, path, Action::Pause).await;
+    }
+    let reason = reason(body.reason.as_deref(), true)?;
+    lifecycle(state, caller, path, &headers, Action::Pause, reason).await
+}
+
+pub(crate) async fn resume(
+    State(state): State<AppState>,
+    caller: Caller,
+    path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    OptionalJsonBody(body): OptionalJsonBody<ReasonRequest>,
+) -> Result<Response, ApiError> {
+    let reason = reason(body.reason.as_deref(), false)?;
+    lifecycle(state, caller, path, &headers, Action::Resume, reason).await
+}
+
+pub(crate) async fn revoke(
+    State(state): State<AppState>,
+    caller: Caller,
+    path: Result<Path<String>, PathRejection>,
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+    headers: HeaderMap,
+    OptionalJsonBody(body): OptionalJsonBody<RevokeRequest>,
+) -> Result<Response, ApiError> {
+    if is_dry_run(query)? {
+        let confirm = path_text_ref(&path).unwrap_or_default();
+        return dry_run(state, caller, path, Action::Revoke { confirm }).await;
+    }
+    let reason = reason(body.reason.as_deref(), true)?;
+    let confirm = body.confirm.ok_or_else(|| {
+        ApiError::invalid("confirm: required; repeat the scope's id to revoke it for good")
+    })?;
+    lifecycle(
+        state,
+        caller,
+        path,
+        &headers,
+        Action::Revoke { confirm },
+        reason,
+    )
+    .await
+}
+
+pub(crate) async fn rotate(
+    State(state): State<AppState>,
+    caller: Caller,
+    path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    OptionalJsonBody(body): OptionalJsonBody<ReasonRequest>,
+) -> Result<Response, ApiError> {
+    let reason = reason(body.reason.as_deref(), false)?;
+    lifecycle(state, caller, path, &headers, Action::Rotate, reason).await
+}
+
+/// `POST /v1/scopes/{id}/retire {"below": N}`: destroys the key material of every version
+/// below N (N at most the current version). Rewrap ciphertexts first: a retired version
+/// decrypts nothing.
+pub(crate) async fn retire(
+    State(state): State<AppState>,
+    caller: Caller,
+    path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    JsonBody(body): JsonBody<RetireRequest>,
+) -> Result<Response, ApiError> {
+    if body.below < 2 {
+        return Err(ApiError::invalid(
+            "below: at least 2 (version 1 is the first)",
+        ));
+    }
+    let reason = reason(body.reason.as_deref(), false)?;
+    let action = Action::RetireKeyVersions(ekm_domain::KeyVersion::new(body.below));
+    lifecycle(state, caller, path, &headers, action, reason).await
+}
+
+/// `GET /v1/scopes/{id}/state?at=RFC3339` or `?position=N`: the scope as it was then,
+/// computed from the events.
+pub(crate) async fn state_as_of(
+    State(state): State<AppState>,
+    caller: Caller,
+    path: Result<Path<String>, PathRejection>,
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(query) = query.map_err(|_| ApiError::invalid("the query string is not valid"))?;
+    check_keys(&query, &["at", "position"])?;
+    let as_of = match (query.get("at"), query.get("position")) {
+        (Some(at), None) => AsOf::Time(
+            chrono::DateTime::parse_from_rfc3339(at)
+                .map(|t| t.with_timezone(&chrono::Utc))
+                .map_err(|_| {
+                    ApiError::invalid("at: expected an RFC 3339 time such as 2026-11-28T14:02:00Z")
+                })?,
+        ),
+        (None, Some(position)) => AsOf::Position(
+            position
+                .parse::<i64>()
+                .ok()
+                .filter(|p| *p >= 0)
+                .ok_or_else(|| ApiError::invalid("position: expected a whole number"))?,
+        ),
+        _ => return Err(ApiError::invalid("give exactly one of `at` or `position`")),
+    };
+    // Visibility is decided on the scope as it is now: a scope of another organization is
+    // not found, whatever the instant asked for.
+    let current = visible_scope(
+        &state,
+        &caller,
+        &path_text(path)?,
+        Permission::EncryptionView,
+    )
+    .await?;
+    let past = state
+        .app
+        .scope_as_of(current.scope.id, as_of)
+        .await?
+        .ok_or_else(|| ApiError::not_found("the scope did not exist yet at that point"))?;
+    let at = match as_of {
+        AsOf::Time(at) => Some(rfc3339(at)),
+        AsOf::Position(_) => None,
+    };
+    Ok(Json(PastScopeJson::new(&past, at)).into_response())
+}

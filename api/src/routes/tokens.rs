@@ -1,0 +1,225 @@
+//! Tokens of an organization, managed by its org admins (and the operator's break-glass
+//! token): the HTTP side of `ekm_service::access`. Token secrets are shown once.
+
+use axum::extract::rejection::PathRejection;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use chrono::{DateTime, Utc};
+use ekm_domain::{OrgId, OrgRole, PrincipalKind, PrincipalName, ScopeKind};
+use ekm_store::time::{from_micros, rfc3339};
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+use crate::context::Caller;
+use crate::dto::JsonBody;
+use crate::error::ApiError;
+use crate::routes::ORG_NOT_FOUND;
+use crate::state::AppState;
+use ekm_service::AppError;
+
+/// The caller's own organization named in the path, for an org admin.
+pub(crate) fn own_org(caller: &Caller, org: &str) -> Result<OrgId, ApiError> {
+    if caller.is_operator() {
+        return Err(ApiError::forbidden(
+            "the operator token manages organizations only; use an organization's token",
+        ));
+    }
+    let org = OrgId::parse(org).map_err(|e| ApiError::invalid(format!("org: {e}")))?;
+    if caller.org() != Some(org) {
+        return Err(ApiError::not_found(ORG_NOT_FOUND));
+    }
+    caller.require_org_admin()?;
+    Ok(org)
+}
+
+pub(crate) fn path_parts<T>(path: Result<Path<T>, PathRejection>) -> Result<T, ApiError> {
+    path.map(|Path(p)| p)
+        .map_err(|_| ApiError::invalid("the path is not valid"))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenRequest {
+    pub principal: String,
+    pub kind: Option<String>,
+    pub role: Option<String>,
+    /// RFC 3339; the token stops working then.
+    pub expires_at: Option<String>,
+    pub reason: Option<String>,
+}
+
+/// `POST /v1/orgs/{org}/tokens {"principal", "kind"?: user|service, "role"?:
+/// member|it_admin|org_admin, "expires_at"?}` → 201 with the token, shown this once.
+pub async fn create_token(
+    State(state): State<AppState>,
+    caller: Caller,
+    path: Result<Path<String>, PathRejection>,
+    JsonBody(body): JsonBody<TokenRequest>,
+) -> Result<Response, ApiError> {
+    let org = own_org(&caller, &path_parts(path)?)?;
+    let principal =
+        PrincipalName::parse(&body.principal).map_err(|e| ApiError::invalid(e.to_string()))?;
+    let kind: PrincipalKind = body
+        .kind
+        .as_deref()
+        .unwrap_or("service")
+        .parse()
+        .map_err(|e: ekm_domain::ValueError| ApiError::invalid(e.to_string()))?;
+    let role: OrgRole = body
+        .role
+        .as_deref()
+        .unwrap_or("member")
+        .parse()
+        .map_err(|e: ekm_domain::ValueError| ApiError::invalid(e.to_string()))?;
+    let expires_at = match body.expires_at.as_deref() {
+        None => None,
+        Some(text) => {
+            let at = DateTime::parse_from_rfc3339(text)
+                .map_err(|_| ApiError::invalid("expires_at: not an RFC 3339 time"))?
+                .with_timezone(&Utc);
+            if at <= Utc::now() {
+                return Err(ApiError::invalid("expires_at: must be in the future"));
+            }
+            Some(at)
+        }
+    };
+    let reason = crate::routes::reason(body.reason.as_deref(), false)?;
+    let token = state
+        .app
+        .issue_token(
+            org,
+            &principal,
+            kind,
+            role,
+            expires_at,
+            &caller.metadata(reason),
+        )
+        .await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({
+            "id": token.id,
+            "token": token.secret,
+            "principal": principal.as_str(),
+            "kind": kind.as_str(),
+            "role": role.as_str(),
+            "expires_at": expires_at.map(rfc3339),
+        })),
+    )
+        .into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BreakGlassRequest {
+    /// Required: why the operator steps in (kept in the organization's audit log).
+    pub reason: Option<String>,
+    /// Who the token is for; `break-glass-admin` by default.
+    pub principal: Option<String>,
+}
+
+/// `POST /v1/orgs/{org}/admin-tokens {"reason", "principal"?}` → 201 with a new org_admin
+/// token, shown once. The operator's break-glass for an organization left without an admin
+/// (e.g. `POST /v1/orgs` committed but could not be read back, so its first token was
+/// revoked). Operator token only; the issue is a `TokenIssued` event with the operator as
+/// the actor and the reason, in the organization's audit log like any token (ADR 0017).
+pub async fn break_glass_admin_token(
+    State(state): State<AppState>,
+    caller: Caller,
+    path: Result<Path<String>, PathRejection>,
+    JsonBody(body): JsonBody<BreakGlassRequest>,
+) -> Result<Response, ApiError> {
+    if !caller.is_operator() {
+        return Err(ApiError::forbidden(
+            "only the platform operator issues break-glass admin tokens; org admins use \
+             POST /v1/orgs/{org}/tokens",
+        ));
+    }
+    let org =
+        OrgId::parse(&path_parts(path)?).map_err(|e| ApiError::invalid(format!("org: {e}")))?;
+    let reason = crate::routes::reason(body.reason.as_deref(), true)?;
+    let principal = PrincipalName::parse(body.principal.as_deref().unwrap_or("break-glass-admin"))
+        .map_err(|e| ApiError::invalid(e.to_string()))?;
+    match state.app.scope(org.scope_id()).await? {
+        Some(found) if found.scope.kind == ScopeKind::Organization => {}
+        _ => return Err(ApiError::not_found(ORG_NOT_FOUND)),
+    }
+    let role = OrgRole::OrgAdmin;
+    let kind = PrincipalKind::User;
+    let token = state
+        .app
+        .issue_token(org, &principal, kind, role, None, &caller.metadata(reason))
+        .await?;
+    tracing::warn!(
+        org_id = %org,
+        token_id = %token.id,
+        principal = principal.as_str(),
+        "break-glass org_admin token issued by the operator"
+    );
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({
+            "id": token.id,
+            "token": token.secret,
+            "org_id": org.to_string(),
+            "principal": principal.as_str(),
+            "kind": kind.as_str(),
+            "role": role.as_str(),
+            "expires_at": null,
+        })),
+    )
+        .into_response())
+}
+
+/// `GET /v1/orgs/{org}/tokens`: every token of the organization, never a secret.
+pub async fn list_tokens(
+    State(state): State<AppState>,
+    caller: Caller,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let org = own_org(&caller, &path_parts(path)?)?;
+    let tokens = state
+        .app
+        .tokens()
+        .list(org)
+        .await
+        .map_err(AppError::Store)?;
+    let items: Vec<Value> = tokens
+        .into_iter()
+        .map(|t| {
+            json!({
+                "id": t.id,
+                "principal": t.principal,
+                "kind": t.kind,
+                "role": t.role,
+                "created_at": rfc3339(from_micros(t.created_at)),
+                "expires_at": t.expires_at.map(|at| rfc3339(from_micros(at))),
+                "revoked_at": t.revoked_at.map(|at| rfc3339(from_micros(at))),
+            })
+        })
+        .collect();
+    Ok(Json(json!({"items": items, "next_cursor": null})).into_response())
+}
+
+/// `DELETE /v1/orgs/{org}/tokens/{id}`: the token stops working at once on this instance
+/// (and within a second on others).
+pub async fn revoke_token(
+    State(state): State<AppState>,
+    caller: Caller,
+    path: Result<Path<(String, String)>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let (org, token_id) = path_parts(path)?;
+    let org = own_org(&caller, &org)?;
+    if !state
+        .app
+        .revoke_token(org, &token_id, &caller.metadata(None))
+        .await?
+    {
+        return Err(ApiError::not_found(
+            "no token with this id in this organization",
+        ));
+    }
+    Ok(Json(json!({"id": token_id, "revoked": true})).into_response())
+}

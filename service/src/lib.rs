@@ -1,0 +1,24 @@
+//! EKM's application layer: what the HTTP API (and the binary's jobs) ask of the system,
+//! with no HTTP in it.
+//!
+//! `App` runs commands on the scope aggregate and answers reads (read-your-writes); the key
+//! service (`keys`) creates, wraps, unwraps and caches key material along the hierarchy;
+//! `health` watches customer master keys; `rekey` makes a revoke hold against copies of the
+//! database; `caller` says who is acting and what it may do; `access` issues and revokes
+//! tokens and grants; `master_key` validates a customer master key before it is connected;
+//! `visibility` finds what a caller may see, and the keys it may use.
+//!
+//! Architecture invariant: no HTTP and no JSON shapes here. Refusals are `AppError`s;
+//! `ekm-api` maps them to problem+json.
+
+pub mod access;
+pub mod app;
+pub mod caller;
+pub mod health;
+pub mod keys;
+pub mod master_key;
+pub mod rekey;
+pub mod visibility;
+
+pub use app::{Action, App, AppError, Outcome};
+pub use caller::Caller;
