@@ -102,6 +102,11 @@ const FENCE_WAIT: Duration = Duration::from_secs(10);
 /// How soon the background loop looks again while committed events wait behind the fence.
 const FENCE_RETRY: Duration = Duration::from_millis(5);
 
+/// How soon the background loop tries again after a failed catch-up (a lost connection, a
+/// busy pool): not at the poll interval, which may be long, and which a notification that
+/// arrived meanwhile would not shorten (it was consumed by the failed pass).
+const ERROR_RETRY: Duration = Duration::from_millis(100);
+
 pub type EventListener = Arc<dyn Fn(&[StoredEvent]) + Send + Sync>;
 
 pub struct Projector {
@@ -455,12 +460,15 @@ impl Projector {
                 Ok(self.record(batch, reached))
             }
             Db::Postgres(db) => {
-                let mut tx = db.pool.begin().await?;
-                if self.config.async_commit {
-                    sqlx::query("SET LOCAL synchronous_commit = off")
-                        .execute(&mut *tx)
-                        .await?;
-                }
+                // Without a flush of its own (ADR 0020), set in the same round trip as BEGIN.
+                let mut tx = match self.config.async_commit {
+                    true => {
+                        db.pool
+                            .begin_with("BEGIN; SET LOCAL synchronous_commit = off")
+                            .await?
+                    }
+                    false => db.pool.begin().await?,
+                };
                 let (batch, reached) = postgres_batch(self, &mut tx, events).await?;
                 tx.commit().await?;
                 Ok(self.record(batch, reached))
@@ -488,9 +496,13 @@ impl Projector {
         loop {
             self.listening
                 .store(listener.is_some(), std::sync::atomic::Ordering::Release);
-            if let Err(error) = self.catch_up().await {
-                tracing::error!(error = %crate::error::chain(&error), "projection catch-up failed; will retry");
-            }
+            let failed = match self.catch_up().await {
+                Ok(_) => false,
+                Err(error) => {
+                    tracing::error!(error = %crate::error::chain(&error), "projection catch-up failed; will retry");
+                    true
+                }
+            };
             // Events committed but held behind the fence by an older open transaction (which
             // may never notify: it need not append events): look again soon, not at the poll.
             let fenced = match &self.db {
@@ -503,6 +515,8 @@ impl Projector {
             };
             let pause = if fenced {
                 FENCE_RETRY
+            } else if failed {
+                ERROR_RETRY.min(self.config.poll_interval)
             } else {
                 self.config.poll_interval
             };
