@@ -409,10 +409,12 @@ impl Cable {
         }));
     }
 
-    /// Drops every connection (the JoinSet goes with the task) and the listener.
-    fn cut(&mut self) {
+    /// Drops every connection (the JoinSet goes with the task) and the listener, and returns
+    /// once they are gone.
+    async fn cut(&mut self) {
         if let Some(task) = self.task.take() {
             task.abort();
+            let _ = task.await;
         }
     }
 }
@@ -440,7 +442,7 @@ async fn requests_answer_503_when_the_database_is_down() {
     let (org, admin) = app.org_with("enterprise", "managed").await;
     let team = app.scope(&admin, "team", "t", &org).await;
 
-    cable.cut();
+    cable.cut().await;
     let requests: Vec<(&str, String, Option<Value>)> = vec![
         (
             "POST",
