@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::access::Grant;
 use crate::cascade::Effective;
-use crate::commands::{Lineage, ScopeCommand};
+use crate::commands::{Admitted, Command, Lineage, Needs, Prepared};
 use crate::errors::ScopeError;
 use crate::events::ScopeEvent;
 use crate::ids::{KeyVersion, OrgId, ScopeId};
@@ -116,50 +116,81 @@ impl Scope {
         Ok(state)
     }
 
-    /// The events `command` produces on this scope, or the rule it breaks. Pure: the same
-    /// state and command always give the same answer. `handle` is this plus the sink.
-    pub fn decide(&self, command: ScopeCommand) -> Result<Vec<ScopeEvent>, ScopeError> {
+    /// The lineage a lifecycle command was prepared with (a caller that did not look it up
+    /// gets `NotFound`: the scope's ancestors are unknown).
+    fn lineage(prepared: &Prepared) -> Result<&Lineage, ScopeError> {
+        prepared.lineage.as_ref().ok_or(ScopeError::NotFound)
+    }
+
+    /// Whether `command` is admitted on this scope and what it needs made first (a key
+    /// version, a re-wrap), or the rule it breaks. Pure, and checked before anything is
+    /// made: a refused command mints no key and calls no KMS.
+    pub fn admits(&self, command: &Command, prepared: &Prepared) -> Result<Admitted, ScopeError> {
+        let (needs, events) = self.decision(command, prepared)?;
+        Ok(match events.is_empty() {
+            true => Admitted::Unchanged,
+            false => Admitted::Records(needs),
+        })
+    }
+
+    /// The events `command` produces on this scope with what was prepared for it, or the
+    /// rule it breaks. Pure: the same state and pair always give the same answer. `handle`
+    /// is this plus the sink.
+    pub fn decide(
+        &self,
+        command: &Command,
+        prepared: &Prepared,
+    ) -> Result<Vec<ScopeEvent>, ScopeError> {
+        Ok(self.decision(command, prepared)?.1)
+    }
+
+    /// The rules, once: what the command needs made, and the events it records with what
+    /// `prepared` holds.
+    fn decision(
+        &self,
+        command: &Command,
+        prepared: &Prepared,
+    ) -> Result<(Needs, Vec<ScopeEvent>), ScopeError> {
+        let fingerprint = prepared.minted.as_ref().map(|m| m.fingerprint.clone());
+        let nothing = |events: Vec<ScopeEvent>| Ok((Needs::Nothing, events));
         match command {
-            ScopeCommand::CreateOrganization {
+            Command::CreateOrganization {
                 id,
                 name,
                 plan,
                 tier,
                 admin_token_id,
-                key_fingerprint,
             } => {
                 if self.state.is_some() {
                     return Err(ScopeError::AlreadyExists(id.scope_id()));
                 }
-                if tier == Tier::Byok {
+                if *tier == Tier::Byok {
                     return Err(ScopeError::ByokNeedsMasterKey);
                 }
-                if tier != Tier::Default && plan != Plan::Enterprise {
-                    return Err(ScopeError::TierNeedsEnterprise(tier));
+                if *tier != Tier::Default && *plan != Plan::Enterprise {
+                    return Err(ScopeError::TierNeedsEnterprise(*tier));
                 }
-                Ok(vec![ScopeEvent::OrganizationCreated {
-                    org_id: id,
-                    name,
-                    plan,
-                    tier,
-                    key_version: KeyVersion::FIRST,
-                    admin_token_id,
-                    key_fingerprint,
-                }])
+                Ok((
+                    Needs::KeyVersion(KeyVersion::FIRST),
+                    vec![ScopeEvent::OrganizationCreated {
+                        org_id: *id,
+                        name: name.clone(),
+                        plan: *plan,
+                        tier: *tier,
+                        key_version: KeyVersion::FIRST,
+                        admin_token_id: admin_token_id.clone(),
+                        key_fingerprint: fingerprint,
+                    }],
+                ))
             }
-            ScopeCommand::CreateScope {
-                id,
-                kind,
-                name,
-                parent,
-                key_fingerprint,
-            } => {
+            Command::CreateScope { id, kind, name, .. } => {
                 if self.state.is_some() {
-                    return Err(ScopeError::AlreadyExists(id));
+                    return Err(ScopeError::AlreadyExists(*id));
                 }
+                let parent = prepared.parent.as_ref().ok_or(ScopeError::NotFound)?;
                 if !kind.allows_parent(parent.kind) {
                     return Err(ScopeError::InvalidParent {
-                        kind,
+                        kind: *kind,
                         parent_kind: parent.kind,
                     });
                 }
@@ -172,56 +203,72 @@ impl Scope {
                         return Err(ScopeError::ParentRevoked { cause: by })
                     }
                 }
-                let mut path = parent.path;
-                path.push(id);
-                Ok(vec![ScopeEvent::ScopeCreated {
-                    scope_id: id,
-                    kind,
-                    name,
-                    parent_id: parent.id,
-                    org_id: parent.org_id,
-                    path,
-                    key_version: KeyVersion::FIRST,
-                    key_fingerprint,
-                }])
+                let mut path = parent.path.clone();
+                path.push(*id);
+                Ok((
+                    Needs::KeyVersion(KeyVersion::FIRST),
+                    vec![ScopeEvent::ScopeCreated {
+                        scope_id: *id,
+                        kind: *kind,
+                        name: name.clone(),
+                        parent_id: parent.id,
+                        org_id: parent.org_id,
+                        path,
+                        key_version: KeyVersion::FIRST,
+                        key_fingerprint: fingerprint,
+                    }],
+                ))
             }
-            ScopeCommand::PauseScope { lineage } => {
-                let state = self.controllable(&lineage)?;
-                Ok(match state.own_state {
+            Command::Pause => {
+                let state = self.controllable(Self::lineage(prepared)?)?;
+                nothing(match state.own_state {
                     OwnState::Paused => vec![],
                     _ => vec![ScopeEvent::ScopePaused {}],
                 })
             }
-            ScopeCommand::ResumeScope { lineage } => {
-                let state = self.controllable(&lineage)?;
-                Ok(match state.own_state {
+            Command::Resume => {
+                let state = self.controllable(Self::lineage(prepared)?)?;
+                nothing(match state.own_state {
                     OwnState::Active => vec![],
                     _ => vec![ScopeEvent::ScopeResumed {}],
                 })
             }
-            ScopeCommand::RevokeScope { confirm, lineage } => {
-                let state = self.controllable(&lineage)?;
+            Command::Revoke { confirm } => {
+                let state = self.controllable(Self::lineage(prepared)?)?;
                 if confirm.trim() != state.id.to_string() {
                     return Err(ScopeError::ConfirmationMismatch);
                 }
-                Ok(vec![ScopeEvent::ScopeRevoked {}])
+                nothing(vec![ScopeEvent::ScopeRevoked {}])
             }
-            ScopeCommand::RetireKeyVersions { below, lineage } => {
-                let state = self.controllable(&lineage)?;
+            Command::RetireKeyVersions(below) => {
+                let below = *below;
+                let state = self.controllable(Self::lineage(prepared)?)?;
                 if below > state.key_version {
                     return Err(ScopeError::CannotRetireCurrent {
                         below,
                         current: state.key_version,
                     });
                 }
-                Ok(if below <= state.retired_below {
-                    vec![]
-                } else {
-                    vec![ScopeEvent::ScopeKeyVersionsRetired { below }]
-                })
+                Ok((
+                    Needs::RewrapChildren(below),
+                    if below <= state.retired_below {
+                        vec![]
+                    } else {
+                        vec![ScopeEvent::ScopeKeyVersionsRetired { below }]
+                    },
+                ))
             }
-            ScopeCommand::ChangeTier { tier, lineage } => {
-                let state = self.controllable(&lineage)?;
+            Command::ChangeTier(tier) if command.switches_master(prepared.customer_key) => {
+                self.switch_master(None, *tier, prepared)
+            }
+            Command::SetMasterKey { master, tier }
+                if command.switches_master(prepared.customer_key) =>
+            {
+                self.switch_master(master.clone(), *tier, prepared)
+            }
+            Command::ChangeTier(tier) | Command::SetMasterKey { tier, .. } => {
+                let tier = *tier;
+                let state = self.controllable(Self::lineage(prepared)?)?;
                 let Some(from) = state.tier else {
                     return Err(ScopeError::NotAnOrganization);
                 };
@@ -231,68 +278,34 @@ impl Scope {
                 if state.master.is_some() {
                     return Err(ScopeError::MasterKeyInUse);
                 }
-                Ok(if from == tier {
+                nothing(if from == tier {
                     vec![]
                 } else {
                     vec![ScopeEvent::OrganizationTierChanged { from, to: tier }]
                 })
             }
-            ScopeCommand::RotateKey {
-                lineage,
-                key_version,
-                key_fingerprint,
-            } => {
+            Command::Rotate => {
                 // Rotation stays allowed while paused: rotating during an investigation is
                 // exactly when a customer wants it.
-                let state = self.controllable(&lineage)?;
+                let state = self.controllable(Self::lineage(prepared)?)?;
                 let next = state.key_version.next();
-                if let Some(prepared) = key_version {
-                    if prepared != next {
-                        return Err(ScopeError::StaleKeyVersion { prepared, next });
+                if let Some(minted) = &prepared.minted {
+                    if minted.version != next {
+                        return Err(ScopeError::StaleKeyVersion {
+                            prepared: minted.version,
+                            next,
+                        });
                     }
                 }
-                Ok(vec![ScopeEvent::ScopeKeyRotated {
-                    key_version: next,
-                    key_fingerprint,
-                }])
+                Ok((
+                    Needs::KeyVersion(next),
+                    vec![ScopeEvent::ScopeKeyRotated {
+                        key_version: next,
+                        key_fingerprint: fingerprint,
+                    }],
+                ))
             }
-            ScopeCommand::SetMasterKey {
-                master,
-                tier,
-                rewrapped,
-                lineage,
-            } => {
-                let state = self.existing()?;
-                let Some(tier_from) = state.tier else {
-                    return Err(ScopeError::NotAnOrganization);
-                };
-                let state = self.controllable(&lineage)?;
-                if (tier == Tier::Byok) != master.is_some() {
-                    return Err(ScopeError::ByokTierMismatch);
-                }
-                if tier != Tier::Default && lineage.plan != Plan::Enterprise {
-                    return Err(ScopeError::TierNeedsEnterprise(tier));
-                }
-                if state.master == master && tier_from == tier {
-                    return Ok(vec![]);
-                }
-                let live = state.live_versions();
-                let rewrapped = rewrapped.unwrap_or_else(|| live.clone());
-                if rewrapped != live {
-                    return Err(ScopeError::StaleRewrap {
-                        prepared: rewrapped,
-                        live,
-                    });
-                }
-                Ok(vec![ScopeEvent::OrganizationMasterKeyChanged {
-                    from: state.master.clone(),
-                    to: master,
-                    tier_from,
-                    tier_to: tier,
-                    rewrapped,
-                }])
-            }
-            ScopeCommand::IssueToken {
+            Command::IssueToken {
                 token_id,
                 principal,
                 kind,
@@ -300,91 +313,99 @@ impl Scope {
                 expires_at,
             } => {
                 self.organization()?;
-                Ok(vec![ScopeEvent::TokenIssued {
-                    token_id,
-                    principal,
-                    kind,
-                    role,
-                    expires_at,
+                nothing(vec![ScopeEvent::TokenIssued {
+                    token_id: token_id.clone(),
+                    principal: principal.clone(),
+                    kind: *kind,
+                    role: *role,
+                    expires_at: expires_at.clone(),
                 }])
             }
-            ScopeCommand::RevokeToken { token_id } => {
+            Command::RevokeToken(token_id) => {
                 let state = self.organization()?;
-                if !state.tokens.contains(&token_id) {
+                if !state.tokens.contains(token_id) {
                     return Err(ScopeError::TokenNotFound);
                 }
-                Ok(vec![ScopeEvent::TokenRevoked { token_id }])
+                nothing(vec![ScopeEvent::TokenRevoked {
+                    token_id: token_id.clone(),
+                }])
             }
-            ScopeCommand::GrantPermission { grant } => {
+            Command::Grant(grant) => {
                 let state = self.organization()?;
-                Ok(if state.grants.contains(&grant) {
+                nothing(if state.grants.contains(grant) {
                     vec![]
                 } else {
                     vec![ScopeEvent::PermissionGranted {
-                        principal: grant.principal,
+                        principal: grant.principal.clone(),
                         permission: grant.permission,
                         scope_id: grant.scope,
                     }]
                 })
             }
-            ScopeCommand::RevokePermission { grant } => {
+            Command::Ungrant(grant) => {
                 let state = self.organization()?;
-                if !state.grants.contains(&grant) {
+                if !state.grants.contains(grant) {
                     return Err(ScopeError::GrantNotFound);
                 }
-                Ok(vec![ScopeEvent::PermissionRevoked {
-                    principal: grant.principal,
+                nothing(vec![ScopeEvent::PermissionRevoked {
+                    principal: grant.principal.clone(),
                     permission: grant.permission,
                     scope_id: grant.scope,
                 }])
             }
-            ScopeCommand::StartRevocationRekey { ancestors } => {
+            Command::StartRevocationRekey { ancestors } => {
                 let state = self.existing()?;
                 if state.own_state != OwnState::Revoked {
                     return Err(ScopeError::NotRevoked);
                 }
-                Ok(match state.rekey {
+                nothing(match state.rekey {
                     Some(_) => vec![],
-                    None => vec![ScopeEvent::RevocationRekeyStarted { ancestors }],
+                    None => vec![ScopeEvent::RevocationRekeyStarted {
+                        ancestors: ancestors.clone(),
+                    }],
                 })
             }
-            ScopeCommand::RecordRevocationRekey {
+            Command::RecordRevocationRekey {
                 scope_id,
                 rewrapped,
             } => {
+                let scope_id = *scope_id;
                 let state = self.existing()?;
                 let Some(rekey) = &state.rekey else {
                     return Err(ScopeError::RekeyOutOfOrder(scope_id));
                 };
                 if rekey.done.contains(&scope_id) {
-                    return Ok(vec![]);
+                    return nothing(vec![]);
                 }
                 if rekey.completed || !rekey.ancestors.contains(&scope_id) {
                     return Err(ScopeError::RekeyOutOfOrder(scope_id));
                 }
-                Ok(vec![ScopeEvent::RevocationRekeyProgressed {
+                nothing(vec![ScopeEvent::RevocationRekeyProgressed {
                     scope_id,
-                    rewrapped,
+                    rewrapped: *rewrapped,
                 }])
             }
-            ScopeCommand::CompleteRevocationRekey { rewrapped } => {
+            Command::CompleteRevocationRekey { rewrapped } => {
                 let state = self.existing()?;
                 let Some(rekey) = &state.rekey else {
                     return Err(ScopeError::RekeyOutOfOrder(state.id));
                 };
                 if rekey.completed {
-                    return Ok(vec![]);
+                    return nothing(vec![]);
                 }
                 if let Some(missing) = rekey.ancestors.iter().find(|a| !rekey.done.contains(a)) {
                     return Err(ScopeError::RekeyOutOfOrder(*missing));
                 }
-                Ok(vec![ScopeEvent::RevocationRekeyCompleted { rewrapped }])
+                nothing(vec![ScopeEvent::RevocationRekeyCompleted {
+                    rewrapped: *rewrapped,
+                }])
             }
-            ScopeCommand::RecordMasterKeyHealth {
+            Command::RecordMasterKeyHealth {
                 health,
                 reason,
                 detail,
             } => {
+                let health = *health;
                 let state = self.existing()?;
                 if state.tier.is_none() {
                     return Err(ScopeError::NotAnOrganization);
@@ -397,38 +418,82 @@ impl Scope {
                 }
                 let reason = match health {
                     KeyHealth::Available => None,
-                    KeyHealth::Unavailable => reason,
+                    KeyHealth::Unavailable => *reason,
                 };
-                Ok(
+                nothing(
                     if state.master_health == health && state.master_unavailable == reason {
                         vec![]
                     } else {
                         vec![ScopeEvent::OrganizationMasterKeyHealthChanged {
                             health,
                             reason,
-                            detail,
+                            detail: detail.clone(),
                         }]
                     },
                 )
             }
         }
     }
+
+    /// A switch of master key: every live version must have been re-wrapped
+    /// (`prepared.rewrapped`; unstaged, the rules are checked as if they were).
+    fn switch_master(
+        &self,
+        master: Option<MasterKeyRef>,
+        tier: Tier,
+        prepared: &Prepared,
+    ) -> Result<(Needs, Vec<ScopeEvent>), ScopeError> {
+        let state = self.existing()?;
+        let Some(tier_from) = state.tier else {
+            return Err(ScopeError::NotAnOrganization);
+        };
+        let lineage = Self::lineage(prepared)?;
+        let state = self.controllable(lineage)?;
+        if (tier == Tier::Byok) != master.is_some() {
+            return Err(ScopeError::ByokTierMismatch);
+        }
+        if tier != Tier::Default && lineage.plan != Plan::Enterprise {
+            return Err(ScopeError::TierNeedsEnterprise(tier));
+        }
+        if state.master == master && tier_from == tier {
+            return Ok((Needs::Nothing, vec![]));
+        }
+        let live = state.live_versions();
+        let rewrapped = prepared.rewrapped.clone().unwrap_or_else(|| live.clone());
+        if rewrapped != live {
+            return Err(ScopeError::StaleRewrap {
+                prepared: rewrapped,
+                live,
+            });
+        }
+        Ok((
+            Needs::Rewrap(live),
+            vec![ScopeEvent::OrganizationMasterKeyChanged {
+                from: state.master.clone(),
+                to: master,
+                tier_from,
+                tier_to: tier,
+                rewrapped,
+            }],
+        ))
+    }
 }
 
 impl Aggregate for Scope {
     const TYPE: &'static str = "scope";
-    type Command = ScopeCommand;
+    /// The intent and what was prepared for it, decided together once.
+    type Command = (Command, Prepared);
     type Event = ScopeEvent;
     type Error = ScopeError;
     type Services = ();
 
     async fn handle(
         &mut self,
-        command: Self::Command,
+        (command, prepared): Self::Command,
         _services: &Self::Services,
         sink: &EventSink<Self>,
     ) -> Result<(), Self::Error> {
-        for event in self.decide(command)? {
+        for event in self.decide(&command, &prepared)? {
             sink.write(event, self).await;
         }
         Ok(())
@@ -602,7 +667,7 @@ mod tests {
     use cqrs_es::test::TestFramework;
 
     use super::*;
-    use crate::commands::ParentContext;
+    use crate::commands::{MintedKey, ParentContext};
 
     type ScopeTest = TestFramework<Scope>;
 
@@ -652,14 +717,16 @@ mod tests {
     fn create_organization_records_plan_tier_and_first_key_version() {
         ScopeTest::with(())
             .given_no_previous_events()
-            .when(ScopeCommand::CreateOrganization {
-                id: org_id(),
-                name: name("Acme"),
-                plan: Plan::Enterprise,
-                tier: Tier::Managed,
-                admin_token_id: Some("tok_1".into()),
-                key_fingerprint: None,
-            })
+            .when((
+                Command::CreateOrganization {
+                    id: org_id(),
+                    name: name("Acme"),
+                    plan: Plan::Enterprise,
+                    tier: Tier::Managed,
+                    admin_token_id: Some("tok_1".into()),
+                },
+                Prepared::default(),
+            ))
             .then_expect_events(vec![ScopeEvent::OrganizationCreated {
                 org_id: org_id(),
                 name: name("Acme"),
@@ -675,14 +742,16 @@ mod tests {
     fn create_organization_refused_when_managed_tier_on_standard_plan() {
         ScopeTest::with(())
             .given_no_previous_events()
-            .when(ScopeCommand::CreateOrganization {
-                id: org_id(),
-                name: name("Acme"),
-                plan: Plan::Standard,
-                tier: Tier::Managed,
-                admin_token_id: None,
-                key_fingerprint: None,
-            })
+            .when((
+                Command::CreateOrganization {
+                    id: org_id(),
+                    name: name("Acme"),
+                    plan: Plan::Standard,
+                    tier: Tier::Managed,
+                    admin_token_id: None,
+                },
+                Prepared::default(),
+            ))
             .then_expect_error(ScopeError::TierNeedsEnterprise(Tier::Managed));
     }
 
@@ -690,14 +759,16 @@ mod tests {
     fn create_organization_refused_when_tier_is_byok() {
         ScopeTest::with(())
             .given_no_previous_events()
-            .when(ScopeCommand::CreateOrganization {
-                id: org_id(),
-                name: name("Acme"),
-                plan: Plan::Enterprise,
-                tier: Tier::Byok,
-                admin_token_id: None,
-                key_fingerprint: None,
-            })
+            .when((
+                Command::CreateOrganization {
+                    id: org_id(),
+                    name: name("Acme"),
+                    plan: Plan::Enterprise,
+                    tier: Tier::Byok,
+                    admin_token_id: None,
+                },
+                Prepared::default(),
+            ))
             .then_expect_error(ScopeError::ByokNeedsMasterKey);
     }
 
@@ -705,13 +776,18 @@ mod tests {
     fn create_scope_extends_the_parent_path() {
         ScopeTest::with(())
             .given_no_previous_events()
-            .when(ScopeCommand::CreateScope {
-                id: team_id(),
-                kind: ScopeKind::Team,
-                name: name("research"),
-                parent: parent(Effective::Active),
-                key_fingerprint: None,
-            })
+            .when((
+                Command::CreateScope {
+                    id: team_id(),
+                    kind: ScopeKind::Team,
+                    name: name("research"),
+                    parent: org_id().scope_id(),
+                },
+                Prepared {
+                    parent: Some(parent(Effective::Active)),
+                    ..Prepared::default()
+                },
+            ))
             .then_expect_events(vec![team_created()]);
     }
 
@@ -719,13 +795,18 @@ mod tests {
     fn create_scope_refused_when_it_already_exists() {
         ScopeTest::with(())
             .given(vec![team_created()])
-            .when(ScopeCommand::CreateScope {
-                id: team_id(),
-                kind: ScopeKind::Team,
-                name: name("research"),
-                parent: parent(Effective::Active),
-                key_fingerprint: None,
-            })
+            .when((
+                Command::CreateScope {
+                    id: team_id(),
+                    kind: ScopeKind::Team,
+                    name: name("research"),
+                    parent: org_id().scope_id(),
+                },
+                Prepared {
+                    parent: Some(parent(Effective::Active)),
+                    ..Prepared::default()
+                },
+            ))
             .then_expect_error(ScopeError::AlreadyExists(team_id()));
     }
 
@@ -735,13 +816,18 @@ mod tests {
         under_thread.kind = ScopeKind::Thread;
         ScopeTest::with(())
             .given_no_previous_events()
-            .when(ScopeCommand::CreateScope {
-                id: team_id(),
-                kind: ScopeKind::Agent,
-                name: name("bot"),
-                parent: under_thread,
-                key_fingerprint: None,
-            })
+            .when((
+                Command::CreateScope {
+                    id: team_id(),
+                    kind: ScopeKind::Agent,
+                    name: name("bot"),
+                    parent: org_id().scope_id(),
+                },
+                Prepared {
+                    parent: Some(under_thread),
+                    ..Prepared::default()
+                },
+            ))
             .then_expect_error(ScopeError::InvalidParent {
                 kind: ScopeKind::Agent,
                 parent_kind: ScopeKind::Thread,
@@ -763,13 +849,18 @@ mod tests {
         ] {
             ScopeTest::with(())
                 .given_no_previous_events()
-                .when(ScopeCommand::CreateScope {
-                    id: team_id(),
-                    kind: ScopeKind::Team,
-                    name: name("research"),
-                    parent: parent(effective),
-                    key_fingerprint: None,
-                })
+                .when((
+                    Command::CreateScope {
+                        id: team_id(),
+                        kind: ScopeKind::Team,
+                        name: name("research"),
+                        parent: org_id().scope_id(),
+                    },
+                    Prepared {
+                        parent: Some(parent(effective)),
+                        ..Prepared::default()
+                    },
+                ))
                 .then_expect_error(error);
         }
     }
@@ -778,9 +869,13 @@ mod tests {
     fn pause_records_one_event_when_active() {
         ScopeTest::with(())
             .given(vec![team_created()])
-            .when(ScopeCommand::PauseScope {
-                lineage: enterprise(),
-            })
+            .when((
+                Command::Pause,
+                Prepared {
+                    lineage: Some(enterprise()),
+                    ..Prepared::default()
+                },
+            ))
             .then_expect_events(vec![ScopeEvent::ScopePaused {}]);
     }
 
@@ -788,9 +883,13 @@ mod tests {
     fn pause_records_nothing_when_already_paused() {
         ScopeTest::with(())
             .given(vec![team_created(), ScopeEvent::ScopePaused {}])
-            .when(ScopeCommand::PauseScope {
-                lineage: enterprise(),
-            })
+            .when((
+                Command::Pause,
+                Prepared {
+                    lineage: Some(enterprise()),
+                    ..Prepared::default()
+                },
+            ))
             .then_expect_events(vec![]);
     }
 
@@ -798,9 +897,13 @@ mod tests {
     fn resume_records_nothing_when_already_active() {
         ScopeTest::with(())
             .given(vec![team_created()])
-            .when(ScopeCommand::ResumeScope {
-                lineage: enterprise(),
-            })
+            .when((
+                Command::Resume,
+                Prepared {
+                    lineage: Some(enterprise()),
+                    ..Prepared::default()
+                },
+            ))
             .then_expect_events(vec![]);
     }
 
@@ -810,14 +913,18 @@ mod tests {
         // organization, which the read side reports as the cause.
         ScopeTest::with(())
             .given(vec![team_created(), ScopeEvent::ScopePaused {}])
-            .when(ScopeCommand::ResumeScope {
-                lineage: Lineage {
-                    plan: Plan::Enterprise,
-                    inherited: Effective::Paused {
-                        by: org_id().scope_id(),
-                    },
+            .when((
+                Command::Resume,
+                Prepared {
+                    lineage: Some(Lineage {
+                        plan: Plan::Enterprise,
+                        inherited: Effective::Paused {
+                            by: org_id().scope_id(),
+                        },
+                    }),
+                    ..Prepared::default()
                 },
-            })
+            ))
             .then_expect_events(vec![ScopeEvent::ScopeResumed {}]);
     }
 
@@ -825,12 +932,16 @@ mod tests {
     fn pause_refused_when_plan_is_standard() {
         ScopeTest::with(())
             .given(vec![team_created()])
-            .when(ScopeCommand::PauseScope {
-                lineage: Lineage {
-                    plan: Plan::Standard,
-                    inherited: Effective::Active,
+            .when((
+                Command::Pause,
+                Prepared {
+                    lineage: Some(Lineage {
+                        plan: Plan::Standard,
+                        inherited: Effective::Active,
+                    }),
+                    ..Prepared::default()
                 },
-            })
+            ))
             .then_expect_error(ScopeError::ControlsNeedEnterprise);
     }
 
@@ -838,9 +949,13 @@ mod tests {
     fn commands_refused_when_scope_does_not_exist() {
         ScopeTest::with(())
             .given_no_previous_events()
-            .when(ScopeCommand::PauseScope {
-                lineage: enterprise(),
-            })
+            .when((
+                Command::Pause,
+                Prepared {
+                    lineage: Some(enterprise()),
+                    ..Prepared::default()
+                },
+            ))
             .then_expect_error(ScopeError::NotFound);
     }
 
@@ -848,10 +963,15 @@ mod tests {
     fn revoke_refused_when_confirmation_does_not_match() {
         ScopeTest::with(())
             .given(vec![team_created()])
-            .when(ScopeCommand::RevokeScope {
-                confirm: org_id().to_string(),
-                lineage: enterprise(),
-            })
+            .when((
+                Command::Revoke {
+                    confirm: org_id().to_string(),
+                },
+                Prepared {
+                    lineage: Some(enterprise()),
+                    ..Prepared::default()
+                },
+            ))
             .then_expect_error(ScopeError::ConfirmationMismatch);
     }
 
@@ -859,31 +979,51 @@ mod tests {
     fn revoke_records_event_when_confirmed_even_if_paused() {
         ScopeTest::with(())
             .given(vec![team_created(), ScopeEvent::ScopePaused {}])
-            .when(ScopeCommand::RevokeScope {
-                confirm: team_id().to_string(),
-                lineage: enterprise(),
-            })
+            .when((
+                Command::Revoke {
+                    confirm: team_id().to_string(),
+                },
+                Prepared {
+                    lineage: Some(enterprise()),
+                    ..Prepared::default()
+                },
+            ))
             .then_expect_events(vec![ScopeEvent::ScopeRevoked {}]);
     }
 
     #[test]
     fn every_command_refused_when_scope_is_revoked() {
         let commands = [
-            ScopeCommand::PauseScope {
-                lineage: enterprise(),
-            },
-            ScopeCommand::ResumeScope {
-                lineage: enterprise(),
-            },
-            ScopeCommand::RevokeScope {
-                confirm: team_id().to_string(),
-                lineage: enterprise(),
-            },
-            ScopeCommand::RotateKey {
-                lineage: enterprise(),
-                key_version: None,
-                key_fingerprint: None,
-            },
+            (
+                Command::Pause,
+                Prepared {
+                    lineage: Some(enterprise()),
+                    ..Prepared::default()
+                },
+            ),
+            (
+                Command::Resume,
+                Prepared {
+                    lineage: Some(enterprise()),
+                    ..Prepared::default()
+                },
+            ),
+            (
+                Command::Revoke {
+                    confirm: team_id().to_string(),
+                },
+                Prepared {
+                    lineage: Some(enterprise()),
+                    ..Prepared::default()
+                },
+            ),
+            (
+                Command::Rotate,
+                Prepared {
+                    lineage: Some(enterprise()),
+                    ..Prepared::default()
+                },
+            ),
         ];
         for command in commands {
             ScopeTest::with(())
@@ -901,21 +1041,36 @@ mod tests {
             inherited: Effective::Revoked { by },
         };
         let commands = [
-            ScopeCommand::PauseScope {
-                lineage: revoked_above(),
-            },
-            ScopeCommand::ResumeScope {
-                lineage: revoked_above(),
-            },
-            ScopeCommand::RevokeScope {
-                confirm: team_id().to_string(),
-                lineage: revoked_above(),
-            },
-            ScopeCommand::RotateKey {
-                lineage: revoked_above(),
-                key_version: None,
-                key_fingerprint: None,
-            },
+            (
+                Command::Pause,
+                Prepared {
+                    lineage: Some(revoked_above()),
+                    ..Prepared::default()
+                },
+            ),
+            (
+                Command::Resume,
+                Prepared {
+                    lineage: Some(revoked_above()),
+                    ..Prepared::default()
+                },
+            ),
+            (
+                Command::Revoke {
+                    confirm: team_id().to_string(),
+                },
+                Prepared {
+                    lineage: Some(revoked_above()),
+                    ..Prepared::default()
+                },
+            ),
+            (
+                Command::Rotate,
+                Prepared {
+                    lineage: Some(revoked_above()),
+                    ..Prepared::default()
+                },
+            ),
         ];
         for command in commands {
             ScopeTest::with(())
@@ -941,20 +1096,26 @@ mod tests {
     fn change_tier_records_from_and_to_once() {
         ScopeTest::with(())
             .given(vec![org_created(Tier::Default)])
-            .when(ScopeCommand::ChangeTier {
-                tier: Tier::Managed,
-                lineage: enterprise(),
-            })
+            .when((
+                Command::ChangeTier(Tier::Managed),
+                Prepared {
+                    lineage: Some(enterprise()),
+                    ..Prepared::default()
+                },
+            ))
             .then_expect_events(vec![ScopeEvent::OrganizationTierChanged {
                 from: Tier::Default,
                 to: Tier::Managed,
             }]);
         ScopeTest::with(())
             .given(vec![org_created(Tier::Managed)])
-            .when(ScopeCommand::ChangeTier {
-                tier: Tier::Managed,
-                lineage: enterprise(),
-            })
+            .when((
+                Command::ChangeTier(Tier::Managed),
+                Prepared {
+                    lineage: Some(enterprise()),
+                    ..Prepared::default()
+                },
+            ))
             .then_expect_events(vec![]);
     }
 
@@ -962,17 +1123,23 @@ mod tests {
     fn change_tier_refused_when_scope_is_not_an_organization_or_tier_is_byok() {
         ScopeTest::with(())
             .given(vec![team_created()])
-            .when(ScopeCommand::ChangeTier {
-                tier: Tier::Managed,
-                lineage: enterprise(),
-            })
+            .when((
+                Command::ChangeTier(Tier::Managed),
+                Prepared {
+                    lineage: Some(enterprise()),
+                    ..Prepared::default()
+                },
+            ))
             .then_expect_error(ScopeError::NotAnOrganization);
         ScopeTest::with(())
             .given(vec![org_created(Tier::Managed)])
-            .when(ScopeCommand::ChangeTier {
-                tier: Tier::Byok,
-                lineage: enterprise(),
-            })
+            .when((
+                Command::ChangeTier(Tier::Byok),
+                Prepared {
+                    lineage: Some(enterprise()),
+                    ..Prepared::default()
+                },
+            ))
             .then_expect_error(ScopeError::ByokNeedsMasterKey);
     }
 
@@ -984,10 +1151,13 @@ mod tests {
         };
         ScopeTest::with(())
             .given(vec![team_created(), rotated.clone()])
-            .when(ScopeCommand::RetireKeyVersions {
-                below: KeyVersion::new(2),
-                lineage: enterprise(),
-            })
+            .when((
+                Command::RetireKeyVersions(KeyVersion::new(2)),
+                Prepared {
+                    lineage: Some(enterprise()),
+                    ..Prepared::default()
+                },
+            ))
             .then_expect_events(vec![ScopeEvent::ScopeKeyVersionsRetired {
                 below: KeyVersion::new(2),
             }]);
@@ -999,17 +1169,23 @@ mod tests {
                     below: KeyVersion::new(2),
                 },
             ])
-            .when(ScopeCommand::RetireKeyVersions {
-                below: KeyVersion::new(2),
-                lineage: enterprise(),
-            })
+            .when((
+                Command::RetireKeyVersions(KeyVersion::new(2)),
+                Prepared {
+                    lineage: Some(enterprise()),
+                    ..Prepared::default()
+                },
+            ))
             .then_expect_events(vec![]);
         ScopeTest::with(())
             .given(vec![team_created(), rotated])
-            .when(ScopeCommand::RetireKeyVersions {
-                below: KeyVersion::new(3),
-                lineage: enterprise(),
-            })
+            .when((
+                Command::RetireKeyVersions(KeyVersion::new(3)),
+                Prepared {
+                    lineage: Some(enterprise()),
+                    ..Prepared::default()
+                },
+            ))
             .then_expect_error(ScopeError::CannotRetireCurrent {
                 below: KeyVersion::new(3),
                 current: KeyVersion::new(2),
@@ -1020,11 +1196,17 @@ mod tests {
     fn rotate_refused_when_the_prepared_version_is_stale() {
         ScopeTest::with(())
             .given(vec![team_created()])
-            .when(ScopeCommand::RotateKey {
-                lineage: enterprise(),
-                key_version: Some(KeyVersion::new(5)),
-                key_fingerprint: None,
-            })
+            .when((
+                Command::Rotate,
+                Prepared {
+                    lineage: Some(enterprise()),
+                    minted: Some(MintedKey {
+                        version: KeyVersion::new(5),
+                        fingerprint: "fp".to_owned(),
+                    }),
+                    ..Prepared::default()
+                },
+            ))
             .then_expect_error(ScopeError::StaleKeyVersion {
                 prepared: KeyVersion::new(5),
                 next: KeyVersion::new(2),
@@ -1042,11 +1224,13 @@ mod tests {
                 },
                 ScopeEvent::ScopePaused {},
             ])
-            .when(ScopeCommand::RotateKey {
-                lineage: enterprise(),
-                key_version: None,
-                key_fingerprint: None,
-            })
+            .when((
+                Command::Rotate,
+                Prepared {
+                    lineage: Some(enterprise()),
+                    ..Prepared::default()
+                },
+            ))
             .then_expect_events(vec![ScopeEvent::ScopeKeyRotated {
                 key_version: KeyVersion::new(3),
                 key_fingerprint: None,
@@ -1063,13 +1247,19 @@ mod tests {
         .unwrap_or_else(|_| unreachable!())
     }
 
-    fn connect(rewrapped: Vec<KeyVersion>) -> ScopeCommand {
-        ScopeCommand::SetMasterKey {
-            master: Some(customer_key()),
-            tier: Tier::Byok,
-            rewrapped: Some(rewrapped),
-            lineage: enterprise(),
-        }
+    fn connect(rewrapped: Vec<KeyVersion>) -> (Command, Prepared) {
+        (
+            Command::SetMasterKey {
+                master: Some(customer_key()),
+                tier: Tier::Byok,
+            },
+            Prepared {
+                lineage: Some(enterprise()),
+                customer_key: true,
+                rewrapped: Some(rewrapped),
+                ..Prepared::default()
+            },
+        )
     }
 
     fn connected() -> ScopeEvent {
@@ -1082,12 +1272,15 @@ mod tests {
         }
     }
 
-    fn unavailable(reason: UnavailableReason) -> ScopeCommand {
-        ScopeCommand::RecordMasterKeyHealth {
-            health: KeyHealth::Unavailable,
-            reason: Some(reason),
-            detail: "DescribeKey: Disabled".into(),
-        }
+    fn unavailable(reason: UnavailableReason) -> (Command, Prepared) {
+        (
+            Command::RecordMasterKeyHealth {
+                health: KeyHealth::Unavailable,
+                reason: Some(reason),
+                detail: "DescribeKey: Disabled".into(),
+            },
+            Prepared::default(),
+        )
     }
 
     #[test]
@@ -1127,12 +1320,18 @@ mod tests {
     fn set_master_key_refused_when_tier_and_key_disagree() {
         ScopeTest::with(())
             .given(vec![org_created(Tier::Managed)])
-            .when(ScopeCommand::SetMasterKey {
-                master: Some(customer_key()),
-                tier: Tier::Managed,
-                rewrapped: Some(vec![KeyVersion::FIRST]),
-                lineage: enterprise(),
-            })
+            .when((
+                Command::SetMasterKey {
+                    master: Some(customer_key()),
+                    tier: Tier::Managed,
+                },
+                Prepared {
+                    lineage: Some(enterprise()),
+                    customer_key: true,
+                    rewrapped: Some(vec![KeyVersion::FIRST]),
+                    ..Prepared::default()
+                },
+            ))
             .then_expect_error(ScopeError::ByokTierMismatch);
     }
 
@@ -1140,15 +1339,21 @@ mod tests {
     fn set_master_key_refused_when_plan_is_standard() {
         ScopeTest::with(())
             .given(vec![org_created(Tier::Default)])
-            .when(ScopeCommand::SetMasterKey {
-                master: Some(customer_key()),
-                tier: Tier::Byok,
-                rewrapped: Some(vec![KeyVersion::FIRST]),
-                lineage: Lineage {
-                    plan: Plan::Standard,
-                    inherited: Effective::Active,
+            .when((
+                Command::SetMasterKey {
+                    master: Some(customer_key()),
+                    tier: Tier::Byok,
                 },
-            })
+                Prepared {
+                    lineage: Some(Lineage {
+                        plan: Plan::Standard,
+                        inherited: Effective::Active,
+                    }),
+                    customer_key: true,
+                    rewrapped: Some(vec![KeyVersion::FIRST]),
+                    ..Prepared::default()
+                },
+            ))
             .then_expect_error(ScopeError::ControlsNeedEnterprise);
     }
 
@@ -1156,12 +1361,18 @@ mod tests {
     fn set_master_key_back_to_the_platform_key_records_the_tier() {
         ScopeTest::with(())
             .given(vec![org_created(Tier::Managed), connected()])
-            .when(ScopeCommand::SetMasterKey {
-                master: None,
-                tier: Tier::Managed,
-                rewrapped: Some(vec![KeyVersion::FIRST]),
-                lineage: enterprise(),
-            })
+            .when((
+                Command::SetMasterKey {
+                    master: None,
+                    tier: Tier::Managed,
+                },
+                Prepared {
+                    lineage: Some(enterprise()),
+                    customer_key: true,
+                    rewrapped: Some(vec![KeyVersion::FIRST]),
+                    ..Prepared::default()
+                },
+            ))
             .then_expect_events(vec![ScopeEvent::OrganizationMasterKeyChanged {
                 from: Some(customer_key()),
                 to: None,
@@ -1175,10 +1386,13 @@ mod tests {
     fn change_tier_refused_when_a_customer_master_key_is_in_use() {
         ScopeTest::with(())
             .given(vec![org_created(Tier::Managed), connected()])
-            .when(ScopeCommand::ChangeTier {
-                tier: Tier::Managed,
-                lineage: enterprise(),
-            })
+            .when((
+                Command::ChangeTier(Tier::Managed),
+                Prepared {
+                    lineage: Some(enterprise()),
+                    ..Prepared::default()
+                },
+            ))
             .then_expect_error(ScopeError::MasterKeyInUse);
     }
 
@@ -1242,15 +1456,17 @@ mod tests {
     fn grant_permission_records_a_grant_once() {
         ScopeTest::with(())
             .given(vec![org_created(Tier::Managed)])
-            .when(ScopeCommand::GrantPermission {
-                grant: data_use(Some(team_id())),
-            })
+            .when((
+                Command::Grant(data_use(Some(team_id()))),
+                Prepared::default(),
+            ))
             .then_expect_events(vec![granted(Some(team_id()))]);
         ScopeTest::with(())
             .given(vec![org_created(Tier::Managed), granted(Some(team_id()))])
-            .when(ScopeCommand::GrantPermission {
-                grant: data_use(Some(team_id())),
-            })
+            .when((
+                Command::Grant(data_use(Some(team_id()))),
+                Prepared::default(),
+            ))
             .then_expect_events(vec![]);
     }
 
@@ -1259,15 +1475,11 @@ mod tests {
         // The same permission on another subtree is another grant.
         ScopeTest::with(())
             .given(vec![org_created(Tier::Managed), granted(Some(team_id()))])
-            .when(ScopeCommand::RevokePermission {
-                grant: data_use(None),
-            })
+            .when((Command::Ungrant(data_use(None)), Prepared::default()))
             .then_expect_error(ScopeError::GrantNotFound);
         ScopeTest::with(())
             .given(vec![org_created(Tier::Managed), granted(None)])
-            .when(ScopeCommand::RevokePermission {
-                grant: data_use(None),
-            })
+            .when((Command::Ungrant(data_use(None)), Prepared::default()))
             .then_expect_events(vec![ScopeEvent::PermissionRevoked {
                 principal: data_use(None).principal,
                 permission: crate::access::Permission::DataUse,
@@ -1286,9 +1498,7 @@ mod tests {
         };
         ScopeTest::with(())
             .given(vec![org_created(Tier::Managed), issued.clone()])
-            .when(ScopeCommand::RevokeToken {
-                token_id: "tok_1".into(),
-            })
+            .when((Command::RevokeToken("tok_1".into()), Prepared::default()))
             .then_expect_events(vec![ScopeEvent::TokenRevoked {
                 token_id: "tok_1".into(),
             }]);
@@ -1300,9 +1510,7 @@ mod tests {
                     token_id: "tok_1".into(),
                 },
             ])
-            .when(ScopeCommand::RevokeToken {
-                token_id: "tok_1".into(),
-            })
+            .when((Command::RevokeToken("tok_1".into()), Prepared::default()))
             .then_expect_error(ScopeError::TokenNotFound);
     }
 
@@ -1310,9 +1518,110 @@ mod tests {
     fn grants_refused_on_a_scope_that_is_not_an_organization() {
         ScopeTest::with(())
             .given(vec![team_created()])
-            .when(ScopeCommand::GrantPermission {
-                grant: data_use(None),
-            })
+            .when((Command::Grant(data_use(None)), Prepared::default()))
             .then_expect_error(ScopeError::NotAnOrganization);
+    }
+
+    fn with(lineage: Lineage) -> Prepared {
+        Prepared {
+            lineage: Some(lineage),
+            ..Prepared::default()
+        }
+    }
+
+    #[test]
+    fn admits_rotation_with_the_next_version_to_mint() {
+        let scope = Scope { state: None };
+        assert_eq!(
+            scope.admits(&Command::Rotate, &with(enterprise())),
+            Err(ScopeError::NotFound)
+        );
+        let mut scope = Scope::default();
+        scope.apply(team_created());
+        assert_eq!(
+            scope.admits(&Command::Rotate, &with(enterprise())),
+            Ok(Admitted::Records(Needs::KeyVersion(KeyVersion::new(2))))
+        );
+        let minted = Prepared {
+            minted: Some(MintedKey {
+                version: KeyVersion::new(2),
+                fingerprint: "fp2".into(),
+            }),
+            ..with(enterprise())
+        };
+        assert_eq!(
+            scope.decide(&Command::Rotate, &minted),
+            Ok(vec![ScopeEvent::ScopeKeyRotated {
+                key_version: KeyVersion::new(2),
+                key_fingerprint: Some("fp2".into()),
+            }])
+        );
+    }
+
+    #[test]
+    fn admits_nothing_to_make_when_pause_changes_nothing() {
+        let mut scope = Scope::default();
+        scope.apply(team_created());
+        scope.apply(ScopeEvent::ScopePaused {});
+        assert_eq!(
+            scope.admits(&Command::Pause, &with(enterprise())),
+            Ok(Admitted::Unchanged)
+        );
+    }
+
+    #[test]
+    fn change_tier_is_a_switch_of_master_key_when_a_customer_key_wraps() {
+        let mut scope = Scope::default();
+        scope.apply(org_created(Tier::Managed));
+        scope.apply(ScopeEvent::ScopeKeyRotated {
+            key_version: KeyVersion::new(2),
+            key_fingerprint: None,
+        });
+        let master = MasterKeyRef {
+            provider: crate::master_key::Provider::AwsKms,
+            key_id: "alias/test".into(),
+            region: None,
+            endpoint_url: None,
+        };
+        let connect = Command::SetMasterKey {
+            master: Some(master.clone()),
+            tier: Tier::Byok,
+        };
+        assert_eq!(
+            scope.admits(&connect, &with(enterprise())),
+            Ok(Admitted::Records(Needs::Rewrap(vec![
+                KeyVersion::FIRST,
+                KeyVersion::new(2)
+            ])))
+        );
+        scope.apply(ScopeEvent::OrganizationMasterKeyChanged {
+            from: None,
+            to: Some(master),
+            tier_from: Tier::Managed,
+            tier_to: Tier::Byok,
+            rewrapped: vec![KeyVersion::FIRST, KeyVersion::new(2)],
+        });
+        let leave = Prepared {
+            customer_key: true,
+            ..with(enterprise())
+        };
+        assert_eq!(
+            scope.admits(&Command::ChangeTier(Tier::Managed), &leave),
+            Ok(Admitted::Records(Needs::Rewrap(vec![
+                KeyVersion::FIRST,
+                KeyVersion::new(2)
+            ])))
+        );
+        let stale = Prepared {
+            rewrapped: Some(vec![KeyVersion::new(2)]),
+            ..leave
+        };
+        assert_eq!(
+            scope.decide(&Command::ChangeTier(Tier::Managed), &stale),
+            Err(ScopeError::StaleRewrap {
+                prepared: vec![KeyVersion::new(2)],
+                live: vec![KeyVersion::FIRST, KeyVersion::new(2)],
+            })
+        );
     }
 }

@@ -1,6 +1,8 @@
-//! Commands on a scope. Each carries what its rules need from outside the aggregate
-//! (the parent's effective state, the organization's plan), looked up by the caller first,
-//! so the aggregate stays deterministic.
+//! Commands on a scope. A `Command` is only the intent (what a caller asks); what its rules
+//! need from outside the aggregate (the ancestors' state, the organization's plan) and the
+//! key material made for it are looked up and made by the caller first, in `Prepared`, so
+//! the aggregate stays deterministic. The aggregate decides the pair `(Command, Prepared)`
+//! once (ADR 0022).
 
 use crate::access::{Grant, OrgRole, PrincipalKind, PrincipalName};
 use crate::cascade::Effective;
@@ -8,8 +10,9 @@ use crate::ids::{KeyVersion, OrgId, ScopeId};
 use crate::master_key::{KeyHealth, MasterKeyRef, UnavailableReason};
 use crate::scope::{Plan, ScopeKind, ScopeName, Tier};
 
+/// One typed command per intent.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum ScopeCommand {
+pub enum Command {
     /// Create an organization, the root scope of its tree.
     CreateOrganization {
         id: OrgId,
@@ -18,59 +21,35 @@ pub enum ScopeCommand {
         tier: Tier,
         /// The id of the first admin token, recorded for auditors.
         admin_token_id: Option<String>,
-        /// The fingerprint of the key created for version 1 (the caller stored it first).
-        key_fingerprint: Option<String>,
     },
-    /// Create a scope under an existing parent.
+    /// Create a scope under the existing scope `parent`.
     CreateScope {
         id: ScopeId,
         kind: ScopeKind,
         name: ScopeName,
-        parent: ParentContext,
-        key_fingerprint: Option<String>,
+        parent: ScopeId,
     },
-    PauseScope {
-        lineage: Lineage,
-    },
-    ResumeScope {
-        lineage: Lineage,
-    },
+    Pause,
+    Resume,
     /// Revoke for good. `confirm` must repeat the scope's id, as typed by the caller.
-    RevokeScope {
+    Revoke {
         confirm: String,
-        lineage: Lineage,
     },
-    /// Move an organization to another tier (what is encrypted). Only the organization key
-    /// is re-wrapped where the master key changes; no data is re-encrypted.
-    ChangeTier {
-        tier: Tier,
-        lineage: Lineage,
-    },
-    /// Retire every key version below `below`: their key material is destroyed. The caller
-    /// re-wraps whatever the scope's children still wrap under them first, and clients
-    /// rewrap their ciphertexts first (a retired version decrypts nothing).
-    RetireKeyVersions {
-        below: KeyVersion,
-        lineage: Lineage,
-    },
-    /// Add a key version; new encryptions use it. `key_version` is the version the caller
-    /// prepared key material for: the command is refused if it is not the next one.
-    RotateKey {
-        lineage: Lineage,
-        key_version: Option<KeyVersion>,
-        key_fingerprint: Option<String>,
-    },
+    /// Add a key version; new encryptions use it.
+    Rotate,
+    /// Move an organization to another tier (what is encrypted). Leaving `byok` re-wraps
+    /// the organization key under the platform's master key; no data is re-encrypted.
+    ChangeTier(Tier),
+    /// Retire every key version below this one: their key material is destroyed. Whatever
+    /// the scope's children still wrap under them is re-wrapped first, and clients rewrap
+    /// their ciphertexts first (a retired version decrypts nothing).
+    RetireKeyVersions(KeyVersion),
     /// Wrap the organization's key under another master key: the customer's (`master`,
-    /// tier `byok`), or the platform's again (`master: None`, tier `managed` or `default`).
-    /// The caller validated the customer's key with a round trip and re-wrapped every live
-    /// key version (`rewrapped`) before sending this; the command is refused if that set is
-    /// not exactly the organization's live versions. `None`: not prepared yet (the rules
-    /// are checked; the caller prepares, then sends it again).
+    /// tier `byok`, validated by the caller with a round trip first), or the platform's
+    /// again (`master: None`, tier `managed` or `default`).
     SetMasterKey {
         master: Option<MasterKeyRef>,
         tier: Tier,
-        rewrapped: Option<Vec<KeyVersion>>,
-        lineage: Lineage,
     },
     /// Record what the health monitor found about the customer's master key. Sent by the
     /// system, never by a client.
@@ -87,18 +66,13 @@ pub enum ScopeCommand {
         role: OrgRole,
         expires_at: Option<String>,
     },
-    RevokeToken {
-        token_id: String,
-    },
-    /// Grant a permission; `scope` (checked by the caller to be in this organization)
+    RevokeToken(String),
+    /// Grant a permission; its `scope` (checked by the caller to be in this organization)
     /// limits it to a subtree.
-    GrantPermission {
-        grant: Grant,
-    },
-    RevokePermission {
-        grant: Grant,
-    },
-    /// Start the re-key of a revoked scope's ancestors (sent by the system's re-key job).
+    Grant(Grant),
+    Ungrant(Grant),
+    /// Start the re-key of a revoked scope's ancestors (sent by the system's re-key job;
+    /// ADR 0013).
     StartRevocationRekey {
         ancestors: Vec<ScopeId>,
     },
@@ -111,6 +85,111 @@ pub enum ScopeCommand {
     CompleteRevocationRekey {
         rewrapped: u64,
     },
+}
+
+impl Command {
+    /// Whether the command creates its scope (its id is new).
+    pub fn creates(&self) -> bool {
+        matches!(
+            self,
+            Command::CreateOrganization { .. } | Command::CreateScope { .. }
+        )
+    }
+
+    /// Whether the command re-wraps the organization key under another master key, on an
+    /// organization that has (`customer_key`) or has not a customer master key connected:
+    /// leaving `byok` by a tier change does; the platform's key where it already wraps is
+    /// only a tier change.
+    pub fn switches_master(&self, customer_key: bool) -> bool {
+        match self {
+            Command::ChangeTier(tier) => customer_key && *tier != Tier::Byok,
+            Command::SetMasterKey { master: None, .. } => customer_key,
+            Command::SetMasterKey { .. } => true,
+            _ => false,
+        }
+    }
+
+    /// Whether the command reads the scope's own key versions from the read models (a switch
+    /// of master key, a retire, a tier change that may be a switch): they are brought up to
+    /// every committed event first.
+    pub fn refreshes_first(&self) -> bool {
+        matches!(
+            self,
+            Command::SetMasterKey { .. } | Command::ChangeTier(_) | Command::RetireKeyVersions(_)
+        )
+    }
+
+    /// Whether the command destroys key material (retiring versions, switching master keys):
+    /// once the runner has deleted or replaced the rows, their bytes also leave the files.
+    pub fn destroys(&self, customer_key: bool) -> bool {
+        matches!(self, Command::RetireKeyVersions(_)) || self.switches_master(customer_key)
+    }
+
+    /// Whether the command is answered from this instance's memory as soon as its events
+    /// commit. The others wait for the runner, which also destroys keys (revoke, retire, a
+    /// switch of master key) and writes what the re-key job and token checks read.
+    pub fn answers_from_memory(&self, customer_key: bool) -> bool {
+        match self {
+            Command::CreateOrganization { .. }
+            | Command::CreateScope { .. }
+            | Command::Pause
+            | Command::Resume
+            | Command::Rotate
+            | Command::Grant(_)
+            | Command::Ungrant(_)
+            | Command::RecordMasterKeyHealth { .. } => true,
+            Command::ChangeTier(_) | Command::SetMasterKey { .. } => {
+                !self.switches_master(customer_key)
+            }
+            _ => false,
+        }
+    }
+}
+
+/// What the caller looked up and made for a command, kept apart from the intent.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Prepared {
+    /// The ancestors' state, for a command on an existing scope.
+    pub lineage: Option<Lineage>,
+    /// The parent, for `CreateScope`.
+    pub parent: Option<ParentContext>,
+    /// Whether the organization's key is wrapped by a customer master key (as the read
+    /// models say): decides whether a tier change is a switch of master key.
+    pub customer_key: bool,
+    /// The key version made for the command (creates, rotations), stored with its events.
+    pub minted: Option<MintedKey>,
+    /// The key versions re-wrapped under the new master key (a switch of master key). `None`:
+    /// not staged (the rules are checked as if every live version were).
+    pub rewrapped: Option<Vec<KeyVersion>>,
+}
+
+/// Key material made for a command: its version and fingerprint (never the material).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MintedKey {
+    pub version: KeyVersion,
+    pub fingerprint: String,
+}
+
+/// What the aggregate admits a command with: nothing to record, or events that need this
+/// made first.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Admitted {
+    /// Nothing to record (pause and resume are idempotent, and so on).
+    Unchanged,
+    /// Events would be recorded once `Needs` is made.
+    Records(Needs),
+}
+
+/// What a command needs made before it is decided with it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Needs {
+    Nothing,
+    /// Key material for this version of the scope's key (creates, rotations).
+    KeyVersion(KeyVersion),
+    /// These live versions re-wrapped under the new master key.
+    Rewrap(Vec<KeyVersion>),
+    /// Whatever the scope's children wrap under versions below this one, re-wrapped.
+    RewrapChildren(KeyVersion),
 }
 
 /// What creating a child needs to know about its parent.

@@ -18,7 +18,7 @@ pub mod scope;
 pub use access::{Grant, OrgRole, Permission, PrincipalKind, PrincipalName};
 pub use aggregate::{RekeyProgress, Scope, ScopeState};
 pub use cascade::{effective_state, Effective};
-pub use commands::{Lineage, ParentContext, ScopeCommand};
+pub use commands::{Admitted, Command, Lineage, MintedKey, Needs, ParentContext, Prepared};
 pub use errors::ScopeError;
 pub use events::ScopeEvent;
 

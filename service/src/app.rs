@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use cqrs_es::{AggregateContext, AggregateError};
 use ekm_domain::{
-    EventMetadata, Grant, KeyHealth, KeyVersion, Lineage, Location, MasterKeyRef, OrgId, OrgRole,
-    ParentContext, Plan, PrincipalKind, PrincipalName, Scope, ScopeCommand, ScopeError, ScopeEvent,
-    ScopeId, ScopeKind, ScopeName, Tier, UnavailableReason,
+    Admitted, Command, EventMetadata, KeyVersion, Lineage, Location, MintedKey, Needs, OrgId,
+    ParentContext, Plan, Prepared, Scope, ScopeError, ScopeEvent, ScopeId, ScopeKind, ScopeName,
+    Tier,
 };
 use ekm_projections::{
     AsOf, AuditEntry, AuditFilter, BlastRadius, ChainReport, MemoryLoad, MemoryTree, Page,
@@ -21,6 +21,7 @@ use ekm_store::{
 use rand::Rng;
 
 use crate::keys::{KeyError, KeyService};
+use crate::minter::KeyMinter;
 
 /// How often a command is retried when another command on the same scope committed first.
 const MAX_ATTEMPTS: u32 = 20;
@@ -99,58 +100,9 @@ pub enum AppError {
     },
 }
 
-/// A lifecycle action on an existing scope.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Action {
-    Pause,
-    Resume,
-    Revoke {
-        confirm: String,
-    },
-    Rotate,
-    ChangeTier(Tier),
-    RetireKeyVersions(KeyVersion),
-    /// Wrap the organization key under a customer key (validated by the caller first), or
-    /// the platform's again (`None`, with the tier to move to).
-    SetMasterKey {
-        master: Option<MasterKeyRef>,
-        tier: Tier,
-    },
-    /// Record the health monitor's verdict (system actor).
-    RecordMasterKeyHealth {
-        health: KeyHealth,
-        reason: Option<UnavailableReason>,
-        detail: String,
-    },
-    IssueToken {
-        token_id: String,
-        principal: PrincipalName,
-        kind: PrincipalKind,
-        role: OrgRole,
-        expires_at: Option<String>,
-    },
-    RevokeToken(String),
-    Grant(Grant),
-    Ungrant(Grant),
-    /// The re-key job's steps on a revoked scope (system actor; ADR 0013).
-    StartRevocationRekey {
-        ancestors: Vec<ScopeId>,
-    },
-    RecordRevocationRekey {
-        scope_id: ScopeId,
-        rewrapped: u64,
-    },
-    CompleteRevocationRekey {
-        rewrapped: u64,
-    },
-}
-
-/// What to do to a scope: a command known in full, or an action whose command needs the
-/// ancestors' state, looked up afresh on every attempt.
-enum Intent {
-    Create(ScopeCommand),
-    Act(Action),
-}
+/// A command on a scope: one typed command per intent (ADR 0022). The name stays for the
+/// callers that knew it as the action on an existing scope.
+pub use ekm_domain::Command as Action;
 
 /// What a command did.
 #[derive(Clone, Debug)]
@@ -195,6 +147,8 @@ struct Inner {
     memory: Arc<MemoryTree>,
     tokens: Tokens,
     keys: Arc<KeyService>,
+    /// Makes the key material commands need (`keys`, or a fake in unit tests).
+    minter: Arc<dyn KeyMinter>,
     /// The audit key, to verify the seals (the projector seals with the same key).
     seal: ekm_keys::SealKey,
 }
@@ -209,6 +163,18 @@ impl App {
         projector: Arc<Projector>,
         keys: Arc<KeyService>,
         seal: ekm_keys::SealKey,
+    ) -> Self {
+        let minter: Arc<dyn KeyMinter> = keys.clone();
+        Self::with_minter(db, projector, keys, seal, minter)
+    }
+
+    /// `new`, with the key material made by `minter` (a fake in unit tests).
+    pub(crate) fn with_minter(
+        db: Db,
+        projector: Arc<Projector>,
+        keys: Arc<KeyService>,
+        seal: ekm_keys::SealKey,
+        minter: Arc<dyn KeyMinter>,
     ) -> Self {
         let memory = Arc::new(MemoryTree::new());
         projector.add_listener(memory.listener());
@@ -226,6 +192,7 @@ impl App {
                 db,
                 projector,
                 keys,
+                minter,
                 seal,
             }),
         }
@@ -435,18 +402,14 @@ impl App {
             .tokens
             .create(Role::ORG_ADMIN, Some(id), "admin")
             .await?;
-        let command = ScopeCommand::CreateOrganization {
+        let command = Command::CreateOrganization {
             id,
             name,
             plan,
             tier,
             admin_token_id: Some(token.id.clone()),
-            key_fingerprint: None,
         };
-        match self
-            .run(id.scope_id(), Intent::Create(command), metadata, None)
-            .await
-        {
+        match self.run(id.scope_id(), command, metadata, None).await {
             Ok(outcome) => Ok((outcome, token)),
             Err(error) => {
                 if let Ok(mut cache) = self.inner.token_cache.lock() {
@@ -469,20 +432,13 @@ impl App {
         metadata: &EventMetadata,
     ) -> Result<Outcome, AppError> {
         let id = ScopeId::generate();
-        let command = ScopeCommand::CreateScope {
-            key_fingerprint: None,
+        let command = Command::CreateScope {
             id,
             kind,
             name,
-            parent: ParentContext {
-                id: parent.scope.id,
-                kind: parent.scope.kind,
-                org_id: parent.scope.org_id,
-                path: parent.scope.path.clone(),
-                effective: parent.effective,
-            },
+            parent: parent.scope.id,
         };
-        self.run(id, Intent::Create(command), metadata, None).await
+        self.run(id, command, metadata, None).await
     }
 
     /// Pauses, resumes, revokes or rotates an existing scope. With `expected_version`
@@ -494,8 +450,12 @@ impl App {
         metadata: &EventMetadata,
         expected_version: Option<i64>,
     ) -> Result<Outcome, AppError> {
-        self.run(id, Intent::Act(action), metadata, expected_version)
-            .await
+        // Creating goes through `create_org` and `create_scope`: they make the new id (and an
+        // organization's first token).
+        if action.creates() {
+            return Err(AppError::NotFound);
+        }
+        self.run(id, action, metadata, expected_version).await
     }
 
     /// What `action` would do, without doing it: the rules are checked exactly as for the
@@ -506,15 +466,21 @@ impl App {
         id: ScopeId,
         action: Action,
     ) -> Result<(ScopeSnapshot, bool, BlastRadius), AppError> {
+        if action.creates() {
+            return Err(AppError::NotFound);
+        }
         self.refresh().await?;
-        let (command, _) = self.command(id, &Intent::Act(action)).await?;
+        let (prepared, _) = self.lookup(id, &action).await?;
         let mut context = self
             .inner
             .store
             .load(&id.to_string())
             .await
             .map_err(AppError::EventStore)?;
-        let would_change = !context.aggregate().decide(command)?.is_empty();
+        let would_change = matches!(
+            context.aggregate().admits(&action, &prepared)?,
+            Admitted::Records(_)
+        );
         let scope = self.inner.read.scope(id).await?.ok_or(AppError::NotFound)?;
         let radius = self.inner.read.blast_radius(&scope).await?;
         Ok((scope, would_change, radius))
@@ -553,99 +519,106 @@ impl App {
         Ok(ekm_projections::verify_chain(&self.inner.db, &self.inner.seal, &org, None).await?)
     }
 
-    /// `command` with the fingerprint of fresh key material, for the commands that create a
-    /// key version, and that material, to be stored in the command's own transaction
-    /// (ADR 0020); `None` for the others.
-    async fn with_new_key(
+    /// What `command` needs looked up, and where it happens: the parent of a new scope, or
+    /// the ancestors' state of an existing one (and whether a customer master key wraps its
+    /// organization's key). Nothing is made here.
+    async fn lookup(
         &self,
         id: ScopeId,
-        command: ScopeCommand,
-        state: Option<&ekm_domain::ScopeState>,
-    ) -> Result<Option<(ScopeCommand, KeyWrites)>, AppError> {
-        let keys = &self.inner.keys;
-        Ok(match command {
-            ScopeCommand::CreateOrganization {
-                id: org,
-                name,
-                plan,
-                tier,
-                admin_token_id,
-                ..
-            } => {
-                let (fingerprint, writes) = keys
-                    .prepare_org_key(org, KeyVersion::FIRST, None, true)
-                    .await?;
-                Some((
-                    ScopeCommand::CreateOrganization {
-                        key_fingerprint: Some(fingerprint),
-                        id: org,
-                        name,
-                        plan,
-                        tier,
-                        admin_token_id,
-                    },
-                    writes,
-                ))
-            }
-            ScopeCommand::CreateScope {
-                id: scope,
-                kind,
-                name,
-                parent,
-                ..
-            } => {
-                let parent_snapshot = self.scope(parent.id).await?.ok_or(AppError::NotFound)?;
-                let (fingerprint, writes) = keys
-                    .prepare_scope_key(scope, KeyVersion::FIRST, &parent_snapshot)
-                    .await?;
-                Some((
-                    ScopeCommand::CreateScope {
-                        key_fingerprint: Some(fingerprint),
-                        id: scope,
-                        kind,
-                        name,
-                        parent,
-                    },
-                    writes,
-                ))
-            }
-            ScopeCommand::RotateKey { lineage, .. } => {
-                let Some(state) = state else {
-                    return Ok(None);
+        command: &Command,
+    ) -> Result<(Prepared, Location), AppError> {
+        match command {
+            Command::CreateOrganization { id, .. } => Ok((
+                Prepared::default(),
+                Location {
+                    org_id: id.to_string(),
+                    scope_path: id.to_string(),
+                },
+            )),
+            Command::CreateScope { id, parent, .. } => {
+                let parent = self.scope(*parent).await?.ok_or(AppError::NotFound)?;
+                let location = Location {
+                    org_id: parent.scope.org_id.to_string(),
+                    scope_path: join_path(parent.scope.path.iter().chain([id])),
                 };
-                let next = state.key_version.next();
-                let (fingerprint, writes) = match state.parent_id {
-                    None => {
-                        keys.prepare_org_key(state.org_id, next, state.master.as_ref(), false)
-                            .await?
+                let parent = ParentContext {
+                    id: parent.scope.id,
+                    kind: parent.scope.kind,
+                    org_id: parent.scope.org_id,
+                    path: parent.scope.path,
+                    effective: parent.effective,
+                };
+                let prepared = Prepared {
+                    parent: Some(parent),
+                    ..Prepared::default()
+                };
+                Ok((prepared, location))
+            }
+            _ => {
+                let snapshot = self.scope(id).await?.ok_or(AppError::NotFound)?;
+                let location = Location {
+                    org_id: snapshot.scope.org_id.to_string(),
+                    scope_path: join_path(snapshot.scope.path.iter()),
+                };
+                let prepared = Prepared {
+                    lineage: Some(Lineage {
+                        plan: snapshot.org_plan,
+                        inherited: snapshot.inherited,
+                    }),
+                    customer_key: snapshot.scope.master_key.is_some(),
+                    ..Prepared::default()
+                };
+                Ok((prepared, location))
+            }
+        }
+    }
+
+    /// Makes what the aggregate admitted `command` with (`needs`), through the key minter,
+    /// into `prepared`; returns the key material to store in the command's own transaction
+    /// (ADR 0020). Runs only once the rules passed: a refused command makes nothing.
+    async fn mint(
+        &self,
+        id: ScopeId,
+        command: &Command,
+        scope: &Scope,
+        needs: Needs,
+        prepared: &mut Prepared,
+    ) -> Result<KeyWrites, AppError> {
+        let minter = &self.inner.minter;
+        match needs {
+            Needs::Nothing => Ok(KeyWrites::default()),
+            Needs::KeyVersion(version) => {
+                let (fingerprint, writes) = match (command, scope.state()) {
+                    (Command::CreateOrganization { id: org, .. }, _) => {
+                        minter.org_key(*org, version, None, true).await?
                     }
-                    Some(parent_id) => {
-                        let parent = self.scope(parent_id).await?.ok_or(AppError::NotFound)?;
-                        keys.prepare_scope_key(id, next, &parent).await?
+                    (Command::CreateScope { parent, .. }, _) => {
+                        let parent = self.scope(*parent).await?.ok_or(AppError::NotFound)?;
+                        minter.scope_key(id, version, &parent).await?
                     }
-                };
-                Some((
-                    ScopeCommand::RotateKey {
-                        lineage,
-                        key_version: Some(next),
-                        key_fingerprint: Some(fingerprint),
+                    (_, Some(state)) => match state.parent_id {
+                        None => {
+                            minter
+                                .org_key(state.org_id, version, state.master.as_ref(), false)
+                                .await?
+                        }
+                        Some(parent_id) => {
+                            let parent = self.scope(parent_id).await?.ok_or(AppError::NotFound)?;
+                            minter.scope_key(id, version, &parent).await?
+                        }
                     },
-                    writes,
-                ))
-            }
-            ScopeCommand::SetMasterKey {
-                master,
-                tier,
-                lineage,
-                ..
-            } => {
-                let Some(state) = state else {
-                    return Ok(None);
+                    (_, None) => return Err(AppError::NotFound),
                 };
-                let org = state.org_id;
+                prepared.minted = Some(MintedKey {
+                    version,
+                    fingerprint,
+                });
+                Ok(writes)
+            }
+            Needs::Rewrap(live) => {
+                let state = scope.state().ok_or(AppError::NotFound)?;
                 let snapshot = self.inner.read.scope(id).await?.ok_or(AppError::NotFound)?;
-                let live: Vec<(KeyVersion, String)> = state
-                    .live_versions()
+                let live: Vec<(KeyVersion, String)> = live
                     .into_iter()
                     .filter_map(|version| {
                         snapshot
@@ -656,133 +629,23 @@ impl App {
                             .map(|fingerprint| (version, fingerprint))
                     })
                     .collect();
-                let rewrapped = keys
-                    .stage_master_switch(org, &live, master.as_ref())
+                let target = match command {
+                    Command::SetMasterKey { master, .. } => master.as_ref(),
+                    _ => None,
+                };
+                let rewrapped = minter
+                    .stage_master_switch(state.org_id, &live, target)
                     .await?;
-                Some((
-                    ScopeCommand::SetMasterKey {
-                        master,
-                        tier,
-                        rewrapped: Some(rewrapped),
-                        lineage,
-                    },
-                    KeyWrites::default(),
-                ))
+                prepared.rewrapped = Some(rewrapped);
+                Ok(KeyWrites::default())
             }
-            ScopeCommand::RetireKeyVersions { below, .. } => {
+            Needs::RewrapChildren(below) => {
                 // Nothing below the scope may still need the versions being destroyed.
                 let snapshot = self.inner.read.scope(id).await?.ok_or(AppError::NotFound)?;
-                keys.rewrap_children(&snapshot, below).await?;
-                None
+                minter.rewrap_children(&snapshot, below).await?;
+                Ok(KeyWrites::default())
             }
-            _ => None,
-        })
-    }
-
-    /// The command for `intent`, with what it needs looked up now, and where it happens.
-    async fn command(
-        &self,
-        id: ScopeId,
-        intent: &Intent,
-    ) -> Result<(ScopeCommand, Location), AppError> {
-        let action = match intent {
-            Intent::Create(command) => {
-                let location = match command {
-                    ScopeCommand::CreateOrganization { id, .. } => Location {
-                        org_id: id.to_string(),
-                        scope_path: id.to_string(),
-                    },
-                    ScopeCommand::CreateScope { id, parent, .. } => Location {
-                        org_id: parent.org_id.to_string(),
-                        scope_path: join_path(parent.path.iter().chain([id])),
-                    },
-                    _ => return Err(AppError::NotFound),
-                };
-                return Ok((command.clone(), location));
-            }
-            Intent::Act(action) => action.clone(),
-        };
-        let snapshot = self.scope(id).await?.ok_or(AppError::NotFound)?;
-        let location = Location {
-            org_id: snapshot.scope.org_id.to_string(),
-            scope_path: join_path(snapshot.scope.path.iter()),
-        };
-        let lineage = Lineage {
-            plan: snapshot.org_plan,
-            inherited: snapshot.inherited,
-        };
-        let command = match action {
-            Action::Pause => ScopeCommand::PauseScope { lineage },
-            Action::Resume => ScopeCommand::ResumeScope { lineage },
-            Action::Revoke { confirm } => ScopeCommand::RevokeScope { confirm, lineage },
-            // Leaving byok re-wraps the organization key under the platform key.
-            Action::ChangeTier(tier)
-                if snapshot.scope.master_key.is_some() && tier != Tier::Byok =>
-            {
-                ScopeCommand::SetMasterKey {
-                    master: None,
-                    tier,
-                    rewrapped: None,
-                    lineage,
-                }
-            }
-            Action::ChangeTier(tier) => ScopeCommand::ChangeTier { tier, lineage },
-            // The platform key on an organization that has no customer key: a tier change.
-            Action::SetMasterKey { master: None, tier } if snapshot.scope.master_key.is_none() => {
-                ScopeCommand::ChangeTier { tier, lineage }
-            }
-            Action::SetMasterKey { master, tier } => ScopeCommand::SetMasterKey {
-                master,
-                tier,
-                rewrapped: None,
-                lineage,
-            },
-            Action::RecordMasterKeyHealth {
-                health,
-                reason,
-                detail,
-            } => ScopeCommand::RecordMasterKeyHealth {
-                health,
-                reason,
-                detail,
-            },
-            Action::IssueToken {
-                token_id,
-                principal,
-                kind,
-                role,
-                expires_at,
-            } => ScopeCommand::IssueToken {
-                token_id,
-                principal,
-                kind,
-                role,
-                expires_at,
-            },
-            Action::RevokeToken(token_id) => ScopeCommand::RevokeToken { token_id },
-            Action::Grant(grant) => ScopeCommand::GrantPermission { grant },
-            Action::Ungrant(grant) => ScopeCommand::RevokePermission { grant },
-            Action::RetireKeyVersions(below) => ScopeCommand::RetireKeyVersions { below, lineage },
-            Action::StartRevocationRekey { ancestors } => {
-                ScopeCommand::StartRevocationRekey { ancestors }
-            }
-            Action::RecordRevocationRekey {
-                scope_id,
-                rewrapped,
-            } => ScopeCommand::RecordRevocationRekey {
-                scope_id,
-                rewrapped,
-            },
-            Action::CompleteRevocationRekey { rewrapped } => {
-                ScopeCommand::CompleteRevocationRekey { rewrapped }
-            }
-            Action::Rotate => ScopeCommand::RotateKey {
-                lineage,
-                key_version: None,
-                key_fingerprint: None,
-            },
-        };
-        Ok((command, location))
+        }
     }
 
     /// The scope aggregate and its sequence: the cached one brought up to date with the
@@ -932,12 +795,14 @@ impl App {
         })
     }
 
-    /// Loads the aggregate, decides, and commits the events with the key material they need
-    /// in one transaction (ADR 0020); on a conflict, starts again from fresh state.
+    /// Prepares `command` once per attempt: looks up what it needs, loads the aggregate,
+    /// checks that the aggregate admits it, and only then mints the key material it needs;
+    /// the aggregate decides the pair once, and the events commit with that material in one
+    /// transaction (ADR 0020, 0022). On a conflict, starts again from fresh state.
     async fn run(
         &self,
         id: ScopeId,
-        intent: Intent,
+        command: Command,
         metadata: &EventMetadata,
         expected_version: Option<i64>,
     ) -> Result<Outcome, AppError> {
@@ -954,23 +819,16 @@ impl App {
             // could have seen; one still in flight is a race the cascade absorbs (ADR 0003).
             // The commands that read the scope's own key versions from the read models (a
             // switch of master key, a retire, a tier change that may be one) do catch up.
-            if matches!(
-                intent,
-                Intent::Act(
-                    Action::SetMasterKey { .. }
-                        | Action::ChangeTier(_)
-                        | Action::RetireKeyVersions(_)
-                )
-            ) {
+            if command.refreshes_first() {
                 self.refresh().await?;
             }
-            let (command, location) = self.command(id, &intent).await?;
+            let (mut prepared, location) = self.lookup(id, &command).await?;
             let org_id = location.org_id.clone();
             let metadata = EventMetadata {
                 location: Some(location),
                 ..metadata.clone()
             };
-            let creates = matches!(intent, Intent::Create(_));
+            let creates = command.creates();
             let vouched = match trust_memory {
                 true => self.vouched(id, &aggregate_id, creates),
                 false => None,
@@ -989,52 +847,42 @@ impl App {
                     return Err(AppError::VersionMismatch { expected, current });
                 }
             }
+            // Whether a tier change is a switch of master key follows from the organization's
+            // master key as looked up.
+            let customer_key = prepared.customer_key;
             // Retiring versions and switching master keys destroy key material: once the
             // runner has deleted or replaced the rows, their bytes also leave the files.
-            let destroys = matches!(
-                command,
-                ScopeCommand::RetireKeyVersions { .. } | ScopeCommand::SetMasterKey { .. }
-            );
+            let destroys = command.destroys(customer_key);
             // A switch of master key holds the organization's key lock from staging to the
             // projection that applies it, so no new epoch of its wrapping key is made in
             // between (ADR 0013).
-            let _org_keys = match &command {
-                ScopeCommand::SetMasterKey { .. } => Some(inner.db.lock_org_keys(&org_id).await?),
-                _ => None,
+            let _org_keys = match command.switches_master(customer_key) {
+                true => Some(inner.db.lock_org_keys(&org_id).await?),
+                false => None,
             };
             // Answered from this instance's memory as soon as the events commit (the runner
             // applies them to the SQL read models in the background); the others wait for
-            // the runner, which also destroys keys (revoke, retire, a switch of master key)
-            // and writes what the re-key job and token checks read.
-            let from_memory = matches!(
-                command,
-                ScopeCommand::CreateOrganization { .. }
-                    | ScopeCommand::CreateScope { .. }
-                    | ScopeCommand::PauseScope { .. }
-                    | ScopeCommand::ResumeScope { .. }
-                    | ScopeCommand::RotateKey { .. }
-                    | ScopeCommand::ChangeTier { .. }
-                    | ScopeCommand::GrantPermission { .. }
-                    | ScopeCommand::RevokePermission { .. }
-                    | ScopeCommand::RecordMasterKeyHealth { .. }
-            );
-            let decided = scope.decide(command.clone());
+            // the runner (`Command::answers_from_memory`).
+            let from_memory = command.answers_from_memory(customer_key);
+            // The rules first, before anything is made: a refused command mints no key.
+            let admitted = scope.admits(&command, &prepared);
             // A refusal or "nothing to do" is an answer without an append to confirm the
             // state it was decided on: only from the stored events.
-            if !read && !matches!(&decided, Ok(events) if !events.is_empty()) {
+            if !read && !matches!(&admitted, Ok(Admitted::Records(_))) {
                 continue;
             }
-            let mut events = decided?;
             let mut keys = KeyWrites::default();
-            if !events.is_empty() {
-                // Accepted: now make the new key version's material, and decide again with
-                // its fingerprint in the command. The material is stored with the events.
-                if let Some((keyed, writes)) = self.with_new_key(id, command, scope.state()).await?
-                {
-                    events = scope.decide(keyed)?;
-                    keys = writes;
+            let events = match admitted? {
+                Admitted::Unchanged => vec![],
+                Admitted::Records(needs) => {
+                    // Admitted: now make what it needs (a key version's material, a re-wrap),
+                    // and decide once with it. The material is stored with the events.
+                    keys = self
+                        .mint(id, &command, &scope, needs, &mut prepared)
+                        .await?;
+                    scope.decide(&command, &prepared)?
                 }
-            }
+            };
             if events.is_empty() {
                 let scope = self.scope(id).await?.ok_or(AppError::NotFound)?;
                 return Ok(Outcome {
@@ -1117,5 +965,196 @@ impl From<AggregateError<ScopeError>> for AppError {
             AggregateError::UserError(rule) => AppError::Rule(rule),
             other => AppError::EventStore(other),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use ekm_domain::{Actor, ActorKind, MasterKeyRef, Provider, Reason};
+    use ekm_projections::ProjectorConfig;
+    use ekm_store::DbConfig;
+
+    use super::*;
+    use crate::keys::local_master_key;
+    use crate::minter::{FakeMinter, MintCall};
+
+    /// An application on a temporary SQLite database whose key material comes from a fake
+    /// minter (everything else is real).
+    async fn app() -> (App, Arc<FakeMinter>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let config = DbConfig::Sqlite {
+            path: dir.path().join("ekm.db"),
+        };
+        let db = Db::open(&config).await.expect("open database");
+        let seal = ekm_keys::SealKey::load(&dir.path().join(ekm_keys::AUDIT_KEY_FILE), true)
+            .expect("audit key")
+            .expect("audit key created");
+        ekm_projections::register_seal_key(&db, &seal)
+            .await
+            .expect("register the audit key");
+        let projector = Arc::new(Projector::standard(
+            db.clone(),
+            ProjectorConfig::default(),
+            seal.clone(),
+        ));
+        projector.init().await.expect("projector init");
+        let master = local_master_key(&db, &dir.path().join(ekm_keys::MASTER_KEY_FILE))
+            .await
+            .expect("master key");
+        let keys = KeyService::new(db.clone(), master, Duration::from_secs(300));
+        let fake = Arc::new(FakeMinter::default());
+        let minter: Arc<dyn KeyMinter> = fake.clone();
+        let app = App::with_minter(db, projector, keys, seal, minter);
+        app.load_memory().await.expect("load the scope tree");
+        (app, fake, dir)
+    }
+
+    fn metadata() -> EventMetadata {
+        EventMetadata {
+            actor: Actor {
+                kind: ActorKind::User,
+                id: "test".into(),
+            },
+            request_id: "test".into(),
+            reason: Reason::parse("test").ok(),
+            source_address: None,
+            recorded_at: "2026-11-30T00:00:00Z".into(),
+            location: None,
+        }
+    }
+
+    async fn org(app: &App, plan: Plan) -> OrgId {
+        let (outcome, _token) = app
+            .create_org(
+                ScopeName::parse("Acme").unwrap(),
+                plan,
+                Tier::Default,
+                &metadata(),
+            )
+            .await
+            .expect("organization created");
+        OrgId::parse(&outcome.scope.scope.id.to_string()).unwrap()
+    }
+
+    fn fingerprints(outcome: &Outcome) -> Vec<(u32, Option<String>)> {
+        outcome
+            .scope
+            .key_versions
+            .iter()
+            .map(|k| (k.version, k.fingerprint.clone()))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn rotate_mints_nothing_when_refused() {
+        let (app, fake, _dir) = app().await;
+        let org = org(&app, Plan::Standard).await;
+        let before = fake.calls();
+        assert_eq!(
+            before,
+            vec![MintCall::OrgKey {
+                org,
+                version: KeyVersion::FIRST,
+                new_org: true
+            }]
+        );
+        let refused = app
+            .act(org.scope_id(), Action::Rotate, &metadata(), None)
+            .await;
+        assert!(
+            matches!(
+                refused,
+                Err(AppError::Rule(ScopeError::ControlsNeedEnterprise))
+            ),
+            "{refused:?}"
+        );
+        assert_eq!(fake.calls(), before, "a refused rotation makes no key");
+    }
+
+    #[tokio::test]
+    async fn rotate_mints_the_next_version_and_records_its_fingerprint() {
+        let (app, fake, _dir) = app().await;
+        let org = org(&app, Plan::Enterprise).await;
+        let outcome = app
+            .act(org.scope_id(), Action::Rotate, &metadata(), None)
+            .await
+            .expect("rotated");
+        assert_eq!(
+            fake.calls().last(),
+            Some(&MintCall::OrgKey {
+                org,
+                version: KeyVersion::new(2),
+                new_org: false
+            })
+        );
+        assert_eq!(
+            fake.calls().len(),
+            2,
+            "one key per version: {:?}",
+            fake.calls()
+        );
+        assert_eq!(
+            fingerprints(&outcome),
+            vec![
+                (1, Some(format!("fake-{org}-v1"))),
+                (2, Some(format!("fake-{org}-v2"))),
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn set_master_key_rewraps_exactly_the_live_versions() {
+        let (app, fake, _dir) = app().await;
+        let org = org(&app, Plan::Enterprise).await;
+        let id = org.scope_id();
+        for _ in 0..2 {
+            app.act(id, Action::Rotate, &metadata(), None)
+                .await
+                .expect("rotated");
+        }
+        app.act(
+            id,
+            Action::RetireKeyVersions(KeyVersion::new(2)),
+            &metadata(),
+            None,
+        )
+        .await
+        .expect("retired");
+        assert_eq!(
+            fake.calls().last(),
+            Some(&MintCall::RewrapChildren {
+                scope: id,
+                below: KeyVersion::new(2)
+            })
+        );
+        let master = MasterKeyRef {
+            provider: Provider::AwsKms,
+            key_id: "arn:aws:kms:us-east-1:111122223333:key/test".into(),
+            region: Some("us-east-1".into()),
+            endpoint_url: None,
+        };
+        let outcome = app
+            .act(
+                id,
+                Action::SetMasterKey {
+                    master: Some(master.clone()),
+                    tier: Tier::Byok,
+                },
+                &metadata(),
+                None,
+            )
+            .await
+            .expect("switched");
+        assert_eq!(
+            fake.calls().last(),
+            Some(&MintCall::MasterSwitch {
+                org,
+                live: vec![KeyVersion::new(2), KeyVersion::new(3)],
+                target: Some(master.clone()),
+            })
+        );
+        assert_eq!(outcome.scope.scope.master_key, Some(master));
     }
 }

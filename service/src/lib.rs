@@ -6,7 +6,8 @@
 //! `health` watches customer master keys; `rekey` makes a revoke hold against copies of the
 //! database; `caller` says who is acting and what it may do; `access` issues and revokes
 //! tokens and grants; `master_key` validates a customer master key before it is connected;
-//! `visibility` finds what a caller may see, and the keys it may use.
+//! `minter` puts key minting behind a trait (a fake in unit tests); `visibility` finds what a
+//! caller may see, and the keys it may use.
 //!
 //! Architecture invariant: no HTTP and no JSON shapes here. Refusals are `AppError`s;
 //! `ekm-api` maps them to problem+json.
@@ -17,6 +18,7 @@ pub mod caller;
 pub mod health;
 pub mod keys;
 pub mod master_key;
+pub mod minter;
 pub mod rekey;
 pub mod visibility;
 

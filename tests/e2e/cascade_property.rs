@@ -153,7 +153,9 @@ async fn check(app: &App, ops: Vec<Op>) -> Result<(), TestCaseError> {
                             node.own = OwnState::Revoked;
                             true
                         }
-                        Action::ChangeTier(_)
+                        Action::CreateOrganization { .. }
+                        | Action::CreateScope { .. }
+                        | Action::ChangeTier(_)
                         | Action::RetireKeyVersions(_)
                         | Action::SetMasterKey { .. }
                         | Action::RecordMasterKeyHealth { .. }
