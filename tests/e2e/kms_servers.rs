@@ -20,7 +20,7 @@ use base64::Engine;
 use serde_json::{json, Value};
 
 /// Serves `router` on a free loopback port for the rest of the test.
-async fn serve(router: Router) -> String {
+pub(crate) async fn serve(router: Router) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address: SocketAddr = listener.local_addr().unwrap();
     tokio::spawn(async move {
