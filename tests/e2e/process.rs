@@ -523,15 +523,15 @@ fn postgres_read_models_survive_kill_9_mid_workload() {
 /// `ekm org master-key set|show` as a client of a real `ekm serve`, which finds AWS
 /// credentials through the default chain (here: the standard environment variables) and
 /// reaches a moto_server.
-#[test]
-fn cli_connects_an_aws_master_key_and_shows_it() {
+fn cli_connects_an_aws_master_key_and_shows_it(backend: Backend) {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let moto = runtime.block_on(crate::kms_servers::Moto::start());
     let arn = runtime.block_on(moto.create_key());
-    let dir = tempfile::tempdir().unwrap();
+    let test_db = runtime.block_on(TestDb::new(backend));
+    let dir = test_db.data_dir();
     let server = serve_configured(
-        dir.path(),
-        None,
+        dir,
+        test_db.url.as_deref(),
         &[
             "--key-health-interval",
             "1s",
@@ -544,7 +544,7 @@ fn cli_connects_an_aws_master_key_and_shows_it() {
             ("AWS_EC2_METADATA_DISABLED", "true"),
         ],
     );
-    let operator = read_token(dir.path());
+    let operator = read_token(dir);
     let (status, org) = call(
         "POST",
         &format!("{}/v1/orgs", server.base),
@@ -606,15 +606,28 @@ fn cli_connects_an_aws_master_key_and_shows_it() {
     assert!(String::from_utf8_lossy(&refused.stderr).contains("invalid_request"));
     // The token never appears in the server's log.
     assert!(!server.log_text().contains(&admin));
+    drop(server);
+    drop(test_db);
+    drop(runtime);
+}
+
+#[test]
+fn sqlite_cli_connects_an_aws_master_key_and_shows_it() {
+    cli_connects_an_aws_master_key_and_shows_it(Backend::Sqlite);
+}
+
+#[test]
+fn postgres_cli_connects_an_aws_master_key_and_shows_it() {
+    cli_connects_an_aws_master_key_and_shows_it(Backend::Postgres);
 }
 
 /// `ekm org create`, `ekm token create|list|revoke` and `ekm grant add|list|remove` as
 /// clients of a real server, ending with the service token encrypting.
-#[test]
-fn cli_manages_organizations_tokens_and_grants() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = serve(dir.path(), None);
-    let operator = read_token(dir.path());
+fn cli_manages_organizations_tokens_and_grants(backend: Backend) {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let test_db = runtime.block_on(TestDb::new(backend));
+    let server = serve(test_db.data_dir(), test_db.url.as_deref());
+    let operator = read_token(test_db.data_dir());
     let ekm = |token: &str, args: &[&str]| {
         let output = Command::new(EKM)
             .args(args)
@@ -730,4 +743,17 @@ fn cli_manages_organizations_tokens_and_grants() {
     for secret in [&operator, &admin, &service] {
         assert!(!log.contains(secret.as_str()));
     }
+    drop(server);
+    drop(test_db);
+    drop(runtime);
+}
+
+#[test]
+fn sqlite_cli_manages_organizations_tokens_and_grants() {
+    cli_manages_organizations_tokens_and_grants(Backend::Sqlite);
+}
+
+#[test]
+fn postgres_cli_manages_organizations_tokens_and_grants() {
+    cli_manages_organizations_tokens_and_grants(Backend::Postgres);
 }

@@ -96,11 +96,12 @@ fn postgres_data_dir_is_private_even_when_it_existed() {
 /// The attack: `ekm token list ORG --token SECRET` put the secret in every other user's
 /// `ps`. The token now comes from `EKM_TOKEN` or `--token-file`; `--token` still works but
 /// warns on standard error (without repeating the token).
-#[test]
-fn cli_takes_the_token_from_the_environment_or_a_file_and_warns_about_the_flag() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = serve(dir.path(), None);
-    let operator = read_token(dir.path());
+fn cli_takes_the_token_from_the_environment_or_a_file_and_warns_about_the_flag(backend: Backend) {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let test_db = runtime.block_on(TestDb::new(backend));
+    let dir = test_db.data_dir();
+    let server = serve(dir, test_db.url.as_deref());
+    let operator = read_token(dir);
     let (_, org) = call(
         "POST",
         &format!("{}/v1/orgs", server.base),
@@ -139,7 +140,7 @@ fn cli_takes_the_token_from_the_environment_or_a_file_and_warns_about_the_flag()
     assert_eq!(code, Some(0), "{err}");
     assert!(!err.contains(warning), "{err}");
 
-    let file = dir.path().join("admin.token");
+    let file = dir.join("admin.token");
     std::fs::write(&file, format!("{admin}\n")).unwrap();
     let (code, _, err) = ekm(&["--token-file", file.to_str().unwrap()], None);
     assert_eq!(code, Some(0), "{err}");
@@ -152,7 +153,7 @@ fn cli_takes_the_token_from_the_environment_or_a_file_and_warns_about_the_flag()
         err.contains("EKM_TOKEN") && err.contains("--token-file"),
         "{err}"
     );
-    let missing = dir.path().join("missing.token");
+    let missing = dir.join("missing.token");
     let (code, _, err) = ekm(&["--token-file", missing.to_str().unwrap()], None);
     assert_ne!(code, Some(0));
     assert!(err.contains("missing.token"), "{err}");
@@ -163,6 +164,16 @@ fn cli_takes_the_token_from_the_environment_or_a_file_and_warns_about_the_flag()
     assert_ne!(code, Some(0), "{err}");
     assert!(!server.log_text().contains(&admin));
     assert_eq!(server.terminate().0, 0);
+}
+
+#[test]
+fn sqlite_cli_takes_the_token_from_the_environment_or_a_file_and_warns_about_the_flag() {
+    cli_takes_the_token_from_the_environment_or_a_file_and_warns_about_the_flag(Backend::Sqlite);
+}
+
+#[test]
+fn postgres_cli_takes_the_token_from_the_environment_or_a_file_and_warns_about_the_flag() {
+    cli_takes_the_token_from_the_environment_or_a_file_and_warns_about_the_flag(Backend::Postgres);
 }
 
 /// `ekm operator-token rotate`, beside the servers or not as the backend requires.
@@ -275,11 +286,12 @@ fn sqlite_operator_token_rotates_with_the_server_stopped() {
 
 /// `ekm org admin-token ORG --reason R` with the operator token from the environment: the
 /// break-glass token, printed once, administers the organization.
-#[test]
-fn cli_issues_a_break_glass_admin_token() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = serve(dir.path(), None);
-    let operator = read_token(dir.path());
+fn cli_issues_a_break_glass_admin_token(backend: Backend) {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let test_db = runtime.block_on(TestDb::new(backend));
+    let dir = test_db.data_dir();
+    let server = serve(dir, test_db.url.as_deref());
+    let operator = read_token(dir);
     let (_, org) = call(
         "POST",
         &format!("{}/v1/orgs", server.base),
@@ -316,4 +328,14 @@ fn cli_issues_a_break_glass_admin_token() {
     assert!(!ekm(&[]).status.success());
     assert!(!server.log_text().contains(&token));
     assert_eq!(server.terminate().0, 0);
+}
+
+#[test]
+fn sqlite_cli_issues_a_break_glass_admin_token() {
+    cli_issues_a_break_glass_admin_token(Backend::Sqlite);
+}
+
+#[test]
+fn postgres_cli_issues_a_break_glass_admin_token() {
+    cli_issues_a_break_glass_admin_token(Backend::Postgres);
 }
