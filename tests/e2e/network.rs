@@ -305,6 +305,7 @@ fn a_half_sent_header_and_an_idle_connection_are_closed_within_the_timeout() {
     for stream in [&mut half, &mut idle] {
         let (_, took, closed) = read_until_closed(stream);
         assert!(closed, "the connection stayed open");
+        // The bound is the behaviour (the timeout closes it), ten times the timeout.
         assert!(took < Duration::from_secs(3), "closed after {took:?}");
     }
     // A complete request is still answered on a fresh connection.
@@ -321,7 +322,8 @@ fn idle_sockets_above_the_cap_wait_and_healthz_answers_once_they_are_reaped() {
     let server = Ekm::start(&["--max-connections", "4", "--header-read-timeout", "500ms"]);
     let baseline = server.sockets();
     let mut idle: Vec<_> = (0..12).map(|_| server.connect()).collect();
-    // The first four are accepted at once.
+    // The first four are accepted at once. (Polling /proc: the kernel tells another
+    // process of no accept, so there is no event to await.)
     while server.sockets() < baseline + 4 {
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -336,7 +338,8 @@ fn idle_sockets_above_the_cap_wait_and_healthz_answers_once_they_are_reaped() {
         answer.get(9..12).and_then(|code| code.parse::<u16>().ok())
     });
     // While the idle sockets are reaped four at a time, the process never holds more than
-    // four connections.
+    // four connections. Sampled while the health request waits: what is measured is the
+    // most sockets ever held, so this loop is the measurement, not a synchronisation.
     let mut most = 0;
     while !health.is_finished() {
         most = most.max(server.sockets());
@@ -373,6 +376,7 @@ fn a_late_body_gets_408_request_timeout() {
     assert!(answer.contains("\"code\":\"request_timeout\""), "{answer}");
     // Answered inside the request-id layer, like every other response.
     assert!(answer.to_lowercase().contains("x-request-id:"), "{answer}");
+    // The bound is the behaviour: the request timeout ends it, not the client.
     assert!(closed && took < Duration::from_secs(5), "{took:?}");
 }
 
@@ -389,7 +393,8 @@ fn the_process_exits_within_the_shutdown_deadline_while_a_slow_client_holds_a_re
          Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"name\""
     )
     .unwrap();
-    // The server has accepted the connection (and reads the request at once).
+    // The server has accepted the connection (and reads the request at once). Polling
+    // /proc, as above: no event to await from another process's accept.
     while server.sockets() <= baseline {
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -399,6 +404,7 @@ fn the_process_exits_within_the_shutdown_deadline_while_a_slow_client_holds_a_re
     let took = signalled.elapsed();
     let status = status.unwrap_or_else(|| panic!("still running {took:?} after SIGTERM"));
     assert!(status.success(), "{}", server.log_text());
+    // The bound is the behaviour: the shutdown deadline, not the slow client, ends it.
     assert!(
         took < Duration::from_secs(5),
         "exited {took:?} after SIGTERM"
