@@ -361,6 +361,9 @@ async fn interrupted_catch_up_resumes_without_loss_or_duplicates(backend: Backen
     history.run(100).await;
     history.end_unavailable().await;
     rich_history::assert_every_event_type(&app.db).await;
+    // The runner follows the answers (ADR 0020): take the live rows once it holds
+    // everything. (Under a busy core the last health verdict was not yet applied.)
+    app.app.refresh().await.unwrap();
     let live = dump(&app.db).await;
     let live_keys = key_dump(&app.db).await;
     let config = app.config.clone();
