@@ -459,14 +459,15 @@ async fn interrupted_catch_up_resumes_without_loss_or_duplicates(backend: Backen
 }
 on_both_backends!(interrupted_catch_up_resumes_without_loss_or_duplicates);
 
-#[test]
-fn cli_status_and_rebuild_report_positions() {
+fn cli_status_and_rebuild_report_positions(backend: Backend) {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let (dir, head) = runtime.block_on(async {
-        let app = TestApp::spawn(Backend::Sqlite).await;
+        let app = TestApp::spawn(backend).await;
         random_history(&app.app, 5, 40).await;
         // The revokes' re-keys record events too: let them finish before comparing.
         app.rekeyer.run_pending().await.unwrap();
+        // The runner follows the answers (ADR 0020): the status is read once it holds all.
+        app.app.refresh().await.unwrap();
         let head = app.db.head_position().await.unwrap();
         let config = app.config.clone();
         app.db.close().await;
@@ -474,13 +475,16 @@ fn cli_status_and_rebuild_report_positions() {
         (app, head)
     });
     let ekm = |args: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_ekm"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_ekm"));
+        command
             .args(args)
             .arg("--data-dir")
             .arg(dir.data_dir())
-            .env_remove("EKM_DATABASE_URL")
-            .output()
-            .unwrap()
+            .env_remove("EKM_DATABASE_URL");
+        if let Some(url) = dir.database_url() {
+            command.args(["--database-url", url]);
+        }
+        command.output().unwrap()
     };
     let status = ekm(&["projections", "status", "--json"]);
     assert!(
@@ -502,6 +506,18 @@ fn cli_status_and_rebuild_report_positions() {
     let report: serde_json::Value = serde_json::from_slice(&rebuilt.stdout).unwrap();
     assert_eq!(report["position"], head);
     assert!(String::from_utf8_lossy(&rebuilt.stderr).contains("rebuilding read models: position"));
+    drop(dir);
+    drop(runtime);
+}
+
+#[test]
+fn sqlite_cli_status_and_rebuild_report_positions() {
+    cli_status_and_rebuild_report_positions(Backend::Sqlite);
+}
+
+#[test]
+fn postgres_cli_status_and_rebuild_report_positions() {
+    cli_status_and_rebuild_report_positions(Backend::Postgres);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
