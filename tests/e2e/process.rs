@@ -413,6 +413,7 @@ fn read_models_survive_kill_9_mid_workload(backend: Backend) {
                     Ok(response) if response.status().is_success() => {
                         if kind == "create" {
                             let Ok(created) = response.json::<Value>().await else {
+                                eprintln!("workload stopped: {kind}: the answer was cut off");
                                 return; // the server went away mid-answer
                             };
                             teams.push(created["id"].as_str().unwrap().to_owned());
@@ -421,7 +422,18 @@ fn read_models_survive_kill_9_mid_workload(backend: Backend) {
                             return;
                         }
                     }
-                    _ => return, // the server is gone
+                    Ok(response) => {
+                        // A refusal ends the workload too: say which, for the failure report.
+                        let status = response.status();
+                        let text = response.text().await.unwrap_or_default();
+                        eprintln!("workload stopped: {kind} {path} answered {status}: {text}");
+                        return;
+                    }
+                    Err(error) => {
+                        // Expected once the server is killed; before that, the reason.
+                        eprintln!("workload stopped: {kind} {path}: {error}");
+                        return;
+                    }
                 }
             }
         });
