@@ -97,33 +97,35 @@ fn plaintext(response: &crate::harness::Response) -> String {
     .unwrap()
 }
 
-/// Polls the scope until its effective state is `wanted`; returns how long it took.
-async fn wait_for_state(
-    app: &TestApp,
-    token: &str,
-    scope: &str,
-    wanted: &str,
-    limit: Duration,
-) -> Duration {
-    let started = Instant::now();
+/// How long a test waits for an event before it fails. Only a failure waits this long:
+/// every wait below ends on the event itself, so a busy machine is slower, not red.
+const NO_EVENT_FOR: Duration = Duration::from_secs(60);
+
+/// Waits until the scope's effective state is `wanted`, looking again each time the
+/// projector applies an event (a health verdict is recorded as one, and this instance's
+/// memory has it before the projector does).
+async fn wait_for_state(app: &TestApp, token: &str, scope: &str, wanted: &str) {
+    let mut applied = app.app.projector().subscribe();
     loop {
+        applied.borrow_and_update();
         let response = app.get(&format!("/v1/scopes/{scope}"), token).await;
         if response.body["effective_state"] == wanted {
-            return started.elapsed();
+            return;
         }
         assert!(
-            started.elapsed() < limit,
-            "still {} after {limit:?}, wanted {wanted}",
+            tokio::time::timeout(NO_EVENT_FOR, applied.changed())
+                .await
+                .is_ok_and(|changed| changed.is_ok()),
+            "still {} and no event for {NO_EVENT_FOR:?}, wanted {wanted}",
             response.body["effective_state"]
         );
-        tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
 
 /// The story of issue 5: connect a moto-hosted key, encrypt and decrypt (old ciphertexts
 /// included), then the customer disables the key (unavailable within two health
 /// intervals, data plane fails closed) and enables it again (active again).
-async fn aws_key_connects_and_its_health_is_followed(backend: Backend) {
+async fn set_master_key_follows_its_health_when_the_key_is_in_aws(backend: Backend) {
     let moto = Moto::start().await;
     let arn = moto.create_key().await;
     let app = TestApp::spawn_with(
@@ -207,8 +209,15 @@ async fn aws_key_connects_and_its_health_is_followed(backend: Backend) {
 
     // The customer disables the key.
     moto.disable(&arn).await;
-    // Within two health intervals, as issue 5 asks (the wait fails past them).
-    wait_for_state(&app, &token, &thread, "unavailable", 2 * HEALTH_INTERVAL).await;
+    let disabled = Instant::now();
+    wait_for_state(&app, &token, &thread, "unavailable").await;
+    // Within two health intervals, as issue 5 asks: this bound is the behaviour (the
+    // monitor's promise), so it is kept; the wait itself ends on the event.
+    assert!(
+        disabled.elapsed() <= 2 * HEALTH_INTERVAL,
+        "unavailable only after {:?}",
+        disabled.elapsed()
+    );
     let scope = app.get(&format!("/v1/scopes/{thread}"), &token).await;
     assert_eq!(scope.body["cause"]["scope_id"], org);
     assert_eq!(
@@ -255,14 +264,7 @@ async fn aws_key_connects_and_its_health_is_followed(backend: Backend) {
 
     // The customer enables it again: recovery is automatic.
     moto.enable(&arn).await;
-    wait_for_state(
-        &app,
-        &token,
-        &thread,
-        "active",
-        2 * HEALTH_INTERVAL + Duration::from_millis(900),
-    )
-    .await;
+    wait_for_state(&app, &token, &thread, "active").await;
     let opened = decrypt(&app, &token, &thread, &after).await;
     assert_eq!(opened.status, StatusCode::OK, "{}", opened.body);
     assert_eq!(plaintext(&opened), "written under byok");
@@ -270,13 +272,12 @@ async fn aws_key_connects_and_its_health_is_followed(backend: Backend) {
     assert_eq!(shown.body["status"], "available");
     assert_eq!(shown.body["last_check"]["ok"], true);
 }
-on_both_backends!(aws_key_connects_and_its_health_is_followed);
+on_both_backends!(set_master_key_follows_its_health_when_the_key_is_in_aws);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn connect_refused_with_the_failing_step_when_the_key_cannot_be_used() {
+async fn set_master_key_names_the_failing_step_when_the_key_cannot_be_used(backend: Backend) {
     let moto = Moto::start().await;
     let app = TestApp::spawn_with(
-        Backend::Sqlite,
+        backend,
         options(
             aws_environment(),
             Duration::from_secs(60),
@@ -396,13 +397,13 @@ async fn connect_refused_with_the_failing_step_when_the_key_cannot_be_used() {
     assert_eq!(shown.body["provider"], "local");
     assert_eq!(shown.body["tier"], "managed");
 }
+on_both_backends!(set_master_key_names_the_failing_step_when_the_key_cannot_be_used);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn switching_back_to_the_platform_key_and_rotating_under_byok_keep_data_readable() {
+async fn set_master_key_keeps_data_readable_when_switching_back_or_rotating(backend: Backend) {
     let moto = Moto::start().await;
     let arn = moto.create_key().await;
     let app = TestApp::spawn_with(
-        Backend::Postgres,
+        backend,
         options(
             aws_environment(),
             Duration::from_secs(60),
@@ -473,11 +474,12 @@ async fn switching_back_to_the_platform_key_and_rotating_under_byok_keep_data_re
     let shown = app.get(&format!("/v1/orgs/{org}/master-key"), &token).await;
     assert_eq!(shown.body["provider"], "local");
 }
+on_both_backends!(set_master_key_keeps_data_readable_when_switching_back_or_rotating);
 
 /// moto ignores key state for crypto: a proxy answers with the errors AWS documents, and
 /// every one is classified as the customer's decision or an outage.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn aws_provider_classifies_every_injected_fault() {
+async fn aws_unwrap_names_the_fault_when_one_is_injected() {
     let moto = Moto::start().await;
     let arn = moto.create_key().await;
     let (proxy, faults) = aws_fault_proxy(&moto.url).await;
@@ -596,14 +598,13 @@ async fn aws_provider_classifies_every_injected_fault() {
 /// An outage is not the customer's decision: cached organization keys keep serving for the
 /// grace period, after which the monitor records `unavailable` (unreachable) and requests
 /// fail closed; the KMS answering again brings the organization back.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_outage_is_tolerated_for_the_grace_period_then_fails_closed() {
+async fn decrypt_fails_closed_after_the_grace_period_when_the_kms_is_out(backend: Backend) {
     let moto = Moto::start().await;
     let arn = moto.create_key().await;
     let (proxy, faults) = aws_fault_proxy(&moto.url).await;
     let grace = Duration::from_secs(2);
     let app = TestApp::spawn_with(
-        Backend::Sqlite,
+        backend,
         options(aws_environment(), grace, Duration::from_millis(300)),
     )
     .await;
@@ -629,6 +630,7 @@ async fn an_outage_is_tolerated_for_the_grace_period_then_fails_closed() {
         usize::MAX,
     );
     // Past the cache TTL but within the grace period, the cached organization key serves.
+    // This sleep is the behaviour under test (the TTL has to pass), not synchronisation.
     tokio::time::sleep(Duration::from_millis(400)).await;
     let opened = decrypt(&app, &token, &thread, &sealed).await;
     assert_eq!(opened.status, StatusCode::OK, "{}", opened.body);
@@ -638,14 +640,8 @@ async fn an_outage_is_tolerated_for_the_grace_period_then_fails_closed() {
     );
 
     // After the grace period the monitor records the outage, and requests fail closed.
-    wait_for_state(
-        &app,
-        &token,
-        &thread,
-        "unavailable",
-        grace + 3 * HEALTH_INTERVAL,
-    )
-    .await;
+    wait_for_state(&app, &token, &thread, "unavailable").await;
+    // A lower bound (not before the grace period is over): a busy machine cannot break it.
     assert!(
         outage.elapsed() >= grace,
         "recorded after {:?}",
@@ -660,18 +656,18 @@ async fn an_outage_is_tolerated_for_the_grace_period_then_fails_closed() {
 
     // KMS is back.
     faults.clear();
-    wait_for_state(&app, &token, &thread, "active", 3 * HEALTH_INTERVAL).await;
+    wait_for_state(&app, &token, &thread, "active").await;
     assert_eq!(
         decrypt(&app, &token, &thread, &sealed).await.status,
         StatusCode::OK
     );
 }
+on_both_backends!(decrypt_fails_closed_after_the_grace_period_when_the_kms_is_out);
 
 /// A customer who removes the platform's permission to decrypt (DescribeKey still works):
 /// the first failed unwrap makes the monitor check at once, and the organization is
 /// unavailable with the reason, without waiting for the interval.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failed_unwrap_triggers_a_health_check_at_once() {
+async fn decrypt_triggers_a_health_check_at_once_when_the_unwrap_fails(backend: Backend) {
     let moto = Moto::start().await;
     let arn = moto.create_key().await;
     let (proxy, faults) = aws_fault_proxy(&moto.url).await;
@@ -679,7 +675,7 @@ async fn a_failed_unwrap_triggers_a_health_check_at_once() {
     // flaky: a decrypt served within a millisecond of the encrypt used the cached key.)
     let mut options = options(aws_environment(), Duration::from_secs(60), Duration::ZERO);
     options.health_interval = Some(Duration::from_secs(3600));
-    let app = TestApp::spawn_with(Backend::Sqlite, options).await;
+    let app = TestApp::spawn_with(backend, options).await;
     let (org, token) = enterprise_org(&app).await;
     let thread = app.scope(&token, "thread", "t", &org).await;
     assert_eq!(
@@ -711,18 +707,18 @@ async fn a_failed_unwrap_triggers_a_health_check_at_once() {
     );
     assert_eq!(refused.body["code"], "key_unavailable");
     assert_eq!(refused.body["provider_error"]["kind"], "access_denied");
-    wait_for_state(&app, &token, &thread, "unavailable", Duration::from_secs(3)).await;
+    wait_for_state(&app, &token, &thread, "unavailable").await;
     let shown = app.get(&format!("/v1/orgs/{org}/master-key"), &token).await;
     assert_eq!(shown.body["reason"], "access_denied");
 }
+on_both_backends!(decrypt_triggers_a_health_check_at_once_when_the_unwrap_fails);
 
 /// Warm cache: no KMS call per data-plane request.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_warm_cache_calls_kms_zero_times_per_request() {
+async fn decrypt_calls_kms_zero_times_when_the_cache_is_warm(backend: Backend) {
     let moto = Moto::start().await;
     let arn = moto.create_key().await;
     let app = TestApp::spawn_with(
-        Backend::Sqlite,
+        backend,
         options(
             aws_environment(),
             Duration::from_secs(60),
@@ -776,6 +772,7 @@ async fn a_warm_cache_calls_kms_zero_times_per_request() {
         "0 KMS calls for 1,000 warm requests"
     );
 }
+on_both_backends!(decrypt_calls_kms_zero_times_when_the_cache_is_warm);
 
 // ---------------------------------------------------------------------------------------
 // Google Cloud KMS and Azure Key Vault, over HTTP against fakes of their documented APIs.
@@ -804,7 +801,7 @@ async fn gcp_provider(
 }
 
 #[tokio::test]
-async fn gcp_kms_round_trip_with_metadata_server_credentials() {
+async fn gcp_wrap_round_trips_when_credentials_come_from_the_metadata_server() {
     let (url, fake) = fake_gcp(GCP_KEY).await;
     let host = url.trim_start_matches("http://").to_owned();
     let provider = gcp_provider(&url, env(&[("GCE_METADATA_HOST", &host)])).await;
@@ -834,7 +831,7 @@ async fn gcp_kms_round_trip_with_metadata_server_credentials() {
 }
 
 #[tokio::test]
-async fn gcp_kms_service_account_file_is_exchanged_for_a_token() {
+async fn gcp_wrap_round_trips_when_credentials_come_from_a_service_account_file() {
     let (url, fake) = fake_gcp(GCP_KEY).await;
     let dir = tempfile::tempdir().unwrap();
     let pem_path = dir.path().join("key.pem");
@@ -900,7 +897,7 @@ async fn gcp_kms_service_account_file_is_exchanged_for_a_token() {
 }
 
 #[tokio::test]
-async fn gcp_kms_errors_are_classified() {
+async fn gcp_unwrap_names_the_fault_when_it_fails() {
     let (url, fake) = fake_gcp(GCP_KEY).await;
     let provider = gcp_provider(&url, env(&[("GOOGLE_OAUTH_ACCESS_TOKEN", "not-issued")])).await;
     // A token the server never issued.
@@ -1012,7 +1009,7 @@ fn azure_key(url: &str) -> (ekm_domain::MasterKeyRef, String) {
 }
 
 #[tokio::test]
-async fn azure_key_vault_round_trip_with_a_service_principal() {
+async fn azure_wrap_round_trips_when_signed_in_as_a_service_principal() {
     let (url, fake) = fake_azure("ekm-org").await;
     let (key, _) = azure_key(&url);
     let environment = env(&[
@@ -1050,7 +1047,7 @@ async fn azure_key_vault_round_trip_with_a_service_principal() {
 }
 
 #[tokio::test]
-async fn azure_key_vault_errors_are_classified_with_managed_identity() {
+async fn azure_unwrap_names_the_fault_when_it_fails_with_managed_identity() {
     let (url, fake) = fake_azure("ekm-org").await;
     let (key, _) = azure_key(&url);
     let environment = env(&[
@@ -1101,12 +1098,11 @@ async fn azure_key_vault_errors_are_classified_with_managed_identity() {
 }
 
 /// The connect flow is the same for every provider: a GCP key through the API.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_gcp_key_connects_through_the_api_and_serves_the_data_plane() {
+async fn set_master_key_serves_the_data_plane_when_the_key_is_in_gcp(backend: Backend) {
     let (url, fake) = fake_gcp(GCP_KEY).await;
     let host = url.trim_start_matches("http://").to_owned();
     let app = TestApp::spawn_with(
-        Backend::Sqlite,
+        backend,
         options(
             env(&[("GCE_METADATA_HOST", &host)]),
             Duration::from_secs(60),
@@ -1133,21 +1129,8 @@ async fn a_gcp_key_connects_through_the_api_and_serves_the_data_plane() {
         "gcp"
     );
     fake.set_state("DISABLED");
-    wait_for_state(
-        &app,
-        &token,
-        &thread,
-        "unavailable",
-        2 * HEALTH_INTERVAL + Duration::from_millis(900),
-    )
-    .await;
+    wait_for_state(&app, &token, &thread, "unavailable").await;
     fake.set_state("ENABLED");
-    wait_for_state(
-        &app,
-        &token,
-        &thread,
-        "active",
-        2 * HEALTH_INTERVAL + Duration::from_millis(900),
-    )
-    .await;
+    wait_for_state(&app, &token, &thread, "active").await;
 }
+on_both_backends!(set_master_key_serves_the_data_plane_when_the_key_is_in_gcp);

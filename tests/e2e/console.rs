@@ -17,9 +17,8 @@ use crate::on_both_backends;
 // ---------------------------------------------------------------------------------------
 // Files and headers.
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn console_files_are_served_with_a_strict_policy() {
-    let app = TestApp::spawn(Backend::Sqlite).await;
+async fn console_files_carry_a_strict_policy_when_served(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
     for (path, content_type) in [
         ("/console", "text/html; charset=utf-8"),
         ("/console/", "text/html; charset=utf-8"),
@@ -70,11 +69,12 @@ async fn console_files_are_served_with_a_strict_policy() {
     missing.assert_problem(404, "not_found");
     app.stop().await;
 }
+on_both_backends!(console_files_carry_a_strict_policy_when_served);
 
 // ---------------------------------------------------------------------------------------
 // The endpoints the console relies on.
 
-async fn me_describes_the_token(backend: Backend) {
+async fn me_describes_the_token_when_called(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let (org, admin) = app.org_with("enterprise", "managed").await;
     let team = app.scope(&admin, "team", "research", &org).await;
@@ -109,9 +109,9 @@ async fn me_describes_the_token(backend: Backend) {
         .assert_problem(401, "unauthorized");
     app.stop().await;
 }
-on_both_backends!(me_describes_the_token);
+on_both_backends!(me_describes_the_token_when_called);
 
-async fn search_finds_names_the_caller_may_view(backend: Backend) {
+async fn search_finds_only_visible_names_when_the_caller_is_limited(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let (org, admin) = app.org_with("enterprise", "managed").await;
     let research = app.scope(&admin, "team", "Research", &org).await;
@@ -200,7 +200,7 @@ async fn search_finds_names_the_caller_may_view(backend: Backend) {
         .assert_problem(400, "invalid_request");
     app.stop().await;
 }
-on_both_backends!(search_finds_names_the_caller_may_view);
+on_both_backends!(search_finds_only_visible_names_when_the_caller_is_limited);
 
 // ---------------------------------------------------------------------------------------
 // A real browser.
@@ -227,26 +227,35 @@ impl Driver {
             );
         }
         let port = free_port();
-        let child = Command::new(CHROMEDRIVER)
+        let mut child = Command::new(CHROMEDRIVER)
             .arg(format!("--port={port}"))
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {CHROMEDRIVER}: {e}"));
+        // Ready when it says so (after binding its port); its output is drained after that.
+        let stdout = child.stdout.take().unwrap();
+        let (ready_tx, ready) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if line.contains("started successfully") {
+                    let _ = ready_tx.send(());
+                }
+            }
+        });
         let driver = Driver {
             child,
             port,
             profile: tempfile::tempdir().unwrap(),
         };
-        let deadline = Instant::now() + WAIT;
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "chromedriver did not listen on port {port} within {WAIT:?}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        ready
+            .recv_timeout(WAIT)
+            .unwrap_or_else(|_| panic!("chromedriver did not start on port {port}"));
         driver
     }
 
@@ -336,6 +345,9 @@ impl Page {
         field.send_keys(text).await.unwrap();
     }
 
+    // The waits below poll the page: WebDriver tells a client of no change in the DOM, so
+    // looking again every 100 ms is the only way to see one. `WAIT` bounds a failure only.
+
     /// The first element matching `css` that is displayed.
     async fn wait_visible(&self, css: &str) -> fantoccini::elements::Element {
         let deadline = Instant::now() + WAIT;
@@ -411,7 +423,7 @@ fn node(id: &str) -> String {
 /// Sign in, pause a team and see its threads paused with the cause, resume, fail to revoke
 /// without the name, revoke with it, filter the audit log and verify it; all through the
 /// page, with only the API creating the organization and its scopes.
-async fn console_flow_in_a_real_browser(backend: Backend) {
+async fn console_pauses_and_revokes_when_driven_in_a_real_browser(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let (org, admin) = app.org_with("enterprise", "managed").await;
     let team = app.scope(&admin, "team", "research", &org).await;
@@ -637,13 +649,12 @@ async fn console_flow_in_a_real_browser(backend: Backend) {
     drop(driver);
     app.stop().await;
 }
-on_both_backends!(console_flow_in_a_real_browser);
+on_both_backends!(console_pauses_and_revokes_when_driven_in_a_real_browser);
 
 /// Connecting a customer key from the console: a key that does not exist fails at the
 /// "key is enabled" step with the provider's words and what to do; a real key (AWS KMS in a
 /// real moto_server) passes every step and the organization's tier becomes `byok`.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn console_connects_a_master_key_step_by_step() {
+async fn console_connects_a_master_key_when_walked_step_by_step(backend: Backend) {
     let moto = crate::kms_servers::Moto::start().await;
     let options = crate::harness::Options {
         kms: ekm_service::keys::KmsOptions {
@@ -659,13 +670,16 @@ async fn console_connects_a_master_key_step_by_step() {
         },
         ..Default::default()
     };
-    let app = TestApp::spawn_with(Backend::Sqlite, options).await;
+    let app = TestApp::spawn_with(backend, options).await;
     let (_, admin) = app.org_with("enterprise", "managed").await;
 
     let driver = Driver::start();
     let page = Page {
         client: driver.browser().await,
-        name: "byok",
+        name: match backend {
+            Backend::Sqlite => "byok-sqlite",
+            Backend::Postgres => "byok-postgres",
+        },
     };
     page.client
         .goto(&format!("{}/console", app.base))
@@ -708,12 +722,14 @@ async fn console_connects_a_master_key_step_by_step() {
     drop(driver);
     app.stop().await;
 }
+on_both_backends!(console_connects_a_master_key_when_walked_step_by_step);
 
 /// A member who may only view one team sees that team as the root of its tree, nothing
 /// else, its children a page at a time, and no action it could not take.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn console_shows_a_team_viewer_only_its_team_and_no_actions() {
-    let app = TestApp::spawn(Backend::Sqlite).await;
+async fn console_shows_only_the_team_and_no_actions_when_the_caller_is_a_team_viewer(
+    backend: Backend,
+) {
+    let app = TestApp::spawn(backend).await;
     let (org, admin) = app.org_with("enterprise", "managed").await;
     let team = app.scope(&admin, "team", "research", &org).await;
     let thread = app.scope(&admin, "thread", "launch plans", &team).await;
@@ -730,7 +746,10 @@ async fn console_shows_a_team_viewer_only_its_team_and_no_actions() {
     let driver = Driver::start();
     let page = Page {
         client: driver.browser().await,
-        name: "viewer",
+        name: match backend {
+            Backend::Sqlite => "viewer-sqlite",
+            Backend::Postgres => "viewer-postgres",
+        },
     };
     page.client
         .goto(&format!("{}/console", app.base))
@@ -775,3 +794,282 @@ async fn console_shows_a_team_viewer_only_its_team_and_no_actions() {
     drop(driver);
     app.stop().await;
 }
+on_both_backends!(console_shows_only_the_team_and_no_actions_when_the_caller_is_a_team_viewer);
+
+// ---------------------------------------------------------------------------------------
+// Issue 23: markup in names, Cancel, and the dry run that gates Submit.
+
+/// Signs `token` in through the page at `base`; returns when the tree shows `org`.
+async fn sign_in(page: &Page, base: &str, token: &str, org: &str) {
+    page.client.goto(&format!("{base}/console")).await.unwrap();
+    page.wait_true("the script ran", "document.body.dataset.ready === 'true'")
+        .await;
+    page.type_into("#token", &format!("{token}\u{E007}")).await;
+    page.wait_visible(&format!("{} > .row .select", node(org)))
+        .await;
+}
+
+async fn assert_no_image(page: &Page) {
+    assert_eq!(
+        page.eval("[...document.querySelectorAll('img')].map(i => i.outerHTML)")
+            .await,
+        json!([]),
+        "the name became markup"
+    );
+}
+
+/// A scope named with markup shows as that text wherever the console puts a name (the tree,
+/// a child's cause, the details, the revoke confirmation, the search results), and never
+/// becomes an element: no image is made and no alert is raised.
+async fn console_shows_a_name_as_text_when_it_is_markup(backend: Backend) {
+    const HOSTILE: &str = "<img src=x onerror=alert(1)>";
+    let app = TestApp::spawn(backend).await;
+    let (org, admin) = app.org_with("enterprise", "managed").await;
+    let team = app.scope(&admin, "team", HOSTILE, &org).await;
+    let thread = app.scope(&admin, "thread", "launch plans", &team).await;
+    assert_eq!(app.pause(&admin, &team).await.status, StatusCode::OK);
+
+    let driver = Driver::start();
+    let page = Page {
+        client: driver.browser().await,
+        name: match backend {
+            Backend::Sqlite => "markup-sqlite",
+            Backend::Postgres => "markup-postgres",
+        },
+    };
+    sign_in(&page, &app.base, &admin, &org).await;
+    // After each place a name is shown: no element was made of it.
+    let no_image = || assert_no_image(&page);
+
+    let row = format!("{} > .row .select", node(&team));
+    page.wait_visible(&row).await;
+    no_image().await;
+    page.wait_text(&row, &[HOSTILE]).await;
+    page.click(&format!("{} > .row .toggle", node(&team))).await;
+    page.wait_visible(&format!("{} > .cause", node(&thread)))
+        .await;
+    no_image().await;
+    page.wait_text(
+        &format!("{} > .cause", node(&thread)),
+        &[&format!("paused by team {HOSTILE}")],
+    )
+    .await;
+    page.click(&row).await;
+    page.wait_visible("#detail-panel").await;
+    page.wait_true(
+        "the details show the team",
+        &format!("document.getElementById('detail-facts').textContent.includes('{team}')"),
+    )
+    .await;
+    no_image().await;
+    page.wait_text("#detail-title", &[&format!("team {HOSTILE}")])
+        .await;
+    page.click("#detail-actions [data-action=revoke]").await;
+    page.wait_text("#action-impact", &["Would become inactive"])
+        .await;
+    no_image().await;
+    page.wait_text("#confirm-name", &[HOSTILE]).await;
+    page.click("#action-cancel").await;
+    page.type_into("#search-q", "onerror").await;
+    page.click("#search-button").await;
+    page.wait_visible(&format!(
+        "#search-list {}",
+        node(&team).trim_start_matches("#tree ")
+    ))
+    .await;
+    no_image().await;
+    page.wait_text("#search-list", &[HOSTILE]).await;
+    page.screenshot("01-markup-as-text").await;
+
+    assert!(
+        page.client.get_alert_text().await.is_err(),
+        "an alert is open"
+    );
+    let _ = page.client.close().await;
+    drop(driver);
+    app.stop().await;
+}
+on_both_backends!(console_shows_a_name_as_text_when_it_is_markup);
+
+/// A proxy between the browser and the server that holds the answer to every dry run
+/// (`?dry_run=true`) until the test releases it: to the page, a server that is slow exactly
+/// when the test wants, with no clock involved.
+struct HoldingProxy {
+    base: String,
+    /// The path of each dry run whose answer has come back from the server and is held.
+    held: tokio::sync::mpsc::UnboundedReceiver<String>,
+    release: std::sync::Arc<tokio::sync::Semaphore>,
+}
+
+impl HoldingProxy {
+    async fn start(upstream: &str) -> HoldingProxy {
+        use axum::extract::{Request, State};
+        use axum::response::Response;
+
+        #[derive(Clone)]
+        struct Proxy {
+            upstream: String,
+            client: reqwest::Client,
+            held: tokio::sync::mpsc::UnboundedSender<String>,
+            release: std::sync::Arc<tokio::sync::Semaphore>,
+        }
+        async fn handle(State(proxy): State<Proxy>, request: Request) -> Response {
+            let (parts, body) = request.into_parts();
+            let body = axum::body::to_bytes(body, 1 << 20)
+                .await
+                .unwrap_or_default();
+            let path = parts
+                .uri
+                .path_and_query()
+                .map_or("/", |p| p.as_str())
+                .to_owned();
+            let mut upstream = proxy
+                .client
+                .request(parts.method.clone(), format!("{}{path}", proxy.upstream));
+            for (name, value) in &parts.headers {
+                if name != "host" && name != "content-length" {
+                    upstream = upstream.header(name, value);
+                }
+            }
+            let answer = upstream.body(body).send().await.unwrap();
+            let mut response = Response::builder().status(answer.status());
+            for (name, value) in answer.headers() {
+                if name != "content-length" && name != "transfer-encoding" && name != "connection" {
+                    response = response.header(name, value);
+                }
+            }
+            let bytes = answer.bytes().await.unwrap_or_default();
+            if path.contains("dry_run=true") {
+                let _ = proxy.held.send(path);
+                proxy.release.acquire().await.unwrap().forget();
+            }
+            response.body(axum::body::Body::from(bytes)).unwrap()
+        }
+        let (held_tx, held) = tokio::sync::mpsc::unbounded_channel();
+        let release = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+        let proxy = Proxy {
+            upstream: upstream.to_owned(),
+            client: reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .unwrap(),
+            held: held_tx,
+            release: release.clone(),
+        };
+        let base =
+            crate::kms_servers::serve(axum::Router::new().fallback(handle).with_state(proxy)).await;
+        HoldingProxy {
+            base,
+            held,
+            release,
+        }
+    }
+
+    /// Waits until a dry run's answer is held; returns its path.
+    async fn next_held(&mut self) -> String {
+        tokio::time::timeout(WAIT, self.held.recv())
+            .await
+            .unwrap_or_else(|_| panic!("no dry run reached the proxy within {WAIT:?}"))
+            .unwrap()
+    }
+}
+
+/// Records, in the page, every request the console starts (`METHOD path`), as it starts
+/// it: the console calls `fetch` synchronously from its event handlers, so once a click or
+/// a key press has been dispatched, what it sent is in `window.__sent`.
+async fn record_requests(page: &Page) {
+    page.eval(
+        "(() => { window.__sent = []; const fetch = window.fetch; \
+         window.fetch = (url, init) => { \
+           window.__sent.push(`${(init && init.method) || 'GET'} ${url}`); \
+           return fetch(url, init); }; \
+         return true; })()",
+    )
+    .await;
+}
+
+/// The commands (POSTs other than dry runs) the page has sent.
+async fn commands_sent(page: &Page) -> serde_json::Value {
+    page.eval("window.__sent.filter(s => s.startsWith('POST') && !s.includes('dry_run=true'))")
+        .await
+}
+
+/// Revoke can be submitted only once its dry run has answered: while the answer is held,
+/// Submit is disabled and Enter in the confirmation field sends nothing, even with the
+/// reason and the name typed. Cancel then closes the form and changes nothing (no event).
+/// A pause through the same proxy, released at once, does go through.
+async fn console_submit_waits_and_cancel_changes_nothing_when_the_dry_run_is_slow(
+    backend: Backend,
+) {
+    let app = TestApp::spawn(backend).await;
+    let (org, admin) = app.org_with("enterprise", "managed").await;
+    let team = app.scope(&admin, "team", "research", &org).await;
+    app.scope(&admin, "thread", "launch plans", &team).await;
+    let mut proxy = HoldingProxy::start(&app.base).await;
+
+    let driver = Driver::start();
+    let page = Page {
+        client: driver.browser().await,
+        name: match backend {
+            Backend::Sqlite => "dry-run-sqlite",
+            Backend::Postgres => "dry-run-postgres",
+        },
+    };
+    sign_in(&page, &proxy.base, &admin, &org).await;
+    record_requests(&page).await;
+    let events = app.db.event_count().await.unwrap();
+    let submit_disabled = "document.getElementById('action-submit').disabled";
+
+    // The dry run's answer is held: Submit stays disabled, Enter sends nothing.
+    page.click(&format!("{} > .row .select", node(&team))).await;
+    page.wait_text("#detail-title", &["team research"]).await;
+    page.click("#detail-actions [data-action=revoke]").await;
+    let held = proxy.next_held().await;
+    assert_eq!(held, format!("/v1/scopes/{team}/revoke?dry_run=true"));
+    assert_eq!(page.eval(submit_disabled).await, json!(true));
+    page.wait_text("#action-impact", &["Counting what this affects"])
+        .await;
+    page.type_into("#action-reason", "project closed").await;
+    page.type_into("#action-confirm", "research\u{E007}").await;
+    assert_eq!(page.eval(submit_disabled).await, json!(true));
+    assert_eq!(commands_sent(&page).await, json!([]));
+    page.screenshot("01-waiting-for-the-dry-run").await;
+
+    // The answer arrives: the count is shown and Submit becomes usable.
+    proxy.release.add_permits(1);
+    page.wait_text("#action-impact", &["Would become inactive: 2"])
+        .await;
+    page.wait_true("Submit is enabled", &format!("!{submit_disabled}"))
+        .await;
+
+    // Cancel, with everything typed: the form closes, nothing was sent, nothing changed.
+    page.click("#action-cancel").await;
+    page.wait_true(
+        "the form is closed",
+        "document.getElementById('action-form').hidden",
+    )
+    .await;
+    assert_eq!(commands_sent(&page).await, json!([]));
+    assert_eq!(app.db.event_count().await.unwrap(), events);
+    let scope = app.get(&format!("/v1/scopes/{team}"), &admin).await;
+    assert_eq!(scope.body["own_state"], "active", "{}", scope.body);
+    page.screenshot("02-cancelled").await;
+
+    // The same path without a hold: a pause goes through, one event.
+    proxy.release.add_permits(1);
+    page.click("#detail-actions [data-action=pause]").await;
+    page.wait_text("#action-impact", &["Would become inactive: 2"])
+        .await;
+    page.type_into("#action-reason", "investigation 4711").await;
+    page.click("#action-submit").await;
+    page.wait_text("#status", &["research paused"]).await;
+    assert_eq!(
+        commands_sent(&page).await,
+        json!([format!("POST /v1/scopes/{team}/pause")])
+    );
+    assert_eq!(app.db.event_count().await.unwrap(), events + 1);
+    let _ = page.client.close().await;
+    drop(driver);
+    app.stop().await;
+}
+on_both_backends!(console_submit_waits_and_cancel_changes_nothing_when_the_dry_run_is_slow);

@@ -20,7 +20,7 @@ use base64::Engine;
 use serde_json::{json, Value};
 
 /// Serves `router` on a free loopback port for the rest of the test.
-async fn serve(router: Router) -> String {
+pub(crate) async fn serve(router: Router) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address: SocketAddr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -45,32 +45,40 @@ impl Moto {
             let socket = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             socket.local_addr().unwrap().port()
         };
-        let child = Command::new("moto_server")
+        let mut child = Command::new("moto_server")
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("moto_server is installed (pip install 'moto[server]')");
+        // Ready when it logs "Running on", which werkzeug does once its socket listens; the
+        // log (a line per request) is drained after that.
+        let stderr = child.stderr.take().unwrap();
+        let (ready_tx, ready) = tokio::sync::oneshot::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            let mut ready_tx = Some(ready_tx);
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if line.contains("Running on") {
+                    if let Some(tx) = ready_tx.take() {
+                        let _ = tx.send(());
+                    }
+                }
+            }
+        });
         let url = format!("http://127.0.0.1:{port}");
         let moto = Moto {
             child,
             url,
             client: reqwest::Client::new(),
         };
-        // Ready when it answers.
-        for _ in 0..400 {
-            if moto
-                .client
-                .get(format!("{}/moto-api/", moto.url))
-                .send()
-                .await
-                .is_ok()
-            {
-                return moto;
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
+        match tokio::time::timeout(Duration::from_secs(60), ready).await {
+            Ok(Ok(())) => moto,
+            _ => panic!("moto_server did not start on port {port}"),
         }
-        panic!("moto_server did not start on port {port}");
     }
 
     /// Calls a KMS operation directly (moto reads the region from the signature scope and
@@ -202,6 +210,7 @@ impl Faults {
                     .into_response(),
             ),
             Fault::Stall(duration) => {
+                // A KMS that does not answer in time: the delay is the fault under test.
                 tokio::time::sleep(duration).await;
                 Some(StatusCode::GATEWAY_TIMEOUT.into_response())
             }

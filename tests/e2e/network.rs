@@ -27,7 +27,9 @@ fn assert_no_network_detail(text: &str, secrets: &[&str]) {
     }
 }
 
-async fn a_key_naming_a_refused_or_unreachable_endpoint_gets_a_safe_problem(backend: Backend) {
+async fn set_master_key_gets_a_safe_problem_when_the_endpoint_is_refused_or_unreachable(
+    backend: Backend,
+) {
     let app = TestApp::spawn_with(
         backend,
         Options {
@@ -105,12 +107,12 @@ async fn a_key_naming_a_refused_or_unreachable_endpoint_gets_a_safe_problem(back
     assert_eq!(unresolved.body["provider_error"]["kind"], "unreachable");
     assert_no_network_detail(&unresolved.body.to_string(), &["nowhere"]);
 }
-on_both_backends!(a_key_naming_a_refused_or_unreachable_endpoint_gets_a_safe_problem);
+on_both_backends!(set_master_key_gets_a_safe_problem_when_the_endpoint_is_refused_or_unreachable);
 
 const EKM: &str = env!("CARGO_BIN_EXE_ekm");
 
 #[test]
-fn serve_refuses_to_start_with_a_bad_endpoint_pattern() {
+fn serve_refuses_to_start_when_an_endpoint_pattern_is_bad() {
     let dir = tempfile::tempdir().unwrap();
     for pattern in [
         "https://*",
@@ -295,7 +297,7 @@ fn read_until_closed(stream: &mut std::net::TcpStream) -> (String, Duration, boo
 }
 
 #[test]
-fn a_half_sent_header_and_an_idle_connection_are_closed_within_the_timeout() {
+fn connection_is_closed_within_the_timeout_when_a_header_is_half_sent_or_idle() {
     use std::io::Write;
     let server = Ekm::start(&["--header-read-timeout", "300ms"]);
     let mut half = server.connect();
@@ -305,6 +307,7 @@ fn a_half_sent_header_and_an_idle_connection_are_closed_within_the_timeout() {
     for stream in [&mut half, &mut idle] {
         let (_, took, closed) = read_until_closed(stream);
         assert!(closed, "the connection stayed open");
+        // The bound is the behaviour (the timeout closes it), ten times the timeout.
         assert!(took < Duration::from_secs(3), "closed after {took:?}");
     }
     // A complete request is still answered on a fresh connection.
@@ -317,11 +320,12 @@ fn a_half_sent_header_and_an_idle_connection_are_closed_within_the_timeout() {
 }
 
 #[test]
-fn idle_sockets_above_the_cap_wait_and_healthz_answers_once_they_are_reaped() {
+fn healthz_answers_once_idle_sockets_are_reaped_when_above_the_cap() {
     let server = Ekm::start(&["--max-connections", "4", "--header-read-timeout", "500ms"]);
     let baseline = server.sockets();
     let mut idle: Vec<_> = (0..12).map(|_| server.connect()).collect();
-    // The first four are accepted at once.
+    // The first four are accepted at once. (Polling /proc: the kernel tells another
+    // process of no accept, so there is no event to await.)
     while server.sockets() < baseline + 4 {
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -336,7 +340,8 @@ fn idle_sockets_above_the_cap_wait_and_healthz_answers_once_they_are_reaped() {
         answer.get(9..12).and_then(|code| code.parse::<u16>().ok())
     });
     // While the idle sockets are reaped four at a time, the process never holds more than
-    // four connections.
+    // four connections. Sampled while the health request waits: what is measured is the
+    // most sockets ever held, so this loop is the measurement, not a synchronisation.
     let mut most = 0;
     while !health.is_finished() {
         most = most.max(server.sockets());
@@ -356,7 +361,7 @@ fn idle_sockets_above_the_cap_wait_and_healthz_answers_once_they_are_reaped() {
 }
 
 #[test]
-fn a_late_body_gets_408_request_timeout() {
+fn request_gets_408_when_its_body_is_late() {
     use std::io::Write;
     let server = Ekm::start(&["--request-timeout", "300ms"]);
     let token = server.operator_token();
@@ -373,11 +378,12 @@ fn a_late_body_gets_408_request_timeout() {
     assert!(answer.contains("\"code\":\"request_timeout\""), "{answer}");
     // Answered inside the request-id layer, like every other response.
     assert!(answer.to_lowercase().contains("x-request-id:"), "{answer}");
+    // The bound is the behaviour: the request timeout ends it, not the client.
     assert!(closed && took < Duration::from_secs(5), "{took:?}");
 }
 
 #[test]
-fn the_process_exits_within_the_shutdown_deadline_while_a_slow_client_holds_a_request() {
+fn serve_exits_within_the_shutdown_deadline_when_a_slow_client_holds_a_request() {
     use std::io::Write;
     let mut server = Ekm::start(&["--shutdown-timeout", "500ms", "--request-timeout", "60s"]);
     let token = server.operator_token();
@@ -389,7 +395,8 @@ fn the_process_exits_within_the_shutdown_deadline_while_a_slow_client_holds_a_re
          Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"name\""
     )
     .unwrap();
-    // The server has accepted the connection (and reads the request at once).
+    // The server has accepted the connection (and reads the request at once). Polling
+    // /proc, as above: no event to await from another process's accept.
     while server.sockets() <= baseline {
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -399,6 +406,7 @@ fn the_process_exits_within_the_shutdown_deadline_while_a_slow_client_holds_a_re
     let took = signalled.elapsed();
     let status = status.unwrap_or_else(|| panic!("still running {took:?} after SIGTERM"));
     assert!(status.success(), "{}", server.log_text());
+    // The bound is the behaviour: the shutdown deadline, not the slow client, ends it.
     assert!(
         took < Duration::from_secs(5),
         "exited {took:?} after SIGTERM"
@@ -425,7 +433,7 @@ fn self_signed(
 }
 
 #[test]
-fn https_serves_healthz_and_authenticated_calls_and_plain_http_fails() {
+fn serve_answers_https_and_refuses_plain_http_when_tls_is_set() {
     let files = tempfile::tempdir().unwrap();
     let (cert, key, cert_pem) = self_signed(files.path(), "server");
     let server = Ekm::start(&[
@@ -515,7 +523,7 @@ fn https_serves_healthz_and_authenticated_calls_and_plain_http_fails() {
 }
 
 #[test]
-fn serve_refuses_to_start_with_bad_tls_files() {
+fn serve_refuses_to_start_when_the_tls_files_are_bad() {
     let files = tempfile::tempdir().unwrap();
     let (cert, key, _) = self_signed(files.path(), "one");
     let (_, other_key, _) = self_signed(files.path(), "two");

@@ -135,7 +135,7 @@ pub(crate) fn mode(path: &Path) -> u32 {
     std::fs::metadata(path).unwrap().permissions().mode() & 0o777
 }
 
-fn first_start_token_shutdown_and_restart(backend: Backend) {
+fn serve_keeps_its_token_and_state_when_stopped_and_restarted(backend: Backend) {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let test_db = runtime.block_on(TestDb::new(backend));
     let url = test_db.url.clone();
@@ -195,17 +195,17 @@ fn first_start_token_shutdown_and_restart(backend: Backend) {
 }
 
 #[test]
-fn sqlite_first_start_token_shutdown_and_restart() {
-    first_start_token_shutdown_and_restart(Backend::Sqlite);
+fn serve_keeps_its_token_and_state_when_stopped_and_restarted_on_sqlite() {
+    serve_keeps_its_token_and_state_when_stopped_and_restarted(Backend::Sqlite);
 }
 
 #[test]
-fn postgres_first_start_token_shutdown_and_restart() {
-    first_start_token_shutdown_and_restart(Backend::Postgres);
+fn serve_keeps_its_token_and_state_when_stopped_and_restarted_on_postgres() {
+    serve_keeps_its_token_and_state_when_stopped_and_restarted(Backend::Postgres);
 }
 
 #[test]
-fn a_second_process_on_the_same_sqlite_data_dir_is_refused() {
+fn serve_is_refused_when_another_process_holds_the_sqlite_data_dir() {
     let dir = tempfile::tempdir().unwrap();
     let first = serve(dir.path(), None);
     let output = Command::new(EKM)
@@ -222,7 +222,7 @@ fn a_second_process_on_the_same_sqlite_data_dir_is_refused() {
 }
 
 #[test]
-fn two_instances_on_one_postgres_database_see_each_others_commands_within_a_second() {
+fn get_scope_shows_another_instances_command_within_a_second_when_two_share_postgres() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let test_db = runtime.block_on(TestDb::new(Backend::Postgres));
     let url = test_db.url.clone().unwrap();
@@ -304,7 +304,7 @@ fn two_instances_on_one_postgres_database_see_each_others_commands_within_a_seco
 }
 
 #[test]
-fn migrate_prepares_an_empty_database_and_exits() {
+fn migrate_prepares_the_database_and_exits_when_it_is_empty() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     for backend in [Backend::Sqlite, Backend::Postgres] {
         let test_db = runtime.block_on(TestDb::new(backend));
@@ -332,7 +332,7 @@ fn migrate_prepares_an_empty_database_and_exits() {
 }
 
 #[test]
-fn serve_refuses_an_unreachable_database_clearly() {
+fn serve_refuses_clearly_when_the_database_is_unreachable() {
     let dir = tempfile::tempdir().unwrap();
     let output = Command::new(EKM)
         .args([
@@ -351,7 +351,7 @@ fn serve_refuses_an_unreachable_database_clearly() {
 /// kill -9 in the middle of a stream of commands (creations, pauses, resumes, revokes);
 /// after a restart the read models equal a rebuild from the events, no revoked scope has
 /// key material left, and the audit chain verifies.
-fn read_models_survive_kill_9_mid_workload(backend: Backend) {
+fn read_models_equal_a_rebuild_when_the_server_is_killed_mid_workload(backend: Backend) {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let test_db = runtime.block_on(TestDb::new(backend));
     let url = test_db.url.clone();
@@ -413,6 +413,7 @@ fn read_models_survive_kill_9_mid_workload(backend: Backend) {
                     Ok(response) if response.status().is_success() => {
                         if kind == "create" {
                             let Ok(created) = response.json::<Value>().await else {
+                                eprintln!("workload stopped: {kind}: the answer was cut off");
                                 return; // the server went away mid-answer
                             };
                             teams.push(created["id"].as_str().unwrap().to_owned());
@@ -421,7 +422,18 @@ fn read_models_survive_kill_9_mid_workload(backend: Backend) {
                             return;
                         }
                     }
-                    _ => return, // the server is gone
+                    Ok(response) => {
+                        // A refusal ends the workload too: say which, for the failure report.
+                        let status = response.status();
+                        let text = response.text().await.unwrap_or_default();
+                        eprintln!("workload stopped: {kind} {path} answered {status}: {text}");
+                        return;
+                    }
+                    Err(error) => {
+                        // Expected once the server is killed; before that, the reason.
+                        eprintln!("workload stopped: {kind} {path}: {error}");
+                        return;
+                    }
                 }
             }
         });
@@ -511,27 +523,27 @@ fn read_models_survive_kill_9_mid_workload(backend: Backend) {
 }
 
 #[test]
-fn sqlite_read_models_survive_kill_9_mid_workload() {
-    read_models_survive_kill_9_mid_workload(Backend::Sqlite);
+fn read_models_equal_a_rebuild_when_the_server_is_killed_mid_workload_on_sqlite() {
+    read_models_equal_a_rebuild_when_the_server_is_killed_mid_workload(Backend::Sqlite);
 }
 
 #[test]
-fn postgres_read_models_survive_kill_9_mid_workload() {
-    read_models_survive_kill_9_mid_workload(Backend::Postgres);
+fn read_models_equal_a_rebuild_when_the_server_is_killed_mid_workload_on_postgres() {
+    read_models_equal_a_rebuild_when_the_server_is_killed_mid_workload(Backend::Postgres);
 }
 
 /// `ekm org master-key set|show` as a client of a real `ekm serve`, which finds AWS
 /// credentials through the default chain (here: the standard environment variables) and
 /// reaches a moto_server.
-#[test]
-fn cli_connects_an_aws_master_key_and_shows_it() {
+fn cli_master_key_set_shows_the_key_when_it_is_in_aws(backend: Backend) {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let moto = runtime.block_on(crate::kms_servers::Moto::start());
     let arn = runtime.block_on(moto.create_key());
-    let dir = tempfile::tempdir().unwrap();
+    let test_db = runtime.block_on(TestDb::new(backend));
+    let dir = test_db.data_dir();
     let server = serve_configured(
-        dir.path(),
-        None,
+        dir,
+        test_db.url.as_deref(),
         &[
             "--key-health-interval",
             "1s",
@@ -544,7 +556,7 @@ fn cli_connects_an_aws_master_key_and_shows_it() {
             ("AWS_EC2_METADATA_DISABLED", "true"),
         ],
     );
-    let operator = read_token(dir.path());
+    let operator = read_token(dir);
     let (status, org) = call(
         "POST",
         &format!("{}/v1/orgs", server.base),
@@ -606,15 +618,28 @@ fn cli_connects_an_aws_master_key_and_shows_it() {
     assert!(String::from_utf8_lossy(&refused.stderr).contains("invalid_request"));
     // The token never appears in the server's log.
     assert!(!server.log_text().contains(&admin));
+    drop(server);
+    drop(test_db);
+    drop(runtime);
+}
+
+#[test]
+fn cli_master_key_set_shows_the_key_when_it_is_in_aws_on_sqlite() {
+    cli_master_key_set_shows_the_key_when_it_is_in_aws(Backend::Sqlite);
+}
+
+#[test]
+fn cli_master_key_set_shows_the_key_when_it_is_in_aws_on_postgres() {
+    cli_master_key_set_shows_the_key_when_it_is_in_aws(Backend::Postgres);
 }
 
 /// `ekm org create`, `ekm token create|list|revoke` and `ekm grant add|list|remove` as
 /// clients of a real server, ending with the service token encrypting.
-#[test]
-fn cli_manages_organizations_tokens_and_grants() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = serve(dir.path(), None);
-    let operator = read_token(dir.path());
+fn cli_org_token_and_grant_commands_succeed_when_run_in_order(backend: Backend) {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let test_db = runtime.block_on(TestDb::new(backend));
+    let server = serve(test_db.data_dir(), test_db.url.as_deref());
+    let operator = read_token(test_db.data_dir());
     let ekm = |token: &str, args: &[&str]| {
         let output = Command::new(EKM)
             .args(args)
@@ -730,4 +755,17 @@ fn cli_manages_organizations_tokens_and_grants() {
     for secret in [&operator, &admin, &service] {
         assert!(!log.contains(secret.as_str()));
     }
+    drop(server);
+    drop(test_db);
+    drop(runtime);
+}
+
+#[test]
+fn cli_org_token_and_grant_commands_succeed_when_run_in_order_on_sqlite() {
+    cli_org_token_and_grant_commands_succeed_when_run_in_order(Backend::Sqlite);
+}
+
+#[test]
+fn cli_org_token_and_grant_commands_succeed_when_run_in_order_on_postgres() {
+    cli_org_token_and_grant_commands_succeed_when_run_in_order(Backend::Postgres);
 }

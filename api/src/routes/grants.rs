@@ -141,6 +141,8 @@ pub async fn list_grants(
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
     let org = own_org(&caller, &path_parts(path)?)?;
+    // As for tokens: a grant just added is listed.
+    state.app.refresh().await?;
     let grants = state
         .app
         .tokens()

@@ -180,6 +180,9 @@ pub async fn list_tokens(
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
     let org = own_org(&caller, &path_parts(path)?)?;
+    // The list is read from SQL, which the runner brings up to the commands a moment
+    // later: settle first, so a token just issued is listed.
+    state.app.refresh().await?;
     let tokens = state
         .app
         .tokens()

@@ -10,14 +10,15 @@ use ekm_store::Db;
 use super::*;
 use crate::harness::{Backend, TestApp, TestDb};
 
-#[test]
-fn projections_status_and_rebuild_report_positions_when_run_from_the_cli() {
+fn projections_status_and_rebuild_report_positions_when_run_from_the_cli(backend: Backend) {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let (dir, head) = runtime.block_on(async {
-        let app = TestApp::spawn(Backend::Sqlite).await;
+        let app = TestApp::spawn(backend).await;
         random_history(&app.app, 5, 40).await;
         // The revokes' re-keys record events too: let them finish before comparing.
         app.rekeyer.run_pending().await.unwrap();
+        // The runner follows the answers (ADR 0020): the status is read once it holds all.
+        app.app.refresh().await.unwrap();
         let head = app.db.head_position().await.unwrap();
         let config = app.config.clone();
         app.db.close().await;
@@ -25,13 +26,16 @@ fn projections_status_and_rebuild_report_positions_when_run_from_the_cli() {
         (app, head)
     });
     let ekm = |args: &[&str]| {
-        Command::new(env!("CARGO_BIN_EXE_ekm"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_ekm"));
+        command
             .args(args)
             .arg("--data-dir")
             .arg(dir.data_dir())
-            .env_remove("EKM_DATABASE_URL")
-            .output()
-            .unwrap()
+            .env_remove("EKM_DATABASE_URL");
+        if let Some(url) = dir.database_url() {
+            command.args(["--database-url", url]);
+        }
+        command.output().unwrap()
     };
     let status = ekm(&["projections", "status", "--json"]);
     assert!(
@@ -53,6 +57,18 @@ fn projections_status_and_rebuild_report_positions_when_run_from_the_cli() {
     let report: serde_json::Value = serde_json::from_slice(&rebuilt.stdout).unwrap();
     assert_eq!(report["position"], head);
     assert!(String::from_utf8_lossy(&rebuilt.stderr).contains("rebuilding read models: position"));
+    drop(dir);
+    drop(runtime);
+}
+
+#[test]
+fn projections_status_and_rebuild_report_positions_when_run_from_the_cli_on_sqlite() {
+    projections_status_and_rebuild_report_positions_when_run_from_the_cli(Backend::Sqlite);
+}
+
+#[test]
+fn projections_status_and_rebuild_report_positions_when_run_from_the_cli_on_postgres() {
+    projections_status_and_rebuild_report_positions_when_run_from_the_cli(Backend::Postgres);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
