@@ -125,6 +125,13 @@ pub struct Projector {
     /// PostgreSQL with `async_commit`: the highest applied position known to be flushed
     /// (confirmed by a synchronous commit made after it, `confirm_durable`).
     durable: std::sync::atomic::AtomicI64,
+    /// PostgreSQL with `async_commit`: the server's start time seen by this process's last
+    /// batch, and the highest position this process committed while that server ran. An
+    /// unflushed commit is lost only if the server stops: while it runs, what this process
+    /// applied stays, and a checkpoint below it was moved back by someone.
+    server_run: std::sync::Mutex<(Option<String>, i64)>,
+    /// The server start time read by the batch in flight (set in its transaction).
+    batch_server_run: std::sync::Mutex<Option<String>>,
     listening: std::sync::atomic::AtomicBool,
     listeners: std::sync::Mutex<Vec<EventListener>>,
     /// The last batch this process applied: every event after `from` up to its last.
@@ -144,6 +151,8 @@ impl Projector {
             wake: Notify::new(),
             commits: Notify::new(),
             durable: std::sync::atomic::AtomicI64::new(0),
+            server_run: std::sync::Mutex::new((None, 0)),
+            batch_server_run: std::sync::Mutex::new(None),
             listening: std::sync::atomic::AtomicBool::new(false),
             listeners: std::sync::Mutex::new(vec![]),
             observed: Mutex::new(None),
@@ -203,11 +212,32 @@ impl Projector {
     /// Below what a never-rebuilt projection's checkpoint may not go: what this process
     /// applied, or with `async_commit` what it knows to be flushed (a database crash may
     /// take back the rest, which is then applied again, not a reset).
-    fn floor(&self) -> i64 {
-        if self.config.async_commit && self.db.is_postgres() {
-            self.durable.load(std::sync::atomic::Ordering::Acquire)
+    ///
+    /// On PostgreSQL with `async_commit`, what this process committed while the server it
+    /// reads now has been running counts as well (`started`: `pg_postmaster_start_time()`
+    /// read in the batch's transaction): only a stop of the server loses unflushed commits.
+    fn floor(&self, started: Option<&str>) -> i64 {
+        if !(self.config.async_commit && self.db.is_postgres()) {
+            return self.applied();
+        }
+        let durable = self.durable.load(std::sync::atomic::Ordering::Acquire);
+        match (started, self.server_run.lock()) {
+            (Some(started), Ok(run)) if run.0.as_deref() == Some(started) => durable.max(run.1),
+            _ => durable,
+        }
+    }
+
+    /// After a batch committed on PostgreSQL: what it reached counts for the server run it
+    /// was committed in (`floor`).
+    fn record_server_run(&self, reached: i64) {
+        let started = self.batch_server_run.lock().ok().and_then(|mut s| s.take());
+        let (Some(started), Ok(mut run)) = (started, self.server_run.lock()) else {
+            return;
+        };
+        if run.0.as_deref() == Some(started.as_str()) {
+            run.1 = run.1.max(reached);
         } else {
-            self.applied()
+            *run = (Some(started), reached);
         }
     }
 
@@ -471,6 +501,7 @@ impl Projector {
                 };
                 let (batch, reached) = postgres_batch(self, &mut tx, events).await?;
                 tx.commit().await?;
+                self.record_server_run(reached);
                 Ok(self.record(batch, reached))
             }
         }
@@ -730,11 +761,22 @@ macro_rules! batch_fn {
             // Every projection's checkpoint in one statement (locked for the batch on
             // PostgreSQL, so that instances take turns).
             let names = checkpoint_names(&projector.projections);
+            // On PostgreSQL, with the server's start time (`Projector::floor`).
             let select = format!(
-                "SELECT name, position FROM projection_checkpoints WHERE name IN ({names}){}",
+                "SELECT name, position, {} FROM projection_checkpoints WHERE name IN ({names}){}",
+                if $lock { "pg_postmaster_start_time()::text" } else { "NULL" },
                 if $lock { " FOR UPDATE" } else { "" }
             );
-            let stored: Vec<(String, i64)> = sqlx::query_as(&select).fetch_all(&mut **tx).await?;
+            let stored: Vec<(String, i64, Option<String>)> =
+                sqlx::query_as(&select).fetch_all(&mut **tx).await?;
+            let started = stored.first().and_then(|(_, _, started)| started.clone());
+            if let Ok(mut batch) = projector.batch_server_run.lock() {
+                *batch = started.clone();
+            }
+            let stored: Vec<(String, i64)> = stored
+                .into_iter()
+                .map(|(name, position, _)| (name, position))
+                .collect();
             let checkpoints: Vec<i64> = projector
                 .projections
                 .iter()
@@ -748,7 +790,7 @@ macro_rules! batch_fn {
             // A projection that is never rebuilt (the seals, the key shredder) never moves
             // back: below what this process has applied, someone reset it, and applying
             // again would seal altered history with the real key (ADR 0018).
-            let floor = projector.floor();
+            let floor = projector.floor(started.as_deref());
             for (projection, checkpoint) in projector.projections.iter().zip(&checkpoints) {
                 if !projection.rebuildable() && *checkpoint < floor {
                     return Err(ProjectionError::ResealRefused {

@@ -233,17 +233,25 @@ async fn check(
         run_ops(&apps, org, &mut scopes, after)
     );
     load.unwrap();
-    // The revokes' re-keys record events too: let them finish, then let every instance hear
-    // every event.
-    first.rekeyer.run_pending().await.unwrap();
-    if let Some(second) = second {
-        second.rekeyer.run_pending().await.unwrap();
-    }
-    // Everything committed (not only what lies below PostgreSQL's fence at one instant: a
-    // notification or a runner transaction of the other instance may hold it briefly).
-    let head = first.db.committed_head().await.unwrap();
-    for app in &apps {
-        app.projector().catch_up_to(head).await.unwrap();
+    // The revokes' re-keys record events too, and a re-key starts only once its revoke is in
+    // the read models: until nothing more is committed, let every instance hear every event
+    // (everything committed, not only what lies below PostgreSQL's fence at one instant: a
+    // notification or a runner transaction of the other instance may hold it briefly), then
+    // finish the re-keys that became pending. (The background re-key jobs would otherwise
+    // record events after the comparison began.)
+    let mut rekeyers = vec![&first.rekeyer];
+    rekeyers.extend(second.map(|s| &s.rekeyer));
+    loop {
+        let head = first.db.committed_head().await.unwrap();
+        for app in &apps {
+            app.projector().catch_up_to(head).await.unwrap();
+        }
+        for rekeyer in &rekeyers {
+            rekeyer.run_pending().await.unwrap();
+        }
+        if first.db.committed_head().await.unwrap() == head {
+            break;
+        }
     }
     let mut trees: Vec<&MemoryTree> = apps.iter().map(|a| a.memory().as_ref()).collect();
     trees.push(&fresh);

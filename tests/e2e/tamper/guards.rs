@@ -210,3 +210,31 @@ async fn serve_refuses_another_audit_key_when_the_database_is_sealed(backend: Ba
     app.stop().await;
 }
 on_both_backends!(serve_refuses_another_audit_key_when_the_database_is_sealed);
+
+/// PostgreSQL, the read models committed without a flush of their own (ADR 0020): the
+/// running server still refuses to seal again a history whose seals were reset, even when
+/// no command committed after its runner applied the last events (so no synchronous commit
+/// has confirmed them flushed). The server has not stopped since, so nothing it applied
+/// can have been lost: a checkpoint below it was moved back by someone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn catch_up_refuses_to_reseal_when_seals_are_reset_and_nothing_confirmed_them_flushed() {
+    let app = TestApp::spawn(Backend::Postgres).await;
+    let (_org, _admin) = app.org("enterprise").await;
+    // The runner applies and seals the creation after it was answered; no command follows.
+    app.app.refresh().await.unwrap();
+    crate::audit::exec(
+        &app.db,
+        "DELETE FROM audit_chain; DELETE FROM projection_state WHERE projection = 'audit_chain'; \
+         UPDATE projection_checkpoints SET position = 0 WHERE name = 'audit_chain'",
+    )
+    .await;
+    let running = app.app.projector().catch_up().await.unwrap_err();
+    assert!(
+        matches!(
+            running,
+            ekm_projections::ProjectionError::ResealRefused { .. }
+        ),
+        "{running:?}"
+    );
+    app.stop().await;
+}
