@@ -1,0 +1,186 @@
+//! When the customer's KMS fails: the grace period then fail-closed, a failed unwrap
+//! prompting a health check, and a warm cache that needs no KMS call.
+
+use super::*;
+
+/// An outage is not the customer's decision: cached organization keys keep serving for the
+/// grace period, after which the monitor records `unavailable` (unreachable) and requests
+/// fail closed; the KMS answering again brings the organization back.
+async fn decrypt_fails_closed_after_the_grace_period_when_the_kms_is_out(backend: Backend) {
+    let moto = Moto::start().await;
+    let arn = moto.create_key().await;
+    let (proxy, faults) = aws_fault_proxy(&moto.url).await;
+    let grace = Duration::from_secs(2);
+    let app = TestApp::spawn_with(
+        backend,
+        options(aws_environment(), grace, Duration::from_millis(300)),
+    )
+    .await;
+    let (org, token) = enterprise_org(&app).await;
+    let thread = app.scope(&token, "thread", "t", &org).await;
+    let connected = connect(
+        &app,
+        &token,
+        &org,
+        json!({"provider": "aws-kms", "key_id": arn, "endpoint_url": proxy}),
+    )
+    .await;
+    assert_eq!(connected.status, StatusCode::OK, "{}", connected.body);
+    let sealed = encrypt(&app, &token, &thread, "during an outage")
+        .await
+        .str("ciphertext");
+
+    // KMS stops answering.
+    let outage = Instant::now();
+    faults.arm(
+        "*",
+        aws_error("ServiceUnavailable", "the service is unavailable"),
+        usize::MAX,
+    );
+    // Past the cache TTL but within the grace period, the cached organization key serves.
+    // This sleep is the behaviour under test (the TTL has to pass), not synchronisation.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let opened = decrypt(&app, &token, &thread, &sealed).await;
+    assert_eq!(opened.status, StatusCode::OK, "{}", opened.body);
+    assert_eq!(
+        app.get(&format!("/v1/scopes/{thread}"), &token).await.body["effective_state"],
+        "active"
+    );
+
+    // After the grace period the monitor records the outage, and requests fail closed.
+    wait_for_state(&app, &token, &thread, "unavailable").await;
+    // A lower bound (not before the grace period is over): a busy machine cannot break it.
+    assert!(
+        outage.elapsed() >= grace,
+        "recorded after {:?}",
+        outage.elapsed()
+    );
+    let shown = app.get(&format!("/v1/orgs/{org}/master-key"), &token).await;
+    assert_eq!(shown.body["reason"], "unreachable");
+    assert_eq!(
+        decrypt(&app, &token, &thread, &sealed).await.body["code"],
+        "key_unavailable"
+    );
+
+    // KMS is back.
+    faults.clear();
+    wait_for_state(&app, &token, &thread, "active").await;
+    assert_eq!(
+        decrypt(&app, &token, &thread, &sealed).await.status,
+        StatusCode::OK
+    );
+}
+on_both_backends!(decrypt_fails_closed_after_the_grace_period_when_the_kms_is_out);
+
+/// A customer who removes the platform's permission to decrypt (DescribeKey still works):
+/// the first failed unwrap makes the monitor check at once, and the organization is
+/// unavailable with the reason, without waiting for the interval.
+async fn decrypt_triggers_a_health_check_at_once_when_the_unwrap_fails(backend: Backend) {
+    let moto = Moto::start().await;
+    let arn = moto.create_key().await;
+    let (proxy, faults) = aws_fault_proxy(&moto.url).await;
+    // No key caching at all: the decrypt below must reach KMS. (A 1 ms cache made this test
+    // flaky: a decrypt served within a millisecond of the encrypt used the cached key.)
+    let mut options = options(aws_environment(), Duration::from_secs(60), Duration::ZERO);
+    options.health_interval = Some(Duration::from_secs(3600));
+    let app = TestApp::spawn_with(backend, options).await;
+    let (org, token) = enterprise_org(&app).await;
+    let thread = app.scope(&token, "thread", "t", &org).await;
+    assert_eq!(
+        connect(
+            &app,
+            &token,
+            &org,
+            json!({"provider": "aws-kms", "key_id": arn, "endpoint_url": proxy})
+        )
+        .await
+        .status,
+        StatusCode::OK
+    );
+    let sealed = encrypt(&app, &token, &thread, "x").await.str("ciphertext");
+    faults.arm(
+        "Decrypt",
+        aws_error(
+            "AccessDeniedException",
+            "not authorized to perform kms:Decrypt",
+        ),
+        usize::MAX,
+    );
+    let refused = decrypt(&app, &token, &thread, &sealed).await;
+    assert_eq!(
+        refused.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        refused.body
+    );
+    assert_eq!(refused.body["code"], "key_unavailable");
+    assert_eq!(refused.body["provider_error"]["kind"], "access_denied");
+    wait_for_state(&app, &token, &thread, "unavailable").await;
+    let shown = app.get(&format!("/v1/orgs/{org}/master-key"), &token).await;
+    assert_eq!(shown.body["reason"], "access_denied");
+}
+on_both_backends!(decrypt_triggers_a_health_check_at_once_when_the_unwrap_fails);
+
+/// Warm cache: no KMS call per data-plane request.
+async fn decrypt_calls_kms_zero_times_when_the_cache_is_warm(backend: Backend) {
+    let moto = Moto::start().await;
+    let arn = moto.create_key().await;
+    let app = TestApp::spawn_with(
+        backend,
+        options(
+            aws_environment(),
+            Duration::from_secs(60),
+            Duration::from_secs(300),
+        ),
+    )
+    .await;
+    let (org, token) = enterprise_org(&app).await;
+    let threads = [
+        app.scope(&token, "thread", "a", &org).await,
+        app.scope(&token, "thread", "b", &org).await,
+    ];
+    assert_eq!(
+        connect(
+            &app,
+            &token,
+            &org,
+            json!({"provider": "aws-kms", "key_id": arn, "endpoint_url": moto.url})
+        )
+        .await
+        .status,
+        StatusCode::OK
+    );
+    // Cold: the first request of each scope; the organization key is unwrapped once.
+    let before = app.app.keys().kms_call_count();
+    for thread in &threads {
+        assert_eq!(
+            encrypt(&app, &token, thread, "warm-up").await.status,
+            StatusCode::OK
+        );
+    }
+    assert_eq!(
+        app.app.keys().kms_call_count() - before,
+        1,
+        "one unwrap for both scopes"
+    );
+    let warm = app.app.keys().kms_call_count();
+    for i in 0..500 {
+        let thread = &threads[i % 2];
+        let sealed = encrypt(&app, &token, thread, "hello")
+            .await
+            .str("ciphertext");
+        assert_eq!(
+            decrypt(&app, &token, thread, &sealed).await.status,
+            StatusCode::OK
+        );
+    }
+    assert_eq!(
+        app.app.keys().kms_call_count(),
+        warm,
+        "0 KMS calls for 1,000 warm requests"
+    );
+}
+on_both_backends!(decrypt_calls_kms_zero_times_when_the_cache_is_warm);
+
+// ---------------------------------------------------------------------------------------
+// Google Cloud KMS and Azure Key Vault, over HTTP against fakes of their documented APIs.
