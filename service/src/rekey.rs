@@ -90,16 +90,22 @@ impl Rekeyer {
         let _running = self.running.lock().await;
         let _lock = match self.app.db() {
             ekm_store::Db::Postgres(db) => {
-                let mut connection = db.pool.acquire().await.map_err(store_error)?;
-                let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
-                    .bind(LOCK_KEY)
-                    .fetch_one(&mut *connection)
-                    .await
-                    .map_err(store_error)?;
+                // The guard holds the connection before the lock is asked for: if this future
+                // is dropped mid-query, its drop unlocks (a no-op when not granted) instead of
+                // the connection going back to the pool holding the lock for ever.
+                let mut lock = AdvisoryLock(Some(db.pool.acquire().await.map_err(store_error)?));
+                let mut locked = false;
+                if let Some(connection) = lock.0.as_mut() {
+                    locked = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+                        .bind(LOCK_KEY)
+                        .fetch_one(&mut **connection)
+                        .await
+                        .map_err(store_error)?;
+                }
                 if !locked {
                     return Ok(0);
                 }
-                Some(AdvisoryLock(Some(connection)))
+                Some(lock)
             }
             ekm_store::Db::Sqlite(_) => None,
         };

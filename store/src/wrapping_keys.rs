@@ -792,15 +792,21 @@ impl Db {
             }
             Db::Postgres(db) => {
                 let key = format!("ekm-org-keys:{org_id}");
-                let mut connection = db.pool.acquire().await?;
-                sqlx::query("SELECT pg_advisory_lock(hashtextextended($1, 0))")
-                    .bind(&key)
-                    .execute(&mut *connection)
-                    .await?;
-                Ok(OrgKeysLock {
+                // The guard holds the connection before the lock is asked for: if this future
+                // is dropped while PostgreSQL is still granting it (a client that hangs up, a
+                // job cancelled), the guard's drop unlocks once the grant has arrived, instead
+                // of the connection going back to the pool holding the lock for ever.
+                let mut lock = OrgKeysLock {
                     _sqlite: None,
-                    postgres: Some((connection, key)),
-                })
+                    postgres: Some((db.pool.acquire().await?, key)),
+                };
+                if let Some((connection, key)) = lock.postgres.as_mut() {
+                    sqlx::query("SELECT pg_advisory_lock(hashtextextended($1, 0))")
+                        .bind(&*key)
+                        .execute(&mut **connection)
+                        .await?;
+                }
+                Ok(lock)
             }
         }
     }
