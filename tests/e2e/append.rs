@@ -170,3 +170,48 @@ async fn append_writes_no_key_when_it_loses_the_race_for_its_sequence(backend: B
     db.close().await;
 }
 on_both_backends!(append_writes_no_key_when_it_loses_the_race_for_its_sequence);
+
+/// PostgreSQL: a caller that gives up while waiting for an organization's key lock (a client
+/// that hangs up during a master-key switch) leaves no lock behind: once the holder lets go,
+/// the next caller gets it. Before, the abandoned request's connection went back to the
+/// pool, PostgreSQL granted it the lock later, and nobody ever released it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lock_org_keys_is_free_again_when_a_waiting_caller_gave_up() {
+    let test_db = crate::harness::TestDb::new(crate::harness::Backend::Postgres).await;
+    let db = ekm_store::Db::open(&test_db.config).await.unwrap();
+    let ekm_store::Db::Postgres(pg) = &db else {
+        unreachable!()
+    };
+    let org = uuid::Uuid::now_v7().to_string();
+    // Someone holds the lock.
+    let holder = db.lock_org_keys(&org).await.unwrap();
+    // A caller waits for it, and is dropped while PostgreSQL has it queued.
+    let waiting = {
+        let db = db.clone();
+        let org = org.clone();
+        tokio::spawn(async move { db.lock_org_keys(&org).await.map(|_| ()) })
+    };
+    loop {
+        let queued: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
+             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+        )
+        .fetch_one(&pg.pool)
+        .await
+        .unwrap();
+        if queued > 0 {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    waiting.abort();
+    let _ = waiting.await;
+    drop(holder);
+    // The next caller gets the lock (the bound only turns a hang into a failure).
+    let next = tokio::time::timeout(std::time::Duration::from_secs(30), db.lock_org_keys(&org))
+        .await
+        .expect("the organization's key lock was left held by the abandoned caller")
+        .unwrap();
+    drop(next);
+    db.close().await;
+}
