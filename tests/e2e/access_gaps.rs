@@ -502,12 +502,7 @@ async fn create_is_shredded_when_it_commits_between_a_revoke_and_its_projection(
     let ekm_store::Db::Postgres(pg) = &app.db else {
         unreachable!()
     };
-    // Hold the runner: its batch locks every checkpoint row first.
-    let mut hold = pg.pool.begin().await.unwrap();
-    sqlx::query("SELECT name FROM projection_checkpoints FOR UPDATE")
-        .fetch_all(&mut *hold)
-        .await
-        .unwrap();
+    let hold = crate::harness::hold_runners(&app.db).await;
     let parent = app.app.scope(team_id).await.unwrap().unwrap();
     let revoking = {
         let app = app.app.clone();

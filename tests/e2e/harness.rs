@@ -201,6 +201,21 @@ pub async fn decrypt(
     .await
 }
 
+/// PostgreSQL: holds every instance's projection runner (a batch locks all checkpoint rows
+/// first) until the returned transaction ends, so a test can commit events that no runner
+/// applies meanwhile.
+pub async fn hold_runners(db: &Db) -> sqlx::Transaction<'static, sqlx::Postgres> {
+    let Db::Postgres(pg) = db else {
+        panic!("runners are held on PostgreSQL only")
+    };
+    let mut hold = pg.pool.begin().await.unwrap();
+    sqlx::query("SELECT name FROM projection_checkpoints FOR UPDATE")
+        .fetch_all(&mut *hold)
+        .await
+        .unwrap();
+    hold
+}
+
 /// The metadata of a command a test runs on `App` directly (not through HTTP).
 pub fn metadata() -> ekm_domain::EventMetadata {
     ekm_domain::EventMetadata {

@@ -391,14 +391,7 @@ async fn pause_changes_the_scope_when_this_instance_has_not_heard_the_resume_yet
         a.app.refresh().await.unwrap();
         b.app.refresh().await.unwrap();
         let team_id = ScopeId::parse(&team).unwrap();
-        let Db::Postgres(pg) = &a.db else {
-            unreachable!()
-        };
-        let mut hold = pg.pool.begin().await.unwrap();
-        sqlx::query("SELECT name FROM projection_checkpoints FOR UPDATE")
-            .fetch_all(&mut *hold)
-            .await
-            .unwrap();
+        let hold = crate::harness::hold_runners(&a.db).await;
         // B resumes (answered from B's memory, its runner held)...
         let resumed = b.resume(&admin, &team).await;
         assert_eq!(resumed.status, 200, "{}", resumed.body);
