@@ -297,9 +297,16 @@ impl Projector {
             Err(_) => vec![],
         };
         while from < applied {
+            // Everything up to `applied` is final: read past the fence, which may stand
+            // lower for a moment (`Db::events_through`). A fenced read here could return
+            // nothing and end the loop with events untold.
             let events = match self.recent_after(from) {
                 Some(events) => events,
-                None => self.db.events_after(from, self.config.batch_size).await?,
+                None => {
+                    self.db
+                        .events_through(from, applied, self.config.batch_size)
+                        .await?
+                }
             };
             let events: Vec<StoredEvent> = events
                 .into_iter()

@@ -178,7 +178,24 @@ impl Db {
             "{SELECT_EVENTS} WHERE position > $1{} ORDER BY position LIMIT $2",
             self.fence()
         );
-        self.read_events(&sql, after, limit).await
+        self.read_events(&sql, &[after, limit]).await
+    }
+
+    /// Up to `limit` events with a position in `(after, through]`, in position order,
+    /// without the fence: for a caller that knows every event up to `through` is final (a
+    /// projection checkpoint reached it, and a runner passes only positions below the fence
+    /// it saw). The fence itself may stand lower for a moment (migration 0013 counts a
+    /// transaction it cannot place as this database's), so a fenced read could return less.
+    pub async fn events_through(
+        &self,
+        after: i64,
+        through: i64,
+        limit: i64,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        let sql = format!(
+            "{SELECT_EVENTS} WHERE position > $1 AND position <= $3 ORDER BY position LIMIT $2"
+        );
+        self.read_events(&sql, &[after, limit, through]).await
     }
 
     /// The events of one aggregate after `sequence`, in order. On SQLite from the reader
@@ -222,18 +239,27 @@ impl Db {
         self.events_of_after(aggregate_id, -1).await
     }
 
-    async fn read_events(&self, sql: &str, a: i64, b: i64) -> Result<Vec<StoredEvent>, StoreError> {
+    /// Runs `sql` with `binds` as its `$1…$n`.
+    async fn read_events(&self, sql: &str, binds: &[i64]) -> Result<Vec<StoredEvent>, StoreError> {
         // SQLite's readers see every committed transaction (WAL), and stay usable while the
         // projection runner holds the single writer connection.
         match self {
             Db::Sqlite(db) => {
-                let rows = sqlx::query(sql).bind(a).bind(b).fetch_all(&db.read).await?;
+                let mut query = sqlx::query(sql);
+                for bind in binds {
+                    query = query.bind(*bind);
+                }
+                let rows = query.fetch_all(&db.read).await?;
                 rows.into_iter()
                     .map(|r| decode_event!(r, sqlite_recorded_at))
                     .collect()
             }
             Db::Postgres(db) => {
-                let rows = sqlx::query(sql).bind(a).bind(b).fetch_all(&db.pool).await?;
+                let mut query = sqlx::query(sql);
+                for bind in binds {
+                    query = query.bind(*bind);
+                }
+                let rows = query.fetch_all(&db.pool).await?;
                 rows.into_iter()
                     .map(|r| decode_event!(r, pg_recorded_at))
                     .collect()

@@ -224,3 +224,79 @@ fn assert_refused_by_trigger(result: Result<(), sqlx::Error>, what: &str) {
         other => panic!("{what} must be refused by the immutability trigger: {other:?}"),
     }
 }
+
+/// The fence may move back for a moment: a transaction of another database that ends
+/// between the fence's snapshot and its look at the backends counts as this database's, so
+/// a fenced read can return less than an earlier one did. Events another instance already
+/// applied (below every checkpoint) are final whatever the fence says; a projector that
+/// reaches them through the checkpoints still tells its listeners every one of them (the
+/// in-memory tree applies what it is told and would otherwise miss a pause).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn projector_tells_listeners_every_event_when_the_fence_moves_back() {
+    use ekm_domain::{Plan, ScopeName, Tier};
+    use ekm_projections::{Projector, ProjectorConfig};
+    use ekm_service::app::Action;
+
+    let a = crate::harness::TestApp::spawn(Backend::Postgres).await;
+    let metadata = crate::harness::metadata();
+    let (org, _) = a
+        .app
+        .create_org(
+            ScopeName::parse("org").unwrap(),
+            Plan::Enterprise,
+            Tier::Managed,
+            &metadata,
+        )
+        .await
+        .unwrap();
+    let org = org.scope.scope.id;
+
+    // Given a second projector on the same database that has caught up, with a listener.
+    let second = Projector::standard(
+        a.db.clone(),
+        ProjectorConfig::default(),
+        crate::harness::seal_key(a.data_dir()),
+    );
+    second.catch_up().await.unwrap();
+    let heard = Arc::new(std::sync::Mutex::new(Vec::<i64>::new()));
+    let into = heard.clone();
+    second.add_listener(Arc::new(move |events: &[ekm_store::StoredEvent]| {
+        into.lock()
+            .unwrap()
+            .extend(events.iter().map(|e| e.position));
+    }));
+
+    // When the first instance commits and applies a pause and a resume…
+    for action in [Action::Pause, Action::Resume] {
+        a.app.act(org, action, &metadata, None).await.unwrap();
+    }
+    a.app.projector().catch_up().await.unwrap();
+    let committed: Vec<i64> =
+        a.db.events_after(0, 100)
+            .await
+            .unwrap()
+            .iter()
+            .map(|e| e.position)
+            .filter(|p| *p > second.applied())
+            .collect();
+    assert_eq!(committed.len(), 2);
+
+    // …and the fence then stands below them while the second projector catches up.
+    let Db::Postgres(pg) = &a.db else {
+        unreachable!()
+    };
+    sqlx::query(&format!(
+        "CREATE OR REPLACE FUNCTION ekm_events_fence() RETURNS bigint LANGUAGE sql STABLE \
+         AS 'SELECT {}::bigint'",
+        committed[0]
+    ))
+    .execute(&pg.pool)
+    .await
+    .unwrap();
+    second.catch_up().await.unwrap();
+
+    // Then its listener heard both, in order.
+    assert_eq!(second.applied(), *committed.last().unwrap());
+    assert_eq!(*heard.lock().unwrap(), committed);
+    a.stop().await;
+}

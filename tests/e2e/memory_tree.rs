@@ -436,3 +436,51 @@ async fn pause_changes_the_scope_when_this_instance_has_not_heard_the_resume_yet
     b.stop().await;
     a.stop().await;
 }
+
+/// An instance that loaded its tree from the rows (started after the organization existed)
+/// knows each scope's sequence from its row. When it commits an event of a scope whose
+/// previous event (another instance's) it has not heard yet, that event waits for the
+/// projector instead of being applied over the gap: otherwise the missed event, told later,
+/// would look already applied and its pause would never show.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn memory_tree_keeps_the_other_instances_pause_when_this_instance_commits_before_hearing_it()
+{
+    let a = TestApp::spawn(Backend::Postgres).await;
+    let name = ScopeName::parse("org").unwrap();
+    let (org, _) = a
+        .app
+        .create_org(name, Plan::Enterprise, Tier::Managed, &metadata())
+        .await
+        .unwrap();
+    let org = org.scope.scope.id;
+    // B starts now: its tree is loaded from the rows.
+    let b = a.peer().await;
+    let hold = crate::harness::hold_runners(&a.db).await;
+    // A pauses; B has not heard it (every runner is held)...
+    a.app
+        .act(org, Action::Pause, &metadata(), None)
+        .await
+        .unwrap();
+    // ...and B rotates the organization's key: decided on the stored events, committed
+    // after A's pause, answered once B's runner has applied both.
+    let rotating = {
+        let app = b.app.clone();
+        tokio::spawn(async move { app.act(org, Action::Rotate, &metadata(), None).await })
+    };
+    loop {
+        let events = a.db.events_of(&org.to_string()).await.unwrap();
+        if events.len() == 3 || rotating.is_finished() {
+            break;
+        }
+        tokio::task::yield_now().await;
+    }
+    hold.rollback().await.unwrap();
+    let rotated = rotating.await.unwrap().unwrap();
+    assert_eq!(rotated.scope.scope.own_state, ekm_domain::OwnState::Paused);
+    b.app.projector().catch_up().await.unwrap();
+    let sql = b.app.read().scope(org).await.unwrap();
+    assert_eq!(filled(&b.app, b.app.memory(), org).await, sql);
+    assert_eq!(sql.unwrap().scope.own_state, ekm_domain::OwnState::Paused);
+    b.stop().await;
+    a.stop().await;
+}

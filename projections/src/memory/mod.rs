@@ -114,13 +114,10 @@ struct Node {
     kind: ScopeKind,
     own_state: OwnState,
     rekey: Rekey,
-    /// Whether `seen` is the aggregate's sequence (a scope loaded from its row knows only
-    /// the version the row shows, which events such as grants do not move).
-    exact: bool,
     key_version: u32,
+    /// The sequence of the last event of this aggregate applied here: the row's version,
+    /// which every event moves (migration 0014), so a scope loaded from its row knows it too.
     version: i64,
-    /// The sequence of the last event of this aggregate applied here.
-    seen: i64,
     created_at: i64,
     updated_position: i64,
     name: Box<str>,
@@ -412,15 +409,14 @@ impl MemoryTree {
         state.tree.snapshot(id)
     }
 
-    /// The sequence of the last event of `id`'s aggregate this tree applied, when it knows
-    /// it exactly (a scope loaded from its row knows only its row's version until its next
-    /// event). A command may decide on a cached aggregate at this sequence without reading
+    /// The sequence of the last event of `id`'s aggregate this tree applied (for a scope
+    /// loaded from its row, the row's version: every event moves it). A command may decide on a cached aggregate at this sequence without reading
     /// the store: if another instance appended meanwhile, the append conflicts (ADR 0020).
     pub fn sequence_of(&self, id: ScopeId) -> Option<i64> {
         let state = self.state.read().ok()?;
         let slot = state.tree.index.get(&id).copied()?;
         let node = &state.tree.nodes[slot as usize];
-        node.exact.then_some(node.seen)
+        Some(node.version)
     }
 
     /// What `principal` was granted in `org`, in the order granted (as `Tokens::grants_of`).
