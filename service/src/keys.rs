@@ -976,31 +976,42 @@ impl KeyService {
             }
             Some(_) => (None, None),
         };
-        let existing = self.db.wrapping_keys(&scope_id).await?;
-        let (epoch, key) = match existing.last() {
-            // An interrupted run of this re-key made the epoch already.
-            Some(last) if last.rekey_of.as_deref() == Some(revoked_id.as_str()) => (
-                last.epoch,
-                self.unwrap_wrapping(&scope_id, last.epoch).await?,
-            ),
-            // Nothing was ever wrapped under this scope's own wrapping key (a scope created
-            // before wrapping keys, whose children are still wrapped under its key versions):
-            // there is nothing on this level to re-key yet.
-            None => return Ok(0),
-            Some(last) => {
-                let epoch = last.epoch + 1;
-                let key = Kek::generate();
-                let parent = match scope.scope.parent_id {
-                    None => WrappingParent::Master(org_master),
-                    Some(parent_id) => WrappingParent::Scope(parent_id),
-                };
-                let row = self
-                    .wrap_wrapping_key(&scope_id, epoch, &key, &parent, Some(&revoked_id))
-                    .await?;
-                if !self.store_wrapping_key(&row).await? {
-                    return Err(KeyError::WrappingRace { scope: scope_id });
+        // A store that fails means another run made this epoch (the next pass takes it as
+        // an interrupted run's), or the platform master key was rotated beside this process
+        // (`store_wrapping_key` reloaded it): look again, a few times.
+        let mut attempts = 0;
+        let (epoch, key) = loop {
+            let existing = self.db.wrapping_keys(&scope_id).await?;
+            match existing.last() {
+                // An interrupted run of this re-key made the epoch already.
+                Some(last) if last.rekey_of.as_deref() == Some(revoked_id.as_str()) => {
+                    break (
+                        last.epoch,
+                        self.unwrap_wrapping(&scope_id, last.epoch).await?,
+                    );
                 }
-                (epoch, key)
+                // Nothing was ever wrapped under this scope's own wrapping key (a scope
+                // created before wrapping keys, whose children are still wrapped under its
+                // key versions): there is nothing on this level to re-key yet.
+                None => return Ok(0),
+                Some(last) => {
+                    let epoch = last.epoch + 1;
+                    let key = Kek::generate();
+                    let parent = match scope.scope.parent_id {
+                        None => WrappingParent::Master(org_master.clone()),
+                        Some(parent_id) => WrappingParent::Scope(parent_id),
+                    };
+                    let row = self
+                        .wrap_wrapping_key(&scope_id, epoch, &key, &parent, Some(&revoked_id))
+                        .await?;
+                    if self.store_wrapping_key(&row).await? {
+                        break (epoch, key);
+                    }
+                    attempts += 1;
+                    if attempts == 3 {
+                        return Err(KeyError::WrappingRace { scope: scope_id });
+                    }
+                }
             }
         };
         self.rewrap_onto(&scope_id, epoch, &key, batch).await
