@@ -11,7 +11,6 @@ use std::time::Instant;
 
 use ekm_store::time::now_micros;
 use ekm_store::{Db, PostgresDb};
-use sqlx::postgres::PgPoolOptions;
 
 use crate::error::ProjectionError;
 use crate::runner::{standard_projections, Projection, Projector, ProjectorConfig};
@@ -252,7 +251,7 @@ async fn rebuild_aside_locked(
         ("search_path", format!("{ASIDE},public")),
         ("synchronous_commit", "off".to_owned()),
     ]);
-    let aside_pool = PgPoolOptions::new()
+    let aside_pool = ekm_store::pg_pool_options()
         .max_connections(4)
         .connect_with(options)
         .await?;

@@ -62,6 +62,36 @@ impl PostgresDb {
     }
 }
 
+/// The options of every PostgreSQL pool EKM opens.
+///
+/// sqlx 0.8.6 (and 0.9.0) is not cancel-safe in `begin` on PostgreSQL: a future dropped
+/// while its `BEGIN` is in flight (a client that went away mid-command, a timeout) returns
+/// the connection to the pool inside a transaction sqlx does not know about, and queues no
+/// `ROLLBACK` (transact-rs/sqlx#4393). The next borrower's statements would run in it: an
+/// append "committed" there stays uncommitted, an error poisons the connection (`25P02`).
+/// So a connection is checked when it is handed out, and closed if it is inside a
+/// transaction. The check replaces sqlx's ping on acquire: no extra round trip.
+pub fn pg_pool_options() -> PgPoolOptions {
+    PgPoolOptions::new()
+        .test_before_acquire(false)
+        .before_acquire(|conn, _| {
+            Box::pin(async move {
+                // Simple protocol: outside a transaction block the statement is its own
+                // transaction, which starts at the statement's own timestamp.
+                let row = sqlx::Executor::fetch_one(
+                    conn,
+                    sqlx::raw_sql("SELECT now() = statement_timestamp()"),
+                )
+                .await?;
+                let outside: bool = sqlx::Row::try_get(&row, 0)?;
+                if !outside {
+                    tracing::warn!("a pooled PostgreSQL connection was left inside a transaction (a cancelled BEGIN); closing it");
+                }
+                Ok(outside)
+            })
+        })
+}
+
 impl Db {
     /// This process's connection to the database, as named in its notifications: a random
     /// id per `Db::connect` (empty on SQLite).
@@ -160,7 +190,7 @@ impl Db {
             }
             DbConfig::Postgres { url } => {
                 let options = PgConnectOptions::from_str(url).map_err(StoreError::Connect)?;
-                let pool = PgPoolOptions::new()
+                let pool = pg_pool_options()
                     .max_connections(16)
                     .acquire_timeout(Duration::from_secs(10))
                     .connect_with(options)

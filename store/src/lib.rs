@@ -17,7 +17,7 @@ mod tokens;
 mod wrapping_keys;
 
 pub use append::{Appended, KeyWrites};
-pub use db::{Db, DbConfig, PostgresDb, SqliteDb};
+pub use db::{pg_pool_options, Db, DbConfig, PostgresDb, SqliteDb};
 pub use error::StoreError;
 pub use event_log::{ScopeStore, StoredEvent, EVENTS_CHANNEL};
 pub use key_material::{KeyCheck, KeyRow, MasterKeyCheck};

@@ -215,3 +215,46 @@ async fn lock_org_keys_is_free_again_when_a_waiting_caller_gave_up() {
     drop(next);
     db.close().await;
 }
+
+/// A caller that gives up while its `BEGIN` is in flight (a client gone mid-command) leaves
+/// no transaction behind on the pooled connection: sqlx 0.8.6 queues no rollback then
+/// (transact-rs/sqlx#4393), and the pool's next borrower would write inside it, uncommitted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pool_write_is_committed_when_an_earlier_begin_was_cancelled_in_flight() {
+    use sqlx::{Acquire as _, Connection as _};
+    use std::future::Future as _;
+    let test_db = crate::harness::TestDb::new(crate::harness::Backend::Postgres).await;
+    let url = test_db.url.clone().unwrap();
+    let pool = ekm_store::pg_pool_options()
+        .max_connections(1)
+        .connect(&url)
+        .await
+        .unwrap();
+    sqlx::query("CREATE TABLE written (n integer)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    for n in 0..3 {
+        let mut conn = pool.acquire().await.unwrap();
+        {
+            // BEGIN is sent on the first poll; its answer cannot have been read yet.
+            let mut begin = std::pin::pin!((&mut conn).begin());
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            assert!(begin.as_mut().poll(&mut cx).is_pending());
+        }
+        drop(conn);
+        // The pool's next borrower (the same connection, the pool holds one) writes.
+        sqlx::query("INSERT INTO written VALUES ($1)")
+            .bind(n)
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+    let mut other = sqlx::PgConnection::connect(&url).await.unwrap();
+    let committed: i64 = sqlx::query_scalar("SELECT count(*) FROM written")
+        .fetch_one(&mut other)
+        .await
+        .unwrap();
+    assert_eq!(committed, 3, "every write through the pool is committed");
+    pool.close().await;
+}
