@@ -219,6 +219,18 @@ pub struct ListJson<T> {
     pub next_cursor: Option<String>,
 }
 
+/// The cause of a past scope's state, as it was.
+fn past_cause_json(past: &ekm_projections::PastScope) -> Option<CauseJson> {
+    past.cause.as_ref().map(|(scope, change)| {
+        cause_json(&Cause {
+            scope_id: scope.id,
+            kind: scope.kind,
+            name: scope.name.as_str().to_owned(),
+            change: change.clone(),
+        })
+    })
+}
+
 fn cause_json(cause: &Cause) -> CauseJson {
     let change: Option<&StateChange> = cause.change.as_ref();
     CauseJson {
@@ -290,6 +302,8 @@ pub struct PastScopeJson {
     #[serde(flatten)]
     pub scope: ScopeJson,
     pub as_of: AsOfJson,
+    /// The scope's organization as it was then.
+    pub org: PastOrgJson,
 }
 
 #[derive(Debug, Serialize)]
@@ -313,23 +327,16 @@ impl PastScopeJson {
                 path: state.path.iter().map(ToString::to_string).collect(),
                 own_state: state.own_state.as_str(),
                 effective_state: past.effective.as_str(),
-                cause: past.cause.as_ref().map(|(scope, change)| {
-                    cause_json(&Cause {
-                        scope_id: scope.id,
-                        kind: scope.kind,
-                        name: scope.name.as_str().to_owned(),
-                        change: change.clone(),
-                    })
-                }),
+                cause: past_cause_json(past),
                 version: past.version,
                 key_versions: past
                     .key_versions
                     .iter()
-                    .map(|(version, at)| KeyVersionJson {
-                        version: *version,
-                        created_at: rfc3339(*at),
-                        fingerprint: None,
-                        retired: false,
+                    .map(|k| KeyVersionJson {
+                        version: k.version,
+                        created_at: rfc3339(k.created_at),
+                        fingerprint: k.fingerprint.clone(),
+                        retired: k.retired_at.is_some(),
                     })
                     .collect(),
                 created_at: rfc3339(past.created_at),
@@ -341,6 +348,100 @@ impl PastScopeJson {
                 position: past.position,
                 at,
             },
+            org: PastOrgJson::from(&past.org),
+        }
+    }
+}
+
+/// The organization as it was: what decided which keys its scopes used.
+#[derive(Debug, Serialize)]
+pub struct PastOrgJson {
+    pub id: String,
+    pub plan: Option<&'static str>,
+    pub tier: Option<&'static str>,
+    /// `{"provider": "local", "key_id": null}` for the platform's key, else the customer's.
+    pub master_key: serde_json::Value,
+    /// `available`, or why the customer's key could not be used then.
+    pub master_key_status: &'static str,
+    pub master_key_reason: Option<&'static str>,
+}
+
+impl From<&ekm_domain::ScopeState> for PastOrgJson {
+    fn from(org: &ekm_domain::ScopeState) -> Self {
+        let master_key = match &org.master {
+            None => serde_json::json!({"provider": "local", "key_id": null}),
+            Some(master) => serde_json::json!({
+                "provider": master.provider.as_str(),
+                "key_id": master.key_id,
+                "region": master.region,
+                "endpoint_url": master.endpoint_url,
+            }),
+        };
+        PastOrgJson {
+            id: org.id.to_string(),
+            plan: org.plan.map(|p| p.as_str()),
+            tier: org.tier.map(|t| t.as_str()),
+            master_key,
+            master_key_status: org.master_health.as_str(),
+            master_key_reason: org.master_unavailable.map(|r| r.as_str()),
+        }
+    }
+}
+
+/// `GET /v1/scopes/{id}/access-at?at=`: who could decrypt the scope's data then.
+#[derive(Debug, Serialize)]
+pub struct AccessAtJson {
+    pub scope_id: String,
+    pub at: String,
+    /// The last event position taken into account.
+    pub position: i64,
+    pub effective_state: &'static str,
+    pub cause: Option<CauseJson>,
+    /// Empty unless the scope was active.
+    pub principals: Vec<HolderJson>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct HolderJson {
+    pub principal: String,
+    pub permission: &'static str,
+    /// The scope the grant was made on (the organization for an organization-wide grant).
+    pub granted_on: String,
+    pub tokens: Vec<PastTokenJson>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PastTokenJson {
+    pub token_id: String,
+    pub expires_at: Option<String>,
+}
+
+impl From<&ekm_projections::PastAccess> for AccessAtJson {
+    fn from(access: &ekm_projections::PastAccess) -> Self {
+        let past = &access.scope;
+        AccessAtJson {
+            scope_id: past.state.id.to_string(),
+            at: rfc3339(access.at),
+            position: past.position,
+            effective_state: past.effective.as_str(),
+            cause: past_cause_json(past),
+            principals: access
+                .principals
+                .iter()
+                .map(|h| HolderJson {
+                    principal: h.principal.to_string(),
+                    permission: h.permission.as_str(),
+                    granted_on: h.granted_on.to_string(),
+                    tokens: h
+                        .tokens
+                        .iter()
+                        .map(|t| PastTokenJson {
+                            token_id: t.token_id.clone(),
+                            expires_at: t.expires_at.clone(),
+                        })
+                        .collect(),
+                })
+                .collect(),
         }
     }
 }

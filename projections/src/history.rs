@@ -28,8 +28,23 @@ pub struct PastScope {
     /// The scope's version then (its number of events).
     pub version: i64,
     pub created_at: DateTime<Utc>,
-    /// Key versions that existed then, with the time each was created.
-    pub key_versions: Vec<(u32, DateTime<Utc>)>,
+    /// Key versions that existed then: when each was created, its fingerprint, and whether
+    /// it was retired by then.
+    pub key_versions: Vec<PastKeyVersion>,
+    /// The organization as it was (plan, tier, master key and its health): the scope itself
+    /// for an organization.
+    pub org: ScopeState,
+}
+
+/// A key version as it was.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PastKeyVersion {
+    pub version: u32,
+    pub created_at: DateTime<Utc>,
+    /// A public name of the key version (never the key), as its event recorded it.
+    pub fingerprint: Option<String>,
+    /// When it was retired, if it was by then.
+    pub retired_at: Option<DateTime<Utc>>,
 }
 
 struct Folded {
@@ -37,7 +52,7 @@ struct Folded {
     last_change: Option<StateChange>,
     version: i64,
     created_at: DateTime<Utc>,
-    key_versions: Vec<(u32, DateTime<Utc>)>,
+    key_versions: Vec<PastKeyVersion>,
     master_change: Option<StateChange>,
 }
 
@@ -51,13 +66,41 @@ fn fold(events: &[StoredEvent], upto: i64) -> Result<Option<Folded>, ProjectionE
     for stored in events.iter().filter(|e| e.position <= upto) {
         let event = stored.scope_event()?;
         match &event {
-            ScopeEvent::OrganizationCreated { key_version, .. }
-            | ScopeEvent::ScopeCreated { key_version, .. } => {
-                created_at = stored.recorded_at;
-                key_versions.push((key_version.get(), stored.recorded_at));
+            ScopeEvent::OrganizationCreated {
+                key_version,
+                key_fingerprint,
+                ..
             }
-            ScopeEvent::ScopeKeyRotated { key_version, .. } => {
-                key_versions.push((key_version.get(), stored.recorded_at));
+            | ScopeEvent::ScopeCreated {
+                key_version,
+                key_fingerprint,
+                ..
+            } => {
+                created_at = stored.recorded_at;
+                key_versions.push(PastKeyVersion {
+                    version: key_version.get(),
+                    created_at: stored.recorded_at,
+                    fingerprint: key_fingerprint.clone(),
+                    retired_at: None,
+                });
+            }
+            ScopeEvent::ScopeKeyRotated {
+                key_version,
+                key_fingerprint,
+            } => {
+                key_versions.push(PastKeyVersion {
+                    version: key_version.get(),
+                    created_at: stored.recorded_at,
+                    fingerprint: key_fingerprint.clone(),
+                    retired_at: None,
+                });
+            }
+            ScopeEvent::ScopeKeyVersionsRetired { below } => {
+                for version in key_versions.iter_mut() {
+                    if version.version < below.get() && version.retired_at.is_none() {
+                        version.retired_at = Some(stored.recorded_at);
+                    }
+                }
             }
             _ => {}
         }
@@ -135,6 +178,7 @@ pub async fn scope_as_of(
         }
     }
     let org = on_path.first().unwrap_or(&own);
+    let org_state = org.state.clone();
     let effective = effective_state(
         on_path
             .iter()
@@ -163,5 +207,6 @@ pub async fn scope_as_of(
         version: own.version,
         created_at: own.created_at,
         key_versions: own.key_versions,
+        org: org_state,
     }))
 }

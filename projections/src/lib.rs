@@ -9,6 +9,7 @@
 //! Architecture invariant: read models are written only here, and only from events. Any of
 //! them can be dropped and rebuilt from the log.
 
+mod access_at;
 mod access_check;
 mod audit;
 mod error;
@@ -20,6 +21,7 @@ mod runner;
 mod scope_tree;
 mod sql;
 
+pub use access_at::{access_as_of, PastAccess, PastHolder, PastToken};
 pub use access_check::Mismatch;
 pub use audit::{
     audit_entries, audit_pages, check_seal_key, refuse_resealing, register_seal_key, seal_entry,
@@ -27,7 +29,7 @@ pub use audit::{
     RecordedHead, GENESIS_HASH,
 };
 pub use error::{chain as error_chain, ProjectionError};
-pub use history::{scope_as_of, AsOf, PastScope};
+pub use history::{scope_as_of, AsOf, PastKeyVersion, PastScope};
 pub use memory::{Applied, GrantRecord, MemoryLoad, MemoryTree};
 pub use queries::{
     BlastRadius, Cause, Destruction, KeyVersionRecord, Page, ReadModels, ScopeRecord,

@@ -495,6 +495,16 @@ impl App {
         Ok(ekm_projections::scope_as_of(&self.inner.db, id, as_of).await?)
     }
 
+    /// Who could use the keys of `id` at `at` (its `data:use` holders with their valid
+    /// tokens, nobody unless the scope was active), computed from the events.
+    pub async fn access_as_of(
+        &self,
+        id: ScopeId,
+        at: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Option<ekm_projections::PastAccess>, AppError> {
+        Ok(ekm_projections::access_as_of(&self.inner.db, id, at).await?)
+    }
+
     /// Audit entries matching `filter`, in position order.
     pub async fn audit(&self, filter: &AuditFilter) -> Result<Vec<AuditEntry>, AppError> {
         Ok(ekm_projections::audit_entries(&self.inner.db, filter).await?)

@@ -161,6 +161,12 @@ fn rows() -> Vec<Row> {
             guarded(200, ok(200)),
         ),
         row("GET", "/v1/scopes/{id}/state", view, guarded(200, ok(200))),
+        row(
+            "GET",
+            "/v1/scopes/{id}/access-at",
+            audit,
+            guarded(200, ok(200)),
+        ),
         row("GET", "/v1/audit", audit, guarded(200, ok(200))),
         row("GET", "/v1/audit/export", audit, guarded(200, ok(200))),
         row("GET", "/v1/audit/verify", audit, guarded(200, ok(200))),
@@ -416,6 +422,13 @@ async fn request(app: &TestApp, world: &World, row: &Row, index: usize) -> (Stri
             assert_eq!(rotated.status, StatusCode::OK);
             (format!("/v1/scopes/{id}/retire"), Some(json!({"below": 2})))
         }
+        ("GET", "/v1/scopes/{id}/access-at") => (
+            format!(
+                "/v1/scopes/{thread}/access-at?at={}",
+                chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
+            ),
+            None,
+        ),
         ("GET", "/v1/scopes/{id}/state") => (
             format!("/v1/scopes/{thread}/state?position=9000000000000000"),
             None,

@@ -64,6 +64,7 @@ pub(crate) fn register(endpoints: &mut Endpoints) {
     endpoints.add(Post, "/v1/scopes/{id}/rotate", scopes::rotate);
     endpoints.add(Post, "/v1/scopes/{id}/retire", scopes::retire);
     endpoints.add(Get, "/v1/scopes/{id}/state", scopes::state_as_of);
+    endpoints.add(Get, "/v1/scopes/{id}/access-at", scopes::access_as_of);
     endpoints.add(Get, "/v1/audit", audit::list);
     endpoints.add(Get, "/v1/audit/export", audit::export);
     endpoints.add(Get, "/v1/audit/verify", audit::verify);

@@ -18,8 +18,8 @@ use super::*;
 use crate::context::Caller;
 use crate::cursor::{Binding, List};
 use crate::dto::{
-    CreateScopeRequest, JsonBody, LifecycleJson, ListJson, OptionalJsonBody, PastScopeJson,
-    ReasonRequest, RetireRequest, RevokeRequest, ScopeJson,
+    AccessAtJson, CreateScopeRequest, JsonBody, LifecycleJson, ListJson, OptionalJsonBody,
+    PastScopeJson, ReasonRequest, RetireRequest, RevokeRequest, ScopeJson,
 };
 use crate::error::{ApiError, Code};
 use crate::state::AppState;
@@ -290,13 +290,7 @@ pub(crate) async fn state_as_of(
     let Query(query) = query.map_err(|_| ApiError::invalid("the query string is not valid"))?;
     check_keys(&query, &["at", "position"])?;
     let as_of = match (query.get("at"), query.get("position")) {
-        (Some(at), None) => AsOf::Time(
-            chrono::DateTime::parse_from_rfc3339(at)
-                .map(|t| t.with_timezone(&chrono::Utc))
-                .map_err(|_| {
-                    ApiError::invalid("at: expected an RFC 3339 time such as 2026-11-28T14:02:00Z")
-                })?,
-        ),
+        (Some(at), None) => AsOf::Time(instant(at)?),
         (None, Some(position)) => AsOf::Position(
             position
                 .parse::<i64>()
@@ -325,4 +319,43 @@ pub(crate) async fn state_as_of(
         AsOf::Position(_) => None,
     };
     Ok(Json(PastScopeJson::new(&past, at)).into_response())
+}
+
+/// `GET /v1/scopes/{id}/access-at?at=RFC3339`: who could decrypt the scope's data at that
+/// instant: the principals whose `data:use` grants covered it, each with its tokens valid
+/// then, and its effective state then (nobody while paused, revoked or unavailable, with the
+/// cause). Computed from the events. An auditor's question: needs `audit:read` on the scope.
+pub(crate) async fn access_as_of(
+    State(state): State<AppState>,
+    caller: Caller,
+    path: Result<Path<String>, PathRejection>,
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(query) = query.map_err(|_| ApiError::invalid("the query string is not valid"))?;
+    check_keys(&query, &["at"])?;
+    let at = instant(query.get("at").ok_or_else(|| {
+        ApiError::invalid("at: required, an RFC 3339 time such as 2026-11-28T14:02:00Z")
+    })?)?;
+    if at > chrono::Utc::now() {
+        return Err(ApiError::invalid(
+            "at: is in the future; who could decrypt is known only up to now",
+        ));
+    }
+    // Visibility is decided on the scope as it is now, as for `/state`.
+    let current = visible_scope(&state, &caller, &path_text(path)?, Permission::AuditRead).await?;
+    let access = state
+        .app
+        .access_as_of(current.scope.id, at)
+        .await?
+        .ok_or_else(|| ApiError::not_found("the scope did not exist yet at that instant"))?;
+    Ok(Json(AccessAtJson::from(&access)).into_response())
+}
+
+/// The `at` of time travel: an RFC 3339 instant.
+fn instant(text: &str) -> Result<chrono::DateTime<chrono::Utc>, ApiError> {
+    chrono::DateTime::parse_from_rfc3339(text)
+        .map(|t| t.with_timezone(&chrono::Utc))
+        .map_err(|_| {
+            ApiError::invalid("at: expected an RFC 3339 time such as 2026-11-28T14:02:00Z")
+        })
 }
