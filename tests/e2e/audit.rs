@@ -434,3 +434,90 @@ async fn verify_reports_altered_when_a_payload_is_edited_and_cli_exports(backend
     app.stop().await;
 }
 on_both_backends!(verify_reports_altered_when_a_payload_is_edited_and_cli_exports);
+
+/// A subtree auditor: `audit:read` granted on a team reads that team's entries (list,
+/// export, who could decrypt), and nothing of the organization's own events or of another
+/// team.
+async fn audit_log_shows_only_the_subtree_when_audit_read_is_granted_on_a_team(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let (org, admin) = app.org("enterprise").await;
+    let team = app.scope(&admin, "team", "research", &org).await;
+    let other = app.scope(&admin, "team", "sales", &org).await;
+    let thread = app.scope(&admin, "thread", "t", &team).await;
+    app.grant(&admin, &org, "auditor", "audit:read", Some(&team))
+        .await;
+    let auditor = app.token(&admin, &org, "auditor", "member").await;
+    assert_eq!(app.pause(&admin, &thread).await.status, 200);
+    assert_eq!(app.pause(&admin, &other).await.status, 200);
+
+    // The team's entries: the team's and the thread's creation and the thread's pause.
+    let seen = entries(&app, &auditor, &format!("?scope={team}")).await;
+    let actions: Vec<(&str, &str)> = seen
+        .iter()
+        .map(|e| {
+            (
+                e["scope_id"].as_str().unwrap(),
+                e["action"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            (team.as_str(), "scope.create"),
+            (thread.as_str(), "scope.create"),
+            (thread.as_str(), "scope.pause"),
+        ]
+    );
+    // Below the team, too.
+    assert_eq!(
+        entries(&app, &auditor, &format!("?scope={thread}"))
+            .await
+            .len(),
+        2
+    );
+    // Exported the same way.
+    let export = app
+        .client
+        .get(format!(
+            "{}/v1/audit/export?format=jsonl&scope={team}",
+            app.base
+        ))
+        .bearer_auth(&auditor)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(export.status(), 200);
+    assert_eq!(export.text().await.unwrap().lines().count(), 3);
+    // Who could decrypt the thread: answered.
+    let at = seen[2]["recorded_at"].as_str().unwrap();
+    let who = app
+        .get(&format!("/v1/scopes/{thread}/access-at?at={at}"), &auditor)
+        .await;
+    assert_eq!(who.status, 200, "{}", who.body);
+
+    // Nothing else: the whole organization, its root, another team, the chain's verify.
+    for query in [
+        String::new(),
+        format!("?org={org}"),
+        format!("?scope={org}"),
+        format!("?scope={other}"),
+    ] {
+        app.get(&format!("/v1/audit{query}"), &auditor)
+            .await
+            .assert_problem(403, "forbidden");
+    }
+    app.get("/v1/audit/export", &auditor)
+        .await
+        .assert_problem(403, "forbidden");
+    app.get("/v1/audit/verify", &auditor)
+        .await
+        .assert_problem(403, "forbidden");
+    app.get(&format!("/v1/scopes/{other}/access-at?at={at}"), &auditor)
+        .await
+        .assert_problem(403, "forbidden");
+    // The org admin still reads everything.
+    assert!(entries(&app, &admin, "").await.len() > seen.len());
+    app.stop().await;
+}
+on_both_backends!(audit_log_shows_only_the_subtree_when_audit_read_is_granted_on_a_team);

@@ -10,7 +10,7 @@ use axum::http::{header, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use chrono::{DateTime, Utc};
-use ekm_domain::{OrgId, ScopeId};
+use ekm_domain::{OrgId, Permission, ScopeId};
 use ekm_projections::{AuditEntry, AuditFilter, ChainReport};
 use ekm_store::time::rfc3339;
 use serde::Serialize;
@@ -187,8 +187,14 @@ fn audited_org(caller: &Caller, org: Option<&String>) -> Result<OrgId, ApiError>
             return Err(ApiError::not_found(crate::routes::ORG_NOT_FOUND));
         }
     }
-    // The audit log is read organization-wide: a grant limited to a subtree does not do.
-    caller.require(ekm_domain::Permission::AuditRead, &[own.scope_id()])?;
+    Ok(own)
+}
+
+/// `audited_org`, for a caller that must hold `audit:read` on the whole organization
+/// (verifying the hash chain covers every entry of the organization).
+fn audited_org_whole(caller: &Caller, org: Option<&String>) -> Result<OrgId, ApiError> {
+    let own = audited_org(caller, org)?;
+    caller.require(Permission::AuditRead, &[own.scope_id()])?;
     Ok(own)
 }
 
@@ -201,20 +207,37 @@ async fn filter(
     query: &HashMap<String, String>,
 ) -> Result<AuditFilter, ApiError> {
     let org = audited_org(caller, query.get("org"))?;
+    // `audit:read` on the organization reads all of it; on a subtree, only that subtree's
+    // entries (`scope` naming it or a scope below it): the organization's own events
+    // (grants, tokens, tier) and other subtrees stay out of reach.
+    let whole_org = caller.holds(Permission::AuditRead, &[org.scope_id()]);
     let subtree = match query.get("scope") {
-        None => None,
+        None => {
+            if !whole_org {
+                return Err(ApiError::forbidden(
+                    "audit:read on the organization is needed to read all of its audit log; \
+                     with audit:read on a subtree, ask for it with scope=",
+                ));
+            }
+            None
+        }
         Some(text) => {
             let id = ScopeId::parse(text).map_err(|e| ApiError::invalid(format!("scope: {e}")))?;
             match state.app.scope(id).await? {
-                Some(snapshot) if snapshot.scope.org_id == org => Some(
-                    snapshot
-                        .scope
-                        .path
-                        .iter()
-                        .map(ToString::to_string)
-                        .collect::<Vec<_>>()
-                        .join("/"),
-                ),
+                Some(snapshot) if snapshot.scope.org_id == org => {
+                    if !whole_org {
+                        caller.require(Permission::AuditRead, &snapshot.scope.path)?;
+                    }
+                    Some(
+                        snapshot
+                            .scope
+                            .path
+                            .iter()
+                            .map(ToString::to_string)
+                            .collect::<Vec<_>>()
+                            .join("/"),
+                    )
+                }
                 _ => {
                     return Err(ApiError::not_found(
                         "scope: no scope with this id is visible to this token",
@@ -262,8 +285,7 @@ pub async fn list(
     check_keys(&query, &allowed)?;
     let mut filter = filter(&state, &caller, &query).await?;
     let limit = page_limit(query.get("limit"))?;
-    // A cursor continues only the query that issued it. Every entry of the organization is
-    // visible to a caller that may list it (audit:read is organization-wide), so a
+    // A cursor continues only the query that issued it (its subtree included), so a
     // position reveals nothing that the list would not.
     let from = filter.from.map(rfc3339).unwrap_or_default();
     let to = filter.to.map(rfc3339).unwrap_or_default();
@@ -364,6 +386,6 @@ pub async fn verify(
 ) -> Result<Json<ChainReport>, ApiError> {
     let Query(query) = query.map_err(|_| ApiError::invalid("the query string is not valid"))?;
     check_keys(&query, &["org"])?;
-    let org = audited_org(&caller, query.get("org"))?;
+    let org = audited_org_whole(&caller, query.get("org"))?;
     Ok(Json(state.app.verify(org).await?))
 }
