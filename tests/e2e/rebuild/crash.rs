@@ -156,7 +156,7 @@ async fn catch_up_resumes_without_loss_or_duplicates_when_interrupted(backend: B
          WHERE name IN ('scope_tree', 'audit_chain', 'key_shredder')",
     )
     .await;
-    let head = db.head_position().await.unwrap();
+    let head = db.committed_head().await.unwrap();
     let mut rng = StdRng::seed_from_u64(3);
     let mut crashes = 0;
     loop {
