@@ -311,10 +311,25 @@ pub enum ProjectionsCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum AuditCommand {
-    /// Stream an organization's audit log to standard output.
+    /// Stream an organization's audit log to standard output (JSON Lines: signed, see
+    /// docs/audit-format.md).
     Export(ExportArgs),
-    /// Check the hash chains against the stored events; exits 1 if any was tampered with.
+    /// Check the hash chains against the stored events, or (with --file) a signed export
+    /// against the public signing key, with no database; exits 1 if anything was tampered
+    /// with.
     Verify(VerifyArgs),
+    /// Print the public audit signing key (base64), for `ekm audit verify --public-key`.
+    SigningKey(SigningKeyArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SigningKeyArgs {
+    /// Data directory holding audit-signing.key.
+    #[arg(long, env = "EKM_DATA_DIR", default_value = "ekm-data")]
+    pub data_dir: PathBuf,
+    /// The audit signing key file (default: DATA_DIR/audit-signing.key). Never created here.
+    #[arg(long, env = "EKM_AUDIT_SIGNING_KEY_FILE")]
+    pub audit_signing_key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -333,9 +348,12 @@ pub struct ExportArgs {
     /// The organization's id.
     #[arg(long)]
     pub org: String,
-    /// jsonl or csv.
+    /// jsonl (signed checkpoints, verifiable offline) or csv (for spreadsheets, unsigned).
     #[arg(long, default_value = "jsonl")]
     pub format: String,
+    /// The audit signing key file (default: DATA_DIR/audit-signing.key). Never created here.
+    #[arg(long, env = "EKM_AUDIT_SIGNING_KEY_FILE")]
+    pub audit_signing_key_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -356,8 +374,17 @@ pub struct VerifyArgs {
     /// head (position and seal). Compared on every run (a shorter history, or a different
     /// seal at the recorded position, fails) and updated for the organizations that verify.
     /// Created if missing.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "file")]
     pub head_file: Option<PathBuf>,
+    /// Verify this signed export (`ekm audit export`, `GET /v1/audit/export`) instead of the
+    /// database: needs --public-key and nothing else. Names the first altered, missing,
+    /// inserted or reordered line.
+    #[arg(long, requires = "public_key", conflicts_with = "org")]
+    pub file: Option<PathBuf>,
+    /// A file holding the public audit signing key as base64 text (`ekm audit signing-key`,
+    /// `GET /v1/audit/signing-key`).
+    #[arg(long, requires = "file")]
+    pub public_key: Option<PathBuf>,
 }
 
 /// Where the data lives: SQLite in the data directory, or PostgreSQL.
@@ -451,6 +478,11 @@ pub struct ServeArgs {
     /// auditors' `ekm audit verify`.
     #[arg(long, env = "EKM_AUDIT_KEY_FILE")]
     pub audit_key_file: Option<PathBuf>,
+    /// The audit signing key file (Ed25519 seed; signs the checkpoints of audit exports).
+    /// Created on first start with mode 0600; every instance sharing a database needs the
+    /// same file; its public half is `GET /v1/audit/signing-key`.
+    #[arg(long, env = "EKM_AUDIT_SIGNING_KEY_FILE")]
+    pub audit_signing_key_file: Option<PathBuf>,
     /// Seal events that exist without seals although no server sealed them yet (a database
     /// seeded outside EKM, or upgraded from unkeyed seals). Without it a server refuses to
     /// seal history whose seals were reset (ADR 0018).

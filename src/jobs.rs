@@ -7,7 +7,8 @@ use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context};
-use ekm_api::audit::Format;
+use ekm_api::audit::{entry_json_text, Format};
+use ekm_api::audit_export::{verify_export_from, ExportHeader, ExportWriter};
 use ekm_projections::{
     audit_pages, error_chain, rebuild, status, verify_chain, AuditFilter, RecordedHead,
 };
@@ -17,7 +18,7 @@ use crate::cli::{
     AuditCommand, DbArgs, ExportArgs, JobArgs, PlatformKeyCommand, ProjectionsCommand, RotateArgs,
     VerifyArgs,
 };
-use crate::serve::{audit_key, open, prepare_data_dir};
+use crate::serve::{audit_key, audit_signing_key, open, prepare_data_dir};
 
 fn db_error(error: impl std::error::Error) -> anyhow::Error {
     anyhow::anyhow!(error_chain(&error))
@@ -121,31 +122,123 @@ async fn status_job(args: JobArgs) -> anyhow::Result<ExitCode> {
 pub async fn audit(command: AuditCommand) -> anyhow::Result<ExitCode> {
     match command {
         AuditCommand::Export(args) => export_job(args).await,
-        AuditCommand::Verify(args) => verify_job(args).await,
+        AuditCommand::Verify(args) => match (&args.file, &args.public_key) {
+            (Some(file), Some(key)) => verify_file_job(file, key, args.json),
+            _ => verify_job(args).await,
+        },
+        AuditCommand::SigningKey(args) => {
+            let key = audit_signing_key(
+                &args.data_dir,
+                args.audit_signing_key_file.as_deref(),
+                false,
+            )?;
+            writeln!(std::io::stdout().lock(), "{}", key.public_key_base64())?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
 }
 
 async fn export_job(args: ExportArgs) -> anyhow::Result<ExitCode> {
     let format = Format::parse(&args.format).map_err(anyhow::Error::msg)?;
     let org = ekm_domain::OrgId::parse(&args.org).map_err(|e| anyhow::anyhow!("--org: {e}"))?;
+    let signing = match format {
+        Format::JsonLines => Some(std::sync::Arc::new(audit_signing_key(
+            &args.db.data_dir,
+            args.audit_signing_key_file.as_deref(),
+            false,
+        )?)),
+        Format::Csv => None,
+    };
     let db = open_for_reading(&args.db).await?;
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    out.write_all(format.header().as_bytes())?;
+    let through = ekm_projections::sealed_through(&db)
+        .await
+        .map_err(db_error)?;
     let filter = AuditFilter {
         org_id: org.to_string(),
         limit: 1_000,
+        through: Some(through),
         ..AuditFilter::default()
+    };
+    let mut writer = match &signing {
+        Some(key) => {
+            let header = ExportHeader {
+                org_id: org.to_string(),
+                exported_at: ekm_store::time::rfc3339(ekm_store::time::from_micros(
+                    ekm_store::time::now_micros(),
+                )),
+                through_position: through,
+                filter: [("org".to_owned(), org.to_string())].into(),
+            };
+            let (writer, first) = ExportWriter::start(key.clone(), &header);
+            out.write_all(first.as_bytes())?;
+            Some(writer)
+        }
+        None => {
+            out.write_all(format.header().as_bytes())?;
+            None
+        }
     };
     let mut pages = audit_pages(db.clone(), filter);
     while let Some(entries) = pages.next().await {
         for entry in &entries.map_err(db_error)? {
-            out.write_all(format.render(entry).as_bytes())
+            let text = match &mut writer {
+                Some(writer) => {
+                    writer.entry("event", &entry_json_text(entry), entry.seal.as_deref())
+                }
+                None => format.render(entry),
+            };
+            out.write_all(text.as_bytes())
                 .context("writing the export")?;
         }
+    }
+    if let Some(writer) = writer {
+        out.write_all(writer.finish().as_bytes())?;
     }
     out.flush()?;
     db.close().await;
     Ok(ExitCode::SUCCESS)
+}
+
+/// `ekm audit verify --file F --public-key K`: the export against the public key alone.
+fn verify_file_job(file: &Path, key: &Path, json: bool) -> anyhow::Result<ExitCode> {
+    let key_text = std::fs::read_to_string(key)
+        .with_context(|| format!("cannot read the public key file {}", key.display()))?;
+    let public_key = ekm_keys::parse_public_key(&key_text)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", key.display()))?;
+    let opened = std::fs::File::open(file)
+        .with_context(|| format!("cannot read the export {}", file.display()))?;
+    // Line by line, in constant memory, however long the export.
+    let result = verify_export_from(&mut std::io::BufReader::new(opened), &public_key)
+        .with_context(|| format!("cannot read the export {}", file.display()))?;
+    let mut out = std::io::stdout().lock();
+    match &result {
+        Ok(verified) if json => writeln!(out, "{}", serde_json::json!({"ok": true, "export": verified}))?,
+        Err(failure) if json => writeln!(out, "{}", serde_json::json!({"ok": false, "first_failure": failure}))?,
+        Ok(verified) => writeln!(
+            out,
+            "ok        {}  {} entries, {} lines, {} signed checkpoints, through position {}, key {}",
+            verified.org_id,
+            verified.entries,
+            verified.lines,
+            verified.checkpoints,
+            verified.through_position,
+            verified.key_id
+        )?,
+        Err(failure) => writeln!(
+            out,
+            "TAMPERED  {}  line {}: {} ({})",
+            file.display(),
+            failure.line,
+            failure.problem,
+            failure.detail
+        )?,
+    }
+    Ok(if result.is_ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 /// The head file: each organization's last verified head, kept by the auditor outside the

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use ekm_api::limits::Limits;
 use ekm_api::{router_with_limits, AppState};
-use ekm_keys::{SealKey, AUDIT_KEY_FILE, MASTER_KEY_FILE};
+use ekm_keys::{SealKey, SigningKey, AUDIT_KEY_FILE, AUDIT_SIGNING_KEY_FILE, MASTER_KEY_FILE};
 use ekm_kms::KmsSettings;
 use ekm_projections::{Projector, ProjectorConfig};
 use ekm_service::health::HealthMonitor;
@@ -66,6 +66,27 @@ pub fn audit_key(args: &DbArgs, file: Option<&Path>, create: bool) -> anyhow::Re
         }
         Ok(None) => bail!(
             "no audit key at {} (the server creates it; give --audit-key-file)",
+            path.display()
+        ),
+        Err(error) => Err(anyhow::anyhow!(ekm_projections::error_chain(&error))),
+    }
+}
+
+/// The audit signing key: `--audit-signing-key-file`, else `DATA_DIR/audit-signing.key`;
+/// created (0600) only by the server.
+pub fn audit_signing_key(
+    data_dir: &Path,
+    file: Option<&Path>,
+    create: bool,
+) -> anyhow::Result<SigningKey> {
+    let path = file.map_or_else(|| data_dir.join(AUDIT_SIGNING_KEY_FILE), Path::to_path_buf);
+    match SigningKey::load(&path, create) {
+        Ok(Some(key)) => {
+            tracing::info!(path = %path.display(), key_id = %key.key_id(), "audit signing key ready");
+            Ok(key)
+        }
+        Ok(None) => bail!(
+            "no audit signing key at {} (the server creates it; give --audit-signing-key-file)",
             path.display()
         ),
         Err(error) => Err(anyhow::anyhow!(ekm_projections::error_chain(&error))),
@@ -142,6 +163,14 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
 
     let seal = audit_key(&args.db, args.audit_key_file.as_deref(), true)?;
+    let signing = Arc::new(audit_signing_key(
+        &args.db.data_dir,
+        args.audit_signing_key_file.as_deref(),
+        true,
+    )?);
+    ekm_projections::register_signing_key(&db, &signing)
+        .await
+        .map_err(|e| anyhow::anyhow!(ekm_projections::error_chain(&e)))?;
     ekm_projections::register_seal_key(&db, &seal)
         .await
         .map_err(|e| anyhow::anyhow!(ekm_projections::error_chain(&e)))?;
@@ -200,7 +229,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         grace: args.kms_grace_period,
     };
     let keys = KeyService::with_kms(db.clone(), master, args.key_cache_ttl, kms);
-    let app = App::new(db.clone(), projector, keys, seal);
+    let app = App::new(db.clone(), projector, keys, seal, signing);
     if args.scope_reads == "memory" {
         let started = std::time::Instant::now();
         let load = app

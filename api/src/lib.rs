@@ -5,6 +5,7 @@
 //! service calls and domain commands by hand in `routes`/`dto`; read models become
 //! responses the same way.
 
+pub mod audit_export;
 pub mod console;
 pub mod context;
 mod cursor;

@@ -55,7 +55,13 @@ async fn fixture() -> Fixture {
         .await
         .expect("master key");
     let keys = KeyService::new(db.clone(), master, std::time::Duration::from_secs(300));
-    let app = App::new(db, projector, keys, seal);
+    let app = App::new(
+        db,
+        projector,
+        keys,
+        seal,
+        std::sync::Arc::new(ekm_keys::SigningKey::generate()),
+    );
     app.load_memory().await.expect("load the scope tree");
     Fixture {
         router: router(AppState { app }),

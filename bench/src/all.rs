@@ -752,7 +752,21 @@ pub(crate) async fn analyze(db: &Db) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Export rate (JSON Lines into a sink) and the raw SELECT rate of the same rows, up to
+/// A signed export's writer with a fresh signing key, and its header line.
+pub fn signed_export_writer(org: &str) -> (ekm_api::audit_export::ExportWriter, String) {
+    let header = ekm_api::audit_export::ExportHeader {
+        org_id: org.to_owned(),
+        exported_at: String::new(),
+        through_position: 0,
+        filter: std::collections::BTreeMap::new(),
+    };
+    ekm_api::audit_export::ExportWriter::start(
+        std::sync::Arc::new(ekm_keys::SigningKey::generate()),
+        &header,
+    )
+}
+
+/// Export rate (signed JSON Lines into a sink) and the raw SELECT rate of the same rows, up to
 /// `cap` entries of the organization.
 async fn export(db: &Db, org: OrgId, cap: usize) -> anyhow::Result<(f64, f64, f64, usize)> {
     use std::io::Write;
@@ -763,21 +777,30 @@ async fn export(db: &Db, org: OrgId, cap: usize) -> anyhow::Result<(f64, f64, f6
         limit: 1_000,
         ..AuditFilter::default()
     };
-    // The export's own path: pages read one ahead (`audit_pages`), rendered as JSON Lines.
+    // The export's own path: pages read one ahead (`audit_pages`), rendered as signed JSON
+    // Lines (each line hashed, a signed checkpoint every 100 lines).
     let started = Instant::now();
     let mut exported = 0usize;
     let mut sink = std::io::sink();
     let mut pages = ekm_projections::audit_pages(db.clone(), filter.clone());
+    let (mut writer, header) = signed_export_writer(&org.to_string());
+    sink.write_all(header.as_bytes())?;
     while exported < cap {
         let Some(entries) = pages.next().await else {
             break;
         };
         let entries = entries.map_err(err)?;
         for entry in &entries {
-            sink.write_all(ekm_api::audit::Format::JsonLines.render(entry).as_bytes())?;
+            let line = writer.entry(
+                "event",
+                &ekm_api::audit::entry_json_text(entry),
+                entry.seal.as_deref(),
+            );
+            sink.write_all(line.as_bytes())?;
         }
         exported += entries.len();
     }
+    sink.write_all(writer.finish().as_bytes())?;
     drop(pages);
     let export_rate = exported as f64 / started.elapsed().as_secs_f64();
     // The same pages without rendering: separates the query and decoding from JSON Lines.

@@ -67,7 +67,13 @@ async fn measure(
     projector.catch_up().await?;
     let master = local_master_key(&db, &dir.join("master.key")).await?;
     let keys = KeyService::new(db.clone(), master, Duration::from_secs(3600));
-    let app = App::new(db.clone(), projector, keys.clone(), seal);
+    let app = App::new(
+        db.clone(),
+        projector,
+        keys.clone(),
+        seal,
+        std::sync::Arc::new(ekm_keys::SigningKey::generate()),
+    );
     let (org, _) = app
         .create_org(
             ScopeName::parse("bench")?,

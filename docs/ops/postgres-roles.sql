@@ -27,7 +27,7 @@ GRANT USAGE ON SCHEMA public TO :"app";
 -- Read models, tokens, key material and checkpoints: the server writes them.
 GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO :"app";
 -- The event log and the seals are append-only for the server.
-REVOKE UPDATE, DELETE, TRUNCATE ON events, audit_chain, audit_keys FROM :"app";
+REVOKE UPDATE, DELETE, TRUNCATE ON events, audit_chain, audit_keys, audit_signing_keys FROM :"app";
 -- Read only: the seals made before keyed seals, and the migrations the server checks.
 REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON audit_chain_unkeyed, _sqlx_migrations FROM :"app";
 -- (Positions come from transaction ids since migration 0013: no sequence to grant.)

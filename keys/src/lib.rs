@@ -11,8 +11,12 @@ mod kek;
 mod key_file;
 mod provider;
 mod seal;
+mod signing;
 
 pub use ciphertext::{Ciphertext, CiphertextError, FORMAT_PREFIX};
 pub use kek::{CryptoError, Kek, KEK_BYTES};
 pub use provider::{LocalMasterKey, MasterKeyError, MASTER_KEY_FILE};
 pub use seal::{SealKey, SealKeyError, AUDIT_KEY_FILE, SEAL_KEY_BYTES};
+pub use signing::{
+    key_id, parse_public_key, verify_signature, SigningKey, SigningKeyError, AUDIT_SIGNING_KEY_FILE,
+};

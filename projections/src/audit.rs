@@ -288,6 +288,8 @@ pub struct AuditEntry {
     pub summary: String,
     /// The event's payload as stored: JSON text, passed through unparsed.
     pub details: String,
+    /// The entry's seal in its organization's chain (hex), if the chain has sealed it.
+    pub seal: Option<String>,
 }
 
 /// Which entries to read. `from` is inclusive, `to` exclusive; `after` is a position cursor.
@@ -301,6 +303,8 @@ pub struct AuditFilter {
     pub from: Option<DateTime<Utc>>,
     pub to: Option<DateTime<Utc>>,
     pub after: Option<i64>,
+    /// Only entries at or before this position (an export stops where the chain has sealed).
+    pub through: Option<i64>,
     pub limit: i64,
 }
 
@@ -312,9 +316,12 @@ enum Bind {
 
 /// What an entry is read from: the event row and the columns computed for the filters.
 const ENTRY_SELECT: &str =
-    "SELECT position, recorded_at, audit_org, aggregate_type, aggregate_id, \
-     sequence, audit_path, event_type, event_version, CAST(payload AS TEXT) AS payload, \
-     CAST(metadata AS TEXT) AS metadata FROM events WHERE audit_org = $1";
+    "SELECT e.position, e.recorded_at, e.audit_org, e.aggregate_type, e.aggregate_id, \
+     e.sequence, e.audit_path, e.event_type, e.event_version, \
+     CAST(e.payload AS TEXT) AS payload, CAST(e.metadata AS TEXT) AS metadata, \
+     c.hash AS seal \
+     FROM events e LEFT JOIN audit_chain c ON c.position = e.position \
+     WHERE e.audit_org = $1";
 
 impl AuditFilter {
     fn sql(&self) -> (String, Vec<Bind>) {
@@ -327,16 +334,20 @@ impl AuditFilter {
         if let Some(path) = &self.subtree {
             // The path itself and every path below it: ids have a fixed length, so after a
             // full path the next character is '/', and '0' is the character after '/'.
-            push(" AND audit_path >= ?", Bind::Text(path.clone()), &mut binds);
             push(
-                " AND audit_path < ?",
+                " AND e.audit_path >= ?",
+                Bind::Text(path.clone()),
+                &mut binds,
+            );
+            push(
+                " AND e.audit_path < ?",
                 Bind::Text(format!("{path}0")),
                 &mut binds,
             );
         }
         if let Some(actor) = &self.actor {
             push(
-                " AND audit_actor = ?",
+                " AND e.audit_actor = ?",
                 Bind::Text(actor.clone()),
                 &mut binds,
             );
@@ -345,22 +356,25 @@ impl AuditFilter {
             // Each action is one event type; an unknown action matches nothing.
             let event_type = ScopeEvent::type_of_action(action).unwrap_or("");
             push(
-                " AND event_type = ?",
+                " AND e.event_type = ?",
                 Bind::Text(event_type.to_owned()),
                 &mut binds,
             );
         }
         if let Some(from) = self.from {
-            push(" AND recorded_at >= ?", Bind::Time(from), &mut binds);
+            push(" AND e.recorded_at >= ?", Bind::Time(from), &mut binds);
         }
         if let Some(to) = self.to {
-            push(" AND recorded_at < ?", Bind::Time(to), &mut binds);
+            push(" AND e.recorded_at < ?", Bind::Time(to), &mut binds);
         }
         if let Some(after) = self.after {
-            push(" AND position > ?", Bind::Int(after), &mut binds);
+            push(" AND e.position > ?", Bind::Int(after), &mut binds);
+        }
+        if let Some(through) = self.through {
+            push(" AND e.position <= ?", Bind::Int(through), &mut binds);
         }
         binds.push(Bind::Int(self.limit));
-        sql.push_str(&format!(" ORDER BY position LIMIT ${}", binds.len()));
+        sql.push_str(&format!(" ORDER BY e.position LIMIT ${}", binds.len()));
         (sql, binds)
     }
 }
@@ -368,7 +382,7 @@ impl AuditFilter {
 /// One entry from its event, its organization and its path (the audit columns). A payload
 /// that no longer decodes still makes an entry (an auditor must see every event): its action
 /// is `unknown` and its summary says why.
-fn entry(row: StoredEvent, org_id: String, path: &str) -> AuditEntry {
+fn entry(row: StoredEvent, org_id: String, path: &str, seal: Option<String>) -> AuditEntry {
     let metadata = row
         .event_metadata()
         .unwrap_or_else(|_| EventMetadata::from_map(&HashMap::new()));
@@ -399,6 +413,7 @@ fn entry(row: StoredEvent, org_id: String, path: &str) -> AuditEntry {
         source_address: metadata.source_address,
         summary,
         details: row.payload,
+        seal,
     }
 }
 
@@ -417,7 +432,12 @@ macro_rules! decode_entry {
             payload: row.try_get("payload")?,
             metadata: row.try_get("metadata")?,
         };
-        Ok::<_, ProjectionError>(entry(stored, row.try_get("audit_org")?, &path))
+        Ok::<_, ProjectionError>(entry(
+            stored,
+            row.try_get("audit_org")?,
+            &path,
+            row.try_get("seal")?,
+        ))
     }};
 }
 
@@ -761,6 +781,47 @@ pub async fn check_seal_key(db: &Db, key: &SealKey) -> Result<(), ProjectionErro
         }),
         _ => Ok(()),
     }
+}
+
+/// Records which audit signing key signs this database's exports (its public key), on
+/// first use, and refuses any other key afterwards: instances with key files of their own
+/// would publish one key and sign with another (ADR 0023).
+pub async fn register_signing_key(
+    db: &Db,
+    key: &ekm_keys::SigningKey,
+) -> Result<(), ProjectionError> {
+    let recorded: Option<String> = ekm_store::with_write_pool!(db, pool => {
+        sqlx::query(
+            "INSERT INTO audit_signing_keys (id, key_id, public_key, created_at) \
+             VALUES (1, $1, $2, $3) ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(key.key_id())
+        .bind(key.public_key_base64())
+        .bind(ekm_store::time::now_micros())
+        .execute(pool)
+        .await?;
+        sqlx::query_scalar("SELECT key_id FROM audit_signing_keys WHERE id = 1")
+            .fetch_optional(pool)
+            .await?
+    });
+    match recorded {
+        Some(recorded) if recorded != key.key_id() => Err(ProjectionError::WrongSigningKey {
+            recorded,
+            given: key.key_id(),
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// The position up to which the audit chain has sealed every event (its checkpoint): an
+/// export stops there, so that every exported entry carries its seal.
+pub async fn sealed_through(db: &Db) -> Result<i64, ProjectionError> {
+    let position: Option<i64> = ekm_store::with_read_pool!(db, pool => {
+        sqlx::query_scalar("SELECT position FROM projection_checkpoints WHERE name = 'audit_chain'")
+            .fetch_optional(pool)
+            .await?
+    });
+    Ok(position.unwrap_or(0))
 }
 
 /// Refuses to let a server seal history that was sealed before (ADR 0018): an attacker who

@@ -21,6 +21,11 @@ pub enum ProjectionError {
          give every instance and auditor the same audit.key"
     )]
     WrongSealKey { recorded: String, given: String },
+    #[error(
+        "this database's exports are signed with the audit signing key {recorded}, not with {given}: \
+         give every instance the same audit-signing.key"
+    )]
+    WrongSigningKey { recorded: String, given: String },
     #[error("the audit chain cannot be sealed without the audit key")]
     NoSealKey,
     #[error(

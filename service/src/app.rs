@@ -151,6 +151,8 @@ struct Inner {
     minter: Arc<dyn KeyMinter>,
     /// The audit key, to verify the seals (the projector seals with the same key).
     seal: ekm_keys::SealKey,
+    /// The audit signing key, for the signed checkpoints of exports.
+    signing: Arc<ekm_keys::SigningKey>,
 }
 
 impl App {
@@ -163,9 +165,10 @@ impl App {
         projector: Arc<Projector>,
         keys: Arc<KeyService>,
         seal: ekm_keys::SealKey,
+        signing: Arc<ekm_keys::SigningKey>,
     ) -> Self {
         let minter: Arc<dyn KeyMinter> = keys.clone();
-        Self::with_minter(db, projector, keys, seal, minter)
+        Self::with_minter(db, projector, keys, (seal, signing), minter)
     }
 
     /// `new`, with the key material made by `minter` (a fake in unit tests).
@@ -173,7 +176,7 @@ impl App {
         db: Db,
         projector: Arc<Projector>,
         keys: Arc<KeyService>,
-        seal: ekm_keys::SealKey,
+        (seal, signing): (ekm_keys::SealKey, Arc<ekm_keys::SigningKey>),
         minter: Arc<dyn KeyMinter>,
     ) -> Self {
         let memory = Arc::new(MemoryTree::new());
@@ -194,6 +197,7 @@ impl App {
                 keys,
                 minter,
                 seal,
+                signing,
             }),
         }
     }
@@ -222,6 +226,18 @@ impl App {
             .await
             .map_err(AppError::EventStore)?;
         Ok(context.aggregate().state().and_then(|s| s.rekey.clone()))
+    }
+
+    /// The platform's audit signing key (Ed25519), which signs export checkpoints.
+    pub fn signing_key(&self) -> &Arc<ekm_keys::SigningKey> {
+        &self.inner.signing
+    }
+
+    /// The position up to which the audit chain has sealed every event, after catching the
+    /// projections up to the head: an export then holds every event committed before it.
+    pub async fn sealed_through(&self) -> Result<i64, AppError> {
+        self.refresh().await?;
+        Ok(ekm_projections::sealed_through(&self.inner.db).await?)
     }
 
     pub fn tokens(&self) -> &Tokens {
@@ -1016,7 +1032,13 @@ mod tests {
         let keys = KeyService::new(db.clone(), master, Duration::from_secs(300));
         let fake = Arc::new(FakeMinter::default());
         let minter: Arc<dyn KeyMinter> = fake.clone();
-        let app = App::with_minter(db, projector, keys, seal, minter);
+        let app = App::with_minter(
+            db,
+            projector,
+            keys,
+            (seal, Arc::new(ekm_keys::SigningKey::generate())),
+            minter,
+        );
         app.load_memory().await.expect("load the scope tree");
         (app, fake, dir)
     }

@@ -170,6 +170,20 @@ fn rows() -> Vec<Row> {
         row("GET", "/v1/audit", audit, guarded(200, ok(200))),
         row("GET", "/v1/audit/export", audit, guarded(200, ok(200))),
         row("GET", "/v1/audit/verify", audit, guarded(200, ok(200))),
+        // The public half of the audit signing key: any valid token.
+        row(
+            "GET",
+            "/v1/audit/signing-key",
+            None,
+            [
+                UNAUTHORIZED,
+                UNAUTHORIZED,
+                ok(200),
+                ok(200),
+                ok(200),
+                ok(200),
+            ],
+        ),
         // Who the token is: any valid token, of any organization.
         row(
             "GET",
@@ -437,6 +451,7 @@ async fn request(app: &TestApp, world: &World, row: &Row, index: usize) -> (Stri
         ("GET", "/v1/audit/export") => (format!("/v1/audit/export?org={org}"), None),
         ("GET", "/v1/audit/verify") => (format!("/v1/audit/verify?org={org}"), None),
         ("GET", "/v1/me") => ("/v1/me".into(), None),
+        ("GET", "/v1/audit/signing-key") => ("/v1/audit/signing-key".into(), None),
         ("GET", "/v1/orgs/{org}/scopes") => (format!("/v1/orgs/{org}/scopes?q=t"), None),
         ("POST", "/v1/orgs/{org}/admin-tokens") => (
             format!("/v1/orgs/{org}/admin-tokens"),

@@ -12,6 +12,7 @@ mod access_gaps;
 mod access_matrix;
 mod append;
 mod audit;
+mod audit_export;
 mod bad_input;
 mod bad_input_endpoints;
 mod byok;

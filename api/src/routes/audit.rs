@@ -1,7 +1,7 @@
 //! Audit endpoints: list with filters, streamed export (JSON Lines, CSV), chain verification;
 //! and the renderers the `ekm audit export` command shares.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::QueryRejection;
@@ -16,6 +16,7 @@ use ekm_store::time::rfc3339;
 use serde::Serialize;
 use serde_json::{json, Value};
 
+use crate::audit_export::{ExportHeader, ExportWriter};
 use crate::context::Caller;
 use crate::cursor::{Binding, List};
 use crate::error::ApiError;
@@ -264,6 +265,7 @@ async fn filter(
         from,
         to,
         after: None,
+        through: None,
         limit: 0,
     })
 }
@@ -323,6 +325,9 @@ pub async fn list(
 const EXPORT_PAGE: i64 = 1_000;
 
 /// Streams every matching entry, a page at a time: memory stays flat whatever the history.
+/// JSON Lines is signed (docs/audit-format.md): a header, each entry with its seal, and a
+/// signed checkpoint every `CHECKPOINT_EVERY` lines and at the end; it stops at the position
+/// the audit chain had sealed when it began, so every entry carries its seal.
 pub async fn export(
     State(state): State<AppState>,
     caller: Caller,
@@ -337,28 +342,60 @@ pub async fn export(
     let mut filter = filter(&state, &caller, &query).await?;
     filter.limit = EXPORT_PAGE;
     let org = filter.org_id.clone();
+    let through = state.app.sealed_through().await?;
+    filter.through = Some(through);
+    let mut writer = None;
+    let mut first = Bytes::from(format.header());
+    if format == Format::JsonLines {
+        let mut given: BTreeMap<String, String> = query
+            .iter()
+            .filter(|(k, _)| FILTER_KEYS.contains(&k.as_str()))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        given.insert("org".to_owned(), org.clone());
+        let header = ExportHeader {
+            org_id: org.clone(),
+            exported_at: rfc3339(Utc::now()),
+            through_position: through,
+            filter: given,
+        };
+        let (started, line) = ExportWriter::start(state.app.signing_key().clone(), &header);
+        writer = Some(started);
+        first = Bytes::from(line);
+    }
     let pages = state.app.audit_pages(filter);
     let stream = futures_util::stream::unfold(
-        (pages, false, false),
-        move |(mut pages, header_sent, done)| async move {
+        (pages, writer, Some(first), false),
+        move |(mut pages, mut writer, first, done)| async move {
             if done {
                 return None;
             }
-            if !header_sent && !format.header().is_empty() {
-                return Some((Ok(Bytes::from(format.header())), (pages, true, false)));
+            if let Some(first) = first.filter(|f| !f.is_empty()) {
+                return Some((Ok(first), (pages, writer, None, false)));
             }
-            match pages.next().await? {
-                Ok(entries) => {
-                    let chunk: String = entries.iter().map(|e| format.render(e)).collect();
-                    Some((Ok(Bytes::from(chunk)), (pages, true, false)))
+            match pages.next().await {
+                Some(Ok(entries)) => {
+                    let chunk: String = entries
+                        .iter()
+                        .map(|e| match &mut writer {
+                            Some(w) => w.entry("event", &entry_json_text(e), e.seal.as_deref()),
+                            None => format.render(e),
+                        })
+                        .collect();
+                    Some((Ok(Bytes::from(chunk)), (pages, writer, None, false)))
                 }
-                Err(error) => {
+                // The end: the final signed checkpoint, if any.
+                None => writer
+                    .take()
+                    .map(|w| (Ok(Bytes::from(w.finish())), (pages, None, None, true))),
+                Some(Err(error)) => {
                     // The status line is already sent: end the body with an error so the
-                    // client sees a truncated transfer, never a silently short export.
+                    // client sees a truncated transfer, never a silently short export
+                    // (a signed export also lacks its final checkpoint).
                     tracing::error!(error = %ekm_projections::error_chain(&error), "audit export failed");
                     Some((
                         Err(std::io::Error::other("audit export failed")),
-                        (pages, true, true),
+                        (pages, None, None, true),
                     ))
                 }
             }
@@ -377,6 +414,17 @@ pub async fn export(
         headers.insert(header::CONTENT_DISPOSITION, value);
     }
     Ok(response)
+}
+
+/// `GET /v1/audit/signing-key`: the platform's public audit signing key, for verifying
+/// exports offline (`ekm audit verify --file --public-key`). Public information; any token.
+pub async fn signing_key(State(state): State<AppState>, _caller: Caller) -> Json<Value> {
+    let key = state.app.signing_key();
+    Json(json!({
+        "algorithm": "ed25519",
+        "public_key": key.public_key_base64(),
+        "key_id": key.key_id(),
+    }))
 }
 
 pub async fn verify(

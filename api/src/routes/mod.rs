@@ -7,7 +7,7 @@
 //! - `scopes`: scopes, their lifecycle and their past states;
 //! - `master_key`: an organization's master key;
 //! - `tokens` and `grants`: access, managed by org admins;
-//! - `audit`: the audit log (list, export, verify);
+//! - `audit`: the audit log (list, signed export, verify, the public signing key);
 //! - `data_plane`: encrypt, decrypt, data keys, rewrap.
 
 use std::collections::HashMap;
@@ -68,6 +68,7 @@ pub(crate) fn register(endpoints: &mut Endpoints) {
     endpoints.add(Get, "/v1/audit", audit::list);
     endpoints.add(Get, "/v1/audit/export", audit::export);
     endpoints.add(Get, "/v1/audit/verify", audit::verify);
+    endpoints.add(Get, "/v1/audit/signing-key", audit::signing_key);
     endpoints.add(Get, "/v1/me", system::me);
     endpoints.add(Get, "/v1/orgs/{org}/scopes", orgs::search_scopes);
     endpoints.add(

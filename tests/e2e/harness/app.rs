@@ -140,7 +140,11 @@ impl TestApp {
             options.key_cache_ttl,
             options.kms.clone(),
         );
-        let app = App::new(db.clone(), projector, keys, seal);
+        let signing = Arc::new(signing_key(&data_dir));
+        ekm_projections::register_signing_key(&db, &signing)
+            .await
+            .expect("the data directory's audit signing key");
+        let app = App::new(db.clone(), projector, keys, seal, signing);
         app.load_memory()
             .await
             .expect("load the scope tree into memory");

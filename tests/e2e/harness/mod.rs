@@ -164,6 +164,13 @@ pub fn seal_key(data_dir: &Path) -> ekm_keys::SealKey {
         .expect("audit key created")
 }
 
+/// The data directory's audit signing key, created as `ekm serve` creates it.
+pub fn signing_key(data_dir: &Path) -> ekm_keys::SigningKey {
+    ekm_keys::SigningKey::load(&data_dir.join(ekm_keys::AUDIT_SIGNING_KEY_FILE), true)
+        .expect("audit signing key")
+        .expect("audit signing key created")
+}
+
 /// `POST /v1/scopes/{scope}/encrypt` of `plaintext` in `class`.
 pub async fn encrypt(
     app: &TestApp,

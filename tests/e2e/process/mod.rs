@@ -234,7 +234,7 @@ fn get_scope_shows_another_instances_command_within_a_second_when_two_share_post
     let a = serve(&dir_a, Some(&url));
     // Every instance of one database needs the same master key and audit key files.
     std::fs::create_dir_all(&dir_b).unwrap();
-    for file in ["master.key", "audit.key"] {
+    for file in ["master.key", "audit.key", "audit-signing.key"] {
         std::fs::copy(dir_a.join(file), dir_b.join(file)).unwrap();
         std::fs::set_permissions(
             dir_b.join(file),

@@ -1,0 +1,301 @@
+//! Exports that verify offline (issue 16, section 4): a signed export from the API and from
+//! the CLI verifies with the public key alone, in `ekm audit verify --file` and in the
+//! independent Python verifier of docs/, and both name the same first bad line for each kind
+//! of tampering an auditor must see.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::{json, Value};
+
+use crate::harness::{Backend, TestApp};
+use crate::on_both_backends;
+
+/// (exit success, stdout as JSON) of a verifier run with `--json --file F --public-key K`.
+fn run_verifier(mut command: Command, file: &Path, key: &Path) -> (bool, Value) {
+    let output = command
+        .args(["--json", "--file"])
+        .arg(file)
+        .arg("--public-key")
+        .arg(key)
+        .output()
+        .expect("the verifier runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let report = serde_json::from_str(stdout.trim()).unwrap_or_else(|_| {
+        panic!(
+            "not JSON: {stdout} {}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+    });
+    (output.status.success(), report)
+}
+
+/// `ekm audit verify --file F --public-key K --json`.
+fn ekm_verify_file(file: &Path, key: &Path) -> (bool, Value) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_ekm"));
+    command.args(["audit", "verify"]);
+    run_verifier(command, file, key)
+}
+
+/// The same through `python3 docs/verify_export.py` (standard library and `cryptography`).
+fn python_verify_file(file: &Path, key: &Path) -> (bool, Value) {
+    let mut command = Command::new("python3");
+    command.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/verify_export.py"));
+    run_verifier(command, file, key)
+}
+
+/// Both verifiers on one file: they must agree, and the answer is (ok, line, problem).
+fn verify_both(file: &Path, key: &Path) -> (bool, u64, String) {
+    let (ok, rust) = ekm_verify_file(file, key);
+    let (python_ok, python) = python_verify_file(file, key);
+    assert_eq!(ok, python_ok, "ekm: {rust}; python: {python}");
+    assert_eq!(rust["ok"], ok, "{rust}");
+    if ok {
+        assert_eq!(
+            rust["export"]["entries"], python["export"]["entries"],
+            "{rust} {python}"
+        );
+        return (true, 0, String::new());
+    }
+    let (line, problem) = (
+        &rust["first_failure"]["line"],
+        &rust["first_failure"]["problem"],
+    );
+    assert_eq!(line, &python["first_failure"]["line"], "{rust} {python}");
+    assert_eq!(
+        problem, &python["first_failure"]["problem"],
+        "{rust} {python}"
+    );
+    (
+        false,
+        line.as_u64().unwrap(),
+        problem.as_str().unwrap().to_owned(),
+    )
+}
+
+fn write_lines(dir: &Path, name: &str, lines: &[&str]) -> PathBuf {
+    let path = dir.join(name);
+    let mut text = lines.join("\n");
+    text.push('\n');
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+async fn signed_export_verifies_offline_and_names_the_first_tampered_line(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let (org, admin) = app.org("enterprise").await;
+    let team = app.scope(&admin, "team", "research", &org).await;
+    for _ in 0..3 {
+        app.pause(&admin, &team).await;
+        app.resume(&admin, &team).await;
+    }
+    let dir = tempfile::tempdir().unwrap();
+
+    // The public key, from the API and from the CLI: the same base64 text.
+    let published = app.get("/v1/audit/signing-key", &admin).await;
+    assert_eq!(published.status, 200, "{}", published.body);
+    assert_eq!(published.body["algorithm"], "ed25519");
+    let public_key = published.body["public_key"].as_str().unwrap().to_owned();
+    let printed = Command::new(env!("CARGO_BIN_EXE_ekm"))
+        .args(["audit", "signing-key", "--data-dir"])
+        .arg(app.data_dir())
+        .output()
+        .unwrap();
+    assert!(printed.status.success());
+    assert_eq!(String::from_utf8_lossy(&printed.stdout).trim(), public_key);
+    let key = dir.path().join("key.pub");
+    std::fs::write(&key, format!("{public_key}\n")).unwrap();
+
+    // The export: a header, 8 entries (organization, team, 3 pauses, 3 resumes), each with
+    // its seal, and the final signed checkpoint.
+    app.app.refresh().await.unwrap();
+    let response = app
+        .client
+        .get(format!("{}/v1/audit/export?format=jsonl", app.base))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let text = response.text().await.unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 10, "{text}");
+    let parsed: Vec<Value> = lines
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(parsed[0]["kind"], "header");
+    assert_eq!(parsed[0]["org_id"], org.as_str());
+    assert_eq!(parsed[9]["kind"], "checkpoint");
+    assert_eq!(parsed[9]["final"], true);
+    let report = app
+        .get(&format!("/v1/audit/verify?org={org}"), &admin)
+        .await;
+    assert_eq!(report.body["ok"], true);
+    for entry in &parsed[1..9] {
+        assert_eq!(entry["kind"], "event");
+        assert_eq!(entry["seal"].as_str().map(str::len), Some(64), "{entry}");
+    }
+    // The last entry's seal is the chain's head that the database-side verify reports.
+    assert_eq!(parsed[8]["seal"], report.body["head_hash"]);
+
+    let intact = write_lines(dir.path(), "intact.jsonl", &lines);
+    assert_eq!(verify_both(&intact, &key), (true, 0, String::new()));
+
+    // Each tampering, named at its line by both verifiers.
+    // Line 4 is the first pause, with its reason.
+    let altered_reason = lines[3].replace("\"reason\":\"", "\"reason\":\"nothing to see; ");
+    assert_ne!(altered_reason, lines[3]);
+    let mut cases: Vec<(&str, Vec<&str>, u64, &str)> = vec![];
+    let mut altered = lines.clone();
+    altered[3] = &altered_reason;
+    cases.push(("altered", altered, 4, "altered"));
+    let mut removed = lines.clone();
+    removed.remove(5);
+    cases.push(("removed", removed, 6, "missing"));
+    let mut swapped = lines.clone();
+    swapped.swap(3, 4);
+    cases.push(("swapped", swapped, 4, "reordered"));
+    let mut inserted = lines.clone();
+    inserted.insert(3, lines[6]);
+    cases.push(("inserted", inserted, 4, "inserted"));
+    let truncated = lines[..9].to_vec();
+    cases.push(("truncated", truncated, 10, "truncated"));
+    for (name, tampered, line, problem) in cases {
+        let file = write_lines(dir.path(), &format!("{name}.jsonl"), &tampered);
+        assert_eq!(
+            verify_both(&file, &key),
+            (false, line, problem.to_owned()),
+            "{name}"
+        );
+    }
+    // The human output names the line too, and exits 1.
+    let human = Command::new(env!("CARGO_BIN_EXE_ekm"))
+        .args(["audit", "verify", "--file"])
+        .arg(dir.path().join("altered.jsonl"))
+        .arg("--public-key")
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert_eq!(human.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&human.stdout).contains("line 4: altered"),
+        "{}",
+        String::from_utf8_lossy(&human.stdout)
+    );
+
+    // Another key: named as such, not as tampering.
+    let other = dir.path().join("other.pub");
+    std::fs::write(&other, ekm_keys::SigningKey::generate().public_key_base64()).unwrap();
+    assert_eq!(verify_both(&intact, &other), (false, 1, "wrong_key".into()));
+
+    // The CLI's export of the same organization verifies with the same key.
+    let mut command = Command::new(env!("CARGO_BIN_EXE_ekm"));
+    command
+        .args(["audit", "export", "--org", &org])
+        .arg("--data-dir")
+        .arg(app.data_dir());
+    if let Some(url) = app.database_url() {
+        command.args(["--database-url", url]);
+    }
+    let output = command.output().unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let cli_export = dir.path().join("cli.jsonl");
+    std::fs::write(&cli_export, &output.stdout).unwrap();
+    let (ok, report) = ekm_verify_file(&cli_export, &key);
+    assert!(ok, "{report}");
+    assert_eq!(report["export"]["entries"], 8);
+    app.stop().await;
+}
+on_both_backends!(signed_export_verifies_offline_and_names_the_first_tampered_line);
+
+/// A subtree auditor's export is signed the same way and holds only the subtree; a long
+/// export carries a checkpoint every 100 lines, and an alteration whose author recomputed
+/// every link after it is caught by the next signature.
+async fn long_export_is_checkpointed_and_a_recomputed_chain_fails_its_signature(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let (org, admin) = app.org("enterprise").await;
+    let team = app.scope(&admin, "team", "research", &org).await;
+    for i in 0..130 {
+        app.scope(&admin, "thread", &format!("t{i}"), &team).await;
+    }
+    app.app.refresh().await.unwrap();
+    let text = app
+        .client
+        .get(format!("{}/v1/audit/export?scope={team}", app.base))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
+    // Header, the team and its 130 threads, a checkpoint at line 101, the final one.
+    assert_eq!(lines.len(), 1 + 131 + 2);
+    let header: Value = serde_json::from_str(&lines[0]).unwrap();
+    assert_eq!(header["filter"], json!({"org": org, "scope": team}));
+    let checkpoint: Value = serde_json::from_str(&lines[100]).unwrap();
+    assert_eq!(checkpoint["kind"], "checkpoint");
+    assert_eq!(checkpoint["final"], false);
+
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("key.pub");
+    let published = app.get("/v1/audit/signing-key", &admin).await;
+    std::fs::write(&key, published.body["public_key"].as_str().unwrap()).unwrap();
+    let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
+    let intact = write_lines(dir.path(), "intact.jsonl", &refs);
+    assert!(verify_both(&intact, &key).0);
+
+    // Rename thread t7 in line 10 and recompute every later line's link.
+    let renamed = lines[9].replace("\"t7\"", "\"renamed\"");
+    assert_ne!(renamed, lines[9]);
+    lines[9] = renamed;
+    for i in 10..lines.len() {
+        let old: Value = serde_json::from_str(&lines[i]).unwrap();
+        let new_prev = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(
+            lines[i - 1].as_bytes(),
+        ));
+        lines[i] = lines[i].replace(old["prev"].as_str().unwrap(), &new_prev);
+    }
+    let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
+    let rewritten = write_lines(dir.path(), "rewritten.jsonl", &refs);
+    assert_eq!(
+        verify_both(&rewritten, &key),
+        (false, 101, "altered".to_owned())
+    );
+    app.stop().await;
+}
+on_both_backends!(long_export_is_checkpointed_and_a_recomputed_chain_fails_its_signature);
+
+/// Instances of one database must share `audit-signing.key`: one with a key of its own
+/// would sign exports with a key other than the one the others publish.
+async fn serve_refuses_another_signing_key_when_the_database_has_one(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let other = app.data_dir().join("other-signing.key");
+    let mut command = Command::new(env!("CARGO_BIN_EXE_ekm"));
+    command
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--audit-signing-key-file",
+        ])
+        .arg(&other)
+        .arg("--data-dir")
+        .arg(app.data_dir())
+        .env_remove("EKM_DATABASE_URL");
+    if let Some(url) = app.database_url() {
+        command.args(["--database-url", url]);
+    }
+    let refused = crate::tamper::exits_within(command, std::time::Duration::from_secs(60));
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("same audit-signing.key"), "{stderr}");
+    app.stop().await;
+}
+on_both_backends!(serve_refuses_another_signing_key_when_the_database_has_one);
