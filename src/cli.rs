@@ -318,18 +318,24 @@ pub enum AuditCommand {
     /// against the public signing key, with no database; exits 1 if anything was tampered
     /// with.
     Verify(VerifyArgs),
-    /// Print the public audit signing key (base64), for `ekm audit verify --public-key`.
+    /// Print the public audit signing key (base64), for `ekm audit verify --public-key`;
+    /// with --rotate, replace it first.
     SigningKey(SigningKeyArgs),
 }
 
 #[derive(Debug, Args)]
 pub struct SigningKeyArgs {
-    /// Data directory holding audit-signing.key.
-    #[arg(long, env = "EKM_DATA_DIR", default_value = "ekm-data")]
-    pub data_dir: PathBuf,
+    #[command(flatten)]
+    pub db: DbArgs,
     /// The audit signing key file (default: DATA_DIR/audit-signing.key). Never created here.
     #[arg(long, env = "EKM_AUDIT_SIGNING_KEY_FILE")]
     pub audit_signing_key_file: Option<PathBuf>,
+    /// Replace the signing key (after a compromise, or by policy): a new key file replaces the
+    /// old one, whose seed is gone; the database keeps the old public key, retired, for
+    /// older exports. Stop every instance first (SQLite refuses while a server runs), then
+    /// copy the new file to each one. On PostgreSQL, run as the owner role (ADR 0019).
+    #[arg(long)]
+    pub rotate: bool,
 }
 
 #[derive(Debug, Args)]

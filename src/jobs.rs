@@ -16,7 +16,7 @@ use ekm_store::{Db, DbConfig};
 
 use crate::cli::{
     AuditCommand, DbArgs, ExportArgs, JobArgs, PlatformKeyCommand, ProjectionsCommand, RotateArgs,
-    VerifyArgs,
+    SigningKeyArgs, VerifyArgs,
 };
 use crate::serve::{audit_key, audit_signing_key, open, prepare_data_dir};
 
@@ -126,9 +126,10 @@ pub async fn audit(command: AuditCommand) -> anyhow::Result<ExitCode> {
             (Some(file), Some(key)) => verify_file_job(file, key, args.json),
             _ => verify_job(args).await,
         },
+        AuditCommand::SigningKey(args) if args.rotate => rotate_signing_key_job(args).await,
         AuditCommand::SigningKey(args) => {
             let key = audit_signing_key(
-                &args.data_dir,
+                &args.db.data_dir,
                 args.audit_signing_key_file.as_deref(),
                 false,
             )?;
@@ -198,6 +199,71 @@ async fn export_job(args: ExportArgs) -> anyhow::Result<ExitCode> {
     out.flush()?;
     db.close().await;
     Ok(ExitCode::SUCCESS)
+}
+
+/// `ekm audit signing-key --rotate`: a new key file replaces the old one, and the database
+/// retires the old public key and makes the new one current, in one transaction. The new
+/// file is written aside first; a rotation interrupted after the commit is finished by the
+/// next run.
+async fn rotate_signing_key_job(args: SigningKeyArgs) -> anyhow::Result<ExitCode> {
+    // SQLite: the data-directory lock refuses while a server runs.
+    let (config, _lock) = prepare_data_dir(&args.db)?;
+    let db = open(&config).await?;
+    let path = args
+        .audit_signing_key_file
+        .clone()
+        .unwrap_or_else(|| args.db.data_dir.join(ekm_keys::AUDIT_SIGNING_KEY_FILE));
+    let mut aside = path.clone().into_os_string();
+    aside.push(".new");
+    let aside = std::path::PathBuf::from(aside);
+    let result = rotate_signing_key_files(&db, &args, &path, &aside).await;
+    db.close().await;
+    let new = result?;
+    writeln!(std::io::stdout().lock(), "{}", new.public_key_base64())?;
+    tracing::info!(key_id = %new.key_id(), path = %path.display(), "audit signing key rotated; copy the file to every instance, then start them");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn rotate_signing_key_files(
+    db: &Db,
+    args: &SigningKeyArgs,
+    path: &Path,
+    aside: &Path,
+) -> anyhow::Result<ekm_keys::SigningKey> {
+    let key_error =
+        |e: ekm_keys::SigningKeyError| anyhow::anyhow!(ekm_projections::error_chain(&e));
+    let current = ekm_projections::signing_keys(db)
+        .await
+        .map_err(db_error)?
+        .into_iter()
+        .find(|r| r.retired_at.is_none());
+    if let Some(pending) = ekm_keys::SigningKey::load(aside, false).map_err(key_error)? {
+        if current
+            .as_ref()
+            .is_some_and(|c| c.key_id == pending.key_id())
+        {
+            // The database already moved to it: finish the interrupted rotation.
+            std::fs::rename(aside, path)
+                .with_context(|| format!("cannot replace {}", path.display()))?;
+            return Ok(pending);
+        }
+        std::fs::remove_file(aside)
+            .with_context(|| format!("cannot remove {}", aside.display()))?;
+    }
+    let old = audit_signing_key(
+        &args.db.data_dir,
+        args.audit_signing_key_file.as_deref(),
+        false,
+    )?;
+    let new = ekm_keys::SigningKey::load(aside, true)
+        .map_err(key_error)?
+        .context("the new signing key file")?;
+    if let Err(error) = ekm_projections::rotate_signing_key(db, &old, &new).await {
+        let _ = std::fs::remove_file(aside);
+        return Err(db_error(error));
+    }
+    std::fs::rename(aside, path).with_context(|| format!("cannot replace {}", path.display()))?;
+    Ok(new)
 }
 
 /// `ekm audit verify --file F --public-key K`: the export against the public key alone.

@@ -1,10 +1,16 @@
--- Which audit signing key signs this database's exports (its public key, never the seed):
--- an instance started with another key file is refused, so that every instance signs with
--- the key that GET /v1/audit/signing-key publishes (ADR 0023).
+-- The audit signing keys that sign this database's exports (public keys, never a seed): the
+-- current one (`retired_at` NULL), which every instance must hold, and those it replaced,
+-- which auditors need for older exports. An instance started with another key file is
+-- refused, so that every instance signs with the key that GET /v1/audit/signing-key
+-- publishes (ADR 0023).
 CREATE TABLE audit_signing_keys
 (
-    id         integer PRIMARY KEY CHECK (id = 1),
-    key_id     text    NOT NULL,
+    key_id     text PRIMARY KEY,
     public_key text    NOT NULL,
-    created_at integer NOT NULL
+    created_at integer NOT NULL,
+    retired_at integer
 ) STRICT;
+
+-- One current key at most.
+CREATE UNIQUE INDEX audit_signing_keys_current ON audit_signing_keys ((retired_at IS NULL))
+    WHERE retired_at IS NULL;

@@ -783,33 +783,123 @@ pub async fn check_seal_key(db: &Db, key: &SealKey) -> Result<(), ProjectionErro
     }
 }
 
-/// Records which audit signing key signs this database's exports (its public key), on
-/// first use, and refuses any other key afterwards: instances with key files of their own
-/// would publish one key and sign with another (ADR 0023).
+/// One audit signing key the database knows: the current one, or one it replaced.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct SigningKeyRecord {
+    pub key_id: String,
+    /// Standard base64 of the raw 32-byte Ed25519 public key.
+    pub public_key: String,
+    /// Microseconds since the epoch.
+    pub created_at: i64,
+    /// When a rotation replaced it (`None` for the current key).
+    pub retired_at: Option<i64>,
+}
+
+/// The audit signing keys, the current one first, then the retired ones, newest first.
+pub async fn signing_keys(db: &Db) -> Result<Vec<SigningKeyRecord>, ProjectionError> {
+    let rows: Vec<(String, String, i64, Option<i64>)> = ekm_store::with_read_pool!(db, pool => {
+        sqlx::query_as(
+            "SELECT key_id, public_key, created_at, retired_at FROM audit_signing_keys \
+             ORDER BY retired_at IS NOT NULL, retired_at DESC",
+        )
+        .fetch_all(pool)
+        .await?
+    });
+    Ok(rows
+        .into_iter()
+        .map(
+            |(key_id, public_key, created_at, retired_at)| SigningKeyRecord {
+                key_id,
+                public_key,
+                created_at,
+                retired_at,
+            },
+        )
+        .collect())
+}
+
+fn wrong_signing_key(records: &[SigningKeyRecord], key: &ekm_keys::SigningKey) -> ProjectionError {
+    let current = records
+        .iter()
+        .find(|r| r.retired_at.is_none())
+        .map_or_else(|| "(none)".to_owned(), |r| r.key_id.clone());
+    let retired = records
+        .iter()
+        .any(|r| r.key_id == key.key_id() && r.retired_at.is_some());
+    ProjectionError::WrongSigningKey {
+        recorded: current,
+        given: if retired {
+            format!("{}, which a rotation retired", key.key_id())
+        } else {
+            key.key_id()
+        },
+    }
+}
+
+/// Records which audit signing key signs this database's exports (its public key) on first
+/// use, and refuses any other key afterwards, a retired one included: instances with key
+/// files of their own would publish one key and sign with another (ADR 0023).
 pub async fn register_signing_key(
     db: &Db,
     key: &ekm_keys::SigningKey,
 ) -> Result<(), ProjectionError> {
-    let recorded: Option<String> = ekm_store::with_write_pool!(db, pool => {
+    ekm_store::with_write_pool!(db, pool => {
+        // A second instance racing on an empty table meets the unique index: nothing is
+        // inserted, and the check below refuses its key.
         sqlx::query(
-            "INSERT INTO audit_signing_keys (id, key_id, public_key, created_at) \
-             VALUES (1, $1, $2, $3) ON CONFLICT (id) DO NOTHING",
+            "INSERT INTO audit_signing_keys (key_id, public_key, created_at) \
+             SELECT $1, $2, $3 WHERE NOT EXISTS (SELECT 1 FROM audit_signing_keys) \
+             ON CONFLICT DO NOTHING",
         )
         .bind(key.key_id())
         .bind(key.public_key_base64())
         .bind(ekm_store::time::now_micros())
         .execute(pool)
         .await?;
-        sqlx::query_scalar("SELECT key_id FROM audit_signing_keys WHERE id = 1")
-            .fetch_optional(pool)
-            .await?
     });
-    match recorded {
-        Some(recorded) if recorded != key.key_id() => Err(ProjectionError::WrongSigningKey {
-            recorded,
-            given: key.key_id(),
-        }),
-        _ => Ok(()),
+    let records = signing_keys(db).await?;
+    match records.iter().find(|r| r.retired_at.is_none()) {
+        Some(current) if current.key_id == key.key_id() => Ok(()),
+        _ => Err(wrong_signing_key(&records, key)),
+    }
+}
+
+/// Replaces the current audit signing key `old` by `new` in one transaction: `old` is
+/// retired (its public key stays, for older exports), `new` becomes current. Refuses if
+/// `old` is not the current key.
+pub async fn rotate_signing_key(
+    db: &Db,
+    old: &ekm_keys::SigningKey,
+    new: &ekm_keys::SigningKey,
+) -> Result<(), ProjectionError> {
+    let now = ekm_store::time::now_micros();
+    let retired = ekm_store::with_write_pool!(db, pool => {
+        let mut tx = pool.begin().await?;
+        let retired = sqlx::query(
+            "UPDATE audit_signing_keys SET retired_at = $1 WHERE key_id = $2 AND retired_at IS NULL",
+        )
+        .bind(now)
+        .bind(old.key_id())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        if retired == 1 {
+            sqlx::query(
+                "INSERT INTO audit_signing_keys (key_id, public_key, created_at) VALUES ($1, $2, $3)",
+            )
+            .bind(new.key_id())
+            .bind(new.public_key_base64())
+            .bind(now)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+        }
+        retired
+    });
+    if retired == 1 {
+        Ok(())
+    } else {
+        Err(wrong_signing_key(&signing_keys(db).await?, old))
     }
 }
 

@@ -25,8 +25,9 @@ pub use access_at::{access_as_of, PastAccess, PastHolder, PastToken};
 pub use access_check::Mismatch;
 pub use audit::{
     audit_entries, audit_pages, check_seal_key, refuse_resealing, register_seal_key,
-    register_signing_key, seal_entry, sealed_through, verify_chain, AuditChain, AuditEntry,
-    AuditFilter, AuditPages, ChainFailure, ChainReport, RecordedHead, GENESIS_HASH,
+    register_signing_key, rotate_signing_key, seal_entry, sealed_through, signing_keys,
+    verify_chain, AuditChain, AuditEntry, AuditFilter, AuditPages, ChainFailure, ChainReport,
+    RecordedHead, SigningKeyRecord, GENESIS_HASH,
 };
 pub use error::{chain as error_chain, ProjectionError};
 pub use history::{scope_as_of, AsOf, PastKeyVersion, PastScope};

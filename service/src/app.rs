@@ -233,6 +233,11 @@ impl App {
         &self.inner.signing
     }
 
+    /// The audit signing keys the database knows: the current one, then the retired ones.
+    pub async fn signing_keys(&self) -> Result<Vec<ekm_projections::SigningKeyRecord>, AppError> {
+        Ok(ekm_projections::signing_keys(&self.inner.db).await?)
+    }
+
     /// The position up to which the audit chain has sealed every event, after catching the
     /// projections up to the head: an export then holds every event committed before it.
     pub async fn sealed_through(&self) -> Result<i64, AppError> {

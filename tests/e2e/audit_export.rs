@@ -299,3 +299,116 @@ async fn serve_refuses_another_signing_key_when_the_database_has_one(backend: Ba
     app.stop().await;
 }
 on_both_backends!(serve_refuses_another_signing_key_when_the_database_has_one);
+
+/// After a compromise (or by policy) the operator rotates the signing key: the old seed is
+/// gone from the file, the new key is current, older exports still verify with the old
+/// public key, which the API lists as retired, and an instance still holding the old file
+/// is refused.
+async fn rotated_signing_key_keeps_old_exports_verifiable_and_refuses_the_old_file(
+    backend: Backend,
+) {
+    let app = TestApp::spawn(backend).await;
+    let (org, admin) = app.org("enterprise").await;
+    let team = app.scope(&admin, "team", "research", &org).await;
+    app.pause(&admin, &team).await;
+    let dir = tempfile::tempdir().unwrap();
+    let old_key = crate::harness::signing_key(app.data_dir());
+    let old_pub = dir.path().join("old.pub");
+    std::fs::write(&old_pub, old_key.public_key_base64()).unwrap();
+    let export = app
+        .client
+        .get(format!("{}/v1/audit/export", app.base))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let old_export = dir.path().join("before.jsonl");
+    std::fs::write(&old_export, export).unwrap();
+    let key_file = app.data_dir().join(ekm_keys::AUDIT_SIGNING_KEY_FILE);
+    let old_seed = std::fs::read_to_string(&key_file).unwrap();
+
+    let ekm = |args: &[&str]| {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_ekm"));
+        command
+            .args(args)
+            .arg("--data-dir")
+            .arg(app.data_dir())
+            .env_remove("EKM_DATABASE_URL");
+        if let Some(url) = app.database_url() {
+            command.args(["--database-url", url]);
+        }
+        command.output().unwrap()
+    };
+    let rotated = ekm(&["audit", "signing-key", "--rotate"]);
+    assert!(
+        rotated.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rotated.stderr)
+    );
+    let new_pub_text = String::from_utf8_lossy(&rotated.stdout).trim().to_owned();
+    assert_ne!(new_pub_text, old_key.public_key_base64());
+    let printed = ekm(&["audit", "signing-key"]);
+    assert_eq!(
+        String::from_utf8_lossy(&printed.stdout).trim(),
+        new_pub_text
+    );
+    // The old seed is gone from the file; nothing is left aside.
+    assert_ne!(std::fs::read_to_string(&key_file).unwrap(), old_seed);
+    assert!(!app.data_dir().join("audit-signing.key.new").exists());
+
+    // The export made before verifies with the old public key, not with the new one.
+    assert!(ekm_verify_file(&old_export, &old_pub).0);
+    let new_pub = dir.path().join("new.pub");
+    std::fs::write(&new_pub, &new_pub_text).unwrap();
+    let (ok, report) = ekm_verify_file(&old_export, &new_pub);
+    assert!(!ok);
+    assert_eq!(report["first_failure"]["problem"], "wrong_key");
+
+    // The database: the new key current, the old one retired and listed for auditors.
+    let new_key = crate::harness::signing_key(app.data_dir());
+    assert_eq!(new_key.public_key_base64(), new_pub_text);
+    let records = ekm_projections::signing_keys(&app.db).await.unwrap();
+    assert_eq!(records.len(), 2);
+    assert_eq!(
+        (records[0].key_id.as_str(), records[0].retired_at.is_none()),
+        (new_key.key_id().as_str(), true)
+    );
+    assert_eq!(records[1].key_id, old_key.key_id());
+    assert!(records[1].retired_at.is_some());
+    // This instance still signs with the old key until it restarts, and says so; the keys a
+    // rotation retired are listed beside it.
+    let published = app.get("/v1/audit/signing-key", &admin).await;
+    assert_eq!(published.body["public_key"], old_key.public_key_base64());
+    // An instance started with the old file is refused, the key named as retired; the new
+    // file is accepted.
+    let refused = ekm_projections::register_signing_key(&app.db, &old_key)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(refused.contains("retired"), "{refused}");
+    ekm_projections::register_signing_key(&app.db, &new_key)
+        .await
+        .unwrap();
+    // Rotating from a file that is not the current key is refused and changes nothing.
+    let stale = dir.path().join("stale.key");
+    std::fs::write(&stale, &old_seed).unwrap();
+    std::fs::set_permissions(&stale, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let again = ekm(&[
+        "audit",
+        "signing-key",
+        "--rotate",
+        "--audit-signing-key-file",
+        stale.to_str().unwrap(),
+    ]);
+    assert!(!again.status.success());
+    assert_eq!(
+        ekm_projections::signing_keys(&app.db).await.unwrap(),
+        records
+    );
+    assert_eq!(std::fs::read_to_string(&stale).unwrap(), old_seed);
+    app.stop().await;
+}
+on_both_backends!(rotated_signing_key_keeps_old_exports_verifiable_and_refuses_the_old_file);

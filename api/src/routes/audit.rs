@@ -417,14 +417,34 @@ pub async fn export(
 }
 
 /// `GET /v1/audit/signing-key`: the platform's public audit signing key, for verifying
-/// exports offline (`ekm audit verify --file --public-key`). Public information; any token.
-pub async fn signing_key(State(state): State<AppState>, _caller: Caller) -> Json<Value> {
+/// exports offline (`ekm audit verify --file --public-key`), and the keys rotations retired,
+/// for older exports. Public information; any token.
+pub async fn signing_key(
+    State(state): State<AppState>,
+    _caller: Caller,
+) -> Result<Json<Value>, ApiError> {
     let key = state.app.signing_key();
-    Json(json!({
+    let previous: Vec<Value> = state
+        .app
+        .signing_keys()
+        .await?
+        .into_iter()
+        .filter(|r| r.retired_at.is_some() && r.key_id != key.key_id())
+        .map(|r| {
+            json!({
+                "algorithm": "ed25519",
+                "public_key": r.public_key,
+                "key_id": r.key_id,
+                "retired_at": r.retired_at.map(|t| rfc3339(ekm_store::time::from_micros(t))),
+            })
+        })
+        .collect();
+    Ok(Json(json!({
         "algorithm": "ed25519",
         "public_key": key.public_key_base64(),
         "key_id": key.key_id(),
-    }))
+        "previous": previous,
+    })))
 }
 
 pub async fn verify(
