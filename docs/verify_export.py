@@ -142,8 +142,14 @@ def verify(data, public_key_bytes):
             summary["entries"] += 1
         elif kind == "checkpoint":
             final = value.get("final") is True
+            signature = value.get("signature") if isinstance(value.get("signature"), str) else ""
+            exact = (f'{{"n":{line},"kind":"checkpoint","prev":"{expected_prev}",'
+                     f'"final":{"true" if final else "false"},"signature":"{signature}"}}')
+            if lines[index] != exact.encode():
+                raise Failure(line, "altered", f"the checkpoint at line {line} is not in the "
+                              "exact form of a checkpoint line")
             if not signature_ok(public_key, checkpoint_message(line, expected_prev, final),
-                                value.get("signature") or ""):
+                                signature):
                 raise Failure(line, "altered",
                               f"the signed checkpoint at line {line} does not verify: a line from "
                               f"{last_checkpoint + 1} to {line - 1} was altered and the chain after "

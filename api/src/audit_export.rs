@@ -68,14 +68,12 @@ struct HeaderLine<'a> {
     key_id: &'a str,
 }
 
-#[derive(Serialize)]
-struct CheckpointLine<'a> {
-    n: u64,
-    kind: &'static str,
-    prev: &'a str,
-    #[serde(rename = "final")]
-    last: bool,
-    signature: &'a str,
+/// A checkpoint line, byte for byte: the format fixes it exactly, so that nothing can be
+/// added to the last line of an export, which no later line hashes.
+fn checkpoint_line(n: u64, prev: &str, last: bool, signature: &str) -> String {
+    format!(
+        "{{\"n\":{n},\"kind\":\"checkpoint\",\"prev\":\"{prev}\",\"final\":{last},\"signature\":\"{signature}\"}}"
+    )
 }
 
 /// Writes a signed export, line by line. Every method returns whole lines, each ending in
@@ -130,14 +128,7 @@ impl ExportWriter {
         let signature = self
             .key
             .sign(checkpoint_message(self.n, &self.prev, last).as_bytes());
-        let line = serde_json::to_string(&CheckpointLine {
-            n: self.n,
-            kind: "checkpoint",
-            prev: &self.prev,
-            last,
-            signature: &signature,
-        })
-        .unwrap_or_default();
+        let line = checkpoint_line(self.n, &self.prev, last, &signature);
         self.push(line, out);
         self.since_checkpoint = 0;
     }
@@ -406,15 +397,15 @@ pub fn verify_export_from<R: BufRead + Seek>(
             "the export is empty: not even its header is there",
         )));
     };
-    let mut current = (parse(&first), line_hash(&first));
+    let mut current = (parse(&first), line_hash(&first), first);
     let mut expected_prev = ZERO_HASH.to_owned();
     let mut last_checkpoint = 0u64;
     let mut ended = false;
     let mut line = 0u64;
     loop {
         line += 1;
-        let next = next_line(input)?.map(|bytes| (parse(&bytes), line_hash(&bytes)));
-        let (p, this_hash) = &current;
+        let next = next_line(input)?.map(|bytes| (parse(&bytes), line_hash(&bytes), bytes));
+        let (p, this_hash, bytes) = &current;
         if ended {
             return Ok(Err(fail(
                 line,
@@ -435,7 +426,7 @@ pub fn verify_export_from<R: BufRead + Seek>(
                 line,
                 p,
                 this_hash,
-                next.as_ref().map(|(next, _)| next),
+                next.as_ref().map(|(next, _, _)| next),
                 &numbers,
                 &expected_prev,
                 public_key,
@@ -483,6 +474,15 @@ pub fn verify_export_from<R: BufRead + Seek>(
                     .get("signature")
                     .and_then(Value::as_str)
                     .unwrap_or("");
+                if bytes.as_slice()
+                    != checkpoint_line(line, &expected_prev, last, signature).as_bytes()
+                {
+                    return Ok(Err(fail(
+                        line,
+                        "altered",
+                        format!("the checkpoint at line {line} is not in the exact form of a checkpoint line"),
+                    )));
+                }
                 if !ekm_keys::verify_signature(
                     public_key,
                     checkpoint_message(line, &expected_prev, last).as_bytes(),
@@ -621,6 +621,28 @@ mod tests {
             "{}",
             failure.detail
         );
+    }
+
+    #[test]
+    fn the_last_checkpoint_cannot_gain_anything_although_no_line_hashes_it() {
+        let mut l = lines(&export(3));
+        let last = l.len() - 1;
+        for changed in [
+            l[last].replace("{\"n\"", "{\"note\":\"x\",\"n\""),
+            l[last].replace("}", ",\"final\":true}"),
+            format!("{} ", l[last]),
+            l[last].replace(":", ": "),
+        ] {
+            l[last] = changed;
+            let failure = verify_export(join(&l).as_bytes(), &key().public_key()).unwrap_err();
+            assert_eq!(
+                (failure.line, failure.problem),
+                (last as u64 + 1, "altered"),
+                "{}",
+                l[last]
+            );
+            l = lines(&export(3));
+        }
     }
 
     #[test]

@@ -161,6 +161,11 @@ async fn signed_export_verifies_offline_and_names_the_first_tampered_line(backen
     cases.push(("inserted", inserted, 4, "inserted"));
     let truncated = lines[..9].to_vec();
     cases.push(("truncated", truncated, 10, "truncated"));
+    // No line hashes the last one: its form is fixed, so nothing can be added to it.
+    let padded_last = lines[9].replace("{\"n\"", "{\"note\":\"x\",\"n\"");
+    let mut padded = lines.clone();
+    padded[9] = &padded_last;
+    cases.push(("padded", padded, 10, "altered"));
     for (name, tampered, line, problem) in cases {
         let file = write_lines(dir.path(), &format!("{name}.jsonl"), &tampered);
         assert_eq!(
