@@ -37,7 +37,7 @@ pub enum LogFormat {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the server (migrates the database first).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Apply pending database migrations and exit.
     Migrate(DbArgs),
     /// Read models: rebuild them from the events, or show how far each one is.
@@ -450,6 +450,11 @@ pub struct ServeArgs {
     /// no notification arrives.
     #[arg(long, env = "EKM_PROJECTION_POLL_INTERVAL", default_value = "500ms", value_parser = parse_duration)]
     pub projection_poll_interval: Duration,
+    /// How long the read models may stay behind the event log before the data plane refuses
+    /// (503 unavailable) and /readyz fails: a projection runner stuck on an event must not
+    /// leave a pause committed after it unenforced.
+    #[arg(long, env = "EKM_MAX_PROJECTION_LAG", default_value = "5s", value_parser = parse_duration)]
+    pub max_projection_lag: Duration,
     /// Time a client has to send a request's headers, counted from when the connection is
     /// ready for a request: also how long an idle keep-alive connection stays open, and the
     /// limit of a TLS handshake.

@@ -31,7 +31,7 @@ fn main() -> ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
-            Command::Serve(args) => serve::serve(args).await.map(|()| ExitCode::SUCCESS),
+            Command::Serve(args) => serve::serve(*args).await.map(|()| ExitCode::SUCCESS),
             Command::Migrate(args) => serve::migrate(args).await.map(|()| ExitCode::SUCCESS),
             Command::Projections(command) => jobs::projections(command).await,
             Command::Audit(command) => jobs::audit(command).await,

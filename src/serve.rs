@@ -251,6 +251,10 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         HealthMonitor::new(app.clone(), args.key_health_interval).run(shutdown_rx.clone()),
     );
     let rekeyer = tokio::spawn(Rekeyer::new(app.clone()).run(shutdown_rx.clone()));
+    let watch = tokio::spawn(
+        app.clone()
+            .watch_projections(args.max_projection_lag, shutdown_rx.clone()),
+    );
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -273,6 +277,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let _ = shutdown_tx.send(true);
     let _ = runner.await;
     let _ = monitor.await;
+    let _ = watch.await;
     let _ = rekeyer.await;
     db.close().await;
     tracing::info!("stopped");

@@ -163,6 +163,13 @@ impl IntoResponse for ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         );
+        // Every 503 says when to try again (the load shedder sets its own first).
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            response
+                .headers_mut()
+                .entry(header::RETRY_AFTER)
+                .or_insert(HeaderValue::from_static("1"));
+        }
         response
     }
 }
@@ -237,6 +244,11 @@ impl From<AppError> for ApiError {
             .with(
                 "cause",
                 json!({"scope_id": by.to_string(), "reason": reason}),
+            ),
+            AppError::ProjectionsBehind { .. } => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                Code::Unavailable,
+                error.to_string(),
             ),
             AppError::OperatorHasNoScopes
             | AppError::NotPermitted { .. }

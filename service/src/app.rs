@@ -91,6 +91,14 @@ pub enum AppError {
     /// The command's events are committed (durable), but bringing the read models up to them
     /// or reading the scope back failed, even after retries. Reported apart from every other
     /// failure: repeating the request would repeat the change (a second scope, say).
+    /// The data plane refuses: the read models stopped following the event log, so a pause
+    /// or revoke committed since may not be seen (`watchdog`).
+    #[error("the read models are {behind_ms} ms behind the event log (applied position {applied}, head {head}); encryption and decryption are refused until they catch up")]
+    ProjectionsBehind {
+        applied: i64,
+        head: i64,
+        behind_ms: u64,
+    },
     #[error("the change to scope {id} was recorded, but reading it back failed")]
     Committed {
         id: ScopeId,
@@ -130,7 +138,7 @@ const TOKEN_CACHE_MAX: usize = 10_000;
 /// Aggregates kept between commands (`App::load`): at most this many, then forgotten.
 const AGGREGATE_CACHE_MAX: usize = 20_000;
 
-struct Inner {
+pub(crate) struct Inner {
     /// Scope aggregates as of their last known sequence (`App::load`).
     aggregates: std::sync::Mutex<std::collections::HashMap<String, (Scope, i64)>>,
     /// The position of this instance's last committed event (`settled`).
@@ -153,6 +161,11 @@ struct Inner {
     seal: ekm_keys::SealKey,
     /// The audit signing key, for the signed checkpoints of exports.
     signing: Arc<ekm_keys::SigningKey>,
+    /// Set while the read models are behind the event log past the bound (`watchdog`): the
+    /// data plane's fast check.
+    pub(crate) stalled: std::sync::atomic::AtomicBool,
+    /// The stall, for answers and waiters.
+    pub(crate) stall: tokio::sync::watch::Sender<Option<crate::watchdog::Stall>>,
 }
 
 impl App {
@@ -198,8 +211,14 @@ impl App {
                 minter,
                 seal,
                 signing,
+                stalled: std::sync::atomic::AtomicBool::new(false),
+                stall: tokio::sync::watch::Sender::new(None),
             }),
         }
+    }
+
+    pub(crate) fn inner(&self) -> &Inner {
+        &self.inner
     }
 
     pub fn keys(&self) -> &Arc<KeyService> {

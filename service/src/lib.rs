@@ -21,6 +21,7 @@ pub mod master_key;
 pub mod minter;
 pub mod rekey;
 pub mod visibility;
+pub mod watchdog;
 
 pub use app::{Action, App, AppError, Outcome};
 pub use caller::Caller;

@@ -43,6 +43,15 @@ impl App {
         if caller.is_operator() {
             return Err(AppError::OperatorHasNoScopes);
         }
+        // Fail closed while the read models do not follow the log: a pause committed since
+        // may not have reached the tree this answer would come from.
+        if let Some(stall) = self.projections_stall() {
+            return Err(AppError::ProjectionsBehind {
+                applied: stall.applied,
+                head: stall.head,
+                behind_ms: u64::try_from(stall.behind.as_millis()).unwrap_or(u64::MAX),
+            });
+        }
         let keys = self.keys();
         if let Some(entry) = keys.cached(id) {
             if Some(entry.org_id) != caller.org() {

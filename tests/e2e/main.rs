@@ -21,6 +21,7 @@ mod concurrency;
 mod console;
 mod data_plane;
 mod destruction;
+mod faults;
 mod flows;
 mod global_order;
 mod hardening;

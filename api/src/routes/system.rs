@@ -24,6 +24,14 @@ pub(crate) async fn readyz(
             format!("not ready: {what}"),
         )
     };
+    if let Some(stall) = state.app.projections_stall() {
+        return Err(unavailable(&format!(
+            "the read models are {} ms behind the event log (applied position {}, head {}); the data plane refuses until they catch up",
+            stall.behind.as_millis(),
+            stall.applied,
+            stall.head
+        )));
+    }
     let db = state.app.db();
     db.ping()
         .await

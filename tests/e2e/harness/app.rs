@@ -42,6 +42,8 @@ pub struct Options {
     /// Runs the re-key job in the background, as `ekm serve` does (tests of the job
     /// itself drive it by hand instead).
     pub rekey_in_background: bool,
+    /// `ekm serve --max-projection-lag`.
+    pub max_projection_lag: std::time::Duration,
 }
 
 impl Default for Options {
@@ -51,6 +53,7 @@ impl Default for Options {
             kms: ekm_service::keys::KmsOptions::default(),
             health_interval: None,
             rekey_in_background: true,
+            max_projection_lag: std::time::Duration::from_secs(5),
         }
     }
 }
@@ -152,6 +155,10 @@ impl TestApp {
         if options.rekey_in_background {
             tokio::spawn(rekeyer.clone().run(shutdown_rx.clone()));
         }
+        tokio::spawn(
+            app.clone()
+                .watch_projections(options.max_projection_lag, shutdown_rx.clone()),
+        );
         if let Some(interval) = options.health_interval {
             tokio::spawn(
                 ekm_service::health::HealthMonitor::new(app.clone(), interval)
@@ -337,6 +344,7 @@ impl TestApp {
 pub struct Response {
     pub status: StatusCode,
     pub content_type: String,
+    pub headers: reqwest::header::HeaderMap,
     pub body: Value,
 }
 
@@ -354,6 +362,7 @@ impl Response {
         Response {
             status,
             content_type,
+            headers,
             body,
         }
     }

@@ -1,0 +1,141 @@
+//! Faults (issue 20): the data plane fails closed when the read models stop following the
+//! event log.
+
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::audit::{drop_immutability, exec};
+use crate::harness::{encrypt, Backend, Options, TestApp};
+use crate::on_both_backends;
+
+/// Reproduced from the issue: one event the runner cannot decode stops it, and a pause
+/// committed after that event never reaches the in-memory tree the data plane answers
+/// from. Past `--max-projection-lag` the data plane refuses (503 `unavailable`, with
+/// `Retry-After`) and `/readyz` fails; once the runner gets past the event, both recover
+/// and the pause holds.
+async fn data_plane_fails_closed_when_the_projector_is_stuck_on_an_event(backend: Backend) {
+    let app = TestApp::spawn_with(
+        backend,
+        Options {
+            max_projection_lag: Duration::from_millis(300),
+            ..Options::default()
+        },
+    )
+    .await;
+    let (org, admin) = app.data_org("enterprise", "managed").await;
+    let team = app.scope(&admin, "team", "research", &org).await;
+    let paused = app.scope(&admin, "thread", "paused-later", &team).await;
+    let other = app.scope(&admin, "thread", "other", &team).await;
+    assert_eq!(
+        encrypt(&app, &admin, &other, b"x", "messages").await.status,
+        200
+    );
+    assert_eq!(app.call("GET", "/readyz", None, None).await.status, 200);
+
+    // An event the runner cannot decode, written straight into the log.
+    exec(
+        &app.db,
+        &format!(
+            "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, \
+             event_version, payload, metadata) VALUES ('scope', '{team}', 9999, 'ScopePaused', \
+             '1', '{{\"NoSuchEvent\": 1}}', '{{}}')"
+        ),
+    )
+    .await;
+    let mut stall = app.app.subscribe_stall();
+    // A pause committed after it: the tree never hears of it while the runner is stuck.
+    let pause = app
+        .post(
+            &format!("/v1/scopes/{paused}/pause"),
+            &admin,
+            json!({"reason": "investigation"}),
+        )
+        .await;
+    assert_ne!(pause.status, 500, "{}", pause.body);
+    tokio::time::timeout(Duration::from_secs(30), stall.wait_for(Option::is_some))
+        .await
+        .expect("the watch sees the runner stuck within the bound")
+        .unwrap();
+
+    // Fail closed: no encryption anywhere, and not ready.
+    for scope in [&paused, &other] {
+        let refused = encrypt(&app, &admin, scope, b"x", "messages").await;
+        refused.assert_problem(503, "unavailable");
+        assert_eq!(refused.headers["retry-after"], "1");
+    }
+    let ready = app.call("GET", "/readyz", None, None).await;
+    ready.assert_problem(503, "unavailable");
+    assert!(ready.body["detail"]
+        .as_str()
+        .unwrap()
+        .contains("behind the event log"));
+
+    // The operator removes the event; the runner catches up and the data plane serves again,
+    // with the pause in force.
+    drop_immutability(&app.db).await;
+    exec(
+        &app.db,
+        &format!("DELETE FROM events WHERE aggregate_id = '{team}' AND sequence = 9999"),
+    )
+    .await;
+    tokio::time::timeout(Duration::from_secs(30), stall.wait_for(Option::is_none))
+        .await
+        .expect("the stall lifts once the runner catches up")
+        .unwrap();
+    assert_eq!(
+        encrypt(&app, &admin, &other, b"x", "messages").await.status,
+        200
+    );
+    encrypt(&app, &admin, &paused, b"x", "messages")
+        .await
+        .assert_problem(409, "scope_paused");
+    assert_eq!(app.call("GET", "/readyz", None, None).await.status, 200);
+    app.stop().await;
+}
+on_both_backends!(data_plane_fails_closed_when_the_projector_is_stuck_on_an_event);
+
+/// The fail-open the watch closes: instance A commits a pause after the event that stopped
+/// every runner; instance B never hears of it, and without the watch would go on
+/// encrypting for the paused scope from its warm key cache. With it, B refuses within the
+/// bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_instance_refuses_rather_than_miss_a_pause_when_the_projector_is_stuck() {
+    let a = TestApp::spawn(Backend::Postgres).await;
+    let b = a
+        .peer_with(Options {
+            max_projection_lag: Duration::from_millis(300),
+            ..Options::default()
+        })
+        .await;
+    let (org, admin) = a.data_org("enterprise", "managed").await;
+    let team = a.scope(&admin, "team", "research", &org).await;
+    let thread = a.scope(&admin, "thread", "t", &team).await;
+    b.app.refresh().await.unwrap();
+    // B's key cache is warm for the thread.
+    assert_eq!(
+        encrypt(&b, &admin, &thread, b"x", "messages").await.status,
+        200
+    );
+
+    exec(
+        &a.db,
+        &format!(
+            "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, \
+             event_version, payload, metadata) VALUES ('scope', '{team}', 9999, 'ScopePaused', \
+             '1', '{{\"NoSuchEvent\": 1}}', '{{}}')"
+        ),
+    )
+    .await;
+    let mut stall = b.app.subscribe_stall();
+    assert_eq!(a.pause(&admin, &thread).await.status, 200);
+    tokio::time::timeout(Duration::from_secs(30), stall.wait_for(Option::is_some))
+        .await
+        .expect("B's watch sees its runner stuck within the bound")
+        .unwrap();
+    encrypt(&b, &admin, &thread, b"x", "messages")
+        .await
+        .assert_problem(503, "unavailable");
+    b.stop().await;
+    a.stop().await;
+}
