@@ -23,6 +23,8 @@ pub(crate) enum List {
     Children,
     Search,
     Audit,
+    Tokens,
+    Grants,
 }
 
 impl List {
@@ -31,6 +33,8 @@ impl List {
             List::Children => "children",
             List::Search => "search",
             List::Audit => "audit",
+            List::Tokens => "tokens",
+            List::Grants => "grants",
         }
     }
 }
@@ -85,6 +89,15 @@ impl Binding<'_> {
     /// The scope id in a cursor; the caller still checks that it is a row it may list.
     pub fn decode_scope(&self, cursor: &str) -> Result<ScopeId, ApiError> {
         ScopeId::parse(&self.decode(cursor)?).map_err(|_| invalid())
+    }
+
+    /// A cursor whose key is JSON (a list ordered by several columns).
+    pub fn encode_json(&self, last: &serde_json::Value) -> String {
+        self.encode(&last.to_string())
+    }
+
+    pub fn decode_json<T: serde::de::DeserializeOwned>(&self, cursor: &str) -> Result<T, ApiError> {
+        serde_json::from_str(&self.decode(cursor)?).map_err(|_| invalid())
     }
 
     pub fn encode_position(&self, last: i64) -> String {

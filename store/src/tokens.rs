@@ -245,6 +245,46 @@ impl Tokens {
             .collect())
     }
 
+    /// One page of `list`: the tokens after `after` (the last page's `(created_at, id)`) in
+    /// the same order, at most `limit`.
+    pub async fn list_page(
+        &self,
+        org_id: OrgId,
+        after: Option<(i64, String)>,
+        limit: i64,
+    ) -> Result<Vec<TokenInfo>, StoreError> {
+        let (at, id) = after.unwrap_or((i64::MAX, String::new()));
+        let sql = "SELECT id, principal, principal_kind, role, created_at, expires_at, revoked_at \
+                   FROM tokens WHERE org_id = $1 \
+                   AND (created_at < $2 OR (created_at = $2 AND id < $3) OR $4) \
+                   ORDER BY created_at DESC, id DESC LIMIT $5";
+        let first = id.is_empty();
+        let rows: Vec<TokenRow> = with_read_pool!(&self.db, pool => {
+            sqlx::query_as(sql)
+                .bind(org_id.to_string())
+                .bind(at)
+                .bind(id)
+                .bind(first)
+                .bind(limit)
+                .fetch_all(pool)
+                .await?
+        });
+        Ok(rows
+            .into_iter()
+            .map(
+                |(id, principal, kind, role, created_at, expires_at, revoked_at)| TokenInfo {
+                    principal: principal.unwrap_or_else(|| id.clone()),
+                    id,
+                    kind: kind.unwrap_or_else(|| "user".into()),
+                    role,
+                    created_at,
+                    expires_at,
+                    revoked_at,
+                },
+            )
+            .collect())
+    }
+
     /// The organization a token belongs to, if it exists.
     pub async fn org_of(&self, id: &str) -> Result<Option<Option<String>>, StoreError> {
         let row: Option<Option<String>> = with_read_pool!(&self.db, pool => {
@@ -368,6 +408,39 @@ impl Tokens {
         Ok(rows
             .into_iter()
             .filter_map(|r| parse_grant(&r.0, &r.1, &r.2))
+            .collect())
+    }
+
+    /// One page of `grants`, each with its sort key (principal and permission as stored,
+    /// `granted_position`): those after `after` (the last
+    /// page's `(principal, permission, granted_position)`) in the same order, at most `limit`.
+    pub async fn grants_page(
+        &self,
+        org: OrgId,
+        after: Option<(String, String, i64)>,
+        limit: i64,
+    ) -> Result<Vec<(Grant, (String, String, i64))>, StoreError> {
+        let first = after.is_none();
+        let (principal, permission, position) = after.unwrap_or_default();
+        let sql = "SELECT principal, permission, scope_id, granted_position FROM grants_view \
+                   WHERE org_id = $1 AND ($5 OR principal > $2 \
+                   OR (principal = $2 AND permission > $3) \
+                   OR (principal = $2 AND permission = $3 AND granted_position > $4)) \
+                   ORDER BY principal, permission, granted_position LIMIT $6";
+        let rows: Vec<(String, String, String, i64)> = with_read_pool!(&self.db, pool => {
+            sqlx::query_as(sql)
+                .bind(org.to_string())
+                .bind(principal)
+                .bind(permission)
+                .bind(position)
+                .bind(first)
+                .bind(limit)
+                .fetch_all(pool)
+                .await?
+        });
+        Ok(rows
+            .into_iter()
+            .filter_map(|r| parse_grant(&r.0, &r.1, &r.2).map(|g| (g, (r.0, r.1, r.3))))
             .collect())
     }
 

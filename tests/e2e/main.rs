@@ -31,6 +31,7 @@ mod memory_tree;
 mod merge_property;
 mod migrations;
 mod network;
+mod paging;
 mod postgres_roles;
 mod process;
 mod process_hardening;

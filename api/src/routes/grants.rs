@@ -13,8 +13,10 @@ use std::collections::HashMap;
 
 use super::tokens::{own_org, path_parts};
 use crate::context::Caller;
+use crate::cursor::{Binding, List};
 use crate::dto::JsonBody;
 use crate::error::ApiError;
+use crate::routes::{check_keys, page_limit};
 use crate::state::AppState;
 use ekm_service::AppError;
 
@@ -139,16 +141,35 @@ pub async fn list_grants(
     State(state): State<AppState>,
     caller: Caller,
     path: Result<Path<String>, PathRejection>,
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let org = own_org(&caller, &path_parts(path)?)?;
+    let Query(query) = query.map_err(|_| ApiError::invalid("the query string is not valid"))?;
+    check_keys(&query, &["limit", "cursor"])?;
+    let limit = page_limit(query.get("limit"))?;
+    let org_text = org.to_string();
+    let binding = Binding {
+        list: List::Grants,
+        query: &[org_text.as_str()],
+    };
+    let after: Option<(String, String, i64)> = query
+        .get("cursor")
+        .map(|c| binding.decode_json(c))
+        .transpose()?;
     // As for tokens: a grant just added is listed.
     state.app.refresh().await?;
-    let grants = state
+    let mut grants = state
         .app
         .tokens()
-        .grants(org)
+        .grants_page(org, after, i64::from(limit) + 1)
         .await
         .map_err(AppError::Store)?;
-    let items: Vec<Value> = grants.iter().map(grant_json).collect();
-    Ok(Json(json!({"items": items, "next_cursor": null})).into_response())
+    let more = grants.len() > limit as usize;
+    grants.truncate(limit as usize);
+    let next_cursor = match grants.last() {
+        Some((_, key)) if more => Some(binding.encode_json(&json!(key))),
+        _ => None,
+    };
+    let items: Vec<Value> = grants.iter().map(|(g, _)| grant_json(g)).collect();
+    Ok(Json(json!({"items": items, "next_cursor": next_cursor})).into_response())
 }

@@ -1,8 +1,10 @@
 //! Tokens of an organization, managed by its org admins (and the operator's break-glass
 //! token): the HTTP side of `ekm_service::access`. Token secrets are shown once.
 
-use axum::extract::rejection::PathRejection;
-use axum::extract::{Path, State};
+use std::collections::HashMap;
+
+use axum::extract::rejection::{PathRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -13,9 +15,10 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::context::Caller;
+use crate::cursor::{Binding, List};
 use crate::dto::JsonBody;
 use crate::error::ApiError;
-use crate::routes::ORG_NOT_FOUND;
+use crate::routes::{check_keys, page_limit, ORG_NOT_FOUND};
 use crate::state::AppState;
 use ekm_service::AppError;
 
@@ -178,17 +181,36 @@ pub async fn list_tokens(
     State(state): State<AppState>,
     caller: Caller,
     path: Result<Path<String>, PathRejection>,
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
 ) -> Result<Response, ApiError> {
     let org = own_org(&caller, &path_parts(path)?)?;
+    let Query(query) = query.map_err(|_| ApiError::invalid("the query string is not valid"))?;
+    check_keys(&query, &["limit", "cursor"])?;
+    let limit = page_limit(query.get("limit"))?;
+    let org_text = org.to_string();
+    let binding = Binding {
+        list: List::Tokens,
+        query: &[org_text.as_str()],
+    };
+    let after: Option<(i64, String)> = query
+        .get("cursor")
+        .map(|c| binding.decode_json(c))
+        .transpose()?;
     // The list is read from SQL, which the runner brings up to the commands a moment
     // later: settle first, so a token just issued is listed.
     state.app.refresh().await?;
-    let tokens = state
+    let mut tokens = state
         .app
         .tokens()
-        .list(org)
+        .list_page(org, after, i64::from(limit) + 1)
         .await
         .map_err(AppError::Store)?;
+    let more = tokens.len() > limit as usize;
+    tokens.truncate(limit as usize);
+    let next_cursor = match tokens.last() {
+        Some(last) if more => Some(binding.encode_json(&json!([last.created_at, last.id]))),
+        _ => None,
+    };
     let items: Vec<Value> = tokens
         .into_iter()
         .map(|t| {
@@ -203,7 +225,7 @@ pub async fn list_tokens(
             })
         })
         .collect();
-    Ok(Json(json!({"items": items, "next_cursor": null})).into_response())
+    Ok(Json(json!({"items": items, "next_cursor": next_cursor})).into_response())
 }
 
 /// `DELETE /v1/orgs/{org}/tokens/{id}`: the token stops working at once on this instance
