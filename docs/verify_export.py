@@ -25,6 +25,9 @@ FORMAT = "ekm-audit-export"
 VERSION = 1
 LABEL = "ekm-audit-export-checkpoint-v1"
 ZERO = "0" * 64
+MAX_LINE_BYTES = 1024 * 1024
+MAX_NESTING = 64
+MAX_NUMBER = 1.7976931348623157e308
 
 
 class Failure(Exception):
@@ -43,22 +46,78 @@ def checkpoint_message(n, prev, final):
 
 def signature_ok(public_key, message, signature):
     try:
-        public_key.verify(base64.b64decode(signature, validate=True), message)
+        raw = base64.b64decode(signature, validate=True)
+        # One text per signature: no unused bits set, no other padding.
+        if base64.b64encode(raw).decode() != signature:
+            return False
+        public_key.verify(raw, message)
         return True
     except (InvalidSignature, binascii.Error, ValueError, TypeError):
         return False
 
 
+def nesting(raw):
+    """The deepest nesting of arrays and objects in a line, outside strings."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for b in raw:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif b == 0x5C:
+                escaped = True
+            elif b == 0x22:
+                in_string = False
+            continue
+        if b == 0x22:
+            in_string = True
+        elif b in (0x5B, 0x7B):
+            depth += 1
+            deepest = max(deepest, depth)
+        elif b in (0x5D, 0x7D):
+            depth = max(depth - 1, 0)
+    return deepest
+
+
+class Negative(int):
+    """An integer written with a minus sign (never a line number)."""
+
+
+def parse_int(text):
+    value = int(text)
+    if abs(value) > MAX_NUMBER:
+        raise ValueError("number out of range")
+    return Negative(value) if text.startswith("-") else value
+
+
+def parse_float(text):
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError("number out of range")
+    return value
+
+
+def reject_constant(name):
+    raise ValueError(f"{name} is not JSON")
+
+
 def parse(raw):
-    """(object or None, n or None, prev or None) of one line's bytes."""
+    """(object or None, n or None, prev or None) of one line's bytes: standard JSON only
+    (no NaN or Infinity, numbers within a double's range, no lone surrogates), nested at
+    most MAX_NESTING deep, at most MAX_LINE_BYTES long."""
+    if len(raw) > MAX_LINE_BYTES or nesting(raw) > MAX_NESTING:
+        return None, None, None
     try:
-        value = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
+        value = json.loads(raw.decode("utf-8"), parse_int=parse_int, parse_float=parse_float,
+                           parse_constant=reject_constant)
+        json.dumps(value, ensure_ascii=False).encode("utf-8")  # lone surrogates fail here
+    except (UnicodeError, ValueError, RecursionError):
         return None, None, None
     if not isinstance(value, dict):
         return None, None, None
     n = value.get("n")
-    n = n if isinstance(n, int) and not isinstance(n, bool) and n >= 0 else None
+    valid = (isinstance(n, int) and not isinstance(n, (bool, Negative)) and 0 <= n < 2**64)
+    n = n if valid else None
     prev = value.get("prev") if isinstance(value.get("prev"), str) else None
     return value, n, prev
 
@@ -104,7 +163,8 @@ def verify(data, public_key_bytes):
     public_key = Ed25519PublicKey.from_public_bytes(public_key_bytes)
     key_id = hashlib.sha256(public_key_bytes).hexdigest()[:32]
     lines = data.split(b"\n")
-    if lines and lines[-1] == b"":
+    terminated = lines[-1] == b""
+    if terminated:
         lines.pop()
     if not lines:
         raise Failure(1, "truncated", "the export is empty")
@@ -123,6 +183,10 @@ def verify(data, public_key_bytes):
         if ended:
             raise Failure(line, "inserted",
                           f"line {line} follows the final signed checkpoint, where the export ends")
+        if len(lines[index]) > MAX_LINE_BYTES:
+            raise Failure(line, "altered", f"line {line} is longer than {MAX_LINE_BYTES} bytes")
+        if index == len(lines) - 1 and not terminated:
+            raise Failure(line, "altered", f"line {line} does not end with a newline")
         if value is None:
             raise Failure(line, "altered", f"line {line} is not a JSON object")
         if prev != expected_prev or n != line:
@@ -138,6 +202,8 @@ def verify(data, public_key_bytes):
                               f"the public key given is key {key_id}")
             summary["org_id"] = value.get("org_id")
             summary["through_position"] = value.get("through_position")
+            summary["exported_at"] = value.get("exported_at")
+            summary["filter"] = value.get("filter")
         elif kind in ("event", "access"):
             summary["entries"] += 1
         elif kind == "checkpoint":
@@ -195,7 +261,13 @@ def main():
         print(json.dumps({"ok": True, "export": summary}))
     else:
         print(f"ok        {summary.get('org_id')}  {summary['entries']} entries, "
-              f"{summary['lines']} lines, {summary['checkpoints']} signed checkpoints")
+              f"{summary['lines']} lines, {summary['checkpoints']} signed checkpoints, "
+              f"through position {summary.get('through_position')}, "
+              f"exported at {summary.get('exported_at')}")
+        partial = {k: v for k, v in (summary.get("filter") or {}).items() if k != "org"}
+        if partial:
+            print("          a partial export: only the entries matching "
+                  + " ".join(f"{k}={v}" for k, v in sorted(partial.items())))
     return 0
 
 

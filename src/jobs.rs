@@ -279,18 +279,42 @@ fn verify_file_job(file: &Path, key: &Path, json: bool) -> anyhow::Result<ExitCo
         .with_context(|| format!("cannot read the export {}", file.display()))?;
     let mut out = std::io::stdout().lock();
     match &result {
-        Ok(verified) if json => writeln!(out, "{}", serde_json::json!({"ok": true, "export": verified}))?,
-        Err(failure) if json => writeln!(out, "{}", serde_json::json!({"ok": false, "first_failure": failure}))?,
-        Ok(verified) => writeln!(
+        Ok(verified) if json => writeln!(
             out,
-            "ok        {}  {} entries, {} lines, {} signed checkpoints, through position {}, key {}",
-            verified.org_id,
-            verified.entries,
-            verified.lines,
-            verified.checkpoints,
-            verified.through_position,
-            verified.key_id
+            "{}",
+            serde_json::json!({"ok": true, "export": verified})
         )?,
+        Err(failure) if json => writeln!(
+            out,
+            "{}",
+            serde_json::json!({"ok": false, "first_failure": failure})
+        )?,
+        Ok(verified) => {
+            writeln!(
+                out,
+                "ok        {}  {} entries, {} lines, {} signed checkpoints, through position {}, exported at {}, key {}",
+                verified.org_id,
+                verified.entries,
+                verified.lines,
+                verified.checkpoints,
+                verified.through_position,
+                verified.exported_at,
+                verified.key_id
+            )?;
+            if verified.partial() {
+                let filter: Vec<String> = verified
+                    .filter
+                    .iter()
+                    .filter(|(k, _)| k.as_str() != "org")
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect();
+                writeln!(
+                    out,
+                    "          a partial export: only the entries matching {}",
+                    filter.join(" ")
+                )?;
+            }
+        }
         Err(failure) => writeln!(
             out,
             "TAMPERED  {}  line {}: {} ({})",

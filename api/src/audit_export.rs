@@ -25,6 +25,12 @@ pub const EXPORT_VERSION: u64 = 1;
 /// Lines between two signed checkpoints: an alteration whose author also recomputed the
 /// chain after it is located to at most this many lines.
 pub const CHECKPOINT_EVERY: u64 = 100;
+/// The longest line a verifier reads (1 MiB): an entry is a few hundred bytes, and a longer
+/// line is not read into memory whole.
+pub const MAX_LINE_BYTES: usize = 1024 * 1024;
+/// The deepest nesting of arrays and objects a line may have (within what every JSON parser
+/// handles, so that independent verifiers agree).
+pub const MAX_NESTING: usize = 64;
 /// Domain separation of the signed checkpoint message.
 const CHECKPOINT_LABEL: &str = "ekm-audit-export-checkpoint-v1";
 const ZERO_HASH: &str = "0000000000000000000000000000000000000000000000000000000000000000";
@@ -178,11 +184,23 @@ impl ExportWriter {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct VerifiedExport {
     pub org_id: String,
+    pub exported_at: String,
+    /// The query's filters as the header states them: anything but `org` makes the export
+    /// a partial one.
+    pub filter: BTreeMap<String, String>,
     pub through_position: i64,
     pub lines: u64,
     pub entries: u64,
     pub checkpoints: u64,
     pub key_id: String,
+}
+
+impl VerifiedExport {
+    /// Whether the export holds only the entries matching a filter (not the whole
+    /// organization's log up to `through_position`).
+    pub fn partial(&self) -> bool {
+        self.filter.keys().any(|k| k != "org")
+    }
 }
 
 /// The first thing wrong with an export: the physical line (1-based) and what happened to it.
@@ -208,7 +226,41 @@ struct Parsed {
     object: Option<serde_json::Map<String, Value>>,
 }
 
+/// The deepest nesting of arrays and objects in `line`, outside strings.
+pub(crate) fn nesting(line: &[u8]) -> usize {
+    let (mut depth, mut deepest, mut in_string, mut escaped) = (0usize, 0usize, false, false);
+    for &b in line {
+        if in_string {
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    deepest
+}
+
 fn parse(line: &[u8]) -> Parsed {
+    let unparsed = Parsed {
+        n: None,
+        prev: None,
+        object: None,
+    };
+    if line.len() > MAX_LINE_BYTES || nesting(line) > MAX_NESTING {
+        return unparsed;
+    }
     match serde_json::from_slice::<Value>(line) {
         Ok(Value::Object(object)) => Parsed {
             n: object.get("n").and_then(Value::as_u64),
@@ -331,16 +383,55 @@ fn misplaced(
     }
 }
 
-/// The next line (without its `\n`), or `None` at the end.
-fn next_line<R: BufRead>(input: &mut R) -> std::io::Result<Option<Vec<u8>>> {
-    let mut line = Vec::new();
-    if input.read_until(b'\n', &mut line)? == 0 {
+/// One line as read: its bytes (without the `\n`), unless it is longer than
+/// `MAX_LINE_BYTES` (then the bytes are skipped, not kept), and whether a `\n` ended it.
+struct RawLine {
+    bytes: Vec<u8>,
+    too_long: bool,
+    terminated: bool,
+}
+
+/// The next line, or `None` at the end. Never holds more than `MAX_LINE_BYTES` + 1 bytes.
+fn next_line<R: BufRead>(input: &mut R) -> std::io::Result<Option<RawLine>> {
+    let mut bytes = Vec::new();
+    let limit = MAX_LINE_BYTES as u64 + 1;
+    let read = std::io::Read::take(&mut *input, limit).read_until(b'\n', &mut bytes)?;
+    if read == 0 {
         return Ok(None);
     }
-    if line.last() == Some(&b'\n') {
-        line.pop();
+    let mut terminated = bytes.last() == Some(&b'\n');
+    if terminated {
+        bytes.pop();
     }
-    Ok(Some(line))
+    let too_long = bytes.len() > MAX_LINE_BYTES;
+    if too_long && !terminated {
+        // Skip the rest of the line without keeping it.
+        loop {
+            let buffer = input.fill_buf()?;
+            if buffer.is_empty() {
+                break;
+            }
+            match buffer.iter().position(|&b| b == b'\n') {
+                Some(at) => {
+                    input.consume(at + 1);
+                    terminated = true;
+                    break;
+                }
+                None => {
+                    let all = buffer.len();
+                    input.consume(all);
+                }
+            }
+        }
+    }
+    if too_long {
+        bytes = Vec::new();
+    }
+    Ok(Some(RawLine {
+        bytes,
+        too_long,
+        terminated,
+    }))
 }
 
 /// The second pass of `Numbers`.
@@ -355,9 +446,13 @@ fn scan_numbers<R: BufRead + Seek>(
         place_later: None,
     };
     let mut at = 0u64;
-    while let Some(bytes) = next_line(input)? {
+    while let Some(raw) = next_line(input)? {
         at += 1;
-        let n = parse(&bytes).n;
+        let n = if raw.too_long {
+            None
+        } else {
+            parse(&raw.bytes).n
+        };
         if n.is_some() && n == number {
             numbers.same_number += 1;
         }
@@ -375,8 +470,9 @@ pub fn verify_export(text: &[u8], public_key: &[u8]) -> Result<VerifiedExport, E
 }
 
 /// Verifies an export with the raw Ed25519 public key. Needs nothing else: no database, no
-/// audit key. Reads it once, line by line, in constant memory (two lines at a time); once a
-/// line is found misplaced, reads it once more to name what happened.
+/// audit key. Reads it once, line by line, in bounded memory (two lines of at most
+/// `MAX_LINE_BYTES`, and their parse, at a time, whatever the export's length or a hostile
+/// line's); once a line is found misplaced, reads it once more to name what happened.
 pub fn verify_export_from<R: BufRead + Seek>(
     input: &mut R,
     public_key: &[u8],
@@ -384,11 +480,22 @@ pub fn verify_export_from<R: BufRead + Seek>(
     let given_key = ekm_keys::key_id(public_key);
     let mut summary = VerifiedExport {
         org_id: String::new(),
+        exported_at: String::new(),
+        filter: BTreeMap::new(),
         through_position: 0,
         lines: 0,
         entries: 0,
         checkpoints: 0,
         key_id: given_key.clone(),
+    };
+    let read = |line: RawLine| {
+        let parsed = if line.too_long {
+            parse(b"")
+        } else {
+            parse(&line.bytes)
+        };
+        let hash = line_hash(&line.bytes);
+        (parsed, hash, line)
     };
     let Some(first) = next_line(input)? else {
         return Ok(Err(fail(
@@ -397,15 +504,15 @@ pub fn verify_export_from<R: BufRead + Seek>(
             "the export is empty: not even its header is there",
         )));
     };
-    let mut current = (parse(&first), line_hash(&first), first);
+    let mut current = read(first);
     let mut expected_prev = ZERO_HASH.to_owned();
     let mut last_checkpoint = 0u64;
     let mut ended = false;
     let mut line = 0u64;
     loop {
         line += 1;
-        let next = next_line(input)?.map(|bytes| (parse(&bytes), line_hash(&bytes), bytes));
-        let (p, this_hash, bytes) = &current;
+        let next = next_line(input)?.map(read);
+        let (p, this_hash, raw) = &current;
         if ended {
             return Ok(Err(fail(
                 line,
@@ -413,11 +520,27 @@ pub fn verify_export_from<R: BufRead + Seek>(
                 format!("line {line} follows the final signed checkpoint, where the export ends"),
             )));
         }
+        if raw.too_long {
+            return Ok(Err(fail(
+                line,
+                "altered",
+                format!("line {line} is longer than {MAX_LINE_BYTES} bytes"),
+            )));
+        }
+        if !raw.terminated {
+            return Ok(Err(fail(
+                line,
+                "altered",
+                format!("line {line} does not end with a newline: the export was cut or changed"),
+            )));
+        }
         let Some(object) = &p.object else {
             return Ok(Err(fail(
                 line,
                 "altered",
-                format!("line {line} is not a JSON object in UTF-8"),
+                format!(
+                    "line {line} is not a JSON object in UTF-8 (nesting at most {MAX_NESTING} deep)"
+                ),
             )));
         };
         if p.prev.as_deref() != Some(expected_prev.as_str()) || p.n != Some(line) {
@@ -458,6 +581,16 @@ pub fn verify_export_from<R: BufRead + Seek>(
                     )));
                 }
                 summary.org_id = text("org_id").to_owned();
+                summary.exported_at = text("exported_at").to_owned();
+                summary.filter = object
+                    .get("filter")
+                    .and_then(Value::as_object)
+                    .map(|f| {
+                        f.iter()
+                            .map(|(k, v)| (k.clone(), v.as_str().unwrap_or("").to_owned()))
+                            .collect()
+                    })
+                    .unwrap_or_default();
                 summary.through_position = object
                     .get("through_position")
                     .and_then(Value::as_i64)
@@ -474,7 +607,7 @@ pub fn verify_export_from<R: BufRead + Seek>(
                     .get("signature")
                     .and_then(Value::as_str)
                     .unwrap_or("");
-                if bytes.as_slice()
+                if raw.bytes.as_slice()
                     != checkpoint_line(line, &expected_prev, last, signature).as_bytes()
                 {
                     return Ok(Err(fail(
@@ -643,6 +776,76 @@ mod tests {
             );
             l = lines(&export(3));
         }
+    }
+
+    #[test]
+    fn hostile_lines_are_refused_at_their_line_without_reading_them_whole() {
+        let l = lines(&export(3));
+        // No newline after the last line.
+        let cut = join(&l);
+        let failure =
+            verify_export(&cut.as_bytes()[..cut.len() - 1], &key().public_key()).unwrap_err();
+        assert_eq!((failure.line, failure.problem), (5, "altered"));
+        assert!(failure.detail.contains("newline"), "{}", failure.detail);
+        // A line of 8 MiB: refused as too long.
+        let mut long = l.clone();
+        long[2] = format!("{{\"pad\":\"{}\"}}", "x".repeat(8 * MAX_LINE_BYTES));
+        let failure = verify_export(join(&long).as_bytes(), &key().public_key()).unwrap_err();
+        assert_eq!((failure.line, failure.problem), (3, "altered"));
+        assert!(failure.detail.contains("longer than"), "{}", failure.detail);
+        // Nested deeper than the format allows, or not JSON as RFC 8259 has it.
+        let with = |extra: &str| format!("{},\"zz\":{extra}}}", &l[2][..l[2].len() - 1]);
+        for changed in [
+            with(&format!("{}0{}", "[".repeat(64), "]".repeat(64))),
+            with("NaN"),
+            with("1e400"),
+        ] {
+            let mut bad = l.clone();
+            bad[2] = changed;
+            let failure = verify_export(join(&bad).as_bytes(), &key().public_key()).unwrap_err();
+            assert_eq!(
+                (failure.line, failure.problem),
+                (3, "altered"),
+                "{}",
+                bad[2]
+            );
+            assert!(
+                failure.detail.contains("not a JSON object"),
+                "{}",
+                failure.detail
+            );
+        }
+        // 64 deep in all is fine for the parser (and then the link tells the line changed).
+        let mut deep = l.clone();
+        deep[2] = with(&format!("{}0{}", "[".repeat(63), "]".repeat(63)));
+        let failure = verify_export(join(&deep).as_bytes(), &key().public_key()).unwrap_err();
+        assert!(
+            failure.detail.contains("does not hash"),
+            "{}",
+            failure.detail
+        );
+    }
+
+    #[test]
+    fn a_filtered_export_says_it_is_partial() {
+        let header = ExportHeader {
+            org_id: "org_1".into(),
+            exported_at: "2026-12-01T00:00:00Z".into(),
+            through_position: 9,
+            filter: [
+                ("org".to_owned(), "org_1".to_owned()),
+                ("action".to_owned(), "scope.pause".to_owned()),
+            ]
+            .into(),
+        };
+        let (writer, mut text) = ExportWriter::start(key(), &header);
+        text.push_str(&writer.finish());
+        let verified = verify_export(text.as_bytes(), &key().public_key()).unwrap();
+        assert!(verified.partial());
+        assert_eq!(verified.exported_at, "2026-12-01T00:00:00Z");
+        assert!(!verify_export(export(2).as_bytes(), &key().public_key())
+            .unwrap()
+            .partial());
     }
 
     #[test]

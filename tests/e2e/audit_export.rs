@@ -166,6 +166,29 @@ async fn signed_export_verifies_offline_and_names_the_first_tampered_line(backen
     let mut padded = lines.clone();
     padded[9] = &padded_last;
     cases.push(("padded", padded, 10, "altered"));
+    // Hostile but parseable by some JSON libraries: both verifiers name the same line.
+    let with = |line: &str, extra: &str| format!("{},\"zz\":{extra}}}", &line[..line.len() - 1]);
+    let nan = with(lines[3], "NaN");
+    let deep = with(lines[3], &format!("{}0{}", "[".repeat(70), "]".repeat(70)));
+    let negative_zero = lines[3].replacen("{\"n\":4,", "{\"n\":-0,", 1);
+    assert_ne!(negative_zero, lines[3]);
+    // The final signature with unused bits set: the same 64 bytes to a lax decoder.
+    let signature = parsed[9]["signature"].as_str().unwrap();
+    let alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let last = signature.as_bytes()[signature.len() - 3] as char;
+    let flipped = alphabet.as_bytes()[alphabet.find(last).unwrap() ^ 1] as char;
+    let lax = format!("{}{flipped}==", &signature[..signature.len() - 3]);
+    let lax_last = lines[9].replace(signature, &lax);
+    for (name, changed, at) in [
+        ("nan", &nan, 3),
+        ("deep", &deep, 3),
+        ("negative-zero", &negative_zero, 3),
+        ("lax-signature", &lax_last, 9),
+    ] {
+        let mut tampered = lines.clone();
+        tampered[at] = changed;
+        cases.push((name, tampered, at as u64 + 1, "altered"));
+    }
     for (name, tampered, line, problem) in cases {
         let file = write_lines(dir.path(), &format!("{name}.jsonl"), &tampered);
         assert_eq!(
@@ -174,6 +197,13 @@ async fn signed_export_verifies_offline_and_names_the_first_tampered_line(backen
             "{name}"
         );
     }
+    // No newline after the last line.
+    let unterminated = dir.path().join("unterminated.jsonl");
+    std::fs::write(&unterminated, text.trim_end_matches('\n')).unwrap();
+    assert_eq!(
+        verify_both(&unterminated, &key),
+        (false, 10, "altered".to_owned())
+    );
     // The human output names the line too, and exits 1.
     let human = Command::new(env!("CARGO_BIN_EXE_ekm"))
         .args(["audit", "verify", "--file"])
@@ -255,6 +285,22 @@ async fn long_export_is_checkpointed_and_a_recomputed_chain_fails_its_signature(
     let refs: Vec<&str> = lines.iter().map(String::as_str).collect();
     let intact = write_lines(dir.path(), "intact.jsonl", &refs);
     assert!(verify_both(&intact, &key).0);
+    // It verifies, and says what it is: a part of the organization's log.
+    let human = Command::new(env!("CARGO_BIN_EXE_ekm"))
+        .args(["audit", "verify", "--file"])
+        .arg(&intact)
+        .arg("--public-key")
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(human.status.success());
+    let said = String::from_utf8_lossy(&human.stdout);
+    assert!(
+        said.contains(&format!(
+            "a partial export: only the entries matching scope={team}"
+        )),
+        "{said}"
+    );
 
     // Rename thread t7 in line 10 and recompute every later line's link.
     let renamed = lines[9].replace("\"t7\"", "\"renamed\"");
