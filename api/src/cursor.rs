@@ -96,8 +96,24 @@ impl Binding<'_> {
         self.encode(&last.to_string())
     }
 
+    /// The key of a JSON cursor. Cursors carry no MAC, so the key is checked as any input:
+    /// no string in it may hold a control character (PostgreSQL refuses a NUL in text, for
+    /// one) or be longer than a key of these lists can be.
     pub fn decode_json<T: serde::de::DeserializeOwned>(&self, cursor: &str) -> Result<T, ApiError> {
-        serde_json::from_str(&self.decode(cursor)?).map_err(|_| invalid())
+        let value: serde_json::Value =
+            serde_json::from_str(&self.decode(cursor)?).map_err(|_| invalid())?;
+        let plain = |v: &serde_json::Value| match v {
+            serde_json::Value::String(text) => {
+                text.len() <= 256 && !text.chars().any(char::is_control)
+            }
+            serde_json::Value::Number(_) => true,
+            _ => false,
+        };
+        match &value {
+            serde_json::Value::Array(parts) if parts.iter().all(plain) => {}
+            _ => return Err(invalid()),
+        }
+        serde_json::from_value(value).map_err(|_| invalid())
     }
 
     pub fn encode_position(&self, last: i64) -> String {

@@ -11,10 +11,17 @@
 //! same check succeeding again. Each check's outcome is stored (not as an event) for
 //! `GET /v1/orgs/{org}/master-key`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::pin::Pin;
 use std::time::{Duration, Instant};
 
-use ekm_domain::{Actor, ActorKind, EventMetadata, KeyHealth, ScopeId, UnavailableReason};
+use ekm_domain::{
+    Actor, ActorKind, EventMetadata, KeyHealth, MasterKeyRef, ScopeId, UnavailableReason,
+};
+use ekm_kms::{FailureKind, Operation, ProviderError};
+use ekm_projections::ScopeSnapshot;
+use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::watch;
 
 use crate::app::{Action, App, AppError};
@@ -22,14 +29,70 @@ use crate::app::{Action, App, AppError};
 /// The actor id of health events.
 pub const MONITOR_ACTOR: &str = "key-health-monitor";
 
+/// How long one organization's check may take: a customer KMS that answers later counts as
+/// not answering (an outage), and never holds up the checks of other organizations, which
+/// run beside it.
+pub const CHECK_DEADLINE: Duration = Duration::from_secs(10);
+
 pub struct HealthMonitor {
     app: App,
     interval: Duration,
     grace: Duration,
+    deadline: Duration,
     /// When each organization's current outage started.
     outages: HashMap<ScopeId, Instant>,
     /// When each organization was last checked because an unwrap failed.
     prompted: HashMap<ScopeId, Instant>,
+    /// Organizations whose check is running: not started again until it ends.
+    running: HashSet<ScopeId>,
+}
+
+/// What probing an organization's customer key found, before it is judged.
+enum Probe {
+    /// The organization is gone or revoked: nothing to check.
+    Nothing,
+    /// It has no customer key (any outage it had is over).
+    NoCustomerKey,
+    Checked {
+        snapshot: Box<ScopeSnapshot>,
+        master: MasterKeyRef,
+        result: Result<(), ProviderError>,
+    },
+}
+
+type Probing = Pin<Box<dyn Future<Output = (ScopeId, Result<Probe, AppError>)> + Send>>;
+
+/// The state of `org`'s customer key, from a round trip bounded by `deadline`.
+async fn probe(app: App, org: ScopeId, deadline: Duration) -> Result<Probe, AppError> {
+    let Some(snapshot) = app.scope(org).await? else {
+        return Ok(Probe::Nothing);
+    };
+    let Some(master) = snapshot.scope.master_key.clone() else {
+        return Ok(Probe::NoCustomerKey);
+    };
+    if snapshot.scope.own_state == ekm_domain::OwnState::Revoked {
+        return Ok(Probe::Nothing);
+    }
+    let keys = app.keys();
+    let round_trip = async {
+        let provider = keys.provider(&master).await?;
+        ekm_kms::round_trip(provider.as_ref(), &org.to_string()).await
+    };
+    let result = tokio::time::timeout(deadline, round_trip)
+        .await
+        .unwrap_or_else(|_| {
+            Err(ProviderError::new(
+                Operation::Describe,
+                FailureKind::Timeout,
+                "CheckDeadline",
+                format!("no answer within the check's deadline of {deadline:?}"),
+            ))
+        });
+    Ok(Probe::Checked {
+        snapshot: Box::new(snapshot),
+        master,
+        result,
+    })
 }
 
 /// What one check found.
@@ -48,19 +111,50 @@ impl HealthMonitor {
             app,
             interval,
             grace,
+            deadline: CHECK_DEADLINE,
             outages: HashMap::new(),
             prompted: HashMap::new(),
+            running: HashSet::new(),
         }
     }
 
-    /// Runs until `shutdown` turns true.
+    /// With another deadline per check (tests).
+    pub fn with_deadline(mut self, deadline: Duration) -> Self {
+        self.deadline = deadline;
+        self
+    }
+
+    /// Starts `org`'s check beside the others, unless it is running already.
+    fn start(&mut self, org: ScopeId, probes: &mut FuturesUnordered<Probing>) {
+        if self.running.insert(org) {
+            let app = self.app.clone();
+            let deadline = self.deadline;
+            probes.push(Box::pin(
+                async move { (org, probe(app, org, deadline).await) },
+            ));
+        }
+    }
+
+    /// Runs until `shutdown` turns true. Every interval each organization's check starts,
+    /// unless its last one still runs; the checks run side by side, and each verdict is
+    /// recorded as soon as its check ends: one slow customer KMS delays no one else.
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
         let mut failures = self.app.keys().take_failures();
         let mut ticker = tokio::time::interval(self.interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut probes: FuturesUnordered<Probing> = FuturesUnordered::new();
         loop {
             tokio::select! {
-                _ = ticker.tick() => self.check_all().await,
+                _ = ticker.tick() => match self.app.customer_key_orgs().await {
+                    Ok(orgs) => {
+                        for org in orgs {
+                            self.start(org, &mut probes);
+                        }
+                    }
+                    Err(error) => {
+                        tracing::warn!(error = %ekm_projections::error_chain(&error), "key health: cannot list organizations");
+                    }
+                },
                 Some(org) = next_failure(&mut failures) => {
                     // One prompted check per organization per second, however many
                     // requests fail meanwhile.
@@ -70,7 +164,17 @@ impl HealthMonitor {
                         .is_some_and(|at| at.elapsed() < Duration::from_secs(1));
                     if !recent {
                         self.prompted.insert(org, Instant::now());
-                        self.check_logged(org).await;
+                        self.start(org, &mut probes);
+                    }
+                }
+                Some((org, probed)) = probes.next(), if !probes.is_empty() => {
+                    self.running.remove(&org);
+                    let judged = match probed {
+                        Ok(probe) => self.judge(org, probe).await,
+                        Err(error) => Err(error),
+                    };
+                    if let Err(error) = judged {
+                        tracing::warn!(org = %org, error = %ekm_projections::error_chain(&error), "key health check failed");
                     }
                 }
                 changed = shutdown.changed() => {
@@ -82,41 +186,25 @@ impl HealthMonitor {
         }
     }
 
-    async fn check_all(&mut self) {
-        let orgs = match self.app.customer_key_orgs().await {
-            Ok(orgs) => orgs,
-            Err(error) => {
-                tracing::warn!(error = %ekm_projections::error_chain(&error), "key health: cannot list organizations");
-                return;
-            }
-        };
-        for org in orgs {
-            self.check_logged(org).await;
-        }
-    }
-
-    async fn check_logged(&mut self, org: ScopeId) {
-        if let Err(error) = self.check(org).await {
-            tracing::warn!(org = %org, error = %ekm_projections::error_chain(&error), "key health check failed");
-        }
-    }
-
-    /// Checks one organization's customer key and records a change of health.
+    /// Checks one organization's customer key now and records a change of health.
     pub async fn check(&mut self, org: ScopeId) -> Result<Option<Verdict>, AppError> {
-        let Some(snapshot) = self.app.scope(org).await? else {
-            return Ok(None);
-        };
-        let Some(master) = snapshot.scope.master_key.clone() else {
-            self.outages.remove(&org);
-            return Ok(None);
-        };
-        if snapshot.scope.own_state == ekm_domain::OwnState::Revoked {
-            return Ok(None);
-        }
-        let keys = self.app.keys();
-        let result = match keys.provider(&master).await {
-            Ok(provider) => ekm_kms::round_trip(provider.as_ref(), &org.to_string()).await,
-            Err(error) => Err(error),
+        let probed = probe(self.app.clone(), org, self.deadline).await?;
+        self.judge(org, probed).await
+    }
+
+    /// Judges what a probe found and records a change of health.
+    async fn judge(&mut self, org: ScopeId, probed: Probe) -> Result<Option<Verdict>, AppError> {
+        let (snapshot, master, result) = match probed {
+            Probe::Nothing => return Ok(None),
+            Probe::NoCustomerKey => {
+                self.outages.remove(&org);
+                return Ok(None);
+            }
+            Probe::Checked {
+                snapshot,
+                master,
+                result,
+            } => (snapshot, master, result),
         };
         let verdict = match result {
             Ok(()) => {

@@ -72,6 +72,33 @@ struct OrgKeyEntry {
     loaded: Instant,
 }
 
+/// An organization key version, for one purpose: what one customer-KMS unwrap yields.
+type OrgSlot = (ScopeId, u32, WrapPurpose);
+
+/// How long a failed unwrap through a customer's KMS answers for every request of its slot
+/// without another call (a negative cache): during an outage, the KMS sees one call per
+/// slot per second, not one per request.
+const NEGATIVE_TTL: Duration = Duration::from_secs(1);
+
+/// Takes a slot's turn out of `KeyService::inflight` when dropped if nobody else waits.
+struct Turn<'a> {
+    keys: &'a KeyService,
+    slot: OrgSlot,
+    gate: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut inflight) = self.keys.inflight.lock() {
+            // The map's reference and ours: no other request holds or waits for the gate,
+            // and none can take it while the map is locked.
+            if Arc::strong_count(&self.gate) <= 2 {
+                inflight.remove(&self.slot);
+            }
+        }
+    }
+}
+
 /// The unwrapped keys of one active scope.
 pub struct ScopeKeys {
     pub scope_id: ScopeId,
@@ -118,7 +145,12 @@ pub struct KeyService {
     cache: Mutex<HashMap<ScopeId, Arc<ScopeKeys>>>,
     /// Organization keys, so that loading many scopes of one organization calls a
     /// customer's KMS once per TTL, not once per scope.
-    org_keys: Mutex<HashMap<(ScopeId, u32, WrapPurpose), OrgKeyEntry>>,
+    org_keys: Mutex<HashMap<OrgSlot, OrgKeyEntry>>,
+    /// One unwrap in flight per slot: concurrent misses wait for it, then find its key in
+    /// `org_keys` or its failure in `failures`.
+    inflight: Mutex<HashMap<OrgSlot, Arc<tokio::sync::Mutex<()>>>>,
+    /// The last failed unwrap through a customer's KMS per slot, for `NEGATIVE_TTL`.
+    failures: Mutex<HashMap<OrgSlot, (Instant, ekm_kms::ProviderError)>>,
     providers: tokio::sync::Mutex<HashMap<MasterKeyRef, Arc<dyn MasterKeyProvider>>>,
     epoch: AtomicU64,
     unwraps: AtomicU64,
@@ -160,6 +192,8 @@ impl KeyService {
             ttl,
             cache: Mutex::new(HashMap::new()),
             org_keys: Mutex::new(HashMap::new()),
+            inflight: Mutex::new(HashMap::new()),
+            failures: Mutex::new(HashMap::new()),
             providers: tokio::sync::Mutex::new(HashMap::new()),
             epoch: AtomicU64::new(0),
             unwraps: AtomicU64::new(0),
@@ -400,6 +434,34 @@ impl KeyService {
         if let Some(key) = cached(self.ttl) {
             return Ok(key);
         }
+        // Coalescing: one unwrap per slot at a time; who waited takes its outcome.
+        let gate = match self.inflight.lock() {
+            Ok(mut inflight) => inflight.entry(slot).or_default().clone(),
+            Err(_) => Arc::new(tokio::sync::Mutex::new(())),
+        };
+        let _turn = Turn {
+            keys: self,
+            slot,
+            gate: gate.clone(),
+        };
+        let _held = gate.lock().await;
+        if let Some(key) = cached(self.ttl) {
+            return Ok(key);
+        }
+        let recent = self.failures.lock().ok().and_then(|failures| {
+            failures
+                .get(&slot)
+                .filter(|(at, _)| at.elapsed() < NEGATIVE_TTL)
+                .map(|(_, error)| error.clone())
+        });
+        if let Some(error) = recent {
+            if error.kind.is_transient() {
+                if let Some(key) = cached(self.ttl + self.kms.grace) {
+                    return Ok(key);
+                }
+            }
+            return Err(KeyError::Provider(error));
+        }
         let epoch = self.epoch.load(Ordering::SeqCst);
         let context = WrapContext {
             org_id: &row.scope_id,
@@ -439,6 +501,9 @@ impl KeyService {
             Ok(bytes) => bytes,
             Err(error) => {
                 let _ = self.failed_tx.send(org);
+                if let Ok(mut failures) = self.failures.lock() {
+                    failures.insert(slot, (Instant::now(), error.clone()));
+                }
                 if error.kind.is_transient() {
                     if let Some(key) = cached(self.ttl + self.kms.grace) {
                         tracing::warn!(
@@ -452,6 +517,9 @@ impl KeyService {
                 return Err(KeyError::Provider(error));
             }
         };
+        if let Ok(mut failures) = self.failures.lock() {
+            failures.remove(&slot);
+        }
         let key = Kek::from_bytes(&bytes).map_err(|_| KeyError::Unwrap)?;
         if key.fingerprint() != row.fingerprint {
             return Err(KeyError::Unwrap);

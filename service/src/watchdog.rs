@@ -20,7 +20,8 @@ pub struct Stall {
     pub applied: i64,
     /// The head of the event log when last read.
     pub head: i64,
-    /// How long the runner has not reached a head it was shown.
+    /// How long the runner has not reached a head it was shown (or the head could not be
+    /// read).
     pub behind: Duration,
 }
 
@@ -39,13 +40,18 @@ impl App {
     }
 
     /// Watches the runner until `shutdown`: every quarter of `bound` (50 ms to 1 s) it reads
-    /// the head; a head the runner has not reached within `bound` stalls the data plane, and
-    /// reaching it lifts the stall. A head that cannot be read changes nothing (the runner
-    /// cannot fall behind a log nobody can append to either).
+    /// the head of the log, committed (not fenced: a transaction held open would hold the
+    /// fenced head down with the runner, and hide exactly the events the runner cannot
+    /// read). A head seen at time t that the runner has not reached by t + `bound` stalls the
+    /// data plane, and reaching it lifts the stall. So does failing to read the head for
+    /// longer than `bound`: an instance cut off from the database cannot hear of a pause
+    /// another instance commits.
     pub async fn watch_projections(self, bound: Duration, mut shutdown: watch::Receiver<bool>) {
         let tick = (bound / 4).clamp(Duration::from_millis(50), Duration::from_secs(1));
-        // A head the runner had not reached when seen, and since when.
-        let mut behind: Option<(i64, Instant)> = None;
+        // Heads seen and not reached yet, oldest first, each with when it was first seen.
+        let mut unreached: std::collections::VecDeque<(i64, Instant)> = Default::default();
+        let mut last_read = Instant::now();
+        let mut head = 0;
         loop {
             tokio::select! {
                 () = tokio::time::sleep(tick) => {}
@@ -55,33 +61,47 @@ impl App {
                     }
                 }
             }
-            let head = match self.db().head_position().await {
-                Ok(head) => head,
+            match self.db().committed_head().await {
+                Ok(read) => {
+                    head = read;
+                    last_read = Instant::now();
+                    if unreached.back().is_none_or(|&(seen, _)| head > seen) {
+                        if unreached.len() < 64 {
+                            unreached.push_back((head, Instant::now()));
+                        } else if let Some(newest) = unreached.back_mut() {
+                            // Bounded: the newest entry takes the new head and keeps its
+                            // older time, which can only make the bound stricter.
+                            newest.0 = head;
+                        }
+                    }
+                }
                 Err(error) => {
                     tracing::warn!(error = %error, "the projection watch cannot read the head of the event log");
-                    continue;
                 }
-            };
+            }
             let applied = self.projector().applied();
-            if behind.is_some_and(|(target, _)| applied >= target) {
-                behind = None;
+            while unreached.front().is_some_and(|&(seen, _)| applied >= seen) {
+                unreached.pop_front();
             }
-            if behind.is_none() && applied < head {
-                behind = Some((head, Instant::now()));
-            }
-            let stall = behind
-                .filter(|(_, since)| since.elapsed() > bound)
-                .map(|(_, since)| Stall {
-                    applied,
-                    head,
-                    behind: since.elapsed(),
-                });
+            let behind = unreached
+                .front()
+                .map(|&(_, since)| since.elapsed())
+                .filter(|behind| *behind > bound);
+            let blind = Some(last_read.elapsed()).filter(|blind| *blind > bound);
+            let stall = behind.or(blind).map(|behind| Stall {
+                applied,
+                head,
+                behind,
+            });
             self.set_stall(stall);
         }
     }
 
     fn set_stall(&self, stall: Option<Stall>) {
-        let was = self.inner().stalled.swap(stall.is_some(), Ordering::AcqRel);
+        let now = stall.is_some();
+        // The value first, then the flag: a request that sees the flag finds the value.
+        self.inner().stall.send_replace(stall.clone());
+        let was = self.inner().stalled.swap(now, Ordering::AcqRel);
         match (&stall, was) {
             (Some(s), false) => tracing::error!(
                 applied = s.applied,
@@ -94,6 +114,5 @@ impl App {
             }
             _ => {}
         }
-        self.inner().stall.send_replace(stall);
     }
 }

@@ -412,14 +412,15 @@ impl Tokens {
     }
 
     /// One page of `grants`, each with its sort key (principal and permission as stored,
-    /// `granted_position`): those after `after` (the last
+    /// `granted_position`; `None` for a row that does not parse, which still counts for the
+    /// page, so that the page's end is told right): those after `after` (the last
     /// page's `(principal, permission, granted_position)`) in the same order, at most `limit`.
     pub async fn grants_page(
         &self,
         org: OrgId,
         after: Option<(String, String, i64)>,
         limit: i64,
-    ) -> Result<Vec<(Grant, (String, String, i64))>, StoreError> {
+    ) -> Result<Vec<(Option<Grant>, (String, String, i64))>, StoreError> {
         let first = after.is_none();
         let (principal, permission, position) = after.unwrap_or_default();
         let sql = "SELECT principal, permission, scope_id, granted_position FROM grants_view \
@@ -440,7 +441,7 @@ impl Tokens {
         });
         Ok(rows
             .into_iter()
-            .filter_map(|r| parse_grant(&r.0, &r.1, &r.2).map(|g| (g, (r.0, r.1, r.3))))
+            .map(|r| (parse_grant(&r.0, &r.1, &r.2), (r.0, r.1, r.3)))
             .collect())
     }
 

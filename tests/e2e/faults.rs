@@ -139,3 +139,55 @@ async fn another_instance_refuses_rather_than_miss_a_pause_when_the_projector_is
     b.stop().await;
     a.stop().await;
 }
+
+/// A transaction held open in the database (an idle session, a long job) holds the fence of
+/// ADR 0020 down: no runner reads past it, and the fenced head stays where the runner is.
+/// The watch reads the committed head, so instance B still refuses rather than serve a scope
+/// that instance A paused meanwhile; once the transaction ends, B catches up and the pause
+/// holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_instance_refuses_when_an_open_transaction_hides_a_pause_from_its_runner() {
+    let a = TestApp::spawn(Backend::Postgres).await;
+    let b = a
+        .peer_with(Options {
+            max_projection_lag: Duration::from_millis(300),
+            ..Options::default()
+        })
+        .await;
+    let (org, admin) = a.data_org("enterprise", "managed").await;
+    let thread = a.scope(&admin, "thread", "t", &org).await;
+    b.app.refresh().await.unwrap();
+    assert_eq!(
+        encrypt(&b, &admin, &thread, b"x", "messages").await.status,
+        200
+    );
+
+    let ekm_store::Db::Postgres(pg) = &a.db else {
+        unreachable!("PostgreSQL")
+    };
+    let mut open = pg.pool.begin().await.unwrap();
+    sqlx::query("SELECT pg_current_xact_id()")
+        .execute(&mut *open)
+        .await
+        .unwrap();
+    let mut stall = b.app.subscribe_stall();
+    assert_eq!(a.pause(&admin, &thread).await.status, 200);
+    tokio::time::timeout(Duration::from_secs(30), stall.wait_for(Option::is_some))
+        .await
+        .expect("B's watch sees the committed pause unreached within the bound")
+        .unwrap();
+    encrypt(&b, &admin, &thread, b"x", "messages")
+        .await
+        .assert_problem(503, "unavailable");
+
+    open.rollback().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(30), stall.wait_for(Option::is_none))
+        .await
+        .expect("the stall lifts once the transaction ends")
+        .unwrap();
+    encrypt(&b, &admin, &thread, b"x", "messages")
+        .await
+        .assert_problem(409, "scope_paused");
+    b.stop().await;
+    a.stop().await;
+}

@@ -73,6 +73,30 @@ async fn token_and_grant_lists_page_through_every_item_once(backend: Backend) {
     )
     .await
     .assert_problem(400, "invalid_request");
+    // A forged cursor (they carry no MAC) is refused as any bad input, never a 500: here a
+    // NUL, which PostgreSQL would refuse in a text parameter.
+    let forged = |list: &str, key: &str| {
+        use base64::Engine;
+        let real = String::from_utf8(
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(&cursor)
+                .unwrap(),
+        )
+        .unwrap();
+        let prefix: Vec<&str> = real.splitn(4, '.').take(3).collect();
+        let text = format!("{}.{list}.{}.{key}", prefix[0], prefix[2]);
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(text)
+    };
+    for (list, key) in [
+        ("tokens", r#"[1,"a\u0000b"]"#),
+        ("grants", r#"["a\u0000","b",1]"#),
+        ("tokens", r#"{"a":1}"#),
+    ] {
+        let path = format!("/v1/orgs/{org}/{list}?cursor={}", forged(list, key));
+        app.get(&path, &admin)
+            .await
+            .assert_problem(400, "invalid_request");
+    }
     for bad in ["limit=0", "limit=501", "cursor=nope", "page=2"] {
         app.get(&format!("/v1/orgs/{org}/tokens?{bad}"), &admin)
             .await

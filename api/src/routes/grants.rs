@@ -170,6 +170,9 @@ pub async fn list_grants(
         Some((_, key)) if more => Some(binding.encode_json(&json!(key))),
         _ => None,
     };
-    let items: Vec<Value> = grants.iter().map(|(g, _)| grant_json(g)).collect();
+    let items: Vec<Value> = grants
+        .iter()
+        .filter_map(|(g, _)| g.as_ref().map(grant_json))
+        .collect();
     Ok(Json(json!({"items": items, "next_cursor": next_cursor})).into_response())
 }

@@ -184,3 +184,140 @@ on_both_backends!(decrypt_calls_kms_zero_times_when_the_cache_is_warm);
 
 // ---------------------------------------------------------------------------------------
 // Google Cloud KMS and Azure Key Vault, over HTTP against fakes of their documented APIs.
+
+/// One encrypt per thread of an organization, all at once.
+async fn burst(
+    app: &TestApp,
+    (token, threads): &(String, Vec<String>),
+    text: &str,
+) -> Vec<crate::harness::Response> {
+    futures_util::future::join_all(
+        threads
+            .iter()
+            .map(|thread| encrypt(app, token, thread, text)),
+    )
+    .await
+}
+
+/// Many requests that miss the cache at once make one unwrap through the customer's KMS
+/// (coalescing); while it fails, one call per second, not one per request (negative cache).
+async fn concurrent_misses_call_the_kms_once_when_it_is_slow_or_failing(backend: Backend) {
+    let moto = Moto::start().await;
+    let arn = moto.create_key().await;
+    let (proxy, faults) = aws_fault_proxy(&moto.url).await;
+    // No health monitor: every Decrypt counted is one the data plane made.
+    let app = TestApp::spawn_with(
+        backend,
+        Options {
+            health_interval: None,
+            ..options(
+                aws_environment(),
+                Duration::from_secs(60),
+                Duration::from_secs(300),
+            )
+        },
+    )
+    .await;
+    // Each organization's key is unwrapped through the KMS on its first request after the
+    // key is connected: its cache starts cold.
+    let mut orgs = vec![];
+    for _ in 0..2 {
+        let (org, token) = enterprise_org(&app).await;
+        let mut threads = vec![];
+        for i in 0..16 {
+            threads.push(app.scope(&token, "thread", &format!("t{i}"), &org).await);
+        }
+        let connected = connect(
+            &app,
+            &token,
+            &org,
+            json!({"provider": "aws-kms", "key_id": arn, "endpoint_url": proxy}),
+        )
+        .await;
+        assert_eq!(connected.status, StatusCode::OK, "{}", connected.body);
+        orgs.push((token, threads));
+    }
+
+    // A KMS that takes 300 ms to answer: 16 requests at once, one Decrypt.
+    faults.arm(
+        "Decrypt",
+        Fault::Delay(Duration::from_millis(300)),
+        usize::MAX,
+    );
+    let before = faults.seen("Decrypt");
+    let answers = burst(&app, &orgs[0], "slow").await;
+    assert!(answers.iter().all(|a| a.status == StatusCode::OK));
+    assert_eq!(
+        faults.seen("Decrypt") - before,
+        1,
+        "one unwrap for 16 misses"
+    );
+
+    // A KMS that refuses: 16 requests at once, one Decrypt, all refused.
+    faults.clear();
+    faults.arm(
+        "Decrypt",
+        aws_error("KMSInvalidStateException", "the key is disabled"),
+        usize::MAX,
+    );
+    let before = faults.seen("Decrypt");
+    let answers = burst(&app, &orgs[1], "refused").await;
+    assert!(answers.iter().all(|a| a.status != StatusCode::OK));
+    assert_eq!(
+        faults.seen("Decrypt") - before,
+        1,
+        "the failure answers the other 15 from the negative cache"
+    );
+}
+on_both_backends!(concurrent_misses_call_the_kms_once_when_it_is_slow_or_failing);
+
+/// Health checks run side by side, each within its own deadline: an organization whose
+/// KMS answers after 15 s does not delay another organization's detection of a disabled key.
+/// (The bound asserted is the behaviour: checked one after the other, the disabled key would
+/// be found only after the slow KMS had answered, 15 s later.)
+async fn a_slow_customer_kms_delays_no_other_organizations_health_check(backend: Backend) {
+    let moto = Moto::start().await;
+    let slow_key = moto.create_key().await;
+    let fast_key = moto.create_key().await;
+    let (proxy, faults) = aws_fault_proxy(&moto.url).await;
+    let app = TestApp::spawn_with(
+        backend,
+        options(
+            aws_environment(),
+            Duration::from_secs(60),
+            Duration::from_secs(300),
+        ),
+    )
+    .await;
+    let (slow_org, slow_token) = enterprise_org(&app).await;
+    let (fast_org, fast_token) = enterprise_org(&app).await;
+    let fast_thread = app.scope(&fast_token, "thread", "t", &fast_org).await;
+    for (org, token, key, endpoint) in [
+        (&slow_org, &slow_token, &slow_key, &proxy),
+        (&fast_org, &fast_token, &fast_key, &moto.url),
+    ] {
+        let connected = connect(
+            &app,
+            token,
+            org,
+            json!({"provider": "aws-kms", "key_id": key, "endpoint_url": endpoint}),
+        )
+        .await;
+        assert_eq!(connected.status, StatusCode::OK, "{}", connected.body);
+    }
+    // The slow organization's KMS now answers after 15 s.
+    faults.arm("*", Fault::Delay(Duration::from_secs(15)), usize::MAX);
+    let disabled = Instant::now();
+    moto.disable(&fast_key).await;
+    wait_for_state(&app, &fast_token, &fast_thread, "unavailable").await;
+    assert!(
+        disabled.elapsed() < Duration::from_secs(12),
+        "the disabled key was found after {:?}",
+        disabled.elapsed()
+    );
+    assert!(
+        faults.seen("DescribeKey") >= 1,
+        "the slow KMS was being checked"
+    );
+}
+on_both_backends!(a_slow_customer_kms_delays_no_other_organizations_health_check);

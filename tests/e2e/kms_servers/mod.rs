@@ -150,6 +150,8 @@ pub enum Fault {
     Answer(u16, Value),
     /// No answer for this long (longer than the client waits).
     Stall(Duration),
+    /// The real answer, this much later (a slow KMS).
+    Delay(Duration),
 }
 
 /// Faults armed on a server: for an operation (or every one, `"*"`), `times` times
@@ -209,6 +211,11 @@ impl Faults {
                 // A KMS that does not answer in time: the delay is the fault under test.
                 tokio::time::sleep(duration).await;
                 Some(StatusCode::GATEWAY_TIMEOUT.into_response())
+            }
+            Fault::Delay(duration) => {
+                // A slow KMS: the delay is the fault under test; then the real answer.
+                tokio::time::sleep(duration).await;
+                None
             }
         }
     }
