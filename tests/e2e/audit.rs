@@ -413,7 +413,10 @@ async fn verify_reports_altered_when_a_payload_is_edited_and_cli_exports(backend
     let team = app.scope(&admin, "team", "research", &org).await;
     app.pause(&admin, &team).await;
 
-    // The CLI export matches the API, line for line.
+    // The CLI export matches the API, line for line. It holds what the audit chain has
+    // sealed (a process of its own cannot catch the server's projections up): let the
+    // server seal the pause first.
+    app.app.refresh().await.unwrap();
     let mut command = Command::new(env!("CARGO_BIN_EXE_ekm"));
     command
         .args(["audit", "export", "--org", &org, "--format", "jsonl"])
