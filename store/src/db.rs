@@ -146,9 +146,23 @@ macro_rules! with_read_pool {
     };
 }
 
+/// Installs ring as the process's default TLS crypto provider, once. sqlx builds its TLS
+/// client with an explicit provider, except on the `sslmode=verify-ca` path, which asks
+/// rustls for the process default; with both ring and aws-lc-rs in the binary (the AWS SDK
+/// brings the latter) there is no default, and the connection attempt panicked
+/// (`postgres_tls::postgres_is_reached_over_verified_tls_and_refused_when_the_certificate_is_wrong`).
+pub fn install_tls_provider() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // Fails only if a default is installed already, which is as good.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
 impl Db {
     /// Connects without migrating.
     pub async fn connect(config: &DbConfig) -> Result<Db, StoreError> {
+        install_tls_provider();
         match config {
             DbConfig::Sqlite { path } => {
                 if let Some(dir) = path.parent() {

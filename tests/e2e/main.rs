@@ -33,6 +33,7 @@ mod migrations;
 mod network;
 mod paging;
 mod postgres_roles;
+mod postgres_tls;
 mod process;
 mod process_hardening;
 mod rebuild;

@@ -66,7 +66,7 @@ fn find_or_start_postgres() -> Result<String, String> {
     start_throwaway_cluster()
 }
 
-fn postgres_bin(name: &str) -> Option<PathBuf> {
+pub fn postgres_bin(name: &str) -> Option<PathBuf> {
     let mut candidates: Vec<PathBuf> = std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).collect())
         .unwrap_or_default();
