@@ -55,6 +55,12 @@ pub enum Command {
     /// Permissions granted to an organization's principals (org admins), through the API.
     #[command(subcommand)]
     Grant(GrantCommand),
+    /// Print a completion script for a shell: `ekm completions bash > /etc/bash_completion.d/ekm`,
+    /// `ekm completions zsh > "${fpath[1]}/_ekm"`, `ekm completions fish > ~/.config/fish/completions/ekm.fish`.
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
     /// The platform master key: rotate it (on the database directly).
     #[command(subcommand, name = "master-key")]
     MasterKey(PlatformKeyCommand),

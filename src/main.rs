@@ -18,6 +18,12 @@ use crate::cli::{Cli, Command};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Completions { shell } = cli.command {
+        // Generated from the same definitions that parse the command line.
+        let mut command = <Cli as clap::CommandFactory>::command();
+        clap_complete::generate(shell, &mut command, "ekm", &mut std::io::stdout());
+        return ExitCode::SUCCESS;
+    }
     telemetry::init(cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -40,6 +46,7 @@ fn main() -> ExitCode {
             Command::Grant(command) => client::grant(command).await,
             Command::MasterKey(command) => jobs::master_key(command).await,
             Command::OperatorToken(command) => operator_token::operator_token(command).await,
+            Command::Completions { .. } => Ok(ExitCode::SUCCESS),
         }
     });
     match result {

@@ -350,3 +350,49 @@ fn serve_refuses_clearly_when_the_database_is_unreachable() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("cannot connect to the database"));
 }
+
+/// `ekm completions SHELL` prints a script generated from the command line's own
+/// definitions: every command and subcommand is in it, and bash reads the bash one.
+#[test]
+fn completions_name_every_command_when_printed_for_a_shell() {
+    for shell in ["bash", "zsh", "fish"] {
+        let output = Command::new(env!("CARGO_BIN_EXE_ekm"))
+            .args(["completions", shell])
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{shell}");
+        let script = String::from_utf8(output.stdout).unwrap();
+        for word in [
+            "serve",
+            "migrate",
+            "projections",
+            "audit",
+            "signing-key",
+            "verify",
+            "--public-key",
+            "org",
+            "token",
+            "grant",
+            "master-key",
+            "operator-token",
+        ] {
+            assert!(script.contains(word), "{shell} completions lack {word}");
+        }
+        if shell == "bash" {
+            let file = tempfile::NamedTempFile::new().unwrap();
+            std::fs::write(file.path(), &script).unwrap();
+            let parsed = Command::new("bash")
+                .arg("-n")
+                .arg(file.path())
+                .status()
+                .unwrap();
+            assert!(parsed.success(), "bash cannot read its completion script");
+        }
+    }
+    let unknown = Command::new(env!("CARGO_BIN_EXE_ekm"))
+        .args(["completions", "cmd.exe"])
+        .output()
+        .unwrap();
+    assert_eq!(unknown.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("possible values"));
+}
