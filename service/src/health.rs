@@ -20,7 +20,6 @@ use ekm_domain::{
     Actor, ActorKind, EventMetadata, KeyHealth, MasterKeyRef, ScopeId, UnavailableReason,
 };
 use ekm_kms::{FailureKind, Operation, ProviderError};
-use ekm_projections::ScopeSnapshot;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::watch;
 
@@ -45,6 +44,9 @@ pub struct HealthMonitor {
     prompted: HashMap<ScopeId, Instant>,
     /// Organizations whose check is running: not started again until it ends.
     running: HashSet<ScopeId>,
+    /// Organizations to check again as soon as their running check ends (an unwrap failed
+    /// meanwhile: the running check may have started before the customer's change).
+    again: HashSet<ScopeId>,
 }
 
 /// What probing an organization's customer key found, before it is judged.
@@ -54,7 +56,6 @@ enum Probe {
     /// It has no customer key (any outage it had is over).
     NoCustomerKey,
     Checked {
-        snapshot: Box<ScopeSnapshot>,
         master: MasterKeyRef,
         result: Result<(), ProviderError>,
     },
@@ -88,11 +89,7 @@ async fn probe(app: App, org: ScopeId, deadline: Duration) -> Result<Probe, AppE
                 format!("no answer within the check's deadline of {deadline:?}"),
             ))
         });
-    Ok(Probe::Checked {
-        snapshot: Box::new(snapshot),
-        master,
-        result,
-    })
+    Ok(Probe::Checked { master, result })
 }
 
 /// What one check found.
@@ -115,6 +112,7 @@ impl HealthMonitor {
             outages: HashMap::new(),
             prompted: HashMap::new(),
             running: HashSet::new(),
+            again: HashSet::new(),
         }
     }
 
@@ -164,7 +162,11 @@ impl HealthMonitor {
                         .is_some_and(|at| at.elapsed() < Duration::from_secs(1));
                     if !recent {
                         self.prompted.insert(org, Instant::now());
-                        self.start(org, &mut probes);
+                        if self.running.contains(&org) {
+                            self.again.insert(org);
+                        } else {
+                            self.start(org, &mut probes);
+                        }
                     }
                 }
                 Some((org, probed)) = probes.next(), if !probes.is_empty() => {
@@ -175,6 +177,9 @@ impl HealthMonitor {
                     };
                     if let Err(error) = judged {
                         tracing::warn!(org = %org, error = %ekm_projections::error_chain(&error), "key health check failed");
+                    }
+                    if self.again.remove(&org) {
+                        self.start(org, &mut probes);
                     }
                 }
                 changed = shutdown.changed() => {
@@ -194,17 +199,13 @@ impl HealthMonitor {
 
     /// Judges what a probe found and records a change of health.
     async fn judge(&mut self, org: ScopeId, probed: Probe) -> Result<Option<Verdict>, AppError> {
-        let (snapshot, master, result) = match probed {
+        let (master, result) = match probed {
             Probe::Nothing => return Ok(None),
             Probe::NoCustomerKey => {
                 self.outages.remove(&org);
                 return Ok(None);
             }
-            Probe::Checked {
-                snapshot,
-                master,
-                result,
-            } => (snapshot, master, result),
+            Probe::Checked { master, result, .. } => (master, result),
         };
         let verdict = match result {
             Ok(()) => {
@@ -243,16 +244,17 @@ impl HealthMonitor {
             },
         };
         // The verdict is about the key checked: if the organization switched keys meanwhile,
-        // it says nothing about the new one.
-        let still_current = self
+        // it says nothing about the new one. What it changes is judged against the
+        // organization as it is now (the probe's read may be seconds old, and another
+        // instance may have recorded a change meanwhile).
+        let Some(snapshot) = self
             .app
             .scope(org)
             .await?
-            .and_then(|s| s.scope.master_key)
-            .is_some_and(|current| current == master);
-        if !still_current {
+            .filter(|s| s.scope.master_key.as_ref() == Some(&master))
+        else {
             return Ok(None);
-        }
+        };
         self.app
             .db()
             .record_key_check(&org.to_string(), verdict.ok, &verdict.detail)

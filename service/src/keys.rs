@@ -203,6 +203,18 @@ impl KeyService {
         })
     }
 
+    /// Unwraps in flight or awaited, and failures remembered (both empty when idle): for tests
+    /// that the coalescing leaves nothing behind.
+    pub fn pending_slots(&self) -> (usize, usize) {
+        let inflight = self.inflight.lock().map_or(0, |m| m.len());
+        let failures = self.failures.lock().map_or(0, |m| {
+            m.values()
+                .filter(|(at, _)| at.elapsed() < NEGATIVE_TTL)
+                .count()
+        });
+        (inflight, failures)
+    }
+
     pub fn kms_options(&self) -> &KmsOptions {
         &self.kms
     }
@@ -257,6 +269,11 @@ impl KeyService {
         }
         if let Ok(mut org_keys) = self.org_keys.lock() {
             org_keys.retain(|(org, _, _), _| !scopes.contains(org));
+        }
+        // A failure remembered before the event (a key switched, re-enabled) says nothing
+        // about the key after it.
+        if let Ok(mut failures) = self.failures.lock() {
+            failures.retain(|(org, _, _), _| !scopes.contains(org));
         }
     }
 
@@ -435,16 +452,17 @@ impl KeyService {
             return Ok(key);
         }
         // Coalescing: one unwrap per slot at a time; who waited takes its outcome.
-        let gate = match self.inflight.lock() {
-            Ok(mut inflight) => inflight.entry(slot).or_default().clone(),
-            Err(_) => Arc::new(tokio::sync::Mutex::new(())),
-        };
-        let _turn = Turn {
+        // The turn holds the only clone of the gate besides the map's, so that its drop
+        // can tell whether anyone else holds or waits for it (dropped after `_held`).
+        let turn = Turn {
             keys: self,
             slot,
-            gate: gate.clone(),
+            gate: match self.inflight.lock() {
+                Ok(mut inflight) => inflight.entry(slot).or_default().clone(),
+                Err(_) => Arc::new(tokio::sync::Mutex::new(())),
+            },
         };
-        let _held = gate.lock().await;
+        let _held = turn.gate.lock().await;
         if let Some(key) = cached(self.ttl) {
             return Ok(key);
         }
@@ -502,7 +520,12 @@ impl KeyService {
             Err(error) => {
                 let _ = self.failed_tx.send(org);
                 if let Ok(mut failures) = self.failures.lock() {
-                    failures.insert(slot, (Instant::now(), error.clone()));
+                    // Only while nothing was evicted meanwhile (as for keys), and the map
+                    // keeps what is still fresh only.
+                    failures.retain(|_, (at, _)| at.elapsed() < NEGATIVE_TTL);
+                    if self.epoch.load(Ordering::SeqCst) == epoch {
+                        failures.insert(slot, (Instant::now(), error.clone()));
+                    }
                 }
                 if error.kind.is_transient() {
                     if let Some(key) = cached(self.ttl + self.kms.grace) {

@@ -31,7 +31,12 @@ impl App {
         if !self.inner().stalled.load(Ordering::Acquire) {
             return None;
         }
-        self.inner().stall.borrow().clone()
+        // Up, and the value not published yet (a moment): a stall all the same.
+        Some(self.inner().stall.borrow().clone().unwrap_or(Stall {
+            applied: self.projector().applied(),
+            head: self.projector().applied(),
+            behind: Duration::ZERO,
+        }))
     }
 
     /// Stalls as the watch task sees them: `Some` while stalled.
@@ -98,10 +103,11 @@ impl App {
     }
 
     fn set_stall(&self, stall: Option<Stall>) {
-        let now = stall.is_some();
-        // The value first, then the flag: a request that sees the flag finds the value.
+        // The flag is what the data plane reads; it changes first, and the value is published
+        // after, so that whoever is told of a stall, or of its end, finds the data plane
+        // already acting on it (`projections_stall` follows the flag).
+        let was = self.inner().stalled.swap(stall.is_some(), Ordering::AcqRel);
         self.inner().stall.send_replace(stall.clone());
-        let was = self.inner().stalled.swap(now, Ordering::AcqRel);
         match (&stall, was) {
             (Some(s), false) => tracing::error!(
                 applied = s.applied,

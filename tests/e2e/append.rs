@@ -236,7 +236,8 @@ async fn pool_write_is_committed_when_an_earlier_begin_was_cancelled_in_flight()
         .unwrap();
     let (mut cancelled, mut written) = (0, 0);
     while cancelled < 3 {
-        assert!(written < 100, "BEGIN was answered at once every time");
+        // Under load the answer may be read at the first poll more often: try more.
+        assert!(written < 1000, "BEGIN was answered at once every time");
         let mut conn = pool.acquire().await.unwrap();
         {
             // BEGIN is sent on the first poll; its answer is (almost always) not read yet.

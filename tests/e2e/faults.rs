@@ -9,6 +9,20 @@ use crate::audit::{drop_immutability, exec};
 use crate::harness::{encrypt, Backend, Options, TestApp};
 use crate::on_both_backends;
 
+/// Waits until `app`'s watch reports a stall that covers `position`: not one left over from
+/// the set-up (an instance hears of another's commands through NOTIFY or a 500 ms poll, and
+/// the bound in these tests is 300 ms).
+async fn stall_covering(app: &TestApp, position: i64) {
+    let mut stall = app.app.subscribe_stall();
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        stall.wait_for(|s| s.as_ref().is_some_and(|s| s.head >= position)),
+    )
+    .await
+    .expect("the watch reports the runner behind within the bound")
+    .unwrap();
+}
+
 /// Reproduced from the issue: one event the runner cannot decode stops it, and a pause
 /// committed after that event never reaches the in-memory tree the data plane answers
 /// from. Past `--max-projection-lag` the data plane refuses (503 `unavailable`, with
@@ -43,7 +57,6 @@ async fn data_plane_fails_closed_when_the_projector_is_stuck_on_an_event(backend
         ),
     )
     .await;
-    let mut stall = app.app.subscribe_stall();
     // A pause committed after it: the tree never hears of it while the runner is stuck.
     let pause = app
         .post(
@@ -53,10 +66,8 @@ async fn data_plane_fails_closed_when_the_projector_is_stuck_on_an_event(backend
         )
         .await;
     assert_ne!(pause.status, 500, "{}", pause.body);
-    tokio::time::timeout(Duration::from_secs(30), stall.wait_for(Option::is_some))
-        .await
-        .expect("the watch sees the runner stuck within the bound")
-        .unwrap();
+    stall_covering(&app, app.db.committed_head().await.unwrap()).await;
+    let mut stall = app.app.subscribe_stall();
 
     // Fail closed: no encryption anywhere, and not ready.
     for scope in [&paused, &other] {
@@ -127,12 +138,8 @@ async fn another_instance_refuses_rather_than_miss_a_pause_when_the_projector_is
         ),
     )
     .await;
-    let mut stall = b.app.subscribe_stall();
     assert_eq!(a.pause(&admin, &thread).await.status, 200);
-    tokio::time::timeout(Duration::from_secs(30), stall.wait_for(Option::is_some))
-        .await
-        .expect("B's watch sees its runner stuck within the bound")
-        .unwrap();
+    stall_covering(&b, a.db.committed_head().await.unwrap()).await;
     encrypt(&b, &admin, &thread, b"x", "messages")
         .await
         .assert_problem(503, "unavailable");
@@ -170,12 +177,9 @@ async fn another_instance_refuses_when_an_open_transaction_hides_a_pause_from_it
         .execute(&mut *open)
         .await
         .unwrap();
-    let mut stall = b.app.subscribe_stall();
     assert_eq!(a.pause(&admin, &thread).await.status, 200);
-    tokio::time::timeout(Duration::from_secs(30), stall.wait_for(Option::is_some))
-        .await
-        .expect("B's watch sees the committed pause unreached within the bound")
-        .unwrap();
+    stall_covering(&b, a.db.committed_head().await.unwrap()).await;
+    let mut stall = b.app.subscribe_stall();
     encrypt(&b, &admin, &thread, b"x", "messages")
         .await
         .assert_problem(503, "unavailable");

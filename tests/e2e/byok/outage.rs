@@ -252,6 +252,11 @@ async fn concurrent_misses_call_the_kms_once_when_it_is_slow_or_failing(backend:
         1,
         "one unwrap for 16 misses"
     );
+    assert_eq!(
+        app.app.keys().pending_slots(),
+        (0, 0),
+        "nothing left in flight"
+    );
 
     // A KMS that refuses: 16 requests at once, one Decrypt, all refused.
     faults.clear();
@@ -268,6 +273,11 @@ async fn concurrent_misses_call_the_kms_once_when_it_is_slow_or_failing(backend:
         1,
         "the failure answers the other 15 from the negative cache"
     );
+    assert_eq!(
+        app.app.keys().pending_slots().0,
+        0,
+        "nothing left in flight"
+    );
 }
 on_both_backends!(concurrent_misses_call_the_kms_once_when_it_is_slow_or_failing);
 
@@ -280,15 +290,14 @@ async fn a_slow_customer_kms_delays_no_other_organizations_health_check(backend:
     let slow_key = moto.create_key().await;
     let fast_key = moto.create_key().await;
     let (proxy, faults) = aws_fault_proxy(&moto.url).await;
-    let app = TestApp::spawn_with(
-        backend,
-        options(
-            aws_environment(),
-            Duration::from_secs(60),
-            Duration::from_secs(300),
-        ),
-    )
-    .await;
+    // Each KMS call may take 20 s: only the check's own deadline (10 s) cuts the slow one.
+    let mut slow_calls = options(
+        aws_environment(),
+        Duration::from_secs(60),
+        Duration::from_secs(300),
+    );
+    slow_calls.kms.settings.timeout = Duration::from_secs(20);
+    let app = TestApp::spawn_with(backend, slow_calls).await;
     let (slow_org, slow_token) = enterprise_org(&app).await;
     let (fast_org, fast_token) = enterprise_org(&app).await;
     let fast_thread = app.scope(&fast_token, "thread", "t", &fast_org).await;
