@@ -222,31 +222,8 @@ impl Tokens {
         .map(|_| ())
     }
 
-    /// The organization's tokens, newest first.
-    pub async fn list(&self, org_id: OrgId) -> Result<Vec<TokenInfo>, StoreError> {
-        let sql = "SELECT id, principal, principal_kind, role, created_at, expires_at, revoked_at \
-                   FROM tokens WHERE org_id = $1 ORDER BY created_at DESC, id DESC";
-        let rows: Vec<TokenRow> = with_read_pool!(&self.db, pool => {
-            sqlx::query_as(sql).bind(org_id.to_string()).fetch_all(pool).await?
-        });
-        Ok(rows
-            .into_iter()
-            .map(
-                |(id, principal, kind, role, created_at, expires_at, revoked_at)| TokenInfo {
-                    principal: principal.unwrap_or_else(|| id.clone()),
-                    id,
-                    kind: kind.unwrap_or_else(|| "user".into()),
-                    role,
-                    created_at,
-                    expires_at,
-                    revoked_at,
-                },
-            )
-            .collect())
-    }
-
-    /// One page of `list`: the tokens after `after` (the last page's `(created_at, id)`) in
-    /// the same order, at most `limit`.
+    /// A page of the organization's tokens, newest first: those after `after` (the last
+    /// page's `(created_at, id)`), at most `limit`.
     pub async fn list_page(
         &self,
         org_id: OrgId,
@@ -398,20 +375,8 @@ impl Tokens {
             .collect())
     }
 
-    /// Every grant of an organization.
-    pub async fn grants(&self, org: OrgId) -> Result<Vec<Grant>, StoreError> {
-        let sql = "SELECT principal, permission, scope_id FROM grants_view \
-                   WHERE org_id = $1 ORDER BY principal, permission, granted_position";
-        let rows: Vec<(String, String, String)> = with_read_pool!(&self.db, pool => {
-            sqlx::query_as(sql).bind(org.to_string()).fetch_all(pool).await?
-        });
-        Ok(rows
-            .into_iter()
-            .filter_map(|r| parse_grant(&r.0, &r.1, &r.2))
-            .collect())
-    }
-
-    /// One page of `grants`, each with its sort key (principal and permission as stored,
+    /// A page of an organization's grants, by principal, permission and when granted, each
+    /// with its sort key (principal and permission as stored,
     /// `granted_position`; `None` for a row that does not parse, which still counts for the
     /// page, so that the page's end is told right): those after `after` (the last
     /// page's `(principal, permission, granted_position)`) in the same order, at most `limit`.

@@ -1,8 +1,6 @@
 //! The audit log as compliance auditors use it: who did what, when, why; filters; exports;
 //! and a hash chain that catches tampering with the stored events.
 
-use std::process::Command;
-
 use ekm_store::Db;
 use serde_json::{json, Value};
 
@@ -280,15 +278,10 @@ async fn export_streams_jsonl_and_csv_when_asked_by_format(backend: Backend) {
 on_both_backends!(export_streams_jsonl_and_csv_when_asked_by_format);
 
 fn ekm_verify(test_app: &TestApp, org: &str) -> (bool, String) {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_ekm"));
-    command
-        .args(["audit", "verify", "--org", org])
-        .arg("--data-dir")
-        .arg(test_app.data_dir());
-    if let Some(url) = test_app.database_url() {
-        command.args(["--database-url", url]);
-    }
-    let output = command.output().unwrap();
+    let output = test_app
+        .ekm(&["audit", "verify", "--org", org])
+        .output()
+        .unwrap();
     (
         output.status.success(),
         String::from_utf8_lossy(&output.stdout).to_string(),
@@ -417,15 +410,10 @@ async fn verify_reports_altered_when_a_payload_is_edited_and_cli_exports(backend
     // sealed (a process of its own cannot catch the server's projections up): let the
     // server seal the pause first.
     app.app.refresh().await.unwrap();
-    let mut command = Command::new(env!("CARGO_BIN_EXE_ekm"));
-    command
-        .args(["audit", "export", "--org", &org, "--format", "jsonl"])
-        .arg("--data-dir")
-        .arg(app.data_dir());
-    if let Some(url) = app.database_url() {
-        command.args(["--database-url", url]);
-    }
-    let output = command.output().unwrap();
+    let output = app
+        .ekm(&["audit", "export", "--org", &org, "--format", "jsonl"])
+        .output()
+        .unwrap();
     assert!(
         output.status.success(),
         "{}",

@@ -44,6 +44,19 @@ fn python_verify_file(file: &Path, key: &Path) -> (bool, Value) {
     run_verifier(command, file, key)
 }
 
+/// The body of `GET /v1/audit/export?QUERY`, answered 200.
+async fn export_text(app: &TestApp, token: &str, query: &str) -> String {
+    let response = app
+        .client
+        .get(format!("{}/v1/audit/export{query}", app.base))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    response.text().await.unwrap()
+}
+
 /// Both verifiers on one file: they must agree, and the answer is (ok, line, problem).
 fn verify_both(file: &Path, key: &Path) -> (bool, u64, String) {
     let (ok, rust) = ekm_verify_file(file, key);
@@ -109,15 +122,7 @@ async fn signed_export_verifies_offline_and_names_the_first_tampered_line(backen
     // The export: a header, 8 entries (organization, team, 3 pauses, 3 resumes), each with
     // its seal, and the final signed checkpoint.
     app.app.refresh().await.unwrap();
-    let response = app
-        .client
-        .get(format!("{}/v1/audit/export?format=jsonl", app.base))
-        .bearer_auth(&admin)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), 200);
-    let text = response.text().await.unwrap();
+    let text = export_text(&app, &admin, "?format=jsonl").await;
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 10, "{text}");
     let parsed: Vec<Value> = lines
@@ -225,15 +230,10 @@ async fn signed_export_verifies_offline_and_names_the_first_tampered_line(backen
     assert_eq!(verify_both(&intact, &other), (false, 1, "wrong_key".into()));
 
     // The CLI's export of the same organization verifies with the same key.
-    let mut command = Command::new(env!("CARGO_BIN_EXE_ekm"));
-    command
-        .args(["audit", "export", "--org", &org])
-        .arg("--data-dir")
-        .arg(app.data_dir());
-    if let Some(url) = app.database_url() {
-        command.args(["--database-url", url]);
-    }
-    let output = command.output().unwrap();
+    let output = app
+        .ekm(&["audit", "export", "--org", &org])
+        .output()
+        .unwrap();
     assert!(
         output.status.success(),
         "{}",
@@ -259,16 +259,7 @@ async fn long_export_is_checkpointed_and_a_recomputed_chain_fails_its_signature(
         app.scope(&admin, "thread", &format!("t{i}"), &team).await;
     }
     app.app.refresh().await.unwrap();
-    let text = app
-        .client
-        .get(format!("{}/v1/audit/export?scope={team}", app.base))
-        .bearer_auth(&admin)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = export_text(&app, &admin, &format!("?scope={team}")).await;
     let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
     // Header, the team and its 130 threads, a checkpoint at line 101, the final one.
     assert_eq!(lines.len(), 1 + 131 + 2);
@@ -328,21 +319,13 @@ on_both_backends!(long_export_is_checkpointed_and_a_recomputed_chain_fails_its_s
 async fn serve_refuses_another_signing_key_when_the_database_has_one(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     let other = app.data_dir().join("other-signing.key");
-    let mut command = Command::new(env!("CARGO_BIN_EXE_ekm"));
-    command
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--audit-signing-key-file",
-        ])
-        .arg(&other)
-        .arg("--data-dir")
-        .arg(app.data_dir())
-        .env_remove("EKM_DATABASE_URL");
-    if let Some(url) = app.database_url() {
-        command.args(["--database-url", url]);
-    }
+    let command = app.ekm(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--audit-signing-key-file",
+        other.to_str().unwrap(),
+    ]);
     let refused = crate::tamper::exits_within(command, std::time::Duration::from_secs(60));
     assert!(!refused.status.success());
     let stderr = String::from_utf8_lossy(&refused.stderr);
@@ -366,33 +349,13 @@ async fn rotated_signing_key_keeps_old_exports_verifiable_and_refuses_the_old_fi
     let old_key = crate::harness::signing_key(app.data_dir());
     let old_pub = dir.path().join("old.pub");
     std::fs::write(&old_pub, old_key.public_key_base64()).unwrap();
-    let export = app
-        .client
-        .get(format!("{}/v1/audit/export", app.base))
-        .bearer_auth(&admin)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let export = export_text(&app, &admin, "").await;
     let old_export = dir.path().join("before.jsonl");
     std::fs::write(&old_export, export).unwrap();
     let key_file = app.data_dir().join(ekm_keys::AUDIT_SIGNING_KEY_FILE);
     let old_seed = std::fs::read_to_string(&key_file).unwrap();
 
-    let ekm = |args: &[&str]| {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_ekm"));
-        command
-            .args(args)
-            .arg("--data-dir")
-            .arg(app.data_dir())
-            .env_remove("EKM_DATABASE_URL");
-        if let Some(url) = app.database_url() {
-            command.args(["--database-url", url]);
-        }
-        command.output().unwrap()
-    };
+    let ekm = |args: &[&str]| app.ekm(args).output().unwrap();
     let rotated = ekm(&["audit", "signing-key", "--rotate"]);
     assert!(
         rotated.status.success(),

@@ -23,6 +23,55 @@ async fn stall_covering(app: &TestApp, position: i64) {
     .unwrap();
 }
 
+/// An event the runner cannot decode, written straight into the log (as someone with write
+/// access to the database could, or a bug).
+async fn insert_undecodable_event(db: &ekm_store::Db, scope: &str) {
+    exec(
+        db,
+        &format!(
+            "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, \
+             event_version, payload, metadata) VALUES ('scope', '{scope}', 9999, 'ScopePaused', \
+             '1', '{{\"NoSuchEvent\": 1}}', '{{}}')"
+        ),
+    )
+    .await;
+}
+
+/// Instances A and B on one PostgreSQL database, B with a bound of 300 ms; an organization
+/// whose admin holds `data:use`, a thread under a team, and B's key cache warm for it.
+struct Peers {
+    a: TestApp,
+    b: TestApp,
+    admin: String,
+    team: String,
+    thread: String,
+}
+
+async fn peers_with_a_warm_thread() -> Peers {
+    let a = TestApp::spawn(Backend::Postgres).await;
+    let b = a
+        .peer_with(Options {
+            max_projection_lag: Duration::from_millis(300),
+            ..Options::default()
+        })
+        .await;
+    let (org, admin) = a.data_org("enterprise", "managed").await;
+    let team = a.scope(&admin, "team", "research", &org).await;
+    let thread = a.scope(&admin, "thread", "t", &team).await;
+    b.app.refresh().await.unwrap();
+    assert_eq!(
+        encrypt(&b, &admin, &thread, b"x", "messages").await.status,
+        200
+    );
+    Peers {
+        a,
+        b,
+        admin,
+        team,
+        thread,
+    }
+}
+
 /// Reproduced from the issue: one event the runner cannot decode stops it, and a pause
 /// committed after that event never reaches the in-memory tree the data plane answers
 /// from. Past `--max-projection-lag` the data plane refuses (503 `unavailable`, with
@@ -48,15 +97,7 @@ async fn data_plane_fails_closed_when_the_projector_is_stuck_on_an_event(backend
     assert_eq!(app.call("GET", "/readyz", None, None).await.status, 200);
 
     // An event the runner cannot decode, written straight into the log.
-    exec(
-        &app.db,
-        &format!(
-            "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, \
-             event_version, payload, metadata) VALUES ('scope', '{team}', 9999, 'ScopePaused', \
-             '1', '{{\"NoSuchEvent\": 1}}', '{{}}')"
-        ),
-    )
-    .await;
+    insert_undecodable_event(&app.db, &team).await;
     // A pause committed after it: the tree never hears of it while the runner is stuck.
     let pause = app
         .post(
@@ -112,32 +153,15 @@ on_both_backends!(data_plane_fails_closed_when_the_projector_is_stuck_on_an_even
 /// bound.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_instance_refuses_rather_than_miss_a_pause_when_the_projector_is_stuck() {
-    let a = TestApp::spawn(Backend::Postgres).await;
-    let b = a
-        .peer_with(Options {
-            max_projection_lag: Duration::from_millis(300),
-            ..Options::default()
-        })
-        .await;
-    let (org, admin) = a.data_org("enterprise", "managed").await;
-    let team = a.scope(&admin, "team", "research", &org).await;
-    let thread = a.scope(&admin, "thread", "t", &team).await;
-    b.app.refresh().await.unwrap();
-    // B's key cache is warm for the thread.
-    assert_eq!(
-        encrypt(&b, &admin, &thread, b"x", "messages").await.status,
-        200
-    );
+    let Peers {
+        a,
+        b,
+        admin,
+        team,
+        thread,
+    } = peers_with_a_warm_thread().await;
 
-    exec(
-        &a.db,
-        &format!(
-            "INSERT INTO events (aggregate_type, aggregate_id, sequence, event_type, \
-             event_version, payload, metadata) VALUES ('scope', '{team}', 9999, 'ScopePaused', \
-             '1', '{{\"NoSuchEvent\": 1}}', '{{}}')"
-        ),
-    )
-    .await;
+    insert_undecodable_event(&a.db, &team).await;
     assert_eq!(a.pause(&admin, &thread).await.status, 200);
     stall_covering(&b, a.db.committed_head().await.unwrap()).await;
     encrypt(&b, &admin, &thread, b"x", "messages")
@@ -154,20 +178,13 @@ async fn another_instance_refuses_rather_than_miss_a_pause_when_the_projector_is
 /// holds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_instance_refuses_when_an_open_transaction_hides_a_pause_from_its_runner() {
-    let a = TestApp::spawn(Backend::Postgres).await;
-    let b = a
-        .peer_with(Options {
-            max_projection_lag: Duration::from_millis(300),
-            ..Options::default()
-        })
-        .await;
-    let (org, admin) = a.data_org("enterprise", "managed").await;
-    let thread = a.scope(&admin, "thread", "t", &org).await;
-    b.app.refresh().await.unwrap();
-    assert_eq!(
-        encrypt(&b, &admin, &thread, b"x", "messages").await.status,
-        200
-    );
+    let Peers {
+        a,
+        b,
+        admin,
+        thread,
+        ..
+    } = peers_with_a_warm_thread().await;
 
     let ekm_store::Db::Postgres(pg) = &a.db else {
         unreachable!("PostgreSQL")

@@ -4,39 +4,21 @@
 //! the database URL, and refuses a server whose certificate another CA signed or that names
 //! another host.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use ekm_store::{Db, DbConfig};
 
-use crate::harness::{free_port, postgres_bin};
+use crate::harness::{free_port, give_to_postgres, postgres_bin, run_postgres_tool};
 
 /// A TLS-only PostgreSQL cluster in a temporary directory, stopped on drop.
 struct TlsCluster {
     dir: tempfile::TempDir,
     pg_ctl: PathBuf,
-    as_root: bool,
     port: u16,
     /// The CA that signed the server's certificate (PEM file).
     ca: PathBuf,
-}
-
-fn run(as_root: bool, program: &Path, args: &[&str]) {
-    let mut command = if as_root {
-        let mut c = Command::new("runuser");
-        c.args(["-u", "postgres", "--"]).arg(program);
-        c
-    } else {
-        Command::new(program)
-    };
-    let output = command.args(args).output().expect("run");
-    assert!(
-        output.status.success(),
-        "{} failed: {}",
-        program.display(),
-        String::from_utf8_lossy(&output.stderr)
-    );
 }
 
 /// A CA, and a server certificate it signed for `host`: (CA PEM, certificate PEM, key PEM).
@@ -57,22 +39,11 @@ impl TlsCluster {
     fn start() -> TlsCluster {
         let initdb = postgres_bin("initdb").expect("initdb installed");
         let pg_ctl = postgres_bin("pg_ctl").expect("pg_ctl installed");
-        let as_root = Command::new("id")
-            .arg("-u")
-            .output()
-            .is_ok_and(|o| o.stdout == b"0\n");
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
-        if as_root {
-            Command::new("chown")
-                .args(["-R", "postgres"])
-                .arg(dir.path())
-                .status()
-                .unwrap();
-        }
+        give_to_postgres(dir.path()).unwrap();
         let data_text = data.to_string_lossy().to_string();
-        run(
-            as_root,
+        run_postgres_tool(
             &initdb,
             &[
                 "-D",
@@ -82,7 +53,8 @@ impl TlsCluster {
                 "--auth=trust",
                 "--no-sync",
             ],
-        );
+        )
+        .unwrap();
         let (ca, cert, key) = certificates("localhost");
         let ca_file = dir.path().join("ca.pem");
         std::fs::write(&ca_file, ca).unwrap();
@@ -101,13 +73,7 @@ impl TlsCluster {
              hostnossl all all 127.0.0.1/32 reject\n",
         )
         .unwrap();
-        if as_root {
-            Command::new("chown")
-                .args(["-R", "postgres"])
-                .arg(&data)
-                .status()
-                .unwrap();
-        }
+        give_to_postgres(&data).unwrap();
         let port = free_port();
         let options = format!(
             "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c ssl=on \
@@ -115,15 +81,14 @@ impl TlsCluster {
             dir.path().display()
         );
         let log = dir.path().join("log").to_string_lossy().to_string();
-        run(
-            as_root,
+        run_postgres_tool(
             &pg_ctl,
             &["-D", &data_text, "-o", &options, "-w", "-l", &log, "start"],
-        );
+        )
+        .unwrap();
         TlsCluster {
             dir,
             pg_ctl,
-            as_root,
             port,
             ca: ca_file,
         }
@@ -144,18 +109,7 @@ impl TlsCluster {
 impl Drop for TlsCluster {
     fn drop(&mut self) {
         let data = self.dir.path().join("data").to_string_lossy().to_string();
-        let mut command = if self.as_root {
-            let mut c = Command::new("runuser");
-            c.args(["-u", "postgres", "--"]).arg(&self.pg_ctl);
-            c
-        } else {
-            Command::new(&self.pg_ctl)
-        };
-        let _ = command
-            .args(["-D", &data, "-m", "immediate", "stop"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
+        let _ = run_postgres_tool(&self.pg_ctl, &["-D", &data, "-m", "immediate", "stop"]);
     }
 }
 

@@ -202,6 +202,21 @@ impl TestApp {
         self.url.as_deref()
     }
 
+    /// `ekm ARGS` on this instance's database: its data directory, and its PostgreSQL URL
+    /// when it has one (never the environment's).
+    pub fn ekm(&self, args: &[&str]) -> std::process::Command {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_ekm"));
+        command
+            .args(args)
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .env_remove("EKM_DATABASE_URL");
+        if let Some(url) = self.database_url() {
+            command.args(["--database-url", url]);
+        }
+        command
+    }
+
     pub async fn call(
         &self,
         method: &str,

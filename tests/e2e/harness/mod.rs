@@ -81,6 +81,50 @@ pub fn postgres_bin(name: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// Whether the tests run as root: initdb refuses to, so clusters then belong to the
+/// `postgres` user.
+fn running_as_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| o.stdout == b"0\n")
+        .unwrap_or(false)
+}
+
+/// Runs a PostgreSQL tool (initdb, pg_ctl) as the clusters' owner: ourselves, or
+/// `postgres` (via runuser) when running as root.
+pub fn run_postgres_tool(program: &Path, args: &[&str]) -> Result<(), String> {
+    let mut command = if running_as_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(program);
+        c
+    } else {
+        Command::new(program)
+    };
+    let output = command.args(args).output().map_err(|e| e.to_string())?;
+    if output.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} failed: {}",
+            program.display(),
+            String::from_utf8_lossy(&output.stderr)
+        ))
+    }
+}
+
+/// Gives `path` (recursively) to the clusters' owner when running as root.
+pub fn give_to_postgres(path: &Path) -> Result<(), String> {
+    if running_as_root() {
+        Command::new("chown")
+            .args(["-R", "postgres"])
+            .arg(path)
+            .status()
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
 /// initdb + pg_ctl in a fixed directory under the temporary directory, on a free port.
 /// The cluster is left running when the tests end and reused by the next run, so at most
 /// one such cluster ever exists. initdb refuses to run as root, so as root the cluster
@@ -98,41 +142,11 @@ fn start_throwaway_cluster() -> Result<String, String> {
             return Ok(url);
         }
     }
-    let as_root = Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| o.stdout == b"0\n")
-        .unwrap_or(false);
-    let run = |program: &Path, args: &[&str]| -> Result<(), String> {
-        let mut command = if as_root {
-            let mut c = Command::new("runuser");
-            c.args(["-u", "postgres", "--"]).arg(program);
-            c
-        } else {
-            Command::new(program)
-        };
-        let output = command.args(args).output().map_err(|e| e.to_string())?;
-        if output.status.success() {
-            Ok(())
-        } else {
-            Err(format!(
-                "{} failed: {}",
-                program.display(),
-                String::from_utf8_lossy(&output.stderr)
-            ))
-        }
-    };
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
-    if as_root {
-        Command::new("chown")
-            .args(["-R", "postgres"])
-            .arg(&dir)
-            .status()
-            .map_err(|e| e.to_string())?;
-    }
+    give_to_postgres(&dir)?;
     let data_str = data.to_string_lossy().to_string();
-    run(
+    run_postgres_tool(
         &initdb,
         &[
             "-D",
@@ -149,7 +163,7 @@ fn start_throwaway_cluster() -> Result<String, String> {
         dir.display()
     );
     let log = format!("{}/log", dir.display());
-    run(
+    run_postgres_tool(
         &pg_ctl,
         &["-D", &data_str, "-o", &options, "-w", "-l", &log, "start"],
     )?;

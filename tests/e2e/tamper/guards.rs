@@ -177,33 +177,30 @@ async fn serve_refuses_another_audit_key_when_the_database_is_sealed(backend: Ba
     let app = TestApp::spawn(backend).await;
     let (org, _) = app.org("enterprise").await;
     let other = app.data_dir().join("other-audit.key");
-    let mut command = Command::new(env!("CARGO_BIN_EXE_ekm"));
-    command
-        .args(["serve", "--listen", "127.0.0.1:0", "--audit-key-file"])
-        .arg(&other)
-        .arg("--data-dir")
-        .arg(app.data_dir())
-        .env_remove("EKM_DATABASE_URL");
-    if let Some(url) = app.database_url() {
-        command.args(["--database-url", url]);
-    }
+    let command = app.ekm(&[
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--audit-key-file",
+        other.to_str().unwrap(),
+    ]);
     let refused = exits_within(command, std::time::Duration::from_secs(60));
     assert!(!refused.status.success());
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(stderr.contains("same audit.key"), "{stderr}");
 
     // An auditor with that key is told so, rather than shown every entry as altered.
-    let mut verify = Command::new(env!("CARGO_BIN_EXE_ekm"));
-    verify
-        .args(["audit", "verify", "--org", &org, "--audit-key-file"])
-        .arg(&other)
-        .arg("--data-dir")
-        .arg(app.data_dir())
-        .env_remove("EKM_DATABASE_URL");
-    if let Some(url) = app.database_url() {
-        verify.args(["--database-url", url]);
-    }
-    let output = verify.output().unwrap();
+    let output = app
+        .ekm(&[
+            "audit",
+            "verify",
+            "--org",
+            &org,
+            "--audit-key-file",
+            other.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("same audit.key"), "{stderr}");
