@@ -81,7 +81,15 @@ pub struct ProjectorConfig {
     /// are durable already; a batch lost in a crash, rows and checkpoint together, is
     /// applied again (ADR 0020).
     pub async_commit: bool,
+    /// After a commit of this instance wakes the background loop, how long it lets further
+    /// commits arrive before it applies them in one batch (`COMMIT_WINDOW`).
+    pub commit_window: Duration,
 }
+
+/// Under a stream of commands the background loop would otherwise run one batch of about
+/// ten statements per two or three commands; waiting this long after a wake makes it one
+/// batch per window (BENCHMARKS.md, "Group commit"). The answers never wait for it.
+pub const COMMIT_WINDOW: Duration = Duration::from_millis(20);
 
 impl Default for ProjectorConfig {
     fn default() -> Self {
@@ -90,6 +98,20 @@ impl Default for ProjectorConfig {
             poll_interval: Duration::from_millis(500),
             bulk_copy: false,
             async_commit: false,
+            commit_window: COMMIT_WINDOW,
+        }
+    }
+}
+
+/// SQLite's writer connection while it commits without an fsync (`synchronous = NORMAL`):
+/// dropped before it is taken back out, it closes the connection (the pool opens a new one,
+/// at FULL), so no command is ever acknowledged on a connection left at NORMAL.
+struct Unsynced(Option<sqlx::pool::PoolConnection<sqlx::Sqlite>>);
+
+impl Drop for Unsynced {
+    fn drop(&mut self) {
+        if let Some(conn) = self.0.take() {
+            drop(conn.detach());
         }
     }
 }
@@ -475,24 +497,26 @@ impl Projector {
                 // The batch without an fsync of its own (`synchronous = NORMAL`: a power cut
                 // may take back the last batches, rows and checkpoint together, never a
                 // command's events), then FULL again before the connection serves anyone.
+                // Until then the connection is held by `Unsynced`: if this future is dropped
+                // half-way (a `catch_up_to` whose request went away), the connection is
+                // closed, not handed back to commit commands without an fsync.
+                let mut held = Unsynced(None);
+                let writer = held.0.insert(conn);
                 sqlx::query("PRAGMA synchronous = NORMAL")
-                    .execute(&mut *conn)
+                    .execute(&mut **writer)
                     .await?;
                 let applied = async {
-                    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+                    let mut tx = sqlx::Connection::begin(&mut **writer).await?;
                     let (batch, reached) = sqlite_batch(self, &mut tx, events).await?;
                     tx.commit().await?;
                     Ok::<_, ProjectionError>((batch, reached))
                 }
                 .await;
-                if let Err(error) = sqlx::query("PRAGMA synchronous = FULL")
-                    .execute(&mut *conn)
-                    .await
-                {
-                    // Never hand a connection that would commit commands without an fsync.
-                    let _ = conn.detach();
-                    return Err(error.into());
-                }
+                sqlx::query("PRAGMA synchronous = FULL")
+                    .execute(&mut **writer)
+                    .await?;
+                // FULL again: the connection may go back to the pool.
+                drop(held.0.take());
                 let (batch, reached) = applied?;
                 Ok(self.record(batch, reached))
             }
@@ -559,7 +583,16 @@ impl Projector {
                 self.config.poll_interval
             };
             tokio::select! {
-                _ = self.wake.notified() => {}
+                _ = self.wake.notified() => {
+                    // Woken by this instance's own commit: let the commits arriving with it
+                    // land first, so that one batch (about ten statements) covers them all.
+                    // No answer waits on this loop (commands answer from memory or catch up
+                    // themselves, and so do the reads served from SQL), so the window costs
+                    // no request any time; it only delays the background work.
+                    if !self.config.commit_window.is_zero() {
+                        tokio::time::sleep(self.config.commit_window).await;
+                    }
+                }
                 _ = tokio::time::sleep(pause) => {
                     if listener.is_none() {
                         listener = self.listen().await;

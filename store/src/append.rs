@@ -9,8 +9,21 @@
 //!
 //! The events are the transaction's first write: on PostgreSQL their positions derive from
 //! the transaction's id (migration 0013), which must be taken after the aggregate was loaded.
+//!
+//! Group commit (ADR 0024): concurrent commands share one durable commit. Each append joins
+//! a queue; a flush task takes what is queued (at most one command per aggregate, bounded
+//! in size) and writes it together: on PostgreSQL the events-only appends as one `INSERT`
+//! (one statement, one WAL flush, for all of them), on SQLite every append inside one
+//! transaction (one fsync for all of them; an append with key material in a savepoint of
+//! its own). Every command
+//! still gets its own answer: committed, conflict, keys raced or its error. A command is
+//! answered only after the commit that holds it, so an acknowledged command is as durable
+//! as before; a batch that fails as a whole is tried again command by command when nothing
+//! of it can have committed, so one bad command never fails its neighbours.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
@@ -18,8 +31,9 @@ use cqrs_es::DomainEvent;
 use ekm_domain::ScopeEvent;
 
 use sqlx::Row;
+use tokio::sync::oneshot;
 
-use crate::db::Db;
+use crate::db::{Db, PostgresDb, SqliteDb};
 use crate::error::StoreError;
 use crate::event_log::{
     decode_event, pg_recorded_at, sqlite_recorded_at, StoredEvent, SELECT_EVENTS,
@@ -29,7 +43,7 @@ use crate::time::now_micros;
 use crate::wrapping_keys::{WrappingKeyRow, INSERT_WRAPPING};
 
 /// The key material a command made, stored with its events.
-#[derive(Debug, Default)]
+#[derive(Clone, Debug, Default)]
 pub struct KeyWrites {
     /// A new first epoch of the scope's wrapping key, and the platform key that wraps it
     /// (refused if that key was rotated away meanwhile).
@@ -199,10 +213,538 @@ macro_rules! append_body {
     }};
 }
 
+/// One command's append, waiting in the group queue.
+struct Pending {
+    aggregate_id: String,
+    after: i64,
+    events: Vec<ScopeEvent>,
+    metadata: HashMap<String, String>,
+    keys: KeyWrites,
+    reply: oneshot::Sender<Result<Appended, StoreError>>,
+}
+
+/// The most commands one group commit holds.
+const GROUP_COMMANDS: usize = 128;
+/// The most events one group commit holds (PostgreSQL: 6 parameters each, below the
+/// protocol's 65,535; and below migration 0013's 8,192 events per transaction).
+const GROUP_EVENTS: usize = 2048;
+
+/// The queue of appends waiting for a group commit, and its flush tasks.
+#[derive(Debug)]
+pub struct GroupCommit {
+    queue: Mutex<VecDeque<Pending>>,
+    /// Flush tasks running.
+    flushing: AtomicUsize,
+    /// How many may run at once (one on both backends: SQLite has one writer connection,
+    /// and on PostgreSQL one measured best, `PG_FLUSHERS`).
+    flushers: usize,
+    /// Batches taken so far (`Db::group_batches`).
+    batches: tokio::sync::watch::Sender<u64>,
+}
+
+/// A flush slot: claimed before its task is spawned, given back when the task ends, however
+/// it ends. A task that ends by panicking hands what is still queued to a new flush, so
+/// that appends queued behind its batch are written all the same.
+struct Slot {
+    group: Arc<GroupCommit>,
+    db: Db,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.group.flushing.fetch_sub(1, Ordering::AcqRel);
+        if std::thread::panicking() && !self.group.queue().is_empty() {
+            self.db.start_flush(&self.group);
+        }
+    }
+}
+
+impl std::fmt::Debug for Pending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pending")
+            .field("aggregate_id", &self.aggregate_id)
+            .field("after", &self.after)
+            .field("events", &self.events.len())
+            .finish()
+    }
+}
+
+impl GroupCommit {
+    pub(crate) fn new(flushers: usize) -> Self {
+        Self {
+            queue: Mutex::new(VecDeque::new()),
+            flushing: AtomicUsize::new(0),
+            flushers: flushers.max(1),
+            batches: tokio::sync::watch::Sender::new(0),
+        }
+    }
+
+    fn queue(&self) -> std::sync::MutexGuard<'_, VecDeque<Pending>> {
+        // A panic while the lock was held leaves the queue itself intact.
+        self.queue
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Takes a flush slot if one is free.
+    fn claim(&self) -> bool {
+        let mut running = self.flushing.load(Ordering::Acquire);
+        while running < self.flushers {
+            match self.flushing.compare_exchange(
+                running,
+                running + 1,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return true,
+                Err(now) => running = now,
+            }
+        }
+        false
+    }
+
+    /// The next batch: queued appends in order, at most one per aggregate (a second one
+    /// waits for the next batch, where it meets the first as stored), within the bounds.
+    fn take(&self) -> Vec<Pending> {
+        let mut queue = self.queue();
+        let mut batch: Vec<Pending> = Vec::new();
+        let mut seen = HashSet::new();
+        let mut events = 0;
+        let mut rest = VecDeque::new();
+        while let Some(pending) = queue.pop_front() {
+            let fits = batch.len() < GROUP_COMMANDS
+                && (batch.is_empty() || events + pending.events.len() <= GROUP_EVENTS);
+            if fits && !seen.contains(&pending.aggregate_id) {
+                seen.insert(pending.aggregate_id.clone());
+                events += pending.events.len();
+                batch.push(pending);
+            } else {
+                rest.push_back(pending);
+            }
+        }
+        *queue = rest;
+        if !batch.is_empty() {
+            self.batches.send_modify(|taken| *taken += 1);
+        }
+        batch
+    }
+}
+
+impl Db {
+    fn group(&self) -> &Arc<GroupCommit> {
+        match self {
+            Db::Sqlite(db) => &db.group,
+            Db::Postgres(db) => &db.group,
+        }
+    }
+
+    /// Queues an append and makes sure a flush task will take it.
+    async fn join_group(
+        &self,
+        aggregate_id: &str,
+        after: i64,
+        events: &[ScopeEvent],
+        metadata: &HashMap<String, String>,
+        keys: &KeyWrites,
+    ) -> Result<Appended, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        let group = self.group().clone();
+        group.queue().push_back(Pending {
+            aggregate_id: aggregate_id.to_owned(),
+            after,
+            events: events.to_vec(),
+            metadata: metadata.clone(),
+            keys: keys.clone(),
+            reply,
+        });
+        self.start_flush(&group);
+        answer.await.unwrap_or_else(|_| {
+            // The flush task ended without answering (it panicked): nothing is known of
+            // the append, as when a connection is lost mid-commit.
+            Err(StoreError::Database(sqlx::Error::Protocol(
+                "the group commit holding this append ended without an answer".into(),
+            )))
+        })
+    }
+
+    /// How many batches the group commit has taken so far: for tests and metrics.
+    pub fn group_batches(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.group().batches.subscribe()
+    }
+
+    /// Starts a flush task if a slot is free. It runs on its own: a command whose client
+    /// went away does not take the commit of the others (or a `BEGIN` in flight) down with it.
+    fn start_flush(&self, group: &Arc<GroupCommit>) {
+        if !group.claim() {
+            return; // The running flush takes it (it looks again before it stops).
+        }
+        let slot = Slot {
+            group: group.clone(),
+            db: self.clone(),
+        };
+        let db = self.clone();
+        tokio::spawn(async move { db.flush(slot).await });
+    }
+
+    /// A flush task, holding its slot: writes batches until the queue is empty.
+    async fn flush(&self, slot: Slot) {
+        let group = slot.group.clone();
+        let mut slot = Some(slot);
+        loop {
+            let batch = group.take();
+            if batch.is_empty() {
+                drop(slot.take());
+                // An append queued after the take saw every slot taken and left it to us.
+                if group.queue().is_empty() || !group.claim() {
+                    return;
+                }
+                slot = Some(Slot {
+                    group: group.clone(),
+                    db: self.clone(),
+                });
+                continue;
+            }
+            let committed = match self {
+                Db::Postgres(db) => postgres_group(db, batch).await,
+                Db::Sqlite(db) => sqlite_group(db, batch).await,
+            };
+            // Here, not in `append`: a command whose caller went away still committed.
+            if committed {
+                self.notify_committed();
+            }
+        }
+    }
+}
+
+/// The stored rows of a batch, given back to the command each belongs to.
+fn committed_rows(pending: &Pending, stored: &mut HashMap<String, Vec<StoredEvent>>) -> Appended {
+    let mut events = stored.remove(&pending.aggregate_id).unwrap_or_default();
+    events.sort_by_key(|e| e.sequence);
+    Appended::Committed {
+        positions: events.iter().map(|e| e.position).collect(),
+        last_sequence: pending.after + i64::try_from(pending.events.len()).unwrap_or(i64::MAX),
+        events,
+    }
+}
+
+/// The same failure for each command of a batch whose statement never reached the
+/// database or whose outcome is unknown (the commit may have happened): trying again would
+/// answer a conflict for a command that may have committed, so each gets the error.
+fn replicate(error: &sqlx::Error) -> sqlx::Error {
+    match error {
+        sqlx::Error::PoolTimedOut => sqlx::Error::PoolTimedOut,
+        sqlx::Error::PoolClosed => sqlx::Error::PoolClosed,
+        sqlx::Error::WorkerCrashed => sqlx::Error::WorkerCrashed,
+        sqlx::Error::Io(io) => sqlx::Error::Io(std::io::Error::new(io.kind(), io.to_string())),
+        other => sqlx::Error::Protocol(format!("group commit failed: {other}")),
+    }
+}
+
+/// Gives a command its answer; tells whether it committed.
+fn answer(pending: Pending, answer: Result<Appended, StoreError>) -> bool {
+    let committed = matches!(answer, Ok(Appended::Committed { .. }));
+    let _ = pending.reply.send(answer);
+    committed
+}
+
+/// How long a statement on the autocommit connections may take before its commands are
+/// answered "unreachable" (a connection whose peer vanished without a reset would otherwise
+/// hold every events-only command of this instance behind it for TCP's own timeout). Its
+/// outcome is unknown, as with any lost connection.
+const STATEMENT_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+
+async fn within_deadline<T>(
+    work: impl std::future::Future<Output = Result<T, sqlx::Error>>,
+) -> Result<T, sqlx::Error> {
+    tokio::time::timeout(STATEMENT_DEADLINE, work)
+        .await
+        .unwrap_or_else(|_| {
+            Err(sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "PostgreSQL did not answer an append in time",
+            )))
+        })
+}
+
+/// PostgreSQL: the batch's events in one `INSERT` on the autocommit connections. Tells
+/// whether any command committed.
+async fn postgres_group(db: &PostgresDb, batch: Vec<Pending>) -> bool {
+    debug_assert!(
+        batch
+            .iter()
+            .all(|p| p.keys.wrapping.is_none() && p.keys.version.is_none()),
+        "appends with key material keep their own transaction on PostgreSQL"
+    );
+    if batch.len() == 1 {
+        return postgres_one_by_one(db, batch).await;
+    }
+    let rows: usize = batch.iter().map(|p| p.events.len()).sum();
+    let sql = format!(
+        "INSERT INTO events {INSERT_EVENT} VALUES {} {RETURNING}",
+        values_list(rows)
+    );
+    let mut query = sqlx::query(&sql);
+    for pending in &batch {
+        query = match bind_events(
+            query,
+            &pending.aggregate_id,
+            pending.after,
+            &pending.events,
+            &pending.metadata,
+        ) {
+            Ok(query) => query,
+            // An event that cannot be encoded fails its own command only.
+            Err(_) => return postgres_one_by_one(db, batch).await,
+        };
+    }
+    match within_deadline(query.fetch_all(db.statements())).await {
+        Ok(rows) => {
+            let mut stored: HashMap<String, Vec<StoredEvent>> = HashMap::new();
+            let mut undecodable = None;
+            for row in rows {
+                match decode_pg(row) {
+                    Ok(event) => stored
+                        .entry(event.aggregate_id.clone())
+                        .or_default()
+                        .push(event),
+                    Err(error) => undecodable = Some(error),
+                }
+            }
+            for pending in batch {
+                let outcome = match &undecodable {
+                    // Committed, but not readable back: as the single append would answer.
+                    Some(error) => Err(StoreError::Database(sqlx::Error::Protocol(format!(
+                        "a committed event could not be read back: {error}"
+                    )))),
+                    None => Ok(committed_rows(&pending, &mut stored)),
+                };
+                answer(pending, outcome);
+            }
+            true
+        }
+        // The statement failed in the database: nothing of it committed. Find out command
+        // by command which one conflicted (or failed), and commit the others.
+        Err(sqlx::Error::Database(_)) => postgres_one_by_one(db, batch).await,
+        Err(error) => {
+            for pending in batch {
+                answer(pending, Err(StoreError::Database(replicate(&error))));
+            }
+            // Perhaps committed: telling the other instances costs nothing if not.
+            true
+        }
+    }
+}
+
+async fn postgres_one_by_one(db: &PostgresDb, batch: Vec<Pending>) -> bool {
+    let answers = futures_util::future::join_all(batch.iter().map(|pending| {
+        postgres_events(
+            db,
+            &pending.aggregate_id,
+            pending.after,
+            &pending.events,
+            &pending.metadata,
+        )
+    }))
+    .await;
+    let mut committed = false;
+    for (pending, outcome) in batch.into_iter().zip(answers) {
+        committed |= answer(pending, outcome);
+    }
+    committed
+}
+
+fn decode_pg(row: sqlx::postgres::PgRow) -> Result<StoredEvent, StoreError> {
+    decode_event!(row, pg_recorded_at)
+}
+
+/// What an events-only `INSERT` returns: the rows as stored.
+const RETURNING: &str = "RETURNING position, recorded_at, aggregate_type, aggregate_id, sequence, \
+     event_type, event_version, CAST(payload AS TEXT) AS payload, CAST(metadata AS TEXT) AS metadata";
+
+/// Binds one command's events (6 parameters each) to `query`.
+fn bind_events<'q>(
+    mut query: PgQuery<'q>,
+    aggregate_id: &str,
+    after: i64,
+    events: &[ScopeEvent],
+    metadata: &HashMap<String, String>,
+) -> Result<PgQuery<'q>, StoreError> {
+    let metadata = serde_json::to_value(metadata).map_err(StoreError::Encode)?;
+    for (i, event) in events.iter().enumerate() {
+        let sequence = after + 1 + i64::try_from(i).unwrap_or(i64::MAX);
+        let payload = serde_json::to_value(event).map_err(StoreError::Encode)?;
+        query = query
+            .bind(aggregate_id.to_owned())
+            .bind(sequence)
+            .bind(event.event_type())
+            .bind(event.event_version())
+            .bind(payload)
+            .bind(metadata.clone());
+    }
+    Ok(query)
+}
+
+type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
+
+/// PostgreSQL, one command's events only: one statement, its own transaction, the stored
+/// rows returned by it.
+async fn postgres_events(
+    db: &PostgresDb,
+    aggregate_id: &str,
+    after: i64,
+    events: &[ScopeEvent],
+    metadata: &HashMap<String, String>,
+) -> Result<Appended, StoreError> {
+    let sql = format!(
+        "INSERT INTO events {INSERT_EVENT} VALUES {} {RETURNING}",
+        values_list(events.len())
+    );
+    let query = bind_events(sqlx::query(&sql), aggregate_id, after, events, metadata)?;
+    match within_deadline(query.fetch_all(db.statements())).await {
+        Ok(rows) => {
+            let mut stored = rows
+                .into_iter()
+                .map(|row| decode_event!(row, pg_recorded_at))
+                .collect::<Result<Vec<StoredEvent>, StoreError>>()?;
+            stored.sort_by_key(|e| e.sequence);
+            Ok(Appended::Committed {
+                positions: stored.iter().map(|e| e.position).collect(),
+                last_sequence: after + i64::try_from(events.len()).unwrap_or(i64::MAX),
+                events: stored,
+            })
+        }
+        Err(error) if is_conflict(&error) => Ok(Appended::Conflict),
+        Err(error) => Err(error.into()),
+    }
+}
+
+/// SQLite: the batch in one transaction of the writer connection, each command in a
+/// savepoint (a conflict or a raced key rolls back that command alone), one fsync.
+async fn sqlite_group(db: &SqliteDb, batch: Vec<Pending>) -> bool {
+    if batch.len() == 1 {
+        return sqlite_one_by_one(db, batch).await;
+    }
+    let outcome = async {
+        let mut tx = db.write.begin().await?;
+        let mut answers = Vec::with_capacity(batch.len());
+        for pending in &batch {
+            // Events only: one `INSERT`, which SQLite undoes whole if it fails (a conflict),
+            // needs no savepoint. Key material is more statements: a savepoint around them.
+            let keys = pending.keys.wrapping.is_some() || pending.keys.version.is_some();
+            if keys {
+                sqlx::query("SAVEPOINT ekm_append")
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            let outcome = async {
+                append_body!(
+                    &mut *tx,
+                    sqlite_recorded_at,
+                    &pending.aggregate_id,
+                    pending.after,
+                    &pending.events,
+                    &pending.metadata,
+                    &pending.keys
+                )
+            }
+            .await;
+            if keys {
+                if !matches!(outcome, Ok(Appended::Committed { .. })) {
+                    sqlx::query("ROLLBACK TO ekm_append")
+                        .execute(&mut *tx)
+                        .await?;
+                }
+                sqlx::query("RELEASE ekm_append").execute(&mut *tx).await?;
+            } else if outcome.is_err() {
+                // Its events may be in the transaction with no answer to give: the batch
+                // is rolled back and every command tried on its own.
+                return Err(sqlx::Error::Protocol(
+                    "an append failed inside a group".into(),
+                ));
+            }
+            answers.push(outcome);
+        }
+        tx.commit().await?;
+        Ok::<_, sqlx::Error>(answers)
+    }
+    .await;
+    match outcome {
+        Ok(answers) => {
+            let mut committed = false;
+            for (pending, outcome) in batch.into_iter().zip(answers) {
+                committed |= answer(pending, outcome);
+            }
+            committed
+        }
+        // The transaction did not commit (SQLite rolls it back): nothing of the batch is
+        // stored. Each command is tried on its own, and answers its own outcome.
+        Err(_) => sqlite_one_by_one(db, batch).await,
+    }
+}
+
+async fn sqlite_one_by_one(db: &SqliteDb, batch: Vec<Pending>) -> bool {
+    let mut committed = false;
+    for pending in batch {
+        let outcome = sqlite_single(db, &pending).await;
+        committed |= answer(pending, outcome);
+    }
+    committed
+}
+
+/// SQLite, one command in a transaction of its own.
+async fn sqlite_single(db: &SqliteDb, pending: &Pending) -> Result<Appended, StoreError> {
+    let mut tx = db.write.begin().await?;
+    let appended = async {
+        append_body!(
+            &mut *tx,
+            sqlite_recorded_at,
+            &pending.aggregate_id,
+            pending.after,
+            &pending.events,
+            &pending.metadata,
+            &pending.keys
+        )
+    }
+    .await?;
+    match appended {
+        Appended::Committed { .. } => committed(tx.commit().await, appended),
+        other => Ok(other),
+    }
+}
+
+/// PostgreSQL, a command that made key material: its events and keys in one transaction.
+async fn postgres_with_keys(
+    db: &PostgresDb,
+    aggregate_id: &str,
+    after: i64,
+    events: &[ScopeEvent],
+    metadata: &HashMap<String, String>,
+    keys: &KeyWrites,
+) -> Result<Appended, StoreError> {
+    let mut tx = db.pool.begin().await?;
+    let appended = async {
+        append_body!(
+            &mut *tx,
+            pg_recorded_at,
+            aggregate_id,
+            after,
+            events,
+            metadata,
+            keys
+        )
+    }
+    .await?;
+    match appended {
+        Appended::Committed { .. } => committed(tx.commit().await, appended),
+        other => Ok(other),
+    }
+}
+
 impl Db {
     /// Appends `events` to the scope `aggregate_id` after sequence `after` (what the
     /// deciding aggregate was loaded at), with the key material they refer to, in one
-    /// transaction. Nothing is written unless all of it is.
+    /// transaction, which it may share with concurrent appends (group commit). Nothing of
+    /// it is written unless all of it is.
     pub async fn append(
         &self,
         aggregate_id: &str,
@@ -218,87 +760,20 @@ impl Db {
                 events: vec![],
             });
         }
-        let appended = match self {
-            // Events only (pause, resume, grants, …): one statement, its own transaction, the
-            // stored rows returned by it. One round trip instead of four.
-            Db::Postgres(db) if keys.wrapping.is_none() && keys.version.is_none() => {
-                let values = values_list(events.len());
-                let sql = format!(
-                    "INSERT INTO events {INSERT_EVENT} VALUES {values} RETURNING position, \
-                     recorded_at, aggregate_type, aggregate_id, sequence, event_type, event_version, \
-                     CAST(payload AS TEXT) AS payload, CAST(metadata AS TEXT) AS metadata"
-                );
-                let metadata = serde_json::to_value(metadata).map_err(StoreError::Encode)?;
-                let mut query = sqlx::query(&sql);
-                for (i, event) in events.iter().enumerate() {
-                    let sequence = after + 1 + i64::try_from(i).unwrap_or(i64::MAX);
-                    query = query
-                        .bind(aggregate_id)
-                        .bind(sequence)
-                        .bind(event.event_type())
-                        .bind(event.event_version())
-                        .bind(serde_json::to_value(event).map_err(StoreError::Encode)?)
-                        .bind(metadata.clone());
+        match self {
+            Db::Postgres(db) if keys.wrapping.is_some() || keys.version.is_some() => {
+                let appended =
+                    postgres_with_keys(db, aggregate_id, after, events, metadata, keys).await?;
+                if matches!(appended, Appended::Committed { .. }) {
+                    self.notify_committed();
                 }
-                match query.fetch_all(&db.pool).await {
-                    Ok(rows) => {
-                        let mut stored = rows
-                            .into_iter()
-                            .map(|row| decode_event!(row, pg_recorded_at))
-                            .collect::<Result<Vec<StoredEvent>, StoreError>>()?;
-                        stored.sort_by_key(|e| e.sequence);
-                        Appended::Committed {
-                            positions: stored.iter().map(|e| e.position).collect(),
-                            last_sequence: after + i64::try_from(events.len()).unwrap_or(i64::MAX),
-                            events: stored,
-                        }
-                    }
-                    Err(error) if is_conflict(&error) => Appended::Conflict,
-                    Err(error) => return Err(error.into()),
-                }
+                Ok(appended)
             }
-            Db::Sqlite(db) => {
-                let mut tx = db.write.begin().await?;
-                let appended = async {
-                    append_body!(
-                        &mut *tx,
-                        sqlite_recorded_at,
-                        aggregate_id,
-                        after,
-                        events,
-                        metadata,
-                        keys
-                    )
-                }
-                .await?;
-                match appended {
-                    Appended::Committed { .. } => committed(tx.commit().await, appended)?,
-                    other => other,
-                }
+            // The flush notifies other instances of what it committed.
+            _ => {
+                self.join_group(aggregate_id, after, events, metadata, keys)
+                    .await
             }
-            Db::Postgres(db) => {
-                let mut tx = db.pool.begin().await?;
-                let appended = async {
-                    append_body!(
-                        &mut *tx,
-                        pg_recorded_at,
-                        aggregate_id,
-                        after,
-                        events,
-                        metadata,
-                        keys
-                    )
-                }
-                .await?;
-                match appended {
-                    Appended::Committed { .. } => committed(tx.commit().await, appended)?,
-                    other => other,
-                }
-            }
-        };
-        if matches!(appended, Appended::Committed { .. }) {
-            self.notify_committed();
         }
-        Ok(appended)
     }
 }

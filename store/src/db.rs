@@ -44,22 +44,67 @@ impl DbConfig {
 pub struct SqliteDb {
     pub write: SqlitePool,
     pub read: SqlitePool,
+    /// Appends waiting to share a transaction of the writer (group commit).
+    pub(crate) group: std::sync::Arc<crate::append::GroupCommit>,
 }
 
 #[derive(Clone, Debug)]
 pub struct PostgresDb {
     pub pool: PgPool,
+    /// Connections on which no transaction is ever opened: each statement sent on them is a
+    /// transaction of its own (autocommit). The hot single-statement paths (an events-only
+    /// append, the notification after it) use them. Without a `BEGIN` they cannot meet
+    /// sqlx's cancelled-`BEGIN` bug, so they skip the check on acquire that `pool` pays:
+    /// one round trip less per command (`pg_pool_options`).
+    statements: PgPool,
     /// Notifies other instances after this one commits events (`Db::notify_committed`).
     pub notifier: std::sync::Arc<crate::notify::Notifier>,
+    /// Events-only appends waiting to share one `INSERT` (group commit).
+    pub(crate) group: std::sync::Arc<crate::append::GroupCommit>,
 }
 
+/// Group-commit flushes in flight at once on PostgreSQL. One: the next batch fills while
+/// the current one's commit waits for its WAL flush (measured against 2, 3, 4 and 8 in
+/// BENCHMARKS.md, "Group commit": more flushes in flight made smaller batches and more
+/// statements, and fewer commands per second).
+const PG_FLUSHERS: usize = 1;
+
 impl PostgresDb {
+    /// A database reached through `pool` alone (no separate autocommit connections).
     pub fn new(pool: PgPool) -> Self {
         Self {
+            statements: pool.clone(),
             pool,
             notifier: Default::default(),
+            group: std::sync::Arc::new(crate::append::GroupCommit::new(PG_FLUSHERS)),
         }
     }
+
+    /// The autocommit connections: never `begin` a transaction on them, and never send
+    /// more than one statement per query (a multi-statement string may hold a `BEGIN`).
+    pub(crate) fn statements(&self) -> &PgPool {
+        &self.statements
+    }
+}
+
+/// The options of the autocommit pool (`PostgresDb::statements`): no transaction check on
+/// acquire, since no transaction is ever opened on these connections. sqlx still syncs a connection
+/// on its return to the pool, so a statement cancelled in flight is drained, committed or
+/// not, before the connection is lent again.
+fn pg_statement_pool_options() -> PgPoolOptions {
+    PgPoolOptions::new()
+        .test_before_acquire(false)
+        // A connection idle for a while may have died (a restart, a failover, a reaped
+        // idle connection): a ping (a sync, no statement) finds out before a batch of
+        // commands is sent on it; sqlx then opens another. A busy one goes without.
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for >= Duration::from_secs(1) {
+                    sqlx::Connection::ping(conn).await?;
+                }
+                Ok(true)
+            })
+        })
 }
 
 /// The options of every PostgreSQL pool EKM opens.
@@ -200,17 +245,33 @@ impl Db {
                     .connect_with(options.read_only(true))
                     .await
                     .map_err(StoreError::Connect)?;
-                Ok(Db::Sqlite(SqliteDb { write, read }))
+                Ok(Db::Sqlite(SqliteDb {
+                    write,
+                    read,
+                    // One flush at a time: there is one writer connection.
+                    group: std::sync::Arc::new(crate::append::GroupCommit::new(1)),
+                }))
             }
             DbConfig::Postgres { url } => {
                 let options = PgConnectOptions::from_str(url).map_err(StoreError::Connect)?;
                 let pool = pg_pool_options()
                     .max_connections(16)
                     .acquire_timeout(Duration::from_secs(10))
+                    .connect_with(options.clone())
+                    .await
+                    .map_err(StoreError::Connect)?;
+                let statements = pg_statement_pool_options()
+                    .max_connections(8)
+                    .acquire_timeout(Duration::from_secs(10))
                     .connect_with(options)
                     .await
                     .map_err(StoreError::Connect)?;
-                Ok(Db::Postgres(PostgresDb::new(pool)))
+                Ok(Db::Postgres(PostgresDb {
+                    pool,
+                    statements,
+                    notifier: Default::default(),
+                    group: std::sync::Arc::new(crate::append::GroupCommit::new(PG_FLUSHERS)),
+                }))
             }
         }
     }
@@ -306,7 +367,7 @@ impl Db {
     /// the commit; SQLite has one process per database).
     pub fn notify_committed(&self) {
         if let Db::Postgres(db) = self {
-            db.notifier.committed(&db.pool);
+            db.notifier.committed(db.statements());
         }
     }
 
@@ -336,7 +397,10 @@ impl Db {
                 db.read.close().await;
                 db.write.close().await;
             }
-            Db::Postgres(db) => db.pool.close().await,
+            Db::Postgres(db) => {
+                db.statements.close().await;
+                db.pool.close().await;
+            }
         }
     }
 }

@@ -268,3 +268,204 @@ async fn pool_write_is_committed_when_an_earlier_begin_was_cancelled_in_flight()
     );
     pool.close().await;
 }
+
+/// Holds every group-commit flush of `db` at its write: a PostgreSQL lock that `INSERT`
+/// waits for, or SQLite's one writer connection. Dropping or releasing it lets them go.
+enum Block {
+    Postgres(sqlx::Transaction<'static, sqlx::Postgres>),
+    Sqlite(sqlx::pool::PoolConnection<sqlx::Sqlite>),
+}
+
+impl Block {
+    async fn new(db: &Db) -> Block {
+        match db {
+            Db::Postgres(pg) => {
+                let mut tx = pg.pool.begin().await.unwrap();
+                sqlx::query("LOCK TABLE events IN SHARE MODE")
+                    .execute(&mut *tx)
+                    .await
+                    .unwrap();
+                Block::Postgres(tx)
+            }
+            Db::Sqlite(lite) => Block::Sqlite(lite.write.acquire().await.unwrap()),
+        }
+    }
+
+    async fn release(self) {
+        match self {
+            Block::Postgres(tx) => tx.commit().await.unwrap(),
+            Block::Sqlite(conn) => drop(conn),
+        }
+    }
+}
+
+/// Fills every flush slot of the group commit with one append each (held by `block`), so
+/// that what is appended next waits in the queue and forms one batch.
+async fn occupy_flushers(db: &Db) -> Vec<tokio::task::JoinHandle<Appended>> {
+    let flushers = occupy_count(db);
+    let mut batches = db.group_batches();
+    let before = *batches.borrow();
+    let mut running = vec![];
+    for i in 0..flushers {
+        let db = db.clone();
+        running.push(tokio::spawn(async move {
+            db.append(
+                &format!("occupant-{i}"),
+                0,
+                &[ScopeEvent::ScopePaused {}],
+                &HashMap::new(),
+                &KeyWrites::default(),
+            )
+            .await
+            .unwrap()
+        }));
+        batches
+            .wait_for(|taken| *taken > before + i as u64)
+            .await
+            .unwrap();
+    }
+    running
+}
+
+/// Queues an append without waiting for it: polled once, it is in the group's queue.
+async fn queue<'a>(
+    append: impl std::future::Future<Output = Result<Appended, ekm_store::StoreError>> + Send + 'a,
+) -> std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<Appended, ekm_store::StoreError>> + Send + 'a>,
+> {
+    let mut append = Box::pin(append);
+    assert!(
+        futures_util::future::poll_immediate(&mut append)
+            .await
+            .is_none(),
+        "an append answered while every flush was held"
+    );
+    append
+}
+
+fn committed(outcome: Appended) -> Vec<ekm_store::StoredEvent> {
+    match outcome {
+        Appended::Committed { events, .. } => events,
+        other => panic!("expected a commit, got {other:?}"),
+    }
+}
+
+/// Group commit (ADR 0024): appends that arrive while the flushes are busy share one
+/// transaction, and each command still gets exactly its own events back, in order.
+async fn appends_waiting_together_share_one_commit_and_each_gets_its_own_events(backend: Backend) {
+    let test_db = TestDb::new(backend).await;
+    let db = Db::open(&test_db.config).await.unwrap();
+    let meta = HashMap::new();
+    let none = KeyWrites::default();
+    let block = Block::new(&db).await;
+    let occupants = occupy_flushers(&db).await;
+    let taken_before = *db.group_batches().borrow();
+
+    let two = [ScopeEvent::ScopePaused {}, ScopeEvent::ScopeResumed {}];
+    let one = [ScopeEvent::ScopePaused {}];
+    let a = queue(db.append("a", 0, &two, &meta, &none)).await;
+    let b = queue(db.append("b", 0, &one, &meta, &none)).await;
+    let c = queue(db.append("c", 0, &two, &meta, &none)).await;
+    block.release().await;
+    let (a, b, c) = tokio::join!(a, b, c);
+    for occupant in occupants {
+        committed(occupant.await.unwrap());
+    }
+    let (a, b, c) = (
+        committed(a.unwrap()),
+        committed(b.unwrap()),
+        committed(c.unwrap()),
+    );
+
+    for (events, id, count) in [(&a, "a", 2), (&b, "b", 1), (&c, "c", 2)] {
+        assert_eq!(events.len(), count, "{id} got its own events only");
+        assert!(events.iter().all(|e| e.aggregate_id == id));
+        let sequences: Vec<i64> = events.iter().map(|e| e.sequence).collect();
+        assert_eq!(sequences, (1..=count as i64).collect::<Vec<_>>());
+    }
+    assert_eq!(
+        *db.group_batches().borrow(),
+        taken_before + 1,
+        "the three waiting appends were written as one batch"
+    );
+    if db.is_postgres() {
+        // One transaction: positions derive from its id (migration 0013).
+        let transactions: std::collections::HashSet<i64> = a
+            .iter()
+            .chain(&b)
+            .chain(&c)
+            .map(|e| e.position >> 13)
+            .collect();
+        assert_eq!(transactions.len(), 1, "one transaction holds the batch");
+    }
+    let stored = db.events_after(0, 100).await.unwrap();
+    assert_eq!(stored.len(), 5 + occupy_count(&db));
+    db.close().await;
+}
+on_both_backends!(appends_waiting_together_share_one_commit_and_each_gets_its_own_events);
+
+/// The group commit's flush slots (`PG_FLUSHERS`; SQLite has one writer).
+fn occupy_count(_db: &Db) -> usize {
+    1
+}
+
+/// One command of a batch that loses its race (its sequence taken, its key's epoch gone, or
+/// a second command on the same scope in the same batch) fails alone: its neighbours in
+/// the batch commit, and nothing of the loser is stored.
+async fn a_command_that_loses_its_race_in_a_batch_does_not_fail_its_neighbours(backend: Backend) {
+    let test_db = TestDb::new(backend).await;
+    let db = Db::open(&test_db.config).await.unwrap();
+    let meta = HashMap::new();
+    let none = KeyWrites::default();
+    let one = [ScopeEvent::ScopePaused {}];
+    committed(db.append("taken", 0, &one, &meta, &none).await.unwrap());
+
+    let block = Block::new(&db).await;
+    let occupants = occupy_flushers(&db).await;
+    let raced = KeyWrites {
+        wrapping: None,
+        version: Some(version("raced", 1, 7)),
+    };
+    let taken_before = *db.group_batches().borrow();
+    let stale = queue(db.append("taken", 0, &one, &meta, &none)).await;
+    let before = queue(db.append("before", 0, &one, &meta, &none)).await;
+    let keys = queue(db.append("raced", 0, &one, &meta, &raced)).await;
+    let twice_first = queue(db.append("twice", 0, &one, &meta, &none)).await;
+    let twice_second = queue(db.append("twice", 0, &one, &meta, &none)).await;
+    let after = queue(db.append("after", 0, &one, &meta, &none)).await;
+    block.release().await;
+    let (stale, before, keys, twice_first, twice_second, after) =
+        tokio::join!(stale, before, keys, twice_first, twice_second, after);
+    for occupant in occupants {
+        committed(occupant.await.unwrap());
+    }
+
+    assert_eq!(stale.unwrap(), Appended::Conflict);
+    assert_eq!(keys.unwrap(), Appended::KeysRaced);
+    assert_eq!(committed(before.unwrap())[0].aggregate_id, "before");
+    assert_eq!(committed(after.unwrap())[0].aggregate_id, "after");
+    assert_eq!(committed(twice_first.unwrap())[0].aggregate_id, "twice");
+    assert_eq!(
+        twice_second.unwrap(),
+        Appended::Conflict,
+        "the second append on a scope waits for the next batch and meets the first"
+    );
+    assert_eq!(
+        *db.group_batches().borrow(),
+        taken_before + 2,
+        "the waiting appends made two batches: the second append on `twice` in the later one"
+    );
+    let stored = db.events_after(0, 100).await.unwrap();
+    let mut ids: Vec<&str> = stored.iter().map(|e| e.aggregate_id.as_str()).collect();
+    ids.sort_unstable();
+    let mut expected = vec!["after", "before", "taken", "twice"];
+    expected.extend((0..occupy_count(&db)).map(|i| ["occupant-0", "occupant-1"][i]));
+    expected.sort_unstable();
+    assert_eq!(
+        ids, expected,
+        "the losers stored nothing, the others everything"
+    );
+    assert_eq!(count(&db, "key_material").await, 0);
+    db.close().await;
+}
+on_both_backends!(a_command_that_loses_its_race_in_a_batch_does_not_fail_its_neighbours);
