@@ -416,15 +416,26 @@ impl Db {
     }
 }
 
-/// The stored rows of a batch, given back to the command each belongs to.
-fn committed_rows(pending: &Pending, stored: &mut HashMap<String, Vec<StoredEvent>>) -> Appended {
+/// The stored rows of a batch, given back to the command each belongs to: exactly as many
+/// as it appended, else an error (never a commit answered with rows missing).
+fn committed_rows(
+    pending: &Pending,
+    stored: &mut HashMap<String, Vec<StoredEvent>>,
+) -> Result<Appended, StoreError> {
     let mut events = stored.remove(&pending.aggregate_id).unwrap_or_default();
+    if events.len() != pending.events.len() {
+        return Err(StoreError::Database(sqlx::Error::Protocol(format!(
+            "a group commit read back {} of the {} events of an append",
+            events.len(),
+            pending.events.len()
+        ))));
+    }
     events.sort_by_key(|e| e.sequence);
-    Appended::Committed {
+    Ok(Appended::Committed {
         positions: events.iter().map(|e| e.position).collect(),
         last_sequence: pending.after + i64::try_from(pending.events.len()).unwrap_or(i64::MAX),
         events,
-    }
+    })
 }
 
 /// The same failure for each command of a batch whose statement never reached the
@@ -516,7 +527,7 @@ async fn postgres_group(db: &PostgresDb, batch: Vec<Pending>) -> bool {
                     Some(error) => Err(StoreError::Database(sqlx::Error::Protocol(format!(
                         "a committed event could not be read back: {error}"
                     )))),
-                    None => Ok(committed_rows(&pending, &mut stored)),
+                    None => committed_rows(&pending, &mut stored),
                 };
                 answer(pending, outcome);
             }
@@ -561,14 +572,20 @@ fn decode_pg(row: sqlx::postgres::PgRow) -> Result<StoredEvent, StoreError> {
 const RETURNING: &str = "RETURNING position, recorded_at, aggregate_type, aggregate_id, sequence, \
      event_type, event_version, CAST(payload AS TEXT) AS payload, CAST(metadata AS TEXT) AS metadata";
 
-/// Binds one command's events (6 parameters each) to `query`.
-fn bind_events<'q>(
-    mut query: PgQuery<'q>,
+/// Binds one command's events (6 parameters each) to `query`, on either backend.
+fn bind_events<'q, DB>(
+    mut query: sqlx::query::Query<'q, DB, <DB as sqlx::Database>::Arguments<'q>>,
     aggregate_id: &str,
     after: i64,
     events: &[ScopeEvent],
     metadata: &HashMap<String, String>,
-) -> Result<PgQuery<'q>, StoreError> {
+) -> Result<sqlx::query::Query<'q, DB, <DB as sqlx::Database>::Arguments<'q>>, StoreError>
+where
+    DB: sqlx::Database,
+    String: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    i64: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    serde_json::Value: sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+{
     let metadata = serde_json::to_value(metadata).map_err(StoreError::Encode)?;
     for (i, event) in events.iter().enumerate() {
         let sequence = after + 1 + i64::try_from(i).unwrap_or(i64::MAX);
@@ -584,7 +601,55 @@ fn bind_events<'q>(
     Ok(query)
 }
 
-type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
+/// SQLite, inside a group's transaction: the events-only appends `plain` of `batch` in one
+/// `INSERT`, and what it stored read back in one `SELECT` (positions come from an `AFTER
+/// INSERT` trigger, which `RETURNING` would not see; this transaction is the only writer,
+/// so its rows are exactly those above the highest position before it). `None` if the
+/// `INSERT` conflicted: SQLite undid the statement whole, and the appends go one by one.
+async fn sqlite_insert_together(
+    tx: &mut sqlx::SqliteConnection,
+    batch: &[Pending],
+    plain: &[usize],
+) -> Result<Option<HashMap<String, Vec<StoredEvent>>>, StoreError> {
+    let floor: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(position), 0) FROM events")
+        .fetch_one(&mut *tx)
+        .await?;
+    let rows: usize = plain.iter().map(|&i| batch[i].events.len()).sum();
+    let sql = format!(
+        "INSERT INTO events {INSERT_EVENT} VALUES {}",
+        values_list(rows)
+    );
+    let mut query = sqlx::query(&sql);
+    for &i in plain {
+        let pending = &batch[i];
+        query = bind_events(
+            query,
+            &pending.aggregate_id,
+            pending.after,
+            &pending.events,
+            &pending.metadata,
+        )?;
+    }
+    match query.execute(&mut *tx).await {
+        Ok(_) => {}
+        Err(error) if is_conflict(&error) => return Ok(None),
+        Err(error) => return Err(error.into()),
+    }
+    let sql = format!("{SELECT_EVENTS} WHERE position > $1 ORDER BY position");
+    let mut stored: HashMap<String, Vec<StoredEvent>> = HashMap::new();
+    for row in sqlx::query(&sql).bind(floor).fetch_all(&mut *tx).await? {
+        let event = decode_sqlite(row)?;
+        stored
+            .entry(event.aggregate_id.clone())
+            .or_default()
+            .push(event);
+    }
+    Ok(Some(stored))
+}
+
+fn decode_sqlite(row: sqlx::sqlite::SqliteRow) -> Result<StoredEvent, StoreError> {
+    decode_event!(row, sqlite_recorded_at)
+}
 
 /// PostgreSQL, one command's events only: one statement, its own transaction, the stored
 /// rows returned by it.
@@ -626,8 +691,24 @@ async fn sqlite_group(db: &SqliteDb, batch: Vec<Pending>) -> bool {
     }
     let outcome = async {
         let mut tx = db.write.begin().await?;
-        let mut answers = Vec::with_capacity(batch.len());
-        for pending in &batch {
+        let mut answers: Vec<Option<Result<Appended, StoreError>>> =
+            batch.iter().map(|_| None).collect();
+        // The events-only appends together: one INSERT and one SELECT for all of them.
+        let plain: Vec<usize> = (0..batch.len())
+            .filter(|&i| batch[i].keys.wrapping.is_none() && batch[i].keys.version.is_none())
+            .collect();
+        if plain.len() > 1 {
+            if let Some(mut stored) = sqlite_insert_together(&mut tx, &batch, &plain).await? {
+                for &i in &plain {
+                    // Rows missing: roll back, and go one by one.
+                    answers[i] = Some(Ok(committed_rows(&batch[i], &mut stored)?));
+                }
+            }
+        }
+        for (i, pending) in batch.iter().enumerate() {
+            if answers[i].is_some() {
+                continue;
+            }
             // Events only: one `INSERT`, which SQLite undoes whole if it fails (a conflict),
             // needs no savepoint. Key material is more statements: a savepoint around them.
             let keys = pending.keys.wrapping.is_some() || pending.keys.version.is_some();
@@ -658,20 +739,27 @@ async fn sqlite_group(db: &SqliteDb, batch: Vec<Pending>) -> bool {
             } else if outcome.is_err() {
                 // Its events may be in the transaction with no answer to give: the batch
                 // is rolled back and every command tried on its own.
-                return Err(sqlx::Error::Protocol(
+                return Err(StoreError::Database(sqlx::Error::Protocol(
                     "an append failed inside a group".into(),
-                ));
+                )));
             }
-            answers.push(outcome);
+            answers[i] = Some(outcome);
         }
         tx.commit().await?;
-        Ok::<_, sqlx::Error>(answers)
+        Ok::<_, StoreError>(answers)
     }
     .await;
     match outcome {
         Ok(answers) => {
             let mut committed = false;
             for (pending, outcome) in batch.into_iter().zip(answers) {
+                // Every slot was filled above; an empty one would be a bug, answered as a
+                // failure rather than a commit.
+                let outcome = outcome.unwrap_or_else(|| {
+                    Err(StoreError::Database(sqlx::Error::Protocol(
+                        "a group append was left without an outcome".into(),
+                    )))
+                });
                 committed |= answer(pending, outcome);
             }
             committed
