@@ -18,6 +18,7 @@ mod bad_input_endpoints;
 mod byok;
 mod cascade_property;
 mod concurrency;
+mod conditional;
 mod console;
 mod data_plane;
 mod destruction;

@@ -3,7 +3,7 @@
 
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use ekm_domain::{Grant, OrgId, Permission, PrincipalName, ScopeId, ScopeKind};
@@ -16,7 +16,7 @@ use crate::context::Caller;
 use crate::cursor::{Binding, List};
 use crate::dto::JsonBody;
 use crate::error::ApiError;
-use crate::routes::{check_keys, page_limit};
+use crate::routes::{check_keys, conditional_json, page_limit};
 use crate::state::AppState;
 use ekm_service::AppError;
 
@@ -140,6 +140,7 @@ pub async fn remove_grant(
 pub async fn list_grants(
     State(state): State<AppState>,
     caller: Caller,
+    headers: HeaderMap,
     path: Result<Path<String>, PathRejection>,
     query: Result<Query<HashMap<String, String>>, QueryRejection>,
 ) -> Result<Response, ApiError> {
@@ -174,5 +175,9 @@ pub async fn list_grants(
         .iter()
         .filter_map(|(g, _)| g.as_ref().map(grant_json))
         .collect();
-    Ok(Json(json!({"items": items, "next_cursor": next_cursor})).into_response())
+    conditional_json(
+        &headers,
+        None,
+        &json!({"items": items, "next_cursor": next_cursor}),
+    )
 }

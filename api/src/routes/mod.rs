@@ -169,6 +169,55 @@ pub(crate) fn reason(value: Option<&str>, required: bool) -> Result<Option<Reaso
     }
 }
 
+/// The entity tag of a representation read with GET: `"<version>.<digest>"` for a scope
+/// (`version` given), `"<digest>"` for a list; the digest is the first 8 bytes of the
+/// body's SHA-256, in hex. A scope's body changes without its version when an ancestor's
+/// state changes (a pause above it), so the version alone would let a client keep an
+/// `active` it should no longer believe; `If-Match` takes the version before the dot.
+pub(crate) fn representation_tag(version: Option<i64>, body: &[u8]) -> String {
+    use sha2::Digest as _;
+    let digest = hex::encode(&sha2::Sha256::digest(body)[..8]);
+    match version {
+        Some(version) => format!("\"{version}.{digest}\""),
+        None => format!("\"{digest}\""),
+    }
+}
+
+/// Answers `value` as JSON with its entity tag, or `304 Not Modified` (no body, the same
+/// tag) when `If-None-Match` names that tag or is `*`. Compared weakly (RFC 9110, 13.1.2):
+/// `W/` is set aside. A header that is not text matches nothing: the full answer.
+pub(crate) fn conditional_json(
+    headers: &HeaderMap,
+    version: Option<i64>,
+    value: &impl serde::Serialize,
+) -> Result<Response, ApiError> {
+    use axum::response::IntoResponse as _;
+    let body = serde_json::to_vec(value).map_err(|e| crate::error::internal(&e))?;
+    let tag = representation_tag(version, &body);
+    let unchanged = headers
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .map(str::trim)
+        .any(|listed| listed == "*" || listed.strip_prefix("W/").unwrap_or(listed) == tag);
+    let mut response = match unchanged {
+        true => axum::http::StatusCode::NOT_MODIFIED.into_response(),
+        false => (
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            body,
+        )
+            .into_response(),
+    };
+    if let Ok(value) = HeaderValue::from_str(&tag) {
+        response.headers_mut().insert(header::ETAG, value);
+    }
+    Ok(response)
+}
+
 pub(crate) fn etag(response: &mut Response, version: i64) {
     if let Ok(value) = HeaderValue::from_str(&format!("\"{version}\"")) {
         response.headers_mut().insert(header::ETAG, value);
@@ -187,7 +236,8 @@ pub(crate) fn page_limit(value: Option<&String>) -> Result<u32, ApiError> {
     }
 }
 
-/// `If-Match: "N"` (or `N`, or `W/"N"`); `*` or no header means any version.
+/// `If-Match: "N"` (or `N`, or `W/"N"`, or the tag a GET gave, `"N.<digest>"`: its
+/// version is what counts); `*` or no header means any version.
 pub(crate) fn expected_version(headers: &HeaderMap) -> Result<Option<i64>, ApiError> {
     let Some(value) = headers.get(header::IF_MATCH) else {
         return Ok(None);
@@ -199,5 +249,6 @@ pub(crate) fn expected_version(headers: &HeaderMap) -> Result<Option<i64>, ApiEr
     }
     let text = text.strip_prefix("W/").unwrap_or(text);
     let text = text.trim_matches('"');
+    let text = text.split_once('.').map_or(text, |(version, _)| version);
     text.parse::<i64>().map(Some).map_err(|_| invalid())
 }

@@ -53,6 +53,7 @@ pub(crate) async fn create_org(
 pub(crate) async fn get_org(
     State(state): State<AppState>,
     caller: Caller,
+    headers: HeaderMap,
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
     let id = parse_scope_id(&path_text(path)?)?;
@@ -65,9 +66,11 @@ pub(crate) async fn get_org(
     if !caller.is_operator() {
         caller.require(Permission::EncryptionView, &snapshot.scope.path)?;
     }
-    let mut response = Json(OrgJson::from(&snapshot)).into_response();
-    etag(&mut response, snapshot.scope.version);
-    Ok(response)
+    conditional_json(
+        &headers,
+        Some(snapshot.scope.version),
+        &OrgJson::from(&snapshot),
+    )
 }
 
 /// `PUT /v1/orgs/{org}/tier {"tier": "default"|"managed"}`: what is encrypted. Existing

@@ -67,6 +67,7 @@ pub(crate) async fn create_scope(
 pub(crate) async fn get_scope(
     State(state): State<AppState>,
     caller: Caller,
+    headers: HeaderMap,
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
     let snapshot = visible_scope(
@@ -76,9 +77,11 @@ pub(crate) async fn get_scope(
         Permission::EncryptionView,
     )
     .await?;
-    let mut response = Json(ScopeJson::from(&snapshot)).into_response();
-    etag(&mut response, snapshot.scope.version);
-    Ok(response)
+    conditional_json(
+        &headers,
+        Some(snapshot.scope.version),
+        &ScopeJson::from(&snapshot),
+    )
 }
 
 pub(crate) async fn list_children(

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use axum::extract::rejection::{PathRejection, QueryRejection};
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use chrono::{DateTime, Utc};
@@ -18,7 +18,7 @@ use crate::context::Caller;
 use crate::cursor::{Binding, List};
 use crate::dto::JsonBody;
 use crate::error::ApiError;
-use crate::routes::{check_keys, page_limit, ORG_NOT_FOUND};
+use crate::routes::{check_keys, conditional_json, page_limit, ORG_NOT_FOUND};
 use crate::state::AppState;
 use ekm_service::AppError;
 
@@ -180,6 +180,7 @@ pub async fn break_glass_admin_token(
 pub async fn list_tokens(
     State(state): State<AppState>,
     caller: Caller,
+    headers: HeaderMap,
     path: Result<Path<String>, PathRejection>,
     query: Result<Query<HashMap<String, String>>, QueryRejection>,
 ) -> Result<Response, ApiError> {
@@ -225,7 +226,11 @@ pub async fn list_tokens(
             })
         })
         .collect();
-    Ok(Json(json!({"items": items, "next_cursor": next_cursor})).into_response())
+    conditional_json(
+        &headers,
+        None,
+        &json!({"items": items, "next_cursor": next_cursor}),
+    )
 }
 
 /// `DELETE /v1/orgs/{org}/tokens/{id}`: the token stops working at once on this instance
