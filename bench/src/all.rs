@@ -844,7 +844,7 @@ pub(crate) struct Org {
     pub(crate) admin: String,
 }
 
-async fn call(
+pub(crate) async fn call(
     client: &reqwest::Client,
     url: String,
     token: &str,

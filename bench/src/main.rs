@@ -25,6 +25,7 @@ use crate::seed::EventBatch;
 mod all;
 mod commands;
 mod data_plane;
+mod history;
 mod kms;
 mod reads;
 mod rekey;
@@ -97,6 +98,16 @@ enum Bench {
         #[arg(long, default_value_t = 3)]
         repeats: usize,
     },
+    /// Organization commands against the organization's history: pause/resume latency of an
+    /// organization with `tokens` tokens against one with 10, in the same run, warm and
+    /// after a restart; SQLite and PostgreSQL.
+    History {
+        #[arg(long, default_value_t = 10_000)]
+        tokens: usize,
+        /// Pause/resume rounds on each organization.
+        #[arg(long, default_value_t = 200)]
+        rounds: usize,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -120,6 +131,7 @@ fn main() -> anyhow::Result<()> {
             } => reads::run(teams, seconds, repeats).await,
             Bench::Rekey { children } => rekey::run(children).await.map(|_| ()),
             Bench::Commands { seconds, repeats } => commands::run(seconds, repeats).await,
+            Bench::History { tokens, rounds } => history::run(tokens, rounds).await,
         }
     })
 }
