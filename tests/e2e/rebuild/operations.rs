@@ -163,6 +163,9 @@ async fn rebuild_is_refused_when_another_runs_on_the_same_database() {
         .execute(&mut holder)
         .await
         .unwrap();
+    // The runner follows the answers (ADR 0020, 0024: it lets 20 ms of commits gather):
+    // compare once it holds everything.
+    app.app.refresh().await.unwrap();
     let live = dump(&app.db).await;
     rebuild(&app.db, &mut |_, _| {}).await.unwrap();
     assert_same_rows(&dump(&app.db).await, &live);
@@ -178,6 +181,9 @@ async fn rebuild_leaves_checkpoints_when_run_before_the_first_start() {
     random_history(&app.app, 21, 60).await;
     // The revokes' re-keys record events too: let them finish before comparing.
     app.rekeyer.run_pending().await.unwrap();
+    // The runner follows the answers (ADR 0020, 0024): take the rows once it holds
+    // everything.
+    app.app.refresh().await.unwrap();
     let live = dump(&app.db).await;
     let config = app.config.clone();
     app.db.close().await;
