@@ -170,13 +170,14 @@ pub(crate) fn reason(value: Option<&str>, required: bool) -> Result<Option<Reaso
 }
 
 /// The entity tag of a representation read with GET: `"<version>.<digest>"` for a scope
-/// (`version` given), `"<digest>"` for a list; the digest is the first 8 bytes of the
-/// body's SHA-256, in hex. A scope's body changes without its version when an ancestor's
+/// (`version` given), `"<digest>"` for a list; the digest is the first 16 bytes of the
+/// body's SHA-256, in hex (128 bits: a list whose entries an admin chooses, such as grants,
+/// must not be made to collide with a birthday search). A scope's body changes without its version when an ancestor's
 /// state changes (a pause above it), so the version alone would let a client keep an
 /// `active` it should no longer believe; `If-Match` takes the version before the dot.
 pub(crate) fn representation_tag(version: Option<i64>, body: &[u8]) -> String {
     use sha2::Digest as _;
-    let digest = hex::encode(&sha2::Sha256::digest(body)[..8]);
+    let digest = hex::encode(&sha2::Sha256::digest(body)[..16]);
     match version {
         Some(version) => format!("\"{version}.{digest}\""),
         None => format!("\"{digest}\""),
