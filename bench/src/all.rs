@@ -923,7 +923,7 @@ async fn org_of_leaf(
 }
 
 /// One pause or resume; its round trip in milliseconds.
-async fn lifecycle(
+pub(crate) async fn lifecycle(
     client: &reqwest::Client,
     base: &str,
     token: &str,

@@ -12,15 +12,10 @@ use std::time::Instant;
 
 use serde_json::json;
 
-use crate::all::{call, create_org, progress, Org};
+use crate::all::{call, create_org, lifecycle, progress, Org};
+use crate::report::quantile;
 use crate::server::{self, Server};
 use crate::BenchDb;
-
-fn quantile(values: &mut [f64], q: f64) -> f64 {
-    values.sort_by(f64::total_cmp);
-    let i = ((values.len().saturating_sub(1)) as f64 * q).round() as usize;
-    values.get(i).copied().unwrap_or(0.0)
-}
 
 async fn issue_tokens(
     client: &reqwest::Client,
@@ -66,24 +61,6 @@ async fn issue_tokens(
     Ok(refused)
 }
 
-/// One organization command (pause or resume of the organization), timed in ms.
-async fn command(
-    client: &reqwest::Client,
-    base: &str,
-    org: &Org,
-    verb: &str,
-) -> anyhow::Result<f64> {
-    let started = Instant::now();
-    call(
-        client,
-        format!("{base}/v1/scopes/{}/{verb}", org.id),
-        &org.admin,
-        json!({"reason": "bench"}),
-    )
-    .await?;
-    Ok(started.elapsed().as_secs_f64() * 1000.0)
-}
-
 async fn backend(
     name: &str,
     database_url: Option<&str>,
@@ -111,19 +88,19 @@ async fn backend(
     let (mut few, mut many) = (vec![], vec![]);
     for _ in 0..rounds {
         for verb in ["pause", "resume"] {
-            few.push(command(&client, &s.base, &small, verb).await?);
-            many.push(command(&client, &s.base, &big, verb).await?);
+            few.push(lifecycle(&client, &s.base, &small.admin, &small.id, verb).await?);
+            many.push(lifecycle(&client, &s.base, &big.admin, &big.id, verb).await?);
         }
     }
     s.stop();
     // Cold: a new process, nothing cached; the first command loads the aggregate.
     let (s, _) = Server::start(&dir, database_url).await?;
-    let cold_many = command(&client, &s.base, &big, "pause").await?;
-    let cold_few = command(&client, &s.base, &small, "pause").await?;
+    let cold_many = lifecycle(&client, &s.base, &big.admin, &big.id, "pause").await?;
+    let cold_few = lifecycle(&client, &s.base, &small.admin, &small.id, "pause").await?;
     s.stop();
     let _ = std::fs::remove_dir_all(&dir);
-    let (few50, many50) = (quantile(&mut few, 0.5), quantile(&mut many, 0.5));
-    let (few99, many99) = (quantile(&mut few, 0.99), quantile(&mut many, 0.99));
+    let (few50, many50) = (quantile(&few, 0.5), quantile(&many, 0.5));
+    let (few99, many99) = (quantile(&few, 0.99), quantile(&many, 0.99));
     let _ = writeln!(
         std::io::stdout().lock(),
         "| {name} | {many50:.2} ms (p99 {many99:.2}) | {few50:.2} ms (p99 {few99:.2}) | {:.2} | {cold_many:.2} ms | {cold_few:.2} ms |",

@@ -717,18 +717,7 @@ async fn sqlite_group(db: &SqliteDb, batch: Vec<Pending>) -> bool {
                     .execute(&mut *tx)
                     .await?;
             }
-            let outcome = async {
-                append_body!(
-                    &mut *tx,
-                    sqlite_recorded_at,
-                    &pending.aggregate_id,
-                    pending.after,
-                    &pending.events,
-                    &pending.metadata,
-                    &pending.keys
-                )
-            }
-            .await;
+            let outcome = sqlite_append(&mut tx, pending).await;
             if keys {
                 if !matches!(outcome, Ok(Appended::Committed { .. })) {
                     sqlx::query("ROLLBACK TO ekm_append")
@@ -779,21 +768,26 @@ async fn sqlite_one_by_one(db: &SqliteDb, batch: Vec<Pending>) -> bool {
     committed
 }
 
+/// SQLite: one command's events and key material, inside the caller's transaction.
+async fn sqlite_append(
+    tx: &mut sqlx::SqliteConnection,
+    pending: &Pending,
+) -> Result<Appended, StoreError> {
+    append_body!(
+        &mut *tx,
+        sqlite_recorded_at,
+        &pending.aggregate_id,
+        pending.after,
+        &pending.events,
+        &pending.metadata,
+        &pending.keys
+    )
+}
+
 /// SQLite, one command in a transaction of its own.
 async fn sqlite_single(db: &SqliteDb, pending: &Pending) -> Result<Appended, StoreError> {
     let mut tx = db.write.begin().await?;
-    let appended = async {
-        append_body!(
-            &mut *tx,
-            sqlite_recorded_at,
-            &pending.aggregate_id,
-            pending.after,
-            &pending.events,
-            &pending.metadata,
-            &pending.keys
-        )
-    }
-    .await?;
+    let appended = sqlite_append(&mut tx, pending).await?;
     match appended {
         Appended::Committed { .. } => committed(tx.commit().await, appended),
         other => Ok(other),
