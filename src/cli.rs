@@ -55,6 +55,16 @@ pub enum Command {
     /// Permissions granted to an organization's principals (org admins), through the API.
     #[command(subcommand)]
     Grant(GrantCommand),
+    /// Scopes (teams, threads, connectors), through the HTTP API: create, show, list,
+    /// pause, resume, revoke, rotate, retire, and their past. Exit codes: 0 done, 1 the
+    /// server refused (its problem document on standard error), 2 a usage error.
+    #[command(subcommand)]
+    Scope(ScopeCommand),
+    /// Check a deployment and say what to fix: the database reachable and migrated, the
+    /// master and audit keys present and matching, the clock, the customers' KMS endpoints
+    /// allowed and reachable, the read models following the log. Exit 0: healthy; 1: a
+    /// check failed. Changes nothing.
+    Doctor(DoctorArgs),
     /// Print a completion script for a shell: `ekm completions bash > /etc/bash_completion.d/ekm`,
     /// `ekm completions zsh > "${fpath[1]}/_ekm"`, `ekm completions fish > ~/.config/fish/completions/ekm.fish`.
     Completions {
@@ -217,6 +227,123 @@ pub struct OrgCreateArgs {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum ScopeCommand {
+    /// Create a scope under PARENT (an organization or a scope).
+    Create {
+        #[command(flatten)]
+        client: ClientArgs,
+        /// team, thread, mcp_connector, …
+        #[arg(long)]
+        kind: String,
+        #[arg(long)]
+        name: String,
+        /// The parent scope's id (the organization's id for a top-level scope).
+        #[arg(long)]
+        parent: String,
+    },
+    /// One scope: its own and effective state, the cause, its key versions.
+    Show {
+        #[command(flatten)]
+        client: ClientArgs,
+        id: String,
+    },
+    /// The children of a scope, every page.
+    List {
+        #[command(flatten)]
+        client: ClientArgs,
+        id: String,
+    },
+    /// A scope and everything below it, indented.
+    Tree {
+        #[command(flatten)]
+        client: ClientArgs,
+        id: String,
+    },
+    /// Pause a scope and its subtree (reversible).
+    Pause {
+        #[command(flatten)]
+        client: ClientArgs,
+        id: String,
+        /// Why: kept in the audit log.
+        #[arg(long)]
+        reason: String,
+    },
+    /// Resume a paused scope.
+    Resume {
+        #[command(flatten)]
+        client: ClientArgs,
+        id: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Revoke a scope and its subtree, for good.
+    Revoke {
+        #[command(flatten)]
+        client: ClientArgs,
+        id: String,
+        #[arg(long)]
+        reason: String,
+        /// The scope's id typed again.
+        #[arg(long)]
+        confirm: String,
+        /// Only show what would be revoked.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Add a key version; new encryptions use it.
+    Rotate {
+        #[command(flatten)]
+        client: ClientArgs,
+        id: String,
+    },
+    /// Stop (or, lower, allow again) decryption with the key versions below VERSION; retire
+    /// destroys only versions below it.
+    MinDecryptionVersion {
+        #[command(flatten)]
+        client: ClientArgs,
+        id: String,
+        version: u32,
+    },
+    /// The scope's key versions: state, last use and decrypts of the last 30 days.
+    KeyVersions {
+        #[command(flatten)]
+        client: ClientArgs,
+        id: String,
+    },
+    /// Retire (destroy) the key versions below BELOW.
+    Retire {
+        #[command(flatten)]
+        client: ClientArgs,
+        id: String,
+        #[arg(long)]
+        below: u32,
+    },
+    /// The scope as it was at a time (RFC 3339) or an event position.
+    State {
+        #[command(flatten)]
+        client: ClientArgs,
+        id: String,
+        #[arg(
+            long,
+            conflicts_with = "position",
+            required_unless_present = "position"
+        )]
+        at: Option<String>,
+        #[arg(long)]
+        position: Option<i64>,
+    },
+    /// Who could decrypt the scope's data at a time (RFC 3339).
+    #[command(name = "access-at")]
+    AccessAt {
+        #[command(flatten)]
+        client: ClientArgs,
+        id: String,
+        #[arg(long)]
+        at: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum OrgCommand {
     /// Create an organization (operator token); prints its first org_admin token once.
     Create(OrgCreateArgs),
@@ -327,6 +454,86 @@ pub enum AuditCommand {
     /// Print the public audit signing key (base64), for `ekm audit verify --public-key`;
     /// with --rotate, replace it first.
     SigningKey(SigningKeyArgs),
+    /// Stream the data plane's access log from a running server (`GET
+    /// /v1/audit/access/export`): every matching record, as JSON Lines or CSV. Exits 1 with
+    /// the server's problem document on standard error if it refuses.
+    Access(AccessArgs),
+    /// List the audit log from a running server (`GET /v1/audit`, every page): one line per
+    /// entry, or the entries' JSON with --json. Exits 1 with the server's problem document
+    /// on standard error if it refuses.
+    Query(AuditQueryArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct AuditQueryArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// The organization (default: the token's).
+    #[arg(long)]
+    pub org: Option<String>,
+    /// A scope id: its entries and its subtree's.
+    #[arg(long)]
+    pub scope: Option<String>,
+    /// `user:…`, `service:…`, `operator:…` or `system:…`.
+    #[arg(long)]
+    pub actor: Option<String>,
+    /// scope.pause, scope.revoke, grant.add, …
+    #[arg(long)]
+    pub action: Option<String>,
+    /// From this time on (RFC 3339).
+    #[arg(long)]
+    pub from: Option<String>,
+    /// Before this time (RFC 3339).
+    #[arg(long)]
+    pub to: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct DoctorArgs {
+    #[command(flatten)]
+    pub db: DbArgs,
+    /// The master key file the servers use (default: DATA_DIR/master.key). Never created.
+    #[arg(long, env = "EKM_MASTER_KEY_FILE")]
+    pub master_key_file: Option<PathBuf>,
+    /// The audit key file the servers use (default: DATA_DIR/audit.key). Never created.
+    #[arg(long, env = "EKM_AUDIT_KEY_FILE")]
+    pub audit_key_file: Option<PathBuf>,
+    /// The servers' `--kms-allowed-endpoints`.
+    #[arg(long, env = "EKM_KMS_ALLOWED_ENDPOINTS", value_delimiter = ',')]
+    pub kms_allowed_endpoints: Vec<String>,
+    /// Print the checks as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct AccessArgs {
+    #[command(flatten)]
+    pub client: ClientArgs,
+    /// The organization (default: the token's).
+    #[arg(long)]
+    pub org: Option<String>,
+    /// A scope id: its records and its subtree's.
+    #[arg(long)]
+    pub scope: Option<String>,
+    /// Only this principal's uses.
+    #[arg(long)]
+    pub principal: Option<String>,
+    /// encrypt, decrypt, datakey or rewrap.
+    #[arg(long)]
+    pub operation: Option<String>,
+    /// `ok`, or a refusal's code (scope_paused, forbidden, ...).
+    #[arg(long)]
+    pub outcome: Option<String>,
+    /// From this time on (RFC 3339).
+    #[arg(long)]
+    pub from: Option<String>,
+    /// Before this time (RFC 3339).
+    #[arg(long)]
+    pub to: Option<String>,
+    /// jsonl or csv.
+    #[arg(long, default_value = "jsonl", value_parser = ["jsonl", "csv"])]
+    pub format: String,
 }
 
 #[derive(Debug, Args)]
@@ -397,6 +604,10 @@ pub struct VerifyArgs {
     /// `GET /v1/audit/signing-key`).
     #[arg(long, requires = "file")]
     pub public_key: Option<PathBuf>,
+    /// The servers' `--access-log-retention`: a pinned access-log stream may be gone only
+    /// if its month ended before it (else it was cut).
+    #[arg(long, env = "EKM_ACCESS_LOG_RETENTION", default_value = "400d", value_parser = parse_days)]
+    pub access_log_retention: u32,
 }
 
 /// Where the data lives: SQLite in the data directory, or PostgreSQL.
@@ -509,4 +720,24 @@ pub struct ServeArgs {
     /// without DDL rights; the owner runs `ekm migrate` (docs/ops/postgres-roles.sql).
     #[arg(long, env = "EKM_NO_MIGRATE")]
     pub no_migrate: bool,
+    /// The data plane's access log (ADR 0026): `durable` commits each use's record before
+    /// the answer; `async` answers at once and commits within the writer's next batch (a
+    /// crash loses what was queued, at most about a second of records). `off` records
+    /// nothing and exists for benchmarks only.
+    #[arg(long, env = "EKM_ACCESS_LOG", default_value = "durable", value_parser = ["durable", "async", "off"])]
+    pub access_log: String,
+    /// How long access-log records are kept, in days (`400` or `400d`; at least 30). On
+    /// PostgreSQL whole monthly partitions are dropped once all their records are older.
+    #[arg(long, env = "EKM_ACCESS_LOG_RETENTION", default_value = "400d", value_parser = parse_days)]
+    pub access_log_retention: u32,
+}
+
+/// A number of days, `400` or `400d`, from 30 to 36,500.
+fn parse_days(input: &str) -> Result<u32, String> {
+    let number = input.trim().strip_suffix('d').unwrap_or(input.trim());
+    number
+        .parse::<u32>()
+        .ok()
+        .filter(|days| (ekm_store::access_log::MIN_RETENTION_DAYS..=36_500).contains(days))
+        .ok_or_else(|| format!("`{input}`: expected a number of days from 30 to 36500, as in 400d"))
 }

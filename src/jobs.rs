@@ -126,6 +126,8 @@ pub async fn audit(command: AuditCommand) -> anyhow::Result<ExitCode> {
             (Some(file), Some(key)) => verify_file_job(file, key, args.json),
             _ => verify_job(args).await,
         },
+        AuditCommand::Access(args) => crate::client::access(args).await,
+        AuditCommand::Query(args) => crate::client::audit_query(args).await,
         AuditCommand::SigningKey(args) if args.rotate => rotate_signing_key_job(args).await,
         AuditCommand::SigningKey(args) => {
             let key = audit_signing_key(
@@ -336,6 +338,9 @@ fn verify_file_job(file: &Path, key: &Path, json: bool) -> anyhow::Result<ExitCo
 #[derive(Default, serde::Serialize, serde::Deserialize)]
 struct HeadFile {
     orgs: BTreeMap<String, RecordedHead>,
+    /// Each organization's access-log streams, at their last verified record (ADR 0026).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    access: BTreeMap<String, BTreeMap<String, ekm_store::access_log::StreamHead>>,
 }
 
 fn read_head_file(path: &Path) -> anyhow::Result<HeadFile> {
@@ -388,13 +393,62 @@ async fn verify_job(args: VerifyArgs) -> anyhow::Result<ExitCode> {
             orgs
         }
     };
+    // The access log (ADR 0026), read only; on SQLite if its file exists (verify changes
+    // nothing in what it examines).
+    let events_path = match &args.db.database_url {
+        Some(_) => None,
+        None => match ekm_store::DbConfig::sqlite_in(&args.db.data_dir) {
+            ekm_store::DbConfig::Sqlite { path } => Some(path),
+            ekm_store::DbConfig::Postgres { .. } => None,
+        },
+    };
+    let access = match &events_path {
+        Some(path) if !ekm_store::access_log::sqlite_path(path).exists() => None,
+        path => Some(
+            ekm_store::AccessLog::open_read_only(&db, path.as_deref())
+                .await
+                .map_err(db_error)?,
+        ),
+    };
+    let sealer = ekm_service::AccessSeals(key.clone());
     let mut failed = false;
     let mut reports = vec![];
+    let mut access_reports = vec![];
     for org in orgs {
         let report = verify_chain(&db, &key, &org, heads.orgs.get(&org))
             .await
             .map_err(db_error)?;
         failed |= !report.ok;
+        let access_report = match &access {
+            Some(log) => {
+                let pinned = heads.access.get(&org).cloned().unwrap_or_default();
+                let report = log
+                    .verify(&org, &sealer, &pinned, args.access_log_retention)
+                    .await
+                    .map_err(db_error)?;
+                // An organization that fails keeps its pins: the evidence stays.
+                if report.ok() {
+                    heads.access.insert(org.clone(), report.heads.clone());
+                }
+                Some(report)
+            }
+            // No access log at all, where the head file pinned streams: cut whole.
+            None => heads.access.get(&org).and_then(|pins| {
+                pins.iter()
+                    .next()
+                    .map(|(stream, pin)| ekm_store::access_log::AccessReport {
+                        first_failure: Some(ekm_store::access_log::AccessFailure {
+                            id: 0,
+                            stream: stream.clone(),
+                            seq: pin.seq,
+                            problem: "truncated",
+                        }),
+                        ..Default::default()
+                    })
+            }),
+        };
+        failed |= access_report.as_ref().is_some_and(|r| !r.ok());
+        access_reports.push(access_report);
         if let (true, Some(position), Some(seal)) =
             (report.ok, report.head_position, report.head_hash.clone())
         {
@@ -404,9 +458,34 @@ async fn verify_job(args: VerifyArgs) -> anyhow::Result<ExitCode> {
     }
     let mut out = std::io::stdout().lock();
     if args.json {
-        writeln!(out, "{}", serde_json::to_string(&reports)?)?;
+        let mut values = vec![];
+        for (report, access) in reports.iter().zip(&access_reports) {
+            let mut value = serde_json::to_value(report)?;
+            if let Some(access) = access {
+                value["ok"] = serde_json::json!(report.ok && access.ok());
+                value["access_log"] = ekm_api::audit::access_report_json(access);
+            }
+            values.push(value);
+        }
+        writeln!(out, "{}", serde_json::to_string(&values)?)?;
     } else {
-        for report in &reports {
+        for (report, access) in reports.iter().zip(&access_reports) {
+            match access.as_ref().and_then(|a| a.first_failure.as_ref()) {
+                Some(failure) => writeln!(
+                    out,
+                    "TAMPERED  {}  access log record {}: {} (stream {}, place {})",
+                    report.org_id, failure.id, failure.problem, failure.stream, failure.seq
+                )?,
+                None => {
+                    if let Some(access) = access {
+                        writeln!(
+                            out,
+                            "ok        {}  access log: {} records in {} streams",
+                            report.org_id, access.records, access.streams
+                        )?;
+                    }
+                }
+            }
             match &report.first_failure {
                 None if !report.ok => {}
                 None => writeln!(

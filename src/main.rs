@@ -3,6 +3,7 @@
 
 mod cli;
 mod client;
+mod doctor;
 mod duration;
 mod jobs;
 mod listener;
@@ -44,8 +45,10 @@ fn main() -> ExitCode {
             Command::Org(command) => client::org(command).await,
             Command::Token(command) => client::token(command).await,
             Command::Grant(command) => client::grant(command).await,
+            Command::Scope(command) => client::scope(command).await,
             Command::MasterKey(command) => jobs::master_key(command).await,
             Command::OperatorToken(command) => operator_token::operator_token(command).await,
+            Command::Doctor(args) => doctor::doctor(args).await,
             Command::Completions { .. } => Ok(ExitCode::SUCCESS),
         }
     });

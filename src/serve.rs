@@ -247,10 +247,33 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             "scope tree loaded into memory"
         );
     }
+    let events_path = match &config {
+        DbConfig::Sqlite { path } => Some(path.as_path()),
+        DbConfig::Postgres { .. } => None,
+    };
+    let mode: ekm_store::AccessLogMode = args.access_log.parse().map_err(anyhow::Error::msg)?;
+    let access = ekm_store::AccessLog::open(&db, events_path, mode, app.access_sealer())
+        .await
+        .map_err(|e| anyhow::anyhow!(ekm_projections::error_chain(&e)))
+        .context("cannot open the access log")?;
+    app.set_access_log(access.clone())
+        .map_err(|e| anyhow::anyhow!(e.to_string()))?;
+    tracing::info!(
+        mode = args.access_log,
+        retention_days = args.access_log_retention,
+        "access log ready"
+    );
+    let retention = tokio::spawn(access_log_retention(
+        access.clone(),
+        args.access_log_retention,
+        shutdown_rx.clone(),
+    ));
     let monitor = tokio::spawn(
         HealthMonitor::new(app.clone(), args.key_health_interval).run(shutdown_rx.clone()),
     );
     let rekeyer = tokio::spawn(Rekeyer::new(app.clone()).run(shutdown_rx.clone()));
+    let scheduler =
+        tokio::spawn(ekm_service::scheduler::Scheduler::new(app.clone()).run(shutdown_rx.clone()));
     let watch = tokio::spawn(
         app.clone()
             .watch_projections(args.max_projection_lag, shutdown_rx.clone()),
@@ -279,9 +302,35 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let _ = monitor.await;
     let _ = watch.await;
     let _ = rekeyer.await;
+    let _ = scheduler.await;
+    let _ = retention.await;
+    // Records of async mode still queued are written before the database closes.
+    access.drain(std::time::Duration::from_secs(5)).await;
     db.close().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Applies the access log's retention (and, on PostgreSQL, creates the coming months'
+/// partitions) at start and every hour.
+async fn access_log_retention(
+    access: ekm_store::AccessLog,
+    keep_days: u32,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    loop {
+        match access.maintain(keep_days).await {
+            Ok(removed) => tracing::info!(removed, keep_days, "access log retention applied"),
+            Err(error) => tracing::error!(
+                error = %ekm_projections::error_chain(&error),
+                "access log retention failed; tried again in an hour"
+            ),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(std::time::Duration::from_secs(3600)) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT. New connections are refused; requests in progress get

@@ -220,6 +220,9 @@ function signOut(message) {
   $("who").hidden = true;
   $("tree").replaceChildren();
   $("audit-rows").replaceChildren();
+  $("access-rows").replaceChildren();
+  $("access-more").hidden = true;
+  $("who-could-result").replaceChildren();
   $("detail-panel").hidden = true;
   // Nothing of the previous organization may show to the next token.
   $("search-results").hidden = true;
@@ -635,8 +638,78 @@ async function loadAudit(cursor) {
 async function exportAudit(format) {
   const params = auditQuery();
   params.set("format", format);
-  // A long history streams for a while: allow ten minutes, not the usual thirty seconds.
-  const response = await api("GET", `/v1/audit/export?${params}`, undefined, 10 * 60_000);
+  await download(`/v1/audit/export?${params}`, "ekm-audit", format);
+}
+
+async function verifyAudit() {
+  const report = await json("GET", "/v1/audit/verify");
+  const result = $("verify-result");
+  result.hidden = false;
+  const access = report.access_log;
+  const accessText = access
+    ? (access.ok
+      ? ` Access log intact: ${plural(access.records, "record", "records")} in ${plural(access.streams, "stream", "streams")}.`
+      : ` Access log broken at record ${access.first_failure.id}: ${access.first_failure.problem}.`)
+    : "";
+  const failure = report.first_failure;
+  if (report.ok) {
+    result.className = "ok";
+    result.textContent = `Hash chain intact: ${report.entries} entries verified, head position ${report.head_position}, head hash ${report.head_hash}. Keep the head hash elsewhere to detect a rewrite of the whole chain.${accessText}`;
+  } else if (failure) {
+    result.className = "error";
+    result.textContent = `Hash chain broken at position ${failure.position}: entry ${failure.problem}${failure.detail ? ` (${failure.detail})` : ""}.${accessText}`;
+  } else {
+    result.className = "error";
+    result.textContent = `Verification failed.${accessText}`;
+  }
+}
+
+// Access log and "who could decrypt".
+
+function accessQuery() {
+  const params = new URLSearchParams();
+  const scope = $("access-scope").value.trim();
+  const principal = $("access-principal").value.trim();
+  const operation = $("access-operation").value;
+  const outcome = $("access-outcome").value.trim();
+  const from = toRfc3339($("access-from").value);
+  const to = toRfc3339($("access-to").value);
+  if (scope) params.set("scope", scope);
+  if (principal) params.set("principal", principal);
+  if (operation) params.set("operation", operation);
+  if (outcome) params.set("outcome", outcome);
+  if (from) params.set("from", from);
+  if (to) params.set("to", to);
+  return params;
+}
+
+async function loadAccess(cursor) {
+  const params = accessQuery();
+  params.set("limit", String(PAGE));
+  if (cursor) params.set("cursor", cursor);
+  const page = await json("GET", `/v1/audit/access?${params}`);
+  const rows = $("access-rows");
+  if (!cursor) rows.replaceChildren();
+  for (const use of page.items) {
+    rows.append(el("tr", { "data-operation": use.operation, "data-outcome": use.outcome },
+      el("td", {}, formatTime(use.at)),
+      el("td", {}, use.scope_id),
+      el("td", {}, use.principal),
+      el("td", {}, use.operation),
+      el("td", {}, use.class || ""),
+      el("td", {}, use.key_version == null ? "" : String(use.key_version)),
+      el("td", {}, use.outcome),
+      el("td", {}, use.justification || "")));
+  }
+  const more = $("access-more");
+  more.hidden = !page.next_cursor;
+  more.dataset.cursor = page.next_cursor || "";
+  say(`${plural(rows.children.length, "use", "uses")} shown${page.next_cursor ? " (more available)" : ""}.`);
+}
+
+async function download(path, name, format) {
+  // A long log streams for a while: allow ten minutes, not the usual thirty seconds.
+  const response = await api("GET", path, undefined, 10 * 60_000);
   if (!response.ok) {
     let problem = null;
     try { problem = await response.json(); } catch (_) { problem = null; }
@@ -644,7 +717,7 @@ async function exportAudit(format) {
   }
   const blob = await response.blob();
   const url = URL.createObjectURL(blob);
-  const link = el("a", { href: url, download: `ekm-audit.${format}` });
+  const link = el("a", { href: url, download: `${name}.${format}` });
   document.body.append(link);
   link.click();
   link.remove();
@@ -652,18 +725,35 @@ async function exportAudit(format) {
   say(`Exported ${format.toUpperCase()} (${blob.size} bytes).`);
 }
 
-async function verifyAudit() {
-  const report = await json("GET", "/v1/audit/verify");
-  const result = $("verify-result");
-  result.hidden = false;
-  if (report.ok) {
-    result.className = "ok";
-    result.textContent = `Hash chain intact: ${report.entries} entries verified, head position ${report.head_position}, head hash ${report.head_hash}. Keep the head hash elsewhere to detect a rewrite of the whole chain.`;
-  } else {
-    const failure = report.first_failure || {};
-    result.className = "error";
-    result.textContent = `Hash chain broken at position ${failure.position}: entry ${failure.problem}${failure.detail ? ` (${failure.detail})` : ""}.`;
+async function exportAccess() {
+  const params = accessQuery();
+  params.set("format", "csv");
+  await download(`/v1/audit/access/export?${params}`, "ekm-access", "csv");
+}
+
+async function whoCould() {
+  const scope = $("who-could-scope").value.trim();
+  const at = toRfc3339($("who-could-at").value);
+  if (!scope) throw new Error("Give a scope id.");
+  if (!at) throw new Error("Choose a time.");
+  const answer = await json("GET", `/v1/scopes/${encodeURIComponent(scope)}/access-at?at=${encodeURIComponent(at)}`);
+  const result = $("who-could-result");
+  const heading = el("p", {}, `At ${formatTime(at)} the scope was ${answer.effective_state}.`);
+  if (answer.principals.length === 0) {
+    const why = answer.effective_state === "active"
+      ? "No principal held a data:use grant covering it."
+      : `Nobody could decrypt${answer.cause ? ` (${describeCause(answer)})` : ""}.`;
+    result.replaceChildren(heading, el("p", { id: "who-could-nobody" }, why));
+    return;
   }
+  const list = el("ul", { id: "who-could-list" });
+  for (const p of answer.principals) {
+    const tokens = p.tokens.length === 0
+      ? "no valid token"
+      : p.tokens.map((t) => `${t.token_id}${t.expires_at ? ` (expires ${formatTime(t.expires_at)})` : ""}`).join(", ");
+    list.append(el("li", {}, `${p.principal}: ${p.permission} granted on ${p.granted_on}; tokens: ${tokens}`));
+  }
+  result.replaceChildren(heading, list);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -742,6 +832,24 @@ function wire() {
   on("audit-export-jsonl", "click", () => busy($("audit-export-jsonl"), () => exportAudit("jsonl")));
   on("audit-export-csv", "click", () => busy($("audit-export-csv"), () => exportAudit("csv")));
   on("audit-verify", "click", () => busy($("audit-verify"), verifyAudit));
+  on("access-form", "submit", (event) => {
+    event.preventDefault();
+    busy($("access-apply"), () => loadAccess());
+  });
+  on("access-more", "click", () => busy($("access-more"), () => loadAccess($("access-more").dataset.cursor)));
+  on("access-use-selected", "click", () => {
+    if (session.selected) $("access-scope").value = session.selected.id;
+    else showError("Select a scope in the Scopes view first.", $("access-use-selected"));
+  });
+  on("access-export-csv", "click", () => busy($("access-export-csv"), exportAccess));
+  on("who-could-form", "submit", (event) => {
+    event.preventDefault();
+    busy($("who-could-submit"), whoCould);
+  });
+  on("who-could-use-selected", "click", () => {
+    if (session.selected) $("who-could-scope").value = session.selected.id;
+    else showError("Select a scope in the Scopes view first.", $("who-could-use-selected"));
+  });
   // Only now can the form be submitted without the page sending the token anywhere.
   $("signin-button").disabled = false;
 }

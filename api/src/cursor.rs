@@ -23,8 +23,10 @@ pub(crate) enum List {
     Children,
     Search,
     Audit,
+    Access,
     Tokens,
     Grants,
+    Schedule,
 }
 
 impl List {
@@ -33,8 +35,10 @@ impl List {
             List::Children => "children",
             List::Search => "search",
             List::Audit => "audit",
+            List::Access => "access",
             List::Tokens => "tokens",
             List::Grants => "grants",
+            List::Schedule => "schedule",
         }
     }
 }

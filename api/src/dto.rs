@@ -94,6 +94,14 @@ pub struct ReasonRequest {
     pub reason: Option<String>,
 }
 
+/// A pause: why, and (optionally) until when; the scheduler resumes it then.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PauseRequest {
+    pub reason: Option<String>,
+    pub until: Option<String>,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RetireRequest {
@@ -152,6 +160,8 @@ pub struct ScopeJson {
     pub cause: Option<CauseJson>,
     pub version: i64,
     pub key_versions: Vec<KeyVersionJson>,
+    /// Key versions below this one do not decrypt (`key_version_disabled`); 1: all do.
+    pub min_decryption_version: u32,
     pub created_at: String,
     /// Once a revoke exists on the path: how far its keys are destroyed (ADR 0013).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -272,6 +282,7 @@ impl From<&ScopeSnapshot> for ScopeJson {
             cause: snapshot.cause.as_ref().map(cause_json),
             version: scope.version,
             key_versions: key_versions_json(&snapshot.key_versions),
+            min_decryption_version: scope.min_decryption_version,
             created_at: rfc3339(scope.created_at),
             destruction: snapshot.destruction.as_ref().map(DestructionJson::from),
         }
@@ -339,6 +350,7 @@ impl PastScopeJson {
                         retired: k.retired_at.is_some(),
                     })
                     .collect(),
+                min_decryption_version: state.min_decryption.get(),
                 created_at: rfc3339(past.created_at),
                 // Time travel answers the lifecycle as it was; how far destruction has got
                 // is a fact of now, on `GET /v1/scopes/{id}`.

@@ -25,7 +25,15 @@ pub enum Code {
     ScopeRevoked,
     KeyUnavailable,
     ClassNotCovered,
+    /// The path's justification policy requires a reason and the request gave none.
+    JustificationRequired,
+    /// The path's justification policy does not accept the request's reason.
+    JustificationNotAllowed,
+    /// A justification policy that, with the policies above it, would admit no request.
+    JustificationPolicyConflict,
     InvalidCiphertext,
+    /// The ciphertext's key version is below the scope's decryption floor.
+    KeyVersionDisabled,
     /// A customer master key failed validation when connecting it.
     MasterKeyUnusable,
     Unavailable,
@@ -51,7 +59,11 @@ impl Code {
             Code::ScopeRevoked => "scope_revoked",
             Code::KeyUnavailable => "key_unavailable",
             Code::ClassNotCovered => "class_not_covered",
+            Code::JustificationRequired => "justification_required",
+            Code::JustificationNotAllowed => "justification_not_allowed",
+            Code::JustificationPolicyConflict => "justification_policy_conflict",
             Code::InvalidCiphertext => "invalid_ciphertext",
+            Code::KeyVersionDisabled => "key_version_disabled",
             Code::MasterKeyUnusable => "master_key_unusable",
             Code::Unavailable => "unavailable",
             Code::CommittedUnconfirmed => "committed_unconfirmed",
@@ -75,7 +87,13 @@ impl Code {
             Code::ClassNotCovered => {
                 "This data class is not encrypted under the organization's tier"
             }
+            Code::JustificationRequired => "An access justification is required",
+            Code::JustificationNotAllowed => "This access justification is not allowed here",
+            Code::JustificationPolicyConflict => {
+                "The policy would admit no justification with the policies above it"
+            }
             Code::InvalidCiphertext => "The ciphertext cannot be decrypted here",
+            Code::KeyVersionDisabled => "This key version no longer decrypts",
             Code::MasterKeyUnusable => "The master key cannot be used",
             Code::Unavailable => "The service is temporarily unavailable",
             Code::CommittedUnconfirmed => "The change was recorded but not confirmed",
@@ -190,6 +208,7 @@ impl From<ScopeError> for ApiError {
             ScopeError::InvalidParent { .. }
             | ScopeError::NotAnOrganization
             | ScopeError::CannotRetireCurrent { .. }
+            | ScopeError::FloorAboveCurrent { .. }
             | ScopeError::ConfirmationMismatch
             | ScopeError::ByokNeedsMasterKey
             | ScopeError::ByokTierMismatch => ApiError::invalid(detail),
@@ -206,7 +225,13 @@ impl From<ScopeError> for ApiError {
             ScopeError::ControlsNeedEnterprise | ScopeError::TierNeedsEnterprise(_) => {
                 ApiError::new(StatusCode::FORBIDDEN, Code::PlanRequired, detail)
             }
+            ScopeError::JustificationPolicyConflict => {
+                ApiError::new(conflict, Code::JustificationPolicyConflict, detail)
+            }
             ScopeError::StaleKeyVersion { .. }
+            | ScopeError::RetireAboveFloor { .. }
+            | ScopeError::PlanNeedsDefaultTier(_)
+            | ScopeError::PlanLeavesControlsInForce { .. }
             | ScopeError::NotRevoked
             | ScopeError::RekeyOutOfOrder(_) => ApiError::new(conflict, Code::Conflict, detail),
         }

@@ -22,6 +22,7 @@ use ekm_store::{Db, DbConfig};
 
 use crate::seed::EventBatch;
 
+mod access_log;
 mod all;
 mod commands;
 mod data_plane;
@@ -108,6 +109,19 @@ enum Bench {
         #[arg(long, default_value_t = 200)]
         rounds: usize,
     },
+    /// HTTP decrypt of 1 KiB with the access log durable and async against off (the same
+    /// binary, alternating runs), on SQLite and PostgreSQL.
+    AccessLog {
+        /// Seconds per run.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Runs of each mode, alternating.
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+        /// wrk's connections (clients waiting for their answers).
+        #[arg(long, default_value_t = 16)]
+        connections: u32,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -132,6 +146,11 @@ fn main() -> anyhow::Result<()> {
             Bench::Rekey { children } => rekey::run(children).await.map(|_| ()),
             Bench::Commands { seconds, repeats } => commands::run(seconds, repeats).await,
             Bench::History { tokens, rounds } => history::run(tokens, rounds).await,
+            Bench::AccessLog {
+                seconds,
+                repeats,
+                connections,
+            } => access_log::run(seconds, repeats, connections).await,
         }
     })
 }

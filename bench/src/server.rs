@@ -201,10 +201,21 @@ pub fn lua(token: &str, body: Option<&str>) -> String {
 
 /// `wrk -t2 -c16 --latency` for `seconds` with the given Lua script.
 pub fn wrk(url: &str, script: &str, seconds: u64) -> anyhow::Result<WrkRun> {
+    wrk_with(url, script, seconds, 16)
+}
+
+/// `wrk` with `connections` connections.
+pub fn wrk_with(url: &str, script: &str, seconds: u64, connections: u32) -> anyhow::Result<WrkRun> {
     let path = temp_path("ekm-wrk.lua");
     std::fs::write(&path, script)?;
     let output = Command::new("wrk")
-        .args(["-t2", "-c16", &format!("-d{seconds}s"), "--latency", "-s"])
+        .args([
+            "-t2",
+            &format!("-c{connections}"),
+            &format!("-d{seconds}s"),
+            "--latency",
+            "-s",
+        ])
         .arg(&path)
         .arg(url)
         .output()

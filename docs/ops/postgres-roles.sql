@@ -28,6 +28,12 @@ GRANT USAGE ON SCHEMA public TO :"app";
 GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO :"app";
 -- The event log and the seals are append-only for the server.
 REVOKE UPDATE, DELETE, TRUNCATE ON events, audit_chain, audit_keys, audit_signing_keys FROM :"app";
+-- The access log likewise (its partitions are guarded by a row trigger as well, since the
+-- default privileges below reach the monthly partitions `access_log_maintain` creates).
+REVOKE UPDATE, DELETE, TRUNCATE ON access_log, access_log_default FROM :"app";
+GRANT USAGE ON SEQUENCE access_log_id_seq TO :"app";
+-- Creates the coming months' partitions and applies retention (never below 30 days).
+GRANT EXECUTE ON FUNCTION access_log_maintain(integer) TO :"app";
 -- Read only: the seals made before keyed seals, and the migrations the server checks.
 REVOKE INSERT, UPDATE, DELETE, TRUNCATE ON audit_chain_unkeyed, _sqlx_migrations FROM :"app";
 -- (Positions come from transaction ids since migration 0013: no sequence to grant.)

@@ -10,6 +10,7 @@ use crate::commands::{Admitted, Command, Lineage, Needs, Prepared};
 use crate::errors::ScopeError;
 use crate::events::ScopeEvent;
 use crate::ids::{KeyVersion, OrgId, ScopeId};
+use crate::justification::JustificationPolicy;
 use crate::master_key::{KeyHealth, MasterKeyRef, UnavailableReason};
 use crate::scope::{OwnState, Plan, ScopeKind, ScopeName, Tier};
 
@@ -55,6 +56,15 @@ pub struct ScopeState {
     /// Revoked scopes: how far the re-key that destroys their keys in every copy has got.
     #[serde(default)]
     pub rekey: Option<RekeyProgress>,
+    /// The scope's own justification policy, if it set one (ADR 0027).
+    #[serde(default)]
+    pub justification: Option<JustificationPolicy>,
+    /// Versions below this one do not decrypt (1: all do); `retire` destroys only below it.
+    #[serde(default = "first_version")]
+    pub min_decryption: KeyVersion,
+    /// While paused: when the scheduler resumes it, if a pause set a time.
+    #[serde(default)]
+    pub resume_at: Option<String>,
 }
 
 /// The re-key of a revoked scope's ancestors (ADR 0013).
@@ -116,6 +126,21 @@ impl Scope {
         }
         if lineage.plan != Plan::Enterprise {
             return Err(ScopeError::ControlsNeedEnterprise);
+        }
+        Ok(state)
+    }
+
+    /// A scope whose controls may be undone: not revoked, nor under a revoked ancestor, on
+    /// any plan. Undoing (resume, lifting a justification policy, lowering a floor) works on
+    /// the standard plan too, so that nothing set under enterprise can be stranded by a plan
+    /// change (ADR 0029).
+    fn undoable(&self, lineage: &Lineage) -> Result<&ScopeState, ScopeError> {
+        let state = self.existing()?;
+        if state.own_state == OwnState::Revoked {
+            return Err(ScopeError::Revoked);
+        }
+        if let Effective::Revoked { by } = lineage.inherited {
+            return Err(ScopeError::AncestorRevoked { cause: by });
         }
         Ok(state)
     }
@@ -225,13 +250,40 @@ impl Scope {
             }
             Command::Pause => {
                 let state = self.controllable(Self::lineage(prepared)?)?;
-                nothing(match state.own_state {
-                    OwnState::Paused => vec![],
+                nothing(match (state.own_state, &state.resume_at) {
+                    // Paused until a time, now paused for good: the resume is cancelled.
+                    (OwnState::Paused, Some(_)) => {
+                        vec![ScopeEvent::ScopeResumeScheduled { at: None }]
+                    }
+                    (OwnState::Paused, None) => vec![],
                     _ => vec![ScopeEvent::ScopePaused {}],
                 })
             }
-            Command::Resume => {
+            Command::PauseUntil(at) => {
                 let state = self.controllable(Self::lineage(prepared)?)?;
+                let schedule = ScopeEvent::ScopeResumeScheduled {
+                    at: Some(at.clone()),
+                };
+                nothing(match state.own_state {
+                    OwnState::Paused if state.resume_at.as_ref() == Some(at) => vec![],
+                    OwnState::Paused => vec![schedule],
+                    _ => vec![ScopeEvent::ScopePaused {}, schedule],
+                })
+            }
+            Command::FireScheduledResume { at } => {
+                let state = self.undoable(Self::lineage(prepared)?)?;
+                nothing(
+                    match state.own_state == OwnState::Paused
+                        && state.resume_at.as_ref() == Some(at)
+                    {
+                        true => vec![ScopeEvent::ScopeResumed {}],
+                        // Cancelled, replaced, fired by another instance, or resumed by hand.
+                        false => vec![],
+                    },
+                )
+            }
+            Command::Resume => {
+                let state = self.undoable(Self::lineage(prepared)?)?;
                 nothing(match state.own_state {
                     OwnState::Active => vec![],
                     _ => vec![ScopeEvent::ScopeResumed {}],
@@ -251,6 +303,12 @@ impl Scope {
                     return Err(ScopeError::CannotRetireCurrent {
                         below,
                         current: state.key_version,
+                    });
+                }
+                if below > state.min_decryption && below > state.retired_below {
+                    return Err(ScopeError::RetireAboveFloor {
+                        below,
+                        floor: state.min_decryption,
                     });
                 }
                 Ok((
@@ -308,6 +366,83 @@ impl Scope {
                         key_fingerprint: fingerprint,
                     }],
                 ))
+            }
+            Command::ChangePlan(plan) => {
+                let state = self.existing()?;
+                let Some(from) = state.plan else {
+                    return Err(ScopeError::NotAnOrganization);
+                };
+                if state.own_state == OwnState::Revoked {
+                    return Err(ScopeError::Revoked);
+                }
+                if from == *plan {
+                    return nothing(vec![]);
+                }
+                if *plan != Plan::Enterprise {
+                    let tier = state.tier.unwrap_or(Tier::Default);
+                    if tier != Tier::Default || state.master.is_some() {
+                        return Err(ScopeError::PlanNeedsDefaultTier(tier));
+                    }
+                    let controls = prepared.controls_in_force.ok_or(ScopeError::NotFound)?;
+                    if !controls.is_empty() {
+                        return Err(ScopeError::PlanLeavesControlsInForce {
+                            paused: controls.paused,
+                            policies: controls.justification_policies,
+                            floors: controls.floors,
+                        });
+                    }
+                }
+                nothing(vec![ScopeEvent::OrganizationPlanChanged {
+                    from,
+                    to: *plan,
+                }])
+            }
+            Command::SetMinDecryptionVersion(version) => {
+                let version = *version;
+                let lineage = Self::lineage(prepared)?;
+                let state = match version < self.existing()?.min_decryption {
+                    // Lowering the floor undoes a control: on any plan.
+                    true => self.undoable(lineage)?,
+                    false => self.controllable(lineage)?,
+                };
+                if version > state.key_version {
+                    return Err(ScopeError::FloorAboveCurrent {
+                        version,
+                        current: state.key_version,
+                    });
+                }
+                nothing(if version == state.min_decryption {
+                    vec![]
+                } else {
+                    vec![ScopeEvent::ScopeMinDecryptionVersionSet { version }]
+                })
+            }
+            Command::SetJustificationPolicy(policy) => {
+                let lineage = Self::lineage(prepared)?;
+                let state = match policy.is_empty() {
+                    // Lifting the policy undoes a control: on any plan.
+                    true => self.undoable(lineage)?,
+                    false => self.controllable(lineage)?,
+                };
+                let current = state.justification.clone().unwrap_or_default();
+                let above = &lineage.justification;
+                // A policy that would leave the path admitting nothing is refused, unless
+                // the path above already admits nothing (then lifting or loosening stays
+                // possible).
+                if current != *policy
+                    && above.admits_some()
+                    && !above.clone().then(state.id, Some(policy)).admits_some()
+                {
+                    return Err(ScopeError::JustificationPolicyConflict);
+                }
+                nothing(if current == *policy {
+                    vec![]
+                } else {
+                    vec![ScopeEvent::ScopeJustificationPolicySet {
+                        required: policy.required,
+                        allowed: policy.allowed.clone(),
+                    }]
+                })
             }
             Command::IssueToken {
                 token_id,
@@ -531,6 +666,9 @@ impl Aggregate for Scope {
                     grants: Default::default(),
                     tokens: Default::default(),
                     rekey: None,
+                    justification: None,
+                    min_decryption: KeyVersion::FIRST,
+                    resume_at: None,
                 });
             }
             ScopeEvent::ScopeCreated {
@@ -561,11 +699,21 @@ impl Aggregate for Scope {
                     grants: Default::default(),
                     tokens: Default::default(),
                     rekey: None,
+                    justification: None,
+                    min_decryption: KeyVersion::FIRST,
+                    resume_at: None,
                 });
             }
             ScopeEvent::ScopePaused {} => self.set_own_state(OwnState::Paused),
-            ScopeEvent::ScopeResumed {} => self.set_own_state(OwnState::Active),
-            ScopeEvent::ScopeRevoked {} => self.set_own_state(OwnState::Revoked),
+            ScopeEvent::ScopeResumed {} => {
+                self.set_own_state(OwnState::Active);
+                self.set_resume_at(None);
+            }
+            ScopeEvent::ScopeRevoked {} => {
+                self.set_own_state(OwnState::Revoked);
+                self.set_resume_at(None);
+            }
+            ScopeEvent::ScopeResumeScheduled { at } => self.set_resume_at(at),
             ScopeEvent::ScopeKeyVersionsRetired { below } => {
                 if let Some(state) = self.state.as_mut() {
                     state.retired_below = below;
@@ -654,11 +802,33 @@ impl Aggregate for Scope {
                     rekey.completed = true;
                 }
             }
+            ScopeEvent::OrganizationPlanChanged { to, .. } => {
+                if let Some(state) = self.state.as_mut() {
+                    state.plan = Some(to);
+                }
+            }
+            ScopeEvent::ScopeMinDecryptionVersionSet { version } => {
+                if let Some(state) = self.state.as_mut() {
+                    state.min_decryption = version;
+                }
+            }
+            ScopeEvent::ScopeJustificationPolicySet { required, allowed } => {
+                if let Some(state) = self.state.as_mut() {
+                    let policy = JustificationPolicy { required, allowed };
+                    state.justification = (!policy.is_empty()).then_some(policy);
+                }
+            }
         }
     }
 }
 
 impl Scope {
+    fn set_resume_at(&mut self, at: Option<String>) {
+        if let Some(state) = self.state.as_mut() {
+            state.resume_at = at;
+        }
+    }
+
     fn set_own_state(&mut self, own_state: OwnState) {
         if let Some(state) = self.state.as_mut() {
             state.own_state = own_state;
@@ -704,6 +874,7 @@ mod tests {
         Lineage {
             plan: Plan::Enterprise,
             inherited: Effective::Active,
+            justification: crate::EffectiveJustification::default(),
         }
     }
 
@@ -869,6 +1040,178 @@ mod tests {
         }
     }
 
+    fn justification(required: bool, allowed: &[&str]) -> JustificationPolicy {
+        JustificationPolicy::new(
+            required,
+            allowed
+                .iter()
+                .map(|c| crate::JustificationCode::parse(c).unwrap_or_else(|_| unreachable!()))
+                .collect(),
+        )
+        .unwrap_or_else(|_| unreachable!())
+    }
+
+    fn on(lineage: Lineage) -> Prepared {
+        Prepared {
+            lineage: Some(lineage),
+            ..Prepared::default()
+        }
+    }
+
+    #[test]
+    fn justification_policy_records_one_event_when_it_changes() {
+        let policy = justification(true, &["customer_support", "agent_run"]);
+        ScopeTest::with(())
+            .given(vec![team_created()])
+            .when((
+                Command::SetJustificationPolicy(policy.clone()),
+                on(enterprise()),
+            ))
+            .then_expect_events(vec![ScopeEvent::ScopeJustificationPolicySet {
+                required: true,
+                allowed: policy.allowed,
+            }]);
+    }
+
+    #[test]
+    fn justification_policy_records_nothing_when_it_is_unchanged() {
+        let set = ScopeEvent::ScopeJustificationPolicySet {
+            required: true,
+            allowed: justification(true, &["agent_run"]).allowed,
+        };
+        ScopeTest::with(())
+            .given(vec![team_created(), set])
+            .when((
+                Command::SetJustificationPolicy(justification(true, &["agent_run"])),
+                on(enterprise()),
+            ))
+            .then_expect_events(vec![]);
+        // Lifting a policy that was never set changes nothing either.
+        ScopeTest::with(())
+            .given(vec![team_created()])
+            .when((
+                Command::SetJustificationPolicy(justification(false, &[])),
+                on(enterprise()),
+            ))
+            .then_expect_events(vec![]);
+    }
+
+    #[test]
+    fn justification_policy_is_refused_when_the_path_would_admit_nothing() {
+        let org_list = justification(true, &["agent_run"]);
+        let above = crate::EffectiveJustification::along([(org_id().scope_id(), Some(&org_list))]);
+        let under = |justification: crate::EffectiveJustification| Lineage {
+            justification,
+            ..enterprise()
+        };
+        ScopeTest::with(())
+            .given(vec![team_created()])
+            .when((
+                Command::SetJustificationPolicy(justification(true, &["legal_hold"])),
+                on(under(above.clone())),
+            ))
+            .then_expect_error(ScopeError::JustificationPolicyConflict);
+        // Where the path above already admits nothing (an ancestor changed later), the
+        // scope's own policy can still be lifted.
+        let legal = justification(true, &["legal_hold"]);
+        let stuck = above.then(team_id(), Some(&legal));
+        let set = ScopeEvent::ScopeJustificationPolicySet {
+            required: true,
+            allowed: legal.allowed.clone(),
+        };
+        ScopeTest::with(())
+            .given(vec![team_created(), set])
+            .when((
+                Command::SetJustificationPolicy(justification(false, &[])),
+                on(under(
+                    stuck
+                        .without(team_id())
+                        .then(ScopeId::generate(), Some(&legal)),
+                )),
+            ))
+            .then_expect_events(vec![ScopeEvent::ScopeJustificationPolicySet {
+                required: false,
+                allowed: vec![],
+            }]);
+    }
+
+    #[test]
+    fn justification_policy_is_refused_when_revoked_or_not_enterprise() {
+        ScopeTest::with(())
+            .given(vec![team_created(), ScopeEvent::ScopeRevoked {}])
+            .when((
+                Command::SetJustificationPolicy(justification(true, &[])),
+                on(enterprise()),
+            ))
+            .then_expect_error(ScopeError::Revoked);
+        ScopeTest::with(())
+            .given(vec![team_created()])
+            .when((
+                Command::SetJustificationPolicy(justification(true, &[])),
+                on(Lineage {
+                    plan: Plan::Standard,
+                    inherited: Effective::Active,
+                    justification: crate::EffectiveJustification::default(),
+                }),
+            ))
+            .then_expect_error(ScopeError::ControlsNeedEnterprise);
+    }
+
+    #[test]
+    fn pause_until_schedules_a_resume_that_fires_once() {
+        let at = "2026-12-01T12:00:00.000000Z".to_owned();
+        let scheduled = ScopeEvent::ScopeResumeScheduled {
+            at: Some(at.clone()),
+        };
+        ScopeTest::with(())
+            .given(vec![team_created()])
+            .when((Command::PauseUntil(at.clone()), on(enterprise())))
+            .then_expect_events(vec![ScopeEvent::ScopePaused {}, scheduled.clone()]);
+        let paused_until = vec![
+            team_created(),
+            ScopeEvent::ScopePaused {},
+            scheduled.clone(),
+        ];
+        ScopeTest::with(())
+            .given(paused_until.clone())
+            .when((
+                Command::FireScheduledResume { at: at.clone() },
+                on(enterprise()),
+            ))
+            .then_expect_events(vec![ScopeEvent::ScopeResumed {}]);
+        // Fired already (by another instance): nothing more.
+        let mut fired = paused_until.clone();
+        fired.push(ScopeEvent::ScopeResumed {});
+        ScopeTest::with(())
+            .given(fired)
+            .when((
+                Command::FireScheduledResume { at: at.clone() },
+                on(enterprise()),
+            ))
+            .then_expect_events(vec![]);
+        // Another time than the one scheduled: not this schedule's to fire.
+        ScopeTest::with(())
+            .given(paused_until.clone())
+            .when((
+                Command::FireScheduledResume {
+                    at: "2026-12-01T13:00:00.000000Z".into(),
+                },
+                on(enterprise()),
+            ))
+            .then_expect_events(vec![]);
+        // Paused for good by hand: the scheduled resume is cancelled, and never fires.
+        ScopeTest::with(())
+            .given(paused_until.clone())
+            .when((Command::Pause, on(enterprise())))
+            .then_expect_events(vec![ScopeEvent::ScopeResumeScheduled { at: None }]);
+        let mut cancelled = paused_until;
+        cancelled.push(ScopeEvent::ScopeResumeScheduled { at: None });
+        ScopeTest::with(())
+            .given(cancelled)
+            .when((Command::FireScheduledResume { at }, on(enterprise())))
+            .then_expect_events(vec![]);
+    }
+
     #[test]
     fn pause_records_one_event_when_active() {
         ScopeTest::with(())
@@ -925,6 +1268,7 @@ mod tests {
                         inherited: Effective::Paused {
                             by: org_id().scope_id(),
                         },
+                        justification: crate::EffectiveJustification::default(),
                     }),
                     ..Prepared::default()
                 },
@@ -942,6 +1286,7 @@ mod tests {
                     lineage: Some(Lineage {
                         plan: Plan::Standard,
                         inherited: Effective::Active,
+                        justification: crate::EffectiveJustification::default(),
                     }),
                     ..Prepared::default()
                 },
@@ -1043,6 +1388,7 @@ mod tests {
         let revoked_above = || Lineage {
             plan: Plan::Enterprise,
             inherited: Effective::Revoked { by },
+            justification: crate::EffectiveJustification::default(),
         };
         let commands = [
             (
@@ -1094,6 +1440,105 @@ mod tests {
             admin_token_id: None,
             key_fingerprint: None,
         }
+    }
+
+    #[test]
+    fn leaving_enterprise_is_refused_while_anything_would_be_left_behind() {
+        let with = |controls: Option<crate::ControlsInForce>| Prepared {
+            controls_in_force: controls,
+            ..Prepared::default()
+        };
+        let none = Some(crate::ControlsInForce::default());
+        ScopeTest::with(())
+            .given(vec![org_created(Tier::Managed)])
+            .when((Command::ChangePlan(Plan::Standard), with(none)))
+            .then_expect_error(ScopeError::PlanNeedsDefaultTier(Tier::Managed));
+        let paused = crate::ControlsInForce {
+            paused: 2,
+            ..Default::default()
+        };
+        ScopeTest::with(())
+            .given(vec![org_created(Tier::Default)])
+            .when((Command::ChangePlan(Plan::Standard), with(Some(paused))))
+            .then_expect_error(ScopeError::PlanLeavesControlsInForce {
+                paused: 2,
+                policies: 0,
+                floors: 0,
+            });
+        // Not looked up: refused, never decided blind.
+        ScopeTest::with(())
+            .given(vec![org_created(Tier::Default)])
+            .when((Command::ChangePlan(Plan::Standard), with(None)))
+            .then_expect_error(ScopeError::NotFound);
+        ScopeTest::with(())
+            .given(vec![org_created(Tier::Default)])
+            .when((Command::ChangePlan(Plan::Standard), with(none)))
+            .then_expect_events(vec![ScopeEvent::OrganizationPlanChanged {
+                from: Plan::Enterprise,
+                to: Plan::Standard,
+            }]);
+        ScopeTest::with(())
+            .given(vec![org_created(Tier::Managed)])
+            .when((Command::ChangePlan(Plan::Enterprise), with(None)))
+            .then_expect_events(vec![]);
+        ScopeTest::with(())
+            .given(vec![team_created()])
+            .when((Command::ChangePlan(Plan::Standard), with(none)))
+            .then_expect_error(ScopeError::NotAnOrganization);
+    }
+
+    #[test]
+    fn controls_set_under_enterprise_can_be_undone_on_the_standard_plan() {
+        let standard = || Lineage {
+            plan: Plan::Standard,
+            ..enterprise()
+        };
+        let rotated = ScopeEvent::ScopeKeyRotated {
+            key_version: KeyVersion::new(2),
+            key_fingerprint: None,
+        };
+        let floor = ScopeEvent::ScopeMinDecryptionVersionSet {
+            version: KeyVersion::new(2),
+        };
+        ScopeTest::with(())
+            .given(vec![team_created(), ScopeEvent::ScopePaused {}])
+            .when((Command::Resume, on(standard())))
+            .then_expect_events(vec![ScopeEvent::ScopeResumed {}]);
+        ScopeTest::with(())
+            .given(vec![team_created(), rotated.clone(), floor.clone()])
+            .when((
+                Command::SetMinDecryptionVersion(KeyVersion::FIRST),
+                on(standard()),
+            ))
+            .then_expect_events(vec![ScopeEvent::ScopeMinDecryptionVersionSet {
+                version: KeyVersion::FIRST,
+            }]);
+        // Setting one is still enterprise's.
+        ScopeTest::with(())
+            .given(vec![team_created(), rotated.clone()])
+            .when((
+                Command::SetMinDecryptionVersion(KeyVersion::new(2)),
+                on(standard()),
+            ))
+            .then_expect_error(ScopeError::ControlsNeedEnterprise);
+        // A retire already done answers unchanged, whatever the floor became since.
+        ScopeTest::with(())
+            .given(vec![
+                team_created(),
+                rotated,
+                floor,
+                ScopeEvent::ScopeKeyVersionsRetired {
+                    below: KeyVersion::new(2),
+                },
+                ScopeEvent::ScopeMinDecryptionVersionSet {
+                    version: KeyVersion::FIRST,
+                },
+            ])
+            .when((
+                Command::RetireKeyVersions(KeyVersion::new(2)),
+                on(enterprise()),
+            ))
+            .then_expect_events(vec![]);
     }
 
     #[test]
@@ -1153,8 +1598,11 @@ mod tests {
             key_version: KeyVersion::new(2),
             key_fingerprint: None,
         };
+        let floor = ScopeEvent::ScopeMinDecryptionVersionSet {
+            version: KeyVersion::new(2),
+        };
         ScopeTest::with(())
-            .given(vec![team_created(), rotated.clone()])
+            .given(vec![team_created(), rotated.clone(), floor.clone()])
             .when((
                 Command::RetireKeyVersions(KeyVersion::new(2)),
                 Prepared {
@@ -1169,6 +1617,7 @@ mod tests {
             .given(vec![
                 team_created(),
                 rotated.clone(),
+                floor,
                 ScopeEvent::ScopeKeyVersionsRetired {
                     below: KeyVersion::new(2),
                 },
@@ -1192,6 +1641,69 @@ mod tests {
             ))
             .then_expect_error(ScopeError::CannotRetireCurrent {
                 below: KeyVersion::new(3),
+                current: KeyVersion::new(2),
+            });
+    }
+
+    #[test]
+    fn retire_is_refused_when_the_versions_still_decrypt() {
+        let rotated = ScopeEvent::ScopeKeyRotated {
+            key_version: KeyVersion::new(2),
+            key_fingerprint: None,
+        };
+        ScopeTest::with(())
+            .given(vec![team_created(), rotated])
+            .when((
+                Command::RetireKeyVersions(KeyVersion::new(2)),
+                on(enterprise()),
+            ))
+            .then_expect_error(ScopeError::RetireAboveFloor {
+                below: KeyVersion::new(2),
+                floor: KeyVersion::FIRST,
+            });
+    }
+
+    #[test]
+    fn floor_moves_both_ways_and_never_above_the_current_version() {
+        let rotated = ScopeEvent::ScopeKeyRotated {
+            key_version: KeyVersion::new(2),
+            key_fingerprint: None,
+        };
+        let raised = ScopeEvent::ScopeMinDecryptionVersionSet {
+            version: KeyVersion::new(2),
+        };
+        ScopeTest::with(())
+            .given(vec![team_created(), rotated.clone()])
+            .when((
+                Command::SetMinDecryptionVersion(KeyVersion::new(2)),
+                on(enterprise()),
+            ))
+            .then_expect_events(vec![raised.clone()]);
+        // Lowered again: reversible.
+        ScopeTest::with(())
+            .given(vec![team_created(), rotated.clone(), raised.clone()])
+            .when((
+                Command::SetMinDecryptionVersion(KeyVersion::FIRST),
+                on(enterprise()),
+            ))
+            .then_expect_events(vec![ScopeEvent::ScopeMinDecryptionVersionSet {
+                version: KeyVersion::FIRST,
+            }]);
+        ScopeTest::with(())
+            .given(vec![team_created(), rotated.clone(), raised])
+            .when((
+                Command::SetMinDecryptionVersion(KeyVersion::new(2)),
+                on(enterprise()),
+            ))
+            .then_expect_events(vec![]);
+        ScopeTest::with(())
+            .given(vec![team_created(), rotated])
+            .when((
+                Command::SetMinDecryptionVersion(KeyVersion::new(3)),
+                on(enterprise()),
+            ))
+            .then_expect_error(ScopeError::FloorAboveCurrent {
+                version: KeyVersion::new(3),
                 current: KeyVersion::new(2),
             });
     }
@@ -1352,6 +1864,7 @@ mod tests {
                     lineage: Some(Lineage {
                         plan: Plan::Standard,
                         inherited: Effective::Active,
+                        justification: crate::EffectiveJustification::default(),
                     }),
                     customer_key: true,
                     rewrapped: Some(vec![KeyVersion::FIRST]),

@@ -7,6 +7,7 @@
 use crate::access::{Grant, OrgRole, PrincipalKind, PrincipalName};
 use crate::cascade::Effective;
 use crate::ids::{KeyVersion, OrgId, ScopeId};
+use crate::justification::JustificationPolicy;
 use crate::master_key::{KeyHealth, MasterKeyRef, UnavailableReason};
 use crate::scope::{Plan, ScopeKind, ScopeName, Tier};
 
@@ -85,6 +86,20 @@ pub enum Command {
     CompleteRevocationRekey {
         rewrapped: u64,
     },
+    /// Set the scope's own justification policy (ADR 0027).
+    SetJustificationPolicy(JustificationPolicy),
+    /// Stop (or, lower, allow again) decryption with key versions below this one.
+    SetMinDecryptionVersion(KeyVersion),
+    /// Move an organization to another plan (the operator's command).
+    ChangePlan(Plan),
+    /// Pause, and resume on its own at this instant (RFC 3339, UTC, checked to be in the
+    /// future by the caller).
+    PauseUntil(String),
+    /// The scheduler's command: resume the scope if the resume scheduled for `at` is still
+    /// due (not cancelled, replaced or already fired).
+    FireScheduledResume {
+        at: String,
+    },
 }
 
 impl Command {
@@ -115,7 +130,10 @@ impl Command {
     pub fn refreshes_first(&self) -> bool {
         matches!(
             self,
-            Command::SetMasterKey { .. } | Command::ChangeTier(_) | Command::RetireKeyVersions(_)
+            Command::SetMasterKey { .. }
+                | Command::ChangeTier(_)
+                | Command::RetireKeyVersions(_)
+                | Command::ChangePlan(_)
         )
     }
 
@@ -137,6 +155,11 @@ impl Command {
             | Command::Rotate
             | Command::Grant(_)
             | Command::Ungrant(_)
+            | Command::SetJustificationPolicy(_)
+            | Command::SetMinDecryptionVersion(_)
+            | Command::ChangePlan(_)
+            | Command::PauseUntil(_)
+            | Command::FireScheduledResume { .. }
             | Command::RecordMasterKeyHealth { .. } => true,
             Command::ChangeTier(_) | Command::SetMasterKey { .. } => {
                 !self.switches_master(customer_key)
@@ -161,6 +184,25 @@ pub struct Prepared {
     /// The key versions re-wrapped under the new master key (a switch of master key). `None`:
     /// not staged (the rules are checked as if every live version were).
     pub rewrapped: Option<Vec<KeyVersion>>,
+    /// For leaving enterprise: the scope controls in force in the organization's tree, which
+    /// the standard plan could no longer change. `None`: not looked up.
+    pub controls_in_force: Option<ControlsInForce>,
+}
+
+/// Scope controls in force in an organization's tree, outside revoked subtrees.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ControlsInForce {
+    /// Scopes paused by their own state.
+    pub paused: u64,
+    pub justification_policies: u64,
+    /// Scopes with a decryption floor above 1.
+    pub floors: u64,
+}
+
+impl ControlsInForce {
+    pub fn is_empty(&self) -> bool {
+        self.paused == 0 && self.justification_policies == 0 && self.floors == 0
+    }
 }
 
 /// Key material made for a command: its version and fingerprint (never the material).
@@ -211,4 +253,6 @@ pub struct Lineage {
     pub plan: Plan,
     /// The effective state of the parent (for an organization: `Active`).
     pub inherited: Effective,
+    /// What the justification policies above the scope impose (ADR 0027).
+    pub justification: crate::justification::EffectiveJustification,
 }

@@ -60,6 +60,26 @@ pub enum ScopeError {
     NotRevoked,
     #[error("the re-key of this revoked scope has not started, or scope {0} is not on its path")]
     RekeyOutOfOrder(ScopeId),
+    #[error("the decryption floor cannot be above the current version {current} (asked {version}): new encryptions must stay decryptable")]
+    FloorAboveCurrent {
+        version: KeyVersion,
+        current: KeyVersion,
+    },
+    #[error("versions below {below} cannot be retired while the decryption floor is {floor}: raise it first with PUT /v1/scopes/{{id}}/min-decryption-version, check that nothing decrypts with them any more, then retire")]
+    RetireAboveFloor {
+        below: KeyVersion,
+        floor: KeyVersion,
+    },
+    #[error("leaving the enterprise plan needs tier default (the organization's is {0}): set the tier first, so that nothing is re-wrapped or left uncovered silently")]
+    PlanNeedsDefaultTier(Tier),
+    #[error("leaving the enterprise plan would leave scope controls in force that the standard plan cannot change: {paused} paused scope(s), {policies} justification polic(ies), {floors} decryption floor(s); resume, lift or lower them first")]
+    PlanLeavesControlsInForce {
+        paused: u64,
+        policies: u64,
+        floors: u64,
+    },
+    #[error("with the policies above this scope, no justification would be allowed: list at least one reason the scopes above also allow")]
+    JustificationPolicyConflict,
     #[error("key version {prepared} was prepared, but the next version is {next}")]
     StaleKeyVersion {
         prepared: KeyVersion,

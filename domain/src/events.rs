@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::access::{OrgRole, Permission, PrincipalKind, PrincipalName};
 use crate::ids::{KeyVersion, OrgId, ScopeId};
+use crate::justification::JustificationCode;
 use crate::master_key::{KeyHealth, MasterKeyRef, UnavailableReason};
 use crate::scope::{Plan, ScopeKind, ScopeName, Tier};
 
@@ -125,6 +126,29 @@ pub enum ScopeEvent {
     RevocationRekeyCompleted {
         rewrapped: u64,
     },
+    /// The scope's own justification policy, inherited by its subtree, where policies only
+    /// tighten (ADR 0027). One that requires nothing and lists nothing lifts the scope's own.
+    ScopeJustificationPolicySet {
+        required: bool,
+        /// Sorted, without duplicates; empty: any reason is accepted.
+        allowed: Vec<JustificationCode>,
+    },
+    /// Key versions below `version` no longer decrypt (reversibly: a lower floor enables
+    /// them again); `retire` may destroy only versions below it.
+    ScopeMinDecryptionVersionSet {
+        version: KeyVersion,
+    },
+    /// The operator moved the organization to another plan. Leaving enterprise needs tier
+    /// `default` and no scope control in force (nothing is cleared silently).
+    OrganizationPlanChanged {
+        from: Plan,
+        to: Plan,
+    },
+    /// The paused scope resumes on its own at `at` (RFC 3339, UTC), fired by the scheduler;
+    /// `None` cancels it (the scope stays paused until resumed by hand).
+    ScopeResumeScheduled {
+        at: Option<String>,
+    },
 }
 
 /// Every audit action and the event type it names, one to one (a test checks it against
@@ -150,11 +174,18 @@ pub const ACTIONS: &[(&str, &str)] = &[
     ("scope.rekey_start", "RevocationRekeyStarted"),
     ("scope.rekey_progress", "RevocationRekeyProgressed"),
     ("scope.rekey_complete", "RevocationRekeyCompleted"),
+    ("scope.justification_policy", "ScopeJustificationPolicySet"),
+    (
+        "scope.min_decryption_version",
+        "ScopeMinDecryptionVersionSet",
+    ),
+    ("org.plan", "OrganizationPlanChanged"),
+    ("scope.resume_schedule", "ScopeResumeScheduled"),
 ];
 
 impl ScopeEvent {
     /// Every event type this aggregate has ever stored.
-    pub const TYPES: [&'static str; 17] = [
+    pub const TYPES: [&'static str; 21] = [
         "OrganizationCreated",
         "ScopeCreated",
         "ScopePaused",
@@ -172,6 +203,10 @@ impl ScopeEvent {
         "RevocationRekeyStarted",
         "RevocationRekeyProgressed",
         "RevocationRekeyCompleted",
+        "ScopeJustificationPolicySet",
+        "ScopeMinDecryptionVersionSet",
+        "OrganizationPlanChanged",
+        "ScopeResumeScheduled",
     ];
 
     pub fn type_name(&self) -> &'static str {
@@ -195,6 +230,10 @@ impl ScopeEvent {
             ScopeEvent::RevocationRekeyStarted { .. } => "RevocationRekeyStarted",
             ScopeEvent::RevocationRekeyProgressed { .. } => "RevocationRekeyProgressed",
             ScopeEvent::RevocationRekeyCompleted { .. } => "RevocationRekeyCompleted",
+            ScopeEvent::ScopeJustificationPolicySet { .. } => "ScopeJustificationPolicySet",
+            ScopeEvent::ScopeMinDecryptionVersionSet { .. } => "ScopeMinDecryptionVersionSet",
+            ScopeEvent::OrganizationPlanChanged { .. } => "OrganizationPlanChanged",
+            ScopeEvent::ScopeResumeScheduled { .. } => "ScopeResumeScheduled",
         }
     }
 
@@ -227,6 +266,10 @@ impl ScopeEvent {
             ScopeEvent::RevocationRekeyStarted { .. } => "scope.rekey_start",
             ScopeEvent::RevocationRekeyProgressed { .. } => "scope.rekey_progress",
             ScopeEvent::RevocationRekeyCompleted { .. } => "scope.rekey_complete",
+            ScopeEvent::ScopeJustificationPolicySet { .. } => "scope.justification_policy",
+            ScopeEvent::ScopeMinDecryptionVersionSet { .. } => "scope.min_decryption_version",
+            ScopeEvent::OrganizationPlanChanged { .. } => "org.plan",
+            ScopeEvent::ScopeResumeScheduled { .. } => "scope.resume_schedule",
         }
     }
 }
@@ -254,7 +297,11 @@ impl DomainEvent for ScopeEvent {
             | ScopeEvent::PermissionRevoked { .. }
             | ScopeEvent::RevocationRekeyStarted { .. }
             | ScopeEvent::RevocationRekeyProgressed { .. }
-            | ScopeEvent::RevocationRekeyCompleted { .. } => "1".to_owned(),
+            | ScopeEvent::RevocationRekeyCompleted { .. }
+            | ScopeEvent::ScopeJustificationPolicySet { .. }
+            | ScopeEvent::ScopeMinDecryptionVersionSet { .. }
+            | ScopeEvent::OrganizationPlanChanged { .. }
+            | ScopeEvent::ScopeResumeScheduled { .. } => "1".to_owned(),
         }
     }
 }

@@ -11,6 +11,7 @@ pub mod commands;
 pub mod errors;
 pub mod events;
 pub mod ids;
+pub mod justification;
 pub mod master_key;
 pub mod metadata;
 pub mod scope;
@@ -18,11 +19,16 @@ pub mod scope;
 pub use access::{Grant, OrgRole, Permission, PrincipalKind, PrincipalName};
 pub use aggregate::{RekeyProgress, Scope, ScopeState};
 pub use cascade::{effective_state, Effective};
-pub use commands::{Admitted, Command, Lineage, MintedKey, Needs, ParentContext, Prepared};
+pub use commands::{
+    Admitted, Command, ControlsInForce, Lineage, MintedKey, Needs, ParentContext, Prepared,
+};
 pub use errors::ScopeError;
 pub use events::ScopeEvent;
 
 pub use ids::{IdError, KeyVersion, OrgId, ScopeId};
+pub use justification::{
+    EffectiveJustification, JustificationCode, JustificationPolicy, JustificationRefusal,
+};
 pub use master_key::{KeyHealth, MasterKeyRef, Provider, UnavailableReason};
 pub use metadata::{Actor, ActorKind, EventMetadata, Location};
 pub use scope::{DataClass, OwnState, Plan, Reason, ScopeKind, ScopeName, Tier, ValueError};

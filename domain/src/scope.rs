@@ -136,6 +136,16 @@ pub enum DataClass {
 }
 
 impl DataClass {
+    pub const ALL: [DataClass; 7] = [
+        DataClass::Credentials,
+        DataClass::McpSecrets,
+        DataClass::Playbooks,
+        DataClass::Skills,
+        DataClass::Files,
+        DataClass::Messages,
+        DataClass::Threads,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             DataClass::Credentials => "credentials",

@@ -25,6 +25,7 @@ pub const SEAL_KEY_BYTES: usize = 32;
 
 /// Domain separation: a seal can never be mistaken for any other MAC made with this key.
 const SEAL_LABEL: &[u8] = b"ekm-audit-seal-v1";
+const ACCESS_SEAL_LABEL: &[u8] = b"ekm-access-seal-v1";
 
 #[derive(Debug, thiserror::Error)]
 pub enum SealKeyError {
@@ -109,25 +110,56 @@ impl SealKey {
     /// previous seal and the entry's canonical bytes, each length-prefixed so that no two
     /// inputs share an encoding. Hex, lower case.
     pub fn seal(&self, org_id: &str, prev: &str, entry: &[u8]) -> String {
-        let mut mac = self.mac();
-        for part in [SEAL_LABEL, org_id.as_bytes(), prev.as_bytes(), entry] {
-            mac.update(&(part.len() as u64).to_be_bytes());
-            mac.update(part);
-        }
-        hex::encode(mac.finalize().into_bytes())
+        self.seal_labeled(SEAL_LABEL, org_id, prev, entry)
     }
 
     /// Whether `seal` is this key's seal of the entry; compared in constant time.
     pub fn verify(&self, org_id: &str, prev: &str, entry: &[u8], seal: &str) -> bool {
-        let Ok(expected) = hex::decode(seal) else {
-            return false;
-        };
+        self.verify_labeled(SEAL_LABEL, org_id, prev, entry, seal)
+    }
+
+    /// The seal of one access-log record (ADR 0026): as `seal`, under a label of its own, so
+    /// that no access record's seal is ever an event's.
+    pub fn seal_access(&self, org_id: &str, prev: &str, entry: &[u8]) -> String {
+        self.seal_labeled(ACCESS_SEAL_LABEL, org_id, prev, entry)
+    }
+
+    /// Whether `seal` is this key's seal of the access record.
+    pub fn verify_access(&self, org_id: &str, prev: &str, entry: &[u8], seal: &str) -> bool {
+        self.verify_labeled(ACCESS_SEAL_LABEL, org_id, prev, entry, seal)
+    }
+
+    fn labeled(&self, label: &[u8], org_id: &str, prev: &str, entry: &[u8]) -> Hmac<Sha256> {
         let mut mac = self.mac();
-        for part in [SEAL_LABEL, org_id.as_bytes(), prev.as_bytes(), entry] {
+        for part in [label, org_id.as_bytes(), prev.as_bytes(), entry] {
             mac.update(&(part.len() as u64).to_be_bytes());
             mac.update(part);
         }
-        mac.verify_slice(&expected).is_ok()
+        mac
+    }
+
+    fn seal_labeled(&self, label: &[u8], org_id: &str, prev: &str, entry: &[u8]) -> String {
+        hex::encode(
+            self.labeled(label, org_id, prev, entry)
+                .finalize()
+                .into_bytes(),
+        )
+    }
+
+    fn verify_labeled(
+        &self,
+        label: &[u8],
+        org_id: &str,
+        prev: &str,
+        entry: &[u8],
+        seal: &str,
+    ) -> bool {
+        let Ok(expected) = hex::decode(seal) else {
+            return false;
+        };
+        self.labeled(label, org_id, prev, entry)
+            .verify_slice(&expected)
+            .is_ok()
     }
 
     fn mac(&self) -> Hmac<Sha256> {

@@ -79,6 +79,17 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
+    /// The host and port a connection goes to (`[…]` around an IPv6 address).
+    pub fn host_port(&self) -> (String, u16) {
+        (
+            self.host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .to_owned(),
+            self.port,
+        )
+    }
+
     /// Parses a key's `endpoint_url`: a canonical origin, nothing else.
     pub fn parse(input: &str) -> Result<Endpoint, EndpointError> {
         let url = parse_origin(input)?;

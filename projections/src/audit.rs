@@ -72,6 +72,15 @@ fn summary(event: &ScopeEvent) -> String {
         ScopeEvent::OrganizationTierChanged { from, to } => {
             format!("changed the encryption tier from {from} to {to}")
         }
+        ScopeEvent::ScopeResumeScheduled { at: Some(at) } => {
+            format!("paused until {at}, when the scheduler resumes it")
+        }
+        ScopeEvent::ScopeResumeScheduled { at: None } => {
+            "cancelled the scheduled resume: paused until resumed by hand".to_owned()
+        }
+        ScopeEvent::OrganizationPlanChanged { from, to } => {
+            format!("changed the plan from {} to {}", from.as_str(), to.as_str())
+        }
         ScopeEvent::ScopeKeyVersionsRetired { below } => {
             format!("retired key versions below {below} (their key material is destroyed)")
         }
@@ -106,6 +115,22 @@ fn summary(event: &ScopeEvent) -> String {
             scope_id,
             rewrapped,
         } => format!("re-keyed {scope_id} ({rewrapped} key(s) re-wrapped, old wrapping keys destroyed)"),
+        ScopeEvent::ScopeMinDecryptionVersionSet { version } => format!(
+            "key versions below {version} no longer decrypt (a lower floor enables them again)"
+        ),
+        ScopeEvent::ScopeJustificationPolicySet { required, allowed } => {
+            let allowed = allowed
+                .iter()
+                .map(|c| c.as_str())
+                .collect::<Vec<_>>()
+                .join(", ");
+            match (required, allowed.is_empty()) {
+                (false, true) => "lifted its access-justification policy".to_owned(),
+                (true, true) => "requires an access justification".to_owned(),
+                (true, false) => format!("requires an access justification, one of: {allowed}"),
+                (false, false) => format!("allows only these access justifications: {allowed}"),
+            }
+        }
         ScopeEvent::RevocationRekeyCompleted { rewrapped } => format!(
             "destroyed the revoked keys in the live database ({rewrapped} key(s) re-wrapped); copies are useless once the platform master key is rotated"
         ),

@@ -33,8 +33,8 @@ pub use error::{chain as error_chain, ProjectionError};
 pub use history::{scope_as_of, AsOf, PastKeyVersion, PastScope};
 pub use memory::{Applied, GrantRecord, MemoryLoad, MemoryTree};
 pub use queries::{
-    BlastRadius, Cause, Destruction, KeyVersionRecord, Page, ReadModels, ScopeRecord,
-    ScopeSnapshot, StateChange,
+    BlastRadius, Cause, Destruction, KeyVersionRecord, Page, ReadModels, ScheduledAction,
+    ScopeRecord, ScopeSnapshot, StateChange,
 };
 pub use rebuild::{rebuild, status, ProjectionStatus, RebuildReport};
 pub use runner::{

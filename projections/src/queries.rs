@@ -3,8 +3,8 @@
 
 use chrono::{DateTime, Utc};
 use ekm_domain::{
-    effective_state, Effective, KeyHealth, MasterKeyRef, OrgId, OwnState, Plan, ScopeId, ScopeKind,
-    Tier,
+    effective_state, Effective, EffectiveJustification, JustificationPolicy, KeyHealth,
+    MasterKeyRef, OrgId, OwnState, Plan, ScopeId, ScopeKind, Tier,
 };
 use ekm_store::time::from_micros;
 use ekm_store::Db;
@@ -51,6 +51,35 @@ pub struct ScopeRecord {
     /// Revoked scopes: `pending`, `running` or `done` (ADR 0013), and when it was done.
     pub rekey_state: Option<String>,
     pub rekey_done_position: Option<i64>,
+    /// The scope's own access-justification policy, if it set one (ADR 0027).
+    pub justification: Option<JustificationPolicy>,
+    /// Key versions below this one do not decrypt (1: all do).
+    pub min_decryption_version: u32,
+}
+
+/// An action the scheduler fires (issue 17 §2).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ScheduledAction {
+    pub scope_id: ScopeId,
+    /// `resume`: a pause with `until`.
+    pub kind: String,
+    pub org_id: String,
+    /// Microseconds since the epoch.
+    pub due_at: i64,
+    /// The instant as the event recorded it (what the scheduler fires with).
+    pub at: String,
+}
+
+fn scheduled(
+    (scope_id, kind, org_id, due_at, at): (String, String, String, i64, String),
+) -> Result<ScheduledAction, ProjectionError> {
+    Ok(ScheduledAction {
+        scope_id: ScopeId::parse(&scope_id).map_err(|e| malformed(&scope_id, e.to_string()))?,
+        kind,
+        org_id,
+        due_at,
+        at,
+    })
 }
 
 /// How far destroying a revoke's keys has got, for a scope whose path holds a revoke.
@@ -110,6 +139,8 @@ pub struct ScopeSnapshot {
     pub org_tier: Tier,
     pub key_versions: Vec<KeyVersionRecord>,
     pub destruction: Option<Destruction>,
+    /// What the policies on the path impose on the data plane (ADR 0027).
+    pub justification: EffectiveJustification,
 }
 
 /// A page of a list and the key to continue after it.
@@ -122,7 +153,8 @@ pub struct Page<T> {
 const SCOPE_COLUMNS: &str = "id, org_id, parent_id, kind, name, path, own_state, plan, tier, \
     key_version, version, created_at, updated_position, state_event, state_position, state_at, \
     state_actor, state_reason, master_key, master_health, master_reason, master_detail, \
-    master_position, master_at, rekey_state, rekey_done_position";
+    master_position, master_at, rekey_state, rekey_done_position, justification_policy, \
+    min_decryption_version";
 
 fn malformed(id: &str, problem: impl Into<String>) -> ProjectionError {
     ProjectionError::MalformedRow {
@@ -216,6 +248,13 @@ macro_rules! decode_scope {
             master_detail: row.try_get("master_detail")?,
             rekey_state: row.try_get("rekey_state")?,
             rekey_done_position: row.try_get("rekey_done_position")?,
+            min_decryption_version: u32::try_from(row.try_get::<i64, _>("min_decryption_version")?)
+                .map_err(|e| malformed(&id, e.to_string()))?,
+            justification: row
+                .try_get::<Option<String>, _>("justification_policy")?
+                .map(|text| serde_json::from_str(&text))
+                .transpose()
+                .map_err(|e| malformed(&id, e.to_string()))?,
         })
     }};
 }
@@ -301,6 +340,81 @@ impl ReadModels {
         ids.iter()
             .map(|id| ScopeId::parse(id).map_err(|e| malformed(id, e.to_string())))
             .collect()
+    }
+
+    /// The scope controls in force in `org`'s tree, outside revoked subtrees (which nothing
+    /// changes any more): own pauses, justification policies, and decryption floors that
+    /// still disable a live version (one whose versions below are all retired disables
+    /// nothing).
+    pub async fn controls_in_force(
+        &self,
+        org: ScopeId,
+    ) -> Result<ekm_domain::ControlsInForce, ProjectionError> {
+        let sql = "SELECT \
+            COALESCE(SUM(CASE WHEN s.own_state = 'paused' THEN 1 ELSE 0 END), 0) AS paused, \
+            COALESCE(SUM(CASE WHEN s.justification_policy IS NOT NULL THEN 1 ELSE 0 END), 0) AS policies, \
+            COALESCE(SUM(CASE WHEN EXISTS (SELECT 1 FROM key_version_view k \
+                WHERE k.scope_id = s.id AND k.version < s.min_decryption_version \
+                AND k.retired_position IS NULL) THEN 1 ELSE 0 END), 0) AS floors \
+            FROM scope_view s WHERE s.org_id = $1 AND s.own_state <> 'revoked' \
+            AND (s.own_state = 'paused' OR s.justification_policy IS NOT NULL OR s.min_decryption_version > 1) \
+            AND NOT EXISTS (SELECT 1 FROM scope_view r WHERE r.org_id = s.org_id \
+                AND r.own_state = 'revoked' AND s.path LIKE r.path || '/%')";
+        let (paused, policies, floors): (i64, i64, i64) = ekm_store::with_read_pool!(&self.db, pool => {
+            sqlx::query_as(sql).bind(org.to_string()).fetch_one(pool).await?
+        });
+        let count = |n: i64| u64::try_from(n).unwrap_or(0);
+        Ok(ekm_domain::ControlsInForce {
+            paused: count(paused),
+            justification_policies: count(policies),
+            floors: count(floors),
+        })
+    }
+
+    /// Scheduled actions due at or before `now` (microseconds since the epoch), oldest
+    /// first: scope, kind and the instant as scheduled.
+    pub async fn due_actions(
+        &self,
+        now: i64,
+        limit: i64,
+    ) -> Result<Vec<ScheduledAction>, ProjectionError> {
+        let sql = "SELECT scope_id, kind, org_id, due_at, at FROM schedule WHERE due_at <= $1 \
+                   ORDER BY due_at, scope_id LIMIT $2";
+        let rows: Vec<(String, String, String, i64, String)> = ekm_store::with_read_pool!(&self.db, pool => {
+            sqlx::query_as(sql).bind(now).bind(limit).fetch_all(pool).await?
+        });
+        rows.into_iter().map(scheduled).collect()
+    }
+
+    /// When the next scheduled action is due (microseconds since the epoch), if any.
+    pub async fn next_due(&self) -> Result<Option<i64>, ProjectionError> {
+        let next: Option<i64> = ekm_store::with_read_pool!(&self.db, pool => {
+            sqlx::query_scalar("SELECT MIN(due_at) FROM schedule").fetch_one(pool).await?
+        });
+        Ok(next)
+    }
+
+    /// An organization's scheduled actions in due order, after `(due_at, scope_id)`.
+    pub async fn org_schedule(
+        &self,
+        org: ScopeId,
+        after: Option<(i64, String)>,
+        limit: i64,
+    ) -> Result<Vec<ScheduledAction>, ProjectionError> {
+        let (after_due, after_id) = after.unwrap_or((i64::MIN, String::new()));
+        let sql = "SELECT scope_id, kind, org_id, due_at, at FROM schedule WHERE org_id = $1 \
+                   AND (due_at > $2 OR (due_at = $2 AND scope_id > $3)) \
+                   ORDER BY due_at, scope_id LIMIT $4";
+        let rows: Vec<(String, String, String, i64, String)> = ekm_store::with_read_pool!(&self.db, pool => {
+            sqlx::query_as(sql)
+                .bind(org.to_string())
+                .bind(after_due)
+                .bind(after_id)
+                .bind(limit)
+                .fetch_all(pool)
+                .await?
+        });
+        rows.into_iter().map(scheduled).collect()
     }
 
     /// Revoked scopes whose re-key has not completed, oldest revoke first.
@@ -649,6 +763,8 @@ fn snapshot(
         .and_then(|org| org.tier)
         .unwrap_or(Tier::Default);
     let destruction = on_path.iter().find_map(destruction_of);
+    let justification =
+        EffectiveJustification::along(on_path.iter().map(|r| (r.id, r.justification.as_ref())));
     let scope = scope.clone();
     Ok(ScopeSnapshot {
         scope,
@@ -659,6 +775,7 @@ fn snapshot(
         org_tier,
         key_versions,
         destruction,
+        justification,
     })
 }
 
@@ -687,6 +804,10 @@ fn child_snapshot(
         .destruction
         .clone()
         .or_else(|| destruction_of(&record));
+    let justification = parent
+        .justification
+        .clone()
+        .then(record.id, record.justification.as_ref());
     ScopeSnapshot {
         scope: record,
         effective,
@@ -696,5 +817,6 @@ fn child_snapshot(
         org_tier: parent.org_tier,
         key_versions,
         destruction,
+        justification,
     }
 }

@@ -1015,6 +1015,34 @@ mod tests {
     }
 
     #[test]
+    fn a_resume_time_that_cannot_be_read_is_skipped_and_the_scope_stays_paused() {
+        // Given a pause whose scheduled resume carries a time that is not RFC 3339 (a row
+        // written around the aggregate)
+        let mut events = created_paused_resumed();
+        events.truncate(2);
+        let team = ScopeId::parse(&events[0].aggregate_id).unwrap();
+        events.push(stored(
+            3,
+            team,
+            3,
+            &ScopeEvent::ScopeResumeScheduled {
+                at: Some("tomorrow".into()),
+            },
+        ));
+        let tree: Vec<Box<dyn Projection>> = vec![Box::new(ScopeTree)];
+        // When it is prepared
+        let prepared = prepare(&tree, &[0], &events, Dialect::Postgres).unwrap();
+        // Then the projection goes on (it does not halt on the row), nothing is scheduled,
+        // and the scope stays paused
+        let sql: Vec<&str> = prepared.iter().map(|p| p.sql.as_str()).collect();
+        assert!(sql.iter().all(|s| !s.contains("INTO schedule")), "{sql:?}");
+        assert!(
+            sql.iter().any(|s| s.starts_with("DELETE FROM schedule")),
+            "{sql:?}"
+        );
+    }
+
+    #[test]
     fn only_batches_past_their_checkpoint_and_free_of_state_are_prepared_ahead() {
         let events = created_paused_resumed();
         // Given the audit chain, which reads each organization's chain head from the database
@@ -1024,9 +1052,14 @@ mod tests {
         // Given the scope tree, with a checkpoint past the creation
         let tree: Vec<Box<dyn Projection>> = vec![Box::new(ScopeTree)];
         let prepared = prepare(&tree, &[1], &events, Dialect::Postgres).unwrap();
-        // Then only the pause and resume are prepared: one update, no insert
+        // Then only the pause and resume are prepared: one update of the scope, and the
+        // resume's removal of any scheduled resume it makes moot; no insert
         let sql: Vec<&str> = prepared.iter().map(|p| p.sql.as_str()).collect();
-        assert_eq!(sql.len(), 1, "{sql:?}");
+        assert_eq!(sql.len(), 2, "{sql:?}");
         assert!(sql[0].starts_with("UPDATE scope_view"), "{sql:?}");
+        assert!(sql[1].starts_with("DELETE FROM schedule"), "{sql:?}");
+        assert!(sql
+            .iter()
+            .all(|s| !s.starts_with("INSERT") && !s.starts_with("COPY")));
     }
 }

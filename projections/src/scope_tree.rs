@@ -1,7 +1,7 @@
 //! The scope tree read model: one row per scope (own state, the event that set it, key
 //! version) and one row per key version. Effective state is derived when read.
 
-use ekm_domain::{OwnState, ScopeEvent};
+use ekm_domain::{JustificationPolicy, OwnState, ScopeEvent};
 use ekm_store::time::to_micros;
 use ekm_store::StoredEvent;
 
@@ -67,6 +67,47 @@ const KEY_COLUMNS: &[&str] = &["key_version", "version", "updated_position"];
 /// grant, a token, a re-key step): the version is the aggregate's sequence, the ETag that
 /// If-Match compares with it.
 const VERSION_COLUMNS: &[&str] = &["version", "updated_position"];
+
+/// Forgets the scope's actions of `kind` scheduled before this event (fired, cancelled,
+/// replaced, or moot). Bounded by position because a batch's raw statements run after its
+/// inserts (the merging contract): a schedule made by this very event stays.
+fn unschedule(stored: &StoredEvent, kind: &str) -> Statement {
+    Statement::Raw {
+        sql: "DELETE FROM schedule WHERE scope_id = $1 AND kind = $2 AND scheduled_position < $3",
+        params: vec![
+            Param::Text(stored.aggregate_id.clone()),
+            Param::Text(kind.to_owned()),
+            Param::Int(stored.position),
+        ],
+    }
+}
+
+/// Forgets every action scheduled in the subtree of the event's scope, whenever it was
+/// scheduled (the revoked subtree can never act again).
+fn unschedule_subtree(stored: &StoredEvent) -> Result<Option<Statement>, ProjectionError> {
+    Ok(stored
+        .event_metadata()?
+        .location
+        .map(|location| Statement::Raw {
+            sql: "DELETE FROM schedule WHERE org_id = $1 \
+                  AND scope_id IN (SELECT id FROM scope_view WHERE org_id = $1 \
+                   AND (path = $2 OR path LIKE $3))",
+            params: vec![
+                Param::Text(location.org_id.clone()),
+                Param::Text(location.scope_path.clone()),
+                Param::Text(format!("{}/%", location.scope_path)),
+            ],
+        }))
+}
+
+const SCHEDULE_COLUMNS: &[&str] = &[
+    "scope_id",
+    "kind",
+    "org_id",
+    "due_at",
+    "at",
+    "scheduled_position",
+];
 
 fn version_moved(stored: &StoredEvent) -> Statement {
     Statement::Update {
@@ -256,7 +297,7 @@ impl Projection for ScopeTree {
     }
 
     fn tables(&self) -> &'static [&'static str] {
-        &["scope_view", "key_version_view", "grants_view"]
+        &["scope_view", "key_version_view", "grants_view", "schedule"]
     }
 
     fn statements(
@@ -347,6 +388,17 @@ impl Projection for ScopeTree {
                 key_column: "id",
                 key: Param::Text(stored.aggregate_id.clone()),
                 columns: &["tier", "version", "updated_position"],
+                values: vec![
+                    Param::OptText(Some(to.as_str().to_owned())),
+                    Param::Int(stored.sequence),
+                    Param::Int(stored.position),
+                ],
+            }],
+            ScopeEvent::OrganizationPlanChanged { to, .. } => vec![Statement::Update {
+                table: "scope_view",
+                key_column: "id",
+                key: Param::Text(stored.aggregate_id.clone()),
+                columns: &["plan", "version", "updated_position"],
                 values: vec![
                     Param::OptText(Some(to.as_str().to_owned())),
                     Param::Int(stored.sequence),
@@ -445,15 +497,95 @@ impl Projection for ScopeTree {
                 vec![version_moved(stored)]
             }
             ScopeEvent::ScopePaused {} => vec![state_change(stored, OwnState::Paused)?],
-            ScopeEvent::ScopeResumed {} => vec![state_change(stored, OwnState::Active)?],
-            ScopeEvent::ScopeRevoked {} => vec![
-                state_change(stored, OwnState::Revoked)?,
-                rekey_state(stored, "pending", None),
+            ScopeEvent::ScopeResumed {} => vec![
+                state_change(stored, OwnState::Active)?,
+                unschedule(stored, "resume"),
             ],
+            ScopeEvent::ScopeRevoked {} => {
+                let mut statements = vec![
+                    state_change(stored, OwnState::Revoked)?,
+                    rekey_state(stored, "pending", None),
+                    unschedule(stored, "resume"),
+                ];
+                // Nothing scheduled in the revoked subtree can fire any more.
+                statements.extend(unschedule_subtree(stored)?);
+                statements
+            }
+            ScopeEvent::ScopeResumeScheduled { at } => {
+                let mut statements = vec![unschedule(stored, "resume")];
+                if let Some(at) = at {
+                    // The aggregate accepts only RFC 3339 instants, so this is a tampered or
+                    // foreign row. Failing closed here means leaving the scope paused: the
+                    // schedule is skipped (and said so), the projection does not halt.
+                    let Ok(due) = chrono::DateTime::parse_from_rfc3339(&at) else {
+                        tracing::warn!(scope = %stored.aggregate_id, position = stored.position, at, "a scheduled resume whose time cannot be read is skipped; the scope stays paused");
+                        statements.push(version_moved(stored));
+                        return Ok(statements);
+                    };
+                    let org_id = stored
+                        .event_metadata()?
+                        .location
+                        .map(|l| l.org_id)
+                        .unwrap_or_default();
+                    statements.push(Statement::Insert {
+                        table: "schedule",
+                        columns: SCHEDULE_COLUMNS,
+                        values: vec![
+                            Param::Text(stored.aggregate_id.clone()),
+                            Param::Text("resume".to_owned()),
+                            Param::Text(org_id),
+                            Param::Int(to_micros(due.with_timezone(&chrono::Utc))),
+                            Param::Text(at),
+                            Param::Int(stored.position),
+                        ],
+                    });
+                }
+                statements.push(version_moved(stored));
+                statements
+            }
             ScopeEvent::RevocationRekeyStarted { .. } => vec![rekey_state(stored, "running", None)],
             ScopeEvent::RevocationRekeyProgressed { .. } => vec![version_moved(stored)],
             ScopeEvent::RevocationRekeyCompleted { .. } => {
-                vec![rekey_state(stored, "done", Some(stored.position))]
+                // Sweep again: an action scheduled in the subtree by a command that raced the
+                // revoke (committed after it) would otherwise wait in the schedule for ever.
+                let mut statements = vec![rekey_state(stored, "done", Some(stored.position))];
+                statements.extend(unschedule_subtree(stored)?);
+                statements
+            }
+            ScopeEvent::ScopeMinDecryptionVersionSet { version } => vec![Statement::Update {
+                table: "scope_view",
+                key_column: "id",
+                key: Param::Text(stored.aggregate_id.clone()),
+                columns: &["min_decryption_version", "version", "updated_position"],
+                values: vec![
+                    Param::Int(i64::from(version.get())),
+                    Param::Int(stored.sequence),
+                    Param::Int(stored.position),
+                ],
+            }],
+            ScopeEvent::ScopeJustificationPolicySet { required, allowed } => {
+                let policy = JustificationPolicy { required, allowed };
+                let text = if policy.is_empty() {
+                    None
+                } else {
+                    Some(serde_json::to_string(&policy).map_err(|e| {
+                        ProjectionError::MalformedRow {
+                            id: stored.aggregate_id.clone(),
+                            problem: e.to_string(),
+                        }
+                    })?)
+                };
+                vec![Statement::Update {
+                    table: "scope_view",
+                    key_column: "id",
+                    key: Param::Text(stored.aggregate_id.clone()),
+                    columns: &["justification_policy", "version", "updated_position"],
+                    values: vec![
+                        Param::OptText(text),
+                        Param::Int(stored.sequence),
+                        Param::Int(stored.position),
+                    ],
+                }]
             }
             ScopeEvent::ScopeKeyRotated {
                 key_version,

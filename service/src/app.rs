@@ -122,6 +122,18 @@ pub struct Outcome {
     pub position: Option<i64>,
 }
 
+/// The audit key, sealing access records.
+pub struct AccessSeals(pub ekm_keys::SealKey);
+
+impl ekm_store::access_log::AccessSealer for AccessSeals {
+    fn seal(&self, org_id: &str, prev: &str, entry: &[u8]) -> String {
+        self.0.seal_access(org_id, prev, entry)
+    }
+    fn verify(&self, org_id: &str, prev: &str, entry: &[u8], seal: &str) -> bool {
+        self.0.verify_access(org_id, prev, entry, seal)
+    }
+}
+
 /// Everything a request handler needs; cheap to clone.
 #[derive(Clone)]
 pub struct App {
@@ -166,6 +178,8 @@ pub(crate) struct Inner {
     pub(crate) stalled: std::sync::atomic::AtomicBool,
     /// The stall, for answers and waiters.
     pub(crate) stall: tokio::sync::watch::Sender<Option<crate::watchdog::Stall>>,
+    /// The data plane's access log (`set_access_log`; none: nothing is recorded).
+    access: std::sync::OnceLock<ekm_store::AccessLog>,
 }
 
 impl App {
@@ -213,8 +227,44 @@ impl App {
                 signing,
                 stalled: std::sync::atomic::AtomicBool::new(false),
                 stall: tokio::sync::watch::Sender::new(None),
+                access: std::sync::OnceLock::new(),
             }),
         }
+    }
+
+    /// Records the data plane's uses in `log` from now on (once; a second log is refused).
+    pub fn set_access_log(&self, log: ekm_store::AccessLog) -> Result<(), AppError> {
+        self.inner.access.set(log).map_err(|_| {
+            AppError::Store(ekm_store::StoreError::Database(sqlx::Error::Configuration(
+                "the access log was already set".into(),
+            )))
+        })
+    }
+
+    /// The data plane's access log, if this instance keeps one.
+    pub fn access_log(&self) -> Option<&ekm_store::AccessLog> {
+        self.inner.access.get()
+    }
+
+    /// Seals access records with this instance's audit key (for `AccessLog::open`).
+    pub fn access_sealer(&self) -> Arc<dyn ekm_store::access_log::AccessSealer> {
+        Arc::new(AccessSeals(self.inner.seal.clone()))
+    }
+
+    /// Checks `org`'s access records against their seals (ADR 0026).
+    pub async fn verify_access(
+        &self,
+        org: OrgId,
+    ) -> Result<Option<ekm_store::access_log::AccessReport>, AppError> {
+        let Some(log) = self.access_log() else {
+            return Ok(None);
+        };
+        let sealer = AccessSeals(self.inner.seal.clone());
+        Ok(Some(
+            // Nothing pinned here (the auditor's head file is the command line's).
+            log.verify(&org.to_string(), &sealer, &Default::default(), 36_500)
+                .await?,
+        ))
     }
 
     pub(crate) fn inner(&self) -> &Inner {
@@ -614,8 +664,18 @@ impl App {
                     lineage: Some(Lineage {
                         plan: snapshot.org_plan,
                         inherited: snapshot.inherited,
+                        justification: snapshot.justification.without(snapshot.scope.id),
                     }),
                     customer_key: snapshot.scope.master_key.is_some(),
+                    controls_in_force: match command {
+                        Command::ChangePlan(Plan::Standard) => Some(
+                            self.inner
+                                .read
+                                .controls_in_force(snapshot.scope.org_id.scope_id())
+                                .await?,
+                        ),
+                        _ => None,
+                    },
                     ..Prepared::default()
                 };
                 Ok((prepared, location))
@@ -1170,6 +1230,14 @@ mod tests {
                 .await
                 .expect("rotated");
         }
+        app.act(
+            id,
+            Action::SetMinDecryptionVersion(KeyVersion::new(2)),
+            &metadata(),
+            None,
+        )
+        .await
+        .expect("floor raised");
         app.act(
             id,
             Action::RetireKeyVersions(KeyVersion::new(2)),

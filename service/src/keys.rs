@@ -2,8 +2,9 @@
 //! unwrapped keys for the data plane.
 //!
 //! A cache entry exists only for a scope that was effectively active when it was loaded,
-//! and is evicted (with every entry below it) as soon as this process sees a pause, revoke
-//! or rotation on its path; entries also expire after a TTL. Eviction bumps an epoch, and a
+//! and is evicted (with every entry below it) as soon as this process sees a pause, revoke,
+//! rotation, retirement, tier or master-key change, or a change of justification policy or
+//! decryption floor on its path; entries also expire after a TTL. Eviction bumps an epoch, and a
 //! load that raced with an eviction is used once but not cached, so no request that starts
 //! after an eviction can be served from a stale entry.
 
@@ -12,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ekm_domain::{KeyVersion, MasterKeyRef, OrgId, ScopeId, Tier};
+use ekm_domain::{EffectiveJustification, KeyVersion, MasterKeyRef, OrgId, ScopeId, Tier};
 use ekm_keys::{Kek, LocalMasterKey};
 use ekm_kms::{
     KmsSettings, LocalProvider, MasterKeyProvider, ProviderError, WrapContext, WrapPurpose,
@@ -110,6 +111,11 @@ pub struct ScopeKeys {
     /// the scope's active state are valid as of that position (and stay cached only while
     /// no later event on the path evicts them).
     pub valid_at_position: i64,
+    /// What the justification policies on the path impose (ADR 0027); a change of policy
+    /// on the path evicts the entry, as a pause does.
+    pub justification: EffectiveJustification,
+    /// Versions below this one do not decrypt (reversibly); a change evicts the entry.
+    pub min_decryption: KeyVersion,
     keys: HashMap<KeyVersion, Kek>,
     loaded: Instant,
 }
@@ -161,7 +167,8 @@ pub struct KeyService {
     failed_rx: Mutex<Option<tokio::sync::mpsc::UnboundedReceiver<ScopeId>>>,
 }
 
-/// Events after which cached keys on the scope's path must go.
+/// Events after which cached keys on the scope's path must go, and with them (on an
+/// organization) its unwrapped organization keys and remembered KMS failures.
 const EVICTING: [&str; 7] = [
     "ScopePaused",
     "ScopeRevoked",
@@ -170,6 +177,15 @@ const EVICTING: [&str; 7] = [
     "OrganizationTierChanged",
     "OrganizationMasterKeyChanged",
     "OrganizationMasterKeyHealthChanged",
+];
+
+/// Events that change only what a cache entry carries besides its keys (the justification
+/// policy, the decryption floor): the entries on the path go, but an organization's
+/// unwrapped keys and its KMS outage grace stay (an admin's policy change must not cost a
+/// KMS call, or, during an outage, the organization's data plane).
+const EVICTING_ENTRIES_ONLY: [&str; 2] = [
+    "ScopeJustificationPolicySet",
+    "ScopeMinDecryptionVersionSet",
 ];
 
 impl KeyService {
@@ -255,17 +271,28 @@ impl KeyService {
     }
 
     fn evict(&self, events: &[StoredEvent]) {
-        let scopes: Vec<ScopeId> = events
+        let of = |types: &[&str]| -> Vec<ScopeId> {
+            events
+                .iter()
+                .filter(|e| types.contains(&e.event_type.as_str()))
+                .filter_map(|e| ScopeId::parse(&e.aggregate_id).ok())
+                .collect()
+        };
+        let scopes = of(&EVICTING);
+        let entries: Vec<ScopeId> = scopes
             .iter()
-            .filter(|e| EVICTING.contains(&e.event_type.as_str()))
-            .filter_map(|e| ScopeId::parse(&e.aggregate_id).ok())
+            .copied()
+            .chain(of(&EVICTING_ENTRIES_ONLY))
             .collect();
-        if scopes.is_empty() {
+        if entries.is_empty() {
             return;
         }
         if let Ok(mut cache) = self.cache.lock() {
-            cache.retain(|_, entry| !entry.path.iter().any(|p| scopes.contains(p)));
+            cache.retain(|_, entry| !entry.path.iter().any(|p| entries.contains(p)));
             self.epoch.fetch_add(1, Ordering::SeqCst);
+        }
+        if scopes.is_empty() {
+            return;
         }
         if let Ok(mut org_keys) = self.org_keys.lock() {
             org_keys.retain(|(org, _, _), _| !scopes.contains(org));
@@ -325,6 +352,8 @@ impl KeyService {
             tier: snapshot.org_tier,
             current: KeyVersion::new(snapshot.scope.key_version),
             valid_at_position: position,
+            justification: snapshot.justification.clone(),
+            min_decryption: KeyVersion::new(snapshot.scope.min_decryption_version),
             keys,
             loaded: Instant::now(),
         });

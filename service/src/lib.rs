@@ -4,7 +4,7 @@
 //! `App` runs commands on the scope aggregate and answers reads (read-your-writes); the key
 //! service (`keys`) creates, wraps, unwraps and caches key material along the hierarchy;
 //! `health` watches customer master keys; `rekey` makes a revoke hold against copies of the
-//! database; `caller` says who is acting and what it may do; `access` issues and revokes
+//! database; `scheduler` fires what falls due (a pause's resume); `caller` says who is acting and what it may do; `access` issues and revokes
 //! tokens and grants; `master_key` validates a customer master key before it is connected;
 //! `minter` puts key minting behind a trait (a fake in unit tests); `visibility` finds what a
 //! caller may see, and the keys it may use.
@@ -20,8 +20,9 @@ pub mod keys;
 pub mod master_key;
 pub mod minter;
 pub mod rekey;
+pub mod scheduler;
 pub mod visibility;
 pub mod watchdog;
 
-pub use app::{Action, App, AppError, Outcome};
+pub use app::{AccessSeals, Action, App, AppError, Outcome};
 pub use caller::Caller;

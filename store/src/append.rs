@@ -240,7 +240,17 @@ pub struct GroupCommit {
     flushers: usize,
     /// Batches taken so far (`Db::group_batches`).
     batches: tokio::sync::watch::Sender<u64>,
+    /// Told each time an append joins the queue (a flush gathering a batch waits on it).
+    arrived: tokio::sync::Notify,
+    /// Whether a flush waits for the commands of its last batch (`gather`): on SQLite,
+    /// whose commit is the slow part of a command; not on PostgreSQL, where the wait cost
+    /// more than the larger batches gave back (measured, BENCHMARKS.md).
+    gathers: bool,
 }
+
+/// The longest a flush waits for the commands of its last batch to come back before it
+/// takes what is queued (ADR 0024, "gathering").
+const GATHER: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// A flush slot: claimed before its task is spawned, given back when the task ends, however
 /// it ends. A task that ends by panicking hands what is still queued to a new flush, so
@@ -270,12 +280,32 @@ impl std::fmt::Debug for Pending {
 }
 
 impl GroupCommit {
-    pub(crate) fn new(flushers: usize) -> Self {
+    pub(crate) fn new(flushers: usize, gathers: bool) -> Self {
         Self {
             queue: Mutex::new(VecDeque::new()),
             flushing: AtomicUsize::new(0),
             flushers: flushers.max(1),
             batches: tokio::sync::watch::Sender::new(0),
+            arrived: tokio::sync::Notify::new(),
+            gathers,
+        }
+    }
+
+    /// Waits, at most `GATHER`, until `target` appends are queued. Without it the clients
+    /// of a busy instance split into two cohorts that alternate between batches (one
+    /// cohort is queued while the other's batch is in flight, and comes back after the next
+    /// batch was taken), so each commit held half of them.
+    async fn gather(&self, target: usize) {
+        let deadline = tokio::time::Instant::now() + GATHER;
+        loop {
+            // Taken before looking: an append queued after the look stores a permit in it.
+            let arrived = self.arrived.notified();
+            if self.queue().len() >= target {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, arrived).await.is_err() {
+                return;
+            }
         }
     }
 
@@ -357,6 +387,7 @@ impl Db {
             keys: keys.clone(),
             reply,
         });
+        group.arrived.notify_one();
         self.start_flush(&group);
         answer.await.unwrap_or_else(|_| {
             // The flush task ended without answering (it panicked): nothing is known of
@@ -390,7 +421,13 @@ impl Db {
     async fn flush(&self, slot: Slot) {
         let group = slot.group.clone();
         let mut slot = Some(slot);
+        // How many appends the next batch waits for: the last batch's and those queued
+        // while it was in flight, as long as they keep coming back.
+        let mut target = 0;
         loop {
+            if group.gathers && target > 1 {
+                group.gather(target.min(GROUP_COMMANDS)).await;
+            }
             let batch = group.take();
             if batch.is_empty() {
                 drop(slot.take());
@@ -402,8 +439,10 @@ impl Db {
                     group: group.clone(),
                     db: self.clone(),
                 });
+                target = 0;
                 continue;
             }
+            let taken = batch.len();
             let committed = match self {
                 Db::Postgres(db) => postgres_group(db, batch).await,
                 Db::Sqlite(db) => sqlite_group(db, batch).await,
@@ -412,6 +451,7 @@ impl Db {
             if committed {
                 self.notify_committed();
             }
+            target = taken + group.queue().len();
         }
     }
 }

@@ -76,7 +76,7 @@ impl PostgresDb {
             statements: pool.clone(),
             pool,
             notifier: Default::default(),
-            group: std::sync::Arc::new(crate::append::GroupCommit::new(PG_FLUSHERS)),
+            group: std::sync::Arc::new(crate::append::GroupCommit::new(PG_FLUSHERS, false)),
         }
     }
 
@@ -249,7 +249,7 @@ impl Db {
                     write,
                     read,
                     // One flush at a time: there is one writer connection.
-                    group: std::sync::Arc::new(crate::append::GroupCommit::new(1)),
+                    group: std::sync::Arc::new(crate::append::GroupCommit::new(1, true)),
                 }))
             }
             DbConfig::Postgres { url } => {
@@ -270,7 +270,7 @@ impl Db {
                     pool,
                     statements,
                     notifier: Default::default(),
-                    group: std::sync::Arc::new(crate::append::GroupCommit::new(PG_FLUSHERS)),
+                    group: std::sync::Arc::new(crate::append::GroupCommit::new(PG_FLUSHERS, false)),
                 }))
             }
         }
@@ -368,6 +368,28 @@ impl Db {
     pub fn notify_committed(&self) {
         if let Db::Postgres(db) = self {
             db.notifier.committed(db.statements());
+        }
+    }
+
+    /// What a clock here is compared with (`ekm doctor`): PostgreSQL's own clock (`true`),
+    /// or on SQLite the newest event's time (`false`); none on an empty SQLite database.
+    pub async fn reference_time(
+        &self,
+    ) -> Result<Option<(chrono::DateTime<chrono::Utc>, bool)>, StoreError> {
+        match self {
+            Db::Postgres(pg) => {
+                let now: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT now()")
+                    .fetch_one(&pg.pool)
+                    .await?;
+                Ok(Some((now, true)))
+            }
+            Db::Sqlite(sqlite) => {
+                let newest: Option<String> =
+                    sqlx::query_scalar("SELECT MAX(recorded_at) FROM events")
+                        .fetch_one(&sqlite.read)
+                        .await?;
+                Ok(newest.map(|t| (crate::time::from_sqlite_event_time(&t), false)))
+            }
         }
     }
 

@@ -5,6 +5,7 @@
 //! and the only one that knows how a backend assigns positions. Everything above it sees
 //! events as `StoredEvent`s in one global order.
 
+pub mod access_log;
 mod append;
 mod db;
 mod error;
@@ -16,6 +17,9 @@ pub mod time;
 mod tokens;
 mod wrapping_keys;
 
+pub use access_log::{
+    AccessCount, AccessEntry, AccessFilter, AccessLog, AccessLogMode, AccessRecord, VersionUsage,
+};
 pub use append::{Appended, KeyWrites};
 pub use db::{pg_pool_options, Db, DbConfig, PostgresDb, SqliteDb};
 pub use error::StoreError;

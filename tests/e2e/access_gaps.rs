@@ -63,6 +63,22 @@ fn scope_requests(scope: &str, ciphertext: &str) -> Vec<(&'static str, String, O
             Some(json!({"below": 2, "reason": "try"})),
         ),
         (
+            "PUT",
+            format!("/v1/scopes/{scope}/min-decryption-version"),
+            Some(json!({"version": 1})),
+        ),
+        ("GET", format!("/v1/scopes/{scope}/key-versions"), None),
+        (
+            "PUT",
+            format!("/v1/scopes/{scope}/justification-policy"),
+            Some(json!({"required": true})),
+        ),
+        (
+            "GET",
+            format!("/v1/scopes/{scope}/justification-policy"),
+            None,
+        ),
+        (
             "POST",
             format!("/v1/scopes/{scope}/revoke"),
             Some(json!({"confirm": scope, "reason": "try"})),

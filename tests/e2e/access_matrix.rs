@@ -162,12 +162,55 @@ fn rows() -> Vec<Row> {
         ),
         row("GET", "/v1/scopes/{id}/state", view, guarded(200, ok(200))),
         row(
+            "PUT",
+            "/v1/scopes/{id}/justification-policy",
+            manage,
+            guarded(200, ok(200)),
+        ),
+        row(
+            "GET",
+            "/v1/scopes/{id}/justification-policy",
+            view,
+            guarded(200, ok(200)),
+        ),
+        row(
+            "PUT",
+            "/v1/scopes/{id}/min-decryption-version",
+            manage,
+            guarded(200, ok(200)),
+        ),
+        row(
+            "GET",
+            "/v1/scopes/{id}/key-versions",
+            view,
+            guarded(200, ok(200)),
+        ),
+        row(
             "GET",
             "/v1/scopes/{id}/access-at",
             audit,
             guarded(200, ok(200)),
         ),
+        row(
+            "GET",
+            "/v1/orgs/{org}/schedule",
+            view,
+            guarded(200, ok(200)),
+        ),
         row("GET", "/v1/audit", audit, guarded(200, ok(200))),
+        row("GET", "/v1/audit/access", audit, guarded(200, ok(200))),
+        row(
+            "GET",
+            "/v1/audit/access/export",
+            audit,
+            guarded(200, ok(200)),
+        ),
+        row(
+            "GET",
+            "/v1/scopes/{id}/access-summary",
+            audit,
+            guarded(200, ok(200)),
+        ),
         row("GET", "/v1/audit/export", audit, guarded(200, ok(200))),
         row("GET", "/v1/audit/verify", audit, guarded(200, ok(200))),
         // The public half of the audit signing key: any valid token.
@@ -217,6 +260,21 @@ fn rows() -> Vec<Row> {
         row(
             "POST",
             "/v1/orgs/{org}/admin-tokens",
+            manage,
+            [
+                UNAUTHORIZED,
+                UNAUTHORIZED,
+                FORBIDDEN,
+                FORBIDDEN,
+                FORBIDDEN,
+                FORBIDDEN,
+            ],
+        ),
+        // The operator's plan change: no organization token changes a plan (the operator's
+        // success is tested in plans.rs).
+        row(
+            "PUT",
+            "/v1/orgs/{org}/plan",
             manage,
             [
                 UNAUTHORIZED,
@@ -434,6 +492,7 @@ async fn request(app: &TestApp, world: &World, row: &Row, index: usize) -> (Stri
                 .post(&format!("/v1/scopes/{id}/rotate"), &world.admin, json!({}))
                 .await;
             assert_eq!(rotated.status, StatusCode::OK);
+            app.floor(&world.admin, &id, 2).await;
             (format!("/v1/scopes/{id}/retire"), Some(json!({"below": 2})))
         }
         ("GET", "/v1/scopes/{id}/access-at") => (
@@ -443,16 +502,40 @@ async fn request(app: &TestApp, world: &World, row: &Row, index: usize) -> (Stri
             ),
             None,
         ),
+        ("PUT", "/v1/scopes/{id}/justification-policy") => (
+            format!("/v1/scopes/{}/justification-policy", fresh_thread().await),
+            Some(json!({"required": true, "allowed": ["agent_run"]})),
+        ),
+        ("PUT", "/v1/scopes/{id}/min-decryption-version") => (
+            format!("/v1/scopes/{}/min-decryption-version", fresh_thread().await),
+            Some(json!({"version": 1})),
+        ),
+        ("GET", "/v1/scopes/{id}/key-versions") => {
+            (format!("/v1/scopes/{thread}/key-versions"), None)
+        }
+        ("GET", "/v1/scopes/{id}/justification-policy") => {
+            (format!("/v1/scopes/{thread}/justification-policy"), None)
+        }
         ("GET", "/v1/scopes/{id}/state") => (
             format!("/v1/scopes/{thread}/state?position=9000000000000000"),
             None,
         ),
+        ("GET", "/v1/orgs/{org}/schedule") => (format!("/v1/orgs/{org}/schedule"), None),
         ("GET", "/v1/audit") => (format!("/v1/audit?org={org}"), None),
+        ("GET", "/v1/audit/access") => (format!("/v1/audit/access?org={org}"), None),
+        ("GET", "/v1/audit/access/export") => (format!("/v1/audit/access/export?org={org}"), None),
+        ("GET", "/v1/scopes/{id}/access-summary") => {
+            (format!("/v1/scopes/{thread}/access-summary"), None)
+        }
         ("GET", "/v1/audit/export") => (format!("/v1/audit/export?org={org}"), None),
         ("GET", "/v1/audit/verify") => (format!("/v1/audit/verify?org={org}"), None),
         ("GET", "/v1/me") => ("/v1/me".into(), None),
         ("GET", "/v1/audit/signing-key") => ("/v1/audit/signing-key".into(), None),
         ("GET", "/v1/orgs/{org}/scopes") => (format!("/v1/orgs/{org}/scopes?q=t"), None),
+        ("PUT", "/v1/orgs/{org}/plan") => (
+            format!("/v1/orgs/{org}/plan"),
+            Some(json!({"plan": "standard"})),
+        ),
         ("POST", "/v1/orgs/{org}/admin-tokens") => (
             format!("/v1/orgs/{org}/admin-tokens"),
             Some(json!({"reason": "matrix"})),

@@ -165,7 +165,12 @@ async fn check(app: &App, ops: Vec<Op>) -> Result<(), TestCaseError> {
                         | Action::Ungrant(_)
                         | Action::StartRevocationRekey { .. }
                         | Action::RecordRevocationRekey { .. }
-                        | Action::CompleteRevocationRekey { .. } => {
+                        | Action::CompleteRevocationRekey { .. }
+                        | Action::SetJustificationPolicy(_)
+                        | Action::SetMinDecryptionVersion(_)
+                        | Action::ChangePlan(_)
+                        | Action::PauseUntil(_)
+                        | Action::FireScheduledResume { .. } => {
                             unreachable!("not generated")
                         }
                         Action::Rotate => {

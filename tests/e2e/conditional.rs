@@ -102,3 +102,22 @@ async fn token_and_grant_lists_answer_304_until_they_change(backend: Backend) {
     app.stop().await;
 }
 on_both_backends!(token_and_grant_lists_answer_304_until_they_change);
+
+/// The master key's status carries a tag of its body (its last health check changes without
+/// an event), and answers 304 only to that tag.
+async fn master_key_status_is_tagged_by_its_body(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let (org, admin) = app.org("enterprise").await;
+    let path = format!("/v1/orgs/{org}/master-key");
+    let (status, tag, _) = get_if(&app, &admin, &path, None).await;
+    assert_eq!(status, 200);
+    assert!(tag.starts_with("\"1.") && tag.len() > 10, "{tag}");
+    assert_eq!(get_if(&app, &admin, &path, Some(&tag)).await.0, 304);
+    assert_eq!(
+        get_if(&app, &admin, &path, Some("\"1\"")).await.0,
+        200,
+        "the bare version is not the body's tag"
+    );
+    app.stop().await;
+}
+on_both_backends!(master_key_status_is_tagged_by_its_body);

@@ -25,7 +25,7 @@ async fn stall_covering(app: &TestApp, position: i64) {
 
 /// An event the runner cannot decode, written straight into the log (as someone with write
 /// access to the database could, or a bug).
-async fn insert_undecodable_event(db: &ekm_store::Db, scope: &str) {
+pub(crate) async fn insert_undecodable_event(db: &ekm_store::Db, scope: &str) {
     exec(
         db,
         &format!(

@@ -271,6 +271,7 @@ async fn state_as_of_shows_key_versions_and_the_organization_when_both_changed_s
         .await;
     assert_eq!(rotated.status, 200, "{}", rotated.body);
     let before = last_recorded(&app, &admin, &org).await;
+    app.floor(&admin, &thread, 2).await;
     let retired = app
         .post(
             &format!("/v1/scopes/{thread}/retire"),

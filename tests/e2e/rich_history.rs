@@ -1,5 +1,5 @@
 //! Random histories that touch every column of every read model: scopes created, paused,
-//! resumed, rotated, retired and revoked; tier changes; customer master keys connected
+//! resumed, rotated, retired and revoked, their justification policies and decryption floors set; tier changes; customer master keys connected
 //! (moto) and dropped, their health recorded; grants given and taken back; tokens issued
 //! and revoked. Driven through the HTTP API where one exists, as a client would.
 
@@ -14,7 +14,7 @@ use crate::kms_servers::Moto;
 
 /// The event types a rich history must contain, or it proves less than it claims. (The
 /// re-key job's events come from the revokes, once the job has run.)
-pub const EVENT_TYPES: [&str; 14] = [
+pub const EVENT_TYPES: [&str; 17] = [
     "OrganizationCreated",
     "ScopeCreated",
     "ScopePaused",
@@ -29,6 +29,9 @@ pub const EVENT_TYPES: [&str; 14] = [
     "PermissionRevoked",
     "TokenIssued",
     "TokenRevoked",
+    "ScopeJustificationPolicySet",
+    "ScopeMinDecryptionVersionSet",
+    "ScopeResumeScheduled",
 ];
 
 /// Server options for a rich history: the KMS settings that reach `moto`, no background
@@ -121,8 +124,21 @@ impl<'a> RichHistory<'a> {
     }
 
     /// Ends with the first organization under a customer key that is unavailable, so that
-    /// the health columns hold values at the end (a later switch clears them).
+    /// the health columns hold values at the end (a later switch clears them), and the second
+    /// paused until tomorrow, so that the schedule holds a row (a later resume clears it).
     pub async fn end_unavailable(&mut self) {
+        let second = &self.orgs[1];
+        let until = chrono::Utc::now() + chrono::Duration::days(1);
+        let paused = self
+            .app
+            .post(
+                &format!("/v1/scopes/{}/pause", second.id),
+                &second.admin,
+                json!({"reason": "the end of the history",
+                       "until": until.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)}),
+            )
+            .await;
+        assert_eq!(paused.status, 200, "{}", paused.body);
         let org = &mut self.orgs[0];
         // A busy machine can make a KMS round trip time out: a few attempts.
         for _ in 0..5 {
@@ -181,15 +197,35 @@ impl<'a> RichHistory<'a> {
                     org.scopes.push((created.str("id"), kind == "team"));
                 }
             }
-            25..=34 => drop(
-                app.post(
-                    &format!("/v1/scopes/{target}/pause"),
-                    &token,
-                    json!({"reason": format!("pause {step}")}),
-                )
-                .await,
-            ),
-            35..=44 => drop(app.resume(&token, &target).await),
+            25..=34 => {
+                // Half the pauses end on their own, tomorrow (never within the test): the
+                // schedule is a read model too.
+                let mut body = json!({"reason": format!("pause {step}")});
+                if rng.random_bool(0.5) {
+                    let until = chrono::Utc::now() + chrono::Duration::days(1);
+                    body["until"] =
+                        json!(until.to_rfc3339_opts(chrono::SecondsFormat::Micros, true));
+                }
+                drop(
+                    app.post(&format!("/v1/scopes/{target}/pause"), &token, body)
+                        .await,
+                );
+            }
+            35..=40 => drop(app.resume(&token, &target).await),
+            41..=44 => {
+                // A justification policy: set, tightened, or lifted.
+                let codes = ["agent_run", "customer_support", "legal_hold"];
+                let allowed: Vec<&str> = codes
+                    .iter()
+                    .copied()
+                    .filter(|_| rng.random_bool(0.5))
+                    .collect();
+                // A list needs `required` (ADR 0027).
+                let required = !allowed.is_empty() || rng.random_bool(0.5);
+                let body = json!({"required": required, "allowed": allowed});
+                let path = format!("/v1/scopes/{target}/justification-policy");
+                drop(app.call("PUT", &path, Some(&token), Some(body)).await);
+            }
             45..=51 => drop(
                 app.post(&format!("/v1/scopes/{target}/rotate"), &token, json!({}))
                     .await,
@@ -206,6 +242,17 @@ impl<'a> RichHistory<'a> {
                     });
                 if let Some(newest) = newest.filter(|n| *n >= 2) {
                     let below = rng.random_range(2..=newest);
+                    // The floor first (retire destroys only below it); sometimes lowered
+                    // again afterwards, as an admin who changed their mind would.
+                    drop(
+                        app.call(
+                            "PUT",
+                            &format!("/v1/scopes/{target}/min-decryption-version"),
+                            Some(&token),
+                            Some(json!({"version": below})),
+                        )
+                        .await,
+                    );
                     drop(
                         app.post(
                             &format!("/v1/scopes/{target}/retire"),
@@ -214,6 +261,17 @@ impl<'a> RichHistory<'a> {
                         )
                         .await,
                     );
+                    if rng.random_bool(0.3) {
+                        drop(
+                            app.call(
+                                "PUT",
+                                &format!("/v1/scopes/{target}/min-decryption-version"),
+                                Some(&token),
+                                Some(json!({"version": 1})),
+                            )
+                            .await,
+                        );
+                    }
                 }
             }
             57..=60 => {

@@ -11,7 +11,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use chrono::{DateTime, Utc};
 use ekm_domain::{OrgId, Permission, ScopeId};
-use ekm_projections::{AuditEntry, AuditFilter, ChainReport};
+use ekm_projections::{AuditEntry, AuditFilter};
 use ekm_store::time::rfc3339;
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -102,7 +102,7 @@ pub const CSV_HEADER: &str = "position,recorded_at,org_id,scope_id,path,action,e
 
 /// One CSV field: quoted when needed, and defused against formula injection (a cell that
 /// starts with = + - @ is prefixed with an apostrophe, as OWASP recommends).
-fn csv_field(value: &str) -> String {
+pub(crate) fn csv_field(value: &str) -> String {
     let defused = if value.starts_with(['=', '+', '-', '@', '\t', '\r']) {
         format!("'{value}")
     } else {
@@ -192,7 +192,7 @@ fn parse_time(name: &str, value: &str) -> Result<DateTime<Utc>, ApiError> {
 }
 
 /// The organization an audit request is about: the caller's own (404 for any other).
-fn audited_org(caller: &Caller, org: Option<&String>) -> Result<OrgId, ApiError> {
+pub(crate) fn audited_org(caller: &Caller, org: Option<&String>) -> Result<OrgId, ApiError> {
     if caller.is_operator() {
         return Err(ApiError::forbidden(
             "the operator token manages organizations only; use an organization's token",
@@ -218,20 +218,18 @@ fn audited_org_whole(caller: &Caller, org: Option<&String>) -> Result<OrgId, Api
     Ok(own)
 }
 
-const FILTER_KEYS: [&str; 6] = ["org", "scope", "actor", "action", "from", "to"];
-
-/// Builds the filter shared by list and export.
-async fn filter(
+/// The subtree an audit request may read: `audit:read` on the organization reads all of it
+/// (`None` without `scope=`); on a subtree, only that subtree's entries (`scope` naming it or
+/// a scope below it): the organization's own events (grants, tokens, tier) and other
+/// subtrees stay out of reach. The subtree is the scope's path of ids joined by `/`.
+pub(crate) async fn audited_subtree(
     state: &AppState,
     caller: &Caller,
-    query: &HashMap<String, String>,
-) -> Result<AuditFilter, ApiError> {
-    let org = audited_org(caller, query.get("org"))?;
-    // `audit:read` on the organization reads all of it; on a subtree, only that subtree's
-    // entries (`scope` naming it or a scope below it): the organization's own events
-    // (grants, tokens, tier) and other subtrees stay out of reach.
+    org: &OrgId,
+    scope: Option<&String>,
+) -> Result<Option<String>, ApiError> {
     let whole_org = caller.holds(Permission::AuditRead, &[org.scope_id()]);
-    let subtree = match query.get("scope") {
+    let subtree = match scope {
         None => {
             if !whole_org {
                 return Err(ApiError::forbidden(
@@ -244,7 +242,7 @@ async fn filter(
         Some(text) => {
             let id = ScopeId::parse(text).map_err(|e| ApiError::invalid(format!("scope: {e}")))?;
             match state.app.scope(id).await? {
-                Some(snapshot) if snapshot.scope.org_id == org => {
+                Some(snapshot) if snapshot.scope.org_id == *org => {
                     if !whole_org {
                         caller.require(Permission::AuditRead, &snapshot.scope.path)?;
                     }
@@ -266,6 +264,14 @@ async fn filter(
             }
         }
     };
+    Ok(subtree)
+}
+
+/// A query's `from` and `to`, either open.
+pub(crate) type TimeRange = (Option<DateTime<Utc>>, Option<DateTime<Utc>>);
+
+/// Parses `from` and `to` (RFC 3339), `from` before `to`.
+pub(crate) fn time_range(query: &HashMap<String, String>) -> Result<TimeRange, ApiError> {
     let from = query
         .get("from")
         .map(|v| parse_time("from", v))
@@ -276,6 +282,20 @@ async fn filter(
             return Err(ApiError::invalid("from must be before to"));
         }
     }
+    Ok((from, to))
+}
+
+const FILTER_KEYS: [&str; 6] = ["org", "scope", "actor", "action", "from", "to"];
+
+/// Builds the filter shared by list and export.
+async fn filter(
+    state: &AppState,
+    caller: &Caller,
+    query: &HashMap<String, String>,
+) -> Result<AuditFilter, ApiError> {
+    let org = audited_org(caller, query.get("org"))?;
+    let subtree = audited_subtree(state, caller, &org, query.get("scope")).await?;
+    let (from, to) = time_range(query)?;
     Ok(AuditFilter {
         org_id: org.to_string(),
         subtree,
@@ -420,19 +440,28 @@ pub async fn export(
             }
         },
     );
+    Ok(download(
+        Body::from_stream(stream),
+        format,
+        &format!("ekm-audit-{org}"),
+    ))
+}
+
+/// A streamed export as a download: its content type, and `NAME.jsonl` or `NAME.csv`.
+pub(crate) fn download(body: Body, format: Format, name: &str) -> Response {
     let (content_type, extension) = match format {
         Format::JsonLines => ("application/jsonl", "jsonl"),
         Format::Csv => ("text/csv; charset=utf-8", "csv"),
     };
-    let mut response = Body::from_stream(stream).into_response();
+    let mut response = body.into_response();
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
-    if let Ok(value) = HeaderValue::from_str(&format!(
-        "attachment; filename=\"ekm-audit-{org}.{extension}\""
-    )) {
+    if let Ok(value) =
+        HeaderValue::from_str(&format!("attachment; filename=\"{name}.{extension}\""))
+    {
         headers.insert(header::CONTENT_DISPOSITION, value);
     }
-    Ok(response)
+    response
 }
 
 /// `GET /v1/audit/signing-key`: the platform's public audit signing key, for verifying
@@ -470,9 +499,31 @@ pub async fn verify(
     State(state): State<AppState>,
     caller: Caller,
     query: Result<Query<HashMap<String, String>>, QueryRejection>,
-) -> Result<Json<ChainReport>, ApiError> {
+) -> Result<Json<Value>, ApiError> {
     let Query(query) = query.map_err(|_| ApiError::invalid("the query string is not valid"))?;
     check_keys(&query, &["org"])?;
     let org = audited_org_whole(&caller, query.get("org"))?;
-    Ok(Json(state.app.verify(org).await?))
+    let chain = state.app.verify(org).await?;
+    let access = state.app.verify_access(org).await?;
+    let mut answer = serde_json::to_value(&chain).map_err(|e| crate::error::internal(&e))?;
+    if let Some(access) = access {
+        answer["ok"] = json!(chain.ok && access.ok());
+        answer["access_log"] = access_report_json(&access);
+    }
+    Ok(Json(answer))
+}
+
+/// An access-log verification as JSON (`/v1/audit/verify`, `ekm audit verify --json`).
+pub fn access_report_json(report: &ekm_store::access_log::AccessReport) -> Value {
+    json!({
+        "ok": report.ok(),
+        "records": report.records,
+        "streams": report.streams,
+        "first_failure": report.first_failure.as_ref().map(|f| json!({
+            "id": f.id,
+            "stream": f.stream,
+            "seq": f.seq,
+            "problem": f.problem,
+        })),
+    })
 }

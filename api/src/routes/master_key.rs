@@ -105,6 +105,7 @@ pub async fn set(
 pub async fn show(
     State(state): State<AppState>,
     caller: Caller,
+    headers: axum::http::HeaderMap,
     path: Result<Path<String>, PathRejection>,
 ) -> Result<Response, ApiError> {
     let org = visible_org(
@@ -115,9 +116,9 @@ pub async fn show(
     )
     .await?;
     let body = describe(&state, &org).await?;
-    let mut response = Json(body).into_response();
-    etag(&mut response, org.scope.version);
-    Ok(response)
+    // A validator of this body (its last health check changes without an event), with
+    // If-None-Match answered 304, as every GET of a resource (ADR 0025).
+    crate::routes::conditional_json(&headers, Some(org.scope.version), &body)
 }
 
 async fn describe(state: &AppState, org: &ScopeSnapshot) -> Result<Value, ApiError> {

@@ -25,12 +25,15 @@ use crate::error::ApiError;
 use crate::state::AppState;
 use ekm_service::AppError;
 
+pub mod access;
 pub mod audit;
 pub(crate) mod data_plane;
 mod grants;
+mod justification;
+mod key_versions;
 mod master_key;
 mod orgs;
-mod scopes;
+pub(crate) mod scopes;
 mod system;
 mod tokens;
 
@@ -43,6 +46,8 @@ pub(crate) fn register(endpoints: &mut Endpoints) {
     endpoints.add(Post, "/v1/orgs", orgs::create_org);
     endpoints.add(Get, "/v1/orgs/{org}", orgs::get_org);
     endpoints.add(Put, "/v1/orgs/{org}/tier", orgs::change_tier);
+    endpoints.add(Put, "/v1/orgs/{org}/plan", orgs::change_plan);
+    endpoints.add(Get, "/v1/orgs/{org}/schedule", orgs::schedule);
     endpoints.add(Put, "/v1/orgs/{org}/master-key", master_key::set);
     endpoints.add(Get, "/v1/orgs/{org}/master-key", master_key::show);
     endpoints.add(Post, "/v1/orgs/{org}/tokens", tokens::create_token);
@@ -65,10 +70,29 @@ pub(crate) fn register(endpoints: &mut Endpoints) {
     endpoints.add(Post, "/v1/scopes/{id}/retire", scopes::retire);
     endpoints.add(Get, "/v1/scopes/{id}/state", scopes::state_as_of);
     endpoints.add(Get, "/v1/scopes/{id}/access-at", scopes::access_as_of);
+    endpoints.add(
+        Put,
+        "/v1/scopes/{id}/min-decryption-version",
+        key_versions::set_floor,
+    );
+    endpoints.add(Get, "/v1/scopes/{id}/key-versions", key_versions::list);
+    endpoints.add(
+        Get,
+        "/v1/scopes/{id}/justification-policy",
+        justification::get,
+    );
+    endpoints.add(
+        Put,
+        "/v1/scopes/{id}/justification-policy",
+        justification::put,
+    );
     endpoints.add(Get, "/v1/audit", audit::list);
     endpoints.add(Get, "/v1/audit/export", audit::export);
     endpoints.add(Get, "/v1/audit/verify", audit::verify);
     endpoints.add(Get, "/v1/audit/signing-key", audit::signing_key);
+    endpoints.add(Get, "/v1/audit/access", access::list);
+    endpoints.add(Get, "/v1/audit/access/export", access::export);
+    endpoints.add(Get, "/v1/scopes/{id}/access-summary", access::summary);
     endpoints.add(Get, "/v1/me", system::me);
     endpoints.add(Get, "/v1/orgs/{org}/scopes", orgs::search_scopes);
     endpoints.add(

@@ -75,19 +75,56 @@ pub(crate) async fn get_org(
 
 /// `PUT /v1/orgs/{org}/tier {"tier": "default"|"managed"}`: what is encrypted. Existing
 /// ciphertexts keep working; `byok` is reached by connecting a master key.
+/// `PUT /v1/orgs/{org}/tier`; with `?dry_run=true` the rules are checked and the classes
+/// that would lose or gain coverage are listed, nothing is recorded. After a downgrade the
+/// classes it no longer covers are refused for encrypt, datakey and rewrap, but still
+/// decrypt, so that the platform can migrate its data (issue 17 §4).
 pub(crate) async fn change_tier(
     State(state): State<AppState>,
     caller: Caller,
     path: Result<Path<String>, PathRejection>,
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
     headers: HeaderMap,
     JsonBody(body): JsonBody<TierRequest>,
 ) -> Result<Response, ApiError> {
+    let Query(query) = query.map_err(|_| ApiError::invalid("the query string is not valid"))?;
+    check_keys(&query, &["dry_run"])?;
+    let dry_run = match query.get("dry_run").map(String::as_str) {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(_) => return Err(ApiError::invalid("dry_run: expected true or false")),
+    };
     let tier: Tier = body
         .tier
         .parse()
         .map_err(|e: ekm_domain::ValueError| ApiError::invalid(e.to_string()))?;
     let reason = reason(body.reason.as_deref(), false)?;
     let org = visible_org(&state, &caller, path, Permission::EncryptionManage).await?;
+    if dry_run {
+        let (scope, would_change, _) = state
+            .app
+            .dry_run(org.scope.id, Action::ChangeTier(tier))
+            .await?;
+        let from = scope.org_tier;
+        let classes = |keep: &dyn Fn(ekm_domain::DataClass) -> bool| {
+            ekm_domain::DataClass::ALL
+                .into_iter()
+                .filter(|c| keep(*c))
+                .map(|c| c.as_str())
+                .collect::<Vec<_>>()
+        };
+        return Ok(Json(json!({
+            "dry_run": true,
+            "action": "tier",
+            "from": from.as_str(),
+            "to": tier.as_str(),
+            "would_change": would_change,
+            // No new encryptions of these; what was sealed still decrypts.
+            "classes_losing_coverage": classes(&|c| from.covers(c) && !tier.covers(c)),
+            "classes_gaining_coverage": classes(&|c| !from.covers(c) && tier.covers(c)),
+        }))
+        .into_response());
+    }
     let expected = expected_version(&headers)?;
     let outcome = state
         .app
@@ -105,6 +142,107 @@ pub(crate) async fn change_tier(
     let mut response = Json(body).into_response();
     etag(&mut response, outcome.scope.scope.version);
     Ok(response)
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PlanRequest {
+    plan: String,
+    reason: Option<String>,
+}
+
+/// `PUT /v1/orgs/{org}/plan {"plan", "reason"?}` (the operator token only): an event. Leaving
+/// enterprise needs tier `default` and no scope control in force in the tree (paused scopes,
+/// justification policies, decryption floors): 409 `conflict` names what to clear first,
+/// since the standard plan could no longer change them (issue 17 §4).
+pub(crate) async fn change_plan(
+    State(state): State<AppState>,
+    caller: Caller,
+    path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    JsonBody(body): JsonBody<PlanRequest>,
+) -> Result<Response, ApiError> {
+    if !caller.is_operator() {
+        return Err(ApiError::forbidden(
+            "only the platform operator token changes an organization's plan",
+        ));
+    }
+    let plan: Plan = body
+        .plan
+        .parse()
+        .map_err(|e: ekm_domain::ValueError| ApiError::invalid(e.to_string()))?;
+    let reason = reason(body.reason.as_deref(), false)?;
+    let id = parse_scope_id(&path_text(path)?)?;
+    match state.app.scope(id).await? {
+        Some(found) if found.scope.kind == ScopeKind::Organization => {}
+        _ => return Err(ApiError::not_found(ORG_NOT_FOUND)),
+    }
+    let expected = expected_version(&headers)?;
+    let outcome = state
+        .app
+        .act(
+            id,
+            Action::ChangePlan(plan),
+            &caller.metadata(reason),
+            expected,
+        )
+        .await?;
+    let mut body = serde_json::to_value(OrgJson::from(&outcome.scope)).unwrap_or_default();
+    if let Some(object) = body.as_object_mut() {
+        object.insert("changed".into(), json!(outcome.changed));
+    }
+    let mut response = Json(body).into_response();
+    etag(&mut response, outcome.scope.scope.version);
+    Ok(response)
+}
+
+/// `GET /v1/orgs/{org}/schedule?limit=&cursor=`: what the scheduler will fire in the
+/// organization, soonest first (`encryption:view` on the organization): `{"items":
+/// [{"scope_id", "action": "resume", "due_at"}], "next_cursor"}`.
+pub(crate) async fn schedule(
+    State(state): State<AppState>,
+    caller: Caller,
+    path: Result<Path<String>, PathRejection>,
+    query: Result<Query<HashMap<String, String>>, QueryRejection>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let Query(query) = query.map_err(|_| ApiError::invalid("the query string is not valid"))?;
+    check_keys(&query, &["cursor", "limit"])?;
+    let org = visible_org(&state, &caller, path, Permission::EncryptionView).await?;
+    // The list is a read model: brought up to every committed event first, so a pause just
+    // answered is listed (read-your-writes).
+    state.app.refresh().await?;
+    let org_id = org.scope.id.to_string();
+    let binding = Binding {
+        list: List::Schedule,
+        query: &[&org_id],
+    };
+    let after: Option<(i64, String)> = query
+        .get("cursor")
+        .map(|cursor| binding.decode_json(cursor))
+        .transpose()?;
+    let limit = page_limit(query.get("limit"))?;
+    let rows = state
+        .app
+        .read()
+        .org_schedule(org.scope.id, after, i64::from(limit) + 1)
+        .await
+        .map_err(ekm_service::AppError::from)?;
+    let more = rows.len() > limit as usize;
+    let page = &rows[..rows.len().min(limit as usize)];
+    let next_cursor = match (more, page.last()) {
+        (true, Some(last)) => {
+            Some(binding.encode_json(&json!([last.due_at, last.scope_id.to_string()])))
+        }
+        _ => None,
+    };
+    Ok(Json(json!({
+        "items": page.iter().map(|a| json!({
+            "scope_id": a.scope_id.to_string(),
+            "action": a.kind,
+            "due_at": a.at,
+        })).collect::<Vec<_>>(),
+        "next_cursor": next_cursor,
+    })))
 }
 
 const MAX_QUERY_CHARS: usize = 200;

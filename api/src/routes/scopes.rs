@@ -19,7 +19,7 @@ use crate::context::Caller;
 use crate::cursor::{Binding, List};
 use crate::dto::{
     AccessAtJson, CreateScopeRequest, JsonBody, LifecycleJson, ListJson, OptionalJsonBody,
-    PastScopeJson, ReasonRequest, RetireRequest, RevokeRequest, ScopeJson,
+    PastScopeJson, PauseRequest, ReasonRequest, RetireRequest, RevokeRequest, ScopeJson,
 };
 use crate::error::{ApiError, Code};
 use crate::state::AppState;
@@ -123,7 +123,7 @@ pub(crate) async fn list_children(
     }))
 }
 
-async fn lifecycle(
+pub(crate) async fn lifecycle(
     state: AppState,
     caller: Caller,
     path: Result<Path<String>, PathRejection>,
@@ -198,19 +198,42 @@ async fn dry_run(
     .into_response())
 }
 
+/// The longest a pause may be given to last before the scheduler resumes it.
+const MAX_PAUSE_DAYS: i64 = 366;
+
+/// `until` as the instant a pause ends: RFC 3339, in the future, within a year; normalized
+/// to UTC with microseconds (the form the scheduler fires with).
+fn pause_until(until: &str) -> Result<String, ApiError> {
+    let at = chrono::DateTime::parse_from_rfc3339(until)
+        .map_err(|_| ApiError::invalid("until: an RFC 3339 instant, e.g. 2026-12-24T08:00:00Z"))?
+        .with_timezone(&chrono::Utc);
+    let now = chrono::Utc::now();
+    if at <= now {
+        return Err(ApiError::invalid("until: must lie in the future"));
+    }
+    if at > now + chrono::Duration::days(MAX_PAUSE_DAYS) {
+        return Err(ApiError::invalid("until: at most 366 days ahead"));
+    }
+    Ok(rfc3339(at))
+}
+
 pub(crate) async fn pause(
     State(state): State<AppState>,
     caller: Caller,
     path: Result<Path<String>, PathRejection>,
     query: Result<Query<HashMap<String, String>>, QueryRejection>,
     headers: HeaderMap,
-    OptionalJsonBody(body): OptionalJsonBody<ReasonRequest>,
+    OptionalJsonBody(body): OptionalJsonBody<PauseRequest>,
 ) -> Result<Response, ApiError> {
+    let action = match body.until.as_deref() {
+        Some(until) => Action::PauseUntil(pause_until(until)?),
+        None => Action::Pause,
+    };
     if is_dry_run(query)? {
-        return dry_run(state, caller, path, Action::Pause).await;
+        return dry_run(state, caller, path, action).await;
     }
     let reason = reason(body.reason.as_deref(), true)?;
-    lifecycle(state, caller, path, &headers, Action::Pause, reason).await
+    lifecycle(state, caller, path, &headers, action, reason).await
 }
 
 pub(crate) async fn resume(

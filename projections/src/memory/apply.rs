@@ -1,6 +1,6 @@
 //! Applying one event to the tree, as the scope tree projection applies it to its rows.
 
-use ekm_domain::{KeyHealth, OwnState, ScopeEvent, ScopeId, ScopeKind};
+use ekm_domain::{JustificationPolicy, KeyHealth, OwnState, ScopeEvent, ScopeId, ScopeKind};
 use ekm_store::time::to_micros;
 use ekm_store::StoredEvent;
 
@@ -194,6 +194,7 @@ impl Tree {
             // Nothing else in the scope's row, but its version (the ETag) moves.
             ScopeEvent::TokenIssued { .. }
             | ScopeEvent::TokenRevoked { .. }
+            | ScopeEvent::ScopeResumeScheduled { .. }
             | ScopeEvent::RevocationRekeyProgressed { .. } => {
                 self.touch(stored)?;
             }
@@ -212,6 +213,23 @@ impl Tree {
                 node.rekey = Rekey::Running;
                 if let Some(rare) = node.rare.as_mut() {
                     rare.rekey_done_position = None;
+                }
+            }
+            ScopeEvent::ScopeMinDecryptionVersionSet { version } => {
+                let node = self.touch(stored)?;
+                let floor = (version.get() != 1).then_some(version.get());
+                if floor.is_some() || node.rare.is_some() {
+                    node.rare
+                        .get_or_insert_with(Default::default)
+                        .min_decryption = floor;
+                }
+            }
+            ScopeEvent::ScopeJustificationPolicySet { required, allowed } => {
+                let node = self.touch(stored)?;
+                let policy = JustificationPolicy { required, allowed };
+                let policy = (!policy.is_empty()).then_some(policy);
+                if policy.is_some() || node.rare.is_some() {
+                    node.rare.get_or_insert_with(Default::default).justification = policy;
                 }
             }
             ScopeEvent::RevocationRekeyCompleted { .. } => {
@@ -248,6 +266,10 @@ impl Tree {
             ScopeEvent::OrganizationTierChanged { to, .. } => {
                 let node = self.touch(stored)?;
                 org_fields(node).tier = Some(to);
+            }
+            ScopeEvent::OrganizationPlanChanged { to, .. } => {
+                let node = self.touch(stored)?;
+                org_fields(node).plan = Some(to);
             }
             ScopeEvent::OrganizationMasterKeyChanged { to, tier_to, .. } => {
                 let position = stored.position;

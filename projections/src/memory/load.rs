@@ -1,6 +1,6 @@
 //! The start-up read: the three tables and the checkpoint, in one consistent snapshot.
 
-use ekm_domain::{KeyHealth, MasterKeyRef, ScopeId};
+use ekm_domain::{JustificationPolicy, KeyHealth, MasterKeyRef, ScopeId};
 use ekm_store::Db;
 use futures_util::TryStreamExt;
 use sqlx::Row;
@@ -14,7 +14,8 @@ use crate::error::ProjectionError;
 const LOAD_SCOPES: &str = "SELECT id, parent_id, kind, name, own_state, plan, tier, key_version, \
     version, created_at, updated_position, state_event, state_position, state_at, state_actor, \
     state_reason, master_key, master_health, master_reason, master_detail, master_position, \
-    master_at, rekey_state, rekey_done_position FROM scope_view";
+    master_at, rekey_state, rekey_done_position, justification_policy, min_decryption_version \
+    FROM scope_view";
 const LOAD_KEY_VERSIONS: &str = "SELECT scope_id, version, created_at, fingerprint, \
     retired_position FROM key_version_view ORDER BY scope_id, version";
 const LOAD_GRANTS: &str = "SELECT org_id, principal, permission, scope_id, granted_position, \
@@ -209,14 +210,28 @@ where
     let org = org.transpose()?;
     let rekey_state: Option<String> = row.try_get("rekey_state")?;
     let rekey_done_position: Option<i64> = row.try_get("rekey_done_position")?;
-    let rare =
-        (state_change.is_some() || rekey_done_position.is_some() || org.is_some()).then(|| {
-            Box::new(Rare {
-                state_change,
-                rekey_done_position,
-                org,
-            })
-        });
+    let justification: Option<JustificationPolicy> = row
+        .try_get::<Option<String>, _>("justification_policy")?
+        .map(|text| serde_json::from_str(&text))
+        .transpose()
+        .map_err(|e| malformed(&id, e.to_string()))?;
+    let min_decryption = u32::try_from(row.try_get::<i64, _>("min_decryption_version")?)
+        .map_err(|e| malformed(&id, e.to_string()))?;
+    let min_decryption = (min_decryption != 1).then_some(min_decryption);
+    let rare = (state_change.is_some()
+        || rekey_done_position.is_some()
+        || org.is_some()
+        || justification.is_some()
+        || min_decryption.is_some())
+    .then(|| {
+        Box::new(Rare {
+            state_change,
+            rekey_done_position,
+            org,
+            justification,
+            min_decryption,
+        })
+    });
     let version: i64 = row.try_get("version")?;
     let key_version: i64 = row.try_get("key_version")?;
     let node = Node {

@@ -18,8 +18,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use ekm_domain::{
-    effective_state, Effective, Grant, KeyHealth, MasterKeyRef, OrgId, OwnState, Permission, Plan,
-    PrincipalName, ScopeId, ScopeKind, Tier,
+    effective_state, Effective, EffectiveJustification, Grant, JustificationPolicy, KeyHealth,
+    MasterKeyRef, OrgId, OwnState, Permission, Plan, PrincipalName, ScopeId, ScopeKind, Tier,
 };
 use ekm_store::time::from_micros;
 use ekm_store::{Db, StoredEvent};
@@ -130,6 +130,9 @@ struct Rare {
     state_change: Option<Change>,
     rekey_done_position: Option<i64>,
     org: Option<OrgFields>,
+    justification: Option<JustificationPolicy>,
+    /// The decryption floor, when above 1.
+    min_decryption: Option<u32>,
 }
 
 struct Change {
@@ -571,6 +574,8 @@ impl Tree {
             master_detail: org.and_then(|o| o.master_detail.as_deref().map(str::to_owned)),
             rekey_state: node.rekey.as_str().map(str::to_owned),
             rekey_done_position: rare.and_then(|r| r.rekey_done_position),
+            justification: rare.and_then(|r| r.justification.clone()),
+            min_decryption_version: rare.and_then(|r| r.min_decryption).unwrap_or(1),
         }
     }
 
@@ -641,7 +646,13 @@ impl Tree {
                 retired: k.retired,
             })
             .collect();
+        let justification = EffectiveJustification::along(
+            nodes
+                .iter()
+                .map(|n| (n.id, n.rare.as_ref().and_then(|r| r.justification.as_ref()))),
+        );
         Ok(Some(ScopeSnapshot {
+            justification,
             scope: self.record(node, path),
             effective,
             inherited,
@@ -676,6 +687,9 @@ impl Tree {
                                 .as_ref()
                                 .and_then(|c| c.reason.as_ref())
                                 .map_or(0, |t| t.len())
+                            + r.justification.as_ref().map_or(0, |p| {
+                                p.allowed.iter().map(|c| c.as_str().len() + 24).sum()
+                            })
                     })
             })
             .sum();

@@ -401,3 +401,55 @@ fn events_told_while_loading_are_kept_and_none_before() {
     assert!(tree.snapshot(given.team).unwrap().is_none());
     assert_eq!(tree.state.read().unwrap().pending.len(), 1);
 }
+
+#[test]
+fn plan_floor_and_justification_policy_reach_the_snapshots() {
+    use ekm_domain::{JustificationCode, JustificationPolicy};
+    let mut given = given();
+    given.when(
+        given.org,
+        ScopeEvent::OrganizationPlanChanged {
+            from: Plan::Enterprise,
+            to: Plan::Standard,
+        },
+    );
+    assert_eq!(given.snapshot(given.thread).org_plan, Plan::Standard);
+    given.when(
+        given.team,
+        ScopeEvent::ScopeMinDecryptionVersionSet {
+            version: KeyVersion::new(3),
+        },
+    );
+    assert_eq!(given.snapshot(given.team).scope.min_decryption_version, 3);
+    assert_eq!(given.snapshot(given.thread).scope.min_decryption_version, 1);
+    let code = JustificationCode::parse("agent_run").unwrap();
+    given.when(
+        given.team,
+        ScopeEvent::ScopeJustificationPolicySet {
+            required: true,
+            allowed: vec![code.clone()],
+        },
+    );
+    let thread = given.snapshot(given.thread);
+    assert_eq!(thread.justification.required_by, Some(given.team));
+    assert_eq!(thread.justification.lists, vec![(given.team, vec![code])]);
+    assert_eq!(thread.scope.justification, None);
+    // Lifted, and the floor lowered: nothing of either is left.
+    given.when(
+        given.team,
+        ScopeEvent::ScopeJustificationPolicySet {
+            required: false,
+            allowed: vec![],
+        },
+    );
+    given.when(
+        given.team,
+        ScopeEvent::ScopeMinDecryptionVersionSet {
+            version: KeyVersion::FIRST,
+        },
+    );
+    let team = given.snapshot(given.team);
+    assert_eq!(team.justification, Default::default());
+    assert_eq!(team.scope.justification, None::<JustificationPolicy>);
+    assert_eq!(team.scope.min_decryption_version, 1);
+}

@@ -475,3 +475,63 @@ async fn aws_unwrap_names_the_fault_when_one_is_injected() {
         KeyState::PendingDeletion
     );
 }
+
+/// `ekm doctor` checks each connected customer key's endpoint: allowed by the servers'
+/// `--kms-allowed-endpoints`, and accepting connections (issue 19 §5).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn doctor_checks_a_customer_keys_endpoint_allowed_and_reachable() {
+    let moto = Moto::start().await;
+    let arn = moto.create_key().await;
+    let app = TestApp::spawn_with(
+        Backend::Sqlite,
+        options(
+            aws_environment(),
+            Duration::from_secs(60),
+            Duration::from_secs(300),
+        ),
+    )
+    .await;
+    let (org, token) = enterprise_org(&app).await;
+    let connected = connect(
+        &app,
+        &token,
+        &org,
+        json!({"provider": "aws-kms", "key_id": arn, "endpoint_url": moto.url, "reason": "BYOK"}),
+    )
+    .await;
+    assert_eq!(connected.status, StatusCode::OK, "{}", connected.body);
+    app.app.refresh().await.unwrap();
+    let doctor = |allowed: &[&str]| {
+        let mut args = vec!["doctor", "--json"];
+        args.extend_from_slice(allowed);
+        let output = app.ekm(&args).output().unwrap();
+        let report: Value = serde_json::from_slice(&output.stdout).unwrap();
+        let kms: Vec<Value> = report["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["check"] == "kms endpoint")
+            .cloned()
+            .collect();
+        (output.status.code(), kms)
+    };
+    let allow = ["--kms-allowed-endpoints", "http://127.0.0.1:*"];
+    let (code, kms) = doctor(&allow);
+    assert_eq!(code, Some(0), "{kms:?}");
+    assert_eq!(kms.len(), 1);
+    assert_eq!(kms[0]["status"], "ok", "{kms:?}");
+    let (code, kms) = doctor(&[]);
+    assert_eq!(code, Some(1));
+    assert!(
+        kms[0]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("is not allowed"),
+        "{kms:?}"
+    );
+    drop(moto);
+    let (code, kms) = doctor(&allow);
+    assert_eq!(code, Some(1));
+    assert_eq!(kms[0]["status"], "fail", "{kms:?}");
+    app.stop().await;
+}

@@ -381,3 +381,95 @@ on_both_backends!(console_shows_only_the_team_and_no_actions_when_the_caller_is_
 
 // ---------------------------------------------------------------------------------------
 // Issue 23: markup in names, Cancel, and the dry run that gates Submit.
+
+/// The audit page's access log lists who used the keys, filtered, and "who could decrypt"
+/// names the principals whose grants covered a scope at a time, or says why nobody could.
+async fn console_shows_the_access_log_and_who_could_decrypt(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let (org, admin) = app.org_with("enterprise", "managed").await;
+    let team = app.scope(&admin, "team", "research", &org).await;
+    let thread = app.scope(&admin, "thread", "launch plans", &team).await;
+    let agent = app.token(&admin, &org, "agent-7", "member").await;
+    app.grant(&admin, &org, "agent-7", "data:use", Some(&team))
+        .await;
+    let sealed = crate::harness::encrypt(&app, &agent, &thread, b"x", "messages").await;
+    assert_eq!(sealed.status, 200);
+    let opened =
+        crate::harness::decrypt(&app, &agent, &thread, &sealed.str("ciphertext"), "messages").await;
+    assert_eq!(opened.status, 200);
+    // A whole second after the grant (the page's time has whole seconds), then the pause a
+    // second later.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let before_pause = chrono::Utc::now().format("%Y-%m-%dT%H:%M:%S").to_string();
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    assert_eq!(app.pause(&admin, &team).await.status, 200);
+    crate::harness::decrypt(&app, &agent, &thread, &sealed.str("ciphertext"), "messages")
+        .await
+        .assert_problem(409, "scope_paused");
+
+    let driver = Driver::start();
+    let page = Page {
+        client: driver.browser().await,
+        name: match backend {
+            Backend::Sqlite => "access-sqlite",
+            Backend::Postgres => "access-postgres",
+        },
+    };
+    page.client
+        .goto(&format!("{}/console", app.base))
+        .await
+        .unwrap();
+    page.type_into("#token", &format!("{admin}\u{E007}")).await;
+    page.wait_text("#who", &["admin"]).await;
+    page.click("[data-view=audit]").await;
+    page.wait_visible("#access-operation")
+        .await
+        .select_by_value("decrypt")
+        .await
+        .unwrap();
+    page.type_into("#access-scope", &team).await;
+    page.click("#access-apply").await;
+    page.wait_true(
+        "the two decrypts, allowed then refused",
+        "(() => { const rows = [...document.querySelectorAll('#access-rows tr')]; \
+         return rows.length === 2 && rows.every(r => r.dataset.operation === 'decrypt') \
+         && rows[0].dataset.outcome === 'ok' && rows[1].dataset.outcome === 'scope_paused'; })()",
+    )
+    .await;
+    page.wait_text("#access-rows tr", &["agent-7", "messages"])
+        .await;
+    page.screenshot("09-access-log").await;
+    page.click("#access-export-csv").await;
+    page.wait_text("#status", &["Exported CSV"]).await;
+
+    // Before the pause: the agent could, through its grant on the team.
+    page.type_into("#who-could-scope", &thread).await;
+    page.eval(&format!(
+        "(document.getElementById('who-could-at').value = '{before_pause}', true)"
+    ))
+    .await;
+    page.click("#who-could-submit").await;
+    page.wait_text("#who-could-list", &["agent-7", "data:use", &team])
+        .await;
+    // Now: paused, so nobody could, and the page says why.
+    let now = chrono::Utc::now().format("%Y-%m-%dT%H:%M:%S").to_string();
+    page.eval(&format!(
+        "(document.getElementById('who-could-at').value = '{now}', true)"
+    ))
+    .await;
+    page.click("#who-could-submit").await;
+    page.wait_text("#who-could-result", &["paused", "Nobody could decrypt"])
+        .await;
+    page.screenshot("10-who-could").await;
+    // Every control has a label.
+    assert_eq!(
+        page.eval(
+            "[...document.querySelectorAll('input, select, textarea')]\
+             .filter(c => c.labels.length === 0).map(c => c.id)"
+        )
+        .await,
+        json!([])
+    );
+    app.stop().await;
+}
+on_both_backends!(console_shows_the_access_log_and_who_could_decrypt);

@@ -171,10 +171,21 @@ async fn change_tier_keeps_ciphertexts_when_coverage_changes(backend: Backend) {
         Some(json!({"tier": "default"})),
     )
     .await;
+    // Downgraded: no new messages are sealed, but the old ones still open, so that the
+    // platform can migrate them (issue 17 §4); a rewrap seals, so it is refused too.
     let old_message = messages.str("ciphertext");
-    decrypt(&app, &admin, &team, &old_message, "messages")
+    encrypt(&app, &admin, &team, b"hello", "messages")
         .await
         .assert_problem(403, "class_not_covered");
+    let opened = decrypt(&app, &admin, &team, &old_message, "messages").await;
+    assert_eq!(opened.status, 200, "{}", opened.body);
+    app.post(
+        &format!("/v1/scopes/{team}/rewrap"),
+        &admin,
+        json!({"ciphertext": old_message, "class": "messages"}),
+    )
+    .await
+    .assert_problem(403, "class_not_covered");
     app.call(
         "PUT",
         &format!("/v1/orgs/{org}/tier"),
@@ -257,3 +268,46 @@ async fn encrypt_walks_the_hierarchy_once_when_the_key_is_cold(backend: Backend)
 }
 
 on_both_backends!(encrypt_walks_the_hierarchy_once_when_the_key_is_cold);
+
+async fn tier_dry_run_lists_the_classes_a_downgrade_stops_encrypting(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    let (org, admin) = app.data_org("enterprise", "managed").await;
+    let dry = app
+        .call(
+            "PUT",
+            &format!("/v1/orgs/{org}/tier?dry_run=true"),
+            Some(&admin),
+            Some(json!({"tier": "default"})),
+        )
+        .await;
+    assert_eq!(dry.status, 200, "{}", dry.body);
+    assert_eq!(dry.body["would_change"], true);
+    assert_eq!(
+        dry.body["classes_losing_coverage"],
+        json!(["playbooks", "skills", "files", "messages", "threads"])
+    );
+    assert_eq!(dry.body["classes_gaining_coverage"], json!([]));
+    // Nothing was recorded: the tier is still managed.
+    let shown = app.get(&format!("/v1/orgs/{org}"), &admin).await;
+    assert_eq!(shown.body["tier"], "managed", "{}", shown.body);
+    app.call(
+        "PUT",
+        &format!("/v1/orgs/{org}/tier?dry_run=maybe"),
+        Some(&admin),
+        Some(json!({"tier": "default"})),
+    )
+    .await
+    .assert_problem(400, "invalid_request");
+    // The rules are checked as for the real change.
+    let (standard, standard_admin) = app.org("standard").await;
+    app.call(
+        "PUT",
+        &format!("/v1/orgs/{standard}/tier?dry_run=true"),
+        Some(&standard_admin),
+        Some(json!({"tier": "managed"})),
+    )
+    .await
+    .assert_problem(403, "plan_required");
+    app.stop().await;
+}
+on_both_backends!(tier_dry_run_lists_the_classes_a_downgrade_stops_encrypting);

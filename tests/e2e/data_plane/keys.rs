@@ -250,6 +250,15 @@ async fn retire_destroys_old_versions_and_keeps_children_working(backend: Backen
         .await
         .str("ciphertext");
 
+    // Versions that still decrypt cannot be destroyed: the floor comes first.
+    app.post(
+        &format!("/v1/scopes/{team}/retire"),
+        &admin,
+        json!({"below": 3}),
+    )
+    .await
+    .assert_problem(409, "conflict");
+    app.floor(&admin, &team, 3).await;
     let retired = app
         .post(
             &format!("/v1/scopes/{team}/retire"),

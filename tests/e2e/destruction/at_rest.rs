@@ -148,6 +148,7 @@ async fn retire_leaves_no_byte_of_a_retired_version_in_the_files(backend: Backen
     assert_eq!(retired.len(), 1);
     let files_before = key_files(&app).await;
     assert_eq!(found_in(&files_before, &retired), 1, "present before");
+    app.floor(&token, &team, 2).await;
     let answer = app
         .post(
             &format!("/v1/scopes/{team}/retire"),

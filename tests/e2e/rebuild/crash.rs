@@ -100,8 +100,20 @@ async fn catch_up_resumes_without_loss_or_duplicates_when_interrupted(backend: B
     random_history(&app.app, 11, 60).await;
     // The revokes' re-keys record events too: let them finish before comparing.
     app.rekeyer.run_pending().await.unwrap();
-    let mut history = RichHistory::start(&app, &moto, &arn, 11).await;
+    let mut history = RichHistory::start(&app, &moto, &arn, 12).await;
     history.run(100).await;
+    // Whatever the random history does next, one retire destroys key material that exists
+    // now: a team of an organization the history does not touch, with two key versions.
+    let (org, admin) = app.data_org("enterprise", "managed").await;
+    let doomed = app.scope(&admin, "team", "doomed", &org).await;
+    let rotated = app
+        .post(
+            &format!("/v1/scopes/{doomed}/rotate"),
+            &admin,
+            serde_json::json!({}),
+        )
+        .await;
+    assert_eq!(rotated.status, 200, "{}", rotated.body);
     // The key material as it stood before the rest of the history: what the key shredder
     // destroys from here on (revokes, retires; no re-key job runs) is put back below, as if
     // the crash had come before the shredder applied those events.
@@ -113,6 +125,15 @@ async fn catch_up_resumes_without_loss_or_duplicates_when_interrupted(backend: B
         .await;
     }
     history.run(100).await;
+    app.floor(&admin, &doomed, 2).await;
+    let retired = app
+        .post(
+            &format!("/v1/scopes/{doomed}/retire"),
+            &admin,
+            serde_json::json!({"below": 2}),
+        )
+        .await;
+    assert_eq!(retired.status, 200, "{}", retired.body);
     history.end_unavailable().await;
     rich_history::assert_every_event_type(&app.db).await;
     // The runner follows the answers (ADR 0020): take the live rows once it holds

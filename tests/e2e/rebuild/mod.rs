@@ -182,7 +182,7 @@ async fn rebuild_yields_exactly_the_live_read_models_when_the_history_is_rich(ba
     history.run(300).await;
     history.end_unavailable().await;
     // The revokes' re-keys record events too: let them finish before comparing.
-    app.rekeyer.run_pending().await.unwrap();
+    app.finish_rekeys().await;
     rich_history::assert_every_event_type(&app.db).await;
     // The runner follows the answers (ADR 0020): compare once it holds everything.
     app.app.refresh().await.unwrap();
@@ -207,7 +207,7 @@ async fn rebuild_yields_exactly_the_live_read_models_when_the_history_is_rich(ba
             // The live server keeps working on the swapped-in tables.
             rich_history(&app, &moto, &arn, 9, 40).await;
             // The revokes' re-keys record events too: let them finish before comparing.
-            app.rekeyer.run_pending().await.unwrap();
+            app.finish_rekeys().await;
             app.app.refresh().await.unwrap();
             let after = dump(&app.db).await;
             assert!(after.len() > live.len());
