@@ -152,7 +152,7 @@ pub enum TokenCommand {
 #[derive(Debug, Subcommand)]
 pub enum GrantCommand {
     /// Grant a permission (encryption:manage, encryption:view, audit:read, data:use).
-    Add(GrantArgs),
+    Add(GrantAddArgs),
     /// Remove a grant.
     Remove(GrantArgs),
     /// List the organization's grants.
@@ -210,6 +210,16 @@ pub struct GrantArgs {
     /// Limit to this scope's subtree.
     #[arg(long)]
     pub scope: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct GrantAddArgs {
+    #[command(flatten)]
+    pub grant: GrantArgs,
+    /// When the grant stops counting (RFC 3339, in the future); granting again with
+    /// another time, or none, replaces it.
+    #[arg(long)]
+    pub expires_at: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -113,10 +113,14 @@ pub async fn token(command: TokenCommand) -> anyhow::Result<ExitCode> {
 
 pub async fn grant(command: GrantCommand) -> anyhow::Result<ExitCode> {
     match command {
-        GrantCommand::Add(args) => {
+        GrantCommand::Add(add) => {
+            let args = add.grant;
             let mut body = json!({"principal": args.principal, "permission": args.permission});
             if let Some(scope) = args.scope {
                 body["scope_id"] = json!(scope);
+            }
+            if let Some(expires_at) = add.expires_at {
+                body["expires_at"] = json!(expires_at);
             }
             let path = format!("/v1/orgs/{}/grants", args.org);
             call(

@@ -751,7 +751,8 @@ async function whoCould() {
     const tokens = p.tokens.length === 0
       ? "no valid token"
       : p.tokens.map((t) => `${t.token_id}${t.expires_at ? ` (expires ${formatTime(t.expires_at)})` : ""}`).join(", ");
-    list.append(el("li", {}, `${p.principal}: ${p.permission} granted on ${p.granted_on}; tokens: ${tokens}`));
+    const until = p.grant_expires_at ? ` until ${formatTime(p.grant_expires_at)}` : "";
+    list.append(el("li", {}, `${p.principal}: ${p.permission} granted on ${p.granted_on}${until}; tokens: ${tokens}`));
   }
   result.replaceChildren(heading, list);
 }

@@ -419,6 +419,8 @@ pub struct HolderJson {
     pub permission: &'static str,
     /// The scope the grant was made on (the organization for an organization-wide grant).
     pub granted_on: String,
+    /// When the grant was to expire, if it was (RFC 3339, as granted).
+    pub grant_expires_at: Option<String>,
     pub tokens: Vec<PastTokenJson>,
 }
 
@@ -444,6 +446,7 @@ impl From<&ekm_projections::PastAccess> for AccessAtJson {
                     principal: h.principal.to_string(),
                     permission: h.permission.as_str(),
                     granted_on: h.granted_on.to_string(),
+                    grant_expires_at: h.expires_at.clone(),
                     tokens: h
                         .tokens
                         .iter()

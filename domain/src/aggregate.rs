@@ -51,6 +51,9 @@ pub struct ScopeState {
     /// history"). Stored as the plain lists they were.
     #[serde(default)]
     pub grants: std::sync::Arc<Vec<Grant>>,
+    /// The live grants that expire, with their instant (RFC 3339), as the events said.
+    #[serde(default)]
+    pub grant_expiries: std::sync::Arc<Vec<(Grant, String)>>,
     #[serde(default)]
     pub tokens: std::sync::Arc<Vec<String>>,
     /// Revoked scopes: how far the re-key that destroys their keys in every copy has got.
@@ -86,6 +89,14 @@ impl ScopeState {
         (self.retired_below.get()..=self.key_version.get())
             .map(KeyVersion::new)
             .collect()
+    }
+
+    /// When a live grant expires, if it does.
+    pub fn grant_expiry(&self, grant: &Grant) -> Option<&str> {
+        self.grant_expiries
+            .iter()
+            .find(|(g, _)| g == grant)
+            .map(|(_, at)| at.as_str())
     }
 }
 
@@ -469,16 +480,34 @@ impl Scope {
                     token_id: token_id.clone(),
                 }])
             }
-            Command::Grant(grant) => {
+            Command::Grant { grant, expires_at } => {
                 let state = self.organization()?;
-                nothing(if state.grants.contains(grant) {
+                // The same grant with the same expiry again records nothing; another expiry
+                // (or none) replaces the one it had.
+                let same = state.grants.contains(grant)
+                    && state.grant_expiry(grant) == expires_at.as_deref();
+                nothing(if same {
                     vec![]
                 } else {
                     vec![ScopeEvent::PermissionGranted {
                         principal: grant.principal.clone(),
                         permission: grant.permission,
                         scope_id: grant.scope,
+                        expires_at: expires_at.clone(),
                     }]
+                })
+            }
+            Command::ExpireGrant { grant, at } => {
+                let state = self.organization()?;
+                let due = state.grants.contains(grant) && state.grant_expiry(grant) == Some(at);
+                nothing(match due {
+                    true => vec![ScopeEvent::PermissionRevoked {
+                        principal: grant.principal.clone(),
+                        permission: grant.permission,
+                        scope_id: grant.scope,
+                    }],
+                    // Granted again with another expiry, removed, or expired elsewhere.
+                    false => vec![],
                 })
             }
             Command::Ungrant(grant) => {
@@ -664,6 +693,7 @@ impl Aggregate for Scope {
                     master_health: KeyHealth::Available,
                     master_unavailable: None,
                     grants: Default::default(),
+                    grant_expiries: Default::default(),
                     tokens: Default::default(),
                     rekey: None,
                     justification: None,
@@ -697,6 +727,7 @@ impl Aggregate for Scope {
                     master_health: KeyHealth::Available,
                     master_unavailable: None,
                     grants: Default::default(),
+                    grant_expiries: Default::default(),
                     tokens: Default::default(),
                     rekey: None,
                     justification: None,
@@ -758,13 +789,22 @@ impl Aggregate for Scope {
                 principal,
                 permission,
                 scope_id,
+                expires_at,
             } => {
                 if let Some(state) = self.state.as_mut() {
-                    std::sync::Arc::make_mut(&mut state.grants).push(Grant {
+                    let grant = Grant {
                         principal,
                         permission,
                         scope: scope_id,
-                    });
+                    };
+                    let expiries = std::sync::Arc::make_mut(&mut state.grant_expiries);
+                    expiries.retain(|(g, _)| *g != grant);
+                    if let Some(at) = expires_at {
+                        expiries.push((grant.clone(), at));
+                    }
+                    if !state.grants.contains(&grant) {
+                        std::sync::Arc::make_mut(&mut state.grants).push(grant);
+                    }
                 }
             }
             ScopeEvent::PermissionRevoked {
@@ -778,6 +818,10 @@ impl Aggregate for Scope {
                         permission,
                         scope: scope_id,
                     };
+                    if state.grant_expiries.iter().any(|(g, _)| *g == revoked) {
+                        std::sync::Arc::make_mut(&mut state.grant_expiries)
+                            .retain(|(g, _)| *g != revoked);
+                    }
                     std::sync::Arc::make_mut(&mut state.grants).retain(|g| *g != revoked);
                 }
             }
@@ -1961,29 +2005,112 @@ mod tests {
     }
 
     fn granted(scope: Option<ScopeId>) -> ScopeEvent {
+        granted_until(scope, None)
+    }
+
+    fn granted_until(scope: Option<ScopeId>, expires_at: Option<&str>) -> ScopeEvent {
         let grant = data_use(scope);
         ScopeEvent::PermissionGranted {
             principal: grant.principal,
             permission: grant.permission,
             scope_id: grant.scope,
+            expires_at: expires_at.map(str::to_owned),
         }
+    }
+
+    fn grant(scope: Option<ScopeId>, expires_at: Option<&str>) -> Command {
+        Command::Grant {
+            grant: data_use(scope),
+            expires_at: expires_at.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn grant_again_with_another_expiry_replaces_it_and_the_same_records_nothing() {
+        let soon = "2030-01-01T00:00:00.000000Z";
+        let later = "2031-01-01T00:00:00.000000Z";
+        // Given a grant that expires
+        let given = vec![org_created(Tier::Managed), granted_until(None, Some(soon))];
+        // When granted again with the same expiry, then nothing is recorded
+        ScopeTest::with(())
+            .given(given.clone())
+            .when((grant(None, Some(soon)), Prepared::default()))
+            .then_expect_events(vec![]);
+        // When granted with a later expiry, or none, then the grant is recorded again
+        ScopeTest::with(())
+            .given(given.clone())
+            .when((grant(None, Some(later)), Prepared::default()))
+            .then_expect_events(vec![granted_until(None, Some(later))]);
+        ScopeTest::with(())
+            .given(given)
+            .when((grant(None, None), Prepared::default()))
+            .then_expect_events(vec![granted(None)]);
+        // A permanent grant given an expiry gets one
+        ScopeTest::with(())
+            .given(vec![org_created(Tier::Managed), granted(None)])
+            .when((grant(None, Some(soon)), Prepared::default()))
+            .then_expect_events(vec![granted_until(None, Some(soon))]);
+    }
+
+    #[test]
+    fn expire_grant_removes_only_the_grant_still_due_at_that_instant() {
+        let soon = "2030-01-01T00:00:00.000000Z";
+        let later = "2031-01-01T00:00:00.000000Z";
+        let expire = |at: &str| Command::ExpireGrant {
+            grant: data_use(None),
+            at: at.to_owned(),
+        };
+        let removed = ScopeEvent::PermissionRevoked {
+            principal: data_use(None).principal,
+            permission: crate::access::Permission::DataUse,
+            scope_id: None,
+        };
+        // Given a grant that expires at `soon`, when its expiry fires, then it is removed
+        ScopeTest::with(())
+            .given(vec![
+                org_created(Tier::Managed),
+                granted_until(None, Some(soon)),
+            ])
+            .when((expire(soon), Prepared::default()))
+            .then_expect_events(vec![removed.clone()]);
+        // Given it was granted again until later (or for good), or removed, or already
+        // expired, when the old expiry fires, then nothing is recorded
+        for given in [
+            vec![
+                granted_until(None, Some(soon)),
+                granted_until(None, Some(later)),
+            ],
+            vec![granted_until(None, Some(soon)), granted(None)],
+            vec![granted_until(None, Some(soon)), removed.clone()],
+        ] {
+            let mut events = vec![org_created(Tier::Managed)];
+            events.extend(given);
+            ScopeTest::with(())
+                .given(events)
+                .when((expire(soon), Prepared::default()))
+                .then_expect_events(vec![]);
+        }
+        // A removed grant granted again for good does not expire with its old time
+        ScopeTest::with(())
+            .given(vec![
+                org_created(Tier::Managed),
+                granted_until(None, Some(soon)),
+                removed,
+                granted(None),
+            ])
+            .when((expire(soon), Prepared::default()))
+            .then_expect_events(vec![]);
     }
 
     #[test]
     fn grant_permission_records_a_grant_once() {
         ScopeTest::with(())
             .given(vec![org_created(Tier::Managed)])
-            .when((
-                Command::Grant(data_use(Some(team_id()))),
-                Prepared::default(),
-            ))
+            .when((grant(Some(team_id()), None), Prepared::default()))
             .then_expect_events(vec![granted(Some(team_id()))]);
         ScopeTest::with(())
             .given(vec![org_created(Tier::Managed), granted(Some(team_id()))])
-            .when((
-                Command::Grant(data_use(Some(team_id()))),
-                Prepared::default(),
-            ))
+            .when((grant(Some(team_id()), None), Prepared::default()))
             .then_expect_events(vec![]);
     }
 
@@ -2035,7 +2162,7 @@ mod tests {
     fn grants_refused_on_a_scope_that_is_not_an_organization() {
         ScopeTest::with(())
             .given(vec![team_created()])
-            .when((Command::Grant(data_use(None)), Prepared::default()))
+            .when((grant(None, None), Prepared::default()))
             .then_expect_error(ScopeError::NotAnOrganization);
     }
 

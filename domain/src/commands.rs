@@ -70,8 +70,19 @@ pub enum Command {
     RevokeToken(String),
     /// Grant a permission; its `scope` (checked by the caller to be in this organization)
     /// limits it to a subtree.
-    Grant(Grant),
+    /// Granting again with another `expires_at` (RFC 3339, UTC, checked to be in the future
+    /// by the caller) replaces the expiry; `None` makes the grant permanent.
+    Grant {
+        grant: Grant,
+        expires_at: Option<String>,
+    },
     Ungrant(Grant),
+    /// The scheduler's command: remove the grant if it still expires at `at` (not granted
+    /// again with another expiry, removed, or already expired elsewhere).
+    ExpireGrant {
+        grant: Grant,
+        at: String,
+    },
     /// Start the re-key of a revoked scope's ancestors (sent by the system's re-key job;
     /// ADR 0013).
     StartRevocationRekey {
@@ -153,8 +164,9 @@ impl Command {
             | Command::Pause
             | Command::Resume
             | Command::Rotate
-            | Command::Grant(_)
+            | Command::Grant { .. }
             | Command::Ungrant(_)
+            | Command::ExpireGrant { .. }
             | Command::SetJustificationPolicy(_)
             | Command::SetMinDecryptionVersion(_)
             | Command::ChangePlan(_)

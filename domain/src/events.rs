@@ -94,12 +94,17 @@ pub enum ScopeEvent {
     TokenRevoked {
         token_id: String,
     },
+    /// A grant, or a grant again with another expiry (which replaces the first).
     PermissionGranted {
         principal: PrincipalName,
         permission: Permission,
         /// The subtree it is limited to; absent for the whole organization.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         scope_id: Option<ScopeId>,
+        /// RFC 3339 (UTC), if the grant expires: it stops counting at that instant, and the
+        /// scheduler then records its removal (issue 17 §2).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        expires_at: Option<String>,
     },
     PermissionRevoked {
         principal: PrincipalName,

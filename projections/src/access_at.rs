@@ -35,6 +35,8 @@ pub struct PastHolder {
     /// The scope the grant was made on: the organization for an organization-wide grant,
     /// else the root of the subtree (the scope itself or one of its ancestors).
     pub granted_on: ScopeId,
+    /// RFC 3339, as granted, if the grant was to expire.
+    pub expires_at: Option<String>,
     pub tokens: Vec<PastToken>,
 }
 
@@ -79,8 +81,10 @@ pub fn holders(
     at: DateTime<Utc>,
     path: &[ScopeId],
 ) -> Result<Vec<PastHolder>, ProjectionError> {
-    // (principal, permission, scope) → live; in the order granted.
-    let mut grants: Vec<(PrincipalName, Permission, Option<ScopeId>)> = vec![];
+    // (principal, permission, scope, expiry) → live; in the order granted (a grant again
+    // with another expiry replaces the first).
+    type Live = (PrincipalName, Permission, Option<ScopeId>, Option<String>);
+    let mut grants: Vec<Live> = vec![];
     let mut tokens: BTreeMap<String, (PrincipalName, Option<String>)> = BTreeMap::new();
     let mut revoked: HashSet<String> = HashSet::new();
     let mut org = None;
@@ -113,12 +117,16 @@ pub fn holders(
                 principal,
                 permission,
                 scope_id,
-            } => grants.push((principal, permission, scope_id)),
+                expires_at,
+            } => {
+                grants.retain(|g| (&g.0, g.1, g.2) != (&principal, permission, scope_id));
+                grants.push((principal, permission, scope_id, expires_at));
+            }
             ScopeEvent::PermissionRevoked {
                 principal,
                 permission,
                 scope_id,
-            } => grants.retain(|g| *g != (principal.clone(), permission, scope_id)),
+            } => grants.retain(|g| (&g.0, g.1, g.2) != (&principal, permission, scope_id)),
             _ => {}
         }
     }
@@ -126,31 +134,38 @@ pub fn holders(
         return Ok(vec![]);
     };
     // An expiry that does not parse (never written so) counts as valid: an auditor asking
-    // who could is better told one token too many than one too few.
+    // who could is better told one token or grant too many than one too few.
     let valid_at = |expires_at: &Option<String>| match expires_at {
         None => true,
         Some(text) => DateTime::parse_from_rfc3339(text).map_or(true, |t| t > at),
     };
     let mut out: Vec<PastHolder> = grants
         .into_iter()
-        .filter(|(_, permission, _)| *permission == Permission::DataUse)
-        .map(|(principal, permission, scope)| (principal, permission, scope.unwrap_or(org)))
-        .filter(|(_, _, granted_on)| path.contains(granted_on))
-        .map(|(principal, permission, granted_on)| PastHolder {
-            tokens: tokens
-                .iter()
-                .filter(|(id, (owner, expires_at))| {
-                    *owner == principal && !revoked.contains(*id) && valid_at(expires_at)
-                })
-                .map(|(id, (_, expires_at))| PastToken {
-                    token_id: id.clone(),
-                    expires_at: expires_at.clone(),
-                })
-                .collect(),
-            principal,
-            permission,
-            granted_on,
+        .filter(|(_, permission, _, expires_at)| {
+            *permission == Permission::DataUse && valid_at(expires_at)
         })
+        .map(|(principal, permission, scope, expires_at)| {
+            (principal, permission, scope.unwrap_or(org), expires_at)
+        })
+        .filter(|(_, _, granted_on, _)| path.contains(granted_on))
+        .map(
+            |(principal, permission, granted_on, expires_at)| PastHolder {
+                tokens: tokens
+                    .iter()
+                    .filter(|(id, (owner, expires_at))| {
+                        *owner == principal && !revoked.contains(*id) && valid_at(expires_at)
+                    })
+                    .map(|(id, (_, expires_at))| PastToken {
+                        token_id: id.clone(),
+                        expires_at: expires_at.clone(),
+                    })
+                    .collect(),
+                principal,
+                permission,
+                granted_on,
+                expires_at,
+            },
+        )
         .collect();
     let depth = |scope: &ScopeId| path.iter().position(|s| s == scope);
     out.sort_by(|a, b| {
@@ -245,6 +260,7 @@ mod tests {
                 principal: PrincipalName::parse(principal).unwrap(),
                 permission,
                 scope_id: scope,
+                expires_at: None,
             })
         }
 
@@ -335,6 +351,27 @@ mod tests {
         assert!(given.who(ungranted, NOON).is_empty());
         // Before the grant: nobody.
         assert!(given.who(granted - 1, NOON).is_empty());
+    }
+
+    #[test]
+    fn a_grant_counts_until_it_expires_and_a_grant_again_replaces_its_expiry() {
+        // Given a grant on the team until noon, and a token
+        let mut given = Given::new();
+        let team = given.team;
+        given.then(ScopeEvent::PermissionGranted {
+            principal: PrincipalName::parse("svc").unwrap(),
+            permission: Permission::DataUse,
+            scope_id: Some(team),
+            expires_at: Some(NOON.into()),
+        });
+        let upto = given.token("tok_svc", "svc", None);
+        let holder = vec![("svc".into(), team, vec!["tok_svc".into()])];
+        // Then it counts before noon, and not from noon on, though not yet removed
+        assert_eq!(given.who(upto, "2026-11-30T11:59:59Z"), holder);
+        assert!(given.who(upto, NOON).is_empty());
+        // When granted again for good, then it counts after noon too
+        let again = given.grant("svc", Permission::DataUse, Some(team));
+        assert_eq!(given.who(again, "2026-12-01T00:00:00Z"), holder);
     }
 
     #[test]

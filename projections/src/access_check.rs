@@ -51,6 +51,8 @@ struct GrantRow {
     scope_id: String,
     granted_at: i64,
     granted_by: String,
+    /// As the projection writes it: microseconds, 0 for a time that cannot be read.
+    expires_at: Option<i64>,
 }
 
 /// id, principal, principal_kind, role, expires_at, revoked_at.
@@ -64,7 +66,7 @@ type TokenRow = (
 );
 
 /// granted_position, principal, permission, scope_id, granted_at, granted_by.
-type GrantTuple = (i64, String, String, String, i64, String);
+type GrantTuple = (i64, String, String, String, i64, String, Option<i64>);
 
 /// How often the grants are read again when the runner moved while they were read.
 const ATTEMPTS: usize = 10;
@@ -91,8 +93,8 @@ pub async fn verify_access_tables(db: &Db, org: &str) -> Result<Vec<Mismatch>, P
         let before = scope_tree_checkpoint(db).await?;
         let rows: Vec<GrantTuple> = ekm_store::with_read_pool!(db, pool => {
             sqlx::query_as(
-                "SELECT granted_position, principal, permission, scope_id, granted_at, granted_by \
-                 FROM grants_view WHERE org_id = $1",
+                "SELECT granted_position, principal, permission, scope_id, granted_at, granted_by, \
+                 expires_at FROM grants_view WHERE org_id = $1",
             )
             .bind(org)
             .fetch_all(pool)
@@ -111,13 +113,14 @@ pub async fn verify_access_tables(db: &Db, org: &str) -> Result<Vec<Mismatch>, P
     let actual: BTreeMap<i64, GrantRow> = grant_rows
         .into_iter()
         .map(
-            |(position, principal, permission, scope_id, granted_at, granted_by)| {
+            |(position, principal, permission, scope_id, granted_at, granted_by, expires_at)| {
                 let row = GrantRow {
                     principal,
                     permission,
                     scope_id,
                     granted_at,
                     granted_by,
+                    expires_at,
                 };
                 (position, row)
             },
@@ -143,8 +146,13 @@ pub async fn verify_access_tables(db: &Db, org: &str) -> Result<Vec<Mismatch>, P
                 id: position.to_string(),
                 position: Some(*position),
                 detail: format!(
-                    "the row says {} holds {}, the event granted {} to {}",
-                    row.principal, row.permission, event.permission, event.principal
+                    "the row says {} holds {}{}, the event granted {} to {}{}",
+                    row.principal,
+                    row.permission,
+                    until(row.expires_at),
+                    event.permission,
+                    event.principal,
+                    until(event.expires_at)
                 ),
             }),
             Some(_) => {}
@@ -309,6 +317,18 @@ fn check_tokens(
     Ok(mismatches)
 }
 
+/// " until T" for a grant that expires.
+fn until(expires_at: Option<i64>) -> String {
+    expires_at
+        .map(|at| {
+            format!(
+                " until {}",
+                ekm_store::time::rfc3339(ekm_store::time::from_micros(at))
+            )
+        })
+        .unwrap_or_default()
+}
+
 /// The grants the events leave, as the scope tree projection writes them.
 fn fold_grants<'a>(
     events: impl Iterator<Item = &'a StoredEvent>,
@@ -320,16 +340,30 @@ fn fold_grants<'a>(
                 principal,
                 permission,
                 scope_id,
+                expires_at,
             } => {
                 let metadata = stored.event_metadata()?;
+                let scope_text = scope_id.map(|s| s.to_string()).unwrap_or_default();
+                // Granted again: the new row replaces the older.
+                grants.retain(|_, grant| {
+                    !(grant.principal == principal.as_str()
+                        && grant.permission == permission.as_str()
+                        && grant.scope_id == scope_text)
+                });
+                let expires_at = expires_at.map(|at| {
+                    chrono::DateTime::parse_from_rfc3339(&at)
+                        .map(|t| to_micros(t.with_timezone(&chrono::Utc)))
+                        .unwrap_or(0)
+                });
                 grants.insert(
                     stored.position,
                     GrantRow {
                         principal: principal.as_str().to_owned(),
                         permission: permission.as_str().to_owned(),
-                        scope_id: scope_id.map(|s| s.to_string()).unwrap_or_default(),
+                        scope_id: scope_text,
                         granted_at: to_micros(stored.recorded_at),
                         granted_by: metadata.actor.to_string(),
+                        expires_at,
                     },
                 );
             }

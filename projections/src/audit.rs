@@ -167,7 +167,15 @@ fn summary(event: &ScopeEvent) -> String {
             principal,
             permission,
             scope_id,
-        } => format!("granted {permission} to {principal} on {}", on(scope_id)),
+            expires_at,
+        } => format!(
+            "granted {permission} to {principal} on {}{}",
+            on(scope_id),
+            expires_at
+                .as_deref()
+                .map(|at| format!(", expires {at}"))
+                .unwrap_or_default()
+        ),
         ScopeEvent::PermissionRevoked {
             principal,
             permission,

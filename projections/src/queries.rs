@@ -61,17 +61,32 @@ pub struct ScopeRecord {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ScheduledAction {
     pub scope_id: ScopeId,
-    /// `resume`: a pause with `until`.
+    /// `resume`: a pause with `until`; `grant_expiry`: a grant's `expires_at`.
     pub kind: String,
     pub org_id: String,
     /// Microseconds since the epoch.
     pub due_at: i64,
     /// The instant as the event recorded it (what the scheduler fires with).
     pub at: String,
+    /// What the action is about within its scope: `""` for a resume, the grant (canonical
+    /// JSON, `grant_subject`) for a grant's expiry.
+    pub subject: String,
 }
 
+impl ScheduledAction {
+    /// The grant a `grant_expiry` is about.
+    pub fn grant(&self) -> Option<ekm_domain::Grant> {
+        match self.kind == crate::scope_tree::GRANT_EXPIRY {
+            true => serde_json::from_str(&self.subject).ok(),
+            false => None,
+        }
+    }
+}
+
+type ScheduleRow = (String, String, String, i64, String, String);
+
 fn scheduled(
-    (scope_id, kind, org_id, due_at, at): (String, String, String, i64, String),
+    (scope_id, kind, org_id, due_at, at, subject): ScheduleRow,
 ) -> Result<ScheduledAction, ProjectionError> {
     Ok(ScheduledAction {
         scope_id: ScopeId::parse(&scope_id).map_err(|e| malformed(&scope_id, e.to_string()))?,
@@ -79,6 +94,7 @@ fn scheduled(
         org_id,
         due_at,
         at,
+        subject,
     })
 }
 
@@ -378,9 +394,9 @@ impl ReadModels {
         now: i64,
         limit: i64,
     ) -> Result<Vec<ScheduledAction>, ProjectionError> {
-        let sql = "SELECT scope_id, kind, org_id, due_at, at FROM schedule WHERE due_at <= $1 \
-                   ORDER BY due_at, scope_id LIMIT $2";
-        let rows: Vec<(String, String, String, i64, String)> = ekm_store::with_read_pool!(&self.db, pool => {
+        let sql = "SELECT scope_id, kind, org_id, due_at, at, subject FROM schedule \
+                   WHERE due_at <= $1 ORDER BY due_at, scope_id, kind, subject LIMIT $2";
+        let rows: Vec<ScheduleRow> = ekm_store::with_read_pool!(&self.db, pool => {
             sqlx::query_as(sql).bind(now).bind(limit).fetch_all(pool).await?
         });
         rows.into_iter().map(scheduled).collect()
@@ -394,22 +410,27 @@ impl ReadModels {
         Ok(next)
     }
 
-    /// An organization's scheduled actions in due order, after `(due_at, scope_id)`.
+    /// An organization's scheduled actions in due order, after the one whose
+    /// `(due_at, scope_id, kind, subject)` is `after` (several actions may share a time and a
+    /// scope: an organization's grants expiring together).
     pub async fn org_schedule(
         &self,
         org: ScopeId,
-        after: Option<(i64, String)>,
+        after: Option<(i64, String, String, String)>,
         limit: i64,
     ) -> Result<Vec<ScheduledAction>, ProjectionError> {
-        let (after_due, after_id) = after.unwrap_or((i64::MIN, String::new()));
-        let sql = "SELECT scope_id, kind, org_id, due_at, at FROM schedule WHERE org_id = $1 \
-                   AND (due_at > $2 OR (due_at = $2 AND scope_id > $3)) \
-                   ORDER BY due_at, scope_id LIMIT $4";
-        let rows: Vec<(String, String, String, i64, String)> = ekm_store::with_read_pool!(&self.db, pool => {
+        let (after_due, after_id, after_kind, after_subject) =
+            after.unwrap_or((i64::MIN, String::new(), String::new(), String::new()));
+        let sql = "SELECT scope_id, kind, org_id, due_at, at, subject FROM schedule \
+                   WHERE org_id = $1 AND (due_at, scope_id, kind, subject) > ($2, $3, $4, $5) \
+                   ORDER BY due_at, scope_id, kind, subject LIMIT $6";
+        let rows: Vec<ScheduleRow> = ekm_store::with_read_pool!(&self.db, pool => {
             sqlx::query_as(sql)
                 .bind(org.to_string())
                 .bind(after_due)
                 .bind(after_id)
+                .bind(after_kind)
+                .bind(after_subject)
                 .bind(limit)
                 .fetch_all(pool)
                 .await?

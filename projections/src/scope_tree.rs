@@ -1,7 +1,7 @@
 //! The scope tree read model: one row per scope (own state, the event that set it, key
 //! version) and one row per key version. Effective state is derived when read.
 
-use ekm_domain::{JustificationPolicy, OwnState, ScopeEvent};
+use ekm_domain::{Grant, JustificationPolicy, OwnState, ScopeEvent};
 use ekm_store::time::to_micros;
 use ekm_store::StoredEvent;
 
@@ -107,7 +107,45 @@ const SCHEDULE_COLUMNS: &[&str] = &[
     "due_at",
     "at",
     "scheduled_position",
+    "subject",
 ];
+
+/// The kind of a grant's scheduled expiry; its subject is the grant.
+pub const GRANT_EXPIRY: &str = "grant_expiry";
+
+/// A grant as the schedule names it: its canonical JSON.
+pub fn grant_subject(grant: &Grant) -> String {
+    serde_json::to_string(grant).unwrap_or_default()
+}
+
+/// Forgets the expiry scheduled for one grant before this event (replaced, removed, fired).
+fn unschedule_grant(stored: &StoredEvent, subject: &str) -> Statement {
+    Statement::Raw {
+        sql: "DELETE FROM schedule WHERE scope_id = $1 AND kind = $2 AND subject = $3 \
+              AND scheduled_position < $4",
+        params: vec![
+            Param::Text(stored.aggregate_id.clone()),
+            Param::Text(GRANT_EXPIRY.to_owned()),
+            Param::Text(subject.to_owned()),
+            Param::Int(stored.position),
+        ],
+    }
+}
+
+/// Deletes the organization's rows of `grant` made before this event.
+fn delete_grant(stored: &StoredEvent, grant: &Grant) -> Statement {
+    Statement::Raw {
+        sql: "DELETE FROM grants_view WHERE org_id = $1 AND principal = $2 \
+              AND permission = $3 AND scope_id = $4 AND granted_position < $5",
+        params: vec![
+            Param::Text(stored.aggregate_id.clone()),
+            Param::Text(grant.principal.as_str().to_owned()),
+            Param::Text(grant.permission.as_str().to_owned()),
+            Param::Text(grant.scope.map(|s| s.to_string()).unwrap_or_default()),
+            Param::Int(stored.position),
+        ],
+    }
+}
 
 fn version_moved(stored: &StoredEvent) -> Statement {
     Statement::Update {
@@ -188,6 +226,7 @@ const GRANT_COLUMNS: &[&str] = &[
     "granted_position",
     "granted_at",
     "granted_by",
+    "expires_at",
 ];
 
 const MASTER_KEY_COLUMNS: &[&str] = &[
@@ -456,43 +495,78 @@ impl Projection for ScopeTree {
                 principal,
                 permission,
                 scope_id,
+                expires_at,
             } => {
                 let metadata = stored.event_metadata()?;
-                vec![
+                let grant = Grant {
+                    principal,
+                    permission,
+                    scope: scope_id,
+                };
+                let subject = grant_subject(&grant);
+                // The aggregate accepts only RFC 3339 instants, so a time that cannot be read
+                // is a tampered or foreign row: the grant then counts as expired already
+                // (fail closed), and nothing is scheduled.
+                let due = expires_at.as_deref().map(|at| {
+                    chrono::DateTime::parse_from_rfc3339(at)
+                        .map(|due| to_micros(due.with_timezone(&chrono::Utc)))
+                        .map_err(|_| {
+                            tracing::warn!(org = %stored.aggregate_id, position = stored.position, at, "a grant whose expiry cannot be read counts as expired");
+                        })
+                });
+                let mut statements = vec![
                     Statement::Insert {
                         table: "grants_view",
                         columns: GRANT_COLUMNS,
                         values: vec![
                             Param::Text(stored.aggregate_id.clone()),
-                            Param::Text(principal.as_str().to_owned()),
-                            Param::Text(permission.as_str().to_owned()),
-                            Param::Text(scope_id.map(|s| s.to_string()).unwrap_or_default()),
+                            Param::Text(grant.principal.as_str().to_owned()),
+                            Param::Text(grant.permission.as_str().to_owned()),
+                            Param::Text(grant.scope.map(|s| s.to_string()).unwrap_or_default()),
                             Param::Int(stored.position),
                             Param::Int(to_micros(stored.recorded_at)),
                             Param::Text(metadata.actor.to_string()),
+                            Param::OptInt(due.map(|due| due.unwrap_or(0))),
                         ],
                     },
-                    version_moved(stored),
-                ]
+                    // Granted again (another expiry, or none): this row replaces the older.
+                    delete_grant(stored, &grant),
+                    unschedule_grant(stored, &subject),
+                ];
+                if let (Some(Ok(due)), Some(at)) = (due, expires_at) {
+                    statements.push(Statement::Insert {
+                        table: "schedule",
+                        columns: SCHEDULE_COLUMNS,
+                        values: vec![
+                            Param::Text(stored.aggregate_id.clone()),
+                            Param::Text(GRANT_EXPIRY.to_owned()),
+                            Param::Text(stored.aggregate_id.clone()),
+                            Param::Int(due),
+                            Param::Text(at),
+                            Param::Int(stored.position),
+                            Param::Text(subject),
+                        ],
+                    });
+                }
+                statements.push(version_moved(stored));
+                statements
             }
             ScopeEvent::PermissionRevoked {
                 principal,
                 permission,
                 scope_id,
-            } => vec![
-                Statement::Raw {
-                    sql: "DELETE FROM grants_view WHERE org_id = $1 AND principal = $2 \
-                          AND permission = $3 AND scope_id = $4 AND granted_position < $5",
-                    params: vec![
-                        Param::Text(stored.aggregate_id.clone()),
-                        Param::Text(principal.as_str().to_owned()),
-                        Param::Text(permission.as_str().to_owned()),
-                        Param::Text(scope_id.map(|s| s.to_string()).unwrap_or_default()),
-                        Param::Int(stored.position),
-                    ],
-                },
-                version_moved(stored),
-            ],
+            } => {
+                let grant = Grant {
+                    principal,
+                    permission,
+                    scope: scope_id,
+                };
+                vec![
+                    delete_grant(stored, &grant),
+                    unschedule_grant(stored, &grant_subject(&grant)),
+                    version_moved(stored),
+                ]
+            }
             ScopeEvent::TokenIssued { .. } | ScopeEvent::TokenRevoked { .. } => {
                 vec![version_moved(stored)]
             }
@@ -537,6 +611,7 @@ impl Projection for ScopeTree {
                             Param::Int(to_micros(due.with_timezone(&chrono::Utc))),
                             Param::Text(at),
                             Param::Int(stored.position),
+                            Param::Text(String::new()),
                         ],
                     });
                 }

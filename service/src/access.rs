@@ -90,17 +90,21 @@ impl App {
         }
     }
 
-    /// Grants a permission (`Action::Grant`); cached principals are forgotten so the next
-    /// request sees it.
+    /// Grants a permission (`Action::Grant`), until `expires_at` if given (the scheduler
+    /// then records its removal; it stops counting at that instant either way); cached
+    /// principals are forgotten so the next request sees it.
     pub async fn grant(
         &self,
         org: OrgId,
         grant: Grant,
+        expires_at: Option<DateTime<Utc>>,
         metadata: &EventMetadata,
     ) -> Result<Outcome, AppError> {
-        let outcome = self
-            .act(org.scope_id(), Action::Grant(grant), metadata, None)
-            .await?;
+        let action = Action::Grant {
+            grant,
+            expires_at: expires_at.map(rfc3339),
+        };
+        let outcome = self.act(org.scope_id(), action, metadata, None).await?;
         self.forget_principals();
         Ok(outcome)
     }

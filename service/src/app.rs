@@ -324,7 +324,9 @@ impl App {
         let now = ekm_store::time::now_micros();
         if let Ok(cache) = self.inner.token_cache.lock() {
             if let Some((principal, at)) = cache.get(&key) {
-                let unexpired = principal.expires_at.is_none_or(|e| e > now);
+                // A token that expired, or a grant of it that did, is looked up afresh.
+                let unexpired = principal.expires_at.is_none_or(|e| e > now)
+                    && principal.grants_until.is_none_or(|e| e > now);
                 if at.elapsed() < TOKEN_CACHE_TTL && unexpired {
                     return Ok(Some(principal.clone()));
                 }
@@ -344,7 +346,8 @@ impl App {
                 .await?
                 .map(|mut principal| {
                     if let Some(org) = principal.org_id {
-                        principal.grants = memory.grants_of(org, &principal.principal);
+                        (principal.grants, principal.grants_until) =
+                            memory.grants_of(org, &principal.principal, now);
                     }
                     principal
                 })

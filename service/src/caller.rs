@@ -124,6 +124,7 @@ mod tests {
                 principal: "alice".into(),
                 kind,
                 grants,
+                grants_until: None,
             },
             request_id: "req-1".into(),
             source_address: None,

@@ -1,10 +1,11 @@
-//! The scheduler (issue 17 §2): fires scheduled actions when they fall due. Today: the
-//! resume of a pause given `until`.
+//! The scheduler (issue 17 §2): fires scheduled actions when they fall due: the resume of a
+//! pause given `until`, and the removal of a grant given `expires_at` (which has stopped
+//! counting at that instant already; the event is the audit log's record of it).
 //!
 //! Every instance runs it. What is due lives in the `schedule` read model, which the
 //! projection keeps from the events (so it survives restarts and rebuilds). Firing is a
-//! command on the scope's aggregate (`FireScheduledResume`), which records the resume only if
-//! the resume scheduled for that instant is still pending, committed against the aggregate's
+//! command on the scope's aggregate (`FireScheduledResume`, `ExpireGrant`), which records
+//! only if what was scheduled for that instant is still pending, committed against the aggregate's
 //! version: when two instances fire the same action, one appends and the other finds nothing
 //! left to do (or conflicts and re-reads), so every action fires exactly once. The job sleeps
 //! until the next due time, at most `POLL`, and wakes at once when this process sees a new
@@ -37,8 +38,8 @@ const MAX_RETRY: Duration = Duration::from_secs(30);
 pub struct Scheduler {
     app: App,
     wake: Notify,
-    /// Actions that failed to fire, by (scope, instant): when to try again, and the wait after
-    /// that. In memory: a restart tries them all again at once, which is what one wants.
+    /// Actions that failed to fire, by scope and (kind, subject, instant): when to try again,
+    /// and the wait after that. In memory: a restart tries them all again at once, which is what one wants.
     backoff: Mutex<HashMap<(ScopeId, String), (Instant, Duration)>>,
 }
 
@@ -56,10 +57,12 @@ impl Scheduler {
     fn listener(self: &Arc<Self>) -> EventListener {
         let scheduler = Arc::downgrade(self);
         Arc::new(move |events: &[StoredEvent]| {
-            if events
-                .iter()
-                .any(|e| e.event_type == "ScopeResumeScheduled")
-            {
+            if events.iter().any(|e| {
+                matches!(
+                    e.event_type.as_str(),
+                    "ScopeResumeScheduled" | "PermissionGranted"
+                )
+            }) {
                 if let Some(scheduler) = scheduler.upgrade() {
                     scheduler.wake.notify_one();
                 }
@@ -107,7 +110,10 @@ impl Scheduler {
             let full = due.len() as i64 == BATCH;
             let mut fired = 0;
             for action in due {
-                let key = (action.scope_id, action.at.clone());
+                let key = (
+                    action.scope_id,
+                    format!("{}\u{0}{}\u{0}{}", action.kind, action.subject, action.at),
+                );
                 if self.waiting(&key) {
                     continue;
                 }
@@ -160,9 +166,30 @@ impl Scheduler {
     }
 
     async fn fire(&self, action: &ScheduledAction) -> Result<(), AppError> {
+        let mut metadata = system_metadata_as(SCHEDULER_ACTOR);
         let command = match action.kind.as_str() {
-            "resume" => Action::FireScheduledResume {
-                at: action.at.clone(),
+            "resume" => {
+                metadata.reason =
+                    ekm_domain::Reason::parse(&format!("paused until {}", action.at)).ok();
+                Action::FireScheduledResume {
+                    at: action.at.clone(),
+                }
+            }
+            "grant_expiry" => match action.grant() {
+                Some(grant) => {
+                    metadata.reason =
+                        ekm_domain::Reason::parse(&format!("the grant expired at {}", action.at))
+                            .ok();
+                    Action::ExpireGrant {
+                        grant,
+                        at: action.at.clone(),
+                    }
+                }
+                // Written around the projection: the grant itself already counts as expired.
+                None => {
+                    tracing::warn!(scope = %action.scope_id, "a grant expiry that names no grant; skipped");
+                    return Ok(());
+                }
             },
             other => {
                 tracing::warn!(kind = other, "unknown scheduled action; skipped");
@@ -172,12 +199,7 @@ impl Scheduler {
         let lateness_ms = (chrono::Utc::now().timestamp_micros() - action.due_at) as f64 / 1000.0;
         match self
             .app
-            .act(
-                action.scope_id,
-                command,
-                &system_metadata_as(SCHEDULER_ACTOR),
-                None,
-            )
+            .act(action.scope_id, command, &metadata, None)
             .await
         {
             Ok(outcome) => {

@@ -95,8 +95,12 @@ pub struct Principal {
     pub principal: String,
     /// A user or a service (the actor kind of its events).
     pub kind: PrincipalKind,
-    /// What the principal was granted, as of authentication.
+    /// What the principal holds through grants, as of authentication (expired grants left
+    /// out).
     pub grants: Vec<Grant>,
+    /// Microseconds since the epoch at which the first of `grants` expires: from then on
+    /// the principal must be looked up again (a cached one is stale).
+    pub grants_until: Option<i64>,
 }
 
 /// A freshly created token. The secret exists in memory only until it is shown once.
@@ -288,7 +292,9 @@ impl Tokens {
             return Ok(None);
         };
         if let Some(org) = principal.org_id {
-            principal.grants = self.grants_of(org, &principal.principal).await?;
+            (principal.grants, principal.grants_until) = self
+                .grants_of(org, &principal.principal, now_micros())
+                .await?;
         }
         Ok(Some(principal))
     }
@@ -359,24 +365,39 @@ impl Tokens {
             principal,
             kind,
             grants: vec![],
+            grants_until: None,
         }))
     }
 
-    /// What a principal was granted (from the grants read model).
-    pub async fn grants_of(&self, org: OrgId, principal: &str) -> Result<Vec<Grant>, StoreError> {
-        let sql = "SELECT principal, permission, scope_id FROM grants_view \
-                   WHERE org_id = $1 AND principal = $2 ORDER BY granted_position";
-        let rows: Vec<(String, String, String)> = with_read_pool!(&self.db, pool => {
-            sqlx::query_as(sql).bind(org.to_string()).bind(principal).fetch_all(pool).await?
+    /// What a principal holds through grants at `now` (from the grants read model; expired
+    /// grants left out), and when the first of them expires.
+    pub async fn grants_of(
+        &self,
+        org: OrgId,
+        principal: &str,
+        now: i64,
+    ) -> Result<(Vec<Grant>, Option<i64>), StoreError> {
+        let sql = "SELECT principal, permission, scope_id, expires_at FROM grants_view \
+                   WHERE org_id = $1 AND principal = $2 \
+                   AND (expires_at IS NULL OR expires_at > $3) ORDER BY granted_position";
+        let rows: Vec<(String, String, String, Option<i64>)> = with_read_pool!(&self.db, pool => {
+            sqlx::query_as(sql)
+                .bind(org.to_string())
+                .bind(principal)
+                .bind(now)
+                .fetch_all(pool)
+                .await?
         });
-        Ok(rows
+        let until = rows.iter().filter_map(|r| r.3).min();
+        let grants = rows
             .into_iter()
             .filter_map(|r| parse_grant(&r.0, &r.1, &r.2))
-            .collect())
+            .collect();
+        Ok((grants, until))
     }
 
     /// A page of an organization's grants, by principal, permission and when granted, each
-    /// with its sort key (principal and permission as stored,
+    /// with its expiry (microseconds since the epoch) and its sort key (principal and permission as stored,
     /// `granted_position`; `None` for a row that does not parse, which still counts for the
     /// page, so that the page's end is told right): those after `after` (the last
     /// page's `(principal, permission, granted_position)`) in the same order, at most `limit`.
@@ -385,15 +406,16 @@ impl Tokens {
         org: OrgId,
         after: Option<(String, String, i64)>,
         limit: i64,
-    ) -> Result<Vec<(Option<Grant>, (String, String, i64))>, StoreError> {
+    ) -> Result<Vec<(Option<Grant>, Option<i64>, (String, String, i64))>, StoreError> {
         let first = after.is_none();
         let (principal, permission, position) = after.unwrap_or_default();
-        let sql = "SELECT principal, permission, scope_id, granted_position FROM grants_view \
+        let sql = "SELECT principal, permission, scope_id, granted_position, expires_at \
+                   FROM grants_view \
                    WHERE org_id = $1 AND ($5 OR principal > $2 \
                    OR (principal = $2 AND permission > $3) \
                    OR (principal = $2 AND permission = $3 AND granted_position > $4)) \
                    ORDER BY principal, permission, granted_position LIMIT $6";
-        let rows: Vec<(String, String, String, i64)> = with_read_pool!(&self.db, pool => {
+        let rows: Vec<(String, String, String, i64, Option<i64>)> = with_read_pool!(&self.db, pool => {
             sqlx::query_as(sql)
                 .bind(org.to_string())
                 .bind(principal)
@@ -406,7 +428,7 @@ impl Tokens {
         });
         Ok(rows
             .into_iter()
-            .map(|r| (parse_grant(&r.0, &r.1, &r.2), (r.0, r.1, r.3)))
+            .map(|r| (parse_grant(&r.0, &r.1, &r.2), r.4, (r.0, r.1, r.3)))
             .collect())
     }
 

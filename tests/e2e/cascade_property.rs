@@ -161,8 +161,9 @@ async fn check(app: &App, ops: Vec<Op>) -> Result<(), TestCaseError> {
                         | Action::RecordMasterKeyHealth { .. }
                         | Action::IssueToken { .. }
                         | Action::RevokeToken(_)
-                        | Action::Grant(_)
+                        | Action::Grant { .. }
                         | Action::Ungrant(_)
+                        | Action::ExpireGrant { .. }
                         | Action::StartRevocationRekey { .. }
                         | Action::RecordRevocationRekey { .. }
                         | Action::CompleteRevocationRekey { .. }

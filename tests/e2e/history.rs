@@ -205,6 +205,7 @@ async fn access_at_names_who_could_decrypt_when_asked_about_an_instant(backend: 
     assert_eq!(
         then.body["principals"],
         json!([{"principal": "svc", "permission": "data:use", "granted_on": team,
+                "grant_expires_at": null,
                 "tokens": [{"token_id": svc_id, "expires_at": null}]}]),
         "{}",
         then.body

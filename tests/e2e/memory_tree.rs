@@ -34,6 +34,8 @@ enum Op {
         principal: u8,
         permission: usize,
         scope: Option<usize>,
+        /// One of three expiries (in a year, in two), or none.
+        expires: Option<u8>,
     },
     Ungrant {
         principal: u8,
@@ -52,8 +54,8 @@ fn op() -> impl Strategy<Value = (bool, Op)> {
         1 => any::<usize>().prop_map(Op::Rotate),
         1 => any::<usize>().prop_map(Op::Retire),
         1 => any::<bool>().prop_map(Op::Tier),
-        2 => (0..3u8, 0..4usize, proptest::option::of(any::<usize>()))
-            .prop_map(|(principal, permission, scope)| Op::Grant { principal, permission, scope }),
+        2 => (0..3u8, 0..4usize, proptest::option::of(any::<usize>()), proptest::option::of(1..3u8))
+            .prop_map(|(principal, permission, scope, expires)| Op::Grant { principal, permission, scope, expires }),
         2 => (0..3u8, 0..4usize, proptest::option::of(any::<usize>()))
             .prop_map(|(principal, permission, scope)| Op::Ungrant { principal, permission, scope }),
     ];
@@ -128,7 +130,15 @@ async fn run_ops(
                 principal,
                 permission,
                 scope,
-            } => (org, Action::Grant(grant(principal, permission, scope))),
+                expires,
+            } => (
+                org,
+                Action::Grant {
+                    grant: grant(principal, permission, scope),
+                    expires_at: expires
+                        .map(|years| format!("20{}-01-01T00:00:00.000000Z", 40 + years)),
+                },
+            ),
             Op::Ungrant {
                 principal,
                 permission,
@@ -147,10 +157,19 @@ async fn sql_ids(db: &Db) -> Vec<ScopeId> {
 }
 
 async fn sql_grants(db: &Db) -> Vec<GrantRecord> {
-    type Row = (String, String, String, String, i64, i64, String);
+    type Row = (
+        String,
+        String,
+        String,
+        String,
+        i64,
+        i64,
+        String,
+        Option<i64>,
+    );
     let rows: Vec<Row> = ekm_store::with_read_pool!(db, pool => {
         sqlx::query_as("SELECT org_id, principal, permission, scope_id, granted_position, \
-                        granted_at, granted_by FROM grants_view ORDER BY granted_position")
+                        granted_at, granted_by, expires_at FROM grants_view ORDER BY granted_position")
             .fetch_all(pool).await.unwrap()
     });
     rows.into_iter()
@@ -162,6 +181,7 @@ async fn sql_grants(db: &Db) -> Vec<GrantRecord> {
             granted_position: r.4,
             granted_at: r.5,
             granted_by: r.6,
+            expires_at: r.7,
         })
         .collect()
 }

@@ -348,6 +348,13 @@ impl<'a> RichHistory<'a> {
                 if let Some(scope) = &scope {
                     body["scope_id"] = json!(scope);
                 }
+                // A third expire (days ahead: never during the history); given again, a
+                // grant's expiry is replaced.
+                if rng.random_range(0..3) == 0 {
+                    let days = chrono::Duration::days(rng.random_range(1..4));
+                    body["expires_at"] = json!((chrono::Utc::now() + days)
+                        .to_rfc3339_opts(chrono::SecondsFormat::Micros, true));
+                }
                 let granted = app
                     .post(&format!("/v1/orgs/{}/grants", org.id), &token, body)
                     .await;

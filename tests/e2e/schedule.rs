@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::harness::{Backend, Response, TestApp};
+use crate::harness::{Backend, Options, Response, TestApp};
 use crate::on_both_backends;
 
 /// Polls the scope until its own state is `state`, for at most `within`: the scheduler fires
@@ -112,3 +112,151 @@ async fn scheduled_resume_is_cancelled_when_paused_for_good_or_revoked(backend: 
     app.stop().await;
 }
 on_both_backends!(scheduled_resume_is_cancelled_when_paused_for_good_or_revoked);
+
+/// The audit entries of `action` in the caller's organization, polled until there are `n`,
+/// for at most `within`: the scheduler fires on the clock.
+async fn audit_entries(
+    app: &TestApp,
+    token: &str,
+    action: &str,
+    n: usize,
+    within: Duration,
+) -> Vec<Value> {
+    let deadline = Instant::now() + within;
+    loop {
+        let audit = app.get(&format!("/v1/audit?action={action}"), token).await;
+        let items = audit.body["items"].as_array().cloned().unwrap_or_default();
+        if items.len() >= n || Instant::now() > deadline {
+            return items;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// A grant given `expires_at` counts until that instant and not after, before the scheduler
+/// has removed it (here an instance that runs no scheduler refuses it while the removal is
+/// still pending); an instance that runs one then records the removal, once, as
+/// `system:scheduler`. Granted again with another expiry, the first expiry never fires.
+async fn a_grant_stops_counting_at_its_expiry_and_its_removal_is_recorded_once(backend: Backend) {
+    let app = TestApp::spawn_with(
+        backend,
+        Options {
+            scheduler: false,
+            ..Options::default()
+        },
+    )
+    .await;
+    let (org, admin) = app.data_org("enterprise", "managed").await;
+    let team = app.scope(&admin, "team", "support", &org).await;
+    let temporary = app.token(&admin, &org, "agent-7", "member").await;
+    let extended = app.token(&admin, &org, "agent-8", "member").await;
+    let grant = |principal: &str, expires_at: &str| {
+        json!({"principal": principal, "permission": "data:use", "scope_id": team,
+               "expires_at": expires_at, "reason": "ticket 4711"})
+    };
+    let grants = format!("/v1/orgs/{org}/grants");
+
+    // Given two grants on the team until soon, the second then granted again until tomorrow
+    let soon = in_ms(1_500);
+    for principal in ["agent-7", "agent-8"] {
+        let granted = app.post(&grants, &admin, grant(principal, &soon)).await;
+        assert_eq!(granted.status, 201, "{}", granted.body);
+        assert_eq!(
+            granted.body["expires_at"],
+            soon.as_str(),
+            "{}",
+            granted.body
+        );
+    }
+    let tomorrow = in_ms(24 * 3_600 * 1_000);
+    let again = app.post(&grants, &admin, grant("agent-8", &tomorrow)).await;
+    assert_eq!(again.status, 201, "{}", again.body);
+    let same = app.post(&grants, &admin, grant("agent-8", &tomorrow)).await;
+    assert_eq!(
+        (same.status.as_u16(), &same.body["changed"]),
+        (200, &json!(false))
+    );
+    // Then both encrypt, the list shows the expiries, and the schedule the two removals
+    for token in [&temporary, &extended] {
+        let sealed = crate::harness::encrypt(&app, token, &team, b"hello", "messages").await;
+        assert_eq!(sealed.status, 200, "{}", sealed.body);
+    }
+    let listed = app.get(&grants, &admin).await;
+    let expiries: Vec<(&str, &str)> = listed.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| {
+            (
+                g["principal"].as_str().unwrap(),
+                g["expires_at"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    assert!(
+        expiries.contains(&("agent-7", soon.as_str())),
+        "{}",
+        listed.body
+    );
+    assert!(
+        expiries.contains(&("agent-8", tomorrow.as_str())),
+        "{}",
+        listed.body
+    );
+    let schedule = app.get(&format!("/v1/orgs/{org}/schedule"), &admin).await;
+    let items = schedule.body["items"].as_array().unwrap().clone();
+    assert_eq!(items.len(), 2, "{}", schedule.body);
+    assert_eq!(items[0]["action"], "grant_expiry");
+    assert_eq!(items[0]["due_at"], soon.as_str());
+    assert_eq!(
+        items[0]["grant"],
+        json!({"principal": "agent-7", "permission": "data:use", "scope_id": team})
+    );
+    assert_eq!(items[1]["due_at"], tomorrow.as_str());
+
+    // When the first expiry passes (no scheduler has run)
+    let due = chrono::DateTime::parse_from_rfc3339(&soon).unwrap();
+    let wait = (due.with_timezone(&chrono::Utc) - chrono::Utc::now()).to_std();
+    tokio::time::sleep(wait.unwrap_or_default() + Duration::from_millis(10)).await;
+    // Then the expired grant no longer counts, though its removal is still pending
+    crate::harness::encrypt(&app, &temporary, &team, b"hello", "messages")
+        .await
+        .assert_problem(403, "forbidden");
+    let sealed = crate::harness::encrypt(&app, &extended, &team, b"hello", "messages").await;
+    assert_eq!(sealed.status, 200, "{}", sealed.body);
+    let schedule = app.get(&format!("/v1/orgs/{org}/schedule"), &admin).await;
+    assert_eq!(schedule.body["items"].as_array().unwrap().len(), 2);
+
+    // When an instance that runs the scheduler starts
+    let peer = app.peer().await;
+    // Then the removal is recorded once, by the system, with why; the later one stays
+    let removed = audit_entries(&app, &admin, "grant.remove", 1, Duration::from_secs(15)).await;
+    assert_eq!(removed.len(), 1, "{removed:?}");
+    assert_eq!(removed[0]["actor"], "system:scheduler", "{}", removed[0]);
+    assert!(
+        removed[0]["summary"].as_str().unwrap().contains("agent-7"),
+        "{}",
+        removed[0]
+    );
+    assert_eq!(
+        removed[0]["reason"],
+        format!("the grant expired at {soon}"),
+        "{}",
+        removed[0]
+    );
+    app.app.refresh().await.unwrap();
+    let schedule = app.get(&format!("/v1/orgs/{org}/schedule"), &admin).await;
+    let items = schedule.body["items"].as_array().unwrap().clone();
+    assert_eq!(items.len(), 1, "{}", schedule.body);
+    assert_eq!(items[0]["grant"]["principal"], "agent-8");
+
+    // Bad instants: past, not RFC 3339
+    for expires_at in [in_ms(-1_000), "tomorrow".to_owned()] {
+        app.post(&grants, &admin, grant("agent-7", &expires_at))
+            .await
+            .assert_problem(400, "invalid_request");
+    }
+    peer.stop().await;
+    app.stop().await;
+}
+on_both_backends!(a_grant_stops_counting_at_its_expiry_and_its_removal_is_recorded_once);

@@ -6,7 +6,9 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use chrono::{DateTime, Utc};
 use ekm_domain::{Grant, OrgId, Permission, PrincipalName, ScopeId, ScopeKind};
+use ekm_store::time::{from_micros, rfc3339};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use std::collections::HashMap;
@@ -27,6 +29,8 @@ pub struct GrantRequest {
     pub permission: String,
     /// Limits the grant to this scope's subtree.
     pub scope_id: Option<String>,
+    /// RFC 3339, in the future: the grant stops counting then (issue 17 §2).
+    pub expires_at: Option<String>,
     pub reason: Option<String>,
 }
 
@@ -67,16 +71,18 @@ async fn grant_of(
     })
 }
 
-fn grant_json(grant: &Grant) -> Value {
+fn grant_json(grant: &Grant, expires_at: Option<DateTime<Utc>>) -> Value {
     json!({
         "principal": grant.principal.as_str(),
         "permission": grant.permission.as_str(),
         "scope_id": grant.scope.map(|s| s.to_string()),
+        "expires_at": expires_at.map(rfc3339),
     })
 }
 
-/// `POST /v1/orgs/{org}/grants {"principal", "permission", "scope_id"?}` → 201 (200 when
-/// the grant existed already).
+/// `POST /v1/orgs/{org}/grants {"principal", "permission", "scope_id"?, "expires_at"?}` →
+/// 201 (200 when the grant existed already, with the same expiry). Granting again with
+/// another expiry, or none, replaces the one it had.
 pub async fn add_grant(
     State(state): State<AppState>,
     caller: Caller,
@@ -92,12 +98,25 @@ pub async fn add_grant(
         body.scope_id.as_deref(),
     )
     .await?;
+    let expires_at = match body.expires_at.as_deref() {
+        None => None,
+        Some(text) => {
+            let at = DateTime::parse_from_rfc3339(text)
+                .map_err(|_| ApiError::invalid("expires_at: not an RFC 3339 time"))?
+                .with_timezone(&Utc);
+            if at <= Utc::now() {
+                return Err(ApiError::invalid("expires_at: must be in the future"));
+            }
+            // As the event records it (microseconds), so the answer says what was stored.
+            Some(from_micros(at.timestamp_micros()))
+        }
+    };
     let reason = crate::routes::reason(body.reason.as_deref(), false)?;
     let outcome = state
         .app
-        .grant(org, grant.clone(), &caller.metadata(reason))
+        .grant(org, grant.clone(), expires_at, &caller.metadata(reason))
         .await?;
-    let mut body = grant_json(&grant);
+    let mut body = grant_json(&grant, expires_at);
     body["changed"] = json!(outcome.changed);
     let status = if outcome.changed {
         StatusCode::CREATED
@@ -131,7 +150,10 @@ pub async fn remove_grant(
         .app
         .ungrant(org, grant.clone(), &caller.metadata(None))
         .await?;
-    let mut body = grant_json(&grant);
+    let mut body = grant_json(&grant, None);
+    if let Some(fields) = body.as_object_mut() {
+        fields.remove("expires_at");
+    }
     body["removed"] = json!(true);
     Ok(Json(body).into_response())
 }
@@ -168,12 +190,15 @@ pub async fn list_grants(
     let more = grants.len() > limit as usize;
     grants.truncate(limit as usize);
     let next_cursor = match grants.last() {
-        Some((_, key)) if more => Some(binding.encode_json(&json!(key))),
+        Some((_, _, key)) if more => Some(binding.encode_json(&json!(key))),
         _ => None,
     };
     let items: Vec<Value> = grants
         .iter()
-        .filter_map(|(g, _)| g.as_ref().map(grant_json))
+        .filter_map(|(g, expires_at, _)| {
+            g.as_ref()
+                .map(|g| grant_json(g, expires_at.map(from_micros)))
+        })
         .collect();
     conditional_json(
         &headers,

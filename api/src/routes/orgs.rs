@@ -216,7 +216,7 @@ pub(crate) async fn schedule(
         list: List::Schedule,
         query: &[&org_id],
     };
-    let after: Option<(i64, String)> = query
+    let after: Option<(i64, String, String, String)> = query
         .get("cursor")
         .map(|cursor| binding.decode_json(cursor))
         .transpose()?;
@@ -230,17 +230,31 @@ pub(crate) async fn schedule(
     let more = rows.len() > limit as usize;
     let page = &rows[..rows.len().min(limit as usize)];
     let next_cursor = match (more, page.last()) {
-        (true, Some(last)) => {
-            Some(binding.encode_json(&json!([last.due_at, last.scope_id.to_string()])))
-        }
+        (true, Some(last)) => Some(binding.encode_json(&json!([
+            last.due_at,
+            last.scope_id.to_string(),
+            last.kind,
+            last.subject
+        ]))),
         _ => None,
     };
-    Ok(Json(json!({
-        "items": page.iter().map(|a| json!({
+    let item = |a: &ekm_projections::ScheduledAction| {
+        let mut item = json!({
             "scope_id": a.scope_id.to_string(),
             "action": a.kind,
             "due_at": a.at,
-        })).collect::<Vec<_>>(),
+        });
+        if let Some(grant) = a.grant() {
+            item["grant"] = json!({
+                "principal": grant.principal.as_str(),
+                "permission": grant.permission.as_str(),
+                "scope_id": grant.scope.map(|s| s.to_string()),
+            });
+        }
+        item
+    };
+    Ok(Json(json!({
+        "items": page.iter().map(item).collect::<Vec<_>>(),
         "next_cursor": next_cursor,
     })))
 }

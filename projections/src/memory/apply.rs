@@ -162,17 +162,34 @@ impl Tree {
                 principal,
                 permission,
                 scope_id,
+                expires_at,
             } => {
                 let actor = stored.event_metadata()?.actor.to_string();
+                // As `grants_view`: a time that cannot be read counts as expired already.
+                let expires_at = expires_at.map(|e| {
+                    chrono::DateTime::parse_from_rfc3339(&e)
+                        .map(|t| to_micros(t.with_timezone(&chrono::Utc)))
+                        .unwrap_or(0)
+                });
+                let permission = self.strings.intern(permission.as_str());
                 let row = GrantRow {
                     principal: principal.as_str().into(),
-                    permission: self.strings.intern(permission.as_str()),
+                    permission,
                     scope_id,
                     granted_position: stored.position,
                     granted_at: at,
                     granted_by: self.strings.intern(&actor),
+                    expires_at,
                 };
-                self.grants.entry(id).or_default().push(row);
+                let rows = self.grants.entry(id).or_default();
+                // Granted again (another expiry, or none): the new row replaces the older.
+                rows.retain(|g| {
+                    !(&*g.principal == principal.as_str()
+                        && g.permission == permission
+                        && g.scope_id == scope_id
+                        && g.granted_position < stored.position)
+                });
+                rows.push(row);
                 self.touch(stored)?;
             }
             ScopeEvent::PermissionRevoked {

@@ -19,7 +19,7 @@ const LOAD_SCOPES: &str = "SELECT id, parent_id, kind, name, own_state, plan, ti
 const LOAD_KEY_VERSIONS: &str = "SELECT scope_id, version, created_at, fingerprint, \
     retired_position FROM key_version_view ORDER BY scope_id, version";
 const LOAD_GRANTS: &str = "SELECT org_id, principal, permission, scope_id, granted_position, \
-    granted_at, granted_by FROM grants_view ORDER BY granted_position";
+    granted_at, granted_by, expires_at FROM grants_view ORDER BY granted_position";
 const LOAD_CHECKPOINT: &str =
     "SELECT position FROM projection_checkpoints WHERE name = 'scope_tree'";
 
@@ -112,6 +112,7 @@ macro_rules! read_rows_in {
                     granted_position: row.try_get("granted_position")?,
                     granted_at: row.try_get("granted_at")?,
                     granted_by: tree.strings.intern(&granted_by),
+                    expires_at: row.try_get("expires_at")?,
                 };
                 tree.grants.entry(org_id).or_default().push(grant);
             }

@@ -72,6 +72,7 @@ pub struct GrantRecord {
     pub granted_position: i64,
     pub granted_at: i64,
     pub granted_by: String,
+    pub expires_at: Option<i64>,
 }
 
 #[derive(Default)]
@@ -233,6 +234,8 @@ struct GrantRow {
     granted_position: i64,
     granted_at: i64,
     granted_by: u32,
+    /// Microseconds since the epoch, if it expires.
+    expires_at: Option<i64>,
 }
 
 #[derive(Default)]
@@ -422,18 +425,25 @@ impl MemoryTree {
         Some(node.version)
     }
 
-    /// What `principal` was granted in `org`, in the order granted (as `Tokens::grants_of`).
-    pub fn grants_of(&self, org: OrgId, principal: &str) -> Vec<Grant> {
+    /// What `principal` holds in `org` at `now` (microseconds since the epoch), in the order
+    /// granted (as `Tokens::grants_of`), and when the first of them expires: expired grants
+    /// do not count, whether or not the scheduler has removed them yet.
+    pub fn grants_of(&self, org: OrgId, principal: &str, now: i64) -> (Vec<Grant>, Option<i64>) {
         let Ok(state) = self.state.read() else {
-            return vec![];
+            return (vec![], None);
         };
         let tree = &state.tree;
         let Some(rows) = tree.grants.get(&org.scope_id()) else {
-            return vec![];
+            return (vec![], None);
         };
-        let mut rows: Vec<&GrantRow> = rows.iter().filter(|g| &*g.principal == principal).collect();
+        let mut rows: Vec<&GrantRow> = rows
+            .iter()
+            .filter(|g| &*g.principal == principal && g.expires_at.is_none_or(|e| e > now))
+            .collect();
         rows.sort_by_key(|g| g.granted_position);
-        rows.into_iter()
+        let until = rows.iter().filter_map(|g| g.expires_at).min();
+        let grants = rows
+            .into_iter()
             .filter_map(|g| {
                 Some(Grant {
                     principal: PrincipalName::parse(&g.principal).ok()?,
@@ -441,7 +451,8 @@ impl MemoryTree {
                     scope: g.scope_id,
                 })
             })
-            .collect()
+            .collect();
+        (grants, until)
     }
 
     /// Every grant, as `grants_view` rows ordered by granted position (for comparisons).
@@ -462,6 +473,7 @@ impl MemoryTree {
                     granted_position: g.granted_position,
                     granted_at: g.granted_at,
                     granted_by: tree.strings.get(g.granted_by).to_owned(),
+                    expires_at: g.expires_at,
                 })
             })
             .collect();

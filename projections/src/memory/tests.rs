@@ -359,13 +359,15 @@ fn grants_follow_grant_and_revoke_in_position_order() {
         principal: principal.clone(),
         permission: Permission::DataUse,
         scope_id: scope,
+        expires_at: None,
     };
     given.when(given.org, grant(Some(given.team)));
     given.when(given.org, grant(None));
     let org = OrgId::of_root(given.org);
     let scopes: Vec<Option<ScopeId>> = given
         .tree
-        .grants_of(org, "svc")
+        .grants_of(org, "svc", 0)
+        .0
         .iter()
         .map(|g| g.scope)
         .collect();
@@ -378,12 +380,44 @@ fn grants_follow_grant_and_revoke_in_position_order() {
             scope_id: Some(given.team),
         },
     );
-    let left = given.tree.grants_of(org, "svc");
+    let (left, _) = given.tree.grants_of(org, "svc", 0);
     assert_eq!(left.len(), 1);
     assert_eq!(left[0].scope, None);
-    assert!(given.tree.grants_of(org, "someone-else").is_empty());
+    assert!(given.tree.grants_of(org, "someone-else", 0).0.is_empty());
     // Every event of the organization moves its version (the ETag), grants included.
     assert_eq!(given.snapshot(given.org).scope.version, 4);
+}
+
+#[test]
+fn a_grant_stops_counting_at_its_expiry_and_a_grant_again_replaces_it() {
+    // Given a grant until 2040 on the whole organization
+    let mut given = given();
+    let org = OrgId::of_root(given.org);
+    let principal = PrincipalName::parse("svc").unwrap();
+    let grant = |expires_at: Option<&str>| ScopeEvent::PermissionGranted {
+        principal: principal.clone(),
+        permission: Permission::DataUse,
+        scope_id: None,
+        expires_at: expires_at.map(str::to_owned),
+    };
+    given.when(given.org, grant(Some("2040-01-01T00:00:00Z")));
+    let expiry = chrono::DateTime::parse_from_rfc3339("2040-01-01T00:00:00Z")
+        .unwrap()
+        .timestamp_micros();
+    // Then it counts until that instant, which is when the principal must be looked up
+    // again, and not from it on
+    let (grants, until) = given.tree.grants_of(org, "svc", expiry - 1);
+    assert_eq!((grants.len(), until), (1, Some(expiry)));
+    assert_eq!(given.tree.grants_of(org, "svc", expiry), (vec![], None));
+    // When granted again for good, then one grant, which does not expire
+    given.when(given.org, grant(None));
+    let (grants, until) = given.tree.grants_of(org, "svc", expiry + 1);
+    assert_eq!((grants.len(), until), (1, None));
+    assert_eq!(given.tree.grant_records().len(), 1);
+    // When granted with a time that cannot be read (a row written around the aggregate),
+    // then it counts as expired
+    given.when(given.org, grant(Some("soon")));
+    assert_eq!(given.tree.grants_of(org, "svc", 1), (vec![], None));
 }
 
 #[test]

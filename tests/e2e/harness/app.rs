@@ -46,6 +46,9 @@ pub struct Options {
     pub max_projection_lag: std::time::Duration,
     /// `ekm serve --access-log`.
     pub access_log: ekm_store::AccessLogMode,
+    /// Runs the scheduler, as `ekm serve` does (a test of what holds before it fires turns
+    /// it off).
+    pub scheduler: bool,
 }
 
 impl Default for Options {
@@ -57,6 +60,7 @@ impl Default for Options {
             rekey_in_background: true,
             max_projection_lag: std::time::Duration::from_secs(5),
             access_log: ekm_store::AccessLogMode::Durable,
+            scheduler: true,
         }
     }
 }
@@ -187,7 +191,11 @@ impl TestApp {
             app.clone()
                 .watch_projections(options.max_projection_lag, shutdown_rx.clone()),
         );
-        tokio::spawn(ekm_service::scheduler::Scheduler::new(app.clone()).run(shutdown_rx.clone()));
+        if options.scheduler {
+            tokio::spawn(
+                ekm_service::scheduler::Scheduler::new(app.clone()).run(shutdown_rx.clone()),
+            );
+        }
         if let Some(interval) = options.health_interval {
             tokio::spawn(
                 ekm_service::health::HealthMonitor::new(app.clone(), interval)

@@ -155,3 +155,41 @@ async fn verify_reports_revived_raised_and_granted_rows(backend: Backend) {
     app.stop().await;
 }
 on_both_backends!(verify_reports_revived_raised_and_granted_rows);
+
+/// A grant's expiry pushed out (or removed) in SQL would keep it counting: verify names
+/// the row (ADR 0030).
+async fn verify_reports_a_grant_whose_expiry_was_moved_in_sql(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    // Given a grant that expires
+    let (org, admin) = app.org("enterprise").await;
+    let granted = app
+        .post(
+            &format!("/v1/orgs/{org}/grants"),
+            &admin,
+            serde_json::json!({"principal": "contractor", "permission": "data:use",
+                               "expires_at": "2999-01-02T03:04:05Z"}),
+        )
+        .await;
+    assert_eq!(granted.status, 201, "{}", granted.body);
+    app.app.refresh().await.unwrap();
+    assert!(verify(&app, Some(&org), None).0);
+    // When its row is made permanent behind the aggregate's back
+    exec(
+        &app.db,
+        &format!("UPDATE grants_view SET expires_at = NULL WHERE org_id = '{org}'"),
+    )
+    .await;
+    // Then verify reports it altered
+    let (ok, reports) = verify(&app, Some(&org), None);
+    assert!(!ok);
+    let found: Vec<(String, String)> = access_mismatches(&reports, &org)
+        .into_iter()
+        .map(|(table, problem, _)| (table, problem))
+        .collect();
+    assert_eq!(
+        found,
+        [("grants_view".to_owned(), "grant_altered".to_owned())]
+    );
+    app.stop().await;
+}
+on_both_backends!(verify_reports_a_grant_whose_expiry_was_moved_in_sql);
