@@ -413,9 +413,11 @@ impl ReadModels {
     /// An organization's scheduled actions in due order, after the one whose
     /// `(due_at, scope_id, kind, subject)` is `after` (several actions may share a time and a
     /// scope: an organization's grants expiring together).
+    /// `grants`: whether grant expiries are listed (they name grants).
     pub async fn org_schedule(
         &self,
         org: ScopeId,
+        grants: bool,
         after: Option<(i64, String, String, String)>,
         limit: i64,
     ) -> Result<Vec<ScheduledAction>, ProjectionError> {
@@ -423,6 +425,7 @@ impl ReadModels {
             after.unwrap_or((i64::MIN, String::new(), String::new(), String::new()));
         let sql = "SELECT scope_id, kind, org_id, due_at, at, subject FROM schedule \
                    WHERE org_id = $1 AND (due_at, scope_id, kind, subject) > ($2, $3, $4, $5) \
+                   AND ($7 OR kind <> 'grant_expiry') \
                    ORDER BY due_at, scope_id, kind, subject LIMIT $6";
         let rows: Vec<ScheduleRow> = ekm_store::with_read_pool!(&self.db, pool => {
             sqlx::query_as(sql)
@@ -432,6 +435,7 @@ impl ReadModels {
                 .bind(after_kind)
                 .bind(after_subject)
                 .bind(limit)
+                .bind(grants)
                 .fetch_all(pool)
                 .await?
         });

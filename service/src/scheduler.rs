@@ -35,6 +35,16 @@ const MIN_RETRY: Duration = Duration::from_millis(100);
 /// The longest wait before an action that failed is tried again.
 const MAX_RETRY: Duration = Duration::from_secs(30);
 
+/// What became of an action the scheduler looked at.
+enum Fired {
+    /// Its event was recorded here.
+    Recorded,
+    /// Nothing to record: fired by another instance, cancelled, replaced.
+    Moot,
+    /// Not sent, and why.
+    Refused(&'static str),
+}
+
 pub struct Scheduler {
     app: App,
     wake: Notify,
@@ -104,6 +114,9 @@ impl Scheduler {
     /// Fires every action due now. Returns when the next one is due (microseconds since the
     /// epoch), if any.
     pub async fn fire_due(&self) -> Result<Option<i64>, AppError> {
+        // Forget the waits of actions not seen for a while (their rows are gone).
+        self.backoffs()
+            .retain(|_, (until, _)| *until + 2 * MAX_RETRY > Instant::now());
         loop {
             let now = chrono::Utc::now().timestamp_micros();
             let due = self.app.read().due_actions(now, BATCH).await?;
@@ -118,11 +131,20 @@ impl Scheduler {
                     continue;
                 }
                 // One action that cannot fire now does not hold up the others; it stays in
-                // the schedule and is tried again after a growing wait.
+                // the schedule and is tried again after a growing wait. So does one that
+                // fired nothing: its row normally leaves with the event that made it moot,
+                // and one that stays (written around the projection) must not spin the job.
                 match self.fire(&action).await {
-                    Ok(()) => {
+                    Ok(Fired::Recorded) => {
                         fired += 1;
                         self.backoffs().remove(&key);
+                    }
+                    Ok(Fired::Moot) => {
+                        self.failed(key);
+                    }
+                    Ok(Fired::Refused(why)) => {
+                        let wait = self.failed(key);
+                        tracing::warn!(scope = %action.scope_id, kind = action.kind, at = action.at, retry_in_ms = wait.as_millis() as u64, "a scheduled action was not fired: {why}");
                     }
                     Err(error) => {
                         let wait = self.failed(key);
@@ -165,7 +187,14 @@ impl Scheduler {
         wait
     }
 
-    async fn fire(&self, action: &ScheduledAction) -> Result<(), AppError> {
+    async fn fire(&self, action: &ScheduledAction) -> Result<Fired, AppError> {
+        // Due by the instant the event recorded, not only by the row's `due_at` (a row
+        // written around the projection, or this instance's clock ahead of the others').
+        match chrono::DateTime::parse_from_rfc3339(&action.at) {
+            Ok(at) if at <= chrono::Utc::now() => {}
+            Ok(_) => return Ok(Fired::Refused("its instant has not come")),
+            Err(_) => return Ok(Fired::Refused("its instant cannot be read")),
+        }
         let mut metadata = system_metadata_as(SCHEDULER_ACTOR);
         let command = match action.kind.as_str() {
             "resume" => {
@@ -186,15 +215,9 @@ impl Scheduler {
                     }
                 }
                 // Written around the projection: the grant itself already counts as expired.
-                None => {
-                    tracing::warn!(scope = %action.scope_id, "a grant expiry that names no grant; skipped");
-                    return Ok(());
-                }
+                None => return Ok(Fired::Refused("it names no grant")),
             },
-            other => {
-                tracing::warn!(kind = other, "unknown scheduled action; skipped");
-                return Ok(());
-            }
+            _ => return Ok(Fired::Refused("this version does not know its kind")),
         };
         let lateness_ms = (chrono::Utc::now().timestamp_micros() - action.due_at) as f64 / 1000.0;
         match self
@@ -209,7 +232,10 @@ impl Scheduler {
                 // Fired here or elsewhere: bring the read models up to it, so that the row
                 // is gone before the next look.
                 self.app.refresh().await?;
-                Ok(())
+                Ok(match outcome.changed {
+                    true => Fired::Recorded,
+                    false => Fired::Moot,
+                })
             }
             // A rule now forbids it (an ancestor was revoked meanwhile): the revocation
             // removes the subtree's rows when its re-key completes. Until then the action

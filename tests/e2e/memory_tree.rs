@@ -34,7 +34,7 @@ enum Op {
         principal: u8,
         permission: usize,
         scope: Option<usize>,
-        /// One of three expiries (in a year, in two), or none.
+        /// One of three expiries (past already, in 2041, in 2042), or none.
         expires: Option<u8>,
     },
     Ungrant {
@@ -54,7 +54,7 @@ fn op() -> impl Strategy<Value = (bool, Op)> {
         1 => any::<usize>().prop_map(Op::Rotate),
         1 => any::<usize>().prop_map(Op::Retire),
         1 => any::<bool>().prop_map(Op::Tier),
-        2 => (0..3u8, 0..4usize, proptest::option::of(any::<usize>()), proptest::option::of(1..3u8))
+        2 => (0..3u8, 0..4usize, proptest::option::of(any::<usize>()), proptest::option::of(0..3u8))
             .prop_map(|(principal, permission, scope, expires)| Op::Grant { principal, permission, scope, expires }),
         2 => (0..3u8, 0..4usize, proptest::option::of(any::<usize>()))
             .prop_map(|(principal, permission, scope)| Op::Ungrant { principal, permission, scope }),
@@ -135,8 +135,10 @@ async fn run_ops(
                 org,
                 Action::Grant {
                     grant: grant(principal, permission, scope),
-                    expires_at: expires
-                        .map(|years| format!("20{}-01-01T00:00:00.000000Z", 40 + years)),
+                    expires_at: expires.map(|e| match e {
+                        0 => "2001-01-01T00:00:00.000000Z".to_owned(),
+                        e => format!("20{}-01-01T00:00:00.000000Z", 40 + e),
+                    }),
                 },
             ),
             Op::Ungrant {

@@ -107,8 +107,15 @@ pub async fn add_grant(
             if at <= Utc::now() {
                 return Err(ApiError::invalid("expires_at: must be in the future"));
             }
-            // As the event records it (microseconds), so the answer says what was stored.
-            Some(from_micros(at.timestamp_micros()))
+            // As the event records it (microseconds), so the answer says what was stored;
+            // and only an instant whose record reads back (RFC 3339 has four-digit years).
+            let at = from_micros(at.timestamp_micros());
+            if DateTime::parse_from_rfc3339(&rfc3339(at)).is_err() {
+                return Err(ApiError::invalid(
+                    "expires_at: must be before the year 10000",
+                ));
+            }
+            Some(at)
         }
     };
     let reason = crate::routes::reason(body.reason.as_deref(), false)?;

@@ -198,7 +198,8 @@ pub(crate) async fn change_plan(
 
 /// `GET /v1/orgs/{org}/schedule?limit=&cursor=`: what the scheduler will fire in the
 /// organization, soonest first (`encryption:view` on the organization): `{"items":
-/// [{"scope_id", "action": "resume", "due_at"}], "next_cursor"}`.
+/// [{"scope_id", "action": "resume"|"grant_expiry", "due_at", "grant"?}], "next_cursor"}`.
+/// Grant expiries name grants, which only org admins may list: others are not shown them.
 pub(crate) async fn schedule(
     State(state): State<AppState>,
     caller: Caller,
@@ -224,7 +225,12 @@ pub(crate) async fn schedule(
     let rows = state
         .app
         .read()
-        .org_schedule(org.scope.id, after, i64::from(limit) + 1)
+        .org_schedule(
+            org.scope.id,
+            caller.require_org_admin().is_ok(),
+            after,
+            i64::from(limit) + 1,
+        )
         .await
         .map_err(ekm_service::AppError::from)?;
     let more = rows.len() > limit as usize;

@@ -85,6 +85,12 @@ pub async fn create_token(
             if at <= Utc::now() {
                 return Err(ApiError::invalid("expires_at: must be in the future"));
             }
+            // Only an instant whose record reads back (RFC 3339 has four-digit years).
+            if DateTime::parse_from_rfc3339(&rfc3339(at)).is_err() {
+                return Err(ApiError::invalid(
+                    "expires_at: must be before the year 10000",
+                ));
+            }
             Some(at)
         }
     };
