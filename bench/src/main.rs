@@ -31,6 +31,7 @@ mod kms;
 mod reads;
 mod rekey;
 mod report;
+mod schedule;
 mod seed;
 mod server;
 
@@ -109,6 +110,16 @@ enum Bench {
         #[arg(long, default_value_t = 200)]
         rounds: usize,
     },
+    /// The scheduler's lateness: pauses given `until` and when their resumes were recorded,
+    /// spread and all at once, on SQLite (one instance) and PostgreSQL (two), against a bare
+    /// timer for the same instants.
+    Schedule {
+        #[arg(long, default_value_t = 1_000)]
+        actions: usize,
+        /// Milliseconds between the first and the last due time of the spread shape.
+        #[arg(long, default_value_t = 5_000)]
+        spread_ms: i64,
+    },
     /// HTTP decrypt of 1 KiB with the access log durable and async against off (the same
     /// binary, alternating runs), on SQLite and PostgreSQL.
     AccessLog {
@@ -151,6 +162,7 @@ fn main() -> anyhow::Result<()> {
                 repeats,
                 connections,
             } => access_log::run(seconds, repeats, connections).await,
+            Bench::Schedule { actions, spread_ms } => schedule::run(actions, spread_ms).await,
         }
     })
 }
