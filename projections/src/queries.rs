@@ -402,14 +402,6 @@ impl ReadModels {
         rows.into_iter().map(scheduled).collect()
     }
 
-    /// When the next scheduled action is due (microseconds since the epoch), if any.
-    pub async fn next_due(&self) -> Result<Option<i64>, ProjectionError> {
-        let next: Option<i64> = ekm_store::with_read_pool!(&self.db, pool => {
-            sqlx::query_scalar("SELECT MIN(due_at) FROM schedule").fetch_one(pool).await?
-        });
-        Ok(next)
-    }
-
     /// An organization's scheduled actions in due order, after the one whose
     /// `(due_at, scope_id, kind, subject)` is `after` (several actions may share a time and a
     /// scope: an organization's grants expiring together).

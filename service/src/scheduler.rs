@@ -19,6 +19,7 @@ use ekm_domain::ScopeId;
 use ekm_projections::{error_chain, EventListener, ScheduledAction};
 use ekm_store::StoredEvent;
 use tokio::sync::{watch, Notify};
+use tokio::task::JoinSet;
 
 use crate::app::{Action, App, AppError};
 use crate::health::system_metadata_as;
@@ -29,8 +30,14 @@ pub const SCHEDULER_ACTOR: &str = "scheduler";
 const POLL: Duration = Duration::from_secs(1);
 /// Actions fired per look.
 const BATCH: i64 = 500;
-/// The shortest sleep when something due could not fire: a row that keeps failing must not
-/// turn the job into a busy loop.
+/// Commands of one look in flight at once.
+const IN_FLIGHT: usize = 16;
+/// How many of the soonest actions `next_wake` looks through for one not in backoff.
+const WAKE_LOOKAHEAD: i64 = 64;
+/// The pause before a look when something is due already.
+const NEXT_LOOK: Duration = Duration::from_millis(1);
+/// The first wait before an action that could not fire (or fired nothing) is looked at
+/// again: a row that keeps failing must not turn the job into a busy loop.
 const MIN_RETRY: Duration = Duration::from_millis(100);
 /// The longest wait before an action that failed is tried again.
 const MAX_RETRY: Duration = Duration::from_secs(30);
@@ -94,9 +101,9 @@ impl Scheduler {
                 }
             };
             let sleep = match next {
-                // Something is due but could not fire (it waits out its backoff): look again
-                // soon, not at once.
-                Some(due) if due <= chrono::Utc::now().timestamp_micros() => MIN_RETRY,
+                // Due already (it came while the last look ran): look again at once, or
+                // nearly (actions in backoff are not counted here).
+                Some(due) if due <= chrono::Utc::now().timestamp_micros() => NEXT_LOOK,
                 Some(due) => {
                     let now = chrono::Utc::now().timestamp_micros();
                     Duration::from_micros(u64::try_from(due - now).unwrap_or(0)).min(POLL)
@@ -113,28 +120,57 @@ impl Scheduler {
 
     /// Fires every action due now. Returns when the next one is due (microseconds since the
     /// epoch), if any.
+    ///
+    /// The actions of a look fire `IN_FLIGHT` at a time (commands on distinct scopes share
+    /// their commits), and each instance starts at its own random point of the list, so two
+    /// instances rarely race for one action. The read models are brought up to what fired
+    /// once per look, not per action.
     pub async fn fire_due(&self) -> Result<Option<i64>, AppError> {
         // Forget the waits of actions not seen for a while (their rows are gone).
         self.backoffs()
             .retain(|_, (until, _)| *until + 2 * MAX_RETRY > Instant::now());
         loop {
             let now = chrono::Utc::now().timestamp_micros();
-            let due = self.app.read().due_actions(now, BATCH).await?;
+            let mut due = self.app.read().due_actions(now, BATCH).await?;
             let full = due.len() as i64 == BATCH;
-            let mut fired = 0;
-            for action in due {
+            if !due.is_empty() {
+                let start = rand::random_range(0..due.len());
+                due.rotate_left(start);
+            }
+            let mut ready = due.into_iter().filter_map(|action| {
                 let key = (
                     action.scope_id,
                     format!("{}\u{0}{}\u{0}{}", action.kind, action.subject, action.at),
                 );
-                if self.waiting(&key) {
-                    continue;
+                (!self.waiting(&key)).then_some((key, action))
+            });
+            let mut flying = JoinSet::new();
+            let mut fired = 0;
+            let mut sent = 0;
+            loop {
+                while flying.len() < IN_FLIGHT {
+                    let Some((key, action)) = ready.next() else {
+                        break;
+                    };
+                    let app = self.app.clone();
+                    flying.spawn(async move {
+                        let outcome = fire(&app, &action).await;
+                        (key, action, outcome)
+                    });
                 }
+                let Some(joined) = flying.join_next().await else {
+                    break;
+                };
+                let Ok((key, action, outcome)) = joined else {
+                    // A firing task panicked: its action stays due and is looked at again.
+                    continue;
+                };
+                sent += 1;
                 // One action that cannot fire now does not hold up the others; it stays in
                 // the schedule and is tried again after a growing wait. So does one that
                 // fired nothing: its row normally leaves with the event that made it moot,
                 // and one that stays (written around the projection) must not spin the job.
-                match self.fire(&action).await {
+                match outcome {
                     Ok(Fired::Recorded) => {
                         fired += 1;
                         self.backoffs().remove(&key);
@@ -152,12 +188,50 @@ impl Scheduler {
                     }
                 }
             }
+            // What fired here or elsewhere leaves the schedule before the next look.
+            if sent > 0 {
+                self.app.refresh().await?;
+            }
             // A full batch of which nothing fired would be read again unchanged.
             if !full || fired == 0 {
                 break;
             }
         }
-        Ok(self.app.read().next_due().await?)
+        self.next_wake().await
+    }
+
+    /// When to look again: the due time of the soonest action not waiting out a backoff, or
+    /// the end of the soonest backoff (microseconds since the epoch). An action fired by
+    /// another instance stays in this instance's read model for a moment, in backoff here;
+    /// it must not hold up the actions due after it.
+    async fn next_wake(&self) -> Result<Option<i64>, AppError> {
+        let soonest = self
+            .app
+            .read()
+            .due_actions(i64::MAX, WAKE_LOOKAHEAD)
+            .await?;
+        let now = Instant::now();
+        let now_micros = chrono::Utc::now().timestamp_micros();
+        let mut wake: Option<i64> = None;
+        let backoffs = self.backoffs();
+        for action in &soonest {
+            let key = (
+                action.scope_id,
+                format!("{}\u{0}{}\u{0}{}", action.kind, action.subject, action.at),
+            );
+            match backoffs.get(&key) {
+                Some((until, _)) if *until > now => {
+                    let at = now_micros
+                        + i64::try_from((*until - now).as_micros()).unwrap_or(i64::MAX / 2);
+                    wake = Some(wake.map_or(at, |w| w.min(at)));
+                }
+                _ => {
+                    wake = Some(wake.map_or(action.due_at, |w| w.min(action.due_at)));
+                    break;
+                }
+            }
+        }
+        Ok(wake)
     }
 
     /// The retry times. A panic while the lock was held leaves nothing half-done in the map
@@ -186,65 +260,54 @@ impl Scheduler {
         backoff.insert(key, (Instant::now() + wait, wait));
         wait
     }
+}
 
-    async fn fire(&self, action: &ScheduledAction) -> Result<Fired, AppError> {
-        // Due by the instant the event recorded, not only by the row's `due_at` (a row
-        // written around the projection, or this instance's clock ahead of the others').
-        match chrono::DateTime::parse_from_rfc3339(&action.at) {
-            Ok(at) if at <= chrono::Utc::now() => {}
-            Ok(_) => return Ok(Fired::Refused("its instant has not come")),
-            Err(_) => return Ok(Fired::Refused("its instant cannot be read")),
+/// Sends one action's command. The caller brings the read models up to it afterwards.
+async fn fire(app: &App, action: &ScheduledAction) -> Result<Fired, AppError> {
+    // Due by the instant the event recorded, not only by the row's `due_at` (a row
+    // written around the projection, or this instance's clock ahead of the others').
+    match chrono::DateTime::parse_from_rfc3339(&action.at) {
+        Ok(at) if at <= chrono::Utc::now() => {}
+        Ok(_) => return Ok(Fired::Refused("its instant has not come")),
+        Err(_) => return Ok(Fired::Refused("its instant cannot be read")),
+    }
+    let mut metadata = system_metadata_as(SCHEDULER_ACTOR);
+    let command = match action.kind.as_str() {
+        "resume" => {
+            metadata.reason =
+                ekm_domain::Reason::parse(&format!("paused until {}", action.at)).ok();
+            Action::FireScheduledResume {
+                at: action.at.clone(),
+            }
         }
-        let mut metadata = system_metadata_as(SCHEDULER_ACTOR);
-        let command = match action.kind.as_str() {
-            "resume" => {
+        "grant_expiry" => match action.grant() {
+            Some(grant) => {
                 metadata.reason =
-                    ekm_domain::Reason::parse(&format!("paused until {}", action.at)).ok();
-                Action::FireScheduledResume {
+                    ekm_domain::Reason::parse(&format!("the grant expired at {}", action.at)).ok();
+                Action::ExpireGrant {
+                    grant,
                     at: action.at.clone(),
                 }
             }
-            "grant_expiry" => match action.grant() {
-                Some(grant) => {
-                    metadata.reason =
-                        ekm_domain::Reason::parse(&format!("the grant expired at {}", action.at))
-                            .ok();
-                    Action::ExpireGrant {
-                        grant,
-                        at: action.at.clone(),
-                    }
-                }
-                // Written around the projection: the grant itself already counts as expired.
-                None => return Ok(Fired::Refused("it names no grant")),
-            },
-            _ => return Ok(Fired::Refused("this version does not know its kind")),
-        };
-        let lateness_ms = (chrono::Utc::now().timestamp_micros() - action.due_at) as f64 / 1000.0;
-        match self
-            .app
-            .act(action.scope_id, command, &metadata, None)
-            .await
-        {
-            Ok(outcome) => {
-                if outcome.changed {
-                    tracing::info!(scope = %action.scope_id, kind = action.kind, lateness_ms, "scheduled action fired");
-                }
-                // Fired here or elsewhere: bring the read models up to it, so that the row
-                // is gone before the next look.
-                self.app.refresh().await?;
-                Ok(match outcome.changed {
-                    true => Fired::Recorded,
-                    false => Fired::Moot,
-                })
+            // Written around the projection: the grant itself already counts as expired.
+            None => return Ok(Fired::Refused("it names no grant")),
+        },
+        _ => return Ok(Fired::Refused("this version does not know its kind")),
+    };
+    let lateness_ms = (chrono::Utc::now().timestamp_micros() - action.due_at) as f64 / 1000.0;
+    match app.act(action.scope_id, command, &metadata, None).await {
+        Ok(outcome) => {
+            if outcome.changed {
+                tracing::info!(scope = %action.scope_id, kind = action.kind, lateness_ms, "scheduled action fired");
             }
-            // A rule now forbids it (an ancestor was revoked meanwhile): the revocation
-            // removes the subtree's rows when its re-key completes. Until then the action
-            // waits like any failure, and says why.
-            Err(AppError::Rule(rule)) => {
-                self.app.refresh().await?;
-                Err(AppError::Rule(rule))
-            }
-            Err(error) => Err(error),
+            Ok(match outcome.changed {
+                true => Fired::Recorded,
+                false => Fired::Moot,
+            })
         }
+        // A rule now forbids it (an ancestor was revoked meanwhile): the revocation
+        // removes the subtree's rows when its re-key completes. Until then the action
+        // waits like any failure, and says why.
+        Err(error) => Err(error),
     }
 }
