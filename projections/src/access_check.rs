@@ -18,13 +18,14 @@ use crate::error::ProjectionError;
 /// A row of `tokens` or `grants_view` that the events do not account for.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Mismatch {
-    /// `tokens` or `grants_view`.
+    /// `tokens`, `grants_view` or `schedule`.
     pub table: &'static str,
     /// `token_without_event` (a working token nobody issued), `token_altered` (principal,
     /// kind, role or expiry differs from its issue), `token_revived` (working although its
     /// revocation is recorded), `grant_without_event`, `grant_altered` (a grant row that
     /// differs from its event) or `grant_missing` (a grant the events hold and the table
-    /// lost).
+    /// lost); in `schedule`, `grant_expiry_missing` (a live grant whose expiry is not
+    /// scheduled at its instant) or `grant_expiry_without_grant`.
     pub problem: &'static str,
     /// The token's id, or the grant's position.
     pub id: String,
@@ -100,12 +101,22 @@ pub async fn verify_access_tables(db: &Db, org: &str) -> Result<Vec<Mismatch>, P
             .fetch_all(pool)
             .await?
         });
+        // The grants' scheduled expiries (the scheduler records a removal only from these).
+        let expiries: Vec<(i64, i64)> = ekm_store::with_read_pool!(db, pool => {
+            sqlx::query_as(
+                "SELECT scheduled_position, due_at FROM schedule \
+                 WHERE scope_id = $1 AND kind = 'grant_expiry'",
+            )
+            .bind(org)
+            .fetch_all(pool)
+            .await?
+        });
         if scope_tree_checkpoint(db).await? == before {
-            grants = Some((before, rows));
+            grants = Some((before, rows, expiries));
             break;
         }
     }
-    let (checkpoint, grant_rows) = grants.ok_or(ProjectionError::CheckpointsMoved)?;
+    let (checkpoint, grant_rows, expiry_rows) = grants.ok_or(ProjectionError::CheckpointsMoved)?;
     let events = db.events_of(org).await?;
 
     let mut mismatches = check_tokens(&tokens, &events)?;
@@ -156,6 +167,50 @@ pub async fn verify_access_tables(db: &Db, org: &str) -> Result<Vec<Mismatch>, P
                 ),
             }),
             Some(_) => {}
+        }
+    }
+    // Every live grant with a readable expiry has its removal scheduled at that instant,
+    // and nothing else is scheduled: a row deleted or moved in SQL would keep a grant listed
+    // for ever (it counts as expired either way) or remove it early.
+    let scheduled: BTreeMap<i64, i64> = expiry_rows.into_iter().collect();
+    for (position, event) in &expected {
+        let Some(due) = event.expires_at.filter(|due| *due != 0) else {
+            continue;
+        };
+        match scheduled.get(position) {
+            Some(at) if *at == due => {}
+            found => mismatches.push(Mismatch {
+                table: "schedule",
+                problem: "grant_expiry_missing",
+                id: position.to_string(),
+                position: Some(*position),
+                detail: format!(
+                    "{} was granted {}{}, but {}",
+                    event.principal,
+                    event.permission,
+                    until(Some(due)),
+                    match found {
+                        Some(_) => "its removal is scheduled at another time",
+                        None => "its removal is not scheduled",
+                    }
+                ),
+            }),
+        }
+    }
+    for position in scheduled.keys() {
+        if expected
+            .get(position)
+            .is_none_or(|event| event.expires_at.is_none_or(|due| due == 0))
+        {
+            mismatches.push(Mismatch {
+                table: "schedule",
+                problem: "grant_expiry_without_grant",
+                id: position.to_string(),
+                position: None,
+                detail: format!(
+                    "a grant's removal is scheduled for position {position}, which holds no live grant that expires"
+                ),
+            });
         }
     }
     for (position, event) in &expected {

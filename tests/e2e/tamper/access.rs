@@ -156,8 +156,9 @@ async fn verify_reports_revived_raised_and_granted_rows(backend: Backend) {
 }
 on_both_backends!(verify_reports_revived_raised_and_granted_rows);
 
-/// A grant's expiry pushed out (or removed) in SQL would keep it counting: verify names
-/// the row (ADR 0030).
+/// A grant's expiry pushed out (or removed) in SQL would keep it counting, and its removal
+/// moved or scheduled for no grant would remove one early or keep one listed: verify names
+/// each row (ADR 0030).
 async fn verify_reports_a_grant_whose_expiry_was_moved_in_sql(backend: Backend) {
     let app = TestApp::spawn(backend).await;
     // Given a grant that expires
@@ -173,23 +174,44 @@ async fn verify_reports_a_grant_whose_expiry_was_moved_in_sql(backend: Backend) 
     assert_eq!(granted.status, 201, "{}", granted.body);
     app.app.refresh().await.unwrap();
     assert!(verify(&app, Some(&org), None).0);
-    // When its row is made permanent behind the aggregate's back
+    // When its row is made permanent, and its removal moved to the epoch, behind the
+    // aggregate's back
     exec(
         &app.db,
-        &format!("UPDATE grants_view SET expires_at = NULL WHERE org_id = '{org}'"),
+        &format!(
+            "UPDATE grants_view SET expires_at = NULL WHERE org_id = '{org}'; \
+             UPDATE schedule SET due_at = 0 WHERE scope_id = '{org}'"
+        ),
     )
     .await;
-    // Then verify reports it altered
+    // Then verify reports both
     let (ok, reports) = verify(&app, Some(&org), None);
     assert!(!ok);
-    let found: Vec<(String, String)> = access_mismatches(&reports, &org)
+    let mut found: Vec<(String, String)> = access_mismatches(&reports, &org)
         .into_iter()
         .map(|(table, problem, _)| (table, problem))
         .collect();
+    found.sort();
     assert_eq!(
         found,
-        [("grants_view".to_owned(), "grant_altered".to_owned())]
+        [
+            ("grants_view".to_owned(), "grant_altered".to_owned()),
+            ("schedule".to_owned(), "grant_expiry_missing".to_owned())
+        ]
     );
+    // And a removal scheduled for no grant is reported too
+    exec(
+        &app.db,
+        &format!(
+            "INSERT INTO schedule (scope_id, kind, org_id, due_at, at, scheduled_position, subject) \
+             VALUES ('{org}', 'grant_expiry', '{org}', 1, '1970-01-01T00:00:00.000001Z', 1, 'x')"
+        ),
+    )
+    .await;
+    let (_, reports) = verify(&app, Some(&org), None);
+    assert!(access_mismatches(&reports, &org)
+        .iter()
+        .any(|(table, problem, _)| table == "schedule" && problem == "grant_expiry_without_grant"));
     app.stop().await;
 }
 on_both_backends!(verify_reports_a_grant_whose_expiry_was_moved_in_sql);
