@@ -639,6 +639,10 @@ pub struct ServeArgs {
     /// Address to listen on.
     #[arg(long, env = "EKM_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
+    /// Also serve `GET /metrics` (Prometheus text format) on this address, without a token:
+    /// keep it private. On the main address it needs the operator token.
+    #[arg(long, env = "EKM_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
     /// How often BYOK master keys are checked (500ms, 1s, 1m, ...).
     #[arg(long, env = "EKM_KEY_HEALTH_INTERVAL", default_value = "60s", value_parser = parse_duration)]
     pub key_health_interval: Duration,

@@ -121,6 +121,8 @@ pub async fn migrate(args: DbArgs) -> anyhow::Result<()> {
 }
 
 pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    // Before anything records one.
+    ekm_service::metrics::install();
     let kms_settings = KmsSettings {
         timeout: args.kms_timeout,
         allowed_endpoints: args.kms_allowed_endpoints.clone(),
@@ -278,6 +280,31 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         app.clone()
             .watch_projections(args.max_projection_lag, shutdown_rx.clone()),
     );
+    let metrics = match args.metrics_listen {
+        Some(address) => {
+            let listener = tokio::net::TcpListener::bind(address)
+                .await
+                .with_context(|| format!("cannot listen on {address} (--metrics-listen)"))?;
+            tracing::info!(%address, "serving metrics");
+            let mut stop = shutdown_rx.clone();
+            Some(tokio::spawn(async move {
+                let stopped = async move {
+                    while !*stop.borrow() {
+                        if stop.changed().await.is_err() {
+                            return;
+                        }
+                    }
+                };
+                if let Err(error) = axum::serve(listener, ekm_api::metrics_router())
+                    .with_graceful_shutdown(stopped)
+                    .await
+                {
+                    tracing::warn!(%error, "the metrics listener stopped");
+                }
+            }))
+        }
+        None => None,
+    };
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
@@ -303,6 +330,9 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let _ = watch.await;
     let _ = rekeyer.await;
     let _ = scheduler.await;
+    if let Some(metrics) = metrics {
+        let _ = metrics.await;
+    }
     let _ = retention.await;
     // Records of async mode still queued are written before the database closes.
     access.drain(std::time::Duration::from_secs(5)).await;

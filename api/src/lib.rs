@@ -33,6 +33,15 @@ pub use ekm_service::{App, AppError};
 pub use error::{ApiError, Code};
 pub use state::AppState;
 
+/// A router that answers only `GET /metrics`, without a token: for `--metrics-listen`, an
+/// address of its own that the operator keeps private (issue 19 §1).
+pub fn metrics_router() -> Router {
+    Router::new().route(
+        "/metrics",
+        axum::routing::get(|| async { routes::system::metrics_text() }),
+    )
+}
+
 /// The whole API, ready to serve, with the default request limits.
 pub fn router(state: AppState) -> Router {
     router_with_limits(state, limits::Limits::default())
@@ -93,7 +102,40 @@ pub fn guard(routes: Router, limits: limits::Limits) -> Router {
         ))
         // Outside the trace layer, so the request id exists when the span is made.
         .layer(axum::middleware::from_fn(context::request_id))
+        // Counts every answer, shed and timed-out ones included.
+        .layer(axum::middleware::from_fn(record_request))
         .layer(CatchPanicLayer::custom(panic_response))
+}
+
+/// `ekm_http_requests_total` and `ekm_http_request_duration_seconds`, by the matched
+/// route's template (never the raw path: ids would make a series each) and method.
+/// Unrouted requests and unknown methods share one label each, so no client can grow the
+/// number of series.
+async fn record_request(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    use axum::http::Method;
+    let method = match *request.method() {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::PATCH => "PATCH",
+        _ => "other",
+    };
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|path| path.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".to_owned());
+    let started = std::time::Instant::now();
+    let response = next.run(request).await;
+    let status = response.status().as_u16().to_string();
+    metrics::counter!("ekm_http_requests_total", "route" => route.clone(), "method" => method, "status" => status)
+        .increment(1);
+    metrics::histogram!("ekm_http_request_duration_seconds", "route" => route, "method" => method)
+        .record(started.elapsed().as_secs_f64());
+    response
 }
 
 async fn not_found() -> ApiError {

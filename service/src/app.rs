@@ -912,7 +912,35 @@ impl App {
     /// checks that the aggregate admits it, and only then mints the key material it needs;
     /// the aggregate decides the pair once, and the events commit with that material in one
     /// transaction (ADR 0020, 0022). On a conflict, starts again from fresh state.
+    /// `run_command`, counted in `ekm_commands_total` by outcome.
     async fn run(
+        &self,
+        id: ScopeId,
+        command: Command,
+        metadata: &EventMetadata,
+        expected_version: Option<i64>,
+    ) -> Result<Outcome, AppError> {
+        let result = self
+            .run_command(id, command, metadata, expected_version)
+            .await;
+        let outcome = match &result {
+            Ok(outcome) if outcome.changed => "recorded",
+            Ok(_) => "unchanged",
+            Err(AppError::VersionMismatch { .. } | AppError::Contended) => "conflict",
+            Err(
+                AppError::Store(_)
+                | AppError::Projection(_)
+                | AppError::EventStore(_)
+                | AppError::Key(_)
+                | AppError::Committed { .. },
+            ) => "failed",
+            Err(_) => "refused",
+        };
+        metrics::counter!("ekm_commands_total", "outcome" => outcome).increment(1);
+        result
+    }
+
+    async fn run_command(
         &self,
         id: ScopeId,
         command: Command,

@@ -145,8 +145,21 @@ impl HealthMonitor {
             tokio::select! {
                 _ = ticker.tick() => match self.app.customer_key_orgs().await {
                     Ok(orgs) => {
+                        let mut by_health = [0u64; 2];
                         for org in orgs {
+                            if let Ok(Some(snapshot)) = self.app.scope(org).await {
+                                by_health[usize::from(
+                                    snapshot.scope.master_health == KeyHealth::Unavailable,
+                                )] += 1;
+                            }
                             self.start(org, &mut probes);
+                        }
+                        for (health, count) in [KeyHealth::Available, KeyHealth::Unavailable]
+                            .into_iter()
+                            .zip(by_health)
+                        {
+                            metrics::gauge!("ekm_master_keys", "health" => health.as_str())
+                                .set(count as f64);
                         }
                     }
                     Err(error) => {

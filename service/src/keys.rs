@@ -43,6 +43,27 @@ pub enum KeyError {
     Revoked { scope: String },
 }
 
+/// A call to a customer's KMS, counted by provider and outcome and timed
+/// (`ekm_kms_calls_total`, `ekm_kms_call_duration_seconds`).
+async fn timed_kms_call<T>(
+    provider: ekm_domain::Provider,
+    call: impl std::future::Future<Output = Result<T, ProviderError>>,
+) -> Result<T, ProviderError> {
+    let started = std::time::Instant::now();
+    let result = call.await;
+    let outcome = match &result {
+        Ok(_) => "ok",
+        Err(error) if error.kind.is_transient() => "unavailable",
+        Err(_) => "refused",
+    };
+    let provider = provider.as_str();
+    metrics::counter!("ekm_kms_calls_total", "provider" => provider, "outcome" => outcome)
+        .increment(1);
+    metrics::histogram!("ekm_kms_call_duration_seconds", "provider" => provider)
+        .record(started.elapsed().as_secs_f64());
+    result
+}
+
 /// How customer master keys are reached, and how long an outage is tolerated.
 #[derive(Clone, Debug)]
 pub struct KmsOptions {
@@ -288,7 +309,10 @@ impl KeyService {
             return;
         }
         if let Ok(mut cache) = self.cache.lock() {
+            let before = cache.len();
             cache.retain(|_, entry| !entry.path.iter().any(|p| entries.contains(p)));
+            metrics::counter!("ekm_key_cache_evictions_total")
+                .increment((before - cache.len()) as u64);
             self.epoch.fetch_add(1, Ordering::SeqCst);
         }
         if scopes.is_empty() {
@@ -317,10 +341,13 @@ impl KeyService {
     /// A cached entry, if present and fresh.
     pub fn cached(&self, scope: ScopeId) -> Option<Arc<ScopeKeys>> {
         let cache = self.cache.lock().ok()?;
-        cache
+        let found = cache
             .get(&scope)
             .filter(|entry| entry.loaded.elapsed() < self.ttl)
-            .cloned()
+            .cloned();
+        let result = if found.is_some() { "hit" } else { "miss" };
+        metrics::counter!("ekm_key_cache_lookups_total", "result" => result).increment(1);
+        found
     }
 
     /// Unwraps every key version of an active scope and caches them, unless an eviction
@@ -541,7 +568,7 @@ impl KeyService {
                     None => zeroize::Zeroizing::new(row.wrapped.clone()),
                 };
                 self.kms_calls.fetch_add(1, Ordering::Relaxed);
-                provider.unwrap(&inner, context).await
+                timed_kms_call(master.provider, provider.unwrap(&inner, context)).await
             }
         };
         let bytes = match bytes {
@@ -1215,8 +1242,7 @@ impl KeyService {
             Some(master) => {
                 let provider = self.provider(master).await.map_err(KeyError::Provider)?;
                 self.kms_calls.fetch_add(1, Ordering::Relaxed);
-                let inner = provider
-                    .wrap(&plaintext, context)
+                let inner = timed_kms_call(master.provider, provider.wrap(&plaintext, context))
                     .await
                     .map_err(KeyError::Provider)?;
                 let local = self.local_master();

@@ -18,6 +18,7 @@ pub mod caller;
 pub mod health;
 pub mod keys;
 pub mod master_key;
+pub mod metrics;
 pub mod minter;
 pub mod rekey;
 pub mod scheduler;

@@ -133,6 +133,7 @@ impl Scheduler {
             let now = chrono::Utc::now().timestamp_micros();
             let mut due = self.app.read().due_actions(now, BATCH).await?;
             let full = due.len() as i64 == BATCH;
+            metrics::gauge!("ekm_scheduled_actions_due").set(due.len() as f64);
             if !due.is_empty() {
                 let start = rand::random_range(0..due.len());
                 due.rotate_left(start);
@@ -299,6 +300,8 @@ async fn fire(app: &App, action: &ScheduledAction) -> Result<Fired, AppError> {
         Ok(outcome) => {
             if outcome.changed {
                 tracing::info!(scope = %action.scope_id, kind = action.kind, lateness_ms, "scheduled action fired");
+                metrics::histogram!("ekm_scheduled_action_lateness_seconds")
+                    .record((lateness_ms / 1000.0).max(0.0));
             }
             Ok(match outcome.changed {
                 true => Fired::Recorded,

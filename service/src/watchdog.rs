@@ -88,10 +88,17 @@ impl App {
             while unreached.front().is_some_and(|&(seen, _)| applied >= seen) {
                 unreached.pop_front();
             }
-            let behind = unreached
+            let lag = unreached
                 .front()
                 .map(|&(_, since)| since.elapsed())
-                .filter(|behind| *behind > bound);
+                .unwrap_or_default();
+            metrics::gauge!("ekm_projection_head_position").set(head as f64);
+            metrics::gauge!("ekm_projection_position", "projection" => "runner")
+                .set(applied as f64);
+            metrics::gauge!("ekm_projection_lag_positions", "projection" => "runner")
+                .set((head - applied).max(0) as f64);
+            metrics::gauge!("ekm_projection_lag_seconds").set(lag.as_secs_f64());
+            let behind = Some(lag).filter(|behind| *behind > bound);
             let blind = Some(last_read.elapsed()).filter(|blind| *blind > bound);
             let stall = behind.or(blind).map(|behind| Stall {
                 applied,

@@ -1174,8 +1174,14 @@ async fn writer(
                 Err(_) => break,
             }
         }
+        // What is still waiting behind this batch, and how long the batch's commit takes.
+        metrics::gauge!("ekm_access_log_queue_depth").set(receiver.len() as f64);
+        let started = std::time::Instant::now();
         let (sealed, moved) = chains.seal(batch.iter().map(|q| q.record.clone()));
-        let mut failure = match insert(&backend, &sealed).await {
+        let inserted = insert(&backend, &sealed).await;
+        metrics::histogram!("ekm_access_log_flush_duration_seconds")
+            .record(started.elapsed().as_secs_f64());
+        let mut failure = match inserted {
             Ok(()) => {
                 chains.commit(moved);
                 let n = batch.len() as u64;

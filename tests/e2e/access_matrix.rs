@@ -80,6 +80,19 @@ fn rows() -> Vec<Row> {
         row("GET", "/healthz", None, public),
         row("GET", "/readyz", None, public),
         row(
+            "GET",
+            "/metrics",
+            None,
+            [
+                UNAUTHORIZED,
+                UNAUTHORIZED,
+                FORBIDDEN,
+                FORBIDDEN,
+                FORBIDDEN,
+                FORBIDDEN,
+            ],
+        ),
+        row(
             "POST",
             "/v1/orgs",
             manage,
@@ -420,6 +433,7 @@ async fn request(app: &TestApp, world: &World, row: &Row, index: usize) -> (Stri
     match (row.method, row.path) {
         ("GET", "/healthz") => ("/healthz".into(), None),
         ("GET", "/readyz") => ("/readyz".into(), None),
+        ("GET", "/metrics") => ("/metrics".into(), None),
         ("POST", "/v1/orgs") => (
             "/v1/orgs".into(),
             Some(json!({"name": "New", "plan": "enterprise"})),

@@ -35,6 +35,7 @@ mod key_versions;
 mod kms_servers;
 mod memory_tree;
 mod merge_property;
+mod metrics;
 mod migrations;
 mod network;
 mod paging;

@@ -34,7 +34,7 @@ mod key_versions;
 mod master_key;
 mod orgs;
 pub(crate) mod scopes;
-mod system;
+pub(crate) mod system;
 mod tokens;
 
 /// Every endpoint: method, path and handler. The router is built from this list and the
@@ -43,6 +43,7 @@ pub(crate) fn register(endpoints: &mut Endpoints) {
     use Verb::{Delete, Get, Post, Put};
     endpoints.add(Get, "/healthz", system::healthz);
     endpoints.add(Get, "/readyz", system::readyz);
+    endpoints.add(Get, "/metrics", system::metrics);
     endpoints.add(Post, "/v1/orgs", orgs::create_org);
     endpoints.add(Get, "/v1/orgs/{org}", orgs::get_org);
     endpoints.add(Put, "/v1/orgs/{org}/tier", orgs::change_tier);

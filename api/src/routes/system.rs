@@ -91,3 +91,28 @@ pub(crate) async fn me(caller: Caller) -> Json<serde_json::Value> {
         "grants": grants,
     }))
 }
+
+/// `GET /metrics` (the operator token): the process's metrics in Prometheus's text
+/// exposition format (issue 19 §1; names in `ekm_service::metrics`). `--metrics-listen`
+/// serves the same text on an address of its own, without a token.
+pub(crate) async fn metrics(caller: Caller) -> Result<axum::response::Response, ApiError> {
+    if !caller.is_operator() {
+        return Err(ApiError::forbidden(
+            "only the platform operator token reads metrics",
+        ));
+    }
+    Ok(metrics_text())
+}
+
+/// The metrics as a `text/plain; version=0.0.4` answer.
+pub fn metrics_text() -> axum::response::Response {
+    use axum::response::IntoResponse;
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        ekm_service::metrics::render(),
+    )
+        .into_response()
+}

@@ -87,6 +87,18 @@ async fn set_master_key_follows_its_health_when_the_key_is_in_aws(backend: Backe
         encrypt(&app, &token, &team, "x").await.status,
         StatusCode::OK
     );
+    // The calls to AWS KMS are counted and timed (issue 19 §1).
+    let metrics = app
+        .call("GET", "/metrics", Some(&app.operator_token), None)
+        .await;
+    let text = metrics.body.as_str().unwrap_or_default();
+    assert!(
+        text.lines().any(
+            |line| line.starts_with("ekm_kms_calls_total{provider=\"aws-kms\",outcome=\"ok\"}")
+        ),
+        "{text}"
+    );
+    assert!(text.contains("ekm_kms_call_duration_seconds_bucket{provider=\"aws-kms\""));
 
     // The customer disables the key.
     moto.disable(&arn).await;

@@ -127,6 +127,7 @@ impl TestApp {
         url: Option<String>,
         options: Options,
     ) -> TestApp {
+        ekm_service::metrics::install();
         let db = Db::open(&config).await.expect("open database");
         Tokens::new(db.clone())
             .ensure_operator_token(&data_dir)

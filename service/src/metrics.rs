@@ -1,0 +1,57 @@
+//! Prometheus metrics (issue 19 §1). Every instrumented place records through the `metrics`
+//! facade under the names below; this module installs the one process-wide recorder and
+//! renders it in the text exposition format for `GET /metrics` (operator token) and
+//! `--metrics-listen` (its own address). A process that never installs it (a CLI job)
+//! records into the facade's no-op recorder.
+//!
+//! Names, and their labels:
+//! - `ekm_http_requests_total{route, method, status}`,
+//!   `ekm_http_request_duration_seconds{route, method}` (route: the matched path template);
+//! - `ekm_commands_total{outcome}`: `recorded`, `unchanged`, `conflict`, `refused`, `failed`;
+//! - `ekm_projection_position{projection}`, `ekm_projection_head_position`,
+//!   `ekm_projection_lag_positions{projection}`, `ekm_projection_lag_seconds` (the oldest
+//!   committed event this instance has not applied);
+//! - `ekm_key_cache_lookups_total{result}` (`hit`, `miss`), `ekm_key_cache_evictions_total`;
+//! - `ekm_kms_calls_total{provider, outcome}`, `ekm_kms_call_duration_seconds{provider}`;
+//! - `ekm_master_keys{health}`: organizations with a customer key, by its last health;
+//! - `ekm_access_log_queue_depth`, `ekm_access_log_flush_duration_seconds`;
+//! - `ekm_scheduled_actions_due`, `ekm_scheduled_action_lateness_seconds`.
+//!
+//! Not here yet: a rebuild's progress (`ekm projections rebuild` runs as its own process and
+//! prints it; the servers' `ekm_projection_*` gauges show the swapped-in tables' position).
+
+use std::sync::OnceLock;
+
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+/// Latency buckets, in seconds: 100 µs to 30 s.
+const SECONDS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0,
+];
+
+static HANDLE: OnceLock<Option<PrometheusHandle>> = OnceLock::new();
+
+/// Installs the recorder (once per process; later calls return the same handle). `None`
+/// when another recorder was installed first.
+pub fn install() -> Option<&'static PrometheusHandle> {
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS)
+                .ok()?;
+            match builder.install_recorder() {
+                Ok(handle) => Some(handle),
+                Err(error) => {
+                    tracing::warn!(%error, "metrics recorder not installed");
+                    None
+                }
+            }
+        })
+        .as_ref()
+}
+
+/// The metrics in the text exposition format (empty without a recorder).
+pub fn render() -> String {
+    install().map(PrometheusHandle::render).unwrap_or_default()
+}
