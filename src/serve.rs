@@ -280,12 +280,36 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         app.clone()
             .watch_projections(args.max_projection_lag, shutdown_rx.clone()),
     );
+    // Without a scrape, the recorder's histogram samples wait in memory: its upkeep folds
+    // them in every few seconds.
+    if let Some(handle) = ekm_service::metrics::install() {
+        let mut stop = shutdown_rx.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = tokio::time::sleep(std::time::Duration::from_secs(5)) => handle.run_upkeep(),
+                    changed = stop.changed() => if changed.is_err() || *stop.borrow() { return },
+                }
+            }
+        });
+    }
     let metrics = match args.metrics_listen {
         Some(address) => {
             let listener = tokio::net::TcpListener::bind(address)
                 .await
                 .with_context(|| format!("cannot listen on {address} (--metrics-listen)"))?;
+            if !address.ip().is_loopback() {
+                tracing::warn!(%address, "metrics are served without a token over plain HTTP: keep the address private");
+            }
             tracing::info!(%address, "serving metrics");
+            // The main listener's protections: a connection cap, a header-read timeout,
+            // and a bounded shutdown.
+            let config = ListenerConfig {
+                header_read_timeout: args.header_read_timeout,
+                max_connections: 16,
+                shutdown_timeout: args.shutdown_timeout,
+                tls: None,
+            };
             let mut stop = shutdown_rx.clone();
             Some(tokio::spawn(async move {
                 let stopped = async move {
@@ -295,12 +319,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                         }
                     }
                 };
-                if let Err(error) = axum::serve(listener, ekm_api::metrics_router())
-                    .with_graceful_shutdown(stopped)
-                    .await
-                {
-                    tracing::warn!(%error, "the metrics listener stopped");
-                }
+                crate::listener::serve(listener, ekm_api::metrics_router(), config, stopped).await;
             }))
         }
         None => None,

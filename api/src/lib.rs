@@ -102,9 +102,9 @@ pub fn guard(routes: Router, limits: limits::Limits) -> Router {
         ))
         // Outside the trace layer, so the request id exists when the span is made.
         .layer(axum::middleware::from_fn(context::request_id))
-        // Counts every answer, shed and timed-out ones included.
-        .layer(axum::middleware::from_fn(record_request))
         .layer(CatchPanicLayer::custom(panic_response))
+        // Counts every answer: shed and timed-out ones, and the 500 of a caught panic.
+        .layer(axum::middleware::from_fn(record_request))
 }
 
 /// `ekm_http_requests_total` and `ekm_http_request_duration_seconds`, by the matched
@@ -130,6 +130,11 @@ async fn record_request(request: axum::extract::Request, next: axum::middleware:
         .unwrap_or_else(|| "unmatched".to_owned());
     let started = std::time::Instant::now();
     let response = next.run(request).await;
+    // A wrong method on a route counts once, whatever the method was.
+    let method = match response.status() {
+        axum::http::StatusCode::METHOD_NOT_ALLOWED => "other",
+        _ => method,
+    };
     let status = response.status().as_u16().to_string();
     metrics::counter!("ekm_http_requests_total", "route" => route.clone(), "method" => method, "status" => status)
         .increment(1);

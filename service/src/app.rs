@@ -923,16 +923,27 @@ impl App {
         let result = self
             .run_command(id, command, metadata, expected_version)
             .await;
+        // As the API answers them: a conflict is worth a retry, a refusal is a rule or the
+        // state, `unavailable` a customer key that cannot be reached, `unconfirmed` events
+        // that are durable though not read back, `failed` the store or a bug.
         let outcome = match &result {
             Ok(outcome) if outcome.changed => "recorded",
             Ok(_) => "unchanged",
-            Err(AppError::VersionMismatch { .. } | AppError::Contended) => "conflict",
+            Err(
+                AppError::VersionMismatch { .. }
+                | AppError::Contended
+                | AppError::Key(KeyError::WrappingRace { .. }),
+            ) => "conflict",
+            Err(AppError::MasterKeyUnavailable { .. } | AppError::Key(KeyError::Provider(_))) => {
+                "unavailable"
+            }
+            Err(AppError::Committed { .. }) => "unconfirmed",
+            Err(AppError::Key(KeyError::Revoked { .. })) => "refused",
             Err(
                 AppError::Store(_)
                 | AppError::Projection(_)
                 | AppError::EventStore(_)
-                | AppError::Key(_)
-                | AppError::Committed { .. },
+                | AppError::Key(_),
             ) => "failed",
             Err(_) => "refused",
         };

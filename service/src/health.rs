@@ -77,7 +77,11 @@ async fn probe(app: App, org: ScopeId, deadline: Duration) -> Result<Probe, AppE
     let keys = app.keys();
     let round_trip = async {
         let provider = keys.provider(&master).await?;
-        ekm_kms::round_trip(provider.as_ref(), &org.to_string()).await
+        crate::keys::timed_kms_call(
+            master.provider,
+            ekm_kms::round_trip(provider.as_ref(), &org.to_string()),
+        )
+        .await
     };
     let result = tokio::time::timeout(deadline, round_trip)
         .await

@@ -45,7 +45,7 @@ pub enum KeyError {
 
 /// A call to a customer's KMS, counted by provider and outcome and timed
 /// (`ekm_kms_calls_total`, `ekm_kms_call_duration_seconds`).
-async fn timed_kms_call<T>(
+pub(crate) async fn timed_kms_call<T>(
     provider: ekm_domain::Provider,
     call: impl std::future::Future<Output = Result<T, ProviderError>>,
 ) -> Result<T, ProviderError> {
@@ -340,13 +340,19 @@ impl KeyService {
 
     /// A cached entry, if present and fresh.
     pub fn cached(&self, scope: ScopeId) -> Option<Arc<ScopeKeys>> {
-        let cache = self.cache.lock().ok()?;
-        let found = cache
-            .get(&scope)
-            .filter(|entry| entry.loaded.elapsed() < self.ttl)
-            .cloned();
-        let result = if found.is_some() { "hit" } else { "miss" };
-        metrics::counter!("ekm_key_cache_lookups_total", "result" => result).increment(1);
+        let found = {
+            let cache = self.cache.lock().ok()?;
+            cache
+                .get(&scope)
+                .filter(|entry| entry.loaded.elapsed() < self.ttl)
+                .cloned()
+        };
+        // Literal labels: a static key, nothing allocated on the data plane's path.
+        match found.is_some() {
+            true => metrics::counter!("ekm_key_cache_lookups_total", "result" => "hit"),
+            false => metrics::counter!("ekm_key_cache_lookups_total", "result" => "miss"),
+        }
+        .increment(1);
         found
     }
 

@@ -59,9 +59,12 @@ impl App {
             source,
         };
         let provider = self.keys().provider(master).await.map_err(unusable)?;
-        ekm_kms::round_trip(provider.as_ref(), &org.scope.id.to_string())
-            .await
-            .map_err(unusable)?;
+        crate::keys::timed_kms_call(
+            master.provider,
+            ekm_kms::round_trip(provider.as_ref(), &org.scope.id.to_string()),
+        )
+        .await
+        .map_err(unusable)?;
         Ok(())
     }
 

@@ -7,7 +7,8 @@
 //! Names, and their labels:
 //! - `ekm_http_requests_total{route, method, status}`,
 //!   `ekm_http_request_duration_seconds{route, method}` (route: the matched path template);
-//! - `ekm_commands_total{outcome}`: `recorded`, `unchanged`, `conflict`, `refused`, `failed`;
+//! - `ekm_commands_total{outcome}`: `recorded`, `unchanged`, `conflict`, `refused`,
+//!   `unavailable`, `unconfirmed`, `failed`;
 //! - `ekm_projection_position{projection}`, `ekm_projection_head_position`,
 //!   `ekm_projection_lag_positions{projection}`, `ekm_projection_lag_seconds` (the oldest
 //!   committed event this instance has not applied);

@@ -133,7 +133,8 @@ impl Scheduler {
             let now = chrono::Utc::now().timestamp_micros();
             let mut due = self.app.read().due_actions(now, BATCH).await?;
             let full = due.len() as i64 == BATCH;
-            metrics::gauge!("ekm_scheduled_actions_due").set(due.len() as f64);
+            let due_count = due.len();
+
             if !due.is_empty() {
                 let start = rand::random_range(0..due.len());
                 due.rotate_left(start);
@@ -189,6 +190,8 @@ impl Scheduler {
                     }
                 }
             }
+            // Due and not fired by this look (waiting out a backoff, or beyond the batch).
+            metrics::gauge!("ekm_scheduled_actions_due").set((due_count - fired) as f64);
             // What fired here or elsewhere leaves the schedule before the next look.
             if sent > 0 {
                 self.app.refresh().await?;

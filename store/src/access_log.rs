@@ -1174,8 +1174,9 @@ async fn writer(
                 Err(_) => break,
             }
         }
-        // What is still waiting behind this batch, and how long the batch's commit takes.
-        metrics::gauge!("ekm_access_log_queue_depth").set(receiver.len() as f64);
+        // What waits to be written (this batch and what queued behind it), and how long the
+        // batch's commit takes.
+        metrics::gauge!("ekm_access_log_queue_depth").set((receiver.len() + batch.len()) as f64);
         let started = std::time::Instant::now();
         let (sealed, moved) = chains.seal(batch.iter().map(|q| q.record.clone()));
         let inserted = insert(&backend, &sealed).await;

@@ -81,10 +81,19 @@ async fn metrics_count_requests_commands_keys_and_the_log_when_scraped(backend: 
     }
     assert_eq!(app.get("/v1/no-such-thing/12345", &admin).await.status, 404);
 
-    // When the operator scrapes the metrics
-    let scraped = app
-        .call("GET", "/metrics", Some(&app.operator_token), None)
-        .await;
+    // When the operator scrapes the metrics (once the projection watch, which ticks every
+    // second here, has set its gauges)
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let scraped = loop {
+        let scraped = app
+            .call("GET", "/metrics", Some(&app.operator_token), None)
+            .await;
+        let text = scraped.body.as_str().unwrap_or_default();
+        if text.contains("ekm_projection_head_position") || std::time::Instant::now() > deadline {
+            break scraped;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    };
     assert_eq!(scraped.status, 200);
     assert!(
         scraped
@@ -130,7 +139,11 @@ async fn metrics_count_requests_commands_keys_and_the_log_when_scraped(backend: 
     // The access log's writer (durable by default) and the projections
     assert!(grew("ekm_access_log_flush_duration_seconds_count", &[]) >= 1.0);
     assert!(after.contains_key("ekm_access_log_queue_depth"));
-    assert!(value(&after, "ekm_projection_head_position", &[]) >= 1.0);
+    assert!(
+        value(&after, "ekm_projection_head_position", &[]) >= 1.0,
+        "{}",
+        text
+    );
     assert!(after.contains_key("ekm_projection_lag_seconds"));
     assert!(after.contains_key("ekm_projection_lag_positions"));
     // The scheduler looks every second at most
