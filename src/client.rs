@@ -689,12 +689,16 @@ fn scope_lines(scope: &Value) -> String {
         .into_iter()
         .flatten()
         .map(|v| {
-            let retired = if v["retired"] == Value::Bool(true) {
+            let floor = scope["min_decryption_version"].as_u64().unwrap_or(1);
+            let state = if v["retired"] == Value::Bool(true) {
                 " (retired)"
+            } else if v["version"].as_u64().is_some_and(|n| n < floor) {
+                // Below the decryption floor: decrypts nothing until the floor is lowered.
+                " (disabled)"
             } else {
                 ""
             };
-            format!("{}{retired}", text(&v["version"]))
+            format!("{}{state}", text(&v["version"]))
         })
         .collect();
     let mut lines = vec![
@@ -710,6 +714,9 @@ fn scope_lines(scope: &Value) -> String {
         format!("version          {}", text(&scope["version"])),
         format!("key versions     {}", versions.join(", ")),
     ];
+    if let Some(floor) = scope["min_decryption_version"].as_u64().filter(|f| *f > 1) {
+        lines.push(format!("decryption floor {floor}"));
+    }
     if let Value::Bool(changed) = scope["changed"] {
         lines.push(format!("changed          {changed}"));
     }

@@ -84,6 +84,11 @@ async fn every_scope_command_works_from_the_command_line(backend: Backend) {
     assert_eq!(code, Some(1), "{refused}");
     let (code, floor, _) = cli.run(&["min-decryption-version", &thread, "2"]);
     assert_eq!(code, Some(0), "{floor}");
+    assert!(
+        floor.contains("key versions     1 (disabled), 2"),
+        "{floor}"
+    );
+    assert!(floor.contains("decryption floor 2"), "{floor}");
     let (code, versions, _) = cli.run(&["key-versions", &thread]);
     assert_eq!(code, Some(0));
     assert!(versions.starts_with("decryption floor 2"), "{versions}");
