@@ -348,7 +348,8 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let _ = monitor.await;
     let _ = watch.await;
     let _ = rekeyer.await;
-    let _ = scheduler.await;
+    // Bounded: a look stops between pages, but the commands of the page in flight finish.
+    let _ = tokio::time::timeout(args.shutdown_timeout, scheduler).await;
     if let Some(metrics) = metrics {
         let _ = metrics.await;
     }

@@ -85,6 +85,20 @@ impl ScheduledAction {
 
 type ScheduleRow = (String, String, String, i64, String, String);
 
+/// The rows that read as actions. One that does not (a scope id written around the
+/// projection) is skipped with a warning: it cannot stop the others from firing.
+fn readable(rows: Vec<ScheduleRow>) -> Vec<ScheduledAction> {
+    rows.into_iter()
+        .filter_map(|row| {
+            scheduled(row)
+                .map_err(
+                    |error| tracing::warn!(%error, "a schedule row that cannot be read; skipped"),
+                )
+                .ok()
+        })
+        .collect()
+}
+
 fn scheduled(
     (scope_id, kind, org_id, due_at, at, subject): ScheduleRow,
 ) -> Result<ScheduledAction, ProjectionError> {
@@ -399,7 +413,43 @@ impl ReadModels {
         let rows: Vec<ScheduleRow> = ekm_store::with_read_pool!(&self.db, pool => {
             sqlx::query_as(sql).bind(now).bind(limit).fetch_all(pool).await?
         });
-        rows.into_iter().map(scheduled).collect()
+        Ok(readable(rows))
+    }
+
+    /// `due_actions`, after the action whose `(due_at, scope_id, kind, subject)` is `after`:
+    /// the scheduler pages through everything due. Also returns where the next page starts,
+    /// when this one was full (counting rows that could not be read).
+    #[allow(clippy::type_complexity)]
+    pub async fn due_actions_after(
+        &self,
+        now: i64,
+        after: Option<(i64, String, String, String)>,
+        limit: i64,
+    ) -> Result<(Vec<ScheduledAction>, Option<(i64, String, String, String)>), ProjectionError>
+    {
+        let (after_due, after_id, after_kind, after_subject) =
+            after.unwrap_or((i64::MIN, String::new(), String::new(), String::new()));
+        let sql = "SELECT scope_id, kind, org_id, due_at, at, subject FROM schedule \
+                   WHERE due_at <= $1 AND (due_at, scope_id, kind, subject) > ($2, $3, $4, $5) \
+                   ORDER BY due_at, scope_id, kind, subject LIMIT $6";
+        let rows: Vec<ScheduleRow> = ekm_store::with_read_pool!(&self.db, pool => {
+            sqlx::query_as(sql)
+                .bind(now)
+                .bind(after_due)
+                .bind(after_id)
+                .bind(after_kind)
+                .bind(after_subject)
+                .bind(limit)
+                .fetch_all(pool)
+                .await?
+        });
+        let next = match rows.len() as i64 == limit {
+            true => rows
+                .last()
+                .map(|r| (r.3, r.0.clone(), r.1.clone(), r.5.clone())),
+            false => None,
+        };
+        Ok((readable(rows), next))
     }
 
     /// An organization's scheduled actions in due order, after the one whose
@@ -431,7 +481,7 @@ impl ReadModels {
                 .fetch_all(pool)
                 .await?
         });
-        rows.into_iter().map(scheduled).collect()
+        Ok(readable(rows))
     }
 
     /// Revoked scopes whose re-key has not completed, oldest revoke first.

@@ -80,7 +80,13 @@ impl Rekeyer {
             tokio::select! {
                 _ = self.wake.notified() => {}
                 _ = tokio::time::sleep(POLL) => {}
-                _ = shutdown.changed() => {}
+                // A sender gone without saying so ends the job too (else `changed` answers
+                // at once, for ever).
+                changed = shutdown.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                }
             }
         }
     }

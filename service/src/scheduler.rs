@@ -42,6 +42,16 @@ const MIN_RETRY: Duration = Duration::from_millis(100);
 /// The longest wait before an action that failed is tried again.
 const MAX_RETRY: Duration = Duration::from_secs(30);
 
+/// An action as the backoff map knows it: its scope, and its kind, subject and instant.
+type BackoffKey = (ScopeId, String);
+
+fn backoff_key(action: &ScheduledAction) -> BackoffKey {
+    (
+        action.scope_id,
+        format!("{}\u{0}{}\u{0}{}", action.kind, action.subject, action.at),
+    )
+}
+
 /// What became of an action the scheduler looked at.
 enum Fired {
     /// Its event was recorded here.
@@ -87,16 +97,16 @@ impl Scheduler {
         })
     }
 
-    /// Runs until `shutdown` turns true.
+    /// Runs until `shutdown` turns true (or its sender is gone).
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         loop {
             if *shutdown.borrow() {
                 return;
             }
-            let next = match self.fire_due().await {
+            let next = match self.fire_due(&shutdown).await {
                 Ok(next) => next,
                 Err(error) => {
-                    tracing::warn!(error = %error_chain(&error), "the scheduler could not read what is due; it will look again");
+                    tracing::warn!(error = %error_chain(&error), "the scheduler could not fire what is due; it will look again");
                     None
                 }
             };
@@ -106,14 +116,19 @@ impl Scheduler {
                 Some(due) if due <= chrono::Utc::now().timestamp_micros() => NEXT_LOOK,
                 Some(due) => {
                     let now = chrono::Utc::now().timestamp_micros();
-                    Duration::from_micros(u64::try_from(due - now).unwrap_or(0)).min(POLL)
+                    Duration::from_micros(u64::try_from(due.saturating_sub(now)).unwrap_or(0))
+                        .min(POLL)
                 }
                 None => POLL,
             };
             tokio::select! {
                 _ = self.wake.notified() => {}
                 _ = tokio::time::sleep(sleep) => {}
-                _ = shutdown.changed() => {}
+                changed = shutdown.changed() => {
+                    if changed.is_err() || *shutdown.borrow() {
+                        return;
+                    }
+                }
             }
         }
     }
@@ -121,85 +136,125 @@ impl Scheduler {
     /// Fires every action due now. Returns when the next one is due (microseconds since the
     /// epoch), if any.
     ///
-    /// The actions of a look fire `IN_FLIGHT` at a time (commands on distinct scopes share
-    /// their commits), and each instance starts at its own random point of the list, so two
-    /// instances rarely race for one action. The read models are brought up to what fired
-    /// once per look, not per action.
-    pub async fn fire_due(&self) -> Result<Option<i64>, AppError> {
+    /// A look pages through every due action (a page that fires nothing does not hide the
+    /// ones after it). Actions on distinct aggregates fire `IN_FLIGHT` at a time (their
+    /// commands share commits); those on one aggregate (an organization's grant expiries)
+    /// one after another, so they do not conflict with each other. Each instance starts a
+    /// page at its own random point, so two instances rarely race for one action. The read
+    /// models are brought up to what fired once per look, not per action. Shutdown stops a
+    /// look between pages.
+    async fn fire_due(&self, shutdown: &watch::Receiver<bool>) -> Result<Option<i64>, AppError> {
         // Forget the waits of actions not seen for a while (their rows are gone).
         self.backoffs()
             .retain(|_, (until, _)| *until + 2 * MAX_RETRY > Instant::now());
+        let now = chrono::Utc::now().timestamp_micros();
+        let mut after: Option<(i64, String, String, String)> = None;
+        let mut sent = 0;
+        let mut unfired = 0;
         loop {
-            let now = chrono::Utc::now().timestamp_micros();
-            let mut due = self.app.read().due_actions(now, BATCH).await?;
-            let full = due.len() as i64 == BATCH;
-            let due_count = due.len();
-
-            if !due.is_empty() {
-                let start = rand::random_range(0..due.len());
-                due.rotate_left(start);
+            if *shutdown.borrow() {
+                return Ok(None);
             }
-            let mut ready = due.into_iter().filter_map(|action| {
-                let key = (
-                    action.scope_id,
-                    format!("{}\u{0}{}\u{0}{}", action.kind, action.subject, action.at),
-                );
-                (!self.waiting(&key)).then_some((key, action))
-            });
+            let (page, next) = self
+                .app
+                .read()
+                .due_actions_after(now, after.take(), BATCH)
+                .await?;
+            after = next;
+            // One group per aggregate, in due order within it; groups start at a random point.
+            let mut groups: Vec<Vec<(BackoffKey, ScheduledAction)>> = vec![];
+            let mut index: HashMap<ScopeId, usize> = HashMap::new();
+            for action in page {
+                let key = backoff_key(&action);
+                if self.waiting(&key) {
+                    unfired += 1;
+                    continue;
+                }
+                let at = *index.entry(action.scope_id).or_insert_with(|| {
+                    groups.push(vec![]);
+                    groups.len() - 1
+                });
+                groups[at].push((key, action));
+            }
+            if !groups.is_empty() {
+                let start = rand::random_range(0..groups.len());
+                groups.rotate_left(start);
+            }
+            let mut groups = groups.into_iter();
             let mut flying = JoinSet::new();
-            let mut fired = 0;
-            let mut sent = 0;
+            let mut keys_of: HashMap<tokio::task::Id, Vec<BackoffKey>> = HashMap::new();
             loop {
                 while flying.len() < IN_FLIGHT {
-                    let Some((key, action)) = ready.next() else {
+                    let Some(group) = groups.next() else {
                         break;
                     };
                     let app = self.app.clone();
-                    flying.spawn(async move {
-                        let outcome = fire(&app, &action).await;
-                        (key, action, outcome)
+                    let keys: Vec<BackoffKey> = group.iter().map(|(key, _)| key.clone()).collect();
+                    let handle = flying.spawn(async move {
+                        let mut outcomes = vec![];
+                        for (key, action) in group {
+                            let outcome = fire(&app, &action).await;
+                            outcomes.push((key, action, outcome));
+                        }
+                        outcomes
                     });
+                    keys_of.insert(handle.id(), keys);
                 }
-                let Some(joined) = flying.join_next().await else {
+                let Some(joined) = flying.join_next_with_id().await else {
                     break;
                 };
-                let Ok((key, action, outcome)) = joined else {
-                    // A firing task panicked: its action stays due and is looked at again.
-                    continue;
-                };
-                sent += 1;
-                // One action that cannot fire now does not hold up the others; it stays in
-                // the schedule and is tried again after a growing wait. So does one that
-                // fired nothing: its row normally leaves with the event that made it moot,
-                // and one that stays (written around the projection) must not spin the job.
-                match outcome {
-                    Ok(Fired::Recorded) => {
-                        fired += 1;
-                        self.backoffs().remove(&key);
-                    }
-                    Ok(Fired::Moot) => {
-                        self.failed(key);
-                    }
-                    Ok(Fired::Refused(why)) => {
-                        let wait = self.failed(key);
-                        tracing::warn!(scope = %action.scope_id, kind = action.kind, at = action.at, retry_in_ms = wait.as_millis() as u64, "a scheduled action was not fired: {why}");
+                let outcomes = match joined {
+                    Ok((id, outcomes)) => {
+                        keys_of.remove(&id);
+                        outcomes
                     }
                     Err(error) => {
-                        let wait = self.failed(key);
-                        tracing::warn!(scope = %action.scope_id, kind = action.kind, error = %error_chain(&error), retry_in_ms = wait.as_millis() as u64, "a scheduled action could not fire; it will be retried");
+                        // A firing task panicked: its actions wait out a backoff like any
+                        // failure, so the job does not spin on them.
+                        for key in keys_of.remove(&error.id()).unwrap_or_default() {
+                            self.failed(key);
+                            unfired += 1;
+                        }
+                        tracing::error!(%error, "a scheduled action's task failed; it will be retried");
+                        continue;
+                    }
+                };
+                for (key, action, outcome) in outcomes {
+                    sent += 1;
+                    // One action that cannot fire now does not hold up the others; it stays
+                    // in the schedule and is tried again after a growing wait. So does one
+                    // that fired nothing: its row normally leaves with the event that made
+                    // it moot, and one that stays (written around the projection) must not
+                    // spin the job.
+                    match outcome {
+                        Ok(Fired::Recorded) => {
+                            self.backoffs().remove(&key);
+                        }
+                        Ok(Fired::Moot) => {
+                            self.failed(key);
+                        }
+                        Ok(Fired::Refused(why)) => {
+                            unfired += 1;
+                            let wait = self.failed(key);
+                            tracing::warn!(scope = %action.scope_id, kind = action.kind, at = action.at, retry_in_ms = wait.as_millis() as u64, "a scheduled action was not fired: {why}");
+                        }
+                        Err(error) => {
+                            unfired += 1;
+                            let wait = self.failed(key);
+                            tracing::warn!(scope = %action.scope_id, kind = action.kind, error = %error_chain(&error), retry_in_ms = wait.as_millis() as u64, "a scheduled action could not fire; it will be retried");
+                        }
                     }
                 }
             }
-            // Due and not fired by this look (waiting out a backoff, or beyond the batch).
-            metrics::gauge!("ekm_scheduled_actions_due").set((due_count - fired) as f64);
-            // What fired here or elsewhere leaves the schedule before the next look.
-            if sent > 0 {
-                self.app.refresh().await?;
-            }
-            // A full batch of which nothing fired would be read again unchanged.
-            if !full || fired == 0 {
+            if after.is_none() {
                 break;
             }
+        }
+        // Due and not fired by this look (waiting out a backoff, refused or failing).
+        metrics::gauge!("ekm_scheduled_actions_due").set(unfired as f64);
+        // What fired here or elsewhere leaves the schedule before the next look.
+        if sent > 0 {
+            self.app.refresh().await?;
         }
         self.next_wake().await
     }
@@ -219,11 +274,7 @@ impl Scheduler {
         let mut wake: Option<i64> = None;
         let backoffs = self.backoffs();
         for action in &soonest {
-            let key = (
-                action.scope_id,
-                format!("{}\u{0}{}\u{0}{}", action.kind, action.subject, action.at),
-            );
-            match backoffs.get(&key) {
+            match backoffs.get(&backoff_key(action)) {
                 Some((until, _)) if *until > now => {
                     let at = now_micros
                         + i64::try_from((*until - now).as_micros()).unwrap_or(i64::MAX / 2);
@@ -269,7 +320,8 @@ impl Scheduler {
 /// Sends one action's command. The caller brings the read models up to it afterwards.
 async fn fire(app: &App, action: &ScheduledAction) -> Result<Fired, AppError> {
     // Due by the instant the event recorded, not only by the row's `due_at` (a row
-    // written around the projection, or this instance's clock ahead of the others').
+    // written around the projection). Both are read on this instance's clock: instances
+    // must keep their clocks synchronised (NTP), or one ahead fires early by its lead.
     match chrono::DateTime::parse_from_rfc3339(&action.at) {
         Ok(at) if at <= chrono::Utc::now() => {}
         Ok(_) => return Ok(Fired::Refused("its instant has not come")),
@@ -298,7 +350,10 @@ async fn fire(app: &App, action: &ScheduledAction) -> Result<Fired, AppError> {
         },
         _ => return Ok(Fired::Refused("this version does not know its kind")),
     };
-    let lateness_ms = (chrono::Utc::now().timestamp_micros() - action.due_at) as f64 / 1000.0;
+    let lateness_ms = chrono::Utc::now()
+        .timestamp_micros()
+        .saturating_sub(action.due_at) as f64
+        / 1000.0;
     match app.act(action.scope_id, command, &metadata, None).await {
         Ok(outcome) => {
             if outcome.changed {
@@ -311,6 +366,8 @@ async fn fire(app: &App, action: &ScheduledAction) -> Result<Fired, AppError> {
                 false => Fired::Moot,
             })
         }
+        // Recorded, though not read back: the row leaves when the runner applies it.
+        Err(AppError::Committed { .. }) => Ok(Fired::Recorded),
         // A rule now forbids it (an ancestor was revoked meanwhile): the revocation
         // removes the subtree's rows when its re-key completes. Until then the action
         // waits like any failure, and says why.
