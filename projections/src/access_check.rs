@@ -405,11 +405,8 @@ fn fold_grants<'a>(
                         && grant.permission == permission.as_str()
                         && grant.scope_id == scope_text)
                 });
-                let expires_at = expires_at.map(|at| {
-                    chrono::DateTime::parse_from_rfc3339(&at)
-                        .map(|t| to_micros(t.with_timezone(&chrono::Utc)))
-                        .unwrap_or(0)
-                });
+                let expires_at =
+                    expires_at.map(|at| crate::scope_tree::grant_expiry_micros(&at).unwrap_or(0));
                 grants.insert(
                     stored.position,
                     GrantRow {

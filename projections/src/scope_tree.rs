@@ -113,6 +113,15 @@ const SCHEDULE_COLUMNS: &[&str] = &[
 /// The kind of a grant's scheduled expiry; its subject is the grant.
 pub const GRANT_EXPIRY: &str = "grant_expiry";
 
+/// A grant's recorded expiry in microseconds since the epoch, `None` when it cannot be read
+/// (a row written around the aggregate: callers count the grant as expired, fail closed).
+/// The one reading `grants_view`, the memory tree and `ekm audit verify` share.
+pub(crate) fn grant_expiry_micros(at: &str) -> Option<i64> {
+    chrono::DateTime::parse_from_rfc3339(at)
+        .ok()
+        .map(|due| to_micros(due.with_timezone(&chrono::Utc)))
+}
+
 /// A grant as the schedule names it: its canonical JSON.
 pub fn grant_subject(grant: &Grant) -> String {
     serde_json::to_string(grant).unwrap_or_default()
@@ -508,11 +517,9 @@ impl Projection for ScopeTree {
                 // is a tampered or foreign row: the grant then counts as expired already
                 // (fail closed), and nothing is scheduled.
                 let due = expires_at.as_deref().map(|at| {
-                    chrono::DateTime::parse_from_rfc3339(at)
-                        .map(|due| to_micros(due.with_timezone(&chrono::Utc)))
-                        .map_err(|_| {
-                            tracing::warn!(org = %stored.aggregate_id, position = stored.position, at, "a grant whose expiry cannot be read counts as expired");
-                        })
+                    grant_expiry_micros(at).ok_or_else(|| {
+                        tracing::warn!(org = %stored.aggregate_id, position = stored.position, at, "a grant whose expiry cannot be read counts as expired");
+                    })
                 });
                 let mut statements = vec![
                     Statement::Insert {

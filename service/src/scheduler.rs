@@ -67,7 +67,7 @@ pub struct Scheduler {
     wake: Notify,
     /// Actions that failed to fire, by scope and (kind, subject, instant): when to try again,
     /// and the wait after that. In memory: a restart tries them all again at once, which is what one wants.
-    backoff: Mutex<HashMap<(ScopeId, String), (Instant, Duration)>>,
+    backoff: Mutex<HashMap<BackoffKey, (Instant, Duration)>>,
 }
 
 impl Scheduler {
@@ -291,22 +291,20 @@ impl Scheduler {
 
     /// The retry times. A panic while the lock was held leaves nothing half-done in the map
     /// (each use is one insert, remove or get), so a poisoned lock is used as it is.
-    fn backoffs(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<(ScopeId, String), (Instant, Duration)>> {
+    fn backoffs(&self) -> std::sync::MutexGuard<'_, HashMap<BackoffKey, (Instant, Duration)>> {
         self.backoff
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn waiting(&self, key: &(ScopeId, String)) -> bool {
+    fn waiting(&self, key: &BackoffKey) -> bool {
         self.backoffs()
             .get(key)
             .is_some_and(|(until, _)| *until > Instant::now())
     }
 
     /// Records a failure; returns how long the action now waits.
-    fn failed(&self, key: (ScopeId, String)) -> Duration {
+    fn failed(&self, key: BackoffKey) -> Duration {
         let mut backoff = self.backoffs();
         let wait = backoff
             .get(&key)

@@ -98,26 +98,11 @@ pub async fn add_grant(
         body.scope_id.as_deref(),
     )
     .await?;
-    let expires_at = match body.expires_at.as_deref() {
-        None => None,
-        Some(text) => {
-            let at = DateTime::parse_from_rfc3339(text)
-                .map_err(|_| ApiError::invalid("expires_at: not an RFC 3339 time"))?
-                .with_timezone(&Utc);
-            if at <= Utc::now() {
-                return Err(ApiError::invalid("expires_at: must be in the future"));
-            }
-            // As the event records it (microseconds), so the answer says what was stored;
-            // and only an instant whose record reads back (RFC 3339 has four-digit years).
-            let at = from_micros(at.timestamp_micros());
-            if DateTime::parse_from_rfc3339(&rfc3339(at)).is_err() {
-                return Err(ApiError::invalid(
-                    "expires_at: must be before the year 10000",
-                ));
-            }
-            Some(at)
-        }
-    };
+    let expires_at = body
+        .expires_at
+        .as_deref()
+        .map(crate::routes::future_expiry)
+        .transpose()?;
     let reason = crate::routes::reason(body.reason.as_deref(), false)?;
     let outcome = state
         .app

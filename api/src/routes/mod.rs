@@ -182,6 +182,26 @@ pub(crate) fn parse_field<T: std::str::FromStr<Err = ekm_domain::ValueError>>(
     }
 }
 
+/// An `expires_at` a client sent: RFC 3339, in the future, as events record it (UTC,
+/// microseconds), and only an instant whose record reads back (RFC 3339 has four-digit
+/// years). Tokens and grants share it.
+pub(crate) fn future_expiry(text: &str) -> Result<chrono::DateTime<chrono::Utc>, ApiError> {
+    use chrono::{DateTime, Utc};
+    let at = DateTime::parse_from_rfc3339(text)
+        .map_err(|_| ApiError::invalid("expires_at: not an RFC 3339 time"))?
+        .with_timezone(&Utc);
+    if at <= Utc::now() {
+        return Err(ApiError::invalid("expires_at: must be in the future"));
+    }
+    let at = ekm_store::time::from_micros(at.timestamp_micros());
+    if DateTime::parse_from_rfc3339(&ekm_store::time::rfc3339(at)).is_err() {
+        return Err(ApiError::invalid(
+            "expires_at: must be before the year 10000",
+        ));
+    }
+    Ok(at)
+}
+
 pub(crate) fn reason(value: Option<&str>, required: bool) -> Result<Option<Reason>, ApiError> {
     match value {
         None if required => Err(ApiError::invalid(

@@ -8,7 +8,6 @@ use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use chrono::{DateTime, Utc};
 use ekm_domain::{OrgId, OrgRole, PrincipalKind, PrincipalName, ScopeKind};
 use ekm_store::time::{from_micros, rfc3339};
 use serde::Deserialize;
@@ -76,24 +75,11 @@ pub async fn create_token(
         .unwrap_or("member")
         .parse()
         .map_err(|e: ekm_domain::ValueError| ApiError::invalid(e.to_string()))?;
-    let expires_at = match body.expires_at.as_deref() {
-        None => None,
-        Some(text) => {
-            let at = DateTime::parse_from_rfc3339(text)
-                .map_err(|_| ApiError::invalid("expires_at: not an RFC 3339 time"))?
-                .with_timezone(&Utc);
-            if at <= Utc::now() {
-                return Err(ApiError::invalid("expires_at: must be in the future"));
-            }
-            // Only an instant whose record reads back (RFC 3339 has four-digit years).
-            if DateTime::parse_from_rfc3339(&rfc3339(at)).is_err() {
-                return Err(ApiError::invalid(
-                    "expires_at: must be before the year 10000",
-                ));
-            }
-            Some(at)
-        }
-    };
+    let expires_at = body
+        .expires_at
+        .as_deref()
+        .map(crate::routes::future_expiry)
+        .transpose()?;
     let reason = crate::routes::reason(body.reason.as_deref(), false)?;
     let token = state
         .app

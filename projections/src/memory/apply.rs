@@ -166,11 +166,8 @@ impl Tree {
             } => {
                 let actor = stored.event_metadata()?.actor.to_string();
                 // As `grants_view`: a time that cannot be read counts as expired already.
-                let expires_at = expires_at.map(|e| {
-                    chrono::DateTime::parse_from_rfc3339(&e)
-                        .map(|t| to_micros(t.with_timezone(&chrono::Utc)))
-                        .unwrap_or(0)
-                });
+                let expires_at =
+                    expires_at.map(|e| crate::scope_tree::grant_expiry_micros(&e).unwrap_or(0));
                 let permission = self.strings.intern(permission.as_str());
                 let row = GrantRow {
                     principal: principal.as_str().into(),
