@@ -133,6 +133,14 @@ impl Scheduler {
         }
     }
 
+    /// Fires every action due now, once, as one look of `run` does (for tests and tools that
+    /// drive the schedule by hand instead of running the job). Actions that fail wait out
+    /// their backoff as they would in `run`.
+    pub async fn fire_due_now(&self) -> Result<(), AppError> {
+        let (_keep, shutdown) = watch::channel(false);
+        self.fire_due(&shutdown).await.map(drop)
+    }
+
     /// Fires every action due now. Returns when the next one is due (microseconds since the
     /// epoch), if any.
     ///

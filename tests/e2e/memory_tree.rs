@@ -12,11 +12,12 @@ use ekm_domain::{
 };
 use ekm_projections::{Applied, GrantRecord, MemoryTree, ScopeSnapshot};
 use ekm_service::app::Action;
+use ekm_service::scheduler::Scheduler;
 use ekm_service::App;
 use ekm_store::Db;
 use proptest::prelude::*;
 
-use crate::harness::{metadata, Backend, TestApp};
+use crate::harness::{metadata, Backend, Options, TestApp};
 
 #[derive(Clone, Debug)]
 enum Op {
@@ -261,8 +262,12 @@ async fn check(
     // notification or a runner transaction of the other instance may hold it briefly), then
     // finish the re-keys that became pending. (The background re-key jobs would otherwise
     // record events after the comparison began.)
+    // The scheduler (grants given an expiry already past) is driven the same way: the
+    // instances run neither job in the background here, so nothing commits once the loop
+    // has seen the head stand still.
     let mut rekeyers = vec![&first.rekeyer];
     rekeyers.extend(second.map(|s| &s.rekeyer));
+    let schedulers: Vec<_> = apps.iter().map(|a| Scheduler::new((*a).clone())).collect();
     loop {
         let head = first.db.committed_head().await.unwrap();
         for app in &apps {
@@ -270,6 +275,9 @@ async fn check(
         }
         for rekeyer in &rekeyers {
             rekeyer.run_pending().await.unwrap();
+        }
+        for scheduler in &schedulers {
+            scheduler.fire_due_now().await.unwrap();
         }
         if first.db.committed_head().await.unwrap() == head {
             break;
@@ -312,9 +320,16 @@ fn run(backend: Backend, cases: u32) {
     runner
         .run(&proptest::collection::vec(op(), 1..60), |ops| {
             runtime.block_on(async {
-                let first = TestApp::spawn(backend).await;
+                // Neither background job runs: `check` drives them, so that nothing
+                // commits while the trees are compared.
+                let options = || Options {
+                    rekey_in_background: false,
+                    scheduler: false,
+                    ..Options::default()
+                };
+                let first = TestApp::spawn_with(backend, options()).await;
                 let second = match backend {
-                    Backend::Postgres => Some(first.peer().await),
+                    Backend::Postgres => Some(first.peer_with(options()).await),
                     Backend::Sqlite => None,
                 };
                 let result = check(&first, second.as_ref(), ops).await;
