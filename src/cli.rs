@@ -286,7 +286,9 @@ pub enum ScopeCommand {
         #[arg(long)]
         reason: Option<String>,
     },
-    /// Revoke a scope and its subtree, for good.
+    /// Revoke a scope and its subtree, for good, once a waiting period has passed (the
+    /// organization's revoke window, P7D unless its policy says otherwise). Until then it is
+    /// pending_revocation and refused like paused; cancel-revocation undoes it.
     Revoke {
         #[command(flatten)]
         client: ClientArgs,
@@ -296,9 +298,24 @@ pub enum ScopeCommand {
         /// The scope's id typed again.
         #[arg(long)]
         confirm: String,
+        /// The waiting period, an ISO 8601 duration from PT0S to P90D (e.g. P7D, PT12H).
+        #[arg(long, conflicts_with = "immediately")]
+        after: Option<String>,
+        /// Revoke now, without a waiting period (for emergencies).
+        #[arg(long)]
+        immediately: bool,
         /// Only show what would be revoked.
         #[arg(long)]
         dry_run: bool,
+    },
+    /// Cancel a pending revocation: the scope returns to the state it had.
+    CancelRevocation {
+        #[command(flatten)]
+        client: ClientArgs,
+        id: String,
+        /// Why: kept in the audit log.
+        #[arg(long)]
+        reason: String,
     },
     /// Add a key version; new encryptions use it.
     Rotate {

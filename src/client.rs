@@ -370,18 +370,35 @@ pub async fn scope(command: crate::cli::ScopeCommand) -> anyhow::Result<ExitCode
             id,
             reason,
             confirm,
+            after,
+            immediately,
             dry_run,
         } => {
             let mut path = format!("/v1/scopes/{}/revoke", encode(id));
             if *dry_run {
                 path.push_str("?dry_run=true");
             }
-            let body = json!({"reason": reason, "confirm": confirm});
+            let mut body = json!({"reason": reason, "confirm": confirm});
+            if let Some(after) = after {
+                body["after"] = json!(after);
+            }
+            if *immediately {
+                body["immediately"] = json!(true);
+            }
             let shape = if *dry_run { Print::Raw } else { Print::Scope };
             (
                 client,
                 request(client, post, &path, Some(body)).await?,
                 shape,
+            )
+        }
+        C::CancelRevocation { client, id, reason } => {
+            let path = format!("/v1/scopes/{}/cancel-revocation", encode(id));
+            let body = json!({"reason": reason});
+            (
+                client,
+                request(client, post, &path, Some(body)).await?,
+                Print::Scope,
             )
         }
         C::Rotate { client, id } => {
@@ -672,11 +689,15 @@ fn cause_text(scope: &Value) -> String {
     match &scope["cause"] {
         Value::Null => String::new(),
         cause => format!(
-            " (by {} {}{})",
+            " (by {} {}{}{})",
             text(&cause["scope_kind"]),
             text(&cause["scope_id"]),
             match &cause["reason"] {
                 Value::String(reason) => format!(": {reason}"),
+                _ => String::new(),
+            },
+            match &cause["due_at"] {
+                Value::String(due) => format!("; revoked at {due} unless cancelled"),
                 _ => String::new(),
             }
         ),

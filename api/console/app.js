@@ -157,7 +157,21 @@ function describeCause(scope) {
   if (cause.at) text += ` — ${formatTime(cause.at)}`;
   if (cause.actor) text += ` by ${actorName(cause.actor)}`;
   if (cause.reason) text += `: ${cause.reason}`;
+  if (cause.due_at) text += `; revoked for good at ${formatTime(cause.due_at)} unless cancelled`;
   return text;
+}
+
+// "6 d 23 h 59 min 58 s": what is left until `at`.
+function timeLeft(at) {
+  let seconds = Math.max(0, Math.floor((new Date(at).getTime() - Date.now()) / 1000));
+  const parts = [];
+  for (const [unit, size] of [["d", 86400], ["h", 3600], ["min", 60]]) {
+    const n = Math.floor(seconds / size);
+    seconds -= n * size;
+    if (n > 0 || parts.length) parts.push(`${n} ${unit}`);
+  }
+  parts.push(`${seconds} s`);
+  return parts.join(" ");
 }
 
 // ---------------------------------------------------------------------------------------
@@ -375,9 +389,31 @@ function fact(dl, term, value) {
 }
 
 // The action buttons are usable only on a scope the token may manage and that is not revoked.
+// A scope whose revocation is pending offers its cancellation instead of pause and resume.
 function applyActionButtons(scope) {
   const usable = holds("encryption:manage", scope.path) && scope.effective_state !== "revoked";
-  for (const button of $("detail-actions").querySelectorAll("button")) button.disabled = !usable;
+  const pending = scope.own_state === "pending_revocation";
+  for (const button of $("detail-actions").querySelectorAll("button")) {
+    button.disabled = !usable;
+    const action = button.dataset.action;
+    if (action === "cancel-revocation") button.hidden = !pending;
+    if (action === "pause" || action === "resume") button.hidden = pending;
+  }
+}
+
+// The countdown of this scope's own pending revocation, ticking each second.
+let countdownTimer = null;
+function showCountdown(scope) {
+  clearInterval(countdownTimer);
+  const box = $("revocation-countdown");
+  const due = scope.own_state === "pending_revocation" ? scope.revocation_due_at : null;
+  box.hidden = !due;
+  if (!due) return;
+  const tick = () => {
+    box.textContent = `Revoked for good in ${timeLeft(due)} (at ${formatTime(due)}) unless the revocation is cancelled.`;
+  };
+  tick();
+  countdownTimer = setInterval(tick, 1000);
 }
 
 let selectTicket = 0;
@@ -411,6 +447,7 @@ function renderDetail(scope) {
   const manage = holds("encryption:manage", scope.path);
   const revoked = scope.effective_state === "revoked";
   applyActionButtons(scope);
+  showCountdown(scope);
   const note = $("manage-note");
   note.hidden = manage && !revoked;
   note.textContent = revoked
@@ -424,6 +461,12 @@ const ACTIONS = {
   resume: { title: "Resume", submit: "Resume", reasonRequired: true, dryRun: false },
   rotate: { title: "Rotate the key of", submit: "Rotate key", reasonRequired: true, dryRun: false },
   revoke: { title: "Revoke", submit: "Revoke for good", reasonRequired: true, dryRun: true },
+  "cancel-revocation": {
+    title: "Cancel the revocation of",
+    submit: "Cancel revocation",
+    reasonRequired: true,
+    dryRun: false,
+  },
 };
 
 function countsInWords(byKind) {
@@ -447,6 +490,8 @@ async function openAction(action) {
   $("confirm-name").textContent = scope.name;
   $("confirm-field").hidden = action !== "revoke";
   $("revoke-warning").hidden = action !== "revoke";
+  $("revoke-immediately").checked = false;
+  $("revoke-window").textContent = "";
   form.dataset.opener = action;
   const impact = $("action-impact");
   impact.textContent = spec.dryRun ? "Counting what this affects…" : "";
@@ -467,6 +512,9 @@ async function openAction(action) {
       if (already.total > 0) text += ` Already inactive: ${already.total} (${countsInWords(already.by_kind)}).`;
       if (!dry.would_change) text += " Nothing would change.";
       impact.textContent = text;
+      if (dry.due_at) {
+        $("revoke-window").textContent = `Unless revoked immediately, it is pending until ${formatTime(dry.due_at)}, the organization's waiting period, and can be cancelled until then.`;
+      }
       $("action-submit").disabled = false;
     } catch (error) {
       if (ticket !== actionTicket) return;
@@ -492,10 +540,17 @@ async function submitAction() {
       throw new Error(`The name you typed does not match “${scope.name}”. Nothing was revoked.`);
     }
     body.confirm = scope.id;
+    if ($("revoke-immediately").checked) body.immediately = true;
   }
   const result = await json("POST", `/v1/scopes/${scope.id}/${action}`, body);
   $("action-form").hidden = true;
-  const done = { pause: "paused", resume: "resumed", rotate: "rotated", revoke: "revoked" }[action];
+  const done = {
+    pause: "paused",
+    resume: "resumed",
+    rotate: "rotated",
+    revoke: result.own_state === "pending_revocation" ? "is pending revocation" : "revoked",
+    "cancel-revocation": "is no longer pending revocation",
+  }[action];
   say(result.changed === false ? `${scope.name}: nothing changed.` : `${scope.name} ${done}. Effective state: ${result.effective_state}.`);
   session.selected = result;
   renderDetail(result);

@@ -121,6 +121,11 @@ pub struct TierRequest {
 pub struct RevokeRequest {
     pub reason: Option<String>,
     pub confirm: Option<String>,
+    /// The waiting period (ISO 8601 duration, `PT0S` to `P90D`); absent: the organization's
+    /// `revoke_window`.
+    pub after: Option<String>,
+    /// `true`: revoke now (the same as `"after": "PT0S"`), for emergencies.
+    pub immediately: Option<bool>,
 }
 
 #[derive(Debug, Serialize)]
@@ -134,6 +139,9 @@ pub struct CauseJson {
     pub at: Option<String>,
     pub actor: Option<String>,
     pub reason: Option<String>,
+    /// A pending revocation's due time (RFC 3339), when that is the cause.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub due_at: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -162,6 +170,10 @@ pub struct ScopeJson {
     pub key_versions: Vec<KeyVersionJson>,
     /// Key versions below this one do not decrypt (`key_version_disabled`); 1: all do.
     pub min_decryption_version: u32,
+    /// While its own state is `pending_revocation`: when the revoke falls due (shown even
+    /// when a paused ancestor is the cause of the effective state).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub revocation_due_at: Option<String>,
     pub created_at: String,
     /// Once a revoke exists on the path: how far its keys are destroyed (ADR 0013).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -237,6 +249,12 @@ fn past_cause_json(past: &ekm_projections::PastScope) -> Option<CauseJson> {
             kind: scope.kind,
             name: scope.name.as_str().to_owned(),
             change: change.clone(),
+            due_at: match past.effective {
+                ekm_domain::Effective::PendingRevocation { .. } => {
+                    scope.pending_revocation.as_ref().map(|p| p.due_at.clone())
+                }
+                _ => None,
+            },
         })
     })
 }
@@ -252,6 +270,7 @@ fn cause_json(cause: &Cause) -> CauseJson {
         at: change.map(|c| rfc3339(c.at)),
         actor: change.map(|c| c.actor.clone()),
         reason: change.and_then(|c| c.reason.clone()),
+        due_at: cause.due_at.clone(),
     }
 }
 
@@ -283,6 +302,7 @@ impl From<&ScopeSnapshot> for ScopeJson {
             version: scope.version,
             key_versions: key_versions_json(&snapshot.key_versions),
             min_decryption_version: scope.min_decryption_version,
+            revocation_due_at: scope.revoke_due_at.clone(),
             created_at: rfc3339(scope.created_at),
             destruction: snapshot.destruction.as_ref().map(DestructionJson::from),
         }
@@ -351,6 +371,7 @@ impl PastScopeJson {
                     })
                     .collect(),
                 min_decryption_version: state.min_decryption.get(),
+                revocation_due_at: state.pending_revocation.as_ref().map(|p| p.due_at.clone()),
                 created_at: rfc3339(past.created_at),
                 // Time travel answers the lifecycle as it was; how far destruction has got
                 // is a fact of now, on `GET /v1/scopes/{id}`.

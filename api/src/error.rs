@@ -22,6 +22,8 @@ pub enum Code {
     Conflict,
     PlanRequired,
     ScopePaused,
+    /// The scope (or an ancestor) waits for its revocation's due time.
+    ScopePendingRevocation,
     ScopeRevoked,
     KeyUnavailable,
     ClassNotCovered,
@@ -56,6 +58,7 @@ impl Code {
             Code::Conflict => "conflict",
             Code::PlanRequired => "plan_required",
             Code::ScopePaused => "scope_paused",
+            Code::ScopePendingRevocation => "scope_pending_revocation",
             Code::ScopeRevoked => "scope_revoked",
             Code::KeyUnavailable => "key_unavailable",
             Code::ClassNotCovered => "class_not_covered",
@@ -82,6 +85,7 @@ impl Code {
             Code::Conflict => "The request conflicts with the current state",
             Code::PlanRequired => "This needs the enterprise plan",
             Code::ScopePaused => "The scope is paused",
+            Code::ScopePendingRevocation => "The scope's revocation is pending",
             Code::ScopeRevoked => "The scope is revoked",
             Code::KeyUnavailable => "The key is unavailable",
             Code::ClassNotCovered => {
@@ -222,6 +226,11 @@ impl From<ScopeError> for ApiError {
                 ApiError::new(conflict, Code::ScopeRevoked, detail).with("cause", cause(by))
             }
             ScopeError::Revoked => ApiError::new(conflict, Code::ScopeRevoked, detail),
+            ScopeError::PendingRevocation { ref due_at } => {
+                let due_at = due_at.clone();
+                ApiError::new(conflict, Code::ScopePendingRevocation, detail)
+                    .with("due_at", json!(due_at))
+            }
             ScopeError::ControlsNeedEnterprise | ScopeError::TierNeedsEnterprise(_) => {
                 ApiError::new(StatusCode::FORBIDDEN, Code::PlanRequired, detail)
             }
@@ -260,6 +269,15 @@ impl From<AppError> for ApiError {
             AppError::Revoked { by } => {
                 ApiError::new(StatusCode::CONFLICT, Code::ScopeRevoked, error.to_string())
                     .with("cause", cause(by))
+            }
+            AppError::PendingRevocation { by, ref due_at } => {
+                let cause = json!({ "scope_id": by.to_string(), "due_at": due_at });
+                ApiError::new(
+                    StatusCode::CONFLICT,
+                    Code::ScopePendingRevocation,
+                    error.to_string(),
+                )
+                .with("cause", cause)
             }
             AppError::MasterKeyUnavailable { by, ref reason } => ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,

@@ -68,6 +68,21 @@ pub struct ScopeState {
     /// While paused: when the scheduler resumes it, if a pause set a time.
     #[serde(default)]
     pub resume_at: Option<String>,
+    /// While `pending_revocation`: when it falls due, the own state a cancellation restores,
+    /// and who asked.
+    #[serde(default)]
+    pub pending_revocation: Option<PendingRevocation>,
+    /// Organizations: the default waiting period of a revoke (ISO 8601), if set.
+    #[serde(default)]
+    pub revoke_window: Option<String>,
+}
+
+/// A revoke waiting for its due time (issue 17 §1).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PendingRevocation {
+    pub due_at: String,
+    pub from: OwnState,
+    pub requested_by: String,
 }
 
 /// The re-key of a revoked scope's ancestors (ADR 0013).
@@ -238,7 +253,9 @@ impl Scope {
                     // Creating under an unusable master key fails earlier, when the new
                     // key cannot be wrapped; the aggregate has no further rule for it.
                     Effective::Active | Effective::Unavailable { .. } => {}
-                    Effective::Paused { by } => return Err(ScopeError::ParentPaused { cause: by }),
+                    Effective::Paused { by } | Effective::PendingRevocation { by } => {
+                        return Err(ScopeError::ParentPaused { cause: by })
+                    }
                     Effective::Revoked { by } => {
                         return Err(ScopeError::ParentRevoked { cause: by })
                     }
@@ -261,6 +278,7 @@ impl Scope {
             }
             Command::Pause => {
                 let state = self.controllable(Self::lineage(prepared)?)?;
+                Self::not_pending(state)?;
                 nothing(match (state.own_state, &state.resume_at) {
                     // Paused until a time, now paused for good: the resume is cancelled.
                     (OwnState::Paused, Some(_)) => {
@@ -272,6 +290,7 @@ impl Scope {
             }
             Command::PauseUntil(at) => {
                 let state = self.controllable(Self::lineage(prepared)?)?;
+                Self::not_pending(state)?;
                 let schedule = ScopeEvent::ScopeResumeScheduled {
                     at: Some(at.clone()),
                 };
@@ -295,6 +314,8 @@ impl Scope {
             }
             Command::Resume => {
                 let state = self.undoable(Self::lineage(prepared)?)?;
+                // Resuming would undo a revocation silently: it is cancelled by name.
+                Self::not_pending(state)?;
                 nothing(match state.own_state {
                     OwnState::Active => vec![],
                     _ => vec![ScopeEvent::ScopeResumed {}],
@@ -305,7 +326,59 @@ impl Scope {
                 if confirm.trim() != state.id.to_string() {
                     return Err(ScopeError::ConfirmationMismatch);
                 }
-                nothing(vec![ScopeEvent::ScopeRevoked {}])
+                nothing(vec![ScopeEvent::ScopeRevoked { requested_by: None }])
+            }
+            Command::ScheduleRevocation {
+                confirm,
+                due_at,
+                requested_by,
+            } => {
+                let state = self.controllable(Self::lineage(prepared)?)?;
+                if confirm.trim() != state.id.to_string() {
+                    return Err(ScopeError::ConfirmationMismatch);
+                }
+                // One waiting period at a time: cancel it, or revoke immediately.
+                Self::not_pending(state)?;
+                let mut events = vec![];
+                // A timed pause would resume in the middle of the waiting period; the
+                // revocation supersedes it (a cancellation leaves the scope paused).
+                if state.resume_at.is_some() {
+                    events.push(ScopeEvent::ScopeResumeScheduled { at: None });
+                }
+                events.push(ScopeEvent::ScopeRevocationScheduled {
+                    due_at: due_at.clone(),
+                    from: state.own_state,
+                    requested_by: requested_by.clone(),
+                });
+                nothing(events)
+            }
+            Command::CancelRevocation => {
+                let state = self.undoable(Self::lineage(prepared)?)?;
+                nothing(match &state.pending_revocation {
+                    Some(pending) => {
+                        vec![ScopeEvent::ScopeRevocationCancelled { to: pending.from }]
+                    }
+                    None => vec![],
+                })
+            }
+            Command::FireScheduledRevocation { at } => {
+                let state = self.undoable(Self::lineage(prepared)?)?;
+                nothing(match &state.pending_revocation {
+                    Some(pending) if pending.due_at == *at => vec![ScopeEvent::ScopeRevoked {
+                        requested_by: Some(pending.requested_by.clone()),
+                    }],
+                    // Cancelled, or rescheduled (after a cancellation).
+                    _ => vec![],
+                })
+            }
+            Command::SetOrgPolicy { revoke_window } => {
+                let state = self.organization()?;
+                nothing(match state.revoke_window == *revoke_window {
+                    true => vec![],
+                    false => vec![ScopeEvent::OrganizationPolicySet {
+                        revoke_window: revoke_window.clone(),
+                    }],
+                })
             }
             Command::RetireKeyVersions(below) => {
                 let below = *below;
@@ -699,6 +772,8 @@ impl Aggregate for Scope {
                     justification: None,
                     min_decryption: KeyVersion::FIRST,
                     resume_at: None,
+                    pending_revocation: None,
+                    revoke_window: None,
                 });
             }
             ScopeEvent::ScopeCreated {
@@ -733,6 +808,8 @@ impl Aggregate for Scope {
                     justification: None,
                     min_decryption: KeyVersion::FIRST,
                     resume_at: None,
+                    pending_revocation: None,
+                    revoke_window: None,
                 });
             }
             ScopeEvent::ScopePaused {} => self.set_own_state(OwnState::Paused),
@@ -740,9 +817,37 @@ impl Aggregate for Scope {
                 self.set_own_state(OwnState::Active);
                 self.set_resume_at(None);
             }
-            ScopeEvent::ScopeRevoked {} => {
+            ScopeEvent::ScopeRevoked { .. } => {
                 self.set_own_state(OwnState::Revoked);
                 self.set_resume_at(None);
+                if let Some(state) = self.state.as_mut() {
+                    state.pending_revocation = None;
+                }
+            }
+            ScopeEvent::ScopeRevocationScheduled {
+                due_at,
+                from,
+                requested_by,
+            } => {
+                self.set_own_state(OwnState::PendingRevocation);
+                if let Some(state) = self.state.as_mut() {
+                    state.pending_revocation = Some(PendingRevocation {
+                        due_at,
+                        from,
+                        requested_by,
+                    });
+                }
+            }
+            ScopeEvent::ScopeRevocationCancelled { to } => {
+                self.set_own_state(to);
+                if let Some(state) = self.state.as_mut() {
+                    state.pending_revocation = None;
+                }
+            }
+            ScopeEvent::OrganizationPolicySet { revoke_window } => {
+                if let Some(state) = self.state.as_mut() {
+                    state.revoke_window = revoke_window;
+                }
             }
             ScopeEvent::ScopeResumeScheduled { at } => self.set_resume_at(at),
             ScopeEvent::ScopeKeyVersionsRetired { below } => {
@@ -867,6 +972,19 @@ impl Aggregate for Scope {
 }
 
 impl Scope {
+    /// Refuses a command that a pending revocation excludes (pause, resume, another
+    /// revocation with a waiting period): it is cancelled, or revoked immediately, by name.
+    fn not_pending(state: &ScopeState) -> Result<(), ScopeError> {
+        match &state.pending_revocation {
+            Some(pending) if state.own_state == OwnState::PendingRevocation => {
+                Err(ScopeError::PendingRevocation {
+                    due_at: pending.due_at.clone(),
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+
     fn set_resume_at(&mut self, at: Option<String>) {
         if let Some(state) = self.state.as_mut() {
             state.resume_at = at;
@@ -1182,7 +1300,10 @@ mod tests {
     #[test]
     fn justification_policy_is_refused_when_revoked_or_not_enterprise() {
         ScopeTest::with(())
-            .given(vec![team_created(), ScopeEvent::ScopeRevoked {}])
+            .given(vec![
+                team_created(),
+                ScopeEvent::ScopeRevoked { requested_by: None },
+            ])
             .when((
                 Command::SetJustificationPolicy(justification(true, &[])),
                 on(enterprise()),
@@ -1199,6 +1320,154 @@ mod tests {
                 }),
             ))
             .then_expect_error(ScopeError::ControlsNeedEnterprise);
+    }
+
+    fn schedule_revocation(due_at: &str) -> Command {
+        Command::ScheduleRevocation {
+            confirm: team_id().to_string(),
+            due_at: due_at.to_owned(),
+            requested_by: "user:alice".to_owned(),
+        }
+    }
+
+    fn revocation_scheduled(due_at: &str, from: OwnState) -> ScopeEvent {
+        ScopeEvent::ScopeRevocationScheduled {
+            due_at: due_at.to_owned(),
+            from,
+            requested_by: "user:alice".to_owned(),
+        }
+    }
+
+    #[test]
+    fn revoke_with_a_window_is_pending_then_fires_once_naming_the_requester() {
+        let due = "2026-12-08T12:00:00.000000Z";
+        ScopeTest::with(())
+            .given(vec![team_created()])
+            .when((schedule_revocation(due), on(enterprise())))
+            .then_expect_events(vec![revocation_scheduled(due, OwnState::Active)]);
+        let pending = vec![team_created(), revocation_scheduled(due, OwnState::Active)];
+        ScopeTest::with(())
+            .given(pending.clone())
+            .when((
+                Command::FireScheduledRevocation { at: due.to_owned() },
+                on(enterprise()),
+            ))
+            .then_expect_events(vec![ScopeEvent::ScopeRevoked {
+                requested_by: Some("user:alice".to_owned()),
+            }]);
+        // Another instant than the one pending: not this revocation's to fire.
+        ScopeTest::with(())
+            .given(pending.clone())
+            .when((
+                Command::FireScheduledRevocation {
+                    at: "2026-12-09T12:00:00.000000Z".to_owned(),
+                },
+                on(enterprise()),
+            ))
+            .then_expect_events(vec![]);
+        // Fired already (by another instance): revoked, nothing more.
+        let mut fired = pending.clone();
+        fired.push(ScopeEvent::ScopeRevoked {
+            requested_by: Some("user:alice".to_owned()),
+        });
+        ScopeTest::with(())
+            .given(fired)
+            .when((
+                Command::FireScheduledRevocation { at: due.to_owned() },
+                on(enterprise()),
+            ))
+            .then_expect_error(ScopeError::Revoked);
+    }
+
+    #[test]
+    fn cancel_revocation_restores_the_state_it_had_and_then_fire_does_nothing() {
+        let due = "2026-12-08T12:00:00.000000Z";
+        let paused_then_pending = vec![
+            team_created(),
+            ScopeEvent::ScopePaused {},
+            revocation_scheduled(due, OwnState::Paused),
+        ];
+        ScopeTest::with(())
+            .given(paused_then_pending.clone())
+            .when((Command::CancelRevocation, on(enterprise())))
+            .then_expect_events(vec![ScopeEvent::ScopeRevocationCancelled {
+                to: OwnState::Paused,
+            }]);
+        let mut cancelled = paused_then_pending.clone();
+        cancelled.push(ScopeEvent::ScopeRevocationCancelled {
+            to: OwnState::Paused,
+        });
+        ScopeTest::with(())
+            .given(cancelled.clone())
+            .when((
+                Command::FireScheduledRevocation { at: due.to_owned() },
+                on(enterprise()),
+            ))
+            .then_expect_events(vec![]);
+        // Nothing pending: cancelling records nothing.
+        ScopeTest::with(())
+            .given(cancelled)
+            .when((Command::CancelRevocation, on(enterprise())))
+            .then_expect_events(vec![]);
+    }
+
+    #[test]
+    fn pending_revocation_refuses_pause_resume_and_a_second_window_but_not_an_immediate_revoke() {
+        let due = "2026-12-08T12:00:00.000000Z";
+        let pending = vec![team_created(), revocation_scheduled(due, OwnState::Active)];
+        let refused = ScopeError::PendingRevocation {
+            due_at: due.to_owned(),
+        };
+        for command in [
+            Command::Pause,
+            Command::Resume,
+            Command::PauseUntil("2026-12-02T12:00:00.000000Z".to_owned()),
+            schedule_revocation("2026-12-09T12:00:00.000000Z"),
+        ] {
+            ScopeTest::with(())
+                .given(pending.clone())
+                .when((command, on(enterprise())))
+                .then_expect_error(refused.clone());
+        }
+        ScopeTest::with(())
+            .given(pending)
+            .when((
+                Command::Revoke {
+                    confirm: team_id().to_string(),
+                },
+                on(enterprise()),
+            ))
+            .then_expect_events(vec![ScopeEvent::ScopeRevoked { requested_by: None }]);
+    }
+
+    #[test]
+    fn revoke_with_a_window_supersedes_a_timed_pause_and_needs_the_confirmation() {
+        let due = "2026-12-08T12:00:00.000000Z";
+        let until = "2026-12-02T12:00:00.000000Z".to_owned();
+        ScopeTest::with(())
+            .given(vec![
+                team_created(),
+                ScopeEvent::ScopePaused {},
+                ScopeEvent::ScopeResumeScheduled {
+                    at: Some(until.clone()),
+                },
+            ])
+            .when((schedule_revocation(due), on(enterprise())))
+            .then_expect_events(vec![
+                ScopeEvent::ScopeResumeScheduled { at: None },
+                revocation_scheduled(due, OwnState::Paused),
+            ]);
+        ScopeTest::with(())
+            .given(vec![team_created()])
+            .when((
+                Command::ScheduleRevocation {
+                    confirm: "not-the-id".to_owned(),
+                    due_at: due.to_owned(),
+                    requested_by: "user:alice".to_owned(),
+                },
+                on(enterprise()),
+            ))
+            .then_expect_error(ScopeError::ConfirmationMismatch);
     }
 
     #[test]
@@ -1381,7 +1650,7 @@ mod tests {
                     ..Prepared::default()
                 },
             ))
-            .then_expect_events(vec![ScopeEvent::ScopeRevoked {}]);
+            .then_expect_events(vec![ScopeEvent::ScopeRevoked { requested_by: None }]);
     }
 
     #[test]
@@ -1420,7 +1689,10 @@ mod tests {
         ];
         for command in commands {
             ScopeTest::with(())
-                .given(vec![team_created(), ScopeEvent::ScopeRevoked {}])
+                .given(vec![
+                    team_created(),
+                    ScopeEvent::ScopeRevoked { requested_by: None },
+                ])
                 .when(command)
                 .then_expect_error(ScopeError::Revoked);
         }

@@ -1,7 +1,8 @@
 //! The cascade: a scope's effective state follows from its own state and its ancestors'.
 //!
-//! `revoked` if it or any ancestor is revoked; else `paused` if it or any ancestor is
-//! paused; else `unavailable` if the organization's customer master key cannot be used;
+//! `revoked` if it or any ancestor is revoked; else `paused` or `pending_revocation` if it
+//! or any ancestor is paused or pending revocation (the two rank together: the highest such
+//! scope is the cause and gives its name to the state); else `unavailable` if the organization's customer master key cannot be used;
 //! else `active`. The cause is the highest scope (closest to the root) that puts it
 //! there. The cascade is computed when read, from the path, so pausing an organization is
 //! one event whatever the size of its subtree.
@@ -18,6 +19,10 @@ use crate::scope::OwnState;
 pub enum Effective {
     Active,
     Paused {
+        by: ScopeId,
+    },
+    /// A revoke waits for its due time on `by` (ranked with paused).
+    PendingRevocation {
         by: ScopeId,
     },
     Revoked {
@@ -38,6 +43,7 @@ impl Effective {
         match self {
             Effective::Active => "active",
             Effective::Paused { .. } => "paused",
+            Effective::PendingRevocation { .. } => "pending_revocation",
             Effective::Revoked { .. } => "revoked",
             Effective::Unavailable { .. } => "unavailable",
         }
@@ -48,6 +54,7 @@ impl Effective {
         match self {
             Effective::Active => None,
             Effective::Paused { by }
+            | Effective::PendingRevocation { by }
             | Effective::Revoked { by }
             | Effective::Unavailable { by } => Some(*by),
         }
@@ -84,9 +91,12 @@ fn effective_state_from(
         .fold(start, |acc, (id, own)| match (acc, own) {
             (Effective::Revoked { .. }, _) => acc,
             (_, OwnState::Revoked) => Effective::Revoked { by: id },
-            (Effective::Paused { .. }, _) => acc,
+            (Effective::Paused { .. } | Effective::PendingRevocation { .. }, _) => acc,
             (Effective::Active | Effective::Unavailable { .. }, OwnState::Paused) => {
                 Effective::Paused { by: id }
+            }
+            (Effective::Active | Effective::Unavailable { .. }, OwnState::PendingRevocation) => {
+                Effective::PendingRevocation { by: id }
             }
             (Effective::Active | Effective::Unavailable { .. }, OwnState::Active) => acc,
         })
@@ -128,6 +138,27 @@ mod tests {
     }
 
     #[test]
+    fn pending_revocation_ranks_with_paused_and_the_highest_is_the_cause() {
+        let [org, team, thread] = ids(3)[..] else {
+            unreachable!()
+        };
+        let got = effective_state([
+            (org, OwnState::Active),
+            (team, OwnState::PendingRevocation),
+            (thread, OwnState::Paused),
+        ]);
+        assert_eq!(got, Effective::PendingRevocation { by: team });
+        let got = effective_state([
+            (org, OwnState::Paused),
+            (team, OwnState::PendingRevocation),
+            (thread, OwnState::Revoked),
+        ]);
+        assert_eq!(got, Effective::Revoked { by: thread });
+        let got = effective_state([(org, OwnState::Paused), (team, OwnState::PendingRevocation)]);
+        assert_eq!(got, Effective::Paused { by: org });
+    }
+
+    #[test]
     fn resumed_team_under_paused_org_stays_paused_by_org() {
         let [org, team] = ids(2)[..] else {
             unreachable!()
@@ -140,6 +171,7 @@ mod tests {
         prop_oneof![
             Just(OwnState::Active),
             Just(OwnState::Paused),
+            Just(OwnState::PendingRevocation),
             Just(OwnState::Revoked)
         ]
     }
@@ -154,9 +186,14 @@ mod tests {
             let path: Vec<(ScopeId, OwnState)> =
                 states.iter().map(|s| (ScopeId::generate(), *s)).collect();
             let first = |wanted: OwnState| path.iter().find(|(_, s)| *s == wanted).map(|(id, _)| *id);
-            let expected = match (first(OwnState::Revoked), first(OwnState::Paused)) {
+            // Paused and pending revocation rank together: the highest of either is the cause.
+            let held = path
+                .iter()
+                .find(|(_, s)| matches!(s, OwnState::Paused | OwnState::PendingRevocation));
+            let expected = match (first(OwnState::Revoked), held) {
                 (Some(by), _) => Effective::Revoked { by },
-                (None, Some(by)) => Effective::Paused { by },
+                (None, Some((by, OwnState::Paused))) => Effective::Paused { by: *by },
+                (None, Some((by, _))) => Effective::PendingRevocation { by: *by },
                 (None, None) => Effective::Active,
             };
             prop_assert_eq!(effective_state(path.iter().copied()), expected);

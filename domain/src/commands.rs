@@ -111,6 +111,26 @@ pub enum Command {
     FireScheduledResume {
         at: String,
     },
+    /// Revoke at `due_at` (RFC 3339, UTC, checked to be in the future by the caller): the
+    /// scope is `pending_revocation` until then. `confirm` repeats the scope's id, as for
+    /// `Revoke`. `requested_by`: the actor, named again by the revoke when it fires.
+    ScheduleRevocation {
+        confirm: String,
+        due_at: String,
+        requested_by: String,
+    },
+    /// Cancel a pending revocation: the scope returns to the own state it had.
+    CancelRevocation,
+    /// The scheduler's command: revoke the scope if its revocation is still pending for `at`
+    /// (not cancelled, or revoked already).
+    FireScheduledRevocation {
+        at: String,
+    },
+    /// Set the organization's policy: the default waiting period of a revoke (an ISO 8601
+    /// duration, validated by the caller; `None`: the built-in default).
+    SetOrgPolicy {
+        revoke_window: Option<String>,
+    },
 }
 
 impl Command {
@@ -172,6 +192,9 @@ impl Command {
             | Command::ChangePlan(_)
             | Command::PauseUntil(_)
             | Command::FireScheduledResume { .. }
+            | Command::ScheduleRevocation { .. }
+            | Command::CancelRevocation
+            | Command::SetOrgPolicy { .. }
             | Command::RecordMasterKeyHealth { .. } => true,
             Command::ChangeTier(_) | Command::SetMasterKey { .. } => {
                 !self.switches_master(customer_key)

@@ -15,7 +15,7 @@ pub enum ScopeError {
         parent_kind: ScopeKind,
     },
     #[error(
-        "the parent scope is paused (by scope {cause}); resume it before creating scopes under it"
+        "the parent scope is paused or pending revocation (by scope {cause}); resume it (or cancel the revocation) before creating scopes under it"
     )]
     ParentPaused { cause: ScopeId },
     #[error("the parent scope is revoked (by scope {cause}); nothing can be created under it")]
@@ -72,7 +72,7 @@ pub enum ScopeError {
     },
     #[error("leaving the enterprise plan needs tier default (the organization's is {0}): set the tier first, so that nothing is re-wrapped or left uncovered silently")]
     PlanNeedsDefaultTier(Tier),
-    #[error("leaving the enterprise plan would leave scope controls in force that the standard plan cannot change: {paused} paused scope(s), {policies} justification polic(ies), {floors} decryption floor(s); resume, lift or lower them first")]
+    #[error("leaving the enterprise plan would leave scope controls in force that the standard plan cannot change: {paused} paused or pending-revocation scope(s), {policies} justification polic(ies), {floors} decryption floor(s); resume (or cancel), lift or lower them first")]
     PlanLeavesControlsInForce {
         paused: u64,
         policies: u64,
@@ -80,6 +80,8 @@ pub enum ScopeError {
     },
     #[error("with the policies above this scope, no justification would be allowed: list at least one reason the scopes above also allow")]
     JustificationPolicyConflict,
+    #[error("the scope's revocation is pending until {due_at}: cancel it with POST /v1/scopes/{{id}}/cancel-revocation, or revoke immediately")]
+    PendingRevocation { due_at: String },
     #[error("key version {prepared} was prepared, but the next version is {next}")]
     StaleKeyVersion {
         prepared: KeyVersion,

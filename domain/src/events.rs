@@ -11,7 +11,7 @@ use crate::access::{OrgRole, Permission, PrincipalKind, PrincipalName};
 use crate::ids::{KeyVersion, OrgId, ScopeId};
 use crate::justification::JustificationCode;
 use crate::master_key::{KeyHealth, MasterKeyRef, UnavailableReason};
-use crate::scope::{Plan, ScopeKind, ScopeName, Tier};
+use crate::scope::{OwnState, Plan, ScopeKind, ScopeName, Tier};
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ScopeEvent {
@@ -45,7 +45,13 @@ pub enum ScopeEvent {
     },
     ScopePaused {},
     ScopeResumed {},
-    ScopeRevoked {},
+    /// Revoked for good. `requested_by`: when the scheduler revokes at the end of a waiting
+    /// period (actor `system:scheduler`), the actor who asked for it (absent on an immediate
+    /// revoke, whose actor asked).
+    ScopeRevoked {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        requested_by: Option<String>,
+    },
     OrganizationTierChanged {
         from: Tier,
         to: Tier,
@@ -154,6 +160,24 @@ pub enum ScopeEvent {
     ScopeResumeScheduled {
         at: Option<String>,
     },
+    /// A revoke was requested with a waiting period: the scope is `pending_revocation` (it
+    /// refuses like paused) until `due_at` (RFC 3339, UTC), when the scheduler revokes it;
+    /// `from`: the own state a cancellation returns it to. `requested_by`: the actor.
+    ScopeRevocationScheduled {
+        due_at: String,
+        from: OwnState,
+        requested_by: String,
+    },
+    /// The pending revocation was cancelled: the scope is back in its own state `to`.
+    ScopeRevocationCancelled {
+        to: OwnState,
+    },
+    /// The organization's policy: `revoke_window` (an ISO 8601 duration, `PT0S` to `P90D`)
+    /// is the waiting period of a revoke that names none; absent: the default, `P7D`.
+    OrganizationPolicySet {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        revoke_window: Option<String>,
+    },
 }
 
 /// Every audit action and the event type it names, one to one (a test checks it against
@@ -186,11 +210,14 @@ pub const ACTIONS: &[(&str, &str)] = &[
     ),
     ("org.plan", "OrganizationPlanChanged"),
     ("scope.resume_schedule", "ScopeResumeScheduled"),
+    ("scope.revoke_schedule", "ScopeRevocationScheduled"),
+    ("scope.revoke_cancel", "ScopeRevocationCancelled"),
+    ("org.policy", "OrganizationPolicySet"),
 ];
 
 impl ScopeEvent {
     /// Every event type this aggregate has ever stored.
-    pub const TYPES: [&'static str; 21] = [
+    pub const TYPES: [&'static str; 24] = [
         "OrganizationCreated",
         "ScopeCreated",
         "ScopePaused",
@@ -212,6 +239,9 @@ impl ScopeEvent {
         "ScopeMinDecryptionVersionSet",
         "OrganizationPlanChanged",
         "ScopeResumeScheduled",
+        "ScopeRevocationScheduled",
+        "ScopeRevocationCancelled",
+        "OrganizationPolicySet",
     ];
 
     pub fn type_name(&self) -> &'static str {
@@ -220,7 +250,7 @@ impl ScopeEvent {
             ScopeEvent::ScopeCreated { .. } => "ScopeCreated",
             ScopeEvent::ScopePaused {} => "ScopePaused",
             ScopeEvent::ScopeResumed {} => "ScopeResumed",
-            ScopeEvent::ScopeRevoked {} => "ScopeRevoked",
+            ScopeEvent::ScopeRevoked { .. } => "ScopeRevoked",
             ScopeEvent::ScopeKeyRotated { .. } => "ScopeKeyRotated",
             ScopeEvent::OrganizationTierChanged { .. } => "OrganizationTierChanged",
             ScopeEvent::ScopeKeyVersionsRetired { .. } => "ScopeKeyVersionsRetired",
@@ -239,6 +269,9 @@ impl ScopeEvent {
             ScopeEvent::ScopeMinDecryptionVersionSet { .. } => "ScopeMinDecryptionVersionSet",
             ScopeEvent::OrganizationPlanChanged { .. } => "OrganizationPlanChanged",
             ScopeEvent::ScopeResumeScheduled { .. } => "ScopeResumeScheduled",
+            ScopeEvent::ScopeRevocationScheduled { .. } => "ScopeRevocationScheduled",
+            ScopeEvent::ScopeRevocationCancelled { .. } => "ScopeRevocationCancelled",
+            ScopeEvent::OrganizationPolicySet { .. } => "OrganizationPolicySet",
         }
     }
 
@@ -258,7 +291,7 @@ impl ScopeEvent {
             ScopeEvent::ScopeCreated { .. } => "scope.create",
             ScopeEvent::ScopePaused {} => "scope.pause",
             ScopeEvent::ScopeResumed {} => "scope.resume",
-            ScopeEvent::ScopeRevoked {} => "scope.revoke",
+            ScopeEvent::ScopeRevoked { .. } => "scope.revoke",
             ScopeEvent::ScopeKeyRotated { .. } => "scope.rotate",
             ScopeEvent::OrganizationTierChanged { .. } => "org.tier",
             ScopeEvent::ScopeKeyVersionsRetired { .. } => "scope.retire",
@@ -275,6 +308,9 @@ impl ScopeEvent {
             ScopeEvent::ScopeMinDecryptionVersionSet { .. } => "scope.min_decryption_version",
             ScopeEvent::OrganizationPlanChanged { .. } => "org.plan",
             ScopeEvent::ScopeResumeScheduled { .. } => "scope.resume_schedule",
+            ScopeEvent::ScopeRevocationScheduled { .. } => "scope.revoke_schedule",
+            ScopeEvent::ScopeRevocationCancelled { .. } => "scope.revoke_cancel",
+            ScopeEvent::OrganizationPolicySet { .. } => "org.policy",
         }
     }
 }
@@ -290,7 +326,7 @@ impl DomainEvent for ScopeEvent {
             ScopeEvent::ScopeCreated { .. }
             | ScopeEvent::ScopePaused {}
             | ScopeEvent::ScopeResumed {}
-            | ScopeEvent::ScopeRevoked {}
+            | ScopeEvent::ScopeRevoked { .. }
             | ScopeEvent::ScopeKeyRotated { .. }
             | ScopeEvent::OrganizationTierChanged { .. }
             | ScopeEvent::ScopeKeyVersionsRetired { .. }
@@ -306,7 +342,10 @@ impl DomainEvent for ScopeEvent {
             | ScopeEvent::ScopeJustificationPolicySet { .. }
             | ScopeEvent::ScopeMinDecryptionVersionSet { .. }
             | ScopeEvent::OrganizationPlanChanged { .. }
-            | ScopeEvent::ScopeResumeScheduled { .. } => "1".to_owned(),
+            | ScopeEvent::ScopeResumeScheduled { .. }
+            | ScopeEvent::ScopeRevocationScheduled { .. }
+            | ScopeEvent::ScopeRevocationCancelled { .. }
+            | ScopeEvent::OrganizationPolicySet { .. } => "1".to_owned(),
         }
     }
 }

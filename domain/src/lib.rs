@@ -15,6 +15,7 @@ pub mod justification;
 pub mod master_key;
 pub mod metadata;
 pub mod scope;
+pub mod window;
 
 pub use access::{Grant, OrgRole, Permission, PrincipalKind, PrincipalName};
 pub use aggregate::{RekeyProgress, Scope, ScopeState};
@@ -32,4 +33,5 @@ pub use justification::{
 pub use master_key::{KeyHealth, MasterKeyRef, Provider, UnavailableReason};
 pub use metadata::{Actor, ActorKind, EventMetadata, Location};
 pub use scope::{DataClass, OwnState, Plan, Reason, ScopeKind, ScopeName, Tier, ValueError};
+pub use window::RevokeWindow;
 pub mod upcast;

@@ -73,6 +73,9 @@ impl ScopeKind {
 pub enum OwnState {
     Active,
     Paused,
+    /// A revoke was requested with a waiting period (issue 17 §1): refused like paused
+    /// until it falls due, then revoked by the scheduler, unless cancelled first.
+    PendingRevocation,
     Revoked,
 }
 
@@ -81,6 +84,7 @@ impl OwnState {
         match self {
             OwnState::Active => "active",
             OwnState::Paused => "paused",
+            OwnState::PendingRevocation => "pending_revocation",
             OwnState::Revoked => "revoked",
         }
     }
@@ -210,6 +214,7 @@ str_enum!(
     "state",
     OwnState::Active,
     OwnState::Paused,
+    OwnState::PendingRevocation,
     OwnState::Revoked
 );
 str_enum!(Plan, "plan", Plan::Standard, Plan::Enterprise);

@@ -86,7 +86,20 @@ fn summary(event: &ScopeEvent) -> String {
         }
         ScopeEvent::ScopePaused {} => "paused".to_owned(),
         ScopeEvent::ScopeResumed {} => "resumed".to_owned(),
-        ScopeEvent::ScopeRevoked {} => "revoked (final)".to_owned(),
+        ScopeEvent::ScopeRevoked { requested_by: None } => "revoked (final)".to_owned(),
+        ScopeEvent::ScopeRevoked {
+            requested_by: Some(by),
+        } => format!("revoked (final), as {by} requested when the waiting period ended"),
+        ScopeEvent::ScopeRevocationScheduled { due_at, .. } => {
+            format!("revocation pending: revoked for good at {due_at} unless cancelled")
+        }
+        ScopeEvent::ScopeRevocationCancelled { to } => {
+            format!("cancelled the pending revocation (back to {})", to.as_str())
+        }
+        ScopeEvent::OrganizationPolicySet { revoke_window } => format!(
+            "set the revoke waiting period to {}",
+            revoke_window.as_deref().unwrap_or("the default, P7D")
+        ),
         ScopeEvent::ScopeKeyRotated { key_version, .. } => {
             format!("rotated the key to version {key_version}")
         }

@@ -106,7 +106,11 @@ fn fold(events: &[StoredEvent], upto: i64) -> Result<Option<Folded>, ProjectionE
         }
         if matches!(
             event,
-            ScopeEvent::ScopePaused {} | ScopeEvent::ScopeResumed {} | ScopeEvent::ScopeRevoked {}
+            ScopeEvent::ScopePaused {}
+                | ScopeEvent::ScopeResumed {}
+                | ScopeEvent::ScopeRevoked { .. }
+                | ScopeEvent::ScopeRevocationScheduled { .. }
+                | ScopeEvent::ScopeRevocationCancelled { .. }
         ) {
             let metadata = stored.event_metadata()?;
             last_change = Some(StateChange {

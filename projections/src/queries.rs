@@ -55,6 +55,10 @@ pub struct ScopeRecord {
     pub justification: Option<JustificationPolicy>,
     /// Key versions below this one do not decrypt (1: all do).
     pub min_decryption_version: u32,
+    /// While `pending_revocation`: when the revoke falls due (RFC 3339).
+    pub revoke_due_at: Option<String>,
+    /// Organizations: the default waiting period of a revoke (ISO 8601), if set.
+    pub revoke_window: Option<String>,
 }
 
 /// An action the scheduler fires (issue 17 §2).
@@ -155,6 +159,8 @@ pub struct Cause {
     pub kind: ScopeKind,
     pub name: String,
     pub change: Option<StateChange>,
+    /// A pending revocation's due time (RFC 3339), when that is the cause.
+    pub due_at: Option<String>,
 }
 
 /// A scope as the API shows it.
@@ -184,7 +190,7 @@ const SCOPE_COLUMNS: &str = "id, org_id, parent_id, kind, name, path, own_state,
     key_version, version, created_at, updated_position, state_event, state_position, state_at, \
     state_actor, state_reason, master_key, master_health, master_reason, master_detail, \
     master_position, master_at, rekey_state, rekey_done_position, justification_policy, \
-    min_decryption_version";
+    min_decryption_version, revoke_due_at, revoke_window";
 
 fn malformed(id: &str, problem: impl Into<String>) -> ProjectionError {
     ProjectionError::MalformedRow {
@@ -280,6 +286,8 @@ macro_rules! decode_scope {
             rekey_done_position: row.try_get("rekey_done_position")?,
             min_decryption_version: u32::try_from(row.try_get::<i64, _>("min_decryption_version")?)
                 .map_err(|e| malformed(&id, e.to_string()))?,
+            revoke_due_at: row.try_get("revoke_due_at")?,
+            revoke_window: row.try_get("revoke_window")?,
             justification: row
                 .try_get::<Option<String>, _>("justification_policy")?
                 .map(|text| serde_json::from_str(&text))
@@ -381,13 +389,13 @@ impl ReadModels {
         org: ScopeId,
     ) -> Result<ekm_domain::ControlsInForce, ProjectionError> {
         let sql = "SELECT \
-            COALESCE(SUM(CASE WHEN s.own_state = 'paused' THEN 1 ELSE 0 END), 0) AS paused, \
+            COALESCE(SUM(CASE WHEN s.own_state IN ('paused', 'pending_revocation') THEN 1 ELSE 0 END), 0) AS paused, \
             COALESCE(SUM(CASE WHEN s.justification_policy IS NOT NULL THEN 1 ELSE 0 END), 0) AS policies, \
             COALESCE(SUM(CASE WHEN EXISTS (SELECT 1 FROM key_version_view k \
                 WHERE k.scope_id = s.id AND k.version < s.min_decryption_version \
                 AND k.retired_position IS NULL) THEN 1 ELSE 0 END), 0) AS floors \
             FROM scope_view s WHERE s.org_id = $1 AND s.own_state <> 'revoked' \
-            AND (s.own_state = 'paused' OR s.justification_policy IS NOT NULL OR s.min_decryption_version > 1) \
+            AND (s.own_state IN ('paused', 'pending_revocation') OR s.justification_policy IS NOT NULL OR s.min_decryption_version > 1) \
             AND NOT EXISTS (SELECT 1 FROM scope_view r WHERE r.org_id = s.org_id \
                 AND r.own_state = 'revoked' AND s.path LIKE r.path || '/%')";
         let (paused, policies, floors): (i64, i64, i64) = ekm_store::with_read_pool!(&self.db, pool => {
@@ -784,6 +792,10 @@ fn cause_of(effective: &Effective, records: &[&ScopeRecord]) -> Option<Cause> {
         kind: record.kind,
         name: record.name.clone(),
         change,
+        due_at: match effective {
+            Effective::PendingRevocation { .. } => record.revoke_due_at.clone(),
+            _ => None,
+        },
     })
 }
 

@@ -110,6 +110,20 @@ const SCHEDULE_COLUMNS: &[&str] = &[
     "subject",
 ];
 
+/// The kind of a pending revocation's scheduled revoke.
+pub const REVOKE: &str = "revoke";
+
+/// A pending revocation's due time on the scope's row (`None`: nothing pending).
+fn revoke_due_at(stored: &StoredEvent, due_at: Option<String>) -> Statement {
+    Statement::Update {
+        table: "scope_view",
+        key_column: "id",
+        key: Param::Text(stored.aggregate_id.clone()),
+        columns: &["revoke_due_at"],
+        values: vec![Param::OptText(due_at)],
+    }
+}
+
 /// The kind of a grant's scheduled expiry; its subject is the grant.
 pub const GRANT_EXPIRY: &str = "grant_expiry";
 
@@ -582,11 +596,13 @@ impl Projection for ScopeTree {
                 state_change(stored, OwnState::Active)?,
                 unschedule(stored, "resume"),
             ],
-            ScopeEvent::ScopeRevoked {} => {
+            ScopeEvent::ScopeRevoked { .. } => {
                 let mut statements = vec![
                     state_change(stored, OwnState::Revoked)?,
+                    revoke_due_at(stored, None),
                     rekey_state(stored, "pending", None),
                     unschedule(stored, "resume"),
+                    unschedule(stored, REVOKE),
                 ];
                 // Nothing scheduled in the revoked subtree can fire any more.
                 statements.extend(unschedule_subtree(stored)?);
@@ -625,6 +641,56 @@ impl Projection for ScopeTree {
                 statements.push(version_moved(stored));
                 statements
             }
+            ScopeEvent::ScopeRevocationScheduled { due_at, .. } => {
+                let mut statements = vec![
+                    state_change(stored, OwnState::PendingRevocation)?,
+                    revoke_due_at(stored, Some(due_at.clone())),
+                    unschedule(stored, REVOKE),
+                ];
+                // As for a scheduled resume: an instant the aggregate would not have accepted
+                // is a tampered row. The scope stays pending (refused, fail closed) and the
+                // schedule is skipped, said so; cancelling or revoking immediately still works.
+                match chrono::DateTime::parse_from_rfc3339(&due_at) {
+                    Ok(due) => statements.push(Statement::Insert {
+                        table: "schedule",
+                        columns: SCHEDULE_COLUMNS,
+                        values: vec![
+                            Param::Text(stored.aggregate_id.clone()),
+                            Param::Text(REVOKE.to_owned()),
+                            Param::Text(
+                                stored
+                                    .event_metadata()?
+                                    .location
+                                    .map(|l| l.org_id)
+                                    .unwrap_or_default(),
+                            ),
+                            Param::Int(to_micros(due.with_timezone(&chrono::Utc))),
+                            Param::Text(due_at),
+                            Param::Int(stored.position),
+                            Param::Text(String::new()),
+                        ],
+                    }),
+                    Err(_) => {
+                        tracing::warn!(scope = %stored.aggregate_id, position = stored.position, due_at, "a pending revocation whose due time cannot be read is not scheduled; the scope stays pending");
+                    }
+                }
+                statements
+            }
+            ScopeEvent::ScopeRevocationCancelled { to } => vec![
+                state_change(stored, to)?,
+                revoke_due_at(stored, None),
+                unschedule(stored, REVOKE),
+            ],
+            ScopeEvent::OrganizationPolicySet { revoke_window } => vec![
+                Statement::Update {
+                    table: "scope_view",
+                    key_column: "id",
+                    key: Param::Text(stored.aggregate_id.clone()),
+                    columns: &["revoke_window"],
+                    values: vec![Param::OptText(revoke_window)],
+                },
+                version_moved(stored),
+            ],
             ScopeEvent::RevocationRekeyStarted { .. } => vec![rekey_state(stored, "running", None)],
             ScopeEvent::RevocationRekeyProgressed { .. } => vec![version_moved(stored)],
             ScopeEvent::RevocationRekeyCompleted { .. } => {

@@ -53,6 +53,10 @@ pub enum AppError {
     /// The data plane refuses: the scope is paused, by itself or the ancestor `by`.
     #[error("the scope is paused; encryption and decryption are refused until it is resumed")]
     Paused { by: ScopeId },
+    /// The data plane refuses: a revoke waits for its due time on the scope, or on the
+    /// ancestor `by`.
+    #[error("the scope's revocation is pending (until {due_at}); encryption and decryption are refused unless the revocation is cancelled")]
+    PendingRevocation { by: ScopeId, due_at: String },
     /// The data plane refuses: the scope is revoked, by itself or the ancestor `by`.
     #[error("the scope is revoked; its keys are destroyed")]
     Revoked { by: ScopeId },

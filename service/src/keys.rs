@@ -190,8 +190,9 @@ pub struct KeyService {
 
 /// Events after which cached keys on the scope's path must go, and with them (on an
 /// organization) its unwrapped organization keys and remembered KMS failures.
-const EVICTING: [&str; 7] = [
+const EVICTING: [&str; 8] = [
     "ScopePaused",
+    "ScopeRevocationScheduled",
     "ScopeRevoked",
     "ScopeKeyRotated",
     "ScopeKeyVersionsRetired",

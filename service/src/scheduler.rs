@@ -1,10 +1,12 @@
 //! The scheduler (issue 17 §2): fires scheduled actions when they fall due: the resume of a
-//! pause given `until`, and the removal of a grant given `expires_at` (which has stopped
-//! counting at that instant already; the event is the audit log's record of it).
+//! pause given `until`, the removal of a grant given `expires_at` (which has stopped
+//! counting at that instant already; the event is the audit log's record of it), and the
+//! revoke of a scope whose revocation was pending (§1).
 //!
 //! Every instance runs it. What is due lives in the `schedule` read model, which the
 //! projection keeps from the events (so it survives restarts and rebuilds). Firing is a
-//! command on the scope's aggregate (`FireScheduledResume`, `ExpireGrant`), which records
+//! command on the scope's aggregate (`FireScheduledResume`, `ExpireGrant`,
+//! `FireScheduledRevocation`), which records
 //! only if what was scheduled for that instant is still pending, committed against the aggregate's
 //! version: when two instances fire the same action, one appends and the other finds nothing
 //! left to do (or conflicts and re-reads), so every action fires exactly once. The job sleeps
@@ -87,7 +89,7 @@ impl Scheduler {
             if events.iter().any(|e| {
                 matches!(
                     e.event_type.as_str(),
-                    "ScopeResumeScheduled" | "PermissionGranted"
+                    "ScopeResumeScheduled" | "PermissionGranted" | "ScopeRevocationScheduled"
                 )
             }) {
                 if let Some(scheduler) = scheduler.upgrade() {
@@ -354,6 +356,26 @@ async fn fire(app: &App, action: &ScheduledAction) -> Result<Fired, AppError> {
             // Written around the projection: the grant itself already counts as expired.
             None => return Ok(Fired::Refused("it names no grant")),
         },
+        "revoke" => {
+            // The revoke carries the reason its request gave (the scope's last change of
+            // state, while pending, is that request); the event names the requester itself.
+            let requested = app.scope(action.scope_id).await?.and_then(|s| {
+                (s.scope.own_state == ekm_domain::OwnState::PendingRevocation)
+                    .then_some(s.scope.state_change)
+                    .flatten()
+            });
+            metadata.reason = match requested.and_then(|c| c.reason) {
+                Some(reason) => ekm_domain::Reason::parse(&reason).ok(),
+                None => ekm_domain::Reason::parse(&format!(
+                    "the revocation's waiting period ended at {}",
+                    action.at
+                ))
+                .ok(),
+            };
+            Action::FireScheduledRevocation {
+                at: action.at.clone(),
+            }
+        }
         _ => return Ok(Fired::Refused("this version does not know its kind")),
     };
     let lateness_ms = chrono::Utc::now()

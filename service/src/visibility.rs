@@ -78,6 +78,14 @@ impl App {
         match snapshot.effective {
             Effective::Active => {}
             Effective::Paused { by } => return Err(AppError::Paused { by }),
+            Effective::PendingRevocation { by } => {
+                let due_at = snapshot
+                    .cause
+                    .as_ref()
+                    .and_then(|c| c.due_at.clone())
+                    .unwrap_or_default();
+                return Err(AppError::PendingRevocation { by, due_at });
+            }
             Effective::Revoked { by } => return Err(AppError::Revoked { by }),
             Effective::Unavailable { by } => {
                 let reason = snapshot

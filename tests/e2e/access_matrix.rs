@@ -107,6 +107,13 @@ fn rows() -> Vec<Row> {
         ),
         row("GET", "/v1/orgs/{org}", view, guarded(200, ok(200))),
         row("PUT", "/v1/orgs/{org}/tier", manage, guarded(200, ok(200))),
+        row("GET", "/v1/orgs/{org}/policy", view, guarded(200, ok(200))),
+        row(
+            "PUT",
+            "/v1/orgs/{org}/policy",
+            manage,
+            guarded(200, ok(200)),
+        ),
         row(
             "PUT",
             "/v1/orgs/{org}/master-key",
@@ -158,6 +165,12 @@ fn rows() -> Vec<Row> {
         row(
             "POST",
             "/v1/scopes/{id}/revoke",
+            manage,
+            guarded(200, ok(200)),
+        ),
+        row(
+            "POST",
+            "/v1/scopes/{id}/cancel-revocation",
             manage,
             guarded(200, ok(200)),
         ),
@@ -439,6 +452,15 @@ async fn request(app: &TestApp, world: &World, row: &Row, index: usize) -> (Stri
             Some(json!({"name": "New", "plan": "enterprise"})),
         ),
         ("GET", "/v1/orgs/{org}") => (format!("/v1/orgs/{org}"), None),
+        ("GET", "/v1/orgs/{org}/policy") => (format!("/v1/orgs/{org}/policy"), None),
+        ("PUT", "/v1/orgs/{org}/policy") => (
+            format!("/v1/orgs/{org}/policy"),
+            Some(json!({"revoke_window": "P14D"})),
+        ),
+        ("POST", "/v1/scopes/{id}/cancel-revocation") => (
+            format!("/v1/scopes/{thread}/cancel-revocation"),
+            Some(json!({"reason": "matrix"})),
+        ),
         ("PUT", "/v1/orgs/{org}/tier") => (
             format!("/v1/orgs/{org}/tier"),
             Some(json!({"tier": "managed"})),

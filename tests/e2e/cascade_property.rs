@@ -10,12 +10,21 @@ use crate::harness::{metadata, Backend, TestApp};
 
 #[derive(Clone, Debug)]
 enum Op {
-    Create { parent: usize, kind: usize },
+    Create {
+        parent: usize,
+        kind: usize,
+    },
     Pause(usize),
     Resume(usize),
     Revoke(usize),
     Rotate(usize),
+    /// A revoke with a waiting period (far in the future: it never falls due here).
+    RevokeLater(usize),
+    CancelRevocation(usize),
 }
+
+/// When every pending revocation of these histories falls due.
+const DUE: &str = "2099-01-01T00:00:00.000000Z";
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
@@ -24,6 +33,8 @@ fn op() -> impl Strategy<Value = Op> {
         3 => any::<usize>().prop_map(Op::Resume),
         1 => any::<usize>().prop_map(Op::Revoke),
         1 => any::<usize>().prop_map(Op::Rotate),
+        2 => any::<usize>().prop_map(Op::RevokeLater),
+        2 => any::<usize>().prop_map(Op::CancelRevocation),
     ]
 }
 
@@ -32,10 +43,13 @@ struct Node {
     kind: ScopeKind,
     parent: Option<usize>,
     own: OwnState,
+    /// While pending revocation: the own state a cancellation returns to.
+    before_pending: OwnState,
     key_version: u32,
 }
 
-/// The reference: walk from the root; the first revoked scope wins, else the first paused.
+/// The reference: walk from the root; the first revoked scope wins, else the first paused or
+/// pending revocation (the two rank together), named by its own state.
 fn effective(nodes: &[Node], index: usize) -> (&'static str, Option<ScopeId>) {
     let mut path = vec![index];
     while let Some(parent) = nodes[*path.last().unwrap()].parent {
@@ -45,8 +59,13 @@ fn effective(nodes: &[Node], index: usize) -> (&'static str, Option<ScopeId>) {
     if let Some(i) = path.iter().find(|i| nodes[**i].own == OwnState::Revoked) {
         return ("revoked", Some(nodes[*i].id));
     }
-    if let Some(i) = path.iter().find(|i| nodes[**i].own == OwnState::Paused) {
-        return ("paused", Some(nodes[*i].id));
+    if let Some(i) = path.iter().find(|i| {
+        matches!(
+            nodes[**i].own,
+            OwnState::Paused | OwnState::PendingRevocation
+        )
+    }) {
+        return (nodes[*i].own.as_str(), Some(nodes[*i].id));
     }
     ("active", None)
 }
@@ -76,6 +95,7 @@ async fn check(app: &App, ops: Vec<Op>) -> Result<(), TestCaseError> {
         kind: ScopeKind::Organization,
         parent: None,
         own: OwnState::Active,
+        before_pending: OwnState::Active,
         key_version: 1,
     }];
     for op in ops {
@@ -97,7 +117,7 @@ async fn check(app: &App, ops: Vec<Op>) -> Result<(), TestCaseError> {
                     Err(ScopeError::ParentRevoked {
                         cause: cause.unwrap(),
                     })
-                } else if state == "paused" {
+                } else if state == "paused" || state == "pending_revocation" {
                     Err(ScopeError::ParentPaused {
                         cause: cause.unwrap(),
                     })
@@ -110,6 +130,7 @@ async fn check(app: &App, ops: Vec<Op>) -> Result<(), TestCaseError> {
                         kind,
                         parent: Some(parent),
                         own: OwnState::Active,
+                        before_pending: OwnState::Active,
                         key_version: 1,
                     }),
                     (Err(AppError::Rule(got)), Err(expected)) => prop_assert_eq!(got, expected),
@@ -121,7 +142,12 @@ async fn check(app: &App, ops: Vec<Op>) -> Result<(), TestCaseError> {
                     ),
                 }
             }
-            Op::Pause(i) | Op::Resume(i) | Op::Revoke(i) | Op::Rotate(i) => {
+            Op::Pause(i)
+            | Op::Resume(i)
+            | Op::Revoke(i)
+            | Op::Rotate(i)
+            | Op::RevokeLater(i)
+            | Op::CancelRevocation(i) => {
                 let i = i % nodes.len();
                 let id = nodes[i].id;
                 let action = match op {
@@ -130,6 +156,12 @@ async fn check(app: &App, ops: Vec<Op>) -> Result<(), TestCaseError> {
                     Op::Revoke(_) => Action::Revoke {
                         confirm: id.to_string(),
                     },
+                    Op::RevokeLater(_) => Action::ScheduleRevocation {
+                        confirm: id.to_string(),
+                        due_at: DUE.to_owned(),
+                        requested_by: "user:tester".to_owned(),
+                    },
+                    Op::CancelRevocation(_) => Action::CancelRevocation,
                     _ => Action::Rotate,
                 };
                 let got = rule(app.act(id, action.clone(), &metadata(), None).await);
@@ -139,6 +171,15 @@ async fn check(app: &App, ops: Vec<Op>) -> Result<(), TestCaseError> {
                 } else if let Some(("revoked", cause)) = inherited {
                     Err(ScopeError::AncestorRevoked {
                         cause: cause.unwrap(),
+                    })
+                } else if nodes[i].own == OwnState::PendingRevocation
+                    && matches!(
+                        action,
+                        Action::Pause | Action::Resume | Action::ScheduleRevocation { .. }
+                    )
+                {
+                    Err(ScopeError::PendingRevocation {
+                        due_at: DUE.to_owned(),
                     })
                 } else {
                     let node = &mut nodes[i];
@@ -152,6 +193,18 @@ async fn check(app: &App, ops: Vec<Op>) -> Result<(), TestCaseError> {
                         Action::Revoke { .. } => {
                             node.own = OwnState::Revoked;
                             true
+                        }
+                        Action::ScheduleRevocation { .. } => {
+                            node.before_pending =
+                                std::mem::replace(&mut node.own, OwnState::PendingRevocation);
+                            true
+                        }
+                        Action::CancelRevocation => {
+                            let pending = node.own == OwnState::PendingRevocation;
+                            if pending {
+                                node.own = node.before_pending;
+                            }
+                            pending
                         }
                         Action::CreateOrganization { .. }
                         | Action::CreateScope { .. }
@@ -171,7 +224,9 @@ async fn check(app: &App, ops: Vec<Op>) -> Result<(), TestCaseError> {
                         | Action::SetMinDecryptionVersion(_)
                         | Action::ChangePlan(_)
                         | Action::PauseUntil(_)
-                        | Action::FireScheduledResume { .. } => {
+                        | Action::FireScheduledResume { .. }
+                        | Action::FireScheduledRevocation { .. }
+                        | Action::SetOrgPolicy { .. } => {
                             unreachable!("not generated")
                         }
                         Action::Rotate => {

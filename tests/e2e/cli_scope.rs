@@ -123,8 +123,35 @@ async fn every_scope_command_works_from_the_command_line(backend: Backend) {
     ]);
     assert_eq!(dry["dry_run"], true);
     assert_eq!(dry["scopes_in_subtree"], 2);
-    let (code, revoked, _) =
-        cli.run(&["revoke", &thread, "--reason", "done", "--confirm", &thread]);
+    // A revoke waits out its window: pending, refused like paused, and cancellable.
+    let (code, pending, _) = cli.run(&[
+        "revoke",
+        &thread,
+        "--reason",
+        "done",
+        "--confirm",
+        &thread,
+        "--after",
+        "P2D",
+    ]);
+    assert_eq!(code, Some(0), "{pending}");
+    assert!(
+        pending.contains("own state        pending_revocation"),
+        "{pending}"
+    );
+    assert!(pending.contains("unless cancelled"), "{pending}");
+    let cancelled = cli.json(&["cancel-revocation", &thread, "--reason", "wrong thread"]);
+    assert_eq!(cancelled["own_state"], "active", "{cancelled}");
+    assert_eq!(cancelled["changed"], true);
+    let (code, revoked, _) = cli.run(&[
+        "revoke",
+        &thread,
+        "--reason",
+        "done",
+        "--confirm",
+        &thread,
+        "--immediately",
+    ]);
     assert_eq!(code, Some(0));
     assert!(revoked.contains("own state        revoked"), "{revoked}");
     // The audit log of it all, filtered, from the command line.

@@ -39,6 +39,7 @@ mod metrics;
 mod migrations;
 mod network;
 mod paging;
+mod pending_revocation;
 mod plans;
 mod postgres_roles;
 mod postgres_tls;

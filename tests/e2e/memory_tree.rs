@@ -28,6 +28,9 @@ enum Op {
     Pause(usize),
     Resume(usize),
     Revoke(usize),
+    /// A revoke with a waiting period (it never falls due here), and its cancellation.
+    RevokeLater(usize),
+    CancelRevocation(usize),
     Rotate(usize),
     Retire(usize),
     Tier(bool),
@@ -52,6 +55,8 @@ fn op() -> impl Strategy<Value = (bool, Op)> {
         3 => any::<usize>().prop_map(Op::Pause),
         3 => any::<usize>().prop_map(Op::Resume),
         1 => any::<usize>().prop_map(Op::Revoke),
+        1 => any::<usize>().prop_map(Op::RevokeLater),
+        1 => any::<usize>().prop_map(Op::CancelRevocation),
         1 => any::<usize>().prop_map(Op::Rotate),
         1 => any::<usize>().prop_map(Op::Retire),
         1 => any::<bool>().prop_map(Op::Tier),
@@ -110,6 +115,16 @@ async fn run_ops(
                 let confirm = id.to_string();
                 (id, Action::Revoke { confirm })
             }
+            Op::RevokeLater(i) => {
+                let id = pick(i);
+                let action = Action::ScheduleRevocation {
+                    confirm: id.to_string(),
+                    due_at: "2099-01-01T00:00:00.000000Z".to_owned(),
+                    requested_by: "user:tester".to_owned(),
+                };
+                (id, action)
+            }
+            Op::CancelRevocation(i) => (pick(i), Action::CancelRevocation),
             Op::Rotate(i) => (pick(i), Action::Rotate),
             Op::Retire(i) => {
                 let id = pick(i);

@@ -69,7 +69,7 @@ async fn plan_change_refuses_to_leave_controls_the_standard_plan_cannot_change(b
     refused.assert_problem(409, "conflict");
     let detail = refused.body["detail"].as_str().unwrap().to_owned();
     assert!(
-        detail.contains("1 paused scope(s), 1 justification polic(ies), 0 decryption floor(s)"),
+        detail.contains("1 paused or pending-revocation scope(s), 1 justification polic(ies), 0 decryption floor(s)"),
         "{detail}"
     );
     // Controls under a revoked scope hold nothing back: nothing can change them any more.

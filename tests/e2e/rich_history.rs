@@ -14,7 +14,7 @@ use crate::kms_servers::Moto;
 
 /// The event types a rich history must contain, or it proves less than it claims. (The
 /// re-key job's events come from the revokes, once the job has run.)
-pub const EVENT_TYPES: [&str; 17] = [
+pub const EVENT_TYPES: [&str; 20] = [
     "OrganizationCreated",
     "ScopeCreated",
     "ScopePaused",
@@ -32,6 +32,9 @@ pub const EVENT_TYPES: [&str; 17] = [
     "ScopeJustificationPolicySet",
     "ScopeMinDecryptionVersionSet",
     "ScopeResumeScheduled",
+    "ScopeRevocationScheduled",
+    "ScopeRevocationCancelled",
+    "OrganizationPolicySet",
 ];
 
 /// Server options for a rich history: the KMS settings that reach `moto`, no background
@@ -139,6 +142,39 @@ impl<'a> RichHistory<'a> {
             )
             .await;
         assert_eq!(paused.status, 200, "{}", paused.body);
+        // Its policy set, and its revocation pending (tomorrow, never within the test), after
+        // one cancelled: the pending columns and the schedule hold values at the end.
+        let policy = self
+            .app
+            .call(
+                "PUT",
+                &format!("/v1/orgs/{}/policy", second.id),
+                Some(&second.admin),
+                Some(json!({"revoke_window": "P14D"})),
+            )
+            .await;
+        assert_eq!(policy.status, 200, "{}", policy.body);
+        for (path, body) in [
+            (
+                "revoke",
+                json!({"reason": "r", "confirm": second.id, "after": "P2D"}),
+            ),
+            ("cancel-revocation", json!({"reason": "not yet"})),
+            (
+                "revoke",
+                json!({"reason": "r", "confirm": second.id, "after": "P1D"}),
+            ),
+        ] {
+            let sent = self
+                .app
+                .post(
+                    &format!("/v1/scopes/{}/{path}", second.id),
+                    &second.admin,
+                    body,
+                )
+                .await;
+            assert_eq!(sent.status, 200, "{}", sent.body);
+        }
         let org = &mut self.orgs[0];
         // A busy machine can make a KMS round trip time out: a few attempts.
         for _ in 0..5 {
@@ -275,9 +311,27 @@ impl<'a> RichHistory<'a> {
                 }
             }
             57..=60 => {
-                if target != org.id {
-                    drop(app.revoke(&token, &target).await);
-                }
+                // Revoked at once, pending for a day (never within the test), or cancelled;
+                // on the organization itself, its revoke window is set instead.
+                let path = |action: &str| format!("/v1/scopes/{target}/{action}");
+                let sent = match (target == org.id, rng.random_range(0..3)) {
+                    (true, n) => {
+                        let window = [json!("P3D"), json!("PT12H"), json!(null)][n].clone();
+                        let body = json!({"revoke_window": window});
+                        let policy = format!("/v1/orgs/{}/policy", org.id);
+                        app.call("PUT", &policy, Some(&token), Some(body)).await
+                    }
+                    (false, 0) => app.revoke(&token, &target).await,
+                    (false, 1) => {
+                        let body = json!({"reason": "later", "confirm": target, "after": "P1D"});
+                        app.post(&path("revoke"), &token, body).await
+                    }
+                    (false, _) => {
+                        let body = json!({"reason": "changed my mind"});
+                        app.post(&path("cancel-revocation"), &token, body).await
+                    }
+                };
+                drop(sent);
             }
             // Under a customer key, the first PUT goes back to the platform's key (managed).
             61..=63 => {

@@ -48,6 +48,8 @@ pub(crate) fn register(endpoints: &mut Endpoints) {
     endpoints.add(Get, "/v1/orgs/{org}", orgs::get_org);
     endpoints.add(Put, "/v1/orgs/{org}/tier", orgs::change_tier);
     endpoints.add(Put, "/v1/orgs/{org}/plan", orgs::change_plan);
+    endpoints.add(Get, "/v1/orgs/{org}/policy", orgs::policy);
+    endpoints.add(Put, "/v1/orgs/{org}/policy", orgs::set_policy);
     endpoints.add(Get, "/v1/orgs/{org}/schedule", orgs::schedule);
     endpoints.add(Put, "/v1/orgs/{org}/master-key", master_key::set);
     endpoints.add(Get, "/v1/orgs/{org}/master-key", master_key::show);
@@ -67,6 +69,11 @@ pub(crate) fn register(endpoints: &mut Endpoints) {
     endpoints.add(Post, "/v1/scopes/{id}/pause", scopes::pause);
     endpoints.add(Post, "/v1/scopes/{id}/resume", scopes::resume);
     endpoints.add(Post, "/v1/scopes/{id}/revoke", scopes::revoke);
+    endpoints.add(
+        Post,
+        "/v1/scopes/{id}/cancel-revocation",
+        scopes::cancel_revocation,
+    );
     endpoints.add(Post, "/v1/scopes/{id}/rotate", scopes::rotate);
     endpoints.add(Post, "/v1/scopes/{id}/retire", scopes::retire);
     endpoints.add(Get, "/v1/scopes/{id}/state", scopes::state_as_of);

@@ -8,7 +8,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use ekm_domain::{Permission, Plan, ScopeKind, ScopeName, Tier};
+use ekm_domain::{Permission, Plan, RevokeWindow, ScopeKind, ScopeName, Tier};
 use ekm_service::app::Action;
 use serde_json::json;
 
@@ -198,7 +198,7 @@ pub(crate) async fn change_plan(
 
 /// `GET /v1/orgs/{org}/schedule?limit=&cursor=`: what the scheduler will fire in the
 /// organization, soonest first (`encryption:view` on the organization): `{"items":
-/// [{"scope_id", "action": "resume"|"grant_expiry", "due_at", "grant"?}], "next_cursor"}`.
+/// [{"scope_id", "action": "resume"|"grant_expiry"|"revoke", "due_at", "grant"?}], "next_cursor"}`.
 /// Grant expiries name grants, which only org admins may list: others are not shown them.
 pub(crate) async fn schedule(
     State(state): State<AppState>,
@@ -344,4 +344,81 @@ pub(crate) async fn search_scopes(
         items,
         next_cursor: page.next_after.map(|last| binding.encode_scope(last)),
     }))
+}
+
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct PolicyRequest {
+    /// `null` or absent: back to the default.
+    #[serde(default)]
+    revoke_window: Option<String>,
+    #[serde(default)]
+    rotation_period: Option<serde_json::Value>,
+    reason: Option<String>,
+}
+
+fn policy_json(org: &ekm_projections::ScopeSnapshot) -> serde_json::Value {
+    let set = org.scope.revoke_window.clone();
+    json!({
+        "org_id": org.scope.id.to_string(),
+        "revoke_window": set.clone().unwrap_or_else(|| RevokeWindow::DEFAULT.to_string()),
+        "revoke_window_is_default": set.is_none(),
+        "rotation_period": null,
+    })
+}
+
+/// `GET /v1/orgs/{org}/policy`: the organization's lifecycle policy (issue 17):
+/// `revoke_window`, the waiting period of a revoke that names none.
+pub(crate) async fn policy(
+    State(state): State<AppState>,
+    caller: Caller,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let org = visible_org(&state, &caller, path, Permission::EncryptionView).await?;
+    let mut response = Json(policy_json(&org)).into_response();
+    etag(&mut response, org.scope.version);
+    Ok(response)
+}
+
+/// `PUT /v1/orgs/{org}/policy {"revoke_window": "P14D" | null, "reason"?}`: an event.
+/// `rotation_period` is part of the contract but not built yet: it is refused rather than
+/// stored and ignored.
+pub(crate) async fn set_policy(
+    State(state): State<AppState>,
+    caller: Caller,
+    path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    JsonBody(body): JsonBody<PolicyRequest>,
+) -> Result<Response, ApiError> {
+    if body.rotation_period.as_ref().is_some_and(|v| !v.is_null()) {
+        return Err(ApiError::invalid(
+            "rotation_period: automatic rotation is not available yet; rotate with POST /v1/scopes/{id}/rotate",
+        ));
+    }
+    let revoke_window = body
+        .revoke_window
+        .as_deref()
+        .map(|w| RevokeWindow::parse("revoke_window", w))
+        .transpose()
+        .map_err(|e| ApiError::invalid(e.to_string()))?
+        .map(|w| w.to_string());
+    let reason = reason(body.reason.as_deref(), false)?;
+    let org = visible_org(&state, &caller, path, Permission::EncryptionManage).await?;
+    let expected = expected_version(&headers)?;
+    let outcome = state
+        .app
+        .act(
+            org.scope.id,
+            Action::SetOrgPolicy { revoke_window },
+            &caller.metadata(reason),
+            expected,
+        )
+        .await?;
+    let mut body = policy_json(&outcome.scope);
+    if let Some(object) = body.as_object_mut() {
+        object.insert("changed".into(), json!(outcome.changed));
+    }
+    let mut response = Json(body).into_response();
+    etag(&mut response, outcome.scope.scope.version);
+    Ok(response)
 }

@@ -8,7 +8,7 @@ use axum::extract::{Path, Query, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use ekm_domain::{Permission, Reason, ScopeKind, ScopeName};
+use ekm_domain::{Permission, Reason, RevokeWindow, ScopeId, ScopeKind, ScopeName};
 use ekm_projections::AsOf;
 use ekm_service::app::{Action, Outcome};
 use ekm_store::time::rfc3339;
@@ -180,9 +180,10 @@ async fn dry_run(
         Permission::EncryptionManage,
     )
     .await?;
-    let name = match action {
-        Action::Revoke { .. } => "revoke",
-        _ => "pause",
+    let (name, due_at) = match &action {
+        Action::Revoke { .. } => ("revoke", None),
+        Action::ScheduleRevocation { due_at, .. } => ("revoke", Some(due_at.clone())),
+        _ => ("pause", None),
     };
     let (scope, would_change, radius) = state.app.dry_run(scope.scope.id, action).await?;
     let count = |map: &std::collections::BTreeMap<&'static str, i64>| json!({ "total": map.values().sum::<i64>(), "by_kind": map });
@@ -194,6 +195,8 @@ async fn dry_run(
         "scopes_in_subtree": radius.total,
         "would_become_inactive": count(&radius.would_become_inactive),
         "already_inactive": count(&radius.already_inactive),
+        // A revoke with a waiting period: when it would fall due (absent: at once).
+        "due_at": due_at,
     }))
     .into_response())
 }
@@ -247,6 +250,43 @@ pub(crate) async fn resume(
     lifecycle(state, caller, path, &headers, Action::Resume, reason).await
 }
 
+/// The waiting period of a revoke: `immediately`, else `after`, else the organization's
+/// `revoke_window`, else the default (P7D).
+async fn revoke_window(
+    state: &AppState,
+    path: &Result<Path<String>, PathRejection>,
+    body: &RevokeRequest,
+) -> Result<RevokeWindow, ApiError> {
+    match (body.immediately, body.after.as_deref()) {
+        (Some(true), Some(_)) => Err(ApiError::invalid(
+            "give either `immediately` or `after`, not both",
+        )),
+        (Some(true), None) => Ok(RevokeWindow::ZERO),
+        (_, Some(after)) => {
+            RevokeWindow::parse("after", after).map_err(|e| ApiError::invalid(e.to_string()))
+        }
+        (_, None) => {
+            // The organization's policy. A scope this caller cannot see gets the default
+            // here and `not_found` from the command, as any other.
+            let Some(id) = path_text_ref(path).and_then(|p| ScopeId::parse(&p).ok()) else {
+                return Ok(RevokeWindow::DEFAULT);
+            };
+            let org = match state.app.scope(id).await? {
+                Some(scope) => state.app.scope(scope.scope.org_id.scope_id()).await?,
+                None => None,
+            };
+            Ok(org
+                .and_then(|o| o.scope.revoke_window)
+                .and_then(|w| RevokeWindow::parse("revoke_window", &w).ok())
+                .unwrap_or(RevokeWindow::DEFAULT))
+        }
+    }
+}
+
+/// `POST /v1/scopes/{id}/revoke {"confirm", "reason", "after"?, "immediately"?}`: revokes
+/// for good at the end of a waiting period (issue 17 §1). Until then the scope is
+/// `pending_revocation`, refused like paused, and the revocation can be cancelled; a
+/// window of zero (`immediately`, `PT0S`) revokes now.
 pub(crate) async fn revoke(
     State(state): State<AppState>,
     caller: Caller,
@@ -255,20 +295,49 @@ pub(crate) async fn revoke(
     headers: HeaderMap,
     OptionalJsonBody(body): OptionalJsonBody<RevokeRequest>,
 ) -> Result<Response, ApiError> {
-    if is_dry_run(query)? {
-        let confirm = path_text_ref(&path).unwrap_or_default();
-        return dry_run(state, caller, path, Action::Revoke { confirm }).await;
+    let dry = is_dry_run(query)?;
+    let window = revoke_window(&state, &path, &body).await?;
+    let confirm = match dry {
+        true => path_text_ref(&path).unwrap_or_default(),
+        false => body.confirm.clone().ok_or_else(|| {
+            ApiError::invalid("confirm: required; repeat the scope's id to revoke it for good")
+        })?,
+    };
+    let action = match window.is_zero() {
+        true => Action::Revoke { confirm },
+        false => {
+            let seconds = i64::try_from(window.seconds()).unwrap_or(i64::MAX);
+            Action::ScheduleRevocation {
+                confirm,
+                due_at: rfc3339(chrono::Utc::now() + chrono::Duration::seconds(seconds)),
+                requested_by: caller.metadata(None).actor.to_string(),
+            }
+        }
+    };
+    if dry {
+        return dry_run(state, caller, path, action).await;
     }
     let reason = reason(body.reason.as_deref(), true)?;
-    let confirm = body.confirm.ok_or_else(|| {
-        ApiError::invalid("confirm: required; repeat the scope's id to revoke it for good")
-    })?;
+    lifecycle(state, caller, path, &headers, action, reason).await
+}
+
+/// `POST /v1/scopes/{id}/cancel-revocation {"reason"}`: the pending revocation is cancelled
+/// and the scope returns to the own state it had (`changed: false` when nothing was
+/// pending). Works on any plan, like resume (ADR 0029).
+pub(crate) async fn cancel_revocation(
+    State(state): State<AppState>,
+    caller: Caller,
+    path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    OptionalJsonBody(body): OptionalJsonBody<ReasonRequest>,
+) -> Result<Response, ApiError> {
+    let reason = reason(body.reason.as_deref(), true)?;
     lifecycle(
         state,
         caller,
         path,
         &headers,
-        Action::Revoke { confirm },
+        Action::CancelRevocation,
         reason,
     )
     .await

@@ -214,9 +214,29 @@ impl Tree {
             }
             ScopeEvent::ScopePaused {} => self.state_change(stored, OwnState::Paused, at)?,
             ScopeEvent::ScopeResumed {} => self.state_change(stored, OwnState::Active, at)?,
-            ScopeEvent::ScopeRevoked {} => {
+            ScopeEvent::ScopeRevocationScheduled { due_at, .. } => {
+                self.state_change(stored, OwnState::PendingRevocation, at)?;
+                let node = self.node_mut(&stored.aggregate_id)?;
+                node.rare.get_or_insert_with(Default::default).revoke_due_at =
+                    Some(due_at.into_boxed_str());
+            }
+            ScopeEvent::ScopeRevocationCancelled { to } => {
+                self.state_change(stored, to, at)?;
+                let node = self.node_mut(&stored.aggregate_id)?;
+                if let Some(rare) = node.rare.as_mut() {
+                    rare.revoke_due_at = None;
+                }
+            }
+            ScopeEvent::OrganizationPolicySet { revoke_window } => {
+                let node = self.touch(stored)?;
+                org_fields(node).revoke_window = revoke_window.map(String::into_boxed_str);
+            }
+            ScopeEvent::ScopeRevoked { .. } => {
                 self.state_change(stored, OwnState::Revoked, at)?;
                 let node = self.node_mut(&stored.aggregate_id)?;
+                if let Some(rare) = node.rare.as_mut() {
+                    rare.revoke_due_at = None;
+                }
                 node.rekey = Rekey::Pending;
                 if let Some(rare) = node.rare.as_mut() {
                     rare.rekey_done_position = None;

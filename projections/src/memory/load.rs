@@ -14,8 +14,8 @@ use crate::error::ProjectionError;
 const LOAD_SCOPES: &str = "SELECT id, parent_id, kind, name, own_state, plan, tier, key_version, \
     version, created_at, updated_position, state_event, state_position, state_at, state_actor, \
     state_reason, master_key, master_health, master_reason, master_detail, master_position, \
-    master_at, rekey_state, rekey_done_position, justification_policy, min_decryption_version \
-    FROM scope_view";
+    master_at, rekey_state, rekey_done_position, justification_policy, min_decryption_version, \
+    revoke_due_at, revoke_window FROM scope_view";
 const LOAD_KEY_VERSIONS: &str = "SELECT scope_id, version, created_at, fingerprint, \
     retired_position FROM key_version_view ORDER BY scope_id, version";
 const LOAD_GRANTS: &str = "SELECT org_id, principal, permission, scope_id, granted_position, \
@@ -206,6 +206,9 @@ where
                 .map(String::into_boxed_str),
             master_position: row.try_get("master_position")?,
             master_at: row.try_get("master_at")?,
+            revoke_window: row
+                .try_get::<Option<String>, _>("revoke_window")?
+                .map(String::into_boxed_str),
         })
     });
     let org = org.transpose()?;
@@ -219,11 +222,15 @@ where
     let min_decryption = u32::try_from(row.try_get::<i64, _>("min_decryption_version")?)
         .map_err(|e| malformed(&id, e.to_string()))?;
     let min_decryption = (min_decryption != 1).then_some(min_decryption);
+    let revoke_due_at: Option<Box<str>> = row
+        .try_get::<Option<String>, _>("revoke_due_at")?
+        .map(String::into_boxed_str);
     let rare = (state_change.is_some()
         || rekey_done_position.is_some()
         || org.is_some()
         || justification.is_some()
-        || min_decryption.is_some())
+        || min_decryption.is_some()
+        || revoke_due_at.is_some())
     .then(|| {
         Box::new(Rare {
             state_change,
@@ -231,6 +238,7 @@ where
             org,
             justification,
             min_decryption,
+            revoke_due_at,
         })
     });
     let version: i64 = row.try_get("version")?;

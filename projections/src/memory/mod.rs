@@ -134,6 +134,8 @@ struct Rare {
     justification: Option<JustificationPolicy>,
     /// The decryption floor, when above 1.
     min_decryption: Option<u32>,
+    /// While `pending_revocation`: when the revoke falls due.
+    revoke_due_at: Option<Box<str>>,
 }
 
 struct Change {
@@ -154,6 +156,7 @@ struct OrgFields {
     master_detail: Option<Box<str>>,
     master_position: Option<i64>,
     master_at: Option<i64>,
+    revoke_window: Option<Box<str>>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -588,6 +591,8 @@ impl Tree {
             rekey_done_position: rare.and_then(|r| r.rekey_done_position),
             justification: rare.and_then(|r| r.justification.clone()),
             min_decryption_version: rare.and_then(|r| r.min_decryption).unwrap_or(1),
+            revoke_due_at: rare.and_then(|r| r.revoke_due_at.as_deref().map(str::to_owned)),
+            revoke_window: org.and_then(|o| o.revoke_window.as_deref().map(str::to_owned)),
         }
     }
 
@@ -633,6 +638,13 @@ impl Tree {
                 kind: cause.kind,
                 name: cause.name.to_string(),
                 change,
+                due_at: match effective {
+                    Effective::PendingRevocation { .. } => cause
+                        .rare
+                        .as_ref()
+                        .and_then(|r| r.revoke_due_at.as_deref().map(str::to_owned)),
+                    _ => None,
+                },
             })
         });
         let org_fields = org.rare.as_ref().and_then(|r| r.org.as_ref());

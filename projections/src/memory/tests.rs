@@ -196,11 +196,14 @@ fn pause_of_a_team_cascades_to_its_thread_with_the_team_as_cause() {
 fn revoke_beats_a_higher_pause_and_the_highest_revoke_is_the_cause() {
     let mut given = given();
     given.when(given.org, ScopeEvent::ScopePaused {});
-    given.when(given.thread, ScopeEvent::ScopeRevoked {});
+    given.when(
+        given.thread,
+        ScopeEvent::ScopeRevoked { requested_by: None },
+    );
     let thread = given.snapshot(given.thread);
     assert_eq!(thread.effective, Effective::Revoked { by: given.thread });
     assert_eq!(thread.inherited, Effective::Paused { by: given.org });
-    given.when(given.team, ScopeEvent::ScopeRevoked {});
+    given.when(given.team, ScopeEvent::ScopeRevoked { requested_by: None });
     let thread = given.snapshot(given.thread);
     assert_eq!(thread.effective, Effective::Revoked { by: given.team });
     assert_eq!(thread.cause.unwrap().scope_id, given.team);
@@ -267,7 +270,7 @@ fn an_unusable_master_key_makes_every_scope_unavailable_with_the_org_as_cause() 
         Some("disabled by the customer")
     );
     // A revoke below still wins over the master key.
-    given.when(given.team, ScopeEvent::ScopeRevoked {});
+    given.when(given.team, ScopeEvent::ScopeRevoked { requested_by: None });
     assert_eq!(
         given.snapshot(given.thread).effective,
         Effective::Revoked { by: given.team }

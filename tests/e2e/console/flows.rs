@@ -122,8 +122,48 @@ async fn console_pauses_and_revokes_when_driven_in_a_real_browser(backend: Backe
     let still = app.get(&format!("/v1/scopes/{team}"), &admin).await;
     assert_eq!(still.body["own_state"], "active", "{}", still.body);
 
-    // With the name typed: revoked, and the threads say why.
+    // With the name typed: pending for the organization's window, with a countdown and a
+    // way back; the threads say why and until when.
+    page.wait_text("#revoke-window", &["pending until", "can be cancelled"])
+        .await;
     page.type_into("#action-confirm", "research").await;
+    page.click("#action-submit").await;
+    page.wait_text(
+        &format!("{} > .cause", node(&launch)),
+        &["pending_revocation by team research", "unless cancelled"],
+    )
+    .await;
+    page.wait_text(
+        "#revocation-countdown",
+        &["Revoked for good in 6 d 23 h", "unless"],
+    )
+    .await;
+    page.screenshot("06a-revocation-pending").await;
+    let pending = app.get(&format!("/v1/scopes/{team}"), &admin).await;
+    assert_eq!(
+        pending.body["own_state"], "pending_revocation",
+        "{}",
+        pending.body
+    );
+    page.click("#detail-actions [data-action=cancel-revocation]")
+        .await;
+    page.type_into("#action-reason", "wrong team").await;
+    page.click("#action-submit").await;
+    page.wait_true(
+        "the countdown is gone",
+        "document.querySelector('#revocation-countdown').hidden",
+    )
+    .await;
+    let back = app.get(&format!("/v1/scopes/{team}"), &admin).await;
+    assert_eq!(back.body["own_state"], "active", "{}", back.body);
+
+    // Revoked immediately, in an emergency: revoked, and the threads say why.
+    page.click("#detail-actions [data-action=revoke]").await;
+    page.wait_text("#action-impact", &["Would become inactive: 3"])
+        .await;
+    page.type_into("#action-reason", "project closed").await;
+    page.type_into("#action-confirm", "research").await;
+    page.click("#revoke-immediately").await;
     page.click("#action-submit").await;
     page.wait_text(
         &format!("{} > .cause", node(&launch)),

@@ -380,11 +380,12 @@ impl TestApp {
             .await
     }
 
+    /// Revokes at once (`"immediately": true`), as most tests need.
     pub async fn revoke(&self, token: &str, id: &str) -> Response {
         self.post(
             &format!("/v1/scopes/{id}/revoke"),
             token,
-            json!({"reason": "offboarding", "confirm": id}),
+            json!({"reason": "offboarding", "confirm": id, "immediately": true}),
         )
         .await
     }

@@ -53,7 +53,7 @@ fn read_models_equal_a_rebuild_when_the_server_is_killed_mid_workload(backend: B
                         (
                             "revoke",
                             format!("/v1/scopes/{team}/revoke"),
-                            json!({"reason": "load", "confirm": team}),
+                            json!({"reason": "load", "confirm": team, "immediately": true}),
                         )
                     }
                 };
