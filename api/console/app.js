@@ -490,8 +490,13 @@ async function openAction(action) {
   $("confirm-name").textContent = scope.name;
   $("confirm-field").hidden = action !== "revoke";
   $("revoke-warning").hidden = action !== "revoke";
-  $("revoke-immediately").checked = false;
-  $("revoke-window").textContent = "";
+  // A scope already pending revocation can only be revoked immediately (the emergency path).
+  const pending = scope.own_state === "pending_revocation";
+  $("revoke-immediately").checked = action === "revoke" && pending;
+  $("revoke-immediately").disabled = action === "revoke" && pending;
+  $("revoke-window").textContent = action === "revoke" && pending
+    ? "Its revocation is already pending: this revokes it now, without waiting."
+    : "";
   form.dataset.opener = action;
   const impact = $("action-impact");
   impact.textContent = spec.dryRun ? "Counting what this affects…" : "";
@@ -502,7 +507,8 @@ async function openAction(action) {
   const ticket = ++actionTicket;
   if (spec.dryRun) {
     try {
-      const dry = await json("POST", `/v1/scopes/${scope.id}/${action}?dry_run=true`);
+      const dryBody = action === "revoke" && pending ? { immediately: true } : undefined;
+      const dry = await json("POST", `/v1/scopes/${scope.id}/${action}?dry_run=true`, dryBody);
       // Another action or scope was opened meanwhile: this count is not for it.
       if (ticket !== actionTicket) return;
       const becoming = dry.would_become_inactive;

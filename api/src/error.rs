@@ -226,6 +226,10 @@ impl From<ScopeError> for ApiError {
                 ApiError::new(conflict, Code::ScopeRevoked, detail).with("cause", cause(by))
             }
             ScopeError::Revoked => ApiError::new(conflict, Code::ScopeRevoked, detail),
+            ScopeError::RevocationDue { ref due_at } => {
+                let due_at = due_at.clone();
+                ApiError::new(conflict, Code::Conflict, detail).with("due_at", json!(due_at))
+            }
             ScopeError::PendingRevocation { ref due_at } => {
                 let due_at = due_at.clone();
                 ApiError::new(conflict, Code::ScopePendingRevocation, detail)

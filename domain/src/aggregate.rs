@@ -352,14 +352,22 @@ impl Scope {
                 });
                 nothing(events)
             }
-            Command::CancelRevocation => {
+            Command::CancelRevocation { now } => {
                 let state = self.undoable(Self::lineage(prepared)?)?;
-                nothing(match &state.pending_revocation {
-                    Some(pending) => {
-                        vec![ScopeEvent::ScopeRevocationCancelled { to: pending.from }]
+                match &state.pending_revocation {
+                    // Both instants are RFC 3339 in UTC with microseconds, as EKM writes
+                    // them, so their text order is their time order. Once due, the promise
+                    // "revoked at T unless cancelled" holds even while the scheduler is late.
+                    Some(pending) if now.as_str() >= pending.due_at.as_str() => {
+                        Err(ScopeError::RevocationDue {
+                            due_at: pending.due_at.clone(),
+                        })
                     }
-                    None => vec![],
-                })
+                    Some(pending) => nothing(vec![ScopeEvent::ScopeRevocationCancelled {
+                        to: pending.from,
+                    }]),
+                    None => nothing(vec![]),
+                }
             }
             Command::FireScheduledRevocation { at } => {
                 let state = self.undoable(Self::lineage(prepared)?)?;
@@ -1389,7 +1397,12 @@ mod tests {
         ];
         ScopeTest::with(())
             .given(paused_then_pending.clone())
-            .when((Command::CancelRevocation, on(enterprise())))
+            .when((
+                Command::CancelRevocation {
+                    now: "2026-12-02T12:00:00.000000Z".to_owned(),
+                },
+                on(enterprise()),
+            ))
             .then_expect_events(vec![ScopeEvent::ScopeRevocationCancelled {
                 to: OwnState::Paused,
             }]);
@@ -1404,10 +1417,27 @@ mod tests {
                 on(enterprise()),
             ))
             .then_expect_events(vec![]);
+        // Due already (the scheduler is late): too late to cancel.
+        ScopeTest::with(())
+            .given(paused_then_pending.clone())
+            .when((
+                Command::CancelRevocation {
+                    now: due.to_owned(),
+                },
+                on(enterprise()),
+            ))
+            .then_expect_error(ScopeError::RevocationDue {
+                due_at: due.to_owned(),
+            });
         // Nothing pending: cancelling records nothing.
         ScopeTest::with(())
             .given(cancelled)
-            .when((Command::CancelRevocation, on(enterprise())))
+            .when((
+                Command::CancelRevocation {
+                    now: "2026-12-02T12:00:00.000000Z".to_owned(),
+                },
+                on(enterprise()),
+            ))
             .then_expect_events(vec![]);
     }
 

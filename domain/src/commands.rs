@@ -119,8 +119,12 @@ pub enum Command {
         due_at: String,
         requested_by: String,
     },
-    /// Cancel a pending revocation: the scope returns to the own state it had.
-    CancelRevocation,
+    /// Cancel a pending revocation: the scope returns to the own state it had. `now` (RFC 3339,
+    /// UTC, microseconds, as the caller's clock reads it): a revocation whose due time has
+    /// come is no longer cancelled, even if the scheduler has not fired it yet.
+    CancelRevocation {
+        now: String,
+    },
     /// The scheduler's command: revoke the scope if its revocation is still pending for `at`
     /// (not cancelled, or revoked already).
     FireScheduledRevocation {
@@ -193,7 +197,7 @@ impl Command {
             | Command::PauseUntil(_)
             | Command::FireScheduledResume { .. }
             | Command::ScheduleRevocation { .. }
-            | Command::CancelRevocation
+            | Command::CancelRevocation { .. }
             | Command::SetOrgPolicy { .. }
             | Command::RecordMasterKeyHealth { .. } => true,
             Command::ChangeTier(_) | Command::SetMasterKey { .. } => {

@@ -161,7 +161,7 @@ async fn check(app: &App, ops: Vec<Op>) -> Result<(), TestCaseError> {
                         due_at: DUE.to_owned(),
                         requested_by: "user:tester".to_owned(),
                     },
-                    Op::CancelRevocation(_) => Action::CancelRevocation,
+                    Op::CancelRevocation(_) => Action::CancelRevocation { now: rfc3339_now() },
                     _ => Action::Rotate,
                 };
                 let got = rule(app.act(id, action.clone(), &metadata(), None).await);
@@ -199,7 +199,7 @@ async fn check(app: &App, ops: Vec<Op>) -> Result<(), TestCaseError> {
                                 std::mem::replace(&mut node.own, OwnState::PendingRevocation);
                             true
                         }
-                        Action::CancelRevocation => {
+                        Action::CancelRevocation { .. } => {
                             let pending = node.own == OwnState::PendingRevocation;
                             if pending {
                                 node.own = node.before_pending;
@@ -274,4 +274,8 @@ fn commands_match_the_reference_model_when_random_on_sqlite() {
 #[test]
 fn commands_match_the_reference_model_when_random_on_postgres() {
     run(Backend::Postgres, 8);
+}
+
+fn rfc3339_now() -> String {
+    ekm_store::time::rfc3339(chrono::Utc::now())
 }

@@ -124,7 +124,7 @@ async fn run_ops(
                 };
                 (id, action)
             }
-            Op::CancelRevocation(i) => (pick(i), Action::CancelRevocation),
+            Op::CancelRevocation(i) => (pick(i), Action::CancelRevocation { now: rfc3339_now() }),
             Op::Rotate(i) => (pick(i), Action::Rotate),
             Op::Retire(i) => {
                 let id = pick(i);
@@ -535,4 +535,8 @@ async fn memory_tree_keeps_the_other_instances_pause_when_this_instance_commits_
     assert_eq!(sql.unwrap().scope.own_state, ekm_domain::OwnState::Paused);
     b.stop().await;
     a.stop().await;
+}
+
+fn rfc3339_now() -> String {
+    ekm_store::time::rfc3339(chrono::Utc::now())
 }

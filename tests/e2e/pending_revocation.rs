@@ -303,3 +303,47 @@ async fn revocation_falls_due_once_by_the_scheduler_naming_the_requester(backend
     app.stop().await;
 }
 on_both_backends!(revocation_falls_due_once_by_the_scheduler_naming_the_requester);
+
+async fn revocation_is_not_cancelled_once_due_even_if_the_scheduler_is_late(backend: Backend) {
+    // No scheduler runs: the revocation falls due and waits to be fired.
+    let options = crate::harness::Options {
+        scheduler: false,
+        ..Default::default()
+    };
+    let app = TestApp::spawn_with(backend, options).await;
+    let (org, admin) = app.data_org("enterprise", "managed").await;
+    let team = app.scope(&admin, "team", "research", &org).await;
+    let pending = app
+        .post(
+            &format!("/v1/scopes/{team}/revoke"),
+            &admin,
+            json!({"reason": "r", "confirm": team, "after": "PT1S"}),
+        )
+        .await;
+    let due_at = pending.body["revocation_due_at"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // The wall clock has to pass the due time: there is no event to await.
+    let due = chrono::DateTime::parse_from_rfc3339(&due_at).unwrap();
+    let wait = (due.with_timezone(&chrono::Utc) - chrono::Utc::now())
+        .to_std()
+        .unwrap_or_default();
+    tokio::time::sleep(wait + Duration::from_millis(50)).await;
+    let late = app
+        .post(
+            &format!("/v1/scopes/{team}/cancel-revocation"),
+            &admin,
+            json!({"reason": "too late"}),
+        )
+        .await;
+    late.assert_problem(409, "conflict");
+    assert_eq!(late.body["due_at"], due_at.as_str(), "{}", late.body);
+    let still = app.get(&format!("/v1/scopes/{team}"), &admin).await;
+    assert_eq!(still.body["own_state"], "pending_revocation");
+    encrypt(&app, &admin, &team, b"x", "messages")
+        .await
+        .assert_problem(409, "scope_pending_revocation");
+    app.stop().await;
+}
+on_both_backends!(revocation_is_not_cancelled_once_due_even_if_the_scheduler_is_late);

@@ -337,7 +337,9 @@ pub(crate) async fn cancel_revocation(
         caller,
         path,
         &headers,
-        Action::CancelRevocation,
+        Action::CancelRevocation {
+            now: rfc3339(chrono::Utc::now()),
+        },
         reason,
     )
     .await

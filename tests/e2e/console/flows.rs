@@ -145,6 +145,18 @@ async fn console_pauses_and_revokes_when_driven_in_a_real_browser(backend: Backe
         "{}",
         pending.body
     );
+    // Revoking it again can only be immediate; closed without submitting.
+    page.click("#detail-actions [data-action=revoke]").await;
+    page.wait_text("#revoke-window", &["already pending", "without waiting"])
+        .await;
+    page.wait_true(
+        "only an immediate revoke is offered",
+        "document.querySelector('#revoke-immediately').checked && document.querySelector('#revoke-immediately').disabled",
+    )
+    .await;
+    page.wait_text("#action-impact", &["Would become inactive"])
+        .await;
+    page.click("#action-cancel").await;
     page.click("#detail-actions [data-action=cancel-revocation]")
         .await;
     page.type_into("#action-reason", "wrong team").await;
