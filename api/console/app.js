@@ -443,6 +443,7 @@ function renderDetail(scope) {
   const versions = scope.key_versions || [];
   const live = versions.filter((v) => !v.retired).length;
   fact(dl, "Key versions", `${versions.length} (${live} live)`);
+  if (scope.rotation_period) fact(dl, "Rotates every", scope.rotation_period);
   fact(dl, "Created", formatTime(scope.created_at));
   const manage = holds("encryption:manage", scope.path);
   const revoked = scope.effective_state === "revoked";

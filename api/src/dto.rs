@@ -174,6 +174,9 @@ pub struct ScopeJson {
     /// when a paused ancestor is the cause of the effective state).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub revocation_due_at: Option<String>,
+    /// The scope's own key rotation period, if it set one (its subtree inherits it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rotation_period: Option<String>,
     pub created_at: String,
     /// Once a revoke exists on the path: how far its keys are destroyed (ADR 0013).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -303,6 +306,7 @@ impl From<&ScopeSnapshot> for ScopeJson {
             key_versions: key_versions_json(&snapshot.key_versions),
             min_decryption_version: scope.min_decryption_version,
             revocation_due_at: scope.revoke_due_at.clone(),
+            rotation_period: scope.rotation_period.clone(),
             created_at: rfc3339(scope.created_at),
             destruction: snapshot.destruction.as_ref().map(DestructionJson::from),
         }
@@ -372,6 +376,7 @@ impl PastScopeJson {
                     .collect(),
                 min_decryption_version: state.min_decryption.get(),
                 revocation_due_at: state.pending_revocation.as_ref().map(|p| p.due_at.clone()),
+                rotation_period: state.rotation_period.clone(),
                 created_at: rfc3339(past.created_at),
                 // Time travel answers the lifecycle as it was; how far destruction has got
                 // is a fact of now, on `GET /v1/scopes/{id}`.

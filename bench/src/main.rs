@@ -31,6 +31,7 @@ mod kms;
 mod reads;
 mod rekey;
 mod report;
+mod rotation;
 mod schedule;
 mod seed;
 mod server;
@@ -120,6 +121,15 @@ enum Bench {
         #[arg(long, default_value_t = 5_000)]
         spread_ms: i64,
     },
+    /// The scan for keys due for rotation on a big in-memory tree, against one plain pass
+    /// over the same tree (in process, no server).
+    Rotation {
+        /// Teams of 999 threads each under one organization (1,000: 1M scopes).
+        #[arg(long, default_value_t = 1_000)]
+        teams: usize,
+        #[arg(long, default_value_t = 5)]
+        repeats: usize,
+    },
     /// HTTP decrypt of 1 KiB with the access log durable and async against off (the same
     /// binary, alternating runs), on SQLite and PostgreSQL.
     AccessLog {
@@ -163,6 +173,7 @@ fn main() -> anyhow::Result<()> {
                 connections,
             } => access_log::run(seconds, repeats, connections).await,
             Bench::Schedule { actions, spread_ms } => schedule::run(actions, spread_ms).await,
+            Bench::Rotation { teams, repeats } => rotation::run(teams, repeats).await,
         }
     })
 }

@@ -75,6 +75,9 @@ pub struct ScopeState {
     /// Organizations: the default waiting period of a revoke (ISO 8601), if set.
     #[serde(default)]
     pub revoke_window: Option<String>,
+    /// The scope's own rotation period (ISO 8601), if it set one.
+    #[serde(default)]
+    pub rotation_period: Option<String>,
 }
 
 /// A revoke waiting for its due time (issue 17 §1).
@@ -379,14 +382,63 @@ impl Scope {
                     _ => vec![],
                 })
             }
-            Command::SetOrgPolicy { revoke_window } => {
+            Command::SetOrgPolicy {
+                revoke_window,
+                rotation_period,
+            } => {
                 let state = self.organization()?;
-                nothing(match state.revoke_window == *revoke_window {
-                    true => vec![],
-                    false => vec![ScopeEvent::OrganizationPolicySet {
+                let mut events = vec![];
+                if state.revoke_window != *revoke_window {
+                    events.push(ScopeEvent::OrganizationPolicySet {
                         revoke_window: revoke_window.clone(),
+                    });
+                }
+                if state.rotation_period != *rotation_period {
+                    // Setting a period is a scope control; lifting one needs no plan.
+                    if rotation_period.is_some() && state.plan != Some(Plan::Enterprise) {
+                        return Err(ScopeError::ControlsNeedEnterprise);
+                    }
+                    events.push(ScopeEvent::ScopeRotationPeriodSet {
+                        period: rotation_period.clone(),
+                    });
+                }
+                nothing(events)
+            }
+            Command::SetRotationPeriod(period) => {
+                let lineage = Self::lineage(prepared)?;
+                // Unchanged records nothing on any plan, as the organization's policy does.
+                match (self.undoable(lineage)?.rotation_period == *period, period) {
+                    (true, _) => return nothing(vec![]),
+                    (false, Some(_)) => self.controllable(lineage)?,
+                    (false, None) => self.undoable(lineage)?,
+                };
+                nothing(vec![ScopeEvent::ScopeRotationPeriodSet {
+                    period: period.clone(),
+                }])
+            }
+            Command::AutoRotate { from } => {
+                // As `Rotate`, on any plan (a period set under enterprise keeps rotating: it
+                // only ever adds a key version), once: only while `from` is still current.
+                let state = self.undoable(Self::lineage(prepared)?)?;
+                if state.key_version != *from {
+                    return nothing(vec![]);
+                }
+                let next = state.key_version.next();
+                if let Some(minted) = &prepared.minted {
+                    if minted.version != next {
+                        return Err(ScopeError::StaleKeyVersion {
+                            prepared: minted.version,
+                            next,
+                        });
+                    }
+                }
+                Ok((
+                    Needs::KeyVersion(next),
+                    vec![ScopeEvent::ScopeKeyRotated {
+                        key_version: next,
+                        key_fingerprint: fingerprint,
                     }],
-                })
+                ))
             }
             Command::RetireKeyVersions(below) => {
                 let below = *below;
@@ -782,6 +834,7 @@ impl Aggregate for Scope {
                     resume_at: None,
                     pending_revocation: None,
                     revoke_window: None,
+                    rotation_period: None,
                 });
             }
             ScopeEvent::ScopeCreated {
@@ -818,6 +871,7 @@ impl Aggregate for Scope {
                     resume_at: None,
                     pending_revocation: None,
                     revoke_window: None,
+                    rotation_period: None,
                 });
             }
             ScopeEvent::ScopePaused {} => self.set_own_state(OwnState::Paused),
@@ -855,6 +909,11 @@ impl Aggregate for Scope {
             ScopeEvent::OrganizationPolicySet { revoke_window } => {
                 if let Some(state) = self.state.as_mut() {
                     state.revoke_window = revoke_window;
+                }
+            }
+            ScopeEvent::ScopeRotationPeriodSet { period } => {
+                if let Some(state) = self.state.as_mut() {
+                    state.rotation_period = period;
                 }
             }
             ScopeEvent::ScopeResumeScheduled { at } => self.set_resume_at(at),
@@ -1498,6 +1557,70 @@ mod tests {
                 on(enterprise()),
             ))
             .then_expect_error(ScopeError::ConfirmationMismatch);
+    }
+
+    #[test]
+    fn auto_rotation_rotates_once_from_the_version_it_saw() {
+        let rotated = ScopeEvent::ScopeKeyRotated {
+            key_version: KeyVersion::new(2),
+            key_fingerprint: None,
+        };
+        ScopeTest::with(())
+            .given(vec![team_created()])
+            .when((
+                Command::AutoRotate {
+                    from: KeyVersion::FIRST,
+                },
+                on(enterprise()),
+            ))
+            .then_expect_events(vec![rotated.clone()]);
+        // Rotated meanwhile (by hand, or by another instance): nothing more.
+        ScopeTest::with(())
+            .given(vec![team_created(), rotated])
+            .when((
+                Command::AutoRotate {
+                    from: KeyVersion::FIRST,
+                },
+                on(enterprise()),
+            ))
+            .then_expect_events(vec![]);
+    }
+
+    #[test]
+    fn rotation_period_is_set_under_enterprise_and_lifted_on_any_plan() {
+        let standard = Lineage {
+            plan: Plan::Standard,
+            inherited: Effective::Active,
+            justification: crate::EffectiveJustification::default(),
+        };
+        let set = ScopeEvent::ScopeRotationPeriodSet {
+            period: Some("P90D".to_owned()),
+        };
+        ScopeTest::with(())
+            .given(vec![team_created()])
+            .when((
+                Command::SetRotationPeriod(Some("P90D".to_owned())),
+                on(enterprise()),
+            ))
+            .then_expect_events(vec![set.clone()]);
+        ScopeTest::with(())
+            .given(vec![team_created(), set.clone()])
+            .when((
+                Command::SetRotationPeriod(Some("P90D".to_owned())),
+                on(enterprise()),
+            ))
+            .then_expect_events(vec![]);
+        ScopeTest::with(())
+            .given(vec![team_created()])
+            .when((
+                Command::SetRotationPeriod(Some("P90D".to_owned())),
+                on(standard.clone()),
+            ))
+            .then_expect_error(ScopeError::ControlsNeedEnterprise);
+        ScopeTest::with(())
+            .given(vec![team_created(), set])
+            .when((Command::SetRotationPeriod(None), on(standard)))
+            .then_expect_events(vec![ScopeEvent::ScopeRotationPeriodSet { period: None }]);
     }
 
     #[test]

@@ -134,6 +134,15 @@ pub enum Command {
     /// duration, validated by the caller; `None`: the built-in default).
     SetOrgPolicy {
         revoke_window: Option<String>,
+        /// The organization's own rotation period (validated by the caller; `None`: none).
+        rotation_period: Option<String>,
+    },
+    /// Set (or, `None`, lift) the scope's own rotation period (validated by the caller).
+    SetRotationPeriod(Option<String>),
+    /// The scheduler's command: rotate the key if its current version is still `from` (not
+    /// rotated meanwhile, by hand or by another instance).
+    AutoRotate {
+        from: KeyVersion,
     },
 }
 
@@ -199,6 +208,8 @@ impl Command {
             | Command::ScheduleRevocation { .. }
             | Command::CancelRevocation { .. }
             | Command::SetOrgPolicy { .. }
+            | Command::SetRotationPeriod(_)
+            | Command::AutoRotate { .. }
             | Command::RecordMasterKeyHealth { .. } => true,
             Command::ChangeTier(_) | Command::SetMasterKey { .. } => {
                 !self.switches_master(customer_key)

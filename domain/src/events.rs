@@ -178,6 +178,13 @@ pub enum ScopeEvent {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         revoke_window: Option<String>,
     },
+    /// The scope's key rotates automatically once its current version is `period` old (ISO
+    /// 8601, `P1D` to `P3650D`); its subtree inherits it unless a scope below sets its own.
+    /// `None` lifts the scope's own period (it inherits again).
+    ScopeRotationPeriodSet {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        period: Option<String>,
+    },
 }
 
 /// Every audit action and the event type it names, one to one (a test checks it against
@@ -213,11 +220,12 @@ pub const ACTIONS: &[(&str, &str)] = &[
     ("scope.revoke_schedule", "ScopeRevocationScheduled"),
     ("scope.revoke_cancel", "ScopeRevocationCancelled"),
     ("org.policy", "OrganizationPolicySet"),
+    ("scope.rotation_period", "ScopeRotationPeriodSet"),
 ];
 
 impl ScopeEvent {
     /// Every event type this aggregate has ever stored.
-    pub const TYPES: [&'static str; 24] = [
+    pub const TYPES: [&'static str; 25] = [
         "OrganizationCreated",
         "ScopeCreated",
         "ScopePaused",
@@ -242,6 +250,7 @@ impl ScopeEvent {
         "ScopeRevocationScheduled",
         "ScopeRevocationCancelled",
         "OrganizationPolicySet",
+        "ScopeRotationPeriodSet",
     ];
 
     pub fn type_name(&self) -> &'static str {
@@ -272,6 +281,7 @@ impl ScopeEvent {
             ScopeEvent::ScopeRevocationScheduled { .. } => "ScopeRevocationScheduled",
             ScopeEvent::ScopeRevocationCancelled { .. } => "ScopeRevocationCancelled",
             ScopeEvent::OrganizationPolicySet { .. } => "OrganizationPolicySet",
+            ScopeEvent::ScopeRotationPeriodSet { .. } => "ScopeRotationPeriodSet",
         }
     }
 
@@ -311,6 +321,7 @@ impl ScopeEvent {
             ScopeEvent::ScopeRevocationScheduled { .. } => "scope.revoke_schedule",
             ScopeEvent::ScopeRevocationCancelled { .. } => "scope.revoke_cancel",
             ScopeEvent::OrganizationPolicySet { .. } => "org.policy",
+            ScopeEvent::ScopeRotationPeriodSet { .. } => "scope.rotation_period",
         }
     }
 }
@@ -345,7 +356,8 @@ impl DomainEvent for ScopeEvent {
             | ScopeEvent::ScopeResumeScheduled { .. }
             | ScopeEvent::ScopeRevocationScheduled { .. }
             | ScopeEvent::ScopeRevocationCancelled { .. }
-            | ScopeEvent::OrganizationPolicySet { .. } => "1".to_owned(),
+            | ScopeEvent::OrganizationPolicySet { .. }
+            | ScopeEvent::ScopeRotationPeriodSet { .. } => "1".to_owned(),
         }
     }
 }

@@ -1,4 +1,5 @@
-//! The waiting period of a revoke (issue 17 §1): an ISO 8601 duration from `PT0S` to `P90D`.
+//! The waiting period of a revoke (issue 17 §1): an ISO 8601 duration from `PT0S` to `P90D`;
+//! and the rotation period of a scope's key (§2), from `P1D` to `P3650D`.
 //!
 //! Only units of fixed length are accepted: weeks, days, hours, minutes and seconds
 //! (`P7D`, `P2W`, `PT36H`, `P1DT12H`). Years and months are refused, since their length
@@ -26,6 +27,68 @@ impl RevokeWindow {
     pub const ZERO: RevokeWindow = RevokeWindow(0);
 
     pub fn parse(field: &'static str, input: &str) -> Result<RevokeWindow, ValueError> {
+        let seconds = parse_seconds(field, input)?;
+        if seconds > MAX_WINDOW_SECONDS {
+            return Err(ValueError::new(field, "at most P90D"));
+        }
+        Ok(RevokeWindow(seconds))
+    }
+
+    pub fn seconds(self) -> u64 {
+        self.0
+    }
+
+    pub fn is_zero(self) -> bool {
+        self.0 == 0
+    }
+}
+
+/// The shortest and longest rotation periods: a day (as Google Cloud KMS) and ten years.
+pub const MIN_ROTATION_SECONDS: u64 = 86_400;
+pub const MAX_ROTATION_SECONDS: u64 = 3_650 * 86_400;
+
+/// How often a scope's key is rotated automatically (issue 17 §2), in whole seconds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct RotationPeriod(u64);
+
+impl RotationPeriod {
+    pub fn parse(field: &'static str, input: &str) -> Result<RotationPeriod, ValueError> {
+        let seconds = parse_seconds(field, input)?;
+        if !(MIN_ROTATION_SECONDS..=MAX_ROTATION_SECONDS).contains(&seconds) {
+            return Err(ValueError::new(field, "from P1D to P3650D"));
+        }
+        Ok(RotationPeriod(seconds))
+    }
+
+    pub fn seconds(self) -> u64 {
+        self.0
+    }
+}
+
+impl fmt::Display for RotationPeriod {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        RevokeWindow(self.0).fmt(f)
+    }
+}
+
+impl TryFrom<String> for RotationPeriod {
+    type Error = ValueError;
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        RotationPeriod::parse("rotation_period", &value)
+    }
+}
+
+impl From<RotationPeriod> for String {
+    fn from(value: RotationPeriod) -> Self {
+        value.to_string()
+    }
+}
+
+/// An ISO 8601 duration of weeks, days, hours, minutes and seconds, in seconds (at most
+/// about 31 years: 9 digits a unit, checked arithmetic).
+fn parse_seconds(field: &'static str, input: &str) -> Result<u64, ValueError> {
+    {
         let bad = || {
             ValueError::new(
                 field,
@@ -74,18 +137,7 @@ impl RevokeWindow {
         if let Some(time) = time {
             add(time, &[('H', 3_600), ('M', 60), ('S', 1)])?;
         }
-        if seconds > MAX_WINDOW_SECONDS {
-            return Err(ValueError::new(field, "at most P90D"));
-        }
-        Ok(RevokeWindow(seconds))
-    }
-
-    pub fn seconds(self) -> u64 {
-        self.0
-    }
-
-    pub fn is_zero(self) -> bool {
-        self.0 == 0
+        Ok(seconds)
     }
 }
 
@@ -181,6 +233,25 @@ mod tests {
                 RevokeWindow::parse("after", input).is_err(),
                 "{input:?} was accepted"
             );
+        }
+    }
+
+    #[test]
+    fn rotation_periods_read_from_a_day_to_ten_years() {
+        assert_eq!(
+            RotationPeriod::parse("p", "P90D").unwrap().seconds(),
+            90 * 86_400
+        );
+        assert_eq!(
+            RotationPeriod::parse("p", "P1D").unwrap().to_string(),
+            "P1D"
+        );
+        assert_eq!(
+            RotationPeriod::parse("p", "P3650D").unwrap().to_string(),
+            "P3650D"
+        );
+        for input in ["PT23H", "P3651D", "PT0S", "P1M", "P1Y"] {
+            assert!(RotationPeriod::parse("p", input).is_err(), "{input}");
         }
     }
 

@@ -96,6 +96,12 @@ fn summary(event: &ScopeEvent) -> String {
         ScopeEvent::ScopeRevocationCancelled { to } => {
             format!("cancelled the pending revocation (back to {})", to.as_str())
         }
+        ScopeEvent::ScopeRotationPeriodSet { period: Some(period) } => {
+            format!("the key rotates automatically every {period}")
+        }
+        ScopeEvent::ScopeRotationPeriodSet { period: None } => {
+            "lifted its own key rotation period (it inherits again)".to_owned()
+        }
         ScopeEvent::OrganizationPolicySet { revoke_window } => format!(
             "set the revoke waiting period to {}",
             revoke_window.as_deref().unwrap_or("the default, P7D")

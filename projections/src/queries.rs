@@ -59,6 +59,8 @@ pub struct ScopeRecord {
     pub revoke_due_at: Option<String>,
     /// Organizations: the default waiting period of a revoke (ISO 8601), if set.
     pub revoke_window: Option<String>,
+    /// The scope's own key rotation period (ISO 8601), if it set one.
+    pub rotation_period: Option<String>,
 }
 
 /// An action the scheduler fires (issue 17 §2).
@@ -190,7 +192,7 @@ const SCOPE_COLUMNS: &str = "id, org_id, parent_id, kind, name, path, own_state,
     key_version, version, created_at, updated_position, state_event, state_position, state_at, \
     state_actor, state_reason, master_key, master_health, master_reason, master_detail, \
     master_position, master_at, rekey_state, rekey_done_position, justification_policy, \
-    min_decryption_version, revoke_due_at, revoke_window";
+    min_decryption_version, revoke_due_at, revoke_window, rotation_period";
 
 fn malformed(id: &str, problem: impl Into<String>) -> ProjectionError {
     ProjectionError::MalformedRow {
@@ -288,6 +290,7 @@ macro_rules! decode_scope {
                 .map_err(|e| malformed(&id, e.to_string()))?,
             revoke_due_at: row.try_get("revoke_due_at")?,
             revoke_window: row.try_get("revoke_window")?,
+            rotation_period: row.try_get("rotation_period")?,
             justification: row
                 .try_get::<Option<String>, _>("justification_policy")?
                 .map(|text| serde_json::from_str(&text))

@@ -681,6 +681,16 @@ impl Projection for ScopeTree {
                 revoke_due_at(stored, None),
                 unschedule(stored, REVOKE),
             ],
+            ScopeEvent::ScopeRotationPeriodSet { period } => vec![
+                Statement::Update {
+                    table: "scope_view",
+                    key_column: "id",
+                    key: Param::Text(stored.aggregate_id.clone()),
+                    columns: &["rotation_period"],
+                    values: vec![Param::OptText(period)],
+                },
+                version_moved(stored),
+            ],
             ScopeEvent::OrganizationPolicySet { revoke_window } => vec![
                 Statement::Update {
                     table: "scope_view",

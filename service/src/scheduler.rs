@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ekm_domain::ScopeId;
-use ekm_projections::{error_chain, EventListener, ScheduledAction};
+use ekm_projections::{error_chain, EventListener, RotationDue, ScheduledAction};
 use ekm_store::StoredEvent;
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinSet;
@@ -70,7 +70,26 @@ pub struct Scheduler {
     /// Actions that failed to fire, by scope and (kind, subject, instant): when to try again,
     /// and the wait after that. In memory: a restart tries them all again at once, which is what one wants.
     backoff: Mutex<HashMap<BackoffKey, (Instant, Duration)>>,
+    /// Key rotations (issue 17 §2): when the tree was last scanned and when the next
+    /// rotation falls due as of then.
+    rotation: Mutex<RotationLook>,
+    /// An event that may bring a rotation due sooner (a period set, a scope created, a key
+    /// rotated) was heard since the last scan.
+    rotation_dirty: std::sync::atomic::AtomicBool,
+    /// Whether this instance has said that it cannot apply rotation periods.
+    rotation_unavailable_said: std::sync::atomic::AtomicBool,
 }
+
+#[derive(Default)]
+struct RotationLook {
+    last: Option<Instant>,
+    next: Option<i64>,
+}
+
+/// The longest a rotation scan waits when nothing has changed (a safety net: clock jumps).
+const ROTATION_RESCAN: Duration = Duration::from_secs(60);
+/// The shortest gap between two scans brought on by events (a bulk of creates scans once).
+const ROTATION_MIN_GAP: Duration = Duration::from_secs(1);
 
 impl Scheduler {
     pub fn new(app: App) -> Arc<Scheduler> {
@@ -78,6 +97,9 @@ impl Scheduler {
             app,
             wake: Notify::new(),
             backoff: Mutex::new(HashMap::new()),
+            rotation: Mutex::new(RotationLook::default()),
+            rotation_dirty: std::sync::atomic::AtomicBool::new(true),
+            rotation_unavailable_said: std::sync::atomic::AtomicBool::new(false),
         });
         scheduler.app.projector().add_listener(scheduler.listener());
         scheduler
@@ -86,21 +108,73 @@ impl Scheduler {
     fn listener(self: &Arc<Self>) -> EventListener {
         let scheduler = Arc::downgrade(self);
         Arc::new(move |events: &[StoredEvent]| {
+            let Some(scheduler) = scheduler.upgrade() else {
+                return;
+            };
+            if events.iter().any(|e| {
+                matches!(
+                    e.event_type.as_str(),
+                    // What can bring a rotation due sooner than the next scan thought. A new
+                    // scope or key is due a period (a day at least) after it was made: the
+                    // scan each minute sees it in time.
+                    "ScopeRotationPeriodSet"
+                        | "OrganizationMasterKeyHealthChanged"
+                        | "OrganizationMasterKeyChanged"
+                )
+            }) {
+                scheduler
+                    .rotation_dirty
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
+            }
             if events.iter().any(|e| {
                 matches!(
                     e.event_type.as_str(),
                     "ScopeResumeScheduled" | "PermissionGranted" | "ScopeRevocationScheduled"
                 )
             }) {
-                if let Some(scheduler) = scheduler.upgrade() {
-                    scheduler.wake.notify_one();
-                }
+                scheduler.wake.notify_one();
             }
         })
     }
 
-    /// Runs until `shutdown` turns true (or its sender is gone).
-    pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+    /// Runs until `shutdown` turns true (or its sender is gone): the schedule, and key
+    /// rotations beside it (so that a slow KMS minting keys never delays a resume or a
+    /// revocation, nor a failing schedule query the rotations).
+    pub async fn run(self: Arc<Self>, shutdown: watch::Receiver<bool>) {
+        tokio::join!(
+            self.clone().run_schedule(shutdown.clone()),
+            self.run_rotations(shutdown)
+        );
+    }
+
+    /// Looks for due rotations about once a second (a look scans the tree only when one may
+    /// be due: `fire_rotations`).
+    async fn run_rotations(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            if *shutdown.borrow() {
+                return;
+            }
+            self.fire_rotations(false, None).await;
+            let sleep = match self.rotations().next {
+                Some(due) => {
+                    let now = chrono::Utc::now().timestamp_micros();
+                    Duration::from_micros(u64::try_from(due.saturating_sub(now)).unwrap_or(0))
+                        .clamp(NEXT_LOOK, POLL)
+                }
+                None => POLL,
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(sleep) => {}
+                changed = shutdown.changed() => {
+                    if changed.is_err() || *shutdown.borrow() {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn run_schedule(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         loop {
             if *shutdown.borrow() {
                 return;
@@ -269,6 +343,125 @@ impl Scheduler {
         self.next_wake().await
     }
 
+    fn rotations(&self) -> std::sync::MutexGuard<'_, RotationLook> {
+        self.rotation
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Rotates every key whose rotation period ran out by `at` (microseconds since the
+    /// epoch: tests and tools look ahead with it), as one look of `run` does with now.
+    pub async fn rotate_due_at(&self, at: i64) {
+        self.fire_rotations(true, Some(at)).await;
+    }
+
+    /// Scans the memory tree for keys due for rotation, when one may be due (the next due
+    /// time has come, an event may have brought one sooner, or a minute passed), and sends
+    /// `AutoRotate` for each, `IN_FLIGHT` at a time, starting at a random point of the tree.
+    /// Keys waiting out a backoff are left out of the scan's count; the next look comes when
+    /// the first of them may go again. Returns how many were sent and how many did not fire.
+    async fn fire_rotations(&self, force: bool, at: Option<i64>) -> (usize, usize) {
+        let memory = self.app.memory();
+        if !memory.is_ready() {
+            // `--scope-reads sql`: the tree is not kept, so periods are not applied.
+            if !self
+                .rotation_unavailable_said
+                .swap(true, std::sync::atomic::Ordering::Relaxed)
+            {
+                tracing::warn!("key rotation periods are not applied by this instance: the scope tree is not kept in memory (--scope-reads sql)");
+            }
+            return (0, 0);
+        }
+        let now = at.unwrap_or_else(|| chrono::Utc::now().timestamp_micros());
+        {
+            let look = self.rotations();
+            let dirty = self
+                .rotation_dirty
+                .load(std::sync::atomic::Ordering::Relaxed);
+            let since = look.last.map(|l| l.elapsed());
+            let due = look.next.is_some_and(|n| n <= now);
+            let stale = since.is_none_or(|s| s >= ROTATION_RESCAN);
+            let changed = dirty && since.is_none_or(|s| s >= ROTATION_MIN_GAP);
+            if !(force || due || stale || changed) {
+                return (0, 0);
+            }
+        }
+        self.rotation_dirty
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        // The keys waiting out a backoff, and when the first may go again.
+        let (waiting, retry_at) = {
+            let backoffs = self.backoffs();
+            let now_instant = Instant::now();
+            let now_micros = chrono::Utc::now().timestamp_micros();
+            let mut waiting = std::collections::HashSet::new();
+            let mut retry_at: Option<i64> = None;
+            for ((scope, what), (until, _)) in backoffs.iter() {
+                let Some(version) = what.strip_prefix("rotation\u{0}") else {
+                    continue;
+                };
+                if *until > now_instant {
+                    waiting.insert((*scope, version.parse::<u32>().unwrap_or(0)));
+                    let at = now_micros
+                        + i64::try_from((*until - now_instant).as_micros()).unwrap_or(i64::MAX / 2);
+                    retry_at = Some(retry_at.map_or(at, |r| r.min(at)));
+                }
+            }
+            (waiting, retry_at)
+        };
+        let start = rand::random_range(0..usize::MAX);
+        let skip = |scope: ScopeId, version: u32| waiting.contains(&(scope, version));
+        let (due, next) = memory.rotations_due_from(now, BATCH as usize, start, &skip);
+        {
+            let mut look = self.rotations();
+            look.last = Some(Instant::now());
+            look.next = match (next, retry_at) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+        }
+        let mut due = due.into_iter();
+        let (mut sent, mut unfired) = (0, waiting.len());
+        let mut flying = JoinSet::new();
+        loop {
+            while flying.len() < IN_FLIGHT {
+                let Some(rotation) = due.next() else {
+                    break;
+                };
+                let app = self.app.clone();
+                flying.spawn(async move {
+                    let outcome = rotate(&app, &rotation).await;
+                    (rotation, outcome)
+                });
+            }
+            let Some(joined) = flying.join_next().await else {
+                break;
+            };
+            let Ok((rotation, outcome)) = joined else {
+                // A panicked rotation is found due again at the next scan.
+                tracing::error!("a key rotation's task failed; it will be retried");
+                unfired += 1;
+                continue;
+            };
+            sent += 1;
+            let key = rotation_key(&rotation);
+            match outcome {
+                Ok(true) => {
+                    self.backoffs().remove(&key);
+                }
+                // Rotated elsewhere meanwhile: this tree hears it shortly.
+                Ok(false) => {
+                    self.failed(key);
+                }
+                Err(error) => {
+                    unfired += 1;
+                    let wait = self.failed(key);
+                    tracing::warn!(scope = %rotation.scope_id, error = %error_chain(&error), retry_in_ms = wait.as_millis() as u64, "a key rotation could not be made; it will be retried");
+                }
+            }
+        }
+        (sent, unfired)
+    }
+
     /// When to look again: the due time of the soonest action not waiting out a backoff, or
     /// the end of the soonest backoff (microseconds since the epoch). An action fired by
     /// another instance stays in this instance's read model for a moment, in backoff here;
@@ -323,6 +516,41 @@ impl Scheduler {
         backoff.insert(key, (Instant::now() + wait, wait));
         wait
     }
+}
+
+fn rotation_key(rotation: &RotationDue) -> BackoffKey {
+    (
+        rotation.scope_id,
+        format!("rotation\u{0}{}", rotation.from.get()),
+    )
+}
+
+/// Rotates one key whose period ran out, if its version is still `from`. `true`: rotated.
+async fn rotate(app: &App, rotation: &RotationDue) -> Result<bool, AppError> {
+    let mut metadata = system_metadata_as(SCHEDULER_ACTOR);
+    metadata.reason = ekm_domain::Reason::parse(&format!(
+        "the key's rotation period {} ran out",
+        rotation.period
+    ))
+    .ok();
+    let action = Action::AutoRotate {
+        from: rotation.from,
+    };
+    let outcome = match app.act(rotation.scope_id, action, &metadata, None).await {
+        Ok(outcome) => outcome,
+        // Recorded, only not read back: it is done (as for the schedule's actions).
+        Err(AppError::Committed { .. }) => return Ok(true),
+        Err(error) => return Err(error),
+    };
+    if outcome.changed {
+        let lateness = chrono::Utc::now()
+            .timestamp_micros()
+            .saturating_sub(rotation.due_at) as f64
+            / 1e6;
+        tracing::info!(scope = %rotation.scope_id, from = rotation.from.get(), "key rotated on its period");
+        metrics::histogram!("ekm_scheduled_action_lateness_seconds").record(lateness.max(0.0));
+    }
+    Ok(outcome.changed)
 }
 
 /// Sends one action's command. The caller brings the read models up to it afterwards.

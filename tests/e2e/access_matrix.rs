@@ -175,6 +175,12 @@ fn rows() -> Vec<Row> {
             guarded(200, ok(200)),
         ),
         row(
+            "PUT",
+            "/v1/scopes/{id}/rotation-period",
+            manage,
+            guarded(200, ok(200)),
+        ),
+        row(
             "POST",
             "/v1/scopes/{id}/rotate",
             manage,
@@ -456,6 +462,10 @@ async fn request(app: &TestApp, world: &World, row: &Row, index: usize) -> (Stri
         ("PUT", "/v1/orgs/{org}/policy") => (
             format!("/v1/orgs/{org}/policy"),
             Some(json!({"revoke_window": "P14D"})),
+        ),
+        ("PUT", "/v1/scopes/{id}/rotation-period") => (
+            format!("/v1/scopes/{thread}/rotation-period"),
+            Some(json!({"rotation_period": "P30D"})),
         ),
         ("POST", "/v1/scopes/{id}/cancel-revocation") => (
             format!("/v1/scopes/{thread}/cancel-revocation"),

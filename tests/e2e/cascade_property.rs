@@ -226,7 +226,9 @@ async fn check(app: &App, ops: Vec<Op>) -> Result<(), TestCaseError> {
                         | Action::PauseUntil(_)
                         | Action::FireScheduledResume { .. }
                         | Action::FireScheduledRevocation { .. }
-                        | Action::SetOrgPolicy { .. } => {
+                        | Action::SetOrgPolicy { .. }
+                        | Action::SetRotationPeriod(_)
+                        | Action::AutoRotate { .. } => {
                             unreachable!("not generated")
                         }
                         Action::Rotate => {

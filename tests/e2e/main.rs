@@ -47,6 +47,7 @@ mod process;
 mod process_hardening;
 mod rebuild;
 mod rich_history;
+mod rotation;
 mod schedule;
 mod tamper;
 mod tenancy;

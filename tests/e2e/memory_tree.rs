@@ -31,6 +31,8 @@ enum Op {
     /// A revoke with a waiting period (it never falls due here), and its cancellation.
     RevokeLater(usize),
     CancelRevocation(usize),
+    /// A rotation period set (or lifted) on a scope.
+    RotationPeriod(usize, bool),
     Rotate(usize),
     Retire(usize),
     Tier(bool),
@@ -57,6 +59,7 @@ fn op() -> impl Strategy<Value = (bool, Op)> {
         1 => any::<usize>().prop_map(Op::Revoke),
         1 => any::<usize>().prop_map(Op::RevokeLater),
         1 => any::<usize>().prop_map(Op::CancelRevocation),
+        1 => (any::<usize>(), any::<bool>()).prop_map(|(i, set)| Op::RotationPeriod(i, set)),
         1 => any::<usize>().prop_map(Op::Rotate),
         1 => any::<usize>().prop_map(Op::Retire),
         1 => any::<bool>().prop_map(Op::Tier),
@@ -125,6 +128,10 @@ async fn run_ops(
                 (id, action)
             }
             Op::CancelRevocation(i) => (pick(i), Action::CancelRevocation { now: rfc3339_now() }),
+            Op::RotationPeriod(i, set) => (
+                pick(i),
+                Action::SetRotationPeriod(set.then(|| "P30D".to_owned())),
+            ),
             Op::Rotate(i) => (pick(i), Action::Rotate),
             Op::Retire(i) => {
                 let id = pick(i);

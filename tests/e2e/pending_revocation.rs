@@ -219,7 +219,8 @@ async fn bad_windows_and_policies_are_refused_clearly(backend: Backend) {
         json!({"revoke_window": "P1Y"}),
         json!({"revoke_window": "P100D"}),
         json!({"revoke_window": 7}),
-        json!({"rotation_period": "P90D"}),
+        json!({"rotation_period": "PT1H"}),
+        json!({"rotation_period": "P1M"}),
         json!({"revoke_window": "P1D", "surprise": true}),
     ] {
         app.call(

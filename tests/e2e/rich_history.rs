@@ -14,7 +14,7 @@ use crate::kms_servers::Moto;
 
 /// The event types a rich history must contain, or it proves less than it claims. (The
 /// re-key job's events come from the revokes, once the job has run.)
-pub const EVENT_TYPES: [&str; 20] = [
+pub const EVENT_TYPES: [&str; 21] = [
     "OrganizationCreated",
     "ScopeCreated",
     "ScopePaused",
@@ -35,6 +35,7 @@ pub const EVENT_TYPES: [&str; 20] = [
     "ScopeRevocationScheduled",
     "ScopeRevocationCancelled",
     "OrganizationPolicySet",
+    "ScopeRotationPeriodSet",
 ];
 
 /// Server options for a rich history: the KMS settings that reach `moto`, no background
@@ -150,7 +151,7 @@ impl<'a> RichHistory<'a> {
                 "PUT",
                 &format!("/v1/orgs/{}/policy", second.id),
                 Some(&second.admin),
-                Some(json!({"revoke_window": "P14D"})),
+                Some(json!({"revoke_window": "P14D", "rotation_period": "P90D"})),
             )
             .await;
         assert_eq!(policy.status, 200, "{}", policy.body);
@@ -317,9 +318,15 @@ impl<'a> RichHistory<'a> {
                 let sent = match (target == org.id, rng.random_range(0..3)) {
                     (true, n) => {
                         let window = [json!("P3D"), json!("PT12H"), json!(null)][n].clone();
-                        let body = json!({"revoke_window": window});
+                        let period = [json!("P30D"), json!(null), json!("P365D")][n].clone();
+                        let body = json!({"revoke_window": window, "rotation_period": period});
                         let policy = format!("/v1/orgs/{}/policy", org.id);
                         app.call("PUT", &policy, Some(&token), Some(body)).await
+                    }
+                    (false, 0) if rng.random_bool(0.3) => {
+                        let body = json!({"rotation_period": "P60D"});
+                        app.call("PUT", &path("rotation-period"), Some(&token), Some(body))
+                            .await
                     }
                     (false, 0) => app.revoke(&token, &target).await,
                     (false, 1) => {

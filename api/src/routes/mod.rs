@@ -74,6 +74,11 @@ pub(crate) fn register(endpoints: &mut Endpoints) {
         "/v1/scopes/{id}/cancel-revocation",
         scopes::cancel_revocation,
     );
+    endpoints.add(
+        Put,
+        "/v1/scopes/{id}/rotation-period",
+        scopes::set_rotation_period,
+    );
     endpoints.add(Post, "/v1/scopes/{id}/rotate", scopes::rotate);
     endpoints.add(Post, "/v1/scopes/{id}/retire", scopes::retire);
     endpoints.add(Get, "/v1/scopes/{id}/state", scopes::state_as_of);

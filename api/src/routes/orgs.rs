@@ -346,14 +346,22 @@ pub(crate) async fn search_scopes(
     }))
 }
 
+/// A field that may be absent (`None`: left as it is) or `null` (`Some(None)`: its default).
+pub(crate) fn present<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<Option<String>>, D::Error> {
+    <Option<String> as serde::Deserialize>::deserialize(deserializer).map(Some)
+}
+
 #[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct PolicyRequest {
-    /// `null` or absent: back to the default.
-    #[serde(default)]
-    revoke_window: Option<String>,
-    #[serde(default)]
-    rotation_period: Option<serde_json::Value>,
+    /// Absent: unchanged; `null`: back to the default (P7D).
+    #[serde(default, deserialize_with = "present")]
+    revoke_window: Option<Option<String>>,
+    /// Absent: unchanged; `null`: the organization's keys do not rotate on their own.
+    #[serde(default, deserialize_with = "present")]
+    rotation_period: Option<Option<String>>,
     reason: Option<String>,
 }
 
@@ -363,7 +371,7 @@ fn policy_json(org: &ekm_projections::ScopeSnapshot) -> serde_json::Value {
         "org_id": org.scope.id.to_string(),
         "revoke_window": set.clone().unwrap_or_else(|| RevokeWindow::DEFAULT.to_string()),
         "revoke_window_is_default": set.is_none(),
-        "rotation_period": null,
+        "rotation_period": org.scope.rotation_period,
     })
 }
 
@@ -380,9 +388,11 @@ pub(crate) async fn policy(
     Ok(response)
 }
 
-/// `PUT /v1/orgs/{org}/policy {"revoke_window": "P14D" | null, "reason"?}`: an event.
-/// `rotation_period` is part of the contract but not built yet: it is refused rather than
-/// stored and ignored.
+/// `PUT /v1/orgs/{org}/policy {"revoke_window"?: "P14D" | null, "rotation_period"?: "P90D" |
+/// null, "reason"?}`: a field left out stays as it is, `null` is its default (P7D, no
+/// rotation), so a client that knows one field cannot lift the other by accident; one
+/// event per field that changed. The rotation period is the organization scope's own:
+/// its subtree inherits it unless a scope sets its own.
 pub(crate) async fn set_policy(
     State(state): State<AppState>,
     caller: Caller,
@@ -390,26 +400,41 @@ pub(crate) async fn set_policy(
     headers: HeaderMap,
     JsonBody(body): JsonBody<PolicyRequest>,
 ) -> Result<Response, ApiError> {
-    if body.rotation_period.as_ref().is_some_and(|v| !v.is_null()) {
-        return Err(ApiError::invalid(
-            "rotation_period: automatic rotation is not available yet; rotate with POST /v1/scopes/{id}/rotate",
-        ));
-    }
+    let rotation_period = body
+        .rotation_period
+        .map(|p| {
+            p.as_deref()
+                .map(|p| ekm_domain::RotationPeriod::parse("rotation_period", p))
+                .transpose()
+                .map(|p| p.map(|p| p.to_string()))
+        })
+        .transpose()
+        .map_err(|e| ApiError::invalid(e.to_string()))?;
     let revoke_window = body
         .revoke_window
-        .as_deref()
-        .map(|w| RevokeWindow::parse("revoke_window", w))
+        .map(|w| {
+            w.as_deref()
+                .map(|w| RevokeWindow::parse("revoke_window", w))
+                .transpose()
+                .map(|w| w.map(|w| w.to_string()))
+        })
         .transpose()
-        .map_err(|e| ApiError::invalid(e.to_string()))?
-        .map(|w| w.to_string());
+        .map_err(|e| ApiError::invalid(e.to_string()))?;
     let reason = reason(body.reason.as_deref(), false)?;
     let org = visible_org(&state, &caller, path, Permission::EncryptionManage).await?;
+    // Fields left out keep what the organization has (the aggregate records only changes;
+    // `If-Match` makes the whole request apply to the version read).
+    let revoke_window = revoke_window.unwrap_or_else(|| org.scope.revoke_window.clone());
+    let rotation_period = rotation_period.unwrap_or_else(|| org.scope.rotation_period.clone());
     let expected = expected_version(&headers)?;
     let outcome = state
         .app
         .act(
             org.scope.id,
-            Action::SetOrgPolicy { revoke_window },
+            Action::SetOrgPolicy {
+                revoke_window,
+                rotation_period,
+            },
             &caller.metadata(reason),
             expected,
         )

@@ -321,6 +321,41 @@ pub(crate) async fn revoke(
     lifecycle(state, caller, path, &headers, action, reason).await
 }
 
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RotationPeriodRequest {
+    /// Required: a period, or `null` to lift the scope's own.
+    #[serde(default, deserialize_with = "super::orgs::present")]
+    rotation_period: Option<Option<String>>,
+    reason: Option<String>,
+}
+
+/// `PUT /v1/scopes/{id}/rotation-period {"rotation_period": "P30D" | null, "reason"?}`: the
+/// scope's own key rotation period (issue 17 §2), which its subtree inherits unless a scope
+/// below sets its own; `null` lifts it (the scope inherits again). Setting one needs the
+/// enterprise plan; lifting one does not.
+pub(crate) async fn set_rotation_period(
+    State(state): State<AppState>,
+    caller: Caller,
+    path: Result<Path<String>, PathRejection>,
+    headers: HeaderMap,
+    JsonBody(body): JsonBody<RotationPeriodRequest>,
+) -> Result<Response, ApiError> {
+    let period = body
+        .rotation_period
+        .ok_or_else(|| {
+            ApiError::invalid("rotation_period: required (null lifts the scope's own period)")
+        })?
+        .as_deref()
+        .map(|p| ekm_domain::RotationPeriod::parse("rotation_period", p))
+        .transpose()
+        .map_err(|e| ApiError::invalid(e.to_string()))?
+        .map(|p| p.to_string());
+    let reason = reason(body.reason.as_deref(), false)?;
+    let action = Action::SetRotationPeriod(period);
+    lifecycle(state, caller, path, &headers, action, reason).await
+}
+
 /// `POST /v1/scopes/{id}/cancel-revocation {"reason"}`: the pending revocation is cancelled
 /// and the scope returns to the own state it had (`changed: false` when nothing was
 /// pending). Works on any plan, like resume (ADR 0029).

@@ -227,6 +227,13 @@ impl Tree {
                     rare.revoke_due_at = None;
                 }
             }
+            ScopeEvent::ScopeRotationPeriodSet { period } => {
+                let node = self.touch(stored)?;
+                let rotation = period.map(|p| super::rotation(&p));
+                if rotation.is_some() || node.rare.is_some() {
+                    node.rare.get_or_insert_with(Default::default).rotation = rotation;
+                }
+            }
             ScopeEvent::OrganizationPolicySet { revoke_window } => {
                 let node = self.touch(stored)?;
                 org_fields(node).revoke_window = revoke_window.map(String::into_boxed_str);

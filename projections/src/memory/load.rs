@@ -15,7 +15,7 @@ const LOAD_SCOPES: &str = "SELECT id, parent_id, kind, name, own_state, plan, ti
     version, created_at, updated_position, state_event, state_position, state_at, state_actor, \
     state_reason, master_key, master_health, master_reason, master_detail, master_position, \
     master_at, rekey_state, rekey_done_position, justification_policy, min_decryption_version, \
-    revoke_due_at, revoke_window FROM scope_view";
+    revoke_due_at, revoke_window, rotation_period FROM scope_view";
 const LOAD_KEY_VERSIONS: &str = "SELECT scope_id, version, created_at, fingerprint, \
     retired_position FROM key_version_view ORDER BY scope_id, version";
 const LOAD_GRANTS: &str = "SELECT org_id, principal, permission, scope_id, granted_position, \
@@ -225,12 +225,16 @@ where
     let revoke_due_at: Option<Box<str>> = row
         .try_get::<Option<String>, _>("revoke_due_at")?
         .map(String::into_boxed_str);
+    let rotation = row
+        .try_get::<Option<String>, _>("rotation_period")?
+        .map(|text| super::rotation(&text));
     let rare = (state_change.is_some()
         || rekey_done_position.is_some()
         || org.is_some()
         || justification.is_some()
         || min_decryption.is_some()
-        || revoke_due_at.is_some())
+        || revoke_due_at.is_some()
+        || rotation.is_some())
     .then(|| {
         Box::new(Rare {
             state_change,
@@ -239,6 +243,7 @@ where
             justification,
             min_decryption,
             revoke_due_at,
+            rotation,
         })
     });
     let version: i64 = row.try_get("version")?;

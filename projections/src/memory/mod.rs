@@ -136,6 +136,8 @@ struct Rare {
     min_decryption: Option<u32>,
     /// While `pending_revocation`: when the revoke falls due.
     revoke_due_at: Option<Box<str>>,
+    /// The scope's own key rotation period, in seconds, and as the event wrote it.
+    rotation: Option<(u64, Box<str>)>,
 }
 
 struct Change {
@@ -333,6 +335,16 @@ impl MemoryTree {
         }
     }
 
+    /// Makes an idle tree ready as it is, empty, to be fed events alone (benchmarks of the
+    /// tree itself; a server loads it with `load`).
+    pub fn load_empty(&self) {
+        if let Ok(mut state) = self.state.write() {
+            if state.phase == Phase::Idle {
+                state.phase = Phase::Ready;
+            }
+        }
+    }
+
     /// Applies events a command has just committed (in position order), before the
     /// projector tells them. An event whose aggregate has older events this tree has not
     /// seen yet is left for the projector (`Applied::Gap`).
@@ -502,6 +514,123 @@ impl MemoryTree {
     }
 }
 
+/// A rotation period as a row or an event wrote it: its length in seconds, 0 when it cannot
+/// be read (a row written around the aggregate: it then sets nothing, and the scope
+/// inherits, rather than rotating at every look).
+fn rotation(text: &str) -> (u64, Box<str>) {
+    let seconds = match ekm_domain::RotationPeriod::parse("rotation_period", text) {
+        Ok(period) => period.seconds(),
+        Err(_) => {
+            tracing::warn!(
+                period = text,
+                "a rotation period that cannot be read is ignored"
+            );
+            0
+        }
+    };
+    (seconds, text.into())
+}
+
+/// A key whose rotation period has run out (issue 17 §2).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RotationDue {
+    pub scope_id: ScopeId,
+    /// The current version, which the rotation replaces (`AutoRotate { from }`).
+    pub from: ekm_domain::KeyVersion,
+    /// The period in force, as set (on the scope or the nearest ancestor that set one).
+    pub period: String,
+    /// When it fell due, in microseconds since the epoch.
+    pub due_at: i64,
+}
+
+impl MemoryTree {
+    /// The keys due for rotation at `now` (microseconds since the epoch), at most `limit`,
+    /// and when the next one falls due (`now` when more are due than `limit`). A scope's
+    /// period is its own, else the nearest ancestor's; its current key version falls due
+    /// that long after it was created. Revoked subtrees rotate nothing, nor do
+    /// organizations whose customer master key is unavailable (nothing could be minted).
+    /// One pass over the tree under the read lock (1M scopes: BENCHMARKS.md), so no schedule
+    /// row per scope has to be rewritten when an organization's period changes.
+    pub fn rotations_due(&self, now: i64, limit: usize) -> (Vec<RotationDue>, Option<i64>) {
+        self.rotations_due_from(now, limit, 0, &|_, _| false)
+    }
+
+    /// `rotations_due`, starting the pass at node `start` (instances start at random points,
+    /// so two rarely work the same keys) and leaving out, without counting them against
+    /// `limit`, the keys `skip` names (scope, current version: those waiting out a backoff).
+    pub fn rotations_due_from(
+        &self,
+        now: i64,
+        limit: usize,
+        start: usize,
+        skip: &dyn Fn(ScopeId, u32) -> bool,
+    ) -> (Vec<RotationDue>, Option<i64>) {
+        let Ok(state) = self.state.read() else {
+            return (vec![], None);
+        };
+        let tree = &state.tree;
+        let mut due = vec![];
+        let mut next: Option<i64> = None;
+        let count = tree.nodes.len();
+        let start = if count == 0 { 0 } else { start % count };
+        for node in tree.nodes[start..].iter().chain(&tree.nodes[..start]) {
+            let mut period: Option<&(u64, Box<str>)> = None;
+            let mut revoked = false;
+            let mut at = node;
+            loop {
+                if at.own_state == OwnState::Revoked {
+                    revoked = true;
+                    break;
+                }
+                if at.parent == ROOT && Tree::master_health(at) == KeyHealth::Unavailable {
+                    revoked = true;
+                    break;
+                }
+                if period.is_none() {
+                    period = at
+                        .rare
+                        .as_ref()
+                        .and_then(|r| r.rotation.as_ref())
+                        .filter(|r| r.0 > 0);
+                }
+                match tree.nodes.get(at.parent as usize) {
+                    Some(parent) if at.parent != ROOT => at = parent,
+                    _ => break,
+                }
+            }
+            let (false, Some((seconds, text))) = (revoked, period) else {
+                continue;
+            };
+            let Some(current) = node
+                .key_versions
+                .iter()
+                .find(|k| k.version == node.key_version)
+            else {
+                continue;
+            };
+            let length = i64::try_from(*seconds)
+                .unwrap_or(i64::MAX / 2_000_000)
+                .saturating_mul(1_000_000);
+            let due_at = current.created_at.saturating_add(length);
+            if due_at > now {
+                next = Some(next.map_or(due_at, |n| n.min(due_at)));
+            } else if skip(node.id, node.key_version) {
+                continue;
+            } else if due.len() < limit {
+                due.push(RotationDue {
+                    scope_id: node.id,
+                    from: ekm_domain::KeyVersion::new(node.key_version),
+                    period: text.to_string(),
+                    due_at,
+                });
+            } else {
+                next = Some(now);
+            }
+        }
+        (due, next)
+    }
+}
+
 fn malformed(id: &str, problem: impl Into<String>) -> ProjectionError {
     ProjectionError::MalformedRow {
         id: id.to_owned(),
@@ -593,6 +722,7 @@ impl Tree {
             min_decryption_version: rare.and_then(|r| r.min_decryption).unwrap_or(1),
             revoke_due_at: rare.and_then(|r| r.revoke_due_at.as_deref().map(str::to_owned)),
             revoke_window: org.and_then(|o| o.revoke_window.as_deref().map(str::to_owned)),
+            rotation_period: rare.and_then(|r| r.rotation.as_ref().map(|(_, p)| p.to_string())),
         }
     }
 

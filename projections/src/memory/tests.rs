@@ -490,3 +490,118 @@ fn plan_floor_and_justification_policy_reach_the_snapshots() {
     assert_eq!(team.scope.justification, None::<JustificationPolicy>);
     assert_eq!(team.scope.min_decryption_version, 1);
 }
+
+#[test]
+fn rotations_fall_due_by_the_nearest_period_on_the_path_and_never_under_a_revoke() {
+    let mut given = given();
+    let day: i64 = 86_400_000_000;
+    let now = chrono::Utc::now().timestamp_micros();
+    let ids = |due: &[RotationDue]| {
+        let mut ids: Vec<ScopeId> = due.iter().map(|d| d.scope_id).collect();
+        ids.sort();
+        ids
+    };
+    // No period anywhere: nothing is ever due.
+    assert_eq!(
+        given.tree.rotations_due(now + 400 * day, 100),
+        (vec![], None)
+    );
+    // The organization rotates daily; the team overrides with 30 days, and its thread
+    // inherits the team's.
+    given.when(
+        given.org,
+        ScopeEvent::ScopeRotationPeriodSet {
+            period: Some("P1D".into()),
+        },
+    );
+    given.when(
+        given.team,
+        ScopeEvent::ScopeRotationPeriodSet {
+            period: Some("P30D".into()),
+        },
+    );
+    let (due, next) = given.tree.rotations_due(now + 2 * day, 100);
+    assert_eq!(ids(&due), vec![given.org]);
+    assert_eq!(due[0].from, KeyVersion::FIRST);
+    assert_eq!(due[0].period, "P1D");
+    let next = next.unwrap();
+    assert!(next > now + 29 * day && next <= now + 31 * day, "{next}");
+    let (due, _) = given.tree.rotations_due(now + 31 * day, 100);
+    let mut expected = vec![given.org, given.team, given.thread];
+    expected.sort();
+    assert_eq!(ids(&due), expected);
+    // At most `limit`, and the next look is at once.
+    let (due, next) = given.tree.rotations_due(now + 31 * day, 1);
+    assert_eq!((due.len(), next), (1, Some(now + 31 * day)));
+    // From any starting point the same keys; those skipped (in backoff) do not count
+    // against the limit.
+    for start in 0..5 {
+        let (due, _) = given
+            .tree
+            .rotations_due_from(now + 31 * day, 100, start, &|_, _| false);
+        assert_eq!(ids(&due), expected);
+    }
+    let org = given.org;
+    let (due, _) = given
+        .tree
+        .rotations_due_from(now + 31 * day, 2, 0, &|id, _| id == org);
+    let mut others = vec![given.team, given.thread];
+    others.sort();
+    assert_eq!(ids(&due), others);
+    // An organization whose customer key is unavailable mints nothing: nothing is due.
+    given.when(
+        given.org,
+        ScopeEvent::OrganizationMasterKeyHealthChanged {
+            health: KeyHealth::Unavailable,
+            reason: Some(UnavailableReason::Disabled),
+            detail: "disabled".into(),
+        },
+    );
+    assert_eq!(given.tree.rotations_due(now + 31 * day, 100).0, vec![]);
+    given.when(
+        given.org,
+        ScopeEvent::OrganizationMasterKeyHealthChanged {
+            health: KeyHealth::Available,
+            reason: None,
+            detail: "back".into(),
+        },
+    );
+    // Rotated: its new version is due a period after its creation.
+    given.when(
+        given.org,
+        ScopeEvent::ScopeKeyRotated {
+            key_version: KeyVersion::new(2),
+            key_fingerprint: None,
+        },
+    );
+    let hour = day / 24;
+    let (due, _) = given.tree.rotations_due(now + day - hour, 100);
+    assert_eq!(due.len(), 0, "{due:?}");
+    let (due, _) = given.tree.rotations_due(now + day + hour, 100);
+    assert_eq!(
+        (ids(&due), due[0].from),
+        (vec![given.org], KeyVersion::new(2))
+    );
+    // A period that cannot be read sets nothing: the thread inherits the team's.
+    given.when(
+        given.thread,
+        ScopeEvent::ScopeRotationPeriodSet {
+            period: Some("soon".into()),
+        },
+    );
+    let (due, _) = given.tree.rotations_due(now + 31 * day, 100);
+    assert!(ids(&due).contains(&given.thread));
+    // A revoked team rotates nothing below it; lifting the team's period makes its
+    // subtree inherit the organization's again.
+    given.when(
+        given.team,
+        ScopeEvent::ScopeRotationPeriodSet { period: None },
+    );
+    let (due, _) = given.tree.rotations_due(now + day + hour, 100);
+    let mut expected = vec![given.org, given.team, given.thread];
+    expected.sort();
+    assert_eq!(ids(&due), expected);
+    given.when(given.team, ScopeEvent::ScopeRevoked { requested_by: None });
+    let (due, _) = given.tree.rotations_due(now + 400 * day, 100);
+    assert_eq!(ids(&due), vec![given.org]);
+}
