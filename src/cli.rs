@@ -656,6 +656,12 @@ pub struct ServeArgs {
     /// Address to listen on.
     #[arg(long, env = "EKM_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
+    /// The platform's own scope kinds and their allowed parents, a JSON file:
+    /// `{"kinds": [{"name": "project", "parents": ["organization", "team"]}]}`. A built-in
+    /// name (team, thread, mcp_connector, agent) gains the parents listed. Validated at
+    /// start-up; every instance sharing a database needs the same file.
+    #[arg(long, env = "EKM_SCOPE_KINDS")]
+    pub scope_kinds: Option<PathBuf>,
     /// Also serve `GET /metrics` (Prometheus text format) on this address, without a token:
     /// keep it private. On the main address it needs the operator token.
     #[arg(long, env = "EKM_METRICS_LISTEN")]

@@ -132,6 +132,25 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     if let Err((pattern, error)) = kms_settings.validate_allowed_endpoints() {
         bail!("--kms-allowed-endpoints: `{pattern}` {error}");
     }
+    // The platform's own scope kinds: a file that does not validate stops start-up.
+    if let Some(path) = &args.scope_kinds {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| anyhow::anyhow!("--scope-kinds {}: {e}", path.display()))?;
+        let registry = ekm_domain::KindRegistry::parse(&text)
+            .map_err(|e| anyhow::anyhow!("--scope-kinds {}: {e}", path.display()))?;
+        let listed: Vec<String> = registry
+            .entries()
+            .iter()
+            .map(|(kind, parents)| {
+                let parents: Vec<&str> = parents.iter().map(|p| p.as_str()).collect();
+                format!("{kind} under {}", parents.join("|"))
+            })
+            .collect();
+        registry
+            .install()
+            .map_err(|e| anyhow::anyhow!("--scope-kinds: {e}"))?;
+        tracing::info!(kinds = %listed.join(", "), "scope kinds registered");
+    }
     // A bad certificate or key stops start-up before anything else happens.
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => Some(crate::listener::tls_acceptor(cert, key)?),

@@ -210,6 +210,7 @@ impl From<ScopeError> for ApiError {
                 ApiError::not_found(detail)
             }
             ScopeError::InvalidParent { .. }
+            | ScopeError::TooDeep { .. }
             | ScopeError::NotAnOrganization
             | ScopeError::CannotRetireCurrent { .. }
             | ScopeError::FloorAboveCurrent { .. }

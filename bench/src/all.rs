@@ -60,8 +60,9 @@ impl Sizes {
         }
     }
 
+    /// Each team holds a nested team (depth 4 at the threads: issue 17 §5).
     fn descendants(&self) -> usize {
-        self.teams * (1 + self.threads_per_team)
+        self.teams * (2 + self.threads_per_team)
     }
 }
 
@@ -129,14 +130,14 @@ async fn postgres_figures(
     .await
     .map_err(|e| anyhow::anyhow!(ekm_projections::error_chain(&e)))?;
 
-    // The tree: organization → teams → threads (the deepest the domain allows), seeded as
-    // events with SQL; a quarter first, rebuilt, to show memory flat in history length.
+    // The tree: organization → teams → nested teams → threads (depth 4), seeded as events
+    // with SQL; a quarter first, rebuilt, to show memory flat in history length.
     let org = OrgId::generate();
     let mut leaves = vec![];
     let quarter = plan.teams / 4;
     progress(format!(
         "seeding {} scopes (a quarter first)",
-        quarter * (1 + plan.threads_per_team) + 1
+        quarter * (2 + plan.threads_per_team) + 1
     ));
     let seeding = Instant::now();
     seed_tree(
@@ -394,8 +395,10 @@ async fn serve_postgres(
     progress("cascade: pausing the big organization against a small one");
     let operator = a.operator_token()?;
     let small = create_org(&client, &a.base, &operator).await?;
-    let mut teams = vec![];
+    // organization → team → team → thread: depth 4, as the big one.
+    let mut teams: Vec<String> = vec![];
     for i in 0..2 {
+        let parent = teams.last().cloned().unwrap_or_else(|| small.id.clone());
         teams.push(
             create_scope(
                 &client,
@@ -403,7 +406,7 @@ async fn serve_postgres(
                 &small.admin,
                 "team",
                 &format!("t{i}"),
-                &small.id,
+                &parent,
             )
             .await?,
         );
@@ -703,9 +706,10 @@ async fn serve_sqlite(
 // ---------------------------------------------------------------------------------------
 // Seeding, export
 
-/// Appends the organization (if `with_org`) and `teams` teams of `threads` threads each,
-/// with the metadata keys EKM writes, in batches through `UNNEST` (the position trigger
-/// numbers every row). Every tenth thread's id goes to `leaves`.
+/// Appends the organization (if `with_org`) and `teams` teams, each with a nested team of
+/// `threads` threads (organization → team → team → thread: depth 4), with the metadata keys
+/// EKM writes, in batches through `UNNEST` (the position trigger numbers every row). Every
+/// tenth thread's id goes to `leaves`.
 pub(crate) async fn seed_tree(
     db: &Db,
     org: OrgId,
@@ -739,15 +743,30 @@ pub(crate) async fn seed_tree(
             &event,
             metadata(org, &team_path, None),
         )?;
+        let squad = ScopeId::generate();
+        let squad_path = format!("{team_path}/{squad}");
+        let event = seed::scope_created(
+            ScopeKind::Team,
+            org,
+            vec![org.scope_id(), team, squad],
+            &name,
+        )?;
+        batch.push(
+            squad.to_string(),
+            1,
+            "ScopeCreated",
+            &event,
+            metadata(org, &squad_path, None),
+        )?;
         for i in 0..threads {
             let thread = ScopeId::generate();
             let event = seed::scope_created(
                 ScopeKind::Thread,
                 org,
-                vec![org.scope_id(), team, thread],
+                vec![org.scope_id(), team, squad, thread],
                 &name,
             )?;
-            let path = format!("{team_path}/{thread}");
+            let path = format!("{squad_path}/{thread}");
             batch.push(
                 thread.to_string(),
                 1,

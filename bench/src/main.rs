@@ -75,7 +75,7 @@ enum Bench {
     /// `GET /v1/scopes/{leaf}` on a big tree, answered from the in-memory scope tree and
     /// from SQL (`--scope-reads sql`), with start-up time and server RSS of each (PostgreSQL).
     Reads {
-        /// Teams of 999 threads each under one organization (1,000: 1M scopes).
+        /// Teams under one organization, each with a nested team of 999 threads (1,000: 1M scopes).
         #[arg(long, default_value_t = 1_000)]
         teams: usize,
         /// Seconds per wrk run.

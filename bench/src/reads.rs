@@ -60,7 +60,7 @@ async fn measure(
     .map_err(|e| anyhow::anyhow!(e))?;
     let org = OrgId::generate();
     let mut leaves = vec![];
-    let scopes = teams * 1_000 + 1;
+    let scopes = teams * 1_001 + 1;
     progress(format!("seeding {scopes} scopes"));
     crate::all::seed_tree(&db, org, true, 0..teams, 999, &mut leaves).await?;
     ekm_projections::Projector::standard(

@@ -252,6 +252,11 @@ impl Scope {
                         parent_kind: parent.kind,
                     });
                 }
+                if parent.path.len() >= crate::scope::MAX_DEPTH {
+                    return Err(ScopeError::TooDeep {
+                        max: crate::scope::MAX_DEPTH,
+                    });
+                }
                 match parent.effective {
                     // Creating under an unusable master key fails earlier, when the new
                     // key cannot be wrapped; the aggregate has no further rule for it.

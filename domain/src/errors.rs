@@ -82,6 +82,8 @@ pub enum ScopeError {
     JustificationPolicyConflict,
     #[error("the scope's revocation is pending until {due_at}: cancel it with POST /v1/scopes/{{id}}/cancel-revocation, or revoke immediately")]
     PendingRevocation { due_at: String },
+    #[error("a scope may sit at most {max} levels deep (the organization is level 1)")]
+    TooDeep { max: usize },
     #[error("the revocation fell due at {due_at} and can no longer be cancelled; the scheduler revokes it")]
     RevocationDue { due_at: String },
     #[error("key version {prepared} was prepared, but the next version is {next}")]

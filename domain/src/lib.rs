@@ -32,6 +32,7 @@ pub use justification::{
 };
 pub use master_key::{KeyHealth, MasterKeyRef, Provider, UnavailableReason};
 pub use metadata::{Actor, ActorKind, EventMetadata, Location};
+pub use scope::KindRegistry;
 pub use scope::{DataClass, OwnState, Plan, Reason, ScopeKind, ScopeName, Tier, ValueError};
 pub use window::{RevokeWindow, RotationPeriod};
 pub mod upcast;

@@ -24,16 +24,23 @@ impl ValueError {
     }
 }
 
-/// The kind of a scope, which fixes where it may sit in the tree.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+/// The kind of a scope, which fixes where it may sit in the tree. The platform may register
+/// further kinds, and further parents for the built-in ones, with `--scope-kinds FILE`
+/// (`KindRegistry`, ADR 0034).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ScopeKind {
     Organization,
     Team,
     Thread,
     McpConnector,
     Agent,
+    /// A kind registered by the platform (its name; interned, so the kind stays `Copy`).
+    Custom(&'static str),
 }
+
+/// The deepest a scope may sit: the organization is depth 1. Teams nest, so the depth is
+/// bounded here rather than by the kinds (paths stay short in every row and event).
+pub const MAX_DEPTH: usize = 16;
 
 impl ScopeKind {
     pub const ALL: [ScopeKind; 5] = [
@@ -44,16 +51,17 @@ impl ScopeKind {
         ScopeKind::Agent,
     ];
 
-    /// Whether a scope of this kind may be created under a parent of `parent` kind.
-    /// An organization is always a root.
+    /// Whether a scope of this kind may be created under a parent of `parent` kind: the
+    /// built-in table (teams nest), plus what the registry adds. An organization is always
+    /// a root.
     pub fn allows_parent(self, parent: ScopeKind) -> bool {
-        match self {
-            ScopeKind::Organization => false,
-            ScopeKind::Team => parent == ScopeKind::Organization,
-            ScopeKind::Thread | ScopeKind::McpConnector | ScopeKind::Agent => {
+        let built_in = match self {
+            ScopeKind::Organization | ScopeKind::Custom(_) => false,
+            ScopeKind::Team | ScopeKind::Thread | ScopeKind::McpConnector | ScopeKind::Agent => {
                 matches!(parent, ScopeKind::Organization | ScopeKind::Team)
             }
-        }
+        };
+        built_in || KindRegistry::installed().is_some_and(|r| r.allows(self, parent))
     }
 
     pub fn as_str(self) -> &'static str {
@@ -63,7 +71,222 @@ impl ScopeKind {
             ScopeKind::Thread => "thread",
             ScopeKind::McpConnector => "mcp_connector",
             ScopeKind::Agent => "agent",
+            ScopeKind::Custom(name) => name,
         }
+    }
+
+    /// A kind a client may name: a built-in one, or one registered on this server. Unlike
+    /// `from_str` (which reads any well-formed name back from the log and the read models,
+    /// registered or not any more), it never interns a name a client made up.
+    pub fn known(input: &str) -> Result<ScopeKind, ValueError> {
+        if let Some(kind) = Self::ALL.into_iter().find(|k| k.as_str() == input) {
+            return Ok(kind);
+        }
+        if let Some(kind) = KindRegistry::installed().and_then(|r| r.kind(input)) {
+            return Ok(kind);
+        }
+        let mut allowed: Vec<&str> = Self::ALL.iter().map(|k| k.as_str()).collect();
+        if let Some(registry) = KindRegistry::installed() {
+            allowed.extend(registry.kinds.iter().map(|(k, _)| k.as_str()));
+        }
+        allowed.dedup();
+        Err(ValueError::new(
+            "kind",
+            format!(
+                "`{}` is not one of {}",
+                input.chars().take(64).collect::<String>(),
+                allowed.join(", ")
+            ),
+        ))
+    }
+}
+
+/// Whether `name` may name a registered kind: 1 to 32 of `a-z`, `0-9`, `_`, from a letter.
+fn kind_name_is_valid(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars.next().is_some_and(|c| c.is_ascii_lowercase())
+        && name.len() <= 32
+        && chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+}
+
+/// Registered kind names, each leaked once (a handful per deployment, read from the file
+/// at start-up and back from the log).
+fn intern(name: &str) -> &'static str {
+    static NAMES: std::sync::Mutex<Vec<&'static str>> = std::sync::Mutex::new(Vec::new());
+    let mut names = NAMES
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(known) = names.iter().find(|n| **n == name) {
+        return known;
+    }
+    let leaked: &'static str = Box::leak(name.to_owned().into_boxed_str());
+    names.push(leaked);
+    leaked
+}
+
+impl FromStr for ScopeKind {
+    type Err = ValueError;
+    /// Any well-formed kind name: built-in, or registered (now or once; what was recorded
+    /// stays readable when a kind leaves the registry). Clients' input goes through `known`.
+    fn from_str(input: &str) -> Result<Self, ValueError> {
+        if let Some(kind) = Self::ALL.into_iter().find(|k| k.as_str() == input) {
+            return Ok(kind);
+        }
+        if kind_name_is_valid(input) {
+            return Ok(ScopeKind::Custom(intern(input)));
+        }
+        Err(ValueError::new(
+            "kind",
+            format!(
+                "`{}` is not a kind name",
+                input.chars().take(64).collect::<String>()
+            ),
+        ))
+    }
+}
+
+impl fmt::Display for ScopeKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for ScopeKind {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for ScopeKind {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let name = String::deserialize(deserializer)?;
+        name.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// The kinds the platform registers, and the parents each may have, from `--scope-kinds
+/// FILE`: `{"kinds": [{"name": "project", "parents": ["organization", "team"]},
+/// {"name": "thread", "parents": ["project"]}]}`. A new name is a new kind; a built-in name
+/// (not `organization`, always the root) gains the parents listed. Validated whole at
+/// start-up; installed once per process.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KindRegistry {
+    kinds: Vec<(ScopeKind, Vec<ScopeKind>)>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KindFile {
+    kinds: Vec<KindEntry>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct KindEntry {
+    name: String,
+    parents: Vec<String>,
+}
+
+static REGISTRY: std::sync::OnceLock<KindRegistry> = std::sync::OnceLock::new();
+
+impl KindRegistry {
+    /// Reads and validates a registry file's text. Every problem is named.
+    pub fn parse(text: &str) -> Result<KindRegistry, ValueError> {
+        let bad = |problem: String| ValueError::new("scope_kinds", problem);
+        let file: KindFile = serde_json::from_str(text).map_err(|e| bad(e.to_string()))?;
+        let mut names: Vec<&str> = vec![];
+        for entry in &file.kinds {
+            if entry.name == "organization" {
+                return Err(bad(
+                    "`organization` is always the root: it cannot be given parents".into(),
+                ));
+            }
+            if !kind_name_is_valid(&entry.name) {
+                return Err(bad(format!(
+                    "`{}`: a kind name is 1 to 32 of a-z, 0-9 and _, starting with a letter",
+                    entry.name.chars().take(64).collect::<String>()
+                )));
+            }
+            if names.contains(&entry.name.as_str()) {
+                return Err(bad(format!("`{}` is listed twice", entry.name)));
+            }
+            if entry.parents.is_empty() {
+                return Err(bad(format!("`{}` lists no parent", entry.name)));
+            }
+            names.push(&entry.name);
+        }
+        let mut kinds = vec![];
+        for entry in &file.kinds {
+            let kind: ScopeKind = entry.name.parse()?;
+            let mut parents = vec![];
+            for parent in &entry.parents {
+                let known = ScopeKind::ALL.iter().any(|k| k.as_str() == parent)
+                    || names.contains(&parent.as_str());
+                if !known {
+                    return Err(bad(format!(
+                        "`{}`: parent `{}` is neither a built-in kind nor listed in the file",
+                        entry.name,
+                        parent.chars().take(64).collect::<String>()
+                    )));
+                }
+                parents.push(parent.parse()?);
+            }
+            kinds.push((kind, parents));
+        }
+        // Every registered kind must be reachable from an organization.
+        let mut reachable: Vec<ScopeKind> = ScopeKind::ALL.to_vec();
+        loop {
+            let before = reachable.len();
+            for (kind, parents) in &kinds {
+                if !reachable.contains(kind) && parents.iter().any(|p| reachable.contains(p)) {
+                    reachable.push(*kind);
+                }
+            }
+            if reachable.len() == before {
+                break;
+            }
+        }
+        if let Some((kind, _)) = kinds.iter().find(|(k, _)| !reachable.contains(k)) {
+            return Err(bad(format!(
+                "`{kind}` can never be created: none of its parents can be reached from an organization"
+            )));
+        }
+        Ok(KindRegistry { kinds })
+    }
+
+    /// Makes this registry the process's. Installing the same again is a no-op; another is
+    /// refused (one server, one set of kinds).
+    pub fn install(self) -> Result<(), ValueError> {
+        let installed = REGISTRY.get_or_init(|| self.clone());
+        match *installed == self {
+            true => Ok(()),
+            false => Err(ValueError::new(
+                "scope_kinds",
+                "another set of kinds is already installed in this process",
+            )),
+        }
+    }
+
+    pub fn installed() -> Option<&'static KindRegistry> {
+        REGISTRY.get()
+    }
+
+    fn allows(&self, kind: ScopeKind, parent: ScopeKind) -> bool {
+        self.kinds
+            .iter()
+            .any(|(k, parents)| *k == kind && parents.contains(&parent))
+    }
+
+    fn kind(&self, name: &str) -> Option<ScopeKind> {
+        self.kinds
+            .iter()
+            .map(|(k, _)| *k)
+            .find(|k| k.as_str() == name)
+    }
+
+    /// The kinds it registers or extends, with their parents (for `ekm doctor` and logs).
+    pub fn entries(&self) -> &[(ScopeKind, Vec<ScopeKind>)] {
+        &self.kinds
     }
 }
 
@@ -200,15 +423,6 @@ macro_rules! str_enum {
     };
 }
 
-str_enum!(
-    ScopeKind,
-    "kind",
-    ScopeKind::Organization,
-    ScopeKind::Team,
-    ScopeKind::Thread,
-    ScopeKind::McpConnector,
-    ScopeKind::Agent
-);
 str_enum!(
     OwnState,
     "state",
@@ -353,6 +567,7 @@ mod tests {
             allowed,
             vec![
                 (Team, Organization),
+                (Team, Team),
                 (Thread, Organization),
                 (Thread, Team),
                 (McpConnector, Organization),
@@ -367,9 +582,77 @@ mod tests {
     fn kinds_parse_from_their_wire_names_only() {
         for kind in ScopeKind::ALL {
             assert_eq!(kind.as_str().parse::<ScopeKind>(), Ok(kind));
+            assert_eq!(ScopeKind::known(kind.as_str()), Ok(kind));
         }
         assert!("Team".parse::<ScopeKind>().is_err());
         assert!("mcp-connector".parse::<ScopeKind>().is_err());
+        // A well-formed name reads back (from the log), but a client may not name it
+        // unless it is registered.
+        assert_eq!(
+            "ticket".parse::<ScopeKind>().map(ScopeKind::as_str),
+            Ok("ticket")
+        );
+        assert!(ScopeKind::known("ticket").is_err());
+        assert_eq!(
+            serde_json::to_string(&ScopeKind::McpConnector).unwrap(),
+            "\"mcp_connector\""
+        );
+        assert_eq!(
+            serde_json::from_str::<ScopeKind>("\"ticket\"")
+                .map(|k| k.as_str())
+                .ok(),
+            Some("ticket")
+        );
+    }
+
+    #[test]
+    fn registry_adds_kinds_and_parents_and_names_every_problem() {
+        let registry = KindRegistry::parse(
+            r#"{"kinds": [
+                {"name": "project", "parents": ["organization", "team", "project"]},
+                {"name": "thread", "parents": ["project"]},
+                {"name": "ticket", "parents": ["thread"]}
+            ]}"#,
+        )
+        .unwrap();
+        let kind = |n: &str| n.parse::<ScopeKind>().unwrap();
+        assert!(registry.allows(kind("project"), ScopeKind::Organization));
+        assert!(registry.allows(kind("project"), kind("project")));
+        assert!(registry.allows(ScopeKind::Thread, kind("project")));
+        assert!(registry.allows(kind("ticket"), ScopeKind::Thread));
+        assert!(!registry.allows(kind("ticket"), ScopeKind::Organization));
+        assert_eq!(registry.kind("ticket"), Some(kind("ticket")));
+        for (text, problem) in [
+            ("not json", "expected"),
+            (
+                r#"{"kinds": [{"name": "organization", "parents": ["team"]}]}"#,
+                "root",
+            ),
+            (
+                r#"{"kinds": [{"name": "Project", "parents": ["team"]}]}"#,
+                "a-z",
+            ),
+            (r#"{"kinds": [{"name": "p", "parents": []}]}"#, "no parent"),
+            (
+                r#"{"kinds": [{"name": "p", "parents": ["team"]}, {"name": "p", "parents": ["team"]}]}"#,
+                "twice",
+            ),
+            (
+                r#"{"kinds": [{"name": "p", "parents": ["galaxy"]}]}"#,
+                "neither",
+            ),
+            (
+                r#"{"kinds": [{"name": "p", "parents": ["q"]}, {"name": "q", "parents": ["p"]}]}"#,
+                "never be created",
+            ),
+            (
+                r#"{"kinds": [{"name": "p", "parents": ["team"], "icon": "x"}]}"#,
+                "unknown field",
+            ),
+        ] {
+            let error = KindRegistry::parse(text).unwrap_err().to_string();
+            assert!(error.contains(problem), "{text}: {error}");
+        }
     }
 
     #[test]

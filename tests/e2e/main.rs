@@ -49,5 +49,6 @@ mod rebuild;
 mod rich_history;
 mod rotation;
 mod schedule;
+mod scope_kinds;
 mod tamper;
 mod tenancy;

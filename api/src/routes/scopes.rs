@@ -29,10 +29,8 @@ pub(crate) async fn create_scope(
     caller: Caller,
     JsonBody(body): JsonBody<CreateScopeRequest>,
 ) -> Result<Response, ApiError> {
-    let kind: ScopeKind = body
-        .kind
-        .parse()
-        .map_err(|e: ekm_domain::ValueError| ApiError::invalid(e.to_string()))?;
+    // Only kinds this server knows: a made-up name is refused, never remembered.
+    let kind = ScopeKind::known(&body.kind).map_err(|e| ApiError::invalid(e.to_string()))?;
     if kind == ScopeKind::Organization {
         return Err(ApiError::invalid(
             "kind: organizations are created with POST /v1/orgs",
