@@ -31,7 +31,7 @@ pub use audit::{
 };
 pub use error::{chain as error_chain, ProjectionError};
 pub use history::{scope_as_of, AsOf, PastKeyVersion, PastScope};
-pub use memory::{Applied, GrantRecord, MemoryLoad, MemoryTree, RotationDue};
+pub use memory::{Applied, GrantRecord, MemoryLoad, MemoryTree, RotationDue, ROTATION};
 pub use queries::{
     BlastRadius, Cause, Destruction, KeyVersionRecord, Page, ReadModels, ScheduledAction,
     ScopeRecord, ScopeSnapshot, StateChange,

@@ -54,6 +54,49 @@ async fn keys_rotate_on_the_nearest_period_once_and_never_under_a_revoke(backend
     assert_eq!(set.body["changed"], true);
     assert_eq!(app.revoke(&admin, &gone).await.status, 200);
 
+    // The schedule lists each key's next rotation (revoked subtrees have none), soonest
+    // first, page by page.
+    let mut listed = vec![];
+    let mut cursor: Option<String> = None;
+    loop {
+        let path = match &cursor {
+            Some(c) => format!("/v1/orgs/{org}/schedule?limit=2&cursor={c}"),
+            None => format!("/v1/orgs/{org}/schedule?limit=2"),
+        };
+        let page = app.get(&path, &admin).await;
+        assert_eq!(page.status, 200, "{}", page.body);
+        listed.extend(page.body["items"].as_array().cloned().unwrap_or_default());
+        match page.body["next_cursor"].as_str() {
+            Some(next) => cursor = Some(next.to_owned()),
+            None => break,
+        }
+    }
+    let rotations: Vec<&Value> = listed
+        .iter()
+        .filter(|i| i["action"] == "rotation")
+        .collect();
+    let mut scopes: Vec<&str> = rotations
+        .iter()
+        .map(|i| i["scope_id"].as_str().unwrap())
+        .collect();
+    scopes.sort();
+    let mut expected = vec![
+        org.as_str(),
+        team.as_str(),
+        thread.as_str(),
+        slow.as_str(),
+        slow_thread.as_str(),
+    ];
+    expected.sort();
+    assert_eq!(scopes, expected, "{listed:?}");
+    let due: Vec<&str> = listed
+        .iter()
+        .map(|i| i["due_at"].as_str().unwrap())
+        .collect();
+    assert!(due.windows(2).all(|w| w[0] <= w[1]), "{due:?}");
+    assert_eq!(rotations[0]["rotation_period"], "P1D");
+    assert_eq!(rotations[0]["key_version"], 1);
+
     // Nothing is due now: the keys were made moments ago.
     let scheduler = ekm_service::scheduler::Scheduler::new(app.app.clone());
     let now = chrono::Utc::now().timestamp_micros();

@@ -198,8 +198,10 @@ pub(crate) async fn change_plan(
 
 /// `GET /v1/orgs/{org}/schedule?limit=&cursor=`: what the scheduler will fire in the
 /// organization, soonest first (`encryption:view` on the organization): `{"items":
-/// [{"scope_id", "action": "resume"|"grant_expiry"|"revoke", "due_at", "grant"?}], "next_cursor"}`.
-/// Grant expiries name grants, which only org admins may list: others are not shown them.
+/// [{"scope_id", "action": "resume"|"grant_expiry"|"revoke"|"rotation", "due_at", "grant"?,
+/// "key_version"?}], "next_cursor"}`. Grant expiries name grants, which only org admins may
+/// list: others are not shown them. Key rotations come from the memory tree (ADR 0033): the
+/// next one of every key with a period in force, merged in due order.
 pub(crate) async fn schedule(
     State(state): State<AppState>,
     caller: Caller,
@@ -228,39 +230,71 @@ pub(crate) async fn schedule(
         .org_schedule(
             org.scope.id,
             caller.require_org_admin().is_ok(),
-            after,
+            after.clone(),
             i64::from(limit) + 1,
         )
         .await
         .map_err(ekm_service::AppError::from)?;
-    let more = rows.len() > limit as usize;
-    let page = &rows[..rows.len().min(limit as usize)];
-    let next_cursor = match (more, page.last()) {
-        (true, Some(last)) => Some(binding.encode_json(&json!([
-            last.due_at,
-            last.scope_id.to_string(),
-            last.kind,
-            last.subject
-        ]))),
+    let memory = state.app.memory();
+    let rotations = match memory.is_ready() {
+        true => memory.org_rotations(org.scope.id, after, limit as usize + 1),
+        false => vec![],
+    };
+    // Both lists in the schedule's order, merged: (due, scope, kind, subject).
+    let mut items: Vec<((i64, String, String, String), serde_json::Value)> = rows
+        .iter()
+        .map(|a| {
+            let mut item = json!({
+                "scope_id": a.scope_id.to_string(),
+                "action": a.kind,
+                "due_at": a.at,
+            });
+            if let Some(grant) = a.grant() {
+                item["grant"] = json!({
+                    "principal": grant.principal.as_str(),
+                    "permission": grant.permission.as_str(),
+                    "scope_id": grant.scope.map(|s| s.to_string()),
+                });
+            }
+            let key = (
+                a.due_at,
+                a.scope_id.to_string(),
+                a.kind.clone(),
+                a.subject.clone(),
+            );
+            (key, item)
+        })
+        .chain(rotations.iter().map(|r| {
+            let due = chrono::DateTime::from_timestamp_micros(r.due_at)
+                .map(ekm_store::time::rfc3339)
+                .unwrap_or_default();
+            let key = (
+                r.due_at,
+                r.scope_id.to_string(),
+                ekm_projections::ROTATION.to_owned(),
+                r.from.get().to_string(),
+            );
+            let item = json!({
+                "scope_id": r.scope_id.to_string(),
+                "action": ekm_projections::ROTATION,
+                "due_at": due,
+                "key_version": r.from.get(),
+                "rotation_period": r.period,
+            });
+            (key, item)
+        }))
+        .collect();
+    items.sort_by(|a, b| a.0.cmp(&b.0));
+    let more = items.len() > limit as usize;
+    items.truncate(limit as usize);
+    let next_cursor = match (more, items.last()) {
+        (true, Some((last, _))) => {
+            Some(binding.encode_json(&json!([last.0, last.1, last.2, last.3])))
+        }
         _ => None,
     };
-    let item = |a: &ekm_projections::ScheduledAction| {
-        let mut item = json!({
-            "scope_id": a.scope_id.to_string(),
-            "action": a.kind,
-            "due_at": a.at,
-        });
-        if let Some(grant) = a.grant() {
-            item["grant"] = json!({
-                "principal": grant.principal.as_str(),
-                "permission": grant.permission.as_str(),
-                "scope_id": grant.scope.map(|s| s.to_string()),
-            });
-        }
-        item
-    };
     Ok(Json(json!({
-        "items": page.iter().map(item).collect::<Vec<_>>(),
+        "items": items.into_iter().map(|(_, item)| item).collect::<Vec<_>>(),
         "next_cursor": next_cursor,
     })))
 }

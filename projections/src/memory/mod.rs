@@ -531,6 +531,10 @@ fn rotation(text: &str) -> (u64, Box<str>) {
     (seconds, text.into())
 }
 
+/// The kind a key's next rotation is listed under in the schedule (its subject: the version
+/// it replaces).
+pub const ROTATION: &str = "rotation";
+
 /// A key whose rotation period has run out (issue 17 §2).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RotationDue {
@@ -553,6 +557,79 @@ impl MemoryTree {
     /// row per scope has to be rewritten when an organization's period changes.
     pub fn rotations_due(&self, now: i64, limit: usize) -> (Vec<RotationDue>, Option<i64>) {
         self.rotations_due_from(now, limit, 0, &|_, _| false)
+    }
+
+    /// The next rotation of every key of organization `org` that has a period in force, in
+    /// the schedule's order (due time, scope id, then the version it replaces), after
+    /// `after` (that order's key of the last one listed), at most `limit`: what the schedule
+    /// listing shows beside its rows. One pass over the tree.
+    pub fn org_rotations(
+        &self,
+        org: ScopeId,
+        after: Option<(i64, String, String, String)>,
+        limit: usize,
+    ) -> Vec<RotationDue> {
+        let Ok(state) = self.state.read() else {
+            return vec![];
+        };
+        let tree = &state.tree;
+        let mut out: Vec<((i64, String, String, String), RotationDue)> = vec![];
+        for node in &tree.nodes {
+            let mut period: Option<&(u64, Box<str>)> = None;
+            let mut revoked = false;
+            let mut at = node;
+            loop {
+                if at.own_state == OwnState::Revoked {
+                    revoked = true;
+                    break;
+                }
+                if period.is_none() {
+                    period = at
+                        .rare
+                        .as_ref()
+                        .and_then(|r| r.rotation.as_ref())
+                        .filter(|r| r.0 > 0);
+                }
+                match tree.nodes.get(at.parent as usize) {
+                    Some(parent) if at.parent != ROOT => at = parent,
+                    _ => break,
+                }
+            }
+            let (false, Some((seconds, text)), true) = (revoked, period, at.id == org) else {
+                continue;
+            };
+            let Some(current) = node
+                .key_versions
+                .iter()
+                .find(|k| k.version == node.key_version)
+            else {
+                continue;
+            };
+            let length = i64::try_from(*seconds)
+                .unwrap_or(i64::MAX / 2_000_000)
+                .saturating_mul(1_000_000);
+            let due_at = current.created_at.saturating_add(length);
+            let key = (
+                due_at,
+                node.id.to_string(),
+                ROTATION.to_owned(),
+                node.key_version.to_string(),
+            );
+            if after.as_ref().is_some_and(|a| key <= *a) {
+                continue;
+            }
+            out.push((
+                key,
+                RotationDue {
+                    scope_id: node.id,
+                    from: ekm_domain::KeyVersion::new(node.key_version),
+                    period: text.to_string(),
+                    due_at,
+                },
+            ));
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out.into_iter().take(limit).map(|(_, r)| r).collect()
     }
 
     /// `rotations_due`, starting the pass at node `start` (instances start at random points,
