@@ -274,7 +274,9 @@ function stateBadge(label, state) {
 function scopeNode(scope) {
   const li = el("li", { "data-scope-id": scope.id, class: "scope" });
   const row = el("div", { class: "row" });
-  const canHaveChildren = scope.kind === "organization" || scope.kind === "team";
+  // The built-in leaves have no children by default; every other kind (the organization,
+  // teams, and the platform's own kinds, ADR 0034) may.
+  const canHaveChildren = !["thread", "mcp_connector", "agent"].includes(scope.kind);
   if (canHaveChildren) {
     const toggle = el("button", { type: "button", class: "toggle" }, "Show children");
     toggle.setAttribute("aria-expanded", "false");

@@ -89,6 +89,7 @@ impl ScopeKind {
         if let Some(registry) = KindRegistry::installed() {
             allowed.extend(registry.kinds.iter().map(|(k, _)| k.as_str()));
         }
+        allowed.sort_unstable();
         allowed.dedup();
         Err(ValueError::new(
             "kind",

@@ -235,13 +235,22 @@ pub(crate) async fn schedule(
         )
         .await
         .map_err(ekm_service::AppError::from)?;
-    let memory = state.app.memory();
+    let memory = state.app.memory().clone();
+    let org_id = org.scope.id;
+    // One pass over the tree (for an organization that sets a period): off the async
+    // workers.
     let rotations = match memory.is_ready() {
-        true => memory.org_rotations(org.scope.id, after, limit as usize + 1),
+        true => tokio::task::spawn_blocking(move || {
+            memory.org_rotations(org_id, after, limit as usize + 1)
+        })
+        .await
+        .unwrap_or_default(),
         false => vec![],
     };
-    // Both lists in the schedule's order, merged: (due, scope, kind, subject).
-    let mut items: Vec<((i64, String, String, String), serde_json::Value)> = rows
+    // The rows keep the database's order (its collation decides the ties within an
+    // instant, and the cursor is compared the same way there); rotations are merged in by
+    // due time, after the rows of the same microsecond.
+    let rows: Vec<((i64, String, String, String), serde_json::Value)> = rows
         .iter()
         .map(|a| {
             let mut item = json!({
@@ -264,7 +273,10 @@ pub(crate) async fn schedule(
             );
             (key, item)
         })
-        .chain(rotations.iter().map(|r| {
+        .collect();
+    let rotations: Vec<((i64, String, String, String), serde_json::Value)> = rotations
+        .iter()
+        .map(|r| {
             let due = chrono::DateTime::from_timestamp_micros(r.due_at)
                 .map(ekm_store::time::rfc3339)
                 .unwrap_or_default();
@@ -282,9 +294,26 @@ pub(crate) async fn schedule(
                 "rotation_period": r.period,
             });
             (key, item)
-        }))
+        })
         .collect();
-    items.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut items = Vec::with_capacity(rows.len() + rotations.len());
+    let (mut rows, mut rotations) = (
+        rows.into_iter().peekable(),
+        rotations.into_iter().peekable(),
+    );
+    loop {
+        let take_row = match (rows.peek(), rotations.peek()) {
+            (Some(row), Some(rotation)) => row.0 .0 <= rotation.0 .0,
+            (Some(_), None) => true,
+            (None, Some(_)) => false,
+            (None, None) => break,
+        };
+        let next = match take_row {
+            true => rows.next(),
+            false => rotations.next(),
+        };
+        items.extend(next);
+    }
     let more = items.len() > limit as usize;
     items.truncate(limit as usize);
     let next_cursor = match (more, items.last()) {

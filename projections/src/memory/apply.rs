@@ -228,10 +228,16 @@ impl Tree {
                 }
             }
             ScopeEvent::ScopeRotationPeriodSet { period } => {
+                let slot = self.index.get(&id).copied();
                 let node = self.touch(stored)?;
+                let had = node.rare.as_ref().is_some_and(|r| r.rotation.is_some());
                 let rotation = period.map(|p| super::rotation(&p));
+                let set = rotation.is_some();
                 if rotation.is_some() || node.rare.is_some() {
                     node.rare.get_or_insert_with(Default::default).rotation = rotation;
+                }
+                if let Some(slot) = slot {
+                    self.rotation_changed(slot, had, set);
                 }
             }
             ScopeEvent::OrganizationPolicySet { revoke_window } => {

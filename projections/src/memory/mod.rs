@@ -104,6 +104,9 @@ struct Tree {
     /// Actors, event types and permissions: few distinct values, many uses.
     strings: Interner,
     grants: HashMap<ScopeId, Vec<GrantRow>>,
+    /// Per organization, how many of its scopes set a rotation period: an organization
+    /// with none is skipped by the schedule listing without a pass over the tree.
+    rotation_orgs: HashMap<ScopeId, u32>,
 }
 
 /// One scope. Kept small: most scopes are leaves that were created and never changed, so
@@ -381,6 +384,7 @@ impl MemoryTree {
         }
         projector.catch_up().await?;
         let (mut tree, checkpoint) = read_rows(db).await?;
+        tree.count_rotation_orgs();
         let mut events_after = 0;
         let mut after = checkpoint;
         loop {
@@ -573,6 +577,10 @@ impl MemoryTree {
             return vec![];
         };
         let tree = &state.tree;
+        // Most organizations set no period: no pass over the tree for them.
+        if tree.rotation_orgs.get(&org).copied().unwrap_or(0) == 0 {
+            return vec![];
+        }
         let mut out: Vec<((i64, String, String, String), RotationDue)> = vec![];
         for node in &tree.nodes {
             let mut period: Option<&(u64, Box<str>)> = None;
@@ -595,7 +603,11 @@ impl MemoryTree {
                     _ => break,
                 }
             }
-            let (false, Some((seconds, text)), true) = (revoked, period, at.id == org) else {
+            // As the scheduler: nothing is listed where nothing would be minted.
+            let usable = Tree::master_health(at) != KeyHealth::Unavailable;
+            let (false, Some((seconds, text)), true, true) =
+                (revoked, period, at.id == org, usable)
+            else {
                 continue;
             };
             let Some(current) = node
@@ -716,6 +728,48 @@ fn malformed(id: &str, problem: impl Into<String>) -> ProjectionError {
 }
 
 impl Tree {
+    /// The id of the root (organization) above the node at `slot`.
+    fn root_of(&self, slot: u32) -> Option<ScopeId> {
+        let mut at = self.nodes.get(slot as usize)?;
+        let mut steps = 0;
+        while at.parent != ROOT {
+            at = self.nodes.get(at.parent as usize)?;
+            steps += 1;
+            if steps > self.nodes.len() {
+                return None;
+            }
+        }
+        Some(at.id)
+    }
+
+    /// Counts, per organization, the scopes that set a rotation period (after a load).
+    pub(super) fn count_rotation_orgs(&mut self) {
+        let mut counts: HashMap<ScopeId, u32> = HashMap::new();
+        for (slot, node) in self.nodes.iter().enumerate() {
+            if node.rare.as_ref().is_some_and(|r| r.rotation.is_some()) {
+                if let Some(org) = self.root_of(slot as u32) {
+                    *counts.entry(org).or_default() += 1;
+                }
+            }
+        }
+        self.rotation_orgs = counts;
+    }
+
+    /// Records that the scope at `slot` now does (`set`) or does not set a period.
+    pub(super) fn rotation_changed(&mut self, slot: u32, had: bool, set: bool) {
+        if had == set {
+            return;
+        }
+        let Some(org) = self.root_of(slot) else {
+            return;
+        };
+        let count = self.rotation_orgs.entry(org).or_default();
+        match set {
+            true => *count += 1,
+            false => *count = count.saturating_sub(1),
+        }
+    }
+
     fn path_slots(&self, slot: u32) -> Option<Vec<u32>> {
         let mut path = vec![slot];
         let mut at = slot;

@@ -501,7 +501,8 @@ fn rotations_fall_due_by_the_nearest_period_on_the_path_and_never_under_a_revoke
         ids.sort();
         ids
     };
-    // No period anywhere: nothing is ever due.
+    // No period anywhere: nothing is ever due, nor listed.
+    assert_eq!(given.tree.org_rotations(given.org, None, 10), vec![]);
     assert_eq!(
         given.tree.rotations_due(now + 400 * day, 100),
         (vec![], None)
@@ -519,6 +520,25 @@ fn rotations_fall_due_by_the_nearest_period_on_the_path_and_never_under_a_revoke
         ScopeEvent::ScopeRotationPeriodSet {
             period: Some("P30D".into()),
         },
+    );
+    // Listed: each key's next rotation, soonest first, page by page.
+    let listed = given.tree.org_rotations(given.org, None, 10);
+    assert_eq!(listed.len(), 3);
+    assert_eq!(listed[0].scope_id, given.org);
+    let first = &listed[0];
+    let after = (
+        first.due_at,
+        first.scope_id.to_string(),
+        ROTATION.to_owned(),
+        first.from.get().to_string(),
+    );
+    assert_eq!(
+        given.tree.org_rotations(given.org, Some(after), 10),
+        listed[1..].to_vec()
+    );
+    assert_eq!(
+        given.tree.org_rotations(ScopeId::generate(), None, 10),
+        vec![]
     );
     let (due, next) = given.tree.rotations_due(now + 2 * day, 100);
     assert_eq!(ids(&due), vec![given.org]);
@@ -558,6 +578,7 @@ fn rotations_fall_due_by_the_nearest_period_on_the_path_and_never_under_a_revoke
         },
     );
     assert_eq!(given.tree.rotations_due(now + 31 * day, 100).0, vec![]);
+    assert_eq!(given.tree.org_rotations(given.org, None, 10), vec![]);
     given.when(
         given.org,
         ScopeEvent::OrganizationMasterKeyHealthChanged {
