@@ -433,7 +433,19 @@ fn database_unreachable(error: &AppError) -> bool {
         if let Some(sqlx_error) = current.downcast_ref::<sqlx::Error>() {
             return match sqlx_error {
                 sqlx::Error::PoolTimedOut | sqlx::Error::Io(_) | sqlx::Error::PoolClosed => true,
-                // Connection exceptions (class 08) and the server shutting down (57P0x).
+                // Connection exceptions (class 08) and the server shutting down (57P0x);
+                // SQLite's file busy or locked past the busy timeout (another process
+                // writing it): retryable, not the server's fault to hide behind a 500.
+                sqlx::Error::Database(database)
+                    if database
+                        .try_downcast_ref::<sqlx::sqlite::SqliteError>()
+                        .is_some() =>
+                {
+                    database
+                        .code()
+                        .and_then(|code| code.parse::<i32>().ok())
+                        .is_some_and(|code| matches!(code & 0xff, 5 | 6))
+                }
                 sqlx::Error::Database(database) => database
                     .code()
                     .is_some_and(|code| code.starts_with("08") || code.starts_with("57P")),
@@ -453,4 +465,49 @@ pub fn internal(error: &dyn std::error::Error) -> ApiError {
         Code::Internal,
         "an internal error occurred; it has been logged",
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// SQLite's file held by another writer past the busy timeout is a moment's contention
+    /// (503, retry), not an internal error.
+    #[tokio::test]
+    async fn sqlite_busy_answers_unavailable_not_internal() {
+        use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
+        let dir = tempfile::tempdir().unwrap();
+        let options = SqliteConnectOptions::new()
+            .filename(dir.path().join("busy.db"))
+            .create_if_missing(true)
+            .busy_timeout(std::time::Duration::ZERO);
+        let holder = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options.clone())
+            .await
+            .unwrap();
+        sqlx::query("CREATE TABLE t (x INTEGER)")
+            .execute(&holder)
+            .await
+            .unwrap();
+        let mut writing = holder.begin().await.unwrap();
+        sqlx::query("INSERT INTO t VALUES (1)")
+            .execute(&mut *writing)
+            .await
+            .unwrap();
+        let other = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(options)
+            .await
+            .unwrap();
+        let busy = sqlx::query("INSERT INTO t VALUES (2)")
+            .execute(&other)
+            .await
+            .unwrap_err();
+        let error = AppError::Projection(ekm_projections::ProjectionError::Database(busy));
+        let answer = ApiError::from(error);
+        assert_eq!(answer.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(answer.code(), Code::Unavailable);
+        writing.rollback().await.unwrap();
+    }
 }
