@@ -285,7 +285,7 @@ impl KindRegistry {
             .find(|k| k.as_str() == name)
     }
 
-    /// The kinds it registers or extends, with their parents (for `ekm doctor` and logs).
+    /// The kinds it registers or extends, with their parents (logged at start-up).
     pub fn entries(&self) -> &[(ScopeKind, Vec<ScopeKind>)] {
         &self.kinds
     }
