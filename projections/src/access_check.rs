@@ -25,7 +25,8 @@ pub struct Mismatch {
     /// revocation is recorded), `grant_without_event`, `grant_altered` (a grant row that
     /// differs from its event) or `grant_missing` (a grant the events hold and the table
     /// lost); in `schedule`, `grant_expiry_missing` (a live grant whose expiry is not
-    /// scheduled at its instant) or `grant_expiry_without_grant`.
+    /// scheduled at its instant) or `grant_expiry_without_grant`, `revoke_missing` (a pending
+    /// revocation whose revoke is not scheduled at its instant) or `revoke_without_pending`.
     pub problem: &'static str,
     /// The token's id, or the grant's position.
     pub id: String,
@@ -436,4 +437,110 @@ fn fold_grants<'a>(
         }
     }
     Ok(grants)
+}
+
+/// What a pending revocation's events say, in log order: gathered while the chain is
+/// verified (those events are sealed), checked against the `revoke` rows of `schedule`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RevocationStep {
+    Scheduled {
+        scope_id: String,
+        scope_path: String,
+        due_at: String,
+    },
+    Cancelled {
+        scope_id: String,
+    },
+    Revoked {
+        scope_path: String,
+    },
+}
+
+/// Every pending revocation (by the organization's sealed events up to the scope tree's
+/// checkpoint) has its revoke scheduled at its instant, and nothing else is scheduled: a
+/// row deleted in SQL would leave the scope pending for ever (refused, never revoked), one
+/// moved would revoke early or late, and one added is fired by nobody (the aggregate fires
+/// only what is pending) but misleads the listing. `steps`: (position, step), in order.
+pub async fn verify_revocation_schedule(
+    db: &Db,
+    org: &str,
+    steps: &[(i64, RevocationStep)],
+) -> Result<Vec<Mismatch>, ProjectionError> {
+    let mut read = None;
+    for _ in 0..ATTEMPTS {
+        let before = scope_tree_checkpoint(db).await?;
+        let rows: Vec<(String, i64)> = ekm_store::with_read_pool!(db, pool => {
+            sqlx::query_as(
+                "SELECT scope_id, due_at FROM schedule WHERE org_id = $1 AND kind = 'revoke'",
+            )
+            .bind(org)
+            .fetch_all(pool)
+            .await?
+        });
+        if scope_tree_checkpoint(db).await? == before {
+            read = Some((before, rows));
+            break;
+        }
+    }
+    let (checkpoint, rows) = read.ok_or(ProjectionError::CheckpointsMoved)?;
+    // scope id → (path, due_at as written, due_at in microseconds if readable)
+    let mut pending: BTreeMap<String, (String, String, Option<i64>)> = BTreeMap::new();
+    for (_, step) in steps.iter().filter(|(position, _)| *position <= checkpoint) {
+        match step {
+            RevocationStep::Scheduled {
+                scope_id,
+                scope_path,
+                due_at,
+            } => {
+                let micros = crate::scope_tree::grant_expiry_micros(due_at);
+                pending.insert(
+                    scope_id.clone(),
+                    (scope_path.clone(), due_at.clone(), micros),
+                );
+            }
+            RevocationStep::Cancelled { scope_id } => {
+                pending.remove(scope_id);
+            }
+            RevocationStep::Revoked { scope_path } => {
+                let below = format!("{scope_path}/");
+                pending.retain(|_, (path, _, _)| path != scope_path && !path.starts_with(&below));
+            }
+        }
+    }
+    let scheduled: BTreeMap<String, i64> = rows.into_iter().collect();
+    let mut mismatches = vec![];
+    for (scope, (_, due_at, micros)) in &pending {
+        // A due time the aggregate would not have accepted is not scheduled (fail closed).
+        let Some(micros) = micros else {
+            continue;
+        };
+        match scheduled.get(scope) {
+            Some(at) if at == micros => {}
+            found => mismatches.push(Mismatch {
+                table: "schedule",
+                problem: "revoke_missing",
+                id: scope.clone(),
+                position: None,
+                detail: format!(
+                    "the scope's revocation is pending until {due_at}, but {}",
+                    match found {
+                        Some(_) => "its revoke is scheduled at another time",
+                        None => "its revoke is not scheduled: it would stay pending for ever",
+                    }
+                ),
+            }),
+        }
+    }
+    for scope in scheduled.keys() {
+        if !pending.contains_key(scope) {
+            mismatches.push(Mismatch {
+                table: "schedule",
+                problem: "revoke_without_pending",
+                id: scope.clone(),
+                position: None,
+                detail: "a revoke is scheduled for a scope whose revocation is not pending".into(),
+            });
+        }
+    }
+    Ok(mismatches)
 }

@@ -21,7 +21,9 @@ use ekm_store::{Db, StoreError, StoredEvent};
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
 
-use crate::access_check::{verify_access_tables, Mismatch};
+use crate::access_check::{
+    verify_access_tables, verify_revocation_schedule, Mismatch, RevocationStep,
+};
 use crate::error::ProjectionError;
 use crate::runner::{Projection, ProjectionState};
 use crate::sql::{Param, Statement};
@@ -664,6 +666,8 @@ pub async fn verify_chain(
     let mut expected_prev = GENESIS_HASH.to_owned();
     let mut after = 0i64;
     let mut reached_recorded = false;
+    // Pending revocations, from the sealed events (checked against the schedule after).
+    let mut revocations: Vec<(i64, RevocationStep)> = vec![];
     'pages: loop {
         let seals: Vec<(i64, String, String)> = ekm_store::with_read_pool!(db, pool => {
             sqlx::query_as(
@@ -731,6 +735,9 @@ pub async fn verify_chain(
                 report.first_failure = Some(failure);
                 break 'pages;
             }
+            if let Some(step) = event.and_then(revocation_step) {
+                revocations.push((position, step));
+            }
             expected_prev = hash.clone();
             report.head_position = Some(position);
             report.head_hash = Some(hash);
@@ -784,8 +791,42 @@ pub async fn verify_chain(
         }
     }
     report.access_mismatches = verify_access_tables(db, org).await?;
+    // Only against a whole chain: a broken one is already the finding.
+    if report.first_failure.is_none() {
+        report
+            .access_mismatches
+            .extend(verify_revocation_schedule(db, org, &revocations).await?);
+    }
     report.ok &= report.access_mismatches.is_empty();
     Ok(report)
+}
+
+/// What a sealed event says about a pending revocation, if anything.
+fn revocation_step(event: &StoredEvent) -> Option<RevocationStep> {
+    let path = || {
+        event
+            .event_metadata()
+            .ok()
+            .and_then(|m| m.location)
+            .map(|l| l.scope_path)
+            .unwrap_or_else(|| event.aggregate_id.clone())
+    };
+    match event.scope_event().ok()? {
+        ScopeEvent::ScopeRevocationScheduled { due_at, .. } => Some(RevocationStep::Scheduled {
+            scope_id: event.aggregate_id.clone(),
+            scope_path: path(),
+            due_at,
+        }),
+        ScopeEvent::ScopeRevocationCancelled { .. } => Some(RevocationStep::Cancelled {
+            scope_id: event.aggregate_id.clone(),
+        }),
+        // The projection sweeps the revoked subtree's schedule at the revoke, and again when
+        // its re-key completes (a command that raced the revoke may have scheduled after it).
+        ScopeEvent::ScopeRevoked { .. } | ScopeEvent::RevocationRekeyCompleted { .. } => {
+            Some(RevocationStep::Revoked { scope_path: path() })
+        }
+        _ => None,
+    }
 }
 
 fn resealed(head: &RecordedHead, event: Option<&StoredEvent>) -> ChainFailure {

@@ -215,3 +215,73 @@ async fn verify_reports_a_grant_whose_expiry_was_moved_in_sql(backend: Backend) 
     app.stop().await;
 }
 on_both_backends!(verify_reports_a_grant_whose_expiry_was_moved_in_sql);
+
+/// A pending revocation's revoke deleted in SQL would leave the scope pending for ever
+/// (refused, never revoked); one scheduled for a scope with nothing pending misleads the
+/// schedule: verify names both (ADR 0032).
+async fn verify_reports_a_revocation_whose_revoke_was_unscheduled_in_sql(backend: Backend) {
+    let app = TestApp::spawn(backend).await;
+    // Given a revocation pending for a day, one cancelled, and a revoke
+    let (org, admin) = app.org("enterprise").await;
+    let team = app.scope(&admin, "team", "research", &org).await;
+    let other = app.scope(&admin, "team", "sales", &org).await;
+    let gone = app.scope(&admin, "team", "gone", &org).await;
+    for (scope, body) in [
+        (
+            &team,
+            serde_json::json!({"reason": "r", "confirm": team, "after": "P1D"}),
+        ),
+        (
+            &other,
+            serde_json::json!({"reason": "r", "confirm": other, "after": "P2D"}),
+        ),
+    ] {
+        let pending = app
+            .post(&format!("/v1/scopes/{scope}/revoke"), &admin, body)
+            .await;
+        assert_eq!(pending.status, 200, "{}", pending.body);
+    }
+    let cancelled = app
+        .post(
+            &format!("/v1/scopes/{other}/cancel-revocation"),
+            &admin,
+            serde_json::json!({"reason": "no"}),
+        )
+        .await;
+    assert_eq!(cancelled.status, 200, "{}", cancelled.body);
+    assert_eq!(app.revoke(&admin, &gone).await.status, 200);
+    app.app.refresh().await.unwrap();
+    assert!(verify(&app, Some(&org), None).0);
+    // When the pending revoke is deleted, and one added for the cancelled scope
+    exec(
+        &app.db,
+        &format!(
+            "DELETE FROM schedule WHERE scope_id = '{team}' AND kind = 'revoke'; \
+             INSERT INTO schedule (scope_id, kind, org_id, due_at, at, scheduled_position, subject) \
+             VALUES ('{other}', 'revoke', '{org}', 1, '1970-01-01T00:00:00.000001Z', 1, '')"
+        ),
+    )
+    .await;
+    // Then verify reports both
+    let (ok, reports) = verify(&app, Some(&org), None);
+    assert!(!ok);
+    let mut found = access_mismatches(&reports, &org);
+    found.sort();
+    assert_eq!(
+        found,
+        [
+            (
+                "schedule".to_owned(),
+                "revoke_missing".to_owned(),
+                team.clone()
+            ),
+            (
+                "schedule".to_owned(),
+                "revoke_without_pending".to_owned(),
+                other.clone()
+            ),
+        ]
+    );
+    app.stop().await;
+}
+on_both_backends!(verify_reports_a_revocation_whose_revoke_was_unscheduled_in_sql);
