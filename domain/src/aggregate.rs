@@ -428,22 +428,7 @@ impl Scope {
                 if state.key_version != *from {
                     return nothing(vec![]);
                 }
-                let next = state.key_version.next();
-                if let Some(minted) = &prepared.minted {
-                    if minted.version != next {
-                        return Err(ScopeError::StaleKeyVersion {
-                            prepared: minted.version,
-                            next,
-                        });
-                    }
-                }
-                Ok((
-                    Needs::KeyVersion(next),
-                    vec![ScopeEvent::ScopeKeyRotated {
-                        key_version: next,
-                        key_fingerprint: fingerprint,
-                    }],
-                ))
+                Self::rotation(state, prepared, fingerprint)
             }
             Command::RetireKeyVersions(below) => {
                 let below = *below;
@@ -499,22 +484,7 @@ impl Scope {
                 // Rotation stays allowed while paused: rotating during an investigation is
                 // exactly when a customer wants it.
                 let state = self.controllable(Self::lineage(prepared)?)?;
-                let next = state.key_version.next();
-                if let Some(minted) = &prepared.minted {
-                    if minted.version != next {
-                        return Err(ScopeError::StaleKeyVersion {
-                            prepared: minted.version,
-                            next,
-                        });
-                    }
-                }
-                Ok((
-                    Needs::KeyVersion(next),
-                    vec![ScopeEvent::ScopeKeyRotated {
-                        key_version: next,
-                        key_fingerprint: fingerprint,
-                    }],
-                ))
+                Self::rotation(state, prepared, fingerprint)
             }
             Command::ChangePlan(plan) => {
                 let state = self.existing()?;
@@ -1044,6 +1014,31 @@ impl Aggregate for Scope {
 }
 
 impl Scope {
+    /// A rotation to the next key version, with the version prepared for it (if any, it must
+    /// be that next one).
+    fn rotation(
+        state: &ScopeState,
+        prepared: &Prepared,
+        fingerprint: Option<String>,
+    ) -> Result<(Needs, Vec<ScopeEvent>), ScopeError> {
+        let next = state.key_version.next();
+        if let Some(minted) = &prepared.minted {
+            if minted.version != next {
+                return Err(ScopeError::StaleKeyVersion {
+                    prepared: minted.version,
+                    next,
+                });
+            }
+        }
+        Ok((
+            Needs::KeyVersion(next),
+            vec![ScopeEvent::ScopeKeyRotated {
+                key_version: next,
+                key_fingerprint: fingerprint,
+            }],
+        ))
+    }
+
     /// Refuses a command that a pending revocation excludes (pause, resume, another
     /// revocation with a waiting period): it is cancelled, or revoked immediately, by name.
     fn not_pending(state: &ScopeState) -> Result<(), ScopeError> {

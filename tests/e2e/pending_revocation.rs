@@ -3,11 +3,11 @@
 //! like paused with `scope_pending_revocation`, and can be cancelled; at its due time the
 //! scheduler revokes it, naming the requester and carrying the request's reason.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::json;
 
-use crate::harness::{decrypt, encrypt, Backend, Response, TestApp};
+use crate::harness::{decrypt, encrypt, own_state_becomes, Backend, TestApp};
 use crate::on_both_backends;
 
 /// Microseconds between two RFC 3339 instants.
@@ -239,25 +239,6 @@ async fn bad_windows_and_policies_are_refused_clearly(backend: Backend) {
     app.stop().await;
 }
 on_both_backends!(bad_windows_and_policies_are_refused_clearly);
-
-/// Polls the scope until its own state is `state`, for at most `within`: the scheduler fires
-/// on the clock, so there is no event of ours to await.
-async fn own_state_becomes(
-    app: &TestApp,
-    token: &str,
-    scope: &str,
-    state: &str,
-    within: Duration,
-) -> Response {
-    let deadline = Instant::now() + within;
-    loop {
-        let shown = app.get(&format!("/v1/scopes/{scope}"), token).await;
-        if shown.body["own_state"] == state || Instant::now() > deadline {
-            return shown;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
 
 async fn revocation_falls_due_once_by_the_scheduler_naming_the_requester(backend: Backend) {
     let app = TestApp::spawn(backend).await;

@@ -6,27 +6,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use crate::harness::{Backend, Options, Response, TestApp};
+use crate::harness::{get_when_available, own_state_becomes, Backend, Options, TestApp};
 use crate::on_both_backends;
-
-/// Polls the scope until its own state is `state`, for at most `within`: the scheduler fires
-/// on the clock, so there is no event of ours to await.
-async fn own_state_becomes(
-    app: &TestApp,
-    token: &str,
-    scope: &str,
-    state: &str,
-    within: Duration,
-) -> Response {
-    let deadline = Instant::now() + within;
-    loop {
-        let shown = app.get(&format!("/v1/scopes/{scope}"), token).await;
-        if shown.body["own_state"] == state || Instant::now() > deadline {
-            return shown;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-}
 
 fn in_ms(ms: i64) -> String {
     (chrono::Utc::now() + chrono::Duration::milliseconds(ms))
@@ -50,7 +31,7 @@ async fn pause_until_resumes_once_when_it_falls_due(backend: Backend) {
     assert_eq!(paused.body["own_state"], "paused");
 
     // Listed while pending.
-    let listed = app.get(&format!("/v1/orgs/{org}/schedule"), &admin).await;
+    let listed = get_when_available(&app, &format!("/v1/orgs/{org}/schedule"), &admin).await;
     assert_eq!(listed.status, 200, "{}", listed.body);
     assert_eq!(listed.body["items"][0]["scope_id"], team, "{}", listed.body);
     assert_eq!(listed.body["items"][0]["action"], "resume");
@@ -58,11 +39,14 @@ async fn pause_until_resumes_once_when_it_falls_due(backend: Backend) {
     // Two instances run the scheduler: the resume is recorded once, by the system.
     let resumed = own_state_becomes(&app, &admin, &team, "active", Duration::from_secs(15)).await;
     assert_eq!(resumed.body["own_state"], "active", "{}", resumed.body);
-    let audit = app.get("/v1/audit?action=scope.resume", &admin).await;
+    // (Two instances share SQLite's one file here: a read may meet the peer's writer and
+    // answer 503, which a client retries.)
+    let audit = get_when_available(&app, "/v1/audit?action=scope.resume", &admin).await;
     let items = audit.body["items"].as_array().cloned().unwrap_or_default();
     assert_eq!(items.len(), 1, "{}", audit.body);
     assert_eq!(items[0]["actor"], "system:scheduler", "{}", items[0]);
-    let listed = app.get(&format!("/v1/orgs/{org}/schedule"), &admin).await;
+    let schedule = format!("/v1/orgs/{org}/schedule");
+    let listed = get_when_available(&app, &schedule, &admin).await;
     assert_eq!(listed.body["items"], json!([]), "{}", listed.body);
     // Both instances see it fired (the peer within its projector's reach).
     let on_peer = own_state_becomes(&peer, &admin, &team, "active", Duration::from_secs(10)).await;

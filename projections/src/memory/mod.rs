@@ -583,44 +583,12 @@ impl MemoryTree {
         }
         let mut out: Vec<((i64, String, String, String), RotationDue)> = vec![];
         for node in &tree.nodes {
-            let mut period: Option<&(u64, Box<str>)> = None;
-            let mut revoked = false;
-            let mut at = node;
-            loop {
-                if at.own_state == OwnState::Revoked {
-                    revoked = true;
-                    break;
-                }
-                if period.is_none() {
-                    period = at
-                        .rare
-                        .as_ref()
-                        .and_then(|r| r.rotation.as_ref())
-                        .filter(|r| r.0 > 0);
-                }
-                match tree.nodes.get(at.parent as usize) {
-                    Some(parent) if at.parent != ROOT => at = parent,
-                    _ => break,
-                }
+            let Some((due_at, period, root)) = tree.next_rotation(node) else {
+                continue;
+            };
+            if root != org {
+                continue;
             }
-            // As the scheduler: nothing is listed where nothing would be minted.
-            let usable = Tree::master_health(at) != KeyHealth::Unavailable;
-            let (false, Some((seconds, text)), true, true) =
-                (revoked, period, at.id == org, usable)
-            else {
-                continue;
-            };
-            let Some(current) = node
-                .key_versions
-                .iter()
-                .find(|k| k.version == node.key_version)
-            else {
-                continue;
-            };
-            let length = i64::try_from(*seconds)
-                .unwrap_or(i64::MAX / 2_000_000)
-                .saturating_mul(1_000_000);
-            let due_at = current.created_at.saturating_add(length);
             let key = (
                 due_at,
                 node.id.to_string(),
@@ -630,15 +598,7 @@ impl MemoryTree {
             if after.as_ref().is_some_and(|a| key <= *a) {
                 continue;
             }
-            out.push((
-                key,
-                RotationDue {
-                    scope_id: node.id,
-                    from: ekm_domain::KeyVersion::new(node.key_version),
-                    period: text.to_string(),
-                    due_at,
-                },
-            ));
+            out.push((key, Tree::rotation_of(node, due_at, period)));
         }
         out.sort_by(|a, b| a.0.cmp(&b.0));
         out.into_iter().take(limit).map(|(_, r)| r).collect()
@@ -663,55 +623,15 @@ impl MemoryTree {
         let count = tree.nodes.len();
         let start = if count == 0 { 0 } else { start % count };
         for node in tree.nodes[start..].iter().chain(&tree.nodes[..start]) {
-            let mut period: Option<&(u64, Box<str>)> = None;
-            let mut revoked = false;
-            let mut at = node;
-            loop {
-                if at.own_state == OwnState::Revoked {
-                    revoked = true;
-                    break;
-                }
-                if at.parent == ROOT && Tree::master_health(at) == KeyHealth::Unavailable {
-                    revoked = true;
-                    break;
-                }
-                if period.is_none() {
-                    period = at
-                        .rare
-                        .as_ref()
-                        .and_then(|r| r.rotation.as_ref())
-                        .filter(|r| r.0 > 0);
-                }
-                match tree.nodes.get(at.parent as usize) {
-                    Some(parent) if at.parent != ROOT => at = parent,
-                    _ => break,
-                }
-            }
-            let (false, Some((seconds, text))) = (revoked, period) else {
+            let Some((due_at, period, _)) = tree.next_rotation(node) else {
                 continue;
             };
-            let Some(current) = node
-                .key_versions
-                .iter()
-                .find(|k| k.version == node.key_version)
-            else {
-                continue;
-            };
-            let length = i64::try_from(*seconds)
-                .unwrap_or(i64::MAX / 2_000_000)
-                .saturating_mul(1_000_000);
-            let due_at = current.created_at.saturating_add(length);
             if due_at > now {
                 next = Some(next.map_or(due_at, |n| n.min(due_at)));
             } else if skip(node.id, node.key_version) {
                 continue;
             } else if due.len() < limit {
-                due.push(RotationDue {
-                    scope_id: node.id,
-                    from: ekm_domain::KeyVersion::new(node.key_version),
-                    period: text.to_string(),
-                    due_at,
-                });
+                due.push(Tree::rotation_of(node, due_at, period));
             } else {
                 next = Some(now);
             }
@@ -740,6 +660,54 @@ impl Tree {
             }
         }
         Some(at.id)
+    }
+
+    /// The node's next rotation and its organization, or `None` if nothing would rotate it:
+    /// no period in force (its own, else the nearest ancestor's), a revoke on its path, or
+    /// its organization's customer key unavailable (nothing could be minted). Its current
+    /// version falls due that long after it was created.
+    /// Returns when it falls due (microseconds), the period as set, and the organization.
+    fn next_rotation<'a>(&'a self, node: &'a Node) -> Option<(i64, &'a str, ScopeId)> {
+        let mut period: Option<&(u64, Box<str>)> = None;
+        let mut at = node;
+        loop {
+            if at.own_state == OwnState::Revoked {
+                return None;
+            }
+            if period.is_none() {
+                period = at
+                    .rare
+                    .as_ref()
+                    .and_then(|r| r.rotation.as_ref())
+                    .filter(|r| r.0 > 0);
+            }
+            match self.nodes.get(at.parent as usize) {
+                Some(parent) if at.parent != ROOT => at = parent,
+                _ => break,
+            }
+        }
+        if Self::master_health(at) == KeyHealth::Unavailable {
+            return None;
+        }
+        let (seconds, text) = period?;
+        let current = node
+            .key_versions
+            .iter()
+            .find(|k| k.version == node.key_version)?;
+        let length = i64::try_from(*seconds)
+            .unwrap_or(i64::MAX / 2_000_000)
+            .saturating_mul(1_000_000);
+        Some((current.created_at.saturating_add(length), text, at.id))
+    }
+
+    /// The rotation of `node` due at `due_at`, under `period`.
+    fn rotation_of(node: &Node, due_at: i64, period: &str) -> RotationDue {
+        RotationDue {
+            scope_id: node.id,
+            from: ekm_domain::KeyVersion::new(node.key_version),
+            period: period.to_owned(),
+            due_at,
+        }
     }
 
     /// Counts, per organization, the scopes that set a rotation period (after a load).

@@ -338,3 +338,36 @@ impl Drop for TestDb {
 
 mod app;
 pub use app::*;
+
+/// Polls the scope until its own state is `state`, for at most `within` (the last answer
+/// either way): the scheduler fires on the clock, so there is no event of ours to await.
+pub async fn own_state_becomes(
+    app: &TestApp,
+    token: &str,
+    scope: &str,
+    state: &str,
+    within: std::time::Duration,
+) -> Response {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let shown = app.get(&format!("/v1/scopes/{scope}"), token).await;
+        if shown.body["own_state"] == state || std::time::Instant::now() > deadline {
+            return shown;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+}
+
+/// A GET that a client retries while the server answers 503 (`unavailable`, with
+/// `Retry-After`), for at most 10 s: two instances on one SQLite file meet each other's
+/// writer for a moment. Any other answer is returned as it is.
+pub async fn get_when_available(app: &TestApp, path: &str, token: &str) -> Response {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let answer = app.get(path, token).await;
+        if answer.status != 503 || std::time::Instant::now() > deadline {
+            return answer;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
