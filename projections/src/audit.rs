@@ -803,6 +803,16 @@ pub async fn verify_chain(
 
 /// What a sealed event says about a pending revocation, if anything.
 fn revocation_step(event: &StoredEvent) -> Option<RevocationStep> {
+    // Most events are none of these: no second decoding of their payload.
+    if !matches!(
+        event.event_type.as_str(),
+        "ScopeRevocationScheduled"
+            | "ScopeRevocationCancelled"
+            | "ScopeRevoked"
+            | "RevocationRekeyCompleted"
+    ) {
+        return None;
+    }
     let path = || {
         event
             .event_metadata()

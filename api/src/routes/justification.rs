@@ -5,14 +5,13 @@
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
-use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::response::Response;
 use ekm_domain::{EffectiveJustification, JustificationCode, JustificationPolicy, Permission};
 use ekm_projections::ScopeSnapshot;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::{conditional_json, etag, expected_version, path_text, reason, visible_scope};
+use super::{changed_answer, conditional_json, expected_version, path_text, reason, visible_scope};
 use crate::context::Caller;
 use crate::dto::JsonBody;
 use crate::error::ApiError;
@@ -108,11 +107,5 @@ pub(crate) async fn put(
             expected,
         )
         .await?;
-    let mut answer = policy_json(&outcome.scope);
-    if let Some(object) = answer.as_object_mut() {
-        object.insert("changed".into(), json!(outcome.changed));
-    }
-    let mut response = Json(answer).into_response();
-    etag(&mut response, outcome.scope.scope.version);
-    Ok(response)
+    Ok(changed_answer(policy_json(&outcome.scope), &outcome))
 }

@@ -276,6 +276,31 @@ pub(crate) fn conditional_json(
     Ok(response)
 }
 
+/// An ISO 8601 duration a client sent for `field` (`None`: none), checked by `parse` and
+/// kept in canonical form (`RevokeWindow`, `RotationPeriod`).
+pub(crate) fn duration_field<T: std::fmt::Display>(
+    text: Option<&str>,
+    parse: impl Fn(&str) -> Result<T, ekm_domain::ValueError>,
+) -> Result<Option<String>, ApiError> {
+    text.map(|t| parse(t).map(|d| d.to_string()))
+        .transpose()
+        .map_err(|e| ApiError::invalid(e.to_string()))
+}
+
+/// A command's answer: `body` with `"changed"`, tagged with the scope's new version.
+pub(crate) fn changed_answer(
+    mut body: serde_json::Value,
+    outcome: &ekm_service::app::Outcome,
+) -> Response {
+    use axum::response::IntoResponse;
+    if let Some(object) = body.as_object_mut() {
+        object.insert("changed".into(), serde_json::Value::Bool(outcome.changed));
+    }
+    let mut response = axum::Json(body).into_response();
+    etag(&mut response, outcome.scope.scope.version);
+    response
+}
+
 pub(crate) fn etag(response: &mut Response, version: i64) {
     if let Ok(value) = HeaderValue::from_str(&format!("\"{version}\"")) {
         response.headers_mut().insert(header::ETAG, value);

@@ -135,13 +135,8 @@ pub(crate) async fn change_tier(
             expected,
         )
         .await?;
-    let mut body = serde_json::to_value(OrgJson::from(&outcome.scope)).unwrap_or_default();
-    if let Some(object) = body.as_object_mut() {
-        object.insert("changed".into(), json!(outcome.changed));
-    }
-    let mut response = Json(body).into_response();
-    etag(&mut response, outcome.scope.scope.version);
-    Ok(response)
+    let body = serde_json::to_value(OrgJson::from(&outcome.scope)).unwrap_or_default();
+    Ok(changed_answer(body, &outcome))
 }
 
 #[derive(Debug, serde::Deserialize)]
@@ -187,13 +182,8 @@ pub(crate) async fn change_plan(
             expected,
         )
         .await?;
-    let mut body = serde_json::to_value(OrgJson::from(&outcome.scope)).unwrap_or_default();
-    if let Some(object) = body.as_object_mut() {
-        object.insert("changed".into(), json!(outcome.changed));
-    }
-    let mut response = Json(body).into_response();
-    etag(&mut response, outcome.scope.scope.version);
-    Ok(response)
+    let body = serde_json::to_value(OrgJson::from(&outcome.scope)).unwrap_or_default();
+    Ok(changed_answer(body, &outcome))
 }
 
 /// `GET /v1/orgs/{org}/schedule?limit=&cursor=`: what the scheduler will fire in the
@@ -466,23 +456,15 @@ pub(crate) async fn set_policy(
     let rotation_period = body
         .rotation_period
         .map(|p| {
-            p.as_deref()
-                .map(|p| ekm_domain::RotationPeriod::parse("rotation_period", p))
-                .transpose()
-                .map(|p| p.map(|p| p.to_string()))
+            duration_field(p.as_deref(), |t| {
+                ekm_domain::RotationPeriod::parse("rotation_period", t)
+            })
         })
-        .transpose()
-        .map_err(|e| ApiError::invalid(e.to_string()))?;
+        .transpose()?;
     let revoke_window = body
         .revoke_window
-        .map(|w| {
-            w.as_deref()
-                .map(|w| RevokeWindow::parse("revoke_window", w))
-                .transpose()
-                .map(|w| w.map(|w| w.to_string()))
-        })
-        .transpose()
-        .map_err(|e| ApiError::invalid(e.to_string()))?;
+        .map(|w| duration_field(w.as_deref(), |t| RevokeWindow::parse("revoke_window", t)))
+        .transpose()?;
     let reason = reason(body.reason.as_deref(), false)?;
     let org = visible_org(&state, &caller, path, Permission::EncryptionManage).await?;
     // Fields left out keep what the organization has (the aggregate records only changes;
@@ -502,11 +484,5 @@ pub(crate) async fn set_policy(
             expected,
         )
         .await?;
-    let mut body = policy_json(&outcome.scope);
-    if let Some(object) = body.as_object_mut() {
-        object.insert("changed".into(), json!(outcome.changed));
-    }
-    let mut response = Json(body).into_response();
-    etag(&mut response, outcome.scope.scope.version);
-    Ok(response)
+    Ok(changed_answer(policy_json(&outcome.scope), &outcome))
 }

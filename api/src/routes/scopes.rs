@@ -339,16 +339,12 @@ pub(crate) async fn set_rotation_period(
     headers: HeaderMap,
     JsonBody(body): JsonBody<RotationPeriodRequest>,
 ) -> Result<Response, ApiError> {
-    let period = body
-        .rotation_period
-        .ok_or_else(|| {
-            ApiError::invalid("rotation_period: required (null lifts the scope's own period)")
-        })?
-        .as_deref()
-        .map(|p| ekm_domain::RotationPeriod::parse("rotation_period", p))
-        .transpose()
-        .map_err(|e| ApiError::invalid(e.to_string()))?
-        .map(|p| p.to_string());
+    let period = body.rotation_period.ok_or_else(|| {
+        ApiError::invalid("rotation_period: required (null lifts the scope's own period)")
+    })?;
+    let period = duration_field(period.as_deref(), |t| {
+        ekm_domain::RotationPeriod::parse("rotation_period", t)
+    })?;
     let reason = reason(body.reason.as_deref(), false)?;
     let action = Action::SetRotationPeriod(period);
     lifecycle(state, caller, path, &headers, action, reason).await
