@@ -15,7 +15,9 @@
 //! - `ekm_key_cache_lookups_total{result}` (`hit`, `miss`), `ekm_key_cache_evictions_total`;
 //! - `ekm_kms_calls_total{provider, outcome}`, `ekm_kms_call_duration_seconds{provider}`;
 //! - `ekm_master_keys{health}`: organizations with a customer key, by its last health;
-//! - `ekm_access_log_queue_depth`, `ekm_access_log_flush_duration_seconds`;
+//! - `ekm_access_log_queue_depth`, `ekm_access_log_flush_duration_seconds`,
+//!   `ekm_access_log_records_written_total` (records per commit: its rate over the
+//!   flush histogram's count);
 //! - `ekm_scheduled_actions_due`, `ekm_scheduled_action_lateness_seconds`.
 //!
 //! Not here yet: a rebuild's progress (`ekm projections rebuild` runs as its own process and

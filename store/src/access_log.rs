@@ -878,17 +878,15 @@ fn sqlite_entry(row: &sqlx::sqlite::SqliteRow) -> Result<AccessEntry, StoreError
     entry_from_row!(row, from_micros(row.try_get("at")?))
 }
 
-/// `($1, …, $16), ($17, …)`: one row of placeholders per record.
+/// `(?, …, ?), (?, …)`: one row of anonymous placeholders per record (SQLite).
+///
+/// Anonymous, not `$n`: sqlx asks SQLite for each parameter's name while binding, and SQLite
+/// finds a name by walking the statement's list of names, so numbered placeholders made
+/// binding a 1,024-parameter piece quadratic (16% of the server's time under load, measured
+/// with perf; BENCHMARKS.md, "The access log's cost"). Anonymous ones have no list to walk.
 fn values_list(records: usize) -> String {
-    (0..records)
-        .map(|i| {
-            let placeholders: Vec<String> = (1..=PARAMS)
-                .map(|n| format!("${}", i * PARAMS + n))
-                .collect();
-            format!("({})", placeholders.join(", "))
-        })
-        .collect::<Vec<_>>()
-        .join(", ")
+    let row = format!("({})", vec!["?"; PARAMS].join(", "));
+    vec![row; records].join(", ")
 }
 
 macro_rules! bind_record {
@@ -915,10 +913,12 @@ macro_rules! bind_record {
     }};
 }
 
+/// The most records in one statement of the SQLite writer (1,024 parameters).
+const CHUNK: usize = 64;
+
 /// Splits `n` records into pieces of `CHUNK` and then powers of two: few distinct statements,
 /// so that each is prepared once per connection and then taken from sqlx's cache.
 fn pieces(mut n: usize) -> Vec<usize> {
-    const CHUNK: usize = 64;
     let mut out = vec![CHUNK; n / CHUNK];
     n %= CHUNK;
     let mut size = CHUNK / 2;
@@ -932,22 +932,64 @@ fn pieces(mut n: usize) -> Vec<usize> {
     out
 }
 
+/// The writer's statement on PostgreSQL: a batch as one array per column.
+const PG_INSERT: &str = "INSERT INTO access_log (at, org_id, scope_id, scope_path, principal, \
+     token_id, operation, class, key_version, outcome, request_id, source_address, \
+     justification, stream, seq, seal) \
+     SELECT at, org_id, scope_id, scope_path, principal, token_id, operation, class, \
+     key_version, outcome, request_id, source_address, justification, stream, seq, seal \
+     FROM UNNEST($1::timestamptz[], $2::text[], $3::text[], $4::text[], $5::text[], \
+     $6::text[], $7::text[], $8::text[], $9::bigint[], $10::text[], $11::text[], \
+     $12::text[], $13::text[], $14::text[], $15::bigint[], $16::text[]) WITH ORDINALITY \
+     AS r(at, org_id, scope_id, scope_path, principal, token_id, operation, class, \
+     key_version, outcome, request_id, source_address, justification, stream, seq, seal, n) \
+     ORDER BY n";
+
 async fn insert(backend: &Backend, batch: &[Sealed]) -> Result<(), sqlx::Error> {
     let sql = |n: usize| format!("INSERT INTO access_log {COLUMNS} VALUES {}", values_list(n));
     match backend {
         Backend::Postgres { write, .. } => {
-            // One statement: one transaction without a BEGIN on the autocommit connections.
-            let sql = sql(batch.len());
-            let mut query = sqlx::query(&sql);
-            for sealed in batch {
-                query = bind_record!(query, sealed, sealed.record.at);
-            }
-            query.execute(write).await?;
+            // One statement (one transaction without a BEGIN on the autocommit connections)
+            // of 16 arrays, whatever the batch's size: one prepared statement, and the rows
+            // take their ids from the sequence in the arrays' order (`ORDER BY n`), which
+            // is their order in the stream.
+            let optional = |f: &dyn Fn(&AccessRecord) -> Option<&str>| -> Vec<Option<&str>> {
+                batch.iter().map(|s| f(&s.record)).collect()
+            };
+            let text = |f: &dyn Fn(&AccessRecord) -> &str| -> Vec<&str> {
+                batch.iter().map(|s| f(&s.record)).collect()
+            };
+            sqlx::query(PG_INSERT)
+                .bind(batch.iter().map(|s| s.record.at).collect::<Vec<_>>())
+                .bind(text(&|r| &r.org_id))
+                .bind(text(&|r| &r.scope_id))
+                .bind(text(&|r| &r.scope_path))
+                .bind(text(&|r| &r.principal))
+                .bind(text(&|r| &r.token_id))
+                .bind(text(&|r| &r.operation))
+                .bind(optional(&|r| r.class.as_deref()))
+                .bind(
+                    batch
+                        .iter()
+                        .map(|s| s.record.key_version)
+                        .collect::<Vec<_>>(),
+                )
+                .bind(text(&|r| &r.outcome))
+                .bind(text(&|r| &r.request_id))
+                .bind(optional(&|r| r.source_address.as_deref()))
+                .bind(optional(&|r| r.justification.as_deref()))
+                .bind(batch.iter().map(|s| s.stream.as_str()).collect::<Vec<_>>())
+                .bind(batch.iter().map(|s| s.seq).collect::<Vec<_>>())
+                .bind(batch.iter().map(|s| s.seal.as_str()).collect::<Vec<_>>())
+                .execute(write)
+                .await?;
         }
         Backend::Sqlite { write, .. } => {
-            let pieces = pieces(batch.len());
-            if let [n] = pieces[..] {
-                // One statement is a transaction of its own: no BEGIN and COMMIT to wait for.
+            if batch.len() <= CHUNK {
+                // One statement is a transaction of its own: no BEGIN and COMMIT to wait for
+                // (each a round trip to sqlx's connection thread). One size per statement
+                // up to CHUNK, each prepared once and then taken from sqlx's cache (100).
+                let n = batch.len();
                 let sql = sql(n);
                 let mut query = sqlx::query(&sql);
                 for sealed in batch {
@@ -959,7 +1001,7 @@ async fn insert(backend: &Backend, batch: &[Sealed]) -> Result<(), sqlx::Error> 
             // One transaction (one fsync), its rows in pieces of a few cached statements.
             let mut tx = write.begin().await?;
             let mut rest = batch;
-            for n in pieces {
+            for n in pieces(batch.len()) {
                 let (piece, after) = rest.split_at(n);
                 rest = after;
                 let sql = sql(n);
@@ -1123,6 +1165,7 @@ async fn write_each(
         match insert(backend, &sealed).await {
             Ok(()) => {
                 chains.commit(moved);
+                metrics::counter!("ekm_access_log_records_written_total").increment(1);
                 if let Some(done) = one.done {
                     let _ = done.send(Ok(()));
                 }
@@ -1149,6 +1192,22 @@ async fn write_each(
     None
 }
 
+/// How many times the writer yields to the ready tasks before a commit, while each yield
+/// brings it more records.
+const YIELDS: usize = 4;
+
+/// Moves what is queued into `batch`, up to `BATCH`; returns how many.
+fn take_queued(receiver: &mut mpsc::Receiver<Queued>, batch: &mut Vec<Queued>) -> usize {
+    let before = batch.len();
+    while batch.len() < BATCH {
+        match receiver.try_recv() {
+            Ok(queued) => batch.push(queued),
+            Err(_) => break,
+        }
+    }
+    batch.len() - before
+}
+
 /// The writer: takes what is queued (at most `BATCH`), seals it, commits it in one
 /// statement, answers each durable request. A failed batch is answered with its error
 /// (durable requests are then refused); records of async requests are tried again until
@@ -1168,10 +1227,18 @@ async fn writer(
                 None => return,
             }
         }
-        while batch.len() < BATCH {
-            match receiver.try_recv() {
-                Ok(queued) => batch.push(queued),
-                Err(_) => break,
+        take_queued(&mut receiver, &mut batch);
+        // Let the tasks that are ready to run (requests being decided) queue their records
+        // first: a bigger batch for one commit, without a timer. An idle server has no such
+        // task and the yield returns at once; a busy one commits fewer, fuller batches
+        // (BENCHMARKS.md, "The access log's cost").
+        for _ in 0..YIELDS {
+            if batch.len() >= BATCH {
+                break;
+            }
+            tokio::task::yield_now().await;
+            if take_queued(&mut receiver, &mut batch) == 0 {
+                break;
             }
         }
         // What waits to be written (this batch and what queued behind it), and how long the
@@ -1192,6 +1259,7 @@ async fn writer(
                     }
                 }
                 written.send_modify(|total| *total += n);
+                metrics::counter!("ekm_access_log_records_written_total").increment(n);
                 pause = Duration::from_millis(50);
                 None
             }
@@ -1231,11 +1299,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn placeholders_are_numbered_across_records() {
+    fn placeholders_are_one_row_per_record() {
         let two = values_list(2);
-        assert!(two.starts_with("($1, $2, "), "{two}");
-        assert!(two.contains("$16), ($17, "), "{two}");
-        assert!(two.ends_with("$32)"), "{two}");
+        assert_eq!(two.matches('?').count(), 2 * PARAMS, "{two}");
+        assert_eq!(two.matches("), (").count(), 1, "{two}");
+        assert!(!two.contains('$'), "{two}");
     }
 
     #[test]
