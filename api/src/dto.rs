@@ -29,7 +29,11 @@ async fn bytes_of(request: Request) -> Result<Bytes, ApiError> {
                 ApiError::new(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     Code::InvalidRequest,
-                    format!("the request body is larger than {MAX_BODY_BYTES} bytes"),
+                    // The control plane's limit, or the data plane's (2 MiB).
+                    format!(
+                        "the request body is larger than this endpoint takes ({MAX_BODY_BYTES} bytes on the control plane, {} on the data plane)",
+                        crate::routes::data_plane::MAX_DATA_BODY_BYTES
+                    ),
                 )
             } else {
                 ApiError::invalid("the request body could not be read")
@@ -56,6 +60,59 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for JsonBody<T> {
             return Err(ApiError::invalid("a JSON body is required"));
         }
         parse(&bytes).map(JsonBody)
+    }
+}
+
+/// The most items in one batch of the data plane.
+pub const MAX_BATCH_ITEMS: usize = 1000;
+
+/// A data-plane body: one request, or `{"items": [...]}` of up to `MAX_BATCH_ITEMS` of them
+/// (issue 18 §5). An item that does not parse is that item's problem, not the batch's.
+pub enum OneOrBatch<T> {
+    One(T),
+    Batch(Vec<Result<T, ApiError>>),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Batch {
+    items: Vec<serde_json::Value>,
+}
+
+impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for OneOrBatch<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, _state: &S) -> Result<Self, ApiError> {
+        let bytes = bytes_of(request).await?;
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Err(ApiError::invalid("a JSON body is required"));
+        }
+        // The single request first: it pays nothing for batches. A body that is not one is
+        // a batch if it has exactly `items`; otherwise the single request's error stands.
+        let one = match parse::<T>(&bytes) {
+            Ok(one) => return Ok(Self::One(one)),
+            Err(error) => error,
+        };
+        let Ok(Batch { items }) = serde_json::from_slice::<Batch>(&bytes) else {
+            return Err(one);
+        };
+        if items.is_empty() || items.len() > MAX_BATCH_ITEMS {
+            return Err(ApiError::invalid(format!(
+                "items: from 1 to {MAX_BATCH_ITEMS} items, not {}",
+                items.len()
+            )));
+        }
+        let items = items
+            .into_iter()
+            .enumerate()
+            .map(|(i, item)| {
+                serde_json::from_value::<T>(item).map_err(|error| {
+                    let detail = format!("items[{i}]: {error}");
+                    ApiError::invalid(detail.chars().take(300).collect::<String>())
+                })
+            })
+            .collect();
+        Ok(Self::Batch(items))
     }
 }
 

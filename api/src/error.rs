@@ -109,7 +109,7 @@ impl Code {
 }
 
 /// A problem response.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct ApiError {
     status: StatusCode,
     code: Code,
@@ -160,7 +160,7 @@ impl ApiError {
         self.status
     }
 
-    fn body(&self) -> Value {
+    pub(crate) fn body(&self) -> Value {
         let mut body = json!({
             "type": format!("urn:ekm:problem:{}", self.code.as_str()),
             "title": self.code.title(),

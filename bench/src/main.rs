@@ -24,6 +24,7 @@ use crate::seed::EventBatch;
 
 mod access_log;
 mod all;
+mod batch;
 mod commands;
 mod data_plane;
 mod history;
@@ -130,6 +131,18 @@ enum Bench {
         #[arg(long, default_value_t = 5)]
         repeats: usize,
     },
+    /// HTTP decrypt of 1 KiB items: batches of `items` against one item per request, the
+    /// same server (SQLite, its defaults), alternating runs.
+    Batch {
+        #[arg(long, default_value_t = 100)]
+        items: usize,
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        #[arg(long, default_value_t = 3)]
+        repeats: usize,
+        #[arg(long, default_value_t = 16)]
+        connections: u32,
+    },
     /// HTTP decrypt of 1 KiB with the access log durable and async against off (the same
     /// binary, alternating runs), on SQLite and PostgreSQL.
     AccessLog {
@@ -172,6 +185,12 @@ fn main() -> anyhow::Result<()> {
                 repeats,
                 connections,
             } => access_log::run(seconds, repeats, connections).await,
+            Bench::Batch {
+                items,
+                seconds,
+                repeats,
+                connections,
+            } => batch::run(items, seconds, repeats, connections).await,
             Bench::Schedule { actions, spread_ms } => schedule::run(actions, spread_ms).await,
             Bench::Rotation { teams, repeats } => rotation::run(teams, repeats).await,
         }

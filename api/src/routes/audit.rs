@@ -246,15 +246,7 @@ pub(crate) async fn audited_subtree(
                     if !whole_org {
                         caller.require(Permission::AuditRead, &snapshot.scope.path)?;
                     }
-                    Some(
-                        snapshot
-                            .scope
-                            .path
-                            .iter()
-                            .map(ToString::to_string)
-                            .collect::<Vec<_>>()
-                            .join("/"),
-                    )
+                    Some(super::joined_path(&snapshot.scope.path))
                 }
                 _ => {
                     return Err(ApiError::not_found(

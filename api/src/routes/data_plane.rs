@@ -21,7 +21,7 @@ use serde_json::{json, Value};
 use zeroize::Zeroizing;
 
 use crate::context::Caller;
-use crate::dto::JsonBody;
+use crate::dto::{JsonBody, OneOrBatch};
 use crate::endpoints::{Endpoints, Verb};
 use crate::error::{ApiError, Code};
 use crate::state::AppState;
@@ -30,7 +30,7 @@ use ekm_service::AppError;
 
 /// The largest plaintext accepted (1 MiB), and the body limit that fits it in base64.
 pub const MAX_PLAINTEXT_BYTES: usize = 1024 * 1024;
-const MAX_DATA_BODY_BYTES: usize = 2 * 1024 * 1024;
+pub(crate) const MAX_DATA_BODY_BYTES: usize = 2 * 1024 * 1024;
 
 pub(crate) fn register(endpoints: &mut Endpoints) {
     use Verb::Post;
@@ -239,12 +239,43 @@ fn check_justification(justification: Option<&String>) -> Result<(), ApiError> {
 
 /// Records `used` with the answer's outcome. In durable mode a served request whose record
 /// cannot be committed is refused instead (503): no use goes unrecorded.
-async fn recorded(
+async fn recorded<T>(
     state: &AppState,
     caller: &Caller,
     used: Use,
-    answer: Result<Json<Value>, ApiError>,
-) -> Result<Json<Value>, ApiError> {
+    answer: Result<T, ApiError>,
+) -> Result<T, ApiError> {
+    if state.app.access_log().is_none() {
+        return answer;
+    }
+    let path = match &used.scope {
+        Some(_) => None,
+        None => scope_path(state, caller, &used).await,
+    };
+    recorded_at(state, caller, used, path, answer).await
+}
+
+/// The path of the scope `used` names, only when it is the caller's organization's (another
+/// organization's structure never reaches this one's log); for a use that did not find its
+/// scope usable.
+async fn scope_path(state: &AppState, caller: &Caller, used: &Use) -> Option<String> {
+    let (org, scope_id) = (caller.org()?, used.scope_id?);
+    match state.app.scope(scope_id).await {
+        Ok(Some(snapshot)) if snapshot.scope.org_id == org => {
+            Some(super::joined_path(&snapshot.scope.path))
+        }
+        _ => None,
+    }
+}
+
+/// `recorded`, with the scope's path already looked up when `used` has no usable scope.
+async fn recorded_at<T>(
+    state: &AppState,
+    caller: &Caller,
+    used: Use,
+    looked_up: Option<String>,
+    answer: Result<T, ApiError>,
+) -> Result<T, ApiError> {
     let (Some(log), Some(org)) = (state.app.access_log(), caller.org()) else {
         return answer;
     };
@@ -256,27 +287,15 @@ async fn recorded(
         // A path that names no scope: nothing was used.
         return answer;
     };
-    // The scope's path, only when it is the caller's organization's (another organization's
-    // structure never reaches this one's log).
     let scope_path = match &used.scope {
-        Some(keys) => Some(keys.path.clone()),
-        None => match state.app.scope(scope_id).await {
-            Ok(Some(snapshot)) if snapshot.scope.org_id == org => Some(snapshot.scope.path),
-            _ => None,
-        },
+        Some(keys) => Some(super::joined_path(&keys.path)),
+        None => looked_up,
     };
     let record = ekm_store::AccessRecord {
         at: chrono::Utc::now(),
         org_id: org.to_string(),
         scope_id: scope_id.to_string(),
-        scope_path: scope_path
-            .map(|path| {
-                path.iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join("/")
-            })
-            .unwrap_or_default(),
+        scope_path: scope_path.unwrap_or_default(),
         principal: caller.principal.principal.clone(),
         token_id: caller.principal.token_id.clone(),
         operation: used.operation.to_owned(),
@@ -304,79 +323,232 @@ async fn recorded(
     }
 }
 
+/// What the three batchable requests tell the access log before they are served.
+trait Item {
+    fn class(&self) -> &str;
+    fn justification(&self) -> Option<&String>;
+}
+
+impl Item for EncryptRequest {
+    fn class(&self) -> &str {
+        &self.class
+    }
+    fn justification(&self) -> Option<&String> {
+        self.justification.as_ref()
+    }
+}
+
+impl Item for CiphertextRequest {
+    fn class(&self) -> &str {
+        &self.class
+    }
+    fn justification(&self) -> Option<&String> {
+        self.justification.as_ref()
+    }
+}
+
+/// An item served, with its use to record.
+type Served = (Use, Result<Value, ApiError>);
+
+/// A batch (issue 18 §5, after Vault's `batch_input`): the scope is looked up once, and
+/// refuses the whole batch if the caller cannot use it now (each item is recorded with that
+/// refusal); then each item is served by `serve` or refused on its own, and recorded on its
+/// own. The answer is `{"items": [...]}` in the request's order, each the single request's
+/// answer or `{"problem": {...}}`. An item that did not parse is not recorded, as a body that
+/// does not parse is not.
+async fn batch<T: Item>(
+    state: &AppState,
+    caller: &Caller,
+    operation: &'static str,
+    id: Result<Path<String>, PathRejection>,
+    items: Vec<Result<T, ApiError>>,
+    serve: impl Fn(&Arc<ScopeKeys>, &T, &mut Use) -> Result<Value, ApiError>,
+) -> Result<Json<Value>, ApiError> {
+    let items: Vec<Result<(T, Use), ApiError>> = items
+        .into_iter()
+        .map(|item| {
+            item.map(|item| {
+                let used = Use::new(operation, &id, item.class(), item.justification());
+                (item, used)
+            })
+        })
+        .collect();
+    let scope = match active_scope(state, caller, id).await {
+        Ok(scope) => scope,
+        Err(refusal) => {
+            // One lookup of the scope's path for all (a refused batch of 1,000 must not
+            // cost 1,000 reads).
+            let uses: Vec<Use> = items.into_iter().flatten().map(|(_, used)| used).collect();
+            let path = match uses.first() {
+                Some(used) => scope_path(state, caller, used).await,
+                None => None,
+            };
+            let records = uses.into_iter().map(|used| {
+                let answer = Err::<(), _>(refusal.clone());
+                recorded_at(state, caller, used, path.clone(), answer)
+            });
+            futures_util::future::join_all(records).await;
+            return Err(refusal);
+        }
+    };
+    // Every item is served now, with the keys just found usable, before anything waits:
+    // a pause answered while the records are written stops no item half-way, and none is
+    // served after it.
+    let served: Vec<Result<Served, ApiError>> = items
+        .into_iter()
+        .map(|item| {
+            let (item, mut used) = item?;
+            used.scope = Some(scope.clone());
+            let answer = serve(&scope, &item, &mut used);
+            Ok((used, answer))
+        })
+        .collect();
+    let answers = served.into_iter().map(|served| async move {
+        let (used, answer) = served?;
+        recorded(state, caller, used, answer).await
+    });
+    let items: Vec<Value> = futures_util::future::join_all(answers)
+        .await
+        .into_iter()
+        .map(|answer| answer.unwrap_or_else(|problem| json!({ "problem": problem.body() })))
+        .collect();
+    Ok(Json(json!({ "items": items })))
+}
+
+/// Encrypts one request's plaintext with the scope's current version.
+fn encrypt_one(
+    scope: &Arc<ScopeKeys>,
+    body: &EncryptRequest,
+    used: &mut Use,
+) -> Result<Value, ApiError> {
+    check_justification(body.justification.as_ref())?;
+    let class = parse_class(&body.class)?;
+    justified(scope, body.justification.as_ref())?;
+    let class = covered(class, scope)?;
+    let plaintext = Zeroizing::new(
+        STANDARD
+            .decode(body.plaintext.as_bytes())
+            .map_err(|_| ApiError::invalid("plaintext: must be base64"))?,
+    );
+    if plaintext.len() > MAX_PLAINTEXT_BYTES {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            Code::InvalidRequest,
+            "plaintext: at most 1 MiB; encrypt larger data with a data key",
+        ));
+    }
+    used.key_version = Some(i64::from(scope.current.get()));
+    seal(scope, class, &plaintext)
+}
+
 async fn encrypt(
     State(state): State<AppState>,
     caller: Caller,
     id: Result<Path<String>, PathRejection>,
-    JsonBody(body): JsonBody<EncryptRequest>,
+    body: OneOrBatch<EncryptRequest>,
 ) -> Result<Json<Value>, ApiError> {
+    let body = match body {
+        OneOrBatch::One(body) => body,
+        OneOrBatch::Batch(items) => {
+            return batch(&state, &caller, "encrypt", id, items, encrypt_one).await
+        }
+    };
     let mut used = Use::new("encrypt", &id, &body.class, body.justification.as_ref());
     let answer = async {
+        // The body's form is checked before the scope is looked at.
         check_justification(body.justification.as_ref())?;
-        let class = parse_class(&body.class)?;
+        parse_class(&body.class)?;
         let scope = active_scope(&state, &caller, id).await?;
         used.scope = Some(scope.clone());
-        justified(&scope, body.justification.as_ref())?;
-        let class = covered(class, &scope)?;
-        let plaintext = Zeroizing::new(
-            STANDARD
-                .decode(body.plaintext.as_bytes())
-                .map_err(|_| ApiError::invalid("plaintext: must be base64"))?,
-        );
-        if plaintext.len() > MAX_PLAINTEXT_BYTES {
-            return Err(ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                Code::InvalidRequest,
-                "plaintext: at most 1 MiB; encrypt larger data with a data key",
-            ));
-        }
-        used.key_version = Some(i64::from(scope.current.get()));
-        Ok(Json(seal(&scope, class, &plaintext)?))
+        encrypt_one(&scope, &body, &mut used).map(Json)
     }
     .await;
     recorded(&state, &caller, used, answer).await
 }
 
-/// What decrypt and rewrap share: the active scope, the class, the opened plaintext.
-/// `encrypts`: the request also seals (rewrap), so the class must be one the tier covers. A
-/// decrypt opens any class: after a tier downgrade the platform must still read what it
-/// sealed before, to migrate it (issue 17 §4).
-async fn open_request(
-    state: &AppState,
-    caller: &Caller,
-    id: Result<Path<String>, PathRejection>,
+/// Opens one request's ciphertext. `encrypts`: the request also seals (rewrap), so the class
+/// must be one the tier covers. A decrypt opens any class: after a tier downgrade the
+/// platform must still read what it sealed before, to migrate it (issue 17 §4).
+fn open_one(
+    scope: &ScopeKeys,
     body: &CiphertextRequest,
     used: &mut Use,
     encrypts: bool,
-) -> Result<(Arc<ScopeKeys>, DataClass, Zeroizing<Vec<u8>>), ApiError> {
+) -> Result<(DataClass, Zeroizing<Vec<u8>>), ApiError> {
     check_justification(body.justification.as_ref())?;
     let class = parse_class(&body.class)?;
-    let scope = active_scope(state, caller, id).await?;
-    used.scope = Some(scope.clone());
-    justified(&scope, body.justification.as_ref())?;
+    justified(scope, body.justification.as_ref())?;
     let class = match encrypts {
-        true => covered(class, &scope)?,
+        true => covered(class, scope)?,
         false => class,
     };
-    let plaintext = open(&scope, class, &body.ciphertext, used)?;
-    Ok((scope, class, plaintext))
+    let plaintext = open(scope, class, &body.ciphertext, used)?;
+    Ok((class, plaintext))
+}
+
+fn decrypt_one(
+    scope: &Arc<ScopeKeys>,
+    body: &CiphertextRequest,
+    used: &mut Use,
+) -> Result<Value, ApiError> {
+    let (_, plaintext) = open_one(scope, body, used, false)?;
+    Ok(json!({ "plaintext": STANDARD.encode(plaintext.as_slice()) }))
+}
+
+/// Rewrap records the version it opened (the one whose use an admin tracks before retiring
+/// it); the answer names the version it sealed with.
+fn rewrap_one(
+    scope: &Arc<ScopeKeys>,
+    body: &CiphertextRequest,
+    used: &mut Use,
+) -> Result<Value, ApiError> {
+    let (class, plaintext) = open_one(scope, body, used, true)?;
+    seal(scope, class, &plaintext)
+}
+
+/// Decrypt and rewrap, one request or a batch.
+async fn open_request(
+    state: AppState,
+    caller: Caller,
+    id: Result<Path<String>, PathRejection>,
+    body: OneOrBatch<CiphertextRequest>,
+    operation: &'static str,
+    serve: fn(&Arc<ScopeKeys>, &CiphertextRequest, &mut Use) -> Result<Value, ApiError>,
+) -> Result<Json<Value>, ApiError> {
+    let body = match body {
+        OneOrBatch::One(body) => body,
+        OneOrBatch::Batch(items) => {
+            return batch(&state, &caller, operation, id, items, serve).await
+        }
+    };
+    let mut used = Use::new(operation, &id, &body.class, body.justification.as_ref());
+    let answer = async {
+        check_justification(body.justification.as_ref())?;
+        parse_class(&body.class)?;
+        let scope = active_scope(&state, &caller, id).await?;
+        used.scope = Some(scope.clone());
+        serve(&scope, &body, &mut used).map(Json)
+    }
+    .await;
+    recorded(&state, &caller, used, answer).await
 }
 
 async fn decrypt(
     State(state): State<AppState>,
     caller: Caller,
     id: Result<Path<String>, PathRejection>,
-    JsonBody(body): JsonBody<CiphertextRequest>,
+    body: OneOrBatch<CiphertextRequest>,
 ) -> Result<Json<Value>, ApiError> {
-    let mut used = Use::new("decrypt", &id, &body.class, body.justification.as_ref());
-    let answer = async {
-        let (_, _, plaintext) = open_request(&state, &caller, id, &body, &mut used, false).await?;
-        Ok(Json(
-            json!({ "plaintext": STANDARD.encode(plaintext.as_slice()) }),
-        ))
-    }
-    .await;
-    recorded(&state, &caller, used, answer).await
+    open_request(state, caller, id, body, "decrypt", decrypt_one).await
+}
+
+async fn rewrap(
+    State(state): State<AppState>,
+    caller: Caller,
+    id: Result<Path<String>, PathRejection>,
+    body: OneOrBatch<CiphertextRequest>,
+) -> Result<Json<Value>, ApiError> {
+    open_request(state, caller, id, body, "rewrap", rewrap_one).await
 }
 
 async fn datakey(
@@ -404,24 +576,6 @@ async fn datakey(
             );
         }
         Ok(Json(answer))
-    }
-    .await;
-    recorded(&state, &caller, used, answer).await
-}
-
-/// Rewrap records the version it opened (the one whose use an admin tracks before retiring
-/// it); the answer names the version it sealed with.
-async fn rewrap(
-    State(state): State<AppState>,
-    caller: Caller,
-    id: Result<Path<String>, PathRejection>,
-    JsonBody(body): JsonBody<CiphertextRequest>,
-) -> Result<Json<Value>, ApiError> {
-    let mut used = Use::new("rewrap", &id, &body.class, body.justification.as_ref());
-    let answer = async {
-        let (scope, class, plaintext) =
-            open_request(&state, &caller, id, &body, &mut used, true).await?;
-        Ok(Json(seal(&scope, class, &plaintext)?))
     }
     .await;
     recorded(&state, &caller, used, answer).await

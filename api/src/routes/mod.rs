@@ -307,6 +307,14 @@ pub(crate) fn etag(response: &mut Response, version: i64) {
     }
 }
 
+/// A scope's path as the logs keep it: its ids, organization first, joined by `/`.
+pub(crate) fn joined_path<T: ToString>(path: &[T]) -> String {
+    path.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
 pub(crate) fn page_limit(value: Option<&String>) -> Result<u32, ApiError> {
     match value {
         None => Ok(DEFAULT_PAGE),

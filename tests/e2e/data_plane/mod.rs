@@ -1,6 +1,7 @@
 //! The data plane: envelope encryption that obeys pause and revoke, rotation, and keys that
 //! a revoke destroys for good.
 
+mod batch;
 mod enforcement;
 mod envelope;
 mod keys;
