@@ -288,6 +288,7 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         access.clone(),
         args.access_log_retention,
         shutdown_rx.clone(),
+        ekm_store::idempotency::Idempotency::new(app.db().clone()),
     ));
     let monitor = tokio::spawn(
         HealthMonitor::new(app.clone(), args.key_health_interval).run(shutdown_rx.clone()),
@@ -386,6 +387,7 @@ async fn access_log_retention(
     access: ekm_store::AccessLog,
     keep_days: u32,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
+    idempotency: ekm_store::idempotency::Idempotency,
 ) {
     loop {
         match access.maintain(keep_days).await {
@@ -393,6 +395,14 @@ async fn access_log_retention(
             Err(error) => tracing::error!(
                 error = %ekm_projections::error_chain(&error),
                 "access log retention failed; tried again in an hour"
+            ),
+        }
+        // Idempotency keys older than 24 hours, on the same hourly beat (ADR 0035).
+        match idempotency.expire().await {
+            Ok(removed) => tracing::debug!(removed, "idempotency keys expired"),
+            Err(error) => tracing::error!(
+                error = %ekm_projections::error_chain(&error),
+                "idempotency keys could not be expired; tried again in an hour"
             ),
         }
         tokio::select! {

@@ -45,6 +45,8 @@ pub enum Code {
     Overloaded,
     /// The request did not complete in time (408: its body did not arrive; 503: no answer).
     RequestTimeout,
+    /// An `Idempotency-Key` already used by this principal with another request.
+    IdempotencyKeyReused,
     Internal,
 }
 
@@ -70,6 +72,7 @@ impl Code {
             Code::MasterKeyUnusable => "master_key_unusable",
             Code::Unavailable => "unavailable",
             Code::CommittedUnconfirmed => "committed_unconfirmed",
+            Code::IdempotencyKeyReused => "idempotency_key_reused",
             Code::Overloaded => "overloaded",
             Code::RequestTimeout => "request_timeout",
             Code::Internal => "internal",
@@ -103,6 +106,7 @@ impl Code {
             Code::CommittedUnconfirmed => "The change was recorded but not confirmed",
             Code::Overloaded => "The server is overloaded",
             Code::RequestTimeout => "The request did not complete in time",
+            Code::IdempotencyKeyReused => "The idempotency key was used with another request",
             Code::Internal => "Internal error",
         }
     }

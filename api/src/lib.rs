@@ -12,6 +12,7 @@ mod cursor;
 pub mod dto;
 pub mod endpoints;
 pub mod error;
+pub mod idempotency;
 pub mod limits;
 mod routes;
 pub mod state;
@@ -52,6 +53,10 @@ pub fn router_with_limits(state: AppState, limits: limits::Limits) -> Router {
     let routes = endpoints::all()
         .into_router()
         // Route layers see the matched path: the expensive endpoints' own budgets.
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            idempotency::idempotent,
+        ))
         .route_layer(axum::middleware::from_fn_with_state(
             limits::Limiter::new(limits),
             limits::limit_expensive,

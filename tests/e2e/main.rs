@@ -30,6 +30,7 @@ mod flows;
 mod global_order;
 mod hardening;
 mod history;
+mod idempotency;
 mod justification;
 mod key_versions;
 mod kms_servers;

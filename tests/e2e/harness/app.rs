@@ -418,6 +418,11 @@ pub struct Response {
 }
 
 impl Response {
+    /// A response of a request the test built itself.
+    pub async fn from_reqwest(response: reqwest::Response) -> Response {
+        Self::from(response).await
+    }
+
     async fn from(response: reqwest::Response) -> Response {
         let status = response.status();
         let headers = response.headers().clone();
