@@ -21,20 +21,24 @@ pub struct JsonBody<T>(pub T);
 /// A JSON request body that may be absent (an empty body reads as `T::default()`).
 pub struct OptionalJsonBody<T>(pub T);
 
+/// 413 for a body beyond its endpoint's limit: the control plane's, or the data plane's.
+pub(crate) fn body_too_large() -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        Code::InvalidRequest,
+        format!(
+            "the request body is larger than this endpoint takes ({MAX_BODY_BYTES} bytes on the control plane, {} on the data plane)",
+            crate::routes::data_plane::MAX_DATA_BODY_BYTES
+        ),
+    )
+}
+
 async fn bytes_of(request: Request) -> Result<Bytes, ApiError> {
     Bytes::from_request(request, &())
         .await
         .map_err(|rejection| {
             if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    Code::InvalidRequest,
-                    // The control plane's limit, or the data plane's (2 MiB).
-                    format!(
-                        "the request body is larger than this endpoint takes ({MAX_BODY_BYTES} bytes on the control plane, {} on the data plane)",
-                        crate::routes::data_plane::MAX_DATA_BODY_BYTES
-                    ),
-                )
+                body_too_large()
             } else {
                 ApiError::invalid("the request body could not be read")
             }

@@ -97,17 +97,7 @@ pub async fn idempotent(State(state): State<AppState>, request: Request, next: N
     };
     let bytes = match axum::body::to_bytes(body, crate::dto::MAX_BODY_BYTES).await {
         Ok(bytes) => bytes,
-        Err(_) => {
-            return ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                Code::InvalidRequest,
-                format!(
-                    "the request body is larger than {} bytes",
-                    crate::dto::MAX_BODY_BYTES
-                ),
-            )
-            .into_response()
-        }
+        Err(_) => return crate::dto::body_too_large().into_response(),
     };
     let mut hash = Sha256::new();
     hash.update(method.as_str());

@@ -447,23 +447,7 @@ async fn encrypt(
     id: Result<Path<String>, PathRejection>,
     body: OneOrBatch<EncryptRequest>,
 ) -> Result<Json<Value>, ApiError> {
-    let body = match body {
-        OneOrBatch::One(body) => body,
-        OneOrBatch::Batch(items) => {
-            return batch(&state, &caller, "encrypt", id, items, encrypt_one).await
-        }
-    };
-    let mut used = Use::new("encrypt", &id, &body.class, body.justification.as_ref());
-    let answer = async {
-        // The body's form is checked before the scope is looked at.
-        check_justification(body.justification.as_ref())?;
-        parse_class(&body.class)?;
-        let scope = active_scope(&state, &caller, id).await?;
-        used.scope = Some(scope.clone());
-        encrypt_one(&scope, &body, &mut used).map(Json)
-    }
-    .await;
-    recorded(&state, &caller, used, answer).await
+    one_or_batch(state, caller, id, body, "encrypt", encrypt_one).await
 }
 
 /// Opens one request's ciphertext. `encrypts`: the request also seals (rewrap), so the class
@@ -506,14 +490,15 @@ fn rewrap_one(
     seal(scope, class, &plaintext)
 }
 
-/// Decrypt and rewrap, one request or a batch.
-async fn open_request(
+/// Encrypt, decrypt and rewrap: one request, or a batch of them (`batch`). A single
+/// request's form (justification, class) is checked before the scope is looked at.
+async fn one_or_batch<T: Item>(
     state: AppState,
     caller: Caller,
     id: Result<Path<String>, PathRejection>,
-    body: OneOrBatch<CiphertextRequest>,
+    body: OneOrBatch<T>,
     operation: &'static str,
-    serve: fn(&Arc<ScopeKeys>, &CiphertextRequest, &mut Use) -> Result<Value, ApiError>,
+    serve: fn(&Arc<ScopeKeys>, &T, &mut Use) -> Result<Value, ApiError>,
 ) -> Result<Json<Value>, ApiError> {
     let body = match body {
         OneOrBatch::One(body) => body,
@@ -521,10 +506,10 @@ async fn open_request(
             return batch(&state, &caller, operation, id, items, serve).await
         }
     };
-    let mut used = Use::new(operation, &id, &body.class, body.justification.as_ref());
+    let mut used = Use::new(operation, &id, body.class(), body.justification());
     let answer = async {
-        check_justification(body.justification.as_ref())?;
-        parse_class(&body.class)?;
+        check_justification(body.justification())?;
+        parse_class(body.class())?;
         let scope = active_scope(&state, &caller, id).await?;
         used.scope = Some(scope.clone());
         serve(&scope, &body, &mut used).map(Json)
@@ -539,7 +524,7 @@ async fn decrypt(
     id: Result<Path<String>, PathRejection>,
     body: OneOrBatch<CiphertextRequest>,
 ) -> Result<Json<Value>, ApiError> {
-    open_request(state, caller, id, body, "decrypt", decrypt_one).await
+    one_or_batch(state, caller, id, body, "decrypt", decrypt_one).await
 }
 
 async fn rewrap(
@@ -548,7 +533,7 @@ async fn rewrap(
     id: Result<Path<String>, PathRejection>,
     body: OneOrBatch<CiphertextRequest>,
 ) -> Result<Json<Value>, ApiError> {
-    open_request(state, caller, id, body, "rewrap", rewrap_one).await
+    one_or_batch(state, caller, id, body, "rewrap", rewrap_one).await
 }
 
 async fn datakey(
