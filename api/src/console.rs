@@ -49,11 +49,34 @@ pub(crate) fn register(endpoints: &mut Endpoints) {
     endpoints.add(Verb::Get, "/console/{asset}", asset);
 }
 
-async fn index() -> Response {
+#[utoipa::path(
+    get,
+    path = "/console",
+    tag = "console",
+    summary = "The admin console",
+    responses(
+        (status = 200, description = "HTML", body = String, content_type = "text/html")
+    ),
+    security(())
+)]
+pub(crate) async fn index() -> Response {
     serve(&INDEX)
 }
 
-async fn asset(path: Result<Path<String>, PathRejection>) -> Result<Response, ApiError> {
+#[utoipa::path(
+    get,
+    path = "/console/{asset}",
+    tag = "console",
+    summary = "A console asset",
+    params(
+        ("asset" = String, Path, description = "app.js or app.css.")
+    ),
+    responses(
+        (status = 200, description = "The asset", content((String = "text/javascript"), (String = "text/css")))
+    ),
+    security(())
+)]
+pub(crate) async fn asset(path: Result<Path<String>, PathRejection>) -> Result<Response, ApiError> {
     let name = path
         .map(|Path(name)| name)
         .map_err(|_| ApiError::invalid("the path is not valid"))?;

@@ -132,7 +132,7 @@ impl<S: Send + Sync, T: DeserializeOwned + Default> FromRequest<S> for OptionalJ
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateOrgRequest {
     pub name: String,
@@ -140,7 +140,7 @@ pub struct CreateOrgRequest {
     pub tier: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateScopeRequest {
     pub kind: String,
@@ -149,35 +149,35 @@ pub struct CreateScopeRequest {
 }
 
 /// Body of pause (reason required) and of resume and rotate (reason optional).
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReasonRequest {
     pub reason: Option<String>,
 }
 
 /// A pause: why, and (optionally) until when; the scheduler resumes it then.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PauseRequest {
     pub reason: Option<String>,
     pub until: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RetireRequest {
     pub below: u32,
     pub reason: Option<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TierRequest {
     pub tier: String,
     pub reason: Option<String>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RevokeRequest {
     pub reason: Option<String>,
@@ -189,7 +189,7 @@ pub struct RevokeRequest {
     pub immediately: Option<bool>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct CauseJson {
     pub scope_id: String,
     /// The event type that put the cause scope in its state (`ScopePaused`, ...).
@@ -205,7 +205,7 @@ pub struct CauseJson {
     pub due_at: Option<String>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct KeyVersionJson {
     pub version: u32,
     pub created_at: String,
@@ -216,7 +216,7 @@ pub struct KeyVersionJson {
     pub retired: bool,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ScopeJson {
     pub id: String,
     pub kind: &'static str,
@@ -247,7 +247,7 @@ pub struct ScopeJson {
 /// `live`: the revoked keys are gone from the live database and its files (`pending` while
 /// the re-key runs). `copies`: copies of the database made before (backups, WAL archives,
 /// replicas) open nothing once the platform master key has been rotated after that.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct DestructionJson {
     pub live: &'static str,
     pub copies: &'static str,
@@ -270,14 +270,14 @@ impl From<&Destruction> for DestructionJson {
     }
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct LifecycleJson {
     #[serde(flatten)]
     pub scope: ScopeJson,
     pub changed: bool,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct OrgJson {
     pub id: String,
     pub name: String,
@@ -291,7 +291,7 @@ pub struct OrgJson {
     pub created_at: String,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct CreatedOrgJson {
     #[serde(flatten)]
     pub org: OrgJson,
@@ -393,7 +393,7 @@ impl From<&ScopeSnapshot> for OrgJson {
 }
 
 /// The scope JSON as of a past position or instant, plus `as_of`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct PastScopeJson {
     #[serde(flatten)]
     pub scope: ScopeJson,
@@ -402,7 +402,7 @@ pub struct PastScopeJson {
     pub org: PastOrgJson,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct AsOfJson {
     /// The last event position taken into account.
     pub position: i64,
@@ -453,7 +453,7 @@ impl PastScopeJson {
 }
 
 /// The organization as it was: what decided which keys its scopes used.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct PastOrgJson {
     pub id: String,
     pub plan: Option<&'static str>,
@@ -488,7 +488,7 @@ impl From<&ekm_domain::ScopeState> for PastOrgJson {
 }
 
 /// `GET /v1/scopes/{id}/access-at?at=`: who could decrypt the scope's data then.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct AccessAtJson {
     pub scope_id: String,
     pub at: String,
@@ -500,7 +500,7 @@ pub struct AccessAtJson {
     pub principals: Vec<HolderJson>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct HolderJson {
     pub principal: String,
     pub permission: &'static str,
@@ -511,7 +511,7 @@ pub struct HolderJson {
     pub tokens: Vec<PastTokenJson>,
 }
 
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct PastTokenJson {
     pub token_id: String,
     pub expires_at: Option<String>,

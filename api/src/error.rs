@@ -47,10 +47,40 @@ pub enum Code {
     RequestTimeout,
     /// An `Idempotency-Key` already used by this principal with another request.
     IdempotencyKeyReused,
+    /// Over a rate limit of the principal or the organization: retry after `Retry-After`.
+    RateLimited,
     Internal,
 }
 
 impl Code {
+    /// Every code, in the order of the enum (the OpenAPI document lists them all).
+    pub const ALL: [Code; 24] = [
+        Code::InvalidRequest,
+        Code::Unauthorized,
+        Code::Forbidden,
+        Code::NotFound,
+        Code::Conflict,
+        Code::PlanRequired,
+        Code::ScopePaused,
+        Code::ScopePendingRevocation,
+        Code::ScopeRevoked,
+        Code::KeyUnavailable,
+        Code::ClassNotCovered,
+        Code::JustificationRequired,
+        Code::JustificationNotAllowed,
+        Code::JustificationPolicyConflict,
+        Code::InvalidCiphertext,
+        Code::KeyVersionDisabled,
+        Code::MasterKeyUnusable,
+        Code::Unavailable,
+        Code::CommittedUnconfirmed,
+        Code::Overloaded,
+        Code::RequestTimeout,
+        Code::IdempotencyKeyReused,
+        Code::RateLimited,
+        Code::Internal,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Code::InvalidRequest => "invalid_request",
@@ -73,6 +103,7 @@ impl Code {
             Code::Unavailable => "unavailable",
             Code::CommittedUnconfirmed => "committed_unconfirmed",
             Code::IdempotencyKeyReused => "idempotency_key_reused",
+            Code::RateLimited => "rate_limited",
             Code::Overloaded => "overloaded",
             Code::RequestTimeout => "request_timeout",
             Code::Internal => "internal",
@@ -107,6 +138,7 @@ impl Code {
             Code::Overloaded => "The server is overloaded",
             Code::RequestTimeout => "The request did not complete in time",
             Code::IdempotencyKeyReused => "The idempotency key was used with another request",
+            Code::RateLimited => "Too many requests",
             Code::Internal => "Internal error",
         }
     }

@@ -14,6 +14,7 @@ pub mod endpoints;
 pub mod error;
 pub mod idempotency;
 pub mod limits;
+pub mod openapi;
 mod routes;
 pub mod state;
 

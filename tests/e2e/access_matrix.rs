@@ -79,6 +79,7 @@ fn rows() -> Vec<Row> {
     vec![
         row("GET", "/healthz", None, public),
         row("GET", "/readyz", None, public),
+        row("GET", "/v1/openapi.json", None, public),
         row(
             "GET",
             "/metrics",
@@ -452,6 +453,7 @@ async fn request(app: &TestApp, world: &World, row: &Row, index: usize) -> (Stri
     match (row.method, row.path) {
         ("GET", "/healthz") => ("/healthz".into(), None),
         ("GET", "/readyz") => ("/readyz".into(), None),
+        ("GET", "/v1/openapi.json") => ("/v1/openapi.json".into(), None),
         ("GET", "/metrics") => ("/metrics".into(), None),
         ("POST", "/v1/orgs") => (
             "/v1/orgs".into(),

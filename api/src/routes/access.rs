@@ -131,6 +131,19 @@ async fn filter(
 }
 
 /// `GET /v1/audit/access`: one page of records, oldest first.
+#[utoipa::path(
+    get,
+    path = "/v1/audit/access",
+    tag = "audit",
+    summary = "The data plane's access log",
+    params(
+        crate::openapi::AccessFilterParams,
+        crate::openapi::PageParams
+    ),
+    responses(
+        (status = 200, description = "A page", body = crate::openapi::AccessPageDoc)
+    )
+)]
 pub async fn list(
     State(state): State<AppState>,
     caller: Caller,
@@ -183,6 +196,19 @@ pub async fn list(
 
 /// `GET /v1/audit/access/export?format=jsonl|csv`: every matching record, streamed a page at
 /// a time (memory stays flat whatever the log's size).
+#[utoipa::path(
+    get,
+    path = "/v1/audit/access/export",
+    tag = "audit",
+    summary = "Export the access log",
+    params(
+        crate::openapi::AccessFilterParams,
+        crate::openapi::ExportParams
+    ),
+    responses(
+        (status = 200, description = "The export, streamed", content((String = "application/jsonl"), (String = "text/csv")))
+    )
+)]
 pub async fn export(
     State(state): State<AppState>,
     caller: Caller,
@@ -246,6 +272,20 @@ pub async fn export(
 
 /// `GET /v1/scopes/{id}/access-summary?from=&to=`: uses of the scope's subtree counted per
 /// principal, operation, outcome and key version.
+#[utoipa::path(
+    get,
+    path = "/v1/scopes/{id}/access-summary",
+    tag = "audit",
+    summary = "Uses of a subtree, counted",
+    params(
+        crate::openapi::ScopePath,
+        ("from" = Option<String>, Query, description = "RFC 3339, inclusive."),
+        ("to" = Option<String>, Query, description = "RFC 3339, exclusive.")
+    ),
+    responses(
+        (status = 200, description = "The counts", body = crate::openapi::AccessSummaryDoc)
+    )
+)]
 pub async fn summary(
     State(state): State<AppState>,
     caller: Caller,

@@ -307,6 +307,19 @@ struct AuditPage {
     next_cursor: Option<String>,
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/audit",
+    tag = "audit",
+    summary = "The audit log, in position order",
+    params(
+        crate::openapi::AuditFilterParams,
+        crate::openapi::PageParams
+    ),
+    responses(
+        (status = 200, description = "A page", body = crate::openapi::AuditPageDoc)
+    )
+)]
 pub async fn list(
     State(state): State<AppState>,
     caller: Caller,
@@ -359,6 +372,19 @@ const EXPORT_PAGE: i64 = 1_000;
 /// JSON Lines is signed (docs/audit-format.md): a header, each entry with its seal, and a
 /// signed checkpoint every `CHECKPOINT_EVERY` lines and at the end; it stops at the position
 /// the audit chain had sealed when it began, so every entry carries its seal.
+#[utoipa::path(
+    get,
+    path = "/v1/audit/export",
+    tag = "audit",
+    summary = "Export the audit log (signed JSON Lines, or CSV)",
+    params(
+        crate::openapi::AuditFilterParams,
+        crate::openapi::ExportParams
+    ),
+    responses(
+        (status = 200, description = "The export, streamed", content((String = "application/jsonl"), (String = "text/csv")))
+    )
+)]
 pub async fn export(
     State(state): State<AppState>,
     caller: Caller,
@@ -459,6 +485,15 @@ pub(crate) fn download(body: Body, format: Format, name: &str) -> Response {
 /// `GET /v1/audit/signing-key`: the platform's public audit signing key, for verifying
 /// exports offline (`ekm audit verify --file --public-key`), and the keys rotations retired,
 /// for older exports. Public information; any token.
+#[utoipa::path(
+    get,
+    path = "/v1/audit/signing-key",
+    tag = "audit",
+    summary = "The public key that signs exports",
+    responses(
+        (status = 200, description = "The key and the retired ones", body = crate::openapi::SigningKeyDoc)
+    )
+)]
 pub async fn signing_key(
     State(state): State<AppState>,
     _caller: Caller,
@@ -487,6 +522,18 @@ pub async fn signing_key(
     })))
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/audit/verify",
+    tag = "audit",
+    summary = "Verify the hash chain and the access log's seals",
+    params(
+        ("org" = Option<String>, Query, description = "Organization id (default: the token's).")
+    ),
+    responses(
+        (status = 200, description = "The report", body = crate::openapi::VerifyDoc)
+    )
+)]
 pub async fn verify(
     State(state): State<AppState>,
     caller: Caller,

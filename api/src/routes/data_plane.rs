@@ -42,27 +42,51 @@ pub(crate) fn register(endpoints: &mut Endpoints) {
 }
 
 // No Debug on these: they carry plaintext and ciphertext.
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct EncryptRequest {
+pub(crate) struct EncryptRequest {
     plaintext: String,
     class: String,
     justification: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct CiphertextRequest {
+pub(crate) struct CiphertextRequest {
     ciphertext: String,
     class: String,
     justification: Option<String>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct ClassRequest {
+pub(crate) struct ClassRequest {
     class: String,
     justification: Option<String>,
+}
+
+/// An encrypt body: one item, or a batch (documentation only).
+#[allow(dead_code)]
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(untagged)]
+enum EncryptBodyDoc {
+    One(EncryptRequest),
+    Batch {
+        #[schema(min_items = 1, max_items = 1000)]
+        items: Vec<EncryptRequest>,
+    },
+}
+
+/// A decrypt or rewrap body: one item, or a batch (documentation only).
+#[allow(dead_code)]
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(untagged)]
+enum CiphertextBodyDoc {
+    One(CiphertextRequest),
+    Batch {
+        #[schema(min_items = 1, max_items = 1000)]
+        items: Vec<CiphertextRequest>,
+    },
 }
 
 fn invalid_ciphertext(detail: &str) -> ApiError {
@@ -441,7 +465,20 @@ fn encrypt_one(
     seal(scope, class, &plaintext)
 }
 
-async fn encrypt(
+#[utoipa::path(
+    post,
+    path = "/v1/scopes/{id}/encrypt",
+    tag = "data plane",
+    summary = "Encrypt (one item, or a batch of up to 1,000)",
+    params(
+        crate::openapi::ScopePath
+    ),
+    request_body = EncryptBodyDoc,
+    responses(
+        (status = 200, description = "The ciphertext, or one result or problem per item", body = crate::openapi::SealedAnswerDoc)
+    )
+)]
+pub(crate) async fn encrypt(
     State(state): State<AppState>,
     caller: Caller,
     id: Result<Path<String>, PathRejection>,
@@ -518,7 +555,20 @@ async fn one_or_batch<T: Item>(
     recorded(&state, &caller, used, answer).await
 }
 
-async fn decrypt(
+#[utoipa::path(
+    post,
+    path = "/v1/scopes/{id}/decrypt",
+    tag = "data plane",
+    summary = "Decrypt (one item, or a batch of up to 1,000)",
+    params(
+        crate::openapi::ScopePath
+    ),
+    request_body = CiphertextBodyDoc,
+    responses(
+        (status = 200, description = "The plaintext, or one result or problem per item", body = crate::openapi::OpenedAnswerDoc)
+    )
+)]
+pub(crate) async fn decrypt(
     State(state): State<AppState>,
     caller: Caller,
     id: Result<Path<String>, PathRejection>,
@@ -527,7 +577,20 @@ async fn decrypt(
     one_or_batch(state, caller, id, body, "decrypt", decrypt_one).await
 }
 
-async fn rewrap(
+#[utoipa::path(
+    post,
+    path = "/v1/scopes/{id}/rewrap",
+    tag = "data plane",
+    summary = "Re-seal under the current key version (one item, or a batch)",
+    params(
+        crate::openapi::ScopePath
+    ),
+    request_body = CiphertextBodyDoc,
+    responses(
+        (status = 200, description = "The new ciphertext, or one result or problem per item", body = crate::openapi::SealedAnswerDoc)
+    )
+)]
+pub(crate) async fn rewrap(
     State(state): State<AppState>,
     caller: Caller,
     id: Result<Path<String>, PathRejection>,
@@ -536,7 +599,20 @@ async fn rewrap(
     one_or_batch(state, caller, id, body, "rewrap", rewrap_one).await
 }
 
-async fn datakey(
+#[utoipa::path(
+    post,
+    path = "/v1/scopes/{id}/datakey",
+    tag = "data plane",
+    summary = "A fresh data key, in plaintext and sealed",
+    params(
+        crate::openapi::ScopePath
+    ),
+    request_body = ClassRequest,
+    responses(
+        (status = 200, description = "The data key", body = crate::openapi::SealedDoc)
+    )
+)]
+pub(crate) async fn datakey(
     State(state): State<AppState>,
     caller: Caller,
     id: Result<Path<String>, PathRejection>,

@@ -22,7 +22,7 @@ use crate::routes::{check_keys, conditional_json, page_limit};
 use crate::state::AppState;
 use ekm_service::AppError;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GrantRequest {
     pub principal: String,
@@ -83,6 +83,20 @@ fn grant_json(grant: &Grant, expires_at: Option<DateTime<Utc>>) -> Value {
 /// `POST /v1/orgs/{org}/grants {"principal", "permission", "scope_id"?, "expires_at"?}` →
 /// 201 (200 when the grant existed already, with the same expiry). Granting again with
 /// another expiry, or none, replaces the one it had.
+#[utoipa::path(
+    post,
+    path = "/v1/orgs/{org}/grants",
+    tag = "access",
+    summary = "Grant a permission",
+    params(
+        crate::openapi::OrgPath
+    ),
+    request_body = GrantRequest,
+    responses(
+        (status = 201, description = "Granted", body = crate::openapi::GrantDoc),
+        (status = 200, description = "Already granted (`changed: false`), or its expiry changed", body = crate::openapi::GrantDoc)
+    )
+)]
 pub async fn add_grant(
     State(state): State<AppState>,
     caller: Caller,
@@ -120,6 +134,21 @@ pub async fn add_grant(
 
 /// `DELETE /v1/orgs/{org}/grants/{principal}/{permission}` (`?scope_id=` for a grant
 /// limited to a subtree).
+#[utoipa::path(
+    delete,
+    path = "/v1/orgs/{org}/grants/{principal}/{permission}",
+    tag = "access",
+    summary = "Remove a grant",
+    params(
+        crate::openapi::OrgPath,
+        ("principal" = String, Path, description = "The principal."),
+        ("permission" = String, Path, description = "The permission, as `data:use`."),
+        ("scope_id" = Option<String>, Query, description = "The scope the grant names (none: organization-wide).")
+    ),
+    responses(
+        (status = 200, description = "Removed", body = crate::openapi::GrantDoc)
+    )
+)]
 pub async fn remove_grant(
     State(state): State<AppState>,
     caller: Caller,
@@ -151,6 +180,21 @@ pub async fn remove_grant(
 }
 
 /// `GET /v1/orgs/{org}/grants`: every grant of the organization.
+#[utoipa::path(
+    get,
+    path = "/v1/orgs/{org}/grants",
+    tag = "access",
+    summary = "The organization's grants",
+    params(
+        crate::openapi::OrgPath,
+        crate::openapi::PageParams,
+        ("If-None-Match" = Option<String>, Header, description = "An ETag from an earlier answer: 304 if unchanged.")
+    ),
+    responses(
+        (status = 200, description = "A page", body = crate::openapi::GrantPageDoc, headers(("ETag" = String, description = "Entity tag"))),
+        (status = 304, description = "Not modified (If-None-Match).")
+    )
+)]
 pub async fn list_grants(
     State(state): State<AppState>,
     caller: Caller,

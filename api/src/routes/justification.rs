@@ -18,7 +18,8 @@ use crate::error::ApiError;
 use crate::state::AppState;
 use ekm_service::app::Action;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[schema(as = JustificationPolicyRequest)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyRequest {
     pub required: bool,
@@ -54,6 +55,20 @@ fn effective_json(effective: &EffectiveJustification) -> Value {
 /// `GET /v1/scopes/{id}/justification-policy`: the scope's own policy and the effective one.
 /// Its tag is a representation tag (ADR 0025): the effective policy changes with the
 /// ancestors' policies, which do not move this scope's version.
+#[utoipa::path(
+    get,
+    path = "/v1/scopes/{id}/justification-policy",
+    tag = "lifecycle",
+    summary = "The justification policy, own and effective",
+    params(
+        crate::openapi::ScopePath,
+        ("If-None-Match" = Option<String>, Header, description = "An ETag from an earlier answer: 304 if unchanged.")
+    ),
+    responses(
+        (status = 200, description = "The policy", body = crate::openapi::JustificationPolicyDoc, headers(("ETag" = String, description = "Entity tag"))),
+        (status = 304, description = "Not modified (If-None-Match).")
+    )
+)]
 pub(crate) async fn get(
     State(state): State<AppState>,
     caller: Caller,
@@ -74,6 +89,20 @@ pub(crate) async fn get(
 /// scope's own policy (an event; `{"required": false, "allowed": []}` lifts it). Refused
 /// with 409 `justification_policy_conflict` when, with the policies above the scope, no
 /// reason would be allowed (decided by the aggregate, after the version and lifecycle rules).
+#[utoipa::path(
+    put,
+    path = "/v1/scopes/{id}/justification-policy",
+    tag = "lifecycle",
+    summary = "Set the justification policy",
+    params(
+        crate::openapi::ScopePath,
+        ("If-Match" = Option<String>, Header, description = "The version the change expects (`\"3\"`, or an ETag); 412 if it moved.")
+    ),
+    request_body = PolicyRequest,
+    responses(
+        (status = 200, description = "The policy and `changed`", body = crate::openapi::JustificationPolicyDoc)
+    )
+)]
 pub(crate) async fn put(
     State(state): State<AppState>,
     caller: Caller,

@@ -27,7 +27,7 @@ use crate::state::AppState;
 /// The window of `decrypts_30d`.
 const RECENT_DAYS: i64 = 30;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FloorRequest {
     pub version: u32,
@@ -37,6 +37,20 @@ pub struct FloorRequest {
 /// `PUT /v1/scopes/{id}/min-decryption-version {"version": N, "reason"?}`: key versions below
 /// N no longer decrypt (an event; N from 1 to the current version). Answers the scope JSON
 /// and `changed`, like the lifecycle commands.
+#[utoipa::path(
+    put,
+    path = "/v1/scopes/{id}/min-decryption-version",
+    tag = "lifecycle",
+    summary = "Set the decryption floor (reversible)",
+    params(
+        crate::openapi::ScopePath,
+        ("If-Match" = Option<String>, Header, description = "The version the change expects (`\"3\"`, or an ETag); 412 if it moved.")
+    ),
+    request_body = FloorRequest,
+    responses(
+        (status = 200, description = "The scope and `changed`", body = crate::dto::LifecycleJson)
+    )
+)]
 pub(crate) async fn set_floor(
     State(state): State<AppState>,
     caller: Caller,
@@ -59,6 +73,20 @@ pub(crate) async fn set_floor(
 /// `audit:read`; null when the log is off): the last served use, the served decrypts and
 /// rewraps of the last 30 days, and the refusals below the floor of the last 30 days (what
 /// still needs a disabled version).
+#[utoipa::path(
+    get,
+    path = "/v1/scopes/{id}/key-versions",
+    tag = "lifecycle",
+    summary = "Key versions, their state and use",
+    params(
+        crate::openapi::ScopePath,
+        ("If-None-Match" = Option<String>, Header, description = "An ETag from an earlier answer: 304 if unchanged.")
+    ),
+    responses(
+        (status = 200, description = "The versions", body = crate::openapi::KeyVersionsDoc, headers(("ETag" = String, description = "Entity tag"))),
+        (status = 304, description = "Not modified (If-None-Match).")
+    )
+)]
 pub(crate) async fn list(
     State(state): State<AppState>,
     caller: Caller,

@@ -20,7 +20,7 @@ use crate::routes::{etag, expected_version, reason, visible_org};
 use crate::state::AppState;
 use ekm_service::app::Action;
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MasterKeyRequest {
     pub provider: String,
@@ -32,6 +32,20 @@ pub struct MasterKeyRequest {
 
 /// `PUT /v1/orgs/{org}/master-key {"provider", "key_id", "region"?, "endpoint_url"?}`.
 /// `{"provider": "local"}` goes back to the platform's key (tier `managed`).
+#[utoipa::path(
+    put,
+    path = "/v1/orgs/{org}/master-key",
+    tag = "master key",
+    summary = "Connect a customer master key (BYOK), or go back to the platform's",
+    params(
+        crate::openapi::OrgPath,
+        ("If-Match" = Option<String>, Header, description = "The version the change expects (`\"3\"`, or an ETag); 412 if it moved.")
+    ),
+    request_body = MasterKeyRequest,
+    responses(
+        (status = 200, description = "The master key and `changed`", body = crate::openapi::MasterKeyDoc)
+    )
+)]
 pub async fn set(
     State(state): State<AppState>,
     caller: Caller,
@@ -102,6 +116,20 @@ pub async fn set(
 }
 
 /// `GET /v1/orgs/{org}/master-key`: provider, key, status and the last health check.
+#[utoipa::path(
+    get,
+    path = "/v1/orgs/{org}/master-key",
+    tag = "master key",
+    summary = "The master key and its health",
+    params(
+        crate::openapi::OrgPath,
+        ("If-None-Match" = Option<String>, Header, description = "An ETag from an earlier answer: 304 if unchanged.")
+    ),
+    responses(
+        (status = 200, description = "The master key", body = crate::openapi::MasterKeyDoc, headers(("ETag" = String, description = "Entity tag"))),
+        (status = 304, description = "Not modified (If-None-Match).")
+    )
+)]
 pub async fn show(
     State(state): State<AppState>,
     caller: Caller,

@@ -21,6 +21,16 @@ use crate::dto::{
 use crate::error::ApiError;
 use crate::state::AppState;
 
+#[utoipa::path(
+    post,
+    path = "/v1/orgs",
+    tag = "organizations",
+    summary = "Create an organization (operator token)",
+    request_body = crate::dto::CreateOrgRequest,
+    responses(
+        (status = 201, description = "Created, with its first org_admin token (shown once)", body = crate::dto::CreatedOrgJson, headers(("ETag" = String, description = "Entity tag")))
+    )
+)]
 pub(crate) async fn create_org(
     State(state): State<AppState>,
     caller: Caller,
@@ -50,6 +60,20 @@ pub(crate) async fn create_org(
     Ok(response)
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/orgs/{org}",
+    tag = "organizations",
+    summary = "An organization",
+    params(
+        crate::openapi::OrgPath,
+        ("If-None-Match" = Option<String>, Header, description = "An ETag from an earlier answer: 304 if unchanged.")
+    ),
+    responses(
+        (status = 200, description = "The organization", body = crate::dto::OrgJson, headers(("ETag" = String, description = "Entity tag"))),
+        (status = 304, description = "Not modified (If-None-Match).")
+    )
+)]
 pub(crate) async fn get_org(
     State(state): State<AppState>,
     caller: Caller,
@@ -79,6 +103,21 @@ pub(crate) async fn get_org(
 /// that would lose or gain coverage are listed, nothing is recorded. After a downgrade the
 /// classes it no longer covers are refused for encrypt, datakey and rewrap, but still
 /// decrypt, so that the platform can migrate its data (issue 17 §4).
+#[utoipa::path(
+    put,
+    path = "/v1/orgs/{org}/tier",
+    tag = "organizations",
+    summary = "Change what is encrypted (tier)",
+    params(
+        crate::openapi::OrgPath,
+        ("dry_run" = Option<bool>, Query, description = "`true`: check the rules and count what would change; record nothing."),
+        ("If-Match" = Option<String>, Header, description = "The version the change expects (`\"3\"`, or an ETag); 412 if it moved.")
+    ),
+    request_body = crate::dto::TierRequest,
+    responses(
+        (status = 200, description = "The organization and `changed`, or a dry run", body = crate::openapi::OrgOrDryRunDoc)
+    )
+)]
 pub(crate) async fn change_tier(
     State(state): State<AppState>,
     caller: Caller,
@@ -139,7 +178,7 @@ pub(crate) async fn change_tier(
     Ok(changed_answer(body, &outcome))
 }
 
-#[derive(Debug, serde::Deserialize)]
+#[derive(Debug, serde::Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct PlanRequest {
     plan: String,
@@ -150,6 +189,20 @@ pub(crate) struct PlanRequest {
 /// enterprise needs tier `default` and no scope control in force in the tree (paused scopes,
 /// justification policies, decryption floors): 409 `conflict` names what to clear first,
 /// since the standard plan could no longer change them (issue 17 §4).
+#[utoipa::path(
+    put,
+    path = "/v1/orgs/{org}/plan",
+    tag = "organizations",
+    summary = "Change the plan (operator token)",
+    params(
+        crate::openapi::OrgPath,
+        ("If-Match" = Option<String>, Header, description = "The version the change expects (`\"3\"`, or an ETag); 412 if it moved.")
+    ),
+    request_body = PlanRequest,
+    responses(
+        (status = 200, description = "The organization and `changed`", body = crate::openapi::ChangedOrgDoc)
+    )
+)]
 pub(crate) async fn change_plan(
     State(state): State<AppState>,
     caller: Caller,
@@ -192,6 +245,19 @@ pub(crate) async fn change_plan(
 /// "key_version"?}], "next_cursor"}`. Grant expiries name grants, which only org admins may
 /// list: others are not shown them. Key rotations come from the memory tree (ADR 0033): the
 /// next one of every key with a period in force, merged in due order.
+#[utoipa::path(
+    get,
+    path = "/v1/orgs/{org}/schedule",
+    tag = "organizations",
+    summary = "What the scheduler will fire, soonest first",
+    params(
+        crate::openapi::OrgPath,
+        crate::openapi::PageParams
+    ),
+    responses(
+        (status = 200, description = "A page", body = crate::openapi::SchedulePageDoc)
+    )
+)]
 pub(crate) async fn schedule(
     State(state): State<AppState>,
     caller: Caller,
@@ -323,6 +389,20 @@ const MAX_QUERY_CHARS: usize = 200;
 /// `GET /v1/orgs/{org}/scopes?q=&limit=&cursor=`: the organization's scopes whose name
 /// contains `q` (case-insensitive), in id order, only those the caller may view. A page can
 /// hold fewer than `limit` items (even none) while `next_cursor` says there is more.
+#[utoipa::path(
+    get,
+    path = "/v1/orgs/{org}/scopes",
+    tag = "scopes",
+    summary = "Search scopes by name",
+    params(
+        crate::openapi::OrgPath,
+        ("q" = Option<String>, Query, description = "Part of the name, case-insensitive."),
+        crate::openapi::PageParams
+    ),
+    responses(
+        (status = 200, description = "A page (possibly empty while `next_cursor` says there is more)", body = crate::openapi::ScopePageDoc)
+    )
+)]
 pub(crate) async fn search_scopes(
     State(state): State<AppState>,
     caller: Caller,
@@ -406,8 +486,9 @@ pub(crate) fn present<'de, D: serde::Deserializer<'de>>(
     <Option<String> as serde::Deserialize>::deserialize(deserializer).map(Some)
 }
 
-#[derive(Debug, serde::Deserialize)]
+#[derive(Debug, serde::Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = OrgPolicyRequest)]
 pub(crate) struct PolicyRequest {
     /// Absent: unchanged; `null`: back to the default (P7D).
     #[serde(default, deserialize_with = "present")]
@@ -430,6 +511,20 @@ fn policy_json(org: &ekm_projections::ScopeSnapshot) -> serde_json::Value {
 
 /// `GET /v1/orgs/{org}/policy`: the organization's lifecycle policy (issue 17):
 /// `revoke_window`, the waiting period of a revoke that names none.
+#[utoipa::path(
+    get,
+    path = "/v1/orgs/{org}/policy",
+    tag = "organizations",
+    summary = "The lifecycle policy",
+    params(
+        crate::openapi::OrgPath,
+        ("If-None-Match" = Option<String>, Header, description = "An ETag from an earlier answer: 304 if unchanged.")
+    ),
+    responses(
+        (status = 200, description = "The policy", body = crate::openapi::OrgPolicyDoc, headers(("ETag" = String, description = "Entity tag"))),
+        (status = 304, description = "Not modified (If-None-Match).")
+    )
+)]
 pub(crate) async fn policy(
     State(state): State<AppState>,
     caller: Caller,
@@ -446,6 +541,20 @@ pub(crate) async fn policy(
 /// rotation), so a client that knows one field cannot lift the other by accident; one
 /// event per field that changed. The rotation period is the organization scope's own:
 /// its subtree inherits it unless a scope sets its own.
+#[utoipa::path(
+    put,
+    path = "/v1/orgs/{org}/policy",
+    tag = "organizations",
+    summary = "Set the lifecycle policy",
+    params(
+        crate::openapi::OrgPath,
+        ("If-Match" = Option<String>, Header, description = "The version the change expects (`\"3\"`, or an ETag); 412 if it moved.")
+    ),
+    request_body = PolicyRequest,
+    responses(
+        (status = 200, description = "The policy and `changed`", body = crate::openapi::OrgPolicyDoc)
+    )
+)]
 pub(crate) async fn set_policy(
     State(state): State<AppState>,
     caller: Caller,

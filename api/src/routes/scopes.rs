@@ -24,6 +24,16 @@ use crate::dto::{
 use crate::error::{ApiError, Code};
 use crate::state::AppState;
 
+#[utoipa::path(
+    post,
+    path = "/v1/scopes",
+    tag = "scopes",
+    summary = "Create a scope under a parent",
+    request_body = crate::dto::CreateScopeRequest,
+    responses(
+        (status = 201, description = "Created", body = crate::dto::ScopeJson, headers(("ETag" = String, description = "Entity tag")))
+    )
+)]
 pub(crate) async fn create_scope(
     State(state): State<AppState>,
     caller: Caller,
@@ -62,6 +72,20 @@ pub(crate) async fn create_scope(
     Ok(response)
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/scopes/{id}",
+    tag = "scopes",
+    summary = "A scope, with its effective state and cause",
+    params(
+        crate::openapi::ScopePath,
+        ("If-None-Match" = Option<String>, Header, description = "An ETag from an earlier answer: 304 if unchanged.")
+    ),
+    responses(
+        (status = 200, description = "The scope", body = crate::dto::ScopeJson, headers(("ETag" = String, description = "Entity tag"))),
+        (status = 304, description = "Not modified (If-None-Match).")
+    )
+)]
 pub(crate) async fn get_scope(
     State(state): State<AppState>,
     caller: Caller,
@@ -82,6 +106,19 @@ pub(crate) async fn get_scope(
     )
 }
 
+#[utoipa::path(
+    get,
+    path = "/v1/scopes/{id}/children",
+    tag = "scopes",
+    summary = "A scope's children",
+    params(
+        crate::openapi::ScopePath,
+        crate::openapi::PageParams
+    ),
+    responses(
+        (status = 200, description = "A page", body = crate::openapi::ScopePageDoc)
+    )
+)]
 pub(crate) async fn list_children(
     State(state): State<AppState>,
     caller: Caller,
@@ -218,6 +255,21 @@ fn pause_until(until: &str) -> Result<String, ApiError> {
     Ok(rfc3339(at))
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/scopes/{id}/pause",
+    tag = "lifecycle",
+    summary = "Pause a scope and its subtree",
+    params(
+        crate::openapi::ScopePath,
+        ("dry_run" = Option<bool>, Query, description = "`true`: check the rules and count what would change; record nothing."),
+        ("If-Match" = Option<String>, Header, description = "The version the change expects (`\"3\"`, or an ETag); 412 if it moved.")
+    ),
+    request_body = crate::dto::PauseRequest,
+    responses(
+        (status = 200, description = "The scope and `changed`, or a dry run", body = crate::openapi::LifecycleOrDryRunDoc)
+    )
+)]
 pub(crate) async fn pause(
     State(state): State<AppState>,
     caller: Caller,
@@ -237,6 +289,20 @@ pub(crate) async fn pause(
     lifecycle(state, caller, path, &headers, action, reason).await
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/scopes/{id}/resume",
+    tag = "lifecycle",
+    summary = "Resume a paused scope",
+    params(
+        crate::openapi::ScopePath,
+        ("If-Match" = Option<String>, Header, description = "The version the change expects (`\"3\"`, or an ETag); 412 if it moved.")
+    ),
+    request_body = crate::dto::ReasonRequest,
+    responses(
+        (status = 200, description = "The scope and `changed`", body = crate::dto::LifecycleJson)
+    )
+)]
 pub(crate) async fn resume(
     State(state): State<AppState>,
     caller: Caller,
@@ -285,6 +351,21 @@ async fn revoke_window(
 /// for good at the end of a waiting period (issue 17 §1). Until then the scope is
 /// `pending_revocation`, refused like paused, and the revocation can be cancelled; a
 /// window of zero (`immediately`, `PT0S`) revokes now.
+#[utoipa::path(
+    post,
+    path = "/v1/scopes/{id}/revoke",
+    tag = "lifecycle",
+    summary = "Revoke a scope for good, after a waiting period",
+    params(
+        crate::openapi::ScopePath,
+        ("dry_run" = Option<bool>, Query, description = "`true`: check the rules and count what would change; record nothing."),
+        ("If-Match" = Option<String>, Header, description = "The version the change expects (`\"3\"`, or an ETag); 412 if it moved.")
+    ),
+    request_body = crate::dto::RevokeRequest,
+    responses(
+        (status = 200, description = "The scope and `changed`, or a dry run", body = crate::openapi::LifecycleOrDryRunDoc)
+    )
+)]
 pub(crate) async fn revoke(
     State(state): State<AppState>,
     caller: Caller,
@@ -319,7 +400,7 @@ pub(crate) async fn revoke(
     lifecycle(state, caller, path, &headers, action, reason).await
 }
 
-#[derive(Debug, serde::Deserialize)]
+#[derive(Debug, serde::Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub(crate) struct RotationPeriodRequest {
     /// Required: a period, or `null` to lift the scope's own.
@@ -332,6 +413,20 @@ pub(crate) struct RotationPeriodRequest {
 /// scope's own key rotation period (issue 17 §2), which its subtree inherits unless a scope
 /// below sets its own; `null` lifts it (the scope inherits again). Setting one needs the
 /// enterprise plan; lifting one does not.
+#[utoipa::path(
+    put,
+    path = "/v1/scopes/{id}/rotation-period",
+    tag = "lifecycle",
+    summary = "Set or lift the scope's key rotation period",
+    params(
+        crate::openapi::ScopePath,
+        ("If-Match" = Option<String>, Header, description = "The version the change expects (`\"3\"`, or an ETag); 412 if it moved.")
+    ),
+    request_body = RotationPeriodRequest,
+    responses(
+        (status = 200, description = "The scope and `changed`", body = crate::dto::LifecycleJson)
+    )
+)]
 pub(crate) async fn set_rotation_period(
     State(state): State<AppState>,
     caller: Caller,
@@ -353,6 +448,20 @@ pub(crate) async fn set_rotation_period(
 /// `POST /v1/scopes/{id}/cancel-revocation {"reason"}`: the pending revocation is cancelled
 /// and the scope returns to the own state it had (`changed: false` when nothing was
 /// pending). Works on any plan, like resume (ADR 0029).
+#[utoipa::path(
+    post,
+    path = "/v1/scopes/{id}/cancel-revocation",
+    tag = "lifecycle",
+    summary = "Cancel a pending revocation",
+    params(
+        crate::openapi::ScopePath,
+        ("If-Match" = Option<String>, Header, description = "The version the change expects (`\"3\"`, or an ETag); 412 if it moved.")
+    ),
+    request_body = crate::dto::ReasonRequest,
+    responses(
+        (status = 200, description = "The scope and `changed`", body = crate::dto::LifecycleJson)
+    )
+)]
 pub(crate) async fn cancel_revocation(
     State(state): State<AppState>,
     caller: Caller,
@@ -374,6 +483,20 @@ pub(crate) async fn cancel_revocation(
     .await
 }
 
+#[utoipa::path(
+    post,
+    path = "/v1/scopes/{id}/rotate",
+    tag = "lifecycle",
+    summary = "Rotate the scope's key",
+    params(
+        crate::openapi::ScopePath,
+        ("If-Match" = Option<String>, Header, description = "The version the change expects (`\"3\"`, or an ETag); 412 if it moved.")
+    ),
+    request_body = crate::dto::ReasonRequest,
+    responses(
+        (status = 200, description = "The scope and `changed`", body = crate::dto::LifecycleJson)
+    )
+)]
 pub(crate) async fn rotate(
     State(state): State<AppState>,
     caller: Caller,
@@ -388,6 +511,20 @@ pub(crate) async fn rotate(
 /// `POST /v1/scopes/{id}/retire {"below": N}`: destroys the key material of every version
 /// below N (N at most the current version). Rewrap ciphertexts first: a retired version
 /// decrypts nothing.
+#[utoipa::path(
+    post,
+    path = "/v1/scopes/{id}/retire",
+    tag = "lifecycle",
+    summary = "Destroy key versions below N",
+    params(
+        crate::openapi::ScopePath,
+        ("If-Match" = Option<String>, Header, description = "The version the change expects (`\"3\"`, or an ETag); 412 if it moved.")
+    ),
+    request_body = crate::dto::RetireRequest,
+    responses(
+        (status = 200, description = "The scope and `changed`", body = crate::dto::LifecycleJson)
+    )
+)]
 pub(crate) async fn retire(
     State(state): State<AppState>,
     caller: Caller,
@@ -407,6 +544,20 @@ pub(crate) async fn retire(
 
 /// `GET /v1/scopes/{id}/state?at=RFC3339` or `?position=N`: the scope as it was then,
 /// computed from the events.
+#[utoipa::path(
+    get,
+    path = "/v1/scopes/{id}/state",
+    tag = "history",
+    summary = "The scope as it was at an instant or position",
+    params(
+        crate::openapi::ScopePath,
+        ("at" = Option<String>, Query, description = "RFC 3339 instant."),
+        ("position" = Option<i64>, Query, description = "Event position.")
+    ),
+    responses(
+        (status = 200, description = "The scope then", body = crate::dto::PastScopeJson)
+    )
+)]
 pub(crate) async fn state_as_of(
     State(state): State<AppState>,
     caller: Caller,
@@ -451,6 +602,19 @@ pub(crate) async fn state_as_of(
 /// instant: the principals whose `data:use` grants covered it, each with its tokens valid
 /// then, and its effective state then (nobody while paused, revoked or unavailable, with the
 /// cause). Computed from the events. An auditor's question: needs `audit:read` on the scope.
+#[utoipa::path(
+    get,
+    path = "/v1/scopes/{id}/access-at",
+    tag = "history",
+    summary = "Who could decrypt the scope's data at an instant",
+    params(
+        crate::openapi::ScopePath,
+        ("at" = String, Query, description = "RFC 3339 instant, not in the future.")
+    ),
+    responses(
+        (status = 200, description = "The principals and their tokens then", body = crate::dto::AccessAtJson)
+    )
+)]
 pub(crate) async fn access_as_of(
     State(state): State<AppState>,
     caller: Caller,

@@ -10,10 +10,30 @@ use crate::context::Caller;
 use crate::error::{ApiError, Code};
 use crate::state::AppState;
 
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "system",
+    summary = "Liveness",
+    responses(
+        (status = 200, description = "Alive", body = crate::openapi::HealthDoc)
+    ),
+    security(())
+)]
 pub(crate) async fn healthz() -> Json<serde_json::Value> {
     Json(json!({ "status": "ok" }))
 }
 
+#[utoipa::path(
+    get,
+    path = "/readyz",
+    tag = "system",
+    summary = "Readiness: the database answers and the read models keep up",
+    responses(
+        (status = 200, description = "Ready", body = crate::openapi::ReadyDoc)
+    ),
+    security(())
+)]
 pub(crate) async fn readyz(
     State(state): State<AppState>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
@@ -50,6 +70,15 @@ pub(crate) async fn readyz(
 
 /// `GET /v1/me`: who this token is, so that a client (the console) knows its organization,
 /// role and grants without being told. Any valid token; the operator has no organization.
+#[utoipa::path(
+    get,
+    path = "/v1/me",
+    tag = "system",
+    summary = "Who this token is",
+    responses(
+        (status = 200, description = "The token's principal, role and grants", body = crate::openapi::MeDoc)
+    )
+)]
 pub(crate) async fn me(caller: Caller) -> Json<serde_json::Value> {
     let principal = &caller.principal;
     let grants: Vec<serde_json::Value> = principal
@@ -95,6 +124,15 @@ pub(crate) async fn me(caller: Caller) -> Json<serde_json::Value> {
 /// `GET /metrics` (the operator token): the process's metrics in Prometheus's text
 /// exposition format (issue 19 §1; names in `ekm_service::metrics`). `--metrics-listen`
 /// serves the same text on an address of its own, without a token.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "system",
+    summary = "Prometheus metrics (operator token)",
+    responses(
+        (status = 200, description = "Text exposition format", body = String, content_type = "text/plain")
+    )
+)]
 pub(crate) async fn metrics(caller: Caller) -> Result<axum::response::Response, ApiError> {
     if !caller.is_operator() {
         return Err(ApiError::forbidden(

@@ -41,7 +41,7 @@ pub(crate) fn path_parts<T>(path: Result<Path<T>, PathRejection>) -> Result<T, A
         .map_err(|_| ApiError::invalid("the path is not valid"))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TokenRequest {
     pub principal: String,
@@ -54,6 +54,19 @@ pub struct TokenRequest {
 
 /// `POST /v1/orgs/{org}/tokens {"principal", "kind"?: user|service, "role"?:
 /// member|it_admin|org_admin, "expires_at"?}` → 201 with the token, shown this once.
+#[utoipa::path(
+    post,
+    path = "/v1/orgs/{org}/tokens",
+    tag = "access",
+    summary = "Issue a token (org admin)",
+    params(
+        crate::openapi::OrgPath
+    ),
+    request_body = TokenRequest,
+    responses(
+        (status = 201, description = "The token, shown this once", body = crate::openapi::TokenCreatedDoc)
+    )
+)]
 pub async fn create_token(
     State(state): State<AppState>,
     caller: Caller,
@@ -106,7 +119,7 @@ pub async fn create_token(
         .into_response())
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BreakGlassRequest {
     /// Required: why the operator steps in (kept in the organization's audit log).
@@ -120,6 +133,19 @@ pub struct BreakGlassRequest {
 /// (e.g. `POST /v1/orgs` committed but could not be read back, so its first token was
 /// revoked). Operator token only; the issue is a `TokenIssued` event with the operator as
 /// the actor and the reason, in the organization's audit log like any token (ADR 0017).
+#[utoipa::path(
+    post,
+    path = "/v1/orgs/{org}/admin-tokens",
+    tag = "access",
+    summary = "Break-glass org_admin token (operator token, audited)",
+    params(
+        crate::openapi::OrgPath
+    ),
+    request_body = BreakGlassRequest,
+    responses(
+        (status = 201, description = "The token, shown this once", body = crate::openapi::TokenCreatedDoc)
+    )
+)]
 pub async fn break_glass_admin_token(
     State(state): State<AppState>,
     caller: Caller,
@@ -169,6 +195,21 @@ pub async fn break_glass_admin_token(
 }
 
 /// `GET /v1/orgs/{org}/tokens`: every token of the organization, never a secret.
+#[utoipa::path(
+    get,
+    path = "/v1/orgs/{org}/tokens",
+    tag = "access",
+    summary = "The organization's tokens (never a secret)",
+    params(
+        crate::openapi::OrgPath,
+        crate::openapi::PageParams,
+        ("If-None-Match" = Option<String>, Header, description = "An ETag from an earlier answer: 304 if unchanged.")
+    ),
+    responses(
+        (status = 200, description = "A page", body = crate::openapi::TokenPageDoc, headers(("ETag" = String, description = "Entity tag"))),
+        (status = 304, description = "Not modified (If-None-Match).")
+    )
+)]
 pub async fn list_tokens(
     State(state): State<AppState>,
     caller: Caller,
@@ -227,6 +268,19 @@ pub async fn list_tokens(
 
 /// `DELETE /v1/orgs/{org}/tokens/{id}`: the token stops working at once on this instance
 /// (and within a second on others).
+#[utoipa::path(
+    delete,
+    path = "/v1/orgs/{org}/tokens/{id}",
+    tag = "access",
+    summary = "Revoke a token",
+    params(
+        crate::openapi::OrgPath,
+        ("id" = String, Path, description = "The token's id.")
+    ),
+    responses(
+        (status = 200, description = "Revoked", body = crate::openapi::TokenRevokedDoc)
+    )
+)]
 pub async fn revoke_token(
     State(state): State<AppState>,
     caller: Caller,
