@@ -728,6 +728,20 @@ pub struct ServeArgs {
     /// Requests in flight per expensive endpoint (audit verify, audit export, scope search).
     #[arg(long, env = "EKM_MAX_EXPENSIVE_REQUESTS", default_value = "2", value_parser = clap::value_parser!(u32).range(1..=10_000))]
     pub max_expensive_requests: u32,
+    /// Rate limit of each principal on the data plane (encrypt, decrypt, datakey, rewrap),
+    /// for organizations that set none (`PUT /v1/orgs/{org}/limits`): a token bucket,
+    /// `PER_SECOND:BURST`, or `off`. Over it: 429 `rate_limited` with Retry-After.
+    #[arg(long, env = "EKM_RATE_LIMIT_DATA_PLANE_PRINCIPAL", default_value = "5000:10000", value_parser = parse_rate)]
+    pub rate_limit_data_plane_principal: Rate,
+    /// Rate limit of each organization on the data plane (all its principals together).
+    #[arg(long, env = "EKM_RATE_LIMIT_DATA_PLANE_ORGANIZATION", default_value = "20000:40000", value_parser = parse_rate)]
+    pub rate_limit_data_plane_organization: Rate,
+    /// Rate limit of each principal on commands (every other POST, PUT and DELETE).
+    #[arg(long, env = "EKM_RATE_LIMIT_COMMANDS_PRINCIPAL", default_value = "100:1000", value_parser = parse_rate)]
+    pub rate_limit_commands_principal: Rate,
+    /// Rate limit of each organization on commands.
+    #[arg(long, env = "EKM_RATE_LIMIT_COMMANDS_ORGANIZATION", default_value = "500:5000", value_parser = parse_rate)]
+    pub rate_limit_commands_organization: Rate,
     /// After SIGTERM or SIGINT, how long requests in progress may still run before their
     /// connections are closed and the process exits.
     #[arg(long, env = "EKM_SHUTDOWN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
@@ -777,4 +791,18 @@ fn parse_days(input: &str) -> Result<u32, String> {
         .ok()
         .filter(|days| (ekm_store::access_log::MIN_RETENTION_DAYS..=36_500).contains(days))
         .ok_or_else(|| format!("`{input}`: expected a number of days from 30 to 36500, as in 400d"))
+}
+
+/// A rate limit flag: a token bucket, or none.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rate(pub Option<ekm_domain::RateBucket>);
+
+/// `PER_SECOND:BURST` (e.g. `100:1000`), or `off`.
+pub fn parse_rate(text: &str) -> Result<Rate, String> {
+    if text.trim().eq_ignore_ascii_case("off") {
+        return Ok(Rate(None));
+    }
+    ekm_domain::RateBucket::parse("rate limit", text)
+        .map(|bucket| Rate(Some(bucket)))
+        .map_err(|e| e.to_string())
 }

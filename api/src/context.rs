@@ -58,6 +58,10 @@ impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        // Authenticated already by a layer (the rate limits): the same caller, once.
+        if let Some(caller) = parts.extensions.get::<Caller>() {
+            return Ok(caller.clone());
+        }
         let token = bearer(&parts.headers).ok_or_else(ApiError::unauthorized)?;
         let principal = state
             .app

@@ -15,6 +15,7 @@ pub mod error;
 pub mod idempotency;
 pub mod limits;
 pub mod openapi;
+pub mod rate_limit;
 mod routes;
 pub mod state;
 
@@ -50,7 +51,8 @@ pub fn router(state: AppState) -> Router {
 }
 
 /// The whole API with the given request limits (`ekm serve`'s flags).
-pub fn router_with_limits(state: AppState, limits: limits::Limits) -> Router {
+pub fn router_with_limits(mut state: AppState, limits: limits::Limits) -> Router {
+    state.set_rate_defaults(limits.rate);
     let routes = endpoints::all()
         .into_router()
         // Route layers see the matched path: the expensive endpoints' own budgets.
@@ -61,6 +63,12 @@ pub fn router_with_limits(state: AppState, limits: limits::Limits) -> Router {
         .route_layer(axum::middleware::from_fn_with_state(
             limits::Limiter::new(limits),
             limits::limit_expensive,
+        ))
+        // Outermost of the route layers: a request over its rate claims no idempotency key
+        // and takes no expensive slot.
+        .route_layer(axum::middleware::from_fn_with_state(
+            (state.clone(), rate_limit::RateLimiter::new(limits.rate)),
+            rate_limit::limit_rate,
         ))
         .with_state(state);
     guard(routes, limits)

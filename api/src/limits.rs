@@ -43,6 +43,8 @@ pub struct Limits {
     pub max_concurrent_requests: usize,
     /// Requests in flight per expensive endpoint.
     pub max_expensive_requests: usize,
+    /// The rate limits of organizations that set none (ADR 0036).
+    pub rate: crate::rate_limit::RateDefaults,
 }
 
 impl Default for Limits {
@@ -51,6 +53,7 @@ impl Default for Limits {
             request_timeout: Duration::from_secs(30),
             max_concurrent_requests: 512,
             max_expensive_requests: 2,
+            rate: crate::rate_limit::RateDefaults::default(),
         }
     }
 }

@@ -339,6 +339,26 @@ pub(crate) struct OrgPath {
     org: String,
 }
 
+/// A conditional read.
+#[allow(dead_code)]
+#[derive(IntoParams)]
+#[into_params(parameter_in = Header)]
+pub(crate) struct IfNoneMatch {
+    /// An ETag from an earlier answer: 304 if unchanged.
+    #[param(rename = "If-None-Match")]
+    if_none_match: Option<String>,
+}
+
+/// A conditional change.
+#[allow(dead_code)]
+#[derive(IntoParams)]
+#[into_params(parameter_in = Header)]
+pub(crate) struct IfMatch {
+    /// The version the change expects (`"3"`, or an ETag); 412 if it moved.
+    #[param(rename = "If-Match")]
+    if_match: Option<String>,
+}
+
 /// A scope in the path.
 #[allow(dead_code)]
 #[derive(IntoParams)]
@@ -558,6 +578,30 @@ pub(crate) struct OrgPolicyDoc {
     revoke_window: String,
     revoke_window_is_default: bool,
     rotation_period: Option<String>,
+    #[schema(required = false)]
+    changed: bool,
+}
+
+/// One limit in force.
+#[allow(dead_code)]
+#[derive(serde::Serialize, ToSchema)]
+pub(crate) struct LimitDoc {
+    /// null: no limit.
+    per_second: Option<u32>,
+    burst: Option<u32>,
+    /// `organization` (set for it) or `default` (the server's).
+    source: String,
+}
+
+/// An organization's rate limits in force.
+#[allow(dead_code)]
+#[derive(serde::Serialize, ToSchema)]
+pub(crate) struct RateLimitsDoc {
+    org_id: String,
+    data_plane_principal: LimitDoc,
+    data_plane_organization: LimitDoc,
+    commands_principal: LimitDoc,
+    commands_organization: LimitDoc,
     #[schema(required = false)]
     changed: bool,
 }

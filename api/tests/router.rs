@@ -64,7 +64,7 @@ async fn fixture() -> Fixture {
     );
     app.load_memory().await.expect("load the scope tree");
     Fixture {
-        router: router(AppState { app }),
+        router: router(AppState::new(app)),
         operator,
         _dir: dir,
     }

@@ -47,6 +47,16 @@ impl Server {
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(log);
+        // The benchmarks measure capacity: rate limits so high that none refuses, but
+        // every limited request still goes through the buckets (their cost is measured).
+        for limit in [
+            "EKM_RATE_LIMIT_DATA_PLANE_PRINCIPAL",
+            "EKM_RATE_LIMIT_DATA_PLANE_ORGANIZATION",
+            "EKM_RATE_LIMIT_COMMANDS_PRINCIPAL",
+            "EKM_RATE_LIMIT_COMMANDS_ORGANIZATION",
+        ] {
+            command.env(limit, "10000000:10000000");
+        }
         command.envs(env.iter().copied());
         if let Some(url) = database_url {
             command.arg("--database-url").arg(url);

@@ -78,6 +78,9 @@ pub struct ScopeState {
     /// The scope's own rotation period (ISO 8601), if it set one.
     #[serde(default)]
     pub rotation_period: Option<String>,
+    /// Organizations: the rate limits the operator set (the rest are the server's).
+    #[serde(default)]
+    pub rate_limits: crate::rate::RateLimits,
 }
 
 /// A revoke waiting for its due time (issue 17 §1).
@@ -408,6 +411,13 @@ impl Scope {
                     });
                 }
                 nothing(events)
+            }
+            Command::SetRateLimits(limits) => {
+                let state = self.organization()?;
+                nothing(match state.rate_limits == *limits {
+                    true => vec![],
+                    false => vec![ScopeEvent::OrganizationRateLimitsSet { limits: *limits }],
+                })
             }
             Command::SetRotationPeriod(period) => {
                 let lineage = Self::lineage(prepared)?;
@@ -810,6 +820,7 @@ impl Aggregate for Scope {
                     pending_revocation: None,
                     revoke_window: None,
                     rotation_period: None,
+                    rate_limits: Default::default(),
                 });
             }
             ScopeEvent::ScopeCreated {
@@ -847,6 +858,7 @@ impl Aggregate for Scope {
                     pending_revocation: None,
                     revoke_window: None,
                     rotation_period: None,
+                    rate_limits: Default::default(),
                 });
             }
             ScopeEvent::ScopePaused {} => self.set_own_state(OwnState::Paused),
@@ -889,6 +901,11 @@ impl Aggregate for Scope {
             ScopeEvent::ScopeRotationPeriodSet { period } => {
                 if let Some(state) = self.state.as_mut() {
                     state.rotation_period = period;
+                }
+            }
+            ScopeEvent::OrganizationRateLimitsSet { limits } => {
+                if let Some(state) = self.state.as_mut() {
+                    state.rate_limits = limits;
                 }
             }
             ScopeEvent::ScopeResumeScheduled { at } => self.set_resume_at(at),
@@ -1621,6 +1638,40 @@ mod tests {
             .given(vec![team_created(), set])
             .when((Command::SetRotationPeriod(None), on(standard)))
             .then_expect_events(vec![ScopeEvent::ScopeRotationPeriodSet { period: None }]);
+    }
+
+    #[test]
+    fn rate_limits_are_an_organizations_and_record_only_a_change() {
+        let limits = crate::RateLimits {
+            commands_principal: crate::RateBucket::new("t", 5, 10).ok(),
+            ..Default::default()
+        };
+        let set = ScopeEvent::OrganizationRateLimitsSet { limits };
+        // Given an organization, when the operator sets limits, then one event
+        ScopeTest::with(())
+            .given(vec![org_created(Tier::Default)])
+            .when((Command::SetRateLimits(limits), Prepared::default()))
+            .then_expect_events(vec![set.clone()]);
+        // Given the same limits, then nothing
+        ScopeTest::with(())
+            .given(vec![org_created(Tier::Default), set.clone()])
+            .when((Command::SetRateLimits(limits), Prepared::default()))
+            .then_expect_events(vec![]);
+        // Back to the defaults is a change
+        ScopeTest::with(())
+            .given(vec![org_created(Tier::Default), set])
+            .when((
+                Command::SetRateLimits(crate::RateLimits::default()),
+                Prepared::default(),
+            ))
+            .then_expect_events(vec![ScopeEvent::OrganizationRateLimitsSet {
+                limits: crate::RateLimits::default(),
+            }]);
+        // A team has none of its own
+        ScopeTest::with(())
+            .given(vec![team_created()])
+            .when((Command::SetRateLimits(limits), Prepared::default()))
+            .then_expect_error(ScopeError::NotAnOrganization);
     }
 
     #[test]

@@ -139,6 +139,8 @@ pub enum Command {
     },
     /// Set (or, `None`, lift) the scope's own rotation period (validated by the caller).
     SetRotationPeriod(Option<String>),
+    /// The operator sets the organization's own rate limits (the rest: the server's).
+    SetRateLimits(crate::rate::RateLimits),
     /// The scheduler's command: rotate the key if its current version is still `from` (not
     /// rotated meanwhile, by hand or by another instance).
     AutoRotate {
@@ -209,6 +211,7 @@ impl Command {
             | Command::CancelRevocation { .. }
             | Command::SetOrgPolicy { .. }
             | Command::SetRotationPeriod(_)
+            | Command::SetRateLimits(_)
             | Command::AutoRotate { .. }
             | Command::RecordMasterKeyHealth { .. } => true,
             Command::ChangeTier(_) | Command::SetMasterKey { .. } => {

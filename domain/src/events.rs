@@ -185,6 +185,11 @@ pub enum ScopeEvent {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         period: Option<String>,
     },
+    /// The operator set the organization's own rate limits (issue 18 §4, ADR 0036): each
+    /// that is absent is the server's default.
+    OrganizationRateLimitsSet {
+        limits: crate::rate::RateLimits,
+    },
 }
 
 /// Every audit action and the event type it names, one to one (a test checks it against
@@ -221,11 +226,12 @@ pub const ACTIONS: &[(&str, &str)] = &[
     ("scope.revoke_cancel", "ScopeRevocationCancelled"),
     ("org.policy", "OrganizationPolicySet"),
     ("scope.rotation_period", "ScopeRotationPeriodSet"),
+    ("org.rate_limits", "OrganizationRateLimitsSet"),
 ];
 
 impl ScopeEvent {
     /// Every event type this aggregate has ever stored.
-    pub const TYPES: [&'static str; 25] = [
+    pub const TYPES: [&'static str; 26] = [
         "OrganizationCreated",
         "ScopeCreated",
         "ScopePaused",
@@ -251,6 +257,7 @@ impl ScopeEvent {
         "ScopeRevocationCancelled",
         "OrganizationPolicySet",
         "ScopeRotationPeriodSet",
+        "OrganizationRateLimitsSet",
     ];
 
     pub fn type_name(&self) -> &'static str {
@@ -282,6 +289,7 @@ impl ScopeEvent {
             ScopeEvent::ScopeRevocationCancelled { .. } => "ScopeRevocationCancelled",
             ScopeEvent::OrganizationPolicySet { .. } => "OrganizationPolicySet",
             ScopeEvent::ScopeRotationPeriodSet { .. } => "ScopeRotationPeriodSet",
+            ScopeEvent::OrganizationRateLimitsSet { .. } => "OrganizationRateLimitsSet",
         }
     }
 
@@ -322,6 +330,7 @@ impl ScopeEvent {
             ScopeEvent::ScopeRevocationCancelled { .. } => "scope.revoke_cancel",
             ScopeEvent::OrganizationPolicySet { .. } => "org.policy",
             ScopeEvent::ScopeRotationPeriodSet { .. } => "scope.rotation_period",
+            ScopeEvent::OrganizationRateLimitsSet { .. } => "org.rate_limits",
         }
     }
 }
@@ -357,7 +366,8 @@ impl DomainEvent for ScopeEvent {
             | ScopeEvent::ScopeRevocationScheduled { .. }
             | ScopeEvent::ScopeRevocationCancelled { .. }
             | ScopeEvent::OrganizationPolicySet { .. }
-            | ScopeEvent::ScopeRotationPeriodSet { .. } => "1".to_owned(),
+            | ScopeEvent::ScopeRotationPeriodSet { .. }
+            | ScopeEvent::OrganizationRateLimitsSet { .. } => "1".to_owned(),
         }
     }
 }

@@ -14,6 +14,7 @@ pub mod ids;
 pub mod justification;
 pub mod master_key;
 pub mod metadata;
+pub mod rate;
 pub mod scope;
 pub mod window;
 
@@ -32,6 +33,7 @@ pub use justification::{
 };
 pub use master_key::{KeyHealth, MasterKeyRef, Provider, UnavailableReason};
 pub use metadata::{Actor, ActorKind, EventMetadata, Location};
+pub use rate::{RateBucket, RateClass, RateHolder, RateLimits};
 pub use scope::KindRegistry;
 pub use scope::{DataClass, OwnState, Plan, Reason, ScopeKind, ScopeName, Tier, ValueError};
 pub use window::{RevokeWindow, RotationPeriod};

@@ -111,6 +111,21 @@ fn summary(event: &ScopeEvent) -> String {
         ScopeEvent::ScopeKeyRotated { key_version, .. } => {
             format!("rotated the key to version {key_version}")
         }
+        ScopeEvent::OrganizationRateLimitsSet { limits } => {
+            let show = |bucket: Option<ekm_domain::RateBucket>| {
+                bucket.map_or("default".to_owned(), |b| {
+                    format!("{}/s, burst {}", b.per_second(), b.burst())
+                })
+            };
+            format!(
+                "set the rate limits: data plane {} per principal, {} per organization; \
+                 commands {} per principal, {} per organization",
+                show(limits.data_plane_principal),
+                show(limits.data_plane_organization),
+                show(limits.commands_principal),
+                show(limits.commands_organization),
+            )
+        }
         ScopeEvent::OrganizationMasterKeyChanged {
             to,
             tier_to,

@@ -61,6 +61,8 @@ pub struct ScopeRecord {
     pub revoke_window: Option<String>,
     /// The scope's own key rotation period (ISO 8601), if it set one.
     pub rotation_period: Option<String>,
+    /// Organizations: the rate limits the operator set (ADR 0036); the rest are defaults.
+    pub rate_limits: ekm_domain::RateLimits,
 }
 
 /// An action the scheduler fires (issue 17 §2).
@@ -192,7 +194,17 @@ const SCOPE_COLUMNS: &str = "id, org_id, parent_id, kind, name, path, own_state,
     key_version, version, created_at, updated_position, state_event, state_position, state_at, \
     state_actor, state_reason, master_key, master_health, master_reason, master_detail, \
     master_position, master_at, rekey_state, rekey_done_position, justification_policy, \
-    min_decryption_version, revoke_due_at, revoke_window, rotation_period";
+    min_decryption_version, revoke_due_at, revoke_window, rotation_period, rate_limits";
+
+/// The `rate_limits` column: JSON, NULL for the defaults.
+pub(crate) fn rate_limits(
+    id: &str,
+    text: Option<String>,
+) -> Result<ekm_domain::RateLimits, ProjectionError> {
+    text.map(|text| serde_json::from_str(&text).map_err(|e| malformed(id, e.to_string())))
+        .transpose()
+        .map(Option::unwrap_or_default)
+}
 
 fn malformed(id: &str, problem: impl Into<String>) -> ProjectionError {
     ProjectionError::MalformedRow {
@@ -291,6 +303,7 @@ macro_rules! decode_scope {
             revoke_due_at: row.try_get("revoke_due_at")?,
             revoke_window: row.try_get("revoke_window")?,
             rotation_period: row.try_get("rotation_period")?,
+            rate_limits: rate_limits(&id, row.try_get("rate_limits")?)?,
             justification: row
                 .try_get::<Option<String>, _>("justification_policy")?
                 .map(|text| serde_json::from_str(&text))

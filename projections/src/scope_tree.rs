@@ -701,6 +701,19 @@ impl Projection for ScopeTree {
                 },
                 version_moved(stored),
             ],
+            ScopeEvent::OrganizationRateLimitsSet { limits } => vec![
+                Statement::Update {
+                    table: "scope_view",
+                    key_column: "id",
+                    key: Param::Text(stored.aggregate_id.clone()),
+                    columns: &["rate_limits"],
+                    values: vec![Param::OptText(
+                        (!limits.is_default())
+                            .then(|| serde_json::to_string(&limits).unwrap_or_default()),
+                    )],
+                },
+                version_moved(stored),
+            ],
             ScopeEvent::RevocationRekeyStarted { .. } => vec![rekey_state(stored, "running", None)],
             ScopeEvent::RevocationRekeyProgressed { .. } => vec![version_moved(stored)],
             ScopeEvent::RevocationRekeyCompleted { .. } => {

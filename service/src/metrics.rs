@@ -18,7 +18,9 @@
 //! - `ekm_access_log_queue_depth`, `ekm_access_log_flush_duration_seconds`,
 //!   `ekm_access_log_records_written_total` (records per commit: its rate over the
 //!   flush histogram's count);
-//! - `ekm_scheduled_actions_due`, `ekm_scheduled_action_lateness_seconds`.
+//! - `ekm_scheduled_actions_due`, `ekm_scheduled_action_lateness_seconds`;
+//! - `ekm_rate_limited_total{class}` (`data_plane`, `commands`): requests refused 429 by the
+//!   rate limits (`ekm-api`'s `rate_limit`).
 //!
 //! Not here yet: a rebuild's progress (`ekm projections rebuild` runs as its own process and
 //! prints it; the servers' `ekm_projection_*` gauges show the swapped-in tables' position).

@@ -318,6 +318,22 @@ fn rows() -> Vec<Row> {
                 FORBIDDEN,
             ],
         ),
+        // Rate limits: read with encryption:view like the policy; set by the operator only
+        // (the operator's success is tested in rate_limits.rs).
+        row("GET", "/v1/orgs/{org}/limits", view, guarded(200, ok(200))),
+        row(
+            "PUT",
+            "/v1/orgs/{org}/limits",
+            manage,
+            [
+                UNAUTHORIZED,
+                UNAUTHORIZED,
+                FORBIDDEN,
+                FORBIDDEN,
+                FORBIDDEN,
+                FORBIDDEN,
+            ],
+        ),
         // The console's files: public, they hold no data.
         row("GET", "/console", None, public),
         row("GET", "/console/", None, public),
@@ -580,6 +596,8 @@ async fn request(app: &TestApp, world: &World, row: &Row, index: usize) -> (Stri
         ("GET", "/v1/me") => ("/v1/me".into(), None),
         ("GET", "/v1/audit/signing-key") => ("/v1/audit/signing-key".into(), None),
         ("GET", "/v1/orgs/{org}/scopes") => (format!("/v1/orgs/{org}/scopes?q=t"), None),
+        ("GET", "/v1/orgs/{org}/limits") => (format!("/v1/orgs/{org}/limits"), None),
+        ("PUT", "/v1/orgs/{org}/limits") => (format!("/v1/orgs/{org}/limits"), Some(json!({}))),
         ("PUT", "/v1/orgs/{org}/plan") => (
             format!("/v1/orgs/{org}/plan"),
             Some(json!({"plan": "standard"})),

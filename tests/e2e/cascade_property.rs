@@ -228,6 +228,7 @@ async fn check(app: &App, ops: Vec<Op>) -> Result<(), TestCaseError> {
                         | Action::FireScheduledRevocation { .. }
                         | Action::SetOrgPolicy { .. }
                         | Action::SetRotationPeriod(_)
+                        | Action::SetRateLimits(_)
                         | Action::AutoRotate { .. } => {
                             unreachable!("not generated")
                         }

@@ -14,7 +14,7 @@ use crate::kms_servers::Moto;
 
 /// The event types a rich history must contain, or it proves less than it claims. (The
 /// re-key job's events come from the revokes, once the job has run.)
-pub const EVENT_TYPES: [&str; 21] = [
+pub const EVENT_TYPES: [&str; 22] = [
     "OrganizationCreated",
     "ScopeCreated",
     "ScopePaused",
@@ -36,6 +36,7 @@ pub const EVENT_TYPES: [&str; 21] = [
     "ScopeRevocationCancelled",
     "OrganizationPolicySet",
     "ScopeRotationPeriodSet",
+    "OrganizationRateLimitsSet",
 ];
 
 /// Server options for a rich history: the KMS settings that reach `moto`, no background
@@ -155,6 +156,20 @@ impl<'a> RichHistory<'a> {
             )
             .await;
         assert_eq!(policy.status, 200, "{}", policy.body);
+        // Its own rate limits, set by the operator (a column of the read model to rebuild).
+        let limits = self
+            .app
+            .call(
+                "PUT",
+                &format!("/v1/orgs/{}/limits", second.id),
+                Some(&self.app.operator_token),
+                Some(
+                    json!({"commands_principal": {"per_second": 50, "burst": 500},
+                            "data_plane_organization": {"per_second": 900, "burst": 1800}}),
+                ),
+            )
+            .await;
+        assert_eq!(limits.status, 200, "{}", limits.body);
         for (path, body) in [
             (
                 "revoke",

@@ -24,7 +24,9 @@ use crate::context::Caller;
 use crate::dto::{JsonBody, OneOrBatch};
 use crate::endpoints::{Endpoints, Verb};
 use crate::error::{ApiError, Code};
+use crate::rate_limit::Charge;
 use crate::state::AppState;
+use axum::Extension;
 use ekm_service::keys::ScopeKeys;
 use ekm_service::AppError;
 
@@ -482,9 +484,10 @@ pub(crate) async fn encrypt(
     State(state): State<AppState>,
     caller: Caller,
     id: Result<Path<String>, PathRejection>,
+    charge: Option<Extension<Charge>>,
     body: OneOrBatch<EncryptRequest>,
 ) -> Result<Json<Value>, ApiError> {
-    one_or_batch(state, caller, id, body, "encrypt", encrypt_one).await
+    one_or_batch(state, caller, id, charge, body, "encrypt", encrypt_one).await
 }
 
 /// Opens one request's ciphertext. `encrypts`: the request also seals (rewrap), so the class
@@ -533,6 +536,7 @@ async fn one_or_batch<T: Item>(
     state: AppState,
     caller: Caller,
     id: Result<Path<String>, PathRejection>,
+    charge: Option<Extension<Charge>>,
     body: OneOrBatch<T>,
     operation: &'static str,
     serve: fn(&Arc<ScopeKeys>, &T, &mut Use) -> Result<Value, ApiError>,
@@ -540,7 +544,11 @@ async fn one_or_batch<T: Item>(
     let body = match body {
         OneOrBatch::One(body) => body,
         OneOrBatch::Batch(items) => {
-            return batch(&state, &caller, operation, id, items, serve).await
+            // A batch takes one token per item (the first was taken with its request).
+            if let Some(Extension(charge)) = charge {
+                charge.batch(u32::try_from(items.len()).unwrap_or(u32::MAX))?;
+            }
+            return batch(&state, &caller, operation, id, items, serve).await;
         }
     };
     let mut used = Use::new(operation, &id, body.class(), body.justification());
@@ -572,9 +580,10 @@ pub(crate) async fn decrypt(
     State(state): State<AppState>,
     caller: Caller,
     id: Result<Path<String>, PathRejection>,
+    charge: Option<Extension<Charge>>,
     body: OneOrBatch<CiphertextRequest>,
 ) -> Result<Json<Value>, ApiError> {
-    one_or_batch(state, caller, id, body, "decrypt", decrypt_one).await
+    one_or_batch(state, caller, id, charge, body, "decrypt", decrypt_one).await
 }
 
 #[utoipa::path(
@@ -594,9 +603,10 @@ pub(crate) async fn rewrap(
     State(state): State<AppState>,
     caller: Caller,
     id: Result<Path<String>, PathRejection>,
+    charge: Option<Extension<Charge>>,
     body: OneOrBatch<CiphertextRequest>,
 ) -> Result<Json<Value>, ApiError> {
-    one_or_batch(state, caller, id, body, "rewrap", rewrap_one).await
+    one_or_batch(state, caller, id, charge, body, "rewrap", rewrap_one).await
 }
 
 #[utoipa::path(

@@ -188,7 +188,7 @@ pub async fn remove_grant(
     params(
         crate::openapi::OrgPath,
         crate::openapi::PageParams,
-        ("If-None-Match" = Option<String>, Header, description = "An ETag from an earlier answer: 304 if unchanged.")
+        crate::openapi::IfNoneMatch
     ),
     responses(
         (status = 200, description = "A page", body = crate::openapi::GrantPageDoc, headers(("ETag" = String, description = "Entity tag"))),

@@ -62,7 +62,7 @@ fn effective_json(effective: &EffectiveJustification) -> Value {
     summary = "The justification policy, own and effective",
     params(
         crate::openapi::ScopePath,
-        ("If-None-Match" = Option<String>, Header, description = "An ETag from an earlier answer: 304 if unchanged.")
+        crate::openapi::IfNoneMatch
     ),
     responses(
         (status = 200, description = "The policy", body = crate::openapi::JustificationPolicyDoc, headers(("ETag" = String, description = "Entity tag"))),
@@ -96,7 +96,7 @@ pub(crate) async fn get(
     summary = "Set the justification policy",
     params(
         crate::openapi::ScopePath,
-        ("If-Match" = Option<String>, Header, description = "The version the change expects (`\"3\"`, or an ETag); 412 if it moved.")
+        crate::openapi::IfMatch
     ),
     request_body = PolicyRequest,
     responses(

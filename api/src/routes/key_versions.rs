@@ -44,7 +44,7 @@ pub struct FloorRequest {
     summary = "Set the decryption floor (reversible)",
     params(
         crate::openapi::ScopePath,
-        ("If-Match" = Option<String>, Header, description = "The version the change expects (`\"3\"`, or an ETag); 412 if it moved.")
+        crate::openapi::IfMatch
     ),
     request_body = FloorRequest,
     responses(
@@ -80,7 +80,7 @@ pub(crate) async fn set_floor(
     summary = "Key versions, their state and use",
     params(
         crate::openapi::ScopePath,
-        ("If-None-Match" = Option<String>, Header, description = "An ETag from an earlier answer: 304 if unchanged.")
+        crate::openapi::IfNoneMatch
     ),
     responses(
         (status = 200, description = "The versions", body = crate::openapi::KeyVersionsDoc, headers(("ETag" = String, description = "Entity tag"))),

@@ -39,7 +39,7 @@ pub struct MasterKeyRequest {
     summary = "Connect a customer master key (BYOK), or go back to the platform's",
     params(
         crate::openapi::OrgPath,
-        ("If-Match" = Option<String>, Header, description = "The version the change expects (`\"3\"`, or an ETag); 412 if it moved.")
+        crate::openapi::IfMatch
     ),
     request_body = MasterKeyRequest,
     responses(
@@ -123,7 +123,7 @@ pub async fn set(
     summary = "The master key and its health",
     params(
         crate::openapi::OrgPath,
-        ("If-None-Match" = Option<String>, Header, description = "An ETag from an earlier answer: 304 if unchanged.")
+        crate::openapi::IfNoneMatch
     ),
     responses(
         (status = 200, description = "The master key", body = crate::openapi::MasterKeyDoc, headers(("ETag" = String, description = "Entity tag"))),

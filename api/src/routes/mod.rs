@@ -33,6 +33,7 @@ mod justification;
 mod key_versions;
 mod master_key;
 mod orgs;
+mod rate_limits;
 pub(crate) mod scopes;
 pub(crate) mod system;
 mod tokens;
@@ -51,6 +52,8 @@ pub(crate) fn register(endpoints: &mut Endpoints) {
     endpoints.add(Get, "/v1/orgs/{org}/policy", orgs::policy);
     endpoints.add(Put, "/v1/orgs/{org}/policy", orgs::set_policy);
     endpoints.add(Get, "/v1/orgs/{org}/schedule", orgs::schedule);
+    endpoints.add(Get, "/v1/orgs/{org}/limits", rate_limits::get);
+    endpoints.add(Put, "/v1/orgs/{org}/limits", rate_limits::put);
     endpoints.add(Put, "/v1/orgs/{org}/master-key", master_key::set);
     endpoints.add(Get, "/v1/orgs/{org}/master-key", master_key::show);
     endpoints.add(Post, "/v1/orgs/{org}/tokens", tokens::create_token);
@@ -133,6 +136,8 @@ pub(crate) fn register(endpoints: &mut Endpoints) {
     orgs::set_policy,
     orgs::schedule,
     orgs::search_scopes,
+    rate_limits::get,
+    rate_limits::put,
     master_key::set,
     master_key::show,
     tokens::create_token,

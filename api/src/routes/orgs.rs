@@ -67,7 +67,7 @@ pub(crate) async fn create_org(
     summary = "An organization",
     params(
         crate::openapi::OrgPath,
-        ("If-None-Match" = Option<String>, Header, description = "An ETag from an earlier answer: 304 if unchanged.")
+        crate::openapi::IfNoneMatch
     ),
     responses(
         (status = 200, description = "The organization", body = crate::dto::OrgJson, headers(("ETag" = String, description = "Entity tag"))),
@@ -111,7 +111,7 @@ pub(crate) async fn get_org(
     params(
         crate::openapi::OrgPath,
         ("dry_run" = Option<bool>, Query, description = "`true`: check the rules and count what would change; record nothing."),
-        ("If-Match" = Option<String>, Header, description = "The version the change expects (`\"3\"`, or an ETag); 412 if it moved.")
+        crate::openapi::IfMatch
     ),
     request_body = crate::dto::TierRequest,
     responses(
@@ -196,7 +196,7 @@ pub(crate) struct PlanRequest {
     summary = "Change the plan (operator token)",
     params(
         crate::openapi::OrgPath,
-        ("If-Match" = Option<String>, Header, description = "The version the change expects (`\"3\"`, or an ETag); 412 if it moved.")
+        crate::openapi::IfMatch
     ),
     request_body = PlanRequest,
     responses(
@@ -518,7 +518,7 @@ fn policy_json(org: &ekm_projections::ScopeSnapshot) -> serde_json::Value {
     summary = "The lifecycle policy",
     params(
         crate::openapi::OrgPath,
-        ("If-None-Match" = Option<String>, Header, description = "An ETag from an earlier answer: 304 if unchanged.")
+        crate::openapi::IfNoneMatch
     ),
     responses(
         (status = 200, description = "The policy", body = crate::openapi::OrgPolicyDoc, headers(("ETag" = String, description = "Entity tag"))),
@@ -548,7 +548,7 @@ pub(crate) async fn policy(
     summary = "Set the lifecycle policy",
     params(
         crate::openapi::OrgPath,
-        ("If-Match" = Option<String>, Header, description = "The version the change expects (`\"3\"`, or an ETag); 412 if it moved.")
+        crate::openapi::IfMatch
     ),
     request_body = PolicyRequest,
     responses(

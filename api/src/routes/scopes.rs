@@ -79,7 +79,7 @@ pub(crate) async fn create_scope(
     summary = "A scope, with its effective state and cause",
     params(
         crate::openapi::ScopePath,
-        ("If-None-Match" = Option<String>, Header, description = "An ETag from an earlier answer: 304 if unchanged.")
+        crate::openapi::IfNoneMatch
     ),
     responses(
         (status = 200, description = "The scope", body = crate::dto::ScopeJson, headers(("ETag" = String, description = "Entity tag"))),
@@ -263,7 +263,7 @@ fn pause_until(until: &str) -> Result<String, ApiError> {
     params(
         crate::openapi::ScopePath,
         ("dry_run" = Option<bool>, Query, description = "`true`: check the rules and count what would change; record nothing."),
-        ("If-Match" = Option<String>, Header, description = "The version the change expects (`\"3\"`, or an ETag); 412 if it moved.")
+        crate::openapi::IfMatch
     ),
     request_body = crate::dto::PauseRequest,
     responses(
@@ -296,7 +296,7 @@ pub(crate) async fn pause(
     summary = "Resume a paused scope",
     params(
         crate::openapi::ScopePath,
-        ("If-Match" = Option<String>, Header, description = "The version the change expects (`\"3\"`, or an ETag); 412 if it moved.")
+        crate::openapi::IfMatch
     ),
     request_body = crate::dto::ReasonRequest,
     responses(
@@ -359,7 +359,7 @@ async fn revoke_window(
     params(
         crate::openapi::ScopePath,
         ("dry_run" = Option<bool>, Query, description = "`true`: check the rules and count what would change; record nothing."),
-        ("If-Match" = Option<String>, Header, description = "The version the change expects (`\"3\"`, or an ETag); 412 if it moved.")
+        crate::openapi::IfMatch
     ),
     request_body = crate::dto::RevokeRequest,
     responses(
@@ -420,7 +420,7 @@ pub(crate) struct RotationPeriodRequest {
     summary = "Set or lift the scope's key rotation period",
     params(
         crate::openapi::ScopePath,
-        ("If-Match" = Option<String>, Header, description = "The version the change expects (`\"3\"`, or an ETag); 412 if it moved.")
+        crate::openapi::IfMatch
     ),
     request_body = RotationPeriodRequest,
     responses(
@@ -455,7 +455,7 @@ pub(crate) async fn set_rotation_period(
     summary = "Cancel a pending revocation",
     params(
         crate::openapi::ScopePath,
-        ("If-Match" = Option<String>, Header, description = "The version the change expects (`\"3\"`, or an ETag); 412 if it moved.")
+        crate::openapi::IfMatch
     ),
     request_body = crate::dto::ReasonRequest,
     responses(
@@ -490,7 +490,7 @@ pub(crate) async fn cancel_revocation(
     summary = "Rotate the scope's key",
     params(
         crate::openapi::ScopePath,
-        ("If-Match" = Option<String>, Header, description = "The version the change expects (`\"3\"`, or an ETag); 412 if it moved.")
+        crate::openapi::IfMatch
     ),
     request_body = crate::dto::ReasonRequest,
     responses(
@@ -518,7 +518,7 @@ pub(crate) async fn rotate(
     summary = "Destroy key versions below N",
     params(
         crate::openapi::ScopePath,
-        ("If-Match" = Option<String>, Header, description = "The version the change expects (`\"3\"`, or an ETag); 412 if it moved.")
+        crate::openapi::IfMatch
     ),
     request_body = crate::dto::RetireRequest,
     responses(

@@ -203,7 +203,7 @@ pub async fn break_glass_admin_token(
     params(
         crate::openapi::OrgPath,
         crate::openapi::PageParams,
-        ("If-None-Match" = Option<String>, Header, description = "An ETag from an earlier answer: 304 if unchanged.")
+        crate::openapi::IfNoneMatch
     ),
     responses(
         (status = 200, description = "A page", body = crate::openapi::TokenPageDoc, headers(("ETag" = String, description = "Entity tag"))),

@@ -244,6 +244,10 @@ impl Tree {
                 let node = self.touch(stored)?;
                 org_fields(node).revoke_window = revoke_window.map(String::into_boxed_str);
             }
+            ScopeEvent::OrganizationRateLimitsSet { limits } => {
+                let node = self.touch(stored)?;
+                org_fields(node).rate_limits = limits;
+            }
             ScopeEvent::ScopeRevoked { .. } => {
                 self.state_change(stored, OwnState::Revoked, at)?;
                 let node = self.node_mut(&stored.aggregate_id)?;

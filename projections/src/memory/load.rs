@@ -15,7 +15,7 @@ const LOAD_SCOPES: &str = "SELECT id, parent_id, kind, name, own_state, plan, ti
     version, created_at, updated_position, state_event, state_position, state_at, state_actor, \
     state_reason, master_key, master_health, master_reason, master_detail, master_position, \
     master_at, rekey_state, rekey_done_position, justification_policy, min_decryption_version, \
-    revoke_due_at, revoke_window, rotation_period FROM scope_view";
+    revoke_due_at, revoke_window, rotation_period, rate_limits FROM scope_view";
 const LOAD_KEY_VERSIONS: &str = "SELECT scope_id, version, created_at, fingerprint, \
     retired_position FROM key_version_view ORDER BY scope_id, version";
 const LOAD_GRANTS: &str = "SELECT org_id, principal, permission, scope_id, granted_position, \
@@ -209,6 +209,7 @@ where
             revoke_window: row
                 .try_get::<Option<String>, _>("revoke_window")?
                 .map(String::into_boxed_str),
+            rate_limits: crate::queries::rate_limits(&id, row.try_get("rate_limits")?)?,
         })
     });
     let org = org.transpose()?;

@@ -162,6 +162,7 @@ struct OrgFields {
     master_position: Option<i64>,
     master_at: Option<i64>,
     revoke_window: Option<Box<str>>,
+    rate_limits: ekm_domain::RateLimits,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -432,6 +433,23 @@ impl MemoryTree {
             return Ok(None);
         };
         state.tree.snapshot(id)
+    }
+
+    /// The rate limits organization `org` set (ADR 0036): read on every limited request,
+    /// so without building a snapshot. Defaults when it set none or is unknown here.
+    pub fn rate_limits(&self, org: ScopeId) -> ekm_domain::RateLimits {
+        let Ok(state) = self.state.read() else {
+            return Default::default();
+        };
+        let Some(slot) = state.tree.index.get(&org).copied() else {
+            return Default::default();
+        };
+        state.tree.nodes[slot as usize]
+            .rare
+            .as_ref()
+            .and_then(|rare| rare.org.as_ref())
+            .map(|org| org.rate_limits)
+            .unwrap_or_default()
     }
 
     /// The sequence of the last event of `id`'s aggregate this tree applied (for a scope
@@ -822,6 +840,7 @@ impl Tree {
             revoke_due_at: rare.and_then(|r| r.revoke_due_at.as_deref().map(str::to_owned)),
             revoke_window: org.and_then(|o| o.revoke_window.as_deref().map(str::to_owned)),
             rotation_period: rare.and_then(|r| r.rotation.as_ref().map(|(_, p)| p.to_string())),
+            rate_limits: org.map(|o| o.rate_limits).unwrap_or_default(),
         }
     }
 

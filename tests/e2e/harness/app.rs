@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use ekm_api::{router, App, AppState};
+use ekm_api::{App, AppState};
 use ekm_projections::{Projector, ProjectorConfig};
 use ekm_store::{Db, DbConfig, Tokens, OPERATOR_TOKEN_FILE};
 use reqwest::StatusCode;
@@ -49,6 +49,9 @@ pub struct Options {
     /// Runs the scheduler, as `ekm serve` does (a test of what holds before it fires turns
     /// it off).
     pub scheduler: bool,
+    /// The default rate limits (`ekm serve --rate-limit-*`): off, unless a test of the
+    /// limits sets them (the others drive more requests than a client would).
+    pub rate_limits: ekm_api::rate_limit::RateDefaults,
 }
 
 impl Default for Options {
@@ -61,6 +64,7 @@ impl Default for Options {
             max_projection_lag: std::time::Duration::from_secs(5),
             access_log: ekm_store::AccessLogMode::Durable,
             scheduler: true,
+            rate_limits: ekm_api::rate_limit::RateDefaults::OFF,
         }
     }
 }
@@ -207,7 +211,11 @@ impl TestApp {
             .await
             .expect("bind");
         let address = listener.local_addr().expect("address");
-        let service = router(AppState { app: app.clone() })
+        let limits = ekm_api::limits::Limits {
+            rate: options.rate_limits,
+            ..Default::default()
+        };
+        let service = ekm_api::router_with_limits(AppState::new(app.clone()), limits)
             .into_make_service_with_connect_info::<SocketAddr>();
         let mut stop = shutdown_rx;
         tokio::spawn(async move {
