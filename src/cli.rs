@@ -464,7 +464,7 @@ pub struct MasterKeyShowArgs {
 pub enum ProjectionsCommand {
     /// Rebuild every read model from the event log, with progress. SQLite: stop the server
     /// first. PostgreSQL: may run beside live servers (built aside, then swapped in).
-    Rebuild(JobArgs),
+    Rebuild(RebuildArgs),
     /// Each projection's position and lag behind the event log.
     Status(JobArgs),
 }
@@ -585,6 +585,20 @@ pub struct JobArgs {
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RebuildArgs {
+    #[command(flatten)]
+    pub job: JobArgs,
+    /// Serve the rebuild's progress as Prometheus metrics on this address while it runs
+    /// (`ekm_rebuild_applied_position`, `ekm_rebuild_head_position`, `ekm_rebuild_running`).
+    #[arg(long, env = "EKM_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// With `--metrics-listen`: keep serving this long after the rebuild ends, so that a
+    /// scrape sees how it ended (at least the scrape interval).
+    #[arg(long, value_parser = parse_duration)]
+    pub metrics_linger: Option<Duration>,
 }
 
 #[derive(Debug, Args)]

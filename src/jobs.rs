@@ -2,7 +2,7 @@
 //! and status, audit export and verification.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -15,8 +15,8 @@ use ekm_projections::{
 use ekm_store::{Db, DbConfig};
 
 use crate::cli::{
-    AuditCommand, DbArgs, ExportArgs, JobArgs, PlatformKeyCommand, ProjectionsCommand, RotateArgs,
-    SigningKeyArgs, VerifyArgs,
+    AuditCommand, DbArgs, ExportArgs, JobArgs, PlatformKeyCommand, ProjectionsCommand, RebuildArgs,
+    RotateArgs, SigningKeyArgs, VerifyArgs,
 };
 use crate::serve::{audit_key, audit_signing_key, open, prepare_data_dir};
 
@@ -52,28 +52,39 @@ pub async fn projections(command: ProjectionsCommand) -> anyhow::Result<ExitCode
     }
 }
 
-async fn rebuild_job(args: JobArgs) -> anyhow::Result<ExitCode> {
+async fn rebuild_job(rebuild_args: RebuildArgs) -> anyhow::Result<ExitCode> {
+    let args = &rebuild_args.job;
+    let metrics = match rebuild_args.metrics_listen {
+        Some(address) => Some(serve_job_metrics(address).await?),
+        None => None,
+    };
     // SQLite: the data-directory lock makes sure no server writes meanwhile.
     let (config, _lock) = prepare_data_dir(&args.db)?;
     let db = open(&config).await?;
-    let interactive = std::io::stderr().is_terminal();
+    // A bar on a terminal; elsewhere a line every 10% (a log keeps them).
+    let interactive = crate::progress::interactive();
+    let bar = crate::progress::bar(0, "rebuilding read models");
     let mut last_percent = -1i64;
     let mut progress = |applied: i64, head: i64| {
+        ekm_service::metrics::rebuild_progress(applied, head);
+        bar.set_length(u64::try_from(head).unwrap_or(0));
+        bar.set_position(u64::try_from(applied).unwrap_or(0));
         let percent = if head > 0 { applied * 100 / head } else { 100 };
-        if percent != last_percent || interactive {
-            let line = format!("rebuilding read models: position {applied} of {head} ({percent}%)");
-            if interactive {
-                eprint!("\r{line}");
-            } else if percent / 10 != last_percent / 10 {
-                eprintln!("{line}");
-            }
-            last_percent = percent;
+        if !interactive && percent / 10 != last_percent / 10 {
+            eprintln!("rebuilding read models: position {applied} of {head} ({percent}%)");
+        }
+        last_percent = percent;
+    };
+    let report = rebuild(&db, &mut progress).await.map_err(db_error);
+    bar.finish_and_clear();
+    ekm_service::metrics::rebuild_stopped();
+    let report = match report {
+        Ok(report) => report,
+        Err(error) => {
+            linger(metrics, rebuild_args.metrics_linger).await;
+            return Err(error);
         }
     };
-    let report = rebuild(&db, &mut progress).await.map_err(db_error)?;
-    if interactive {
-        eprintln!();
-    }
     let mut out = std::io::stdout().lock();
     if args.json {
         writeln!(out, "{}", serde_json::to_string(&report)?)?;
@@ -87,8 +98,38 @@ async fn rebuild_job(args: JobArgs) -> anyhow::Result<ExitCode> {
             report.seconds
         )?;
     }
+    out.flush()?;
     db.close().await;
+    linger(metrics, rebuild_args.metrics_linger).await;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Serves this process's metrics on `address` (a job's `--metrics-listen`), until the
+/// process ends.
+async fn serve_job_metrics(address: std::net::SocketAddr) -> anyhow::Result<()> {
+    ekm_service::metrics::install();
+    let listener = tokio::net::TcpListener::bind(address)
+        .await
+        .with_context(|| format!("cannot listen on {address} (--metrics-listen)"))?;
+    if !address.ip().is_loopback() {
+        tracing::warn!(%address, "metrics are served without a token over plain HTTP: keep the address private");
+    }
+    tracing::info!(%address, "serving the job's metrics");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, ekm_api::metrics_router()).await;
+    });
+    Ok(())
+}
+
+/// With `--metrics-listen`, keeps the metrics up `for_how_long` after the job's end.
+async fn linger(metrics: Option<()>, for_how_long: Option<std::time::Duration>) {
+    if let (Some(()), Some(for_how_long)) = (metrics, for_how_long) {
+        tracing::info!(
+            seconds = for_how_long.as_secs(),
+            "job done; metrics served a while longer (--metrics-linger)"
+        );
+        tokio::time::sleep(for_how_long).await;
+    }
 }
 
 async fn status_job(args: JobArgs) -> anyhow::Result<ExitCode> {
@@ -182,9 +223,15 @@ async fn export_job(args: ExportArgs) -> anyhow::Result<ExitCode> {
             None
         }
     };
+    // Positions up to `through`: the bar shows how far through the log the export is.
+    let bar = crate::progress::bar(u64::try_from(through).unwrap_or(0), "exporting");
     let mut pages = audit_pages(db.clone(), filter);
     while let Some(entries) = pages.next().await {
-        for entry in &entries.map_err(db_error)? {
+        let entries = entries.map_err(db_error)?;
+        if let Some(last) = entries.last() {
+            bar.set_position(u64::try_from(last.position).unwrap_or(0));
+        }
+        for entry in &entries {
             let text = match &mut writer {
                 Some(writer) => {
                     writer.entry("event", &entry_json_text(entry), entry.seal.as_deref())
@@ -199,6 +246,7 @@ async fn export_job(args: ExportArgs) -> anyhow::Result<ExitCode> {
         out.write_all(writer.finish().as_bytes())?;
     }
     out.flush()?;
+    bar.finish_and_clear();
     db.close().await;
     Ok(ExitCode::SUCCESS)
 }
@@ -557,15 +605,18 @@ async fn rotate_job(args: RotateArgs) -> anyhow::Result<ExitCode> {
             .collect(),
         ..ekm_kms::KmsSettings::default()
     };
-    let rotation = ekm_service::keys::rotate_platform_master_key(
+    let rewrapped = crate::progress::counter("keys re-wrapped under the new master key");
+    let rotation = ekm_service::keys::rotate_platform_master_key_with_progress(
         &db,
         &path,
         current.as_ref(),
         target.as_ref(),
         &settings,
+        &|| rewrapped.inc(1),
     )
     .await
     .map_err(db_error);
+    rewrapped.finish_and_clear();
     db.close().await;
     let rotation = rotation?;
     let mut out = std::io::stdout().lock();

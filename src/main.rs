@@ -8,6 +8,7 @@ mod duration;
 mod jobs;
 mod listener;
 mod operator_token;
+mod progress;
 mod serve;
 mod telemetry;
 

@@ -1552,6 +1552,19 @@ pub async fn rotate_platform_master_key(
     target: Option<&MasterKeyRef>,
     settings: &KmsSettings,
 ) -> Result<Rotation, MasterKeySetupError> {
+    rotate_platform_master_key_with_progress(db, file, current_kms, target, settings, &|| {}).await
+}
+
+/// `rotate_platform_master_key`, calling `rewrapped` once per key re-wrapped (a progress
+/// bar's step).
+pub async fn rotate_platform_master_key_with_progress(
+    db: &Db,
+    file: &std::path::Path,
+    current_kms: Option<&MasterKeyRef>,
+    target: Option<&MasterKeyRef>,
+    settings: &KmsSettings,
+    rewrapped: &(dyn Fn() + Sync),
+) -> Result<Rotation, MasterKeySetupError> {
     let known = db.master_keys("local").await?;
     let held_by_kms = match known.first() {
         Some(fingerprint) => db.platform_key(fingerprint).await?,
@@ -1599,6 +1612,7 @@ pub async fn rotate_platform_master_key(
             &new_fingerprint,
             new_row.as_ref(),
             |kind, sealed, org, number, wrapped| {
+                rewrapped();
                 let context = match kind {
                     ekm_store::MasterWrappedKind::WrappingKey => {
                         WrapContext::wrapping_key(org, number)

@@ -22,8 +22,11 @@
 //! - `ekm_rate_limited_total{class}` (`data_plane`, `commands`): requests refused 429 by the
 //!   rate limits (`ekm-api`'s `rate_limit`).
 //!
-//! Not here yet: a rebuild's progress (`ekm projections rebuild` runs as its own process and
-//! prints it; the servers' `ekm_projection_*` gauges show the swapped-in tables' position).
+//! - `ekm_rebuild_running`, `ekm_rebuild_applied_position`, `ekm_rebuild_head_position`: a
+//!   rebuild's progress. `ekm projections rebuild` runs as its own process: it serves them
+//!   with `--metrics-listen`, and `--metrics-linger` keeps them up after it finishes, for a
+//!   scrape to see the end (the servers' `ekm_projection_*` gauges show the swapped-in
+//!   tables' position).
 
 use std::sync::OnceLock;
 
@@ -59,4 +62,16 @@ pub fn install() -> Option<&'static PrometheusHandle> {
 /// The metrics in the text exposition format (empty without a recorder).
 pub fn render() -> String {
     install().map(PrometheusHandle::render).unwrap_or_default()
+}
+
+/// A rebuild's progress: `applied` of `head` positions.
+pub fn rebuild_progress(applied: i64, head: i64) {
+    metrics::gauge!("ekm_rebuild_running").set(1.0);
+    metrics::gauge!("ekm_rebuild_applied_position").set(applied as f64);
+    metrics::gauge!("ekm_rebuild_head_position").set(head as f64);
+}
+
+/// A rebuild has stopped (done or failed).
+pub fn rebuild_stopped() {
+    metrics::gauge!("ekm_rebuild_running").set(0.0);
 }

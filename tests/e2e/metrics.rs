@@ -10,11 +10,11 @@ use crate::harness::{encrypt, Backend, TestApp};
 use crate::on_both_backends;
 
 /// One parsed sample: its labels and value.
-type Samples = Vec<(BTreeMap<String, String>, f64)>;
+pub(crate) type Samples = Vec<(BTreeMap<String, String>, f64)>;
 
 /// Parses exposition text with `prometheus_client.parser`: sample name → samples. Fails
 /// the test if the parser refuses the text.
-fn parse(text: &str) -> BTreeMap<String, Samples> {
+pub(crate) fn parse(text: &str) -> BTreeMap<String, Samples> {
     let script = r#"
 import json, sys
 from prometheus_client.parser import text_string_to_metric_families

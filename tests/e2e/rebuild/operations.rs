@@ -217,3 +217,105 @@ async fn rebuild_leaves_checkpoints_when_run_before_the_first_start() {
     assert_same_rows(&dump(&db).await, &live);
     db.close().await;
 }
+
+/// `ekm projections rebuild --metrics-listen` serves the rebuild's progress (issue 19 §1),
+/// and `--metrics-linger` keeps it up after the end, so that a scrape sees how it ended.
+#[test]
+fn rebuild_serves_its_progress_as_metrics_when_asked_to() {
+    use std::io::{BufRead, BufReader};
+    use std::process::Stdio;
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (dir, head) = runtime.block_on(async {
+        let app = TestApp::spawn_with(Backend::Sqlite, by_hand()).await;
+        random_history(&app.app, 3, 20).await;
+        app.rekeyer.run_pending().await.unwrap();
+        app.app.refresh().await.unwrap();
+        let head = app.db.committed_head().await.unwrap();
+        app.db.close().await;
+        (app, head)
+    });
+    let port = crate::harness::free_port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_ekm"))
+        .args(["projections", "rebuild", "--json", "--metrics-listen"])
+        .arg(format!("127.0.0.1:{port}"))
+        .args(["--metrics-linger", "60s", "--data-dir"])
+        .arg(dir.data_dir())
+        .env_remove("EKM_DATABASE_URL")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Given the rebuild's report on stdout (it is done, and lingers)
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let report: serde_json::Value = serde_json::from_str(&line).expect("the JSON report");
+    assert_eq!(report["position"], head);
+    // When its metrics are scraped, then they say it ran to the head and stopped
+    let text = runtime.block_on(async {
+        reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    let metrics = crate::metrics::parse(&text);
+    let gauge = |name: &str| metrics[name][0].1;
+    assert_eq!(gauge("ekm_rebuild_running"), 0.0, "{text}");
+    assert_eq!(gauge("ekm_rebuild_head_position"), head as f64);
+    assert_eq!(gauge("ekm_rebuild_applied_position"), head as f64);
+    drop(dir);
+    drop(runtime);
+}
+
+/// On a terminal the rebuild draws a progress bar on stderr (issue 19 §2); in a pipe it
+/// prints plain lines instead. The terminal is a pseudo-terminal from util-linux's
+/// `script`.
+#[test]
+fn rebuild_draws_a_progress_bar_only_on_a_terminal() {
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let (dir, head) = runtime.block_on(async {
+        let app = TestApp::spawn_with(Backend::Sqlite, by_hand()).await;
+        random_history(&app.app, 2, 10).await;
+        app.rekeyer.run_pending().await.unwrap();
+        app.app.refresh().await.unwrap();
+        let head = app.db.committed_head().await.unwrap();
+        app.db.close().await;
+        (app, head)
+    });
+    let rebuild = format!(
+        "{} projections rebuild --data-dir {}",
+        env!("CARGO_BIN_EXE_ekm"),
+        dir.data_dir().display()
+    );
+    // On a terminal: the bar, up to the head
+    let on_terminal = Command::new("script")
+        .args(["-qec", &rebuild, "/dev/null"])
+        .env_remove("EKM_DATABASE_URL")
+        .output()
+        .expect("util-linux's script runs");
+    let text = String::from_utf8_lossy(&on_terminal.stdout);
+    assert!(on_terminal.status.success(), "{text}");
+    assert!(text.contains("rebuilding read models ["), "{text}");
+    assert!(text.contains(&format!("{head}/{head} (100%)")), "{text}");
+    // In a pipe: lines, no bar
+    let piped = Command::new(env!("CARGO_BIN_EXE_ekm"))
+        .args(["projections", "rebuild", "--data-dir"])
+        .arg(dir.data_dir())
+        .env_remove("EKM_DATABASE_URL")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&piped.stderr);
+    assert!(piped.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("rebuilding read models: position"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("rebuilding read models ["), "{stderr}");
+    drop(dir);
+    drop(runtime);
+}
