@@ -482,9 +482,11 @@ fn database_unreachable(error: &AppError) -> bool {
                         .and_then(|code| code.parse::<i32>().ok())
                         .is_some_and(|code| matches!(code & 0xff, 5 | 6))
                 }
-                sqlx::Error::Database(database) => database
-                    .code()
-                    .is_some_and(|code| code.starts_with("08") || code.starts_with("57P")),
+                // And a write refused by a server that is read-only (25006): a demoted
+                // primary, until the instance has moved to the new one (ADR 0037).
+                sqlx::Error::Database(database) => database.code().is_some_and(|code| {
+                    code.starts_with("08") || code.starts_with("57P") || code == "25006"
+                }),
                 _ => false,
             };
         }

@@ -29,6 +29,7 @@ mod commands;
 mod data_plane;
 mod history;
 mod kms;
+mod rate_limits;
 mod reads;
 mod rekey;
 mod report;
@@ -156,6 +157,19 @@ enum Bench {
         #[arg(long, default_value_t = 16)]
         connections: u32,
     },
+    /// The rate limits' cost: HTTP decrypt through the buckets against the same binary with
+    /// every limit off, alternating, on SQLite with the access log off.
+    RateLimits {
+        /// Seconds per run.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Runs of each, alternating.
+        #[arg(long, default_value_t = 5)]
+        repeats: usize,
+        /// wrk's connections.
+        #[arg(long, default_value_t = 16)]
+        connections: u32,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -193,6 +207,11 @@ fn main() -> anyhow::Result<()> {
             } => batch::run(items, seconds, repeats, connections).await,
             Bench::Schedule { actions, spread_ms } => schedule::run(actions, spread_ms).await,
             Bench::Rotation { teams, repeats } => rotation::run(teams, repeats).await,
+            Bench::RateLimits {
+                seconds,
+                repeats,
+                connections,
+            } => rate_limits::run(seconds, repeats, connections).await,
         }
     })
 }

@@ -1,14 +1,16 @@
 //! The database: embedded SQLite (the default) or PostgreSQL, connected and migrated.
 
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::time::Duration;
 
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::PgPoolOptions;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{PgPool, SqlitePool};
 
+use std::sync::Arc;
+
 use crate::error::StoreError;
+use crate::failover::{Fence, Hosts, TargetSession};
 
 /// Where the data lives.
 #[derive(Clone)]
@@ -91,14 +93,19 @@ impl PostgresDb {
 /// acquire, since no transaction is ever opened on these connections. sqlx still syncs a connection
 /// on its return to the pool, so a statement cancelled in flight is drained, committed or
 /// not, before the connection is lent again.
-fn pg_statement_pool_options() -> PgPoolOptions {
+fn pg_statement_pool_options(fence: Arc<Fence>) -> PgPoolOptions {
     PgPoolOptions::new()
         .test_before_acquire(false)
         // A connection idle for a while may have died (a restart, a failover, a reaped
         // idle connection): a ping (a sync, no statement) finds out before a batch of
-        // commands is sent on it; sqlx then opens another. A busy one goes without.
-        .before_acquire(|conn, meta| {
+        // commands is sent on it; sqlx then opens another. A busy one goes without. One
+        // opened before the pool moved to another host is closed (`failover`).
+        .before_acquire(move |conn, meta| {
+            let fence = fence.clone();
             Box::pin(async move {
+                if fence.stale(meta.age) {
+                    return Ok(false);
+                }
                 if meta.idle_for >= Duration::from_secs(1) {
                     sqlx::Connection::ping(conn).await?;
                 }
@@ -117,10 +124,20 @@ fn pg_statement_pool_options() -> PgPoolOptions {
 /// So a connection is checked when it is handed out, and closed if it is inside a
 /// transaction. The check replaces sqlx's ping on acquire: no extra round trip.
 pub fn pg_pool_options() -> PgPoolOptions {
+    pg_pool_options_fenced(Arc::default())
+}
+
+/// `pg_pool_options`, closing connections opened before the pools last moved to another
+/// host (`failover`).
+fn pg_pool_options_fenced(fence: Arc<Fence>) -> PgPoolOptions {
     PgPoolOptions::new()
         .test_before_acquire(false)
-        .before_acquire(|conn, _| {
+        .before_acquire(move |conn, meta| {
+            let fence = fence.clone();
             Box::pin(async move {
+                if fence.stale(meta.age) {
+                    return Ok(false);
+                }
                 // Simple protocol: outside a transaction block the statement is its own
                 // transaction, which starts at the statement's own timestamp.
                 let row = sqlx::Executor::fetch_one(
@@ -253,19 +270,54 @@ impl Db {
                 }))
             }
             DbConfig::Postgres { url } => {
-                let options = PgConnectOptions::from_str(url).map_err(StoreError::Connect)?;
-                let pool = pg_pool_options()
+                // One host, or several in libpq's form with the primary followed
+                // (`failover`, issue 19 §4).
+                let hosts = Hosts::parse(url)?;
+                let current = match hosts.needs_watch() {
+                    false => 0,
+                    true => hosts.find().await.ok_or_else(|| {
+                        StoreError::Connect(sqlx::Error::Configuration(
+                            format!(
+                                "none of the {} database hosts answers{}",
+                                hosts.options.len(),
+                                match hosts.target {
+                                    TargetSession::ReadWrite => " and accepts writes",
+                                    TargetSession::Any => "",
+                                }
+                            )
+                            .into(),
+                        ))
+                    })?,
+                };
+                let options = hosts.options[current].clone();
+                let fence = Arc::new(Fence::default());
+                let writable = hosts.target == TargetSession::ReadWrite;
+                let checked = |options: PgPoolOptions| match writable {
+                    true => options.after_connect(|connection, _| {
+                        Box::pin(crate::failover::check_writable(connection))
+                    }),
+                    false => options,
+                };
+                let pool = checked(pg_pool_options_fenced(fence.clone()))
                     .max_connections(16)
                     .acquire_timeout(Duration::from_secs(10))
                     .connect_with(options.clone())
                     .await
                     .map_err(StoreError::Connect)?;
-                let statements = pg_statement_pool_options()
+                let statements = checked(pg_statement_pool_options(fence.clone()))
                     .max_connections(8)
                     .acquire_timeout(Duration::from_secs(10))
                     .connect_with(options)
                     .await
                     .map_err(StoreError::Connect)?;
+                if hosts.needs_watch() {
+                    tokio::spawn(crate::failover::watch(
+                        hosts,
+                        current,
+                        vec![statements.clone(), pool.clone()],
+                        fence,
+                    ));
+                }
                 Ok(Db::Postgres(PostgresDb {
                     pool,
                     statements,

@@ -10,6 +10,7 @@ mod append;
 mod db;
 mod error;
 mod event_log;
+pub mod failover;
 pub mod idempotency;
 mod key_material;
 mod notify;

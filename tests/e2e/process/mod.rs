@@ -3,6 +3,7 @@
 
 mod cli;
 mod crash;
+mod failover;
 mod schemathesis;
 
 use std::io::{BufRead, BufReader};
