@@ -51,6 +51,7 @@ pub(crate) fn register(endpoints: &mut Endpoints) {
 
 #[utoipa::path(
     get,
+    operation_id = "console",
     path = "/console",
     tag = "console",
     summary = "The admin console",
@@ -65,6 +66,7 @@ pub(crate) async fn index() -> Response {
 
 #[utoipa::path(
     get,
+    operation_id = "console_asset",
     path = "/console/{asset}",
     tag = "console",
     summary = "A console asset",

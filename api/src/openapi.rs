@@ -34,6 +34,7 @@ pub fn document() -> &'static Value {
 /// before it has one).
 #[utoipa::path(
     get,
+    operation_id = "openapi",
     path = "/v1/openapi.json",
     tag = "system",
     security(()),
@@ -69,10 +70,13 @@ fn build() -> Value {
     refine_schemas(&mut components);
     doc["components"] = Value::Object(components);
     if let Some(paths) = doc["paths"].as_object_mut() {
-        // The console answers with and without the trailing slash, from one handler.
-        if let Some(console) = paths.get("/console").cloned() {
+        // The console answers with and without the trailing slash, from one handler (an
+        // operation id is unique in a document: the copy has its own).
+        if let Some(mut console) = paths.get("/console").cloned() {
+            console["get"]["operationId"] = json!("console_slash");
             paths.insert("/console/".into(), console);
         }
+        add_links(paths);
         for (path, item) in paths.iter_mut() {
             let Some(item) = item.as_object_mut() else {
                 continue;
@@ -83,6 +87,72 @@ fn build() -> Value {
         }
     }
     doc
+}
+
+/// OpenAPI links from what a command creates to what can be done with it next: for client
+/// generators, and for schemathesis's stateful phase (which follows them).
+fn add_links(paths: &mut Map<String, Value>) {
+    let on = |id: &str, operation: &str| json!({"operationId": operation, "parameters": {"id": format!("$response.body#/{id}")}});
+    let scope_links = json!({
+        "GetScope": on("id", "get_scope"),
+        "ListChildren": on("id", "list_children"),
+        "PauseScope": on("id", "pause"),
+        "ResumeScope": on("id", "resume"),
+        "RotateScope": on("id", "rotate"),
+        "ListKeyVersions": on("id", "list_key_versions"),
+        "Encrypt": on("id", "encrypt"),
+    });
+    // A page's first scope: what a list or a search found.
+    let first = |links: &Value| {
+        let mut links = links.clone();
+        if let Some(links) = links.as_object_mut() {
+            for link in links.values_mut() {
+                link["parameters"]["id"] = json!("$response.body#/items/0/id");
+            }
+        }
+        links
+    };
+    let links = [
+        ("/v1/orgs/{org}/scopes", "get", "200", first(&scope_links)),
+        (
+            "/v1/scopes/{id}/children",
+            "get",
+            "200",
+            first(&scope_links),
+        ),
+        (
+            "/v1/me",
+            "get",
+            "200",
+            json!({"GetOrg": {"operationId": "get_org",
+                              "parameters": {"org": "$response.body#/org_id"}}}),
+        ),
+        ("/v1/scopes", "post", "201", scope_links),
+        (
+            "/v1/orgs",
+            "post",
+            "201",
+            json!({"GetOrg": {"operationId": "get_org",
+                              "parameters": {"org": "$response.body#/id"}}}),
+        ),
+        (
+            "/v1/orgs/{org}/tokens",
+            "post",
+            "201",
+            json!({"RevokeToken": {"operationId": "revoke_token",
+                                   "parameters": {"org": "$request.path.org",
+                                                  "id": "$response.body#/id"}}}),
+        ),
+    ];
+    for (path, method, status, links) in links {
+        if let Some(response) = paths
+            .get_mut(path)
+            .and_then(|item| item.pointer_mut(&format!("/{method}/responses/{status}")))
+            .and_then(Value::as_object_mut)
+        {
+            response.insert("links".into(), links);
+        }
+    }
 }
 
 /// The problem schema, its codes, the shared headers, the bearer scheme and the global
@@ -958,6 +1028,47 @@ mod tests {
             "served, not described: {undescribed:?}"
         );
         assert!(unserved.is_empty(), "described, not served: {unserved:?}");
+    }
+
+    #[test]
+    fn every_operation_has_an_id_of_its_own() {
+        let mut seen = BTreeSet::new();
+        for item in document()["paths"].as_object().unwrap().values() {
+            for operation in item.as_object().unwrap().values() {
+                let id = operation["operationId"].as_str().expect("an operationId");
+                assert!(seen.insert(id.to_owned()), "operationId {id} used twice");
+            }
+        }
+    }
+
+    #[test]
+    fn every_link_names_an_operation_of_the_document() {
+        let doc = document();
+        let ids: BTreeSet<&str> = doc["paths"]
+            .as_object()
+            .unwrap()
+            .values()
+            .flat_map(|item| item.as_object().unwrap().values())
+            .filter_map(|operation| operation["operationId"].as_str())
+            .collect();
+        let linked: Vec<&str> = doc["paths"]
+            .as_object()
+            .unwrap()
+            .values()
+            .flat_map(|item| item.as_object().unwrap().values())
+            .filter_map(|operation| operation["responses"].as_object())
+            .flat_map(|responses| responses.values())
+            .filter_map(|response| response["links"].as_object())
+            .flat_map(|links| links.values())
+            .filter_map(|link| link["operationId"].as_str())
+            .collect();
+        assert!(linked.len() >= 9, "{linked:?}");
+        for id in linked {
+            assert!(
+                ids.contains(id),
+                "a link names {id}, which no operation has"
+            );
+        }
     }
 
     #[test]

@@ -133,6 +133,7 @@ async fn filter(
 /// `GET /v1/audit/access`: one page of records, oldest first.
 #[utoipa::path(
     get,
+    operation_id = "list_access",
     path = "/v1/audit/access",
     tag = "audit",
     summary = "The data plane's access log",
@@ -198,6 +199,7 @@ pub async fn list(
 /// a time (memory stays flat whatever the log's size).
 #[utoipa::path(
     get,
+    operation_id = "export_access",
     path = "/v1/audit/access/export",
     tag = "audit",
     summary = "Export the access log",
@@ -274,6 +276,7 @@ pub async fn export(
 /// principal, operation, outcome and key version.
 #[utoipa::path(
     get,
+    operation_id = "access_summary",
     path = "/v1/scopes/{id}/access-summary",
     tag = "audit",
     summary = "Uses of a subtree, counted",

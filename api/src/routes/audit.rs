@@ -309,6 +309,7 @@ struct AuditPage {
 
 #[utoipa::path(
     get,
+    operation_id = "list_audit",
     path = "/v1/audit",
     tag = "audit",
     summary = "The audit log, in position order",
@@ -374,6 +375,7 @@ const EXPORT_PAGE: i64 = 1_000;
 /// the audit chain had sealed when it began, so every entry carries its seal.
 #[utoipa::path(
     get,
+    operation_id = "export_audit",
     path = "/v1/audit/export",
     tag = "audit",
     summary = "Export the audit log (signed JSON Lines, or CSV)",
@@ -524,6 +526,7 @@ pub async fn signing_key(
 
 #[utoipa::path(
     get,
+    operation_id = "verify_audit",
     path = "/v1/audit/verify",
     tag = "audit",
     summary = "Verify the hash chain and the access log's seals",

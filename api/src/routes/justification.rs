@@ -57,6 +57,7 @@ fn effective_json(effective: &EffectiveJustification) -> Value {
 /// ancestors' policies, which do not move this scope's version.
 #[utoipa::path(
     get,
+    operation_id = "get_justification_policy",
     path = "/v1/scopes/{id}/justification-policy",
     tag = "lifecycle",
     summary = "The justification policy, own and effective",
@@ -91,6 +92,7 @@ pub(crate) async fn get(
 /// reason would be allowed (decided by the aggregate, after the version and lifecycle rules).
 #[utoipa::path(
     put,
+    operation_id = "set_justification_policy",
     path = "/v1/scopes/{id}/justification-policy",
     tag = "lifecycle",
     summary = "Set the justification policy",

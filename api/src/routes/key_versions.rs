@@ -75,6 +75,7 @@ pub(crate) async fn set_floor(
 /// still needs a disabled version).
 #[utoipa::path(
     get,
+    operation_id = "list_key_versions",
     path = "/v1/scopes/{id}/key-versions",
     tag = "lifecycle",
     summary = "Key versions, their state and use",

@@ -34,6 +34,7 @@ pub struct MasterKeyRequest {
 /// `{"provider": "local"}` goes back to the platform's key (tier `managed`).
 #[utoipa::path(
     put,
+    operation_id = "set_master_key",
     path = "/v1/orgs/{org}/master-key",
     tag = "master key",
     summary = "Connect a customer master key (BYOK), or go back to the platform's",
@@ -118,6 +119,7 @@ pub async fn set(
 /// `GET /v1/orgs/{org}/master-key`: provider, key, status and the last health check.
 #[utoipa::path(
     get,
+    operation_id = "get_master_key",
     path = "/v1/orgs/{org}/master-key",
     tag = "master key",
     summary = "The master key and its health",

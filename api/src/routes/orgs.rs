@@ -513,6 +513,7 @@ fn policy_json(org: &ekm_projections::ScopeSnapshot) -> serde_json::Value {
 /// `revoke_window`, the waiting period of a revoke that names none.
 #[utoipa::path(
     get,
+    operation_id = "get_org_policy",
     path = "/v1/orgs/{org}/policy",
     tag = "organizations",
     summary = "The lifecycle policy",
@@ -543,6 +544,7 @@ pub(crate) async fn policy(
 /// its subtree inherits it unless a scope sets its own.
 #[utoipa::path(
     put,
+    operation_id = "set_org_policy",
     path = "/v1/orgs/{org}/policy",
     tag = "organizations",
     summary = "Set the lifecycle policy",

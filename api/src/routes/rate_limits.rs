@@ -103,6 +103,7 @@ async fn org_for(
 
 #[utoipa::path(
     get,
+    operation_id = "get_rate_limits",
     path = "/v1/orgs/{org}/limits",
     tag = "organizations",
     summary = "The rate limits in force, and where each comes from",
@@ -131,6 +132,7 @@ pub(crate) async fn get(
 
 #[utoipa::path(
     put,
+    operation_id = "set_rate_limits",
     path = "/v1/orgs/{org}/limits",
     tag = "organizations",
     summary = "Set the organization's own rate limits (operator token)",

@@ -60,7 +60,13 @@ fn schemathesis(dir: &Path, base: &str, who: &str, token: &str, org: &str, scope
         .unwrap_or("no count")
         .trim()
         .to_owned();
-    eprintln!("schemathesis as {who}: {generated}");
+    let links = text
+        .lines()
+        .find(|line| line.contains("API Links:"))
+        .unwrap_or("")
+        .trim()
+        .to_owned();
+    eprintln!("schemathesis as {who}: {generated}; {links}");
     assert!(
         output.status.success(),
         "schemathesis as {who} found problems:\n{text}\n{}",
@@ -104,6 +110,16 @@ fn schemathesis_finds_no_server_error_and_no_answer_outside_the_document() {
     );
     assert_eq!(status, 201, "{team}");
     let team_id = team["id"].as_str().unwrap().to_owned();
+    // Threads under the team: the links from its children's page lead to real scopes
+    for name in ["first", "second"] {
+        let (status, thread) = call(
+            "POST",
+            &format!("{base}/v1/scopes"),
+            &admin,
+            Some(json!({"kind": "thread", "name": name, "parent_id": team_id})),
+        );
+        assert_eq!(status, 201, "{thread}");
+    }
     let (status, service) = call(
         "POST",
         &format!("{base}/v1/orgs/{org_id}/tokens"),
