@@ -359,12 +359,12 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         request_timeout: args.request_timeout,
         max_concurrent_requests: args.max_concurrent_requests as usize,
         max_expensive_requests: args.max_expensive_requests as usize,
-        rate: ekm_api::rate_limit::RateDefaults {
+        rate: ekm_api::rate_limit::RateDefaults(ekm_domain::RateLimits {
             data_plane_principal: args.rate_limit_data_plane_principal.0,
             data_plane_organization: args.rate_limit_data_plane_organization.0,
             commands_principal: args.rate_limit_commands_principal.0,
             commands_organization: args.rate_limit_commands_organization.0,
-        },
+        }),
     };
     let router = router_with_limits(AppState::new(app), limits);
     crate::listener::serve(listener, router, listener_config, shutdown_signal()).await;

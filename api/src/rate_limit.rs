@@ -28,46 +28,33 @@ use crate::context::Caller;
 use crate::error::{ApiError, Code};
 use crate::state::AppState;
 
-/// The server's limits for organizations that set none of their own (`None`: no limit).
+/// The server's limits for organizations that set none of their own: the same four
+/// buckets as an organization's `RateLimits`, where `None` means no limit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct RateDefaults {
-    pub data_plane_principal: Option<RateBucket>,
-    pub data_plane_organization: Option<RateBucket>,
-    pub commands_principal: Option<RateBucket>,
-    pub commands_organization: Option<RateBucket>,
-}
+pub struct RateDefaults(pub RateLimits);
 
 impl Default for RateDefaults {
     /// Generous for one well-behaved service, tight enough that one client cannot take the
     /// whole server (ADR 0036 gives the reasoning).
     fn default() -> Self {
         let bucket = |per_second, burst| RateBucket::new("default", per_second, burst).ok();
-        RateDefaults {
+        RateDefaults(RateLimits {
             data_plane_principal: bucket(5_000, 10_000),
             data_plane_organization: bucket(20_000, 40_000),
             commands_principal: bucket(100, 1_000),
             commands_organization: bucket(500, 5_000),
-        }
+        })
     }
 }
 
 impl RateDefaults {
     /// No limits at all (tests of everything else, benchmarks of the unlimited path).
-    pub const OFF: RateDefaults = RateDefaults {
+    pub const OFF: RateDefaults = RateDefaults(RateLimits {
         data_plane_principal: None,
         data_plane_organization: None,
         commands_principal: None,
         commands_organization: None,
-    };
-
-    fn get(&self, class: RateClass, holder: RateHolder) -> Option<RateBucket> {
-        match (class, holder) {
-            (RateClass::DataPlane, RateHolder::Principal) => self.data_plane_principal,
-            (RateClass::DataPlane, RateHolder::Organization) => self.data_plane_organization,
-            (RateClass::Commands, RateHolder::Principal) => self.commands_principal,
-            (RateClass::Commands, RateHolder::Organization) => self.commands_organization,
-        }
-    }
+    });
 
     /// The limit in force: the organization's own, else the default.
     pub fn effective(
@@ -78,7 +65,7 @@ impl RateDefaults {
     ) -> (Option<RateBucket>, &'static str) {
         match own.get(class, holder) {
             Some(bucket) => (Some(bucket), "organization"),
-            None => (self.get(class, holder), "default"),
+            None => (self.0.get(class, holder), "default"),
         }
     }
 }
@@ -97,6 +84,13 @@ struct Bucket {
 }
 
 impl Bucket {
+    /// Its tokens, whatever a panic elsewhere left in them (they stay numbers).
+    fn lock(&self) -> std::sync::MutexGuard<'_, Tokens> {
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     fn new(limit: RateBucket, now: Instant) -> Self {
         Bucket {
             limit,
@@ -169,14 +163,7 @@ pub enum Taken {
 /// leaves a debt, so the long-run rate holds whatever the batch size. Locks are taken in
 /// the order given, always principal then organization.
 fn take_all(buckets: &[Arc<Bucket>], n: u32, already: u32, now: Instant) -> Taken {
-    let mut guards: Vec<_> = buckets
-        .iter()
-        .map(|b| {
-            b.state
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner())
-        })
-        .collect();
+    let mut guards: Vec<_> = buckets.iter().map(|b| b.lock()).collect();
     for (bucket, tokens) in buckets.iter().zip(guards.iter_mut()) {
         bucket.refill(tokens, now);
     }
@@ -271,16 +258,12 @@ impl RateLimiter {
         let bucket = match shard.buckets.get(&key) {
             Some(bucket) if bucket.limit == limit => return bucket.clone(),
             Some(old) => {
-                let mut tokens = old.state.lock().unwrap_or_else(|p| p.into_inner());
+                let mut tokens = old.lock();
                 old.refill(&mut tokens, now);
                 let grown = f64::from(limit.burst()) - f64::from(old.limit.burst());
                 let carried = (tokens.tokens + grown.max(0.0)).min(f64::from(limit.burst()));
                 let bucket = Bucket::new(limit, now);
-                bucket
-                    .state
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .tokens = carried;
+                bucket.lock().tokens = carried;
                 bucket
             }
             None => Bucket::new(limit, now),
@@ -290,7 +273,7 @@ impl RateLimiter {
             // until the shard doubles before sweeping again, so a shard of many active
             // holders is not scanned on every new one.
             shard.buckets.retain(|_, bucket| {
-                let mut tokens = bucket.state.lock().unwrap_or_else(|p| p.into_inner());
+                let mut tokens = bucket.lock();
                 bucket.refill(&mut tokens, now);
                 tokens.tokens < f64::from(bucket.limit.burst())
             });
@@ -348,10 +331,7 @@ impl Charge {
                 report,
             } => {
                 for bucket in &self.buckets {
-                    let mut tokens = bucket
-                        .state
-                        .lock()
-                        .unwrap_or_else(|poisoned| poisoned.into_inner());
+                    let mut tokens = bucket.lock();
                     tokens.tokens = (tokens.tokens + 1.0).min(f64::from(bucket.limit.burst()));
                 }
                 let _ = self.refused.set(seconds(retry_after));
@@ -483,10 +463,7 @@ fn take_report(buckets: &[Arc<Bucket>]) -> Option<Report> {
     buckets
         .iter()
         .map(|bucket| {
-            let mut tokens = bucket
-                .state
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut tokens = bucket.lock();
             bucket.refill(&mut tokens, now);
             bucket.report(&tokens)
         })

@@ -56,6 +56,23 @@ impl Node {
         );
     }
 
+    /// `ALTER SYSTEM SET {setting}` and a reload, as a manager (or an operator) does.
+    async fn alter_system(&self, setting: &str) {
+        let url = format!("postgres://postgres@127.0.0.1:{}/postgres", self.port);
+        let mut connection = <sqlx::PgConnection as sqlx::Connection>::connect(&url)
+            .await
+            .expect("the server answers");
+        for statement in [
+            format!("ALTER SYSTEM SET {setting}"),
+            "SELECT pg_reload_conf()".into(),
+        ] {
+            sqlx::query(&statement)
+                .execute(&mut connection)
+                .await
+                .unwrap();
+        }
+    }
+
     fn promote(&self) {
         run_postgres_tool(&self.pg_ctl, &["-D", &self.data(), "-w", "promote"])
             .expect("the standby is promoted");
@@ -191,6 +208,35 @@ fn team(name: &str, parent: &str) -> Value {
     json!({"kind": "team", "name": name, "parent_id": parent})
 }
 
+/// Creating `body` on `instance` fails closed: 503 with `Retry-After`.
+async fn assert_refused(instance: &Server, token: &str, body: Value) {
+    let url = format!("{}/v1/scopes", instance.base);
+    let (status, retry_after, answer) = request("POST", &url, token, Some(body)).await;
+    assert_eq!(status, 503, "{answer}");
+    assert!(retry_after.is_some(), "503 without Retry-After: {answer}");
+}
+
+/// Creates `body` on `instance` once it serves commands again (503 until then, within 30
+/// s); returns the scope's id.
+async fn created_once_served(instance: &Server, token: &str, body: Value) -> String {
+    let url = format!("{}/v1/scopes", instance.base);
+    let since = Instant::now();
+    loop {
+        let (status, _, answer) = request("POST", &url, token, Some(body.clone())).await;
+        if status == 201 {
+            return answer["id"].as_str().unwrap().to_owned();
+        }
+        assert_eq!(status, 503, "{answer}");
+        assert!(
+            since.elapsed() < Duration::from_secs(30),
+            "{} does not serve commands again: {answer}\n{}",
+            instance.base,
+            tail(instance)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 #[test]
 fn instances_follow_a_promoted_standby_and_lose_nothing_acknowledged() {
     let dir = tempfile::tempdir().unwrap();
@@ -264,58 +310,18 @@ fn instances_follow_a_promoted_standby_and_lose_nothing_acknowledged() {
         // When the primary turns read-only while up (as a demoted primary does, or an
         // operator with default_transaction_read_only), then commands fail closed, 503, not
         // 500; and when it accepts writes again, they succeed on it again
-        let primary_url = format!("postgres://postgres@127.0.0.1:{}/postgres", primary.port);
-        let read_only = |on: bool| {
-            let primary_url = primary_url.clone();
-            async move {
-                let mut connection =
-                    <sqlx::PgConnection as sqlx::Connection>::connect(&primary_url)
-                        .await
-                        .unwrap();
-                let value = if on { "on" } else { "off" };
-                sqlx::query(&format!(
-                    "ALTER SYSTEM SET default_transaction_read_only = {value}"
-                ))
-                .execute(&mut connection)
-                .await
-                .unwrap();
-                sqlx::query("SELECT pg_reload_conf()")
-                    .execute(&mut connection)
-                    .await
-                    .unwrap();
-            }
-        };
-        read_only(true).await;
-        for instance in [&a, &b] {
-            let (status, retry_after, body) = request(
-                "POST",
-                &format!("{}/v1/scopes", instance.base),
-                &admin,
-                Some(team("read-only", &org_id)),
-            )
+        primary
+            .alter_system("default_transaction_read_only = on")
             .await;
-            assert_eq!(status, 503, "{body}");
-            assert!(retry_after.is_some(), "503 without Retry-After: {body}");
+        for instance in [&a, &b] {
+            assert_refused(instance, &admin, team("read-only", &org_id)).await;
         }
-        read_only(false).await;
+        primary
+            .alter_system("default_transaction_read_only = off")
+            .await;
         for (i, instance) in [&a, &b].into_iter().enumerate() {
-            let writable = Instant::now();
-            loop {
-                let (status, _, body) = request(
-                    "POST",
-                    &format!("{}/v1/scopes", instance.base),
-                    &admin,
-                    Some(team(&format!("writable-{i}"), &org_id)),
-                )
-                .await;
-                if status == 201 {
-                    acknowledged.push(body["id"].as_str().unwrap().to_owned());
-                    break;
-                }
-                assert_eq!(status, 503, "{body}");
-                assert!(writable.elapsed() < Duration::from_secs(30), "{body}");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
+            let body = team(&format!("writable-{i}"), &org_id);
+            acknowledged.push(created_once_served(instance, &admin, body).await);
         }
 
         // When the primary dies
@@ -323,15 +329,7 @@ fn instances_follow_a_promoted_standby_and_lose_nothing_acknowledged() {
 
         // Then commands on both instances fail closed, 503 with Retry-After
         for instance in [&a, &b] {
-            let (status, retry_after, body) = request(
-                "POST",
-                &format!("{}/v1/scopes", instance.base),
-                &admin,
-                Some(team("during", &org_id)),
-            )
-            .await;
-            assert_eq!(status, 503, "{body}");
-            assert!(retry_after.is_some(), "503 without Retry-After: {body}");
+            assert_refused(instance, &admin, team("during", &org_id)).await;
         }
         // And the data plane refuses once the head of the log has gone unread past the
         // bound (2 s): it cannot know of a pause it did not hear about
@@ -361,42 +359,12 @@ fn instances_follow_a_promoted_standby_and_lose_nothing_acknowledged() {
         // When the standby is promoted, and (as Patroni does when no standby is left) no
         // longer waits for a synchronous standby of its own
         standby.promote();
-        let promoted_url = format!("postgres://postgres@127.0.0.1:{}/postgres", standby.port);
-        let mut connection = <sqlx::PgConnection as sqlx::Connection>::connect(&promoted_url)
-            .await
-            .expect("the promoted standby answers");
-        sqlx::query("ALTER SYSTEM SET synchronous_standby_names = ''")
-            .execute(&mut connection)
-            .await
-            .unwrap();
-        sqlx::query("SELECT pg_reload_conf()")
-            .execute(&mut connection)
-            .await
-            .unwrap();
+        standby.alter_system("synchronous_standby_names = ''").await;
 
         // Then both instances serve commands again, without a restart
         for (name, instance) in [("a", &a), ("b", &b)] {
-            let promoted = Instant::now();
-            loop {
-                let (status, _, body) = request(
-                    "POST",
-                    &format!("{}/v1/scopes", instance.base),
-                    &admin,
-                    Some(team(&format!("after-{name}"), &org_id)),
-                )
-                .await;
-                if status == 201 {
-                    acknowledged.push(body["id"].as_str().unwrap().to_owned());
-                    break;
-                }
-                assert_eq!(status, 503, "{body}");
-                assert!(
-                    promoted.elapsed() < Duration::from_secs(30),
-                    "instance {name} did not follow the new primary: {body}\n{}",
-                    tail(instance)
-                );
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
+            let body = team(&format!("after-{name}"), &org_id);
+            acknowledged.push(created_once_served(instance, &admin, body).await);
         }
         // And nothing acknowledged is lost: every scope is there, on both instances
         for instance in [&a, &b] {
