@@ -170,6 +170,18 @@ enum Bench {
         #[arg(long, default_value_t = 16)]
         connections: u32,
     },
+    /// kill -9 under load (8 command clients, 4 data-plane clients), then every
+    /// acknowledged operation checked: on SQLite and PostgreSQL (ekm_bench::chaos).
+    Kill9 {
+        /// SIGKILLs on SQLite.
+        #[arg(long, default_value_t = 100)]
+        sqlite_kills: usize,
+        /// SIGKILLs on PostgreSQL.
+        #[arg(long, default_value_t = 50)]
+        postgres_kills: usize,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -212,8 +224,61 @@ fn main() -> anyhow::Result<()> {
                 repeats,
                 connections,
             } => rate_limits::run(seconds, repeats, connections).await,
+            Bench::Kill9 {
+                sqlite_kills,
+                postgres_kills,
+                seed,
+            } => kill9(sqlite_kills, postgres_kills, seed).await,
         }
     })
+}
+
+/// `ekm_bench::chaos` on SQLite, then on PostgreSQL; a summary line for each, and the first
+/// violations if any.
+async fn kill9(sqlite_kills: usize, postgres_kills: usize, seed: u64) -> anyhow::Result<()> {
+    let ekm = std::env::current_exe()?.with_file_name("ekm");
+    if !ekm.exists() {
+        anyhow::bail!("build the server first: cargo build --release -p ekm");
+    }
+    let mut out = std::io::stdout().lock();
+    let mut failed = false;
+    for (backend, kills) in [("SQLite", sqlite_kills), ("PostgreSQL", postgres_kills)] {
+        if kills == 0 {
+            continue;
+        }
+        let dir = std::env::temp_dir().join(format!("ekm-kill9-{}", uuid::Uuid::now_v7().simple()));
+        std::fs::create_dir_all(&dir)?;
+        let pg = match backend {
+            "PostgreSQL" => Some(BenchDb::create().await?),
+            _ => None,
+        };
+        let mut config = ekm_bench::chaos::Config::new(
+            ekm.clone(),
+            dir.clone(),
+            pg.as_ref().map(|db| db.url.clone()),
+            kills,
+        );
+        config.seed = seed;
+        let report = ekm_bench::chaos::run(&config).await;
+        if let Some(pg) = pg {
+            pg.drop_db().await?;
+        }
+        let report = report?;
+        writeln!(out, "{}", ekm_bench::chaos::describe(&report, backend))?;
+        for violation in report.violations.iter().take(20) {
+            writeln!(out, "  violation: {violation}")?;
+        }
+        failed |= !report.violations.is_empty();
+        if report.violations.is_empty() {
+            std::fs::remove_dir_all(&dir)?;
+        } else {
+            writeln!(out, "  kept for inspection: {}", dir.display())?;
+        }
+    }
+    if failed {
+        anyhow::bail!("violations found");
+    }
+    Ok(())
 }
 
 /// A fresh PostgreSQL database for this run, dropped at the end.

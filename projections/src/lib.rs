@@ -12,6 +12,7 @@
 mod access_at;
 mod access_check;
 mod audit;
+mod compare;
 mod error;
 mod history;
 mod memory;
@@ -29,6 +30,7 @@ pub use audit::{
     verify_chain, AuditChain, AuditEntry, AuditFilter, AuditPages, ChainFailure, ChainReport,
     RecordedHead, SigningKeyRecord, GENESIS_HASH,
 };
+pub use compare::{read_model_rows, read_model_tables, row_differences, table_columns, table_rows};
 pub use error::{chain as error_chain, ProjectionError};
 pub use history::{scope_as_of, AsOf, PastKeyVersion, PastScope};
 pub use memory::{Applied, GrantRecord, MemoryLoad, MemoryTree, RotationDue, ROTATION};

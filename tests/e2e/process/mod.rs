@@ -4,6 +4,7 @@
 mod cli;
 mod crash;
 mod failover;
+mod kill9;
 mod schemathesis;
 
 use std::io::{BufRead, BufReader};

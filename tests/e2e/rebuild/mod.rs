@@ -22,44 +22,19 @@ use crate::rich_history::{self, rich_history, RichHistory};
 
 /// The tables of every rebuildable read model, as the projections declare them.
 pub fn read_model_tables() -> Vec<&'static str> {
-    ekm_projections::standard_projections(None)
-        .iter()
-        .filter(|p| p.rebuildable())
-        .flat_map(|p| p.tables().iter().copied())
-        .collect()
+    ekm_projections::read_model_tables()
 }
 
-/// Every column of `table`, from the database's own catalog: a column added by a later
-/// migration is compared without anyone remembering to list it.
+/// Every column of `table`, from the database's own catalog.
 pub async fn columns(db: &Db, table: &str) -> Vec<String> {
-    let columns: Vec<String> = match db {
-        Db::Sqlite(sqlite) => {
-            sqlx::query_scalar("SELECT name FROM pragma_table_info($1) ORDER BY cid")
-                .bind(table)
-                .fetch_all(&sqlite.read)
-                .await
-                .unwrap()
-        }
-        Db::Postgres(pg) => sqlx::query_scalar(
-            "SELECT column_name::text FROM information_schema.columns \
-             WHERE table_schema = 'public' AND table_name = $1 ORDER BY ordinal_position",
-        )
-        .bind(table)
-        .fetch_all(&pg.pool)
-        .await
-        .unwrap(),
-    };
+    let columns = ekm_projections::table_columns(db, table).await.unwrap();
     assert!(!columns.is_empty(), "no columns found for {table}");
     columns
 }
 
 /// Every row of every rebuildable read model, every column, as text, sorted.
 pub async fn dump(db: &Db) -> Vec<String> {
-    let mut out = vec![];
-    for table in read_model_tables() {
-        out.extend(dump_table(db, table).await);
-    }
-    out
+    ekm_projections::read_model_rows(db).await.unwrap()
 }
 
 /// Asserts two dumps are equal, showing only the rows that differ.
@@ -68,8 +43,7 @@ pub fn assert_same_rows(actual: &[String], expected: &[String]) {
     if actual == expected {
         return;
     }
-    let missing: Vec<&String> = expected.iter().filter(|r| !actual.contains(r)).collect();
-    let extra: Vec<&String> = actual.iter().filter(|r| !expected.contains(r)).collect();
+    let (missing, extra) = ekm_projections::row_differences(actual, expected);
     panic!(
         "the rows differ ({} against {} expected)\nmissing: {missing:#?}\nunexpected: {extra:#?}",
         actual.len(),
@@ -79,17 +53,7 @@ pub fn assert_same_rows(actual: &[String], expected: &[String]) {
 
 /// Every row of `table`, every column, as text, sorted.
 pub async fn dump_table(db: &Db, table: &str) -> Vec<String> {
-    let cells: Vec<String> = columns(db, table)
-        .await
-        .iter()
-        .map(|c| format!("'{c}=' || COALESCE(CAST({c} AS TEXT), '<null>')"))
-        .collect();
-    let sql = format!("SELECT {} AS row FROM {table}", cells.join(" || '|' || "));
-    let mut rows: Vec<String> = ekm_store::with_read_pool!(db, pool => {
-        sqlx::query_scalar(&sql).fetch_all(pool).await.unwrap()
-    });
-    rows.sort();
-    rows.into_iter().map(|r| format!("{table}: {r}")).collect()
+    ekm_projections::table_rows(db, table).await.unwrap()
 }
 
 /// Every column of every read model holds a value in some row: the history reached it, so

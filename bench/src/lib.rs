@@ -1,0 +1,3 @@
+//! What the benchmarks share with the tests: the kill -9 tool (`chaos`).
+
+pub mod chaos;
