@@ -699,6 +699,15 @@ pub struct ServeArgs {
     /// (disable, delete, access removed) take effect at once regardless.
     #[arg(long, env = "EKM_KMS_GRACE_PERIOD", default_value = "5m", value_parser = parse_duration)]
     pub kms_grace_period: Duration,
+    /// Transient failures in a row (timeouts, throttling, 5xx) after which calls to a
+    /// customer's KMS key stop for a while and fail at once (the circuit breaker); cached
+    /// keys keep serving within the grace period meanwhile. 0 turns the breaker off.
+    #[arg(long, env = "EKM_KMS_BREAKER_FAILURES", default_value_t = 5)]
+    pub kms_breaker_failures: u32,
+    /// How long an open breaker holds calls back before one probe goes through; it doubles
+    /// with each failed probe, up to 30 s. A successful health check closes it at once.
+    #[arg(long, env = "EKM_KMS_BREAKER_COOLDOWN", default_value = "1s", value_parser = parse_duration)]
+    pub kms_breaker_cooldown: Duration,
     /// The endpoint URLs customer keys may name in `endpoint_url` (VPC endpoints, private
     /// links), comma-separated, each `scheme://host[:port]` in canonical form; one DNS label
     /// may hold one `*` (`https://*.p.googleapis.com`), or the port may be `*`. Scheme, host

@@ -248,6 +248,16 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         settings: kms_settings,
         platform_key,
         grace: args.kms_grace_period,
+        breaker: ekm_service::breaker::BreakerSettings {
+            failures: match args.kms_breaker_failures {
+                0 => u32::MAX,
+                n => n,
+            },
+            cooldown: args.kms_breaker_cooldown,
+            max_cooldown: args
+                .kms_breaker_cooldown
+                .max(std::time::Duration::from_secs(30)),
+        },
     };
     let keys = KeyService::with_kms(db.clone(), master, args.key_cache_ttl, kms);
     let app = App::new(db.clone(), projector, keys, seal, signing);

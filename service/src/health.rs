@@ -75,13 +75,18 @@ async fn probe(app: App, org: ScopeId, deadline: Duration) -> Result<Probe, AppE
         return Ok(Probe::Nothing);
     }
     let keys = app.keys();
+    // Not held back by the circuit breaker: the check is how a KMS that comes back is
+    // noticed, and its outcome opens or closes the breaker like any call's.
     let round_trip = async {
         let provider = keys.provider(&master).await?;
-        crate::keys::timed_kms_call(
+        let result = crate::keys::timed_kms_call(
             master.provider,
             ekm_kms::round_trip(provider.as_ref(), &org.to_string()),
         )
-        .await
+        .await;
+        keys.breakers()
+            .record(&master, result.as_ref().map(|_| ()), false);
+        result
     };
     let result = tokio::time::timeout(deadline, round_trip)
         .await

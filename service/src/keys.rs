@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 use ekm_domain::{EffectiveJustification, KeyVersion, MasterKeyRef, OrgId, ScopeId, Tier};
 use ekm_keys::{Kek, LocalMasterKey};
 use ekm_kms::{
-    KmsSettings, LocalProvider, MasterKeyProvider, ProviderError, WrapContext, WrapPurpose,
+    KmsSettings, LocalProvider, MasterKeyProvider, Operation, ProviderError, WrapContext,
+    WrapPurpose,
 };
 use ekm_projections::{EventListener, ProjectionError, ReadModels, ScopeSnapshot};
 use ekm_store::{Db, KeyRow, KeyWrites, StoreError, StoredEvent, Wrapped, WrappingKeyRow};
@@ -76,6 +77,8 @@ pub struct KmsOptions {
     /// data plane fails closed. The health monitor records the organization `unavailable`
     /// after the same period.
     pub grace: Duration,
+    /// When calls to a failing customer KMS stop for a while (`crate::breaker`).
+    pub breaker: crate::breaker::BreakerSettings,
 }
 
 impl Default for KmsOptions {
@@ -84,6 +87,7 @@ impl Default for KmsOptions {
             settings: KmsSettings::default(),
             platform_key: None,
             grace: Duration::from_secs(300),
+            breaker: crate::breaker::BreakerSettings::default(),
         }
     }
 }
@@ -179,6 +183,9 @@ pub struct KeyService {
     /// The last failed unwrap through a customer's KMS per slot, for `NEGATIVE_TTL`.
     failures: Mutex<HashMap<OrgSlot, (Instant, ekm_kms::ProviderError)>>,
     providers: tokio::sync::Mutex<HashMap<MasterKeyRef, Arc<dyn MasterKeyProvider>>>,
+    /// One circuit breaker per customer key: an outage's calls fail at once, not each after
+    /// a timeout.
+    breakers: crate::breaker::Breakers,
     epoch: AtomicU64,
     unwraps: AtomicU64,
     kms_calls: AtomicU64,
@@ -222,6 +229,7 @@ impl KeyService {
         kms: KmsOptions,
     ) -> Arc<KeyService> {
         let (failed_tx, failed_rx) = tokio::sync::mpsc::unbounded_channel();
+        let breaker = kms.breaker;
         Arc::new(KeyService {
             read: ReadModels::new(db.clone()),
             db,
@@ -233,6 +241,7 @@ impl KeyService {
             inflight: Mutex::new(HashMap::new()),
             failures: Mutex::new(HashMap::new()),
             providers: tokio::sync::Mutex::new(HashMap::new()),
+            breakers: crate::breaker::Breakers::new(breaker),
             epoch: AtomicU64::new(0),
             unwraps: AtomicU64::new(0),
             kms_calls: AtomicU64::new(0),
@@ -280,6 +289,26 @@ impl KeyService {
         let provider = ekm_kms::provider_for(key, &self.kms.settings).await?;
         providers.insert(key.clone(), provider.clone());
         Ok(provider)
+    }
+
+    /// A call to a customer's KMS through its circuit breaker: refused at once while the
+    /// breaker is open, counted and timed otherwise, its outcome recorded.
+    async fn guarded_kms_call<T>(
+        &self,
+        master: &MasterKeyRef,
+        operation: Operation,
+        call: impl std::future::Future<Output = Result<T, ProviderError>>,
+    ) -> Result<T, ProviderError> {
+        let admission = self.breakers.admit(master, operation)?;
+        self.kms_calls.fetch_add(1, Ordering::Relaxed);
+        let result = timed_kms_call(master.provider, call).await;
+        admission.finish(&result);
+        result
+    }
+
+    /// The circuit breakers of the customer keys (the health monitor records its checks).
+    pub fn breakers(&self) -> &crate::breaker::Breakers {
+        &self.breakers
     }
 
     /// The listener the projector calls with every event this process sees.
@@ -408,16 +437,36 @@ impl KeyService {
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Kek, KeyError>> + Send + 'a>>
     {
         Box::pin(async move {
-            let row = self
-                .db
-                .key(scope, version, fingerprint)
-                .await?
-                .ok_or_else(|| KeyError::Missing {
-                    scope: scope.to_owned(),
-                    version,
-                })?;
-            if let Some(epoch) = row.node_epoch {
-                let wrapping = self.unwrap_wrapping(scope, epoch).await?;
+            let read = || async {
+                self.db
+                    .key(scope, version, fingerprint)
+                    .await?
+                    .ok_or_else(|| KeyError::Missing {
+                        scope: scope.to_owned(),
+                        version,
+                    })
+            };
+            let mut row = read().await?;
+            let mut moved = 0;
+            while let Some(epoch) = row.node_epoch {
+                let wrapping = match self.unwrap_wrapping(scope, epoch).await {
+                    Ok(wrapping) => wrapping,
+                    // A re-key moved this version onto a newer epoch and destroyed this one
+                    // between the two reads: read the version again (it moves before the
+                    // epoch goes, ADR 0013).
+                    Err(KeyError::MissingWrapping {
+                        scope: gone,
+                        epoch: e,
+                    }) if moved < 3 && gone == scope && e == epoch => {
+                        moved += 1;
+                        row = read().await?;
+                        if row.node_epoch == Some(epoch) {
+                            return Err(KeyError::MissingWrapping { scope: gone, epoch });
+                        }
+                        continue;
+                    }
+                    Err(error) => return Err(error),
+                };
                 let key = wrapping
                     .unwrap_key(
                         &row.wrapped,
@@ -574,8 +623,12 @@ impl KeyService {
                     }
                     None => zeroize::Zeroizing::new(row.wrapped.clone()),
                 };
-                self.kms_calls.fetch_add(1, Ordering::Relaxed);
-                timed_kms_call(master.provider, provider.unwrap(&inner, context)).await
+                self.guarded_kms_call(
+                    &master,
+                    Operation::Decrypt,
+                    provider.unwrap(&inner, context),
+                )
+                .await
             }
         };
         let bytes = match bytes {
@@ -1068,13 +1121,18 @@ impl KeyService {
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Kek, KeyError>> + Send + 'a>>
     {
         Box::pin(async move {
-            let row = self.db.wrapping_key(scope, epoch).await?.ok_or_else(|| {
-                KeyError::MissingWrapping {
-                    scope: scope.to_owned(),
-                    epoch,
-                }
-            })?;
-            let key = match &row.parent {
+            let read = || async {
+                self.db
+                    .wrapping_key(scope, epoch)
+                    .await?
+                    .ok_or_else(|| KeyError::MissingWrapping {
+                        scope: scope.to_owned(),
+                        epoch,
+                    })
+            };
+            let mut row = read().await?;
+            let mut moved = 0;
+            let key = match row.parent.clone() {
                 None => {
                     return self
                         .unwrap_org_key(&MasterWrapped {
@@ -1087,13 +1145,37 @@ impl KeyService {
                         })
                         .await
                 }
-                Some((parent, parent_epoch)) => {
-                    let parent_key = self.unwrap_wrapping(parent, *parent_epoch).await?;
-                    parent_key.unwrap_key(
-                        &row.wrapped,
-                        &wrapping_binding(scope, epoch, parent, *parent_epoch).parts(),
-                    )
-                }
+                Some((mut parent, mut parent_epoch)) => loop {
+                    match self.unwrap_wrapping(&parent, parent_epoch).await {
+                        Ok(parent_key) => {
+                            break parent_key.unwrap_key(
+                                &row.wrapped,
+                                &wrapping_binding(scope, epoch, &parent, parent_epoch).parts(),
+                            )
+                        }
+                        // A re-key of the parent moved this row onto its newer epoch and
+                        // destroyed the one it named between the two reads: read it again.
+                        Err(KeyError::MissingWrapping {
+                            scope: gone,
+                            epoch: e,
+                        }) if moved < 3 && gone == parent && e == parent_epoch => {
+                            moved += 1;
+                            row = read().await?;
+                            match row.parent.clone() {
+                                Some(next) if next != (parent.clone(), parent_epoch) => {
+                                    (parent, parent_epoch) = next;
+                                }
+                                _ => {
+                                    return Err(KeyError::MissingWrapping {
+                                        scope: gone,
+                                        epoch: e,
+                                    })
+                                }
+                            }
+                        }
+                        Err(error) => return Err(error),
+                    }
+                },
             };
             self.unwraps.fetch_add(1, Ordering::Relaxed);
             let key = key.map_err(|_| KeyError::Unwrap)?;
@@ -1248,8 +1330,12 @@ impl KeyService {
         match master {
             Some(master) => {
                 let provider = self.provider(master).await.map_err(KeyError::Provider)?;
-                self.kms_calls.fetch_add(1, Ordering::Relaxed);
-                let inner = timed_kms_call(master.provider, provider.wrap(&plaintext, context))
+                let inner = self
+                    .guarded_kms_call(
+                        master,
+                        Operation::Encrypt,
+                        provider.wrap(&plaintext, context),
+                    )
                     .await
                     .map_err(KeyError::Provider)?;
                 let local = self.local_master();

@@ -14,6 +14,7 @@
 
 pub mod access;
 pub mod app;
+pub mod breaker;
 pub mod caller;
 pub mod health;
 pub mod keys;

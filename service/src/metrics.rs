@@ -13,7 +13,9 @@
 //!   `ekm_projection_lag_positions{projection}`, `ekm_projection_lag_seconds` (the oldest
 //!   committed event this instance has not applied);
 //! - `ekm_key_cache_lookups_total{result}` (`hit`, `miss`), `ekm_key_cache_evictions_total`;
-//! - `ekm_kms_calls_total{provider, outcome}`, `ekm_kms_call_duration_seconds{provider}`;
+//! - `ekm_kms_calls_total{provider, outcome}` (`ok`, `unavailable`, `refused`, and
+//!   `circuit_open`: held back by the key's open circuit breaker, no call made),
+//!   `ekm_kms_call_duration_seconds{provider}`, `ekm_kms_circuit_opened_total{provider}`;
 //! - `ekm_master_keys{health}`: organizations with a customer key, by its last health;
 //! - `ekm_access_log_queue_depth`, `ekm_access_log_flush_duration_seconds`,
 //!   `ekm_access_log_records_written_total` (records per commit: its rate over the

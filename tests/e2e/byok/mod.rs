@@ -42,6 +42,7 @@ pub(crate) fn options(environment: Environment, grace: Duration, cache_ttl: Dura
             settings: kms_settings(environment),
             grace,
             platform_key: None,
+            breaker: Default::default(),
         },
         health_interval: Some(HEALTH_INTERVAL),
         ..Options::default()

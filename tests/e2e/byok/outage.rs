@@ -330,3 +330,93 @@ async fn a_slow_customer_kms_delays_no_other_organizations_health_check(backend:
     );
 }
 on_both_backends!(a_slow_customer_kms_delays_no_other_organizations_health_check);
+
+/// The circuit breaker (issue 20 §3): after 3 unwraps in a row time out against a customer
+/// key, calls to it stop for the cooldown: the next organization's request fails at once
+/// (not after the KMS's timeout and retries) and the KMS sees no call. Once the KMS
+/// answers again, the first call past the cooldown is the probe, and it closes the breaker.
+async fn a_failing_kms_key_is_not_called_while_its_breaker_is_open(backend: Backend) {
+    let moto = Moto::start().await;
+    let arn = moto.create_key().await;
+    let (proxy, faults) = aws_fault_proxy(&moto.url).await;
+    let mut options = options(aws_environment(), Duration::ZERO, Duration::from_secs(60));
+    options.health_interval = None;
+    options.kms.breaker = ekm_service::breaker::BreakerSettings {
+        failures: 3,
+        cooldown: Duration::from_millis(400),
+        max_cooldown: Duration::from_millis(400),
+    };
+    let app = TestApp::spawn_with(backend, options).await;
+    // Four organizations on the same customer key; their caches start cold.
+    let mut orgs = vec![];
+    for _ in 0..4 {
+        let (org, token) = enterprise_org(&app).await;
+        let thread = app.scope(&token, "thread", "t", &org).await;
+        let connected = connect(
+            &app,
+            &token,
+            &org,
+            json!({"provider": "aws-kms", "key_id": arn, "endpoint_url": proxy}),
+        )
+        .await;
+        assert_eq!(connected.status, StatusCode::OK, "{}", connected.body);
+        orgs.push((token, thread));
+    }
+
+    // The KMS stops answering: three organizations' first requests each wait out the
+    // timeout and retries.
+    faults.arm("Decrypt", Fault::Stall(Duration::from_secs(5)), usize::MAX);
+    let before = faults.seen("Decrypt");
+    let failed = futures_util::future::join_all(
+        orgs[..3]
+            .iter()
+            .map(|(token, thread)| encrypt(&app, token, thread, "outage")),
+    )
+    .await;
+    assert!(
+        failed
+            .iter()
+            .all(|a| a.status == StatusCode::SERVICE_UNAVAILABLE),
+        "{failed:?}"
+    );
+    let calls = faults.seen("Decrypt") - before;
+    assert!(calls >= 3, "{calls} calls");
+
+    // The breaker is open: the fourth organization's request fails at once, no call made.
+    let (token, thread) = &orgs[3];
+    let started = Instant::now();
+    let refused = encrypt(&app, token, thread, "outage").await;
+    let took = started.elapsed();
+    assert_eq!(
+        refused.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        refused.body
+    );
+    assert_eq!(faults.seen("Decrypt") - before, calls, "no call while open");
+    assert!(
+        took < Duration::from_millis(800),
+        "failed after {took:?}, the KMS timeout is 800 ms"
+    );
+
+    // The KMS is back: past the cooldown one call goes through, and it closes the breaker.
+    faults.clear();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let answer = encrypt(&app, token, thread, "back").await;
+        if answer.status == StatusCode::OK {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still refused: {}", answer.body);
+        // Polling the server from outside: nothing to await until the cooldown ends.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(faults.seen("Decrypt") - before, calls + 1, "one probe");
+    for (token, thread) in &orgs {
+        assert_eq!(
+            encrypt(&app, token, thread, "back").await.status,
+            StatusCode::OK
+        );
+    }
+}
+on_both_backends!(a_failing_kms_key_is_not_called_while_its_breaker_is_open);

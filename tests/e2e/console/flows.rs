@@ -302,6 +302,7 @@ async fn console_connects_a_master_key_when_walked_step_by_step(backend: Backend
             },
             grace: Duration::from_secs(300),
             platform_key: None,
+            breaker: Default::default(),
         },
         ..Default::default()
     };
