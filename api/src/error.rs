@@ -353,7 +353,7 @@ impl From<AppError> for ApiError {
                 ApiError::new(
                     StatusCode::SERVICE_UNAVAILABLE,
                     Code::Unavailable,
-                    "the database cannot be reached; nothing was changed unless a later read shows it",
+                    "the database cannot be reached or cannot write now (disk full, read-only); nothing was changed unless a later read shows it",
                 )
             }
             AppError::Key(KeyError::Missing { .. }) => {
@@ -477,15 +477,22 @@ fn database_unreachable(error: &AppError) -> bool {
                         .try_downcast_ref::<sqlx::sqlite::SqliteError>()
                         .is_some() =>
                 {
+                    // And the disk full (13) or failing writes (10, I/O errors): the
+                    // transaction was rolled back; it can run again once space returns.
                     database
                         .code()
                         .and_then(|code| code.parse::<i32>().ok())
-                        .is_some_and(|code| matches!(code & 0xff, 5 | 6))
+                        .is_some_and(|code| matches!(code & 0xff, 5 | 6 | 10 | 13))
                 }
                 // And a write refused by a server that is read-only (25006): a demoted
                 // primary, until the instance has moved to the new one (ADR 0037).
+                // Insufficient resources (class 53: disk full, out of memory, too many
+                // connections) too: nothing was committed.
                 sqlx::Error::Database(database) => database.code().is_some_and(|code| {
-                    code.starts_with("08") || code.starts_with("57P") || code == "25006"
+                    code.starts_with("08")
+                        || code.starts_with("57P")
+                        || code.starts_with("53")
+                        || code == "25006"
                 }),
                 _ => false,
             };

@@ -342,9 +342,7 @@ impl AccessLog {
                     .journal_mode(SqliteJournalMode::Wal)
                     .synchronous(SqliteSynchronous::Full)
                     .busy_timeout(Duration::from_secs(10));
-                let write = SqlitePoolOptions::new()
-                    .max_connections(1)
-                    .min_connections(1)
+                let write = crate::db::sqlite_writer_pool()
                     .connect_with(options.clone())
                     .await
                     .map_err(StoreError::Connect)?;

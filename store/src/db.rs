@@ -208,6 +208,31 @@ macro_rules! with_read_pool {
     };
 }
 
+/// The pool of SQLite's one writer connection. A connection that comes back inside a
+/// transaction is closed rather than handed to the next writer: after a full disk or an I/O
+/// error SQLite may end or keep a transaction on its own, and sqlx then loses count of it
+/// (found by the full-disk test: every later batch of the runner failed with "Safety level
+/// may not be changed inside a transaction" until a restart). `synchronous` cannot be set
+/// inside a transaction, so setting it to the value it must have anyway tells, in one
+/// statement without I/O.
+pub(crate) fn sqlite_writer_pool() -> SqlitePoolOptions {
+    SqlitePoolOptions::new()
+        .max_connections(1)
+        .min_connections(1)
+        .after_release(|connection, _| {
+            Box::pin(async move {
+                let clean = sqlx::query("PRAGMA synchronous = FULL")
+                    .execute(&mut *connection)
+                    .await
+                    .is_ok();
+                if !clean {
+                    tracing::warn!("the SQLite writer connection came back inside a transaction; it is closed and a new one opened");
+                }
+                Ok(clean)
+            })
+        })
+}
+
 /// Installs ring as the process's default TLS crypto provider, once. sqlx builds its TLS
 /// client with an explicit provider, except on the `sslmode=verify-ca` path, which asks
 /// rustls for the process default; with both ring and aws-lc-rs in the binary (the AWS SDK
@@ -251,9 +276,7 @@ impl Db {
                     // Freed cells are zeroed, so a deleted key leaves no bytes in the main
                     // file (the WAL is emptied by `destroy_at_rest`; ADR 0013).
                     .pragma("secure_delete", "ON");
-                let write = SqlitePoolOptions::new()
-                    .max_connections(1)
-                    .min_connections(1)
+                let write = sqlite_writer_pool()
                     .connect_with(options.clone())
                     .await
                     .map_err(StoreError::Connect)?;

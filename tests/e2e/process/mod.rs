@@ -4,6 +4,7 @@
 mod cli;
 mod crash;
 mod failover;
+mod full_disk;
 mod kill9;
 mod schemathesis;
 
@@ -37,8 +38,27 @@ pub(crate) fn serve_configured(
     args: &[&str],
     envs: &[(&str, &str)],
 ) -> Server {
+    serve_wrapped(data_dir, database_url, args, envs, &[])
+}
+
+/// `serve_configured`, the binary started by `wrapper` (a program and its first arguments,
+/// the server's command line after them), e.g. a shell that sets a limit and execs.
+pub(crate) fn serve_wrapped(
+    data_dir: &Path,
+    database_url: Option<&str>,
+    args: &[&str],
+    envs: &[(&str, &str)],
+    wrapper: &[&str],
+) -> Server {
     let port = free_port();
-    let mut command = Command::new(EKM);
+    let mut command = match wrapper.split_first() {
+        Some((program, first)) => {
+            let mut command = Command::new(program);
+            command.args(first).arg(EKM);
+            command
+        }
+        None => Command::new(EKM),
+    };
     command
         .args([
             "--log-format",
