@@ -37,6 +37,7 @@ mod rotation;
 mod schedule;
 mod seed;
 mod server;
+mod soak;
 
 #[derive(Parser)]
 struct Cli {
@@ -170,6 +171,15 @@ enum Bench {
         #[arg(long, default_value_t = 16)]
         connections: u32,
     },
+    /// A mixed load for MINUTES (commands, reads, data plane, audit exports, one rebuild
+    /// beside the server on PostgreSQL): RSS, open file descriptors and p99 each minute.
+    Soak {
+        #[arg(long, default_value_t = 30)]
+        minutes: u64,
+        /// postgres (with the rebuild) or sqlite.
+        #[arg(long, default_value = "postgres")]
+        backend: String,
+    },
     /// kill -9 under load (8 command clients, 4 data-plane clients), then every
     /// acknowledged operation checked: on SQLite and PostgreSQL (ekm_bench::chaos).
     Kill9 {
@@ -224,6 +234,7 @@ fn main() -> anyhow::Result<()> {
                 repeats,
                 connections,
             } => rate_limits::run(seconds, repeats, connections).await,
+            Bench::Soak { minutes, backend } => soak::run(minutes, &backend).await,
             Bench::Kill9 {
                 sqlite_kills,
                 postgres_kills,
