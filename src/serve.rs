@@ -253,10 +253,14 @@ pub async fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 0 => u32::MAX,
                 n => n,
             },
-            cooldown: args.kms_breaker_cooldown,
-            max_cooldown: args
+            // At most an hour: past that the breaker would outlast any outage it spares.
+            cooldown: args
                 .kms_breaker_cooldown
-                .max(std::time::Duration::from_secs(30)),
+                .min(std::time::Duration::from_secs(3600)),
+            max_cooldown: args.kms_breaker_cooldown.clamp(
+                std::time::Duration::from_secs(30),
+                std::time::Duration::from_secs(3600),
+            ),
         },
     };
     let keys = KeyService::with_kms(db.clone(), master, args.key_cache_ttl, kms);

@@ -307,8 +307,12 @@ enum Outcome {
     Acknowledged(Value),
     /// 4xx: status and problem code.
     Refused(u16, String),
-    /// The answer was lost (the connection died, a 5xx): applied or not.
+    /// The answer was lost (the connection died): applied or not.
     Indeterminate(String),
+    /// A 5xx from a server that was up: status, problem code and body. Applied or not
+    /// (`committed_unconfirmed` says applied); for anything but 503 and
+    /// `committed_unconfirmed` a violation of its own (a server error, e.g. a 500).
+    Failed(u16, String, String),
     /// The run is over; nothing was sent.
     Over,
 }
@@ -378,7 +382,11 @@ async fn send(
             status,
             answer["code"].as_str().unwrap_or_default().to_owned(),
         ),
-        _ => Outcome::Indeterminate(format!("{status}: {text}")),
+        _ => Outcome::Failed(
+            status,
+            answer["code"].as_str().unwrap_or_default().to_owned(),
+            text.chars().take(300).collect(),
+        ),
     }
 }
 
@@ -504,6 +512,9 @@ async fn data_client(
                     "{request_id}: encrypt refused with {status} {code}"
                 )),
                 Outcome::Indeterminate(_) => {}
+                Outcome::Failed(status, _, body) => out
+                    .violations
+                    .push(format!("{request_id}: encrypt answered {status}: {body}")),
                 Outcome::Over => return out,
             }
         } else {
@@ -527,6 +538,9 @@ async fn data_client(
                     "{request_id}: an acknowledged ciphertext was refused: {status} {code}"
                 )),
                 Outcome::Indeterminate(_) => {}
+                Outcome::Failed(status, _, body) => out
+                    .violations
+                    .push(format!("{request_id}: decrypt answered {status}: {body}")),
                 Outcome::Over => return out,
             }
         }
@@ -634,7 +648,15 @@ fn check_commands(ops: &[Op], entries: &[Value], report: &mut Report) {
                     ));
                 }
             }
-            Outcome::Indeterminate(_) => {
+            Outcome::Indeterminate(_) | Outcome::Failed(..) => {
+                if let Outcome::Failed(status, code, body) = &op.outcome {
+                    if *status != 503 && code != "committed_unconfirmed" {
+                        report.violations.push(format!(
+                            "{}: the server answered {status}: {body}",
+                            op.request_id
+                        ));
+                    }
+                }
                 report.commands_indeterminate += 1;
                 report.indeterminate_applied += usize::from(applied == 1);
                 if applied > 1 {
@@ -719,6 +741,13 @@ async fn check_rebuild(config: &Config, report: &mut Report) -> anyhow::Result<(
         );
     }
     let again = read_models(config).await?;
+    if live.len() != again.len() {
+        report.violations.push(format!(
+            "{} live read-model rows against {} after a rebuild",
+            live.len(),
+            again.len()
+        ));
+    }
     let (missing, extra) = ekm_projections::row_differences(&live, &again);
     for row in missing.iter().take(5) {
         report

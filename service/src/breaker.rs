@@ -15,6 +15,7 @@
 //! the organization becomes `unavailable` at once.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -52,6 +53,9 @@ struct State {
     /// A probe is out (half-open): other calls still fail at once.
     probing: bool,
     last: Option<ProviderError>,
+    /// Which opening this is: a probe admitted in an earlier one (before a health check
+    /// closed the breaker and failures opened it again) must not touch this one's state.
+    generation: u64,
 }
 
 /// The breakers of every customer master key this process calls.
@@ -66,7 +70,8 @@ pub struct Breakers {
 pub struct Admission<'a> {
     breakers: &'a Breakers,
     key: &'a MasterKeyRef,
-    probe: bool,
+    /// The opening it probes (`State::generation`), if it is a probe.
+    probe: Option<u64>,
     finished: bool,
 }
 
@@ -78,11 +83,17 @@ impl Admission<'_> {
     }
 }
 
+/// Generations of openings, unique in the process.
+static NEXT_GENERATION: AtomicU64 = AtomicU64::new(1);
+
 impl Drop for Admission<'_> {
     fn drop(&mut self) {
-        if self.probe && !self.finished {
-            if let Ok(mut states) = self.breakers.states.lock() {
-                if let Some(state) = states.get_mut(self.key) {
+        let (Some(generation), false) = (self.probe, self.finished) else {
+            return;
+        };
+        if let Ok(mut states) = self.breakers.states.lock() {
+            if let Some(state) = states.get_mut(self.key) {
+                if state.generation == generation {
                     state.probing = false;
                 }
             }
@@ -105,20 +116,20 @@ impl Breakers {
         key: &'a MasterKeyRef,
         operation: Operation,
     ) -> Result<Admission<'a>, ProviderError> {
-        let admitted = |probe| Admission {
+        let admitted = |probe: Option<u64>| Admission {
             breakers: self,
             key,
             probe,
             finished: false,
         };
         let Ok(mut states) = self.states.lock() else {
-            return Ok(admitted(false));
+            return Ok(admitted(None));
         };
         let Some(state) = states.get_mut(key) else {
-            return Ok(admitted(false));
+            return Ok(admitted(None));
         };
         let Some(until) = state.open_until else {
-            return Ok(admitted(false));
+            return Ok(admitted(None));
         };
         let now = Instant::now();
         if now < until || state.probing {
@@ -147,11 +158,17 @@ impl Breakers {
             ));
         }
         state.probing = true;
-        Ok(admitted(true))
+        Ok(admitted(Some(state.generation)))
     }
 
-    /// Records the outcome of a call to `key`: one admitted, or a health check's.
-    pub fn record(&self, key: &MasterKeyRef, result: Result<(), &ProviderError>, probe: bool) {
+    /// Records the outcome of a call to `key`: one admitted (`probe`: the opening it
+    /// probed), or a health check's (`None`).
+    pub fn record(
+        &self,
+        key: &MasterKeyRef,
+        result: Result<(), &ProviderError>,
+        probe: Option<u64>,
+    ) {
         let Ok(mut states) = self.states.lock() else {
             return;
         };
@@ -159,6 +176,8 @@ impl Breakers {
             Err(error) if error.kind.is_transient() => {
                 let settings = self.settings;
                 let state = states.entry(key.clone()).or_default();
+                // A probe of an earlier opening counts as a failure, nothing more.
+                let probe = probe.is_some_and(|g| g == state.generation && state.probing);
                 state.failures = state.failures.saturating_add(1);
                 state.last = Some(error.clone());
                 if probe {
@@ -167,10 +186,14 @@ impl Breakers {
                 let reopen = probe && state.open_until.is_some();
                 if reopen || (state.open_until.is_none() && state.failures >= settings.failures) {
                     state.cooldown = match reopen {
-                        true => (state.cooldown * 2).min(settings.max_cooldown),
+                        true => state.cooldown.saturating_mul(2).min(settings.max_cooldown),
                         false => settings.cooldown,
                     };
-                    state.open_until = Some(Instant::now() + state.cooldown);
+                    if !reopen {
+                        state.generation = NEXT_GENERATION.fetch_add(1, Ordering::Relaxed);
+                    }
+                    let now = Instant::now();
+                    state.open_until = Some(now.checked_add(state.cooldown).unwrap_or(now));
                     metrics::counter!(
                         "ekm_kms_circuit_opened_total",
                         "provider" => key.provider.as_str()
@@ -186,7 +209,10 @@ impl Breakers {
                     );
                 }
             }
-            // An answer from a KMS that works (a success, or the customer's decision).
+            // Neither an outage nor an answer from the KMS (no credentials, a malformed
+            // request): says nothing about whether it works.
+            Err(error) if error.kind.customer_reason().is_none() => {}
+            // An answer from a KMS that works: a success, or the customer's decision.
             _ => {
                 if let Some(state) = states.remove(key) {
                     if state.open_until.is_some() {
@@ -307,9 +333,54 @@ mod tests {
         let probe = breakers.admit(&key, Operation::Decrypt).unwrap();
         probe.finish(&failure(FailureKind::ProviderFault));
         assert!(breakers.is_open(&key));
-        breakers.record(&key, Ok(()), false);
+        breakers.record(&key, Ok(()), None);
         assert!(!breakers.is_open(&key));
         assert!(breakers.admit(&key, Operation::Decrypt).is_ok());
+    }
+
+    /// A probe of an earlier opening (a health check closed the breaker meanwhile, and
+    /// failures opened it again) does not end the present opening's probe.
+    #[test]
+    fn a_stale_probe_leaves_the_present_opening_alone() {
+        let breakers = Breakers::new(settings(Duration::ZERO));
+        let key = key();
+        let open = |b: &Breakers| {
+            for _ in 0..3 {
+                b.record(
+                    &key,
+                    failure(FailureKind::Timeout).as_ref().map(|_| ()),
+                    None,
+                );
+            }
+        };
+        open(&breakers);
+        let stale = breakers.admit(&key, Operation::Decrypt).unwrap();
+        breakers.record(&key, Ok(()), None);
+        open(&breakers);
+        let probe = breakers.admit(&key, Operation::Decrypt).unwrap();
+        drop(stale);
+        assert!(
+            breakers.admit(&key, Operation::Decrypt).is_err(),
+            "a second probe"
+        );
+        probe.finish(&Ok::<(), ProviderError>(()));
+        assert!(!breakers.is_open(&key));
+    }
+
+    /// Neither an outage nor an answer (no credentials): the count neither grows nor ends.
+    #[test]
+    fn failures_that_say_nothing_about_the_kms_leave_it_alone() {
+        let breakers = Breakers::new(settings(Duration::from_secs(60)));
+        let key = key();
+        for outcome in [
+            failure(FailureKind::Timeout),
+            failure(FailureKind::Timeout),
+            failure(FailureKind::Unauthenticated),
+            failure(FailureKind::Timeout),
+        ] {
+            breakers.record(&key, outcome.as_ref().map(|_| ()), None);
+        }
+        assert!(breakers.is_open(&key));
     }
 
     /// The cooldown doubles with each failed probe, up to the maximum.
@@ -324,7 +395,7 @@ mod tests {
         breakers.record(
             &key,
             failure(FailureKind::Timeout).as_ref().map(|_| ()),
-            false,
+            None,
         );
         let cooldown = |b: &Breakers| b.states.lock().unwrap().get(&key).unwrap().cooldown;
         assert_eq!(cooldown(&breakers), Duration::from_millis(1));

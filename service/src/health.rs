@@ -79,14 +79,11 @@ async fn probe(app: App, org: ScopeId, deadline: Duration) -> Result<Probe, AppE
     // noticed, and its outcome opens or closes the breaker like any call's.
     let round_trip = async {
         let provider = keys.provider(&master).await?;
-        let result = crate::keys::timed_kms_call(
+        crate::keys::timed_kms_call(
             master.provider,
             ekm_kms::round_trip(provider.as_ref(), &org.to_string()),
         )
-        .await;
-        keys.breakers()
-            .record(&master, result.as_ref().map(|_| ()), false);
-        result
+        .await
     };
     let result = tokio::time::timeout(deadline, round_trip)
         .await
@@ -98,6 +95,9 @@ async fn probe(app: App, org: ScopeId, deadline: Duration) -> Result<Probe, AppE
                 format!("no answer within the check's deadline of {deadline:?}"),
             ))
         });
+    // A check cut by its deadline is a timeout too.
+    keys.breakers()
+        .record(&master, result.as_ref().map(|_| ()), None);
     Ok(Probe::Checked { master, result })
 }
 

@@ -634,7 +634,11 @@ impl KeyService {
         let bytes = match bytes {
             Ok(bytes) => bytes,
             Err(error) => {
-                let _ = self.failed_tx.send(org);
+                // Held back by the breaker: the failures that opened it prompted the checks
+                // already; one per refusal would call the KMS the breaker spares.
+                if error.code != "CircuitOpen" {
+                    let _ = self.failed_tx.send(org);
+                }
                 if let Ok(mut failures) = self.failures.lock() {
                     // Only while nothing was evicted meanwhile (as for keys), and the map
                     // keeps what is still fresh only.
