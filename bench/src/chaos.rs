@@ -220,23 +220,9 @@ impl Setup {
         operator: &str,
         config: &Config,
     ) -> anyhow::Result<Setup> {
-        let call = |token: &str, path: &str, body: Value| {
-            let path = path.to_owned();
-            let request = http
-                .post(format!("{base}{path}"))
-                .bearer_auth(token)
-                .json(&body);
-            async move {
-                let response = request.send().await?;
-                let status = response.status();
-                let body: Value = response.json().await.unwrap_or_default();
-                if !status.is_success() {
-                    bail!("set-up: POST {path} answered {status}: {body}");
-                }
-                Ok(body)
-            }
-        };
-        let org = call(
+        let org = post_ok(
+            http,
+            base,
             operator,
             "/v1/orgs",
             json!({"name": "Chaos", "plan": "enterprise", "tier": "managed"}),
@@ -246,7 +232,9 @@ impl Setup {
         let admin = text(&org, "admin_token")?;
         let mut teams = vec![];
         for i in 0..config.command_clients {
-            let team = call(
+            let team = post_ok(
+                http,
+                base,
                 &admin,
                 "/v1/scopes",
                 json!({"kind": "team", "name": format!("commands-{i}"), "parent_id": org_id}),
@@ -254,7 +242,9 @@ impl Setup {
             .await?;
             teams.push(text(&team, "id")?);
         }
-        let data_team = call(
+        let data_team = post_ok(
+            http,
+            base,
             &admin,
             "/v1/scopes",
             json!({"kind": "team", "name": "data", "parent_id": org_id}),
@@ -263,7 +253,9 @@ impl Setup {
         let data_team = text(&data_team, "id")?;
         let mut threads = vec![];
         for j in 0..config.data_clients {
-            let thread = call(
+            let thread = post_ok(
+                http,
+                base,
                 &admin,
                 "/v1/scopes",
                 json!({"kind": "thread", "name": format!("data-{j}"), "parent_id": data_team}),
@@ -271,13 +263,17 @@ impl Setup {
             .await?;
             threads.push(text(&thread, "id")?);
         }
-        let token = call(
+        let token = post_ok(
+            http,
+            base,
             &admin,
             &format!("/v1/orgs/{org_id}/tokens"),
             json!({"principal": "chaos-service", "kind": "service"}),
         )
         .await?;
-        call(
+        post_ok(
+            http,
+            base,
             &admin,
             &format!("/v1/orgs/{org_id}/grants"),
             json!({"principal": "chaos-service", "permission": "data:use", "scope_id": data_team}),
@@ -291,6 +287,28 @@ impl Setup {
             service: text(&token, "token")?,
         })
     }
+}
+
+/// A POST of the set-up: its JSON answer, or an error naming the path and the refusal.
+pub async fn post_ok(
+    http: &reqwest::Client,
+    base: &str,
+    token: &str,
+    path: &str,
+    body: Value,
+) -> anyhow::Result<Value> {
+    let response = http
+        .post(format!("{base}{path}"))
+        .bearer_auth(token)
+        .json(&body)
+        .send()
+        .await?;
+    let status = response.status();
+    let body: Value = response.json().await.unwrap_or_default();
+    if !status.is_success() {
+        bail!("set-up: POST {path} answered {status}: {body}");
+    }
+    Ok(body)
 }
 
 fn text(value: &Value, field: &str) -> anyhow::Result<String> {

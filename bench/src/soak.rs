@@ -356,17 +356,8 @@ async fn setup(server: &Server) -> anyhow::Result<Load> {
     let http = reqwest::Client::new();
     let base = server.base.clone();
     let post = |token: String, path: String, body: Value| {
-        let request = http
-            .post(format!("{base}{path}"))
-            .bearer_auth(token)
-            .json(&body);
-        async move {
-            let response = request.send().await?;
-            let status = response.status();
-            let body: Value = response.json().await.unwrap_or_default();
-            anyhow::ensure!(status.is_success(), "set-up: {path}: {status} {body}");
-            Ok(body)
-        }
+        let (http, base) = (http.clone(), base.clone());
+        async move { ekm_bench::chaos::post_ok(&http, &base, &token, &path, body).await }
     };
     let org = post(
         server.operator_token()?,

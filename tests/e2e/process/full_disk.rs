@@ -113,31 +113,6 @@ fn prlimit(pid: u32, limits: &str) {
     assert!(status.success(), "prlimit {limits}");
 }
 
-/// Status, problem code and `Retry-After` of one request.
-fn request(method: &str, url: &str, token: &str, body: Option<Value>) -> (u16, Value, bool) {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    runtime.block_on(async {
-        let client = reqwest::Client::new();
-        let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
-        let mut request = client.request(method, url).bearer_auth(token);
-        if let Some(body) = body {
-            request = request.json(&body);
-        }
-        let response = request.send().await.unwrap();
-        let status = response.status().as_u16();
-        let retry_after = response.headers().contains_key("retry-after");
-        let text = response.text().await.unwrap();
-        (
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-            retry_after,
-        )
-    })
-}
-
 /// What the writes in a fault phase answered.
 #[derive(Debug, Default)]
 struct Phase {
@@ -200,7 +175,7 @@ impl Tenant {
     fn write_until_refused(&self, base: &str, phase: &mut Phase, refusals: usize) {
         let mut in_a_row = 0;
         for i in 0..2_000 {
-            let (status, body, retry_after) = request(
+            let (status, body, retry_after) = call_with_retry_after(
                 "POST",
                 &format!("{base}/v1/scopes"),
                 &self.admin,
@@ -219,7 +194,7 @@ impl Tenant {
                 }
                 other => panic!("a command answered {other}: {body}"),
             }
-            let (status, body, retry_after) = request(
+            let (status, body, retry_after) = call_with_retry_after(
                 "POST",
                 &format!("{base}/v1/scopes/{}/encrypt", self.thread),
                 &self.service,
@@ -270,7 +245,7 @@ impl Tenant {
     fn writes_again(&self, base: &str) -> String {
         let deadline = std::time::Instant::now() + Duration::from_secs(30);
         loop {
-            let (status, body, _) = request(
+            let (status, body) = call(
                 "POST",
                 &format!("{base}/v1/scopes"),
                 &self.admin,

@@ -128,6 +128,17 @@ impl Drop for Server {
 }
 
 pub(crate) fn call(method: &str, url: &str, token: &str, body: Option<Value>) -> (u16, Value) {
+    let (status, body, _) = call_with_retry_after(method, url, token, body);
+    (status, body)
+}
+
+/// `call`, and whether the answer carried `Retry-After`.
+pub(crate) fn call_with_retry_after(
+    method: &str,
+    url: &str,
+    token: &str,
+    body: Option<Value>,
+) -> (u16, Value, bool) {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -141,10 +152,12 @@ pub(crate) fn call(method: &str, url: &str, token: &str, body: Option<Value>) ->
         }
         let response = request.send().await.unwrap();
         let status = response.status().as_u16();
+        let retry_after = response.headers().contains_key("retry-after");
         let text = response.text().await.unwrap();
         (
             status,
             serde_json::from_str(&text).unwrap_or(Value::String(text)),
+            retry_after,
         )
     })
 }
